@@ -1,0 +1,481 @@
+//! Expansion of a job spec (defaults, sweep, items) into validated recipes.
+
+use crate::error::FieldError;
+use crate::pb::{self, FieldValue, RecipeFields, field_value::Kind};
+use crate::recipe::{Recipe, Scheduler, derive_seed};
+
+/// Most tasks one job may expand to.
+pub const MAX_TASKS_PER_JOB: usize = 100_000;
+
+/// Recipe fields a batch may set, in recipe order.
+pub const FIELDS: &[&str] = &[
+    "model",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance",
+    "width",
+    "height",
+    "scheduler",
+];
+
+/// Values used when neither the item, the sweep nor `[defaults]` sets a field.
+pub mod builtin {
+    /// Default denoising steps.
+    pub const STEPS: u32 = 20;
+    /// Default guidance scale.
+    pub const GUIDANCE: f64 = 7.5;
+    /// Default image side.
+    pub const SIDE: u32 = 512;
+}
+
+/// One task of an expanded job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpandedItem {
+    /// Position in the job: sweep tasks first, then items.
+    pub index: u32,
+    /// The complete recipe.
+    pub recipe: Recipe,
+}
+
+/// Expands `spec` into its tasks, validating every field.
+///
+/// Items without a seed get `derive_seed(seed_base, index)`, so the chosen seed
+/// is a pure function of the job's base and the item's position.
+///
+/// # Errors
+/// The first invalid field, named by where the user set it (`sweep.seed[2]`,
+/// `items[0].width`, `defaults.steps`).
+pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, FieldError> {
+    let defaults = spec.defaults.clone().unwrap_or_default();
+    let combos = sweep_combinations(&spec.sweep)?;
+    let total = combos.len() + spec.items.len();
+    if total == 0 {
+        return Err(FieldError::new(
+            "items",
+            "the job has no items: add a [sweep] or [[items]]",
+        ));
+    }
+    if total > MAX_TASKS_PER_JOB {
+        return Err(FieldError::new(
+            "sweep",
+            format!("the job expands to {total} tasks, more than the limit of {MAX_TASKS_PER_JOB}"),
+        ));
+    }
+    let mut out = Vec::with_capacity(total);
+    for combo in combos {
+        let mut layer = Layered::new(&defaults);
+        for (axis, value_index) in combo {
+            let axis = &spec.sweep[axis];
+            let path = format!("sweep.{}[{value_index}]", axis.field);
+            set_field(
+                &mut layer.fields,
+                &axis.field,
+                &axis.values[value_index],
+                &path,
+            )?;
+            layer.set_origin(&axis.field, path);
+        }
+        let index = out.len() as u32;
+        out.push(ExpandedItem {
+            index,
+            recipe: layer.finish(seed_base, index, "sweep")?,
+        });
+    }
+    for (i, item) in spec.items.iter().enumerate() {
+        let mut layer = Layered::new(&defaults);
+        layer.overlay(item, &format!("items[{i}]"));
+        let index = out.len() as u32;
+        out.push(ExpandedItem {
+            index,
+            recipe: layer.finish(seed_base, index, &format!("items[{i}]"))?,
+        });
+    }
+    Ok(out)
+}
+
+/// Returns every combination of the sweep as (axis index, value index) pairs:
+/// zipped axes advance together, groups are crossed with the first outermost.
+fn sweep_combinations(axes: &[pb::SweepAxis]) -> Result<Vec<Vec<(usize, usize)>>, FieldError> {
+    if axes.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Groups of axis indices, in order of first appearance.
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, axis) in axes.iter().enumerate() {
+        let path = format!("sweep.{}", axis.field);
+        if !FIELDS.contains(&axis.field.as_str()) {
+            return Err(unknown_field(&path, &axis.field));
+        }
+        if axes[..i].iter().any(|a| a.field == axis.field) {
+            return Err(FieldError::new(path, "is swept twice"));
+        }
+        if axis.values.is_empty() {
+            return Err(FieldError::new(path, "must list at least one value"));
+        }
+        match groups
+            .iter_mut()
+            .find(|(zip, _)| !axis.zip.is_empty() && *zip == axis.zip)
+        {
+            Some((_, members)) => {
+                let first = &axes[members[0]];
+                if first.values.len() != axis.values.len() {
+                    return Err(FieldError::new(
+                        path,
+                        format!(
+                            "is zipped with {} ({} values) but has {} values",
+                            first.field,
+                            first.values.len(),
+                            axis.values.len()
+                        ),
+                    ));
+                }
+                members.push(i);
+            }
+            None => groups.push((axis.zip.clone(), vec![i])),
+        }
+    }
+    let mut total: usize = 1;
+    for (_, members) in &groups {
+        total = total.saturating_mul(axes[members[0]].values.len());
+    }
+    if total > MAX_TASKS_PER_JOB {
+        return Err(FieldError::new(
+            "sweep",
+            format!("expands to {total} tasks, more than the limit of {MAX_TASKS_PER_JOB}"),
+        ));
+    }
+    let mut combos: Vec<Vec<(usize, usize)>> = vec![Vec::new()];
+    for (_, members) in &groups {
+        let len = axes[members[0]].values.len();
+        combos = combos
+            .into_iter()
+            .flat_map(|prefix| {
+                (0..len).map(move |v| {
+                    let mut c = prefix.clone();
+                    c.extend(members.iter().map(|&a| (a, v)));
+                    c
+                })
+            })
+            .collect();
+    }
+    Ok(combos)
+}
+
+fn unknown_field(path: &str, field: &str) -> FieldError {
+    FieldError::new(
+        path,
+        format!(
+            "unknown recipe field {field:?}; expected one of {}",
+            FIELDS.join(", ")
+        ),
+    )
+}
+
+/// Sets one recipe field from a sweep value, checking its type.
+fn set_field(
+    fields: &mut RecipeFields,
+    name: &str,
+    value: &FieldValue,
+    path: &str,
+) -> Result<(), FieldError> {
+    let kind = value
+        .kind
+        .as_ref()
+        .ok_or_else(|| FieldError::new(path, "has no value"))?;
+    let text = || match kind {
+        Kind::Text(s) => Ok(s.clone()),
+        other => Err(FieldError::new(
+            path,
+            format!("expected text, got {}", describe(other)),
+        )),
+    };
+    let integer = |max: u64| match kind {
+        Kind::Integer(i) if *i >= 0 && (*i as u64) <= max => Ok(*i as u64),
+        Kind::Integer(i) => Err(FieldError::new(
+            path,
+            format!("must be between 0 and {max}, got {i}"),
+        )),
+        other => Err(FieldError::new(
+            path,
+            format!("expected an integer, got {}", describe(other)),
+        )),
+    };
+    match name {
+        "model" => fields.model = Some(text()?),
+        "prompt" => fields.prompt = Some(text()?),
+        "negative_prompt" => fields.negative_prompt = Some(text()?),
+        "scheduler" => fields.scheduler = Some(text()?),
+        "seed" => fields.seed = Some(integer(i64::MAX as u64)?),
+        "steps" => fields.steps = Some(integer(u32::MAX as u64)? as u32),
+        "width" => fields.width = Some(integer(u32::MAX as u64)? as u32),
+        "height" => fields.height = Some(integer(u32::MAX as u64)? as u32),
+        "guidance" => {
+            fields.guidance = Some(match kind {
+                Kind::Number(n) => *n,
+                Kind::Integer(i) => *i as f64,
+                other => {
+                    return Err(FieldError::new(
+                        path,
+                        format!("expected a number, got {}", describe(other)),
+                    ));
+                }
+            })
+        }
+        other => return Err(unknown_field(path, other)),
+    }
+    Ok(())
+}
+
+fn describe(kind: &Kind) -> String {
+    match kind {
+        Kind::Text(s) => format!("text {s:?}"),
+        Kind::Integer(i) => format!("integer {i}"),
+        Kind::Number(n) => format!("number {n}"),
+    }
+}
+
+/// A recipe under construction that remembers where each field was set.
+struct Layered {
+    fields: RecipeFields,
+    /// Path of the value of each field in `FIELDS` order; None = built-in default.
+    origins: [Option<String>; 9],
+}
+
+impl Layered {
+    fn new(defaults: &RecipeFields) -> Self {
+        let mut layer = Self {
+            fields: RecipeFields::default(),
+            origins: Default::default(),
+        };
+        layer.overlay(defaults, "defaults");
+        layer
+    }
+
+    fn set_origin(&mut self, field: &str, path: String) {
+        if let Some(i) = FIELDS.iter().position(|f| *f == field) {
+            self.origins[i] = Some(path);
+        }
+    }
+
+    /// Puts the fields `top` sets over the current ones.
+    fn overlay(&mut self, top: &RecipeFields, prefix: &str) {
+        macro_rules! take {
+            ($($f:ident),*) => {$(
+                if let Some(v) = &top.$f {
+                    self.fields.$f = Some(v.clone());
+                    self.set_origin(stringify!($f), format!("{prefix}.{}", stringify!($f)));
+                }
+            )*};
+        }
+        take!(
+            model,
+            prompt,
+            negative_prompt,
+            seed,
+            steps,
+            guidance,
+            width,
+            height,
+            scheduler
+        );
+    }
+
+    fn origin(&self, field: &str, fallback: &str) -> String {
+        FIELDS
+            .iter()
+            .position(|f| *f == field)
+            .and_then(|i| self.origins[i].clone())
+            .unwrap_or_else(|| format!("{fallback}.{field}"))
+    }
+
+    fn finish(self, seed_base: u64, index: u32, fallback: &str) -> Result<Recipe, FieldError> {
+        let f = &self.fields;
+        let missing = |field: &str| {
+            FieldError::new(
+                format!("{fallback}.{field}"),
+                format!("missing: set {field} in the item, the sweep or [defaults]"),
+            )
+        };
+        let scheduler = match &f.scheduler {
+            Some(s) => Scheduler::parse(&self.origin("scheduler", fallback), s)?,
+            None => Scheduler::Ddim,
+        };
+        let recipe = Recipe {
+            model: f.model.clone().ok_or_else(|| missing("model"))?,
+            model_hash: String::new(),
+            prompt: f.prompt.clone().ok_or_else(|| missing("prompt"))?,
+            negative_prompt: f.negative_prompt.clone().unwrap_or_default(),
+            seed: f
+                .seed
+                .unwrap_or_else(|| derive_seed(seed_base, u64::from(index))),
+            steps: f.steps.unwrap_or(builtin::STEPS),
+            guidance: f.guidance.unwrap_or(builtin::GUIDANCE),
+            width: f.width.unwrap_or(builtin::SIDE),
+            height: f.height.unwrap_or(builtin::SIDE),
+            scheduler,
+        };
+        if recipe.seed > i64::MAX as u64 {
+            return Err(FieldError::new(
+                self.origin("seed", fallback),
+                format!("must be between 0 and {}, got {}", i64::MAX, recipe.seed),
+            ));
+        }
+        recipe
+            .validate("")
+            .map_err(|e| FieldError::new(self.origin(&e.path, fallback), e.message))?;
+        Ok(recipe)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> FieldValue {
+        FieldValue {
+            kind: Some(Kind::Text(s.into())),
+        }
+    }
+    fn int(i: i64) -> FieldValue {
+        FieldValue {
+            kind: Some(Kind::Integer(i)),
+        }
+    }
+    fn axis(field: &str, values: Vec<FieldValue>, zip: &str) -> pb::SweepAxis {
+        pb::SweepAxis {
+            field: field.into(),
+            values,
+            zip: zip.into(),
+        }
+    }
+
+    /// The batch file of issue #2: 2 prompts x 4 seeds, plus one item.
+    fn issue_spec() -> pb::JobSpec {
+        pb::JobSpec {
+            defaults: Some(RecipeFields {
+                model: Some("tiny".into()),
+                width: Some(64),
+                height: Some(64),
+                steps: Some(4),
+                guidance: Some(5.0),
+                scheduler: Some("ddim".into()),
+                negative_prompt: Some("blurry, low quality".into()),
+                ..Default::default()
+            }),
+            sweep: vec![
+                axis("prompt", vec![text("a red fox"), text("a camera")], ""),
+                axis("seed", (1..=4).map(int).collect(), ""),
+            ],
+            items: vec![RecipeFields {
+                prompt: Some("a lighthouse at dusk".into()),
+                seed: Some(42),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sweep_is_crossed_first_axis_outermost_then_items() {
+        let items = expand(&issue_spec(), 0).unwrap();
+        assert_eq!(items.len(), 9);
+        let pairs: Vec<_> = items
+            .iter()
+            .map(|i| (i.recipe.prompt.as_str(), i.recipe.seed))
+            .collect();
+        assert_eq!(pairs[0], ("a red fox", 1));
+        assert_eq!(pairs[3], ("a red fox", 4));
+        assert_eq!(pairs[4], ("a camera", 1));
+        assert_eq!(pairs[8], ("a lighthouse at dusk", 42));
+        assert!(items.iter().all(|i| i.recipe.width == 64
+            && i.recipe.negative_prompt == "blurry, low quality"
+            && i.recipe.steps == 4));
+        assert_eq!(
+            items.iter().map(|i| i.index).collect::<Vec<_>>(),
+            (0..9).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn zipped_axes_advance_together() {
+        let mut spec = issue_spec();
+        spec.items.clear();
+        spec.sweep = vec![
+            axis("prompt", vec![text("a"), text("b")], "pair"),
+            axis("seed", vec![int(10), int(20)], "pair"),
+            axis("steps", vec![int(2), int(3), int(4)], ""),
+        ];
+        let items = expand(&spec, 0).unwrap();
+        assert_eq!(items.len(), 6);
+        assert_eq!(
+            (items[0].recipe.prompt.as_str(), items[0].recipe.seed),
+            ("a", 10)
+        );
+        assert_eq!(
+            (items[3].recipe.prompt.as_str(), items[3].recipe.seed),
+            ("b", 20)
+        );
+        spec.sweep[1].values.pop();
+        assert_eq!(expand(&spec, 0).unwrap_err().path, "sweep.seed");
+    }
+
+    #[test]
+    fn errors_name_where_the_value_was_set() {
+        let mut spec = issue_spec();
+        spec.defaults.as_mut().unwrap().width = Some(63);
+        let e = expand(&spec, 0).unwrap_err();
+        assert_eq!(e.path, "defaults.width");
+        assert!(e.message.contains("63"));
+
+        let mut spec = issue_spec();
+        spec.items[0].steps = Some(0);
+        assert_eq!(expand(&spec, 0).unwrap_err().path, "items[0].steps");
+
+        let mut spec = issue_spec();
+        spec.sweep[1].values[2] = text("three");
+        let e = expand(&spec, 0).unwrap_err();
+        assert_eq!(e.path, "sweep.seed[2]");
+        assert!(e.message.contains("\"three\""));
+
+        let mut spec = issue_spec();
+        spec.items[0].scheduler = Some("plms".into());
+        assert_eq!(expand(&spec, 0).unwrap_err().path, "items[0].scheduler");
+
+        let mut spec = issue_spec();
+        spec.sweep.push(axis("widht", vec![int(64)], ""));
+        assert_eq!(expand(&spec, 0).unwrap_err().path, "sweep.widht");
+
+        let mut spec = issue_spec();
+        spec.defaults.as_mut().unwrap().model = None;
+        assert_eq!(expand(&spec, 0).unwrap_err().path, "sweep.model");
+    }
+
+    #[test]
+    fn empty_job_is_refused() {
+        let spec = pb::JobSpec::default();
+        assert_eq!(expand(&spec, 0).unwrap_err().path, "items");
+    }
+
+    #[test]
+    fn missing_seeds_are_derived_from_the_base() {
+        let mut spec = issue_spec();
+        spec.items[0].seed = None;
+        let a = expand(&spec, 99).unwrap();
+        let b = expand(&spec, 99).unwrap();
+        assert_eq!(a[8].recipe.seed, b[8].recipe.seed);
+        assert_eq!(a[8].recipe.seed, derive_seed(99, 8));
+        assert_ne!(expand(&spec, 100).unwrap()[8].recipe.seed, a[8].recipe.seed);
+    }
+
+    #[test]
+    fn huge_sweeps_are_refused_before_expansion() {
+        let mut spec = issue_spec();
+        spec.sweep = vec![
+            axis("seed", (0..1000).map(int).collect(), ""),
+            axis("steps", (1..=200).map(int).collect(), ""),
+        ];
+        assert_eq!(expand(&spec, 0).unwrap_err().path, "sweep");
+    }
+}
