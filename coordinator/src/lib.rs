@@ -1,1 +1,34 @@
-//! placeholder
+//! The kiln coordinator: the `Farm` and `WorkerLink` gRPC services, job
+//! admission, the [`store::Store`] that holds all live state, the lease
+//! reaper and result intake.
+//!
+//! The coordinator keeps no farm state of its own: every transition goes
+//! through the store, so replicas can run side by side. Start with
+//! [`server::serve`] over a [`core::Core`].
+#![warn(missing_docs)]
+
+/// Validates, expands and creates submitted jobs.
+pub mod admission;
+/// Tunables and their defaults.
+pub mod config;
+/// Record-to-wire conversions.
+pub mod convert;
+/// Handles shared by every request handler.
+pub mod core;
+/// The client-facing `Farm` service.
+pub mod farm;
+/// Manifest lines.
+pub mod manifest;
+/// The lease reaper.
+pub mod reaper;
+/// The result store (object_store).
+pub mod results;
+/// Serving both services and health on one listener.
+pub mod server;
+/// Live state: the `Store` trait and its implementations.
+pub mod store;
+/// The worker-facing `WorkerLink` service and result intake.
+pub mod worker_link;
+
+pub use config::CoordinatorConfig;
+pub use core::Core;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod ids;
 pub mod recipe;
 pub mod spec;
+pub mod telemetry;
 
 pub use prost;
 pub use tonic;

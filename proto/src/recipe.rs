@@ -290,10 +290,11 @@ mod tests {
         );
         assert_eq!(slug("!!!"), "image");
         assert_eq!(slug(&"x".repeat(100)).len(), 48);
-        assert!(
-            slug("one two three four five six seven eight nine ten eleven twelve").len() <= 48
+        assert!(slug("one two three four five six seven eight nine ten eleven twelve").len() <= 48);
+        assert_eq!(
+            file_name(7, "Lighthouse at dusk"),
+            "00007-lighthouse-at-dusk.png"
         );
-        assert_eq!(file_name(7, "Lighthouse at dusk"), "00007-lighthouse-at-dusk.png");
     }
 
     #[test]

@@ -1,0 +1,126 @@
+//! Admission of submitted jobs: validate and expand the spec, check that the
+//! farm knows every model, pin model hashes, and create the job.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kiln_proto::error::FieldError;
+use kiln_proto::ids::{JobId, TaskId};
+use kiln_proto::pb::{self, field_value::Kind};
+use kiln_proto::recipe::{check_model_name, file_name};
+use kiln_proto::spec;
+use tonic::Status;
+
+use crate::core::Core;
+use crate::store::{JobRecord, ModelInfo, NewJob, NewTask};
+
+/// Longest accepted job name and idempotency key.
+const MAX_LABEL_BYTES: usize = 256;
+
+/// Validates, expands and creates a job; returns it and whether it is new.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the field and the value; nothing is queued then.
+pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> Result<(JobRecord, bool), Status> {
+    let spec = req.spec.ok_or_else(|| FieldError::new("spec", "missing"))?;
+    let project = if spec.project.is_empty() {
+        "default".to_string()
+    } else {
+        check_model_name("project", &spec.project)?;
+        spec.project.clone()
+    };
+    check_label("name", &spec.name)?;
+    check_label("idempotency_key", &req.idempotency_key)?;
+    let id = JobId::new();
+    // The random bits of the UUIDv7 seed the items that set no seed.
+    let seed_base = u64::from_be_bytes(id.0.as_bytes()[8..16].try_into().unwrap_or([0; 8]));
+    let mut items = spec::expand(&spec, seed_base)?;
+    let needed: BTreeSet<&str> = items.iter().map(|i| i.recipe.model.as_str()).collect();
+    let known = known_models(core, &needed, &spec).await?;
+    for item in &mut items {
+        if let Some(m) = known.iter().find(|m| m.name == item.recipe.model) {
+            item.recipe.model_hash = m.hash.clone();
+        }
+    }
+    let job = NewJob {
+        id,
+        name: spec.name.clone(),
+        project,
+        priority: spec.priority,
+        idempotency_key: (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
+        tasks: items
+            .into_iter()
+            .map(|i| NewTask {
+                id: TaskId::new(),
+                index: i.index,
+                file_name: file_name(i.index, &i.recipe.prompt),
+                recipe: i.recipe,
+            })
+            .collect(),
+    };
+    Ok(core.store.create_job(job).await?)
+}
+
+fn check_label(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.len() > MAX_LABEL_BYTES || value.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "must be at most {MAX_LABEL_BYTES} bytes without control characters, got {value:?}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Returns the farm's models once every needed one is known. While the
+/// coordinator is younger than its model grace, waits for workers to announce
+/// missing models; after that, refuses at once.
+async fn known_models(
+    core: &Core,
+    needed: &BTreeSet<&str>,
+    spec: &pb::JobSpec,
+) -> Result<Vec<ModelInfo>, Status> {
+    loop {
+        let known = core.store.models().await?;
+        let missing = needed.iter().find(|n| !known.iter().any(|m| m.name == **n));
+        let Some(missing) = missing else {
+            return Ok(known);
+        };
+        if core.started.elapsed() >= core.config.model_grace {
+            let names: Vec<&str> = known.iter().map(|m| m.name.as_str()).collect();
+            let hint = if names.is_empty() {
+                "no worker has announced a model yet: start one with --model NAME=DIR".to_string()
+            } else {
+                format!("the farm knows {}", names.join(", "))
+            };
+            return Err(FieldError::new(
+                model_path(spec, missing),
+                format!("unknown model {missing:?}; {hint}"),
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Returns where in the spec the model `name` was written.
+fn model_path(spec: &pb::JobSpec, name: &str) -> String {
+    for axis in spec.sweep.iter().filter(|a| a.field == "model") {
+        if let Some(i) = axis
+            .values
+            .iter()
+            .position(|v| matches!(&v.kind, Some(Kind::Text(t)) if t == name))
+        {
+            return format!("sweep.model[{i}]");
+        }
+    }
+    if let Some(i) = spec
+        .items
+        .iter()
+        .position(|it| it.model.as_deref() == Some(name))
+    {
+        return format!("items[{i}].model");
+    }
+    "defaults.model".to_string()
+}

@@ -1,0 +1,135 @@
+//! Conversions from the store's records to wire messages: the only place
+//! where coordinator logic meets prost types.
+
+use kiln_proto::pb;
+
+use crate::store::{
+    Attempt, Event, JobRecord, Lease, ModelInfo, RunningTask, TaskCounts, TaskRecord, WorkerRecord,
+};
+
+/// Returns the wire summary of a job.
+pub fn job(r: &JobRecord) -> pb::JobSummary {
+    pb::JobSummary {
+        job_id: r.id.to_string(),
+        name: r.name.clone(),
+        project: r.project.clone(),
+        priority: r.priority,
+        state: r.state.into(),
+        counts: Some(counts(&r.counts)),
+        created_at_ms: r.created_at_ms,
+        finished_at_ms: r.finished_at_ms.unwrap_or(0),
+        idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
+    }
+}
+
+fn counts(c: &TaskCounts) -> pb::TaskCounts {
+    pb::TaskCounts {
+        total: c.total,
+        queued: c.queued,
+        leased: c.leased,
+        completed: c.completed,
+        failed: c.failed,
+        cancelled: c.cancelled,
+    }
+}
+
+fn attempt(a: &Attempt) -> pb::Attempt {
+    pb::Attempt {
+        worker_id: a.worker.to_string(),
+        epoch: a.epoch.0,
+        started_at_ms: a.started_at_ms,
+        ended_at_ms: a.ended_at_ms.unwrap_or(0),
+        outcome: a.outcome.name().to_string(),
+        fault: a.fault.into(),
+        message: a.message.clone(),
+    }
+}
+
+/// Returns the wire view of a task with its attempts.
+pub fn task(t: &TaskRecord) -> pb::TaskInfo {
+    pb::TaskInfo {
+        task_id: t.id.to_string(),
+        index: t.index,
+        state: t.state.into(),
+        recipe: Some(t.recipe.to_pb()),
+        attempts: t.attempts.iter().map(attempt).collect(),
+        step: t.step,
+        file_name: t.file_name.clone(),
+        sha256: t
+            .result
+            .as_ref()
+            .map(|r| r.sha256.clone())
+            .unwrap_or_default(),
+        recipe_hash: t.recipe.hash(),
+    }
+}
+
+/// Returns the wire form of an event.
+pub fn event(e: &Event) -> pb::JobEvent {
+    pb::JobEvent {
+        seq: e.seq,
+        at_ms: e.at_ms,
+        kind: e.kind.into(),
+        task_id: e.task.map(|t| t.to_string()).unwrap_or_default(),
+        index: e.index,
+        worker_id: e.worker.as_ref().map(|w| w.to_string()).unwrap_or_default(),
+        epoch: e.epoch.0,
+        fault: e.fault.into(),
+        message: e.message.clone(),
+    }
+}
+
+/// Returns the wire progress of a running task.
+pub fn running(r: &RunningTask) -> pb::TaskProgress {
+    pb::TaskProgress {
+        task_id: r.task.to_string(),
+        index: r.index,
+        step: r.step,
+        steps: r.steps,
+        worker_id: r.worker.to_string(),
+    }
+}
+
+/// Returns the wire form of a model.
+pub fn model(m: &ModelInfo) -> pb::ModelInfo {
+    pb::ModelInfo {
+        name: m.name.clone(),
+        hash: m.hash.clone(),
+    }
+}
+
+/// Returns the wire summary of a worker; `lost` when it stopped calling.
+pub fn worker(w: &WorkerRecord, lost: bool) -> pb::WorkerSummary {
+    let r = &w.registration;
+    pb::WorkerSummary {
+        worker_id: r.id.to_string(),
+        state: if lost {
+            "lost"
+        } else if w.draining {
+            "draining"
+        } else {
+            "active"
+        }
+        .to_string(),
+        slots: r.slots,
+        models: r.models.iter().map(model).collect(),
+        running_task_ids: w.running.iter().map(|t| t.to_string()).collect(),
+        last_seen_ms: w.last_seen_ms,
+        determinism_class: r.determinism_class.clone(),
+        labels: r.labels.clone().into_iter().collect(),
+        completed: w.completed,
+        failed: w.failed,
+    }
+}
+
+/// Returns the wire form of a lease.
+pub fn lease(l: &Lease) -> pb::LeasedTask {
+    pb::LeasedTask {
+        task_id: l.task.to_string(),
+        job_id: l.job.to_string(),
+        index: l.index,
+        epoch: l.epoch.0,
+        recipe: Some(l.recipe.to_pb()),
+        lease_ttl_ms: l.ttl.as_millis() as u32,
+    }
+}

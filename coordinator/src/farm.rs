@@ -1,0 +1,286 @@
+//! The `kiln.v1.Farm` service: what clients call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kiln_proto::ids::{JobId, WorkerId};
+use kiln_proto::pb::{self, TaskState};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::core::Core;
+use crate::{admission, convert, manifest};
+
+/// How often a watcher gets a progress message when no event happens.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Events read from the store per round trip.
+const EVENT_BATCH: usize = 512;
+
+/// The `Farm` service over a [`Core`].
+pub struct FarmService {
+    core: Arc<Core>,
+}
+
+impl FarmService {
+    /// Returns the service.
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+type Sender<T> = mpsc::Sender<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl pb::farm_server::Farm for FarmService {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let (job, created) = admission::admit(&self.core, request.into_inner()).await?;
+        if created {
+            tracing::info!(job = %job.id, tasks = job.counts.total, name = %job.name, project = %job.project, "job submitted");
+        } else {
+            tracing::info!(job = %job.id, "resubmission returned the existing job");
+        }
+        Ok(Response::new(pb::SubmitJobResponse {
+            job: Some(convert::job(&job)),
+            created,
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let req = request.into_inner();
+        let id = JobId::parse_field("job_id", &req.job_id)?;
+        let job = self.core.store.job(id).await?;
+        let tasks = if req.include_tasks {
+            self.core.store.tasks(id).await?
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::GetJobResponse {
+            job: Some(convert::job(&job)),
+            tasks: tasks.iter().map(convert::task).collect(),
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            n => n.min(10_000) as usize,
+        };
+        let jobs = self.core.store.jobs(limit).await?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(convert::job).collect(),
+        }))
+    }
+
+    type WatchJobStream = ReceiverStream<Result<pb::WatchJobResponse, Status>>;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let req = request.into_inner();
+        let id = JobId::parse_field("job_id", &req.job_id)?;
+        self.core.store.job(id).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            let outcome = tokio::select! {
+                r = watch(&core, id, req.after_cursor, &tx) => r,
+                _ = core.shutdown.cancelled() => Err(Status::unavailable("the coordinator is shutting down; watch again from your cursor")),
+            };
+            if let Err(status) = outcome {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type FetchResultsStream = ReceiverStream<Result<pb::FetchResultsResponse, Status>>;
+
+    async fn fetch_results(
+        &self,
+        request: Request<pb::FetchResultsRequest>,
+    ) -> Result<Response<Self::FetchResultsStream>, Status> {
+        let req = request.into_inner();
+        let id = JobId::parse_field("job_id", &req.job_id)?;
+        self.core.store.job(id).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            if let Err(status) = fetch(&core, id, req, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let id = JobId::parse_field("job_id", &request.into_inner().job_id)?;
+        let before = self.core.store.job(id).await?;
+        let job = self.core.store.cancel_job(id).await?;
+        if !before.is_finished() {
+            tracing::info!(job = %id, "job cancelled");
+            self.core.finalize(id).await;
+        }
+        Ok(Response::new(pb::CancelJobResponse {
+            job: Some(convert::job(&job)),
+        }))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let now = unix_ms();
+        let lost_after = 3 * self.core.config.lease_ttl.as_millis() as i64;
+        let workers = self.core.store.workers().await?;
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers: workers
+                .iter()
+                .map(|w| convert::worker(w, now - w.last_seen_ms > lost_after))
+                .collect(),
+        }))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<pb::DrainWorkerRequest>,
+    ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
+        let id = WorkerId::parse_field("worker_id", &request.into_inner().worker_id)?;
+        let w = self.core.store.drain_worker(&id).await?;
+        tracing::info!(worker = %id, "worker set to drain");
+        Ok(Response::new(pb::DrainWorkerResponse {
+            worker: Some(convert::worker(&w, false)),
+        }))
+    }
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Sends the job's events after `cursor`, with progress in between, until the job ends.
+async fn watch(
+    core: &Core,
+    id: JobId,
+    mut cursor: u64,
+    tx: &Sender<pb::WatchJobResponse>,
+) -> Result<(), Status> {
+    let store = &core.store;
+    let progress = |job: pb::JobSummary, running: Vec<pb::TaskProgress>| pb::WatchJobResponse {
+        event: None,
+        job: Some(job),
+        running,
+    };
+    // A first message, so the client knows the job's size before any event.
+    let running = store.running(id).await?;
+    let first = progress(
+        convert::job(&store.job(id).await?),
+        running.iter().map(convert::running).collect(),
+    );
+    if tx.send(Ok(first)).await.is_err() {
+        return Ok(());
+    }
+    let mut last_progress = tokio::time::Instant::now();
+    loop {
+        let events = store.events(id, cursor, EVENT_BATCH).await?;
+        if !events.is_empty() {
+            let job = convert::job(&store.job(id).await?);
+            for e in events {
+                cursor = e.seq;
+                let msg = pb::WatchJobResponse {
+                    event: Some(convert::event(&e)),
+                    job: Some(job.clone()),
+                    running: Vec::new(),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            continue;
+        }
+        let job = store.job(id).await?;
+        if job.is_finished() {
+            // Events written between the read above and this check come first.
+            if store.events(id, cursor, 1).await?.is_empty() {
+                return Ok(());
+            }
+            continue;
+        }
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            let running = store.running(id).await?;
+            let msg = progress(
+                convert::job(&job),
+                running.iter().map(convert::running).collect(),
+            );
+            if tx.send(Ok(msg)).await.is_err() {
+                return Ok(());
+            }
+            last_progress = tokio::time::Instant::now();
+        }
+        store.wait_events(id, cursor, PROGRESS_EVERY).await?;
+    }
+}
+
+/// Sends the job's finished items from `req.from_index` on, in index order.
+async fn fetch(
+    core: &Core,
+    id: JobId,
+    req: pb::FetchResultsRequest,
+    tx: &Sender<pb::FetchResultsResponse>,
+) -> Result<(), Status> {
+    let job = core.store.job(id).await?;
+    if job.is_finished() && !core.results.has_manifest(id).await? {
+        core.write_manifest(id).await?;
+    }
+    let held: HashMap<u32, String> = req.held.into_iter().map(|h| (h.index, h.sha256)).collect();
+    let tasks = core.store.tasks(id).await?;
+    for task in tasks.iter().filter(|t| t.index >= req.from_index) {
+        if matches!(task.state, TaskState::Queued | TaskState::Leased) {
+            continue;
+        }
+        let (png, sha256) = match &task.result {
+            Some(r) if held.get(&task.index) == Some(&r.sha256) => (Vec::new(), r.sha256.clone()),
+            Some(r) => {
+                let bytes = core
+                    .results
+                    .read_image(id, &task.file_name, &r.object)
+                    .await?;
+                (bytes.to_vec(), r.sha256.clone())
+            }
+            None => (Vec::new(), String::new()),
+        };
+        let msg = pb::FetchResultsResponse {
+            index: task.index,
+            state: task.state.into(),
+            file_name: if task.result.is_some() {
+                task.file_name.clone()
+            } else {
+                String::new()
+            },
+            sha256,
+            manifest_line: manifest::line(&job, task),
+            png,
+        };
+        if tx.send(Ok(msg)).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! `kiln-coordinator`: serves the Farm and WorkerLink gRPC services.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use kiln_coordinator::results::ResultStore;
+use kiln_coordinator::store::MemoryStore;
+use kiln_coordinator::{CoordinatorConfig, Core, server};
+
+/// The kiln coordinator: queues jobs, leases tasks to workers, collects results.
+#[derive(Parser, Debug)]
+#[command(name = "kiln-coordinator", version)]
+struct Args {
+    /// Address to serve gRPC on (Farm, WorkerLink and health).
+    #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Where finished images and manifests go: a directory, file:///DIR, or memory://.
+    #[arg(long, env = "KILN_RESULTS", default_value = "kiln-results")]
+    results: String,
+    /// Where live state is kept: "memory" (lost when this process exits).
+    #[arg(long, env = "KILN_STORE", default_value = "memory", value_parser = ["memory"])]
+    store: String,
+    /// How long a lease lasts without a heartbeat (a dead worker's task runs elsewhere after this).
+    #[arg(long, env = "KILN_LEASE_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
+    /// How often workers heartbeat; must be well under --lease-ttl.
+    #[arg(long, env = "KILN_HEARTBEAT_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// Attempts that may fail or expire before a task fails for good.
+    #[arg(long, env = "KILN_MAX_ATTEMPTS", default_value_t = 5)]
+    max_attempts: u32,
+    /// How often expired leases are looked for.
+    #[arg(long, env = "KILN_REAP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    reap_interval: Duration,
+    /// After start-up, how long a job naming a model no worker has announced waits for one.
+    #[arg(long, env = "KILN_MODEL_GRACE", default_value = "15s", value_parser = humantime::parse_duration)]
+    model_grace: Duration,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    kiln_proto::telemetry::init("info");
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln-coordinator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.heartbeat_interval >= args.lease_ttl {
+        bail!(
+            "--heartbeat-interval {} must be shorter than --lease-ttl {}",
+            humantime::format_duration(args.heartbeat_interval),
+            humantime::format_duration(args.lease_ttl)
+        );
+    }
+    if args.max_attempts == 0 {
+        bail!("--max-attempts must be at least 1, got 0");
+    }
+    let config = CoordinatorConfig {
+        lease_ttl: args.lease_ttl,
+        heartbeat_interval: args.heartbeat_interval,
+        max_attempts: args.max_attempts,
+        reap_interval: args.reap_interval,
+        model_grace: args.model_grace,
+        ..CoordinatorConfig::default()
+    };
+    let results = ResultStore::open(&args.results)?;
+    let core = Arc::new(Core::new(Arc::new(MemoryStore::new()), results, config));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, results = %core.results.location(), store = %args.store, "coordinator listening");
+    let shutdown = core.shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
+    server::serve(listener, core).await?;
+    Ok(())
+}
+
+/// Returns on SIGTERM or SIGINT.
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the coordinator");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,275 @@
+//! Where finished images live: an `object_store` bucket (a local directory by
+//! default) laid out as `<job>/<NNNNN>-<slug>.png` plus `<job>/manifest.jsonl`.
+//!
+//! An upload is first staged under its lease epoch
+//! (`<job>/.staging/<task>-e<epoch>.png`) and only renamed to its final name
+//! after the store accepted that epoch's completion, so the final name only
+//! ever holds the accepted output.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kiln_proto::ids::{Epoch, JobId, TaskId};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+/// Why a result-store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultsError {
+    /// The result location given at start-up cannot be used.
+    #[error("result store {location:?}: {message}")]
+    Open {
+        /// What the user gave.
+        location: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// An object operation failed.
+    #[error("result store, {path}: {source}")]
+    Object {
+        /// The object concerned.
+        path: String,
+        /// The underlying error.
+        source: object_store::Error,
+    },
+}
+
+impl From<ResultsError> for tonic::Status {
+    fn from(e: ResultsError) -> Self {
+        tonic::Status::unavailable(e.to_string())
+    }
+}
+
+/// The result store of one farm.
+#[derive(Clone, Debug)]
+pub struct ResultStore {
+    objects: Arc<dyn ObjectStore>,
+    /// How the store was named, for logs.
+    location: String,
+}
+
+/// Returns the path of a job's manifest.
+fn manifest_path(job: JobId) -> Path {
+    Path::from(format!("{job}/manifest.jsonl"))
+}
+
+/// Returns the final path of a job's image.
+pub fn image_path(job: JobId, file_name: &str) -> Path {
+    Path::from(format!("{job}/{file_name}"))
+}
+
+impl ResultStore {
+    /// Opens a local directory (created if missing), or `memory://` for a
+    /// store that lives only in this process.
+    pub fn open(location: &str) -> Result<Self, ResultsError> {
+        if location == "memory://" {
+            return Ok(Self::in_memory());
+        }
+        let dir = location.strip_prefix("file://").unwrap_or(location);
+        if dir.contains("://") {
+            return Err(ResultsError::Open {
+                location: location.into(),
+                message: "only a local directory, file:// or memory:// is supported by this build"
+                    .into(),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|e| ResultsError::Open {
+            location: location.into(),
+            message: format!("cannot create the directory: {e}"),
+        })?;
+        let fs = LocalFileSystem::new_with_prefix(dir).map_err(|e| ResultsError::Open {
+            location: location.into(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            objects: Arc::new(fs),
+            location: location.into(),
+        })
+    }
+
+    /// Returns a store that keeps everything in this process's memory.
+    pub fn in_memory() -> Self {
+        Self {
+            objects: Arc::new(InMemory::new()),
+            location: "memory://".into(),
+        }
+    }
+
+    /// Returns how the store was named.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn err(path: &Path, source: object_store::Error) -> ResultsError {
+        ResultsError::Object {
+            path: path.to_string(),
+            source,
+        }
+    }
+
+    /// Stores an upload under its lease epoch and returns its path.
+    pub async fn stage(
+        &self,
+        job: JobId,
+        task: TaskId,
+        epoch: Epoch,
+        png: Bytes,
+    ) -> Result<String, ResultsError> {
+        let path = Path::from(format!("{job}/.staging/{task}-e{epoch}.png"));
+        self.objects
+            .put(&path, PutPayload::from(png))
+            .await
+            .map_err(|e| Self::err(&path, e))?;
+        Ok(path.to_string())
+    }
+
+    /// Deletes a staged upload that the store refused.
+    pub async fn discard(&self, staged: &str) -> Result<(), ResultsError> {
+        let path = Path::from(staged);
+        match self.objects.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Self::err(&path, e)),
+        }
+    }
+
+    /// Moves an accepted upload to its final name. Idempotent: publishing
+    /// again after a crash finds the final object in place.
+    pub async fn publish(
+        &self,
+        job: JobId,
+        file_name: &str,
+        staged: &str,
+    ) -> Result<(), ResultsError> {
+        let from = Path::from(staged);
+        let to = image_path(job, file_name);
+        match self.objects.rename(&from, &to).await {
+            Ok(()) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => {
+                self.objects
+                    .head(&to)
+                    .await
+                    .map_err(|e| Self::err(&to, e))?;
+                Ok(())
+            }
+            Err(e) => Err(Self::err(&from, e)),
+        }
+    }
+
+    /// Reads an accepted image: its final object, or the staged upload if a
+    /// crash came between acceptance and publication (then it is published).
+    pub async fn read_image(
+        &self,
+        job: JobId,
+        file_name: &str,
+        staged: &str,
+    ) -> Result<Bytes, ResultsError> {
+        let path = image_path(job, file_name);
+        match self.get(&path).await {
+            Err(ResultsError::Object {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => {
+                self.publish(job, file_name, staged).await?;
+                self.get(&path).await
+            }
+            other => other,
+        }
+    }
+
+    async fn get(&self, path: &Path) -> Result<Bytes, ResultsError> {
+        let got = self
+            .objects
+            .get(path)
+            .await
+            .map_err(|e| Self::err(path, e))?;
+        got.bytes().await.map_err(|e| Self::err(path, e))
+    }
+
+    /// Writes a job's manifest, one JSON line per item, replacing any earlier one.
+    pub async fn write_manifest(&self, job: JobId, lines: &[String]) -> Result<(), ResultsError> {
+        let mut text = lines.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        let path = manifest_path(job);
+        self.objects
+            .put(&path, PutPayload::from(text.into_bytes()))
+            .await
+            .map_err(|e| Self::err(&path, e))?;
+        Ok(())
+    }
+
+    /// Returns true if the job's manifest exists.
+    pub async fn has_manifest(&self, job: JobId) -> Result<bool, ResultsError> {
+        let path = manifest_path(job);
+        match self.objects.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(Self::err(&path, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn staged_upload_appears_only_when_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultStore::open(dir.path().to_str().unwrap()).unwrap();
+        let (job, task) = (JobId::new(), TaskId::new());
+        let staged = store
+            .stage(job, task, Epoch(2), Bytes::from_static(b"png"))
+            .await
+            .unwrap();
+        let final_file = dir.path().join(job.to_string()).join("00003-fox.png");
+        assert!(!final_file.exists());
+        store.publish(job, "00003-fox.png", &staged).await.unwrap();
+        assert_eq!(std::fs::read(&final_file).unwrap(), b"png");
+        // Publishing again (a retry after a crash) is harmless.
+        store.publish(job, "00003-fox.png", &staged).await.unwrap();
+        let staged_dir = dir.path().join(job.to_string()).join(".staging");
+        assert_eq!(std::fs::read_dir(staged_dir).unwrap().count(), 0);
+        assert_eq!(
+            store
+                .read_image(job, "00003-fox.png", &staged)
+                .await
+                .unwrap(),
+            Bytes::from_static(b"png")
+        );
+    }
+
+    #[tokio::test]
+    async fn discarded_upload_leaves_nothing() {
+        let store = ResultStore::in_memory();
+        let (job, task) = (JobId::new(), TaskId::new());
+        let staged = store
+            .stage(job, task, Epoch(1), Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        store.discard(&staged).await.unwrap();
+        store.discard(&staged).await.unwrap();
+        assert!(store.read_image(job, "00000-x.png", &staged).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn manifest_round_trip() {
+        let store = ResultStore::in_memory();
+        let job = JobId::new();
+        assert!(!store.has_manifest(job).await.unwrap());
+        store
+            .write_manifest(job, &["{\"index\":0}".into()])
+            .await
+            .unwrap();
+        assert!(store.has_manifest(job).await.unwrap());
+    }
+
+    #[test]
+    fn remote_urls_are_refused_with_the_location() {
+        let e = ResultStore::open("s3://bucket/x").unwrap_err();
+        assert!(e.to_string().contains("s3://bucket/x"));
+    }
+}

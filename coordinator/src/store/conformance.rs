@@ -1,0 +1,679 @@
+//! The Store conformance suite: every test is a generic async function over
+//! `&dyn Store`, and each backend instantiates the whole suite with one line
+//! of [`store_conformance!`], so both stores keep the same semantics.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+use kiln_proto::pb::{AbandonReason, EventKind, FaultClass, JobState, TaskState};
+use kiln_proto::recipe::{Recipe, Scheduler};
+
+use super::*;
+
+const TTL: Duration = Duration::from_secs(30);
+const NO_WAIT: Duration = Duration::ZERO;
+
+fn recipe(model: &str, seed: u64) -> Recipe {
+    Recipe {
+        model: model.into(),
+        model_hash: String::new(),
+        prompt: format!("prompt {seed}"),
+        negative_prompt: String::new(),
+        seed,
+        steps: 4,
+        guidance: 5.0,
+        width: 64,
+        height: 64,
+        scheduler: Scheduler::Ddim,
+    }
+}
+
+fn new_job(n: u32, model: &str) -> NewJob {
+    NewJob {
+        id: JobId::new(),
+        name: "test".into(),
+        project: "default".into(),
+        priority: 0,
+        idempotency_key: None,
+        tasks: (0..n)
+            .map(|i| NewTask {
+                id: TaskId::new(),
+                index: i,
+                recipe: recipe(model, u64::from(i)),
+                file_name: format!("{i:05}-prompt.png"),
+            })
+            .collect(),
+    }
+}
+
+fn worker(id: &str) -> WorkerId {
+    WorkerId(id.into())
+}
+
+fn registration(id: &str, models: &[&str]) -> WorkerRegistration {
+    WorkerRegistration {
+        id: worker(id),
+        labels: BTreeMap::new(),
+        gpu_memory_bytes: 0,
+        slots: 2,
+        models: models
+            .iter()
+            .map(|m| ModelInfo {
+                name: m.to_string(),
+                hash: format!("hash-of-{m}"),
+            })
+            .collect(),
+        determinism_class: "cpu-f32".into(),
+        version: "test".into(),
+    }
+}
+
+fn result() -> TaskResult {
+    TaskResult {
+        object: "job/.staging/x.png".into(),
+        sha256: "00".repeat(32),
+        size: 10,
+        model_hash: "hash-of-tiny".into(),
+        render_ms: 5,
+        encode_ms: 1,
+    }
+}
+
+async fn claim(store: &dyn Store, w: &str, max: usize) -> Vec<Lease> {
+    store
+        .claim(&worker(w), max, TTL, NO_WAIT)
+        .await
+        .expect("claim")
+        .leases
+}
+
+/// Polls `f` until it returns Some, for at most 20 s (reaping needs real time on Redis).
+async fn eventually<T, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    for _ in 0..400 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not reached within 20 s");
+}
+
+/// Waits until the leases of `w` expire and the reaper takes them back.
+async fn reap_all(store: &dyn Store) -> Vec<Reaped> {
+    eventually(|| async {
+        let r = store.reap(5).await.expect("reap");
+        (!r.is_empty()).then_some(r)
+    })
+    .await
+}
+
+pub async fn create_job_queues_every_task(store: &dyn Store) {
+    let job = new_job(3, "tiny");
+    let id = job.id;
+    let (record, created) = store.create_job(job).await.unwrap();
+    assert!(created);
+    assert_eq!(record.state, JobState::Running);
+    assert_eq!(record.counts.total, 3);
+    assert_eq!(record.counts.queued, 3);
+    let tasks = store.tasks(id).await.unwrap();
+    assert_eq!(
+        tasks.iter().map(|t| t.index).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert!(tasks.iter().all(|t| t.state == TaskState::Queued));
+    assert!(store.jobs(10).await.unwrap().iter().any(|j| j.id == id));
+    assert!(matches!(
+        store.job(JobId::new()).await,
+        Err(StoreError::JobNotFound(_))
+    ));
+}
+
+pub async fn idempotency_key_returns_the_same_job(store: &dyn Store) {
+    let mut a = new_job(9, "tiny");
+    a.idempotency_key = Some("batch-7".into());
+    let mut b = new_job(9, "tiny");
+    b.idempotency_key = Some("batch-7".into());
+    let (ja, created_a) = store.create_job(a).await.unwrap();
+    let (jb, created_b) = store.create_job(b).await.unwrap();
+    assert!(created_a && !created_b);
+    assert_eq!(ja.id, jb.id);
+    assert_eq!(store.tasks(ja.id).await.unwrap().len(), 9);
+    let mut other_project = new_job(1, "tiny");
+    other_project.idempotency_key = Some("batch-7".into());
+    other_project.project = "elsewhere".into();
+    let (jc, created_c) = store.create_job(other_project).await.unwrap();
+    assert!(created_c);
+    assert_ne!(jc.id, ja.id);
+}
+
+pub async fn claim_leases_in_item_order_with_new_epochs(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(3, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let leases = claim(store, "w1", 2).await;
+    assert_eq!(leases.iter().map(|l| l.index).collect::<Vec<_>>(), [0, 1]);
+    assert!(leases.iter().all(|l| l.epoch == Epoch(1) && l.job == id));
+    let record = store.job(id).await.unwrap();
+    assert_eq!((record.counts.queued, record.counts.leased), (1, 2));
+    let events = store.events(id, 0, 100).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert!(events.iter().all(|e| e.kind == EventKind::Leased));
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+    let running = store.running(id).await.unwrap();
+    assert_eq!(running.len(), 2);
+    let task = store.task(leases[0].task).await.unwrap();
+    assert_eq!(task.holder(), Some(&worker("w1")));
+    assert_eq!(task.attempts.len(), 1);
+}
+
+pub async fn claim_only_gives_models_the_worker_holds(store: &dyn Store) {
+    store
+        .register_worker(registration("w-other", &["sdxl"]))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration("w-tiny", &["tiny"]))
+        .await
+        .unwrap();
+    let mut job = new_job(2, "tiny");
+    job.tasks[1].recipe.model_hash = "some-other-hash".into();
+    store.create_job(job).await.unwrap();
+    assert!(claim(store, "w-other", 4).await.is_empty());
+    let leases = claim(store, "w-tiny", 4).await;
+    assert_eq!(
+        leases.len(),
+        1,
+        "a task pinned to another model hash must not be leased"
+    );
+    assert_eq!(leases[0].index, 0);
+}
+
+pub async fn higher_priority_goes_first(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let low = new_job(2, "tiny");
+    let mut high = new_job(2, "tiny");
+    high.priority = 5;
+    let high_id = high.id;
+    store.create_job(low).await.unwrap();
+    store.create_job(high).await.unwrap();
+    let leases = claim(store, "w1", 2).await;
+    assert!(leases.iter().all(|l| l.job == high_id));
+}
+
+pub async fn completing_every_task_finishes_the_job(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(2, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let leases = claim(store, "w1", 2).await;
+    let first = store
+        .complete(&worker("w1"), leases[0].task, leases[0].epoch, result())
+        .await
+        .unwrap();
+    assert_eq!(first, CompleteOutcome::Accepted { job_finished: None });
+    let last = store
+        .complete(&worker("w1"), leases[1].task, leases[1].epoch, result())
+        .await
+        .unwrap();
+    let CompleteOutcome::Accepted {
+        job_finished: Some(job),
+    } = last
+    else {
+        panic!("the last completion must finish the job: {last:?}");
+    };
+    assert_eq!(job.state, JobState::Completed);
+    assert_eq!(job.counts.completed, 2);
+    let task = store.task(leases[0].task).await.unwrap();
+    assert_eq!(task.state, TaskState::Completed);
+    assert_eq!(task.result, Some(result()));
+    assert_eq!(task.attempts[0].outcome, Outcome::Completed);
+    let events = store.events(id, 0, 100).await.unwrap();
+    assert_eq!(events.last().map(|e| e.kind), Some(EventKind::JobFinished));
+    let w = store.workers().await.unwrap();
+    assert_eq!(w[0].completed, 2);
+}
+
+pub async fn expired_lease_is_fenced(store: &dyn Store) {
+    store
+        .register_worker(registration("slow", &["tiny"]))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration("fast", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(1, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let old = store
+        .claim(&worker("slow"), 1, Duration::from_millis(100), NO_WAIT)
+        .await
+        .unwrap()
+        .leases;
+    assert_eq!(old.len(), 1);
+    let reaped = reap_all(store).await;
+    assert_eq!(reaped.len(), 1);
+    assert!(reaped[0].requeued);
+    assert_eq!(reaped[0].worker, worker("slow"));
+    let new = claim(store, "fast", 1).await;
+    assert_eq!(new.len(), 1);
+    assert!(new[0].epoch > old[0].epoch);
+
+    let stale = store
+        .complete(&worker("slow"), old[0].task, old[0].epoch, result())
+        .await
+        .unwrap();
+    assert!(matches!(stale, CompleteOutcome::Stale { .. }), "{stale:?}");
+    let hb = store
+        .heartbeat(
+            &worker("slow"),
+            &[ProgressReport {
+                task: old[0].task,
+                epoch: old[0].epoch,
+                step: 3,
+            }],
+            TTL,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        hb.abandon,
+        vec![(old[0].task, old[0].epoch, AbandonReason::LeaseLost)]
+    );
+    let task = store.task(new[0].task).await.unwrap();
+    assert_eq!(task.state, TaskState::Leased);
+    assert_eq!(task.holder(), Some(&worker("fast")));
+    assert_eq!(task.attempts.len(), 2);
+    assert_eq!(task.attempts[0].outcome, Outcome::Expired);
+    assert_eq!(task.attempts[0].fault, FaultClass::WorkerLost);
+    let ok = store
+        .complete(&worker("fast"), new[0].task, new[0].epoch, result())
+        .await
+        .unwrap();
+    assert!(matches!(ok, CompleteOutcome::Accepted { .. }));
+    let kinds: Vec<_> = store
+        .events(id, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(kinds.contains(&EventKind::Expired));
+    assert!(kinds.contains(&EventKind::StaleRefused));
+}
+
+pub async fn heartbeat_extends_the_current_lease_only(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(1, "tiny");
+    store.create_job(job).await.unwrap();
+    let lease = claim(store, "w1", 1).await.remove(0);
+    let hb = store
+        .heartbeat(
+            &worker("w1"),
+            &[
+                ProgressReport {
+                    task: lease.task,
+                    epoch: lease.epoch,
+                    step: 2,
+                },
+                ProgressReport {
+                    task: lease.task,
+                    epoch: Epoch(99),
+                    step: 2,
+                },
+            ],
+            TTL,
+        )
+        .await
+        .unwrap();
+    assert_eq!(hb.extended, vec![lease.task]);
+    assert_eq!(
+        hb.abandon,
+        vec![(lease.task, Epoch(99), AbandonReason::LeaseLost)]
+    );
+    assert!(!hb.drain);
+    assert_eq!(store.task(lease.task).await.unwrap().step, 2);
+    assert!(matches!(
+        store.heartbeat(&worker("nobody"), &[], TTL).await,
+        Err(StoreError::UnknownWorker(_))
+    ));
+}
+
+pub async fn failed_task_is_retried_on_another_worker(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration("w2", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(1, "tiny");
+    store.create_job(job).await.unwrap();
+    let lease = claim(store, "w1", 1).await.remove(0);
+    let out = store
+        .fail(
+            &worker("w1"),
+            lease.task,
+            lease.epoch,
+            FaultClass::OutOfMemory,
+            "CUDA out of memory",
+            5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        FailOutcome::Recorded {
+            will_retry: true,
+            job_finished: None
+        }
+    );
+    assert!(
+        claim(store, "w1", 1).await.is_empty(),
+        "the worker that failed it must not get it back while w2 can take it"
+    );
+    let again = claim(store, "w2", 1).await;
+    assert_eq!(again.len(), 1);
+    let task = store.task(lease.task).await.unwrap();
+    assert_eq!(task.attempts[0].fault, FaultClass::OutOfMemory);
+    assert_eq!(task.attempts[0].outcome, Outcome::Failed);
+}
+
+pub async fn failures_stop_at_the_attempt_limit(store: &dyn Store) {
+    store
+        .register_worker(registration("only", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(1, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    for attempt in 1..=2 {
+        let leases = claim(store, "only", 1).await;
+        assert_eq!(
+            leases.len(),
+            1,
+            "attempt {attempt}: the only worker may retry"
+        );
+        let out = store
+            .fail(
+                &worker("only"),
+                leases[0].task,
+                leases[0].epoch,
+                FaultClass::Internal,
+                "boom",
+                2,
+            )
+            .await
+            .unwrap();
+        if attempt == 2 {
+            let FailOutcome::Recorded {
+                will_retry: false,
+                job_finished: Some(job),
+            } = out
+            else {
+                panic!("second failure must end the task and the job: {out:?}");
+            };
+            assert_eq!(job.state, JobState::Failed);
+        }
+    }
+    assert_eq!(store.job(id).await.unwrap().counts.failed, 1);
+}
+
+pub async fn bad_input_is_not_retried(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(1, "tiny");
+    store.create_job(job).await.unwrap();
+    let lease = claim(store, "w1", 1).await.remove(0);
+    let out = store
+        .fail(
+            &worker("w1"),
+            lease.task,
+            lease.epoch,
+            FaultClass::BadInput,
+            "bad",
+            5,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        out,
+        FailOutcome::Recorded {
+            will_retry: false,
+            job_finished: Some(_)
+        }
+    ));
+}
+
+pub async fn handed_back_task_does_not_count_against_the_limit(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(1, "tiny");
+    store.create_job(job).await.unwrap();
+    for _ in 0..3 {
+        let lease = claim(store, "w1", 1).await.remove(0);
+        let out = store
+            .fail(
+                &worker("w1"),
+                lease.task,
+                lease.epoch,
+                FaultClass::Cancelled,
+                "draining",
+                1,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            out,
+            FailOutcome::Recorded {
+                will_retry: true,
+                ..
+            }
+        ));
+    }
+}
+
+pub async fn cancel_stops_leasing_and_abandons_running_tasks(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(3, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let lease = claim(store, "w1", 1).await.remove(0);
+    let cancelled = store.cancel_job(id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(cancelled.counts.cancelled, 3);
+    assert!(claim(store, "w1", 3).await.is_empty());
+    let hb = store
+        .heartbeat(
+            &worker("w1"),
+            &[ProgressReport {
+                task: lease.task,
+                epoch: lease.epoch,
+                step: 1,
+            }],
+            TTL,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        hb.abandon,
+        vec![(lease.task, lease.epoch, AbandonReason::Cancelled)]
+    );
+    let late = store
+        .complete(&worker("w1"), lease.task, lease.epoch, result())
+        .await
+        .unwrap();
+    assert!(matches!(late, CompleteOutcome::Stale { .. }));
+    let finished: Vec<_> = store
+        .events(id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::JobFinished)
+        .collect();
+    assert_eq!(finished.len(), 1, "exactly one JobFinished event");
+    assert!(store.running(id).await.unwrap().is_empty());
+}
+
+pub async fn registering_again_releases_the_old_sessions_leases(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(2, "tiny");
+    store.create_job(job).await.unwrap();
+    let leases = claim(store, "w1", 2).await;
+    let released = store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    assert_eq!(released.len(), 2);
+    let again = claim(store, "w1", 2).await;
+    assert_eq!(again.len(), 2);
+    assert!(again[0].epoch > leases[0].epoch);
+}
+
+pub async fn draining_worker_gets_no_work(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    store.create_job(new_job(1, "tiny")).await.unwrap();
+    let w = store.drain_worker(&worker("w1")).await.unwrap();
+    assert!(w.draining);
+    let c = store
+        .claim(&worker("w1"), 1, TTL, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(c.drain && c.leases.is_empty());
+    assert!(matches!(
+        store.claim(&worker("ghost"), 1, TTL, NO_WAIT).await,
+        Err(StoreError::UnknownWorker(_))
+    ));
+}
+
+pub async fn waiting_claim_wakes_when_work_arrives(store: &'static dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let waiter = tokio::spawn(async move {
+        store
+            .claim(&worker("w1"), 1, TTL, Duration::from_secs(60))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.create_job(new_job(1, "tiny")).await.unwrap();
+    let claim = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("the waiting claim must wake up well before its 60 s wait")
+        .unwrap()
+        .unwrap();
+    assert_eq!(claim.leases.len(), 1);
+}
+
+pub async fn events_resume_after_a_cursor(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(3, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    claim(store, "w1", 3).await;
+    let all = store.events(id, 0, 100).await.unwrap();
+    let tail = store.events(id, 1, 100).await.unwrap();
+    assert_eq!(tail, all[1..].to_vec());
+    assert_eq!(store.events(id, 0, 1).await.unwrap().len(), 1);
+    store
+        .wait_events(id, 0, Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
+pub async fn announced_models_are_listed(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny", "sd15"]))
+        .await
+        .unwrap();
+    let names: Vec<_> = store
+        .models()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert!(names.contains(&"tiny".to_string()) && names.contains(&"sd15".to_string()));
+}
+
+/// Instantiates the whole suite for one backend: `$make` is an async
+/// expression giving a fresh `&'static dyn Store`.
+macro_rules! store_conformance {
+    ($make:expr) => {
+        store_conformance!(@tests $make;
+            create_job_queues_every_task,
+            idempotency_key_returns_the_same_job,
+            claim_leases_in_item_order_with_new_epochs,
+            claim_only_gives_models_the_worker_holds,
+            higher_priority_goes_first,
+            completing_every_task_finishes_the_job,
+            expired_lease_is_fenced,
+            heartbeat_extends_the_current_lease_only,
+            failed_task_is_retried_on_another_worker,
+            failures_stop_at_the_attempt_limit,
+            bad_input_is_not_retried,
+            handed_back_task_does_not_count_against_the_limit,
+            cancel_stops_leasing_and_abandons_running_tasks,
+            registering_again_releases_the_old_sessions_leases,
+            draining_worker_gets_no_work,
+            waiting_claim_wakes_when_work_arrives,
+            events_resume_after_a_cursor,
+            announced_models_are_listed
+        );
+    };
+    (@tests $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let store: &'static dyn $crate::store::Store = $make.await;
+                $crate::store::conformance::$name(store).await;
+            }
+        )*
+    };
+}
+pub(crate) use store_conformance;
+
+mod memory_store {
+    async fn fresh() -> &'static dyn crate::store::Store {
+        // Leaked on purpose: each test owns one small store for the process's life.
+        Box::leak(Box::new(crate::store::MemoryStore::new()))
+    }
+    super::store_conformance!(fresh());
+}

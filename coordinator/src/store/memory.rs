@@ -1,0 +1,901 @@
+//! The embedded store: the same semantics as the Redis store under one mutex,
+//! nothing persisted. Used by `kiln render` and by tests.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+use kiln_proto::pb::{AbandonReason, EventKind, FaultClass, JobState, TaskState};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::types::*;
+use super::{Store, StoreError, StoreResult};
+
+/// The in-memory [`Store`].
+pub struct MemoryStore {
+    /// A std mutex is enough: no `.await` happens while it is held.
+    state: Mutex<State>,
+    /// Bumped whenever a task becomes claimable, to wake long-polling claims.
+    work: watch::Sender<u64>,
+    /// Bumped on every event, to wake watchers.
+    events: watch::Sender<u64>,
+    /// Origin of the store's monotonic clock, which lease deadlines use.
+    /// A tokio instant, so tests can pause and advance time.
+    origin: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: BTreeMap<JobId, JobEntry>,
+    tasks: HashMap<TaskId, TaskEntry>,
+    /// Tasks in the Leased state, so the reaper scans only those.
+    leased: BTreeSet<TaskId>,
+    idempotency: HashMap<(String, String), JobId>,
+    workers: BTreeMap<WorkerId, WorkerEntry>,
+    models: BTreeMap<String, ModelInfo>,
+}
+
+struct JobEntry {
+    record: JobRecord,
+    /// Task ids in index order.
+    tasks: Vec<TaskId>,
+    /// Indices of queued tasks.
+    queued: BTreeSet<u32>,
+    events: Vec<Event>,
+}
+
+struct TaskEntry {
+    record: TaskRecord,
+    /// Lease deadline on the store clock, in ms since `origin`.
+    deadline: Option<u64>,
+    /// Workers that failed this task: it is retried elsewhere when possible.
+    avoid: BTreeSet<WorkerId>,
+}
+
+struct WorkerEntry {
+    record: WorkerRecord,
+    running: BTreeSet<TaskId>,
+    /// Last call on the store clock.
+    last_seen: u64,
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// Returns an empty store.
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            work: watch::channel(0).0,
+            events: watch::channel(0).0,
+            origin: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-done transition
+        // behind that later calls would trip over any worse than the panic
+        // itself, so a poisoned lock is taken over.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake_workers(&self) {
+        self.work.send_modify(|v| *v += 1);
+    }
+
+    fn wake_watchers(&self) {
+        self.events.send_modify(|v| *v += 1);
+    }
+
+    fn try_claim(&self, worker: &WorkerId, max: usize, ttl: Duration) -> StoreResult<Claim> {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let w = st
+            .workers
+            .get_mut(worker)
+            .ok_or_else(|| StoreError::UnknownWorker(worker.clone()))?;
+        w.last_seen = now;
+        w.record.last_seen_ms = unix_ms();
+        if w.record.draining {
+            return Ok(Claim {
+                leases: Vec::new(),
+                drain: true,
+            });
+        }
+        let models = w.record.registration.models.clone();
+        let picked = pick(st, worker, &models, max, now);
+        let mut leases = Vec::with_capacity(picked.len());
+        for task_id in picked {
+            let Some(t) = st.tasks.get_mut(&task_id) else {
+                continue;
+            };
+            let epoch = t.record.epoch.next();
+            t.record.epoch = epoch;
+            t.record.state = TaskState::Leased;
+            t.record.step = 0;
+            t.record.attempts.push(Attempt {
+                worker: worker.clone(),
+                epoch,
+                started_at_ms: unix_ms(),
+                ended_at_ms: None,
+                outcome: Outcome::Running,
+                fault: FaultClass::Unspecified,
+                message: String::new(),
+            });
+            t.deadline = Some(now + ttl.as_millis() as u64);
+            let (job, index, recipe) = (t.record.job, t.record.index, t.record.recipe.clone());
+            st.leased.insert(task_id);
+            if let Some(w) = st.workers.get_mut(worker) {
+                w.running.insert(task_id);
+            }
+            if let Some(j) = st.jobs.get_mut(&job) {
+                j.queued.remove(&index);
+                j.record.counts.shift(TaskState::Queued, TaskState::Leased);
+                push_event(
+                    j,
+                    EventKind::Leased,
+                    Some(task_id),
+                    index,
+                    Some(worker),
+                    epoch,
+                    FaultClass::Unspecified,
+                    String::new(),
+                );
+            }
+            leases.push(Lease {
+                task: task_id,
+                job,
+                index,
+                epoch,
+                recipe,
+                ttl,
+            });
+        }
+        drop(guard);
+        if !leases.is_empty() {
+            self.wake_watchers();
+        }
+        Ok(Claim {
+            leases,
+            drain: false,
+        })
+    }
+}
+
+/// Chooses up to `max` queued tasks for `worker`: higher priority first, then
+/// older jobs, then item order; only models the worker holds; tasks the
+/// worker failed before go to others while another live holder of the model exists.
+fn pick(st: &State, worker: &WorkerId, models: &[ModelInfo], max: usize, now: u64) -> Vec<TaskId> {
+    let mut jobs: Vec<&JobEntry> = st
+        .jobs
+        .values()
+        .filter(|j| j.record.state == JobState::Running && !j.queued.is_empty())
+        .collect();
+    jobs.sort_by_key(|j| (std::cmp::Reverse(j.record.priority), j.record.id));
+    let holds = |recipe: &kiln_proto::recipe::Recipe| {
+        models.iter().any(|m| {
+            m.name == recipe.model && (recipe.model_hash.is_empty() || recipe.model_hash == m.hash)
+        })
+    };
+    let mut out = Vec::new();
+    for job in jobs {
+        for index in &job.queued {
+            if out.len() >= max {
+                return out;
+            }
+            let Some(task) = job
+                .tasks
+                .get(*index as usize)
+                .and_then(|id| st.tasks.get(id))
+            else {
+                continue;
+            };
+            if !holds(&task.record.recipe) {
+                continue;
+            }
+            if task.avoid.contains(worker) && someone_else_can(st, task, worker, now) {
+                continue;
+            }
+            out.push(task.record.id);
+        }
+    }
+    out
+}
+
+/// Returns true when a live, non-draining worker other than `worker`, not yet
+/// failed on this task, holds the task's model.
+fn someone_else_can(st: &State, task: &TaskEntry, worker: &WorkerId, now: u64) -> bool {
+    // A worker that called within the last minute counts as live.
+    const LIVE_MS: u64 = 60_000;
+    st.workers.values().any(|w| {
+        let id = &w.record.registration.id;
+        id != worker
+            && !w.record.draining
+            && now.saturating_sub(w.last_seen) < LIVE_MS
+            && !task.avoid.contains(id)
+            && w.record
+                .registration
+                .models
+                .iter()
+                .any(|m| m.name == task.record.recipe.model)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_event(
+    job: &mut JobEntry,
+    kind: EventKind,
+    task: Option<TaskId>,
+    index: u32,
+    worker: Option<&WorkerId>,
+    epoch: Epoch,
+    fault: FaultClass,
+    message: String,
+) {
+    let seq = job.events.len() as u64 + 1;
+    job.events.push(Event {
+        seq,
+        at_ms: unix_ms(),
+        kind,
+        task,
+        index,
+        worker: worker.cloned(),
+        epoch,
+        fault,
+        message,
+    });
+}
+
+/// Ends the job if no task is queued or leased; returns it when it ended now.
+fn finish_if_done(job: &mut JobEntry) -> Option<JobRecord> {
+    if job.record.state != JobState::Running || !job.record.counts.all_ended() {
+        return None;
+    }
+    let c = job.record.counts;
+    job.record.state = if c.failed == 0 && c.cancelled == 0 {
+        JobState::Completed
+    } else {
+        JobState::Failed
+    };
+    job.record.finished_at_ms = Some(unix_ms());
+    let message = job.record.state.as_str_name().to_string();
+    push_event(
+        job,
+        EventKind::JobFinished,
+        None,
+        0,
+        None,
+        Epoch(0),
+        FaultClass::Unspecified,
+        message,
+    );
+    Some(job.record.clone())
+}
+
+/// Describes why (worker, epoch) no longer holds the task.
+fn stale_reason(task: &TaskRecord, worker: &WorkerId, epoch: Epoch) -> String {
+    match task.state {
+        TaskState::Cancelled => "the job was cancelled".to_string(),
+        TaskState::Completed => format!(
+            "task already completed under epoch {} (this report: epoch {epoch})",
+            task.epoch
+        ),
+        TaskState::Failed => "the task already failed for good".to_string(),
+        TaskState::Leased if task.epoch != epoch => format!(
+            "lease lost: epoch {epoch} < {} (the lease expired and the task went to {})",
+            task.epoch,
+            task.holder()
+                .map(|w| w.as_str())
+                .unwrap_or("another worker")
+        ),
+        TaskState::Leased => format!(
+            "lease held by {}, not {worker}",
+            task.holder().map(|w| w.as_str()).unwrap_or("nobody")
+        ),
+        TaskState::Queued | TaskState::Unspecified => format!(
+            "lease lost: epoch {epoch} expired and the task is queued again (epoch {})",
+            task.epoch
+        ),
+    }
+}
+
+/// Returns true if `worker` holds `task` under `epoch`.
+fn holds_lease(task: &TaskRecord, worker: &WorkerId, epoch: Epoch) -> bool {
+    task.state == TaskState::Leased && task.epoch == epoch && task.holder() == Some(worker)
+}
+
+impl State {
+    /// Ends the running attempt of a leased task and moves it to `to`.
+    /// Returns the job record if the job ended with it.
+    #[allow(clippy::too_many_arguments)]
+    fn end_lease(
+        &mut self,
+        task_id: TaskId,
+        outcome: Outcome,
+        fault: FaultClass,
+        message: &str,
+        to: TaskState,
+        event: EventKind,
+        bump_epoch: bool,
+    ) -> Option<JobRecord> {
+        let t = self.tasks.get_mut(&task_id)?;
+        let worker = t.record.holder().cloned();
+        if let Some(a) = t.record.attempts.last_mut() {
+            a.outcome = outcome;
+            a.fault = fault;
+            a.message = message.to_string();
+            a.ended_at_ms = Some(unix_ms());
+        }
+        let old_epoch = t.record.epoch;
+        if bump_epoch {
+            t.record.epoch = t.record.epoch.next();
+        }
+        t.record.state = to;
+        t.deadline = None;
+        if outcome.is_fault() {
+            if let Some(w) = &worker {
+                t.avoid.insert(w.clone());
+            }
+        }
+        let index = t.record.index;
+        let job_id = t.record.job;
+        self.leased.remove(&task_id);
+        if let Some(w) = worker.as_ref().and_then(|w| self.workers.get_mut(w)) {
+            w.running.remove(&task_id);
+            if outcome.is_fault() {
+                w.record.failed += 1;
+            }
+            if outcome == Outcome::Completed {
+                w.record.completed += 1;
+            }
+        }
+        let job = self.jobs.get_mut(&job_id)?;
+        job.record.counts.shift(TaskState::Leased, to);
+        if to == TaskState::Queued {
+            job.queued.insert(index);
+        }
+        push_event(
+            job,
+            event,
+            Some(task_id),
+            index,
+            worker.as_ref(),
+            old_epoch,
+            fault,
+            message.to_string(),
+        );
+        finish_if_done(job)
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn create_job(&self, new: NewJob) -> StoreResult<(JobRecord, bool)> {
+        let mut st = self.lock();
+        if let Some(key) = &new.idempotency_key {
+            if let Some(existing) = st.idempotency.get(&(new.project.clone(), key.clone())) {
+                if let Some(job) = st.jobs.get(existing) {
+                    return Ok((job.record.clone(), false));
+                }
+            }
+        }
+        let total = new.tasks.len() as u32;
+        let record = JobRecord {
+            id: new.id,
+            name: new.name,
+            project: new.project.clone(),
+            priority: new.priority,
+            state: JobState::Running,
+            counts: TaskCounts {
+                total,
+                queued: total,
+                ..Default::default()
+            },
+            created_at_ms: unix_ms(),
+            finished_at_ms: None,
+            idempotency_key: new.idempotency_key.clone(),
+        };
+        let mut entry = JobEntry {
+            record: record.clone(),
+            tasks: Vec::with_capacity(new.tasks.len()),
+            queued: BTreeSet::new(),
+            events: Vec::new(),
+        };
+        for t in new.tasks {
+            entry.tasks.push(t.id);
+            entry.queued.insert(t.index);
+            st.tasks.insert(
+                t.id,
+                TaskEntry {
+                    record: TaskRecord {
+                        id: t.id,
+                        job: new.id,
+                        index: t.index,
+                        recipe: t.recipe,
+                        file_name: t.file_name,
+                        state: TaskState::Queued,
+                        epoch: Epoch(0),
+                        attempts: Vec::new(),
+                        step: 0,
+                        result: None,
+                    },
+                    deadline: None,
+                    avoid: BTreeSet::new(),
+                },
+            );
+        }
+        if let Some(key) = new.idempotency_key {
+            st.idempotency.insert((new.project, key), new.id);
+        }
+        st.jobs.insert(new.id, entry);
+        drop(st);
+        self.wake_workers();
+        Ok((record, true))
+    }
+
+    async fn job(&self, id: JobId) -> StoreResult<JobRecord> {
+        let st = self.lock();
+        st.jobs
+            .get(&id)
+            .map(|j| j.record.clone())
+            .ok_or(StoreError::JobNotFound(id))
+    }
+
+    async fn jobs(&self, limit: usize) -> StoreResult<Vec<JobRecord>> {
+        let st = self.lock();
+        Ok(st
+            .jobs
+            .values()
+            .rev()
+            .take(limit)
+            .map(|j| j.record.clone())
+            .collect())
+    }
+
+    async fn tasks(&self, id: JobId) -> StoreResult<Vec<TaskRecord>> {
+        let st = self.lock();
+        let job = st.jobs.get(&id).ok_or(StoreError::JobNotFound(id))?;
+        Ok(job
+            .tasks
+            .iter()
+            .filter_map(|t| st.tasks.get(t).map(|t| t.record.clone()))
+            .collect())
+    }
+
+    async fn task(&self, id: TaskId) -> StoreResult<TaskRecord> {
+        let st = self.lock();
+        st.tasks
+            .get(&id)
+            .map(|t| t.record.clone())
+            .ok_or(StoreError::TaskNotFound(id))
+    }
+
+    async fn running(&self, id: JobId) -> StoreResult<Vec<RunningTask>> {
+        let st = self.lock();
+        if !st.jobs.contains_key(&id) {
+            return Err(StoreError::JobNotFound(id));
+        }
+        let mut out: Vec<RunningTask> = st
+            .leased
+            .iter()
+            .filter_map(|t| st.tasks.get(t))
+            .filter(|t| t.record.job == id)
+            .filter_map(|t| {
+                Some(RunningTask {
+                    task: t.record.id,
+                    index: t.record.index,
+                    step: t.record.step,
+                    steps: t.record.recipe.steps,
+                    worker: t.record.holder()?.clone(),
+                })
+            })
+            .collect();
+        out.sort_by_key(|r| r.index);
+        Ok(out)
+    }
+
+    async fn cancel_job(&self, id: JobId) -> StoreResult<JobRecord> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let job = st.jobs.get_mut(&id).ok_or(StoreError::JobNotFound(id))?;
+        if job.record.is_finished() {
+            return Ok(job.record.clone());
+        }
+        let queued: Vec<u32> = std::mem::take(&mut job.queued).into_iter().collect();
+        let tasks = job.tasks.clone();
+        for index in queued {
+            if let Some(t) = tasks
+                .get(index as usize)
+                .and_then(|id| st.tasks.get_mut(id))
+            {
+                t.record.state = TaskState::Cancelled;
+            }
+        }
+        let n_queued = job.record.counts.queued;
+        job.record.counts.queued = 0;
+        job.record.counts.cancelled += n_queued;
+        // Mark the job first, so ending its leases below does not finish it as failed.
+        job.record.state = JobState::Cancelled;
+        job.record.finished_at_ms = Some(unix_ms());
+        let leased: Vec<TaskId> = st
+            .leased
+            .iter()
+            .copied()
+            .filter(|t| st.tasks.get(t).is_some_and(|t| t.record.job == id))
+            .collect();
+        for task in leased {
+            st.end_lease(
+                task,
+                Outcome::Cancelled,
+                FaultClass::Cancelled,
+                "job cancelled",
+                TaskState::Cancelled,
+                EventKind::Cancelled,
+                true,
+            );
+        }
+        let job = st.jobs.get_mut(&id).ok_or(StoreError::JobNotFound(id))?;
+        push_event(
+            job,
+            EventKind::JobFinished,
+            None,
+            0,
+            None,
+            Epoch(0),
+            FaultClass::Unspecified,
+            JobState::Cancelled.as_str_name().to_string(),
+        );
+        let record = job.record.clone();
+        drop(guard);
+        self.wake_watchers();
+        Ok(record)
+    }
+
+    async fn register_worker(&self, reg: WorkerRegistration) -> StoreResult<Vec<Reaped>> {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut released = Vec::new();
+        if let Some(old) = st.workers.get(&reg.id) {
+            let held: Vec<TaskId> = old.running.iter().copied().collect();
+            for task in held {
+                let Some(t) = st.tasks.get(&task) else {
+                    continue;
+                };
+                let (job, epoch) = (t.record.job, t.record.epoch);
+                let job_finished = st.end_lease(
+                    task,
+                    Outcome::Expired,
+                    FaultClass::WorkerLost,
+                    "the worker registered again: the old session is gone",
+                    TaskState::Queued,
+                    EventKind::Expired,
+                    true,
+                );
+                released.push(Reaped {
+                    task,
+                    job,
+                    worker: reg.id.clone(),
+                    epoch,
+                    requeued: true,
+                    job_finished,
+                });
+            }
+        }
+        for m in &reg.models {
+            st.models.insert(m.name.clone(), m.clone());
+        }
+        let (completed, failed) = st
+            .workers
+            .get(&reg.id)
+            .map(|w| (w.record.completed, w.record.failed))
+            .unwrap_or_default();
+        st.workers.insert(
+            reg.id.clone(),
+            WorkerEntry {
+                record: WorkerRecord {
+                    registration: reg,
+                    draining: false,
+                    last_seen_ms: unix_ms(),
+                    running: Vec::new(),
+                    completed,
+                    failed,
+                },
+                running: BTreeSet::new(),
+                last_seen: now,
+            },
+        );
+        drop(guard);
+        self.wake_workers();
+        if !released.is_empty() {
+            self.wake_watchers();
+        }
+        Ok(released)
+    }
+
+    async fn workers(&self) -> StoreResult<Vec<WorkerRecord>> {
+        let st = self.lock();
+        Ok(st
+            .workers
+            .values()
+            .map(|w| {
+                let mut r = w.record.clone();
+                r.running = w.running.iter().copied().collect();
+                r
+            })
+            .collect())
+    }
+
+    async fn drain_worker(&self, id: &WorkerId) -> StoreResult<WorkerRecord> {
+        let mut st = self.lock();
+        let w = st
+            .workers
+            .get_mut(id)
+            .ok_or_else(|| StoreError::UnknownWorker(id.clone()))?;
+        w.record.draining = true;
+        let mut r = w.record.clone();
+        r.running = w.running.iter().copied().collect();
+        Ok(r)
+    }
+
+    async fn models(&self) -> StoreResult<Vec<ModelInfo>> {
+        Ok(self.lock().models.values().cloned().collect())
+    }
+
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        max: usize,
+        ttl: Duration,
+        wait: Duration,
+    ) -> StoreResult<Claim> {
+        let deadline = Instant::now() + wait;
+        let mut rx = self.work.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let claim = self.try_claim(worker, max, ttl)?;
+            if !claim.leases.is_empty() || claim.drain || max == 0 {
+                return Ok(claim);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Ok(claim);
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        worker: &WorkerId,
+        progress: &[ProgressReport],
+        ttl: Duration,
+    ) -> StoreResult<HeartbeatOutcome> {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let w = st
+            .workers
+            .get_mut(worker)
+            .ok_or_else(|| StoreError::UnknownWorker(worker.clone()))?;
+        w.last_seen = now;
+        w.record.last_seen_ms = unix_ms();
+        let mut out = HeartbeatOutcome {
+            drain: w.record.draining,
+            ..Default::default()
+        };
+        for p in progress {
+            match st.tasks.get_mut(&p.task) {
+                Some(t) if holds_lease(&t.record, worker, p.epoch) => {
+                    t.deadline = Some(now + ttl.as_millis() as u64);
+                    t.record.step = p.step.min(t.record.recipe.steps);
+                    out.extended.push(p.task);
+                }
+                Some(t) if t.record.state == TaskState::Cancelled => {
+                    out.abandon
+                        .push((p.task, p.epoch, AbandonReason::Cancelled));
+                }
+                _ => out
+                    .abandon
+                    .push((p.task, p.epoch, AbandonReason::LeaseLost)),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn complete(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        epoch: Epoch,
+        result: TaskResult,
+    ) -> StoreResult<CompleteOutcome> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let t = st
+            .tasks
+            .get_mut(&task)
+            .ok_or(StoreError::TaskNotFound(task))?;
+        if !holds_lease(&t.record, worker, epoch) {
+            let reason = stale_reason(&t.record, worker, epoch);
+            let (job, index) = (t.record.job, t.record.index);
+            if let Some(j) = st.jobs.get_mut(&job) {
+                push_event(
+                    j,
+                    EventKind::StaleRefused,
+                    Some(task),
+                    index,
+                    Some(worker),
+                    epoch,
+                    FaultClass::Unspecified,
+                    reason.clone(),
+                );
+            }
+            drop(guard);
+            self.wake_watchers();
+            return Ok(CompleteOutcome::Stale { reason });
+        }
+        t.record.step = t.record.recipe.steps;
+        t.record.result = Some(result);
+        let job_finished = st.end_lease(
+            task,
+            Outcome::Completed,
+            FaultClass::Unspecified,
+            "",
+            TaskState::Completed,
+            EventKind::Completed,
+            false,
+        );
+        drop(guard);
+        self.wake_watchers();
+        Ok(CompleteOutcome::Accepted { job_finished })
+    }
+
+    async fn fail(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        epoch: Epoch,
+        fault: FaultClass,
+        message: &str,
+        max_attempts: u32,
+    ) -> StoreResult<FailOutcome> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let t = st.tasks.get(&task).ok_or(StoreError::TaskNotFound(task))?;
+        if !holds_lease(&t.record, worker, epoch) {
+            return Ok(FailOutcome::Stale {
+                reason: stale_reason(&t.record, worker, epoch),
+            });
+        }
+        let handback = fault == FaultClass::Cancelled;
+        // This failure counts once it is recorded: faults() + 1.
+        let used = t.record.faults() + usize::from(!handback);
+        let will_retry =
+            handback || (fault != FaultClass::BadInput && used < max_attempts as usize);
+        let (outcome, to) = match (handback, will_retry) {
+            (true, _) => (Outcome::Cancelled, TaskState::Queued),
+            (false, true) => (Outcome::Failed, TaskState::Queued),
+            (false, false) => (Outcome::Failed, TaskState::Failed),
+        };
+        let note = if will_retry {
+            format!("{message} (will retry)")
+        } else {
+            format!("{message} (no retry: {used} of {max_attempts} attempts used)")
+        };
+        let job_finished = st.end_lease(task, outcome, fault, &note, to, EventKind::Failed, false);
+        drop(guard);
+        if will_retry {
+            self.wake_workers();
+        }
+        self.wake_watchers();
+        Ok(FailOutcome::Recorded {
+            will_retry,
+            job_finished,
+        })
+    }
+
+    async fn reap(&self, max_attempts: u32) -> StoreResult<Vec<Reaped>> {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let expired: Vec<TaskId> = st
+            .leased
+            .iter()
+            .copied()
+            .filter(|t| {
+                st.tasks
+                    .get(t)
+                    .and_then(|t| t.deadline)
+                    .is_some_and(|d| d <= now)
+            })
+            .collect();
+        let mut reaped = Vec::with_capacity(expired.len());
+        for task in expired {
+            let Some(t) = st.tasks.get(&task) else {
+                continue;
+            };
+            let (job, epoch) = (t.record.job, t.record.epoch);
+            let Some(worker) = t.record.holder().cloned() else {
+                continue;
+            };
+            let requeued = t.record.faults() + 1 < max_attempts as usize;
+            let to = if requeued {
+                TaskState::Queued
+            } else {
+                TaskState::Failed
+            };
+            let job_finished = st.end_lease(
+                task,
+                Outcome::Expired,
+                FaultClass::WorkerLost,
+                "lease expired: no heartbeat before the deadline",
+                to,
+                EventKind::Expired,
+                true,
+            );
+            reaped.push(Reaped {
+                task,
+                job,
+                worker,
+                epoch,
+                requeued,
+                job_finished,
+            });
+        }
+        drop(guard);
+        if !reaped.is_empty() {
+            self.wake_workers();
+            self.wake_watchers();
+        }
+        Ok(reaped)
+    }
+
+    async fn events(&self, id: JobId, after: u64, limit: usize) -> StoreResult<Vec<Event>> {
+        let st = self.lock();
+        let job = st.jobs.get(&id).ok_or(StoreError::JobNotFound(id))?;
+        let start = (after as usize).min(job.events.len());
+        Ok(job.events[start..].iter().take(limit).cloned().collect())
+    }
+
+    async fn wait_events(&self, id: JobId, after: u64, timeout: Duration) -> StoreResult<()> {
+        let deadline = Instant::now() + timeout;
+        let mut rx = self.events.subscribe();
+        loop {
+            rx.borrow_and_update();
+            {
+                let st = self.lock();
+                let job = st.jobs.get(&id).ok_or(StoreError::JobNotFound(id))?;
+                if job.events.len() as u64 > after {
+                    return Ok(());
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Live farm state behind one trait: jobs, tasks, leases, workers and events.
+//!
+//! Every method is one atomic state transition, so any number of coordinator
+//! replicas may call them at once (the Redis store in #4 makes each one a Lua
+//! script). Lease deadlines come from the store's own clock, never a worker's.
+//! A lease is identified by (task, epoch): the epoch is a fencing token that
+//! grows on every claim and every reap, and a report under an older epoch is
+//! answered `Stale` without changing anything.
+
+mod memory;
+mod types;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+use kiln_proto::pb::FaultClass;
+
+pub use memory::MemoryStore;
+pub use types::*;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The job does not exist (or is past retention).
+    #[error("job {0} not found")]
+    JobNotFound(JobId),
+    /// The task does not exist.
+    #[error("task {0} not found")]
+    TaskNotFound(TaskId),
+    /// The worker has no session: it must register (again).
+    #[error("worker {0} is not registered")]
+    UnknownWorker(WorkerId),
+    /// The backing service cannot be reached; the call may be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Returns true when the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<StoreError> for tonic::Status {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::JobNotFound(_) | StoreError::TaskNotFound(_) => {
+                tonic::Status::not_found(e.to_string())
+            }
+            StoreError::UnknownWorker(_) => tonic::Status::not_found(e.to_string()),
+            StoreError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Result of a store call.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The farm's live state. Each method is atomic; see the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts the job and queues all its tasks in one step. If the project
+    /// already has a job under the same idempotency key, returns that job and
+    /// `false` and inserts nothing.
+    async fn create_job(&self, job: NewJob) -> StoreResult<(JobRecord, bool)>;
+
+    /// Returns a job.
+    async fn job(&self, id: JobId) -> StoreResult<JobRecord>;
+
+    /// Returns up to `limit` jobs, newest first.
+    async fn jobs(&self, limit: usize) -> StoreResult<Vec<JobRecord>>;
+
+    /// Returns a job's tasks in index order.
+    async fn tasks(&self, id: JobId) -> StoreResult<Vec<TaskRecord>>;
+
+    /// Returns one task.
+    async fn task(&self, id: TaskId) -> StoreResult<TaskRecord>;
+
+    /// Returns the job's leased tasks with their progress.
+    async fn running(&self, id: JobId) -> StoreResult<Vec<RunningTask>>;
+
+    /// Cancels a running job: queued and leased tasks become cancelled at once
+    /// (their holders learn it at their next heartbeat). A finished job is
+    /// returned unchanged.
+    async fn cancel_job(&self, id: JobId) -> StoreResult<JobRecord>;
+
+    /// Opens a worker session. Leases still held under the same worker id
+    /// belong to a dead incarnation: they are expired and requeued at once.
+    async fn register_worker(&self, registration: WorkerRegistration) -> StoreResult<Vec<Reaped>>;
+
+    /// Returns every worker known to the store.
+    async fn workers(&self) -> StoreResult<Vec<WorkerRecord>>;
+
+    /// Marks a worker draining: it gets no new leases.
+    async fn drain_worker(&self, id: &WorkerId) -> StoreResult<WorkerRecord>;
+
+    /// Returns the models workers have announced, by name.
+    async fn models(&self) -> StoreResult<Vec<ModelInfo>>;
+
+    /// Leases up to `max` queued tasks to `worker` in policy order, each with
+    /// a new epoch and a deadline `ttl` from now. When none is queued, waits up
+    /// to `wait` for work to arrive before answering an empty claim.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a claim that was dropped while waiting leased nothing.
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        max: usize,
+        ttl: Duration,
+        wait: Duration,
+    ) -> StoreResult<Claim>;
+
+    /// Extends the leases the worker still holds under the reported epochs and
+    /// records progress; every other reported task is to be abandoned.
+    async fn heartbeat(
+        &self,
+        worker: &WorkerId,
+        progress: &[ProgressReport],
+        ttl: Duration,
+    ) -> StoreResult<HeartbeatOutcome>;
+
+    /// Accepts `result` as the task's output if `worker` holds the lease
+    /// under `epoch`; otherwise answers `Stale` and changes nothing but the
+    /// event log.
+    async fn complete(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        epoch: Epoch,
+        result: TaskResult,
+    ) -> StoreResult<CompleteOutcome>;
+
+    /// Records a fault under the lease's epoch. The task is requeued (to be
+    /// tried by another worker) unless the fault is `BadInput` or it has used
+    /// up `max_attempts`; `Cancelled` from a worker hands the task back
+    /// without counting against the limit.
+    async fn fail(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        epoch: Epoch,
+        fault: FaultClass,
+        message: &str,
+        max_attempts: u32,
+    ) -> StoreResult<FailOutcome>;
+
+    /// Takes back every lease past its deadline: the epoch grows (fencing the
+    /// old holder) and the task is requeued, or failed after `max_attempts`.
+    /// Safe to run from several coordinators at once.
+    async fn reap(&self, max_attempts: u32) -> StoreResult<Vec<Reaped>>;
+
+    /// Returns up to `limit` events of the job with a sequence number above `after`.
+    async fn events(&self, id: JobId, after: u64, limit: usize) -> StoreResult<Vec<Event>>;
+
+    /// Waits until the job has an event above `after`, or `timeout` passes.
+    async fn wait_events(&self, id: JobId, after: u64, timeout: Duration) -> StoreResult<()>;
+}
+
+#[cfg(test)]
+pub(crate) mod conformance;

@@ -1,0 +1,402 @@
+//! The records a [`Store`](super::Store) keeps: jobs, tasks, attempts, leases, workers, events.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+use kiln_proto::pb::{AbandonReason, EventKind, FaultClass, JobState, TaskState};
+use kiln_proto::recipe::Recipe;
+use serde::{Deserialize, Serialize};
+
+/// A job to insert: its metadata and its expanded tasks.
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    /// The new job's id.
+    pub id: JobId,
+    /// A label for people.
+    pub name: String,
+    /// Owner project.
+    pub project: String,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Resubmissions with this key (within the project) return this job.
+    pub idempotency_key: Option<String>,
+    /// The tasks, in index order.
+    pub tasks: Vec<NewTask>,
+}
+
+/// One task to insert.
+#[derive(Clone, Debug)]
+pub struct NewTask {
+    /// The task's id.
+    pub id: TaskId,
+    /// Position in the job.
+    pub index: u32,
+    /// What to render.
+    pub recipe: Recipe,
+    /// Output file name, `<NNNNN>-<slug>.png`.
+    pub file_name: String,
+}
+
+/// Counters of a job's tasks by state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCounts {
+    /// All tasks.
+    pub total: u32,
+    /// Waiting for a worker.
+    pub queued: u32,
+    /// Held by a worker.
+    pub leased: u32,
+    /// Finished with an image.
+    pub completed: u32,
+    /// Failed for good.
+    pub failed: u32,
+    /// Cancelled with the job.
+    pub cancelled: u32,
+}
+
+impl TaskCounts {
+    /// Moves one task from the `from` counter to the `to` counter.
+    pub fn shift(&mut self, from: TaskState, to: TaskState) {
+        *self.slot(from) = self.slot(from).saturating_sub(1);
+        *self.slot(to) += 1;
+    }
+
+    fn slot(&mut self, state: TaskState) -> &mut u32 {
+        match state {
+            TaskState::Queued | TaskState::Unspecified => &mut self.queued,
+            TaskState::Leased => &mut self.leased,
+            TaskState::Completed => &mut self.completed,
+            TaskState::Failed => &mut self.failed,
+            TaskState::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    /// Returns true when no task is queued or leased.
+    pub fn all_ended(&self) -> bool {
+        self.queued == 0 && self.leased == 0
+    }
+}
+
+/// A job and its counters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRecord {
+    /// The job's id.
+    pub id: JobId,
+    /// A label for people.
+    pub name: String,
+    /// Owner project.
+    pub project: String,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Life-cycle state.
+    pub state: JobState,
+    /// Tasks by state.
+    pub counts: TaskCounts,
+    /// Unix milliseconds.
+    pub created_at_ms: i64,
+    /// Unix milliseconds; None while running.
+    pub finished_at_ms: Option<i64>,
+    /// The key it was submitted with.
+    pub idempotency_key: Option<String>,
+}
+
+impl JobRecord {
+    /// Returns true once the job can change no more.
+    pub fn is_finished(&self) -> bool {
+        self.state != JobState::Running
+    }
+}
+
+/// How an attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Still rendering.
+    Running,
+    /// Produced the accepted image.
+    Completed,
+    /// The worker reported a fault.
+    Failed,
+    /// The lease ran out: the worker died or stalled.
+    Expired,
+    /// The job was cancelled, or the worker handed the task back.
+    Cancelled,
+}
+
+impl Outcome {
+    /// Returns the name shown to users.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Running => "running",
+            Outcome::Completed => "completed",
+            Outcome::Failed => "failed",
+            Outcome::Expired => "expired",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    /// Returns true for outcomes that count against the attempt limit.
+    pub fn is_fault(self) -> bool {
+        matches!(self, Outcome::Failed | Outcome::Expired)
+    }
+}
+
+/// One try at rendering a task under one epoch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attempt {
+    /// Who held the lease.
+    pub worker: WorkerId,
+    /// The lease's fencing token.
+    pub epoch: Epoch,
+    /// Unix milliseconds.
+    pub started_at_ms: i64,
+    /// Unix milliseconds; None while running.
+    pub ended_at_ms: Option<i64>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Why it failed, when it did.
+    pub fault: FaultClass,
+    /// The worker's or the reaper's words.
+    pub message: String,
+}
+
+/// The accepted output of a task.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskResult {
+    /// Path in the result store of the accepted bytes, as uploaded under the epoch.
+    pub object: String,
+    /// sha256 of the PNG, hex.
+    pub sha256: String,
+    /// Size of the PNG in bytes.
+    pub size: u64,
+    /// Hash of the model the worker used.
+    pub model_hash: String,
+    /// Time spent denoising and decoding.
+    pub render_ms: u64,
+    /// Time spent encoding the PNG.
+    pub encode_ms: u64,
+}
+
+/// A task with its state, lease and history.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskRecord {
+    /// The task's id.
+    pub id: TaskId,
+    /// The job it belongs to.
+    pub job: JobId,
+    /// Position in the job.
+    pub index: u32,
+    /// What to render.
+    pub recipe: Recipe,
+    /// Output file name.
+    pub file_name: String,
+    /// Life-cycle state.
+    pub state: TaskState,
+    /// The current (or last) fencing token.
+    pub epoch: Epoch,
+    /// Every attempt, oldest first.
+    pub attempts: Vec<Attempt>,
+    /// Denoising step of the running attempt.
+    pub step: u32,
+    /// The accepted output, once completed.
+    pub result: Option<TaskResult>,
+}
+
+impl TaskRecord {
+    /// Returns the worker holding the lease, if the task is leased.
+    pub fn holder(&self) -> Option<&WorkerId> {
+        match self.state {
+            TaskState::Leased => self.attempts.last().map(|a| &a.worker),
+            _ => None,
+        }
+    }
+
+    /// Returns the number of attempts that count against the limit.
+    pub fn faults(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| a.outcome.is_fault())
+            .count()
+    }
+}
+
+/// A lease handed to a worker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lease {
+    /// The leased task.
+    pub task: TaskId,
+    /// Its job.
+    pub job: JobId,
+    /// Its position in the job.
+    pub index: u32,
+    /// The fencing token every report must carry.
+    pub epoch: Epoch,
+    /// What to render.
+    pub recipe: Recipe,
+    /// How long the lease lasts without a heartbeat.
+    pub ttl: Duration,
+}
+
+/// What a claim returns.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Claim {
+    /// New leases, possibly none.
+    pub leases: Vec<Lease>,
+    /// The worker is draining and gets no more work.
+    pub drain: bool,
+}
+
+/// A model a worker holds.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ModelInfo {
+    /// Catalog name.
+    pub name: String,
+    /// Content hash.
+    pub hash: String,
+}
+
+/// What a worker says about itself when it registers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerRegistration {
+    /// The worker's id.
+    pub id: WorkerId,
+    /// Free-form labels (node, zone, GPU model).
+    pub labels: BTreeMap<String, String>,
+    /// Device memory in bytes.
+    pub gpu_memory_bytes: u64,
+    /// Tasks it renders at once.
+    pub slots: u32,
+    /// Models it holds.
+    pub models: Vec<ModelInfo>,
+    /// Backend, device, dtype and pipeline version.
+    pub determinism_class: String,
+    /// kiln version of the worker.
+    pub version: String,
+}
+
+/// A worker as the store sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerRecord {
+    /// What it registered with.
+    pub registration: WorkerRegistration,
+    /// Gets no new work when true.
+    pub draining: bool,
+    /// Unix milliseconds of its last call.
+    pub last_seen_ms: i64,
+    /// Tasks it holds leases on.
+    pub running: Vec<TaskId>,
+    /// Tasks it completed.
+    pub completed: u64,
+    /// Attempts of its that failed or expired.
+    pub failed: u64,
+}
+
+/// One heartbeat entry: a task the worker holds and how far it got.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProgressReport {
+    /// The task.
+    pub task: TaskId,
+    /// The epoch the worker holds it under.
+    pub epoch: Epoch,
+    /// Denoising steps done.
+    pub step: u32,
+}
+
+/// What a heartbeat returns.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeartbeatOutcome {
+    /// Leases extended by the TTL.
+    pub extended: Vec<TaskId>,
+    /// Tasks the worker must drop, with the epoch it reported and why.
+    pub abandon: Vec<(TaskId, Epoch, AbandonReason)>,
+    /// The worker is draining.
+    pub drain: bool,
+}
+
+/// What a completion returns.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CompleteOutcome {
+    /// The result is the task's; `job_finished` is set when this was the job's last task.
+    Accepted {
+        /// The job, when this completion ended it.
+        job_finished: Option<JobRecord>,
+    },
+    /// The epoch is no longer current; the result must be discarded.
+    Stale {
+        /// Why, for the worker's log.
+        reason: String,
+    },
+}
+
+/// What a fail report returns.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FailOutcome {
+    /// Recorded; the task was requeued when `will_retry`.
+    Recorded {
+        /// The task went back to the queue.
+        will_retry: bool,
+        /// The job, when this failure ended it.
+        job_finished: Option<JobRecord>,
+    },
+    /// The epoch is no longer current; nothing changed.
+    Stale {
+        /// Why, for the worker's log.
+        reason: String,
+    },
+}
+
+/// A lease the reaper took back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reaped {
+    /// The task.
+    pub task: TaskId,
+    /// Its job.
+    pub job: JobId,
+    /// Who held the lease.
+    pub worker: WorkerId,
+    /// The epoch that expired.
+    pub epoch: Epoch,
+    /// The task went back to the queue (false: it ran out of attempts).
+    pub requeued: bool,
+    /// The job, when this ended it.
+    pub job_finished: Option<JobRecord>,
+}
+
+/// Progress of one running task, for watchers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunningTask {
+    /// The task.
+    pub task: TaskId,
+    /// Its position in the job.
+    pub index: u32,
+    /// Steps done.
+    pub step: u32,
+    /// Steps in all.
+    pub steps: u32,
+    /// Who renders it.
+    pub worker: WorkerId,
+}
+
+/// One entry of a job's event log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// Position in the log, from 1.
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// What happened.
+    pub kind: EventKind,
+    /// The task it concerns, if any.
+    pub task: Option<TaskId>,
+    /// That task's index.
+    pub index: u32,
+    /// The worker involved, if any.
+    pub worker: Option<WorkerId>,
+    /// The epoch involved.
+    pub epoch: Epoch,
+    /// The fault, for failures.
+    pub fault: FaultClass,
+    /// Free text.
+    pub message: String,
+}

@@ -1,0 +1,273 @@
+//! The `kiln.v1.WorkerLink` service: what workers call. Every report carries
+//! the lease's epoch, and the store refuses a stale one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kiln_proto::error::FieldError;
+use kiln_proto::ids::{Epoch, TaskId, WorkerId};
+use kiln_proto::pb::{self, FaultClass};
+use kiln_proto::recipe::check_model_name;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::core::Core;
+use crate::store::{
+    CompleteOutcome, FailOutcome, ModelInfo, ProgressReport, TaskResult, WorkerRegistration,
+};
+
+/// Most tasks one Lease call may ask for.
+const MAX_TASKS_PER_LEASE: u32 = 64;
+
+/// The `WorkerLink` service over a [`Core`].
+pub struct WorkerLinkService {
+    core: Arc<Core>,
+}
+
+impl WorkerLinkService {
+    /// Returns the service.
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_link_server::WorkerLink for WorkerLinkService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = request.into_inner();
+        let id = WorkerId::parse_field("worker_id", &req.worker_id)?;
+        if req.slots == 0 || req.slots > MAX_TASKS_PER_LEASE {
+            return Err(FieldError::new(
+                "slots",
+                format!(
+                    "must be between 1 and {MAX_TASKS_PER_LEASE}, got {}",
+                    req.slots
+                ),
+            )
+            .into());
+        }
+        let mut models = Vec::with_capacity(req.models.len());
+        for (i, m) in req.models.iter().enumerate() {
+            check_model_name(&format!("models[{i}].name"), &m.name)?;
+            models.push(ModelInfo {
+                name: m.name.clone(),
+                hash: m.hash.clone(),
+            });
+        }
+        let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+        tracing::info!(worker = %id, slots = req.slots, models = ?names, class = %req.determinism_class, "worker registered");
+        let released = self
+            .core
+            .store
+            .register_worker(WorkerRegistration {
+                id: id.clone(),
+                labels: req.labels.into_iter().collect(),
+                gpu_memory_bytes: req.gpu_memory_bytes,
+                slots: req.slots,
+                models,
+                determinism_class: req.determinism_class,
+                version: req.version,
+            })
+            .await?;
+        for r in released {
+            tracing::warn!(worker = %id, job = %r.job, task = %r.task, epoch = %r.epoch, "worker re-registered: its old lease was released");
+            if let Some(job) = r.job_finished {
+                self.core.finalize(job.id).await;
+            }
+        }
+        let config = &self.core.config;
+        Ok(Response::new(pb::RegisterResponse {
+            heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
+            lease_ttl_ms: config.lease_ttl.as_millis() as u32,
+        }))
+    }
+
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let req = request.into_inner();
+        let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+        let max = req.max_tasks.min(MAX_TASKS_PER_LEASE) as usize;
+        let wait =
+            Duration::from_millis(u64::from(req.wait_ms)).min(self.core.config.max_lease_wait);
+        let claim = tokio::select! {
+            c = self.core.store.claim(&worker, max, self.core.config.lease_ttl, wait) => c?,
+            // Claims are cancel-safe: dropping a waiting claim leased nothing.
+            _ = self.core.shutdown.cancelled() => Default::default(),
+        };
+        for l in &claim.leases {
+            tracing::debug!(worker = %worker, job = %l.job, task = %l.task, index = l.index, epoch = %l.epoch, "leased");
+        }
+        Ok(Response::new(pb::LeaseResponse {
+            tasks: claim.leases.iter().map(convert::lease).collect(),
+            drain: claim.drain,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+        let mut progress = Vec::with_capacity(req.tasks.len());
+        for (i, t) in req.tasks.iter().enumerate() {
+            progress.push(ProgressReport {
+                task: TaskId::parse_field(&format!("tasks[{i}].task_id"), &t.task_id)?,
+                epoch: Epoch(t.epoch),
+                step: t.step,
+            });
+        }
+        let ttl = self.core.config.lease_ttl;
+        let out = self.core.store.heartbeat(&worker, &progress, ttl).await?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            extended_task_ids: out.extended.iter().map(|t| t.to_string()).collect(),
+            abandon: out
+                .abandon
+                .iter()
+                .map(|(task, epoch, reason)| pb::Abandon {
+                    task_id: task.to_string(),
+                    epoch: epoch.0,
+                    reason: (*reason).into(),
+                })
+                .collect(),
+            lease_ttl_ms: ttl.as_millis() as u32,
+            drain: out.drain,
+        }))
+    }
+
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<Response<pb::CompleteResponse>, Status> {
+        intake(&self.core, request.into_inner()).await?;
+        Ok(Response::new(pb::CompleteResponse {}))
+    }
+
+    async fn fail(
+        &self,
+        request: Request<pb::FailRequest>,
+    ) -> Result<Response<pb::FailResponse>, Status> {
+        let req = request.into_inner();
+        let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+        let task = TaskId::parse_field("task_id", &req.task_id)?;
+        let fault = FaultClass::try_from(req.fault).unwrap_or(FaultClass::Internal);
+        let out = self
+            .core
+            .store
+            .fail(
+                &worker,
+                task,
+                Epoch(req.epoch),
+                fault,
+                &req.message,
+                self.core.config.max_attempts,
+            )
+            .await?;
+        match out {
+            FailOutcome::Recorded {
+                will_retry,
+                job_finished,
+            } => {
+                tracing::warn!(worker = %worker, task = %task, epoch = req.epoch, ?fault, will_retry, message = %req.message, "task failed");
+                if let Some(job) = job_finished {
+                    self.core.finalize(job.id).await;
+                }
+                Ok(Response::new(pb::FailResponse { will_retry }))
+            }
+            FailOutcome::Stale { reason } => Err(Status::failed_precondition(format!(
+                "task {task}: {reason}"
+            ))),
+        }
+    }
+}
+
+/// Takes in a rendered image: checks it, stages it under its epoch, lets the
+/// store decide, then publishes or discards it.
+async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
+    let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+    let task_id = TaskId::parse_field("task_id", &req.task_id)?;
+    let epoch = Epoch(req.epoch);
+    let digest = hex::encode(Sha256::digest(&req.png));
+    if !req.sha256.eq_ignore_ascii_case(&digest) {
+        return Err(FieldError::new(
+            "sha256",
+            format!(
+                "does not match the uploaded bytes: got {}, computed {digest}",
+                req.sha256
+            ),
+        )
+        .into());
+    }
+    let task = core.store.task(task_id).await?;
+    let (w, h) = png_size(&req.png)
+        .ok_or_else(|| FieldError::new("png", "is not a PNG image (no IHDR header)"))?;
+    if (w, h) != (task.recipe.width, task.recipe.height) {
+        return Err(FieldError::new(
+            "png",
+            format!(
+                "is {w}x{h}, but the recipe asks for {}x{}",
+                task.recipe.width, task.recipe.height
+            ),
+        )
+        .into());
+    }
+    let timings = req.timings.unwrap_or_default();
+    let size = req.png.len() as u64;
+    let staged = core
+        .results
+        .stage(task.job, task_id, epoch, Bytes::from(req.png))
+        .await?;
+    let result = TaskResult {
+        object: staged.clone(),
+        sha256: digest,
+        size,
+        model_hash: req.model_hash,
+        render_ms: timings.render_ms,
+        encode_ms: timings.encode_ms,
+    };
+    match core.store.complete(&worker, task_id, epoch, result).await {
+        Ok(CompleteOutcome::Accepted { job_finished }) => {
+            core.results
+                .publish(task.job, &task.file_name, &staged)
+                .await?;
+            tracing::debug!(worker = %worker, job = %task.job, index = task.index, epoch = %epoch, "completed");
+            if let Some(job) = job_finished {
+                core.finalize(job.id).await;
+            }
+            Ok(())
+        }
+        Ok(CompleteOutcome::Stale { reason }) => {
+            core.results.discard(&staged).await?;
+            tracing::warn!(worker = %worker, job = %task.job, task = %task_id, epoch = %epoch, %reason, "stale completion refused");
+            Err(Status::failed_precondition(format!(
+                "job {}: worker {worker} cannot complete task {task_id}: {reason}",
+                task.job
+            )))
+        }
+        Err(e) => {
+            // The store did not decide: leave nothing visible behind.
+            if let Err(d) = core.results.discard(&staged).await {
+                tracing::warn!(error = %d, "could not discard a staged upload");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Returns the width and height in a PNG's IHDR chunk.
+fn png_size(png: &[u8]) -> Option<(u32, u32)> {
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    if png.len() < 24 || &png[..8] != SIGNATURE || &png[12..16] != b"IHDR" {
+        return None;
+    }
+    let w = u32::from_be_bytes(png[16..20].try_into().ok()?);
+    let h = u32::from_be_bytes(png[20..24].try_into().ok()?);
+    Some((w, h))
+}
