@@ -1,1 +1,253 @@
-fn main() {}
+//! `kiln`: submit batches to a kiln render farm, follow them, bring the
+//! images back, or run the whole farm in this process with `kiln render`.
+//!
+//! Exit codes: 0 success; 1 error (bad input, unreachable coordinator, ...);
+//! 2 usage error; 3 the job ended but not every item produced an image.
+
+mod batch;
+mod client;
+mod commands;
+mod embedded;
+mod format;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::Farm;
+use crate::commands::{control, fetch, list, model, render, submit, watch};
+
+/// The job ended with items that produced no image.
+const EXIT_INCOMPLETE: u8 = 3;
+
+/// kiln: a render farm for diffusion image generation.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, propagate_version = true)]
+struct Cli {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    coordinator: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Render a batch file on a farm run inside this process (no coordinator needed).
+    Render {
+        /// The batch file (TOML).
+        file: PathBuf,
+        /// A model, as NAME=DIR (a diffusers-layout folder); repeat for more.
+        #[arg(long = "model", value_name = "NAME=DIR", required = true)]
+        models: Vec<String>,
+        /// Where the images and manifest.jsonl go.
+        #[arg(long)]
+        out: PathBuf,
+        /// Workers rendering in parallel.
+        #[arg(long, default_value_t = 1)]
+        workers: u32,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit a batch file to the coordinator and print the job id.
+    Submit {
+        /// The batch file (TOML).
+        file: PathBuf,
+        /// Follow the job until it ends (exit code 3 if any item failed).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait, fetch the results into this folder afterwards.
+        #[arg(long, requires = "wait")]
+        out: Option<PathBuf>,
+        /// Submitting again with the same key returns the same job.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Only validate and show how many tasks it expands to.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a job with a progress bar until it ends (exit 0 only if every item succeeded).
+    Watch {
+        /// The job id.
+        job: String,
+        /// Print the final job as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a job's finished images and manifest; files already present are skipped.
+    Fetch {
+        /// The job id.
+        job: String,
+        /// Where the images and manifest.jsonl go.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List workers.
+    Workers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job: no more tasks go out, running ones are abandoned.
+    Cancel {
+        /// The job id.
+        job: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain a worker: it finishes what it holds and exits.
+    Drain {
+        /// The worker id.
+        worker: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Model tools.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelCommand {
+    /// Write the tiny random-weight model (for tests and trying kiln out).
+    Tiny {
+        /// The folder to write it to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    kiln_proto::telemetry::init("warn");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kiln: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_INCOMPLETE),
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("kiln: {}", first_line(&e));
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints the message; a second line (a hint) stays as written.
+fn first_line(e: &anyhow::Error) -> String {
+    e.to_string()
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Runs one command; Ok(false) means the job ended with items missing.
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let farm = || Farm::new(&cli.coordinator);
+    match cli.command {
+        Command::Render {
+            file,
+            models,
+            out,
+            workers,
+            json,
+        } => {
+            render::run(render::RenderOptions {
+                file: &file,
+                models: &models,
+                out: &out,
+                workers,
+                json,
+            })
+            .await
+        }
+        Command::Submit {
+            file,
+            wait,
+            out,
+            idempotency_key,
+            dry_run,
+            json,
+        } => {
+            submit::run(
+                &farm()?,
+                submit::SubmitOptions {
+                    file: &file,
+                    wait,
+                    out,
+                    idempotency_key,
+                    json,
+                    dry_run,
+                },
+            )
+            .await
+        }
+        Command::Watch { job, json } => {
+            let done = watch::follow(&farm()?, &job, json).await?;
+            if json {
+                println!("{}", format::job_json(&done));
+            } else {
+                println!("{}", watch::summary_line(&done));
+            }
+            Ok(done.state == kiln_proto::pb::JobState::Completed as i32)
+        }
+        Command::Fetch { job, out, json } => {
+            let report = fetch::fetch(&farm()?, &job, &out).await?;
+            if json {
+                println!("{}", serde_json::to_value(&report)?);
+            } else {
+                println!("{}", fetch::summary_line(&report));
+            }
+            Ok(true)
+        }
+        Command::Jobs { limit, json } => list::jobs(&farm()?, limit, json).await.map(|()| true),
+        Command::Workers { json } => list::workers(&farm()?, json).await.map(|()| true),
+        Command::Cancel { job, json } => control::cancel(&farm()?, &job, json).await.map(|()| true),
+        Command::Drain { worker, json } => {
+            control::drain(&farm()?, &worker, json).await.map(|()| true)
+        }
+        Command::Model {
+            command: ModelCommand::Tiny { out },
+        } => model::tiny(&out).map(|()| true),
+    }
+}

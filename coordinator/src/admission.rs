@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kiln_proto::error::FieldError;
 use kiln_proto::ids::{JobId, TaskId};
-use kiln_proto::pb::{self, field_value::Kind};
+use kiln_proto::pb;
 use kiln_proto::recipe::{check_model_name, file_name};
 use kiln_proto::spec;
 use tonic::Status;
@@ -95,32 +95,11 @@ async fn known_models(
                 format!("the farm knows {}", names.join(", "))
             };
             return Err(FieldError::new(
-                model_path(spec, missing),
+                spec::model_field(spec, missing),
                 format!("unknown model {missing:?}; {hint}"),
             )
             .into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Returns where in the spec the model `name` was written.
-fn model_path(spec: &pb::JobSpec, name: &str) -> String {
-    for axis in spec.sweep.iter().filter(|a| a.field == "model") {
-        if let Some(i) = axis
-            .values
-            .iter()
-            .position(|v| matches!(&v.kind, Some(Kind::Text(t)) if t == name))
-        {
-            return format!("sweep.model[{i}]");
-        }
-    }
-    if let Some(i) = spec
-        .items
-        .iter()
-        .position(|it| it.model.as_deref() == Some(name))
-    {
-        return format!("items[{i}].model");
-    }
-    "defaults.model".to_string()
 }

@@ -36,6 +36,13 @@ impl Scheduler {
         }
     }
 
+    /// Returns the sampler name AUTOMATIC1111's web UI writes in PNG parameters.
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Scheduler::Ddim => "DDIM",
+        }
+    }
+
     /// Parses a batch-file scheduler name.
     pub fn parse(field: &str, value: &str) -> Result<Self, FieldError> {
         Self::ALL

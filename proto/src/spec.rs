@@ -95,6 +95,28 @@ pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, F
     Ok(out)
 }
 
+/// Returns where in `spec` the model `name` is written (`sweep.model[1]`,
+/// `items[0].model` or `defaults.model`), for errors about that model.
+pub fn model_field(spec: &pb::JobSpec, name: &str) -> String {
+    for axis in spec.sweep.iter().filter(|a| a.field == "model") {
+        if let Some(i) = axis
+            .values
+            .iter()
+            .position(|v| matches!(&v.kind, Some(Kind::Text(t)) if t == name))
+        {
+            return format!("sweep.model[{i}]");
+        }
+    }
+    if let Some(i) = spec
+        .items
+        .iter()
+        .position(|it| it.model.as_deref() == Some(name))
+    {
+        return format!("items[{i}].model");
+    }
+    "defaults.model".to_string()
+}
+
 /// Returns every combination of the sweep as (axis index, value index) pairs:
 /// zipped axes advance together, groups are crossed with the first outermost.
 fn sweep_combinations(axes: &[pb::SweepAxis]) -> Result<Vec<Vec<(usize, usize)>>, FieldError> {

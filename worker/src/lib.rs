@@ -1,1 +1,17 @@
-//! placeholder
+//! The kiln worker: an [`agent::Agent`] that leases tasks from a coordinator
+//! and renders them on a dedicated thread with a [`render::Renderer`]: the
+//! candle diffusion [`pipeline`], or the `sim` renderer for load tests.
+#![warn(missing_docs)]
+
+/// The agent loop: register, lease, heartbeat, report.
+pub mod agent;
+/// The gRPC client to the coordinator.
+pub mod link;
+/// PNG encoding with metadata chunks.
+pub mod output;
+/// The candle diffusion pipeline.
+pub mod pipeline;
+/// The renderers.
+pub mod render;
+/// The dedicated render thread.
+pub mod render_thread;

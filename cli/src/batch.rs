@@ -1,0 +1,512 @@
+//! Batch files (TOML): parsed into a `JobSpec`, with every error located by
+//! line and named by field before anything is submitted.
+//!
+//! ```toml
+//! name = "assets"          # optional; defaults to the file name
+//! project = "studio-a"     # optional
+//! priority = 0             # optional; higher runs first
+//! [defaults]               # recipe fields every task starts from
+//! [sweep]                  # field = [values]: the cross product of all axes
+//! [zip]                    # field = [values]: advance together, crossed with [sweep]
+//! [[items]]                # explicit tasks, after the sweep
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+
+use kiln_proto::error::FieldError;
+use kiln_proto::pb::{self, FieldValue, RecipeFields, field_value::Kind};
+use kiln_proto::spec::{self, FIELDS};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+/// A batch file refused: where, which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchError {
+    /// The file as the user named it.
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// The field, as in `items[3].width`; empty for syntax errors.
+    pub path: String,
+    /// What is wrong, quoting the value.
+    pub message: String,
+}
+
+impl fmt::Display for BatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for BatchError {}
+
+/// A parsed batch file: the spec, plus where each field sits in the file.
+#[derive(Debug)]
+pub struct Batch {
+    /// What to submit.
+    pub spec: pb::JobSpec,
+    file: String,
+    source: String,
+    spans: HashMap<String, Range<usize>>,
+}
+
+impl Batch {
+    /// Parses a batch file's text; `file` names it in errors.
+    ///
+    /// # Errors
+    /// The first syntax error, unknown key or wrongly-typed field.
+    pub fn parse(file: &str, source: &str) -> Result<Self, BatchError> {
+        let mut parser = Parser {
+            file: file.to_string(),
+            source: source.to_string(),
+            spans: HashMap::new(),
+        };
+        let spec = parser.document(source)?;
+        Ok(Self {
+            spec,
+            file: parser.file,
+            source: parser.source,
+            spans: parser.spans,
+        })
+    }
+
+    /// Expands the batch locally, as the coordinator will, to validate every
+    /// field; returns the expanded items.
+    ///
+    /// # Errors
+    /// The first invalid field, located in the file.
+    pub fn validate(&self) -> Result<Vec<spec::ExpandedItem>, BatchError> {
+        spec::expand(&self.spec, 0).map_err(|e| self.locate(&e))
+    }
+
+    /// Locates a field error (from local validation or from the coordinator)
+    /// in the file: the line of the field, or of its nearest enclosing table.
+    pub fn locate(&self, e: &FieldError) -> BatchError {
+        let mut path = e.path.as_str();
+        let span = loop {
+            if let Some(span) = self.spans.get(path) {
+                break Some(span.clone());
+            }
+            match path.rfind(['.', '[']) {
+                Some(cut) => path = &path[..cut],
+                None => break None,
+            }
+        };
+        BatchError {
+            file: self.file.clone(),
+            line: span.map(|s| line_of(&self.source, s.start)),
+            path: e.path.clone(),
+            message: e.message.clone(),
+        }
+    }
+
+    /// Locates a coordinator's INVALID_ARGUMENT message of the form `path: message`.
+    pub fn locate_message(&self, message: &str) -> Option<BatchError> {
+        let (path, rest) = message.split_once(": ")?;
+        let looks_like_path = !path.is_empty()
+            && path
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._[]".contains(c));
+        looks_like_path.then(|| self.locate(&FieldError::new(path, rest)))
+    }
+}
+
+/// Returns the 1-based line of a byte offset.
+fn line_of(source: &str, offset: usize) -> usize {
+    source[..offset.min(source.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
+}
+
+struct Parser {
+    file: String,
+    source: String,
+    spans: HashMap<String, Range<usize>>,
+}
+
+impl Parser {
+    fn err(&self, path: &str, span: &Range<usize>, message: impl Into<String>) -> BatchError {
+        BatchError {
+            file: self.file.clone(),
+            line: Some(line_of(&self.source, span.start)),
+            path: path.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn document(&mut self, source: &str) -> Result<pb::JobSpec, BatchError> {
+        let root = DeTable::parse(source).map_err(|e| BatchError {
+            file: self.file.clone(),
+            line: e.span().map(|s| line_of(source, s.start)),
+            path: String::new(),
+            message: format!("not valid TOML: {}", e.message()),
+        })?;
+        let mut spec = pb::JobSpec {
+            name: default_name(&self.file),
+            ..Default::default()
+        };
+        for (key, value) in root.get_ref() {
+            let key_name = key.get_ref().as_ref();
+            let span = value.span();
+            self.spans.insert(key_name.to_string(), span.clone());
+            match key_name {
+                "name" => spec.name = self.string(key_name, value)?,
+                "project" => spec.project = self.string(key_name, value)?,
+                "priority" => {
+                    let p = self.integer(key_name, value)?;
+                    spec.priority = i32::try_from(p).map_err(|_| {
+                        self.err(key_name, &span, format!("must fit in 32 bits, got {p}"))
+                    })?;
+                }
+                "defaults" => spec.defaults = Some(self.fields("defaults", value)?),
+                "sweep" => self.axes("sweep", "", value, &mut spec.sweep)?,
+                "zip" => self.axes("zip", "zip", value, &mut spec.sweep)?,
+                "items" => {
+                    let DeValue::Array(items) = value.get_ref() else {
+                        return Err(self.err(
+                            "items",
+                            &span,
+                            "must be an array of tables: write [[items]]",
+                        ));
+                    };
+                    for (i, item) in items.iter().enumerate() {
+                        let path = format!("items[{i}]");
+                        self.spans.insert(path.clone(), item.span());
+                        spec.items.push(self.fields(&path, item)?);
+                    }
+                }
+                other => {
+                    return Err(self.err(
+                        other,
+                        &span,
+                        format!("unknown key {other:?}; expected one of name, project, priority, defaults, sweep, zip, items"),
+                    ));
+                }
+            }
+        }
+        Ok(spec)
+    }
+
+    fn table<'a, 'i>(
+        &self,
+        path: &str,
+        value: &'a Spanned<DeValue<'i>>,
+    ) -> Result<&'a DeTable<'i>, BatchError> {
+        match value.get_ref() {
+            DeValue::Table(t) => Ok(t),
+            other => Err(self.err(
+                path,
+                &value.span(),
+                format!("must be a table, got {}", kind(other)),
+            )),
+        }
+    }
+
+    fn string(&self, path: &str, value: &Spanned<DeValue<'_>>) -> Result<String, BatchError> {
+        match value.get_ref() {
+            DeValue::String(s) => Ok(s.to_string()),
+            other => Err(self.err(
+                path,
+                &value.span(),
+                format!("expected a string, got {}", describe(other)),
+            )),
+        }
+    }
+
+    fn integer(&self, path: &str, value: &Spanned<DeValue<'_>>) -> Result<i64, BatchError> {
+        match value.get_ref() {
+            DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
+                .map_err(|_| self.err(path, &value.span(), format!("integer {i} is out of range"))),
+            other => Err(self.err(
+                path,
+                &value.span(),
+                format!("expected an integer, got {}", describe(other)),
+            )),
+        }
+    }
+
+    fn unsigned(
+        &self,
+        path: &str,
+        value: &Spanned<DeValue<'_>>,
+        max: u64,
+    ) -> Result<u64, BatchError> {
+        let i = self.integer(path, value)?;
+        if i < 0 || i as u64 > max {
+            return Err(self.err(
+                path,
+                &value.span(),
+                format!("must be between 0 and {max}, got {i}"),
+            ));
+        }
+        Ok(i as u64)
+    }
+
+    fn number(&self, path: &str, value: &Spanned<DeValue<'_>>) -> Result<f64, BatchError> {
+        match value.get_ref() {
+            DeValue::Float(f) => f
+                .as_str()
+                .parse()
+                .map_err(|_| self.err(path, &value.span(), format!("{f} is not a number"))),
+            DeValue::Integer(_) => Ok(self.integer(path, value)? as f64),
+            other => Err(self.err(
+                path,
+                &value.span(),
+                format!("expected a number, got {}", describe(other)),
+            )),
+        }
+    }
+
+    /// Reads a table of recipe fields (`[defaults]` or one `[[items]]`).
+    fn fields(
+        &mut self,
+        path: &str,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Result<RecipeFields, BatchError> {
+        let table = self.table(path, value)?;
+        let mut f = RecipeFields::default();
+        for (key, v) in table {
+            let name = key.get_ref().as_ref();
+            let at = format!("{path}.{name}");
+            self.spans.insert(at.clone(), v.span());
+            let max32 = u64::from(u32::MAX);
+            match name {
+                "model" => f.model = Some(self.string(&at, v)?),
+                "prompt" => f.prompt = Some(self.string(&at, v)?),
+                "negative_prompt" => f.negative_prompt = Some(self.string(&at, v)?),
+                "scheduler" => f.scheduler = Some(self.string(&at, v)?),
+                "seed" => f.seed = Some(self.unsigned(&at, v, i64::MAX as u64)?),
+                "steps" => f.steps = Some(self.unsigned(&at, v, max32)? as u32),
+                "width" => f.width = Some(self.unsigned(&at, v, max32)? as u32),
+                "height" => f.height = Some(self.unsigned(&at, v, max32)? as u32),
+                "guidance" => f.guidance = Some(self.number(&at, v)?),
+                other => {
+                    return Err(self.err(
+                        &at,
+                        &v.span(),
+                        format!(
+                            "unknown recipe field {other:?}; expected one of {}",
+                            FIELDS.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// Reads `[sweep]` or `[zip]`: each key a recipe field, each value a list.
+    fn axes(
+        &mut self,
+        path: &str,
+        zip: &str,
+        value: &Spanned<DeValue<'_>>,
+        out: &mut Vec<pb::SweepAxis>,
+    ) -> Result<(), BatchError> {
+        let table = self.table(path, value)?;
+        for (key, v) in table {
+            let field = key.get_ref().to_string();
+            // Expansion reports sweep errors as `sweep.<field>[i]` whichever table they came from.
+            let at = format!("sweep.{field}");
+            self.spans.insert(at.clone(), v.span());
+            let DeValue::Array(values) = v.get_ref() else {
+                return Err(self.err(
+                    &at,
+                    &v.span(),
+                    format!("must be a list of values, got {}", describe(v.get_ref())),
+                ));
+            };
+            let mut axis = pb::SweepAxis {
+                field: field.clone(),
+                values: Vec::with_capacity(values.len()),
+                zip: zip.to_string(),
+            };
+            for (i, item) in values.iter().enumerate() {
+                let item_path = format!("{at}[{i}]");
+                self.spans.insert(item_path.clone(), item.span());
+                let kind = match item.get_ref() {
+                    DeValue::String(s) => Kind::Text(s.to_string()),
+                    DeValue::Integer(_) => Kind::Integer(self.integer(&item_path, item)?),
+                    DeValue::Float(_) => Kind::Number(self.number(&item_path, item)?),
+                    other => {
+                        return Err(self.err(
+                            &item_path,
+                            &item.span(),
+                            format!(
+                                "sweep values must be strings or numbers, got {}",
+                                describe(other)
+                            ),
+                        ));
+                    }
+                };
+                axis.values.push(FieldValue { kind: Some(kind) });
+            }
+            out.push(axis);
+        }
+        Ok(())
+    }
+}
+
+/// Returns the file's stem as the job's default name.
+fn default_name(file: &str) -> String {
+    std::path::Path::new(file)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn kind(v: &DeValue<'_>) -> &'static str {
+    match v {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a date-time",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+fn describe(v: &DeValue<'_>) -> String {
+    match v {
+        DeValue::String(s) => format!("string {s:?}"),
+        DeValue::Integer(i) => format!("integer {i}"),
+        DeValue::Float(f) => format!("float {f}"),
+        DeValue::Boolean(b) => format!("boolean {b}"),
+        other => kind(other).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The batch file of issue #2, word for word.
+    pub const ISSUE_BATCH: &str = r#"[defaults]
+model = "tiny"
+width = 64
+height = 64
+steps = 4
+guidance = 5.0
+scheduler = "ddim"
+negative_prompt = "blurry, low quality"
+
+[sweep]
+prompt = ["a red fox sitting on a mossy stone, watercolor", "a vintage camera with brass lenses, steampunk"]
+seed = [1, 2, 3, 4]
+
+[[items]]
+prompt = "a lighthouse at dusk"
+seed = 42
+"#;
+
+    #[test]
+    fn the_issue_batch_gives_nine_tasks() {
+        let batch = Batch::parse("shots.toml", ISSUE_BATCH).unwrap();
+        assert_eq!(batch.spec.name, "shots");
+        let items = batch.validate().unwrap();
+        assert_eq!(items.len(), 9);
+        assert_eq!(
+            items[0].recipe.prompt,
+            "a red fox sitting on a mossy stone, watercolor"
+        );
+        assert_eq!(items[0].recipe.seed, 1);
+        assert_eq!(items[7].recipe.seed, 4);
+        assert_eq!(items[8].recipe.prompt, "a lighthouse at dusk");
+        assert_eq!(items[8].recipe.seed, 42);
+        assert!(
+            items
+                .iter()
+                .all(|i| i.recipe.negative_prompt == "blurry, low quality")
+        );
+    }
+
+    fn error_of(text: &str) -> BatchError {
+        match Batch::parse("b.toml", text) {
+            Err(e) => e,
+            Ok(b) => b.validate().expect_err("the batch must be refused"),
+        }
+    }
+
+    #[test]
+    fn errors_carry_line_and_field() {
+        let e = error_of(&ISSUE_BATCH.replace("width = 64", "width = 63"));
+        assert_eq!((e.line, e.path.as_str()), (Some(3), "defaults.width"));
+        assert!(e.message.contains("63"));
+        assert_eq!(
+            e.to_string(),
+            "b.toml:3: defaults.width: must be a multiple of 8 between 64 and 2048, got 63"
+        );
+
+        let e = error_of(&ISSUE_BATCH.replace("steps = 4", "steps = 0"));
+        assert_eq!((e.line, e.path.as_str()), (Some(5), "defaults.steps"));
+
+        let e = error_of(&ISSUE_BATCH.replace("\"ddim\"", "\"plms\""));
+        assert_eq!((e.line, e.path.as_str()), (Some(7), "defaults.scheduler"));
+
+        let e = error_of(&ISSUE_BATCH.replace("seed = [1, 2, 3, 4]", "seed = [1, 2, \"x\", 4]"));
+        assert_eq!((e.line, e.path.as_str()), (Some(12), "sweep.seed[2]"));
+
+        let e = error_of(&ISSUE_BATCH.replace("seed = 42", "seed = -1"));
+        assert_eq!((e.line, e.path.as_str()), (Some(16), "items[0].seed"));
+
+        let e = error_of(&ISSUE_BATCH.replace("width = 64", "width = \"64\""));
+        assert_eq!((e.line, e.path.as_str()), (Some(3), "defaults.width"));
+        assert!(e.message.contains("expected an integer"), "{e}");
+
+        let e = error_of(&ISSUE_BATCH.replace("height = 64", "heigth = 64"));
+        assert_eq!((e.line, e.path.as_str()), (Some(4), "defaults.heigth"));
+    }
+
+    #[test]
+    fn malformed_toml_is_refused_with_its_line() {
+        let e = error_of(&ISSUE_BATCH.replace("steps = 4", "steps = = 4"));
+        assert_eq!(e.line, Some(5));
+        assert!(e.message.starts_with("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn coordinator_messages_are_located() {
+        let batch = Batch::parse("b.toml", ISSUE_BATCH).unwrap();
+        let e = batch
+            .locate_message("defaults.model: unknown model \"tiny\"; the farm knows sd15")
+            .unwrap();
+        assert_eq!((e.line, e.path.as_str()), (Some(2), "defaults.model"));
+        assert!(batch.locate_message("no path here").is_none());
+    }
+
+    #[test]
+    fn zip_axes_advance_together() {
+        let text = r#"
+[defaults]
+model = "tiny"
+width = 64
+height = 64
+[zip]
+prompt = ["a", "b", "c"]
+seed = [7, 8, 9]
+[sweep]
+steps = [2, 3]
+"#;
+        let items = Batch::parse("z.toml", text).unwrap().validate().unwrap();
+        assert_eq!(items.len(), 6);
+        let pairs: Vec<_> = items
+            .iter()
+            .map(|i| (i.recipe.prompt.as_str(), i.recipe.seed))
+            .collect();
+        assert_eq!(pairs[0], ("a", 7));
+        assert!(pairs.contains(&("c", 9)));
+        assert!(!pairs.contains(&("a", 8)));
+    }
+}

@@ -1,0 +1,166 @@
+//! The CLI's connection to a coordinator's Farm service, with a deadline on every call.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_proto::connect::{channel, farm_client, with_deadline};
+use kiln_proto::pb::{self, farm_client::FarmClient};
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+/// Deadline of unary calls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline for a stream's first answer; the stream itself runs as long as it has data.
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A Farm client bound to one coordinator.
+#[derive(Clone)]
+pub struct Farm {
+    client: FarmClient<Channel>,
+    url: String,
+}
+
+impl Farm {
+    /// Returns a client for the coordinator at `url` (connects on first call).
+    pub fn new(url: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: farm_client(channel("--coordinator", url)?),
+            url: url.to_string(),
+        })
+    }
+
+    /// Wraps a failed call in an error that says which coordinator and, for
+    /// an unreachable one, what to check.
+    pub fn explain(&self, status: Status) -> anyhow::Error {
+        match status.code() {
+            Code::Unavailable | Code::DeadlineExceeded => anyhow::anyhow!(
+                "cannot reach the coordinator at {}: {}\nhint: is kiln-coordinator running there? Set --coordinator or KILN_COORDINATOR.",
+                self.url,
+                status.message()
+            ),
+            _ => anyhow::anyhow!("{}", status.message()),
+        }
+    }
+
+    async fn unary<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, Status> {
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer within {CALL_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Submits a job.
+    pub async fn submit(&self, req: pb::SubmitJobRequest) -> Result<pb::SubmitJobResponse, Status> {
+        let mut c = self.client.clone();
+        self.unary(c.submit_job(with_deadline(req, CALL_TIMEOUT)))
+            .await
+    }
+
+    /// Returns a job, with its tasks if asked.
+    pub async fn job(
+        &self,
+        job_id: &str,
+        include_tasks: bool,
+    ) -> Result<pb::GetJobResponse, Status> {
+        let req = pb::GetJobRequest {
+            job_id: job_id.to_string(),
+            include_tasks,
+        };
+        let mut c = self.client.clone();
+        self.unary(c.get_job(with_deadline(req, CALL_TIMEOUT)))
+            .await
+    }
+
+    /// Lists jobs, newest first.
+    pub async fn jobs(&self, limit: u32) -> Result<Vec<pb::JobSummary>, Status> {
+        let mut c = self.client.clone();
+        let req = pb::ListJobsRequest { limit };
+        Ok(self
+            .unary(c.list_jobs(with_deadline(req, CALL_TIMEOUT)))
+            .await?
+            .jobs)
+    }
+
+    /// Lists workers.
+    pub async fn workers(&self) -> Result<Vec<pb::WorkerSummary>, Status> {
+        let mut c = self.client.clone();
+        let req = pb::ListWorkersRequest {};
+        Ok(self
+            .unary(c.list_workers(with_deadline(req, CALL_TIMEOUT)))
+            .await?
+            .workers)
+    }
+
+    /// Cancels a job.
+    pub async fn cancel(&self, job_id: &str) -> Result<pb::JobSummary, Status> {
+        let mut c = self.client.clone();
+        let req = pb::CancelJobRequest {
+            job_id: job_id.to_string(),
+        };
+        self.unary(c.cancel_job(with_deadline(req, CALL_TIMEOUT)))
+            .await?
+            .job
+            .ok_or_else(|| Status::internal("the coordinator returned no job"))
+    }
+
+    /// Drains a worker.
+    pub async fn drain(&self, worker_id: &str) -> Result<pb::WorkerSummary, Status> {
+        let mut c = self.client.clone();
+        let req = pb::DrainWorkerRequest {
+            worker_id: worker_id.to_string(),
+        };
+        self.unary(c.drain_worker(with_deadline(req, CALL_TIMEOUT)))
+            .await?
+            .worker
+            .ok_or_else(|| Status::internal("the coordinator returned no worker"))
+    }
+
+    /// Opens a job's event stream after `cursor`.
+    pub async fn watch(
+        &self,
+        job_id: &str,
+        cursor: u64,
+    ) -> Result<Streaming<pb::WatchJobResponse>, Status> {
+        let mut c = self.client.clone();
+        let req = pb::WatchJobRequest {
+            job_id: job_id.to_string(),
+            after_cursor: cursor,
+        };
+        self.unary(c.watch_job(req)).await
+    }
+
+    /// Opens a job's result stream.
+    pub async fn fetch(
+        &self,
+        req: pb::FetchResultsRequest,
+    ) -> Result<Streaming<pb::FetchResultsResponse>, Status> {
+        let mut c = self.client.clone();
+        match tokio::time::timeout(STREAM_OPEN_TIMEOUT, c.fetch_results(req)).await {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded("the result stream did not open")),
+        }
+    }
+}
+
+/// Reads the next message of a stream, failing if none arrives within `idle`.
+pub async fn next_within<T>(
+    stream: &mut Streaming<T>,
+    idle: Duration,
+) -> Result<Option<T>, Status> {
+    match tokio::time::timeout(idle, stream.message()).await {
+        Ok(r) => r,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "the coordinator sent nothing for {idle:?}"
+        ))),
+    }
+}
+
+/// Reads a file with its name in the error.
+pub fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}

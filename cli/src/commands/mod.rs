@@ -1,0 +1,9 @@
+//! One module per `kiln` subcommand.
+
+pub mod control;
+pub mod fetch;
+pub mod list;
+pub mod model;
+pub mod render;
+pub mod submit;
+pub mod watch;

@@ -1,0 +1,163 @@
+//! `kiln watch JOB`: follow a job with a progress bar until it ends.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kiln_proto::connect::is_transient;
+use kiln_proto::pb::{self, EventKind, JobState};
+
+use crate::client::{Farm, next_within};
+use crate::format::job_state;
+
+/// The coordinator sends progress every second; this much silence means the
+/// connection is gone and the watch reconnects from its cursor.
+const IDLE: Duration = Duration::from_secs(30);
+/// Reconnection attempts in a row before giving up (about two minutes).
+const MAX_RECONNECTS: u32 = 30;
+
+/// Follows a job until it ends and returns its final summary. Progress goes
+/// to stderr: a bar on a terminal, one line per finished item otherwise.
+pub async fn follow(farm: &Farm, job_id: &str, quiet: bool) -> anyhow::Result<pb::JobSummary> {
+    let tty = std::io::stderr().is_terminal() && !quiet;
+    let bar = if tty {
+        ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:32} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut cursor = 0u64;
+    let mut failures = 0u32;
+    loop {
+        let mut stream = match farm.watch(job_id, cursor).await {
+            Ok(s) => s,
+            Err(status) if is_transient(&status) && failures < MAX_RECONNECTS => {
+                failures += 1;
+                tokio::time::sleep(
+                    Duration::from_secs(1).min(Duration::from_millis(250) * failures),
+                )
+                .await;
+                continue;
+            }
+            Err(status) => {
+                bar.abandon();
+                return Err(farm.explain(status));
+            }
+        };
+        loop {
+            match next_within(&mut stream, IDLE).await {
+                Ok(Some(msg)) => {
+                    failures = 0;
+                    if let Some(job) = &msg.job {
+                        let c = job.counts.unwrap_or_default();
+                        bar.set_length(u64::from(c.total));
+                        bar.set_position(u64::from(c.completed + c.failed + c.cancelled));
+                        bar.set_message(format!("{} running", c.leased));
+                    }
+                    if let Some(e) = &msg.event {
+                        cursor = e.seq;
+                        report_event(&bar, tty, quiet, e, msg.job.as_ref());
+                    }
+                }
+                Ok(None) => break,
+                Err(status) if is_transient(&status) => {
+                    failures += 1;
+                    if failures >= MAX_RECONNECTS {
+                        bar.abandon();
+                        return Err(farm.explain(status));
+                    }
+                    break;
+                }
+                Err(status) => {
+                    bar.abandon();
+                    return Err(farm.explain(status));
+                }
+            }
+        }
+        // The stream ended: the job finished, or the coordinator went away.
+        match farm.job(job_id, false).await {
+            Ok(resp) => {
+                if let Some(job) = resp.job {
+                    if job.state != JobState::Running as i32 {
+                        bar.finish_and_clear();
+                        return Ok(job);
+                    }
+                }
+            }
+            Err(status) if is_transient(&status) && failures < MAX_RECONNECTS => {
+                failures += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(status) => {
+                bar.abandon();
+                return Err(farm.explain(status));
+            }
+        }
+    }
+}
+
+/// Shows one event: failures always, every finished item when not on a terminal.
+fn report_event(
+    bar: &ProgressBar,
+    tty: bool,
+    quiet: bool,
+    e: &pb::JobEvent,
+    job: Option<&pb::JobSummary>,
+) {
+    if quiet {
+        return;
+    }
+    let kind = EventKind::try_from(e.kind).unwrap_or(EventKind::Unspecified);
+    let done = job
+        .and_then(|j| j.counts)
+        .map(|c| format!("{}/{}", c.completed + c.failed + c.cancelled, c.total))
+        .unwrap_or_default();
+    let line = match kind {
+        EventKind::Completed if !tty => {
+            format!("[{done}] item {} done by {}", e.index, e.worker_id)
+        }
+        EventKind::Failed => format!(
+            "item {} failed on {} ({:?}): {}",
+            e.index,
+            e.worker_id,
+            pb::FaultClass::try_from(e.fault).unwrap_or(pb::FaultClass::Unspecified),
+            e.message
+        ),
+        EventKind::Expired => format!(
+            "item {}: worker {} lost its lease (epoch {}); the task runs again",
+            e.index, e.worker_id, e.epoch
+        ),
+        EventKind::JobFinished if !tty => {
+            format!(
+                "job finished: {}",
+                job.map(|j| job_state(j.state)).unwrap_or("?")
+            )
+        }
+        _ => return,
+    };
+    if tty {
+        bar.println(line);
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// Returns the one-line summary of a finished job.
+pub fn summary_line(job: &pb::JobSummary) -> String {
+    let c = job.counts.unwrap_or_default();
+    format!(
+        "job {} {}: {}/{} images, {} failed, {} cancelled",
+        job.job_id,
+        job_state(job.state),
+        c.completed,
+        c.total,
+        c.failed,
+        c.cancelled
+    )
+}

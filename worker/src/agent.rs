@@ -1,0 +1,484 @@
+//! The agent loop: register, long-poll for leases, render on the render
+//! thread, heartbeat from its own task, and report every task under its epoch.
+//!
+//! Shutdown happens in a visible order: on `drain` the agent stops leasing,
+//! finishes the tasks in hand, reports them and returns; on `abort` it also
+//! stops the renders and hands their tasks back to the queue.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kiln_proto::connect::is_transient;
+use kiln_proto::ids::{Epoch, TaskId, WorkerId};
+use kiln_proto::pb::{self, AbandonReason, FaultClass};
+use kiln_proto::recipe::Recipe;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+
+use crate::link::Link;
+use crate::render::{RenderError, Renderer};
+use crate::render_thread::{RenderControl, RenderThread};
+
+/// How long one Lease long poll may wait for work.
+const POLL_WAIT: Duration = Duration::from_secs(10);
+/// First and longest pause between retries of a failed call.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
+/// Tries of a Complete or Fail report before the agent gives up on it (about a minute).
+const REPORT_TRIES: u32 = 16;
+
+/// Why the agent stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The coordinator refused the registration for good.
+    #[error("the coordinator refused to register worker {worker}: {status}")]
+    Refused {
+        /// This worker.
+        worker: WorkerId,
+        /// The coordinator's answer.
+        status: Status,
+    },
+    /// The render thread could not start.
+    #[error("cannot start the render thread: {0}")]
+    RenderThread(#[from] std::io::Error),
+}
+
+/// Who the worker is and how much it takes on.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The worker's id, stable across reconnects.
+    pub worker_id: WorkerId,
+    /// Tasks leased at once.
+    pub slots: u32,
+    /// Free-form labels shown by `kiln workers`.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Tells a running agent to stop: `drain` finishes the tasks in hand,
+/// `abort` hands them back.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    /// Stop leasing; finish and report the tasks in hand.
+    pub drain: CancellationToken,
+    /// Stop renders now and hand their tasks back.
+    pub abort: CancellationToken,
+}
+
+/// What the agent did before it returned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Images the coordinator accepted.
+    pub completed: u64,
+    /// Tasks reported as failed.
+    pub failed: u64,
+    /// Tasks dropped: abandoned on the coordinator's word, or refused as stale.
+    pub dropped: u64,
+}
+
+/// A task in hand.
+struct InFlight {
+    epoch: Epoch,
+    control: RenderControl,
+    /// Set when the coordinator said to abandon it: no report is sent.
+    abandoned: Arc<AtomicBool>,
+}
+
+/// State shared by the lease loop, the heartbeat task and the task runners.
+struct Shared {
+    link: Link,
+    worker: WorkerId,
+    in_flight: Mutex<HashMap<TaskId, InFlight>>,
+    /// Signalled when a task ends and frees its slot.
+    slot_freed: Notify,
+    /// Cancelled when the coordinator asks this worker to drain.
+    drain_asked: CancellationToken,
+    heartbeat_ms: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Shared {
+    fn in_flight(&self) -> MutexGuard<'_, HashMap<TaskId, InFlight>> {
+        // No .await happens under this lock; a poisoned one still holds valid entries.
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The worker agent: see the module docs.
+pub struct Agent {
+    shared: Arc<Shared>,
+    renderer: Arc<dyn Renderer>,
+    render: RenderThread,
+    config: AgentConfig,
+}
+
+impl Agent {
+    /// Returns an agent that renders with `renderer` and talks over `link`.
+    ///
+    /// # Errors
+    /// When the render thread cannot start.
+    pub fn new(
+        link: Link,
+        renderer: Arc<dyn Renderer>,
+        config: AgentConfig,
+    ) -> Result<Self, AgentError> {
+        let render = RenderThread::spawn(renderer.clone())?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                link,
+                worker: config.worker_id.clone(),
+                in_flight: Mutex::new(HashMap::new()),
+                slot_freed: Notify::new(),
+                drain_asked: CancellationToken::new(),
+                heartbeat_ms: AtomicU64::new(3000),
+                completed: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+            }),
+            renderer,
+            render,
+            config,
+        })
+    }
+
+    fn registration(&self) -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            worker_id: self.config.worker_id.to_string(),
+            labels: self.config.labels.clone().into_iter().collect(),
+            gpu_memory_bytes: 0,
+            slots: self.config.slots,
+            models: self.renderer.models(),
+            determinism_class: self.renderer.determinism_class(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// Registers, retrying transient failures until it works or `stop` fires.
+    /// Returns false if stopped first.
+    async fn register(&self, stop: &CancellationToken) -> Result<bool, AgentError> {
+        let mut pause = BACKOFF.0;
+        loop {
+            match self.shared.link.register(self.registration()).await {
+                Ok(resp) => {
+                    let ms = u64::from(resp.heartbeat_interval_ms.max(100));
+                    self.shared.heartbeat_ms.store(ms, Ordering::Relaxed);
+                    tracing::info!(worker = %self.config.worker_id, heartbeat_ms = ms, lease_ttl_ms = resp.lease_ttl_ms, "registered");
+                    return Ok(true);
+                }
+                Err(status) if is_transient(&status) => {
+                    tracing::warn!(worker = %self.config.worker_id, error = %status.message(), "coordinator unreachable; retrying registration");
+                }
+                Err(status) => {
+                    return Err(AgentError::Refused {
+                        worker: self.config.worker_id.clone(),
+                        status,
+                    });
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.cancelled() => return Ok(false),
+            }
+            pause = (pause * 2).min(BACKOFF.1);
+        }
+    }
+
+    /// Runs until drained or aborted; see the module docs.
+    ///
+    /// # Errors
+    /// When the coordinator refuses the registration for good.
+    pub async fn run(self, shutdown: Shutdown) -> Result<Summary, AgentError> {
+        if !self.register(&shutdown.drain).await? {
+            return Ok(Summary::default());
+        }
+        let stop_heartbeat = CancellationToken::new();
+        let heartbeat = tokio::spawn(heartbeat_loop(self.shared.clone(), stop_heartbeat.clone()));
+        let abort_watch = tokio::spawn({
+            let (shared, abort) = (self.shared.clone(), shutdown.abort.clone());
+            async move {
+                abort.cancelled().await;
+                for f in shared.in_flight().values() {
+                    f.control.cancel();
+                }
+            }
+        });
+        let result = self.lease_loop(&shutdown).await;
+        tracing::info!(worker = %self.config.worker_id, in_hand = self.shared.in_flight().len(), "stopped leasing; finishing the tasks in hand");
+        self.wait_for_tasks(&shutdown).await;
+        stop_heartbeat.cancel();
+        abort_watch.abort();
+        let _ = heartbeat.await;
+        result?;
+        let summary = Summary {
+            completed: self.shared.completed.load(Ordering::Relaxed),
+            failed: self.shared.failed.load(Ordering::Relaxed),
+            dropped: self.shared.dropped.load(Ordering::Relaxed),
+        };
+        tracing::info!(worker = %self.config.worker_id, completed = summary.completed, failed = summary.failed, dropped = summary.dropped, "worker drained");
+        Ok(summary)
+    }
+
+    async fn lease_loop(&self, shutdown: &Shutdown) -> Result<(), AgentError> {
+        // Either the process (SIGTERM) or the coordinator (DrainWorker) can ask for a drain.
+        let drained = || async {
+            tokio::select! {
+                _ = shutdown.drain.cancelled() => {}
+                _ = self.shared.drain_asked.cancelled() => {}
+            }
+        };
+        let mut pause = BACKOFF.0;
+        loop {
+            if shutdown.drain.is_cancelled() || self.shared.drain_asked.is_cancelled() {
+                return Ok(());
+            }
+            let freed = self.shared.slot_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let busy = self.shared.in_flight().len() as u32;
+            let free = self.config.slots.saturating_sub(busy);
+            if free == 0 {
+                tokio::select! {
+                    _ = freed => continue,
+                    _ = drained() => return Ok(()),
+                }
+            }
+            let answer = tokio::select! {
+                r = self.shared.link.lease(self.shared.worker.as_str(), free, POLL_WAIT) => r,
+                _ = drained() => return Ok(()),
+            };
+            match answer {
+                Ok(resp) => {
+                    pause = BACKOFF.0;
+                    for task in resp.tasks {
+                        self.start(task);
+                    }
+                    if resp.drain {
+                        tracing::info!(worker = %self.shared.worker, "the coordinator asked this worker to drain");
+                        self.shared.drain_asked.cancel();
+                    }
+                }
+                Err(status) if status.code() == Code::NotFound => {
+                    tracing::warn!(worker = %self.shared.worker, "the coordinator lost this worker's session; registering again");
+                    if !self.register(&shutdown.drain).await? {
+                        return Ok(());
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(worker = %self.shared.worker, code = ?status.code(), error = %status.message(), "lease failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = drained() => return Ok(()),
+                    }
+                    pause = (pause * 2).min(BACKOFF.1);
+                }
+            }
+        }
+    }
+
+    /// Waits until every task in hand has been reported.
+    async fn wait_for_tasks(&self, shutdown: &Shutdown) {
+        loop {
+            let freed = self.shared.slot_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.shared.in_flight().is_empty() {
+                return;
+            }
+            tokio::select! {
+                _ = &mut freed => {}
+                _ = shutdown.abort.cancelled() => {
+                    for f in self.shared.in_flight().values() {
+                        f.control.cancel();
+                    }
+                    freed.await;
+                }
+            }
+        }
+    }
+
+    /// Takes a leased task in hand and renders it in the background.
+    fn start(&self, task: pb::LeasedTask) {
+        let Ok(task_id) = task.task_id.parse::<TaskId>() else {
+            tracing::error!(task = %task.task_id, "the coordinator sent a task id that is not a UUID; ignoring it");
+            return;
+        };
+        let epoch = Epoch(task.epoch);
+        let control = RenderControl::default();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        self.shared.in_flight().insert(
+            task_id,
+            InFlight {
+                epoch,
+                control: control.clone(),
+                abandoned: abandoned.clone(),
+            },
+        );
+        let recipe = task
+            .recipe
+            .as_ref()
+            .ok_or_else(|| "the lease has no recipe".to_string())
+            .and_then(|r| Recipe::from_pb(r, "recipe").map_err(|e| e.to_string()));
+        tracing::debug!(worker = %self.shared.worker, job = %task.job_id, index = task.index, epoch = %epoch, "rendering");
+        let (shared, render) = (self.shared.clone(), self.render.clone());
+        tokio::spawn(async move {
+            let result = match recipe {
+                Ok(recipe) => render.render(recipe, control).await,
+                Err(e) => Err(RenderError::BadInput(e)),
+            };
+            report(&shared, task_id, epoch, &abandoned, result).await;
+            shared.in_flight().remove(&task_id);
+            shared.slot_freed.notify_waiters();
+        });
+    }
+}
+
+/// Sends the outcome of a render to the coordinator, retrying transient errors.
+async fn report(
+    shared: &Shared,
+    task: TaskId,
+    epoch: Epoch,
+    abandoned: &AtomicBool,
+    result: Result<crate::render::Rendered, RenderError>,
+) {
+    if abandoned.load(Ordering::SeqCst) {
+        tracing::info!(worker = %shared.worker, %task, %epoch, "task abandoned as the coordinator asked");
+        shared.dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let worker_id = shared.worker.to_string();
+    let outcome = match result {
+        Ok(rendered) => {
+            let sha256 = hex::encode(Sha256::digest(&rendered.png));
+            let req = pb::CompleteRequest {
+                worker_id,
+                task_id: task.to_string(),
+                epoch: epoch.0,
+                png: rendered.png,
+                sha256,
+                model_hash: rendered.model_hash,
+                timings: Some(pb::RenderTimings {
+                    render_ms: rendered.render_ms,
+                    encode_ms: rendered.encode_ms,
+                }),
+            };
+            retry(abandoned, || shared.link.complete(req.clone()))
+                .await
+                .map(|()| true)
+        }
+        Err(e) => {
+            let (fault, message) = match &e {
+                RenderError::Cancelled => (
+                    FaultClass::Cancelled,
+                    "the worker stopped: task handed back".to_string(),
+                ),
+                other => (other.fault(), other.to_string()),
+            };
+            tracing::warn!(worker = %shared.worker, %task, %epoch, ?fault, error = %message, "render failed");
+            let req = pb::FailRequest {
+                worker_id,
+                task_id: task.to_string(),
+                epoch: epoch.0,
+                fault: fault.into(),
+                message,
+            };
+            retry(abandoned, || shared.link.fail(req.clone()))
+                .await
+                .map(|_| false)
+        }
+    };
+    match outcome {
+        Ok(true) => {
+            shared.completed.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(false) => {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(status) if status.code() == Code::FailedPrecondition => {
+            tracing::warn!(worker = %shared.worker, %task, %epoch, reason = %status.message(), "report refused: lease lost, result discarded");
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(status) => {
+            tracing::error!(worker = %shared.worker, %task, %epoch, code = ?status.code(), error = %status.message(), "could not report the task; its lease will expire and it runs again elsewhere");
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Retries `call` on transient errors with backoff, until it succeeds, fails
+/// for good, the task is abandoned, or the tries run out.
+async fn retry<T, F, Fut>(abandoned: &AtomicBool, mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let mut pause = BACKOFF.0;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match call().await {
+            Err(status)
+                if is_transient(&status)
+                    && tries < REPORT_TRIES
+                    && !abandoned.load(Ordering::SeqCst) =>
+            {
+                tracing::warn!(code = ?status.code(), error = %status.message(), tries, "report failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BACKOFF.1);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Sends heartbeats every interval until `stop`: progress out, abandon orders in.
+async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let interval = Duration::from_millis(shared.heartbeat_ms.load(Ordering::Relaxed));
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.cancelled() => return,
+        }
+        let tasks: Vec<pb::LeaseProgress> = shared
+            .in_flight()
+            .iter()
+            .map(|(id, f)| pb::LeaseProgress {
+                task_id: id.to_string(),
+                epoch: f.epoch.0,
+                step: f.control.step(),
+            })
+            .collect();
+        let req = pb::HeartbeatRequest {
+            worker_id: shared.worker.to_string(),
+            tasks,
+        };
+        match shared.link.heartbeat(req).await {
+            Ok(resp) => {
+                for a in resp.abandon {
+                    let Ok(task) = a.task_id.parse::<TaskId>() else {
+                        continue;
+                    };
+                    let reason =
+                        AbandonReason::try_from(a.reason).unwrap_or(AbandonReason::LeaseLost);
+                    if let Some(f) = shared.in_flight().get(&task) {
+                        if f.epoch == Epoch(a.epoch) {
+                            tracing::warn!(worker = %shared.worker, %task, epoch = a.epoch, ?reason, "abandoning task");
+                            f.abandoned.store(true, Ordering::SeqCst);
+                            f.control.cancel();
+                        }
+                    }
+                }
+                if resp.drain && !shared.drain_asked.is_cancelled() {
+                    tracing::info!(worker = %shared.worker, "the coordinator asked this worker to drain");
+                    shared.drain_asked.cancel();
+                }
+            }
+            Err(status) => {
+                tracing::warn!(worker = %shared.worker, code = ?status.code(), error = %status.message(), "heartbeat failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The worker's side of `kiln.v1.WorkerLink`: one client, a deadline on every call.
+
+use std::time::Duration;
+
+use kiln_proto::connect::{channel, with_deadline, worker_link_client};
+use kiln_proto::error::FieldError;
+use kiln_proto::pb::{self, worker_link_client::WorkerLinkClient};
+use tonic::Status;
+use tonic::transport::Channel;
+
+/// Deadline of every call except the Lease long poll.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of a Complete, which uploads a whole PNG.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time allowed on top of the long poll's wait for the answer to arrive.
+const POLL_SLACK: Duration = Duration::from_secs(5);
+
+/// A connection to a coordinator's WorkerLink service.
+#[derive(Clone)]
+pub struct Link {
+    client: WorkerLinkClient<Channel>,
+}
+
+/// Runs a call with a client-side deadline too, so a dead peer cannot hang it.
+async fn bounded<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no answer within {deadline:?}"
+        ))),
+    }
+}
+
+impl Link {
+    /// Returns a link to the coordinator at `url`; it connects on first use.
+    ///
+    /// # Errors
+    /// When the URL is invalid.
+    pub fn new(url: &str) -> Result<Self, FieldError> {
+        Ok(Self {
+            client: worker_link_client(channel("--coordinator", url)?),
+        })
+    }
+
+    /// Opens the worker's session.
+    pub async fn register(&self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse, Status> {
+        let mut c = self.client.clone();
+        bounded(CALL_TIMEOUT, c.register(with_deadline(req, CALL_TIMEOUT))).await
+    }
+
+    /// Long-polls for up to `max_tasks` leases, waiting at most `wait`.
+    pub async fn lease(
+        &self,
+        worker_id: &str,
+        max_tasks: u32,
+        wait: Duration,
+    ) -> Result<pb::LeaseResponse, Status> {
+        let req = pb::LeaseRequest {
+            worker_id: worker_id.to_string(),
+            max_tasks,
+            wait_ms: wait.as_millis() as u32,
+        };
+        let deadline = wait + POLL_SLACK;
+        let mut c = self.client.clone();
+        bounded(deadline, c.lease(with_deadline(req, deadline))).await
+    }
+
+    /// Reports progress and extends the leases in hand.
+    pub async fn heartbeat(
+        &self,
+        req: pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, Status> {
+        let mut c = self.client.clone();
+        bounded(CALL_TIMEOUT, c.heartbeat(with_deadline(req, CALL_TIMEOUT))).await
+    }
+
+    /// Uploads a finished image under its lease epoch.
+    pub async fn complete(&self, req: pb::CompleteRequest) -> Result<(), Status> {
+        let mut c = self.client.clone();
+        bounded(
+            UPLOAD_TIMEOUT,
+            c.complete(with_deadline(req, UPLOAD_TIMEOUT)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Reports a classified fault under the lease epoch.
+    pub async fn fail(&self, req: pb::FailRequest) -> Result<pb::FailResponse, Status> {
+        let mut c = self.client.clone();
+        bounded(CALL_TIMEOUT, c.fail(with_deadline(req, CALL_TIMEOUT))).await
+    }
+}

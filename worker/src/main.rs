@@ -1,0 +1,169 @@
+//! `kiln-worker`: leases tasks from a coordinator and renders them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use kiln_proto::ids::WorkerId;
+use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
+use kiln_worker::link::Link;
+use kiln_worker::render::{CandleRenderer, Renderer, SimRenderer};
+
+/// A kiln worker: keeps its models resident and renders what the coordinator leases to it.
+#[derive(Parser, Debug)]
+#[command(name = "kiln-worker", version)]
+struct Args {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        env = "KILN_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    coordinator: String,
+    /// A model to hold, as NAME=DIR (a diffusers-layout folder); repeat for more.
+    /// The sim renderer takes NAME alone.
+    #[arg(long = "model", value_name = "NAME=DIR", required = true)]
+    models: Vec<String>,
+    /// How images are made: `candle` runs the diffusion pipeline; `sim` is for
+    /// load tests only (sleeps --sim-step per step, draws a pattern from the seed).
+    #[arg(long, value_enum, default_value_t = RendererKind::Candle)]
+    renderer: RendererKind,
+    /// Tasks leased at once.
+    #[arg(long, env = "KILN_SLOTS", default_value_t = 1)]
+    slots: u32,
+    /// This worker's id; defaults to the host name and a random suffix.
+    #[arg(long, env = "KILN_WORKER_ID")]
+    id: Option<String>,
+    /// A label shown by `kiln workers`, as KEY=VALUE; repeat for more.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Sim renderer only: time per denoising step.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    sim_step: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RendererKind {
+    /// The candle diffusion pipeline.
+    Candle,
+    /// Simulated renders, for load tests only.
+    Sim,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    kiln_proto::telemetry::init("info");
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln-worker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.slots == 0 {
+        bail!("--slots must be at least 1, got 0");
+    }
+    let worker_id = match &args.id {
+        Some(id) => WorkerId::parse_field("--id", id)?,
+        None => WorkerId(default_id()),
+    };
+    let mut labels = BTreeMap::new();
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label must be KEY=VALUE, got {l:?}"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let renderer: Arc<dyn Renderer> = match args.renderer {
+        RendererKind::Sim => {
+            let names: Vec<String> = args
+                .models
+                .iter()
+                .map(|m| m.split_once('=').map_or(m.as_str(), |(n, _)| n).to_string())
+                .collect();
+            Arc::new(SimRenderer::new(&names, args.sim_step))
+        }
+        RendererKind::Candle => {
+            let models = parse_models(&args.models)?;
+            let device = candle_core::Device::Cpu;
+            let renderer =
+                tokio::task::spawn_blocking(move || CandleRenderer::load(&models, &device))
+                    .await
+                    .context("model loading stopped")??;
+            Arc::new(renderer)
+        }
+    };
+    let link = Link::new(&args.coordinator)?;
+    let agent = Agent::new(
+        link,
+        renderer,
+        AgentConfig {
+            worker_id: worker_id.clone(),
+            slots: args.slots,
+            labels,
+        },
+    )?;
+    let shutdown = Shutdown::default();
+    tokio::spawn(signals(shutdown.clone()));
+    tracing::info!(worker = %worker_id, coordinator = %args.coordinator, renderer = ?args.renderer, "worker starting");
+    agent.run(shutdown).await?;
+    Ok(())
+}
+
+/// Parses `NAME=DIR` model arguments.
+fn parse_models(args: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    args.iter()
+        .map(|m| {
+            let (name, dir) = m
+                .split_once('=')
+                .with_context(|| format!("--model must be NAME=DIR, got {m:?}"))?;
+            kiln_proto::recipe::check_model_name("--model", name)?;
+            Ok((name.to_string(), PathBuf::from(dir)))
+        })
+        .collect()
+}
+
+/// Returns `<host>-<4 hex digits>`: unique per process, readable in `kiln workers`.
+fn default_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_string());
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..4];
+    format!("{host}-{suffix}")
+}
+
+/// First SIGTERM or Ctrl-C drains (finish the tasks in hand, then exit);
+/// a second one aborts (hand the tasks back now).
+async fn signals(shutdown: Shutdown) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        tracing::warn!("cannot listen for SIGTERM");
+        return;
+    };
+    for token in [&shutdown.drain, &shutdown.abort] {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        if token.is_cancelled() {
+            continue;
+        }
+        if std::ptr::eq(token, &shutdown.drain) {
+            tracing::info!(
+                "draining: finishing the tasks in hand (signal again to hand them back)"
+            );
+        } else {
+            tracing::warn!("aborting: handing the tasks in hand back");
+        }
+        token.cancel();
+    }
+}

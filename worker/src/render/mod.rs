@@ -1,0 +1,79 @@
+//! Renderers turn a recipe into a PNG. They run on the render thread, never
+//! on the async runtime.
+
+mod candle;
+mod sim;
+
+use kiln_proto::pb::{FaultClass, ModelInfo};
+use kiln_proto::recipe::Recipe;
+
+pub use self::candle::CandleRenderer;
+pub use self::sim::SimRenderer;
+
+/// An encoded image and where the time went.
+#[derive(Clone, Debug)]
+pub struct Rendered {
+    /// The PNG bytes, metadata chunks included.
+    pub png: Vec<u8>,
+    /// Hash of the model that made it.
+    pub model_hash: String,
+    /// Denoising and decoding time.
+    pub render_ms: u64,
+    /// PNG encoding time.
+    pub encode_ms: u64,
+}
+
+/// Why a render produced no image.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// `on_step` asked to stop.
+    #[error("render cancelled")]
+    Cancelled,
+    /// The recipe cannot be rendered anywhere.
+    #[error("bad input: {0}")]
+    BadInput(String),
+    /// This worker cannot render with the model (missing, wrong hash, load failure).
+    #[error("model {model:?}: {message}")]
+    Model {
+        /// The recipe's model name.
+        model: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The device ran out of memory.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// Anything else; another worker may succeed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RenderError {
+    /// Returns the fault class reported to the coordinator.
+    pub fn fault(&self) -> FaultClass {
+        match self {
+            RenderError::Cancelled => FaultClass::Cancelled,
+            RenderError::BadInput(_) => FaultClass::BadInput,
+            RenderError::Model { .. } => FaultClass::ModelLoad,
+            RenderError::OutOfMemory(_) => FaultClass::OutOfMemory,
+            RenderError::Internal(_) => FaultClass::Internal,
+        }
+    }
+}
+
+/// Turns recipes into PNG images.
+pub trait Renderer: Send + Sync + 'static {
+    /// Returns the models this renderer holds, announced at registration.
+    fn models(&self) -> Vec<ModelInfo>;
+
+    /// Returns the determinism class: workers of one class render equal bytes.
+    fn determinism_class(&self) -> String;
+
+    /// Renders one recipe. `on_step(done)` is called after every denoising
+    /// step; when it returns false the render stops with `Cancelled`.
+    fn render(
+        &self,
+        recipe: &Recipe,
+        on_step: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Rendered, RenderError>;
+}

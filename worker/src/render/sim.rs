@@ -1,0 +1,165 @@
+//! The `sim` renderer, for load tests only: it sleeps a fixed time per step
+//! and draws a pattern determined by the recipe, with no model at all.
+
+use std::time::{Duration, Instant};
+
+use kiln_proto::pb::ModelInfo;
+use kiln_proto::recipe::Recipe;
+use sha2::{Digest, Sha256};
+
+use super::{RenderError, Rendered, Renderer};
+use crate::output::{RgbImage, encode_png};
+
+/// Determinism class of every sim worker.
+const SIM_CLASS: &str = "sim/v1";
+
+/// A renderer that simulates work: see the module docs.
+pub struct SimRenderer {
+    step_time: Duration,
+    models: Vec<ModelInfo>,
+}
+
+impl SimRenderer {
+    /// Returns a renderer that answers for `models`, sleeping `step_time` per step.
+    pub fn new(models: &[String], step_time: Duration) -> Self {
+        Self {
+            step_time,
+            models: models
+                .iter()
+                .map(|name| ModelInfo {
+                    name: name.clone(),
+                    hash: format!("sim:{name}"),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Renderer for SimRenderer {
+    fn models(&self) -> Vec<ModelInfo> {
+        self.models.clone()
+    }
+
+    fn determinism_class(&self) -> String {
+        SIM_CLASS.to_string()
+    }
+
+    fn render(
+        &self,
+        recipe: &Recipe,
+        on_step: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Rendered, RenderError> {
+        let model = self
+            .models
+            .iter()
+            .find(|m| m.name == recipe.model)
+            .ok_or_else(|| RenderError::Model {
+                model: recipe.model.clone(),
+                message: "not held by this worker".into(),
+            })?;
+        let start = Instant::now();
+        for step in 1..=recipe.steps {
+            // Sleep to a deadline, so the total is steps x step_time however the thread is scheduled.
+            let due = start + self.step_time * step;
+            if let Some(left) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(left);
+            }
+            if !on_step(step) {
+                return Err(RenderError::Cancelled);
+            }
+        }
+        let render_ms = start.elapsed().as_millis() as u64;
+        let image = pattern(recipe);
+        let encode_start = Instant::now();
+        let png = encode_png(&image, recipe, &model.hash)
+            .map_err(|e| RenderError::Internal(e.to_string()))?;
+        Ok(Rendered {
+            png,
+            model_hash: model.hash.clone(),
+            render_ms,
+            encode_ms: encode_start.elapsed().as_millis() as u64,
+        })
+    }
+}
+
+/// Draws diagonal colour bands whose colours and period come from the recipe hash.
+fn pattern(recipe: &Recipe) -> RgbImage {
+    let digest = Sha256::digest(recipe.hash().as_bytes());
+    let (w, h) = (recipe.width, recipe.height);
+    let period = 8 + u32::from(digest[6]) % 24;
+    let mut pixels = Vec::with_capacity((w * h * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            let band = ((x + y) / period) % 2;
+            let base = if band == 0 { 0 } else { 3 };
+            for c in 0..3 {
+                let shade = (x * 255 / w.max(1)) as u8 / 4;
+                pixels.push(digest[base + c].wrapping_add(shade));
+            }
+        }
+    }
+    RgbImage {
+        width: w,
+        height: h,
+        pixels,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::recipe::Scheduler;
+
+    fn recipe(seed: u64) -> Recipe {
+        Recipe {
+            model: "tiny".into(),
+            model_hash: String::new(),
+            prompt: "a fox".into(),
+            negative_prompt: String::new(),
+            seed,
+            steps: 3,
+            guidance: 5.0,
+            width: 64,
+            height: 64,
+            scheduler: Scheduler::Ddim,
+        }
+    }
+
+    #[test]
+    fn same_recipe_same_bytes_other_seed_other_bytes() {
+        let sim = SimRenderer::new(&["tiny".into()], Duration::ZERO);
+        let mut steps = Vec::new();
+        let a = sim
+            .render(&recipe(1), &mut |s| {
+                steps.push(s);
+                true
+            })
+            .unwrap();
+        assert_eq!(steps, [1, 2, 3]);
+        let b = sim.render(&recipe(1), &mut |_| true).unwrap();
+        let c = sim.render(&recipe(2), &mut |_| true).unwrap();
+        assert_eq!(a.png, b.png);
+        assert_ne!(a.png, c.png);
+        let img = image_size(&a.png);
+        assert_eq!(img, (64, 64));
+    }
+
+    #[test]
+    fn cancels_between_steps_and_refuses_unknown_models() {
+        let sim = SimRenderer::new(&["tiny".into()], Duration::ZERO);
+        let r = sim.render(&recipe(1), &mut |s| s < 2);
+        assert!(matches!(r, Err(RenderError::Cancelled)));
+        let mut other = recipe(1);
+        other.model = "sdxl".into();
+        assert!(matches!(
+            sim.render(&other, &mut |_| true),
+            Err(RenderError::Model { .. })
+        ));
+    }
+
+    fn image_size(png: &[u8]) -> (u32, u32) {
+        let decoder = png::Decoder::new(std::io::Cursor::new(png));
+        let reader = decoder.read_info().unwrap();
+        (reader.info().width, reader.info().height)
+    }
+}
