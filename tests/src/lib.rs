@@ -1,1 +1,393 @@
-//! placeholder
+//! Test harness for kiln's cross-process tests: starts the real binaries
+//! (`kiln-coordinator`, `kiln-worker`, `kiln`) on loopback with their logs in a
+//! temporary folder, and kills whatever is left when a test ends.
+//!
+//! The binaries are the ones `cargo build --workspace --bins` put beside the
+//! test executable; README's test command builds them first.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use kiln_proto::pb::farm_client::FarmClient;
+use tonic::transport::Channel;
+
+/// Returns the path of one of kiln's binaries, built beside the tests.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/<test> -> target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process that is killed when dropped; its stderr and stdout go to a log file.
+pub struct Proc {
+    child: Child,
+    /// Where its output goes.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `bin` with `args`, logging to `log`.
+    pub fn spawn(bin: &str, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(log)?;
+        let child = Command::new(binary(bin))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start {bin}"))?;
+        Ok(Self {
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Returns the process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`kill -SIG pid`).
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit, for at most `timeout`; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Returns what it logged so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A coordinator process on a free loopback port.
+pub struct Coordinator {
+    /// The process.
+    pub proc: Proc,
+    /// Its gRPC URL.
+    pub url: String,
+    /// Its result directory.
+    pub results: PathBuf,
+}
+
+impl Coordinator {
+    /// Starts a coordinator with results under `dir/results` and extra flags.
+    pub fn start(dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let results = dir.join("results");
+        let log = dir.join("coordinator.log");
+        let file = std::fs::File::create(&log)?;
+        let results_arg = results.display().to_string();
+        let mut args = vec!["--listen", "127.0.0.1:0", "--results", &results_arg];
+        args.extend_from_slice(extra);
+        let mut child = Command::new(binary("kiln-coordinator"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(file.try_clone()?)
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start kiln-coordinator")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Copies the log to the file and reports the address it listens on.
+        std::thread::spawn(move || {
+            let mut file = file;
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(file, "{line}");
+                if !sent {
+                    if let Some(addr) = line
+                        .split("addr=")
+                        .nth(1)
+                        .and_then(|s| s.split_whitespace().next())
+                    {
+                        let _ = tx.send(addr.to_string());
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let proc = Proc { child, log };
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .with_context(|| format!("the coordinator did not start: {}", proc.output()))?;
+        Ok(Self {
+            proc,
+            url: format!("http://{addr}"),
+            results,
+        })
+    }
+
+    /// Returns a Farm client to it.
+    pub async fn client(&self) -> FarmClient<Channel> {
+        kiln_proto::connect::farm_client(
+            kiln_proto::connect::channel("url", &self.url).expect("valid URL"),
+        )
+    }
+}
+
+/// Starts a worker process with the given id and flags, logging to `dir/<id>.log`.
+pub fn worker(dir: &Path, coordinator: &str, id: &str, extra: &[&str]) -> anyhow::Result<Proc> {
+    let mut args = vec!["--coordinator", coordinator, "--id", id];
+    args.extend_from_slice(extra);
+    Proc::spawn("kiln-worker", &args, &dir.join(format!("{id}.log")))
+}
+
+/// The result of running `kiln`.
+pub struct Output {
+    /// Exit code (-1 if killed).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs `kiln` with `args` to completion.
+pub fn kiln(args: &[&str]) -> Output {
+    let out = Command::new(binary("kiln"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("cannot run kiln");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Returns the tiny model, written once per test process by `kiln model tiny`.
+pub fn tiny_model() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-tiny-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        let out = kiln(&["model", "tiny", "--out", dir.to_str().unwrap_or_default()]);
+        assert_eq!(out.code, 0, "kiln model tiny failed: {}", out.stderr);
+        dir
+    })
+    .clone()
+}
+
+/// Polls `f` every 50 ms until it returns Some, for at most `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Async form of [`wait_for`].
+pub async fn wait_for_async<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A decoded PNG.
+pub struct Png {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// RGB8 pixels.
+    pub pixels: Vec<u8>,
+}
+
+/// Decodes a PNG file.
+pub fn decode_png(path: &Path) -> anyhow::Result<Png> {
+    let img = image::open(path)
+        .with_context(|| format!("cannot decode {}", path.display()))?
+        .to_rgb8();
+    Ok(Png {
+        width: img.width(),
+        height: img.height(),
+        pixels: img.into_raw(),
+    })
+}
+
+/// Returns the `.png` files directly in `dir`, sorted.
+pub fn pngs(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "png"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Returns the JSON lines of `dir/manifest.jsonl`.
+pub fn manifest(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(dir.join("manifest.jsonl"))?;
+    text.lines()
+        .map(|l| serde_json::from_str(l).context("manifest line is not JSON"))
+        .collect()
+}
+
+/// Returns the sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    use sha2::Digest;
+    Ok(hex::encode(sha2::Sha256::digest(std::fs::read(path)?)))
+}
+
+/// Writes a batch file: `prompts` x `seeds` at 64 px with `steps` DDIM steps.
+pub fn sweep_file(
+    path: &Path,
+    model: &str,
+    prompts: usize,
+    seeds: usize,
+    steps: u32,
+) -> anyhow::Result<()> {
+    let prompts: Vec<String> = (0..prompts)
+        .map(|i| format!("\"subject number {i}, oil painting\""))
+        .collect();
+    let seeds: Vec<String> = (1..=seeds).map(|s| s.to_string()).collect();
+    let text = format!(
+        "[defaults]\nmodel = \"{model}\"\nwidth = 64\nheight = 64\nsteps = {steps}\nguidance = 5.0\nscheduler = \"ddim\"\n\n[sweep]\nprompt = [{}]\nseed = [{}]\n",
+        prompts.join(", "),
+        seeds.join(", ")
+    );
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
+/// Returns the job id (the first UUID) in `text`.
+pub fn job_id(text: &str) -> anyhow::Result<String> {
+    for word in text.split(|c: char| !(c.is_ascii_hexdigit() || c == '-')) {
+        if word.len() == 36 && uuid_like(word) {
+            return Ok(word.to_string());
+        }
+    }
+    bail!("no job id in {text:?}")
+}
+
+fn uuid_like(s: &str) -> bool {
+    s.split('-').map(str::len).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
+}
+
+/// Runs a future to completion on a fresh single-threaded runtime.
+pub fn block<F: Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+/// Returns a job with its tasks, through the Farm service.
+pub fn get_job(url: &str, job: &str) -> kiln_proto::pb::GetJobResponse {
+    block(async {
+        let mut c = kiln_proto::connect::farm_client(
+            kiln_proto::connect::channel("url", url).expect("valid URL"),
+        );
+        c.get_job(kiln_proto::pb::GetJobRequest {
+            job_id: job.to_string(),
+            include_tasks: true,
+        })
+        .await
+        .expect("GetJob")
+        .into_inner()
+    })
+}
+
+/// Returns every event of a finished job, through WatchJob from cursor 0.
+pub fn events(url: &str, job: &str) -> Vec<kiln_proto::pb::JobEvent> {
+    block(async {
+        let mut c = kiln_proto::connect::farm_client(
+            kiln_proto::connect::channel("url", url).expect("valid URL"),
+        );
+        let mut stream = c
+            .watch_job(kiln_proto::pb::WatchJobRequest {
+                job_id: job.to_string(),
+                after_cursor: 0,
+            })
+            .await
+            .expect("WatchJob")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(msg) = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("the watch stream stalled")
+            .expect("watch stream")
+        {
+            out.extend(msg.event);
+        }
+        out
+    })
+}
+
+/// Waits until the coordinator lists `n` workers.
+pub fn wait_for_workers(url: &str, n: usize) {
+    wait_for(Duration::from_secs(60), "workers to register", || {
+        let out = kiln(&["workers", "--json", "--coordinator", url]);
+        let list: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+        (list.as_array()?.len() >= n).then_some(())
+    });
+}
