@@ -341,6 +341,7 @@ mod tests {
                 std::fs::read(b.path().join(rel))?,
             );
             assert!(!x.is_empty(), "{rel} is empty");
+            println!("{rel}: {} bytes", x.len());
             assert!(x == y, "{rel} differs between two writes");
         }
         Ok(())
