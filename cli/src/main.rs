@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::client::Farm;
-use crate::commands::{control, fetch, list, model, render, submit, watch};
+use crate::commands::{bench, control, fetch, list, model, render, submit, watch};
 
 /// The job ended with items that produced no image.
 const EXIT_INCOMPLETE: u8 = 3;
@@ -130,6 +130,27 @@ enum Command {
     Model {
         #[command(subcommand)]
         command: ModelCommand,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Dispatch rate of the coordinator (memory store): sim workers with 0 ms steps.
+    Dispatch {
+        /// Sim workers.
+        #[arg(long, default_value_t = 50)]
+        workers: u32,
+        /// Tasks in the job.
+        #[arg(long, default_value_t = 10_000)]
+        tasks: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -249,5 +270,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Model {
             command: ModelCommand::Tiny { out },
         } => model::tiny(&out).map(|()| true),
+        Command::Bench {
+            command:
+                BenchCommand::Dispatch {
+                    workers,
+                    tasks,
+                    json,
+                },
+        } => bench::dispatch(workers, tasks, json).await.map(|()| true),
     }
 }

@@ -214,7 +214,7 @@ pub fn check_model_name(path: &str, name: &str) -> Result<(), FieldError> {
 }
 
 fn check_side(path: &str, value: u32) -> Result<(), FieldError> {
-    if value % 8 != 0 || !SIZE_RANGE.contains(&value) {
+    if !value.is_multiple_of(8) || !SIZE_RANGE.contains(&value) {
         return Err(FieldError::new(
             path,
             format!(

@@ -1,6 +1,10 @@
 //! The kiln worker: an [`agent::Agent`] that leases tasks from a coordinator
 //! and renders them on a dedicated thread with a [`render::Renderer`]: the
 //! candle diffusion [`pipeline`], or the `sim` renderer for load tests.
+//!
+//! [`pipeline`] owns the candle diffusion pipeline: loading a diffusers-layout
+//! Stable Diffusion folder, txt2img with portable noise, model content hashes,
+//! and the tiny random-weight model tests render with.
 #![warn(missing_docs)]
 
 /// The agent loop: register, lease, heartbeat, report.
@@ -9,7 +13,6 @@ pub mod agent;
 pub mod link;
 /// PNG encoding with metadata chunks.
 pub mod output;
-/// The candle diffusion pipeline.
 pub mod pipeline;
 /// The renderers.
 pub mod render;

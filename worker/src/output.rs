@@ -5,20 +5,11 @@
 use kiln_proto::recipe::Recipe;
 use serde::Serialize;
 
+pub use crate::pipeline::RgbImage;
+
 /// Version of kiln's rendering pipeline: part of the determinism class and
 /// of every PNG's `kiln` chunk. Bump it when the bytes a recipe renders change.
 pub const PIPELINE_VERSION: u32 = 1;
-
-/// An 8-bit RGB image, rows top to bottom.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RgbImage {
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
-    /// `width * height * 3` bytes.
-    pub pixels: Vec<u8>,
-}
 
 #[derive(Serialize)]
 struct KilnChunk<'a> {

@@ -10,7 +10,7 @@ use kiln_proto::pb::ModelInfo;
 use kiln_proto::recipe::Recipe;
 
 use super::{RenderError, Rendered, Renderer};
-use crate::output::{PIPELINE_VERSION, RgbImage, encode_png};
+use crate::output::{PIPELINE_VERSION, encode_png};
 use crate::pipeline::{Pipeline, PipelineError};
 
 /// Renders with candle pipelines loaded once and kept in memory.
@@ -150,11 +150,6 @@ impl Renderer for CandleRenderer {
             })?;
         let render_ms = started.elapsed().as_millis() as u64;
         let encode_start = Instant::now();
-        let image = RgbImage {
-            width: image.width,
-            height: image.height,
-            pixels: image.pixels,
-        };
         let png = encode_png(&image, recipe, pipeline.model_hash())
             .map_err(|e| RenderError::Internal(format!("PNG encoding: {e}")))?;
         Ok(Rendered {
