@@ -135,15 +135,14 @@ impl Coordinator {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let _ = writeln!(file, "{line}");
-                if !sent {
-                    if let Some(addr) = line
+                if !sent
+                    && let Some(addr) = line
                         .split("addr=")
                         .nth(1)
                         .and_then(|s| s.split_whitespace().next())
-                    {
-                        let _ = tx.send(addr.to_string());
-                        sent = true;
-                    }
+                {
+                    let _ = tx.send(addr.to_string());
+                    sent = true;
                 }
             }
         });

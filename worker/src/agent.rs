@@ -463,12 +463,12 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
                     };
                     let reason =
                         AbandonReason::try_from(a.reason).unwrap_or(AbandonReason::LeaseLost);
-                    if let Some(f) = shared.in_flight().get(&task) {
-                        if f.epoch == Epoch(a.epoch) {
-                            tracing::warn!(worker = %shared.worker, %task, epoch = a.epoch, ?reason, "abandoning task");
-                            f.abandoned.store(true, Ordering::SeqCst);
-                            f.control.cancel();
-                        }
+                    if let Some(f) = shared.in_flight().get(&task)
+                        && f.epoch == Epoch(a.epoch)
+                    {
+                        tracing::warn!(worker = %shared.worker, %task, epoch = a.epoch, ?reason, "abandoning task");
+                        f.abandoned.store(true, Ordering::SeqCst);
+                        f.control.cancel();
                     }
                 }
                 if resp.drain && !shared.drain_asked.is_cancelled() {

@@ -41,13 +41,13 @@ pub async fn fetch(farm: &Farm, job_id: &str, out: &Path) -> anyhow::Result<Fetc
     let mut held = Vec::new();
     for t in job.tasks.iter().filter(|t| !t.sha256.is_empty()) {
         let path = out.join(safe_name(&t.file_name)?);
-        if let Ok(bytes) = std::fs::read(&path) {
-            if hex::encode(Sha256::digest(&bytes)) == t.sha256 {
-                held.push(pb::HeldItem {
-                    index: t.index,
-                    sha256: t.sha256.clone(),
-                });
-            }
+        if let Ok(bytes) = std::fs::read(&path)
+            && hex::encode(Sha256::digest(&bytes)) == t.sha256
+        {
+            held.push(pb::HeldItem {
+                index: t.index,
+                sha256: t.sha256.clone(),
+            });
         }
     }
     let mut report = FetchReport {

@@ -47,10 +47,10 @@ pub async fn send(
         idempotency_key: idempotency_key.unwrap_or_default(),
     };
     farm.submit(req).await.map_err(|status| {
-        if status.code() == Code::InvalidArgument {
-            if let Some(e) = batch.locate_message(status.message()) {
-                return anyhow::Error::new(e);
-            }
+        if status.code() == Code::InvalidArgument
+            && let Some(e) = batch.locate_message(status.message())
+        {
+            return anyhow::Error::new(e);
         }
         farm.explain(status)
     })

@@ -83,11 +83,11 @@ pub async fn follow(farm: &Farm, job_id: &str, quiet: bool) -> anyhow::Result<pb
         // The stream ended: the job finished, or the coordinator went away.
         match farm.job(job_id, false).await {
             Ok(resp) => {
-                if let Some(job) = resp.job {
-                    if job.state != JobState::Running as i32 {
-                        bar.finish_and_clear();
-                        return Ok(job);
-                    }
+                if let Some(job) = resp.job
+                    && job.state != JobState::Running as i32
+                {
+                    bar.finish_and_clear();
+                    return Ok(job);
                 }
             }
             Err(status) if is_transient(&status) && failures < MAX_RECONNECTS => {

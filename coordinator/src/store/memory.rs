@@ -351,10 +351,10 @@ impl State {
         }
         t.record.state = to;
         t.deadline = None;
-        if outcome.is_fault() {
-            if let Some(w) = &worker {
-                t.avoid.insert(w.clone());
-            }
+        if outcome.is_fault()
+            && let Some(w) = &worker
+        {
+            t.avoid.insert(w.clone());
         }
         let index = t.record.index;
         let job_id = t.record.job;
@@ -391,12 +391,11 @@ impl State {
 impl Store for MemoryStore {
     async fn create_job(&self, new: NewJob) -> StoreResult<(JobRecord, bool)> {
         let mut st = self.lock();
-        if let Some(key) = &new.idempotency_key {
-            if let Some(existing) = st.idempotency.get(&(new.project.clone(), key.clone())) {
-                if let Some(job) = st.jobs.get(existing) {
-                    return Ok((job.record.clone(), false));
-                }
-            }
+        if let Some(key) = &new.idempotency_key
+            && let Some(existing) = st.idempotency.get(&(new.project.clone(), key.clone()))
+            && let Some(job) = st.jobs.get(existing)
+        {
+            return Ok((job.record.clone(), false));
         }
         let total = new.tasks.len() as u32;
         let record = JobRecord {

@@ -27,8 +27,8 @@ pub struct LoadError {
     pub name: String,
     /// The folder given.
     pub dir: String,
-    /// What went wrong.
-    pub source: PipelineError,
+    /// What went wrong (boxed: pipeline errors are large).
+    pub source: Box<PipelineError>,
 }
 
 impl CandleRenderer {
@@ -43,7 +43,7 @@ impl CandleRenderer {
             let pipeline = Pipeline::load(dir, device).map_err(|source| LoadError {
                 name: name.clone(),
                 dir: dir.display().to_string(),
-                source,
+                source: Box::new(source),
             })?;
             tracing::info!(model = %name, dir = %dir.display(), hash = %pipeline.model_hash(), ms = started.elapsed().as_millis() as u64, "model loaded");
             loaded.insert(name.clone(), Arc::new(pipeline));
