@@ -1,7 +1,6 @@
 //! `kiln-worker`: leases tasks from a coordinator and renders them.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use clap::{Parser, ValueEnum};
 use kiln_proto::ids::WorkerId;
 use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
 use kiln_worker::link::Link;
-use kiln_worker::render::{CandleRenderer, Renderer, SimRenderer};
+use kiln_worker::render::{CandleRenderer, Renderer, SimRenderer, parse_model_args};
 
 /// A kiln worker: keeps its models resident and renders what the coordinator leases to it.
 #[derive(Parser, Debug)]
@@ -90,7 +89,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Arc::new(SimRenderer::new(&names, args.sim_step))
         }
         RendererKind::Candle => {
-            let models = parse_models(&args.models)?;
+            let models = parse_model_args(&args.models)?;
             let device = candle_core::Device::Cpu;
             let renderer =
                 tokio::task::spawn_blocking(move || CandleRenderer::load(&models, &device))
@@ -114,19 +113,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(worker = %worker_id, coordinator = %args.coordinator, renderer = ?args.renderer, "worker starting");
     agent.run(shutdown).await?;
     Ok(())
-}
-
-/// Parses `NAME=DIR` model arguments.
-fn parse_models(args: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    args.iter()
-        .map(|m| {
-            let (name, dir) = m
-                .split_once('=')
-                .with_context(|| format!("--model must be NAME=DIR, got {m:?}"))?;
-            kiln_proto::recipe::check_model_name("--model", name)?;
-            Ok((name.to_string(), PathBuf::from(dir)))
-        })
-        .collect()
 }
 
 /// Returns `<host>-<4 hex digits>`: unique per process, readable in `kiln workers`.

@@ -1,13 +1,13 @@
 //! `kiln render FILE --model NAME=DIR --out DIR`: the whole farm in one process.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use kiln_proto::error::FieldError;
 use kiln_proto::pb;
-use kiln_worker::render::{CandleRenderer, Renderer};
+use kiln_worker::render::{CandleRenderer, Renderer, parse_model_args};
 use serde_json::json;
 
 use crate::commands::{fetch, submit, watch};
@@ -27,26 +27,13 @@ pub struct RenderOptions<'a> {
     pub json: bool,
 }
 
-/// Parses `NAME=DIR` model arguments.
-pub fn parse_models(args: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    args.iter()
-        .map(|m| {
-            let (name, dir) = m
-                .split_once('=')
-                .with_context(|| format!("--model must be NAME=DIR, got {m:?}"))?;
-            kiln_proto::recipe::check_model_name("--model", name)?;
-            Ok((name.to_string(), PathBuf::from(dir)))
-        })
-        .collect()
-}
-
 /// Runs `kiln render`; returns true when every item succeeded.
 pub async fn run(opts: RenderOptions<'_>) -> anyhow::Result<bool> {
     if opts.workers == 0 {
         bail!("--workers must be at least 1, got 0");
     }
     let batch = submit::load(opts.file)?;
-    let models = parse_models(opts.models)?;
+    let models = parse_model_args(opts.models)?;
     let loaded: BTreeSet<&str> = models.iter().map(|(n, _)| n.as_str()).collect();
     for item in batch.validate()? {
         if !loaded.contains(item.recipe.model.as_str()) {

@@ -4,10 +4,29 @@
 mod candle;
 mod sim;
 
+use std::path::PathBuf;
+
+use kiln_proto::error::FieldError;
 use kiln_proto::pb::{FaultClass, ModelInfo};
-use kiln_proto::recipe::Recipe;
+use kiln_proto::recipe::{Recipe, check_model_name};
 
 pub use self::candle::CandleRenderer;
+
+/// Parses `--model NAME=DIR` arguments into (name, folder) pairs.
+///
+/// # Errors
+/// The first argument without `=` or with an invalid name, naming `--model`.
+pub fn parse_model_args(args: &[String]) -> Result<Vec<(String, PathBuf)>, FieldError> {
+    args.iter()
+        .map(|m| {
+            let (name, dir) = m.split_once('=').ok_or_else(|| {
+                FieldError::new("--model", format!("must be NAME=DIR, got {m:?}"))
+            })?;
+            check_model_name("--model", name)?;
+            Ok((name.to_string(), PathBuf::from(dir)))
+        })
+        .collect()
+}
 pub use self::sim::SimRenderer;
 
 /// An encoded image and where the time went.
