@@ -10,10 +10,14 @@
 //! [zip]                    # field = [values]: advance together, crossed with [sweep]
 //! [[items]]                # explicit tasks, after the sweep
 //! ```
+//!
+//! `init_image` and `mask` name image files, relative to the batch file; they
+//! are read here and sent with the job as blobs.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 use kiln_proto::error::FieldError;
 use kiln_proto::pb::{self, FieldValue, RecipeFields, field_value::Kind};
@@ -69,8 +73,14 @@ impl Batch {
             file: file.to_string(),
             source: source.to_string(),
             spans: HashMap::new(),
+            base: Path::new(file)
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            blobs: Vec::new(),
         };
-        let spec = parser.document(source)?;
+        let mut spec = parser.document(source)?;
+        spec.blobs = std::mem::take(&mut parser.blobs);
         Ok(Self {
             spec,
             file: parser.file,
@@ -133,6 +143,10 @@ struct Parser {
     file: String,
     source: String,
     spans: HashMap<String, Range<usize>>,
+    /// Folder that image paths are relative to.
+    base: PathBuf,
+    /// Images read so far, by sha256.
+    blobs: Vec<pb::Blob>,
 }
 
 impl Parser {
@@ -224,6 +238,43 @@ impl Parser {
         }
     }
 
+    fn boolean(&self, path: &str, value: &Spanned<DeValue<'_>>) -> Result<bool, BatchError> {
+        match value.get_ref() {
+            DeValue::Boolean(b) => Ok(*b),
+            other => Err(self.err(
+                path,
+                &value.span(),
+                format!("expected true or false, got {}", describe(other)),
+            )),
+        }
+    }
+
+    /// Reads the image file a field names and returns its sha256.
+    fn image(&mut self, path: &str, value: &Spanned<DeValue<'_>>) -> Result<String, BatchError> {
+        let name = self.string(path, value)?;
+        let file = self.base.join(&name);
+        let data = std::fs::read(&file).map_err(|e| {
+            self.err(
+                path,
+                &value.span(),
+                format!("cannot read {}: {e}", file.display()),
+            )
+        })?;
+        kiln_proto::blob::check_image(path, &data).map_err(|e| {
+            self.err(
+                path,
+                &value.span(),
+                format!("{}: {}", file.display(), e.message),
+            )
+        })?;
+        let blob = kiln_proto::blob::blob(data);
+        let sha = blob.sha256.clone();
+        if !self.blobs.iter().any(|b| b.sha256 == sha) {
+            self.blobs.push(blob);
+        }
+        Ok(sha)
+    }
+
     fn integer(&self, path: &str, value: &Spanned<DeValue<'_>>) -> Result<i64, BatchError> {
         match value.get_ref() {
             DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
@@ -291,6 +342,11 @@ impl Parser {
                 "width" => f.width = Some(self.unsigned(&at, v, max32)? as u32),
                 "height" => f.height = Some(self.unsigned(&at, v, max32)? as u32),
                 "guidance" => f.guidance = Some(self.number(&at, v)?),
+                "eta" => f.eta = Some(self.number(&at, v)?),
+                "strength" => f.strength = Some(self.number(&at, v)?),
+                "karras" => f.karras = Some(self.boolean(&at, v)?),
+                "init_image" => f.init_image = Some(self.image(&at, v)?),
+                "mask" => f.mask = Some(self.image(&at, v)?),
                 other => {
                     return Err(self.err(
                         &at,
@@ -336,7 +392,11 @@ impl Parser {
                 let item_path = format!("{at}[{i}]");
                 self.spans.insert(item_path.clone(), item.span());
                 let kind = match item.get_ref() {
+                    DeValue::String(_) if matches!(field.as_str(), "init_image" | "mask") => {
+                        Kind::Text(self.image(&item_path, item)?)
+                    }
                     DeValue::String(s) => Kind::Text(s.to_string()),
+                    DeValue::Boolean(b) => Kind::Flag(*b),
                     DeValue::Integer(_) => Kind::Integer(self.integer(&item_path, item)?),
                     DeValue::Float(_) => Kind::Number(self.number(&item_path, item)?),
                     other => {
@@ -344,7 +404,7 @@ impl Parser {
                             &item_path,
                             &item.span(),
                             format!(
-                                "sweep values must be strings or numbers, got {}",
+                                "sweep values must be strings, numbers or booleans, got {}",
                                 describe(other)
                             ),
                         ));
@@ -484,6 +544,27 @@ seed = 42
             .unwrap();
         assert_eq!((e.line, e.path.as_str()), (Some(2), "defaults.model"));
         assert!(batch.locate_message("no path here").is_none());
+    }
+
+    #[test]
+    fn image_paths_become_blobs_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image::RgbImage::from_pixel(16, 16, image::Rgb([200, 10, 10]));
+        img.save(dir.path().join("ref.png")).unwrap();
+        let file = dir.path().join("b.toml");
+        let text = "[defaults]\nmodel = \"tiny\"\nwidth = 64\nheight = 64\n[[items]]\nprompt = \"x\"\ninit_image = \"ref.png\"\nstrength = 0.5\n[[items]]\nprompt = \"y\"\ninit_image = \"missing.png\"\n";
+        let e = Batch::parse(file.to_str().unwrap(), text).unwrap_err();
+        assert_eq!((e.line, e.path.as_str()), (Some(11), "items[1].init_image"));
+        assert!(e.message.contains("missing.png"), "{e}");
+        let ok = text.replace("missing.png", "ref.png");
+        let batch = Batch::parse(file.to_str().unwrap(), &ok).unwrap();
+        assert_eq!(batch.spec.blobs.len(), 1, "the same file is sent once");
+        let items = batch.validate().unwrap();
+        assert_eq!(
+            items[0].recipe.init_image.as_deref(),
+            Some(batch.spec.blobs[0].sha256.as_str())
+        );
+        assert_eq!(items[0].recipe.strength, 0.5);
     }
 
     #[test]

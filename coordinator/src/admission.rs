@@ -57,6 +57,11 @@ pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> Result<(JobRecord,
                 recipe: i.recipe,
             })
             .collect(),
+        blobs: spec
+            .blobs
+            .iter()
+            .map(|b| (b.sha256.clone(), bytes::Bytes::from(b.data.clone())))
+            .collect(),
     };
     Ok(core.store.create_job(job).await?)
 }

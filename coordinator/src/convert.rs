@@ -131,5 +131,6 @@ pub fn lease(l: &Lease) -> pb::LeasedTask {
         epoch: l.epoch.0,
         recipe: Some(l.recipe.to_pb()),
         lease_ttl_ms: l.ttl.as_millis() as u32,
+        blobs: Vec::new(),
     }
 }

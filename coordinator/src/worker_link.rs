@@ -101,11 +101,32 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
             // Claims are cancel-safe: dropping a waiting claim leased nothing.
             _ = self.core.shutdown.cancelled() => Default::default(),
         };
+        let mut tasks = Vec::with_capacity(claim.leases.len());
         for l in &claim.leases {
             tracing::debug!(worker = %worker, job = %l.job, task = %l.task, index = l.index, epoch = %l.epoch, "leased");
+            let mut task = convert::lease(l);
+            let refs: Vec<String> = [&l.recipe.init_image, &l.recipe.mask]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            if !refs.is_empty() {
+                task.blobs = self
+                    .core
+                    .store
+                    .blobs(l.job, &refs)
+                    .await?
+                    .into_iter()
+                    .map(|(sha256, data)| pb::Blob {
+                        sha256,
+                        data: data.to_vec(),
+                    })
+                    .collect();
+            }
+            tasks.push(task);
         }
         Ok(Response::new(pb::LeaseResponse {
-            tasks: claim.leases.iter().map(convert::lease).collect(),
+            tasks,
             drain: claim.drain,
         }))
     }

@@ -8,6 +8,7 @@
 //! that names the field and the value.
 #![warn(missing_docs)]
 
+pub mod blob;
 pub mod connect;
 pub mod error;
 pub mod ids;

@@ -21,26 +21,54 @@ pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scheduler {
-    /// DDIM (Song et al. 2020) with eta = 0: deterministic given the initial noise.
+    /// DDIM (Song et al. 2020); deterministic with eta = 0.
     Ddim,
+    /// Euler (Karras et al. 2022, Algorithm 2 without churn).
+    Euler,
+    /// Euler ancestral: Euler plus fresh noise every step.
+    EulerA,
+    /// DPM-Solver++ 2M (Lu et al. 2022), second-order multistep.
+    #[serde(rename = "dpmpp_2m")]
+    DpmPp2m,
 }
 
 impl Scheduler {
     /// Every scheduler, in the order `--help` lists them.
-    pub const ALL: &'static [Scheduler] = &[Scheduler::Ddim];
+    pub const ALL: &'static [Scheduler] = &[
+        Scheduler::Ddim,
+        Scheduler::Euler,
+        Scheduler::EulerA,
+        Scheduler::DpmPp2m,
+    ];
 
     /// Returns the name used in batch files and recipes.
     pub fn name(self) -> &'static str {
         match self {
             Scheduler::Ddim => "ddim",
+            Scheduler::Euler => "euler",
+            Scheduler::EulerA => "euler_a",
+            Scheduler::DpmPp2m => "dpmpp_2m",
         }
     }
 
     /// Returns the sampler name AUTOMATIC1111's web UI writes in PNG parameters.
-    pub fn a1111_name(self) -> &'static str {
-        match self {
+    pub fn a1111_name(self, karras: bool) -> String {
+        let base = match self {
             Scheduler::Ddim => "DDIM",
+            Scheduler::Euler => "Euler",
+            Scheduler::EulerA => "Euler a",
+            Scheduler::DpmPp2m => "DPM++ 2M",
+        };
+        if karras {
+            format!("{base} Karras")
+        } else {
+            base.to_string()
         }
+    }
+
+    /// Returns true for the samplers that work on Karras-style sigmas.
+    pub fn takes_karras(self) -> bool {
+        !matches!(self, Scheduler::Ddim)
     }
 
     /// Parses a batch-file scheduler name.
@@ -91,6 +119,16 @@ pub struct Recipe {
     pub height: u32,
     /// Sampler.
     pub scheduler: Scheduler,
+    /// Karras sigma spacing (not for DDIM).
+    pub karras: bool,
+    /// DDIM eta; 0 unless the scheduler is DDIM.
+    pub eta: f64,
+    /// How much of the init image is repainted: 1.0 for txt2img.
+    pub strength: f64,
+    /// sha256 of the init image among the job's blobs.
+    pub init_image: Option<String>,
+    /// sha256 of the inpainting mask (white = repaint) among the job's blobs.
+    pub mask: Option<String>,
 }
 
 impl Recipe {
@@ -135,6 +173,44 @@ impl Recipe {
                 ),
             ));
         }
+        if self.karras && !self.scheduler.takes_karras() {
+            return Err(FieldError::new(
+                at("karras"),
+                format!(
+                    "applies to euler, euler_a and dpmpp_2m, not {}",
+                    self.scheduler
+                ),
+            ));
+        }
+        if !self.eta.is_finite() || !(0.0..=1.0).contains(&self.eta) {
+            return Err(FieldError::new(
+                at("eta"),
+                format!("must be between 0 and 1, got {}", self.eta),
+            ));
+        }
+        if self.eta != 0.0 && self.scheduler != Scheduler::Ddim {
+            return Err(FieldError::new(
+                at("eta"),
+                format!("only ddim takes eta, not {}", self.scheduler),
+            ));
+        }
+        if !self.strength.is_finite() || !(0.0..=1.0).contains(&self.strength) {
+            return Err(FieldError::new(
+                at("strength"),
+                format!("must be between 0 and 1, got {}", self.strength),
+            ));
+        }
+        for (field, value) in [("init_image", &self.init_image), ("mask", &self.mask)] {
+            if let Some(sha) = value {
+                check_sha256(&at(field), sha)?;
+            }
+        }
+        if self.mask.is_some() && self.init_image.is_none() {
+            return Err(FieldError::new(
+                at("mask"),
+                "needs an init_image to paint into",
+            ));
+        }
         if !self.guidance.is_finite() || !GUIDANCE_RANGE.contains(&self.guidance) {
             return Err(FieldError::new(
                 at("guidance"),
@@ -169,6 +245,11 @@ impl Recipe {
             width: self.width,
             height: self.height,
             scheduler: self.scheduler.name().to_string(),
+            karras: self.karras,
+            eta: self.eta,
+            strength: self.strength,
+            init_image: self.init_image.clone().unwrap_or_default(),
+            mask: self.mask.clone().unwrap_or_default(),
         }
     }
 
@@ -190,6 +271,11 @@ impl Recipe {
             width: r.width,
             height: r.height,
             scheduler: Scheduler::parse(&scheduler_path, &r.scheduler)?,
+            karras: r.karras,
+            eta: r.eta,
+            strength: r.strength,
+            init_image: (!r.init_image.is_empty()).then(|| r.init_image.clone()),
+            mask: (!r.mask.is_empty()).then(|| r.mask.clone()),
         };
         recipe.validate(path)?;
         Ok(recipe)
@@ -209,6 +295,24 @@ pub fn check_model_name(path: &str, name: &str) -> Result<(), FieldError> {
         Err(FieldError::new(
             path,
             format!("must be 1 to 64 letters, digits, '.', '_' or '-', got {name:?}"),
+        ))
+    }
+}
+
+/// Checks a blob reference: 64 lowercase hex digits.
+pub fn check_sha256(path: &str, value: &str) -> Result<(), FieldError> {
+    let ok = value.len() == 64
+        && value
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            path,
+            format!(
+                "must be the sha256 of an image in the job (64 lowercase hex digits), got {value:?}"
+            ),
         ))
     }
 }
@@ -286,6 +390,11 @@ mod tests {
             width: 64,
             height: 64,
             scheduler: Scheduler::Ddim,
+            karras: false,
+            eta: 0.0,
+            strength: 1.0,
+            init_image: None,
+            mask: None,
         }
     }
 
@@ -318,6 +427,33 @@ mod tests {
         r.guidance = f64::NAN;
         assert_eq!(r.validate("").unwrap_err().path, "guidance");
         assert!(recipe().validate("").is_ok());
+    }
+
+    #[test]
+    fn scheduler_options_are_checked() {
+        let mut r = recipe();
+        r.karras = true;
+        assert_eq!(r.validate("").unwrap_err().path, "karras");
+        r.scheduler = Scheduler::DpmPp2m;
+        assert!(r.validate("").is_ok());
+        r.eta = 0.5;
+        assert_eq!(r.validate("").unwrap_err().path, "eta");
+        let mut r = recipe();
+        r.eta = 1.5;
+        assert_eq!(r.validate("").unwrap_err().path, "eta");
+        let mut r = recipe();
+        r.strength = -0.1;
+        assert_eq!(r.validate("").unwrap_err().path, "strength");
+        let mut r = recipe();
+        r.mask = Some("ab".repeat(32));
+        assert_eq!(r.validate("").unwrap_err().path, "mask");
+        r.init_image = Some("not-a-hash".into());
+        assert_eq!(r.validate("").unwrap_err().path, "init_image");
+        assert_eq!(Scheduler::EulerA.a1111_name(true), "Euler a Karras");
+        assert_eq!(
+            Scheduler::parse("s", "dpmpp_2m").unwrap(),
+            Scheduler::DpmPp2m
+        );
     }
 
     #[test]

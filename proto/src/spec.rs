@@ -18,6 +18,11 @@ pub const FIELDS: &[&str] = &[
     "width",
     "height",
     "scheduler",
+    "karras",
+    "eta",
+    "strength",
+    "init_image",
+    "mask",
 ];
 
 /// Values used when neither the item, the sweep nor `[defaults]` sets a field.
@@ -28,6 +33,8 @@ pub mod builtin {
     pub const GUIDANCE: f64 = 7.5;
     /// Default image side.
     pub const SIDE: u32 = 512;
+    /// Default img2img strength (AUTOMATIC1111's default denoising strength).
+    pub const STRENGTH: f64 = 0.75;
 }
 
 /// One task of an expanded job.
@@ -48,6 +55,7 @@ pub struct ExpandedItem {
 /// The first invalid field, named by where the user set it (`sweep.seed[2]`,
 /// `items[0].width`, `defaults.steps`).
 pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, FieldError> {
+    crate::blob::check_blobs(&spec.blobs)?;
     let defaults = spec.defaults.clone().unwrap_or_default();
     let combos = sweep_combinations(&spec.sweep)?;
     let total = combos.len() + spec.items.len();
@@ -80,7 +88,7 @@ pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, F
         let index = out.len() as u32;
         out.push(ExpandedItem {
             index,
-            recipe: layer.finish(seed_base, index, "sweep")?,
+            recipe: layer.finish(seed_base, index, "sweep", &spec.blobs)?,
         });
     }
     for (i, item) in spec.items.iter().enumerate() {
@@ -89,7 +97,7 @@ pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, F
         let index = out.len() as u32;
         out.push(ExpandedItem {
             index,
-            recipe: layer.finish(seed_base, index, &format!("items[{i}]"))?,
+            recipe: layer.finish(seed_base, index, &format!("items[{i}]"), &spec.blobs)?,
         });
     }
     Ok(out)
@@ -224,27 +232,39 @@ fn set_field(
             format!("expected an integer, got {}", describe(other)),
         )),
     };
+    let number = || match kind {
+        Kind::Number(n) => Ok(*n),
+        Kind::Integer(i) => Ok(*i as f64),
+        other => Err(FieldError::new(
+            path,
+            format!("expected a number, got {}", describe(other)),
+        )),
+    };
     match name {
         "model" => fields.model = Some(text()?),
         "prompt" => fields.prompt = Some(text()?),
         "negative_prompt" => fields.negative_prompt = Some(text()?),
         "scheduler" => fields.scheduler = Some(text()?),
-        "seed" => fields.seed = Some(integer(i64::MAX as u64)?),
-        "steps" => fields.steps = Some(integer(u32::MAX as u64)? as u32),
-        "width" => fields.width = Some(integer(u32::MAX as u64)? as u32),
-        "height" => fields.height = Some(integer(u32::MAX as u64)? as u32),
-        "guidance" => {
-            fields.guidance = Some(match kind {
-                Kind::Number(n) => *n,
-                Kind::Integer(i) => *i as f64,
+        "init_image" => fields.init_image = Some(text()?),
+        "mask" => fields.mask = Some(text()?),
+        "karras" => {
+            fields.karras = Some(match kind {
+                Kind::Flag(b) => *b,
                 other => {
                     return Err(FieldError::new(
                         path,
-                        format!("expected a number, got {}", describe(other)),
+                        format!("expected true or false, got {}", describe(other)),
                     ));
                 }
             })
         }
+        "seed" => fields.seed = Some(integer(i64::MAX as u64)?),
+        "steps" => fields.steps = Some(integer(u32::MAX as u64)? as u32),
+        "width" => fields.width = Some(integer(u32::MAX as u64)? as u32),
+        "height" => fields.height = Some(integer(u32::MAX as u64)? as u32),
+        "guidance" => fields.guidance = Some(number()?),
+        "eta" => fields.eta = Some(number()?),
+        "strength" => fields.strength = Some(number()?),
         other => return Err(unknown_field(path, other)),
     }
     Ok(())
@@ -255,6 +275,7 @@ fn describe(kind: &Kind) -> String {
         Kind::Text(s) => format!("text {s:?}"),
         Kind::Integer(i) => format!("integer {i}"),
         Kind::Number(n) => format!("number {n}"),
+        Kind::Flag(b) => format!("boolean {b}"),
     }
 }
 
@@ -262,7 +283,7 @@ fn describe(kind: &Kind) -> String {
 struct Layered {
     fields: RecipeFields,
     /// Path of the value of each field in `FIELDS` order; None = built-in default.
-    origins: [Option<String>; 9],
+    origins: [Option<String>; FIELDS.len()],
 }
 
 impl Layered {
@@ -300,7 +321,12 @@ impl Layered {
             guidance,
             width,
             height,
-            scheduler
+            scheduler,
+            karras,
+            eta,
+            strength,
+            init_image,
+            mask
         );
     }
 
@@ -312,7 +338,13 @@ impl Layered {
             .unwrap_or_else(|| format!("{fallback}.{field}"))
     }
 
-    fn finish(self, seed_base: u64, index: u32, fallback: &str) -> Result<Recipe, FieldError> {
+    fn finish(
+        self,
+        seed_base: u64,
+        index: u32,
+        fallback: &str,
+        blobs: &[pb::Blob],
+    ) -> Result<Recipe, FieldError> {
         let f = &self.fields;
         let missing = |field: &str| {
             FieldError::new(
@@ -337,7 +369,27 @@ impl Layered {
             width: f.width.unwrap_or(builtin::SIDE),
             height: f.height.unwrap_or(builtin::SIDE),
             scheduler,
+            karras: f.karras.unwrap_or(false),
+            eta: f.eta.unwrap_or(0.0),
+            // txt2img is img2img at strength 1: the same render, the same hash.
+            strength: if f.init_image.is_some() {
+                f.strength.unwrap_or(builtin::STRENGTH)
+            } else {
+                1.0
+            },
+            init_image: f.init_image.clone(),
+            mask: f.mask.clone(),
         };
+        for (field, value) in [("init_image", &recipe.init_image), ("mask", &recipe.mask)] {
+            if let Some(sha) = value
+                && !blobs.iter().any(|b| &b.sha256 == sha)
+            {
+                return Err(FieldError::new(
+                    self.origin(field, fallback),
+                    format!("no image with sha256 {sha} was sent with the job"),
+                ));
+            }
+        }
         if recipe.seed > i64::MAX as u64 {
             return Err(FieldError::new(
                 self.origin("seed", fallback),
@@ -472,6 +524,38 @@ mod tests {
         let mut spec = issue_spec();
         spec.defaults.as_mut().unwrap().model = None;
         assert_eq!(expand(&spec, 0).unwrap_err().path, "sweep.model");
+    }
+
+    #[test]
+    fn init_images_must_be_sent_with_the_job() {
+        let img = image::RgbImage::from_pixel(8, 8, image::Rgb([9, 9, 9]));
+        let mut png = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let blob = crate::blob::blob(png.into_inner());
+        let mut spec = issue_spec();
+        spec.items[0].init_image = Some(blob.sha256.clone());
+        spec.items[0].strength = Some(0.4);
+        assert_eq!(expand(&spec, 0).unwrap_err().path, "items[0].init_image");
+        spec.blobs.push(blob.clone());
+        let items = expand(&spec, 0).unwrap();
+        assert_eq!(
+            items[8].recipe.init_image.as_deref(),
+            Some(blob.sha256.as_str())
+        );
+        assert_eq!(items[8].recipe.strength, 0.4);
+        assert_eq!(items[0].recipe.strength, 1.0, "txt2img is strength 1");
+        spec.sweep.push(axis(
+            "karras",
+            vec![FieldValue {
+                kind: Some(Kind::Flag(true)),
+            }],
+            "",
+        ));
+        assert_eq!(
+            expand(&spec, 0).unwrap_err().path,
+            "sweep.karras[0]",
+            "karras with ddim"
+        );
     }
 
     #[test]

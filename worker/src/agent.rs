@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 use crate::link::Link;
-use crate::render::{RenderError, Renderer};
+use crate::render::{RenderError, RenderTask, Renderer};
 use crate::render_thread::{RenderControl, RenderThread};
 
 /// How long one Lease long poll may wait for work.
@@ -317,23 +317,45 @@ impl Agent {
                 abandoned: abandoned.clone(),
             },
         );
-        let recipe = task
-            .recipe
-            .as_ref()
-            .ok_or_else(|| "the lease has no recipe".to_string())
-            .and_then(|r| Recipe::from_pb(r, "recipe").map_err(|e| e.to_string()));
+        let render_task = render_task(&task);
         tracing::debug!(worker = %self.shared.worker, job = %task.job_id, index = task.index, epoch = %epoch, "rendering");
         let (shared, render) = (self.shared.clone(), self.render.clone());
         tokio::spawn(async move {
-            let result = match recipe {
-                Ok(recipe) => render.render(recipe, control).await,
-                Err(e) => Err(RenderError::BadInput(e)),
+            let result = match render_task {
+                Ok(t) => render.render(t, control).await,
+                Err(e) => Err(e),
             };
             report(&shared, task_id, epoch, &abandoned, result).await;
             shared.in_flight().remove(&task_id);
             shared.slot_freed.notify_waiters();
         });
     }
+}
+
+/// Builds the render task of a lease: its recipe and the blobs it refers to.
+fn render_task(task: &pb::LeasedTask) -> Result<RenderTask, RenderError> {
+    let recipe = task
+        .recipe
+        .as_ref()
+        .ok_or_else(|| RenderError::BadInput("the lease has no recipe".into()))
+        .and_then(|r| {
+            Recipe::from_pb(r, "recipe").map_err(|e| RenderError::BadInput(e.to_string()))
+        })?;
+    let blob = |sha: &Option<String>| -> Result<Option<Vec<u8>>, RenderError> {
+        let Some(sha) = sha else { return Ok(None) };
+        task.blobs
+            .iter()
+            .find(|b| &b.sha256 == sha)
+            .map(|b| Some(b.data.clone()))
+            .ok_or_else(|| {
+                RenderError::Internal(format!("the lease did not carry the image {sha}"))
+            })
+    };
+    Ok(RenderTask {
+        init_image: blob(&recipe.init_image)?,
+        mask: blob(&recipe.mask)?,
+        recipe,
+    })
 }
 
 /// Sends the outcome of a render to the coordinator, retrying transient errors.

@@ -27,7 +27,7 @@ pub fn a1111_parameters(recipe: &Recipe, model_hash: &str) -> String {
         recipe.prompt,
         recipe.negative_prompt,
         recipe.steps,
-        recipe.scheduler.a1111_name(),
+        recipe.scheduler.a1111_name(recipe.karras),
         recipe.guidance,
         recipe.seed,
         recipe.width,
@@ -102,6 +102,11 @@ mod tests {
             width: 8,
             height: 8,
             scheduler: Scheduler::Ddim,
+            karras: false,
+            eta: 0.0,
+            strength: 1.0,
+            init_image: None,
+            mask: None,
         }
     }
 

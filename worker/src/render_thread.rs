@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 
-use kiln_proto::recipe::Recipe;
 use tokio::sync::oneshot;
 
-use crate::render::{RenderError, Rendered, Renderer};
+use crate::render::{RenderError, RenderTask, Rendered, Renderer};
 
 /// Shared between a task's agent side and its render: progress out, cancel in.
 #[derive(Clone, Debug, Default)]
@@ -39,7 +38,7 @@ impl RenderControl {
 }
 
 struct Job {
-    recipe: Recipe,
+    task: RenderTask,
     control: RenderControl,
     reply: oneshot::Sender<Result<Rendered, RenderError>>,
 }
@@ -62,7 +61,7 @@ impl RenderThread {
             .spawn(move || {
                 for job in rx {
                     let Job {
-                        recipe,
+                        task,
                         control,
                         reply,
                     } = job;
@@ -76,7 +75,7 @@ impl RenderThread {
                     };
                     // A panic inside a model (candle asserts) fails this task, not the worker.
                     let result =
-                        catch_unwind(AssertUnwindSafe(|| renderer.render(&recipe, &mut on_step)))
+                        catch_unwind(AssertUnwindSafe(|| renderer.render(&task, &mut on_step)))
                             .unwrap_or_else(|panic| {
                                 let what = panic
                                     .downcast_ref::<String>()
@@ -96,13 +95,13 @@ impl RenderThread {
     /// Queues a render and waits for its result.
     pub async fn render(
         &self,
-        recipe: Recipe,
+        task: RenderTask,
         control: RenderControl,
     ) -> Result<Rendered, RenderError> {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job {
-                recipe,
+                task,
                 control,
                 reply,
             })
@@ -116,7 +115,7 @@ impl RenderThread {
 mod tests {
     use super::*;
     use crate::render::SimRenderer;
-    use kiln_proto::recipe::Scheduler;
+    use kiln_proto::recipe::{Recipe, Scheduler};
     use std::time::Duration;
 
     fn recipe() -> Recipe {
@@ -131,6 +130,11 @@ mod tests {
             width: 64,
             height: 64,
             scheduler: Scheduler::Ddim,
+            karras: false,
+            eta: 0.0,
+            strength: 1.0,
+            init_image: None,
+            mask: None,
         }
     }
 
@@ -141,7 +145,7 @@ mod tests {
         let control = RenderControl::default();
         let pending = tokio::spawn({
             let (thread, control) = (thread.clone(), control.clone());
-            async move { thread.render(recipe(), control).await }
+            async move { thread.render(RenderTask::txt2img(recipe()), control).await }
         });
         while control.step() < 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -153,7 +157,7 @@ mod tests {
         let mut quick = recipe();
         quick.steps = 1;
         let done = thread
-            .render(quick, RenderControl::default())
+            .render(RenderTask::txt2img(quick), RenderControl::default())
             .await
             .unwrap();
         assert!(!done.png.is_empty());

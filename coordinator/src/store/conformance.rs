@@ -27,6 +27,11 @@ fn recipe(model: &str, seed: u64) -> Recipe {
         width: 64,
         height: 64,
         scheduler: Scheduler::Ddim,
+        karras: false,
+        eta: 0.0,
+        strength: 1.0,
+        init_image: None,
+        mask: None,
     }
 }
 
@@ -45,6 +50,7 @@ fn new_job(n: u32, model: &str) -> NewJob {
                 file_name: format!("{i:05}-prompt.png"),
             })
             .collect(),
+        blobs: Vec::new(),
     }
 }
 
@@ -618,6 +624,19 @@ pub async fn events_resume_after_a_cursor(store: &dyn Store) {
         .unwrap();
 }
 
+pub async fn blobs_are_kept_once_per_job(store: &dyn Store) {
+    let mut job = new_job(2, "tiny");
+    let sha = "ab".repeat(32);
+    job.blobs = vec![(sha.clone(), bytes::Bytes::from_static(b"image bytes"))];
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let got = store
+        .blobs(id, &[sha.clone(), "cd".repeat(32)])
+        .await
+        .unwrap();
+    assert_eq!(got, vec![(sha, bytes::Bytes::from_static(b"image bytes"))]);
+}
+
 pub async fn announced_models_are_listed(store: &dyn Store) {
     store
         .register_worker(registration("w1", &["tiny", "sd15"]))
@@ -655,6 +674,7 @@ macro_rules! store_conformance {
             draining_worker_gets_no_work,
             waiting_claim_wakes_when_work_arrives,
             events_resume_after_a_cursor,
+            blobs_are_kept_once_per_job,
             announced_models_are_listed
         );
     };

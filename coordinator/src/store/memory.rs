@@ -6,6 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 use kiln_proto::pb::{AbandonReason, EventKind, FaultClass, JobState, TaskState};
 use tokio::sync::watch;
@@ -45,6 +46,7 @@ struct JobEntry {
     /// Indices of queued tasks.
     queued: BTreeSet<u32>,
     events: Vec<Event>,
+    blobs: HashMap<String, Bytes>,
 }
 
 struct TaskEntry {
@@ -418,6 +420,7 @@ impl Store for MemoryStore {
             tasks: Vec::with_capacity(new.tasks.len()),
             queued: BTreeSet::new(),
             events: Vec::new(),
+            blobs: new.blobs.into_iter().collect(),
         };
         for t in new.tasks {
             entry.tasks.push(t.id);
@@ -486,6 +489,15 @@ impl Store for MemoryStore {
             .get(&id)
             .map(|t| t.record.clone())
             .ok_or(StoreError::TaskNotFound(id))
+    }
+
+    async fn blobs(&self, id: JobId, sha256s: &[String]) -> StoreResult<Vec<(String, Bytes)>> {
+        let st = self.lock();
+        let job = st.jobs.get(&id).ok_or(StoreError::JobNotFound(id))?;
+        Ok(sha256s
+            .iter()
+            .filter_map(|s| job.blobs.get(s).map(|b| (s.clone(), b.clone())))
+            .collect())
     }
 
     async fn running(&self, id: JobId) -> StoreResult<Vec<RunningTask>> {

@@ -13,6 +13,7 @@ mod types;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 use kiln_proto::pb::FaultClass;
 
@@ -77,6 +78,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Returns one task.
     async fn task(&self, id: TaskId) -> StoreResult<TaskRecord>;
+
+    /// Returns the job's blobs with the given sha256s (unknown ones are left out).
+    async fn blobs(&self, id: JobId, sha256s: &[String]) -> StoreResult<Vec<(String, Bytes)>>;
 
     /// Returns the job's leased tasks with their progress.
     async fn running(&self, id: JobId) -> StoreResult<Vec<RunningTask>>;

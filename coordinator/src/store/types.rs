@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 use kiln_proto::pb::{AbandonReason, EventKind, FaultClass, JobState, TaskState};
 use kiln_proto::recipe::Recipe;
@@ -23,6 +24,8 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// The tasks, in index order.
     pub tasks: Vec<NewTask>,
+    /// Images the recipes refer to, by sha256 (kept once per job).
+    pub blobs: Vec<(String, Bytes)>,
 }
 
 /// One task to insert.

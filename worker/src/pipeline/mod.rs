@@ -214,9 +214,10 @@ impl Pipeline {
         let latent_height = self.latent_side("height", recipe.height)?;
         let schedule = match recipe.scheduler {
             Scheduler::Ddim => Ddim::new(&self.scheduler, recipe.steps),
+            other => Err(format!("the {other} sampler is not in this pipeline yet")),
         }
         .map_err(|message| PipelineError::InvalidRecipe {
-            field: "steps",
+            field: "scheduler",
             message,
         })?;
 

@@ -35,6 +35,11 @@ fn recipe(prompt: &str, seed: u64) -> Recipe {
         width: 64,
         height: 64,
         scheduler: Scheduler::Ddim,
+        karras: false,
+        eta: 0.0,
+        strength: 1.0,
+        init_image: None,
+        mask: None,
     }
 }
 

@@ -7,9 +7,8 @@ use std::time::Instant;
 
 use candle_core::Device;
 use kiln_proto::pb::ModelInfo;
-use kiln_proto::recipe::Recipe;
 
-use super::{RenderError, Rendered, Renderer};
+use super::{RenderError, RenderTask, Rendered, Renderer};
 use crate::output::{PIPELINE_VERSION, encode_png};
 use crate::pipeline::{Pipeline, PipelineError};
 
@@ -114,9 +113,15 @@ impl Renderer for CandleRenderer {
 
     fn render(
         &self,
-        recipe: &Recipe,
+        task: &RenderTask,
         on_step: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Rendered, RenderError> {
+        let recipe = &task.recipe;
+        if task.init_image.is_some() {
+            return Err(RenderError::Internal(
+                "img2img is not in this pipeline yet".into(),
+            ));
+        }
         let pipeline = self
             .models
             .get(&recipe.model)

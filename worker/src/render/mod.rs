@@ -29,6 +29,28 @@ pub fn parse_model_args(args: &[String]) -> Result<Vec<(String, PathBuf)>, Field
 }
 pub use self::sim::SimRenderer;
 
+/// One task to render: its recipe and the image bytes the recipe refers to.
+#[derive(Clone, Debug)]
+pub struct RenderTask {
+    /// What to render.
+    pub recipe: Recipe,
+    /// The init image (PNG or JPEG), when the recipe has one.
+    pub init_image: Option<Vec<u8>>,
+    /// The inpainting mask (PNG or JPEG), when the recipe has one.
+    pub mask: Option<Vec<u8>>,
+}
+
+impl RenderTask {
+    /// Returns a txt2img task.
+    pub fn txt2img(recipe: Recipe) -> Self {
+        Self {
+            recipe,
+            init_image: None,
+            mask: None,
+        }
+    }
+}
+
 /// An encoded image and where the time went.
 #[derive(Clone, Debug)]
 pub struct Rendered {
@@ -92,7 +114,7 @@ pub trait Renderer: Send + Sync + 'static {
     /// step; when it returns false the render stops with `Cancelled`.
     fn render(
         &self,
-        recipe: &Recipe,
+        task: &RenderTask,
         on_step: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Rendered, RenderError>;
 }

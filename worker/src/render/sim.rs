@@ -7,7 +7,7 @@ use kiln_proto::pb::ModelInfo;
 use kiln_proto::recipe::Recipe;
 use sha2::{Digest, Sha256};
 
-use super::{RenderError, Rendered, Renderer};
+use super::{RenderError, RenderTask, Rendered, Renderer};
 use crate::output::{RgbImage, encode_png};
 
 /// Determinism class of every sim worker.
@@ -46,9 +46,10 @@ impl Renderer for SimRenderer {
 
     fn render(
         &self,
-        recipe: &Recipe,
+        task: &RenderTask,
         on_step: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Rendered, RenderError> {
+        let recipe = &task.recipe;
         let model = self
             .models
             .iter()
@@ -122,6 +123,11 @@ mod tests {
             width: 64,
             height: 64,
             scheduler: Scheduler::Ddim,
+            karras: false,
+            eta: 0.0,
+            strength: 1.0,
+            init_image: None,
+            mask: None,
         }
     }
 
@@ -130,14 +136,18 @@ mod tests {
         let sim = SimRenderer::new(&["tiny".into()], Duration::ZERO);
         let mut steps = Vec::new();
         let a = sim
-            .render(&recipe(1), &mut |s| {
+            .render(&RenderTask::txt2img(recipe(1)), &mut |s| {
                 steps.push(s);
                 true
             })
             .unwrap();
         assert_eq!(steps, [1, 2, 3]);
-        let b = sim.render(&recipe(1), &mut |_| true).unwrap();
-        let c = sim.render(&recipe(2), &mut |_| true).unwrap();
+        let b = sim
+            .render(&RenderTask::txt2img(recipe(1)), &mut |_| true)
+            .unwrap();
+        let c = sim
+            .render(&RenderTask::txt2img(recipe(2)), &mut |_| true)
+            .unwrap();
         assert_eq!(a.png, b.png);
         assert_ne!(a.png, c.png);
         let img = image_size(&a.png);
@@ -147,12 +157,12 @@ mod tests {
     #[test]
     fn cancels_between_steps_and_refuses_unknown_models() {
         let sim = SimRenderer::new(&["tiny".into()], Duration::ZERO);
-        let r = sim.render(&recipe(1), &mut |s| s < 2);
+        let r = sim.render(&RenderTask::txt2img(recipe(1)), &mut |s| s < 2);
         assert!(matches!(r, Err(RenderError::Cancelled)));
         let mut other = recipe(1);
         other.model = "sdxl".into();
         assert!(matches!(
-            sim.render(&other, &mut |_| true),
+            sim.render(&RenderTask::txt2img(other), &mut |_| true),
             Err(RenderError::Model { .. })
         ));
     }
