@@ -48,10 +48,25 @@ impl Core {
         }
     }
 
-    /// Writes the manifest of a job from the store's records.
+    /// Writes the manifest of a job from the store's records. For a finished
+    /// job it first publishes every accepted upload still staged (a crash
+    /// between acceptance and publication) and deletes the rest of the staging.
     pub async fn write_manifest(&self, job: JobId) -> Result<(), tonic::Status> {
         let record = self.store.job(job).await?;
         let tasks = self.store.tasks(job).await?;
+        if record.is_finished() {
+            let mut keep = Vec::new();
+            for t in &tasks {
+                if let Some(r) = &t.result {
+                    self.results.publish(job, &t.file_name, &r.object).await?;
+                    keep.push(r.object.clone());
+                }
+            }
+            let removed = self.results.clear_staging(job, &keep).await?;
+            if removed > 0 {
+                tracing::info!(%job, removed, "removed staged uploads that were never accepted");
+            }
+        }
         let lines: Vec<String> = tasks.iter().map(|t| manifest::line(&record, t)).collect();
         self.results.write_manifest(job, &lines).await?;
         tracing::info!(%job, state = ?record.state, items = lines.len(), "job finished; manifest written");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use kiln_coordinator::results::ResultStore;
-use kiln_coordinator::store::MemoryStore;
+use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store};
 use kiln_coordinator::{CoordinatorConfig, Core, server};
 
 /// The kiln coordinator: queues jobs, leases tasks to workers, collects results.
@@ -20,9 +20,16 @@ struct Args {
     /// Where finished images and manifests go: a directory, file:///DIR, or memory://.
     #[arg(long, env = "KILN_RESULTS", default_value = "kiln-results")]
     results: String,
-    /// Where live state is kept: "memory" (lost when this process exits).
-    #[arg(long, env = "KILN_STORE", default_value = "memory", value_parser = ["memory"])]
+    /// Where live state is kept: `memory` (this process only, lost when it exits) or
+    /// `redis://HOST:PORT/DB` (`rediss://` for TLS), shared by any number of coordinators.
+    #[arg(long, env = "KILN_STORE", default_value = "memory")]
     store: String,
+    /// Farm name on Redis: keys are `{NAME}:...`, so several farms can share one Redis.
+    #[arg(long, env = "KILN_FARM", default_value = "kiln")]
+    farm: String,
+    /// How long a finished job's live keys stay in Redis (the manifest in the result store stays).
+    #[arg(long, env = "KILN_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    retention: Duration,
     /// How long a lease lasts without a heartbeat (a dead worker's task runs elsewhere after this).
     #[arg(long, env = "KILN_LEASE_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
@@ -72,11 +79,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..CoordinatorConfig::default()
     };
     let results = ResultStore::open(&args.results)?;
-    let core = Arc::new(Core::new(Arc::new(MemoryStore::new()), results, config));
+    let store: Arc<dyn Store> = if args.store == "memory" {
+        Arc::new(MemoryStore::new())
+    } else if args.store.starts_with("redis://") || args.store.starts_with("rediss://") {
+        let redis = RedisStore::connect(&RedisConfig {
+            url: args.store.clone(),
+            name: args.farm.clone(),
+            retention: args.retention,
+        })
+        .await
+        .with_context(|| format!("--store {}", args.store))?;
+        Arc::new(redis)
+    } else {
+        bail!(
+            "--store must be `memory` or a redis://HOST:PORT/DB (rediss:// for TLS) URL, got {:?}",
+            args.store
+        );
+    };
+    let core = Arc::new(Core::new(store, results, config));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, results = %core.results.location(), store = %args.store, "coordinator listening");
+    tracing::info!(addr = %listener.local_addr()?, results = %core.results.location(), store = %redacted(&args.store), farm = %args.farm, "coordinator listening");
     let shutdown = core.shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -85,6 +109,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     server::serve(listener, core).await?;
     Ok(())
+}
+
+/// Returns a store URL without its password, for logs.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Returns on SIGTERM or SIGINT.

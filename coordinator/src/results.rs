@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use kiln_proto::ids::{Epoch, JobId, TaskId};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -187,6 +188,23 @@ impl ResultStore {
         got.bytes().await.map_err(|e| Self::err(path, e))
     }
 
+    /// Deletes every staged upload of a job that is not in `keep`: once a job
+    /// has ended, staged objects left by refused or abandoned reports are garbage.
+    pub async fn clear_staging(&self, job: JobId, keep: &[String]) -> Result<usize, ResultsError> {
+        let prefix = Path::from(format!("{job}/.staging"));
+        let listed: Vec<_> = self.objects.list(Some(&prefix)).collect::<Vec<_>>().await;
+        let mut removed = 0;
+        for meta in listed {
+            let meta = meta.map_err(|e| Self::err(&prefix, e))?;
+            if keep.iter().any(|k| k.as_str() == meta.location.as_ref()) {
+                continue;
+            }
+            self.discard(meta.location.as_ref()).await?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
     /// Writes a job's manifest, one JSON line per item, replacing any earlier one.
     pub async fn write_manifest(&self, job: JobId, lines: &[String]) -> Result<(), ResultsError> {
         let mut text = lines.join("\n");
@@ -253,6 +271,32 @@ mod tests {
         store.discard(&staged).await.unwrap();
         store.discard(&staged).await.unwrap();
         assert!(store.read_image(job, "00000-x.png", &staged).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn clearing_staging_keeps_what_is_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultStore::open(dir.path().to_str().unwrap()).unwrap();
+        let job = JobId::new();
+        let a = store
+            .stage(job, TaskId::new(), Epoch(1), Bytes::from_static(b"a"))
+            .await
+            .unwrap();
+        store
+            .stage(job, TaskId::new(), Epoch(1), Bytes::from_static(b"b"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .clear_staging(job, std::slice::from_ref(&a))
+                .await
+                .unwrap(),
+            1
+        );
+        let left = std::fs::read_dir(dir.path().join(job.to_string()).join(".staging"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 1);
     }
 
     #[tokio::test]

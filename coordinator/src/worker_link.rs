@@ -272,13 +272,10 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
                 task.job
             )))
         }
-        Err(e) => {
-            // The store did not decide: leave nothing visible behind.
-            if let Err(d) = core.results.discard(&staged).await {
-                tracing::warn!(error = %d, "could not discard a staged upload");
-            }
-            Err(e.into())
-        }
+        // The outcome is unknown (the store may have accepted it before the
+        // connection failed), so the staged upload stays: the worker retries,
+        // and the job's finalize publishes or removes it.
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -5,6 +5,8 @@
 //! The binaries are the ones `cargo build --workspace --bins` put beside the
 //! test executable; README's test command builds them first.
 
+pub mod redis;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -111,13 +113,23 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts a coordinator with results under `dir/results` and extra flags.
+    /// Starts a coordinator on a free port with results under `dir/results` and extra flags.
     pub fn start(dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_on(dir, "coordinator", 0, extra)
+    }
+
+    /// Starts a coordinator named `name` (its log is `dir/<name>.log`) on
+    /// `port` (0: any free one), with results under `dir/results`.
+    pub fn start_on(dir: &Path, name: &str, port: u16, extra: &[&str]) -> anyhow::Result<Self> {
         let results = dir.join("results");
-        let log = dir.join("coordinator.log");
-        let file = std::fs::File::create(&log)?;
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let results_arg = results.display().to_string();
-        let mut args = vec!["--listen", "127.0.0.1:0", "--results", &results_arg];
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["--listen", listen.as_str(), "--results", &results_arg];
         args.extend_from_slice(extra);
         let mut child = Command::new(binary("kiln-coordinator"))
             .args(&args)
@@ -155,6 +167,15 @@ impl Coordinator {
             url: format!("http://{addr}"),
             results,
         })
+    }
+
+    /// Returns the port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Returns a Farm client to it.
@@ -318,6 +339,9 @@ pub fn sweep_file(
 }
 
 /// Returns the job id (the first UUID) in `text`.
+///
+/// # Errors
+/// When there is none.
 pub fn job_id(text: &str) -> anyhow::Result<String> {
     for word in text.split(|c: char| !(c.is_ascii_hexdigit() || c == '-')) {
         if word.len() == 36 && uuid_like(word) {
@@ -380,6 +404,39 @@ pub fn events(url: &str, job: &str) -> Vec<kiln_proto::pb::JobEvent> {
         }
         out
     })
+}
+
+/// Fetches a finished job into `out` and checks that every one of `n` items
+/// arrived exactly once: `n` decodable PNGs, `n` manifest lines with indices
+/// 0..n, each file's sha256 as the manifest says.
+pub fn assert_exactly_once(url: &str, job: &str, out: &Path, n: usize) {
+    let fetch = kiln(&[
+        "fetch",
+        job,
+        "--out",
+        out.to_str().unwrap_or_default(),
+        "--coordinator",
+        url,
+    ]);
+    assert_eq!(fetch.code, 0, "kiln fetch: {}", fetch.stderr);
+    let files = pngs(out);
+    assert_eq!(files.len(), n, "images fetched");
+    let lines = manifest(out).expect("manifest");
+    assert_eq!(lines.len(), n, "manifest lines");
+    let indices: std::collections::BTreeSet<u64> =
+        lines.iter().filter_map(|l| l["index"].as_u64()).collect();
+    assert_eq!(indices, (0..n as u64).collect(), "every index exactly once");
+    for l in &lines {
+        assert_eq!(l["status"], "completed", "{l}");
+        let file = out.join(l["file"].as_str().unwrap_or_default());
+        assert_eq!(
+            sha256_file(&file).expect("image file"),
+            l["sha256"].as_str().unwrap_or_default(),
+            "{}",
+            file.display()
+        );
+        decode_png(&file).expect("decodable");
+    }
 }
 
 /// Waits until the coordinator lists `n` workers.

@@ -585,24 +585,23 @@ pub async fn draining_worker_gets_no_work(store: &dyn Store) {
     ));
 }
 
-pub async fn waiting_claim_wakes_when_work_arrives(store: &'static dyn Store) {
+pub async fn waiting_claim_wakes_when_work_arrives(store: &dyn Store) {
     store
         .register_worker(registration("w1", &["tiny"]))
         .await
         .unwrap();
-    let waiter = tokio::spawn(async move {
-        store
-            .claim(&worker("w1"), 1, TTL, Duration::from_secs(60))
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    store.create_job(new_job(1, "tiny")).await.unwrap();
-    let claim = tokio::time::timeout(Duration::from_secs(30), waiter)
-        .await
-        .expect("the waiting claim must wake up well before its 60 s wait")
-        .unwrap()
-        .unwrap();
-    assert_eq!(claim.leases.len(), 1);
+    let w1 = worker("w1");
+    let waiting = store.claim(&w1, 1, TTL, Duration::from_secs(60));
+    let submit = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        store.create_job(new_job(1, "tiny")).await.unwrap();
+    };
+    let (claim, ()) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(waiting, submit)
+    })
+    .await
+    .expect("the waiting claim must wake up well before its 60 s wait");
+    assert_eq!(claim.unwrap().leases.len(), 1);
 }
 
 pub async fn events_resume_after_a_cursor(store: &dyn Store) {
@@ -637,6 +636,30 @@ pub async fn blobs_are_kept_once_per_job(store: &dyn Store) {
     assert_eq!(got, vec![(sha, bytes::Bytes::from_static(b"image bytes"))]);
 }
 
+pub async fn replayed_completion_is_accepted_again(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    store.create_job(new_job(1, "tiny")).await.unwrap();
+    let lease = claim(store, "w1", 1).await.remove(0);
+    for _ in 0..2 {
+        let out = store
+            .complete(&worker("w1"), lease.task, lease.epoch, result())
+            .await
+            .unwrap();
+        assert!(
+            matches!(out, CompleteOutcome::Accepted { .. }),
+            "a retried completion (its first answer lost) is accepted: {out:?}"
+        );
+    }
+    let other = store
+        .complete(&worker("w2"), lease.task, lease.epoch, result())
+        .await
+        .unwrap();
+    assert!(matches!(other, CompleteOutcome::Stale { .. }));
+}
+
 pub async fn announced_models_are_listed(store: &dyn Store) {
     store
         .register_worker(registration("w1", &["tiny", "sd15"]))
@@ -652,8 +675,14 @@ pub async fn announced_models_are_listed(store: &dyn Store) {
     assert!(names.contains(&"tiny".to_string()) && names.contains(&"sd15".to_string()));
 }
 
+/// A fresh store for one test, and whatever it needs kept alive (a server).
+pub(crate) trait Fixture {
+    /// Returns the store under test.
+    fn store(&self) -> &dyn Store;
+}
+
 /// Instantiates the whole suite for one backend: `$make` is an async
-/// expression giving a fresh `&'static dyn Store`.
+/// expression giving a fresh [`Fixture`]; it is dropped when the test ends.
 macro_rules! store_conformance {
     ($make:expr) => {
         store_conformance!(@tests $make;
@@ -675,6 +704,7 @@ macro_rules! store_conformance {
             waiting_claim_wakes_when_work_arrives,
             events_resume_after_a_cursor,
             blobs_are_kept_once_per_job,
+            replayed_completion_is_accepted_again,
             announced_models_are_listed
         );
     };
@@ -682,8 +712,9 @@ macro_rules! store_conformance {
         $(
             #[tokio::test]
             async fn $name() {
-                let store: &'static dyn $crate::store::Store = $make.await;
-                $crate::store::conformance::$name(store).await;
+                use $crate::store::conformance::Fixture as _;
+                let fixture = $make.await;
+                $crate::store::conformance::$name(fixture.store()).await;
             }
         )*
     };
@@ -691,9 +722,48 @@ macro_rules! store_conformance {
 pub(crate) use store_conformance;
 
 mod memory_store {
-    async fn fresh() -> &'static dyn crate::store::Store {
-        // Leaked on purpose: each test owns one small store for the process's life.
-        Box::leak(Box::new(crate::store::MemoryStore::new()))
+    struct Memory(crate::store::MemoryStore);
+
+    impl super::Fixture for Memory {
+        fn store(&self) -> &dyn crate::store::Store {
+            &self.0
+        }
+    }
+
+    async fn fresh() -> Memory {
+        Memory(crate::store::MemoryStore::new())
+    }
+    super::store_conformance!(fresh());
+}
+
+mod redis_store {
+    use std::time::Duration;
+
+    /// The store first, so it disconnects before its server stops.
+    struct Redis {
+        store: crate::store::RedisStore,
+        _server: kiln_tests::redis::RedisServer,
+    }
+
+    impl super::Fixture for Redis {
+        fn store(&self) -> &dyn crate::store::Store {
+            &self.store
+        }
+    }
+
+    async fn fresh() -> Redis {
+        let server = kiln_tests::redis::RedisServer::start().expect("redis-server");
+        let store = crate::store::RedisStore::connect(&crate::store::RedisConfig {
+            url: server.url(),
+            name: format!("test-{}", uuid::Uuid::new_v4().simple()),
+            retention: Duration::from_secs(3600),
+        })
+        .await
+        .expect("connect to the test redis");
+        Redis {
+            store,
+            _server: server,
+        }
     }
     super::store_conformance!(fresh());
 }

@@ -747,6 +747,16 @@ impl Store for MemoryStore {
             .tasks
             .get_mut(&task)
             .ok_or(StoreError::TaskNotFound(task))?;
+        // A retried completion whose first answer was lost: accepted again, nothing changes.
+        let replay = t.record.state == TaskState::Completed
+            && t.record.epoch == epoch
+            && t.record
+                .attempts
+                .last()
+                .is_some_and(|a| &a.worker == worker);
+        if replay {
+            return Ok(CompleteOutcome::Accepted { job_finished: None });
+        }
         if !holds_lease(&t.record, worker, epoch) {
             let reason = stale_reason(&t.record, worker, epoch);
             let (job, index) = (t.record.job, t.record.index);

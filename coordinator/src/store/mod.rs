@@ -8,6 +8,7 @@
 //! answered `Stale` without changing anything.
 
 mod memory;
+mod redis;
 mod types;
 
 use std::time::Duration;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 use kiln_proto::pb::FaultClass;
 
+pub use self::redis::{RedisConfig, RedisStore};
 pub use memory::MemoryStore;
 pub use types::*;
 
@@ -35,6 +37,15 @@ pub enum StoreError {
     /// The backing service cannot be reached; the call may be retried.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The backing service answered with an error that a retry will not fix.
+    #[error("store error: {0}")]
+    Backend(String),
+    /// Stored data could not be read back.
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    /// The store is set up in a way kiln refuses to run on.
+    #[error("{0}")]
+    Misconfigured(String),
 }
 
 impl StoreError {
@@ -52,6 +63,9 @@ impl From<StoreError> for tonic::Status {
             }
             StoreError::UnknownWorker(_) => tonic::Status::not_found(e.to_string()),
             StoreError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
+            StoreError::Backend(_) | StoreError::Corrupt(_) | StoreError::Misconfigured(_) => {
+                tonic::Status::internal(e.to_string())
+            }
         }
     }
 }

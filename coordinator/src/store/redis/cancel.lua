@@ -1,0 +1,25 @@
+-- Cancels a running job: queued and leased tasks become cancelled at once
+-- (holders learn it at their next heartbeat). A finished job is left as is.
+-- ARGV: 3 job. Returns {'missing'} or {'ok'}.
+local job = ARGV[3]
+local jk = k('job', job)
+if redis.call('EXISTS', jk) == 0 then return {'missing'} end
+if redis.call('HGET', jk, 'state') ~= 'running' then return {'ok'} end
+-- Mark the job first, so ending its leases below does not finish it as failed.
+redis.call('HSET', jk, 'state', 'cancelled', 'finished', NOW)
+local n = 0
+for _, m in ipairs(redis.call('SMEMBERS', k('job', job, 'models'))) do
+  for _, tid in ipairs(redis.call('ZRANGE', k('q', job, m), 0, -1)) do
+    redis.call('HSET', k('task', tid), 'state', 'cancelled')
+    n = n + 1
+  end
+  redis.call('DEL', k('q', job, m))
+end
+redis.call('HINCRBY', jk, 'queued', -n)
+redis.call('HINCRBY', jk, 'cancelled', n)
+for _, tid in ipairs(redis.call('SMEMBERS', k('job', job, 'leased'))) do
+  end_lease(tid, 'cancelled', F_CANCELLED, 'job cancelled', 'cancelled', EV_CANCELLED, true)
+end
+event(job, EV_FINISHED, '', 0, '', 0, F_NONE, 'JOB_STATE_CANCELLED')
+retire(job)
+return {'ok'}

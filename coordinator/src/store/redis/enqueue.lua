@@ -1,0 +1,39 @@
+-- Creates a job and queues its tasks in one step, or returns the job its
+-- idempotency key (or its id, on a retried call) already names.
+-- ARGV: 3 job id, 4 project, 5 idempotency key, 6 name, 7 priority,
+--       8 task count, then 8 values per task (id, index, model, model hash,
+--       recipe json, file name, steps, 0), then a blob count and (sha, bytes) pairs.
+local job, project, idem, name, prio = ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+-- A retried call finds its own job: report it as created.
+if redis.call('EXISTS', k('job', job)) == 1 then return {1, job} end
+if idem ~= '' then
+  local existing = redis.call('GET', k('idem', project, idem))
+  if existing and redis.call('EXISTS', k('job', existing)) == 1 then return {0, existing} end
+end
+local n = tonumber(ARGV[8])
+redis.call('HSET', k('job', job), 'id', job, 'name', name, 'project', project, 'priority', prio,
+  'state', 'running', 'created', NOW, 'finished', 0, 'idem', idem, 'total', n, 'queued', n,
+  'leased', 0, 'completed', 0, 'failed', 0, 'cancelled', 0, 'seq', 0)
+redis.call('ZADD', k('jobs'), NOW, job)
+if idem ~= '' then redis.call('SET', k('idem', project, idem), job) end
+local at = 9
+for _ = 1, n do
+  local tid, index, model = ARGV[at], tonumber(ARGV[at + 1]), ARGV[at + 2]
+  redis.call('HSET', k('task', tid), 'id', tid, 'job', job, 'index', index, 'model', model,
+    'mhash', ARGV[at + 3], 'recipe', ARGV[at + 4], 'file', ARGV[at + 5], 'steps', ARGV[at + 6],
+    'state', 'queued', 'epoch', 0, 'step', 0, 'holder', '', 'deadline', 0,
+    'attempts', '[]', 'avoid', '[]', 'result', '')
+  redis.call('RPUSH', k('job', job, 'tasks'), tid)
+  redis.call('ZADD', k('q', job, model), index, tid)
+  redis.call('SADD', k('job', job, 'models'), model)
+  at = at + 8
+end
+local blobs = tonumber(ARGV[at])
+at = at + 1
+for _ = 1, blobs do
+  redis.call('HSET', k('job', job, 'blobs'), ARGV[at], ARGV[at + 1])
+  at = at + 2
+end
+redis.call('ZADD', k('ready'), -prio, job)
+wake_workers()
+return {1, job}

@@ -1,0 +1,27 @@
+-- Extends the leases a worker still holds under the reported epochs and records progress.
+-- ARGV: 3 worker, 4 ttl ms, then (task, epoch, step) triples.
+-- Returns {'unknown'} or {drain (0/1), then per task 'ext' | 'cancel' | 'lost'}.
+local worker, ttl = ARGV[3], tonumber(ARGV[4])
+local wk = k('worker', worker)
+if redis.call('EXISTS', wk) == 0 then return {'unknown'} end
+redis.call('HSET', wk, 'seen', NOW)
+local drain = 0
+if redis.call('HGET', wk, 'draining') == '1' then drain = 1 end
+local out = {drain}
+local i = 5
+while i + 2 <= #ARGV do
+  local tid, epoch, step = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  if holds(tid, worker, epoch) then
+    local steps = tonumber(redis.call('HGET', k('task', tid), 'steps'))
+    if step > steps then step = steps end
+    redis.call('HSET', k('task', tid), 'deadline', NOW + ttl, 'step', step)
+    redis.call('ZADD', k('leases'), NOW + ttl, tid)
+    table.insert(out, 'ext')
+  elseif redis.call('HGET', k('task', tid), 'state') == 'cancelled' then
+    table.insert(out, 'cancel')
+  else
+    table.insert(out, 'lost')
+  end
+  i = i + 3
+end
+return out

@@ -1,0 +1,730 @@
+//! The production store on Redis. Every state transition is one Lua script
+//! (see `redis/*.lua`, each prefixed with `redis/prelude.lua`), so any number
+//! of coordinators can serve and reap at once. All keys of a farm share one
+//! hash tag (`{name}:...`), so every script is single-slot on Redis Cluster.
+//! Lease deadlines come from Redis `TIME`.
+//!
+//! Connections: a `ConnectionManager` for commands (it reconnects by itself;
+//! every call has a response timeout and transient failures are retried with
+//! backoff for a bounded time), and a separate Pub/Sub connection that wakes
+//! long-polling claims and watchers. Waiting on Pub/Sub instead of blocking
+//! reads keeps one connection for all waiters; a missed message only costs
+//! the one-second fallback poll.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+use kiln_proto::pb::{AbandonReason, FaultClass};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script, Value};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+mod pubsub;
+mod reads;
+mod records;
+
+use self::pubsub::listen;
+use self::records::*;
+use super::types::*;
+use super::{Store, StoreError, StoreResult};
+
+/// How long transient Redis failures are retried before a call fails.
+const RETRY_BUDGET: Duration = Duration::from_secs(20);
+/// Longest a long-polling claim or a watcher waits for a Pub/Sub wake-up before polling.
+const FALLBACK_POLL: Duration = Duration::from_secs(1);
+/// Leases reaped per script run, so one run never blocks Redis for long.
+const REAP_BATCH: usize = 500;
+
+/// How to reach a farm's Redis.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://HOST:PORT/DB` or `rediss://` for TLS.
+    pub url: String,
+    /// Farm name: keys are `{name}:...`, so several farms can share one Redis.
+    pub name: String,
+    /// How long a finished job's live keys are kept.
+    pub retention: Duration,
+}
+
+struct Scripts {
+    enqueue: Script,
+    claim: Script,
+    heartbeat: Script,
+    complete: Script,
+    fail: Script,
+    reap: Script,
+    cancel: Script,
+    register: Script,
+    drain: Script,
+}
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(concat!(include_str!("prelude.lua"), include_str!($file)))
+    };
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            enqueue: script!("enqueue.lua"),
+            claim: script!("claim.lua"),
+            heartbeat: script!("heartbeat.lua"),
+            complete: script!("complete.lua"),
+            fail: script!("fail.lua"),
+            reap: script!("reap.lua"),
+            cancel: script!("cancel.lua"),
+            register: script!("register.lua"),
+            drain: script!("drain.lua"),
+        }
+    }
+}
+
+/// The Redis [`Store`].
+pub struct RedisStore {
+    conn: ConnectionManager,
+    /// `{name}`: the hash tag every key starts with.
+    prefix: String,
+    retention_ms: u64,
+    scripts: Scripts,
+    work: watch::Receiver<u64>,
+    events: watch::Receiver<u64>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+fn transient(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_unrecoverable_error()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::BusyLoading
+                    | redis::ServerErrorKind::TryAgain
+                    | redis::ServerErrorKind::ClusterDown
+                    | redis::ServerErrorKind::MasterDown
+            )
+        )
+        || e.to_string().contains("LOADING")
+}
+
+/// Checks a farm name: letters, digits, '-', '_' and '.'.
+fn check_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Misconfigured(format!(
+            "farm name must be 1 to 64 letters, digits, '-', '_' or '.', got {name:?}"
+        )))
+    }
+}
+
+impl RedisStore {
+    /// Connects, checks that Redis cannot evict keys, and starts the Pub/Sub listener.
+    ///
+    /// # Errors
+    /// `Misconfigured` for a bad URL or an evicting `maxmemory-policy`;
+    /// `Unavailable` when Redis cannot be reached.
+    pub async fn connect(config: &RedisConfig) -> StoreResult<Self> {
+        check_name(&config.name)?;
+        if config.url.starts_with("rediss://") {
+            // rustls needs one process-wide crypto provider; a second install is a no-op.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+            StoreError::Misconfigured(format!("invalid Redis URL {:?}: {e}", config.url))
+        })?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = tokio::time::timeout(
+            Duration::from_secs(15),
+            ConnectionManager::new_with_config(client.clone(), manager_config),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("no answer from {} within 15 s", config.url)))?
+        .map_err(|e| StoreError::Unavailable(format!("cannot connect to {}: {e}", config.url)))?;
+        let (work_tx, work) = watch::channel(0);
+        let (events_tx, events) = watch::channel(0);
+        let prefix = format!("{{{}}}", config.name);
+        let store = Self {
+            conn,
+            listener: tokio::spawn(listen(client, prefix.clone(), work_tx, events_tx)),
+            prefix,
+            retention_ms: config.retention.as_millis() as u64,
+            scripts: Scripts::new(),
+            work,
+            events,
+        };
+        store.check_policy(&config.url).await?;
+        Ok(store)
+    }
+
+    /// Refuses a Redis that may evict keys: any policy but `noeviction`
+    /// silently deletes queue keys under memory pressure.
+    async fn check_policy(&self, url: &str) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        let reply: Result<Vec<String>, RedisError> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut conn)
+            .await;
+        match reply {
+            Ok(pair) => match pair.get(1).map(String::as_str) {
+                Some("noeviction") => Ok(()),
+                Some(policy) => Err(StoreError::Misconfigured(format!(
+                    "Redis at {url} has maxmemory-policy {policy}, which can evict queue keys and lose work; set it to noeviction (redis-cli CONFIG SET maxmemory-policy noeviction, and `maxmemory-policy noeviction` in redis.conf)"
+                ))),
+                None => Err(StoreError::Misconfigured(format!(
+                    "Redis at {url} did not report its maxmemory-policy"
+                ))),
+            },
+            Err(e) if transient(&e) => Err(StoreError::Unavailable(e.to_string())),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read maxmemory-policy (CONFIG disabled?); make sure it is noeviction");
+                Ok(())
+            }
+        }
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        for p in parts {
+            k.push(':');
+            k.push_str(p);
+        }
+        k
+    }
+
+    /// Runs a script with the common arguments (prefix, retention) first,
+    /// retrying transient failures within the retry budget.
+    async fn invoke(&self, script: &Script, args: &[Arg<'_>]) -> StoreResult<Value> {
+        self.retry("script", || {
+            let mut inv = script.prepare_invoke();
+            inv.key(self.key(&["ready"]))
+                .arg(&self.prefix)
+                .arg(self.retention_ms);
+            for a in args {
+                match a {
+                    Arg::Str(s) => inv.arg(*s),
+                    Arg::Bytes(b) => inv.arg(*b),
+                    Arg::Int(i) => inv.arg(*i),
+                };
+            }
+            let mut conn = self.conn.clone();
+            async move { inv.invoke_async::<Value>(&mut conn).await }
+        })
+        .await
+    }
+
+    /// Retries `call` on transient errors with backoff, for at most [`RETRY_BUDGET`].
+    async fn retry<T, F, Fut>(&self, what: &str, mut call: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) if transient(&e) && start.elapsed() < RETRY_BUDGET => {
+                    tracing::warn!(what, error = %e, "Redis call failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) if transient(&e) => {
+                    return Err(StoreError::Unavailable(format!("{what}: {e}")));
+                }
+                Err(e) => return Err(StoreError::Backend(format!("{what}: {e}"))),
+            }
+        }
+    }
+
+    async fn hgetall(&self, key: String) -> StoreResult<HashMap<String, String>> {
+        self.retry("HGETALL", || {
+            let mut conn = self.conn.clone();
+            let key = key.clone();
+            async move { redis::cmd("HGETALL").arg(key).query_async(&mut conn).await }
+        })
+        .await
+    }
+
+    /// Reads many hashes in one pipeline.
+    async fn hgetall_many(&self, keys: &[String]) -> StoreResult<Vec<HashMap<String, String>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.retry("HGETALL", || {
+            let mut conn = self.conn.clone();
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.cmd("HGETALL").arg(k);
+            }
+            async move { pipe.query_async(&mut conn).await }
+        })
+        .await
+    }
+
+    async fn job_record(&self, id: JobId) -> StoreResult<JobRecord> {
+        let h = self.hgetall(self.key(&["job", &id.to_string()])).await?;
+        if h.is_empty() {
+            return Err(StoreError::JobNotFound(id));
+        }
+        parse_job(&h)
+    }
+
+    async fn task_ids(&self, id: JobId) -> StoreResult<Vec<String>> {
+        let key = self.key(&["job", &id.to_string(), "tasks"]);
+        self.retry("LRANGE", || {
+            let mut conn = self.conn.clone();
+            let key = key.clone();
+            async move {
+                redis::cmd("LRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await
+            }
+        })
+        .await
+    }
+
+    async fn smembers(&self, key: String) -> StoreResult<Vec<String>> {
+        self.retry("SMEMBERS", || {
+            let mut conn = self.conn.clone();
+            let key = key.clone();
+            async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut conn).await }
+        })
+        .await
+    }
+
+    async fn finished(&self, job: &str, state: &str) -> StoreResult<Option<JobRecord>> {
+        if state.is_empty() {
+            return Ok(None);
+        }
+        let id = job
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("job id {job:?}")))?;
+        self.job_record(id).await.map(Some)
+    }
+
+    /// Waits until `rx` changes or `limit` passes, whichever is first.
+    async fn wake_or_timeout(rx: &mut watch::Receiver<u64>, limit: Duration) {
+        let _ = tokio::time::timeout(limit, rx.changed()).await;
+    }
+}
+
+/// One script argument.
+enum Arg<'a> {
+    Str(&'a str),
+    Bytes(&'a [u8]),
+    Int(i64),
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn create_job(&self, job: NewJob) -> StoreResult<(JobRecord, bool)> {
+        let id = job.id.to_string();
+        let total = job.tasks.len().to_string();
+        let idem = job.idempotency_key.clone().unwrap_or_default();
+        let priority = i64::from(job.priority);
+        let mut owned: Vec<String> = Vec::with_capacity(job.tasks.len() * 8);
+        for t in &job.tasks {
+            owned.push(t.id.to_string());
+            owned.push(t.index.to_string());
+            owned.push(t.recipe.model.clone());
+            owned.push(t.recipe.model_hash.clone());
+            owned.push(
+                serde_json::to_string(&t.recipe)
+                    .map_err(|e| StoreError::Corrupt(format!("recipe: {e}")))?,
+            );
+            owned.push(t.file_name.clone());
+            owned.push(t.recipe.steps.to_string());
+            owned.push("0".into());
+        }
+        let mut args = vec![
+            Arg::Str(&id),
+            Arg::Str(&job.project),
+            Arg::Str(&idem),
+            Arg::Str(&job.name),
+            Arg::Int(priority),
+            Arg::Str(&total),
+        ];
+        args.extend(owned.iter().map(|s| Arg::Str(s)));
+        args.push(Arg::Int(job.blobs.len() as i64));
+        for (sha, data) in &job.blobs {
+            args.push(Arg::Str(sha));
+            args.push(Arg::Bytes(data));
+        }
+        let reply = items(self.invoke(&self.scripts.enqueue, &args).await?)?;
+        let created = reply.first().map(text).as_deref() == Some("1");
+        let existing: JobId = parse_id(&reply.get(1).map(text).unwrap_or_default(), "job id")?;
+        Ok((self.job_record(existing).await?, created))
+    }
+
+    async fn job(&self, id: JobId) -> StoreResult<JobRecord> {
+        self.job_record(id).await
+    }
+
+    async fn jobs(&self, limit: usize) -> StoreResult<Vec<JobRecord>> {
+        self.read_jobs(limit).await
+    }
+
+    async fn tasks(&self, id: JobId) -> StoreResult<Vec<TaskRecord>> {
+        self.read_tasks(id).await
+    }
+
+    async fn task(&self, id: TaskId) -> StoreResult<TaskRecord> {
+        let h = self.hgetall(self.key(&["task", &id.to_string()])).await?;
+        if h.is_empty() {
+            return Err(StoreError::TaskNotFound(id));
+        }
+        parse_task(&h)
+    }
+
+    async fn blobs(&self, id: JobId, sha256s: &[String]) -> StoreResult<Vec<(String, Bytes)>> {
+        let key = self.key(&["job", &id.to_string(), "blobs"]);
+        let values: Vec<Option<Vec<u8>>> = self
+            .retry("HMGET", || {
+                let mut conn = self.conn.clone();
+                let key = key.clone();
+                async move {
+                    redis::cmd("HMGET")
+                        .arg(key)
+                        .arg(sha256s)
+                        .query_async(&mut conn)
+                        .await
+                }
+            })
+            .await?;
+        Ok(sha256s
+            .iter()
+            .zip(values)
+            .filter_map(|(s, v)| v.map(|v| (s.clone(), Bytes::from(v))))
+            .collect())
+    }
+
+    async fn running(&self, id: JobId) -> StoreResult<Vec<RunningTask>> {
+        self.read_running(id).await
+    }
+
+    async fn cancel_job(&self, id: JobId) -> StoreResult<JobRecord> {
+        let job = id.to_string();
+        let reply = items(self.invoke(&self.scripts.cancel, &[Arg::Str(&job)]).await?)?;
+        if reply.first().map(text).as_deref() == Some("missing") {
+            return Err(StoreError::JobNotFound(id));
+        }
+        self.job_record(id).await
+    }
+
+    async fn register_worker(&self, reg: WorkerRegistration) -> StoreResult<Vec<Reaped>> {
+        let id = reg.id.to_string();
+        let models: BTreeMap<&str, &str> = reg
+            .models
+            .iter()
+            .map(|m| (m.name.as_str(), m.hash.as_str()))
+            .collect();
+        let stored = StoredRegistration {
+            labels: reg.labels.clone(),
+            gpu_memory_bytes: reg.gpu_memory_bytes,
+            slots: reg.slots,
+            models: reg
+                .models
+                .iter()
+                .map(|m| (m.name.clone(), m.hash.clone()))
+                .collect(),
+            determinism_class: reg.determinism_class.clone(),
+            version: reg.version.clone(),
+        };
+        let reg_json =
+            serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let models_json =
+            serde_json::to_string(&models).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let reply = items(
+            self.invoke(
+                &self.scripts.register,
+                &[Arg::Str(&id), Arg::Str(&reg_json), Arg::Str(&models_json)],
+            )
+            .await?,
+        )?;
+        let mut out = Vec::new();
+        for r in reply.chunks(4) {
+            let [task, job, epoch, finished] = r else {
+                continue;
+            };
+            let job_s = text(job);
+            out.push(Reaped {
+                task: parse_id(&text(task), "task id")?,
+                job: parse_id(&job_s, "job id")?,
+                worker: reg.id.clone(),
+                epoch: Epoch(parse_id(&text(epoch), "epoch")?),
+                requeued: true,
+                job_finished: self.finished(&job_s, &text(finished)).await?,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn workers(&self) -> StoreResult<Vec<WorkerRecord>> {
+        self.read_workers().await
+    }
+
+    async fn drain_worker(&self, id: &WorkerId) -> StoreResult<WorkerRecord> {
+        let reply = self
+            .invoke(&self.scripts.drain, &[Arg::Str(id.as_str())])
+            .await?;
+        if text(&reply) != "1" {
+            return Err(StoreError::UnknownWorker(id.clone()));
+        }
+        self.workers()
+            .await?
+            .into_iter()
+            .find(|w| &w.registration.id == id)
+            .ok_or_else(|| StoreError::UnknownWorker(id.clone()))
+    }
+
+    async fn models(&self) -> StoreResult<Vec<ModelInfo>> {
+        self.read_models().await
+    }
+
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        max: usize,
+        ttl: Duration,
+        wait: Duration,
+    ) -> StoreResult<Claim> {
+        let deadline = Instant::now() + wait;
+        let mut rx = self.work.clone();
+        loop {
+            rx.borrow_and_update();
+            let reply = items(
+                self.invoke(
+                    &self.scripts.claim,
+                    &[
+                        Arg::Str(worker.as_str()),
+                        Arg::Int(max as i64),
+                        Arg::Int(ttl.as_millis() as i64),
+                    ],
+                )
+                .await?,
+            )?;
+            match reply.first().map(text).as_deref() {
+                Some("unknown") => return Err(StoreError::UnknownWorker(worker.clone())),
+                Some("drain") => {
+                    return Ok(Claim {
+                        leases: Vec::new(),
+                        drain: true,
+                    });
+                }
+                _ => {}
+            }
+            let mut leases = Vec::new();
+            for l in reply[1..].chunks(5) {
+                let [task, job, index, epoch, recipe] = l else {
+                    continue;
+                };
+                leases.push(Lease {
+                    task: parse_id(&text(task), "task id")?,
+                    job: parse_id(&text(job), "job id")?,
+                    index: parse_id(&text(index), "index")?,
+                    epoch: Epoch(parse_id(&text(epoch), "epoch")?),
+                    recipe: serde_json::from_str(&text(recipe))
+                        .map_err(|e| StoreError::Corrupt(format!("recipe: {e}")))?,
+                    ttl,
+                });
+            }
+            let now = Instant::now();
+            if !leases.is_empty() || max == 0 || now >= deadline {
+                return Ok(Claim {
+                    leases,
+                    drain: false,
+                });
+            }
+            Self::wake_or_timeout(&mut rx, (deadline - now).min(FALLBACK_POLL)).await;
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        worker: &WorkerId,
+        progress: &[ProgressReport],
+        ttl: Duration,
+    ) -> StoreResult<HeartbeatOutcome> {
+        let owned: Vec<String> = progress.iter().map(|p| p.task.to_string()).collect();
+        let mut args = vec![Arg::Str(worker.as_str()), Arg::Int(ttl.as_millis() as i64)];
+        for (p, id) in progress.iter().zip(&owned) {
+            args.push(Arg::Str(id));
+            args.push(Arg::Int(p.epoch.0 as i64));
+            args.push(Arg::Int(i64::from(p.step)));
+        }
+        let reply = items(self.invoke(&self.scripts.heartbeat, &args).await?)?;
+        if reply.first().map(text).as_deref() == Some("unknown") {
+            return Err(StoreError::UnknownWorker(worker.clone()));
+        }
+        let mut out = HeartbeatOutcome {
+            drain: reply.first().map(text).as_deref() == Some("1"),
+            ..Default::default()
+        };
+        for (p, verdict) in progress.iter().zip(reply.iter().skip(1)) {
+            match text(verdict).as_str() {
+                "ext" => out.extended.push(p.task),
+                "cancel" => out
+                    .abandon
+                    .push((p.task, p.epoch, AbandonReason::Cancelled)),
+                _ => out
+                    .abandon
+                    .push((p.task, p.epoch, AbandonReason::LeaseLost)),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn complete(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        epoch: Epoch,
+        result: TaskResult,
+    ) -> StoreResult<CompleteOutcome> {
+        let json = serde_json::to_string(&StoredResult {
+            object: result.object,
+            sha256: result.sha256,
+            size: result.size,
+            model_hash: result.model_hash,
+            render_ms: result.render_ms,
+            encode_ms: result.encode_ms,
+        })
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let tid = task.to_string();
+        let reply = items(
+            self.invoke(
+                &self.scripts.complete,
+                &[
+                    Arg::Str(worker.as_str()),
+                    Arg::Str(&tid),
+                    Arg::Int(epoch.0 as i64),
+                    Arg::Str(&json),
+                ],
+            )
+            .await?,
+        )?;
+        match reply.first().map(text).as_deref() {
+            Some("ok") => {
+                let finished = reply.get(1).map(text).unwrap_or_default();
+                let job_finished = if finished.is_empty() {
+                    None
+                } else {
+                    Some(self.job_record(self.task(task).await?.job).await?)
+                };
+                Ok(CompleteOutcome::Accepted { job_finished })
+            }
+            Some("stale") => Ok(CompleteOutcome::Stale {
+                reason: reply.get(1).map(text).unwrap_or_default(),
+            }),
+            _ => Err(StoreError::TaskNotFound(task)),
+        }
+    }
+
+    async fn fail(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        epoch: Epoch,
+        fault: FaultClass,
+        message: &str,
+        max_attempts: u32,
+    ) -> StoreResult<FailOutcome> {
+        let tid = task.to_string();
+        let reply = items(
+            self.invoke(
+                &self.scripts.fail,
+                &[
+                    Arg::Str(worker.as_str()),
+                    Arg::Str(&tid),
+                    Arg::Int(epoch.0 as i64),
+                    Arg::Int(i64::from(fault as i32)),
+                    Arg::Str(message),
+                    Arg::Int(i64::from(max_attempts)),
+                ],
+            )
+            .await?,
+        )?;
+        match reply.first().map(text).as_deref() {
+            Some("ok") => {
+                let finished = reply.get(2).map(text).unwrap_or_default();
+                let job_finished = if finished.is_empty() {
+                    None
+                } else {
+                    Some(self.job_record(self.task(task).await?.job).await?)
+                };
+                Ok(FailOutcome::Recorded {
+                    will_retry: reply.get(1).map(text).as_deref() == Some("1"),
+                    job_finished,
+                })
+            }
+            Some("stale") => Ok(FailOutcome::Stale {
+                reason: reply.get(1).map(text).unwrap_or_default(),
+            }),
+            _ => Err(StoreError::TaskNotFound(task)),
+        }
+    }
+
+    async fn reap(&self, max_attempts: u32) -> StoreResult<Vec<Reaped>> {
+        let reply = items(
+            self.invoke(
+                &self.scripts.reap,
+                &[
+                    Arg::Int(i64::from(max_attempts)),
+                    Arg::Int(REAP_BATCH as i64),
+                ],
+            )
+            .await?,
+        )?;
+        let mut out = Vec::new();
+        for r in reply.chunks(6) {
+            let [task, job, worker, epoch, requeued, finished] = r else {
+                continue;
+            };
+            let job_s = text(job);
+            out.push(Reaped {
+                task: parse_id(&text(task), "task id")?,
+                job: parse_id(&job_s, "job id")?,
+                worker: WorkerId(text(worker)),
+                epoch: Epoch(parse_id(&text(epoch), "epoch")?),
+                requeued: text(requeued) == "1",
+                job_finished: self.finished(&job_s, &text(finished)).await?,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn events(&self, id: JobId, after: u64, limit: usize) -> StoreResult<Vec<Event>> {
+        self.read_events(id, after, limit).await
+    }
+
+    async fn wait_events(&self, id: JobId, after: u64, timeout: Duration) -> StoreResult<()> {
+        self.read_wait_events(id, after, timeout).await
+    }
+}

@@ -1,0 +1,254 @@
+//! The read side of the Redis store: listings, tasks, workers, events. Plain
+//! reads, never transitions, so they need no script.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use kiln_proto::ids::{Epoch, JobId, WorkerId};
+use kiln_proto::pb::{EventKind, FaultClass};
+use redis::Value;
+use tokio::time::Instant;
+
+use super::records::*;
+use super::{FALLBACK_POLL, RedisStore};
+use crate::store::types::*;
+use crate::store::{StoreError, StoreResult};
+
+impl RedisStore {
+    pub(super) async fn read_jobs(&self, limit: usize) -> StoreResult<Vec<JobRecord>> {
+        let key = self.key(&["jobs"]);
+        // Read a little more than asked: jobs past retention are skipped and pruned.
+        let ids: Vec<String> = self
+            .retry("ZREVRANGE", || {
+                let mut conn = self.conn.clone();
+                let key = key.clone();
+                async move {
+                    redis::cmd("ZREVRANGE")
+                        .arg(key)
+                        .arg(0)
+                        .arg(limit.saturating_mul(2).max(16) as i64 - 1)
+                        .query_async(&mut conn)
+                        .await
+                }
+            })
+            .await?;
+        let keys: Vec<String> = ids.iter().map(|id| self.key(&["job", id])).collect();
+        let hashes = self.hgetall_many(&keys).await?;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for (id, h) in ids.iter().zip(hashes) {
+            if h.is_empty() {
+                gone.push(id.clone());
+            } else if out.len() < limit {
+                out.push(parse_job(&h)?);
+            }
+        }
+        if !gone.is_empty() {
+            let mut conn = self.conn.clone();
+            let _: Result<(), _> = redis::cmd("ZREM")
+                .arg(&key)
+                .arg(&gone)
+                .query_async(&mut conn)
+                .await;
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn read_tasks(&self, id: JobId) -> StoreResult<Vec<TaskRecord>> {
+        self.job_record(id).await?;
+        let ids = self.task_ids(id).await?;
+        let keys: Vec<String> = ids.iter().map(|t| self.key(&["task", t])).collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(1000) {
+            for h in self.hgetall_many(chunk).await? {
+                if !h.is_empty() {
+                    out.push(parse_task(&h)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn read_running(&self, id: JobId) -> StoreResult<Vec<RunningTask>> {
+        self.job_record(id).await?;
+        let ids = self
+            .smembers(self.key(&["job", &id.to_string(), "leased"]))
+            .await?;
+        let keys: Vec<String> = ids.iter().map(|t| self.key(&["task", t])).collect();
+        let mut out = Vec::new();
+        for h in self.hgetall_many(&keys).await? {
+            if h.is_empty() {
+                continue;
+            }
+            let t = parse_task(&h)?;
+            if let Some(worker) = t.holder().cloned() {
+                out.push(RunningTask {
+                    task: t.id,
+                    index: t.index,
+                    step: t.step,
+                    steps: t.recipe.steps,
+                    worker,
+                });
+            }
+        }
+        out.sort_by_key(|r| r.index);
+        Ok(out)
+    }
+
+    pub(super) async fn read_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
+        let ids = self.smembers(self.key(&["workers"])).await?;
+        let keys: Vec<String> = ids.iter().map(|w| self.key(&["worker", w])).collect();
+        let hashes = self.hgetall_many(&keys).await?;
+        let mut out = Vec::new();
+        for (id, h) in ids.iter().zip(hashes) {
+            let Some(reg_json) = h.get("reg") else {
+                continue;
+            };
+            let stored: StoredRegistration = serde_json::from_str(reg_json)
+                .map_err(|e| StoreError::Corrupt(format!("worker {id}: {e}")))?;
+            let running = self.smembers(self.key(&["worker", id, "running"])).await?;
+            out.push(WorkerRecord {
+                registration: WorkerRegistration {
+                    id: WorkerId(id.clone()),
+                    labels: stored.labels,
+                    gpu_memory_bytes: stored.gpu_memory_bytes,
+                    slots: stored.slots,
+                    models: stored
+                        .models
+                        .into_iter()
+                        .map(|(name, hash)| ModelInfo { name, hash })
+                        .collect(),
+                    determinism_class: stored.determinism_class,
+                    version: stored.version,
+                },
+                draining: h.get("draining").map(String::as_str) == Some("1"),
+                last_seen_ms: num(&h, "seen").unwrap_or(0),
+                running: running.iter().filter_map(|t| t.parse().ok()).collect(),
+                completed: num(&h, "completed").unwrap_or(0),
+                failed: num(&h, "failed").unwrap_or(0),
+            });
+        }
+        out.sort_by(|a, b| a.registration.id.cmp(&b.registration.id));
+        Ok(out)
+    }
+
+    pub(super) async fn read_models(&self) -> StoreResult<Vec<ModelInfo>> {
+        let key = self.key(&["models"]);
+        let map: BTreeMap<String, String> = self
+            .retry("HGETALL", || {
+                let mut conn = self.conn.clone();
+                let key = key.clone();
+                async move { redis::cmd("HGETALL").arg(key).query_async(&mut conn).await }
+            })
+            .await?;
+        Ok(map
+            .into_iter()
+            .map(|(name, hash)| ModelInfo { name, hash })
+            .collect())
+    }
+
+    pub(super) async fn read_events(
+        &self,
+        id: JobId,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Event>> {
+        let job = id.to_string();
+        let key = self.key(&["job", &job, "events"]);
+        let reply: Value = self
+            .retry("XRANGE", || {
+                let mut conn = self.conn.clone();
+                let key = key.clone();
+                async move {
+                    redis::cmd("XRANGE")
+                        .arg(key)
+                        .arg(format!("(0-{after}"))
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(limit)
+                        .query_async(&mut conn)
+                        .await
+                }
+            })
+            .await?;
+        let entries = items(reply)?;
+        if entries.is_empty() {
+            // No events: tell a missing job from a quiet one.
+            self.job_record(id).await?;
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let mut parts = items(entry)?.into_iter();
+            let (Some(entry_id), Some(fields)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let entry_id = text(&entry_id);
+            let seq: u64 = parse_id(entry_id.strip_prefix("0-").unwrap_or(&entry_id), "event id")?;
+            let fields = items(fields)?;
+            let mut f: HashMap<String, String> = HashMap::new();
+            for pair in fields.chunks(2) {
+                if let [name, value] = pair {
+                    f.insert(text(name), text(value));
+                }
+            }
+            let get = |n: &str| f.get(n).cloned().unwrap_or_default();
+            let task = get("task");
+            let worker = get("worker");
+            out.push(Event {
+                seq,
+                at_ms: num(&f, "at")?,
+                kind: EventKind::try_from(num::<i32>(&f, "kind")?)
+                    .unwrap_or(EventKind::Unspecified),
+                task: if task.is_empty() {
+                    None
+                } else {
+                    Some(parse_id(&task, "task id")?)
+                },
+                index: num(&f, "index")?,
+                worker: (!worker.is_empty()).then_some(WorkerId(worker)),
+                epoch: Epoch(num(&f, "epoch")?),
+                fault: FaultClass::try_from(num::<i32>(&f, "fault")?)
+                    .unwrap_or(FaultClass::Unspecified),
+                message: get("msg"),
+            });
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn read_wait_events(
+        &self,
+        id: JobId,
+        after: u64,
+        timeout: Duration,
+    ) -> StoreResult<()> {
+        let deadline = Instant::now() + timeout;
+        let mut rx = self.events.clone();
+        let key = self.key(&["job", &id.to_string()]);
+        loop {
+            rx.borrow_and_update();
+            let seq: Option<u64> = self
+                .retry("HGET", || {
+                    let mut conn = self.conn.clone();
+                    let key = key.clone();
+                    async move {
+                        redis::cmd("HGET")
+                            .arg(key)
+                            .arg("seq")
+                            .query_async(&mut conn)
+                            .await
+                    }
+                })
+                .await?;
+            match seq {
+                None => return Err(StoreError::JobNotFound(id)),
+                Some(s) if s > after => return Ok(()),
+                Some(_) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            Self::wake_or_timeout(&mut rx, (deadline - now).min(FALLBACK_POLL)).await;
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Reading script replies and the records the scripts store (hashes and JSON).
+
+use std::collections::{BTreeMap, HashMap};
+
+use kiln_proto::ids::{Epoch, WorkerId};
+use kiln_proto::pb::{FaultClass, JobState, TaskState};
+use kiln_proto::recipe::Recipe;
+use redis::Value;
+use serde::{Deserialize, Serialize};
+
+use crate::store::types::*;
+use crate::store::{StoreError, StoreResult};
+
+pub(super) fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        Value::Okay => "OK".into(),
+        _ => String::new(),
+    }
+}
+
+pub(super) fn items(v: Value) -> StoreResult<Vec<Value>> {
+    match v {
+        Value::Array(a) => Ok(a),
+        other => Err(StoreError::Corrupt(format!(
+            "unexpected script reply {other:?}"
+        ))),
+    }
+}
+
+pub(super) fn num<T: std::str::FromStr>(
+    h: &HashMap<String, String>,
+    field: &str,
+) -> StoreResult<T> {
+    h.get(field)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("field {field:?} missing or not a number")))
+}
+
+pub(super) fn parse_id<T: std::str::FromStr>(s: &str, what: &str) -> StoreResult<T> {
+    s.parse()
+        .map_err(|_| StoreError::Corrupt(format!("{what} {s:?}")))
+}
+
+pub(super) fn job_state(s: &str) -> JobState {
+    match s {
+        "completed" => JobState::Completed,
+        "failed" => JobState::Failed,
+        "cancelled" => JobState::Cancelled,
+        _ => JobState::Running,
+    }
+}
+
+pub(super) fn task_state(s: &str) -> TaskState {
+    match s {
+        "leased" => TaskState::Leased,
+        "completed" => TaskState::Completed,
+        "failed" => TaskState::Failed,
+        "cancelled" => TaskState::Cancelled,
+        _ => TaskState::Queued,
+    }
+}
+
+pub(super) fn parse_job(h: &HashMap<String, String>) -> StoreResult<JobRecord> {
+    let s = |f: &str| h.get(f).cloned().unwrap_or_default();
+    let finished: i64 = num(h, "finished")?;
+    let idem = s("idem");
+    Ok(JobRecord {
+        id: parse_id(&s("id"), "job id")?,
+        name: s("name"),
+        project: s("project"),
+        priority: num(h, "priority")?,
+        state: job_state(&s("state")),
+        counts: TaskCounts {
+            total: num(h, "total")?,
+            queued: num(h, "queued")?,
+            leased: num(h, "leased")?,
+            completed: num(h, "completed")?,
+            failed: num(h, "failed")?,
+            cancelled: num(h, "cancelled")?,
+        },
+        created_at_ms: num(h, "created")?,
+        finished_at_ms: (finished > 0).then_some(finished),
+        idempotency_key: (!idem.is_empty()).then_some(idem),
+    })
+}
+
+/// An attempt as the scripts store it (JSON).
+#[derive(Deserialize)]
+pub(super) struct StoredAttempt {
+    worker: String,
+    epoch: u64,
+    started: i64,
+    #[serde(default)]
+    ended: Option<i64>,
+    outcome: String,
+    #[serde(default)]
+    fault: i32,
+    #[serde(default)]
+    message: String,
+}
+
+/// A task's result as stored (JSON).
+#[derive(Serialize, Deserialize)]
+pub(super) struct StoredResult {
+    pub(super) object: String,
+    pub(super) sha256: String,
+    pub(super) size: u64,
+    pub(super) model_hash: String,
+    pub(super) render_ms: u64,
+    pub(super) encode_ms: u64,
+}
+
+pub(super) fn outcome(s: &str) -> Outcome {
+    match s {
+        "completed" => Outcome::Completed,
+        "failed" => Outcome::Failed,
+        "expired" => Outcome::Expired,
+        "cancelled" => Outcome::Cancelled,
+        _ => Outcome::Running,
+    }
+}
+
+pub(super) fn parse_task(h: &HashMap<String, String>) -> StoreResult<TaskRecord> {
+    let s = |f: &str| h.get(f).cloned().unwrap_or_default();
+    let recipe: Recipe = serde_json::from_str(&s("recipe"))
+        .map_err(|e| StoreError::Corrupt(format!("task recipe: {e}")))?;
+    let attempts: Vec<StoredAttempt> = serde_json::from_str(&s("attempts"))
+        .map_err(|e| StoreError::Corrupt(format!("task attempts: {e}")))?;
+    let result = match s("result").as_str() {
+        "" => None,
+        json => {
+            let r: StoredResult = serde_json::from_str(json)
+                .map_err(|e| StoreError::Corrupt(format!("task result: {e}")))?;
+            Some(TaskResult {
+                object: r.object,
+                sha256: r.sha256,
+                size: r.size,
+                model_hash: r.model_hash,
+                render_ms: r.render_ms,
+                encode_ms: r.encode_ms,
+            })
+        }
+    };
+    Ok(TaskRecord {
+        id: parse_id(&s("id"), "task id")?,
+        job: parse_id(&s("job"), "job id")?,
+        index: num(h, "index")?,
+        recipe,
+        file_name: s("file"),
+        state: task_state(&s("state")),
+        epoch: Epoch(num(h, "epoch")?),
+        attempts: attempts
+            .into_iter()
+            .map(|a| Attempt {
+                worker: WorkerId(a.worker),
+                epoch: Epoch(a.epoch),
+                started_at_ms: a.started,
+                ended_at_ms: a.ended,
+                outcome: outcome(&a.outcome),
+                fault: FaultClass::try_from(a.fault).unwrap_or(FaultClass::Unspecified),
+                message: a.message,
+            })
+            .collect(),
+        step: num(h, "step")?,
+        result,
+    })
+}
+
+/// A worker's registration as stored (JSON).
+#[derive(Serialize, Deserialize)]
+pub(super) struct StoredRegistration {
+    pub(super) labels: BTreeMap<String, String>,
+    pub(super) gpu_memory_bytes: u64,
+    pub(super) slots: u32,
+    pub(super) models: Vec<(String, String)>,
+    pub(super) determinism_class: String,
+    pub(super) version: String,
+}
