@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use kiln_coordinator::results::ResultStore;
-use kiln_coordinator::store::MemoryStore;
+use kiln_coordinator::store::{MemoryStore, Store};
 use kiln_coordinator::{CoordinatorConfig, Core, server};
 use kiln_proto::ids::WorkerId;
 use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
@@ -28,15 +28,24 @@ pub struct EmbeddedFarm {
 }
 
 impl EmbeddedFarm {
-    /// Starts a coordinator on a free loopback port and `workers` agents
-    /// sharing `renderer`; returns once every worker has registered.
+    /// Starts a coordinator with the memory store on a free loopback port
+    /// and `workers` agents sharing `renderer`; returns once every worker has registered.
     pub async fn start(renderer: Arc<dyn Renderer>, workers: u32) -> anyhow::Result<Self> {
+        Self::start_with(Arc::new(MemoryStore::new()), renderer, workers).await
+    }
+
+    /// Like [`EmbeddedFarm::start`], over the given store.
+    pub async fn start_with(
+        store: Arc<dyn Store>,
+        renderer: Arc<dyn Renderer>,
+        workers: u32,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("cannot open a loopback port for the embedded coordinator")?;
         let url = format!("http://{}", listener.local_addr()?);
         let core = Arc::new(Core::new(
-            Arc::new(MemoryStore::new()),
+            store,
             ResultStore::in_memory(),
             CoordinatorConfig::default(),
         ));

@@ -104,6 +104,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List a job's tasks with their attempt history (worker, epoch, outcome).
+    Tasks {
+        /// The job id.
+        job: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List workers.
     Workers {
         /// Print JSON.
@@ -148,6 +156,9 @@ enum BenchCommand {
         /// Tasks in the job.
         #[arg(long, default_value_t = 10_000)]
         tasks: u32,
+        /// Run the coordinator on this Redis (redis://HOST:PORT/DB) instead of the memory store.
+        #[arg(long)]
+        store: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -263,6 +274,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Jobs { limit, json } => list::jobs(&farm()?, limit, json).await.map(|()| true),
         Command::Workers { json } => list::workers(&farm()?, json).await.map(|()| true),
+        Command::Tasks { job, json } => list::tasks(&farm()?, &job, json).await.map(|()| true),
         Command::Cancel { job, json } => control::cancel(&farm()?, &job, json).await.map(|()| true),
         Command::Drain { worker, json } => {
             control::drain(&farm()?, &worker, json).await.map(|()| true)
@@ -275,8 +287,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 BenchCommand::Dispatch {
                     workers,
                     tasks,
+                    store,
                     json,
                 },
-        } => bench::dispatch(workers, tasks, json).await.map(|()| true),
+        } => bench::dispatch(workers, tasks, store.as_deref(), json)
+            .await
+            .map(|()| true),
     }
 }

@@ -84,6 +84,10 @@ struct InFlight {
     control: RenderControl,
     /// Set when the coordinator said to abandon it: no report is sent.
     abandoned: Arc<AtomicBool>,
+    /// Set once the render has ended and its report is under way: from then
+    /// on the report's own answer decides, and abandon orders (a heartbeat
+    /// racing the Complete) are ignored.
+    reporting: Arc<AtomicBool>,
 }
 
 /// State shared by the lease loop, the heartbeat task and the task runners.
@@ -309,12 +313,14 @@ impl Agent {
         let epoch = Epoch(task.epoch);
         let control = RenderControl::default();
         let abandoned = Arc::new(AtomicBool::new(false));
+        let reporting = Arc::new(AtomicBool::new(false));
         self.shared.in_flight().insert(
             task_id,
             InFlight {
                 epoch,
                 control: control.clone(),
                 abandoned: abandoned.clone(),
+                reporting: reporting.clone(),
             },
         );
         let render_task = render_task(&task);
@@ -325,6 +331,7 @@ impl Agent {
                 Ok(t) => render.render(t, control).await,
                 Err(e) => Err(e),
             };
+            reporting.store(true, Ordering::SeqCst);
             report(&shared, task_id, epoch, &abandoned, result).await;
             shared.in_flight().remove(&task_id);
             shared.slot_freed.notify_waiters();
@@ -487,6 +494,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
                         AbandonReason::try_from(a.reason).unwrap_or(AbandonReason::LeaseLost);
                     if let Some(f) = shared.in_flight().get(&task)
                         && f.epoch == Epoch(a.epoch)
+                        && !f.reporting.load(Ordering::SeqCst)
                     {
                         tracing::warn!(worker = %shared.worker, %task, epoch = a.epoch, ?reason, "abandoning task");
                         f.abandoned.store(true, Ordering::SeqCst);

@@ -37,7 +37,8 @@ pub fn a1111_parameters(recipe: &Recipe, model_hash: &str) -> String {
     )
 }
 
-/// Encodes an image as PNG with the `parameters` and `kiln` metadata chunks.
+/// Encodes an image as PNG with the `parameters` and `kiln` metadata chunks,
+/// with balanced compression (what rendered images use).
 ///
 /// # Errors
 /// When the pixel buffer does not match the size, or encoding fails.
@@ -46,12 +47,25 @@ pub fn encode_png(
     recipe: &Recipe,
     model_hash: &str,
 ) -> Result<Vec<u8>, png::EncodingError> {
+    encode_png_with(image, recipe, model_hash, png::Compression::Balanced)
+}
+
+/// [`encode_png`] with a chosen compression level; each level is deterministic.
+///
+/// # Errors
+/// When the pixel buffer does not match the size, or encoding fails.
+pub fn encode_png_with(
+    image: &RgbImage,
+    recipe: &Recipe,
+    model_hash: &str,
+    compression: png::Compression,
+) -> Result<Vec<u8>, png::EncodingError> {
     let mut out = Vec::with_capacity(image.pixels.len() / 2 + 1024);
     {
         let mut encoder = png::Encoder::new(&mut out, image.width, image.height);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
-        encoder.set_compression(png::Compression::Balanced);
+        encoder.set_compression(compression);
         add_text(
             &mut encoder,
             "parameters",

@@ -1,6 +1,9 @@
 //! `kiln jobs` and `kiln workers`: what the farm holds.
 
 use crate::client::Farm;
+use kiln_proto::pb::{self, TaskState};
+use serde_json::json;
+
 use crate::format::{job_json, job_state, table, time, worker_json};
 
 /// Prints the newest jobs.
@@ -81,6 +84,79 @@ pub async fn workers(farm: &Farm, json: bool) -> anyhow::Result<()> {
             ],
             &rows
         )
+    );
+    Ok(())
+}
+
+/// Returns the short name of a task state.
+fn task_state(state: i32) -> &'static str {
+    match TaskState::try_from(state).unwrap_or(TaskState::Unspecified) {
+        TaskState::Queued => "queued",
+        TaskState::Leased => "running",
+        TaskState::Completed => "completed",
+        TaskState::Failed => "failed",
+        TaskState::Cancelled => "cancelled",
+        TaskState::Unspecified => "unknown",
+    }
+}
+
+fn attempt_json(a: &pb::Attempt) -> serde_json::Value {
+    json!({
+        "worker": a.worker_id,
+        "epoch": a.epoch,
+        "outcome": a.outcome,
+        "fault": pb::FaultClass::try_from(a.fault).map(|f| f.as_str_name()).unwrap_or("FAULT_CLASS_UNSPECIFIED"),
+        "message": a.message,
+        "started_at_ms": a.started_at_ms,
+        "ended_at_ms": if a.ended_at_ms > 0 { json!(a.ended_at_ms) } else { serde_json::Value::Null },
+    })
+}
+
+/// Prints a job's tasks with their attempt history.
+pub async fn tasks(farm: &Farm, job_id: &str, json_out: bool) -> anyhow::Result<()> {
+    let job = farm.job(job_id, true).await.map_err(|s| farm.explain(s))?;
+    if json_out {
+        let v: Vec<_> = job
+            .tasks
+            .iter()
+            .map(|t| {
+                json!({
+                    "index": t.index,
+                    "task_id": t.task_id,
+                    "state": task_state(t.state),
+                    "step": t.step,
+                    "steps": t.recipe.as_ref().map_or(0, |r| r.steps),
+                    "file": t.file_name,
+                    "sha256": t.sha256,
+                    "recipe_hash": t.recipe_hash,
+                    "attempts": t.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::from(v));
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = job
+        .tasks
+        .iter()
+        .map(|t| {
+            let history: Vec<String> = t
+                .attempts
+                .iter()
+                .map(|a| format!("{}@{}:{}", a.worker_id, a.epoch, a.outcome))
+                .collect();
+            vec![
+                t.index.to_string(),
+                task_state(t.state).to_string(),
+                format!("{}/{}", t.step, t.recipe.as_ref().map_or(0, |r| r.steps)),
+                history.join(" "),
+                t.file_name.clone(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(&["INDEX", "STATE", "STEP", "ATTEMPTS", "FILE"], &rows)
     );
     Ok(())
 }

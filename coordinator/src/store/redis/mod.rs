@@ -94,6 +94,8 @@ pub struct RedisStore {
     work: watch::Receiver<u64>,
     events: watch::Receiver<u64>,
     listener: tokio::task::JoinHandle<()>,
+    /// Commands and pipelines sent, retries included: what a task costs in round trips.
+    round_trips: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for RedisStore {
@@ -174,6 +176,7 @@ impl RedisStore {
             scripts: Scripts::new(),
             work,
             events,
+            round_trips: Default::default(),
         };
         store.check_policy(&config.url).await?;
         Ok(store)
@@ -204,6 +207,11 @@ impl RedisStore {
                 Ok(())
             }
         }
+    }
+
+    /// Returns how many commands and pipelines this store has sent to Redis.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -245,6 +253,8 @@ impl RedisStore {
         let start = Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
+            self.round_trips
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match call().await {
                 Ok(v) => return Ok(v),
                 Err(e) if transient(&e) && start.elapsed() < RETRY_BUDGET => {
