@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::Device;
+use kiln_proto::recipe::Scheduler;
 use sha2::Digest;
 
 use super::*;
