@@ -14,15 +14,15 @@
 //!
 //! Files: `layout` (where each file lives), `config` (diffusers configs →
 //! candle configs), `weights` (safetensors loading that names bad tensors),
-//! `text` (tokenizer, prompt chunking, text encoder), `ddim` (the scheduler),
+//! `text` (tokenizer, prompt chunking, text encoder), `sampling` (the samplers),
 //! `hash`, `tiny` and `tiny_tokenizer` (the test model).
 
 mod config;
-mod ddim;
 mod error;
 mod hash;
 mod layout;
 pub mod noise;
+mod sampling;
 mod text;
 mod tiny;
 mod tiny_tokenizer;
@@ -36,16 +36,15 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
-use kiln_proto::recipe::Scheduler;
 
 pub use error::PipelineError;
 pub use hash::model_hash;
 pub use kiln_proto::recipe::Recipe;
 pub use tiny::write_tiny_model;
 
-use ddim::{Ddim, DdimConfig};
 use layout::ModelFiles;
 use noise::Purpose;
+use sampling::SchedulerConfig;
 use text::TextEncoder;
 
 /// A model loaded for rendering: tokenizer, text encoder, UNet, VAE, scheduler config.
@@ -66,8 +65,8 @@ pub struct Pipeline {
     vae_scaling_factor: f64,
     /// Image pixels per latent pixel along each side (8 for SD).
     vae_downscale: usize,
-    /// The scheduler's training schedule; a `Ddim` is planned from it per render.
-    scheduler: DdimConfig,
+    /// The scheduler's training schedule; a sampler is planned from it per render.
+    scheduler: SchedulerConfig,
 }
 
 // The agent moves pipelines between threads and shares them; keep that true.
@@ -118,7 +117,7 @@ impl Pipeline {
     pub fn load(dir: &Path, device: &Device) -> Result<Pipeline, PipelineError> {
         let files = ModelFiles::locate(dir)?;
         config::check_model_index(&files.path(layout::MODEL_INDEX))?;
-        let scheduler = DdimConfig::read(&files.path(layout::SCHEDULER_CONFIG))?;
+        let scheduler = SchedulerConfig::read(&files.path(layout::SCHEDULER_CONFIG))?;
         let clip = config::read_clip(&files.path(layout::TEXT_ENCODER_CONFIG))?;
         let unet_path = files.path(layout::UNET_CONFIG);
         let unet_spec = config::read_unet(&unet_path)?;
@@ -200,9 +199,10 @@ impl Pipeline {
     ///
     /// # Errors
     ///
-    /// `InvalidRecipe` when a side is not a multiple of the VAE's downscale (8)
-    /// or `steps` is out of the scheduler's range, `Cancelled` when `on_step`
-    /// returns false, `Tokenizer` or `Candle` when the computation fails.
+    /// `InvalidRecipe` when a side is not a multiple of the VAE's downscale (8),
+    /// `steps` is out of the scheduler's range or `karras`/`eta` do not fit the
+    /// scheduler, `Cancelled` when `on_step` returns false, `Tokenizer` or
+    /// `Candle` when the computation fails.
     pub fn txt2img(
         &self,
         recipe: &Recipe,
@@ -212,38 +212,34 @@ impl Pipeline {
         let _entered = span.enter();
         let latent_width = self.latent_side("width", recipe.width)?;
         let latent_height = self.latent_side("height", recipe.height)?;
-        let schedule = match recipe.scheduler {
-            Scheduler::Ddim => Ddim::new(&self.scheduler, recipe.steps),
-            other => Err(format!("the {other} sampler is not in this pipeline yet")),
-        }
-        .map_err(|message| PipelineError::InvalidRecipe {
-            field: "scheduler",
-            message,
-        })?;
+        let mut sampler = sampling::for_recipe(&self.scheduler, recipe)?;
 
         let guided = recipe.guidance > 1.0;
         let negative = guided.then_some(recipe.negative_prompt.as_str());
         let context = self.text.encode(&recipe.prompt, negative)?;
 
         let shape = (1, self.latent_channels, latent_height, latent_width);
-        let noise = noise::standard_normal(
-            recipe.seed,
-            Purpose::InitialLatents,
-            0,
-            shape.1 * shape.2 * shape.3,
-        );
+        let len = shape.1 * shape.2 * shape.3;
+        let noise = noise::standard_normal(recipe.seed, Purpose::InitialLatents, 0, len);
         let mut latents = (Tensor::from_vec(noise, shape, &Device::Cpu)?
             .to_device(&self.device)?
-            * schedule.init_noise_sigma())?;
+            * sampler.init_noise_sigma())?;
+        // Fresh noise of ancestral steps, keyed by (seed, step index): never the device RNG.
+        let step_noise = |step: u32| {
+            let values = noise::standard_normal(recipe.seed, Purpose::AncestralStep, step, len);
+            Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(&self.device)
+        };
 
         let total = recipe.steps;
-        for (done, &t) in (1..).zip(schedule.timesteps()) {
+        let timesteps = sampler.timesteps().to_vec();
+        for ((i, &t), done) in timesteps.iter().enumerate().zip(1..) {
+            let scaled = sampler.scale_model_input(&latents, i)?;
             let input = if guided {
-                Tensor::cat(&[&latents, &latents], 0)?
+                Tensor::cat(&[&scaled, &scaled], 0)?
             } else {
-                latents.clone()
+                scaled
             };
-            let prediction = self.unet.forward(&input, t as f64, &context)?;
+            let prediction = self.unet.forward(&input, t, &context)?;
             let prediction = if guided {
                 // Rows are (negative, prompt), as `TextEncoder::encode` batches them.
                 let uncond = prediction.i(0..1)?;
@@ -252,7 +248,7 @@ impl Pipeline {
             } else {
                 prediction
             };
-            latents = schedule.step(&prediction, t, &latents)?;
+            latents = sampler.step(&prediction, i, &latents, &step_noise)?;
             if !on_step(done, total) {
                 return Err(PipelineError::Cancelled);
             }

@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::Device;
+use kiln_proto::recipe::Scheduler;
 use sha2::Digest;
 
 use super::*;
@@ -352,5 +353,192 @@ fn tiny_render_timing() -> TestResult {
         "tiny model, 64x64, 4 steps, guidance 5: {:.3} s per render",
         each
     );
+    Ok(())
+}
+
+/// Every sampler variant a recipe can name: (scheduler, karras, eta).
+const SAMPLERS: [(Scheduler, bool, f64); 8] = [
+    (Scheduler::Ddim, false, 0.0),
+    (Scheduler::Ddim, false, 0.5),
+    (Scheduler::Euler, false, 0.0),
+    (Scheduler::Euler, true, 0.0),
+    (Scheduler::EulerA, false, 0.0),
+    (Scheduler::EulerA, true, 0.0),
+    (Scheduler::DpmPp2m, false, 0.0),
+    (Scheduler::DpmPp2m, true, 0.0),
+];
+
+/// The test recipe with another sampler.
+fn sampler_recipe(seed: u64, (scheduler, karras, eta): (Scheduler, bool, f64)) -> Recipe {
+    Recipe {
+        scheduler,
+        karras,
+        eta,
+        ..recipe("a lighthouse on a cliff, stormy sea", seed)
+    }
+}
+
+/// Names a sampler variant as a batch file would.
+fn sampler_name((scheduler, karras, eta): (Scheduler, bool, f64)) -> String {
+    format!("{scheduler} karras={karras} eta={eta}")
+}
+
+#[test]
+fn every_sampler_renders_the_same_pixels_twice_and_follows_the_seed() -> TestResult {
+    let pipeline = tiny();
+    let mut images = Vec::new();
+    for sampler in SAMPLERS {
+        let name = sampler_name(sampler);
+        let r = sampler_recipe(21, sampler);
+        r.validate("")?;
+        let first = render(pipeline, &r)?;
+        assert!(
+            render(pipeline, &r)? == first,
+            "{name}: same recipe, different pixels"
+        );
+        let other = render(pipeline, &sampler_recipe(22, sampler))?;
+        let d = distance(&first, &other);
+        println!("{name}: other seed differs by {d:.1} per byte");
+        assert!(d > 2.0, "{name}: a new seed barely changes the image ({d})");
+        images.push((name, first));
+    }
+    // The samplers really differ from each other (none silently falls back to another).
+    for (i, (a, x)) in images.iter().enumerate() {
+        for (b, y) in &images[i + 1..] {
+            assert!(x != y, "{a} and {b} render the same pixels");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ancestral_noise_changes_the_image_but_not_its_reproducibility() -> TestResult {
+    // DDIM with eta > 0 differs from eta = 0 only through the per-step noise, which
+    // comes from the portable generator: same seed, same bytes.
+    let pipeline = tiny();
+    let deterministic = render(pipeline, &sampler_recipe(5, (Scheduler::Ddim, false, 0.0)))?;
+    let noisy = sampler_recipe(5, (Scheduler::Ddim, false, 1.0));
+    let image = render(pipeline, &noisy)?;
+    assert!(image != deterministic, "eta = 1 added no noise");
+    assert!(render(pipeline, &noisy)? == image);
+    Ok(())
+}
+
+#[test]
+fn turbo_style_euler_a_renders_in_one_and_four_steps() -> TestResult {
+    let pipeline = tiny();
+    for steps in [1, 4] {
+        let r = Recipe {
+            steps,
+            guidance: 0.0,
+            ..sampler_recipe(8, (Scheduler::EulerA, false, 0.0))
+        };
+        r.validate("")?;
+        let mut seen = Vec::new();
+        let image = pipeline.txt2img(&r, &mut |done, total| {
+            seen.push((done, total));
+            true
+        })?;
+        let want: Vec<(u32, u32)> = (1..=steps).map(|done| (done, steps)).collect();
+        assert_eq!(seen, want);
+        assert!(
+            pipeline.txt2img(&r, &mut |_, _| true)? == image,
+            "{steps} steps"
+        );
+        let other = render(
+            pipeline,
+            &Recipe {
+                seed: 9,
+                ..r.clone()
+            },
+        )?;
+        assert!(
+            distance(&image, &other) > 2.0,
+            "{steps} steps: seed ignored"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_sampler_the_recipe_cannot_use_is_an_invalid_recipe() {
+    let mut r = recipe("a cat", 1);
+    r.karras = true;
+    let err = render(tiny(), &r).err();
+    assert!(
+        matches!(
+            &err,
+            Some(PipelineError::InvalidRecipe {
+                field: "karras",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    r.karras = false;
+    r.scheduler = Scheduler::Euler;
+    r.eta = 0.3;
+    let err = render(tiny(), &r).err();
+    assert!(
+        matches!(
+            &err,
+            Some(PipelineError::InvalidRecipe { field: "eta", .. })
+        ),
+        "{err:?}"
+    );
+}
+
+/// Environment variable that makes `print_sampler_image_hashes` the child of
+/// `every_sampler_renders_the_same_bytes_in_another_process`.
+const HASH_CHILD: &str = "KILN_SAMPLER_HASH_CHILD";
+
+/// Returns one line per sampler variant: its name and the sha256 of its pixels.
+fn sampler_hashes() -> Result<Vec<String>, PipelineError> {
+    SAMPLERS
+        .iter()
+        .map(|&sampler| {
+            let image = render(tiny(), &sampler_recipe(77, sampler))?;
+            Ok(format!(
+                "{}: {}",
+                sampler_name(sampler),
+                hex::encode(sha2::Sha256::digest(&image.pixels))
+            ))
+        })
+        .collect()
+}
+
+/// Prints the image hash of every sampler (the child half of the cross-process test).
+#[test]
+fn print_sampler_image_hashes() -> TestResult {
+    for line in sampler_hashes()? {
+        println!("{HASH_CHILD} {line}");
+    }
+    Ok(())
+}
+
+#[test]
+fn every_sampler_renders_the_same_bytes_in_another_process() -> TestResult {
+    if std::env::var_os(HASH_CHILD).is_some() {
+        return Ok(());
+    }
+    let output = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "pipeline::tests::print_sampler_image_hashes",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HASH_CHILD, "1")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "child failed: {stdout}");
+    // The harness may print "test ... " on the same line before the first one.
+    let marker = format!("{HASH_CHILD} ");
+    let theirs: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once(&marker).map(|(_, rest)| rest))
+        .collect();
+    let ours = sampler_hashes()?;
+    assert_eq!(theirs, ours, "another process rendered different bytes");
     Ok(())
 }
