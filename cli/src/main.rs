@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kiln_worker::pipeline::TinyKind;
 
 use crate::client::Farm;
 use crate::commands::{bench, control, fetch, list, model, render, submit, watch};
@@ -167,11 +168,15 @@ enum BenchCommand {
 
 #[derive(Subcommand, Debug)]
 enum ModelCommand {
-    /// Write the tiny random-weight model (for tests and trying kiln out).
+    /// Write a tiny random-weight model (for tests and trying kiln out).
     Tiny {
         /// The folder to write it to.
         #[arg(long)]
         out: PathBuf,
+        /// Its architecture: sd15, sd21 (GELU text encoder, v-prediction), sdxl (two
+        /// text encoders, added conditioning) or inpaint (SD 1.5 inpainting UNet).
+        #[arg(long, default_value_t = TinyKind::Sd15)]
+        kind: TinyKind,
     },
 }
 
@@ -280,8 +285,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             control::drain(&farm()?, &worker, json).await.map(|()| true)
         }
         Command::Model {
-            command: ModelCommand::Tiny { out },
-        } => model::tiny(&out).map(|()| true),
+            command: ModelCommand::Tiny { out, kind },
+        } => model::tiny(&out, kind).map(|()| true),
         Command::Bench {
             command:
                 BenchCommand::Dispatch {

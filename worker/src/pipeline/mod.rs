@@ -6,17 +6,29 @@
 //! each denoising step and stopping when asked. The initial noise comes from
 //! [`noise`], kiln's portable counter-based generator, never from the device,
 //! so a recipe renders the same image wherever it runs. [`model_hash`] names a
-//! model folder by content, and [`write_tiny_model`] writes the small
-//! random-weight model that tests and the quickstart render with.
+//! model folder by content, and [`write_tiny_model_kind`] writes the small
+//! random-weight models (one per [`TinyKind`]) that tests and the quickstart
+//! render with.
+//!
+//! Architectures: SD 1.x, SD 2.x and SD-Turbo (GELU OpenCLIP text encoder,
+//! v-prediction), SDXL and SDXL-Turbo (two text encoders and the UNet's added
+//! conditioning), and the inpainting UNets of each (9 input channels), all
+//! recognised from the folder's config files. The text encoders (`clip`) and
+//! the UNet's top level (`unet`) are kiln's own, because candle's versions
+//! cannot run GELU encoders or SDXL's added conditioning; their building blocks
+//! and the VAE are candle's.
 //!
 //! Everything here is blocking, compute-bound work: call it from a dedicated
 //! thread, never from the async runtime.
 //!
 //! Files: `layout` (where each file lives), `config` (diffusers configs →
-//! candle configs), `weights` (safetensors loading that names bad tensors),
-//! `text` (tokenizer, prompt chunking, text encoder), `sampling` (the samplers),
-//! `hash`, `tiny` and `tiny_tokenizer` (the test model).
+//! model configs, refusing what kiln cannot run), `weights` (safetensors
+//! loading that names bad tensors), `clip` (the CLIP text transformer), `text`
+//! (tokenizers, prompt chunking, the text encoders), `unet` (the denoiser),
+//! `sampling` (the samplers), `hash`, and `tiny`, `tiny_configs` and
+//! `tiny_tokenizer` (the test models).
 
+mod clip;
 mod config;
 mod error;
 mod hash;
@@ -25,39 +37,45 @@ pub mod noise;
 mod sampling;
 mod text;
 mod tiny;
+mod tiny_configs;
 mod tiny_tokenizer;
+mod unet;
 mod weights;
 
+#[cfg(test)]
+mod arch_tests;
 #[cfg(test)]
 mod tests;
 
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 pub use error::PipelineError;
 pub use hash::model_hash;
 pub use kiln_proto::recipe::Recipe;
-pub use tiny::write_tiny_model;
+pub use tiny::{ParseTinyKindError, TinyKind, write_tiny_model, write_tiny_model_kind};
 
 use layout::ModelFiles;
 use noise::Purpose;
 use sampling::SchedulerConfig;
-use text::TextEncoder;
+use text::TextEncoders;
+use unet::{AddedConditioning, Conditioning, Unet};
 
-/// A model loaded for rendering: tokenizer, text encoder, UNet, VAE, scheduler config.
+/// A model loaded for rendering: tokenizers, text encoders, UNet, VAE, scheduler config.
 pub struct Pipeline {
     /// Content hash of the folder it was loaded from.
     hash: String,
     /// Where the weights live and the denoising runs.
     device: Device,
-    /// Tokenizer and CLIP text encoder.
-    text: TextEncoder,
-    /// The denoiser.
-    unet: UNet2DConditionModel,
-    /// Channels of the latent image (the UNet's input).
+    /// Tokenizers and CLIP text encoders (two for SDXL).
+    text: TextEncoders,
+    /// The denoiser: kiln's UNet top level, which also runs SDXL's added conditioning.
+    unet: Unet,
+    /// Whether the UNet also takes a mask and masked-image latents (`in_channels = 9`).
+    inpainting: bool,
+    /// Channels of the latent image (the VAE's latents; the UNet's output).
     latent_channels: usize,
     /// Latents → pixels (only the decoder is used by txt2img).
     vae: AutoEncoderKL,
@@ -108,6 +126,10 @@ impl std::fmt::Debug for RgbImage {
 impl Pipeline {
     /// Loads a diffusers-layout model folder onto `device`.
     ///
+    /// The architecture (SD 1.x, SD 2.x / SD-Turbo, SDXL / SDXL-Turbo, and their
+    /// inpainting UNets) comes from the folder's config files; weights may be f32 or
+    /// f16 (`*.fp16.safetensors`) and are loaded as f32.
+    ///
     /// # Errors
     ///
     /// `Io` for a missing or unreadable file, `Config` for a config that is
@@ -116,52 +138,13 @@ impl Pipeline {
     /// unusable tokenizer files.
     pub fn load(dir: &Path, device: &Device) -> Result<Pipeline, PipelineError> {
         let files = ModelFiles::locate(dir)?;
-        config::check_model_index(&files.path(layout::MODEL_INDEX))?;
+        let spec = config::read_model(&files)?;
         let scheduler = SchedulerConfig::read(&files.path(layout::SCHEDULER_CONFIG))?;
-        let clip = config::read_clip(&files.path(layout::TEXT_ENCODER_CONFIG))?;
-        let unet_path = files.path(layout::UNET_CONFIG);
-        let unet_spec = config::read_unet(&unet_path)?;
-        let vae_path = files.path(layout::VAE_CONFIG);
-        let vae_spec = config::read_vae(&vae_path)?;
-        if unet_spec.cross_attention_dim != clip.embed_dim {
-            return Err(PipelineError::config(
-                unet_path,
-                format!(
-                    "cross_attention_dim = {} but the text encoder's hidden_size is {}",
-                    unet_spec.cross_attention_dim, clip.embed_dim
-                ),
-            ));
-        }
-        let latent = vae_spec.config.latent_channels;
-        if unet_spec.in_channels != latent || unet_spec.out_channels != latent {
-            return Err(PipelineError::config(
-                unet_path,
-                format!(
-                    "in_channels = {} and out_channels = {} must equal the VAE's latent_channels = {latent}",
-                    unet_spec.in_channels, unet_spec.out_channels
-                ),
-            ));
-        }
-        if vae_spec.out_channels != 3 {
-            return Err(PipelineError::config(
-                vae_path,
-                format!(
-                    "out_channels = {}: kiln renders RGB images",
-                    vae_spec.out_channels
-                ),
-            ));
-        }
-
-        let text = TextEncoder::load(&files, &clip, device)?;
+        let text = TextEncoders::load(&files, &spec.text, spec.zero_empty_negative, device)?;
         let unet = weights::build(&files.path(&files.unet_weights), DType::F32, device, |vb| {
-            UNet2DConditionModel::new(
-                vb,
-                unet_spec.in_channels,
-                unet_spec.out_channels,
-                false,
-                unet_spec.config.clone(),
-            )
+            Unet::new(vb, &spec.unet)
         })?;
+        let vae_spec = &spec.vae;
         let vae = weights::build(&files.path(&files.vae_weights), DType::F32, device, |vb| {
             AutoEncoderKL::new(
                 vb,
@@ -177,7 +160,8 @@ impl Pipeline {
             device: device.clone(),
             text,
             unet,
-            latent_channels: latent,
+            inpainting: spec.inpainting,
+            latent_channels: vae_spec.config.latent_channels,
             vae,
             vae_scaling_factor: vae_spec.scaling_factor,
             vae_downscale: vae_spec.downscale,
@@ -188,6 +172,12 @@ impl Pipeline {
     /// Content hash of the model folder (hex sha256), as computed by `model_hash`.
     pub fn model_hash(&self) -> &str {
         &self.hash
+    }
+
+    /// Whether the UNet is an inpainting one: it takes a mask and the masked image's
+    /// latents beside the noisy latents (`in_channels = 2 × latent channels + 1`).
+    pub fn is_inpainting(&self) -> bool {
+        self.inpainting
     }
 
     /// Renders a txt2img recipe. `on_step(done, total)` is called after every denoising step;
@@ -216,7 +206,7 @@ impl Pipeline {
 
         let guided = recipe.guidance > 1.0;
         let negative = guided.then_some(recipe.negative_prompt.as_str());
-        let context = self.text.encode(&recipe.prompt, negative)?;
+        let context = self.conditioning(&recipe.prompt, negative, latent_height, latent_width)?;
 
         let shape = (1, self.latent_channels, latent_height, latent_width);
         let len = shape.1 * shape.2 * shape.3;
@@ -254,6 +244,54 @@ impl Pipeline {
             }
         }
         self.decode(&latents)
+    }
+
+    /// Returns the UNet conditioning of one render: text states for the guidance
+    /// branches (rows ordered negative, prompt), SDXL's added conditioning, and the
+    /// image inputs of an inpainting UNet.
+    ///
+    /// SDXL's time ids are diffusers' defaults: original size = target size = the
+    /// image's (height, width), crop top-left (0, 0). An inpainting UNet rendering
+    /// txt2img gets a mask of ones (repaint everything) and zero masked-image latents.
+    fn conditioning(
+        &self,
+        prompt: &str,
+        negative: Option<&str>,
+        latent_height: usize,
+        latent_width: usize,
+    ) -> Result<Conditioning, PipelineError> {
+        let text = self.text.encode(prompt, negative)?;
+        let rows = text.context.dim(0)?;
+        let added = match text.pooled {
+            Some(text_embeds) => {
+                let h = (latent_height * self.vae_downscale) as f32;
+                let w = (latent_width * self.vae_downscale) as f32;
+                let ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
+                let time_ids = Tensor::from_vec(ids, (rows, config::SDXL_TIME_IDS), &self.device)?;
+                Some(AddedConditioning {
+                    text_embeds,
+                    time_ids,
+                })
+            }
+            None => None,
+        };
+        let image = if self.inpainting {
+            let size = (latent_height, latent_width);
+            let mask = Tensor::ones((rows, 1, size.0, size.1), DType::F32, &self.device)?;
+            let masked = Tensor::zeros(
+                (rows, self.latent_channels, size.0, size.1),
+                DType::F32,
+                &self.device,
+            )?;
+            Some(Tensor::cat(&[&mask, &masked], 1)?)
+        } else {
+            None
+        };
+        Ok(Conditioning {
+            context: text.context,
+            added,
+            image,
+        })
     }
 
     /// Returns the latent size of an image side, which must be a multiple of the downscale.

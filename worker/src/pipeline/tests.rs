@@ -131,7 +131,7 @@ fn long_prompts_are_chunked_not_truncated() -> TestResult {
     assert_eq!(ids.len(), 76);
     assert_eq!(pipeline.text.token_ids(&truncated)?, ids[..75]);
 
-    let context = pipeline.text.encode(&long, Some(""))?;
+    let context = pipeline.text.encode(&long, Some(""))?.context;
     assert_eq!(context.dims(), [2, 2 * 77, 32]);
 
     let full = render(pipeline, &recipe(&long, 5))?;

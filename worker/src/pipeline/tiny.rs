@@ -1,11 +1,12 @@
-//! The tiny model: an SD-1.5-architecture model with deterministic random weights.
+//! The tiny models: every supported architecture with deterministic random weights.
 //!
-//! Tests and the quickstart render with it. It is written in exactly the
-//! diffusers layout and tensor names of a real SD 1.5 folder, so it exercises
-//! the real loader. Sizes (FIELD-NOTES): UNet blocks of 32 (cross-attention,
-//! 4 heads) and 64 channels, one layer per block, 8 norm groups,
-//! cross-attention width 32; VAE channels [16, 16, 32, 32] (four blocks keep
-//! the real 8× latent factor); CLIP width 32, 2 layers, 4 heads, 77 positions.
+//! Tests and the quickstart render with them. Each is written in exactly the
+//! diffusers layout, file names, config keys and tensor names of its real
+//! counterpart ([`TinyKind`]: SD 1.5, SD 2.1, SDXL, SD 1.5 inpainting), so it
+//! exercises the real loader. Sizes (FIELD-NOTES): UNet levels of 32 and 64
+//! channels, 8 norm groups; VAE channels [16, 16, 32, 32] (four blocks keep
+//! the real 8× latent factor); CLIP width 32 (SDXL's second encoder 48),
+//! 2 layers, 4 heads, 77 positions. The configs are in `tiny_configs`.
 //!
 //! The modules are built on a `VarMap` only to enumerate every parameter's name
 //! and shape: its own initial values come from an unseeded generator and are
@@ -15,24 +16,27 @@
 //! the cross-attention query and key weights doubled. That keeps activations in
 //! range through every layer, so images are neither black nor saturated and
 //! visibly change with prompt and seed. The bytes written are identical on
-//! every run.
+//! every run, and the SD 1.5 kind's are those kiln has always written.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use candle_transformers::models::clip::text_model::ClipTextTransformer;
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::clip::ClipTextModel;
 use super::config;
 use super::error::PipelineError;
-use super::layout;
+use super::layout::{self, TEXT_1, TEXT_2, TextComponent};
 use super::noise::{self, Purpose};
+use super::tiny_configs;
 use super::tiny_tokenizer::{self, TinyVocab};
+use super::unet::Unet;
 
 /// Philox seed of the tiny model's weights ("kiln" in ASCII).
 const WEIGHTS_SEED: u64 = 0x6b69_6c6e;
@@ -42,173 +46,149 @@ const WEIGHTS_SEED: u64 = 0x6b69_6c6e;
 /// logits spread 4× wider, attention picks out tokens as a trained model's does,
 /// and the difference is ~40 (a new seed: ~70).
 const CROSS_ATTENTION_QK_GAIN: f32 = 2.0;
-/// diffusers version stamped in the configs, as real folders carry one.
-const DIFFUSERS_VERSION: &str = "0.30.0";
 
-/// Writes the tiny random-weight model (deterministic: same bytes every time) into `dir`.
+/// The architecture of a tiny model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TinyKind {
+    /// Stable Diffusion 1.5: one QuickGELU CLIP encoder, ε-prediction (`sd15`).
+    #[default]
+    Sd15,
+    /// Stable Diffusion 2.1 (768, v-prediction): a GELU OpenCLIP encoder padded with `!`,
+    /// per-level head counts, linear attention projections (`sd21`).
+    Sd21,
+    /// SDXL: two text encoders and the UNet's added conditioning (`sdxl`).
+    Sdxl,
+    /// SD 1.5 inpainting: a UNet with 9 input channels (`inpaint`).
+    Inpaint,
+}
+
+impl TinyKind {
+    /// Every kind, in the order `kiln model tiny --help` lists them.
+    pub const ALL: [TinyKind; 4] = [
+        TinyKind::Sd15,
+        TinyKind::Sd21,
+        TinyKind::Sdxl,
+        TinyKind::Inpaint,
+    ];
+
+    /// Returns the kind's command-line name: `sd15`, `sd21`, `sdxl` or `inpaint`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TinyKind::Sd15 => "sd15",
+            TinyKind::Sd21 => "sd21",
+            TinyKind::Sdxl => "sdxl",
+            TinyKind::Inpaint => "inpaint",
+        }
+    }
+
+    /// Returns the text encoder / tokenizer folders the kind has.
+    fn text_components(self) -> &'static [TextComponent] {
+        match self {
+            TinyKind::Sdxl => &[TEXT_1, TEXT_2],
+            _ => &[TEXT_1],
+        }
+    }
+}
+
+impl fmt::Display for TinyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A tiny model kind name that is not one of `sd15`, `sd21`, `sdxl`, `inpaint`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown tiny model kind {0:?}: expected sd15, sd21, sdxl or inpaint")]
+pub struct ParseTinyKindError(pub String);
+
+impl FromStr for TinyKind {
+    type Err = ParseTinyKindError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TinyKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| ParseTinyKindError(s.to_string()))
+    }
+}
+
+/// Writes the tiny SD 1.5 model (deterministic: same bytes every time) into `dir`.
+///
+/// # Errors
+///
+/// `Io` when a folder or file cannot be written; `Config` or `Weights` only if
+/// kiln's own tiny configs were inconsistent.
 pub fn write_tiny_model(dir: &Path) -> Result<(), PipelineError> {
-    for sub in ["scheduler", "text_encoder", "tokenizer", "unet", "vae"] {
+    write_tiny_model_kind(dir, TinyKind::Sd15)
+}
+
+/// Writes the tiny model of architecture `kind` (deterministic) into `dir`.
+///
+/// # Errors
+///
+/// As [`write_tiny_model`].
+pub fn write_tiny_model_kind(dir: &Path, kind: TinyKind) -> Result<(), PipelineError> {
+    let folders = ["scheduler", "unet", "vae"].into_iter().chain(
+        kind.text_components()
+            .iter()
+            .flat_map(|c| [c.encoder, c.tokenizer]),
+    );
+    for sub in folders {
         let path = dir.join(sub);
         std::fs::create_dir_all(&path).map_err(|e| PipelineError::io(path, e))?;
     }
-    write_json(dir, layout::MODEL_INDEX, &model_index())?;
-    write_json(dir, layout::SCHEDULER_CONFIG, &scheduler_config())?;
+    write_json(dir, layout::MODEL_INDEX, &tiny_configs::model_index(kind))?;
+    write_json(
+        dir,
+        layout::SCHEDULER_CONFIG,
+        &tiny_configs::scheduler_config(kind),
+    )?;
 
     let vocab = TinyVocab::new();
-    write_json(dir, layout::TOKENIZER_JSON, &vocab.tokenizer_json())?;
-    write_json(dir, layout::TOKENIZER_VOCAB, &vocab.vocab_json())?;
-    write_text(dir, layout::TOKENIZER_MERGES, &vocab.merges_txt())?;
-    write_json(
-        dir,
-        layout::TOKENIZER_CONFIG,
-        &tiny_tokenizer::tokenizer_config_json(),
-    )?;
-    write_json(
-        dir,
-        layout::SPECIAL_TOKENS_MAP,
-        &tiny_tokenizer::special_tokens_map_json(),
-    )?;
+    for (index, &component) in kind.text_components().iter().enumerate() {
+        let pad = tiny_configs::pad_token(kind, index);
+        let file = |name: &str| component.tokenizer_file(name);
+        write_json(dir, &file("tokenizer.json"), &vocab.tokenizer_json())?;
+        write_json(dir, &file("vocab.json"), &vocab.vocab_json())?;
+        write_text(dir, &file("merges.txt"), &vocab.merges_txt())?;
+        write_json(
+            dir,
+            &file("tokenizer_config.json"),
+            &tiny_tokenizer::tokenizer_config_json(pad),
+        )?;
+        write_json(
+            dir,
+            &file("special_tokens_map.json"),
+            &tiny_tokenizer::special_tokens_map_json(pad),
+        )?;
 
-    // Each component is built from the config file just written, read back by the
-    // loader's own parser, so the weights always match what the loader will expect.
-    write_json(
-        dir,
-        layout::TEXT_ENCODER_CONFIG,
-        &text_encoder_config(&vocab),
-    )?;
-    let clip = config::read_clip(&dir.join(layout::TEXT_ENCODER_CONFIG))?;
-    let tensors = random_weights("text_encoder", |vb| {
-        ClipTextTransformer::new(vb.pp("text_model"), &clip).map(drop)
-    })?;
-    save(dir, layout::TEXT_ENCODER_WEIGHTS, &tensors)?;
+        // Each component is built from the config file just written, read back by the
+        // loader's own parser, so the weights always match what the loader will expect.
+        let config_rel = component.config();
+        write_json(
+            dir,
+            &config_rel,
+            &tiny_configs::text_encoder_config(kind, index, &vocab),
+        )?;
+        let clip = config::read_clip(&dir.join(&config_rel), index == 1)?;
+        let tensors = random_weights(component.encoder, |vb| {
+            ClipTextModel::new(vb, &clip).map(drop)
+        })?;
+        save(dir, &component.weights(), &tensors)?;
+    }
 
-    write_json(dir, layout::UNET_CONFIG, &unet_config())?;
+    write_json(dir, layout::UNET_CONFIG, &tiny_configs::unet_config(kind))?;
     let unet = config::read_unet(&dir.join(layout::UNET_CONFIG))?;
-    let tensors = random_weights("unet", |vb| {
-        UNet2DConditionModel::new(
-            vb,
-            unet.in_channels,
-            unet.out_channels,
-            false,
-            unet.config.clone(),
-        )
-        .map(drop)
-    })?;
+    let tensors = random_weights("unet", |vb| Unet::new(vb, &unet).map(drop))?;
     save(dir, layout::UNET_WEIGHTS, &tensors)?;
 
-    write_json(dir, layout::VAE_CONFIG, &vae_config())?;
+    write_json(dir, layout::VAE_CONFIG, &tiny_configs::vae_config(kind))?;
     let vae = config::read_vae(&dir.join(layout::VAE_CONFIG))?;
     let tensors = random_weights("vae", |vb| {
         AutoEncoderKL::new(vb, vae.in_channels, vae.out_channels, vae.config.clone()).map(drop)
     })?;
     save(dir, layout::VAE_WEIGHTS, &tensors)?;
     Ok(())
-}
-
-/// `model_index.json` of a StableDiffusionPipeline without safety checker.
-fn model_index() -> Value {
-    json!({
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "feature_extractor": [null, null],
-        "image_encoder": [null, null],
-        "requires_safety_checker": false,
-        "safety_checker": [null, null],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"]
-    })
-}
-
-/// DDIM with Stable Diffusion 1.5's training schedule.
-fn scheduler_config() -> Value {
-    json!({
-        "_class_name": "DDIMScheduler",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "clip_sample": false,
-        "num_train_timesteps": 1000,
-        "prediction_type": "epsilon",
-        "set_alpha_to_one": false,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-        "trained_betas": null
-    })
-}
-
-/// A 2-layer, 32-wide CLIPTextModel over the tiny vocabulary.
-fn text_encoder_config(vocab: &TinyVocab) -> Value {
-    json!({
-        "_name_or_path": "kiln/tiny-sd",
-        "architectures": ["CLIPTextModel"],
-        "attention_dropout": 0.0,
-        "bos_token_id": vocab.bos(),
-        "dropout": 0.0,
-        "eos_token_id": vocab.eos(),
-        "hidden_act": "quick_gelu",
-        "hidden_size": 32,
-        "initializer_factor": 1.0,
-        "initializer_range": 0.02,
-        "intermediate_size": 128,
-        "layer_norm_eps": 1e-05,
-        "max_position_embeddings": 77,
-        "model_type": "clip_text_model",
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "pad_token_id": vocab.eos(),
-        "projection_dim": 32,
-        "torch_dtype": "float32",
-        "vocab_size": vocab.tokens.len()
-    })
-}
-
-/// A two-level UNet: 32 channels with cross-attention, then 64 without.
-fn unet_config() -> Value {
-    json!({
-        "_class_name": "UNet2DConditionModel",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "act_fn": "silu",
-        "attention_head_dim": 4,
-        "block_out_channels": [32, 64],
-        "center_input_sample": false,
-        "cross_attention_dim": 32,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "downsample_padding": 1,
-        "flip_sin_to_cos": true,
-        "freq_shift": 0,
-        "in_channels": 4,
-        "layers_per_block": 1,
-        "mid_block_scale_factor": 1,
-        "norm_eps": 1e-05,
-        "norm_num_groups": 8,
-        "out_channels": 4,
-        "sample_size": 8,
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "use_linear_projection": false
-    })
-}
-
-/// A four-level AutoencoderKL (8× downscale) with 4 latent channels.
-fn vae_config() -> Value {
-    json!({
-        "_class_name": "AutoencoderKL",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "act_fn": "silu",
-        "block_out_channels": [16, 16, 32, 32],
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "in_channels": 3,
-        "latent_channels": 4,
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-        "out_channels": 3,
-        "sample_size": 64,
-        "scaling_factor": 0.18215,
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
-    })
 }
 
 /// Builds a module on a `VarMap` and returns deterministic values for all its parameters,
@@ -315,35 +295,70 @@ mod tests {
         assert_eq!(diffusers_name("conv_in.weight"), "conv_in.weight");
     }
 
+    /// Every file under `dir`, relative, sorted.
+    fn files(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if let Ok(rel) = path.strip_prefix(dir) {
+                    out.push(rel.to_string_lossy().replace('\\', "/"));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn kind_names_round_trip() {
+        for kind in TinyKind::ALL {
+            assert_eq!(kind.to_string().parse::<TinyKind>(), Ok(kind));
+        }
+        assert_eq!(TinyKind::default(), TinyKind::Sd15);
+        let err = "sd3".parse::<TinyKind>().err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("unknown tiny model kind \"sd3\": expected sd15, sd21, sdxl or inpaint")
+        );
+    }
+
     #[test]
     fn writes_the_same_bytes_every_time() -> Result<(), Box<dyn std::error::Error>> {
-        let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
-        write_tiny_model(a.path())?;
-        write_tiny_model(b.path())?;
-        let files = [
-            layout::MODEL_INDEX,
-            layout::SCHEDULER_CONFIG,
-            layout::TEXT_ENCODER_CONFIG,
-            layout::TEXT_ENCODER_WEIGHTS,
-            layout::TOKENIZER_JSON,
-            layout::TOKENIZER_VOCAB,
-            layout::TOKENIZER_MERGES,
-            layout::TOKENIZER_CONFIG,
-            layout::SPECIAL_TOKENS_MAP,
-            layout::UNET_CONFIG,
-            layout::UNET_WEIGHTS,
-            layout::VAE_CONFIG,
-            layout::VAE_WEIGHTS,
-        ];
-        for rel in files {
-            let (x, y) = (
-                std::fs::read(a.path().join(rel))?,
-                std::fs::read(b.path().join(rel))?,
-            );
-            assert!(!x.is_empty(), "{rel} is empty");
-            println!("{rel}: {} bytes", x.len());
-            assert!(x == y, "{rel} differs between two writes");
+        for kind in TinyKind::ALL {
+            let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+            write_tiny_model_kind(a.path(), kind)?;
+            write_tiny_model_kind(b.path(), kind)?;
+            let listed = files(a.path());
+            assert_eq!(listed, files(b.path()));
+            let expected = if kind == TinyKind::Sdxl { 20 } else { 13 };
+            assert_eq!(listed.len(), expected, "{kind}: {listed:?}");
+            for rel in listed {
+                let (x, y) = (
+                    std::fs::read(a.path().join(&rel))?,
+                    std::fs::read(b.path().join(&rel))?,
+                );
+                assert!(!x.is_empty(), "{kind}: {rel} is empty");
+                println!("{kind} {rel}: {} bytes", x.len());
+                assert!(x == y, "{kind}: {rel} differs between two writes");
+            }
         }
+        Ok(())
+    }
+
+    /// The SD 1.5 tiny model is the one kiln has always written, byte for byte: its
+    /// content hash (over every file the pipeline reads) is pinned here.
+    #[test]
+    fn the_sd15_tiny_model_never_changes() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        write_tiny_model(dir.path())?;
+        assert_eq!(
+            super::super::model_hash(dir.path())?,
+            "ac7f8adb8db1d38471c3599d8a23e55ee1300c1c714ac979307477c9d2bad965"
+        );
         Ok(())
     }
 
@@ -379,6 +394,46 @@ mod tests {
             clip.iter()
                 .any(|n| n == "text_model.embeddings.token_embedding.weight")
         );
+        Ok(())
+    }
+
+    #[test]
+    fn sdxl_has_both_encoders_and_the_added_embedding() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        write_tiny_model_kind(dir.path(), TinyKind::Sdxl)?;
+        let load = |rel: &str| candle_core::safetensors::load(dir.path().join(rel), &Device::Cpu);
+        let unet = load(layout::UNET_WEIGHTS)?;
+        let linear_1 = unet
+            .get("add_embedding.linear_1.weight")
+            .ok_or("no add_embedding.linear_1.weight")?;
+        // 40 (pooled projection) + 6 time ids × 32 in, 4 × 32 (time embedding) out.
+        assert_eq!(linear_1.dims(), [128, 232]);
+        assert!(unet.contains_key("add_embedding.linear_2.bias"));
+        // SDXL's first level has no attention; the second has two transformer layers.
+        assert!(
+            !unet
+                .keys()
+                .any(|n| n.starts_with("down_blocks.0.attentions"))
+        );
+        assert!(
+            unet.contains_key("down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k.weight")
+        );
+        assert!(unet.contains_key("mid_block.attentions.0.transformer_blocks.1.norm3.weight"));
+        let second = load(&TEXT_2.weights())?;
+        assert_eq!(
+            second
+                .get("text_projection.weight")
+                .ok_or("no text_projection")?
+                .dims(),
+            [40, 48]
+        );
+        let first = load(&TEXT_1.weights())?;
+        assert!(!first.contains_key("text_projection.weight"));
+        let pad: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+            dir.path()
+                .join(TEXT_2.tokenizer_file("tokenizer_config.json")),
+        )?)?;
+        assert_eq!(pad["pad_token"], "!");
         Ok(())
     }
 }

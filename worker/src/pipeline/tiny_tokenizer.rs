@@ -207,8 +207,9 @@ fn added_token(content: &str) -> Value {
     })
 }
 
-/// Returns `tokenizer_config.json` as stable-diffusion-v1-5 ships it (CLIPTokenizer).
-pub(crate) fn tokenizer_config_json() -> Value {
+/// Returns `tokenizer_config.json` as stable-diffusion-v1-5 ships it (CLIPTokenizer), with
+/// `pad` as its pad token (SD 2.x and SDXL's second tokenizer pad with `!`).
+pub(crate) fn tokenizer_config_json(pad: &str) -> Value {
     json!({
         "add_prefix_space": false,
         "bos_token": added_token(STARTOFTEXT),
@@ -216,18 +217,18 @@ pub(crate) fn tokenizer_config_json() -> Value {
         "eos_token": added_token(ENDOFTEXT),
         "errors": "replace",
         "model_max_length": 77,
-        "pad_token": ENDOFTEXT,
+        "pad_token": pad,
         "tokenizer_class": "CLIPTokenizer",
         "unk_token": added_token(ENDOFTEXT)
     })
 }
 
-/// Returns `special_tokens_map.json` as stable-diffusion-v1-5 ships it.
-pub(crate) fn special_tokens_map_json() -> Value {
+/// Returns `special_tokens_map.json` as stable-diffusion-v1-5 ships it, with `pad` as its pad token.
+pub(crate) fn special_tokens_map_json(pad: &str) -> Value {
     json!({
         "bos_token": added_token(STARTOFTEXT),
         "eos_token": added_token(ENDOFTEXT),
-        "pad_token": ENDOFTEXT,
+        "pad_token": pad,
         "unk_token": added_token(ENDOFTEXT)
     })
 }

@@ -4,8 +4,12 @@
 //! and a wrong shape in a message that may carry a backtrace. kiln wraps the
 //! memory-mapped file in a backend that records the first tensor it could not
 //! serve, so a failed build becomes `PipelineError::Weights` naming the file
-//! and the tensor.
+//! and the tensor. The backend also records every tensor it served, so a
+//! build that leaves tensors of the file unread (weights the model would
+//! silently ignore) is logged, and tests can check that each tiny model's
+//! loader asks for exactly the tensors in its files.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +30,8 @@ struct RecordingBackend {
     /// attention probes a 2-D weight and falls back to 4-D under the same name, so a
     /// later success of that name clears the record.
     failure: Arc<Mutex<Option<(String, String)>>>,
+    /// Every tensor served, shared with `build` like `failure`.
+    served: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl RecordingBackend {
@@ -36,12 +42,17 @@ impl RecordingBackend {
         candle_core::Error::Msg(format!("tensor {name}: {message}"))
     }
 
-    /// Forgets a recorded failure for `name` once a retry of it succeeded.
-    fn clear(&self, name: &str) {
+    /// Records that `name` was served and forgets a recorded failure for it (a retry
+    /// of it succeeded).
+    fn served(&self, name: &str) {
         let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         if slot.as_ref().is_some_and(|(n, _)| n == name) {
             *slot = None;
         }
+        self.served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
     }
 }
 
@@ -69,7 +80,7 @@ impl SimpleBackend for RecordingBackend {
             .load(name, dev)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| self.fail(name, format!("cannot be loaded: {}", plain(&e))))?;
-        self.clear(name);
+        self.served(name);
         Ok(tensor)
     }
 
@@ -79,7 +90,7 @@ impl SimpleBackend for RecordingBackend {
             .load(name, dev)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| self.fail(name, format!("cannot be loaded: {}", plain(&e))))?;
-        self.clear(name);
+        self.served(name);
         Ok(tensor)
     }
 
@@ -101,7 +112,16 @@ fn map_file(file: &Path) -> Result<MmapedSafetensors, PipelineError> {
     })
 }
 
+/// Tensors a checkpoint may hold that no model reads: transformers' saved position ids.
+fn is_buffer(name: &str) -> bool {
+    name.ends_with("embeddings.position_ids")
+}
+
 /// Builds a module from `file` with `build`; a missing or misshapen tensor names itself.
+///
+/// Tensors of the file that the module never asked for are logged as a warning
+/// (buffers such as `position_ids` excepted): a model that ignores weights
+/// renders wrong without failing.
 pub(crate) fn build<T>(
     file: &Path,
     dtype: DType,
@@ -109,12 +129,20 @@ pub(crate) fn build<T>(
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<T, PipelineError> {
     let failure = Arc::new(Mutex::new(None));
+    let served = Arc::new(Mutex::new(BTreeSet::new()));
+    let tensors = map_file(file)?;
+    let present: BTreeSet<String> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     let backend = RecordingBackend {
-        tensors: map_file(file)?,
+        tensors,
         failure: Arc::clone(&failure),
+        served: Arc::clone(&served),
     };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-    build(vb).map_err(|e| {
+    let module = build(vb).map_err(|e| {
         let recorded = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
         let message = match recorded {
             Some((name, message)) => format!("tensor {name} {message}"),
@@ -124,7 +152,23 @@ pub(crate) fn build<T>(
             file: PathBuf::from(file),
             message,
         }
-    })
+    })?;
+    let served = std::mem::take(&mut *served.lock().unwrap_or_else(|p| p.into_inner()));
+    let unused: Vec<&String> = present
+        .iter()
+        .filter(|n| !served.contains(*n) && !is_buffer(n))
+        .collect();
+    if let Some(first) = unused.first() {
+        tracing::warn!(
+            file = %file.display(),
+            count = unused.len(),
+            first = %first,
+            "the model does not read every tensor of its weights file"
+        );
+    }
+    #[cfg(test)]
+    usage::record(file, served, present);
+    Ok(module)
 }
 
 /// Returns candle's message without the backtrace it may carry.
@@ -132,5 +176,30 @@ fn plain(e: &candle_core::Error) -> String {
     match e {
         candle_core::Error::WithBacktrace { inner, .. } => plain(inner),
         other => other.to_string(),
+    }
+}
+
+/// Test support: which tensors each build asked for, per thread.
+#[cfg(test)]
+pub(crate) mod usage {
+    use std::cell::RefCell;
+    use std::collections::BTreeSet;
+    use std::path::{Path, PathBuf};
+
+    /// One build: the file, the tensors served, the tensors in the file.
+    pub(crate) type Usage = (PathBuf, BTreeSet<String>, BTreeSet<String>);
+
+    thread_local! {
+        static LOG: RefCell<Vec<Usage>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Appends one build's usage to this thread's log.
+    pub(super) fn record(file: &Path, served: BTreeSet<String>, present: BTreeSet<String>) {
+        LOG.with(|log| log.borrow_mut().push((file.to_path_buf(), served, present)));
+    }
+
+    /// Returns and clears this thread's log.
+    pub(crate) fn take() -> Vec<Usage> {
+        LOG.with(|log| std::mem::take(&mut *log.borrow_mut()))
     }
 }
