@@ -21,6 +21,7 @@ mod config;
 mod ddim;
 mod error;
 mod hash;
+mod inspect;
 mod layout;
 pub mod noise;
 mod text;
@@ -40,6 +41,7 @@ use kiln_proto::recipe::Scheduler;
 
 pub use error::PipelineError;
 pub use hash::model_hash;
+pub use inspect::{PromptTokenizer, resident_bytes};
 pub use kiln_proto::recipe::Recipe;
 pub use tiny::write_tiny_model;
 
