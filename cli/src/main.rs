@@ -17,7 +17,9 @@ use clap::{Parser, Subcommand};
 use kiln_worker::pipeline::TinyKind;
 
 use crate::client::Farm;
-use crate::commands::{bench, control, fetch, list, model, render, submit, watch};
+use crate::commands::{
+    bench, control, fetch, inspect, list, model, prompt, pull, render, submit, watch,
+};
 
 /// The job ended with items that produced no image.
 const EXIT_INCOMPLETE: u8 = 3;
@@ -135,6 +137,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show how a prompt's weights parse and how its tokens fall into encoder chunks.
+    Prompt {
+        /// The prompt, in AUTOMATIC1111 syntax: (word:1.3), (word), [word], \(, BREAK.
+        text: String,
+        /// Count tokens with this model folder's tokenizer (default: an estimate by words).
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the A1111 parameters and the kiln recipe stored in a rendered PNG.
+    Inspect {
+        /// The PNG file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Model tools.
     Model {
         #[command(subcommand)]
@@ -177,6 +198,20 @@ enum ModelCommand {
         /// text encoders, added conditioning) or inpaint (SD 1.5 inpainting UNet).
         #[arg(long, default_value_t = TinyKind::Sd15)]
         kind: TinyKind,
+    },
+    /// Download a diffusers repository from the Hugging Face hub: only the files kiln reads.
+    Pull {
+        /// The repository, e.g. stabilityai/sdxl-turbo (gated ones need HF_TOKEN).
+        repo: String,
+        /// The folder to write it to; run again to resume an interrupted pull.
+        #[arg(long)]
+        out: PathBuf,
+        /// Branch, tag or commit.
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// Weights precision: fp32 (default) or fp16 (the *.fp16.safetensors variant).
+        #[arg(long, default_value = "fp32", value_parser = ["fp32", "fp16"])]
+        variant: String,
     },
 }
 
@@ -298,5 +333,25 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         } => bench::dispatch(workers, tasks, store.as_deref(), json)
             .await
             .map(|()| true),
+        Command::Prompt { text, model, json } => {
+            prompt::run(&text, model.as_deref(), json).map(|()| true)
+        }
+        Command::Inspect { file, json } => inspect::run(&file, json).map(|()| true),
+        Command::Model {
+            command:
+                ModelCommand::Pull {
+                    repo,
+                    out,
+                    revision,
+                    variant,
+                },
+        } => pull::run(pull::PullOptions {
+            repo: &repo,
+            revision: &revision,
+            out: &out,
+            variant: kiln_worker::pull::Variant::parse(&variant)?,
+        })
+        .await
+        .map(|()| true),
     }
 }

@@ -4,14 +4,16 @@
 //! and `WorkerLink` services). Beside it live the domain types that the
 //! coordinator, the worker and the CLI use instead of passing prost structs
 //! around: id newtypes ([`ids`]), the validated [`recipe::Recipe`] and its hash,
-//! job expansion ([`spec`]), and [`error::FieldError`], the validation error
-//! that names the field and the value.
+//! job expansion ([`spec`]), the prompt-weighting parser ([`prompt`]), and
+//! [`error::FieldError`], the validation error that names the field and the
+//! value.
 #![warn(missing_docs)]
 
 pub mod blob;
 pub mod connect;
 pub mod error;
 pub mod ids;
+pub mod prompt;
 pub mod recipe;
 pub mod spec;
 pub mod telemetry;

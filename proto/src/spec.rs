@@ -399,6 +399,12 @@ impl Layered {
         recipe
             .validate("")
             .map_err(|e| FieldError::new(self.origin(&e.path, fallback), e.message))?;
+        // A malformed weight is refused here, not found by a worker mid-job.
+        crate::prompt::parse_field(&self.origin("prompt", fallback), &recipe.prompt)?;
+        crate::prompt::parse_field(
+            &self.origin("negative_prompt", fallback),
+            &recipe.negative_prompt,
+        )?;
         Ok(recipe)
     }
 }
@@ -556,6 +562,31 @@ mod tests {
             "sweep.karras[0]",
             "karras with ddim"
         );
+    }
+
+    #[test]
+    fn malformed_prompt_weights_are_refused_naming_the_field() {
+        let mut spec = issue_spec();
+        spec.items[0].prompt = Some("a (red car:abc) here".into());
+        let e = expand(&spec, 0).unwrap_err();
+        assert_eq!(e.path, "items[0].prompt");
+        assert!(e.message.contains("(red car:abc)"), "{e}");
+
+        let mut spec = issue_spec();
+        spec.sweep[0].values[1] = text("a (camera:1.2.3)");
+        assert_eq!(expand(&spec, 0).unwrap_err().path, "sweep.prompt[1]");
+
+        let mut spec = issue_spec();
+        spec.defaults.as_mut().unwrap().negative_prompt = Some("(blurry:lots)".into());
+        assert_eq!(
+            expand(&spec, 0).unwrap_err().path,
+            "defaults.negative_prompt"
+        );
+
+        // Valid weights, unbalanced brackets and colons in text pass, as in the web UI.
+        let mut spec = issue_spec();
+        spec.items[0].prompt = Some("a ((lighthouse:1.3)) [at dusk, (style: ink".into());
+        assert_eq!(expand(&spec, 0).unwrap().len(), 9);
     }
 
     #[test]

@@ -5,15 +5,21 @@
 //! [`pipeline`] owns the candle diffusion pipeline: loading a diffusers-layout
 //! Stable Diffusion folder, txt2img with portable noise, model content hashes,
 //! and the tiny random-weight model tests render with.
+//!
+//! [`catalog`] keeps loaded pipelines in memory under a budget, evicting the
+//! least recently used; [`pull`] chooses the files of a Hugging Face
+//! repository that `kiln model pull` downloads.
 #![warn(missing_docs)]
 
 /// The agent loop: register, lease, heartbeat, report.
 pub mod agent;
+pub mod catalog;
 /// The gRPC client to the coordinator.
 pub mod link;
 /// PNG encoding with metadata chunks.
 pub mod output;
 pub mod pipeline;
+pub mod pull;
 /// The renderers.
 pub mod render;
 /// The dedicated render thread.

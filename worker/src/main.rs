@@ -8,8 +8,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use kiln_proto::ids::WorkerId;
 use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
+use kiln_worker::catalog::parse_size;
 use kiln_worker::link::Link;
-use kiln_worker::render::{CandleRenderer, Renderer, SimRenderer, parse_model_args};
+use kiln_worker::render::{CandleRenderer, Renderer, SimRenderer, open_device, parse_model_args};
 
 /// A kiln worker: keeps its models resident and renders what the coordinator leases to it.
 #[derive(Parser, Debug)]
@@ -39,6 +40,15 @@ struct Args {
     /// A label shown by `kiln workers`, as KEY=VALUE; repeat for more.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// Where the candle pipeline runs: cpu, cuda, cuda:N (needs the `cuda`
+    /// build feature) or metal (needs the `metal` build feature).
+    #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Most memory the loaded models may hold, e.g. 8GiB; the least recently
+    /// used model is evicted to load another. Default: no limit (every model
+    /// is loaded at start). Counts weights only: leave room for activations.
+    #[arg(long, env = "KILN_MEMORY_BUDGET", value_name = "SIZE", value_parser = parse_budget)]
+    memory_budget: Option<u64>,
     /// Sim renderer only: time per denoising step.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     sim_step: Duration,
@@ -90,9 +100,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         RendererKind::Candle => {
             let models = parse_model_args(&args.models)?;
-            let device = candle_core::Device::Cpu;
+            let device = open_device(&args.device)?;
+            let budget = args.memory_budget;
             let renderer =
-                tokio::task::spawn_blocking(move || CandleRenderer::load(&models, &device))
+                tokio::task::spawn_blocking(move || CandleRenderer::open(&models, &device, budget))
                     .await
                     .context("model loading stopped")??;
             Arc::new(renderer)
@@ -113,6 +124,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(worker = %worker_id, coordinator = %args.coordinator, renderer = ?args.renderer, "worker starting");
     agent.run(shutdown).await?;
     Ok(())
+}
+
+/// Parses `--memory-budget` for clap.
+fn parse_budget(text: &str) -> Result<u64, String> {
+    parse_size(text).map_err(|e| e.to_string())
 }
 
 /// Returns `<host>-<4 hex digits>`: unique per process, readable in `kiln workers`.

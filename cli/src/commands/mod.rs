@@ -3,8 +3,11 @@
 pub mod bench;
 pub mod control;
 pub mod fetch;
+pub mod inspect;
 pub mod list;
 pub mod model;
+pub mod prompt;
+pub mod pull;
 pub mod render;
 pub mod submit;
 pub mod watch;

@@ -32,6 +32,7 @@ mod clip;
 mod config;
 mod error;
 mod hash;
+mod inspect;
 mod layout;
 pub mod noise;
 mod sampling;
@@ -54,6 +55,7 @@ use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 pub use error::PipelineError;
 pub use hash::model_hash;
+pub use inspect::{PromptTokenizer, resident_bytes};
 pub use kiln_proto::recipe::Recipe;
 pub use tiny::{ParseTinyKindError, TinyKind, write_tiny_model, write_tiny_model_kind};
 

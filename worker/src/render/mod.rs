@@ -10,7 +10,7 @@ use kiln_proto::error::FieldError;
 use kiln_proto::pb::{FaultClass, ModelInfo};
 use kiln_proto::recipe::{Recipe, check_model_name};
 
-pub use self::candle::CandleRenderer;
+pub use self::candle::{CandleRenderer, DeviceError, LoadError, open_device};
 
 /// Parses `--model NAME=DIR` arguments into (name, folder) pairs.
 ///

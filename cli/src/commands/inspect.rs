@@ -1,0 +1,167 @@
+//! `kiln inspect FILE.png`: prints the A1111 `parameters` text and the `kiln`
+//! chunk's recipe JSON that a kiln render carries (tEXt, zTXt or iTXt).
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+/// The metadata text chunks of a PNG.
+#[derive(Debug, Default, PartialEq)]
+pub struct PngText {
+    /// The A1111-style `parameters` text, if present.
+    pub parameters: Option<String>,
+    /// The `kiln` chunk (recipe, hashes, pipeline version) as JSON, if present.
+    pub kiln: Option<serde_json::Value>,
+}
+
+/// Reads the `parameters` and `kiln` chunks of PNG bytes.
+///
+/// # Errors
+/// When the bytes are not a PNG, a text chunk cannot be decompressed, or the
+/// `kiln` chunk is not JSON.
+pub fn read(bytes: &[u8]) -> anyhow::Result<PngText> {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder.read_info().context("not a readable PNG")?;
+    // Text chunks may also follow the image data: read through to the end.
+    let size = reader
+        .output_buffer_size()
+        .context("the PNG's image is too large to read")?;
+    let mut pixels = vec![0; size];
+    reader
+        .next_frame(&mut pixels)
+        .context("the PNG's image data is damaged")?;
+    reader
+        .finish()
+        .context("the PNG's chunks after the image are damaged")?;
+    let info = reader.info();
+    let mut texts: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.text.clone()))
+        .collect();
+    for c in &info.compressed_latin1_text {
+        let text = c
+            .get_text()
+            .with_context(|| format!("the zTXt chunk {:?} cannot be decompressed", c.keyword))?;
+        texts.push((c.keyword.clone(), text));
+    }
+    for c in &info.utf8_text {
+        let text = c
+            .get_text()
+            .with_context(|| format!("the iTXt chunk {:?} cannot be decoded", c.keyword))?;
+        texts.push((c.keyword.clone(), text));
+    }
+    let find = |keyword: &str| {
+        texts
+            .iter()
+            .find(|(k, _)| k == keyword)
+            .map(|(_, t)| t.clone())
+    };
+    let kiln = match find("kiln") {
+        Some(text) => {
+            Some(serde_json::from_str(&text).context("the kiln chunk is not valid JSON")?)
+        }
+        None => None,
+    };
+    Ok(PngText {
+        parameters: find("parameters"),
+        kiln,
+    })
+}
+
+/// Runs `kiln inspect`.
+///
+/// # Errors
+/// When the file cannot be read, is not a PNG, or has neither chunk.
+pub fn run(file: &Path, json: bool) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let text = read(&bytes).with_context(|| format!("{}", file.display()))?;
+    if text.parameters.is_none() && text.kiln.is_none() {
+        bail!(
+            "{}: no `parameters` or `kiln` text chunk: not an image from kiln or the A1111 web UI",
+            file.display()
+        );
+    }
+    if json {
+        println!(
+            "{}",
+            json!({
+                "file": file.display().to_string(),
+                "parameters": text.parameters,
+                "kiln": text.kiln,
+            })
+        );
+        return Ok(());
+    }
+    if let Some(parameters) = &text.parameters {
+        println!("parameters:\n{parameters}");
+    }
+    if let Some(kiln) = &text.kiln {
+        if text.parameters.is_some() {
+            println!();
+        }
+        println!("kiln:\n{}", serde_json::to_string_pretty(kiln)?);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::pb;
+    use kiln_worker::output::{RgbImage, encode_png};
+
+    fn png_of(prompt: &str) -> Vec<u8> {
+        let spec = pb::JobSpec {
+            items: vec![pb::RecipeFields {
+                model: Some("tiny".into()),
+                prompt: Some(prompt.into()),
+                seed: Some(42),
+                width: Some(64),
+                height: Some(64),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let recipe = kiln_proto::spec::expand(&spec, 0).unwrap().remove(0).recipe;
+        let image = RgbImage {
+            width: 2,
+            height: 2,
+            pixels: vec![7; 12],
+        };
+        encode_png(&image, &recipe, "0123456789abcdef").unwrap()
+    }
+
+    #[test]
+    fn both_chunks_come_back_ascii_and_utf8() {
+        for prompt in ["a red fox", "un café (la nuit:1.2)"] {
+            let text = read(&png_of(prompt)).unwrap();
+            let parameters = text.parameters.unwrap();
+            assert!(parameters.starts_with(prompt), "{parameters}");
+            assert!(parameters.contains("Seed: 42"), "{parameters}");
+            let kiln = text.kiln.unwrap();
+            assert_eq!(kiln["recipe"]["prompt"], prompt);
+            assert_eq!(kiln["recipe"]["seed"], 42);
+            assert_eq!(kiln["model_hash"], "0123456789abcdef");
+        }
+    }
+
+    #[test]
+    fn a_png_without_chunks_is_read_as_empty_and_garbage_is_an_error() {
+        let mut out = Vec::new();
+        {
+            let mut encoder = png::Encoder::new(&mut out, 1, 1);
+            encoder.set_color(png::ColorType::Grayscale);
+            let mut writer = encoder.write_header().unwrap();
+            writer.write_image_data(&[0]).unwrap();
+        }
+        assert_eq!(read(&out).unwrap(), PngText::default());
+        assert!(read(b"not a png").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plain.png");
+        std::fs::write(&path, &out).unwrap();
+        let e = run(&path, false).unwrap_err();
+        assert!(e.to_string().contains("no `parameters` or `kiln`"), "{e}");
+    }
+}
