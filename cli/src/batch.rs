@@ -9,6 +9,9 @@
 //! [sweep]                  # field = [values]: the cross product of all axes
 //! [zip]                    # field = [values]: advance together, crossed with [sweep]
 //! [[items]]                # explicit tasks, after the sweep
+//! [series.NAME]            # a character series: character, anchor, consistency,
+//!                          # reference_image, and recipe fields shared by its shots
+//! [[series.NAME.shots]]    # one shot: the scene prompt, optional overrides
 //! ```
 //!
 //! `init_image` and `mask` name image files, relative to the batch file; they
@@ -200,11 +203,20 @@ impl Parser {
                         spec.items.push(self.fields(&path, item)?);
                     }
                 }
+                "series" => {
+                    let table = self.table("series", value)?;
+                    for (name, body) in table {
+                        let name = name.get_ref().to_string();
+                        let path = format!("series.{name}");
+                        self.spans.insert(path.clone(), body.span());
+                        spec.series.push(self.series(&path, &name, body)?);
+                    }
+                }
                 other => {
                     return Err(self.err(
                         other,
                         &span,
-                        format!("unknown key {other:?}; expected one of name, project, priority, defaults, sweep, zip, items"),
+                        format!("unknown key {other:?}; expected one of name, project, priority, defaults, sweep, zip, items, series"),
                     ));
                 }
             }
@@ -319,6 +331,59 @@ impl Parser {
         }
     }
 
+    /// Reads `[series.NAME]`: the series keys, recipe fields, and its shots.
+    fn series(
+        &mut self,
+        path: &str,
+        name: &str,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Result<pb::SeriesSpec, BatchError> {
+        let table = self.table(path, value)?;
+        let mut series = pb::SeriesSpec {
+            name: name.to_string(),
+            ..Default::default()
+        };
+        let mut recipe: Vec<(&Spanned<toml::de::DeString<'_>>, &Spanned<DeValue<'_>>)> = Vec::new();
+        for (key, v) in table {
+            let key_name = key.get_ref().as_ref();
+            let at = format!("{path}.{key_name}");
+            self.spans.insert(at.clone(), v.span());
+            match key_name {
+                "character" => series.character = self.string(&at, v)?,
+                "anchor" => series.anchor = self.boolean(&at, v)?,
+                "consistency" => series.consistency = Some(self.number(&at, v)?),
+                "reference_image" => series.reference_image = self.image(&at, v)?,
+                "shots" => {
+                    let DeValue::Array(shots) = v.get_ref() else {
+                        return Err(self.err(
+                            &at,
+                            &v.span(),
+                            format!("must be an array of tables: write [[{path}.shots]]"),
+                        ));
+                    };
+                    for (i, shot) in shots.iter().enumerate() {
+                        let shot_path = format!("{at}[{i}]");
+                        self.spans.insert(shot_path.clone(), shot.span());
+                        series.shots.push(self.fields(&shot_path, shot)?);
+                    }
+                }
+                _ => recipe.push((key, v)),
+            }
+        }
+        series.defaults = Some(self.field_list(
+            path,
+            recipe,
+            &[
+                "character",
+                "anchor",
+                "consistency",
+                "reference_image",
+                "shots",
+            ],
+        )?);
+        Ok(series)
+    }
+
     /// Reads a table of recipe fields (`[defaults]` or one `[[items]]`).
     fn fields(
         &mut self,
@@ -326,8 +391,19 @@ impl Parser {
         value: &Spanned<DeValue<'_>>,
     ) -> Result<RecipeFields, BatchError> {
         let table = self.table(path, value)?;
+        self.field_list(path, table.iter().collect(), &[])
+    }
+
+    /// Reads recipe fields from key/value pairs; `also` lists the other keys
+    /// the enclosing table accepts, for the error about an unknown key.
+    fn field_list(
+        &mut self,
+        path: &str,
+        pairs: Vec<(&Spanned<toml::de::DeString<'_>>, &Spanned<DeValue<'_>>)>,
+        also: &[&str],
+    ) -> Result<RecipeFields, BatchError> {
         let mut f = RecipeFields::default();
-        for (key, v) in table {
+        for (key, v) in pairs {
             let name = key.get_ref().as_ref();
             let at = format!("{path}.{name}");
             self.spans.insert(at.clone(), v.span());
@@ -348,12 +424,14 @@ impl Parser {
                 "init_image" => f.init_image = Some(self.image(&at, v)?),
                 "mask" => f.mask = Some(self.image(&at, v)?),
                 other => {
+                    let mut known: Vec<&str> = also.to_vec();
+                    known.extend_from_slice(FIELDS);
                     return Err(self.err(
                         &at,
                         &v.span(),
                         format!(
-                            "unknown recipe field {other:?}; expected one of {}",
-                            FIELDS.join(", ")
+                            "unknown field {other:?}; expected one of {}",
+                            known.join(", ")
                         ),
                     ));
                 }
@@ -565,6 +643,62 @@ seed = 42
             Some(batch.spec.blobs[0].sha256.as_str())
         );
         assert_eq!(items[0].recipe.strength, 0.5);
+    }
+
+    /// The series of issue #5, word for word.
+    const MIRA: &str = r#"[series.mira]
+model = "tiny"
+character = "Mira, a young cartographer with a short copper bob, round glasses and a green wool coat"
+negative_prompt = "extra fingers, deformed hands"
+seed = 777
+width = 64
+height = 64
+steps = 6
+anchor = true
+consistency = 0.6
+
+[[series.mira.shots]]
+prompt = "standing on a cliff at sunrise, wind in her coat"
+[[series.mira.shots]]
+prompt = "reading a map by candlelight in a library"
+[[series.mira.shots]]
+prompt = "running through a rainy market street"
+seed = 9001
+"#;
+
+    #[test]
+    fn the_issue_series_gives_an_anchor_and_three_shots() {
+        let batch = Batch::parse("series.toml", MIRA).unwrap();
+        let items = batch.validate().unwrap();
+        assert_eq!(items.len(), 4);
+        assert_eq!(items[0].file_name, "00000-mira-anchor.png");
+        assert!(
+            items[1]
+                .recipe
+                .prompt
+                .ends_with(", standing on a cliff at sunrise, wind in her coat")
+        );
+        assert_eq!(items[3].recipe.seed, 9001);
+        assert_eq!(items[1].recipe.width, 64);
+    }
+
+    #[test]
+    fn series_errors_carry_line_and_field() {
+        let e = error_of(&MIRA.replace("consistency = 0.6", "consistency = 1.6"));
+        assert_eq!(
+            (e.line, e.path.as_str()),
+            (Some(10), "series.mira.consistency")
+        );
+        let e = error_of(&MIRA.replace("seed = 9001", "steps = 0"));
+        assert_eq!(
+            (e.line, e.path.as_str()),
+            (Some(18), "series.mira.shots[2].steps")
+        );
+        let e = error_of(&MIRA.replace("anchor = true", "anchor = \"yes\""));
+        assert_eq!((e.line, e.path.as_str()), (Some(9), "series.mira.anchor"));
+        let e = error_of(&MIRA.replace("steps = 6", "stpes = 6"));
+        assert_eq!((e.line, e.path.as_str()), (Some(8), "series.mira.stpes"));
+        assert!(e.message.contains("consistency"), "{e}");
     }
 
     #[test]

@@ -120,6 +120,17 @@ impl Farm {
             .ok_or_else(|| Status::internal("the coordinator returned no worker"))
     }
 
+    /// Asks for a verification job of a finished job.
+    pub async fn verify(&self, job_id: &str, sample: u32) -> Result<pb::VerifyJobResponse, Status> {
+        let mut c = self.client.clone();
+        let req = pb::VerifyJobRequest {
+            job_id: job_id.to_string(),
+            sample,
+        };
+        self.unary(c.verify_job(with_deadline(req, CALL_TIMEOUT)))
+            .await
+    }
+
     /// Opens a job's event stream after `cursor`.
     pub async fn watch(
         &self,

@@ -18,7 +18,7 @@ use kiln_worker::pipeline::TinyKind;
 
 use crate::client::Farm;
 use crate::commands::{
-    bench, control, fetch, inspect, list, model, prompt, pull, render, submit, watch,
+    bench, control, fetch, inspect, list, model, prompt, pull, render, submit, verify, watch,
 };
 
 /// The job ended with items that produced no image.
@@ -103,6 +103,18 @@ enum Command {
         /// How many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-render items of a finished job on other workers of its determinism
+    /// class and report, per item, byte-identical or not (exit 0 only if all are).
+    Verify {
+        /// The job id.
+        job: String,
+        /// How many items to re-render, spread over the job (default: all).
+        #[arg(long, default_value_t = 0)]
+        sample: u32,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -315,6 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Jobs { limit, json } => list::jobs(&farm()?, limit, json).await.map(|()| true),
         Command::Workers { json } => list::workers(&farm()?, json).await.map(|()| true),
         Command::Tasks { job, json } => list::tasks(&farm()?, &job, json).await.map(|()| true),
+        Command::Verify { job, sample, json } => verify::run(&farm()?, &job, sample, json).await,
         Command::Cancel { job, json } => control::cancel(&farm()?, &job, json).await.map(|()| true),
         Command::Drain { worker, json } => {
             control::drain(&farm()?, &worker, json).await.map(|()| true)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use kiln_proto::error::FieldError;
 use kiln_proto::ids::{JobId, TaskId};
 use kiln_proto::pb;
-use kiln_proto::recipe::{check_model_name, file_name};
+use kiln_proto::recipe::check_model_name;
 use kiln_proto::spec;
 use tonic::Status;
 
@@ -53,8 +53,10 @@ pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> Result<(JobRecord,
             .map(|i| NewTask {
                 id: TaskId::new(),
                 index: i.index,
-                file_name: file_name(i.index, &i.recipe.prompt),
+                file_name: i.file_name,
                 recipe: i.recipe,
+                series: i.series,
+                avoid: Vec::new(),
             })
             .collect(),
         blobs: spec
@@ -62,6 +64,11 @@ pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> Result<(JobRecord,
             .iter()
             .map(|b| (b.sha256.clone(), bytes::Bytes::from(b.data.clone())))
             .collect(),
+        // A series runs on one determinism class, so every shot reproduces.
+        pin_class: !spec.series.is_empty(),
+        class: None,
+        dedupe: true,
+        verify_of: None,
     };
     Ok(core.store.create_job(job).await?)
 }

@@ -19,6 +19,8 @@ pub fn job(r: &JobRecord) -> pb::JobSummary {
         created_at_ms: r.created_at_ms,
         finished_at_ms: r.finished_at_ms.unwrap_or(0),
         idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
+        determinism_class: r.class.clone().unwrap_or_default(),
+        verify_of: r.verify_of.map(|j| j.to_string()).unwrap_or_default(),
     }
 }
 
@@ -61,6 +63,18 @@ pub fn task(t: &TaskRecord) -> pb::TaskInfo {
             .map(|r| r.sha256.clone())
             .unwrap_or_default(),
         recipe_hash: t.recipe.hash(),
+        series: t
+            .series
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+        shot: t.series.as_ref().map_or(0, |s| s.shot),
+        depends_on: t.series.as_ref().and_then(|s| s.depends_on),
+        determinism_class: t
+            .result
+            .as_ref()
+            .map(|r| r.class.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -8,9 +8,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinatorConfig;
+use crate::contact_sheet;
 use crate::manifest;
 use crate::results::ResultStore;
 use crate::store::Store;
+use crate::store::TaskRecord;
 
 /// The coordinator's shared state: handles only, no farm state of its own.
 pub struct Core {
@@ -48,6 +50,53 @@ impl Core {
         }
     }
 
+    /// Writes `<series>/contact-sheet.png` for every series of a finished job:
+    /// its completed tasks in order, the anchor first.
+    async fn write_contact_sheets(
+        &self,
+        job: JobId,
+        tasks: &[TaskRecord],
+    ) -> Result<(), tonic::Status> {
+        let mut names: Vec<&str> = tasks
+            .iter()
+            .filter_map(|t| t.series.as_ref().map(|s| s.name.as_str()))
+            .collect();
+        names.dedup();
+        for name in names {
+            let mut tiles = Vec::new();
+            for t in tasks
+                .iter()
+                .filter(|t| t.series.as_ref().is_some_and(|s| s.name == name))
+            {
+                let (Some(place), Some(result)) = (&t.series, &t.result) else {
+                    continue;
+                };
+                let png = self
+                    .results
+                    .read_image(job, &t.file_name, &result.object)
+                    .await?;
+                tiles.push(contact_sheet::Tile {
+                    title: if place.shot == 0 {
+                        "anchor".to_string()
+                    } else {
+                        format!("shot {}", place.shot)
+                    },
+                    caption: format!("seed {}", t.recipe.seed),
+                    png: png.to_vec(),
+                });
+            }
+            if tiles.is_empty() {
+                continue;
+            }
+            let sheet = contact_sheet::compose(&tiles)
+                .map_err(|e| tonic::Status::internal(format!("series {name}: {e}")))?;
+            self.results
+                .put_artifact(job, &contact_sheet_path(name), sheet)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Writes the manifest of a job from the store's records. For a finished
     /// job it first publishes every accepted upload still staged (a crash
     /// between acceptance and publication) and deletes the rest of the staging.
@@ -66,10 +115,16 @@ impl Core {
             if removed > 0 {
                 tracing::info!(%job, removed, "removed staged uploads that were never accepted");
             }
+            self.write_contact_sheets(job, &tasks).await?;
         }
         let lines: Vec<String> = tasks.iter().map(|t| manifest::line(&record, t)).collect();
         self.results.write_manifest(job, &lines).await?;
         tracing::info!(%job, state = ?record.state, items = lines.len(), "job finished; manifest written");
         Ok(())
     }
+}
+
+/// Returns where a series' contact sheet lives in its job's folder.
+pub fn contact_sheet_path(series: &str) -> String {
+    format!("{series}/contact-sheet.png")
 }

@@ -11,7 +11,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::core::Core;
-use crate::{admission, convert, manifest};
+use crate::core::contact_sheet_path;
+use crate::{admission, convert, manifest, verify};
 
 /// How often a watcher gets a progress message when no event happens.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -155,6 +156,15 @@ impl pb::farm_server::Farm for FarmService {
         }))
     }
 
+    async fn verify_job(
+        &self,
+        request: Request<pb::VerifyJobRequest>,
+    ) -> Result<Response<pb::VerifyJobResponse>, Status> {
+        Ok(Response::new(
+            verify::verify(&self.core, request.into_inner()).await?,
+        ))
+    }
+
     async fn drain_worker(
         &self,
         request: Request<pb::DrainWorkerRequest>,
@@ -277,9 +287,30 @@ async fn fetch(
             sha256,
             manifest_line: manifest::line(&job, task),
             png,
+            artifact: String::new(),
         };
         if tx.send(Ok(msg)).await.is_err() {
             return Ok(());
+        }
+    }
+    // Job-level files: each series' contact sheet, once the job has ended.
+    let mut series: Vec<&str> = tasks
+        .iter()
+        .filter_map(|t| t.series.as_ref().map(|s| s.name.as_str()))
+        .collect();
+    series.dedup();
+    for name in series {
+        let path = contact_sheet_path(name);
+        if let Some(data) = core.results.get_artifact(id, &path).await? {
+            let msg = pb::FetchResultsResponse {
+                sha256: kiln_proto::blob::sha256_hex(&data),
+                png: data.to_vec(),
+                artifact: path,
+                ..Default::default()
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return Ok(());
+            }
         }
     }
     Ok(())

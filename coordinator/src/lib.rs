@@ -11,6 +11,8 @@
 pub mod admission;
 /// Tunables and their defaults.
 pub mod config;
+/// Series contact sheets.
+pub mod contact_sheet;
 /// Record-to-wire conversions.
 pub mod convert;
 /// Handles shared by every request handler.
@@ -27,6 +29,8 @@ pub mod results;
 pub mod server;
 /// Live state: the `Store` trait and its implementations.
 pub mod store;
+/// Verification jobs.
+pub mod verify;
 /// The worker-facing `WorkerLink` service and result intake.
 pub mod worker_link;
 

@@ -27,6 +27,13 @@ struct Line<'a> {
     size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+    /// Determinism class of the worker whose output was accepted.
+    determinism_class: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    series: Option<&'a str>,
+    /// Shot number from 1; 0 is the anchor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shot: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -84,6 +91,9 @@ pub fn line(job: &JobRecord, task: &TaskRecord) -> String {
         error: last
             .filter(|a| task.state == TaskState::Failed && !a.message.is_empty())
             .map(|a| a.message.as_str()),
+        determinism_class: result.map(|r| r.class.as_str()),
+        series: task.series.as_ref().map(|s| s.name.as_str()),
+        shot: task.series.as_ref().map(|s| s.shot),
     };
     serde_json::to_string(&line).unwrap_or_default()
 }

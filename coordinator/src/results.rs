@@ -135,17 +135,26 @@ impl ResultStore {
         }
     }
 
-    /// Moves an accepted upload to its final name. Idempotent: publishing
-    /// again after a crash finds the final object in place.
+    /// Puts an accepted result under its final name: a staged upload is
+    /// renamed; a result served from another job's image is copied. Idempotent:
+    /// publishing again after a crash finds the final object in place.
     pub async fn publish(
         &self,
         job: JobId,
         file_name: &str,
-        staged: &str,
+        source: &str,
     ) -> Result<(), ResultsError> {
-        let from = Path::from(staged);
+        let from = Path::from(source);
         let to = image_path(job, file_name);
-        match self.objects.rename(&from, &to).await {
+        if from == to {
+            return Ok(());
+        }
+        let moved = if source.contains("/.staging/") {
+            self.objects.rename(&from, &to).await
+        } else {
+            self.objects.copy(&from, &to).await
+        };
+        match moved {
             Ok(()) => Ok(()),
             Err(object_store::Error::NotFound { .. }) => {
                 self.objects
@@ -155,6 +164,38 @@ impl ResultStore {
                 Ok(())
             }
             Err(e) => Err(Self::err(&from, e)),
+        }
+    }
+
+    /// Writes a job-level file that is not an item (a contact sheet) at `<job>/<name>`.
+    pub async fn put_artifact(
+        &self,
+        job: JobId,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<(), ResultsError> {
+        let path = Path::from(format!("{job}/{name}"));
+        self.objects
+            .put(&path, PutPayload::from(data))
+            .await
+            .map_err(|e| Self::err(&path, e))?;
+        Ok(())
+    }
+
+    /// Reads a job-level file written by [`ResultStore::put_artifact`]; None if absent.
+    pub async fn get_artifact(
+        &self,
+        job: JobId,
+        name: &str,
+    ) -> Result<Option<Bytes>, ResultsError> {
+        let path = Path::from(format!("{job}/{name}"));
+        match self.get(&path).await {
+            Ok(b) => Ok(Some(b)),
+            Err(ResultsError::Object {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

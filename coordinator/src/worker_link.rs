@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::core::Core;
 use crate::store::{
-    CompleteOutcome, FailOutcome, ModelInfo, ProgressReport, TaskResult, WorkerRegistration,
+    CompleteOutcome, FailOutcome, Lease, ModelInfo, ProgressReport, TaskResult, WorkerRegistration,
 };
 
 /// Most tasks one Lease call may ask for.
@@ -97,32 +97,25 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         let wait =
             Duration::from_millis(u64::from(req.wait_ms)).min(self.core.config.max_lease_wait);
         let claim = tokio::select! {
-            c = self.core.store.claim(&worker, max, self.core.config.lease_ttl, wait) => c?,
+            c = self.core.store.claim(&worker, max, self.core.config.lease_ttl, wait, &req.resident_models) => c?,
             // Claims are cancel-safe: dropping a waiting claim leased nothing.
             _ = self.core.shutdown.cancelled() => Default::default(),
         };
+        for d in &claim.deduped {
+            self.core
+                .results
+                .publish(d.job, &d.file_name, &d.source)
+                .await?;
+            tracing::debug!(job = %d.job, task = %d.task, source = %d.source, "served from an earlier result");
+        }
+        for job in &claim.finished {
+            self.core.finalize(job.id).await;
+        }
         let mut tasks = Vec::with_capacity(claim.leases.len());
         for l in &claim.leases {
             tracing::debug!(worker = %worker, job = %l.job, task = %l.task, index = l.index, epoch = %l.epoch, "leased");
             let mut task = convert::lease(l);
-            let refs: Vec<String> = [&l.recipe.init_image, &l.recipe.mask]
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect();
-            if !refs.is_empty() {
-                task.blobs = self
-                    .core
-                    .store
-                    .blobs(l.job, &refs)
-                    .await?
-                    .into_iter()
-                    .map(|(sha256, data)| pb::Blob {
-                        sha256,
-                        data: data.to_vec(),
-                    })
-                    .collect();
-            }
+            task.blobs = lease_blobs(&self.core, l).await?;
             tasks.push(task);
         }
         Ok(Response::new(pb::LeaseResponse {
@@ -209,6 +202,43 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
     }
 }
 
+/// Returns the images a leased recipe refers to: the job's blobs, or for a
+/// shot, its anchor's accepted image from the result store.
+async fn lease_blobs(core: &Core, lease: &Lease) -> Result<Vec<pb::Blob>, Status> {
+    let refs: Vec<String> = [&lease.recipe.init_image, &lease.recipe.mask]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    if refs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut found = core.store.blobs(lease.job, &refs).await?;
+    let missing: Vec<&String> = refs
+        .iter()
+        .filter(|r| !found.iter().any(|(sha, _)| sha == *r))
+        .collect();
+    if !missing.is_empty() {
+        for t in core.store.tasks(lease.job).await? {
+            let Some(result) = &t.result else { continue };
+            if missing.contains(&&result.sha256) {
+                let png = core
+                    .results
+                    .read_image(lease.job, &t.file_name, &result.object)
+                    .await?;
+                found.push((result.sha256.clone(), png));
+            }
+        }
+    }
+    Ok(found
+        .into_iter()
+        .map(|(sha256, data)| pb::Blob {
+            sha256,
+            data: data.to_vec(),
+        })
+        .collect())
+}
+
 /// Takes in a rendered image: checks it, stages it under its epoch, lets the
 /// store decide, then publishes or discards it.
 async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
@@ -252,6 +282,8 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
         model_hash: req.model_hash,
         render_ms: timings.render_ms,
         encode_ms: timings.encode_ms,
+        // The store fills in the worker's class.
+        class: String::new(),
     };
     match core.store.complete(&worker, task_id, epoch, result).await {
         Ok(CompleteOutcome::Accepted { job_finished }) => {

@@ -129,6 +129,11 @@ pub struct Recipe {
     pub init_image: Option<String>,
     /// sha256 of the inpainting mask (white = repaint) among the job's blobs.
     pub mask: Option<String>,
+    /// Seed of the img2img start noise when not `seed` (series shots share
+    /// their anchor's noise). Left out of the JSON when absent, so the hashes
+    /// of recipes without it do not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_seed: Option<u64>,
 }
 
 impl Recipe {
@@ -250,6 +255,7 @@ impl Recipe {
             strength: self.strength,
             init_image: self.init_image.clone().unwrap_or_default(),
             mask: self.mask.clone().unwrap_or_default(),
+            noise_seed: self.noise_seed,
         }
     }
 
@@ -276,6 +282,7 @@ impl Recipe {
             strength: r.strength,
             init_image: (!r.init_image.is_empty()).then(|| r.init_image.clone()),
             mask: (!r.mask.is_empty()).then(|| r.mask.clone()),
+            noise_seed: r.noise_seed,
         };
         recipe.validate(path)?;
         Ok(recipe)
@@ -334,6 +341,16 @@ fn check_side(path: &str, value: u32) -> Result<(), FieldError> {
 /// Returns the output file name of item `index`: `<NNNNN>-<slug>.png`.
 pub fn file_name(index: u32, prompt: &str) -> String {
     format!("{index:05}-{}.png", slug(prompt))
+}
+
+/// Returns the file name of a series task: `<NNNNN>-<series>-anchor.png`, or
+/// `<NNNNN>-<series>-<shot, 2 digits>-<slug of the scene>.png` for shot 1 and on.
+pub fn series_file_name(index: u32, series: &str, shot: u32, scene: &str) -> String {
+    if shot == 0 {
+        format!("{index:05}-{series}-anchor.png")
+    } else {
+        format!("{index:05}-{series}-{shot:02}-{}.png", slug(scene))
+    }
 }
 
 /// Returns a short lowercase ASCII slug of a prompt: words joined by '-', at most 48 bytes.
@@ -395,6 +412,7 @@ mod tests {
             strength: 1.0,
             init_image: None,
             mask: None,
+            noise_seed: None,
         }
     }
 

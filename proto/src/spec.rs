@@ -2,7 +2,7 @@
 
 use crate::error::FieldError;
 use crate::pb::{self, FieldValue, RecipeFields, field_value::Kind};
-use crate::recipe::{Recipe, Scheduler, derive_seed};
+use crate::recipe::{Recipe, Scheduler, derive_seed, file_name, series_file_name};
 
 /// Most tasks one job may expand to.
 pub const MAX_TASKS_PER_JOB: usize = 100_000;
@@ -40,11 +40,30 @@ pub mod builtin {
 /// One task of an expanded job.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExpandedItem {
-    /// Position in the job: sweep tasks first, then items.
+    /// Position in the job: sweep tasks first, then items, then series.
     pub index: u32,
-    /// The complete recipe.
+    /// The complete recipe. A shot that starts from its anchor gets its
+    /// `init_image` when the anchor is done.
     pub recipe: Recipe,
+    /// Output file name.
+    pub file_name: String,
+    /// Where the task sits in a series, for series tasks.
+    pub series: Option<SeriesPlace>,
 }
+
+/// A task's place in a series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeriesPlace {
+    /// The series' name.
+    pub name: String,
+    /// Shot number from 1; 0 for the anchor.
+    pub shot: u32,
+    /// Index of the anchor task this shot starts from.
+    pub depends_on: Option<u32>,
+}
+
+/// Default share of the anchor a shot keeps.
+pub const DEFAULT_CONSISTENCY: f64 = 0.5;
 
 /// Expands `spec` into its tasks, validating every field.
 ///
@@ -58,11 +77,16 @@ pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, F
     crate::blob::check_blobs(&spec.blobs)?;
     let defaults = spec.defaults.clone().unwrap_or_default();
     let combos = sweep_combinations(&spec.sweep)?;
-    let total = combos.len() + spec.items.len();
+    let series_tasks: usize = spec
+        .series
+        .iter()
+        .map(|s| s.shots.len() + usize::from(s.anchor && s.reference_image.is_empty()))
+        .sum();
+    let total = combos.len() + spec.items.len() + series_tasks;
     if total == 0 {
         return Err(FieldError::new(
             "items",
-            "the job has no items: add a [sweep] or [[items]]",
+            "the job has no items: add a [sweep], [[items]] or a [series.NAME]",
         ));
     }
     if total > MAX_TASKS_PER_JOB {
@@ -86,21 +110,165 @@ pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, F
             layer.set_origin(&axis.field, path);
         }
         let index = out.len() as u32;
+        let recipe = layer.finish(seed_base, index, "sweep", &spec.blobs)?;
         out.push(ExpandedItem {
             index,
-            recipe: layer.finish(seed_base, index, "sweep", &spec.blobs)?,
+            file_name: file_name(index, &recipe.prompt),
+            recipe,
+            series: None,
         });
     }
     for (i, item) in spec.items.iter().enumerate() {
         let mut layer = Layered::new(&defaults);
         layer.overlay(item, &format!("items[{i}]"));
         let index = out.len() as u32;
+        let recipe = layer.finish(seed_base, index, &format!("items[{i}]"), &spec.blobs)?;
         out.push(ExpandedItem {
             index,
-            recipe: layer.finish(seed_base, index, &format!("items[{i}]"), &spec.blobs)?,
+            file_name: file_name(index, &recipe.prompt),
+            recipe,
+            series: None,
         });
     }
+    for (i, series) in spec.series.iter().enumerate() {
+        if spec.series[..i].iter().any(|s| s.name == series.name) {
+            return Err(FieldError::new(
+                format!("series.{}", series.name),
+                "is defined twice",
+            ));
+        }
+        expand_series(series, &defaults, seed_base, &spec.blobs, &mut out)?;
+    }
     Ok(out)
+}
+
+/// Appends a series' tasks: the anchor (with `anchor` and no reference
+/// image), then every shot. A shot's prompt is the character joined with its
+/// scene; its seed is `derive_seed(series seed, shot number)` unless it sets
+/// one; with an anchor or a reference image it is img2img at strength
+/// `1 - consistency` with the series seed's noise, shared by every shot.
+fn expand_series(
+    series: &pb::SeriesSpec,
+    defaults: &RecipeFields,
+    seed_base: u64,
+    blobs: &[pb::Blob],
+    out: &mut Vec<ExpandedItem>,
+) -> Result<(), FieldError> {
+    let path = format!("series.{}", series.name);
+    check_series_name(&path, &series.name)?;
+    if series.character.trim().is_empty() {
+        return Err(FieldError::new(
+            format!("{path}.character"),
+            "missing: describe the character",
+        ));
+    }
+    if series.shots.is_empty() {
+        return Err(FieldError::new(
+            format!("{path}.shots"),
+            "the series has no shots: add [[series.NAME.shots]]",
+        ));
+    }
+    let consistency = series.consistency.unwrap_or(DEFAULT_CONSISTENCY);
+    if !consistency.is_finite() || !(0.0..=1.0).contains(&consistency) {
+        return Err(FieldError::new(
+            format!("{path}.consistency"),
+            format!("must be between 0 and 1, got {consistency}"),
+        ));
+    }
+    let reference = (!series.reference_image.is_empty()).then(|| series.reference_image.clone());
+    if let Some(sha) = &reference
+        && !blobs.iter().any(|b| &b.sha256 == sha)
+    {
+        return Err(FieldError::new(
+            format!("{path}.reference_image"),
+            format!("no image with sha256 {sha} was sent with the job"),
+        ));
+    }
+    let mut base = Layered::new(defaults);
+    base.overlay(
+        series.defaults.as_ref().unwrap_or(&RecipeFields::default()),
+        &path,
+    );
+    let first = out.len() as u32;
+    let seed = base
+        .fields
+        .seed
+        .unwrap_or_else(|| derive_seed(seed_base, u64::from(first)));
+    base.fields.seed = Some(seed);
+    let mut anchor_index = None;
+    if series.anchor && reference.is_none() {
+        let mut layer = base.clone();
+        layer.fields.prompt = Some(series.character.clone());
+        layer.set_origin("prompt", format!("{path}.character"));
+        let index = out.len() as u32;
+        let recipe = layer.finish(seed_base, index, &path, blobs)?;
+        out.push(ExpandedItem {
+            index,
+            file_name: series_file_name(index, &series.name, 0, ""),
+            recipe,
+            series: Some(SeriesPlace {
+                name: series.name.clone(),
+                shot: 0,
+                depends_on: None,
+            }),
+        });
+        anchor_index = Some(index);
+    }
+    for (i, shot) in series.shots.iter().enumerate() {
+        let number = i as u32 + 1;
+        let shot_path = format!("{path}.shots[{i}]");
+        let mut layer = base.clone();
+        layer.fields.seed = None;
+        layer.overlay(shot, &shot_path);
+        let scene = shot.prompt.clone().unwrap_or_default();
+        layer.fields.prompt = Some(if scene.trim().is_empty() {
+            series.character.clone()
+        } else {
+            format!("{}, {scene}", series.character)
+        });
+        if layer.fields.seed.is_none() {
+            layer.fields.seed = Some(derive_seed(seed, u64::from(number)));
+            layer.set_origin("seed", format!("{path}.seed"));
+        }
+        let starts_from_image = anchor_index.is_some() || reference.is_some();
+        if starts_from_image {
+            layer.fields.strength = Some(1.0 - consistency);
+            layer.set_origin("strength", format!("{path}.consistency"));
+            if let Some(sha) = &reference {
+                layer.fields.init_image = Some(sha.clone());
+                layer.set_origin("init_image", format!("{path}.reference_image"));
+            }
+            layer.init_pending = anchor_index.is_some();
+        }
+        let index = out.len() as u32;
+        let mut recipe = layer.finish(seed_base, index, &shot_path, blobs)?;
+        if starts_from_image {
+            recipe.noise_seed = Some(seed);
+        }
+        out.push(ExpandedItem {
+            index,
+            file_name: series_file_name(index, &series.name, number, &scene),
+            recipe,
+            series: Some(SeriesPlace {
+                name: series.name.clone(),
+                shot: number,
+                depends_on: anchor_index,
+            }),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a series name: it names files and a folder.
+fn check_series_name(path: &str, name: &str) -> Result<(), FieldError> {
+    crate::recipe::check_model_name(path, name).map_err(|_| {
+        FieldError::new(
+            path,
+            format!(
+                "the series name must be 1 to 64 letters, digits, '.', '_' or '-', got {name:?}"
+            ),
+        )
+    })
 }
 
 /// Returns where in `spec` the model `name` is written (`sweep.model[1]`,
@@ -280,10 +448,13 @@ fn describe(kind: &Kind) -> String {
 }
 
 /// A recipe under construction that remembers where each field was set.
+#[derive(Clone)]
 struct Layered {
     fields: RecipeFields,
     /// Path of the value of each field in `FIELDS` order; None = built-in default.
     origins: [Option<String>; FIELDS.len()],
+    /// The init image comes later (a shot waiting for its anchor): keep the strength.
+    init_pending: bool,
 }
 
 impl Layered {
@@ -291,6 +462,7 @@ impl Layered {
         let mut layer = Self {
             fields: RecipeFields::default(),
             origins: Default::default(),
+            init_pending: false,
         };
         layer.overlay(defaults, "defaults");
         layer
@@ -372,13 +544,14 @@ impl Layered {
             karras: f.karras.unwrap_or(false),
             eta: f.eta.unwrap_or(0.0),
             // txt2img is img2img at strength 1: the same render, the same hash.
-            strength: if f.init_image.is_some() {
+            strength: if f.init_image.is_some() || self.init_pending {
                 f.strength.unwrap_or(builtin::STRENGTH)
             } else {
                 1.0
             },
             init_image: f.init_image.clone(),
             mask: f.mask.clone(),
+            noise_seed: None,
         };
         for (field, value) in [("init_image", &recipe.init_image), ("mask", &recipe.mask)] {
             if let Some(sha) = value
@@ -587,6 +760,125 @@ mod tests {
         let mut spec = issue_spec();
         spec.items[0].prompt = Some("a ((lighthouse:1.3)) [at dusk, (style: ink".into());
         assert_eq!(expand(&spec, 0).unwrap().len(), 9);
+    }
+
+    /// The series of issue #5: an anchor and three shots, the last with its own seed.
+    fn mira() -> pb::JobSpec {
+        let shot = |prompt: &str, seed: Option<u64>| RecipeFields {
+            prompt: Some(prompt.into()),
+            seed,
+            ..Default::default()
+        };
+        pb::JobSpec {
+            series: vec![pb::SeriesSpec {
+                name: "mira".into(),
+                character: "Mira, a young cartographer".into(),
+                defaults: Some(RecipeFields {
+                    model: Some("tiny".into()),
+                    negative_prompt: Some("extra fingers".into()),
+                    seed: Some(777),
+                    width: Some(64),
+                    height: Some(64),
+                    steps: Some(6),
+                    ..Default::default()
+                }),
+                anchor: true,
+                consistency: Some(0.6),
+                reference_image: String::new(),
+                shots: vec![
+                    shot("standing on a cliff at sunrise", None),
+                    shot("reading a map by candlelight", None),
+                    shot("running through a rainy market street", Some(9001)),
+                ],
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_series_expands_to_an_anchor_and_its_shots() {
+        let items = expand(&mira(), 5).unwrap();
+        assert_eq!(items.len(), 4);
+        let anchor = &items[0];
+        assert_eq!(anchor.recipe.prompt, "Mira, a young cartographer");
+        assert_eq!(anchor.recipe.seed, 777);
+        assert_eq!(anchor.recipe.strength, 1.0);
+        assert_eq!(anchor.file_name, "00000-mira-anchor.png");
+        assert_eq!(anchor.series.as_ref().unwrap().shot, 0);
+        let first = &items[1];
+        assert_eq!(
+            first.recipe.prompt,
+            "Mira, a young cartographer, standing on a cliff at sunrise"
+        );
+        assert_eq!(first.recipe.seed, derive_seed(777, 1));
+        assert!((first.recipe.strength - 0.4).abs() < 1e-12);
+        assert_eq!(
+            first.recipe.noise_seed,
+            Some(777),
+            "shots share the anchor's noise"
+        );
+        assert_eq!(
+            first.recipe.init_image, None,
+            "filled when the anchor is done"
+        );
+        assert_eq!(first.series.as_ref().unwrap().depends_on, Some(0));
+        assert_eq!(
+            first.file_name,
+            "00001-mira-01-standing-on-a-cliff-at-sunrise.png"
+        );
+        assert_eq!(items[3].recipe.seed, 9001);
+        assert_eq!(items[3].recipe.negative_prompt, "extra fingers");
+        // Seeds are a pure function of (series seed, shot number): the base does not matter.
+        assert_eq!(
+            expand(&mira(), 6).unwrap()[2].recipe.seed,
+            items[2].recipe.seed
+        );
+    }
+
+    #[test]
+    fn series_errors_name_the_series_field() {
+        let mut spec = mira();
+        spec.series[0].consistency = Some(1.5);
+        assert_eq!(
+            expand(&spec, 0).unwrap_err().path,
+            "series.mira.consistency"
+        );
+        let mut spec = mira();
+        spec.series[0].shots[1].steps = Some(0);
+        assert_eq!(
+            expand(&spec, 0).unwrap_err().path,
+            "series.mira.shots[1].steps"
+        );
+        let mut spec = mira();
+        spec.series[0].character.clear();
+        assert_eq!(expand(&spec, 0).unwrap_err().path, "series.mira.character");
+        let mut spec = mira();
+        spec.series[0].name = "mi ra".into();
+        assert_eq!(expand(&spec, 0).unwrap_err().path, "series.mi ra");
+        let mut spec = mira();
+        spec.series[0].reference_image = "ab".repeat(32);
+        assert_eq!(
+            expand(&spec, 0).unwrap_err().path,
+            "series.mira.reference_image"
+        );
+    }
+
+    #[test]
+    fn a_series_without_anchor_renders_its_shots_from_text() {
+        let mut spec = mira();
+        spec.series[0].anchor = false;
+        let items = expand(&spec, 0).unwrap();
+        assert_eq!(items.len(), 3);
+        assert!(
+            items
+                .iter()
+                .all(|i| i.recipe.strength == 1.0 && i.recipe.noise_seed.is_none())
+        );
+        assert!(
+            items
+                .iter()
+                .all(|i| i.series.as_ref().unwrap().depends_on.is_none())
+        );
     }
 
     #[test]

@@ -314,6 +314,7 @@ fn stale_epoch_complete_is_refused_with_failed_precondition() {
                     worker_id: "ghost".into(),
                     max_tasks: 1,
                     wait_ms: 5000,
+                    resident_models: vec![],
                 })
                 .await
                 .unwrap()

@@ -251,7 +251,7 @@ impl Agent {
                 }
             }
             let answer = tokio::select! {
-                r = self.shared.link.lease(self.shared.worker.as_str(), free, POLL_WAIT) => r,
+                r = self.shared.link.lease(self.shared.worker.as_str(), free, POLL_WAIT, self.renderer.resident()) => r,
                 _ = drained() => return Ok(()),
             };
             match answer {

@@ -51,17 +51,20 @@ impl Link {
         bounded(CALL_TIMEOUT, c.register(with_deadline(req, CALL_TIMEOUT))).await
     }
 
-    /// Long-polls for up to `max_tasks` leases, waiting at most `wait`.
+    /// Long-polls for up to `max_tasks` leases, waiting at most `wait`;
+    /// `resident_models` tells the scheduler what is loaded.
     pub async fn lease(
         &self,
         worker_id: &str,
         max_tasks: u32,
         wait: Duration,
+        resident_models: Vec<String>,
     ) -> Result<pb::LeaseResponse, Status> {
         let req = pb::LeaseRequest {
             worker_id: worker_id.to_string(),
             max_tasks,
             wait_ms: wait.as_millis() as u32,
+            resident_models,
         };
         let deadline = wait + POLL_SLACK;
         let mut c = self.client.clone();

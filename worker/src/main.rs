@@ -10,7 +10,9 @@ use kiln_proto::ids::WorkerId;
 use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
 use kiln_worker::catalog::parse_size;
 use kiln_worker::link::Link;
-use kiln_worker::render::{CandleRenderer, Renderer, SimRenderer, open_device, parse_model_args};
+use kiln_worker::render::{
+    CandleRenderer, Renderer, SimOptions, SimRenderer, open_device, parse_model_args,
+};
 
 /// A kiln worker: keeps its models resident and renders what the coordinator leases to it.
 #[derive(Parser, Debug)]
@@ -52,6 +54,15 @@ struct Args {
     /// Sim renderer only: time per denoising step.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     sim_step: Duration,
+    /// Sim renderer only: models held at once (default: all); others load on use.
+    #[arg(long)]
+    sim_resident: Option<usize>,
+    /// Sim renderer only: time to load a model that is not resident.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    sim_load: Duration,
+    /// Sim renderer only: fail every render (a broken worker, for tests).
+    #[arg(long)]
+    sim_fail: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -96,7 +107,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .iter()
                 .map(|m| m.split_once('=').map_or(m.as_str(), |(n, _)| n).to_string())
                 .collect();
-            Arc::new(SimRenderer::new(&names, args.sim_step))
+            Arc::new(SimRenderer::with_options(
+                &names,
+                args.sim_step,
+                SimOptions {
+                    resident_slots: args.sim_resident,
+                    load_time: args.sim_load,
+                    fail: args.sim_fail,
+                },
+            ))
         }
         RendererKind::Candle => {
             let models = parse_model_args(&args.models)?;

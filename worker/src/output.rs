@@ -121,6 +121,7 @@ mod tests {
             strength: 1.0,
             init_image: None,
             mask: None,
+            noise_seed: None,
         }
     }
 

@@ -25,6 +25,8 @@ pub struct FetchReport {
     pub without_image: usize,
     /// Items not finished yet.
     pub pending: usize,
+    /// Job-level files written (series contact sheets).
+    pub artifacts: usize,
     /// Where the files are.
     pub out: PathBuf,
 }
@@ -38,7 +40,7 @@ pub async fn fetch(farm: &Farm, job_id: &str, out: &Path) -> anyhow::Result<Fetc
         .as_ref()
         .and_then(|j| j.counts)
         .map_or(0, |c| c.total) as usize;
-    let mut held = Vec::new();
+    let mut held: Vec<pb::HeldItem> = Vec::new();
     for t in job.tasks.iter().filter(|t| !t.sha256.is_empty()) {
         let path = out.join(safe_name(&t.file_name)?);
         if let Ok(bytes) = std::fs::read(&path)
@@ -55,26 +57,25 @@ pub async fn fetch(farm: &Farm, job_id: &str, out: &Path) -> anyhow::Result<Fetc
         ..Default::default()
     };
     let mut lines = BTreeMap::new();
-    let mut stream = farm
-        .fetch(pb::FetchResultsRequest {
-            job_id: job_id.to_string(),
-            from_index: 0,
-            held,
-        })
-        .await
-        .map_err(|s| farm.explain(s))?;
-    while let Some(item) = next_within(&mut stream, IDLE)
-        .await
-        .map_err(|s| farm.explain(s))?
-    {
+    for_each_result(farm, job_id, held, |item| {
+        if let Some(artifact) = &item.artifact {
+            let path = out.join(safe_path(artifact)?);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            write_atomic(&path, &item.png)?;
+            report.artifacts += 1;
+            return Ok(());
+        }
         lines.insert(item.index, item.manifest_line.clone());
         if item.file_name.is_empty() {
             report.without_image += 1;
-            continue;
+            return Ok(());
         }
         if item.png.is_empty() {
             report.kept += 1;
-            continue;
+            return Ok(());
         }
         let digest = hex::encode(Sha256::digest(&item.png));
         if digest != item.sha256 {
@@ -87,7 +88,9 @@ pub async fn fetch(farm: &Farm, job_id: &str, out: &Path) -> anyhow::Result<Fetc
         }
         write_atomic(&out.join(safe_name(&item.file_name)?), &item.png)?;
         report.written += 1;
-    }
+        Ok(())
+    })
+    .await?;
     report.pending = total.saturating_sub(lines.len());
     let mut manifest = String::new();
     for line in lines.values() {
@@ -96,6 +99,62 @@ pub async fn fetch(farm: &Farm, job_id: &str, out: &Path) -> anyhow::Result<Fetc
     }
     write_atomic(&out.join("manifest.jsonl"), manifest.as_bytes())?;
     Ok(report)
+}
+
+/// One message of a job's result stream.
+pub struct ResultItem {
+    /// The item's index (0 for artifacts).
+    pub index: u32,
+    /// Its file name; empty for items without an image and for artifacts.
+    pub file_name: String,
+    /// The sha256 the coordinator recorded.
+    pub sha256: String,
+    /// Its manifest line.
+    pub manifest_line: String,
+    /// The bytes as the result store holds them now (empty when held).
+    pub png: Vec<u8>,
+    /// For a job-level file: its path in the job's folder.
+    pub artifact: Option<String>,
+}
+
+/// Streams a job's finished items and artifacts into `each`, in order.
+pub async fn for_each_result(
+    farm: &Farm,
+    job_id: &str,
+    held: Vec<pb::HeldItem>,
+    mut each: impl FnMut(ResultItem) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut stream = farm
+        .fetch(pb::FetchResultsRequest {
+            job_id: job_id.to_string(),
+            from_index: 0,
+            held,
+        })
+        .await
+        .map_err(|s| farm.explain(s))?;
+    while let Some(m) = next_within(&mut stream, IDLE)
+        .await
+        .map_err(|s| farm.explain(s))?
+    {
+        each(ResultItem {
+            index: m.index,
+            file_name: m.file_name,
+            sha256: m.sha256,
+            manifest_line: m.manifest_line,
+            png: m.png,
+            artifact: (!m.artifact.is_empty()).then_some(m.artifact),
+        })?;
+    }
+    Ok(())
+}
+
+/// Refuses artifact paths that could escape the output folder.
+fn safe_path(path: &str) -> anyhow::Result<PathBuf> {
+    let mut out = PathBuf::new();
+    for part in path.split('/') {
+        out.push(safe_name(part)?);
+    }
+    Ok(out)
 }
 
 /// Refuses file names that could escape the output folder.

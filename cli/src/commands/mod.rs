@@ -10,4 +10,5 @@ pub mod prompt;
 pub mod pull;
 pub mod render;
 pub mod submit;
+pub mod verify;
 pub mod watch;

@@ -32,6 +32,7 @@ fn recipe(model: &str, seed: u64) -> Recipe {
         strength: 1.0,
         init_image: None,
         mask: None,
+        noise_seed: None,
     }
 }
 
@@ -48,9 +49,15 @@ fn new_job(n: u32, model: &str) -> NewJob {
                 index: i,
                 recipe: recipe(model, u64::from(i)),
                 file_name: format!("{i:05}-prompt.png"),
+                series: None,
+                avoid: Vec::new(),
             })
             .collect(),
         blobs: Vec::new(),
+        pin_class: false,
+        class: None,
+        dedupe: true,
+        verify_of: None,
     }
 }
 
@@ -84,12 +91,13 @@ fn result() -> TaskResult {
         model_hash: "hash-of-tiny".into(),
         render_ms: 5,
         encode_ms: 1,
+        class: String::new(),
     }
 }
 
 async fn claim(store: &dyn Store, w: &str, max: usize) -> Vec<Lease> {
     store
-        .claim(&worker(w), max, TTL, NO_WAIT)
+        .claim(&worker(w), max, TTL, NO_WAIT, &[])
         .await
         .expect("claim")
         .leases
@@ -247,7 +255,13 @@ pub async fn completing_every_task_finishes_the_job(store: &dyn Store) {
     assert_eq!(job.counts.completed, 2);
     let task = store.task(leases[0].task).await.unwrap();
     assert_eq!(task.state, TaskState::Completed);
-    assert_eq!(task.result, Some(result()));
+    let mut expected = result();
+    expected.class = "cpu-f32".into();
+    assert_eq!(
+        task.result,
+        Some(expected),
+        "the store records the worker's class"
+    );
     assert_eq!(task.attempts[0].outcome, Outcome::Completed);
     let events = store.events(id, 0, 100).await.unwrap();
     assert_eq!(events.last().map(|e| e.kind), Some(EventKind::JobFinished));
@@ -268,7 +282,7 @@ pub async fn expired_lease_is_fenced(store: &dyn Store) {
     let id = job.id;
     store.create_job(job).await.unwrap();
     let old = store
-        .claim(&worker("slow"), 1, Duration::from_millis(100), NO_WAIT)
+        .claim(&worker("slow"), 1, Duration::from_millis(100), NO_WAIT, &[])
         .await
         .unwrap()
         .leases;
@@ -575,12 +589,12 @@ pub async fn draining_worker_gets_no_work(store: &dyn Store) {
     let w = store.drain_worker(&worker("w1")).await.unwrap();
     assert!(w.draining);
     let c = store
-        .claim(&worker("w1"), 1, TTL, Duration::from_secs(10))
+        .claim(&worker("w1"), 1, TTL, Duration::from_secs(10), &[])
         .await
         .unwrap();
     assert!(c.drain && c.leases.is_empty());
     assert!(matches!(
-        store.claim(&worker("ghost"), 1, TTL, NO_WAIT).await,
+        store.claim(&worker("ghost"), 1, TTL, NO_WAIT, &[]).await,
         Err(StoreError::UnknownWorker(_))
     ));
 }
@@ -591,7 +605,7 @@ pub async fn waiting_claim_wakes_when_work_arrives(store: &dyn Store) {
         .await
         .unwrap();
     let w1 = worker("w1");
-    let waiting = store.claim(&w1, 1, TTL, Duration::from_secs(60));
+    let waiting = store.claim(&w1, 1, TTL, Duration::from_secs(60), &[]);
     let submit = async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         store.create_job(new_job(1, "tiny")).await.unwrap();
@@ -660,6 +674,366 @@ pub async fn replayed_completion_is_accepted_again(store: &dyn Store) {
     assert!(matches!(other, CompleteOutcome::Stale { .. }));
 }
 
+fn registration_of(id: &str, models: &[&str], class: &str) -> WorkerRegistration {
+    let mut r = registration(id, models);
+    r.determinism_class = class.into();
+    r
+}
+
+/// A job with a series: an anchor (index 0) and `shots` shots that start from it.
+fn series_job(shots: u32) -> NewJob {
+    let mut job = new_job(shots + 1, "tiny");
+    job.pin_class = true;
+    for t in &mut job.tasks[1..] {
+        t.series = Some(SeriesPlace {
+            name: "mira".into(),
+            shot: t.index,
+            depends_on: Some(0),
+        });
+        t.recipe.strength = 0.4;
+        t.recipe.noise_seed = Some(777);
+    }
+    job.tasks[0].series = Some(SeriesPlace {
+        name: "mira".into(),
+        shot: 0,
+        depends_on: None,
+    });
+    job
+}
+
+pub async fn shots_wait_for_their_anchor(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = series_job(2);
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let first = claim(store, "w1", 3).await;
+    assert_eq!(first.len(), 1, "only the anchor is claimable");
+    assert_eq!(first[0].index, 0);
+    assert_eq!(
+        store.job(id).await.unwrap().counts.queued,
+        2,
+        "waiting shots count as queued"
+    );
+    assert!(claim(store, "w1", 3).await.is_empty());
+    store
+        .complete(&worker("w1"), first[0].task, first[0].epoch, result())
+        .await
+        .unwrap();
+    let shots = claim(store, "w1", 3).await;
+    assert_eq!(shots.iter().map(|l| l.index).collect::<Vec<_>>(), [1, 2]);
+    let anchor_sha = result().sha256;
+    assert!(
+        shots
+            .iter()
+            .all(|l| l.recipe.init_image.as_deref() == Some(anchor_sha.as_str()))
+    );
+    let tasks = store.tasks(id).await.unwrap();
+    assert_eq!(
+        tasks[1].recipe.init_image.as_deref(),
+        Some(anchor_sha.as_str())
+    );
+    assert_eq!(tasks[1].series.as_ref().unwrap().depends_on, Some(0));
+    let anchor_done = tasks[0].attempts[0].ended_at_ms.unwrap();
+    assert!(tasks[1].attempts[0].started_at_ms >= anchor_done);
+}
+
+pub async fn a_failed_anchor_fails_its_shots(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = series_job(2);
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let anchor = claim(store, "w1", 1).await.remove(0);
+    let out = store
+        .fail(
+            &worker("w1"),
+            anchor.task,
+            anchor.epoch,
+            FaultClass::BadInput,
+            "bad",
+            5,
+        )
+        .await
+        .unwrap();
+    let FailOutcome::Recorded {
+        job_finished: Some(job),
+        ..
+    } = out
+    else {
+        panic!("the job must end with its anchor: {out:?}");
+    };
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.counts.failed, 3);
+    assert_eq!(store.job(id).await.unwrap().counts.queued, 0);
+}
+
+pub async fn a_series_stays_on_one_determinism_class(store: &dyn Store) {
+    store
+        .register_worker(registration_of("f32-a", &["tiny"], "cpu/f32"))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration_of("f16", &["tiny"], "cpu/f16"))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration_of("f32-b", &["tiny"], "cpu/f32"))
+        .await
+        .unwrap();
+    let job = series_job(3);
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let anchor = claim(store, "f32-a", 1).await.remove(0);
+    assert_eq!(
+        store.job(id).await.unwrap().class.as_deref(),
+        Some("cpu/f32")
+    );
+    store
+        .complete(&worker("f32-a"), anchor.task, anchor.epoch, result())
+        .await
+        .unwrap();
+    assert!(
+        claim(store, "f16", 3).await.is_empty(),
+        "another class gets none of the series"
+    );
+    assert_eq!(
+        claim(store, "f32-b", 1).await.len(),
+        1,
+        "the same class gets the shots"
+    );
+}
+
+pub async fn equal_priority_jobs_share_fairly(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let big = new_job(50, "tiny");
+    let mut small = new_job(5, "tiny");
+    // Other recipes than the big job's, or they would be served from its results.
+    for t in &mut small.tasks {
+        t.recipe.seed += 1000;
+    }
+    let (big_id, small_id) = (big.id, small.id);
+    store.create_job(big).await.unwrap();
+    store.create_job(small).await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..10 {
+        let l = claim(store, "w1", 1).await.remove(0);
+        order.push(l.job);
+        store
+            .complete(&worker("w1"), l.task, l.epoch, result())
+            .await
+            .unwrap();
+    }
+    let small_served = order.iter().filter(|j| **j == small_id).count();
+    assert_eq!(
+        small_served, 5,
+        "the small job interleaves from the start: {order:?}"
+    );
+    assert_eq!(order[0], big_id, "the older job goes first");
+    assert_eq!(
+        store.job(small_id).await.unwrap().state,
+        JobState::Completed
+    );
+}
+
+pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
+    store
+        .register_worker(registration("a", &["m1", "m2"]))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration("b", &["m1", "m2"]))
+        .await
+        .unwrap();
+    // The m2 job is older, but a has m1 resident and b has m2 resident.
+    store.create_job(new_job(5, "m2")).await.unwrap();
+    store.create_job(new_job(5, "m1")).await.unwrap();
+    let b = store
+        .claim(&worker("b"), 1, TTL, NO_WAIT, &["m2".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(b.leases[0].recipe.model, "m2");
+    for _ in 0..5 {
+        let a = store
+            .claim(&worker("a"), 1, TTL, NO_WAIT, &["m1".to_string()])
+            .await
+            .unwrap();
+        assert_eq!(a.leases.len(), 1);
+        assert_eq!(
+            a.leases[0].recipe.model, "m1",
+            "a must not switch while m1 has work"
+        );
+        store
+            .complete(&worker("a"), a.leases[0].task, a.leases[0].epoch, result())
+            .await
+            .unwrap();
+    }
+    let a = store
+        .claim(&worker("a"), 1, TTL, NO_WAIT, &["m1".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(a.leases[0].recipe.model, "m2", "with m1 done, a switches");
+}
+
+pub async fn a_worker_failing_a_job_is_quarantined(store: &dyn Store) {
+    store
+        .register_worker(registration("bad", &["tiny"]))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration("good", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(6, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    for _ in 0..3 {
+        let l = claim(store, "bad", 1).await.remove(0);
+        store
+            .fail(
+                &worker("bad"),
+                l.task,
+                l.epoch,
+                FaultClass::Internal,
+                "broken GPU",
+                5,
+            )
+            .await
+            .unwrap();
+    }
+    assert!(
+        claim(store, "bad", 1).await.is_empty(),
+        "quarantined for this job"
+    );
+    let other = new_job(1, "tiny");
+    store.create_job(other).await.unwrap();
+    assert_eq!(
+        claim(store, "bad", 1).await.len(),
+        1,
+        "other jobs still go to it"
+    );
+    while let Some(l) = claim(store, "good", 1).await.pop() {
+        store
+            .complete(&worker("good"), l.task, l.epoch, result())
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.job(id).await.unwrap().state, JobState::Completed);
+}
+
+pub async fn an_identical_recipe_is_served_from_its_earlier_result(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration_of("other-class", &["tiny"], "cpu/f16"))
+        .await
+        .unwrap();
+    let first = new_job(1, "tiny");
+    store.create_job(first).await.unwrap();
+    let l = claim(store, "w1", 1).await.remove(0);
+    store
+        .complete(&worker("w1"), l.task, l.epoch, result())
+        .await
+        .unwrap();
+    let again = new_job(2, "tiny");
+    let again_id = again.id;
+    store.create_job(again).await.unwrap();
+    let c = store
+        .claim(&worker("other-class"), 2, TTL, NO_WAIT, &[])
+        .await
+        .unwrap();
+    assert!(
+        c.deduped.is_empty(),
+        "results of another class are not reused"
+    );
+    for l in c.leases {
+        store
+            .fail(
+                &worker("other-class"),
+                l.task,
+                l.epoch,
+                FaultClass::Cancelled,
+                "handing back",
+                5,
+            )
+            .await
+            .unwrap();
+    }
+    let c = store
+        .claim(&worker("w1"), 2, TTL, NO_WAIT, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        c.deduped.len(),
+        1,
+        "item 0 has the same recipe as the first job's"
+    );
+    assert_eq!(c.deduped[0].job, again_id);
+    assert!(
+        c.deduped[0].source.ends_with("/00000-prompt.png"),
+        "{}",
+        c.deduped[0].source
+    );
+    assert_eq!(c.leases.len(), 1, "item 1 is new and is rendered");
+    let tasks = store.tasks(again_id).await.unwrap();
+    assert_eq!(tasks[0].state, TaskState::Completed);
+    assert!(
+        tasks[0]
+            .attempts
+            .iter()
+            .all(|a| a.outcome != Outcome::Completed),
+        "a served task is not rendered: {:?}",
+        tasks[0].attempts
+    );
+}
+
+pub async fn free_slots_fill_with_the_same_batch(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let mut job = new_job(4, "tiny");
+    job.tasks[1].recipe.width = 128;
+    store.create_job(job).await.unwrap();
+    let leases = claim(store, "w1", 3).await;
+    assert_eq!(
+        leases.iter().map(|l| l.index).collect::<Vec<_>>(),
+        [0, 2, 3]
+    );
+}
+
+pub async fn a_verification_runs_on_its_class_only(store: &dyn Store) {
+    store
+        .register_worker(registration_of("x", &["tiny"], "cpu/f16"))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration_of("y", &["tiny"], "cpu/f32"))
+        .await
+        .unwrap();
+    let mut job = new_job(1, "tiny");
+    job.class = Some("cpu/f32".into());
+    job.pin_class = true;
+    job.dedupe = false;
+    job.tasks[0].avoid = vec![worker("y")];
+    store.create_job(job).await.unwrap();
+    assert!(claim(store, "x", 1).await.is_empty(), "wrong class");
+    assert_eq!(
+        claim(store, "y", 1).await.len(),
+        1,
+        "the avoided worker renders when it is the only one of the class"
+    );
+}
+
 pub async fn announced_models_are_listed(store: &dyn Store) {
     store
         .register_worker(registration("w1", &["tiny", "sd15"]))
@@ -705,6 +1079,15 @@ macro_rules! store_conformance {
             events_resume_after_a_cursor,
             blobs_are_kept_once_per_job,
             replayed_completion_is_accepted_again,
+            shots_wait_for_their_anchor,
+            a_failed_anchor_fails_its_shots,
+            a_series_stays_on_one_determinism_class,
+            equal_priority_jobs_share_fairly,
+            workers_keep_to_their_resident_model,
+            a_worker_failing_a_job_is_quarantined,
+            an_identical_recipe_is_served_from_its_earlier_result,
+            free_slots_fill_with_the_same_batch,
+            a_verification_runs_on_its_class_only,
             announced_models_are_listed
         );
     };

@@ -12,8 +12,14 @@ use kiln_proto::pb::{AbandonReason, EventKind, FaultClass, JobState, TaskState};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::policy::{QUARANTINE_AFTER, batch_key, dedupe_key, switch_justified};
 use super::types::*;
 use super::{Store, StoreError, StoreResult};
+
+/// A worker that called within this long counts as live for the policy.
+const LIVE_MS: u64 = 60_000;
+/// Most tasks one claim completes from earlier results.
+const MAX_DEDUPED_PER_CLAIM: usize = 1000;
 
 /// The in-memory [`Store`].
 pub struct MemoryStore {
@@ -37,16 +43,30 @@ struct State {
     idempotency: HashMap<(String, String), JobId>,
     workers: BTreeMap<WorkerId, WorkerEntry>,
     models: BTreeMap<String, ModelInfo>,
+    /// Fair-share clock: bumped every time a job is served.
+    served: u64,
+    /// When each project was last served.
+    project_served: HashMap<String, u64>,
+    /// Earlier results by (project, dedupe key).
+    results: HashMap<(String, String), TaskResult>,
 }
 
 struct JobEntry {
     record: JobRecord,
     /// Task ids in index order.
     tasks: Vec<TaskId>,
-    /// Indices of queued tasks.
+    /// Indices of queued, claimable tasks.
     queued: BTreeSet<u32>,
+    /// Shots waiting for their anchor: anchor index -> shot indices.
+    waiting: BTreeMap<u32, Vec<u32>>,
     events: Vec<Event>,
     blobs: HashMap<String, Bytes>,
+    pin_class: bool,
+    dedupe: bool,
+    /// When this job was last served.
+    served: u64,
+    /// Faults per worker, for quarantine.
+    faults: HashMap<WorkerId, u32>,
 }
 
 struct TaskEntry {
@@ -62,6 +82,8 @@ struct WorkerEntry {
     running: BTreeSet<TaskId>,
     /// Last call on the store clock.
     last_seen: u64,
+    /// Models loaded at the last claim.
+    resident: Vec<String>,
 }
 
 fn unix_ms() -> i64 {
@@ -107,7 +129,13 @@ impl MemoryStore {
         self.events.send_modify(|v| *v += 1);
     }
 
-    fn try_claim(&self, worker: &WorkerId, max: usize, ttl: Duration) -> StoreResult<Claim> {
+    fn try_claim(
+        &self,
+        worker: &WorkerId,
+        max: usize,
+        ttl: Duration,
+        resident: &[String],
+    ) -> StoreResult<Claim> {
         let now = self.now();
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -117,129 +145,488 @@ impl MemoryStore {
             .ok_or_else(|| StoreError::UnknownWorker(worker.clone()))?;
         w.last_seen = now;
         w.record.last_seen_ms = unix_ms();
+        w.resident = resident.to_vec();
         if w.record.draining {
             return Ok(Claim {
-                leases: Vec::new(),
                 drain: true,
+                ..Default::default()
             });
         }
-        let models = w.record.registration.models.clone();
-        let picked = pick(st, worker, &models, max, now);
-        let mut leases = Vec::with_capacity(picked.len());
+        let mut claim = Claim::default();
+        let picked = st.pick(worker, max, now, &mut claim);
         for task_id in picked {
-            let Some(t) = st.tasks.get_mut(&task_id) else {
-                continue;
-            };
-            let epoch = t.record.epoch.next();
-            t.record.epoch = epoch;
-            t.record.state = TaskState::Leased;
-            t.record.step = 0;
-            t.record.attempts.push(Attempt {
-                worker: worker.clone(),
-                epoch,
-                started_at_ms: unix_ms(),
-                ended_at_ms: None,
-                outcome: Outcome::Running,
-                fault: FaultClass::Unspecified,
-                message: String::new(),
-            });
-            t.deadline = Some(now + ttl.as_millis() as u64);
-            let (job, index, recipe) = (t.record.job, t.record.index, t.record.recipe.clone());
-            st.leased.insert(task_id);
-            if let Some(w) = st.workers.get_mut(worker) {
-                w.running.insert(task_id);
-            }
-            if let Some(j) = st.jobs.get_mut(&job) {
-                j.queued.remove(&index);
-                j.record.counts.shift(TaskState::Queued, TaskState::Leased);
-                push_event(
-                    j,
-                    EventKind::Leased,
-                    Some(task_id),
-                    index,
-                    Some(worker),
-                    epoch,
-                    FaultClass::Unspecified,
-                    String::new(),
-                );
-            }
-            leases.push(Lease {
-                task: task_id,
-                job,
-                index,
-                epoch,
-                recipe,
-                ttl,
-            });
+            claim.leases.extend(st.lease(task_id, worker, now, ttl));
         }
         drop(guard);
-        if !leases.is_empty() {
+        if !claim.leases.is_empty() || !claim.deduped.is_empty() {
             self.wake_watchers();
         }
-        Ok(Claim {
-            leases,
-            drain: false,
-        })
+        Ok(claim)
     }
 }
 
-/// Chooses up to `max` queued tasks for `worker`: higher priority first, then
-/// older jobs, then item order; only models the worker holds; tasks the
-/// worker failed before go to others while another live holder of the model exists.
-fn pick(st: &State, worker: &WorkerId, models: &[ModelInfo], max: usize, now: u64) -> Vec<TaskId> {
-    let mut jobs: Vec<&JobEntry> = st
-        .jobs
-        .values()
-        .filter(|j| j.record.state == JobState::Running && !j.queued.is_empty())
-        .collect();
-    jobs.sort_by_key(|j| (std::cmp::Reverse(j.record.priority), j.record.id));
-    let holds = |recipe: &kiln_proto::recipe::Recipe| {
-        models.iter().any(|m| {
-            m.name == recipe.model && (recipe.model_hash.is_empty() || recipe.model_hash == m.hash)
+/// A worker's view for the policy.
+struct Asker<'a> {
+    id: &'a WorkerId,
+    class: String,
+    /// Catalog: model name -> hash.
+    models: HashMap<String, String>,
+    /// Resident models; the whole catalog when the worker reports none.
+    resident: BTreeSet<String>,
+}
+
+impl State {
+    /// Returns true if `asker` may take tasks of `job` at all.
+    fn job_allows(&self, job: &JobEntry, asker: &Asker<'_>, now: u64) -> bool {
+        if job.record.state != JobState::Running {
+            return false;
+        }
+        if let Some(class) = &job.record.class
+            && (job.pin_class || job.record.verify_of.is_some())
+            && *class != asker.class
+        {
+            return false;
+        }
+        let quarantined = job
+            .faults
+            .get(asker.id)
+            .is_some_and(|n| *n >= QUARANTINE_AFTER);
+        !(quarantined && self.other_worker_for_job(job, asker.id, now))
+    }
+
+    /// Returns true when a live worker other than `not` may take the job's tasks.
+    fn other_worker_for_job(&self, job: &JobEntry, not: &WorkerId, now: u64) -> bool {
+        self.workers.values().any(|w| {
+            let id = &w.record.registration.id;
+            id != not
+                && !w.record.draining
+                && now.saturating_sub(w.last_seen) < LIVE_MS
+                && job.faults.get(id).is_none_or(|n| *n < QUARANTINE_AFTER)
+                && job
+                    .record
+                    .class
+                    .as_ref()
+                    .is_none_or(|c| !job.pin_class || *c == w.record.registration.determinism_class)
         })
-    };
-    let mut out = Vec::new();
-    for job in jobs {
-        for index in &job.queued {
-            if out.len() >= max {
-                return out;
-            }
-            let Some(task) = job
-                .tasks
-                .get(*index as usize)
-                .and_then(|id| st.tasks.get(id))
-            else {
+    }
+
+    /// Returns true if `asker` may take this task (model, hash, avoid list).
+    fn task_allows(&self, task: &TaskEntry, asker: &Asker<'_>, now: u64) -> bool {
+        let job_class = self
+            .jobs
+            .get(&task.record.job)
+            .and_then(|j| j.record.class.clone().filter(|_| j.pin_class));
+        let r = &task.record.recipe;
+        let Some(hash) = asker.models.get(&r.model) else {
+            return false;
+        };
+        if !r.model_hash.is_empty() && *hash != r.model_hash {
+            return false;
+        }
+        !(task.avoid.contains(asker.id)
+            && self.someone_else_can(task, asker.id, job_class.as_deref(), now))
+    }
+
+    /// Returns true when a live, non-draining worker other than `worker`,
+    /// not in the task's avoid list and of the job's pinned class if any,
+    /// holds the task's model.
+    fn someone_else_can(
+        &self,
+        task: &TaskEntry,
+        worker: &WorkerId,
+        class: Option<&str>,
+        now: u64,
+    ) -> bool {
+        self.workers.values().any(|w| {
+            let id = &w.record.registration.id;
+            id != worker
+                && !w.record.draining
+                && class.is_none_or(|c| c == w.record.registration.determinism_class)
+                && now.saturating_sub(w.last_seen) < LIVE_MS
+                && !task.avoid.contains(id)
+                && w.record
+                    .registration
+                    .models
+                    .iter()
+                    .any(|m| m.name == task.record.recipe.model)
+        })
+    }
+
+    /// Jobs in policy order: priority, then least recently served project,
+    /// then least recently served job, then age.
+    fn job_order(&self) -> Vec<JobId> {
+        let mut jobs: Vec<&JobEntry> = self
+            .jobs
+            .values()
+            .filter(|j| j.record.state == JobState::Running && !j.queued.is_empty())
+            .collect();
+        jobs.sort_by_key(|j| {
+            (
+                std::cmp::Reverse(j.record.priority),
+                self.project_served
+                    .get(&j.record.project)
+                    .copied()
+                    .unwrap_or(0),
+                j.served,
+                j.record.id,
+            )
+        });
+        jobs.into_iter().map(|j| j.record.id).collect()
+    }
+
+    /// Chooses up to `max` tasks for `worker` (see [`super::policy`]);
+    /// completes deduplicated tasks into `claim` on the way.
+    fn pick(&mut self, worker: &WorkerId, max: usize, now: u64, claim: &mut Claim) -> Vec<TaskId> {
+        let Some(w) = self.workers.get(worker) else {
+            return Vec::new();
+        };
+        let reg = &w.record.registration;
+        let models: HashMap<String, String> = reg
+            .models
+            .iter()
+            .map(|m| (m.name.clone(), m.hash.clone()))
+            .collect();
+        let resident: BTreeSet<String> = if w.resident.is_empty() {
+            models.keys().cloned().collect()
+        } else {
+            w.resident.iter().cloned().collect()
+        };
+        let asker = Asker {
+            id: worker,
+            class: reg.determinism_class.clone(),
+            models,
+            resident,
+        };
+        let mut out: Vec<TaskId> = Vec::new();
+        let mut deduped = 0;
+        // Candidates in policy order, deduplicated ones completed on the way.
+        let mut first_choice: Option<(i32, TaskId)> = None;
+        let mut first_resident: Option<(i32, TaskId)> = None;
+        for job_id in self.job_order() {
+            let Some(job) = self.jobs.get(&job_id) else {
                 continue;
             };
-            if !holds(&task.record.recipe) {
+            if !self.job_allows(job, &asker, now) {
                 continue;
             }
-            if task.avoid.contains(worker) && someone_else_can(st, task, worker, now) {
-                continue;
+            let priority = job.record.priority;
+            let indices: Vec<u32> = job.queued.iter().copied().collect();
+            for index in indices {
+                let Some(task_id) = self
+                    .jobs
+                    .get(&job_id)
+                    .and_then(|j| j.tasks.get(index as usize).copied())
+                else {
+                    continue;
+                };
+                let Some(task) = self.tasks.get(&task_id) else {
+                    continue;
+                };
+                if !self.task_allows(task, &asker, now) {
+                    continue;
+                }
+                let resident = asker.resident.contains(&task.record.recipe.model);
+                if deduped < MAX_DEDUPED_PER_CLAIM && self.try_dedupe(task_id, &asker.class, claim)
+                {
+                    deduped += 1;
+                    continue;
+                }
+                if first_choice.is_none() {
+                    first_choice = Some((priority, task_id));
+                }
+                if resident && first_resident.is_none() {
+                    first_resident = Some((priority, task_id));
+                }
+                if first_resident.is_some() {
+                    break;
+                }
             }
-            out.push(task.record.id);
+            if first_resident.is_some() {
+                break;
+            }
+        }
+        // Model affinity: keep to resident models unless the best work is
+        // for another model at a higher priority and a switch is justified.
+        let chosen = match (first_resident, first_choice) {
+            (Some(r), Some(c)) if r.0 >= c.0 => Some(r.1),
+            (resident_choice, Some(c)) => {
+                let model = self
+                    .tasks
+                    .get(&c.1)
+                    .map(|t| t.record.recipe.model.clone())
+                    .unwrap_or_default();
+                let backlog = self.backlog(&model);
+                let holders = self.resident_holders(&model, worker, now);
+                if switch_justified(resident_choice.is_some(), backlog, holders) {
+                    Some(c.1)
+                } else {
+                    resident_choice.map(|r| r.1)
+                }
+            }
+            (_, None) => None,
+        };
+        let Some(first) = chosen else {
+            return out;
+        };
+        out.push(first);
+        if max > 1 {
+            self.fill(first, max, &asker, now, &mut out);
+        }
+        out
+    }
+
+    /// Fills free slots after `first`: tasks that share its UNet batch, then
+    /// other tasks for the same model, in policy order.
+    fn fill(&self, first: TaskId, max: usize, asker: &Asker<'_>, now: u64, out: &mut Vec<TaskId>) {
+        let Some(first_task) = self.tasks.get(&first) else {
+            return;
+        };
+        let key = batch_key(&first_task.record.recipe);
+        let model = first_task.record.recipe.model.clone();
+        let order = self.job_order();
+        for same_batch in [true, false] {
+            for job_id in &order {
+                let Some(job) = self.jobs.get(job_id) else {
+                    continue;
+                };
+                if !self.job_allows(job, asker, now) {
+                    continue;
+                }
+                for index in &job.queued {
+                    if out.len() >= max {
+                        return;
+                    }
+                    let Some(task) = job
+                        .tasks
+                        .get(*index as usize)
+                        .and_then(|t| self.tasks.get(t))
+                    else {
+                        continue;
+                    };
+                    let id = task.record.id;
+                    let r = &task.record.recipe;
+                    let fits = if same_batch {
+                        batch_key(r) == key
+                    } else {
+                        r.model == model
+                    };
+                    if fits && !out.contains(&id) && self.task_allows(task, asker, now) {
+                        out.push(id);
+                    }
+                }
+            }
         }
     }
-    out
-}
 
-/// Returns true when a live, non-draining worker other than `worker`, not yet
-/// failed on this task, holds the task's model.
-fn someone_else_can(st: &State, task: &TaskEntry, worker: &WorkerId, now: u64) -> bool {
-    // A worker that called within the last minute counts as live.
-    const LIVE_MS: u64 = 60_000;
-    st.workers.values().any(|w| {
-        let id = &w.record.registration.id;
-        id != worker
-            && !w.record.draining
-            && now.saturating_sub(w.last_seen) < LIVE_MS
-            && !task.avoid.contains(id)
-            && w.record
-                .registration
-                .models
-                .iter()
-                .any(|m| m.name == task.record.recipe.model)
-    })
+    /// Returns the number of claimable tasks for `model` across running jobs.
+    fn backlog(&self, model: &str) -> usize {
+        self.jobs
+            .values()
+            .filter(|j| j.record.state == JobState::Running)
+            .flat_map(|j| j.queued.iter().filter_map(|i| j.tasks.get(*i as usize)))
+            .filter(|t| {
+                self.tasks
+                    .get(t)
+                    .is_some_and(|t| t.record.recipe.model == model)
+            })
+            .count()
+    }
+
+    /// Returns how many live workers other than `not` have `model` resident.
+    fn resident_holders(&self, model: &str, not: &WorkerId, now: u64) -> usize {
+        self.workers
+            .values()
+            .filter(|w| {
+                &w.record.registration.id != not
+                    && !w.record.draining
+                    && now.saturating_sub(w.last_seen) < LIVE_MS
+                    && if w.resident.is_empty() {
+                        w.record.registration.models.iter().any(|m| m.name == model)
+                    } else {
+                        w.resident.iter().any(|m| m == model)
+                    }
+            })
+            .count()
+    }
+
+    /// Completes a dedupable task from an earlier result of the same recipe
+    /// and class in the project; returns false when there is none.
+    fn try_dedupe(&mut self, task_id: TaskId, class: &str, claim: &mut Claim) -> bool {
+        let Some(task) = self.tasks.get(&task_id) else {
+            return false;
+        };
+        let job_id = task.record.job;
+        let Some(job) = self.jobs.get(&job_id) else {
+            return false;
+        };
+        if !job.dedupe {
+            return false;
+        }
+        let key = (
+            job.record.project.clone(),
+            dedupe_key(&task.record.recipe, class),
+        );
+        let Some(earlier) = self.results.get(&key).cloned() else {
+            return false;
+        };
+        let (index, file_name) = (task.record.index, task.record.file_name.clone());
+        let source = earlier.object.clone();
+        if let Some(t) = self.tasks.get_mut(&task_id) {
+            t.record.state = TaskState::Completed;
+            t.record.step = t.record.recipe.steps;
+            t.record.result = Some(earlier.clone());
+        }
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return false;
+        };
+        job.queued.remove(&index);
+        job.record
+            .counts
+            .shift(TaskState::Queued, TaskState::Completed);
+        if job.record.class.is_none() && job.pin_class {
+            job.record.class = Some(class.to_string());
+        }
+        push_event(
+            job,
+            EventKind::Completed,
+            Some(task_id),
+            index,
+            None,
+            Epoch(0),
+            FaultClass::Unspecified,
+            format!("served from an earlier render of the same recipe ({source})"),
+        );
+        self.release_dependents(job_id, index, &earlier);
+        claim.deduped.push(Deduped {
+            task: task_id,
+            job: job_id,
+            file_name,
+            source,
+        });
+        if let Some(job) = self.jobs.get_mut(&job_id)
+            && let Some(done) = finish_if_done(job)
+        {
+            claim.finished.push(done);
+        }
+        true
+    }
+
+    /// Leases one task to `worker` under a new epoch.
+    fn lease(
+        &mut self,
+        task_id: TaskId,
+        worker: &WorkerId,
+        now: u64,
+        ttl: Duration,
+    ) -> Option<Lease> {
+        let class = self
+            .workers
+            .get(worker)
+            .map(|w| w.record.registration.determinism_class.clone())
+            .unwrap_or_default();
+        let t = self.tasks.get_mut(&task_id)?;
+        let epoch = t.record.epoch.next();
+        t.record.epoch = epoch;
+        t.record.state = TaskState::Leased;
+        t.record.step = 0;
+        t.record.attempts.push(Attempt {
+            worker: worker.clone(),
+            epoch,
+            started_at_ms: unix_ms(),
+            ended_at_ms: None,
+            outcome: Outcome::Running,
+            fault: FaultClass::Unspecified,
+            message: String::new(),
+        });
+        t.deadline = Some(now + ttl.as_millis() as u64);
+        let (job_id, index, recipe) = (t.record.job, t.record.index, t.record.recipe.clone());
+        self.leased.insert(task_id);
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.running.insert(task_id);
+        }
+        self.served += 1;
+        let served = self.served;
+        let job = self.jobs.get_mut(&job_id)?;
+        job.queued.remove(&index);
+        job.record
+            .counts
+            .shift(TaskState::Queued, TaskState::Leased);
+        job.served = served;
+        if job.record.class.is_none() && job.pin_class {
+            job.record.class = Some(class);
+        }
+        let project = job.record.project.clone();
+        push_event(
+            job,
+            EventKind::Leased,
+            Some(task_id),
+            index,
+            Some(worker),
+            epoch,
+            FaultClass::Unspecified,
+            String::new(),
+        );
+        self.project_served.insert(project, served);
+        Some(Lease {
+            task: task_id,
+            job: job_id,
+            index,
+            epoch,
+            recipe,
+            ttl,
+        })
+    }
+
+    /// Queues the shots waiting for `anchor` with its image as their init image.
+    fn release_dependents(&mut self, job_id: JobId, anchor: u32, result: &TaskResult) {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        let shots = job.waiting.remove(&anchor).unwrap_or_default();
+        let ids: Vec<TaskId> = shots
+            .iter()
+            .filter_map(|i| job.tasks.get(*i as usize).copied())
+            .collect();
+        for index in &shots {
+            job.queued.insert(*index);
+        }
+        for id in ids {
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.record.recipe.init_image = Some(result.sha256.clone());
+            }
+        }
+    }
+
+    /// Ends the shots waiting for `anchor`, which failed for good or was cancelled.
+    fn end_dependents(&mut self, job_id: JobId, anchor: u32, to: TaskState, why: &str) {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        let shots = job.waiting.remove(&anchor).unwrap_or_default();
+        for index in shots {
+            let Some(id) = job.tasks.get(index as usize).copied() else {
+                continue;
+            };
+            job.record.counts.shift(TaskState::Queued, to);
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.record.state = to;
+            }
+            push_event(
+                job,
+                if to == TaskState::Cancelled {
+                    EventKind::Cancelled
+                } else {
+                    EventKind::Failed
+                },
+                Some(id),
+                index,
+                None,
+                Epoch(0),
+                FaultClass::BadInput,
+                why.to_string(),
+            );
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -375,6 +762,11 @@ impl State {
         if to == TaskState::Queued {
             job.queued.insert(index);
         }
+        if outcome.is_fault()
+            && let Some(w) = &worker
+        {
+            *job.faults.entry(w.clone()).or_default() += 1;
+        }
         push_event(
             job,
             event,
@@ -385,7 +777,16 @@ impl State {
             fault,
             message.to_string(),
         );
-        finish_if_done(job)
+        match to {
+            TaskState::Failed => {
+                self.end_dependents(job_id, index, TaskState::Failed, "its anchor failed")
+            }
+            TaskState::Cancelled => {
+                self.end_dependents(job_id, index, TaskState::Cancelled, "job cancelled")
+            }
+            _ => {}
+        }
+        finish_if_done(self.jobs.get_mut(&job_id)?)
     }
 }
 
@@ -414,17 +815,29 @@ impl Store for MemoryStore {
             created_at_ms: unix_ms(),
             finished_at_ms: None,
             idempotency_key: new.idempotency_key.clone(),
+            class: new.class.clone(),
+            verify_of: new.verify_of,
         };
         let mut entry = JobEntry {
             record: record.clone(),
             tasks: Vec::with_capacity(new.tasks.len()),
             queued: BTreeSet::new(),
+            waiting: BTreeMap::new(),
             events: Vec::new(),
             blobs: new.blobs.into_iter().collect(),
+            pin_class: new.pin_class,
+            dedupe: new.dedupe,
+            served: 0,
+            faults: HashMap::new(),
         };
         for t in new.tasks {
             entry.tasks.push(t.id);
-            entry.queued.insert(t.index);
+            match t.series.as_ref().and_then(|s| s.depends_on) {
+                Some(anchor) => entry.waiting.entry(anchor).or_default().push(t.index),
+                None => {
+                    entry.queued.insert(t.index);
+                }
+            }
             st.tasks.insert(
                 t.id,
                 TaskEntry {
@@ -439,9 +852,10 @@ impl Store for MemoryStore {
                         attempts: Vec::new(),
                         step: 0,
                         result: None,
+                        series: t.series,
                     },
                     deadline: None,
-                    avoid: BTreeSet::new(),
+                    avoid: t.avoid.into_iter().collect(),
                 },
             );
         }
@@ -531,16 +945,18 @@ impl Store for MemoryStore {
         if job.record.is_finished() {
             return Ok(job.record.clone());
         }
-        let queued: Vec<u32> = std::mem::take(&mut job.queued).into_iter().collect();
+        let mut idle: Vec<u32> = std::mem::take(&mut job.queued).into_iter().collect();
+        idle.extend(std::mem::take(&mut job.waiting).into_values().flatten());
         let tasks = job.tasks.clone();
-        for index in queued {
+        for index in &idle {
             if let Some(t) = tasks
-                .get(index as usize)
+                .get(*index as usize)
                 .and_then(|id| st.tasks.get_mut(id))
             {
                 t.record.state = TaskState::Cancelled;
             }
         }
+        let job = st.jobs.get_mut(&id).ok_or(StoreError::JobNotFound(id))?;
         let n_queued = job.record.counts.queued;
         job.record.counts.queued = 0;
         job.record.counts.cancelled += n_queued;
@@ -633,6 +1049,7 @@ impl Store for MemoryStore {
                 },
                 running: BTreeSet::new(),
                 last_seen: now,
+                resident: Vec::new(),
             },
         );
         drop(guard);
@@ -678,13 +1095,14 @@ impl Store for MemoryStore {
         max: usize,
         ttl: Duration,
         wait: Duration,
+        resident: &[String],
     ) -> StoreResult<Claim> {
         let deadline = Instant::now() + wait;
         let mut rx = self.work.subscribe();
         loop {
             rx.borrow_and_update();
-            let claim = self.try_claim(worker, max, ttl)?;
-            if !claim.leases.is_empty() || claim.drain || max == 0 {
+            let claim = self.try_claim(worker, max, ttl, resident)?;
+            if !claim.leases.is_empty() || !claim.deduped.is_empty() || claim.drain || max == 0 {
                 return Ok(claim);
             }
             if tokio::time::timeout_at(deadline, rx.changed())
@@ -739,10 +1157,15 @@ impl Store for MemoryStore {
         worker: &WorkerId,
         task: TaskId,
         epoch: Epoch,
-        result: TaskResult,
+        mut result: TaskResult,
     ) -> StoreResult<CompleteOutcome> {
         let mut guard = self.lock();
         let st = &mut *guard;
+        let class = st
+            .workers
+            .get(worker)
+            .map(|w| w.record.registration.determinism_class.clone())
+            .unwrap_or_default();
         let t = st
             .tasks
             .get_mut(&task)
@@ -776,8 +1199,26 @@ impl Store for MemoryStore {
             self.wake_watchers();
             return Ok(CompleteOutcome::Stale { reason });
         }
+        result.class = class.clone();
         t.record.step = t.record.recipe.steps;
-        t.record.result = Some(result);
+        t.record.result = Some(result.clone());
+        let (job_id, index, recipe, file) = (
+            t.record.job,
+            t.record.index,
+            t.record.recipe.clone(),
+            t.record.file_name.clone(),
+        );
+        if let Some(job) = st.jobs.get(&job_id)
+            && job.dedupe
+        {
+            let mut remembered = result.clone();
+            remembered.object = crate::results::image_path(job_id, &file).to_string();
+            st.results.insert(
+                (job.record.project.clone(), dedupe_key(&recipe, &class)),
+                remembered,
+            );
+        }
+        st.release_dependents(job_id, index, &result);
         let job_finished = st.end_lease(
             task,
             Outcome::Completed,
@@ -788,6 +1229,7 @@ impl Store for MemoryStore {
             false,
         );
         drop(guard);
+        self.wake_workers();
         self.wake_watchers();
         Ok(CompleteOutcome::Accepted { job_finished })
     }

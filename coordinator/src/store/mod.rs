@@ -8,6 +8,7 @@
 //! answered `Stale` without changing anything.
 
 mod memory;
+pub mod policy;
 mod redis;
 mod types;
 
@@ -117,9 +118,12 @@ pub trait Store: Send + Sync + 'static {
     /// Returns the models workers have announced, by name.
     async fn models(&self) -> StoreResult<Vec<ModelInfo>>;
 
-    /// Leases up to `max` queued tasks to `worker` in policy order, each with
-    /// a new epoch and a deadline `ttl` from now. When none is queued, waits up
-    /// to `wait` for work to arrive before answering an empty claim.
+    /// Leases up to `max` queued tasks to `worker` in the order of
+    /// [`policy`], each with a new epoch and a deadline `ttl` from now;
+    /// `resident` names the models the worker has loaded. Tasks whose recipe
+    /// already has a result in the project for the worker's class are
+    /// completed from it on the way (`Claim::deduped`). When nothing is
+    /// claimable, waits up to `wait` for work before answering an empty claim.
     ///
     /// # Cancel safety
     /// Cancel-safe: a claim that was dropped while waiting leased nothing.
@@ -129,6 +133,7 @@ pub trait Store: Send + Sync + 'static {
         max: usize,
         ttl: Duration,
         wait: Duration,
+        resident: &[String],
     ) -> StoreResult<Claim>;
 
     /// Extends the leases the worker still holds under the reported epochs and
@@ -141,8 +146,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<HeartbeatOutcome>;
 
     /// Accepts `result` as the task's output if `worker` holds the lease
-    /// under `epoch`; otherwise answers `Stale` and changes nothing but the
-    /// event log.
+    /// under `epoch` (a replay of the same accepted completion is accepted
+    /// again); otherwise answers `Stale` and changes nothing but the event
+    /// log. Shots waiting for this task (their anchor) are queued with its
+    /// image as their init image, and the result is remembered for dedupe.
     async fn complete(
         &self,
         worker: &WorkerId,

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 use kiln_proto::pb::{AbandonReason, EventKind, FaultClass, JobState, TaskState};
 use kiln_proto::recipe::Recipe;
+pub use kiln_proto::spec::SeriesPlace;
 use serde::{Deserialize, Serialize};
 
 /// A job to insert: its metadata and its expanded tasks.
@@ -26,6 +27,15 @@ pub struct NewJob {
     pub tasks: Vec<NewTask>,
     /// Images the recipes refer to, by sha256 (kept once per job).
     pub blobs: Vec<(String, Bytes)>,
+    /// The job has series: all its tasks run on one determinism class,
+    /// chosen by the first claim (or given here).
+    pub pin_class: bool,
+    /// A determinism class fixed from the start (verification jobs).
+    pub class: Option<String>,
+    /// Serve tasks whose recipe already has a result in the project from it.
+    pub dedupe: bool,
+    /// The job this one verifies.
+    pub verify_of: Option<JobId>,
 }
 
 /// One task to insert.
@@ -39,6 +49,10 @@ pub struct NewTask {
     pub recipe: Recipe,
     /// Output file name, `<NNNNN>-<slug>.png`.
     pub file_name: String,
+    /// The task's place in a series.
+    pub series: Option<SeriesPlace>,
+    /// Workers that should not render it while another can (verification).
+    pub avoid: Vec<WorkerId>,
 }
 
 /// Counters of a job's tasks by state.
@@ -102,6 +116,10 @@ pub struct JobRecord {
     pub finished_at_ms: Option<i64>,
     /// The key it was submitted with.
     pub idempotency_key: Option<String>,
+    /// The determinism class the job is pinned to, once chosen.
+    pub class: Option<String>,
+    /// The job this one verifies.
+    pub verify_of: Option<JobId>,
 }
 
 impl JobRecord {
@@ -179,6 +197,8 @@ pub struct TaskResult {
     pub render_ms: u64,
     /// Time spent encoding the PNG.
     pub encode_ms: u64,
+    /// Determinism class of the worker that made it (set by the store).
+    pub class: String,
 }
 
 /// A task with its state, lease and history.
@@ -204,6 +224,8 @@ pub struct TaskRecord {
     pub step: u32,
     /// The accepted output, once completed.
     pub result: Option<TaskResult>,
+    /// The task's place in a series.
+    pub series: Option<SeriesPlace>,
 }
 
 impl TaskRecord {
@@ -248,6 +270,24 @@ pub struct Claim {
     pub leases: Vec<Lease>,
     /// The worker is draining and gets no more work.
     pub drain: bool,
+    /// Tasks the claim completed from earlier results instead of leasing:
+    /// the coordinator copies their images.
+    pub deduped: Vec<Deduped>,
+    /// Jobs that those completions finished.
+    pub finished: Vec<JobRecord>,
+}
+
+/// A task served from an earlier result of the same recipe and class.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Deduped {
+    /// The task.
+    pub task: TaskId,
+    /// Its job.
+    pub job: JobId,
+    /// Its output file name.
+    pub file_name: String,
+    /// The result store path of the earlier image to copy.
+    pub source: String,
 }
 
 /// A model a worker holds.

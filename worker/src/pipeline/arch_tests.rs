@@ -29,6 +29,7 @@ fn recipe(prompt: &str, seed: u64) -> Recipe {
         strength: 1.0,
         init_image: None,
         mask: None,
+        noise_seed: None,
     }
 }
 

@@ -27,7 +27,7 @@ pub fn parse_model_args(args: &[String]) -> Result<Vec<(String, PathBuf)>, Field
         })
         .collect()
 }
-pub use self::sim::SimRenderer;
+pub use self::sim::{SimOptions, SimRenderer};
 
 /// One task to render: its recipe and the image bytes the recipe refers to.
 #[derive(Clone, Debug)]
@@ -109,6 +109,12 @@ pub trait Renderer: Send + Sync + 'static {
 
     /// Returns the determinism class: workers of one class render equal bytes.
     fn determinism_class(&self) -> String;
+
+    /// Returns the models loaded right now, so the scheduler can keep this
+    /// worker on them; by default every model is resident.
+    fn resident(&self) -> Vec<String> {
+        self.models().into_iter().map(|m| m.name).collect()
+    }
 
     /// Renders one recipe. `on_step(done)` is called after every denoising
     /// step; when it returns false the render stops with `Cancelled`.

@@ -1,6 +1,11 @@
 //! The `sim` renderer, for load tests only: it sleeps a fixed time per step
-//! and draws a pattern determined by the recipe, with no model at all.
+//! and draws a pattern determined by the recipe, with no model at all. It can
+//! also simulate model residency (a few models loaded at a time, a load time
+//! on a switch) and a broken worker that fails every render.
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_proto::pb::ModelInfo;
@@ -17,11 +22,37 @@ const SIM_CLASS: &str = "sim/v1";
 pub struct SimRenderer {
     step_time: Duration,
     models: Vec<ModelInfo>,
+    options: SimOptions,
+    /// Resident models, least recently used first (with `resident_slots`).
+    resident: Mutex<VecDeque<String>>,
+    /// Models loaded since start, the initial ones included.
+    loads: AtomicU64,
+}
+
+/// How a sim worker behaves beyond its step time.
+#[derive(Clone, Debug, Default)]
+pub struct SimOptions {
+    /// Models held at once (None: all of them, loaded at start).
+    pub resident_slots: Option<usize>,
+    /// Time to load a model that is not resident.
+    pub load_time: Duration,
+    /// Fail every render with an internal error (a broken worker, for tests).
+    pub fail: bool,
 }
 
 impl SimRenderer {
     /// Returns a renderer that answers for `models`, sleeping `step_time` per step.
     pub fn new(models: &[String], step_time: Duration) -> Self {
+        Self::with_options(models, step_time, SimOptions::default())
+    }
+
+    /// Returns a sim renderer with residency and failure options.
+    pub fn with_options(models: &[String], step_time: Duration, options: SimOptions) -> Self {
+        let initial: VecDeque<String> = models
+            .iter()
+            .take(options.resident_slots.unwrap_or(models.len()))
+            .cloned()
+            .collect();
         Self {
             step_time,
             models: models
@@ -31,6 +62,34 @@ impl SimRenderer {
                     hash: format!("sim:{name}"),
                 })
                 .collect(),
+            loads: AtomicU64::new(initial.len() as u64),
+            resident: Mutex::new(initial),
+            options,
+        }
+    }
+
+    /// Returns how many model loads this renderer did, the initial ones included.
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
+    }
+
+    /// Makes `model` resident, simulating a load (and an eviction) when it is not.
+    fn make_resident(&self, model: &str) {
+        let Some(slots) = self.options.resident_slots else {
+            return;
+        };
+        let mut resident = self.resident.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = resident.iter().position(|m| m == model) {
+            if let Some(m) = resident.remove(i) {
+                resident.push_back(m);
+            }
+            return;
+        }
+        std::thread::sleep(self.options.load_time);
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        resident.push_back(model.to_string());
+        while resident.len() > slots.max(1) {
+            resident.pop_front();
         }
     }
 }
@@ -42,6 +101,14 @@ impl Renderer for SimRenderer {
 
     fn determinism_class(&self) -> String {
         SIM_CLASS.to_string()
+    }
+
+    fn resident(&self) -> Vec<String> {
+        if self.options.resident_slots.is_none() {
+            return self.models.iter().map(|m| m.name.clone()).collect();
+        }
+        let resident = self.resident.lock().unwrap_or_else(|p| p.into_inner());
+        resident.iter().cloned().collect()
     }
 
     fn render(
@@ -58,6 +125,12 @@ impl Renderer for SimRenderer {
                 model: recipe.model.clone(),
                 message: "not held by this worker".into(),
             })?;
+        if self.options.fail {
+            return Err(RenderError::Internal(
+                "simulated failure (kiln-worker --sim-fail)".into(),
+            ));
+        }
+        self.make_resident(&recipe.model);
         let start = Instant::now();
         for step in 1..=recipe.steps {
             // Sleep to a deadline, so the total is steps x step_time however the thread is scheduled.
@@ -129,6 +202,7 @@ mod tests {
             strength: 1.0,
             init_image: None,
             mask: None,
+            noise_seed: None,
         }
     }
 
@@ -153,6 +227,44 @@ mod tests {
         assert_ne!(a.png, c.png);
         let img = image_size(&a.png);
         assert_eq!(img, (64, 64));
+    }
+
+    #[test]
+    fn residency_loads_on_a_switch_and_evicts_the_coldest() {
+        let names = vec!["m1".to_string(), "m2".to_string(), "m3".to_string()];
+        let sim = SimRenderer::with_options(
+            &names,
+            Duration::ZERO,
+            SimOptions {
+                resident_slots: Some(1),
+                ..Default::default()
+            },
+        );
+        assert_eq!(sim.resident(), ["m1"]);
+        let mut r = recipe(1);
+        r.model = "m1".into();
+        sim.render(&RenderTask::txt2img(r.clone()), &mut |_| true)
+            .unwrap();
+        assert_eq!(sim.loads(), 1, "m1 was loaded at start");
+        r.model = "m2".into();
+        sim.render(&RenderTask::txt2img(r), &mut |_| true).unwrap();
+        assert_eq!((sim.loads(), sim.resident()), (2, vec!["m2".to_string()]));
+    }
+
+    #[test]
+    fn a_failing_sim_fails_every_render() {
+        let sim = SimRenderer::with_options(
+            &["tiny".into()],
+            Duration::ZERO,
+            SimOptions {
+                fail: true,
+                ..Default::default()
+            },
+        );
+        assert!(matches!(
+            sim.render(&RenderTask::txt2img(recipe(1)), &mut |_| true),
+            Err(RenderError::Internal(_))
+        ));
     }
 
     #[test]

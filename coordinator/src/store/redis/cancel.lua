@@ -15,6 +15,11 @@ for _, m in ipairs(redis.call('SMEMBERS', k('job', job, 'models'))) do
   end
   redis.call('DEL', k('q', job, m))
 end
+for _, tid in ipairs(redis.call('SMEMBERS', k('job', job, 'waiting'))) do
+  redis.call('HSET', k('task', tid), 'state', 'cancelled')
+  n = n + 1
+end
+redis.call('DEL', k('job', job, 'waiting'))
 redis.call('HINCRBY', jk, 'queued', -n)
 redis.call('HINCRBY', jk, 'cancelled', n)
 for _, tid in ipairs(redis.call('SMEMBERS', k('job', job, 'leased'))) do

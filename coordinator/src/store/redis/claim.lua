@@ -1,74 +1,237 @@
--- Leases up to max queued tasks to a worker, in policy order: higher priority,
--- then older jobs, then item order; only models the worker holds (and the
--- pinned model hash); tasks it failed go to others while another live holder exists.
--- ARGV: 3 worker, 4 max, 5 lease ttl ms.
--- Returns {'unknown'}, {'drain'}, or {'ok', then 5 values per lease: task, job, index, epoch, recipe}.
+-- Leases up to max tasks to a worker in the order of the scheduling policy
+-- (coordinator/src/store/policy.rs: the memory store applies the same rules):
+-- skip what the worker may not take (another class for a pinned job, a job
+-- that quarantined it, a model it lacks or a pinned hash it does not hold, a
+-- task it failed while another worker can take it); priority; least recently
+-- served project, then job; item order; model affinity; fill free slots with
+-- tasks of the same UNet batch, then of the same model. Tasks whose recipe
+-- already has a result in the project for the worker's class are completed
+-- from it on the way.
+-- ARGV: 3 worker, 4 max, 5 lease ttl ms, 6 resident models json (list).
+-- Returns {'unknown'}, {'drain'}, or {'ok', n leases, n deduped, n finished,
+--   5 values per lease (task, job, index, epoch, recipe, init) -- 6 in fact --,
+--   4 per deduped (task, job, file, source), 1 per finished job}.
 local worker, max, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local wk = k('worker', worker)
 if redis.call('EXISTS', wk) == 0 then return {'unknown'} end
-redis.call('HSET', wk, 'seen', NOW)
+redis.call('HSET', wk, 'seen', NOW, 'resident', ARGV[6])
 if redis.call('HGET', wk, 'draining') == '1' then return {'drain'} end
 local models = cjson.decode(redis.call('HGET', wk, 'models'))
-local LIVE_MS = 60000
+local class = redis.call('HGET', wk, 'class') or ''
+local resident = {}
+local any_resident = false
+for _, m in ipairs(cjson.decode(ARGV[6])) do resident[m] = true; any_resident = true end
+if not any_resident then
+  for m, _ in pairs(models) do resident[m] = true end
+end
+local LIVE_MS, QUARANTINE_AFTER, SWITCH_BACKLOG_PER_HOLDER = 60000, 3, 8
 
--- True when a live, non-draining worker other than `worker`, not in `avoid`, holds `model`.
-local function someone_else_can(avoid, model)
+local function live(w)
+  local f = redis.call('HMGET', k('worker', w), 'draining', 'seen')
+  return f[1] ~= '1' and f[2] and NOW - tonumber(f[2]) < LIVE_MS
+end
+
+-- True when a live worker other than `worker`, not in `avoid` and of the
+-- job's pinned class (if any), holds `model`.
+local function someone_else_can(avoid, model, pinned_class)
   local skip = {}
   for _, w in ipairs(avoid) do skip[w] = true end
   for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
-    if w ~= worker and not skip[w] then
-      local f = redis.call('HMGET', k('worker', w), 'draining', 'seen', 'models')
-      if f[1] ~= '1' and f[2] and NOW - tonumber(f[2]) < LIVE_MS and f[3] then
-        if cjson.decode(f[3])[model] ~= nil then return true end
+    if w ~= worker and not skip[w] and live(w)
+      and (pinned_class == '' or redis.call('HGET', k('worker', w), 'class') == pinned_class) then
+      local m = redis.call('HGET', k('worker', w), 'models')
+      if m and cjson.decode(m)[model] ~= nil then return true end
+    end
+  end
+  return false
+end
+
+-- True when a live worker other than `worker` may take the job's tasks.
+local function other_worker_for_job(job, j)
+  for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
+    if w ~= worker and live(w) then
+      local faults = tonumber(redis.call('HGET', k('job', job, 'faults'), w) or '0')
+      local wclass = redis.call('HGET', k('worker', w), 'class') or ''
+      if faults < QUARANTINE_AFTER and (j.class == '' or j.pin ~= '1' or j.class == wclass) then
+        return true
       end
     end
   end
   return false
 end
 
-local out = {'ok'}
-local taken = 0
+-- Jobs with work, in policy order, with what the policy needs of each.
+local jobs = {}
 for _, job in ipairs(redis.call('ZRANGE', k('ready'), 0, -1)) do
-  if taken >= max then break end
-  for _, model in ipairs(redis.call('SMEMBERS', k('job', job, 'models'))) do
-    if taken >= max then break end
-    local have = models[model]
-    local q = k('q', job, model)
-    if have ~= nil then
-      -- Candidates: a few more than needed, to step over tasks this worker must avoid.
-      local ids = redis.call('ZRANGE', q, 0, (max - taken) + 31)
-      for _, tid in ipairs(ids) do
-        if taken >= max then break end
-        local t = k('task', tid)
-        local f = redis.call('HMGET', t, 'mhash', 'avoid', 'index', 'epoch', 'recipe', 'attempts')
-        local ok = f[1] == '' or f[1] == have
-        if ok then
-          local avoid = cjson.decode(f[2])
-          for _, w in ipairs(avoid) do
-            if w == worker and someone_else_can(avoid, model) then ok = false end
-          end
+  local f = redis.call('HMGET', k('job', job), 'priority', 'project', 'served', 'state', 'class', 'pin', 'verify_of', 'dedupe')
+  if f[4] == 'running' then
+    table.insert(jobs, {id = job, priority = tonumber(f[1]), project = f[2],
+      served = tonumber(f[3] or '0'), class = f[5] or '', pin = f[6] or '0',
+      verify = f[7] or '', dedupe = f[8] or '0',
+      project_served = tonumber(redis.call('HGET', k('project_served'), f[2]) or '0')})
+  end
+end
+table.sort(jobs, function(a, b)
+  if a.priority ~= b.priority then return a.priority > b.priority end
+  if a.project_served ~= b.project_served then return a.project_served < b.project_served end
+  if a.served ~= b.served then return a.served < b.served end
+  return a.id < b.id
+end)
+
+local function job_allows(j)
+  if (j.pin == '1' or j.verify ~= '') and j.class ~= '' and j.class ~= class then return false end
+  local faults = tonumber(redis.call('HGET', k('job', j.id, 'faults'), worker) or '0')
+  return not (faults >= QUARANTINE_AFTER and other_worker_for_job(j.id, j))
+end
+
+local function task_allows(j, tid, model)
+  local f = redis.call('HMGET', k('task', tid), 'mhash', 'avoid')
+  if f[1] ~= '' and f[1] ~= models[model] then return false end
+  local avoid = cjson.decode(f[2])
+  local pinned = ''
+  if j.pin == '1' then pinned = j.class end
+  for _, w in ipairs(avoid) do
+    if w == worker and someone_else_can(avoid, model, pinned) then return false end
+  end
+  return true
+end
+
+local deduped, finished = {}, {}
+-- Completes a task from an earlier result of the same recipe and class; false if none.
+local function try_dedupe(j, tid, model)
+  if j.dedupe ~= '1' or #deduped >= 4000 then return false end
+  local t = k('task', tid)
+  local f = redis.call('HMGET', t, 'rhash', 'index', 'file', 'steps')
+  local earlier = redis.call('HGET', k('results', j.project), f[1] .. '|' .. class)
+  if not earlier then return false end
+  local source = cjson.decode(earlier).object
+  redis.call('HSET', t, 'state', 'completed', 'result', earlier, 'step', f[4])
+  redis.call('ZREM', k('q', j.id, model), tid)
+  redis.call('HINCRBY', k('job', j.id), 'queued', -1)
+  redis.call('HINCRBY', k('job', j.id), 'completed', 1)
+  if j.pin == '1' and j.class == '' then
+    redis.call('HSET', k('job', j.id), 'class', class)
+    j.class = class
+  end
+  event(j.id, EV_COMPLETED, tid, tonumber(f[2]), '', 0, F_NONE,
+    'served from an earlier render of the same recipe (' .. source .. ')')
+  release_dependents(j.id, tonumber(f[2]), cjson.decode(earlier).sha256)
+  for _, v in ipairs({tid, j.id, f[3], source}) do table.insert(deduped, v) end
+  local done = finish_if_done(j.id)
+  if done ~= '' then table.insert(finished, j.id) end
+  return true
+end
+
+-- The first claimable task of each allowed job, in item order, deduping on the way.
+local first_choice, first_resident
+for _, j in ipairs(jobs) do
+  if first_resident then break end
+  if job_allows(j) then
+    local cands = {}
+    for _, model in ipairs(redis.call('SMEMBERS', k('job', j.id, 'models'))) do
+      if models[model] ~= nil then
+        local ids = redis.call('ZRANGE', k('q', j.id, model), 0, 63, 'WITHSCORES')
+        for i = 1, #ids, 2 do
+          table.insert(cands, {tid = ids[i], index = tonumber(ids[i + 1]), model = model})
         end
-        if ok then
-          local epoch = tonumber(f[4]) + 1
-          local attempts = cjson.decode(f[6])
-          table.insert(attempts, {worker = worker, epoch = epoch, started = NOW, outcome = 'running', fault = 0, message = ''})
-          redis.call('HSET', t, 'state', 'leased', 'epoch', epoch, 'holder', worker, 'step', 0,
-            'deadline', NOW + ttl, 'attempts', cjson.encode(attempts))
-          redis.call('ZREM', q, tid)
-          redis.call('ZADD', k('leases'), NOW + ttl, tid)
-          redis.call('SADD', k('job', job, 'leased'), tid)
-          redis.call('SADD', k('worker', worker, 'running'), tid)
-          redis.call('HINCRBY', k('job', job), 'queued', -1)
-          redis.call('HINCRBY', k('job', job), 'leased', 1)
-          event(job, EV_LEASED, tid, tonumber(f[3]), worker, epoch, F_NONE, '')
-          for _, v in ipairs({tid, job, f[3], epoch, f[5]}) do table.insert(out, v) end
-          taken = taken + 1
+      end
+    end
+    table.sort(cands, function(a, b) return a.index < b.index end)
+    for _, c in ipairs(cands) do
+      if task_allows(j, c.tid, c.model) and not try_dedupe(j, c.tid, c.model) then
+        local pick = {tid = c.tid, job = j, model = c.model, priority = j.priority}
+        if not first_choice then first_choice = pick end
+        if resident[c.model] then first_resident = pick; break end
+      end
+    end
+  end
+end
+
+-- Model affinity: keep to resident models unless the best work is for
+-- another model at a higher priority and a switch is justified.
+local chosen
+if first_choice then
+  if first_resident and first_resident.priority >= first_choice.priority then
+    chosen = first_resident
+  else
+    local model = first_choice.model
+    local backlog = 0
+    for _, j in ipairs(jobs) do backlog = backlog + redis.call('ZCARD', k('q', j.id, model)) end
+    local holders = 0
+    for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
+      if w ~= worker and live(w) then
+        local r = cjson.decode(redis.call('HGET', k('worker', w), 'resident') or '[]')
+        local has = false
+        if #r == 0 then
+          local m = redis.call('HGET', k('worker', w), 'models')
+          has = m ~= nil and cjson.decode(m)[model] ~= nil
+        else
+          for _, name in ipairs(r) do if name == model then has = true end end
+        end
+        if has then holders = holders + 1 end
+      end
+    end
+    local justified = (first_resident == nil) or holders == 0 or backlog > SWITCH_BACKLOG_PER_HOLDER * holders
+    if justified then chosen = first_choice else chosen = first_resident end
+  end
+end
+
+local leases = {}
+local function lease(tid, j, model)
+  local t = k('task', tid)
+  local f = redis.call('HMGET', t, 'index', 'epoch', 'recipe', 'attempts', 'init')
+  local epoch = tonumber(f[2]) + 1
+  local attempts = cjson.decode(f[4])
+  table.insert(attempts, {worker = worker, epoch = epoch, started = NOW, outcome = 'running', fault = 0, message = ''})
+  redis.call('HSET', t, 'state', 'leased', 'epoch', epoch, 'holder', worker, 'step', 0,
+    'deadline', NOW + ttl, 'attempts', cjson.encode(attempts))
+  redis.call('ZREM', k('q', j.id, model), tid)
+  redis.call('ZADD', k('leases'), NOW + ttl, tid)
+  redis.call('SADD', k('job', j.id, 'leased'), tid)
+  redis.call('SADD', k('worker', worker, 'running'), tid)
+  redis.call('HINCRBY', k('job', j.id), 'queued', -1)
+  redis.call('HINCRBY', k('job', j.id), 'leased', 1)
+  local served = redis.call('INCR', k('served'))
+  redis.call('HSET', k('job', j.id), 'served', served)
+  redis.call('HSET', k('project_served'), j.project, served)
+  if j.pin == '1' and j.class == '' then
+    redis.call('HSET', k('job', j.id), 'class', class)
+    j.class = class
+  end
+  event(j.id, EV_LEASED, tid, tonumber(f[1]), worker, epoch, F_NONE, '')
+  for _, v in ipairs({tid, j.id, f[1], epoch, f[3], f[5]}) do table.insert(leases, v) end
+end
+
+if chosen then
+  lease(chosen.tid, chosen.job, chosen.model)
+  local taken = 1
+  local key = redis.call('HGET', k('task', chosen.tid), 'bkey')
+  -- Fill free slots: the same UNet batch first, then the same model.
+  for _, same_batch in ipairs({true, false}) do
+    for _, j in ipairs(jobs) do
+      if taken >= max then break end
+      if job_allows(j) then
+        local ids = redis.call('ZRANGE', k('q', j.id, chosen.model), 0, (max - taken) + 31)
+        for _, tid in ipairs(ids) do
+          if taken >= max then break end
+          local fits = (not same_batch) or redis.call('HGET', k('task', tid), 'bkey') == key
+          if fits and redis.call('HGET', k('task', tid), 'state') == 'queued' and task_allows(j, tid, chosen.model) then
+            lease(tid, j, chosen.model)
+            taken = taken + 1
+          end
         end
       end
     end
   end
-  if tonumber(redis.call('HGET', k('job', job), 'queued')) == 0 then
-    redis.call('ZREM', k('ready'), job)
+end
+
+for _, j in ipairs(jobs) do
+  if tonumber(redis.call('HGET', k('job', j.id), 'queued')) == 0 or redis.call('HGET', k('job', j.id), 'state') ~= 'running' then
+    redis.call('ZREM', k('ready'), j.id)
   end
 end
+local out = {'ok', #leases / 6, #deduped / 4, #finished}
+for _, v in ipairs(leases) do table.insert(out, v) end
+for _, v in ipairs(deduped) do table.insert(out, v) end
+for _, v in ipairs(finished) do table.insert(out, v) end
 return out

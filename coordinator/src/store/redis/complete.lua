@@ -6,7 +6,19 @@ local worker, tid, epoch = ARGV[3], ARGV[4], tonumber(ARGV[5])
 local t = k('task', tid)
 if redis.call('EXISTS', t) == 0 then return {'missing'} end
 if holds(tid, worker, epoch) then
-  redis.call('HSET', t, 'result', ARGV[6], 'step', redis.call('HGET', t, 'steps'))
+  -- The store records the worker's class with the result.
+  local result = cjson.decode(ARGV[6])
+  result.class = redis.call('HGET', k('worker', worker), 'class') or ''
+  local encoded = cjson.encode(result)
+  redis.call('HSET', t, 'result', encoded, 'step', redis.call('HGET', t, 'steps'))
+  local f = redis.call('HMGET', t, 'job', 'index', 'file', 'rhash')
+  local job = f[1]
+  local j = redis.call('HMGET', k('job', job), 'dedupe', 'project')
+  if j[1] == '1' then
+    result.object = job .. '/' .. f[3]
+    redis.call('HSET', k('results', j[2]), f[4] .. '|' .. result.class, cjson.encode(result))
+  end
+  release_dependents(job, tonumber(f[2]), result.sha256)
   return {'ok', end_lease(tid, 'completed', F_NONE, '', 'completed', EV_COMPLETED, false)}
 end
 local f = redis.call('HMGET', t, 'state', 'epoch', 'attempts', 'job', 'index')

@@ -1,8 +1,10 @@
 -- Creates a job and queues its tasks in one step, or returns the job its
 -- idempotency key (or its id, on a retried call) already names.
 -- ARGV: 3 job id, 4 project, 5 idempotency key, 6 name, 7 priority,
---       8 task count, then 8 values per task (id, index, model, model hash,
---       recipe json, file name, steps, 0), then a blob count and (sha, bytes) pairs.
+--       8 pin class (0/1), 9 class, 10 dedupe (0/1), 11 verify_of,
+--       12 task count, then 13 values per task (id, index, model, model hash,
+--       recipe json, file name, steps, series, shot, depends_on (-1: none),
+--       avoid json, batch key, recipe hash), then a blob count and (sha, bytes) pairs.
 local job, project, idem, name, prio = ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 -- A retried call finds its own job: report it as created.
 if redis.call('EXISTS', k('job', job)) == 1 then return {1, job} end
@@ -10,23 +12,33 @@ if idem ~= '' then
   local existing = redis.call('GET', k('idem', project, idem))
   if existing and redis.call('EXISTS', k('job', existing)) == 1 then return {0, existing} end
 end
-local n = tonumber(ARGV[8])
+local n = tonumber(ARGV[12])
 redis.call('HSET', k('job', job), 'id', job, 'name', name, 'project', project, 'priority', prio,
   'state', 'running', 'created', NOW, 'finished', 0, 'idem', idem, 'total', n, 'queued', n,
-  'leased', 0, 'completed', 0, 'failed', 0, 'cancelled', 0, 'seq', 0)
+  'leased', 0, 'completed', 0, 'failed', 0, 'cancelled', 0, 'seq', 0,
+  'pin', ARGV[8], 'class', ARGV[9], 'dedupe', ARGV[10], 'verify_of', ARGV[11], 'served', 0)
 redis.call('ZADD', k('jobs'), NOW, job)
 if idem ~= '' then redis.call('SET', k('idem', project, idem), job) end
-local at = 9
+local at = 13
 for _ = 1, n do
   local tid, index, model = ARGV[at], tonumber(ARGV[at + 1]), ARGV[at + 2]
+  local depends = tonumber(ARGV[at + 9])
   redis.call('HSET', k('task', tid), 'id', tid, 'job', job, 'index', index, 'model', model,
     'mhash', ARGV[at + 3], 'recipe', ARGV[at + 4], 'file', ARGV[at + 5], 'steps', ARGV[at + 6],
+    'series', ARGV[at + 7], 'shot', ARGV[at + 8], 'depends', depends, 'avoid', ARGV[at + 10],
+    'bkey', ARGV[at + 11], 'rhash', ARGV[at + 12], 'init', '',
     'state', 'queued', 'epoch', 0, 'step', 0, 'holder', '', 'deadline', 0,
-    'attempts', '[]', 'avoid', '[]', 'result', '')
+    'attempts', '[]', 'result', '')
   redis.call('RPUSH', k('job', job, 'tasks'), tid)
-  redis.call('ZADD', k('q', job, model), index, tid)
   redis.call('SADD', k('job', job, 'models'), model)
-  at = at + 8
+  if depends >= 0 then
+    -- A shot waits for its anchor: it is queued when the anchor is done.
+    redis.call('RPUSH', k('job', job, 'waiting', depends), tid)
+    redis.call('SADD', k('job', job, 'waiting'), tid)
+  else
+    redis.call('ZADD', k('q', job, model), index, tid)
+  end
+  at = at + 13
 end
 local blobs = tonumber(ARGV[at])
 at = at + 1

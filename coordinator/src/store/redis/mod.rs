@@ -29,6 +29,7 @@ mod records;
 
 use self::pubsub::listen;
 use self::records::*;
+use super::policy::batch_key;
 use super::types::*;
 use super::{Store, StoreError, StoreResult};
 
@@ -359,19 +360,36 @@ impl Store for RedisStore {
         let total = job.tasks.len().to_string();
         let idem = job.idempotency_key.clone().unwrap_or_default();
         let priority = i64::from(job.priority);
-        let mut owned: Vec<String> = Vec::with_capacity(job.tasks.len() * 8);
+        let class = job.class.clone().unwrap_or_default();
+        let verify_of = job.verify_of.map(|j| j.to_string()).unwrap_or_default();
+        let mut owned: Vec<String> = Vec::with_capacity(job.tasks.len() * 13);
         for t in &job.tasks {
+            let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("task: {e}"));
             owned.push(t.id.to_string());
             owned.push(t.index.to_string());
             owned.push(t.recipe.model.clone());
             owned.push(t.recipe.model_hash.clone());
-            owned.push(
-                serde_json::to_string(&t.recipe)
-                    .map_err(|e| StoreError::Corrupt(format!("recipe: {e}")))?,
-            );
+            owned.push(serde_json::to_string(&t.recipe).map_err(corrupt)?);
             owned.push(t.file_name.clone());
             owned.push(t.recipe.steps.to_string());
-            owned.push("0".into());
+            owned.push(
+                t.series
+                    .as_ref()
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default(),
+            );
+            owned.push(t.series.as_ref().map_or(0, |s| s.shot).to_string());
+            owned.push(
+                t.series
+                    .as_ref()
+                    .and_then(|s| s.depends_on)
+                    .map_or(-1, i64::from)
+                    .to_string(),
+            );
+            let avoid: Vec<&str> = t.avoid.iter().map(WorkerId::as_str).collect();
+            owned.push(serde_json::to_string(&avoid).map_err(corrupt)?);
+            owned.push(batch_key(&t.recipe));
+            owned.push(t.recipe.hash());
         }
         let mut args = vec![
             Arg::Str(&id),
@@ -379,6 +397,10 @@ impl Store for RedisStore {
             Arg::Str(&idem),
             Arg::Str(&job.name),
             Arg::Int(priority),
+            Arg::Int(i64::from(job.pin_class)),
+            Arg::Str(&class),
+            Arg::Int(i64::from(job.dedupe)),
+            Arg::Str(&verify_of),
             Arg::Str(&total),
         ];
         args.extend(owned.iter().map(|s| Arg::Str(s)));
@@ -474,7 +496,12 @@ impl Store for RedisStore {
         let reply = items(
             self.invoke(
                 &self.scripts.register,
-                &[Arg::Str(&id), Arg::Str(&reg_json), Arg::Str(&models_json)],
+                &[
+                    Arg::Str(&id),
+                    Arg::Str(&reg_json),
+                    Arg::Str(&models_json),
+                    Arg::Str(&reg.determinism_class),
+                ],
             )
             .await?,
         )?;
@@ -524,8 +551,11 @@ impl Store for RedisStore {
         max: usize,
         ttl: Duration,
         wait: Duration,
+        resident: &[String],
     ) -> StoreResult<Claim> {
         let deadline = Instant::now() + wait;
+        let resident =
+            serde_json::to_string(resident).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut rx = self.work.clone();
         loop {
             rx.borrow_and_update();
@@ -536,6 +566,7 @@ impl Store for RedisStore {
                         Arg::Str(worker.as_str()),
                         Arg::Int(max as i64),
                         Arg::Int(ttl.as_millis() as i64),
+                        Arg::Str(&resident),
                     ],
                 )
                 .await?,
@@ -544,33 +575,57 @@ impl Store for RedisStore {
                 Some("unknown") => return Err(StoreError::UnknownWorker(worker.clone())),
                 Some("drain") => {
                     return Ok(Claim {
-                        leases: Vec::new(),
                         drain: true,
+                        ..Default::default()
                     });
                 }
                 _ => {}
             }
-            let mut leases = Vec::new();
-            for l in reply[1..].chunks(5) {
-                let [task, job, index, epoch, recipe] = l else {
-                    continue;
+            let count = |i: usize| -> StoreResult<usize> {
+                parse_id(&reply.get(i).map(text).unwrap_or_default(), "count")
+            };
+            let (n_leases, n_deduped, n_finished) = (count(1)?, count(2)?, count(3)?);
+            let mut rest = reply[4..].iter();
+            let mut claim = Claim::default();
+            for _ in 0..n_leases {
+                let v: Vec<String> = rest.by_ref().take(6).map(text).collect();
+                let [task, job, index, epoch, recipe, init] = v.as_slice() else {
+                    return Err(StoreError::Corrupt("short claim reply".into()));
                 };
-                leases.push(Lease {
-                    task: parse_id(&text(task), "task id")?,
-                    job: parse_id(&text(job), "job id")?,
-                    index: parse_id(&text(index), "index")?,
-                    epoch: Epoch(parse_id(&text(epoch), "epoch")?),
-                    recipe: serde_json::from_str(&text(recipe))
-                        .map_err(|e| StoreError::Corrupt(format!("recipe: {e}")))?,
+                let mut recipe: kiln_proto::recipe::Recipe = serde_json::from_str(recipe)
+                    .map_err(|e| StoreError::Corrupt(format!("recipe: {e}")))?;
+                if !init.is_empty() {
+                    recipe.init_image = Some(init.clone());
+                }
+                claim.leases.push(Lease {
+                    task: parse_id(task, "task id")?,
+                    job: parse_id(job, "job id")?,
+                    index: parse_id(index, "index")?,
+                    epoch: Epoch(parse_id(epoch, "epoch")?),
+                    recipe,
                     ttl,
                 });
             }
-            let now = Instant::now();
-            if !leases.is_empty() || max == 0 || now >= deadline {
-                return Ok(Claim {
-                    leases,
-                    drain: false,
+            for _ in 0..n_deduped {
+                let v: Vec<String> = rest.by_ref().take(4).map(text).collect();
+                let [task, job, file, source] = v.as_slice() else {
+                    return Err(StoreError::Corrupt("short claim reply".into()));
+                };
+                claim.deduped.push(Deduped {
+                    task: parse_id(task, "task id")?,
+                    job: parse_id(job, "job id")?,
+                    file_name: file.clone(),
+                    source: source.clone(),
                 });
+            }
+            for _ in 0..n_finished {
+                let job: JobId = parse_id(&rest.next().map(text).unwrap_or_default(), "job id")?;
+                claim.finished.push(self.job_record(job).await?);
+            }
+            let now = Instant::now();
+            if !claim.leases.is_empty() || !claim.deduped.is_empty() || max == 0 || now >= deadline
+            {
+                return Ok(claim);
             }
             Self::wake_or_timeout(&mut rx, (deadline - now).min(FALLBACK_POLL)).await;
         }
@@ -625,6 +680,7 @@ impl Store for RedisStore {
             model_hash: result.model_hash,
             render_ms: result.render_ms,
             encode_ms: result.encode_ms,
+            class: result.class,
         })
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let tid = task.to_string();

@@ -46,7 +46,7 @@ local function retire(job)
   for _, m in ipairs(redis.call('SMEMBERS', k('job', job, 'models'))) do
     redis.call('DEL', k('q', job, m))
   end
-  for _, suffix in ipairs({'tasks', 'leased', 'models', 'events', 'blobs'}) do
+  for _, suffix in ipairs({'tasks', 'leased', 'models', 'events', 'blobs', 'faults', 'waiting'}) do
     redis.call('PEXPIRE', k('job', job, suffix), RETENTION)
   end
   redis.call('PEXPIRE', k('job', job), RETENTION)
@@ -69,6 +69,32 @@ local function finish_if_done(job)
   event(job, EV_FINISHED, '', 0, '', 0, F_NONE, 'JOB_STATE_' .. string.upper(state))
   retire(job)
   return state
+end
+
+-- Queues the shots waiting for the anchor at `index`, with its image as their init image.
+local function release_dependents(job, index, sha)
+  local list = k('job', job, 'waiting', index)
+  for _, tid in ipairs(redis.call('LRANGE', list, 0, -1)) do
+    local f = redis.call('HMGET', k('task', tid), 'index', 'model')
+    redis.call('HSET', k('task', tid), 'init', sha)
+    redis.call('SREM', k('job', job, 'waiting'), tid)
+    requeue(job, tid, tonumber(f[1]), f[2])
+  end
+  redis.call('DEL', list)
+  wake_workers()
+end
+
+-- Ends the shots waiting for the anchor at `index` (it failed or was cancelled).
+local function end_dependents(job, index, to, ev_kind, msg)
+  local list = k('job', job, 'waiting', index)
+  for _, tid in ipairs(redis.call('LRANGE', list, 0, -1)) do
+    redis.call('HSET', k('task', tid), 'state', to)
+    redis.call('SREM', k('job', job, 'waiting'), tid)
+    redis.call('HINCRBY', k('job', job), 'queued', -1)
+    redis.call('HINCRBY', k('job', job), COUNTER[to], 1)
+    event(job, ev_kind, tid, tonumber(redis.call('HGET', k('task', tid), 'index')), '', 0, F_BAD_INPUT, msg)
+  end
+  redis.call('DEL', list)
 end
 
 local function is_fault(outcome)
@@ -106,6 +132,7 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump)
       table.insert(avoid, holder)
       redis.call('HSET', t, 'avoid', cjson.encode(avoid))
       redis.call('HINCRBY', k('worker', holder), 'failed', 1)
+      redis.call('HINCRBY', k('job', job, 'faults'), holder, 1)
     elseif outcome == 'completed' then
       redis.call('HINCRBY', k('worker', holder), 'completed', 1)
     end
@@ -117,6 +144,8 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump)
     wake_workers()
   end
   event(job, ev_kind, tid, index, holder, epoch, fault, msg)
+  if to == 'failed' then end_dependents(job, index, 'failed', EV_FAILED, 'its anchor failed') end
+  if to == 'cancelled' then end_dependents(job, index, 'cancelled', EV_CANCELLED, 'job cancelled') end
   return finish_if_done(job)
 end
 

@@ -84,6 +84,11 @@ pub(super) fn parse_job(h: &HashMap<String, String>) -> StoreResult<JobRecord> {
         created_at_ms: num(h, "created")?,
         finished_at_ms: (finished > 0).then_some(finished),
         idempotency_key: (!idem.is_empty()).then_some(idem),
+        class: Some(s("class")).filter(|c| !c.is_empty()),
+        verify_of: match s("verify_of").as_str() {
+            "" => None,
+            v => Some(parse_id(v, "job id")?),
+        },
     })
 }
 
@@ -111,6 +116,8 @@ pub(super) struct StoredResult {
     pub(super) model_hash: String,
     pub(super) render_ms: u64,
     pub(super) encode_ms: u64,
+    #[serde(default)]
+    pub(super) class: String,
 }
 
 pub(super) fn outcome(s: &str) -> Outcome {
@@ -125,8 +132,13 @@ pub(super) fn outcome(s: &str) -> Outcome {
 
 pub(super) fn parse_task(h: &HashMap<String, String>) -> StoreResult<TaskRecord> {
     let s = |f: &str| h.get(f).cloned().unwrap_or_default();
-    let recipe: Recipe = serde_json::from_str(&s("recipe"))
+    let mut recipe: Recipe = serde_json::from_str(&s("recipe"))
         .map_err(|e| StoreError::Corrupt(format!("task recipe: {e}")))?;
+    // A shot's init image (its anchor's output) is kept beside the recipe.
+    let init = s("init");
+    if !init.is_empty() {
+        recipe.init_image = Some(init);
+    }
     let attempts: Vec<StoredAttempt> = serde_json::from_str(&s("attempts"))
         .map_err(|e| StoreError::Corrupt(format!("task attempts: {e}")))?;
     let result = match s("result").as_str() {
@@ -141,6 +153,7 @@ pub(super) fn parse_task(h: &HashMap<String, String>) -> StoreResult<TaskRecord>
                 model_hash: r.model_hash,
                 render_ms: r.render_ms,
                 encode_ms: r.encode_ms,
+                class: r.class,
             })
         }
     };
@@ -166,6 +179,14 @@ pub(super) fn parse_task(h: &HashMap<String, String>) -> StoreResult<TaskRecord>
             .collect(),
         step: num(h, "step")?,
         result,
+        series: match s("series").as_str() {
+            "" => None,
+            name => Some(SeriesPlace {
+                name: name.to_string(),
+                shot: num(h, "shot")?,
+                depends_on: u32::try_from(num::<i64>(h, "depends")?).ok(),
+            }),
+        },
     })
 }
 

@@ -1,6 +1,6 @@
 -- Opens a worker session; leases still held under the same id belong to a
 -- dead incarnation and are requeued at once.
--- ARGV: 3 worker, 4 registration json, 5 models json ({name: hash}).
+-- ARGV: 3 worker, 4 registration json, 5 models json ({name: hash}), 6 determinism class.
 -- Returns 4 values per released lease: task, job, epoch, finished state or ''.
 local worker = ARGV[3]
 local wk = k('worker', worker)
@@ -13,7 +13,7 @@ for _, tid in ipairs(redis.call('SMEMBERS', k('worker', worker, 'running'))) do
   end
 end
 redis.call('DEL', k('worker', worker, 'running'))
-redis.call('HSET', wk, 'reg', ARGV[4], 'models', ARGV[5], 'draining', 0, 'seen', NOW)
+redis.call('HSET', wk, 'reg', ARGV[4], 'models', ARGV[5], 'class', ARGV[6], 'draining', 0, 'seen', NOW, 'resident', '[]')
 redis.call('HSETNX', wk, 'completed', 0)
 redis.call('HSETNX', wk, 'failed', 0)
 redis.call('SADD', k('workers'), worker)
