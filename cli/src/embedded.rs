@@ -10,7 +10,7 @@ use kiln_coordinator::results::ResultStore;
 use kiln_coordinator::store::{MemoryStore, Store};
 use kiln_coordinator::{CoordinatorConfig, Core, server};
 use kiln_proto::ids::WorkerId;
-use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
+use kiln_worker::agent::{Agent, AgentConfig, LeaseObserver, Shutdown};
 use kiln_worker::link::Link;
 use kiln_worker::render::Renderer;
 use tokio::task::JoinHandle;
@@ -21,6 +21,8 @@ use crate::client::Farm;
 pub struct EmbeddedFarm {
     /// A client for its coordinator.
     pub farm: Farm,
+    /// The coordinator's URL.
+    url: String,
     core: Arc<Core>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     workers: Vec<JoinHandle<Result<kiln_worker::agent::Summary, kiln_worker::agent::AgentError>>>,
@@ -40,6 +42,24 @@ impl EmbeddedFarm {
         renderer: Arc<dyn Renderer>,
         workers: u32,
     ) -> anyhow::Result<Self> {
+        let renderers = (0..workers).map(|_| renderer.clone()).collect();
+        Self::start_workers(store, renderers, None).await
+    }
+
+    /// Starts a coordinator over `store` and one worker per renderer, each
+    /// reporting its lease timings to `observer`.
+    pub async fn start_workers(
+        store: Arc<dyn Store>,
+        renderers: Vec<Arc<dyn Renderer>>,
+        observer: Option<LeaseObserver>,
+    ) -> anyhow::Result<Self> {
+        let mut farm = Self::start_coordinator(store).await?;
+        farm.add_workers(renderers, observer).await?;
+        Ok(farm)
+    }
+
+    /// Starts the coordinator alone, on a free loopback port.
+    pub async fn start_coordinator(store: Arc<dyn Store>) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("cannot open a loopback port for the embedded coordinator")?;
@@ -50,39 +70,49 @@ impl EmbeddedFarm {
             CoordinatorConfig::default(),
         ));
         let server = tokio::spawn(server::serve(listener, core.clone()));
-        let shutdown = Shutdown::default();
-        let mut handles = Vec::new();
-        for i in 0..workers {
+        Ok(Self {
+            farm: Farm::new(&url)?,
+            url,
+            core,
+            server,
+            workers: Vec::new(),
+            shutdown: Shutdown::default(),
+        })
+    }
+
+    /// Starts one worker per renderer and returns once all have registered.
+    pub async fn add_workers(
+        &mut self,
+        renderers: Vec<Arc<dyn Renderer>>,
+        observer: Option<LeaseObserver>,
+    ) -> anyhow::Result<()> {
+        let first = self.workers.len();
+        let total = first + renderers.len();
+        for (i, renderer) in renderers.into_iter().enumerate() {
             let agent = Agent::new(
-                Link::new(&url)?,
-                renderer.clone(),
+                Link::new(&self.url)?,
+                renderer,
                 AgentConfig {
-                    worker_id: WorkerId(format!("local-{i}")),
+                    worker_id: WorkerId(format!("local-{}", first + i)),
                     slots: 1,
                     labels: Default::default(),
+                    lease_observer: observer.clone(),
                 },
             )?;
-            handles.push(tokio::spawn(agent.run(shutdown.clone())));
+            self.workers
+                .push(tokio::spawn(agent.run(self.shutdown.clone())));
         }
-        let farm = Farm::new(&url)?;
         let started = tokio::time::Instant::now();
         loop {
-            let registered = farm.workers().await.map(|w| w.len()).unwrap_or(0);
-            if registered >= workers as usize {
-                break;
+            let registered = self.farm.workers().await.map(|w| w.len()).unwrap_or(0);
+            if registered >= total {
+                return Ok(());
             }
             if started.elapsed() > Duration::from_secs(30) {
-                bail!("only {registered} of {workers} embedded workers registered within 30 s");
+                bail!("only {registered} of {total} embedded workers registered within 30 s");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(Self {
-            farm,
-            core,
-            server,
-            workers: handles,
-            shutdown,
-        })
     }
 
     /// Drains the workers and stops the coordinator.

@@ -182,6 +182,33 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// The scheduling policy at scale: sim workers holding one model at a time.
+    Schedule {
+        /// Sim workers.
+        #[arg(long, default_value_t = 200)]
+        workers: u32,
+        /// Tasks over all jobs.
+        #[arg(long, default_value_t = 20_000)]
+        tasks: u32,
+        /// Distinct models.
+        #[arg(long, default_value_t = 3)]
+        models: u32,
+        /// Jobs (job i uses model i mod models).
+        #[arg(long, default_value_t = 10)]
+        jobs: u32,
+        /// Render time of one task.
+        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+        render: std::time::Duration,
+        /// Time to load a model that is not resident.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        load: std::time::Duration,
+        /// Run the coordinator on this Redis instead of the memory store.
+        #[arg(long)]
+        store: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Dispatch rate of the coordinator (memory store): sim workers with 0 ms steps.
     Dispatch {
         /// Sim workers.
@@ -335,6 +362,32 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Model {
             command: ModelCommand::Tiny { out, kind },
         } => model::tiny(&out, kind).map(|()| true),
+        Command::Bench {
+            command:
+                BenchCommand::Schedule {
+                    workers,
+                    tasks,
+                    models,
+                    jobs,
+                    render,
+                    load,
+                    store,
+                    json,
+                },
+        } => bench::schedule(
+            bench::ScheduleOptions {
+                workers,
+                tasks,
+                models,
+                jobs,
+                render,
+                load,
+                store,
+            },
+            json,
+        )
+        .await
+        .map(|()| true),
         Command::Bench {
             command:
                 BenchCommand::Dispatch {

@@ -55,6 +55,19 @@ pub struct AgentConfig {
     pub slots: u32,
     /// Free-form labels shown by `kiln workers`.
     pub labels: BTreeMap<String, String>,
+    /// Told how long each Lease call that returned work took, and how many
+    /// tasks it brought (benchmarks measure scheduling latency with it).
+    pub lease_observer: Option<LeaseObserver>,
+}
+
+/// A callback for lease timings: (latency, tasks leased).
+#[derive(Clone)]
+pub struct LeaseObserver(pub Arc<dyn Fn(Duration, usize) + Send + Sync>);
+
+impl std::fmt::Debug for LeaseObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseObserver")
+    }
 }
 
 /// Tells a running agent to stop: `drain` finishes the tasks in hand,
@@ -250,6 +263,7 @@ impl Agent {
                     _ = drained() => return Ok(()),
                 }
             }
+            let asked = tokio::time::Instant::now();
             let answer = tokio::select! {
                 r = self.shared.link.lease(self.shared.worker.as_str(), free, POLL_WAIT, self.renderer.resident()) => r,
                 _ = drained() => return Ok(()),
@@ -257,6 +271,11 @@ impl Agent {
             match answer {
                 Ok(resp) => {
                     pause = BACKOFF.0;
+                    if let Some(observe) = &self.config.lease_observer
+                        && !resp.tasks.is_empty()
+                    {
+                        (observe.0)(asked.elapsed(), resp.tasks.len());
+                    }
                     for task in resp.tasks {
                         self.start(task);
                     }

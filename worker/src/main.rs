@@ -136,6 +136,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             worker_id: worker_id.clone(),
             slots: args.slots,
             labels,
+            lease_observer: None,
         },
     )?;
     let shutdown = Shutdown::default();

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store};
 use kiln_proto::pb::{self, FieldValue, field_value::Kind};
-use kiln_worker::render::SimRenderer;
+use kiln_worker::agent::LeaseObserver;
+use kiln_worker::render::{SimOptions, SimRenderer};
 use serde_json::json;
 
 use crate::commands::watch;
@@ -98,6 +99,167 @@ pub async fn dispatch(
             "{store_name} store: {completed}/{tasks} tasks by {workers} sim workers: submit {:.2} s, dispatch {:.2} s, {rate:.0} lease+complete cycles/s{trips}",
             submitted.as_secs_f64(),
             (elapsed - submitted).as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// What `kiln bench schedule` runs.
+pub struct ScheduleOptions {
+    /// Sim workers.
+    pub workers: u32,
+    /// Tasks over all jobs.
+    pub tasks: u32,
+    /// Distinct models.
+    pub models: u32,
+    /// Jobs; job `i` uses model `i % models`.
+    pub jobs: u32,
+    /// Render time of one task.
+    pub render: Duration,
+    /// Time to load a model a worker does not have resident.
+    pub load: Duration,
+    /// Redis URL instead of the memory store.
+    pub store: Option<String>,
+}
+
+/// Measures the scheduling policy at scale with sim workers that hold one
+/// model at a time: makespan against the ideal (work / workers), model
+/// loads, and scheduling latency (Lease calls that brought work).
+pub async fn schedule(opts: ScheduleOptions, json_out: bool) -> anyhow::Result<()> {
+    if opts.workers == 0 || opts.tasks == 0 || opts.models == 0 || opts.jobs == 0 {
+        bail!("--workers, --tasks, --models and --jobs must be at least 1");
+    }
+    let names: Vec<String> = (0..opts.models).map(|m| format!("m{m}")).collect();
+    let mut sims = Vec::new();
+    let mut renderers: Vec<Arc<dyn kiln_worker::render::Renderer>> = Vec::new();
+    for w in 0..opts.workers as usize {
+        // Each worker starts with a different model resident, round-robin.
+        let mut order = names.clone();
+        order.rotate_left(w % names.len());
+        let sim = Arc::new(SimRenderer::with_options(
+            &order,
+            opts.render,
+            SimOptions {
+                resident_slots: Some(1),
+                load_time: opts.load,
+                fail: false,
+            },
+        ));
+        sims.push(sim.clone());
+        renderers.push(sim);
+    }
+    let latencies: Arc<std::sync::Mutex<Vec<Duration>>> = Default::default();
+    let observer = {
+        let latencies = latencies.clone();
+        LeaseObserver(Arc::new(move |d, _| {
+            if let Ok(mut l) = latencies.lock() {
+                l.push(d);
+            }
+        }))
+    };
+    let store: Arc<dyn Store> = match &opts.store {
+        Some(url) => Arc::new(
+            RedisStore::connect(&RedisConfig {
+                url: url.clone(),
+                name: format!("bench-{}", uuid::Uuid::new_v4().simple()),
+                retention: Duration::from_secs(600),
+            })
+            .await
+            .with_context(|| format!("--store {url}"))?,
+        ),
+        None => Arc::new(MemoryStore::new()),
+    };
+    // Jobs are submitted before the workers start, so no worker switches
+    // models because one job happened to arrive before the others: the
+    // submissions wait (the coordinator's model grace) until the first worker
+    // announces the models.
+    let mut farm = EmbeddedFarm::start_coordinator(store).await?;
+    let per_job = opts.tasks / opts.jobs;
+    let started = Instant::now();
+    let mut submissions = Vec::new();
+    for j in 0..opts.jobs {
+        let spec = pb::JobSpec {
+            name: format!("bench-schedule-{j}"),
+            defaults: Some(pb::RecipeFields {
+                model: Some(names[(j % opts.models) as usize].clone()),
+                prompt: Some(format!("job {j}")),
+                steps: Some(1),
+                width: Some(64),
+                height: Some(64),
+                ..Default::default()
+            }),
+            sweep: vec![pb::SweepAxis {
+                field: "seed".into(),
+                values: (0..i64::from(per_job))
+                    .map(|s| FieldValue {
+                        kind: Some(Kind::Integer(s)),
+                    })
+                    .collect(),
+                zip: String::new(),
+            }],
+            ..Default::default()
+        };
+        let client = farm.farm.clone();
+        submissions.push(tokio::spawn(async move {
+            client
+                .submit(pb::SubmitJobRequest {
+                    spec: Some(spec),
+                    idempotency_key: String::new(),
+                })
+                .await
+        }));
+    }
+    farm.add_workers(renderers, Some(observer)).await?;
+    let initial_loads: u64 = sims.iter().map(|s| s.loads()).sum();
+    let mut jobs = Vec::new();
+    for s in submissions {
+        let resp = s
+            .await
+            .context("a submission panicked")?
+            .map_err(|s| farm.farm.explain(s))?;
+        jobs.push(resp.job.context("no job")?.job_id);
+    }
+    for job in &jobs {
+        watch::follow(&farm.farm, job, true).await?;
+    }
+    let makespan = started.elapsed();
+    farm.stop().await?;
+    let loads = sims.iter().map(|s| s.loads()).sum::<u64>() - initial_loads;
+    let total = f64::from(per_job * opts.jobs);
+    let ideal = total * opts.render.as_secs_f64() / f64::from(opts.workers);
+    let mut lat: Vec<Duration> = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    lat.sort();
+    let pct = |p: f64| -> f64 {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let (p50, p90, p99, max) = (pct(0.5), pct(0.9), pct(0.99), pct(1.0));
+    if json_out {
+        println!(
+            "{}",
+            json!({"workers": opts.workers, "tasks": total, "models": opts.models, "jobs": opts.jobs,
+                   "render_ms": opts.render.as_millis(), "load_ms": opts.load.as_millis(),
+                   "makespan_s": makespan.as_secs_f64(), "ideal_s": ideal,
+                   "model_loads": loads, "lease_latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": max}})
+        );
+    } else {
+        println!(
+            "{total} tasks, {} jobs, {} models, {} sim workers at {} ms per render ({} ms per model load):",
+            opts.jobs,
+            opts.models,
+            opts.workers,
+            opts.render.as_millis(),
+            opts.load.as_millis()
+        );
+        println!(
+            "  makespan {:.2} s against an ideal of {ideal:.2} s (work / workers): {:.0}% of ideal",
+            makespan.as_secs_f64(),
+            100.0 * ideal / makespan.as_secs_f64()
+        );
+        println!("  model loads after start: {loads} (each worker starts with one model resident)");
+        println!(
+            "  scheduling latency (Lease calls that brought work, {} calls): p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms",
+            lat.len()
         );
     }
     Ok(())

@@ -853,7 +853,7 @@ pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
         .await
         .unwrap();
     // The m2 job is older, but a has m1 resident and b has m2 resident.
-    store.create_job(new_job(5, "m2")).await.unwrap();
+    store.create_job(new_job(20, "m2")).await.unwrap();
     store.create_job(new_job(5, "m1")).await.unwrap();
     let b = store
         .claim(&worker("b"), 1, TTL, NO_WAIT, &["m2".to_string()])
@@ -879,7 +879,41 @@ pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
         .claim(&worker("a"), 1, TTL, NO_WAIT, &["m1".to_string()])
         .await
         .unwrap();
-    assert_eq!(a.leases[0].recipe.model, "m2", "with m1 done, a switches");
+    assert_eq!(
+        a.leases[0].recipe.model, "m2",
+        "with m1 done and 18 m2 tasks for one holder, a switches"
+    );
+    // Leave b a backlog it clears soon enough alone: nobody else loads m2 for it.
+    loop {
+        let left: u32 = store
+            .jobs(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.counts.queued)
+            .sum();
+        if left <= 4 {
+            break;
+        }
+        let b = store
+            .claim(&worker("b"), 1, TTL, NO_WAIT, &["m2".to_string()])
+            .await
+            .unwrap();
+        assert_eq!(b.leases.len(), 1);
+    }
+    store
+        .register_worker(registration("c", &["m1", "m2"]))
+        .await
+        .unwrap();
+    let c = store
+        .claim(&worker("c"), 1, TTL, NO_WAIT, &["m1".to_string()])
+        .await
+        .unwrap();
+    assert!(
+        c.leases.is_empty(),
+        "4 m2 tasks and two holders do not justify loading m2: {:?}",
+        c.leases
+    );
 }
 
 pub async fn a_worker_failing_a_job_is_quarantined(store: &dyn Store) {

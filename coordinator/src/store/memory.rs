@@ -47,16 +47,16 @@ struct State {
     served: u64,
     /// When each project was last served.
     project_served: HashMap<String, u64>,
-    /// Earlier results by (project, dedupe key).
-    results: HashMap<(String, String), TaskResult>,
+    /// Earlier results by project, then dedupe key (recipe hash and class).
+    results: HashMap<String, HashMap<String, TaskResult>>,
 }
 
 struct JobEntry {
     record: JobRecord,
     /// Task ids in index order.
     tasks: Vec<TaskId>,
-    /// Indices of queued, claimable tasks.
-    queued: BTreeSet<u32>,
+    /// Queued, claimable tasks.
+    queued: Queued,
     /// Shots waiting for their anchor: anchor index -> shot indices.
     waiting: BTreeMap<u32, Vec<u32>>,
     events: Vec<Event>,
@@ -69,8 +69,51 @@ struct JobEntry {
     faults: HashMap<WorkerId, u32>,
 }
 
+/// A job's claimable tasks by model, in item order, so a claim looks at the
+/// first task of each model instead of scanning the whole queue.
+#[derive(Default)]
+struct Queued {
+    by_model: BTreeMap<String, BTreeSet<u32>>,
+}
+
+impl Queued {
+    fn insert(&mut self, model: &str, index: u32) {
+        self.by_model
+            .entry(model.to_string())
+            .or_default()
+            .insert(index);
+    }
+
+    fn remove(&mut self, model: &str, index: u32) {
+        if let Some(set) = self.by_model.get_mut(model) {
+            set.remove(&index);
+            if set.is_empty() {
+                self.by_model.remove(model);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_model.is_empty()
+    }
+
+    fn len_of(&self, model: &str) -> usize {
+        self.by_model.get(model).map_or(0, BTreeSet::len)
+    }
+
+    /// Removes and returns every queued index.
+    fn drain(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.by_model)
+            .into_values()
+            .flatten()
+            .collect()
+    }
+}
+
 struct TaskEntry {
     record: TaskRecord,
+    /// The recipe's hash, cached: dedupe looks it up on every claim.
+    hash: String,
     /// Lease deadline on the store clock, in ms since `origin`.
     deadline: Option<u64>,
     /// Workers that failed this task: it is retried elsewhere when possible.
@@ -297,12 +340,12 @@ impl State {
             models,
             resident,
         };
-        let mut out: Vec<TaskId> = Vec::new();
         let mut deduped = 0;
-        // Candidates in policy order, deduplicated ones completed on the way.
-        let mut first_choice: Option<(i32, TaskId)> = None;
-        let mut first_resident: Option<(i32, TaskId)> = None;
-        for job_id in self.job_order() {
+        // (priority, task, model) of the first claimable task overall, and of
+        // the first one for a resident model, in policy order.
+        let mut first_choice: Option<(i32, TaskId, String)> = None;
+        let mut first_resident: Option<(i32, TaskId, String)> = None;
+        'jobs: for job_id in self.job_order() {
             let Some(job) = self.jobs.get(&job_id) else {
                 continue;
             };
@@ -310,54 +353,65 @@ impl State {
                 continue;
             }
             let priority = job.record.priority;
-            let indices: Vec<u32> = job.queued.iter().copied().collect();
-            for index in indices {
-                let Some(task_id) = self
-                    .jobs
-                    .get(&job_id)
-                    .and_then(|j| j.tasks.get(index as usize).copied())
-                else {
-                    continue;
-                };
-                let Some(task) = self.tasks.get(&task_id) else {
-                    continue;
-                };
-                if !self.task_allows(task, &asker, now) {
-                    continue;
-                }
-                let resident = asker.resident.contains(&task.record.recipe.model);
-                if deduped < MAX_DEDUPED_PER_CLAIM && self.try_dedupe(task_id, &asker.class, claim)
-                {
-                    deduped += 1;
-                    continue;
-                }
-                if first_choice.is_none() {
-                    first_choice = Some((priority, task_id));
-                }
-                if resident && first_resident.is_none() {
-                    first_resident = Some((priority, task_id));
-                }
-                if first_resident.is_some() {
+            let held: Vec<String> = job
+                .queued
+                .by_model
+                .keys()
+                .filter(|m| asker.models.contains_key(*m))
+                .cloned()
+                .collect();
+            // The first claimable task of each model the worker holds, in item order.
+            let mut heads: Vec<(u32, TaskId, String)> = Vec::new();
+            for model in held {
+                loop {
+                    let next = self.jobs.get(&job_id).and_then(|j| {
+                        let set = j.queued.by_model.get(&model)?;
+                        set.iter()
+                            .filter_map(|i| Some((*i, *j.tasks.get(*i as usize)?)))
+                            .find(|(_, id)| {
+                                self.tasks
+                                    .get(id)
+                                    .is_some_and(|t| self.task_allows(t, &asker, now))
+                            })
+                    });
+                    let Some((index, id)) = next else { break };
+                    if deduped < MAX_DEDUPED_PER_CLAIM && self.try_dedupe(id, &asker.class, claim) {
+                        deduped += 1;
+                        continue;
+                    }
+                    heads.push((index, id, model.clone()));
                     break;
                 }
             }
-            if first_resident.is_some() {
-                break;
+            heads.sort();
+            for (_, id, model) in heads {
+                let resident = asker.resident.contains(&model);
+                if first_choice.is_none() {
+                    first_choice = Some((priority, id, model.clone()));
+                }
+                if resident {
+                    first_resident = Some((priority, id, model));
+                    break 'jobs;
+                }
             }
         }
         // Model affinity: keep to resident models unless the best work is
         // for another model at a higher priority and a switch is justified.
         let chosen = match (first_resident, first_choice) {
-            (Some(r), Some(c)) if r.0 >= c.0 => Some(r.1),
+            // Equal or better resident work: keep to it, unless the first
+            // choice's model has waiting work and no live worker holds it
+            // (it would starve behind the resident models).
+            (Some(r), Some(c)) if r.0 >= c.0 => {
+                if c.1 != r.1 && self.resident_holders(&c.2, worker, now) == 0 {
+                    Some(c.1)
+                } else {
+                    Some(r.1)
+                }
+            }
             (resident_choice, Some(c)) => {
-                let model = self
-                    .tasks
-                    .get(&c.1)
-                    .map(|t| t.record.recipe.model.clone())
-                    .unwrap_or_default();
-                let backlog = self.backlog(&model);
-                let holders = self.resident_holders(&model, worker, now);
-                if switch_justified(resident_choice.is_some(), backlog, holders) {
+                let backlog = self.backlog(&c.2);
+                let holders = self.resident_holders(&c.2, worker, now);
+                if switch_justified(backlog, holders) {
                     Some(c.1)
                 } else {
                     resident_choice.map(|r| r.1)
@@ -366,9 +420,9 @@ impl State {
             (_, None) => None,
         };
         let Some(first) = chosen else {
-            return out;
+            return Vec::new();
         };
-        out.push(first);
+        let mut out = vec![first];
         if max > 1 {
             self.fill(first, max, &asker, now, &mut out);
         }
@@ -392,7 +446,10 @@ impl State {
                 if !self.job_allows(job, asker, now) {
                     continue;
                 }
-                for index in &job.queued {
+                let Some(set) = job.queued.by_model.get(&model) else {
+                    continue;
+                };
+                for index in set {
                     if out.len() >= max {
                         return;
                     }
@@ -404,12 +461,7 @@ impl State {
                         continue;
                     };
                     let id = task.record.id;
-                    let r = &task.record.recipe;
-                    let fits = if same_batch {
-                        batch_key(r) == key
-                    } else {
-                        r.model == model
-                    };
+                    let fits = !same_batch || batch_key(&task.record.recipe) == key;
                     if fits && !out.contains(&id) && self.task_allows(task, asker, now) {
                         out.push(id);
                     }
@@ -423,13 +475,8 @@ impl State {
         self.jobs
             .values()
             .filter(|j| j.record.state == JobState::Running)
-            .flat_map(|j| j.queued.iter().filter_map(|i| j.tasks.get(*i as usize)))
-            .filter(|t| {
-                self.tasks
-                    .get(t)
-                    .is_some_and(|t| t.record.recipe.model == model)
-            })
-            .count()
+            .map(|j| j.queued.len_of(model))
+            .sum()
     }
 
     /// Returns how many live workers other than `not` have `model` resident.
@@ -462,14 +509,16 @@ impl State {
         if !job.dedupe {
             return false;
         }
-        let key = (
-            job.record.project.clone(),
-            dedupe_key(&task.record.recipe, class),
-        );
-        let Some(earlier) = self.results.get(&key).cloned() else {
+        let Some(earlier) = self
+            .results
+            .get(&job.record.project)
+            .and_then(|r| r.get(&format!("{}|{class}", task.hash)))
+            .cloned()
+        else {
             return false;
         };
         let (index, file_name) = (task.record.index, task.record.file_name.clone());
+        let model = task.record.recipe.model.clone();
         let source = earlier.object.clone();
         if let Some(t) = self.tasks.get_mut(&task_id) {
             t.record.state = TaskState::Completed;
@@ -479,7 +528,7 @@ impl State {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return false;
         };
-        job.queued.remove(&index);
+        job.queued.remove(&model, index);
         job.record
             .counts
             .shift(TaskState::Queued, TaskState::Completed);
@@ -547,7 +596,7 @@ impl State {
         self.served += 1;
         let served = self.served;
         let job = self.jobs.get_mut(&job_id)?;
-        job.queued.remove(&index);
+        job.queued.remove(&recipe.model, index);
         job.record
             .counts
             .shift(TaskState::Queued, TaskState::Leased);
@@ -583,16 +632,19 @@ impl State {
             return;
         };
         let shots = job.waiting.remove(&anchor).unwrap_or_default();
-        let ids: Vec<TaskId> = shots
+        let ids: Vec<(u32, TaskId)> = shots
             .iter()
-            .filter_map(|i| job.tasks.get(*i as usize).copied())
+            .filter_map(|i| Some((*i, *job.tasks.get(*i as usize)?)))
             .collect();
-        for index in &shots {
-            job.queued.insert(*index);
-        }
-        for id in ids {
-            if let Some(t) = self.tasks.get_mut(&id) {
-                t.record.recipe.init_image = Some(result.sha256.clone());
+        for (index, id) in ids {
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            t.record.recipe.init_image = Some(result.sha256.clone());
+            t.hash = t.record.recipe.hash();
+            let model = t.record.recipe.model.clone();
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                job.queued.insert(&model, index);
             }
         }
     }
@@ -747,6 +799,7 @@ impl State {
         }
         let index = t.record.index;
         let job_id = t.record.job;
+        let model = t.record.recipe.model.clone();
         self.leased.remove(&task_id);
         if let Some(w) = worker.as_ref().and_then(|w| self.workers.get_mut(w)) {
             w.running.remove(&task_id);
@@ -760,7 +813,7 @@ impl State {
         let job = self.jobs.get_mut(&job_id)?;
         job.record.counts.shift(TaskState::Leased, to);
         if to == TaskState::Queued {
-            job.queued.insert(index);
+            job.queued.insert(&model, index);
         }
         if outcome.is_fault()
             && let Some(w) = &worker
@@ -821,7 +874,7 @@ impl Store for MemoryStore {
         let mut entry = JobEntry {
             record: record.clone(),
             tasks: Vec::with_capacity(new.tasks.len()),
-            queued: BTreeSet::new(),
+            queued: Queued::default(),
             waiting: BTreeMap::new(),
             events: Vec::new(),
             blobs: new.blobs.into_iter().collect(),
@@ -834,13 +887,12 @@ impl Store for MemoryStore {
             entry.tasks.push(t.id);
             match t.series.as_ref().and_then(|s| s.depends_on) {
                 Some(anchor) => entry.waiting.entry(anchor).or_default().push(t.index),
-                None => {
-                    entry.queued.insert(t.index);
-                }
+                None => entry.queued.insert(&t.recipe.model, t.index),
             }
             st.tasks.insert(
                 t.id,
                 TaskEntry {
+                    hash: t.recipe.hash(),
                     record: TaskRecord {
                         id: t.id,
                         job: new.id,
@@ -945,7 +997,7 @@ impl Store for MemoryStore {
         if job.record.is_finished() {
             return Ok(job.record.clone());
         }
-        let mut idle: Vec<u32> = std::mem::take(&mut job.queued).into_iter().collect();
+        let mut idle: Vec<u32> = job.queued.drain();
         idle.extend(std::mem::take(&mut job.waiting).into_values().flatten());
         let tasks = job.tasks.clone();
         for index in &idle {
@@ -1213,10 +1265,10 @@ impl Store for MemoryStore {
         {
             let mut remembered = result.clone();
             remembered.object = crate::results::image_path(job_id, &file).to_string();
-            st.results.insert(
-                (job.record.project.clone(), dedupe_key(&recipe, &class)),
-                remembered,
-            );
+            st.results
+                .entry(job.record.project.clone())
+                .or_default()
+                .insert(dedupe_key(&recipe, &class), remembered);
         }
         st.release_dependents(job_id, index, &result);
         let job_finished = st.end_lease(

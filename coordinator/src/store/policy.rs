@@ -18,8 +18,10 @@ use kiln_proto::recipe::Recipe;
 pub const QUARANTINE_AFTER: u32 = 3;
 
 /// A worker switches to a model it does not have resident when the model's
-/// waiting tasks exceed this many per worker that already has it resident
-/// (or when no live worker has it resident, or the worker has nothing else to do).
+/// waiting tasks exceed this many per worker that already has it resident, or
+/// when no live worker has it resident. At 8 tasks of a few hundred
+/// milliseconds each, the holders need longer than a typical model load (a
+/// few seconds) to clear the backlog themselves, so the load pays for itself.
 pub const SWITCH_BACKLOG_PER_HOLDER: usize = 8;
 
 /// Returns the key of the UNet batch a task can share: tasks with equal keys
@@ -48,12 +50,12 @@ pub fn dedupe_key(recipe: &Recipe, class: &str) -> String {
 }
 
 /// Returns true when a worker should load `model` rather than keep to its
-/// resident models: it has nothing else to do, nobody has the model
-/// resident, or the backlog is more than the holders clear soon.
-pub fn switch_justified(has_resident_work: bool, backlog: usize, resident_holders: usize) -> bool {
-    !has_resident_work
-        || resident_holders == 0
-        || backlog > SWITCH_BACKLOG_PER_HOLDER * resident_holders
+/// resident models (or stay idle): nobody has the model resident, or its
+/// backlog is more than the holders clear within a load time. An idle worker
+/// follows the same rule, so workers do not pile onto a model at the end of
+/// its backlog only to load it for one task.
+pub fn switch_justified(backlog: usize, resident_holders: usize) -> bool {
+    resident_holders == 0 || backlog > SWITCH_BACKLOG_PER_HOLDER * resident_holders
 }
 
 #[cfg(test)]
@@ -62,9 +64,12 @@ mod tests {
 
     #[test]
     fn switching_needs_a_reason() {
-        assert!(switch_justified(false, 1, 5), "an idle worker switches");
-        assert!(switch_justified(true, 1, 0), "nobody holds the model");
-        assert!(!switch_justified(true, 8, 1));
-        assert!(switch_justified(true, 9, 1));
+        assert!(switch_justified(1, 0), "nobody holds the model");
+        assert!(
+            !switch_justified(8, 1),
+            "one holder clears 8 tasks soon enough"
+        );
+        assert!(switch_justified(9, 1));
+        assert!(!switch_justified(40, 5));
     }
 }

@@ -150,28 +150,40 @@ end
 -- Model affinity: keep to resident models unless the best work is for
 -- another model at a higher priority and a switch is justified.
 local chosen
+-- Returns how many live workers other than this one have `model` resident.
+local function resident_holders(model)
+  local holders = 0
+  for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
+    if w ~= worker and live(w) then
+      local r = cjson.decode(redis.call('HGET', k('worker', w), 'resident') or '[]')
+      local has = false
+      if #r == 0 then
+        local m = redis.call('HGET', k('worker', w), 'models')
+        has = m ~= nil and cjson.decode(m)[model] ~= nil
+      else
+        for _, name in ipairs(r) do if name == model then has = true end end
+      end
+      if has then holders = holders + 1 end
+    end
+  end
+  return holders
+end
+
 if first_choice then
   if first_resident and first_resident.priority >= first_choice.priority then
-    chosen = first_resident
+    -- Keep to resident work unless the first choice's model would starve:
+    -- waiting work and no live worker holding it.
+    if first_choice.tid ~= first_resident.tid and resident_holders(first_choice.model) == 0 then
+      chosen = first_choice
+    else
+      chosen = first_resident
+    end
   else
     local model = first_choice.model
     local backlog = 0
     for _, j in ipairs(jobs) do backlog = backlog + redis.call('ZCARD', k('q', j.id, model)) end
-    local holders = 0
-    for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
-      if w ~= worker and live(w) then
-        local r = cjson.decode(redis.call('HGET', k('worker', w), 'resident') or '[]')
-        local has = false
-        if #r == 0 then
-          local m = redis.call('HGET', k('worker', w), 'models')
-          has = m ~= nil and cjson.decode(m)[model] ~= nil
-        else
-          for _, name in ipairs(r) do if name == model then has = true end end
-        end
-        if has then holders = holders + 1 end
-      end
-    end
-    local justified = (first_resident == nil) or holders == 0 or backlog > SWITCH_BACKLOG_PER_HOLDER * holders
+    local holders = resident_holders(model)
+    local justified = holders == 0 or backlog > SWITCH_BACKLOG_PER_HOLDER * holders
     if justified then chosen = first_choice else chosen = first_resident end
   end
 end
