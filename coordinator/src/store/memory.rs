@@ -201,6 +201,10 @@ impl MemoryStore {
             claim.leases.extend(st.lease(task_id, worker, now, ttl));
         }
         drop(guard);
+        if !claim.deduped.is_empty() {
+            // A served anchor may have released its shots to other workers.
+            self.wake_workers();
+        }
         if !claim.leases.is_empty() || !claim.deduped.is_empty() {
             self.wake_watchers();
         }
@@ -626,16 +630,18 @@ impl State {
         })
     }
 
-    /// Queues the shots waiting for `anchor` with its image as their init image.
-    fn release_dependents(&mut self, job_id: JobId, anchor: u32, result: &TaskResult) {
+    /// Queues the shots waiting for `anchor` with its image as their init
+    /// image; returns true if there were any.
+    fn release_dependents(&mut self, job_id: JobId, anchor: u32, result: &TaskResult) -> bool {
         let Some(job) = self.jobs.get_mut(&job_id) else {
-            return;
+            return false;
         };
         let shots = job.waiting.remove(&anchor).unwrap_or_default();
         let ids: Vec<(u32, TaskId)> = shots
             .iter()
             .filter_map(|i| Some((*i, *job.tasks.get(*i as usize)?)))
             .collect();
+        let mut released = false;
         for (index, id) in ids {
             let Some(t) = self.tasks.get_mut(&id) else {
                 continue;
@@ -646,7 +652,9 @@ impl State {
             if let Some(job) = self.jobs.get_mut(&job_id) {
                 job.queued.insert(&model, index);
             }
+            released = true;
         }
+        released
     }
 
     /// Ends the shots waiting for `anchor`, which failed for good or was cancelled.
@@ -1270,7 +1278,7 @@ impl Store for MemoryStore {
                 .or_default()
                 .insert(dedupe_key(&recipe, &class), remembered);
         }
-        st.release_dependents(job_id, index, &result);
+        let released = st.release_dependents(job_id, index, &result);
         let job_finished = st.end_lease(
             task,
             Outcome::Completed,
@@ -1281,7 +1289,11 @@ impl Store for MemoryStore {
             false,
         );
         drop(guard);
-        self.wake_workers();
+        // Only released shots are new work; waking every waiting claim for
+        // each completion would make them all run for nothing.
+        if released {
+            self.wake_workers();
+        }
         self.wake_watchers();
         Ok(CompleteOutcome::Accepted { job_finished })
     }

@@ -130,7 +130,8 @@ for _, j in ipairs(jobs) do
     local cands = {}
     for _, model in ipairs(redis.call('SMEMBERS', k('job', j.id, 'models'))) do
       if models[model] ~= nil then
-        local ids = redis.call('ZRANGE', k('q', j.id, model), 0, 63, 'WITHSCORES')
+        -- A few candidates per model: the first usually fits; more step over avoided tasks.
+        local ids = redis.call('ZRANGE', k('q', j.id, model), 0, max + 7, 'WITHSCORES')
         for i = 1, #ids, 2 do
           table.insert(cands, {tid = ids[i], index = tonumber(ids[i + 1]), model = model})
         end

@@ -74,7 +74,9 @@ end
 -- Queues the shots waiting for the anchor at `index`, with its image as their init image.
 local function release_dependents(job, index, sha)
   local list = k('job', job, 'waiting', index)
-  for _, tid in ipairs(redis.call('LRANGE', list, 0, -1)) do
+  local shots = redis.call('LRANGE', list, 0, -1)
+  if #shots == 0 then return end
+  for _, tid in ipairs(shots) do
     local f = redis.call('HMGET', k('task', tid), 'index', 'model')
     redis.call('HSET', k('task', tid), 'init', sha)
     redis.call('SREM', k('job', job, 'waiting'), tid)
