@@ -794,3 +794,120 @@ impl Store for RedisStore {
         self.read_wait_events(id, after, timeout).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kiln_proto::ids::{JobId, TaskId, WorkerId};
+    use kiln_proto::recipe::{Recipe, Scheduler};
+
+    use super::*;
+
+    fn one_task_job() -> NewJob {
+        NewJob {
+            id: JobId::new(),
+            name: "retention".into(),
+            project: "default".into(),
+            priority: 0,
+            idempotency_key: Some("k".into()),
+            tasks: vec![NewTask {
+                id: TaskId::new(),
+                index: 0,
+                recipe: Recipe {
+                    model: "tiny".into(),
+                    model_hash: String::new(),
+                    prompt: "x".into(),
+                    negative_prompt: String::new(),
+                    seed: 1,
+                    steps: 1,
+                    guidance: 1.0,
+                    width: 64,
+                    height: 64,
+                    scheduler: Scheduler::Ddim,
+                    karras: false,
+                    eta: 0.0,
+                    strength: 1.0,
+                    init_image: None,
+                    mask: None,
+                    noise_seed: None,
+                },
+                file_name: "00000-x.png".into(),
+                series: None,
+                avoid: Vec::new(),
+            }],
+            blobs: Vec::new(),
+            pin_class: false,
+            class: None,
+            dedupe: true,
+            verify_of: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn finished_jobs_are_listed_until_their_retention_ends() {
+        let server = kiln_tests::redis::RedisServer::start().expect("redis-server");
+        let store = RedisStore::connect(&RedisConfig {
+            url: server.url(),
+            name: "retention".into(),
+            retention: Duration::from_millis(600),
+        })
+        .await
+        .expect("connect");
+        let w = WorkerId("w1".into());
+        store
+            .register_worker(WorkerRegistration {
+                id: w.clone(),
+                labels: Default::default(),
+                gpu_memory_bytes: 0,
+                slots: 1,
+                models: vec![ModelInfo {
+                    name: "tiny".into(),
+                    hash: "h".into(),
+                }],
+                determinism_class: "c".into(),
+                version: "t".into(),
+            })
+            .await
+            .unwrap();
+        let mut running = one_task_job();
+        running.idempotency_key = None;
+        let (job, _) = store.create_job(one_task_job()).await.unwrap();
+        store.create_job(running).await.unwrap();
+        let lease = store
+            .claim(&w, 1, Duration::from_secs(30), Duration::ZERO, &[])
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        assert_eq!(lease.job, job.id);
+        let done = TaskResult {
+            object: "x".into(),
+            sha256: "00".repeat(32),
+            size: 1,
+            model_hash: "h".into(),
+            render_ms: 1,
+            encode_ms: 1,
+            class: String::new(),
+        };
+        store
+            .complete(&w, lease.task, lease.epoch, done)
+            .await
+            .unwrap();
+        assert!(
+            store.jobs(10).await.unwrap().iter().any(|j| j.id == job.id),
+            "listed within retention"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(matches!(
+            store.job(job.id).await,
+            Err(StoreError::JobNotFound(_))
+        ));
+        let listed = store.jobs(10).await.unwrap();
+        assert!(
+            !listed.iter().any(|j| j.id == job.id),
+            "gone after retention"
+        );
+        assert_eq!(listed.len(), 1, "the running job stays");
+    }
+}
