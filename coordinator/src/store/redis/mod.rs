@@ -870,9 +870,9 @@ mod tests {
             })
             .await
             .unwrap();
+        let (job, _) = store.create_job(one_task_job()).await.unwrap();
         let mut running = one_task_job();
         running.idempotency_key = None;
-        let (job, _) = store.create_job(one_task_job()).await.unwrap();
         store.create_job(running).await.unwrap();
         let lease = store
             .claim(&w, 1, Duration::from_secs(30), Duration::ZERO, &[])
