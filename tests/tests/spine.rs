@@ -72,6 +72,59 @@ fn embedded_render_writes_nine_distinct_images_byte_identical_on_a_second_run() 
     }
 }
 
+/// A worker with four slots leases the nine items four at a time and denoises each
+/// lease as one UNet batch: the PNGs are those `kiln render` makes one by one.
+#[test]
+fn a_worker_rendering_batches_writes_the_bytes_of_one_by_one_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tiny = tiny_model();
+    let model = format!("tiny={}", tiny.display());
+    let batch = d.join("shots.toml");
+    std::fs::write(&batch, ISSUE_BATCH).unwrap();
+    let one_by_one = d.join("one-by-one");
+    let r = kiln(&[
+        "render",
+        arg(&batch),
+        "--model",
+        &model,
+        "--out",
+        arg(&one_by_one),
+    ]);
+    assert_eq!(r.code, 0, "kiln render failed: {}", r.stderr);
+
+    let coord = Coordinator::start(d, &[]).unwrap();
+    let _w = worker(d, &coord.url, "w4", &["--model", &model, "--slots", "4"]).unwrap();
+    wait_for_workers(&coord.url, 1);
+    // The job's tasks are queued at once, so the waiting lease takes four of them.
+    let sub = kiln(&["submit", arg(&batch), "--json", "--coordinator", &coord.url]);
+    assert_eq!(sub.code, 0, "{}", sub.stderr);
+    let job = job_id(&sub.stdout).unwrap();
+    let watch = kiln(&["watch", &job, "--coordinator", &coord.url]);
+    assert_eq!(watch.code, 0, "watch: {}\n{}", watch.stdout, watch.stderr);
+    let batched = d.join("batched");
+    let fetch = kiln(&[
+        "fetch",
+        &job,
+        "--out",
+        arg(&batched),
+        "--coordinator",
+        &coord.url,
+    ]);
+    assert_eq!(fetch.code, 0, "{}", fetch.stderr);
+
+    let (alone, together) = (manifest(&one_by_one).unwrap(), manifest(&batched).unwrap());
+    assert_eq!((alone.len(), together.len()), (9, 9));
+    for (a, b) in alone.iter().zip(&together) {
+        assert_eq!(a["index"], b["index"]);
+        assert_eq!(
+            a["sha256"], b["sha256"],
+            "item {} differs when batched",
+            a["index"]
+        );
+    }
+}
+
 #[test]
 fn sigkilled_worker_loses_no_item() {
     let dir = tempfile::tempdir().unwrap();

@@ -21,7 +21,7 @@ use tonic::{Code, Status};
 
 use crate::link::Link;
 use crate::render::{RenderError, RenderTask, Renderer};
-use crate::render_thread::{RenderControl, RenderThread};
+use crate::render_thread::{self, RenderControl, RenderThread};
 
 /// How long one Lease long poll may wait for work.
 const POLL_WAIT: Duration = Duration::from_secs(10);
@@ -276,9 +276,7 @@ impl Agent {
                     {
                         (observe.0)(asked.elapsed(), resp.tasks.len());
                     }
-                    for task in resp.tasks {
-                        self.start(task);
-                    }
+                    self.start(resp.tasks);
                     if resp.drain {
                         tracing::info!(worker = %self.shared.worker, "the coordinator asked this worker to drain");
                         self.shared.drain_asked.cancel();
@@ -323,38 +321,59 @@ impl Agent {
         }
     }
 
-    /// Takes a leased task in hand and renders it in the background.
-    fn start(&self, task: pb::LeasedTask) {
-        let Ok(task_id) = task.task_id.parse::<TaskId>() else {
-            tracing::error!(task = %task.task_id, "the coordinator sent a task id that is not a UUID; ignoring it");
-            return;
-        };
-        let epoch = Epoch(task.epoch);
-        let control = RenderControl::default();
-        let abandoned = Arc::new(AtomicBool::new(false));
-        let reporting = Arc::new(AtomicBool::new(false));
-        self.shared.in_flight().insert(
-            task_id,
-            InFlight {
-                epoch,
-                control: control.clone(),
-                abandoned: abandoned.clone(),
-                reporting: reporting.clone(),
-            },
-        );
-        let render_task = render_task(&task);
-        tracing::debug!(worker = %self.shared.worker, job = %task.job_id, index = task.index, epoch = %epoch, "rendering");
-        let (shared, render) = (self.shared.clone(), self.render.clone());
-        tokio::spawn(async move {
-            let result = match render_task {
-                Ok(t) => render.render(t, control).await,
-                Err(e) => Err(e),
+    /// Takes the tasks of one lease answer in hand and renders them in the background.
+    ///
+    /// They are queued on the render thread in one submission, so that those with
+    /// the same model, size and schedule render as one batch.
+    fn start(&self, tasks: Vec<pb::LeasedTask>) {
+        let mut submitted = Vec::with_capacity(tasks.len());
+        let mut handles = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let Ok(task_id) = task.task_id.parse::<TaskId>() else {
+                tracing::error!(task = %task.task_id, "the coordinator sent a task id that is not a UUID; ignoring it");
+                continue;
             };
-            reporting.store(true, Ordering::SeqCst);
-            report(&shared, task_id, epoch, &abandoned, result).await;
-            shared.in_flight().remove(&task_id);
-            shared.slot_freed.notify_waiters();
-        });
+            let epoch = Epoch(task.epoch);
+            let control = RenderControl::default();
+            let abandoned = Arc::new(AtomicBool::new(false));
+            let reporting = Arc::new(AtomicBool::new(false));
+            self.shared.in_flight().insert(
+                task_id,
+                InFlight {
+                    epoch,
+                    control: control.clone(),
+                    abandoned: abandoned.clone(),
+                    reporting: reporting.clone(),
+                },
+            );
+            tracing::debug!(worker = %self.shared.worker, job = %task.job_id, index = task.index, epoch = %epoch, "rendering");
+            let handle = (task_id, epoch, abandoned, reporting);
+            match render_task(&task) {
+                Ok(t) => {
+                    submitted.push((t, control));
+                    handles.push((handle, None));
+                }
+                Err(e) => handles.push((handle, Some(e))),
+            }
+        }
+        let mut receivers = self.render.submit(submitted).into_iter();
+        for ((task_id, epoch, abandoned, reporting), refused) in handles {
+            let receiver = match refused {
+                Some(_) => None,
+                None => receivers.next(),
+            };
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let result = match refused {
+                    Some(e) => Err(e),
+                    None => render_thread::wait(receiver).await,
+                };
+                reporting.store(true, Ordering::SeqCst);
+                report(&shared, task_id, epoch, &abandoned, result).await;
+                shared.in_flight().remove(&task_id);
+                shared.slot_freed.notify_waiters();
+            });
+        }
     }
 }
 

@@ -3,8 +3,10 @@
 //! candle diffusion [`pipeline`], or the `sim` renderer for load tests.
 //!
 //! [`pipeline`] owns the candle diffusion pipeline: loading a diffusers-layout
-//! Stable Diffusion folder, txt2img with portable noise, model content hashes,
-//! and the tiny random-weight model tests render with.
+//! Stable Diffusion folder in f32 or f16, txt2img, img2img and inpainting with
+//! portable noise and A1111 prompt weighting, batched renders that keep every
+//! task's bytes, model content hashes, and the tiny random-weight model tests
+//! render with.
 //!
 //! [`catalog`] keeps loaded pipelines in memory under a budget, evicting the
 //! least recently used; [`pull`] chooses the files of a Hugging Face

@@ -10,6 +10,7 @@ use kiln_proto::ids::WorkerId;
 use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
 use kiln_worker::catalog::parse_size;
 use kiln_worker::link::Link;
+use kiln_worker::pipeline::{ParsePrecisionError, Precision};
 use kiln_worker::render::{
     CandleRenderer, Renderer, SimOptions, SimRenderer, open_device, parse_model_args,
 };
@@ -51,6 +52,11 @@ struct Args {
     /// is loaded at start). Counts weights only: leave room for activations.
     #[arg(long, env = "KILN_MEMORY_BUDGET", value_name = "SIZE", value_parser = parse_budget)]
     memory_budget: Option<u64>,
+    /// The dtype of the candle pipeline's weights and arithmetic: f32, or f16 (half
+    /// the memory; fast on GPUs, about 2.5x slower on CPUs). Part of the
+    /// determinism class: f16 workers render other bytes than f32 ones.
+    #[arg(long, env = "KILN_DTYPE", default_value = "f32", value_parser = parse_precision)]
+    dtype: Precision,
     /// Sim renderer only: time per denoising step.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     sim_step: Duration,
@@ -120,11 +126,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         RendererKind::Candle => {
             let models = parse_model_args(&args.models)?;
             let device = open_device(&args.device)?;
-            let budget = args.memory_budget;
-            let renderer =
-                tokio::task::spawn_blocking(move || CandleRenderer::open(&models, &device, budget))
-                    .await
-                    .context("model loading stopped")??;
+            let (budget, precision) = (args.memory_budget, args.dtype);
+            let renderer = tokio::task::spawn_blocking(move || {
+                CandleRenderer::open(&models, &device, precision, budget)
+            })
+            .await
+            .context("model loading stopped")??;
             Arc::new(renderer)
         }
     };
@@ -144,6 +151,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(worker = %worker_id, coordinator = %args.coordinator, renderer = ?args.renderer, "worker starting");
     agent.run(shutdown).await?;
     Ok(())
+}
+
+/// Parses `--dtype` for clap.
+fn parse_precision(text: &str) -> Result<Precision, String> {
+    text.parse().map_err(|e: ParsePrecisionError| e.to_string())
 }
 
 /// Parses `--memory-budget` for clap.

@@ -9,7 +9,10 @@ pub use crate::pipeline::RgbImage;
 
 /// Version of kiln's rendering pipeline: part of the determinism class and
 /// of every PNG's `kiln` chunk. Bump it when the bytes a recipe renders change.
-pub const PIPELINE_VERSION: u32 = 1;
+///
+/// 2: prompts are weighted (A1111 syntax and `BREAK` used to be read as text);
+/// unweighted txt2img prompts render the bytes of version 1.
+pub const PIPELINE_VERSION: u32 = 2;
 
 #[derive(Serialize)]
 struct KilnChunk<'a> {
@@ -19,11 +22,16 @@ struct KilnChunk<'a> {
     pipeline: u32,
 }
 
-/// Returns the A1111 `parameters` text of a recipe.
+/// Returns the A1111 `parameters` text of a recipe; img2img and inpainting add
+/// `Denoising strength`, as the web UI writes it.
 pub fn a1111_parameters(recipe: &Recipe, model_hash: &str) -> String {
     let short_hash: String = model_hash.chars().take(10).collect();
+    let strength = match recipe.init_image {
+        Some(_) => format!(", Denoising strength: {}", recipe.strength),
+        None => String::new(),
+    };
     format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}",
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}{strength}",
         recipe.prompt,
         recipe.negative_prompt,
         recipe.steps,
@@ -167,6 +175,15 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["recipe"]["seed"], 42);
         assert_eq!(v["model_hash"], "0123456789abcdef");
+    }
+
+    #[test]
+    fn img2img_parameters_carry_the_denoising_strength() {
+        let mut r = recipe("x");
+        assert!(a1111_parameters(&r, "h").ends_with("Model: tiny"));
+        r.init_image = Some("0".repeat(64));
+        r.strength = 0.6;
+        assert!(a1111_parameters(&r, "h").ends_with("Model: tiny, Denoising strength: 0.6"));
     }
 
     #[test]

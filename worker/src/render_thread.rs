@@ -1,6 +1,7 @@
-//! The render thread: one dedicated OS thread that runs renders one after
-//! another, so denoising never blocks the async runtime and heartbeats keep
-//! flowing while the device is busy.
+//! The render thread: one dedicated OS thread that runs renders one batch
+//! after another, so denoising never blocks the async runtime and heartbeats
+//! keep flowing while the device is busy. Tasks queued at the same time with
+//! the same [`BatchKey`] run as one [`Renderer::render_batch`] call.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-use crate::render::{RenderError, RenderTask, Rendered, Renderer};
+use crate::render::{BatchKey, RenderError, RenderTask, Rendered, Renderer};
 
 /// Shared between a task's agent side and its render: progress out, cancel in.
 #[derive(Clone, Debug, Default)]
@@ -37,6 +38,7 @@ impl RenderControl {
     }
 }
 
+/// A task waiting for the render thread, with the way back to its caller.
 struct Job {
     task: RenderTask,
     control: RenderControl,
@@ -46,68 +48,153 @@ struct Job {
 /// Handle to the render thread; cloning shares the thread.
 #[derive(Clone)]
 pub struct RenderThread {
-    jobs: mpsc::Sender<Job>,
+    /// Each message is the tasks of one submission (one lease answer, say).
+    jobs: mpsc::Sender<Vec<Job>>,
 }
 
 impl RenderThread {
     /// Starts the thread over `renderer`. It ends when every handle is dropped.
     ///
+    /// The thread takes everything queued when it becomes free, groups the tasks by
+    /// [`RenderTask::batch_key`] (groups in order of their first task) and hands each
+    /// group to [`Renderer::render_batch`]: tasks leased together with the same model,
+    /// size and schedule render as one batch. A group's tasks keep their own progress
+    /// and cancellation.
+    ///
     /// # Errors
     /// When the OS cannot start a thread.
     pub fn spawn(renderer: Arc<dyn Renderer>) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Vec<Job>>();
         std::thread::Builder::new()
             .name("kiln-render".into())
             .spawn(move || {
-                for job in rx {
-                    let Job {
-                        task,
-                        control,
-                        reply,
-                    } = job;
-                    if control.is_cancelled() {
-                        let _ = reply.send(Err(RenderError::Cancelled));
-                        continue;
+                while let Ok(first) = rx.recv() {
+                    let mut queued = first;
+                    while let Ok(more) = rx.try_recv() {
+                        queued.extend(more);
                     }
-                    let mut on_step = |done: u32| {
-                        control.step.store(done, Ordering::Relaxed);
-                        !control.is_cancelled()
-                    };
-                    // A panic inside a model (candle asserts) fails this task, not the worker.
-                    let result =
-                        catch_unwind(AssertUnwindSafe(|| renderer.render(&task, &mut on_step)))
-                            .unwrap_or_else(|panic| {
-                                let what = panic
-                                    .downcast_ref::<String>()
-                                    .map(String::as_str)
-                                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                                    .unwrap_or("unknown panic");
-                                Err(RenderError::Internal(format!(
-                                    "the renderer panicked: {what}"
-                                )))
-                            });
-                    let _ = reply.send(result);
+                    for group in group_jobs(queued) {
+                        run_group(renderer.as_ref(), group);
+                    }
                 }
             })?;
         Ok(Self { jobs: tx })
     }
 
-    /// Queues a render and waits for its result.
+    /// Queues tasks together, so that compatible ones render as one batch, and
+    /// returns a receiver for each task's result, in order.
+    pub fn submit(
+        &self,
+        tasks: Vec<(RenderTask, RenderControl)>,
+    ) -> Vec<oneshot::Receiver<Result<Rendered, RenderError>>> {
+        let mut jobs = Vec::with_capacity(tasks.len());
+        let mut receivers = Vec::with_capacity(tasks.len());
+        for (task, control) in tasks {
+            let (reply, rx) = oneshot::channel();
+            jobs.push(Job {
+                task,
+                control,
+                reply,
+            });
+            receivers.push(rx);
+        }
+        if jobs.is_empty() {
+            return receivers;
+        }
+        if let Err(mpsc::SendError(jobs)) = self.jobs.send(jobs) {
+            for job in jobs {
+                let _ = job.reply.send(Err(RenderError::Internal(
+                    "the render thread has stopped".into(),
+                )));
+            }
+        }
+        receivers
+    }
+
+    /// Queues one render and waits for its result.
     pub async fn render(
         &self,
         task: RenderTask,
         control: RenderControl,
     ) -> Result<Rendered, RenderError> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs
-            .send(Job {
-                task,
-                control,
-                reply,
+        let receiver = self.submit(vec![(task, control)]).pop();
+        wait(receiver).await
+    }
+}
+
+/// Waits for a result from the render thread.
+pub async fn wait(
+    receiver: Option<oneshot::Receiver<Result<Rendered, RenderError>>>,
+) -> Result<Rendered, RenderError> {
+    match receiver {
+        Some(rx) => rx
+            .await
+            .map_err(|_| RenderError::Internal("the render thread dropped the task".into()))?,
+        None => Err(RenderError::Internal("nothing was submitted".into())),
+    }
+}
+
+/// Answers the cancelled jobs and groups the rest by batch key, in order of first appearance.
+fn group_jobs(jobs: Vec<Job>) -> Vec<Vec<Job>> {
+    let mut groups: Vec<(BatchKey, Vec<Job>)> = Vec::new();
+    for job in jobs {
+        if job.control.is_cancelled() {
+            let _ = job.reply.send(Err(RenderError::Cancelled));
+            continue;
+        }
+        let key = job.task.batch_key();
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(job),
+            None => groups.push((key, vec![job])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
+/// Renders one group and answers each job.
+fn run_group(renderer: &dyn Renderer, group: Vec<Job>) {
+    let (tasks, rest): (Vec<RenderTask>, Vec<_>) = group
+        .into_iter()
+        .map(|j| (j.task, (j.control, j.reply)))
+        .unzip();
+    let controls: Vec<&RenderControl> = rest.iter().map(|(c, _)| c).collect();
+    if tasks.len() > 1 {
+        tracing::debug!(tasks = tasks.len(), "rendering a batch");
+    }
+    let mut on_step = |i: usize, done: u32| match controls.get(i) {
+        Some(control) => {
+            control.step.store(done, Ordering::Relaxed);
+            !control.is_cancelled()
+        }
+        None => false,
+    };
+    // A panic inside a model (candle asserts) fails these tasks, not the worker.
+    let results = catch_unwind(AssertUnwindSafe(|| {
+        renderer.render_batch(&tasks, &mut on_step)
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        tasks
+            .iter()
+            .map(|_| {
+                Err(RenderError::Internal(format!(
+                    "the renderer panicked: {what}"
+                )))
             })
-            .map_err(|_| RenderError::Internal("the render thread has stopped".into()))?;
-        rx.await
-            .map_err(|_| RenderError::Internal("the render thread dropped the task".into()))?
+            .collect()
+    });
+    let mut results = results.into_iter();
+    for (_, reply) in rest {
+        let result = results.next().unwrap_or_else(|| {
+            Err(RenderError::Internal(
+                "the renderer returned fewer results than tasks".into(),
+            ))
+        });
+        let _ = reply.send(result);
     }
 }
 
@@ -162,5 +249,75 @@ mod tests {
             .await
             .unwrap();
         assert!(!done.png.is_empty());
+    }
+
+    /// Records the size of every batch it is given and renders with the sim renderer.
+    struct Recording {
+        sim: SimRenderer,
+        batches: std::sync::Mutex<Vec<Vec<u64>>>,
+    }
+
+    impl Renderer for Recording {
+        fn models(&self) -> Vec<kiln_proto::pb::ModelInfo> {
+            self.sim.models()
+        }
+
+        fn determinism_class(&self) -> String {
+            self.sim.determinism_class()
+        }
+
+        fn render(
+            &self,
+            task: &RenderTask,
+            on_step: &mut dyn FnMut(u32) -> bool,
+        ) -> Result<Rendered, RenderError> {
+            self.sim.render(task, on_step)
+        }
+
+        fn render_batch(
+            &self,
+            tasks: &[RenderTask],
+            on_step: &mut dyn FnMut(usize, u32) -> bool,
+        ) -> Vec<Result<Rendered, RenderError>> {
+            let seeds = tasks.iter().map(|t| t.recipe.seed).collect();
+            self.batches.lock().unwrap().push(seeds);
+            tasks
+                .iter()
+                .enumerate()
+                .map(|(i, task)| self.sim.render(task, &mut |done| on_step(i, done)))
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn tasks_submitted_together_batch_by_key() {
+        let recording = Arc::new(Recording {
+            sim: SimRenderer::new(&["tiny".into()], Duration::from_millis(1)),
+            batches: Default::default(),
+        });
+        let thread = RenderThread::spawn(recording.clone()).unwrap();
+        let task = |seed: u64, steps: u32| {
+            let mut r = recipe();
+            r.seed = seed;
+            r.steps = steps;
+            (RenderTask::txt2img(r), RenderControl::default())
+        };
+        // Seeds 1, 2 and 4 share a key; 3 has other steps; 5 is cancelled before it starts.
+        let cancelled = task(5, 2);
+        cancelled.1.cancel();
+        let receivers = thread.submit(vec![
+            task(1, 2),
+            task(2, 2),
+            task(3, 3),
+            task(4, 2),
+            cancelled,
+        ]);
+        let mut results = Vec::new();
+        for rx in receivers {
+            results.push(wait(Some(rx)).await);
+        }
+        assert!(results[..4].iter().all(Result::is_ok));
+        assert!(matches!(results[4], Err(RenderError::Cancelled)));
+        assert_eq!(*recording.batches.lock().unwrap(), [vec![1, 2, 4], vec![3]]);
     }
 }

@@ -76,8 +76,10 @@ pub(crate) enum Layer {
 pub(crate) struct ClipOutput {
     /// Per-token states `[batch, window, hidden_size]` of the requested layer.
     pub(crate) states: Tensor,
-    /// `text_projection(final_layer_norm(last layer)[first eos])`: `[batch, projection_dim]`,
-    /// present when the model has a projection.
+    /// `final_layer_norm(last layer)[first eos]`: `[batch, hidden_size]`, present when
+    /// the model has a projection; [`ClipTextModel::project`] turns it into the pooled
+    /// text embedding. The projection is separate so that a caller can project the rows
+    /// of several encoder passes in one product, as one pass over all of them would.
     pub(crate) pooled: Option<Tensor>,
 }
 
@@ -209,7 +211,7 @@ impl ClipTextModel {
             .token_embedding
             .forward(ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        let mask = causal_mask(seq, device)?;
+        let mask = causal_mask(seq, device, xs.dtype())?;
         let depth = match layer {
             Layer::Last => self.layers.len(),
             Layer::Penultimate => self.layers.len().saturating_sub(1),
@@ -237,7 +239,7 @@ impl ClipTextModel {
             _ => xs,
         };
         let pooled = match (&self.projection, &last) {
-            (Some(projection), Some(last)) => {
+            (Some(_), Some(last)) => {
                 let rows = ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
                 // transformers reads the first eos (for legacy configs: the argmax id,
                 // which is eos in every CLIP vocabulary); a row without one uses its end.
@@ -251,21 +253,30 @@ impl ClipTextModel {
                     .collect();
                 let index = Tensor::from_vec(index, batch, device)?;
                 let dim = last.dim(D::Minus1)?;
-                let pooled = last.reshape((batch * seq, dim))?.index_select(&index, 0)?;
-                Some(projection.forward(&pooled)?)
+                Some(last.reshape((batch * seq, dim))?.index_select(&index, 0)?)
             }
             _ => None,
         };
         Ok(ClipOutput { states, pooled })
     }
+
+    /// Returns `text_projection(pooled)` for pooled states `[rows, hidden_size]`, or
+    /// `None` when the model has no projection.
+    pub(crate) fn project(&self, pooled: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.projection
+            .as_ref()
+            .map(|p| p.forward(pooled))
+            .transpose()
+    }
 }
 
-/// Returns the additive causal mask `[seq, seq]`: 0 on and below the diagonal, -inf above.
-fn causal_mask(seq: usize, device: &Device) -> candle_core::Result<Tensor> {
+/// Returns the additive causal mask `[seq, seq]` in `dtype`: 0 on and below the diagonal,
+/// -inf above.
+fn causal_mask(seq: usize, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
     let values: Vec<f32> = (0..seq)
         .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Tensor::from_vec(values, (seq, seq), device)?.to_dtype(DType::F32)
+    Tensor::from_vec(values, (seq, seq), device)?.to_dtype(dtype)
 }
 
 #[cfg(test)]
@@ -326,8 +337,12 @@ mod tests {
                 .pooled
                 .ok_or(candle_core::Error::Msg("no pooled".into()))?,
         );
-        assert_eq!(a.dims(), [2, 6]);
+        assert_eq!(a.dims(), [2, 8]);
         assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+        let projected = model
+            .project(&a)?
+            .ok_or(candle_core::Error::Msg("no projection".into()))?;
+        assert_eq!(projected.dims(), [2, 6]);
         // Causality: row 0's first two states do not depend on later tokens.
         let other = Tensor::new(&[[1u32, 4, 2, 3, 3], [1, 9, 0, 0, 0]], &Device::Cpu)?;
         let changed = model.forward(&other, Layer::Last, 9)?;

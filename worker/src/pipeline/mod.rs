@@ -1,22 +1,26 @@
 //! The candle diffusion pipeline: loads a Stable Diffusion folder and renders recipes.
 //!
-//! [`Pipeline::load`] reads a diffusers-layout model folder (architecture from
-//! its own config files, weights from safetensors) onto a candle device;
-//! [`Pipeline::txt2img`] renders a [`Recipe`] to an [`RgbImage`], reporting
-//! each denoising step and stopping when asked. The initial noise comes from
-//! [`noise`], kiln's portable counter-based generator, never from the device,
-//! so a recipe renders the same image wherever it runs. [`model_hash`] names a
-//! model folder by content, and [`write_tiny_model_kind`] writes the small
-//! random-weight models (one per [`TinyKind`]) that tests and the quickstart
-//! render with.
+//! [`Pipeline::load`] / [`Pipeline::load_with`] read a diffusers-layout model
+//! folder (architecture from its own config files, weights from safetensors)
+//! onto a candle device in a [`Precision`]; [`Pipeline::render`] renders a
+//! [`RenderInput`] (a [`Recipe`] and, for img2img and inpainting, the init
+//! image and mask bytes) to an [`RgbImage`], reporting each denoising step and
+//! stopping when asked; [`Pipeline::render_batch`] renders several, sharing UNet
+//! batches where it can, each with the bytes it gets alone. All noise (initial
+//! latents, ancestral steps, img2img) comes from [`noise`], kiln's portable
+//! counter-based generator, never from the device, so a recipe renders the same
+//! image wherever it runs. [`model_hash`] names a model folder by content, and
+//! [`write_tiny_model_kind`] writes the small random-weight models (one per
+//! [`TinyKind`]) that tests and the quickstart render with.
 //!
 //! Architectures: SD 1.x, SD 2.x and SD-Turbo (GELU OpenCLIP text encoder,
 //! v-prediction), SDXL and SDXL-Turbo (two text encoders and the UNet's added
 //! conditioning), and the inpainting UNets of each (9 input channels), all
-//! recognised from the folder's config files. The text encoders (`clip`) and
-//! the UNet's top level (`unet`) are kiln's own, because candle's versions
-//! cannot run GELU encoders or SDXL's added conditioning; their building blocks
-//! and the VAE are candle's.
+//! recognised from the folder's config files. The text encoders (`clip`), the
+//! UNet's top level and ResNet blocks (`unet`, `unet_blocks`) and the VAE's top
+//! level (`vae`) are kiln's own, because candle's versions cannot run GELU
+//! encoders or SDXL's added conditioning, cannot batch tasks exactly, and hide
+//! the VAE's latent mean; their building blocks are candle's.
 //!
 //! Everything here is blocking, compute-bound work: call it from a dedicated
 //! thread, never from the async runtime.
@@ -24,46 +28,63 @@
 //! Files: `layout` (where each file lives), `config` (diffusers configs →
 //! model configs, refusing what kiln cannot run), `weights` (safetensors
 //! loading that names bad tensors), `clip` (the CLIP text transformer), `text`
-//! (tokenizers, prompt chunking, the text encoders), `unet` (the denoiser),
-//! `sampling` (the samplers), `hash`, and `tiny`, `tiny_configs` and
+//! and `text_cache` (prompt weighting, chunking, the text encoders and their
+//! cache), `unet` and `unet_blocks` (the denoiser), `vae`, `images` (init images
+//! and masks), `render` (the denoising loop, batching), `sampling` (the
+//! samplers), `precision`, `hash`, and `tiny`, `tiny_configs` and
 //! `tiny_tokenizer` (the test models).
 
 mod clip;
 mod config;
 mod error;
 mod hash;
+mod images;
 mod inspect;
 mod layout;
 pub mod noise;
+mod precision;
+mod render;
 mod sampling;
 mod text;
+mod text_cache;
 mod tiny;
 mod tiny_configs;
 mod tiny_tokenizer;
 mod unet;
+mod unet_blocks;
+mod vae;
 mod weights;
 
 #[cfg(test)]
 mod arch_tests;
 #[cfg(test)]
+mod batch_tests;
+#[cfg(test)]
+mod golden_tests;
+#[cfg(test)]
+mod img2img_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod text_tests;
 
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 pub use error::PipelineError;
 pub use hash::model_hash;
 pub use inspect::{PromptTokenizer, resident_bytes};
 pub use kiln_proto::recipe::Recipe;
+pub use precision::{ParsePrecisionError, Precision};
+pub use render::RenderInput;
 pub use tiny::{ParseTinyKindError, TinyKind, write_tiny_model, write_tiny_model_kind};
 
 use layout::ModelFiles;
-use noise::Purpose;
 use sampling::SchedulerConfig;
 use text::TextEncoders;
 use unet::{AddedConditioning, Conditioning, Unet};
+use vae::Vae;
 
 /// A model loaded for rendering: tokenizers, text encoders, UNet, VAE, scheduler config.
 pub struct Pipeline {
@@ -71,7 +92,9 @@ pub struct Pipeline {
     hash: String,
     /// Where the weights live and the denoising runs.
     device: Device,
-    /// Tokenizers and CLIP text encoders (two for SDXL).
+    /// The dtype of the text encoders' and the UNet's weights and arithmetic.
+    precision: Precision,
+    /// Tokenizers and CLIP text encoders (two for SDXL), with their embedding cache.
     text: TextEncoders,
     /// The denoiser: kiln's UNet top level, which also runs SDXL's added conditioning.
     unet: Unet,
@@ -79,8 +102,10 @@ pub struct Pipeline {
     inpainting: bool,
     /// Channels of the latent image (the VAE's latents; the UNet's output).
     latent_channels: usize,
-    /// Latents → pixels (only the decoder is used by txt2img).
-    vae: AutoEncoderKL,
+    /// Pixels ↔ latents.
+    vae: Vae,
+    /// The VAE's dtype: the precision's, or f32 when its config asks for `force_upcast`.
+    vae_dtype: DType,
     /// Latents are divided by this before decoding (0.18215 for SD 1.x).
     vae_scaling_factor: f64,
     /// Image pixels per latent pixel along each side (8 for SD).
@@ -100,6 +125,7 @@ impl std::fmt::Debug for Pipeline {
         f.debug_struct("Pipeline")
             .field("model_hash", &self.hash)
             .field("device", &self.device)
+            .field("precision", &self.precision)
             .finish_non_exhaustive()
     }
 }
@@ -126,11 +152,21 @@ impl std::fmt::Debug for RgbImage {
 }
 
 impl Pipeline {
-    /// Loads a diffusers-layout model folder onto `device`.
+    /// Loads a diffusers-layout model folder onto `device` in f32.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pipeline::load_with`].
+    pub fn load(dir: &Path, device: &Device) -> Result<Pipeline, PipelineError> {
+        Self::load_with(dir, device, Precision::F32)
+    }
+
+    /// Loads a diffusers-layout model folder onto `device` in `precision`.
     ///
     /// The architecture (SD 1.x, SD 2.x / SD-Turbo, SDXL / SDXL-Turbo, and their
     /// inpainting UNets) comes from the folder's config files; weights may be f32 or
-    /// f16 (`*.fp16.safetensors`) and are loaded as f32.
+    /// f16 (`*.fp16.safetensors`) and are converted to `precision` (the VAE stays f32
+    /// when its config sets `force_upcast`).
     ///
     /// # Errors
     ///
@@ -138,33 +174,40 @@ impl Pipeline {
     /// malformed or describes an architecture candle cannot run, `Weights` for a
     /// missing or misshapen tensor (naming file and tensor), `Tokenizer` for
     /// unusable tokenizer files.
-    pub fn load(dir: &Path, device: &Device) -> Result<Pipeline, PipelineError> {
+    pub fn load_with(
+        dir: &Path,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Pipeline, PipelineError> {
+        let dtype = precision.dtype();
         let files = ModelFiles::locate(dir)?;
         let spec = config::read_model(&files)?;
         let scheduler = SchedulerConfig::read(&files.path(layout::SCHEDULER_CONFIG))?;
-        let text = TextEncoders::load(&files, &spec.text, spec.zero_empty_negative, device)?;
-        let unet = weights::build(&files.path(&files.unet_weights), DType::F32, device, |vb| {
+        let text = TextEncoders::load(&files, &spec.text, spec.zero_empty_negative, device, dtype)?;
+        let unet = weights::build(&files.path(&files.unet_weights), dtype, device, |vb| {
             Unet::new(vb, &spec.unet)
         })?;
         let vae_spec = &spec.vae;
-        let vae = weights::build(&files.path(&files.vae_weights), DType::F32, device, |vb| {
-            AutoEncoderKL::new(
-                vb,
-                vae_spec.in_channels,
-                vae_spec.out_channels,
-                vae_spec.config.clone(),
-            )
+        let vae_dtype = if vae_spec.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae = weights::build(&files.path(&files.vae_weights), vae_dtype, device, |vb| {
+            Vae::new(vb, vae_spec)
         })?;
         let hash = model_hash(dir)?;
-        tracing::debug!(dir = %dir.display(), %hash, "model loaded");
+        tracing::debug!(dir = %dir.display(), %hash, %precision, "model loaded");
         Ok(Pipeline {
             hash,
             device: device.clone(),
+            precision,
             text,
             unet,
             inpainting: spec.inpainting,
             latent_channels: vae_spec.config.latent_channels,
             vae,
+            vae_dtype,
             vae_scaling_factor: vae_spec.scaling_factor,
             vae_downscale: vae_spec.downscale,
             scheduler,
@@ -176,85 +219,79 @@ impl Pipeline {
         &self.hash
     }
 
+    /// The precision the model was loaded in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// Whether the UNet is an inpainting one: it takes a mask and the masked image's
     /// latents beside the noisy latents (`in_channels = 2 × latent channels + 1`).
     pub fn is_inpainting(&self) -> bool {
         self.inpainting
     }
 
-    /// Renders a txt2img recipe. `on_step(done, total)` is called after every denoising step;
-    /// returning false cancels the render (-> Err(PipelineError::Cancelled)).
-    ///
-    /// With `guidance > 1` the negative prompt is the unconditional branch of
-    /// classifier-free guidance (Ho & Salimans 2022), both branches in one UNet
-    /// batch; otherwise only the prompt is used.
+    /// Renders a txt2img recipe: [`Pipeline::render`] without images.
     ///
     /// # Errors
     ///
-    /// `InvalidRecipe` when a side is not a multiple of the VAE's downscale (8),
-    /// `steps` is out of the scheduler's range or `karras`/`eta` do not fit the
-    /// scheduler, `Cancelled` when `on_step` returns false, `Tokenizer` or
-    /// `Candle` when the computation fails.
+    /// As [`Pipeline::render`].
     pub fn txt2img(
         &self,
         recipe: &Recipe,
         on_step: &mut dyn FnMut(u32, u32) -> bool,
     ) -> Result<RgbImage, PipelineError> {
-        let span = tracing::debug_span!("txt2img", seed = recipe.seed, steps = recipe.steps);
-        let _entered = span.enter();
-        let latent_width = self.latent_side("width", recipe.width)?;
-        let latent_height = self.latent_side("height", recipe.height)?;
-        let mut sampler = sampling::for_recipe(&self.scheduler, recipe)?;
-
-        let guided = recipe.guidance > 1.0;
-        let negative = guided.then_some(recipe.negative_prompt.as_str());
-        let context = self.conditioning(&recipe.prompt, negative, latent_height, latent_width)?;
-
-        let shape = (1, self.latent_channels, latent_height, latent_width);
-        let len = shape.1 * shape.2 * shape.3;
-        let noise = noise::standard_normal(recipe.seed, Purpose::InitialLatents, 0, len);
-        let mut latents = (Tensor::from_vec(noise, shape, &Device::Cpu)?
-            .to_device(&self.device)?
-            * sampler.init_noise_sigma())?;
-        // Fresh noise of ancestral steps, keyed by (seed, step index): never the device RNG.
-        let step_noise = |step: u32| {
-            let values = noise::standard_normal(recipe.seed, Purpose::AncestralStep, step, len);
-            Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(&self.device)
-        };
-
-        let total = recipe.steps;
-        let timesteps = sampler.timesteps().to_vec();
-        for ((i, &t), done) in timesteps.iter().enumerate().zip(1..) {
-            let scaled = sampler.scale_model_input(&latents, i)?;
-            let input = if guided {
-                Tensor::cat(&[&scaled, &scaled], 0)?
-            } else {
-                scaled
-            };
-            let prediction = self.unet.forward(&input, t, &context)?;
-            let prediction = if guided {
-                // Rows are (negative, prompt), as `TextEncoder::encode` batches them.
-                let uncond = prediction.i(0..1)?;
-                let cond = prediction.i(1..2)?;
-                (&uncond + ((cond - &uncond)? * recipe.guidance)?)?
-            } else {
-                prediction
-            };
-            latents = sampler.step(&prediction, i, &latents, &step_noise)?;
-            if !on_step(done, total) {
-                return Err(PipelineError::Cancelled);
-            }
-        }
-        self.decode(&latents)
+        self.render(&RenderInput::txt2img(recipe), on_step)
     }
 
-    /// Returns the UNet conditioning of one render: text states for the guidance
-    /// branches (rows ordered negative, prompt), SDXL's added conditioning, and the
-    /// image inputs of an inpainting UNet.
+    /// Renders one recipe: txt2img, img2img (an init image) or inpainting (an init
+    /// image and a mask). `on_step(done, total)` is called after every denoising
+    /// step, `done` counting the steps an img2img start skips; returning false
+    /// cancels the render (-> Err(PipelineError::Cancelled)).
     ///
-    /// SDXL's time ids are diffusers' defaults: original size = target size = the
-    /// image's (height, width), crop top-left (0, 0). An inpainting UNet rendering
-    /// txt2img gets a mask of ones (repaint everything) and zero masked-image latents.
+    /// With `guidance > 1` the negative prompt is the unconditional branch of
+    /// classifier-free guidance (Ho & Salimans 2022), both branches in one UNet
+    /// batch; otherwise only the prompt is used. How init images and masks are used
+    /// is described in the `render` module.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidRecipe` when a side is not a multiple of the VAE's downscale (8),
+    /// `steps` is out of the scheduler's range, `karras`/`eta` do not fit the
+    /// scheduler, a prompt has a malformed weight, or an init image or mask cannot be
+    /// used (naming `init_image` or `mask`); `Cancelled` when `on_step` returns false;
+    /// `Tokenizer` or `Candle` when the computation fails.
+    pub fn render(
+        &self,
+        input: &RenderInput<'_>,
+        on_step: &mut dyn FnMut(u32, u32) -> bool,
+    ) -> Result<RgbImage, PipelineError> {
+        let mut results = self.render_batch(std::slice::from_ref(input), &mut |_, done, total| {
+            on_step(done, total)
+        });
+        results.pop().unwrap_or(Err(PipelineError::Cancelled))
+    }
+
+    /// Renders several recipes, denoising together those that can share UNet
+    /// batches; each result is byte-identical to rendering its input alone.
+    ///
+    /// Inputs with the same size, schedule (sampler, steps, Karras, start step),
+    /// guidance on or off and prompt length in chunks run as one UNet batch, each
+    /// keeping its own noise, conditioning, sampler and guidance scale.
+    /// `on_step(index, done, total)` reports input `index`; returning false cancels
+    /// that input alone. Results are in the order of `inputs`.
+    pub fn render_batch(
+        &self,
+        inputs: &[RenderInput<'_>],
+        on_step: &mut dyn FnMut(usize, u32, u32) -> bool,
+    ) -> Vec<Result<RgbImage, PipelineError>> {
+        render::render_batch(self, inputs, on_step)
+    }
+
+    /// Returns the UNet conditioning of one txt2img render: text states for the
+    /// guidance branches (rows ordered negative, prompt), SDXL's added conditioning,
+    /// and for an inpainting UNet a mask of ones (repaint everything) with zero
+    /// masked-image latents.
+    #[cfg(test)]
     fn conditioning(
         &self,
         prompt: &str,
@@ -262,6 +299,46 @@ impl Pipeline {
         latent_height: usize,
         latent_width: usize,
     ) -> Result<Conditioning, PipelineError> {
+        let image = self.blank_image_conditioning(latent_height, latent_width)?;
+        self.conditioning_with(prompt, negative, latent_height, latent_width, image)
+    }
+
+    /// Returns an inpainting UNet's image input for a render without a mask: a mask of
+    /// ones and zero masked-image latents, `[1, 1 + latent channels, h, w]`; `None` for
+    /// other UNets.
+    fn blank_image_conditioning(
+        &self,
+        latent_height: usize,
+        latent_width: usize,
+    ) -> Result<Option<Tensor>, PipelineError> {
+        if !self.inpainting {
+            return Ok(None);
+        }
+        let size = (latent_height, latent_width);
+        let mask = Tensor::ones((1, 1, size.0, size.1), DType::F32, &self.device)?;
+        let masked = Tensor::zeros(
+            (1, self.latent_channels, size.0, size.1),
+            DType::F32,
+            &self.device,
+        )?;
+        Ok(Some(Tensor::cat(&[&mask, &masked], 1)?))
+    }
+
+    /// Returns the UNet conditioning of one render: text states for the guidance
+    /// branches (rows ordered negative, prompt), SDXL's added conditioning, and
+    /// `image` (`[1, 1 + latent channels, h, w]`, f32) repeated for each branch.
+    ///
+    /// SDXL's time ids are diffusers' defaults: original size = target size = the
+    /// image's (height, width), crop top-left (0, 0). Everything is in the UNet's dtype.
+    fn conditioning_with(
+        &self,
+        prompt: &str,
+        negative: Option<&str>,
+        latent_height: usize,
+        latent_width: usize,
+        image: Option<Tensor>,
+    ) -> Result<Conditioning, PipelineError> {
+        let dtype = self.precision.dtype();
         let text = self.text.encode(prompt, negative)?;
         let rows = text.context.dim(0)?;
         let added = match text.pooled {
@@ -269,7 +346,8 @@ impl Pipeline {
                 let h = (latent_height * self.vae_downscale) as f32;
                 let w = (latent_width * self.vae_downscale) as f32;
                 let ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
-                let time_ids = Tensor::from_vec(ids, (rows, config::SDXL_TIME_IDS), &self.device)?;
+                let time_ids = Tensor::from_vec(ids, (rows, config::SDXL_TIME_IDS), &self.device)?
+                    .to_dtype(dtype)?;
                 Some(AddedConditioning {
                     text_embeds,
                     time_ids,
@@ -277,17 +355,12 @@ impl Pipeline {
             }
             None => None,
         };
-        let image = if self.inpainting {
-            let size = (latent_height, latent_width);
-            let mask = Tensor::ones((rows, 1, size.0, size.1), DType::F32, &self.device)?;
-            let masked = Tensor::zeros(
-                (rows, self.latent_channels, size.0, size.1),
-                DType::F32,
-                &self.device,
-            )?;
-            Some(Tensor::cat(&[&mask, &masked], 1)?)
-        } else {
-            None
+        let image = match image {
+            Some(image) => {
+                let image = image.to_dtype(dtype)?;
+                Some(Tensor::cat(&vec![&image; rows], 0)?)
+            }
+            None => None,
         };
         Ok(Conditioning {
             context: text.context,
@@ -311,9 +384,18 @@ impl Pipeline {
         Ok(side / self.vae_downscale)
     }
 
-    /// Decodes latents to 8-bit RGB: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
+    /// Encodes one image `[1, 3, h, w]` (f32 in [-1, 1]) to scaled latents (f32): the
+    /// mean of the VAE's distribution times the scaling factor, never a sample.
+    fn encode(&self, image: &Tensor) -> Result<Tensor, PipelineError> {
+        let mean = self.vae.encode(&image.to_dtype(self.vae_dtype)?)?;
+        Ok((mean.to_dtype(DType::F32)? * self.vae_scaling_factor)?)
+    }
+
+    /// Decodes one image's latents `[1, c, h, w]` (f32) to 8-bit RGB:
+    /// `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
     fn decode(&self, latents: &Tensor) -> Result<RgbImage, PipelineError> {
-        let image = self.vae.decode(&(latents / self.vae_scaling_factor)?)?;
+        let latents = (latents / self.vae_scaling_factor)?.to_dtype(self.vae_dtype)?;
+        let image = self.vae.decode(&latents)?.to_dtype(DType::F32)?;
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         let image = (image * 255.0)?.round()?.to_dtype(DType::U8)?;
         let (_, _, height, width) = image.dims4()?;

@@ -10,11 +10,11 @@ use sha2::Digest;
 
 use super::*;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+pub(super) type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 /// The tiny model, written and loaded once per test binary. Loading copies every
 /// tensor out of the files, so the folder can go away afterwards.
-fn tiny() -> &'static Pipeline {
+pub(super) fn tiny() -> &'static Pipeline {
     static TINY: OnceLock<Pipeline> = OnceLock::new();
     TINY.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temporary folder");
@@ -24,7 +24,7 @@ fn tiny() -> &'static Pipeline {
 }
 
 /// A 64 px, 4-step, guided DDIM recipe.
-fn recipe(prompt: &str, seed: u64) -> Recipe {
+pub(super) fn recipe(prompt: &str, seed: u64) -> Recipe {
     Recipe {
         model: "tiny".into(),
         model_hash: String::new(),
@@ -45,12 +45,12 @@ fn recipe(prompt: &str, seed: u64) -> Recipe {
     }
 }
 
-fn render(pipeline: &Pipeline, recipe: &Recipe) -> Result<RgbImage, PipelineError> {
+pub(super) fn render(pipeline: &Pipeline, recipe: &Recipe) -> Result<RgbImage, PipelineError> {
     pipeline.txt2img(recipe, &mut |_, _| true)
 }
 
 /// Mean absolute difference per byte.
-fn distance(a: &RgbImage, b: &RgbImage) -> f64 {
+pub(super) fn distance(a: &RgbImage, b: &RgbImage) -> f64 {
     let sum: u64 = a
         .pixels
         .iter()
@@ -541,5 +541,44 @@ fn every_sampler_renders_the_same_bytes_in_another_process() -> TestResult {
         .collect();
     let ours = sampler_hashes()?;
     assert_eq!(theirs, ours, "another process rendered different bytes");
+    Ok(())
+}
+
+#[test]
+fn f16_renders_deterministically_and_differs_from_f32() -> TestResult {
+    for kind in TinyKind::ALL {
+        let dir = tempfile::tempdir()?;
+        write_tiny_model_kind(dir.path(), kind)?;
+        let half = Pipeline::load_with(dir.path(), &Device::Cpu, Precision::F16)?;
+        let full = Pipeline::load(dir.path(), &Device::Cpu)?;
+        assert_eq!(
+            (half.precision(), full.precision()),
+            (Precision::F16, Precision::F32)
+        );
+        let r = recipe("a red castle on a (hill:1.2)", 42);
+        let start = Instant::now();
+        let a = render(&half, &r)?;
+        let f16_time = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let b = render(&full, &r)?;
+        let f32_time = start.elapsed().as_secs_f64();
+        assert!(render(&half, &r)? == a, "{kind}: f16 is not deterministic");
+        let d = distance(&a, &b);
+        println!("{kind}: f16 {f16_time:.2} s, f32 {f32_time:.2} s, {d:.2} per byte apart");
+        assert!(a != b, "{kind}: f16 rendered the f32 bytes");
+        assert!(d < 40.0, "{kind}: f16 is far from f32 ({d})");
+        // img2img runs in f16 too.
+        let init = super::img2img_tests::picture(64, 64, 0);
+        let i2i = Recipe {
+            strength: 0.5,
+            ..r.clone()
+        };
+        let input = RenderInput {
+            recipe: &i2i,
+            init_image: Some(&init),
+            mask: None,
+        };
+        assert!(half.render(&input, &mut |_, _| true)? == half.render(&input, &mut |_, _| true)?);
+    }
     Ok(())
 }

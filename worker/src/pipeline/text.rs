@@ -1,22 +1,37 @@
-//! Prompt → text embeddings: the CLIP tokenizers, window chunking and the text encoders.
+//! Prompt → text embeddings: the CLIP tokenizers, prompt weighting, window chunking
+//! and the text encoders.
 //!
-//! Prompts longer than the encoder's window are not cut: their tokens are split
-//! into chunks of `window - 2`, each wrapped in bos/eos, padded to the window,
-//! encoded separately and concatenated along the sequence axis (the scheme
-//! AUTOMATIC1111's web UI made common; the UNet's cross-attention accepts any
-//! sequence length). The negative prompt is padded with empty chunks to the
-//! same count so both guidance branches share one batch. Nothing is cached yet.
+//! A prompt is parsed for AUTOMATIC1111's weighting syntax (`(word:1.3)`,
+//! `(word)`, `[word]`, escapes, `BREAK`) by [`kiln_proto::prompt`], the same
+//! parser the coordinator validates with and `kiln prompt` shows. Each weighted
+//! piece is tokenized on its own and the tokens are laid out in chunks of
+//! `window - 2` (75 for CLIP): a chunk closes when full or at a `BREAK`. Prompts
+//! longer than the window are therefore not cut: each chunk is wrapped in
+//! bos/eos, padded to the window, encoded separately and the results are
+//! concatenated along the sequence axis (the scheme the A1111 web UI made
+//! common; the UNet's cross-attention accepts any sequence length). The negative
+//! prompt is padded with empty chunks to the same count so both guidance branches
+//! share one batch.
+//!
+//! Weights are applied to the encoder's output the A1111 way (`text_cache::emphasize`):
+//! each token's state times its weight, then the chunk rescaled to its original
+//! mean. A prompt without weights is encoded exactly as before weighting existed.
+//! Encoded chunks are cached per pipeline (`text_cache`), before weighting.
 //!
 //! SD 1.x and 2.x have one encoder and condition on its last layer. SDXL has
 //! two (`text_encoder`, `text_encoder_2`); each tokenizes the prompt with its
-//! own pad token, both read the penultimate layer, and their states are
+//! own pad token, both read the penultimate layer, each is weighted on its own
+//! (as the web UI weights each of SDXL's encoders), and their states are
 //! concatenated along the feature axis (768 + 1280 = 2048 for SDXL). The
-//! second encoder's projected pooled output of the first chunk feeds the UNet's
-//! added conditioning, as in ComfyUI and the A1111 web UI for long prompts.
+//! second encoder's projected pooled output of the first chunk, unweighted
+//! (weights act on the per-token states only), feeds the UNet's added
+//! conditioning, as in ComfyUI and the A1111 web UI for long prompts.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use kiln_proto::prompt::Chunk;
 use tokenizers::Tokenizer;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSequence};
@@ -30,6 +45,7 @@ use super::clip::{ClipTextModel, Layer};
 use super::config::TextSpec;
 use super::error::PipelineError;
 use super::layout::{ModelFiles, TextFiles, TokenizerSource};
+use super::text_cache::{CAPACITY, ChunkCache, ChunkKey, ChunkStates, emphasize};
 use super::weights;
 
 /// CLIP's beginning-of-text token.
@@ -82,6 +98,9 @@ pub(crate) struct TextEncoders {
     zero_empty_negative: bool,
     /// Where token ids are sent.
     device: Device,
+    /// Encoded chunks, shared by every render of this model. A std mutex is enough:
+    /// it is held only for lookups and inserts, never across an encoder pass.
+    cache: Mutex<ChunkCache>,
 }
 
 /// The text conditioning of one render's guidance branches.
@@ -105,12 +124,14 @@ pub(crate) struct SpecialIds {
 }
 
 impl TextEncoders {
-    /// Loads the tokenizers and text encoder weights of a model folder, one per `specs` entry.
+    /// Loads the tokenizers and text encoder weights of a model folder, one per `specs`
+    /// entry, with weights in `dtype`.
     pub(crate) fn load(
         files: &ModelFiles,
         specs: &[TextSpec],
         zero_empty_negative: bool,
         device: &Device,
+        dtype: DType,
     ) -> Result<Self, PipelineError> {
         let mut encoders = Vec::with_capacity(specs.len());
         let mut window = None;
@@ -153,12 +174,9 @@ impl TextEncoders {
                 }
                 _ => window = Some(c.max_position_embeddings),
             }
-            let model = weights::build(
-                &files.path(&text.weights),
-                candle_core::DType::F32,
-                device,
-                |vb| ClipTextModel::new(vb, c),
-            )?;
+            let model = weights::build(&files.path(&text.weights), dtype, device, |vb| {
+                ClipTextModel::new(vb, c)
+            })?;
             encoders.push(Encoder {
                 tokenizer,
                 tokenizer_path,
@@ -175,6 +193,7 @@ impl TextEncoders {
             window,
             zero_empty_negative,
             device: device.clone(),
+            cache: Mutex::new(ChunkCache::new(CAPACITY)),
         })
     }
 
@@ -194,19 +213,43 @@ impl TextEncoders {
     }
 
     /// Encodes the prompt, or (negative, prompt) as two rows when `negative` is given.
+    ///
+    /// Each prompt is parsed for A1111 weights and `BREAK` ([`kiln_proto::prompt`]),
+    /// tokenized piece by piece into chunks of `window - 2` tokens, and each chunk is
+    /// framed, padded and encoded on its own (through the cache), weighted
+    /// ([`emphasize`]) and concatenated; every row is padded with empty chunks to the
+    /// largest count.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidRecipe` on `prompt` or `negative_prompt` for a malformed weight,
+    /// `Tokenizer` when tokenizing fails, `Candle` when encoding fails.
     pub(crate) fn encode(
         &self,
         prompt: &str,
         negative: Option<&str>,
     ) -> Result<TextEmbeddings, PipelineError> {
-        let branches: Vec<&str> = negative.into_iter().chain([prompt]).collect();
-        let window = self.window;
+        let branches: Vec<(&'static str, &str)> = negative
+            .map(|n| ("negative_prompt", n))
+            .into_iter()
+            .chain([("prompt", prompt)])
+            .collect();
+        let mut parsed = Vec::with_capacity(branches.len());
+        for (field, text) in &branches {
+            parsed.push(kiln_proto::prompt::parse(text).map_err(|e| {
+                PipelineError::InvalidRecipe {
+                    field,
+                    message: e.to_string(),
+                }
+            })?);
+        }
+        let body = self.window.saturating_sub(2).max(1);
         // Chunks per encoder and branch; every row gets the largest count.
         let mut chunked = Vec::with_capacity(self.encoders.len());
         for e in &self.encoders {
-            let mut rows = Vec::with_capacity(branches.len());
-            for text in &branches {
-                rows.push(chunk(&e.token_ids(text)?, window, e.ids));
+            let mut rows = Vec::with_capacity(parsed.len());
+            for pieces in &parsed {
+                rows.push(kiln_proto::prompt::chunk(pieces, body, |t| e.token_ids(t))?);
             }
             chunked.push(rows);
         }
@@ -216,25 +259,44 @@ impl TextEncoders {
         let batch = branches.len();
         let mut states = Vec::with_capacity(self.encoders.len());
         let mut pooled = None;
-        for (e, mut rows) in self.encoders.iter().zip(chunked) {
-            for r in &mut rows {
-                pad_chunks(r, chunks, window, e.ids);
+        for (index, (e, rows)) in self.encoders.iter().zip(chunked).enumerate() {
+            // Framed windows and their weights, (branch, chunk) in order.
+            let mut windows = Vec::with_capacity(batch * chunks);
+            for row in &rows {
+                for c in 0..chunks {
+                    windows.push(match row.get(c) {
+                        Some(chunk) => frame_weighted(chunk, self.window, e.ids),
+                        None => (frame(&[], self.window, e.ids), vec![1.0; self.window]),
+                    });
+                }
             }
-            let ids: Vec<u32> = rows.into_iter().flatten().flatten().collect();
-            let ids = Tensor::from_vec(ids, (batch * chunks, window), &self.device)?;
-            let out = e.model.forward(&ids, e.layer, e.ids.eos)?;
-            let dim = out.states.dim(2)?;
-            // Rows are (branch, chunk) in order, so this concatenates each branch's chunks.
-            states.push(out.states.reshape((batch, chunks * window, dim))?);
-            if let Some(p) = out.pooled {
-                let width = p.dim(1)?;
-                pooled = Some(
-                    p.reshape((batch, chunks, width))?
-                        .i((.., 0))?
-                        .contiguous()?,
-                );
+            let ids: Vec<&[u32]> = windows.iter().map(|(ids, _)| ids.as_slice()).collect();
+            let encoded = self.encode_windows(index, e, &ids)?;
+            let mut weighted = Vec::with_capacity(encoded.len());
+            for ((_, weights), chunk) in windows.iter().zip(&encoded) {
+                weighted.push(emphasize(&chunk.states, weights)?);
+            }
+            // (branch, chunk) order: concatenating along the sequence and then
+            // reshaping gives each branch its chunks in a row.
+            let dim = weighted.first().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
+            states.push(Tensor::cat(&weighted, 1)?.reshape((batch, chunks * self.window, dim))?);
+            let rows_pooled: Option<Vec<Tensor>> =
+                encoded.iter().map(|c| c.pooled.clone()).collect();
+            if let Some(rows_pooled) = rows_pooled {
+                // One projection over every (branch, chunk) row, as one encoder pass
+                // over all of them gives; the first chunk of each branch is kept.
+                if let Some(p) = e.model.project(&Tensor::cat(&rows_pooled, 0)?)? {
+                    let width = p.dim(1)?;
+                    pooled = Some(
+                        p.reshape((batch, chunks, width))?
+                            .i((.., 0))?
+                            .contiguous()?,
+                    );
+                }
             }
         }
+        let (hits, misses, entries) = self.cache().stats();
+        tracing::trace!(hits, misses, entries, "text embedding cache");
         let mut context = Tensor::cat(&states, 2)?;
         if self.zero_empty_negative && negative.is_some_and(str::is_empty) {
             // diffusers' SDXL pipelines condition the unconditional branch on zeros when
@@ -244,32 +306,80 @@ impl TextEncoders {
         }
         Ok(TextEmbeddings { context, pooled })
     }
+
+    /// Returns the encoder states of each window, from the cache or by encoding the
+    /// missing ones in one pass.
+    fn encode_windows(
+        &self,
+        index: usize,
+        e: &Encoder,
+        windows: &[&[u32]],
+    ) -> Result<Vec<ChunkStates>, PipelineError> {
+        let key = |ids: &[u32]| ChunkKey {
+            encoder: index,
+            ids: ids.to_vec(),
+        };
+        let mut found: Vec<Option<ChunkStates>> = {
+            let mut cache = self.cache();
+            windows.iter().map(|ids| cache.get(&key(ids))).collect()
+        };
+        // Each distinct missing window once, in order of first appearance.
+        let mut missing: Vec<&[u32]> = Vec::new();
+        for (ids, hit) in windows.iter().zip(&found) {
+            if hit.is_none() && !missing.contains(ids) {
+                missing.push(ids);
+            }
+        }
+        if !missing.is_empty() {
+            let flat: Vec<u32> = missing.iter().flat_map(|ids| ids.iter().copied()).collect();
+            let ids = Tensor::from_vec(flat, (missing.len(), self.window), &self.device)?;
+            let out = e.model.forward(&ids, e.layer, e.ids.eos)?;
+            let mut cache = self.cache();
+            for (r, ids) in missing.iter().enumerate() {
+                let states = ChunkStates {
+                    states: out.states.i(r..r + 1)?.contiguous()?,
+                    pooled: out
+                        .pooled
+                        .as_ref()
+                        .map(|p| p.i(r..r + 1).and_then(|p| p.contiguous()))
+                        .transpose()?,
+                };
+                for (w, slot) in windows.iter().zip(found.iter_mut()) {
+                    if slot.is_none() && w == ids {
+                        *slot = Some(states.clone());
+                    }
+                }
+                cache.insert(key(ids), states);
+            }
+        }
+        found
+            .into_iter()
+            .map(|s| {
+                s.ok_or_else(|| {
+                    PipelineError::Candle(candle_core::Error::Msg(
+                        "a prompt chunk was neither cached nor encoded".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Locks the cache; a panic elsewhere leaves it consistent, so poison is ignored.
+    fn cache(&self) -> std::sync::MutexGuard<'_, ChunkCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Returns the cache's (hits, misses, entries).
+    #[cfg(test)]
+    pub(crate) fn cache_stats(&self) -> (u64, u64, usize) {
+        self.cache().stats()
+    }
 }
 
 /// Returns `t` with its first row (batch index 0) set to zeros.
 fn zero_first_row(t: &Tensor) -> candle_core::Result<Tensor> {
     let rest = t.i(1..)?;
     Tensor::cat(&[&t.i(0..1)?.zeros_like()?, &rest], 0)
-}
-
-/// Splits token ids into framed, padded chunks of `window` tokens; at least one chunk.
-pub(crate) fn chunk(ids: &[u32], window: usize, special: SpecialIds) -> Vec<Vec<u32>> {
-    let body = window.saturating_sub(2).max(1);
-    let mut chunks: Vec<Vec<u32>> = ids
-        .chunks(body)
-        .map(|c| frame(c, window, special))
-        .collect();
-    if chunks.is_empty() {
-        chunks.push(frame(&[], window, special));
-    }
-    chunks
-}
-
-/// Appends empty chunks until there are `n`.
-pub(crate) fn pad_chunks(chunks: &mut Vec<Vec<u32>>, n: usize, window: usize, special: SpecialIds) {
-    while chunks.len() < n {
-        chunks.push(frame(&[], window, special));
-    }
 }
 
 /// Returns `[bos] + body + [eos]` padded to `window`.
@@ -280,6 +390,17 @@ fn frame(body: &[u32], window: usize, special: SpecialIds) -> Vec<u32> {
     row.push(special.eos);
     row.resize(window, special.pad);
     row
+}
+
+/// Returns a weighted chunk framed and padded to `window`, with one weight per position
+/// (1 for bos, eos and padding).
+fn frame_weighted(chunk: &Chunk<u32>, window: usize, special: SpecialIds) -> (Vec<u32>, Vec<f32>) {
+    let body: Vec<u32> = chunk.tokens.iter().map(|t| t.token).collect();
+    let mut weights = Vec::with_capacity(window);
+    weights.push(1.0);
+    weights.extend(chunk.tokens.iter().map(|t| t.weight as f32));
+    weights.resize(window, 1.0);
+    (frame(&body, window, special), weights)
 }
 
 /// Loads `tokenizer.json`, or assembles CLIP's tokenizer from `vocab.json` + `merges.txt`.
@@ -395,46 +516,23 @@ mod tests {
     };
 
     #[test]
-    fn short_prompt_is_one_framed_chunk() {
-        assert_eq!(
-            chunk(&[1, 2, 3], 8, IDS),
-            [vec![100, 1, 2, 3, 101, 102, 102, 102]]
-        );
-        assert_eq!(chunk(&[], 4, IDS), [vec![100, 101, 102, 102]]);
-    }
-
-    #[test]
-    fn long_prompt_is_split_not_cut() {
-        let ids: Vec<u32> = (0..13).collect();
-        let chunks = chunk(&ids, 6, IDS);
-        assert_eq!(
-            chunks,
-            [
-                vec![100, 0, 1, 2, 3, 101],
-                vec![100, 4, 5, 6, 7, 101],
-                vec![100, 8, 9, 10, 11, 101],
-                vec![100, 12, 101, 102, 102, 102],
-            ]
-        );
-        let body: Vec<u32> = chunks
-            .iter()
-            .flat_map(|c| c[1..5].to_vec())
-            .filter(|&t| t < 100)
-            .collect();
-        assert_eq!(body, ids);
-    }
-
-    #[test]
-    fn padding_adds_empty_chunks() {
-        let mut chunks = chunk(&[7], 4, IDS);
-        pad_chunks(&mut chunks, 3, 4, IDS);
-        assert_eq!(
-            chunks,
-            [
-                vec![100, 7, 101, 102],
-                vec![100, 101, 102, 102],
-                vec![100, 101, 102, 102]
-            ]
-        );
+    fn chunks_are_framed_padded_and_weighted() {
+        let chunk = Chunk {
+            tokens: vec![
+                kiln_proto::prompt::WeightedToken {
+                    token: 1,
+                    weight: 1.0,
+                },
+                kiln_proto::prompt::WeightedToken {
+                    token: 2,
+                    weight: 1.5,
+                },
+            ],
+            ended_by_break: false,
+        };
+        let (ids, weights) = frame_weighted(&chunk, 6, IDS);
+        assert_eq!(ids, [100, 1, 2, 101, 102, 102]);
+        assert_eq!(weights, [1.0, 1.0, 1.5, 1.0, 1.0, 1.0]);
+        assert_eq!(frame(&[], 4, IDS), [100, 101, 102, 102]);
     }
 }

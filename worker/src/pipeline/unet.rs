@@ -23,10 +23,8 @@ use candle_transformers::models::stable_diffusion::attention::{
     SpatialTransformer, SpatialTransformerConfig,
 };
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    UNetMidBlock2DCrossAttn, UNetMidBlock2DCrossAttnConfig,
-};
+
+use super::unet_blocks::{MidAttention, MidBlock, Norm, ResnetBlock, per_group};
 
 /// Cross-attention of one block: heads and transformer layers per attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,7 +114,7 @@ pub(crate) struct Conditioning {
 #[derive(Debug)]
 struct DownBlock {
     /// `resnets.{j}`, built with the config's group count (candle's blocks use 32).
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<ResnetBlock>,
     /// `attentions.{j}`, one per ResNet; empty for a `DownBlock2D`.
     attentions: Vec<SpatialTransformer>,
     /// Stride-2 convolution and whether it pads right/bottom itself (padding 0).
@@ -128,7 +126,7 @@ struct DownBlock {
 #[derive(Debug)]
 struct UpBlock {
     /// `resnets.{j}`: one more than a down block has, to take the downsampler's skip too.
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<ResnetBlock>,
     /// `attentions.{j}`, one per ResNet; empty for an `UpBlock2D`.
     attentions: Vec<SpatialTransformer>,
     /// `upsamplers.0.conv`, after nearest-neighbour upsampling; none at the finest level.
@@ -149,6 +147,10 @@ struct TextTimeEmbedding {
 pub(crate) struct Unet {
     /// Channels `forward` expects after appending the image conditioning.
     in_channels: usize,
+    /// Resolution levels (down blocks).
+    levels: usize,
+    /// The fewest channels of any level: the narrowest attention projections.
+    min_channels: usize,
     /// Maps the input to [-1, 1] first (no SD model does).
     center_input_sample: bool,
     /// `conv_in`.
@@ -160,7 +162,7 @@ pub(crate) struct Unet {
     /// SDXL's added conditioning, added to the time embedding.
     text_time: Option<TextTimeEmbedding>,
     down_blocks: Vec<DownBlock>,
-    mid_block: UNetMidBlock2DCrossAttn,
+    mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -187,14 +189,12 @@ impl Unet {
         };
         let ch0 = first.channels;
         let temb = ch0 * 4;
-        let resnet = |out_channels: usize| ResnetBlock2DConfig {
-            out_channels: Some(out_channels),
-            temb_channels: Some(temb),
+        let norm = Norm {
             groups: c.norm_num_groups,
-            groups_out: None,
             eps: c.norm_eps,
-            use_in_shortcut: None,
-            output_scale_factor: 1.0,
+        };
+        let resnet = |vb: VarBuilder, from: usize, to: usize| {
+            ResnetBlock::new(vb, from, to, temb, norm, 1.0)
         };
         let attention = |vb: VarBuilder, channels: usize, a: CrossAttention| {
             SpatialTransformer::new(
@@ -232,11 +232,7 @@ impl Unet {
             let mut resnets = Vec::with_capacity(c.layers_per_block);
             let mut attentions = Vec::new();
             for j in 0..c.layers_per_block {
-                resnets.push(ResnetBlock2D::new(
-                    vb.pp("resnets").pp(j),
-                    in_ch,
-                    resnet(block.channels),
-                )?);
+                resnets.push(resnet(vb.pp("resnets").pp(j), in_ch, block.channels)?);
                 if let Some(a) = block.attention {
                     attentions.push(attention(vb.pp("attentions").pp(j), block.channels, a)?);
                 }
@@ -266,22 +262,18 @@ impl Unet {
             });
         }
 
-        let mid_block = UNetMidBlock2DCrossAttn::new(
+        let mid_block = MidBlock::new(
             vb.pp("mid_block"),
             last.channels,
-            Some(temb),
-            false,
-            UNetMidBlock2DCrossAttnConfig {
-                num_layers: 1,
-                resnet_eps: c.norm_eps,
-                resnet_groups: Some(c.norm_num_groups),
-                attn_num_head_channels: c.mid_attention.heads,
-                output_scale_factor: c.mid_block_scale_factor,
-                cross_attn_dim: c.cross_attention_dim,
-                sliced_attention_size: None,
+            temb,
+            norm,
+            MidAttention {
+                heads: c.mid_attention.heads,
+                layers: c.mid_attention.layers,
+                cross_attention_dim: c.cross_attention_dim,
                 use_linear_projection: c.use_linear_projection,
-                transformer_layers_per_block: c.mid_attention.layers,
             },
+            c.mid_block_scale_factor,
         )?;
 
         // Up block i mirrors down block k = n - 1 - i. Its last ResNet takes the skip
@@ -303,10 +295,10 @@ impl Unet {
                 } else {
                     block.channels
                 };
-                resnets.push(ResnetBlock2D::new(
+                resnets.push(resnet(
                     vb.pp("resnets").pp(j),
                     res_in + skip,
-                    resnet(block.channels),
+                    block.channels,
                 )?);
                 if let Some(a) = block.attention {
                     attentions.push(attention(vb.pp("attentions").pp(j), block.channels, a)?);
@@ -330,6 +322,8 @@ impl Unet {
 
         Ok(Self {
             in_channels: c.in_channels,
+            levels: n,
+            min_channels: c.blocks.iter().map(|b| b.channels).min().unwrap_or(ch0),
             center_input_sample: c.center_input_sample,
             conv_in: conv3(vb.pp("conv_in"), c.in_channels, ch0)?,
             time_proj: Timesteps::new(ch0, c.flip_sin_to_cos, c.freq_shift),
@@ -349,18 +343,55 @@ impl Unet {
         })
     }
 
-    /// Predicts the noise (or v, or x0) for `latents` `[batch, c, h, w]` at `timestep`.
+    /// Returns whether tasks of this latent size give the same bytes batched as alone.
+    ///
+    /// The attention projections multiply `tasks × rows × tokens` rows by the
+    /// channels. The CPU kernels sum in one order for all such products except the
+    /// small ones: a single row, or at most 256 outputs, have kernels of their own.
+    /// So a task alone must already be past those sizes at the coarsest level (the
+    /// fewest tokens): two tokens or more, and more than 256 outputs with the fewest
+    /// channels. Every SD model at 256 px and up is; the tiny models at 64 px are.
+    pub(crate) fn batches_exactly(&self, latent_height: usize, latent_width: usize) -> bool {
+        // Each downsampler halves a side (rounding down when it pads itself).
+        let shift = self.levels.saturating_sub(1);
+        let tokens = (latent_height >> shift) * (latent_width >> shift);
+        tokens >= 2 && tokens * self.min_channels > 256
+    }
+
+    /// Predicts the noise (or v, or x0) for `latents` `[batch, c, h, w]` at `timestep`,
+    /// the whole batch being one task (as [`Unet::forward_tasks`] with `group = batch`).
     ///
     /// # Errors
     ///
-    /// A candle error when the conditioning does not fit the UNet (added conditioning
-    /// or image channels missing or superfluous, batch sizes that differ) or a
-    /// computation fails.
+    /// As [`Unet::forward_tasks`].
+    #[cfg(test)]
     pub(crate) fn forward(
         &self,
         latents: &Tensor,
         timestep: f64,
         cond: &Conditioning,
+    ) -> candle_core::Result<Tensor> {
+        self.forward_tasks(latents, timestep, cond, latents.dim(0)?)
+    }
+
+    /// Predicts the noise (or v, or x0) for `latents` `[batch, c, h, w]` at `timestep`,
+    /// the batch being consecutive tasks of `group` rows each (1, or 2 with guidance).
+    ///
+    /// The per-row vector layers (time embedding, SDXL's added embedding, each ResNet's
+    /// time projection) run one task at a time, so each task's rows come out with the
+    /// bytes a batch of that task alone gives (see `unet_blocks`).
+    ///
+    /// # Errors
+    ///
+    /// A candle error when the conditioning does not fit the UNet (added conditioning
+    /// or image channels missing or superfluous, batch sizes that differ), `group`
+    /// does not divide the batch, or a computation fails.
+    pub(crate) fn forward_tasks(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+        group: usize,
     ) -> candle_core::Result<Tensor> {
         let _entered = self.span.enter();
         let batch = latents.dim(0)?;
@@ -380,23 +411,31 @@ impl Unet {
                 },
             )));
         }
+        if group == 0 || !batch.is_multiple_of(group) {
+            return Err(candle_core::Error::Msg(format!(
+                "a batch of {batch} rows does not split into tasks of {group}"
+            )));
+        }
         let xs = if self.center_input_sample {
             ((xs * 2.0)? - 1.0)?
         } else {
             xs
         };
 
-        let t = (Tensor::ones(batch, xs.dtype(), xs.device())? * timestep)?;
-        let mut emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
-        match (&self.text_time, &cond.added) {
+        // Every task shares the timestep: embed it for one task and repeat it.
+        let t = (Tensor::ones(group, xs.dtype(), xs.device())? * timestep)?;
+        let emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
+        let emb = Tensor::cat(&vec![&emb; batch / group], 0)?;
+        let emb = match (&self.text_time, &cond.added) {
             (Some(tt), Some(added)) => {
                 // diffusers' `get_aug_embed` for "text_time": [text_embeds, time_embeds].
                 let time = tt.time_proj.forward(&added.time_ids.flatten_all()?)?;
                 let time = time.reshape((batch, ()))?;
                 let input = Tensor::cat(&[&added.text_embeds, &time], D::Minus1)?;
-                emb = (emb + tt.embedding.forward(&input)?)?;
+                let add = per_group(&input, group, |rows| tt.embedding.forward(rows))?;
+                (emb + add)?
             }
-            (None, None) => {}
+            (None, None) => emb,
             (Some(_), None) => {
                 return Err(candle_core::Error::Msg(
                     "this UNet needs added conditioning (pooled text and time ids)".into(),
@@ -407,14 +446,14 @@ impl Unet {
                     "added conditioning given to a UNet without add_embedding".into(),
                 ));
             }
-        }
+        };
         let context = &cond.context;
 
         let mut xs = self.conv_in.forward(&xs)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                xs = resnet.forward(&xs, Some(&emb))?;
+                xs = resnet.forward(&xs, &emb, group)?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward(&xs, Some(context))?;
                 }
@@ -430,7 +469,7 @@ impl Unet {
             }
         }
 
-        xs = self.mid_block.forward(&xs, Some(&emb), Some(context))?;
+        xs = self.mid_block.forward(&xs, &emb, context, group)?;
 
         for block in &self.up_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
@@ -438,7 +477,7 @@ impl Unet {
                     candle_core::Error::Msg("the UNet ran out of skip connections".into())
                 })?;
                 xs = Tensor::cat(&[&xs, &skip], 1)?;
-                xs = resnet.forward(&xs, Some(&emb))?;
+                xs = resnet.forward(&xs, &emb, group)?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward(&xs, Some(context))?;
                 }

@@ -7,6 +7,12 @@
 //! before. A recipe for a model that is not resident loads it on the render
 //! thread, first evicting the least recently used models that must go
 //! ([`Residency`]).
+//!
+//! Tasks handed over together ([`Renderer::render_batch`]) are rendered model by
+//! model with [`Pipeline::render_batch`], which denoises compatible ones as one
+//! UNet batch; each task's PNG is byte-identical to its render alone. All models
+//! are loaded in one [`Precision`] (`--dtype`), which is part of the
+//! determinism class.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,10 +22,13 @@ use std::time::Instant;
 use candle_core::Device;
 use kiln_proto::pb::ModelInfo;
 
+use super::device::determinism_class;
 use super::{RenderError, RenderTask, Rendered, Renderer};
 use crate::catalog::{CatalogEntry, OverBudget, Residency, format_size};
-use crate::output::{PIPELINE_VERSION, encode_png};
-use crate::pipeline::{Pipeline, PipelineError, model_hash, resident_bytes};
+use crate::output::encode_png;
+use crate::pipeline::{
+    Pipeline, PipelineError, Precision, RenderInput, model_hash, resident_bytes,
+};
 
 /// Renders with candle pipelines, loading catalog models on demand and
 /// keeping them resident under a memory budget.
@@ -32,6 +41,8 @@ pub struct CandleRenderer {
     resident: Mutex<Residency<Arc<Pipeline>>>,
     /// Where pipelines are loaded.
     device: Device,
+    /// The dtype every model is loaded in.
+    precision: Precision,
     /// The determinism class announced at registration.
     class: String,
 }
@@ -70,16 +81,16 @@ impl LoadError {
 }
 
 impl CandleRenderer {
-    /// Loads every `(name, folder)` onto `device` and keeps them all resident.
+    /// Loads every `(name, folder)` onto `device` in f32 and keeps them all resident.
     ///
     /// # Errors
     /// The first model that fails to load, named with its folder.
     pub fn load(models: &[(String, PathBuf)], device: &Device) -> Result<Self, LoadError> {
-        Self::open(models, device, None)
+        Self::open(models, device, Precision::F32, None)
     }
 
-    /// Opens a catalog of `(name, folder)` models on `device` under a memory
-    /// budget in bytes (`None`: no limit).
+    /// Opens a catalog of `(name, folder)` models on `device` in `precision`,
+    /// under a memory budget in bytes (`None`: no limit).
     ///
     /// Every folder is located, hashed and sized now, so an incomplete folder
     /// fails the start rather than a render. Models are then loaded in the
@@ -92,6 +103,7 @@ impl CandleRenderer {
     pub fn open(
         models: &[(String, PathBuf)],
         device: &Device,
+        precision: Precision,
         budget: Option<u64>,
     ) -> Result<Self, LoadError> {
         let mut catalog = BTreeMap::new();
@@ -124,7 +136,7 @@ impl CandleRenderer {
             if resident.names().contains(&name.as_str()) || !resident.fits_now(entry.bytes) {
                 continue;
             }
-            let pipeline = load_pipeline(entry, dir, device)?;
+            let pipeline = load_pipeline(entry, dir, device, precision)?;
             resident
                 .insert(name, entry.bytes, Arc::new(pipeline))
                 .map_err(|source| LoadError::OverBudget {
@@ -144,13 +156,20 @@ impl CandleRenderer {
             catalog,
             resident: Mutex::new(resident),
             device: device.clone(),
-            class: determinism_class(device),
+            precision,
+            class: determinism_class(device, precision),
         })
     }
 
     /// Returns a renderer over pipelines already loaded (shared by the
     /// in-process workers of `kiln render`); they stay resident, no budget.
+    /// Its precision is the pipelines' (f32 when there are none; they are
+    /// expected to share one).
     pub fn from_pipelines(models: BTreeMap<String, Arc<Pipeline>>, device: &Device) -> Self {
+        let precision = models
+            .values()
+            .next()
+            .map_or(Precision::F32, |p| p.precision());
         let mut resident = Residency::new(None);
         let mut catalog = BTreeMap::new();
         for (name, pipeline) in models {
@@ -170,7 +189,8 @@ impl CandleRenderer {
             catalog,
             resident: Mutex::new(resident),
             device: device.clone(),
-            class: determinism_class(device),
+            precision,
+            class: determinism_class(device, precision),
         }
     }
 
@@ -227,7 +247,7 @@ impl CandleRenderer {
         }
         // Free the evicted weights before loading the new ones.
         drop(evicted);
-        let pipeline = load_pipeline(entry, dir, &self.device).map_err(|e| {
+        let pipeline = load_pipeline(entry, dir, &self.device, self.precision).map_err(|e| {
             let text = e.to_string();
             if text.to_ascii_lowercase().contains("out of memory") {
                 RenderError::OutOfMemory(text)
@@ -249,10 +269,11 @@ fn load_pipeline(
     entry: &CatalogEntry,
     dir: &std::path::Path,
     device: &Device,
+    precision: Precision,
 ) -> Result<Pipeline, LoadError> {
     let started = Instant::now();
-    let pipeline =
-        Pipeline::load(dir, device).map_err(|e| LoadError::model(&entry.name, dir, e))?;
+    let pipeline = Pipeline::load_with(dir, device, precision)
+        .map_err(|e| LoadError::model(&entry.name, dir, e))?;
     if pipeline.model_hash() != entry.hash {
         return Err(LoadError::model(
             &entry.name,
@@ -269,123 +290,6 @@ fn load_pipeline(
     }
     tracing::info!(model = %entry.name, dir = %dir.display(), hash = %entry.hash, bytes = %format_size(entry.bytes), ms = started.elapsed().as_millis() as u64, "model loaded");
     Ok(pipeline)
-}
-
-/// Returns the class of this machine's candle backend: bytes are only
-/// promised equal within one class (CPU kernels differ by instruction set).
-pub fn determinism_class(device: &Device) -> String {
-    let backend = match device {
-        Device::Cpu => {
-            let mut features: Vec<&str> = Vec::new();
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    features.push("avx512f");
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    features.push("avx2");
-                }
-                if std::arch::is_x86_feature_detected!("fma") {
-                    features.push("fma");
-                }
-            }
-            let mut name = format!("cpu-{}", std::env::consts::ARCH);
-            for f in features {
-                name.push('+');
-                name.push_str(f);
-            }
-            name
-        }
-        Device::Cuda(_) => "cuda".to_string(),
-        Device::Metal(_) => "metal".to_string(),
-    };
-    format!("candle/{backend}/f32/pipeline-{PIPELINE_VERSION}")
-}
-
-/// Why `--device` cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// Not a device name kiln knows.
-    #[error("--device must be cpu, cuda, cuda:N, metal or metal:N, got {0:?}")]
-    Unknown(String),
-    /// The device's backend was not compiled into this binary.
-    #[error(
-        "--device {device}: this binary was built without the {feature} feature; \
-         rebuild it with `cargo build --release --features {feature}`"
-    )]
-    NotBuilt {
-        /// The device asked for.
-        device: String,
-        /// The cargo feature that selects its backend.
-        feature: &'static str,
-    },
-    /// The backend is there but the device cannot be opened (no such GPU, no driver).
-    #[error("--device {device}: {source}")]
-    Unavailable {
-        /// The device asked for.
-        device: String,
-        /// candle's error.
-        source: candle_core::Error,
-    },
-}
-
-/// Opens the device named by `--device`: `cpu`, `cuda` (= `cuda:0`),
-/// `cuda:N`, `metal` or `metal:N`. CUDA and Metal need the `cuda` or `metal`
-/// cargo feature; without it the error says how to rebuild.
-///
-/// # Errors
-/// [`DeviceError`] naming the device.
-pub fn open_device(name: &str) -> Result<Device, DeviceError> {
-    let unknown = || DeviceError::Unknown(name.to_string());
-    let ordinal = |rest: Option<&str>| match rest {
-        None => Ok(0),
-        Some(n) => n.parse::<usize>().map_err(|_| unknown()),
-    };
-    let name = name.trim();
-    if name == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let (backend, rest) = match name.split_once(':') {
-        Some((backend, n)) => (backend, Some(n)),
-        None => (name, None),
-    };
-    match backend {
-        "cuda" => open_cuda(name, ordinal(rest)?),
-        "metal" => open_metal(name, ordinal(rest)?),
-        _ => Err(unknown()),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn open_cuda(name: &str, ordinal: usize) -> Result<Device, DeviceError> {
-    Device::new_cuda(ordinal).map_err(|source| DeviceError::Unavailable {
-        device: name.to_string(),
-        source,
-    })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn open_cuda(name: &str, _ordinal: usize) -> Result<Device, DeviceError> {
-    Err(DeviceError::NotBuilt {
-        device: name.to_string(),
-        feature: "cuda",
-    })
-}
-
-#[cfg(feature = "metal")]
-fn open_metal(name: &str, ordinal: usize) -> Result<Device, DeviceError> {
-    Device::new_metal(ordinal).map_err(|source| DeviceError::Unavailable {
-        device: name.to_string(),
-        source,
-    })
-}
-
-#[cfg(not(feature = "metal"))]
-fn open_metal(name: &str, _ordinal: usize) -> Result<Device, DeviceError> {
-    Err(DeviceError::NotBuilt {
-        device: name.to_string(),
-        feature: "metal",
-    })
 }
 
 impl Renderer for CandleRenderer {
@@ -409,13 +313,89 @@ impl Renderer for CandleRenderer {
         task: &RenderTask,
         on_step: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Rendered, RenderError> {
-        let recipe = &task.recipe;
-        if task.init_image.is_some() {
-            return Err(RenderError::Internal(
-                "img2img is not in this pipeline yet".into(),
-            ));
+        let mut results =
+            self.render_batch(std::slice::from_ref(task), &mut |_, done| on_step(done));
+        results
+            .pop()
+            .unwrap_or_else(|| Err(RenderError::Internal("the batch returned nothing".into())))
+    }
+
+    fn render_batch(
+        &self,
+        tasks: &[RenderTask],
+        on_step: &mut dyn FnMut(usize, u32) -> bool,
+    ) -> Vec<Result<Rendered, RenderError>> {
+        let mut results: Vec<Option<Result<Rendered, RenderError>>> =
+            tasks.iter().map(|_| None).collect();
+        // Model by model, in order of first appearance.
+        let mut models: Vec<&str> = Vec::new();
+        for task in tasks {
+            if !models.contains(&task.recipe.model.as_str()) {
+                models.push(&task.recipe.model);
+            }
         }
-        // The pin is checked against the catalog before anything is loaded.
+        for model in models {
+            let members: Vec<usize> = (0..tasks.len())
+                .filter(|&i| tasks[i].recipe.model == model)
+                .collect();
+            let mut runnable = Vec::with_capacity(members.len());
+            for &i in &members {
+                match self.check(&tasks[i]) {
+                    Ok(()) => runnable.push(i),
+                    Err(e) => results[i] = Some(Err(e)),
+                }
+            }
+            if runnable.is_empty() {
+                continue;
+            }
+            let pipeline = match self.pipeline(model) {
+                Ok(p) => p,
+                Err(e) => {
+                    for &i in &runnable {
+                        results[i] = Some(Err(copy_error(&e)));
+                    }
+                    continue;
+                }
+            };
+            let inputs: Vec<RenderInput<'_>> = runnable
+                .iter()
+                .map(|&i| RenderInput {
+                    recipe: &tasks[i].recipe,
+                    init_image: tasks[i].init_image.as_deref(),
+                    mask: tasks[i].mask.as_deref(),
+                })
+                .collect();
+            let started = Instant::now();
+            let images = pipeline.render_batch(&inputs, &mut |j, done, _total| {
+                runnable.get(j).is_some_and(|&i| on_step(i, done))
+            });
+            let render_ms = started.elapsed().as_millis() as u64;
+            for (&i, image) in runnable.iter().zip(images) {
+                results[i] = Some(image.map_err(render_error).and_then(|image| {
+                    let encode_start = Instant::now();
+                    let png = encode_png(&image, &tasks[i].recipe, pipeline.model_hash())
+                        .map_err(|e| RenderError::Internal(format!("PNG encoding: {e}")))?;
+                    Ok(Rendered {
+                        png,
+                        model_hash: pipeline.model_hash().to_string(),
+                        render_ms,
+                        encode_ms: encode_start.elapsed().as_millis() as u64,
+                    })
+                }));
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(RenderError::Internal("task not rendered".into()))))
+            .collect()
+    }
+}
+
+impl CandleRenderer {
+    /// Checks a task before its model is loaded: the pinned hash against the catalog,
+    /// and that the task carries the images its recipe names.
+    fn check(&self, task: &RenderTask) -> Result<(), RenderError> {
+        let recipe = &task.recipe;
         if let Some(entry) = self.catalog.get(&recipe.model)
             && !recipe.model_hash.is_empty()
             && recipe.model_hash != entry.hash
@@ -428,31 +408,54 @@ impl Renderer for CandleRenderer {
                 ),
             });
         }
-        let pipeline = self.pipeline(&recipe.model)?;
-        let started = Instant::now();
-        let image = pipeline
-            .txt2img(recipe, &mut |done, _total| on_step(done))
-            .map_err(|e| match e {
-                PipelineError::Cancelled => RenderError::Cancelled,
-                other => {
-                    let text = other.to_string();
-                    if text.to_ascii_lowercase().contains("out of memory") {
-                        RenderError::OutOfMemory(text)
-                    } else {
-                        RenderError::Internal(text)
-                    }
-                }
-            })?;
-        let render_ms = started.elapsed().as_millis() as u64;
-        let encode_start = Instant::now();
-        let png = encode_png(&image, recipe, pipeline.model_hash())
-            .map_err(|e| RenderError::Internal(format!("PNG encoding: {e}")))?;
-        Ok(Rendered {
-            png,
-            model_hash: pipeline.model_hash().to_string(),
-            render_ms,
-            encode_ms: encode_start.elapsed().as_millis() as u64,
-        })
+        for (field, named, carried) in [
+            (
+                "init_image",
+                recipe.init_image.is_some(),
+                task.init_image.is_some(),
+            ),
+            ("mask", recipe.mask.is_some(), task.mask.is_some()),
+        ] {
+            if named != carried {
+                return Err(RenderError::Internal(format!(
+                    "the recipe {} a {field} but the task {} one",
+                    if named { "names" } else { "does not name" },
+                    if carried { "carries" } else { "does not carry" },
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Maps a pipeline error to the render error reported to the coordinator: a recipe
+/// the model cannot render (a bad init image or mask included) is bad input.
+fn render_error(e: PipelineError) -> RenderError {
+    match e {
+        PipelineError::Cancelled => RenderError::Cancelled,
+        PipelineError::InvalidRecipe { .. } => RenderError::BadInput(e.to_string()),
+        other => {
+            let text = other.to_string();
+            if text.to_ascii_lowercase().contains("out of memory") {
+                RenderError::OutOfMemory(text)
+            } else {
+                RenderError::Internal(text)
+            }
+        }
+    }
+}
+
+/// Returns a copy of a render error for each task of a batch that shares it.
+fn copy_error(e: &RenderError) -> RenderError {
+    match e {
+        RenderError::Cancelled => RenderError::Cancelled,
+        RenderError::BadInput(m) => RenderError::BadInput(m.clone()),
+        RenderError::Model { model, message } => RenderError::Model {
+            model: model.clone(),
+            message: message.clone(),
+        },
+        RenderError::OutOfMemory(m) => RenderError::OutOfMemory(m.clone()),
+        RenderError::Internal(m) => RenderError::Internal(m.clone()),
     }
 }
 
@@ -502,7 +505,8 @@ mod tests {
         ];
         let one = resident_bytes(a.path()).unwrap();
         // Room for one model and a half: never two at once.
-        let r = CandleRenderer::open(&models, &Device::Cpu, Some(one + one / 2)).unwrap();
+        let r = CandleRenderer::open(&models, &Device::Cpu, Precision::F32, Some(one + one / 2))
+            .unwrap();
         assert_eq!(r.resident(), ["a"], "only what fits is loaded at start");
         let announced: Vec<String> = r.models().into_iter().map(|m| m.name).collect();
         assert_eq!(announced, ["a", "b"], "the whole catalog is announced");
@@ -537,7 +541,7 @@ mod tests {
     fn a_model_over_the_whole_budget_fails_the_start() {
         let a = tempfile::tempdir().unwrap();
         let models = vec![("a".to_string(), tiny(a.path()))];
-        let e = CandleRenderer::open(&models, &Device::Cpu, Some(1024))
+        let e = CandleRenderer::open(&models, &Device::Cpu, Precision::F32, Some(1024))
             .err()
             .expect("over budget");
         assert!(matches!(e, LoadError::OverBudget { .. }), "{e}");
@@ -553,7 +557,7 @@ mod tests {
         let a = tempfile::tempdir().unwrap();
         let models = vec![("a".to_string(), tiny(a.path()))];
         let one = resident_bytes(a.path()).unwrap();
-        let r = CandleRenderer::open(&models, &Device::Cpu, Some(one)).unwrap();
+        let r = CandleRenderer::open(&models, &Device::Cpu, Precision::F32, Some(one)).unwrap();
         let mut task = RenderTask::txt2img(recipe("a"));
         task.recipe.model_hash = "0".repeat(64);
         let e = r.render(&task, &mut |_| true).unwrap_err();
@@ -561,26 +565,78 @@ mod tests {
     }
 
     #[test]
-    fn devices_parse_and_missing_backends_say_how_to_rebuild() {
-        assert!(matches!(open_device("cpu"), Ok(Device::Cpu)));
-        for bad in ["gpu", "cuda:x", "cuda:", "tpu:0"] {
-            assert!(
-                matches!(open_device(bad), Err(DeviceError::Unknown(_))),
-                "{bad}"
-            );
+    fn four_tasks_batched_give_the_pngs_they_give_one_by_one() {
+        let a = tempfile::tempdir().unwrap();
+        let models = vec![("a".to_string(), tiny(a.path()))];
+        let r = CandleRenderer::load(&models, &Device::Cpu).unwrap();
+        let tasks: Vec<RenderTask> = [
+            ("a (red:1.2) fox", 7, 5.0),
+            ("a blue heron at dawn", 8, 7.5),
+            ("a [quiet] street, rain", 9, 3.0),
+            ("an old lighthouse", 10, 5.0),
+        ]
+        .into_iter()
+        .map(|(prompt, seed, guidance)| {
+            let mut recipe = recipe("a");
+            recipe.prompt = prompt.into();
+            recipe.seed = seed;
+            recipe.guidance = guidance;
+            RenderTask::txt2img(recipe)
+        })
+        .collect();
+        assert!(
+            tasks
+                .windows(2)
+                .all(|w| w[0].batch_key() == w[1].batch_key())
+        );
+        let alone: Vec<Vec<u8>> = tasks
+            .iter()
+            .map(|t| r.render(t, &mut |_| true).unwrap().png)
+            .collect();
+        let mut steps = vec![0u32; tasks.len()];
+        let batched = r.render_batch(&tasks, &mut |i, done| {
+            steps[i] = done;
+            true
+        });
+        assert_eq!(steps, [2, 2, 2, 2]);
+        for (i, (png, result)) in alone.iter().zip(batched).enumerate() {
+            assert_eq!(png, &result.unwrap().png, "task {i}: different PNG bytes");
         }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let e = open_device("cuda:1").unwrap_err();
-            assert!(e.to_string().contains("--features cuda"), "{e}");
-        }
-        #[cfg(not(feature = "metal"))]
-        assert!(matches!(
-            open_device("metal"),
-            Err(DeviceError::NotBuilt {
-                feature: "metal",
-                ..
-            })
-        ));
+    }
+
+    #[test]
+    fn bad_images_are_bad_input_and_missing_ones_internal() {
+        let a = tempfile::tempdir().unwrap();
+        let models = vec![("a".to_string(), tiny(a.path()))];
+        let r = CandleRenderer::load(&models, &Device::Cpu).unwrap();
+        let mut task = RenderTask::txt2img(recipe("a"));
+        task.recipe.init_image = Some("0".repeat(64));
+        task.recipe.strength = 0.5;
+        let e = r.render(&task, &mut |_| true).unwrap_err();
+        assert!(matches!(e, RenderError::Internal(_)), "{e}");
+        task.init_image = Some(b"not an image".to_vec());
+        let e = r.render(&task, &mut |_| true).unwrap_err();
+        assert!(
+            matches!(&e, RenderError::BadInput(m) if m.contains("init_image")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_class_names_the_precision() {
+        let f32 = determinism_class(&Device::Cpu, Precision::F32);
+        let f16 = determinism_class(&Device::Cpu, Precision::F16);
+        assert!(
+            f32.contains("/f32/") && f16.contains("/f16/"),
+            "{f32} {f16}"
+        );
+        assert_ne!(f32, f16);
+        let a = tempfile::tempdir().unwrap();
+        let models = vec![("a".to_string(), tiny(a.path()))];
+        let r = CandleRenderer::open(&models, &Device::Cpu, Precision::F16, None).unwrap();
+        assert_eq!(r.determinism_class(), f16);
+        assert_eq!(r.pipelines()["a"].precision(), Precision::F16);
+        let shared = CandleRenderer::from_pipelines(r.pipelines(), &Device::Cpu);
+        assert_eq!(shared.determinism_class(), f16);
     }
 }

@@ -1,7 +1,12 @@
 //! Renderers turn a recipe into a PNG. They run on the render thread, never
 //! on the async runtime.
+//!
+//! The render thread hands a renderer the tasks that were queued together and
+//! share a [`BatchKey`] as one [`Renderer::render_batch`] call; the candle
+//! renderer denoises them as one UNet batch, other renderers one by one.
 
 mod candle;
+mod device;
 mod sim;
 
 use std::path::PathBuf;
@@ -10,7 +15,8 @@ use kiln_proto::error::FieldError;
 use kiln_proto::pb::{FaultClass, ModelInfo};
 use kiln_proto::recipe::{Recipe, check_model_name};
 
-pub use self::candle::{CandleRenderer, DeviceError, LoadError, open_device};
+pub use self::candle::{CandleRenderer, LoadError};
+pub use self::device::{DeviceError, determinism_class, open_device};
 
 /// Parses `--model NAME=DIR` arguments into (name, folder) pairs.
 ///
@@ -49,6 +55,75 @@ impl RenderTask {
             mask: None,
         }
     }
+
+    /// Returns what must be equal for this task to be rendered in one batch with others.
+    pub fn batch_key(&self) -> BatchKey {
+        let r = &self.recipe;
+        let mode = match (&self.init_image, &self.mask) {
+            (None, _) => Mode::Txt2Img,
+            (Some(_), None) => Mode::Img2Img,
+            (Some(_), Some(_)) => Mode::Inpaint,
+        };
+        BatchKey {
+            model: r.model.clone(),
+            model_hash: r.model_hash.clone(),
+            width: r.width,
+            height: r.height,
+            steps: r.steps,
+            scheduler: r.scheduler.to_string(),
+            karras: r.karras,
+            eta_bits: r.eta.to_bits(),
+            guided: r.guidance > 1.0,
+            mode,
+            // txt2img ignores the strength; img2img starts at a step it decides.
+            strength_bits: match mode {
+                Mode::Txt2Img => 0,
+                Mode::Img2Img | Mode::Inpaint => r.strength.to_bits(),
+            },
+        }
+    }
+}
+
+/// How a task uses images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// No init image.
+    Txt2Img,
+    /// An init image, no mask.
+    Img2Img,
+    /// An init image and a mask.
+    Inpaint,
+}
+
+/// What tasks rendered in one batch have in common: the model, the image size and
+/// the schedule (sampler, steps, Karras, eta, strength), whether guidance doubles
+/// their rows, and the mode. Seeds, prompts, guidance scales and images may differ.
+/// The candle pipeline splits a batch further where it must (prompts of different
+/// chunk counts, sizes too small to batch exactly).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    /// Catalog name.
+    pub model: String,
+    /// The pinned hash, if any.
+    pub model_hash: String,
+    /// Image width.
+    pub width: u32,
+    /// Image height.
+    pub height: u32,
+    /// Denoising steps.
+    pub steps: u32,
+    /// Sampler name.
+    pub scheduler: String,
+    /// Karras sigmas.
+    pub karras: bool,
+    /// DDIM eta, as bits.
+    pub eta_bits: u64,
+    /// Classifier-free guidance on (`guidance > 1`).
+    pub guided: bool,
+    /// txt2img, img2img or inpainting.
+    pub mode: Mode,
+    /// img2img strength as bits; 0 for txt2img.
+    pub strength_bits: u64,
 }
 
 /// An encoded image and where the time went.
@@ -58,7 +133,7 @@ pub struct Rendered {
     pub png: Vec<u8>,
     /// Hash of the model that made it.
     pub model_hash: String,
-    /// Denoising and decoding time.
+    /// Denoising and decoding time; for a task rendered in a batch, the whole batch's.
     pub render_ms: u64,
     /// PNG encoding time.
     pub encode_ms: u64,
@@ -123,4 +198,21 @@ pub trait Renderer: Send + Sync + 'static {
         task: &RenderTask,
         on_step: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Rendered, RenderError>;
+
+    /// Renders several tasks, results in the order of `tasks`. `on_step(i, done)`
+    /// reports task `i`; returning false cancels that task alone.
+    ///
+    /// Every result must be what [`Renderer::render`] gives for the task alone, byte
+    /// for byte. The default renders the tasks one by one.
+    fn render_batch(
+        &self,
+        tasks: &[RenderTask],
+        on_step: &mut dyn FnMut(usize, u32) -> bool,
+    ) -> Vec<Result<Rendered, RenderError>> {
+        tasks
+            .iter()
+            .enumerate()
+            .map(|(i, task)| self.render(task, &mut |done| on_step(i, done)))
+            .collect()
+    }
 }

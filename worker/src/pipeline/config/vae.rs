@@ -24,6 +24,9 @@ pub(crate) struct VaeSpec {
     pub(crate) scaling_factor: f64,
     /// Image pixels per latent pixel along each side.
     pub(crate) downscale: usize,
+    /// `force_upcast: true` in the config: the VAE overflows in f16 (SDXL's does), so
+    /// an f16 pipeline keeps it in f32, as diffusers' SDXL pipelines upcast it.
+    pub(crate) force_upcast: bool,
     /// candle's VAE config.
     pub(crate) config: AutoEncoderKLConfig,
 }
@@ -96,6 +99,7 @@ pub(super) fn vae_spec(k: &Keys) -> Result<VaeSpec, PipelineError> {
         scaling_factor,
         // Every block but the last halves the resolution.
         downscale: 1 << (n - 1),
+        force_upcast: k.get::<bool>("force_upcast")?.unwrap_or(false),
         config: AutoEncoderKLConfig {
             block_out_channels: channels,
             layers_per_block: k.or("layers_per_block", 1)?,
@@ -132,6 +136,7 @@ mod tests {
         let sdxl = r#"{"block_out_channels": [128, 256, 512, 512], "force_upcast": true,
             "layers_per_block": 2, "scaling_factor": 0.13025, "shift_factor": null}"#;
         assert_eq!(vae(sdxl)?.scaling_factor, 0.13025);
+        assert!(vae(sdxl)?.force_upcast);
         let playground = sdxl.replace(
             r#""force_upcast": true"#,
             r#""latents_mean": [0.1, 0.2, 0.3, 0.4]"#,

@@ -119,7 +119,6 @@ impl SigmaSchedule {
     }
 
     /// Returns x0 + sigma_start * noise: a clean sample at the noise level of step `start`.
-    #[allow(dead_code, reason = "img2img, added next, is its caller")]
     pub(crate) fn add_noise(
         &self,
         original: &Tensor,

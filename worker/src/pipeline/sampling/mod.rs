@@ -91,12 +91,10 @@ pub(crate) trait Sampler: Send {
     /// # Errors
     ///
     /// When `start` is past the end of the schedule or a tensor operation fails.
-    #[allow(dead_code, reason = "img2img, added next, is its caller")]
     fn add_noise(&self, original: &Tensor, noise: &Tensor, start: usize) -> Result<Tensor>;
 
     /// Returns the first step of an img2img render of `strength` in `[0, 1]`, as diffusers'
     /// `get_timesteps`: `steps - min(int(steps * strength), steps)`.
-    #[allow(dead_code, reason = "img2img, added next, is its caller")]
     fn start_index(&self, strength: f64) -> usize {
         schedule::start_index(self.timesteps().len(), strength)
     }

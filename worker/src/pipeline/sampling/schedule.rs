@@ -142,7 +142,6 @@ pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64
 /// img2img `get_timesteps` (every kiln sampler has order 1 there):
 /// `steps - min(int(steps * strength), steps)`. Strength 1 starts at 0; strength 0
 /// returns `steps` (nothing to denoise).
-#[allow(dead_code, reason = "img2img, added next, is its caller")]
 pub(crate) fn start_index(steps: usize, strength: f64) -> usize {
     let strength = if strength.is_nan() {
         0.0
