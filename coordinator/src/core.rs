@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::CoordinatorConfig;
 use crate::contact_sheet;
 use crate::manifest;
+use crate::results;
 use crate::results::ResultStore;
 use crate::store::Store;
 use crate::store::TaskRecord;
@@ -50,11 +51,17 @@ impl Core {
         }
     }
 
+    /// Returns the result-store folder of a job (see [`results::folder`]).
+    pub async fn folder(&self, job: JobId) -> Result<String, tonic::Status> {
+        let record = self.store.job(job).await?;
+        Ok(results::folder(record.id, record.verify_of))
+    }
+
     /// Writes `<series>/contact-sheet.png` for every series of a finished job:
     /// its completed tasks in order, the anchor first.
     async fn write_contact_sheets(
         &self,
-        job: JobId,
+        folder: &str,
         tasks: &[TaskRecord],
     ) -> Result<(), tonic::Status> {
         let mut names: Vec<&str> = tasks
@@ -73,7 +80,7 @@ impl Core {
                 };
                 let png = self
                     .results
-                    .read_image(job, &t.file_name, &result.object)
+                    .read_image(folder, &t.file_name, &result.object)
                     .await?;
                 tiles.push(contact_sheet::Tile {
                     title: if place.shot == 0 {
@@ -91,7 +98,7 @@ impl Core {
             let sheet = contact_sheet::compose(&tiles)
                 .map_err(|e| tonic::Status::internal(format!("series {name}: {e}")))?;
             self.results
-                .put_artifact(job, &contact_sheet_path(name), sheet)
+                .put_artifact(folder, &contact_sheet_path(name), sheet)
                 .await?;
         }
         Ok(())
@@ -103,22 +110,25 @@ impl Core {
     pub async fn write_manifest(&self, job: JobId) -> Result<(), tonic::Status> {
         let record = self.store.job(job).await?;
         let tasks = self.store.tasks(job).await?;
+        let folder = results::folder(record.id, record.verify_of);
         if record.is_finished() {
             let mut keep = Vec::new();
             for t in &tasks {
                 if let Some(r) = &t.result {
-                    self.results.publish(job, &t.file_name, &r.object).await?;
+                    self.results
+                        .publish(&folder, &t.file_name, &r.object)
+                        .await?;
                     keep.push(r.object.clone());
                 }
             }
-            let removed = self.results.clear_staging(job, &keep).await?;
+            let removed = self.results.clear_staging(&folder, &keep).await?;
             if removed > 0 {
                 tracing::info!(%job, removed, "removed staged uploads that were never accepted");
             }
-            self.write_contact_sheets(job, &tasks).await?;
+            self.write_contact_sheets(&folder, &tasks).await?;
         }
         let lines: Vec<String> = tasks.iter().map(|t| manifest::line(&record, t)).collect();
-        self.results.write_manifest(job, &lines).await?;
+        self.results.write_manifest(&folder, &lines).await?;
         tracing::info!(%job, state = ?record.state, items = lines.len(), "job finished; manifest written");
         Ok(())
     }

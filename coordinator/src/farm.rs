@@ -256,7 +256,8 @@ async fn fetch(
     tx: &Sender<pb::FetchResultsResponse>,
 ) -> Result<(), Status> {
     let job = core.store.job(id).await?;
-    if job.is_finished() && !core.results.has_manifest(id).await? {
+    let folder = crate::results::folder(job.id, job.verify_of);
+    if job.is_finished() && !core.results.has_manifest(&folder).await? {
         core.write_manifest(id).await?;
     }
     let held: HashMap<u32, String> = req.held.into_iter().map(|h| (h.index, h.sha256)).collect();
@@ -270,7 +271,7 @@ async fn fetch(
             Some(r) => {
                 let bytes = core
                     .results
-                    .read_image(id, &task.file_name, &r.object)
+                    .read_image(&folder, &task.file_name, &r.object)
                     .await?;
                 (bytes.to_vec(), r.sha256.clone())
             }
@@ -301,7 +302,7 @@ async fn fetch(
     series.dedup();
     for name in series {
         let path = contact_sheet_path(name);
-        if let Some(data) = core.results.get_artifact(id, &path).await? {
+        if let Some(data) = core.results.get_artifact(&folder, &path).await? {
             let msg = pb::FetchResultsResponse {
                 sha256: kiln_proto::blob::sha256_hex(&data),
                 png: data.to_vec(),

@@ -1,5 +1,7 @@
 //! Where finished images live: an `object_store` bucket (a local directory by
 //! default) laid out as `<job>/<NNNNN>-<slug>.png` plus `<job>/manifest.jsonl`.
+//! A verification job's files go inside the folder of the job it verifies,
+//! as `<job>/.verify/<verification job>/...` (see [`folder`]).
 //!
 //! An upload is first staged under its lease epoch
 //! (`<job>/.staging/<task>-e<epoch>.png`) and only renamed to its final name
@@ -51,14 +53,23 @@ pub struct ResultStore {
     location: String,
 }
 
+/// Returns the folder of a job's files: its id, or for a verification job
+/// `<verified job>/.verify/<its id>`.
+pub fn folder(job: JobId, verify_of: Option<JobId>) -> String {
+    match verify_of {
+        Some(original) => format!("{original}/.verify/{job}"),
+        None => job.to_string(),
+    }
+}
+
 /// Returns the path of a job's manifest.
-fn manifest_path(job: JobId) -> Path {
-    Path::from(format!("{job}/manifest.jsonl"))
+fn manifest_path(folder: &str) -> Path {
+    Path::from(format!("{folder}/manifest.jsonl"))
 }
 
 /// Returns the final path of a job's image.
-pub fn image_path(job: JobId, file_name: &str) -> Path {
-    Path::from(format!("{job}/{file_name}"))
+pub fn image_path(folder: &str, file_name: &str) -> Path {
+    Path::from(format!("{folder}/{file_name}"))
 }
 
 impl ResultStore {
@@ -113,12 +124,12 @@ impl ResultStore {
     /// Stores an upload under its lease epoch and returns its path.
     pub async fn stage(
         &self,
-        job: JobId,
+        folder: &str,
         task: TaskId,
         epoch: Epoch,
         png: Bytes,
     ) -> Result<String, ResultsError> {
-        let path = Path::from(format!("{job}/.staging/{task}-e{epoch}.png"));
+        let path = Path::from(format!("{folder}/.staging/{task}-e{epoch}.png"));
         self.objects
             .put(&path, PutPayload::from(png))
             .await
@@ -140,12 +151,12 @@ impl ResultStore {
     /// publishing again after a crash finds the final object in place.
     pub async fn publish(
         &self,
-        job: JobId,
+        folder: &str,
         file_name: &str,
         source: &str,
     ) -> Result<(), ResultsError> {
         let from = Path::from(source);
-        let to = image_path(job, file_name);
+        let to = image_path(folder, file_name);
         if from == to {
             return Ok(());
         }
@@ -170,11 +181,11 @@ impl ResultStore {
     /// Writes a job-level file that is not an item (a contact sheet) at `<job>/<name>`.
     pub async fn put_artifact(
         &self,
-        job: JobId,
+        folder: &str,
         name: &str,
         data: Vec<u8>,
     ) -> Result<(), ResultsError> {
-        let path = Path::from(format!("{job}/{name}"));
+        let path = Path::from(format!("{folder}/{name}"));
         self.objects
             .put(&path, PutPayload::from(data))
             .await
@@ -185,10 +196,10 @@ impl ResultStore {
     /// Reads a job-level file written by [`ResultStore::put_artifact`]; None if absent.
     pub async fn get_artifact(
         &self,
-        job: JobId,
+        folder: &str,
         name: &str,
     ) -> Result<Option<Bytes>, ResultsError> {
-        let path = Path::from(format!("{job}/{name}"));
+        let path = Path::from(format!("{folder}/{name}"));
         match self.get(&path).await {
             Ok(b) => Ok(Some(b)),
             Err(ResultsError::Object {
@@ -203,17 +214,17 @@ impl ResultStore {
     /// crash came between acceptance and publication (then it is published).
     pub async fn read_image(
         &self,
-        job: JobId,
+        folder: &str,
         file_name: &str,
         staged: &str,
     ) -> Result<Bytes, ResultsError> {
-        let path = image_path(job, file_name);
+        let path = image_path(folder, file_name);
         match self.get(&path).await {
             Err(ResultsError::Object {
                 source: object_store::Error::NotFound { .. },
                 ..
             }) => {
-                self.publish(job, file_name, staged).await?;
+                self.publish(folder, file_name, staged).await?;
                 self.get(&path).await
             }
             other => other,
@@ -231,8 +242,12 @@ impl ResultStore {
 
     /// Deletes every staged upload of a job that is not in `keep`: once a job
     /// has ended, staged objects left by refused or abandoned reports are garbage.
-    pub async fn clear_staging(&self, job: JobId, keep: &[String]) -> Result<usize, ResultsError> {
-        let prefix = Path::from(format!("{job}/.staging"));
+    pub async fn clear_staging(
+        &self,
+        folder: &str,
+        keep: &[String],
+    ) -> Result<usize, ResultsError> {
+        let prefix = Path::from(format!("{folder}/.staging"));
         let listed: Vec<_> = self.objects.list(Some(&prefix)).collect::<Vec<_>>().await;
         let mut removed = 0;
         for meta in listed {
@@ -247,12 +262,12 @@ impl ResultStore {
     }
 
     /// Writes a job's manifest, one JSON line per item, replacing any earlier one.
-    pub async fn write_manifest(&self, job: JobId, lines: &[String]) -> Result<(), ResultsError> {
+    pub async fn write_manifest(&self, folder: &str, lines: &[String]) -> Result<(), ResultsError> {
         let mut text = lines.join("\n");
         if !text.is_empty() {
             text.push('\n');
         }
-        let path = manifest_path(job);
+        let path = manifest_path(folder);
         self.objects
             .put(&path, PutPayload::from(text.into_bytes()))
             .await
@@ -261,8 +276,8 @@ impl ResultStore {
     }
 
     /// Returns true if the job's manifest exists.
-    pub async fn has_manifest(&self, job: JobId) -> Result<bool, ResultsError> {
-        let path = manifest_path(job);
+    pub async fn has_manifest(&self, folder: &str) -> Result<bool, ResultsError> {
+        let path = manifest_path(folder);
         match self.objects.head(&path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -281,20 +296,26 @@ mod tests {
         let store = ResultStore::open(dir.path().to_str().unwrap()).unwrap();
         let (job, task) = (JobId::new(), TaskId::new());
         let staged = store
-            .stage(job, task, Epoch(2), Bytes::from_static(b"png"))
+            .stage(&job.to_string(), task, Epoch(2), Bytes::from_static(b"png"))
             .await
             .unwrap();
         let final_file = dir.path().join(job.to_string()).join("00003-fox.png");
         assert!(!final_file.exists());
-        store.publish(job, "00003-fox.png", &staged).await.unwrap();
+        store
+            .publish(&job.to_string(), "00003-fox.png", &staged)
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&final_file).unwrap(), b"png");
         // Publishing again (a retry after a crash) is harmless.
-        store.publish(job, "00003-fox.png", &staged).await.unwrap();
+        store
+            .publish(&job.to_string(), "00003-fox.png", &staged)
+            .await
+            .unwrap();
         let staged_dir = dir.path().join(job.to_string()).join(".staging");
         assert_eq!(std::fs::read_dir(staged_dir).unwrap().count(), 0);
         assert_eq!(
             store
-                .read_image(job, "00003-fox.png", &staged)
+                .read_image(&job.to_string(), "00003-fox.png", &staged)
                 .await
                 .unwrap(),
             Bytes::from_static(b"png")
@@ -306,12 +327,17 @@ mod tests {
         let store = ResultStore::in_memory();
         let (job, task) = (JobId::new(), TaskId::new());
         let staged = store
-            .stage(job, task, Epoch(1), Bytes::from_static(b"x"))
+            .stage(&job.to_string(), task, Epoch(1), Bytes::from_static(b"x"))
             .await
             .unwrap();
         store.discard(&staged).await.unwrap();
         store.discard(&staged).await.unwrap();
-        assert!(store.read_image(job, "00000-x.png", &staged).await.is_err());
+        assert!(
+            store
+                .read_image(&job.to_string(), "00000-x.png", &staged)
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
@@ -320,16 +346,26 @@ mod tests {
         let store = ResultStore::open(dir.path().to_str().unwrap()).unwrap();
         let job = JobId::new();
         let a = store
-            .stage(job, TaskId::new(), Epoch(1), Bytes::from_static(b"a"))
+            .stage(
+                &job.to_string(),
+                TaskId::new(),
+                Epoch(1),
+                Bytes::from_static(b"a"),
+            )
             .await
             .unwrap();
         store
-            .stage(job, TaskId::new(), Epoch(1), Bytes::from_static(b"b"))
+            .stage(
+                &job.to_string(),
+                TaskId::new(),
+                Epoch(1),
+                Bytes::from_static(b"b"),
+            )
             .await
             .unwrap();
         assert_eq!(
             store
-                .clear_staging(job, std::slice::from_ref(&a))
+                .clear_staging(&job.to_string(), std::slice::from_ref(&a))
                 .await
                 .unwrap(),
             1
@@ -344,12 +380,19 @@ mod tests {
     async fn manifest_round_trip() {
         let store = ResultStore::in_memory();
         let job = JobId::new();
-        assert!(!store.has_manifest(job).await.unwrap());
+        assert!(!store.has_manifest(&job.to_string()).await.unwrap());
         store
-            .write_manifest(job, &["{\"index\":0}".into()])
+            .write_manifest(&job.to_string(), &["{\"index\":0}".into()])
             .await
             .unwrap();
-        assert!(store.has_manifest(job).await.unwrap());
+        assert!(store.has_manifest(&job.to_string()).await.unwrap());
+    }
+
+    #[test]
+    fn verification_files_live_inside_the_verified_job() {
+        let (job, check) = (JobId::new(), JobId::new());
+        assert_eq!(folder(job, None), job.to_string());
+        assert_eq!(folder(check, Some(job)), format!("{job}/.verify/{check}"));
     }
 
     #[test]

@@ -163,9 +163,10 @@ async fn inputs(
             return Ok(Err(format!("its input image {sha} is no longer available")));
         };
         let Some(r) = &source.result else { continue };
+        let folder = core.folder(job).await?;
         let data = core
             .results
-            .read_image(job, &source.file_name, &r.object)
+            .read_image(&folder, &source.file_name, &r.object)
             .await?;
         if sha256_hex(&data) != *sha {
             return Ok(Err(format!(

@@ -102,9 +102,10 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
             _ = self.core.shutdown.cancelled() => Default::default(),
         };
         for d in &claim.deduped {
+            let folder = self.core.folder(d.job).await?;
             self.core
                 .results
-                .publish(d.job, &d.file_name, &d.source)
+                .publish(&folder, &d.file_name, &d.source)
                 .await?;
             tracing::debug!(job = %d.job, task = %d.task, source = %d.source, "served from an earlier result");
         }
@@ -219,12 +220,13 @@ async fn lease_blobs(core: &Core, lease: &Lease) -> Result<Vec<pb::Blob>, Status
         .filter(|r| !found.iter().any(|(sha, _)| sha == *r))
         .collect();
     if !missing.is_empty() {
+        let folder = core.folder(lease.job).await?;
         for t in core.store.tasks(lease.job).await? {
             let Some(result) = &t.result else { continue };
             if missing.contains(&&result.sha256) {
                 let png = core
                     .results
-                    .read_image(lease.job, &t.file_name, &result.object)
+                    .read_image(&folder, &t.file_name, &result.object)
                     .await?;
                 found.push((result.sha256.clone(), png));
             }
@@ -271,9 +273,10 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
     }
     let timings = req.timings.unwrap_or_default();
     let size = req.png.len() as u64;
+    let folder = core.folder(task.job).await?;
     let staged = core
         .results
-        .stage(task.job, task_id, epoch, Bytes::from(req.png))
+        .stage(&folder, task_id, epoch, Bytes::from(req.png))
         .await?;
     let result = TaskResult {
         object: staged.clone(),
@@ -288,7 +291,7 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
     match core.store.complete(&worker, task_id, epoch, result).await {
         Ok(CompleteOutcome::Accepted { job_finished }) => {
             core.results
-                .publish(task.job, &task.file_name, &staged)
+                .publish(&folder, &task.file_name, &staged)
                 .await?;
             tracing::debug!(worker = %worker, job = %task.job, index = task.index, epoch = %epoch, "completed");
             if let Some(job) = job_finished {

@@ -1272,7 +1272,7 @@ impl Store for MemoryStore {
             && job.dedupe
         {
             let mut remembered = result.clone();
-            remembered.object = crate::results::image_path(job_id, &file).to_string();
+            remembered.object = crate::results::image_path(&job_id.to_string(), &file).to_string();
             st.results
                 .entry(job.record.project.clone())
                 .or_default()
