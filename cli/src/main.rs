@@ -18,7 +18,8 @@ use kiln_worker::pipeline::TinyKind;
 
 use crate::client::Farm;
 use crate::commands::{
-    bench, control, fetch, inspect, list, model, prompt, pull, render, submit, verify, watch,
+    bench, bench_pipeline, control, fetch, inspect, list, model, prompt, pull, render, submit,
+    verify, watch,
 };
 
 /// The job ended with items that produced no image.
@@ -182,6 +183,37 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// Time one guided UNet step and one VAE decode on the CPU (medians after a warm-up),
+    /// with peak memory.
+    Pipeline {
+        /// The model folder; default: the tiny SD 1.5 model, written to a temporary folder.
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
+        /// Image side in pixels (a multiple of 8).
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        /// Timed UNet steps (0 skips them).
+        #[arg(long, default_value_t = 5)]
+        steps: u32,
+        /// Timed VAE decodes (0 skips them).
+        #[arg(long, default_value_t = 3)]
+        decodes: u32,
+        /// Guidance scale: above 1 runs the UNet on a batch of two, as txt2img does.
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f64,
+        /// Also print where the time goes: wall time per candle tracing span.
+        #[arg(long)]
+        profile: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an SD-1.5-shaped model with random weights (about 4.3 GB) for `bench pipeline`.
+    Sd15Model {
+        /// The folder to write (outside the repository: it is large).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The scheduling policy at scale: sim workers holding one model at a time.
     Schedule {
         /// Sim workers.
@@ -398,6 +430,36 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 },
         } => bench::dispatch(workers, tasks, store.as_deref(), json)
             .await
+            .map(|()| true),
+        Command::Bench {
+            command:
+                BenchCommand::Pipeline {
+                    model,
+                    size,
+                    steps,
+                    decodes,
+                    guidance,
+                    profile,
+                    json,
+                },
+        } => {
+            let options = bench_pipeline::PipelineOptions {
+                model,
+                size,
+                steps,
+                decodes,
+                guidance,
+                profile,
+                json,
+            };
+            tokio::task::spawn_blocking(move || bench_pipeline::pipeline(&options))
+                .await?
+                .map(|()| true)
+        }
+        Command::Bench {
+            command: BenchCommand::Sd15Model { out },
+        } => tokio::task::spawn_blocking(move || bench_pipeline::sd15_model(&out))
+            .await?
             .map(|()| true),
         Command::Prompt { text, model, json } => {
             prompt::run(&text, model.as_deref(), json).map(|()| true)

@@ -1,6 +1,7 @@
 //! One module per `kiln` subcommand.
 
 pub mod bench;
+pub mod bench_pipeline;
 pub mod control;
 pub mod fetch;
 pub mod inspect;

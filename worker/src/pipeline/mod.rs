@@ -34,8 +34,10 @@
 //! samplers), `precision`, `hash`, and `tiny`, `tiny_configs` and
 //! `tiny_tokenizer` (the test models).
 
+pub mod bench;
 mod clip;
 mod config;
+mod conv;
 mod error;
 mod hash;
 mod images;
@@ -53,6 +55,7 @@ mod tiny_tokenizer;
 mod unet;
 mod unet_blocks;
 mod vae;
+mod vae_blocks;
 mod weights;
 
 #[cfg(test)]
@@ -291,7 +294,6 @@ impl Pipeline {
     /// guidance branches (rows ordered negative, prompt), SDXL's added conditioning,
     /// and for an inpainting UNet a mask of ones (repaint everything) with zero
     /// masked-image latents.
-    #[cfg(test)]
     fn conditioning(
         &self,
         prompt: &str,

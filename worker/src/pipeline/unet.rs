@@ -7,10 +7,11 @@
 //! ignored. Its down and up blocks also build their ResNets with 32 norm groups
 //! whatever `norm_num_groups` says. So kiln owns the top level and the
 //! down/up blocks (a few dozen lines each, following diffusers'
-//! `unet_2d_condition.py` and `unet_2d_blocks.py`) and reuses candle's heavy
-//! parts unchanged: `ResnetBlock2D`, `SpatialTransformer` (the attention),
-//! `UNetMidBlock2DCrossAttn`, `Timesteps` and `TimestepEmbedding`. Tensor names
-//! are diffusers'.
+//! `unet_2d_condition.py` and `unet_2d_blocks.py`), the ResNet and mid blocks
+//! (`unet_blocks`) and every convolution (`conv`: candle's CPU convolution
+//! re-lays its weights out on every call), and reuses candle's
+//! `SpatialTransformer` (the attention), `Timesteps` and `TimestepEmbedding`
+//! unchanged. Tensor names are diffusers'.
 //!
 //! Inputs beyond the noisy latents travel in a [`Conditioning`]: the text
 //! states for cross-attention, SDXL's added conditioning, and for inpainting
@@ -18,12 +19,13 @@
 //! concatenated to the latents, as diffusers' inpainting pipelines do.
 
 use candle_core::{D, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::attention::{
     SpatialTransformer, SpatialTransformerConfig,
 };
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
+use super::conv::{self, Conv2d};
 use super::unet_blocks::{MidAttention, MidBlock, Norm, ResnetBlock, per_group};
 
 /// Cross-attention of one block: heads and transformer layers per attention.
@@ -175,7 +177,7 @@ fn conv3(vb: VarBuilder, from: usize, to: usize) -> candle_core::Result<Conv2d> 
         padding: 1,
         ..Default::default()
     };
-    candle_nn::conv2d(from, to, 3, cfg, vb)
+    conv::conv2d(from, to, 3, cfg, vb)
 }
 
 impl Unet {
@@ -194,7 +196,7 @@ impl Unet {
             eps: c.norm_eps,
         };
         let resnet = |vb: VarBuilder, from: usize, to: usize| {
-            ResnetBlock::new(vb, from, to, temb, norm, 1.0)
+            ResnetBlock::new(vb, from, to, Some(temb), norm, 1.0)
         };
         let attention = |vb: VarBuilder, channels: usize, a: CrossAttention| {
             SpatialTransformer::new(
@@ -244,7 +246,7 @@ impl Unet {
                     padding: c.downsample_padding,
                     ..Default::default()
                 };
-                let conv = candle_nn::conv2d(
+                let conv = conv::conv2d(
                     block.channels,
                     block.channels,
                     3,
@@ -453,7 +455,7 @@ impl Unet {
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                xs = resnet.forward(&xs, &emb, group)?;
+                xs = resnet.forward(&xs, Some(&emb), group)?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward(&xs, Some(context))?;
                 }
@@ -477,7 +479,7 @@ impl Unet {
                     candle_core::Error::Msg("the UNet ran out of skip connections".into())
                 })?;
                 xs = Tensor::cat(&[&xs, &skip], 1)?;
-                xs = resnet.forward(&xs, &emb, group)?;
+                xs = resnet.forward(&xs, Some(&emb), group)?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward(&xs, Some(context))?;
                 }

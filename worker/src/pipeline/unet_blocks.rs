@@ -19,10 +19,12 @@
 //! tensor names are diffusers'.
 
 use candle_core::{D, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use candle_transformers::models::stable_diffusion::attention::{
     SpatialTransformer, SpatialTransformerConfig,
 };
+
+use super::conv::{self, Conv2d};
 
 /// Group norm settings shared by a UNet's blocks.
 #[derive(Clone, Copy, Debug)]
@@ -55,13 +57,14 @@ pub(crate) fn per_group(
     Tensor::cat(&parts, 0)
 }
 
-/// A ResNet block with time conditioning (diffusers' `ResnetBlock2D`).
+/// A ResNet block, with time conditioning in the UNet and without in the VAE
+/// (diffusers' `ResnetBlock2D`).
 #[derive(Debug)]
 pub(crate) struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
-    /// Projects the time embedding to this block's channels.
-    time_emb_proj: Linear,
+    /// Projects the time embedding to this block's channels (none in the VAE).
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     /// A 1×1 convolution when the block changes the channel count.
@@ -77,16 +80,19 @@ impl ResnetBlock {
         vb: VarBuilder,
         in_channels: usize,
         out_channels: usize,
-        temb_channels: usize,
+        temb_channels: Option<usize>,
         norm: Norm,
         output_scale_factor: f64,
     ) -> candle_core::Result<Self> {
+        let time_emb_proj = temb_channels
+            .map(|t| candle_nn::linear(t, out_channels, vb.pp("time_emb_proj")))
+            .transpose()?;
         let conv3 = Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
         let conv_shortcut = if in_channels != out_channels {
-            Some(candle_nn::conv2d(
+            Some(conv::conv2d(
                 in_channels,
                 out_channels,
                 1,
@@ -98,10 +104,10 @@ impl ResnetBlock {
         };
         Ok(Self {
             norm1: candle_nn::group_norm(norm.groups, in_channels, norm.eps, vb.pp("norm1"))?,
-            conv1: candle_nn::conv2d(in_channels, out_channels, 3, conv3, vb.pp("conv1"))?,
-            time_emb_proj: candle_nn::linear(temb_channels, out_channels, vb.pp("time_emb_proj"))?,
+            conv1: conv::conv2d(in_channels, out_channels, 3, conv3, vb.pp("conv1"))?,
+            time_emb_proj,
             norm2: candle_nn::group_norm(norm.groups, out_channels, norm.eps, vb.pp("norm2"))?,
-            conv2: candle_nn::conv2d(out_channels, out_channels, 3, conv3, vb.pp("conv2"))?,
+            conv2: conv::conv2d(out_channels, out_channels, 3, conv3, vb.pp("conv2"))?,
             conv_shortcut,
             output_scale_factor,
             span: tracing::debug_span!("resnet"),
@@ -109,11 +115,12 @@ impl ResnetBlock {
     }
 
     /// Runs the block on `xs` `[batch, c, h, w]` with the time embedding `temb`
-    /// `[batch, temb]`, projecting `temb` one task of `group` rows at a time.
+    /// `[batch, temb]` (when the block has a projection), projecting `temb` one
+    /// task of `group` rows at a time.
     pub(crate) fn forward(
         &self,
         xs: &Tensor,
-        temb: &Tensor,
+        temb: Option<&Tensor>,
         group: usize,
     ) -> candle_core::Result<Tensor> {
         let _entered = self.span.enter();
@@ -123,13 +130,27 @@ impl ResnetBlock {
         };
         let h = self.norm1.forward(xs)?;
         let h = self.conv1.forward(&candle_nn::ops::silu(&h)?)?;
-        let t = per_group(&candle_nn::ops::silu(temb)?, group, |rows| {
-            self.time_emb_proj.forward(rows)
-        })?;
-        let h = t
-            .unsqueeze(D::Minus1)?
-            .unsqueeze(D::Minus1)?
-            .broadcast_add(&h)?;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let t = per_group(&candle_nn::ops::silu(temb)?, group, |rows| {
+                    proj.forward(rows)
+                })?;
+                t.unsqueeze(D::Minus1)?
+                    .unsqueeze(D::Minus1)?
+                    .broadcast_add(&h)?
+            }
+            (None, None) => h,
+            (Some(_), None) => {
+                return Err(candle_core::Error::Msg(
+                    "this ResNet block needs a time embedding".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(candle_core::Error::Msg(
+                    "this ResNet block takes no time embedding".into(),
+                ));
+            }
+        };
         let h = self
             .conv2
             .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
@@ -177,7 +198,7 @@ impl MidBlock {
                 vb.pp("resnets").pp(j),
                 channels,
                 channels,
-                temb_channels,
+                Some(temb_channels),
                 norm,
                 output_scale_factor,
             )
@@ -211,8 +232,8 @@ impl MidBlock {
         context: &Tensor,
         group: usize,
     ) -> candle_core::Result<Tensor> {
-        let xs = self.first.forward(xs, temb, group)?;
+        let xs = self.first.forward(xs, Some(temb), group)?;
         let xs = self.attention.forward(&xs, Some(context))?;
-        self.second.forward(&xs, temb, group)
+        self.second.forward(&xs, Some(temb), group)
     }
 }

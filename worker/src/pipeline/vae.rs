@@ -4,9 +4,9 @@
 //! candle's `AutoEncoderKL::encode` returns a `DiagonalGaussianDistribution`
 //! whose mean is private and whose only use is `sample()`, which draws from the
 //! device generator (unseedable on the CPU): an img2img render through it could
-//! never reproduce. kiln therefore assembles the same network from candle's
-//! public blocks (`DownEncoderBlock2D`, `UNetMidBlock2D`, `UpDecoderBlock2D`),
-//! operation for operation as `AutoEncoderKL` does, and [`Vae::encode`] returns
+//! never reproduce. kiln therefore assembles the same network from its own
+//! blocks (`vae_blocks`, candle's on kiln's convolution), operation for
+//! operation as `AutoEncoderKL` does, and [`Vae::encode`] returns
 //! the mean, as diffusers' `retrieve_latents(.., sample_mode="argmax")` does.
 //! Tensor names are diffusers'.
 //!
@@ -17,13 +17,14 @@
 //! The pipeline encodes and decodes image by image.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
-    UpDecoderBlock2D, UpDecoderBlock2DConfig,
+    DownEncoderBlock2DConfig, UNetMidBlock2DConfig, UpDecoderBlock2DConfig,
 };
 
 use super::config::VaeSpec;
+use super::conv::{self, Conv2d};
+use super::vae_blocks::{DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D};
 
 /// The epsilon of every group norm in SD's VAE (fixed in diffusers' `Encoder`/`Decoder`).
 const EPS: f64 = 1e-6;
@@ -69,7 +70,7 @@ fn conv3(vb: VarBuilder, from: usize, to: usize) -> candle_core::Result<Conv2d> 
         padding: 1,
         ..Default::default()
     };
-    candle_nn::conv2d(from, to, 3, cfg, vb)
+    conv::conv2d(from, to, 3, cfg, vb)
 }
 
 /// The mid block's config: one ResNet-attention-ResNet, one head.
@@ -157,7 +158,7 @@ impl Vae {
         };
 
         let conv1 = |vb: VarBuilder, channels: usize| {
-            candle_nn::conv2d(channels, channels, 1, Conv2dConfig::default(), vb)
+            conv::conv2d(channels, channels, 1, Conv2dConfig::default(), vb)
         };
         Ok(Self {
             encoder,

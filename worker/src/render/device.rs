@@ -9,7 +9,7 @@ use crate::pipeline::Precision;
 /// Returns the determinism class of this machine's candle backend and the
 /// precision: bytes are only promised equal within one class (CPU kernels
 /// differ by instruction set, f16 rounds differently from f32), e.g.
-/// `candle/cpu-x86_64+avx512f+avx2+fma/f16/pipeline-2`.
+/// `candle/cpu-x86_64+avx512f+avx2+fma/f16/pipeline-3`.
 pub fn determinism_class(device: &Device, precision: Precision) -> String {
     let backend = match device {
         Device::Cpu => {

@@ -1,0 +1,357 @@
+//! kiln's 2-D convolution: on the CPU, weights laid out once and an NCHW im2col
+//! feeding one matrix product per image.
+//!
+//! Convolutions are the largest share of a UNet step on the CPU (half of an
+//! SD-1.5 step at 256 px, most of a VAE decode; `kiln bench pipeline
+//! --profile`). candle 0.11's CPU convolution redoes work on every call: it
+//! copies the input to NHWC and reshuffles the weight to `[c_out, kh·kw·c_in]`
+//! on one thread, builds im2col tiles of 512 pixels with a scattered
+//! per-element loop, runs a small matrix product per tile, and scatters the
+//! result back to NCHW. [`Conv2d`] instead packs the weight once at load, as
+//! `[c_out, c_in·kh·kw + 1]` with the bias as the last column; per call it
+//! builds the im2col matrix of each image straight from NCHW (for stride 1 each
+//! row is a shifted copy of an input row, so the loops are `memcpy`s, run in
+//! parallel over channels), appends a row of ones for the bias, and lets one
+//! matrix product per image write the output in NCHW order. Nothing is copied
+//! back, and the bias costs no extra pass. 1×1 convolutions are a plain
+//! matrix product on the input.
+//!
+//! The result is the same convolution with the products summed in a different
+//! order, so outputs differ from candle's in the last bits (about 1e-6
+//! relative); like candle's, they do not depend on the thread count. Devices
+//! other than the CPU, and dtypes other than f32, use candle's convolution.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use rayon::prelude::*;
+
+/// Bytes of one image's im2col matrix above which the output is computed in bands
+/// of rows: 16 MiB. glibc serves allocations below its largest mmap threshold
+/// (32 MiB) from the heap, which reuses freed memory; larger ones are fresh
+/// mappings that page-fault and are zeroed by the kernel on first touch. Bands
+/// also bound memory: a 512 px VAE's last 3×3 convolutions would need 2.4 GB
+/// matrices unbanded. The band height depends only on the shapes, so results do
+/// not depend on the thread count or the batch.
+const BAND_BYTES: usize = 16 << 20;
+
+/// A 2-D convolution (groups 1, dilation 1) with diffusers' `weight`/`bias` names.
+#[derive(Debug)]
+pub(crate) struct Conv2d {
+    /// The weights, as the forward pass uses them.
+    weights: Weights,
+    /// Kernel side.
+    kernel: usize,
+    /// Stride and padding (the same along both axes).
+    stride: usize,
+    padding: usize,
+    /// Largest im2col matrix per image, in bytes; taller outputs are computed in bands.
+    band_bytes: usize,
+    /// `conv2d`, as candle's traced convolution names its span.
+    span: tracing::Span,
+}
+
+/// A convolution's weights: packed for the CPU path, or candle's module elsewhere.
+///
+/// Only one form is kept: holding both would double the memory of every
+/// convolution (about 2 GB for an SD-1.5 UNet).
+#[derive(Debug)]
+enum Weights {
+    /// CPU, f32, k×k: `[c_out, c_in·k·k + 1]`, the weight rows then the bias, contiguous.
+    Im2Col(Tensor),
+    /// CPU, f32, 1×1, stride 1, no padding: `[c_out, c_in]` and the bias as `[1, c_out, 1]`.
+    Pointwise(Tensor, Option<Tensor>),
+    /// Any other device or dtype: candle's convolution.
+    Candle(candle_nn::Conv2d),
+}
+
+/// Loads a `kernel`×`kernel` convolution from `vb` (`weight`, `bias`).
+pub(crate) fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    Conv2d::from_candle(candle_nn::conv2d(
+        in_channels,
+        out_channels,
+        kernel,
+        cfg,
+        vb,
+    )?)
+}
+
+impl Conv2d {
+    /// Wraps candle's module: packs its weight when it lives on the CPU in f32 (and
+    /// drops candle's copy), else keeps the module for candle's convolution.
+    fn from_candle(inner: candle_nn::Conv2d) -> candle_core::Result<Self> {
+        let cfg = *inner.config();
+        if cfg.groups != 1 || cfg.dilation != 1 {
+            return Err(candle_core::Error::Msg(
+                "kiln's conv2d supports groups = 1 and dilation = 1 only".into(),
+            ));
+        }
+        let weight = inner.weight();
+        let (c_out, c_in, kernel, kernel_w) = weight.dims4()?;
+        if kernel != kernel_w {
+            return Err(candle_core::Error::Msg(format!(
+                "kiln's conv2d needs a square kernel, got {kernel}x{kernel_w}"
+            )));
+        }
+        let weights = if !weight.device().is_cpu() || weight.dtype() != DType::F32 {
+            Weights::Candle(inner)
+        } else if kernel == 1 && cfg.stride == 1 && cfg.padding == 0 {
+            let rows = weight.reshape((c_out, c_in))?.contiguous()?;
+            let bias = inner.bias().map(|b| b.reshape((1, (), 1))).transpose()?;
+            Weights::Pointwise(rows, bias)
+        } else {
+            let rows = weight.reshape((c_out, c_in * kernel * kernel))?;
+            let bias = match inner.bias() {
+                Some(b) => b.reshape((c_out, 1))?,
+                None => Tensor::zeros((c_out, 1), DType::F32, weight.device())?,
+            };
+            Weights::Im2Col(Tensor::cat(&[&rows, &bias], 1)?.contiguous()?)
+        };
+        Ok(Conv2d {
+            weights,
+            kernel,
+            stride: cfg.stride,
+            padding: cfg.padding,
+            band_bytes: BAND_BYTES,
+            span: tracing::trace_span!("conv2d"),
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let _entered = self.span.enter();
+        let (batch, channels, height, width) = xs.dims4()?;
+        match &self.weights {
+            Weights::Candle(conv) => conv.forward(xs),
+            Weights::Pointwise(rows, bias) => {
+                let flat = xs.reshape((batch, channels, height * width))?;
+                let out = rows.broadcast_left(batch)?.matmul(&flat)?;
+                let out = match bias {
+                    Some(bias) => out.broadcast_add(bias)?,
+                    None => out,
+                };
+                out.reshape((batch, (), height, width))
+            }
+            Weights::Im2Col(packed) => {
+                let (out_h, out_w) = self.out_size(height, width)?;
+                let xs = xs.contiguous()?;
+                let rows = packed.dim(1)?;
+                // Output rows per band: the band's im2col matrix stays under BAND_BYTES.
+                let per_row = rows * out_w * std::mem::size_of::<f32>();
+                let band = (self.band_bytes / per_row.max(1)).clamp(1, out_h.max(1));
+                let lhs = packed.broadcast_left(batch)?;
+                let mut outputs = Vec::with_capacity(out_h.div_ceil(band));
+                for first in (0..out_h).step_by(band) {
+                    let op = Im2Col {
+                        kernel: self.kernel,
+                        stride: self.stride,
+                        padding: self.padding,
+                        out_rows: first..(first + band).min(out_h),
+                    };
+                    outputs.push(lhs.matmul(&xs.apply_op1_no_bwd(&op)?)?);
+                }
+                let out = match outputs.len() {
+                    1 => outputs.swap_remove(0),
+                    _ => Tensor::cat(&outputs, 2)?,
+                };
+                out.reshape((batch, (), out_h, out_w))
+            }
+        }
+    }
+}
+
+/// NCHW `[b, c, h, w]` → `[b, c·k·k + 1, rows·out_w]` for a band of output rows: row
+/// `(ci·k + kh)·k + kw` holds input channel `ci` shifted by `(kh, kw)` (zeros where
+/// that falls in the padding); the last row is ones, for the bias.
+struct Im2Col {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    /// The output rows of the band.
+    out_rows: std::ops::Range<usize>,
+}
+
+impl Conv2d {
+    /// Returns the output height and width for an input of `h`×`w`.
+    fn out_size(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
+        let side = |n: usize| {
+            (n + 2 * self.padding)
+                .checked_sub(self.kernel)
+                .map(|span| span / self.stride + 1)
+        };
+        match (side(h), side(w), self.stride) {
+            (Some(oh), Some(ow), s) if s > 0 => Ok((oh, ow)),
+            _ => Err(candle_core::Error::Msg(format!(
+                "conv2d: a {h}x{w} input is smaller than the {k}x{k} kernel",
+                k = self.kernel
+            ))),
+        }
+    }
+}
+
+impl Im2Col {
+    /// Fills the `k·k` rows of one input channel (`plane`, `h`×`w`) into `block`.
+    fn channel(&self, plane: &[f32], (h, w): (usize, usize), block: &mut [f32], out_w: usize) {
+        let out_h = self.out_rows.len();
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        for (offset, row) in block.chunks_exact_mut(out_h * out_w).enumerate() {
+            let (kh, kw) = (offset / k, offset % k);
+            // Output columns whose input column `ox·s + kw − p` lies in [0, w).
+            let first = p.saturating_sub(kw).div_ceil(s);
+            let end = if w + p > kw {
+                (w + p - kw).div_ceil(s).min(out_w)
+            } else {
+                0
+            };
+            for (oy, dst) in self.out_rows.clone().zip(row.chunks_exact_mut(out_w)) {
+                let iy = oy * s + kh;
+                if iy < p || iy - p >= h || first >= end {
+                    continue; // Padding row: stays zero.
+                }
+                let src = &plane[(iy - p) * w..][..w];
+                let ix0 = first * s + kw - p;
+                if s == 1 {
+                    dst[first..end].copy_from_slice(&src[ix0..ix0 + (end - first)]);
+                } else {
+                    for (d, x) in dst[first..end].iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                        *d = *x;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "kiln-im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            return Err(candle_core::Error::Msg(
+                "kiln-im2col: f32 input expected".into(),
+            ));
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(candle_core::Error::Msg(
+                "kiln-im2col: contiguous input expected".into(),
+            ));
+        };
+        let (batch, channels, h, w) = layout.shape().dims4()?;
+        let input = &data[start..end];
+        let k = self.kernel;
+        let Some(span) = (w + 2 * self.padding).checked_sub(k) else {
+            return Err(candle_core::Error::Msg(
+                "kiln-im2col: the input is narrower than the kernel".into(),
+            ));
+        };
+        let out_w = span / self.stride + 1;
+        let pixels = self.out_rows.len() * out_w;
+        let rows = channels * k * k + 1;
+        let mut columns = vec![0f32; batch * rows * pixels];
+        columns
+            .par_chunks_mut(rows * pixels)
+            .zip(input.par_chunks(channels * h * w))
+            .for_each(|(image, planes)| {
+                let (body, ones) = image.split_at_mut(rows * pixels - pixels);
+                ones.fill(1.0);
+                body.par_chunks_mut(k * k * pixels)
+                    .zip(planes.par_chunks(h * w))
+                    .for_each(|(block, plane)| self.channel(plane, (h, w), block, out_w));
+            });
+        Ok((CpuStorage::F32(columns), Shape::from((batch, rows, pixels))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{Device, IndexOp};
+
+    use super::*;
+
+    /// Checks kiln's convolution against candle's for one configuration.
+    fn check(
+        (c_in, c_out): (usize, usize),
+        (kernel, stride, padding): (usize, usize, usize),
+        (h, w): (usize, usize),
+        bias: bool,
+    ) -> candle_core::Result<()> {
+        let cpu = &Device::Cpu;
+        let mut tensors = HashMap::new();
+        tensors.insert(
+            "weight".to_string(),
+            Tensor::randn(0f32, 0.2, (c_out, c_in, kernel, kernel), cpu)?,
+        );
+        if bias {
+            tensors.insert("bias".to_string(), Tensor::randn(0f32, 1., c_out, cpu)?);
+        }
+        let cfg = Conv2dConfig {
+            stride,
+            padding,
+            ..Default::default()
+        };
+        let reference_conv =
+            candle_nn::Conv2d::new(tensors["weight"].clone(), tensors.get("bias").cloned(), cfg);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, cpu);
+        let mut conv = if bias {
+            conv2d(c_in, c_out, kernel, cfg, vb)?
+        } else {
+            Conv2d::from_candle(candle_nn::conv2d_no_bias(c_in, c_out, kernel, cfg, vb)?)?
+        };
+        let xs = Tensor::randn(0f32, 1., (2, c_in, h, w), cpu)?;
+        let reference = reference_conv.forward(&xs)?;
+        let got = conv.forward(&xs)?;
+        assert_eq!(got.dims(), reference.dims());
+        let diff = (&got - &reference)?.abs()?.flatten_all()?.max(0)?;
+        let scale = reference.abs()?.flatten_all()?.max(0)?;
+        let relative = (diff.to_scalar::<f32>()? / scale.to_scalar::<f32>()?.max(1e-12)) as f64;
+        let what = format!("{c_in}->{c_out} k{kernel} s{stride} p{padding} {h}x{w}");
+        assert!(relative < 1e-5, "{what}: relative difference {relative}");
+        // Computed one output row at a time, the output is as close.
+        conv.band_bytes = 1;
+        let banded = conv.forward(&xs)?;
+        let diff = (&banded - &reference)?.abs()?.flatten_all()?.max(0)?;
+        let relative = (diff.to_scalar::<f32>()? / scale.to_scalar::<f32>()?.max(1e-12)) as f64;
+        assert!(
+            relative < 1e-5,
+            "{what} in bands: relative difference {relative}"
+        );
+        conv.band_bytes = BAND_BYTES;
+        // A strided view of the same values gives the same bytes.
+        let view = xs.transpose(2, 3)?.contiguous()?.transpose(2, 3)?;
+        let values = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+        assert!(
+            values(conv.forward(&view)?)? == values(got.clone())?,
+            "{what}"
+        );
+        // The second image alone gives the second image's output.
+        let one = conv.forward(&xs.i(1..2)?)?;
+        assert!(values(one)? == values(got.i(1..2)?)?, "{what}");
+        Ok(())
+    }
+
+    #[test]
+    fn matches_candles_convolution() -> candle_core::Result<()> {
+        check((4, 8), (3, 1, 1), (9, 7), true)?;
+        check((8, 8), (3, 2, 1), (9, 7), true)?;
+        check((8, 8), (3, 2, 0), (8, 8), true)?;
+        check((6, 5), (1, 1, 0), (5, 3), true)?;
+        check((6, 5), (1, 1, 0), (5, 3), false)?;
+        check((6, 5), (3, 1, 1), (1, 1), false)?;
+        check((3, 4), (3, 1, 0), (5, 6), true)?;
+        Ok(())
+    }
+}
