@@ -214,7 +214,7 @@ fn random_weights(
 /// candle's `AttentionBlock` asks for `to_q`/`to_k`/`to_v`/`to_out.0` when the
 /// weights contain `to_q.weight` and for `query`/`key`/`value`/`proj_attn`
 /// otherwise, so a fresh VarMap gets the legacy names.
-fn diffusers_name(name: &str) -> String {
+pub(crate) fn diffusers_name(name: &str) -> String {
     name.split('.')
         .map(|segment| match segment {
             "query" => "to_q",

@@ -53,6 +53,15 @@ fn resnets(
         .collect()
 }
 
+/// Runs `xs` through `resnets` in order.
+fn through(resnets: &[ResnetBlock], xs: &Tensor) -> candle_core::Result<Tensor> {
+    let mut xs = xs.clone();
+    for resnet in resnets {
+        xs = resnet.forward(&xs, None, 1)?;
+    }
+    Ok(xs)
+}
+
 /// diffusers' `DownEncoderBlock2D`: ResNets, then a stride-2 convolution.
 #[derive(Debug)]
 pub(crate) struct DownEncoderBlock2D {
@@ -105,10 +114,7 @@ impl DownEncoderBlock2D {
 impl Module for DownEncoderBlock2D {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let _entered = self.span.enter();
-        let mut xs = xs.clone();
-        for resnet in &self.resnets {
-            xs = resnet.forward(&xs, None, 1)?;
-        }
+        let xs = through(&self.resnets, xs)?;
         match &self.downsampler {
             Some((conv, true)) => conv.forward(
                 &xs.pad_with_zeros(D::Minus1, 0, 1)?
@@ -164,10 +170,7 @@ impl UpDecoderBlock2D {
 impl Module for UpDecoderBlock2D {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let _entered = self.span.enter();
-        let mut xs = xs.clone();
-        for resnet in &self.resnets {
-            xs = resnet.forward(&xs, None, 1)?;
-        }
+        let xs = through(&self.resnets, xs)?;
         match &self.upsampler {
             Some(conv) => {
                 let (_, _, h, w) = xs.dims4()?;

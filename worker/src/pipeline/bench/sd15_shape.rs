@@ -36,6 +36,7 @@ use crate::pipeline::config;
 use crate::pipeline::error::PipelineError;
 use crate::pipeline::layout::{self, TEXT_1};
 use crate::pipeline::noise::philox4x32_10;
+use crate::pipeline::tiny::diffusers_name;
 use crate::pipeline::unet::Unet;
 use crate::pipeline::write_tiny_model;
 
@@ -208,21 +209,6 @@ fn parameter_shapes(
         .into_iter()
         .map(|(name, dims)| (diffusers_name(&name), dims))
         .collect())
-}
-
-/// Renames candle's legacy VAE attention parameters to the names diffusers saves
-/// (as the tiny writer does).
-fn diffusers_name(name: &str) -> String {
-    name.split('.')
-        .map(|segment| match segment {
-            "query" => "to_q",
-            "key" => "to_k",
-            "value" => "to_v",
-            "proj_attn" => "to_out.0",
-            other => other,
-        })
-        .collect::<Vec<_>>()
-        .join(".")
 }
 
 /// One parameter whose bytes are generated when the safetensors writer asks for them.
