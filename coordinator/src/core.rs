@@ -1,7 +1,8 @@
 //! What every request handler shares: the store, the result store, the
 //! configuration, and the steps that follow a job's end.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use kiln_proto::ids::JobId;
 use tokio::time::Instant;
@@ -28,7 +29,13 @@ pub struct Core {
     /// Cancelled when the coordinator shuts down: long polls and watch
     /// streams end then instead of holding the server open.
     pub shutdown: CancellationToken,
+    /// Result-store folders of recent jobs: a job's folder never changes, and
+    /// every completion needs it, so it is read from the store once.
+    folders: Mutex<HashMap<JobId, String>>,
 }
+
+/// Jobs whose folder [`Core`] remembers; the memory starts over when full.
+const REMEMBERED_FOLDERS: usize = 4096;
 
 impl Core {
     /// Returns a core over the given stores.
@@ -39,6 +46,7 @@ impl Core {
             config,
             started: Instant::now(),
             shutdown: CancellationToken::new(),
+            folders: Mutex::new(HashMap::new()),
         }
     }
 
@@ -53,8 +61,18 @@ impl Core {
 
     /// Returns the result-store folder of a job (see [`results::folder`]).
     pub async fn folder(&self, job: JobId) -> Result<String, tonic::Status> {
+        if let Some(folder) = self.folders.lock().ok().and_then(|f| f.get(&job).cloned()) {
+            return Ok(folder);
+        }
         let record = self.store.job(job).await?;
-        Ok(results::folder(record.id, record.verify_of))
+        let folder = results::folder(record.id, record.verify_of);
+        if let Ok(mut folders) = self.folders.lock() {
+            if folders.len() >= REMEMBERED_FOLDERS {
+                folders.clear();
+            }
+            folders.insert(job, folder.clone());
+        }
+        Ok(folder)
     }
 
     /// Writes `<series>/contact-sheet.png` for every series of a finished job:
