@@ -27,6 +27,8 @@ pub struct EmbeddedFarm {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     workers: Vec<JoinHandle<Result<kiln_worker::agent::Summary, kiln_worker::agent::AgentError>>>,
     shutdown: Shutdown,
+    /// Tasks each worker added from now on leases and runs at once.
+    pub slots: u32,
 }
 
 impl EmbeddedFarm {
@@ -77,6 +79,7 @@ impl EmbeddedFarm {
             server,
             workers: Vec::new(),
             shutdown: Shutdown::default(),
+            slots: 1,
         })
     }
 
@@ -94,7 +97,7 @@ impl EmbeddedFarm {
                 renderer,
                 AgentConfig {
                     worker_id: WorkerId(format!("local-{}", first + i)),
-                    slots: 1,
+                    slots: self.slots,
                     labels: Default::default(),
                     lease_observer: observer.clone(),
                 },

@@ -246,6 +246,9 @@ enum BenchCommand {
         /// Sim workers.
         #[arg(long, default_value_t = 50)]
         workers: u32,
+        /// Tasks each worker leases and runs at once.
+        #[arg(long, default_value_t = 1)]
+        slots: u32,
         /// Tasks in the job.
         #[arg(long, default_value_t = 10_000)]
         tasks: u32,
@@ -424,11 +427,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             command:
                 BenchCommand::Dispatch {
                     workers,
+                    slots,
                     tasks,
                     store,
                     json,
                 },
-        } => bench::dispatch(workers, tasks, store.as_deref(), json)
+        } => bench::dispatch(workers, slots, tasks, store.as_deref(), json)
             .await
             .map(|()| true),
         Command::Bench {

@@ -15,15 +15,17 @@ use crate::embedded::EmbeddedFarm;
 
 /// Measures the coordinator's dispatch rate: `workers` sim workers with
 /// 0 ms steps run a job of `tasks` one-step items through the embedded farm
-/// (memory store, real gRPC on loopback); prints lease + complete cycles per second.
+/// (memory store, real gRPC on loopback), each leasing up to `slots` tasks at
+/// once; prints lease + complete cycles per second.
 pub async fn dispatch(
     workers: u32,
+    slots: u32,
     tasks: u32,
     store_url: Option<&str>,
     json_out: bool,
 ) -> anyhow::Result<()> {
-    if workers == 0 || tasks == 0 {
-        bail!("--workers and --tasks must be at least 1");
+    if workers == 0 || tasks == 0 || slots == 0 {
+        bail!("--workers, --slots and --tasks must be at least 1");
     }
     let renderer = Arc::new(SimRenderer::new(&["sim".into()], Duration::ZERO));
     let redis = match store_url {
@@ -42,7 +44,10 @@ pub async fn dispatch(
         Some(r) => r.clone(),
         None => Arc::new(MemoryStore::new()),
     };
-    let farm = EmbeddedFarm::start_with(store, renderer, workers).await?;
+    let mut farm = EmbeddedFarm::start_coordinator(store).await?;
+    farm.slots = slots;
+    farm.add_workers((0..workers).map(|_| renderer.clone() as _).collect(), None)
+        .await?;
     let trips_before = redis.as_ref().map_or(0, |r| r.round_trips());
     let spec = pb::JobSpec {
         name: "bench-dispatch".into(),
