@@ -217,6 +217,51 @@ pub fn kiln(args: &[&str]) -> Output {
     }
 }
 
+/// The series of issue #5, word for word.
+pub const MIRA: &str = r#"[series.mira]
+model = "tiny"
+character = "Mira, a young cartographer with a short copper bob, round glasses and a green wool coat"
+negative_prompt = "extra fingers, deformed hands"
+seed = 777
+width = 64
+height = 64
+steps = 6
+anchor = true
+consistency = 0.6
+
+[[series.mira.shots]]
+prompt = "standing on a cliff at sunrise, wind in her coat"
+[[series.mira.shots]]
+prompt = "reading a map by candlelight in a library"
+[[series.mira.shots]]
+prompt = "running through a rainy market street"
+seed = 9001
+"#;
+
+/// Returns a path as a command-line argument.
+pub fn arg(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Writes `text` to `dir/name`, submits it to `url`, and returns the job id.
+pub fn submit_text(dir: &Path, url: &str, name: &str, text: &str) -> String {
+    let file = dir.join(name);
+    std::fs::write(&file, text).expect("cannot write the batch file");
+    let out = kiln(&["submit", arg(&file), "--json", "--coordinator", url]);
+    assert_eq!(out.code, 0, "submit {name}: {}", out.stderr);
+    job_id(&out.stdout).expect("submit printed no job id")
+}
+
+/// Runs `kiln watch JOB` through `url` and asserts that every item succeeded.
+pub fn watch_ok(url: &str, job: &str) {
+    let out = kiln(&["watch", job, "--coordinator", url]);
+    assert_eq!(
+        out.code, 0,
+        "watch {job} through {url}: {}\n{}",
+        out.stdout, out.stderr
+    );
+}
+
 /// Returns the tiny model, written once per test process by `kiln model tiny`.
 pub fn tiny_model() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

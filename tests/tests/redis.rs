@@ -9,10 +9,6 @@ use kiln_proto::pb::{self, TaskState};
 use kiln_tests::redis::RedisServer;
 use kiln_tests::*;
 
-fn arg(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// Coordinator flags for a farm on `redis`, with short leases so crashes heal quickly.
 fn on_redis(redis: &RedisServer) -> Vec<String> {
     vec![
@@ -53,11 +49,6 @@ fn counts(url: &str, job: &str) -> pb::TaskCounts {
         .job
         .and_then(|j| j.counts)
         .unwrap_or_default()
-}
-
-fn watch_ok(url: &str, job: &str) {
-    let w = kiln(&["watch", job, "--coordinator", url]);
-    assert_eq!(w.code, 0, "watch through {url}: {}\n{}", w.stdout, w.stderr);
 }
 
 #[test]

@@ -8,43 +8,10 @@ use std::time::Duration;
 use kiln_proto::pb;
 use kiln_tests::*;
 
-/// The series of issue #5, word for word.
-const MIRA: &str = r#"[series.mira]
-model = "tiny"
-character = "Mira, a young cartographer with a short copper bob, round glasses and a green wool coat"
-negative_prompt = "extra fingers, deformed hands"
-seed = 777
-width = 64
-height = 64
-steps = 6
-anchor = true
-consistency = 0.6
-
-[[series.mira.shots]]
-prompt = "standing on a cliff at sunrise, wind in her coat"
-[[series.mira.shots]]
-prompt = "reading a map by candlelight in a library"
-[[series.mira.shots]]
-prompt = "running through a rainy market street"
-seed = 9001
-"#;
-
-fn arg(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 fn sim(dir: &Path, url: &str, id: &str, extra: &[&str]) -> Proc {
     let mut args = vec!["--renderer", "sim"];
     args.extend_from_slice(extra);
     worker(dir, url, id, &args).expect("worker")
-}
-
-fn submit_text(dir: &Path, url: &str, name: &str, text: &str) -> String {
-    let file = dir.join(name);
-    std::fs::write(&file, text).unwrap();
-    let out = kiln(&["submit", arg(&file), "--json", "--coordinator", url]);
-    assert_eq!(out.code, 0, "submit {name}: {}", out.stderr);
-    job_id(&out.stdout).unwrap()
 }
 
 fn watch(url: &str, job: &str) -> i32 {

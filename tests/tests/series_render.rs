@@ -11,46 +11,8 @@ use std::path::{Path, PathBuf};
 
 use kiln_tests::*;
 
-/// The series of issue #5, word for word (as in `series.rs`).
-const MIRA: &str = r#"[series.mira]
-model = "tiny"
-character = "Mira, a young cartographer with a short copper bob, round glasses and a green wool coat"
-negative_prompt = "extra fingers, deformed hands"
-seed = 777
-width = 64
-height = 64
-steps = 6
-anchor = true
-consistency = 0.6
-
-[[series.mira.shots]]
-prompt = "standing on a cliff at sunrise, wind in her coat"
-[[series.mira.shots]]
-prompt = "reading a map by candlelight in a library"
-[[series.mira.shots]]
-prompt = "running through a rainy market street"
-seed = 9001
-"#;
-
 /// Where `kiln fetch` and `kiln render` put a series' contact sheet.
 const SHEET: &str = "mira/contact-sheet.png";
-
-fn arg(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn submit_text(dir: &Path, url: &str, name: &str, text: &str) -> String {
-    let file = dir.join(name);
-    std::fs::write(&file, text).unwrap();
-    let out = kiln(&["submit", arg(&file), "--json", "--coordinator", url]);
-    assert_eq!(out.code, 0, "submit {name}: {}", out.stderr);
-    job_id(&out.stdout).unwrap()
-}
-
-fn watch_ok(url: &str, job: &str) {
-    let out = kiln(&["watch", job, "--coordinator", url]);
-    assert_eq!(out.code, 0, "watch {job}: {}\n{}", out.stdout, out.stderr);
-}
 
 fn fetch(url: &str, job: &str, out: &Path) {
     let r = kiln(&["fetch", job, "--out", arg(out), "--coordinator", url]);

@@ -25,10 +25,6 @@ prompt = "a lighthouse at dusk"
 seed = 42
 "#;
 
-fn arg(p: &std::path::Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 #[test]
 fn embedded_render_writes_nine_distinct_images_byte_identical_on_a_second_run() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,10 +6,6 @@ use std::time::Duration;
 
 use kiln_tests::*;
 
-fn arg(p: &std::path::Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 #[test]
 fn prompt_shows_weighted_spans_and_refuses_a_malformed_weight() {
     let ok = kiln(&["prompt", "a (red car:1.3) here BREAK [blue sky]"]);

@@ -13,6 +13,31 @@ use serde_json::json;
 use crate::commands::watch;
 use crate::embedded::EmbeddedFarm;
 
+/// Returns a job of `tasks` one-step 64 px items of `model`, seeds 0, 1, 2, ...
+fn seed_sweep(name: String, model: &str, prompt: String, tasks: u32) -> pb::JobSpec {
+    pb::JobSpec {
+        name,
+        defaults: Some(pb::RecipeFields {
+            model: Some(model.to_string()),
+            prompt: Some(prompt),
+            steps: Some(1),
+            width: Some(64),
+            height: Some(64),
+            ..Default::default()
+        }),
+        sweep: vec![pb::SweepAxis {
+            field: "seed".into(),
+            values: (0..i64::from(tasks))
+                .map(|s| FieldValue {
+                    kind: Some(Kind::Integer(s)),
+                })
+                .collect(),
+            zip: String::new(),
+        }],
+        ..Default::default()
+    }
+}
+
 /// Measures the coordinator's dispatch rate: `workers` sim workers with
 /// 0 ms steps run a job of `tasks` one-step items through the embedded farm
 /// (memory store, real gRPC on loopback), each leasing up to `slots` tasks at
@@ -49,27 +74,7 @@ pub async fn dispatch(
     farm.add_workers((0..workers).map(|_| renderer.clone() as _).collect(), None)
         .await?;
     let trips_before = redis.as_ref().map_or(0, |r| r.round_trips());
-    let spec = pb::JobSpec {
-        name: "bench-dispatch".into(),
-        defaults: Some(pb::RecipeFields {
-            model: Some("sim".into()),
-            prompt: Some("benchmark".into()),
-            steps: Some(1),
-            width: Some(64),
-            height: Some(64),
-            ..Default::default()
-        }),
-        sweep: vec![pb::SweepAxis {
-            field: "seed".into(),
-            values: (0..i64::from(tasks))
-                .map(|s| FieldValue {
-                    kind: Some(Kind::Integer(s)),
-                })
-                .collect(),
-            zip: String::new(),
-        }],
-        ..Default::default()
-    };
+    let spec = seed_sweep("bench-dispatch".into(), "sim", "benchmark".into(), tasks);
     let started = Instant::now();
     let resp = farm
         .farm
@@ -183,27 +188,12 @@ pub async fn schedule(opts: ScheduleOptions, json_out: bool) -> anyhow::Result<(
     let started = Instant::now();
     let mut submissions = Vec::new();
     for j in 0..opts.jobs {
-        let spec = pb::JobSpec {
-            name: format!("bench-schedule-{j}"),
-            defaults: Some(pb::RecipeFields {
-                model: Some(names[(j % opts.models) as usize].clone()),
-                prompt: Some(format!("job {j}")),
-                steps: Some(1),
-                width: Some(64),
-                height: Some(64),
-                ..Default::default()
-            }),
-            sweep: vec![pb::SweepAxis {
-                field: "seed".into(),
-                values: (0..i64::from(per_job))
-                    .map(|s| FieldValue {
-                        kind: Some(Kind::Integer(s)),
-                    })
-                    .collect(),
-                zip: String::new(),
-            }],
-            ..Default::default()
-        };
+        let spec = seed_sweep(
+            format!("bench-schedule-{j}"),
+            &names[(j % opts.models) as usize],
+            format!("job {j}"),
+            per_job,
+        );
         let client = farm.farm.clone();
         submissions.push(tokio::spawn(async move {
             client
