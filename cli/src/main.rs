@@ -9,12 +9,13 @@ mod client;
 mod commands;
 mod embedded;
 mod format;
+mod hub;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kiln_worker::pipeline::TinyKind;
+use kiln_diffusion::TinyKind;
 
 use crate::client::Farm;
 use crate::commands::{
@@ -481,7 +482,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             repo: &repo,
             revision: &revision,
             out: &out,
-            variant: kiln_worker::pull::Variant::parse(&variant)?,
+            variant: crate::hub::Variant::parse(&variant)?,
         })
         .await
         .map(|()| true),

@@ -1,6 +1,7 @@
 //! Admission of submitted jobs: validate and expand the spec, check that the
 //! farm knows every model, pin model hashes, and create the job.
 
+use kiln_proto::status::{IntoStatus, invalid_argument};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -22,19 +23,22 @@ const MAX_LABEL_BYTES: usize = 256;
 /// # Errors
 /// `INVALID_ARGUMENT` naming the field and the value; nothing is queued then.
 pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> Result<(JobRecord, bool), Status> {
-    let spec = req.spec.ok_or_else(|| FieldError::new("spec", "missing"))?;
+    let spec = req
+        .spec
+        .ok_or_else(|| FieldError::new("spec", "missing"))
+        .map_err(invalid_argument)?;
     let project = if spec.project.is_empty() {
         "default".to_string()
     } else {
-        check_model_name("project", &spec.project)?;
+        check_model_name("project", &spec.project).map_err(invalid_argument)?;
         spec.project.clone()
     };
-    check_label("name", &spec.name)?;
-    check_label("idempotency_key", &req.idempotency_key)?;
+    check_label("name", &spec.name).map_err(invalid_argument)?;
+    check_label("idempotency_key", &req.idempotency_key).map_err(invalid_argument)?;
     let id = JobId::new();
     // The random bits of the UUIDv7 seed the items that set no seed.
     let seed_base = u64::from_be_bytes(id.0.as_bytes()[8..16].try_into().unwrap_or([0; 8]));
-    let mut items = spec::expand(&spec, seed_base)?;
+    let mut items = spec::expand(&spec, seed_base).map_err(invalid_argument)?;
     let needed: BTreeSet<&str> = items.iter().map(|i| i.recipe.model.as_str()).collect();
     let known = known_models(core, &needed, &spec).await?;
     for item in &mut items {
@@ -110,7 +114,7 @@ async fn known_models(
                 spec::model_field(spec, missing),
                 format!("unknown model {missing:?}; {hint}"),
             )
-            .into());
+            .into_status());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

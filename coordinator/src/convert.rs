@@ -53,7 +53,7 @@ pub fn task(t: &TaskRecord) -> pb::TaskInfo {
         task_id: t.id.to_string(),
         index: t.index,
         state: t.state.into(),
-        recipe: Some(t.recipe.to_pb()),
+        recipe: Some(kiln_proto::convert::recipe_to_pb(&t.recipe)),
         attempts: t.attempts.iter().map(attempt).collect(),
         step: t.step,
         file_name: t.file_name.clone(),
@@ -143,7 +143,7 @@ pub fn lease(l: &Lease) -> pb::LeasedTask {
         job_id: l.job.to_string(),
         index: l.index,
         epoch: l.epoch.0,
-        recipe: Some(l.recipe.to_pb()),
+        recipe: Some(kiln_proto::convert::recipe_to_pb(&l.recipe)),
         lease_ttl_ms: l.ttl.as_millis() as u32,
         blobs: Vec::new(),
     }

@@ -1,5 +1,6 @@
 //! The `kiln.v1.Farm` service: what clients call.
 
+use kiln_proto::status::invalid_argument;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -56,7 +57,7 @@ impl pb::farm_server::Farm for FarmService {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
         let req = request.into_inner();
-        let id = JobId::parse_field("job_id", &req.job_id)?;
+        let id = JobId::parse_field("job_id", &req.job_id).map_err(invalid_argument)?;
         let job = self.core.store.job(id).await?;
         let tasks = if req.include_tasks {
             self.core.store.tasks(id).await?
@@ -90,7 +91,7 @@ impl pb::farm_server::Farm for FarmService {
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let req = request.into_inner();
-        let id = JobId::parse_field("job_id", &req.job_id)?;
+        let id = JobId::parse_field("job_id", &req.job_id).map_err(invalid_argument)?;
         self.core.store.job(id).await?;
         let (tx, rx) = mpsc::channel(64);
         let core = self.core.clone();
@@ -113,7 +114,7 @@ impl pb::farm_server::Farm for FarmService {
         request: Request<pb::FetchResultsRequest>,
     ) -> Result<Response<Self::FetchResultsStream>, Status> {
         let req = request.into_inner();
-        let id = JobId::parse_field("job_id", &req.job_id)?;
+        let id = JobId::parse_field("job_id", &req.job_id).map_err(invalid_argument)?;
         self.core.store.job(id).await?;
         let (tx, rx) = mpsc::channel(4);
         let core = self.core.clone();
@@ -129,7 +130,8 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let id = JobId::parse_field("job_id", &request.into_inner().job_id)?;
+        let id =
+            JobId::parse_field("job_id", &request.into_inner().job_id).map_err(invalid_argument)?;
         let before = self.core.store.job(id).await?;
         let job = self.core.store.cancel_job(id).await?;
         if !before.is_finished() {
@@ -169,7 +171,8 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::DrainWorkerRequest>,
     ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
-        let id = WorkerId::parse_field("worker_id", &request.into_inner().worker_id)?;
+        let id = WorkerId::parse_field("worker_id", &request.into_inner().worker_id)
+            .map_err(invalid_argument)?;
         let w = self.core.store.drain_worker(&id).await?;
         tracing::info!(worker = %id, "worker set to drain");
         Ok(Response::new(pb::DrainWorkerResponse {

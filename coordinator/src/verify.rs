@@ -1,6 +1,7 @@
 //! Verification jobs: re-render items of a finished job, on other workers of
 //! the same determinism class, so a client can compare bytes.
 
+use kiln_proto::status::invalid_argument;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
@@ -29,7 +30,7 @@ pub async fn verify(
     core: &Core,
     req: pb::VerifyJobRequest,
 ) -> Result<pb::VerifyJobResponse, Status> {
-    let id = JobId::parse_field("job_id", &req.job_id)?;
+    let id = JobId::parse_field("job_id", &req.job_id).map_err(invalid_argument)?;
     let job = core.store.job(id).await?;
     if !job.is_finished() {
         return Err(Status::failed_precondition(format!(

@@ -1,6 +1,7 @@
 //! The `kiln.v1.WorkerLink` service: what workers call. Every report carries
 //! the lease's epoch, and the store refuses a stale one.
 
+use kiln_proto::status::{IntoStatus, invalid_argument};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +41,7 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = request.into_inner();
-        let id = WorkerId::parse_field("worker_id", &req.worker_id)?;
+        let id = WorkerId::parse_field("worker_id", &req.worker_id).map_err(invalid_argument)?;
         if req.slots == 0 || req.slots > MAX_TASKS_PER_LEASE {
             return Err(FieldError::new(
                 "slots",
@@ -49,11 +50,11 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
                     req.slots
                 ),
             )
-            .into());
+            .into_status());
         }
         let mut models = Vec::with_capacity(req.models.len());
         for (i, m) in req.models.iter().enumerate() {
-            check_model_name(&format!("models[{i}].name"), &m.name)?;
+            check_model_name(&format!("models[{i}].name"), &m.name).map_err(invalid_argument)?;
             models.push(ModelInfo {
                 name: m.name.clone(),
                 hash: m.hash.clone(),
@@ -92,7 +93,8 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let req = request.into_inner();
-        let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+        let worker =
+            WorkerId::parse_field("worker_id", &req.worker_id).map_err(invalid_argument)?;
         let max = req.max_tasks.min(MAX_TASKS_PER_LEASE) as usize;
         let wait =
             Duration::from_millis(u64::from(req.wait_ms)).min(self.core.config.max_lease_wait);
@@ -130,11 +132,13 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
-        let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+        let worker =
+            WorkerId::parse_field("worker_id", &req.worker_id).map_err(invalid_argument)?;
         let mut progress = Vec::with_capacity(req.tasks.len());
         for (i, t) in req.tasks.iter().enumerate() {
             progress.push(ProgressReport {
-                task: TaskId::parse_field(&format!("tasks[{i}].task_id"), &t.task_id)?,
+                task: TaskId::parse_field(&format!("tasks[{i}].task_id"), &t.task_id)
+                    .map_err(invalid_argument)?,
                 epoch: Epoch(t.epoch),
                 step: t.step,
             });
@@ -170,8 +174,9 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         request: Request<pb::FailRequest>,
     ) -> Result<Response<pb::FailResponse>, Status> {
         let req = request.into_inner();
-        let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
-        let task = TaskId::parse_field("task_id", &req.task_id)?;
+        let worker =
+            WorkerId::parse_field("worker_id", &req.worker_id).map_err(invalid_argument)?;
+        let task = TaskId::parse_field("task_id", &req.task_id).map_err(invalid_argument)?;
         let fault = FaultClass::try_from(req.fault).unwrap_or(FaultClass::Internal);
         let out = self
             .core
@@ -244,8 +249,8 @@ async fn lease_blobs(core: &Core, lease: &Lease) -> Result<Vec<pb::Blob>, Status
 /// Takes in a rendered image: checks it, stages it under its epoch, lets the
 /// store decide, then publishes or discards it.
 async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
-    let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
-    let task_id = TaskId::parse_field("task_id", &req.task_id)?;
+    let worker = WorkerId::parse_field("worker_id", &req.worker_id).map_err(invalid_argument)?;
+    let task_id = TaskId::parse_field("task_id", &req.task_id).map_err(invalid_argument)?;
     let epoch = Epoch(req.epoch);
     let digest = hex::encode(Sha256::digest(&req.png));
     if !req.sha256.eq_ignore_ascii_case(&digest) {
@@ -256,11 +261,12 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
                 req.sha256
             ),
         )
-        .into());
+        .into_status());
     }
     let task = core.store.task(task_id).await?;
     let (w, h) = png_size(&req.png)
-        .ok_or_else(|| FieldError::new("png", "is not a PNG image (no IHDR header)"))?;
+        .ok_or_else(|| FieldError::new("png", "is not a PNG image (no IHDR header)"))
+        .map_err(invalid_argument)?;
     if (w, h) != (task.recipe.width, task.recipe.height) {
         return Err(FieldError::new(
             "png",
@@ -269,7 +275,7 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
                 task.recipe.width, task.recipe.height
             ),
         )
-        .into());
+        .into_status());
     }
     let timings = req.timings.unwrap_or_default();
     let size = req.png.len() as u64;

@@ -1,22 +1,21 @@
 //! kiln's wire contract and the pure helpers every side shares.
 //!
 //! [`pb`] holds the code generated from `proto/kiln/v1/*.proto` (the `Farm`
-//! and `WorkerLink` services). Beside it live the domain types that the
-//! coordinator, the worker and the CLI use instead of passing prost structs
-//! around: id newtypes ([`ids`]), the validated [`recipe::Recipe`] and its hash,
-//! job expansion ([`spec`]), the prompt-weighting parser ([`prompt`]), and
-//! [`error::FieldError`], the validation error that names the field and the
-//! value.
+//! and `WorkerLink` services). Beside it: [`convert`] between the wire
+//! messages and kiln's domain types (which live in `kiln-domain` and are
+//! re-exported here), job expansion ([`spec`]), blobs ([`blob`]), client
+//! channels with deadlines ([`connect`]) and field errors as statuses
+//! ([`status`]).
 #![warn(missing_docs)]
 
 pub mod blob;
 pub mod connect;
-pub mod error;
-pub mod ids;
-pub mod prompt;
-pub mod recipe;
+pub mod convert;
 pub mod spec;
+pub mod status;
 pub mod telemetry;
+
+pub use kiln_domain::{error, ids, prompt, recipe};
 
 pub use prost;
 pub use tonic;

@@ -13,7 +13,6 @@ use std::time::Duration;
 use kiln_proto::connect::is_transient;
 use kiln_proto::ids::{Epoch, TaskId, WorkerId};
 use kiln_proto::pb::{self, AbandonReason, FaultClass};
-use kiln_proto::recipe::Recipe;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -384,7 +383,8 @@ fn render_task(task: &pb::LeasedTask) -> Result<RenderTask, RenderError> {
         .as_ref()
         .ok_or_else(|| RenderError::BadInput("the lease has no recipe".into()))
         .and_then(|r| {
-            Recipe::from_pb(r, "recipe").map_err(|e| RenderError::BadInput(e.to_string()))
+            kiln_proto::convert::recipe_from_pb(r, "recipe")
+                .map_err(|e| RenderError::BadInput(e.to_string()))
         })?;
     let blob = |sha: &Option<String>| -> Result<Option<Vec<u8>>, RenderError> {
         let Some(sha) = sha else { return Ok(None) };

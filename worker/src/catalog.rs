@@ -29,7 +29,7 @@ pub struct CatalogEntry {
     /// The model's content hash.
     pub hash: String,
     /// Estimated memory the loaded model holds (see
-    /// [`crate::pipeline::resident_bytes`]).
+    /// [`kiln_diffusion::resident_bytes`]).
     pub bytes: u64,
 }
 

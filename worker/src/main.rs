@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use kiln_diffusion::{ParsePrecisionError, Precision};
 use kiln_proto::ids::WorkerId;
 use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
 use kiln_worker::catalog::parse_size;
 use kiln_worker::link::Link;
-use kiln_worker::pipeline::{ParsePrecisionError, Precision};
 use kiln_worker::render::{
     CandleRenderer, Renderer, SimOptions, SimRenderer, open_device, parse_model_args,
 };

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use kiln_worker::pipeline::Pipeline;
-use kiln_worker::pipeline::bench::{self as pbench, BenchPlan, Samples, SpanProfiler, SpanTime};
+use kiln_diffusion::Pipeline;
+use kiln_diffusion::bench::{self as pbench, BenchPlan, Samples, SpanProfiler, SpanTime};
 use serde_json::json;
 
 /// What `kiln bench pipeline` measures.
@@ -126,7 +126,7 @@ impl Measured {
 /// Runs `measure` with the peak resident set reset first (where the OS allows).
 fn measured(
     plan: &BenchPlan,
-    measure: impl FnOnce(&BenchPlan) -> Result<Samples, kiln_worker::pipeline::PipelineError>,
+    measure: impl FnOnce(&BenchPlan) -> Result<Samples, kiln_diffusion::PipelineError>,
 ) -> anyhow::Result<Option<Measured>> {
     if plan.runs == 0 {
         return Ok(None);
@@ -158,7 +158,7 @@ pub fn pipeline(options: &PipelineOptions) -> anyhow::Result<()> {
         None => {
             let dir = std::env::temp_dir().join(format!("kiln-bench-tiny-{}", std::process::id()));
             let guard = TinyFolder(dir.clone());
-            kiln_worker::pipeline::write_tiny_model(&dir)
+            kiln_diffusion::write_tiny_model(&dir)
                 .with_context(|| format!("writing the tiny model to {}", dir.display()))?;
             (Some(guard), dir)
         }

@@ -109,8 +109,8 @@ pub fn run(file: &Path, json: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_diffusion::output::{RgbImage, encode_png};
     use kiln_proto::pb;
-    use kiln_worker::output::{RgbImage, encode_png};
 
     fn png_of(prompt: &str) -> Vec<u8> {
         let spec = pb::JobSpec {

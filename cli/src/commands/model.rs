@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use kiln_worker::pipeline::{self, TinyKind};
+use kiln_diffusion::{self as pipeline, TinyKind};
 
 /// Writes the tiny random-weight model of architecture `kind` into `out`.
 pub fn tiny(out: &Path, kind: TinyKind) -> anyhow::Result<()> {

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use anyhow::Context;
+use kiln_diffusion::PromptTokenizer;
 use kiln_proto::prompt::{self, Chunk, Piece};
-use kiln_worker::pipeline::PromptTokenizer;
 use serde_json::json;
 
 /// CLIP's window: 75 tokens plus bos and eos.
@@ -224,7 +224,7 @@ mod tests {
     #[test]
     fn the_tiny_models_tokenizer_gives_exact_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        kiln_worker::pipeline::write_tiny_model(dir.path()).unwrap();
+        kiln_diffusion::write_tiny_model(dir.path()).unwrap();
         let long = vec!["red"; 100].join(" ");
         run(&long, Some(dir.path()), true).unwrap();
         let tokenizer = PromptTokenizer::load(dir.path()).unwrap();

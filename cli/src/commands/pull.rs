@@ -1,7 +1,7 @@
 //! `kiln model pull REPO --out DIR`: downloads the files of a diffusers
 //! repository on the Hugging Face hub that kiln's pipeline reads.
 //!
-//! Which files is decided by `kiln_worker::pull::select` from the repository's
+//! Which files is decided by `crate::hub::select` from the repository's
 //! listing and its `model_index.json`. Downloads go through the `hf-hub`
 //! crate into a staging cache inside `DIR` (`DIR/.kiln-pull`), where an
 //! interrupted file resumes from its last committed 10 MB chunk on the next
@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::hub::{MODEL_INDEX, Variant, select};
 use anyhow::{Context, anyhow, bail};
 use hf_hub::api::tokio::{ApiBuilder, ApiError, ApiRepo, Progress};
 use hf_hub::{Cache, Repo, RepoType};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_worker::catalog::format_size;
-use kiln_worker::pull::{MODEL_INDEX, Variant, select};
 
 /// Deadline of the repository listing request, body included.
 pub const LISTING_TIMEOUT: Duration = Duration::from_secs(30);
@@ -160,7 +160,7 @@ pub async fn run(opts: PullOptions<'_>) -> anyhow::Result<()> {
         format_size(bytes)
     );
     let out = opts.out.to_path_buf();
-    match tokio::task::spawn_blocking(move || kiln_worker::pipeline::model_hash(&out)).await {
+    match tokio::task::spawn_blocking(move || kiln_diffusion::model_hash(&out)).await {
         Ok(Ok(hash)) => println!("model hash {hash}"),
         Ok(Err(e)) => eprintln!("kiln: warning: the folder cannot be hashed yet: {e}"),
         Err(e) => eprintln!("kiln: warning: hashing stopped: {e}"),

@@ -22,13 +22,11 @@ use std::time::Instant;
 use candle_core::Device;
 use kiln_proto::pb::ModelInfo;
 
-use super::device::determinism_class;
 use super::{RenderError, RenderTask, Rendered, Renderer};
 use crate::catalog::{CatalogEntry, OverBudget, Residency, format_size};
-use crate::output::encode_png;
-use crate::pipeline::{
-    Pipeline, PipelineError, Precision, RenderInput, model_hash, resident_bytes,
-};
+use kiln_diffusion::determinism_class;
+use kiln_diffusion::output::encode_png;
+use kiln_diffusion::{Pipeline, PipelineError, Precision, RenderInput, model_hash, resident_bytes};
 
 /// Renders with candle pipelines, loading catalog models on demand and
 /// keeping them resident under a memory budget.
@@ -467,7 +465,7 @@ mod tests {
     use kiln_proto::recipe::Recipe;
 
     use super::*;
-    use crate::pipeline::write_tiny_model;
+    use kiln_diffusion::write_tiny_model;
 
     /// A 64 px, 2-step recipe for `model`, built the way the coordinator builds them.
     fn recipe(model: &str) -> Recipe {

@@ -6,7 +6,6 @@
 //! renderer denoises them as one UNet batch, other renderers one by one.
 
 mod candle;
-mod device;
 mod sim;
 
 use std::path::PathBuf;
@@ -16,7 +15,7 @@ use kiln_proto::pb::{FaultClass, ModelInfo};
 use kiln_proto::recipe::{Recipe, check_model_name};
 
 pub use self::candle::{CandleRenderer, LoadError};
-pub use self::device::{DeviceError, determinism_class, open_device};
+pub use kiln_diffusion::{DeviceError, determinism_class, open_device};
 
 /// Parses `--model NAME=DIR` arguments into (name, folder) pairs.
 ///

@@ -13,7 +13,7 @@ use kiln_proto::recipe::Recipe;
 use sha2::{Digest, Sha256};
 
 use super::{RenderError, RenderTask, Rendered, Renderer};
-use crate::output::{RgbImage, encode_png_with};
+use kiln_diffusion::output::{RgbImage, encode_png_with};
 
 /// Determinism class of every sim worker.
 const SIM_CLASS: &str = "sim/v1";

@@ -1,0 +1,145 @@
+"""Recomputes kiln's text encoders and UNet with diffusers/transformers and compares.
+
+Not part of the build or of CI: a check run by hand after changing `clip.rs`,
+`unet.rs`, `text.rs` or the config mapping. It needs torch, diffusers and
+transformers (checked with torch 2.4.1, diffusers 0.30.3, transformers 4.44.2):
+
+    KILN_PARITY_DIR=/tmp/parity cargo test -p kiln-diffusion dump_for_diffusers -- --ignored
+    python scripts/diffusers_parity.py /tmp/parity
+
+For every tiny kind, `dump_for_diffusers_parity` (in `arch_tests.rs`) wrote the
+model folder and `kiln_outputs.safetensors`: kiln's conditioning of a fixed
+prompt and negative prompt, and kiln's UNet prediction on fixed latents. This
+script loads the same folder with `DiffusionPipeline.from_pretrained`, encodes
+the same prompts with the pipeline's own `encode_prompt`, builds SDXL's time
+ids with `_get_add_time_ids`, runs `pipe.unet`, and prints the largest
+absolute differences. It exits non-zero if any exceeds its tolerance.
+
+The UNet is compared twice. candle's attention feed-forward (GEGLU) uses the
+tanh approximation of GELU where diffusers uses the exact one, which moves
+the output by ~1e-4; with diffusers' GEGLU patched to the same approximation
+the two agree to float rounding (~1e-6), which is the sharp check.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.models import activations
+from safetensors.torch import load_file, save_file
+
+PROMPT = "a red castle on a hill at sunset"
+NEGATIVE = "blurry, low quality"
+TOLERANCE = {"exact GELU": 2e-3, "default": 1e-4}
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()
+
+
+def add_pt_metadata(folder: Path) -> None:
+    """Stamps the text encoders' files with the `format: pt` metadata transformers requires.
+
+    candle's safetensors writer stores no metadata, and kiln keeps the tiny SD 1.5
+    files byte-identical, so the scratch copy is stamped here instead.
+    """
+    for name in ["text_encoder", "text_encoder_2"]:
+        path = folder / name / "model.safetensors"
+        if path.exists():
+            save_file(load_file(path), path, metadata={"format": "pt"})
+
+
+def check(kind: str, folder: Path) -> bool:
+    kiln = load_file(folder / "kiln_outputs.safetensors")
+    add_pt_metadata(folder)
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    xl = hasattr(pipe, "text_encoder_2")
+    results = {}
+    with torch.no_grad():
+        if xl:
+            pe, ne, pp, npp = pipe.encode_prompt(
+                PROMPT, device="cpu", do_classifier_free_guidance=True, negative_prompt=NEGATIVE
+            )
+            results["context"] = max_diff(torch.cat([ne, pe]), kiln["context"])
+            results["pooled text_embeds"] = max_diff(torch.cat([npp, pp]), kiln["text_embeds"])
+            # No negative prompt: force_zeros_for_empty_prompt gives zeros.
+            pe0, ne0, pp0, npp0 = pipe.encode_prompt(
+                PROMPT, device="cpu", do_classifier_free_guidance=True, negative_prompt=None
+            )
+            results["context, empty negative"] = max_diff(
+                torch.cat([ne0, pe0]), kiln["context_empty_negative"]
+            )
+            results["pooled, empty negative"] = max_diff(
+                torch.cat([npp0, pp0]), kiln["text_embeds_empty_negative"]
+            )
+            time_ids = pipe._get_add_time_ids(
+                (64, 64),
+                (0, 0),
+                (64, 64),
+                dtype=torch.float32,
+                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+            )
+            results["time_ids"] = max_diff(time_ids.repeat(2, 1), kiln["time_ids"])
+            added = {"text_embeds": kiln["text_embeds"], "time_ids": kiln["time_ids"]}
+        else:
+            pe, ne = pipe.encode_prompt(
+                PROMPT,
+                device="cpu",
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=NEGATIVE,
+            )
+            results["context"] = max_diff(torch.cat([ne, pe]), kiln["context"])
+            added = None
+
+        sample = kiln["latents"]
+        if "image" in kiln:
+            assert pipe.unet.config.in_channels == 9
+            sample = torch.cat([sample, kiln["image"]], dim=1)
+        timestep = kiln["timestep"][0]
+
+        def unet():
+            return pipe.unet(
+                sample, timestep, encoder_hidden_states=kiln["context"], added_cond_kwargs=added
+            ).sample
+
+        prediction = unet()
+        results["unet prediction (exact GELU)"] = max_diff(prediction, kiln["prediction"])
+        exact = activations.GEGLU.gelu
+        activations.GEGLU.gelu = lambda self, gate: F.gelu(gate, approximate="tanh")
+        try:
+            results["unet prediction (tanh GELU, as candle)"] = max_diff(
+                unet(), kiln["prediction"]
+            )
+        finally:
+            activations.GEGLU.gelu = exact
+        scale = prediction.abs().max().item()
+        if "candle_prediction" in kiln:
+            results["candle's own UNet (for contrast)"] = max_diff(
+                prediction, kiln["candle_prediction"]
+            )
+
+    ok = True
+    print(f"{kind}: UNet output max |x| = {scale:.3f}")
+    for name, diff in results.items():
+        tolerance = TOLERANCE["exact GELU" if "exact GELU" in name else "default"]
+        bad = diff > tolerance and not name.startswith("candle")
+        ok &= not bad
+        print(f"  {name:40s} max |diff| = {diff:.2e}{'  <-- MISMATCH' if bad else ''}")
+    return ok
+
+
+def main() -> int:
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/parity")
+    ok = True
+    for kind in ["sd15", "sd21", "sdxl", "inpaint"]:
+        ok &= check(kind, root / kind)
+    print("all match" if ok else "MISMATCHES")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
