@@ -32,8 +32,41 @@ impl FieldError {
     }
 }
 
+/// Most characters of a user's value an error message quotes: enough to
+/// recognise it, and well under gRPC's 16 KiB limit on a status message
+/// however many values one message quotes.
+pub const MAX_QUOTED_CHARS: usize = 200;
+
+/// Returns `value` quoted for an error message (`"…"`, escaped as Rust's
+/// `{:?}` does), cut after [`MAX_QUOTED_CHARS`] characters with the full
+/// length said, so a 100 KB value never comes back whole.
+pub fn quote(value: &str) -> String {
+    let mut chars = value.char_indices();
+    match chars.nth(MAX_QUOTED_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_are_bounded() {
+        assert_eq!(quote("fox"), "\"fox\"");
+        assert_eq!(quote("a\u{0}b"), "\"a\\0b\"");
+        let long = "x".repeat(100_000);
+        let q = quote(&long);
+        assert!(q.len() < MAX_QUOTED_CHARS + 40, "{}", q.len());
+        assert!(q.ends_with("… (100000 bytes)"), "{q}");
+        let wide = "é".repeat(MAX_QUOTED_CHARS + 1);
+        assert!(quote(&wide).contains("bytes)"));
     }
 }
