@@ -96,7 +96,7 @@ pub use hash::model_hash;
 pub use inspect::{PromptTokenizer, resident_bytes};
 pub use kiln_domain::recipe::Recipe;
 pub use precision::{ParsePrecisionError, Precision};
-pub use render::RenderInput;
+pub use render::{RenderInput, RenderTimings, Rendered};
 pub use tiny::{ParseTinyKindError, TinyKind, write_tiny_model, write_tiny_model_kind};
 
 use layout::ModelFiles;
@@ -263,7 +263,8 @@ impl Pipeline {
     }
 
     /// Renders one recipe: txt2img, img2img (an init image) or inpainting (an init
-    /// image and a mask). `on_step(done, total)` is called after every denoising
+    /// image and a mask), returning the image alone ([`Pipeline::render_batch`]
+    /// also returns where the time went). `on_step(done, total)` is called after every denoising
     /// step, `done` counting the steps an img2img start skips; returning false
     /// cancels the render (-> Err(PipelineError::Cancelled)).
     ///
@@ -287,7 +288,10 @@ impl Pipeline {
         let mut results = self.render_batch(std::slice::from_ref(input), &mut |_, done, total| {
             on_step(done, total)
         });
-        results.pop().unwrap_or(Err(PipelineError::Cancelled))
+        results
+            .pop()
+            .unwrap_or(Err(PipelineError::Cancelled))
+            .map(|r| r.image)
     }
 
     /// Renders several recipes, denoising together those that can share UNet
@@ -297,12 +301,13 @@ impl Pipeline {
     /// guidance on or off and prompt length in chunks run as one UNet batch, each
     /// keeping its own noise, conditioning, sampler and guidance scale.
     /// `on_step(index, done, total)` reports input `index`; returning false cancels
-    /// that input alone. Results are in the order of `inputs`.
+    /// that input alone. Results are in the order of `inputs`, each with its
+    /// [`RenderTimings`].
     pub fn render_batch(
         &self,
         inputs: &[RenderInput<'_>],
         on_step: &mut dyn FnMut(usize, u32, u32) -> bool,
-    ) -> Vec<Result<RgbImage, PipelineError>> {
+    ) -> Vec<Result<Rendered, PipelineError>> {
         render::render_batch(self, inputs, on_step)
     }
 

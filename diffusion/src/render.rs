@@ -35,6 +35,8 @@
 //! outputs, has kernels of its own). At the UNet's coarsest level, with few
 //! tokens, that happens; such renders are not batched (`Unet::batches_exactly`).
 
+use std::time::{Duration, Instant};
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::images;
@@ -63,6 +65,34 @@ impl<'a> RenderInput<'a> {
             mask: None,
         }
     }
+}
+
+/// Where one render's time went. Tasks denoised together in one UNet batch
+/// share the batch's denoising time; preparing and decoding are their own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenderTimings {
+    /// Encoding the prompts and images and making the starting latents.
+    pub prepare: Duration,
+    /// The denoising steps (of the whole UNet batch the task ran in).
+    pub denoise: Duration,
+    /// The VAE decode to pixels.
+    pub decode: Duration,
+}
+
+impl RenderTimings {
+    /// Returns the whole render's time.
+    pub fn total(&self) -> Duration {
+        self.prepare + self.denoise + self.decode
+    }
+}
+
+/// A rendered image and where its time went.
+#[derive(Clone, Debug)]
+pub struct Rendered {
+    /// The pixels.
+    pub image: RgbImage,
+    /// Where the time went.
+    pub timings: RenderTimings,
 }
 
 /// Latent-space inpainting for an ordinary UNet.
@@ -101,6 +131,8 @@ struct Task<'a> {
     noise: Tensor,
     blend: Option<Blend>,
     overlay: Option<Overlay>,
+    /// Time spent in [`prepare`].
+    prepared_in: Duration,
 }
 
 /// Runs [`Pipeline::render_batch`].
@@ -108,15 +140,19 @@ pub(super) fn render_batch(
     pipeline: &Pipeline,
     inputs: &[RenderInput<'_>],
     on_step: &mut dyn FnMut(usize, u32, u32) -> bool,
-) -> Vec<Result<RgbImage, PipelineError>> {
-    let mut results: Vec<Option<Result<RgbImage, PipelineError>>> =
+) -> Vec<Result<Rendered, PipelineError>> {
+    let mut results: Vec<Option<Result<Rendered, PipelineError>>> =
         inputs.iter().map(|_| None).collect();
     let mut ready = Vec::with_capacity(inputs.len());
     for (index, input) in inputs.iter().enumerate() {
         let span = tracing::debug_span!("prepare", seed = input.recipe.seed);
         let _entered = span.enter();
+        let started = Instant::now();
         match prepare(pipeline, index, input) {
-            Ok(task) => ready.push(task),
+            Ok(mut task) => {
+                task.prepared_in = started.elapsed();
+                ready.push(task)
+            }
             Err(e) => results[index] = Some(Err(e)),
         }
     }
@@ -248,6 +284,7 @@ fn prepare<'a>(
         noise,
         blend,
         overlay,
+        prepared_in: Duration::ZERO,
     })
 }
 
@@ -329,9 +366,12 @@ fn denoise(
     p: &Pipeline,
     mut tasks: Vec<Task<'_>>,
     on_step: &mut dyn FnMut(usize, u32, u32) -> bool,
-) -> Vec<(usize, Result<RgbImage, PipelineError>)> {
+) -> Vec<(usize, Result<Rendered, PipelineError>)> {
     let mut done = Vec::with_capacity(tasks.len());
-    if let Err(e) = run_steps(p, &mut tasks, &mut done, on_step) {
+    let started = Instant::now();
+    let steps = run_steps(p, &mut tasks, &mut done, on_step);
+    let denoised_in = started.elapsed();
+    if let Err(e) = steps {
         let text = e.to_string();
         for task in &tasks {
             let e = PipelineError::Candle(candle_core::Error::Msg(text.clone()));
@@ -340,11 +380,21 @@ fn denoise(
         return done;
     }
     for task in tasks {
+        let span = tracing::debug_span!("vae_decode", seed = task.recipe.seed);
+        let _entered = span.enter();
+        let started = Instant::now();
         let image = p.decode(&task.latents).map(|mut image| {
             if let Some(o) = &task.overlay {
                 images::keep_unmasked(&mut image, &o.init, &o.repaint);
             }
-            image
+            Rendered {
+                image,
+                timings: RenderTimings {
+                    prepare: task.prepared_in,
+                    denoise: denoised_in,
+                    decode: started.elapsed(),
+                },
+            }
         });
         done.push((task.index, image));
     }
@@ -355,7 +405,7 @@ fn denoise(
 fn run_steps(
     p: &Pipeline,
     tasks: &mut Vec<Task<'_>>,
-    done: &mut Vec<(usize, Result<RgbImage, PipelineError>)>,
+    done: &mut Vec<(usize, Result<Rendered, PipelineError>)>,
     on_step: &mut dyn FnMut(usize, u32, u32) -> bool,
 ) -> Result<(), PipelineError> {
     let Some(first) = tasks.first() else {

@@ -363,20 +363,18 @@ impl Renderer for CandleRenderer {
                     mask: tasks[i].mask.as_deref(),
                 })
                 .collect();
-            let started = Instant::now();
-            let images = pipeline.render_batch(&inputs, &mut |j, done, _total| {
+            let rendered = pipeline.render_batch(&inputs, &mut |j, done, _total| {
                 runnable.get(j).is_some_and(|&i| on_step(i, done))
             });
-            let render_ms = started.elapsed().as_millis() as u64;
-            for (&i, image) in runnable.iter().zip(images) {
-                results[i] = Some(image.map_err(render_error).and_then(|image| {
+            for (&i, outcome) in runnable.iter().zip(rendered) {
+                results[i] = Some(outcome.map_err(render_error).and_then(|out| {
                     let encode_start = Instant::now();
-                    let png = encode_png(&image, &tasks[i].recipe, pipeline.model_hash())
+                    let png = encode_png(&out.image, &tasks[i].recipe, pipeline.model_hash())
                         .map_err(|e| RenderError::Internal(format!("PNG encoding: {e}")))?;
                     Ok(Rendered {
                         png,
                         model_hash: pipeline.model_hash().to_string(),
-                        render_ms,
+                        render_ms: out.timings.total().as_millis() as u64,
                         encode_ms: encode_start.elapsed().as_millis() as u64,
                     })
                 }));
