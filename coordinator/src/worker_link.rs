@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_proto::error::FieldError;
 use kiln_proto::ids::{Epoch, TaskId, WorkerId};
-use kiln_proto::pb::{self, FaultClass};
+use kiln_proto::pb;
 use kiln_proto::recipe::check_model_name;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
@@ -149,7 +149,7 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
                 .map(|(task, epoch, reason)| pb::Abandon {
                     task_id: task.to_string(),
                     epoch: epoch.0,
-                    reason: (*reason).into(),
+                    reason: convert::abandon_reason(*reason).into(),
                 })
                 .collect(),
             lease_ttl_ms: ttl.as_millis() as u32,
@@ -172,7 +172,7 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         let req = request.into_inner();
         let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
         let task = TaskId::parse_field("task_id", &req.task_id)?;
-        let fault = FaultClass::try_from(req.fault).unwrap_or(FaultClass::Internal);
+        let fault = convert::fault_from_wire(req.fault);
         let out = self
             .core
             .store
@@ -190,7 +190,7 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
                 will_retry,
                 job_finished,
             } => {
-                tracing::warn!(worker = %worker, task = %task, epoch = req.epoch, ?fault, will_retry, message = %req.message, "task failed");
+                tracing::warn!(worker = %worker, task = %task, epoch = req.epoch, %fault, will_retry, message = %req.message, "task failed");
                 if let Some(job) = job_finished {
                     self.core.finalize(job.id).await;
                 }

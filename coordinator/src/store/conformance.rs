@@ -7,7 +7,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
-use kiln_proto::pb::{AbandonReason, EventKind, FaultClass, JobState, TaskState};
 use kiln_proto::recipe::{Recipe, Scheduler};
 
 use super::*;
@@ -321,7 +320,7 @@ pub async fn expired_lease_is_fenced(store: &dyn Store) {
     assert_eq!(task.holder(), Some(&worker("fast")));
     assert_eq!(task.attempts.len(), 2);
     assert_eq!(task.attempts[0].outcome, Outcome::Expired);
-    assert_eq!(task.attempts[0].fault, FaultClass::WorkerLost);
+    assert_eq!(task.attempts[0].fault, Some(Fault::WorkerLost));
     let ok = store
         .complete(&worker("fast"), new[0].task, new[0].epoch, result())
         .await
@@ -395,7 +394,7 @@ pub async fn failed_task_is_retried_on_another_worker(store: &dyn Store) {
             &worker("w1"),
             lease.task,
             lease.epoch,
-            FaultClass::OutOfMemory,
+            Fault::OutOfMemory,
             "CUDA out of memory",
             5,
         )
@@ -415,7 +414,7 @@ pub async fn failed_task_is_retried_on_another_worker(store: &dyn Store) {
     let again = claim(store, "w2", 1).await;
     assert_eq!(again.len(), 1);
     let task = store.task(lease.task).await.unwrap();
-    assert_eq!(task.attempts[0].fault, FaultClass::OutOfMemory);
+    assert_eq!(task.attempts[0].fault, Some(Fault::OutOfMemory));
     assert_eq!(task.attempts[0].outcome, Outcome::Failed);
 }
 
@@ -439,7 +438,7 @@ pub async fn failures_stop_at_the_attempt_limit(store: &dyn Store) {
                 &worker("only"),
                 leases[0].task,
                 leases[0].epoch,
-                FaultClass::Internal,
+                Fault::Internal,
                 "boom",
                 2,
             )
@@ -472,7 +471,7 @@ pub async fn bad_input_is_not_retried(store: &dyn Store) {
             &worker("w1"),
             lease.task,
             lease.epoch,
-            FaultClass::BadInput,
+            Fault::BadInput,
             "bad",
             5,
         )
@@ -501,7 +500,7 @@ pub async fn handed_back_task_does_not_count_against_the_limit(store: &dyn Store
                 &worker("w1"),
                 lease.task,
                 lease.epoch,
-                FaultClass::Cancelled,
+                Fault::Cancelled,
                 "draining",
                 1,
             )
@@ -754,7 +753,7 @@ pub async fn a_failed_anchor_fails_its_shots(store: &dyn Store) {
             &worker("w1"),
             anchor.task,
             anchor.epoch,
-            FaultClass::BadInput,
+            Fault::BadInput,
             "bad",
             5,
         )
@@ -935,7 +934,7 @@ pub async fn a_worker_failing_a_job_is_quarantined(store: &dyn Store) {
                 &worker("bad"),
                 l.task,
                 l.epoch,
-                FaultClass::Internal,
+                Fault::Internal,
                 "broken GPU",
                 5,
             )
@@ -995,7 +994,7 @@ pub async fn an_identical_recipe_is_served_from_its_earlier_result(store: &dyn S
                 &worker("other-class"),
                 l.task,
                 l.epoch,
-                FaultClass::Cancelled,
+                Fault::Cancelled,
                 "handing back",
                 5,
             )

@@ -8,18 +8,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
-use kiln_proto::pb::{AbandonReason, EventKind, FaultClass, JobState, TaskState};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::policy::{QUARANTINE_AFTER, batch_key, dedupe_key, switch_justified};
+use super::policy::{
+    LIVE_MS, MAX_DEDUPED_PER_CLAIM, QUARANTINE_AFTER, batch_key, dedupe_key, switch_justified,
+};
+use super::state::{AbandonReason, EventKind, Fault, JobState, Outcome, TaskState};
 use super::types::*;
 use super::{Store, StoreError, StoreResult};
-
-/// A worker that called within this long counts as live for the policy.
-const LIVE_MS: u64 = 60_000;
-/// Most tasks one claim completes from earlier results.
-const MAX_DEDUPED_PER_CLAIM: usize = 1000;
 
 /// The in-memory [`Store`].
 pub struct MemoryStore {
@@ -546,7 +543,7 @@ impl State {
             index,
             None,
             Epoch(0),
-            FaultClass::Unspecified,
+            None,
             format!("served from an earlier render of the same recipe ({source})"),
         );
         self.release_dependents(job_id, index, &earlier);
@@ -588,11 +585,12 @@ impl State {
             started_at_ms: unix_ms(),
             ended_at_ms: None,
             outcome: Outcome::Running,
-            fault: FaultClass::Unspecified,
+            fault: None,
             message: String::new(),
         });
         t.deadline = Some(now + ttl.as_millis() as u64);
         let (job_id, index, recipe) = (t.record.job, t.record.index, t.record.recipe.clone());
+        let anchor = t.record.series.as_ref().and_then(|s| s.depends_on);
         self.leased.insert(task_id);
         if let Some(w) = self.workers.get_mut(worker) {
             w.running.insert(task_id);
@@ -616,7 +614,7 @@ impl State {
             index,
             Some(worker),
             epoch,
-            FaultClass::Unspecified,
+            None,
             String::new(),
         );
         self.project_served.insert(project, served);
@@ -627,6 +625,7 @@ impl State {
             epoch,
             recipe,
             ttl,
+            anchor,
         })
     }
 
@@ -682,7 +681,7 @@ impl State {
                 index,
                 None,
                 Epoch(0),
-                FaultClass::BadInput,
+                Some(Fault::BadInput),
                 why.to_string(),
             );
         }
@@ -697,7 +696,7 @@ fn push_event(
     index: u32,
     worker: Option<&WorkerId>,
     epoch: Epoch,
-    fault: FaultClass,
+    fault: Option<Fault>,
     message: String,
 ) {
     let seq = job.events.len() as u64 + 1;
@@ -726,7 +725,7 @@ fn finish_if_done(job: &mut JobEntry) -> Option<JobRecord> {
         JobState::Failed
     };
     job.record.finished_at_ms = Some(unix_ms());
-    let message = job.record.state.as_str_name().to_string();
+    let message = job.record.state.name().to_string();
     push_event(
         job,
         EventKind::JobFinished,
@@ -734,7 +733,7 @@ fn finish_if_done(job: &mut JobEntry) -> Option<JobRecord> {
         0,
         None,
         Epoch(0),
-        FaultClass::Unspecified,
+        None,
         message,
     );
     Some(job.record.clone())
@@ -760,7 +759,7 @@ fn stale_reason(task: &TaskRecord, worker: &WorkerId, epoch: Epoch) -> String {
             "lease held by {}, not {worker}",
             task.holder().map(|w| w.as_str()).unwrap_or("nobody")
         ),
-        TaskState::Queued | TaskState::Unspecified => format!(
+        TaskState::Queued => format!(
             "lease lost: epoch {epoch} expired and the task is queued again (epoch {})",
             task.epoch
         ),
@@ -780,7 +779,7 @@ impl State {
         &mut self,
         task_id: TaskId,
         outcome: Outcome,
-        fault: FaultClass,
+        fault: Option<Fault>,
         message: &str,
         to: TaskState,
         event: EventKind,
@@ -1033,7 +1032,7 @@ impl Store for MemoryStore {
             st.end_lease(
                 task,
                 Outcome::Cancelled,
-                FaultClass::Cancelled,
+                Some(Fault::Cancelled),
                 "job cancelled",
                 TaskState::Cancelled,
                 EventKind::Cancelled,
@@ -1048,8 +1047,8 @@ impl Store for MemoryStore {
             0,
             None,
             Epoch(0),
-            FaultClass::Unspecified,
-            JobState::Cancelled.as_str_name().to_string(),
+            None,
+            JobState::Cancelled.name().to_string(),
         );
         let record = job.record.clone();
         drop(guard);
@@ -1072,7 +1071,7 @@ impl Store for MemoryStore {
                 let job_finished = st.end_lease(
                     task,
                     Outcome::Expired,
-                    FaultClass::WorkerLost,
+                    Some(Fault::WorkerLost),
                     "the worker registered again: the old session is gone",
                     TaskState::Queued,
                     EventKind::Expired,
@@ -1251,7 +1250,7 @@ impl Store for MemoryStore {
                     index,
                     Some(worker),
                     epoch,
-                    FaultClass::Unspecified,
+                    None,
                     reason.clone(),
                 );
             }
@@ -1282,7 +1281,7 @@ impl Store for MemoryStore {
         let job_finished = st.end_lease(
             task,
             Outcome::Completed,
-            FaultClass::Unspecified,
+            None,
             "",
             TaskState::Completed,
             EventKind::Completed,
@@ -1303,7 +1302,7 @@ impl Store for MemoryStore {
         worker: &WorkerId,
         task: TaskId,
         epoch: Epoch,
-        fault: FaultClass,
+        fault: Fault,
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome> {
@@ -1315,11 +1314,10 @@ impl Store for MemoryStore {
                 reason: stale_reason(&t.record, worker, epoch),
             });
         }
-        let handback = fault == FaultClass::Cancelled;
+        let handback = fault == Fault::Cancelled;
         // This failure counts once it is recorded: faults() + 1.
         let used = t.record.faults() + usize::from(!handback);
-        let will_retry =
-            handback || (fault != FaultClass::BadInput && used < max_attempts as usize);
+        let will_retry = handback || (fault != Fault::BadInput && used < max_attempts as usize);
         let (outcome, to) = match (handback, will_retry) {
             (true, _) => (Outcome::Cancelled, TaskState::Queued),
             (false, true) => (Outcome::Failed, TaskState::Queued),
@@ -1330,7 +1328,15 @@ impl Store for MemoryStore {
         } else {
             format!("{message} (no retry: {used} of {max_attempts} attempts used)")
         };
-        let job_finished = st.end_lease(task, outcome, fault, &note, to, EventKind::Failed, false);
+        let job_finished = st.end_lease(
+            task,
+            outcome,
+            Some(fault),
+            &note,
+            to,
+            EventKind::Failed,
+            false,
+        );
         drop(guard);
         if will_retry {
             self.wake_workers();
@@ -1375,7 +1381,7 @@ impl Store for MemoryStore {
             let job_finished = st.end_lease(
                 task,
                 Outcome::Expired,
-                FaultClass::WorkerLost,
+                Some(Fault::WorkerLost),
                 "lease expired: no heartbeat before the deadline",
                 to,
                 EventKind::Expired,

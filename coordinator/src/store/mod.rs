@@ -10,6 +10,7 @@
 mod memory;
 pub mod policy;
 mod redis;
+mod state;
 mod types;
 
 use std::time::Duration;
@@ -17,10 +18,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
-use kiln_proto::pb::FaultClass;
 
 pub use self::redis::{RedisConfig, RedisStore};
 pub use memory::MemoryStore;
+pub use state::{AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState};
 pub use types::*;
 
 /// Why a store call failed.
@@ -167,7 +168,7 @@ pub trait Store: Send + Sync + 'static {
         worker: &WorkerId,
         task: TaskId,
         epoch: Epoch,
-        fault: FaultClass,
+        fault: Fault,
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome>;

@@ -17,6 +17,13 @@ use kiln_proto::recipe::Recipe;
 /// worker gets no more of that job's tasks, while another worker can take them.
 pub const QUARANTINE_AFTER: u32 = 3;
 
+/// A worker that called within this long counts as live: only live workers
+/// count as stand-ins for a task or as holders of a model.
+pub const LIVE_MS: u64 = 60_000;
+
+/// Most tasks one claim completes from earlier results.
+pub const MAX_DEDUPED_PER_CLAIM: usize = 1000;
+
 /// A worker switches to a model it does not have resident when the model's
 /// waiting tasks exceed this many per worker that already has it resident, or
 /// when no live worker has it resident. At 8 tasks of a few hundred

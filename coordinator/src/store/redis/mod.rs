@@ -1,5 +1,6 @@
 //! The production store on Redis. Every state transition is one Lua script
-//! (see `redis/*.lua`, each prefixed with `redis/prelude.lua`), so any number
+//! (see `redis/*.lua`, each prefixed with constants generated from Rust and
+//! `redis/prelude.lua`: `redis/scripts.rs`), so any number
 //! of coordinators can serve and reap at once. All keys of a farm share one
 //! hash tag (`{name}:...`), so every script is single-slot on Redis Cluster.
 //! Lease deadlines come from Redis `TIME`.
@@ -17,7 +18,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
-use kiln_proto::pb::{AbandonReason, FaultClass};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 use tokio::sync::watch;
@@ -26,10 +26,16 @@ use tokio::time::Instant;
 mod pubsub;
 mod reads;
 mod records;
+mod scripts;
 
 use self::pubsub::listen;
 use self::records::*;
+use self::scripts::{
+    DEDUPED_FIELDS, LEASE_FIELDS, PROGRESS_FIELDS, REAPED_FIELDS, RELEASED_FIELDS, Scripts,
+    TASK_ARGS,
+};
 use super::policy::batch_key;
+use super::state::{AbandonReason, Fault};
 use super::types::*;
 use super::{Store, StoreError, StoreResult};
 
@@ -49,40 +55,6 @@ pub struct RedisConfig {
     pub name: String,
     /// How long a finished job's live keys are kept.
     pub retention: Duration,
-}
-
-struct Scripts {
-    enqueue: Script,
-    claim: Script,
-    heartbeat: Script,
-    complete: Script,
-    fail: Script,
-    reap: Script,
-    cancel: Script,
-    register: Script,
-    drain: Script,
-}
-
-macro_rules! script {
-    ($file:literal) => {
-        Script::new(concat!(include_str!("prelude.lua"), include_str!($file)))
-    };
-}
-
-impl Scripts {
-    fn new() -> Self {
-        Self {
-            enqueue: script!("enqueue.lua"),
-            claim: script!("claim.lua"),
-            heartbeat: script!("heartbeat.lua"),
-            complete: script!("complete.lua"),
-            fail: script!("fail.lua"),
-            reap: script!("reap.lua"),
-            cancel: script!("cancel.lua"),
-            register: script!("register.lua"),
-            drain: script!("drain.lua"),
-        }
-    }
 }
 
 /// The Redis [`Store`].
@@ -362,7 +334,7 @@ impl Store for RedisStore {
         let priority = i64::from(job.priority);
         let class = job.class.clone().unwrap_or_default();
         let verify_of = job.verify_of.map(|j| j.to_string()).unwrap_or_default();
-        let mut owned: Vec<String> = Vec::with_capacity(job.tasks.len() * 13);
+        let mut owned: Vec<String> = Vec::with_capacity(job.tasks.len() * TASK_ARGS);
         for t in &job.tasks {
             let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("task: {e}"));
             owned.push(t.id.to_string());
@@ -391,6 +363,8 @@ impl Store for RedisStore {
             owned.push(batch_key(&t.recipe));
             owned.push(t.recipe.hash());
         }
+        // enqueue.lua reads TASK_ARGS values per task.
+        debug_assert_eq!(owned.len(), job.tasks.len() * TASK_ARGS);
         let mut args = vec![
             Arg::Str(&id),
             Arg::Str(&job.project),
@@ -506,7 +480,7 @@ impl Store for RedisStore {
             .await?,
         )?;
         let mut out = Vec::new();
-        for r in reply.chunks(4) {
+        for r in reply.chunks(RELEASED_FIELDS) {
             let [task, job, epoch, finished] = r else {
                 continue;
             };
@@ -588,8 +562,8 @@ impl Store for RedisStore {
             let mut rest = reply[4..].iter();
             let mut claim = Claim::default();
             for _ in 0..n_leases {
-                let v: Vec<String> = rest.by_ref().take(6).map(text).collect();
-                let [task, job, index, epoch, recipe, init] = v.as_slice() else {
+                let v: Vec<String> = rest.by_ref().take(LEASE_FIELDS).map(text).collect();
+                let [task, job, index, epoch, recipe, init, anchor] = v.as_slice() else {
                     return Err(StoreError::Corrupt("short claim reply".into()));
                 };
                 let mut recipe: kiln_proto::recipe::Recipe = serde_json::from_str(recipe)
@@ -604,10 +578,11 @@ impl Store for RedisStore {
                     epoch: Epoch(parse_id(epoch, "epoch")?),
                     recipe,
                     ttl,
+                    anchor: u32::try_from(parse_id::<i64>(anchor, "anchor index")?).ok(),
                 });
             }
             for _ in 0..n_deduped {
-                let v: Vec<String> = rest.by_ref().take(4).map(text).collect();
+                let v: Vec<String> = rest.by_ref().take(DEDUPED_FIELDS).map(text).collect();
                 let [task, job, file, source] = v.as_slice() else {
                     return Err(StoreError::Corrupt("short claim reply".into()));
                 };
@@ -638,7 +613,9 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> StoreResult<HeartbeatOutcome> {
         let owned: Vec<String> = progress.iter().map(|p| p.task.to_string()).collect();
-        let mut args = vec![Arg::Str(worker.as_str()), Arg::Int(ttl.as_millis() as i64)];
+        let mut args = Vec::with_capacity(2 + progress.len() * PROGRESS_FIELDS);
+        args.push(Arg::Str(worker.as_str()));
+        args.push(Arg::Int(ttl.as_millis() as i64));
         for (p, id) in progress.iter().zip(&owned) {
             args.push(Arg::Str(id));
             args.push(Arg::Int(p.epoch.0 as i64));
@@ -653,14 +630,13 @@ impl Store for RedisStore {
             ..Default::default()
         };
         for (p, verdict) in progress.iter().zip(reply.iter().skip(1)) {
-            match text(verdict).as_str() {
-                "ext" => out.extended.push(p.task),
-                "cancel" => out
-                    .abandon
-                    .push((p.task, p.epoch, AbandonReason::Cancelled)),
-                _ => out
-                    .abandon
-                    .push((p.task, p.epoch, AbandonReason::LeaseLost)),
+            let verdict = text(verdict);
+            if verdict == "ext" {
+                out.extended.push(p.task);
+            } else {
+                let reason = AbandonReason::parse(&verdict)
+                    .ok_or_else(|| StoreError::Corrupt(format!("heartbeat verdict {verdict:?}")))?;
+                out.abandon.push((p.task, p.epoch, reason));
             }
         }
         Ok(out)
@@ -718,7 +694,7 @@ impl Store for RedisStore {
         worker: &WorkerId,
         task: TaskId,
         epoch: Epoch,
-        fault: FaultClass,
+        fault: Fault,
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome> {
@@ -730,7 +706,7 @@ impl Store for RedisStore {
                     Arg::Str(worker.as_str()),
                     Arg::Str(&tid),
                     Arg::Int(epoch.0 as i64),
-                    Arg::Int(i64::from(fault as i32)),
+                    Arg::Str(fault.name()),
                     Arg::Str(message),
                     Arg::Int(i64::from(max_attempts)),
                 ],
@@ -769,7 +745,7 @@ impl Store for RedisStore {
             .await?,
         )?;
         let mut out = Vec::new();
-        for r in reply.chunks(6) {
+        for r in reply.chunks(REAPED_FIELDS) {
             let [task, job, worker, epoch, requeued, finished] = r else {
                 continue;
             };
