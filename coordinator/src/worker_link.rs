@@ -15,7 +15,8 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::core::Core;
 use crate::store::{
-    CompleteOutcome, FailOutcome, Lease, ModelInfo, ProgressReport, TaskResult, WorkerRegistration,
+    Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, ProgressReport, TaskResult,
+    WorkerRegistration,
 };
 
 /// Most tasks one Lease call may ask for.
@@ -101,28 +102,15 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
             // Claims are cancel-safe: dropping a waiting claim leased nothing.
             _ = self.core.shutdown.cancelled() => Default::default(),
         };
-        for d in &claim.deduped {
-            let folder = self.core.folder(d.job).await?;
-            self.core
-                .results
-                .publish(&folder, &d.file_name, &d.source)
-                .await?;
-            tracing::debug!(job = %d.job, task = %d.task, source = %d.source, "served from an earlier result");
+        match lease_response(&self.core, &worker, &claim).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(status) => {
+                // The worker never learns of these leases: hand them back now
+                // rather than let them wait for their TTL and cost an attempt.
+                hand_back(&self.core, &worker, &claim.leases, status.message()).await;
+                Err(status)
+            }
         }
-        for job in &claim.finished {
-            self.core.finalize(job.id).await;
-        }
-        let mut tasks = Vec::with_capacity(claim.leases.len());
-        for l in &claim.leases {
-            tracing::debug!(worker = %worker, job = %l.job, task = %l.task, index = l.index, epoch = %l.epoch, "leased");
-            let mut task = convert::lease(l);
-            task.blobs = lease_blobs(&self.core, l).await?;
-            tasks.push(task);
-        }
-        Ok(Response::new(pb::LeaseResponse {
-            tasks,
-            drain: claim.drain,
-        }))
     }
 
     async fn heartbeat(
@@ -203,8 +191,68 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
     }
 }
 
+/// Builds the answer to a claim: publishes the images of deduplicated tasks,
+/// finalizes the jobs they finished, and reads the blobs of every lease.
+async fn lease_response(
+    core: &Core,
+    worker: &WorkerId,
+    claim: &Claim,
+) -> Result<pb::LeaseResponse, Status> {
+    for d in &claim.deduped {
+        let folder = core.folder(d.job).await?;
+        core.results
+            .publish(&folder, &d.file_name, &d.source)
+            .await?;
+        tracing::debug!(job = %d.job, task = %d.task, source = %d.source, "served from an earlier result");
+    }
+    for job in &claim.finished {
+        core.finalize(job.id).await;
+    }
+    let mut tasks = Vec::with_capacity(claim.leases.len());
+    for l in &claim.leases {
+        tracing::debug!(worker = %worker, job = %l.job, task = %l.task, index = l.index, epoch = %l.epoch, "leased");
+        let mut task = convert::lease(l);
+        task.blobs = lease_blobs(core, l).await?;
+        tasks.push(task);
+    }
+    Ok(pb::LeaseResponse {
+        tasks,
+        drain: claim.drain,
+    })
+}
+
+/// Hands back leases the worker will never hear of, through the store's
+/// hand-back path (a `Cancelled` fault from the holder): the tasks are queued
+/// again at once, and the attempt does not count against the limit.
+async fn hand_back(core: &Core, worker: &WorkerId, leases: &[Lease], why: &str) {
+    let message = format!("the coordinator could not send the lease: {why}");
+    for l in leases {
+        let handed = core
+            .store
+            .fail(
+                worker,
+                l.task,
+                l.epoch,
+                Fault::Cancelled,
+                &message,
+                core.config.max_attempts,
+            )
+            .await;
+        match handed {
+            Ok(_) => {
+                tracing::warn!(worker = %worker, job = %l.job, task = %l.task, epoch = %l.epoch, reason = %why, "lease handed back")
+            }
+            // The lease then expires and is reaped as before.
+            Err(e) => {
+                tracing::warn!(worker = %worker, task = %l.task, epoch = %l.epoch, error = %e, "could not hand a lease back")
+            }
+        }
+    }
+}
+
 /// Returns the images a leased recipe refers to: the job's blobs, or for a
-/// shot, its anchor's accepted image from the result store.
+/// shot, its anchor's accepted image from the result store (the anchor is
+/// looked up by index: one store read, whatever the job's size).
 async fn lease_blobs(core: &Core, lease: &Lease) -> Result<Vec<pb::Blob>, Status> {
     let refs: Vec<String> = [&lease.recipe.init_image, &lease.recipe.mask]
         .into_iter()
@@ -219,17 +267,15 @@ async fn lease_blobs(core: &Core, lease: &Lease) -> Result<Vec<pb::Blob>, Status
         .iter()
         .filter(|r| !found.iter().any(|(sha, _)| sha == *r))
         .collect();
-    if !missing.is_empty() {
-        let folder = core.folder(lease.job).await?;
-        for t in core.store.tasks(lease.job).await? {
-            let Some(result) = &t.result else { continue };
-            if missing.contains(&&result.sha256) {
-                let png = core
-                    .results
-                    .read_image(&folder, &t.file_name, &result.object)
-                    .await?;
-                found.push((result.sha256.clone(), png));
-            }
+    if let Some(anchor) = lease.anchor.filter(|_| !missing.is_empty()) {
+        let t = core.store.task_at(lease.job, anchor).await?;
+        if let Some(result) = t.result.as_ref().filter(|r| missing.contains(&&r.sha256)) {
+            let folder = core.folder(lease.job).await?;
+            let png = core
+                .results
+                .read_image(&folder, &t.file_name, &result.object)
+                .await?;
+            found.push((result.sha256.clone(), png));
         }
     }
     Ok(found

@@ -33,6 +33,14 @@ pub enum StoreError {
     /// The task does not exist.
     #[error("task {0} not found")]
     TaskNotFound(TaskId),
+    /// The job has no task at this index.
+    #[error("job {job} has no task {index}")]
+    NoTaskAt {
+        /// The job.
+        job: JobId,
+        /// The index asked for.
+        index: u32,
+    },
     /// The worker has no session: it must register (again).
     #[error("worker {0} is not registered")]
     UnknownWorker(WorkerId),
@@ -60,9 +68,9 @@ impl StoreError {
 impl From<StoreError> for tonic::Status {
     fn from(e: StoreError) -> Self {
         match &e {
-            StoreError::JobNotFound(_) | StoreError::TaskNotFound(_) => {
-                tonic::Status::not_found(e.to_string())
-            }
+            StoreError::JobNotFound(_)
+            | StoreError::TaskNotFound(_)
+            | StoreError::NoTaskAt { .. } => tonic::Status::not_found(e.to_string()),
             StoreError::UnknownWorker(_) => tonic::Status::not_found(e.to_string()),
             StoreError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
             StoreError::Backend(_) | StoreError::Corrupt(_) | StoreError::Misconfigured(_) => {
@@ -94,6 +102,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Returns one task.
     async fn task(&self, id: TaskId) -> StoreResult<TaskRecord>;
+
+    /// Returns the task at `index` of job `job` (a shot's anchor, say) in a
+    /// constant number of lookups, whatever the job's size. A plain read.
+    ///
+    /// # Errors
+    /// `JobNotFound` for an unknown job, `NoTaskAt` for an index past its end.
+    async fn task_at(&self, job: JobId, index: u32) -> StoreResult<TaskRecord>;
 
     /// Returns the job's blobs with the given sha256s (unknown ones are left out).
     async fn blobs(&self, id: JobId, sha256s: &[String]) -> StoreResult<Vec<(String, Bytes)>>;

@@ -34,7 +34,7 @@ use self::scripts::{
     DEDUPED_FIELDS, LEASE_FIELDS, PROGRESS_FIELDS, REAPED_FIELDS, RELEASED_FIELDS, Scripts,
     TASK_ARGS,
 };
-use super::policy::batch_key;
+use super::policy::task_batch_key;
 use super::state::{AbandonReason, Fault};
 use super::types::*;
 use super::{Store, StoreError, StoreResult};
@@ -95,22 +95,6 @@ fn transient(e: &RedisError) -> bool {
         || e.to_string().contains("LOADING")
 }
 
-/// Checks a farm name: letters, digits, '-', '_' and '.'.
-fn check_name(name: &str) -> Result<(), StoreError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::Misconfigured(format!(
-            "farm name must be 1 to 64 letters, digits, '-', '_' or '.', got {name:?}"
-        )))
-    }
-}
-
 impl RedisStore {
     /// Connects, checks that Redis cannot evict keys, and starts the Pub/Sub listener.
     ///
@@ -118,7 +102,9 @@ impl RedisStore {
     /// `Misconfigured` for a bad URL or an evicting `maxmemory-policy`;
     /// `Unavailable` when Redis cannot be reached.
     pub async fn connect(config: &RedisConfig) -> StoreResult<Self> {
-        check_name(&config.name)?;
+        // The farm name becomes every key's hash tag: kiln's one naming rule.
+        kiln_proto::recipe::check_name("farm name", &config.name)
+            .map_err(|e| StoreError::Misconfigured(e.to_string()))?;
         if config.url.starts_with("rediss://") {
             // rustls needs one process-wide crypto provider; a second install is a no-op.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -360,7 +346,8 @@ impl Store for RedisStore {
             );
             let avoid: Vec<&str> = t.avoid.iter().map(WorkerId::as_str).collect();
             owned.push(serde_json::to_string(&avoid).map_err(corrupt)?);
-            owned.push(batch_key(&t.recipe));
+            let waits = t.series.as_ref().is_some_and(|s| s.depends_on.is_some());
+            owned.push(task_batch_key(&t.recipe, waits));
             owned.push(t.recipe.hash());
         }
         // enqueue.lua reads TASK_ARGS values per task.
@@ -405,6 +392,33 @@ impl Store for RedisStore {
         let h = self.hgetall(self.key(&["task", &id.to_string()])).await?;
         if h.is_empty() {
             return Err(StoreError::TaskNotFound(id));
+        }
+        parse_task(&h)
+    }
+
+    async fn task_at(&self, job: JobId, index: u32) -> StoreResult<TaskRecord> {
+        let key = self.key(&["job", &job.to_string(), "tasks"]);
+        let id: Option<String> = self
+            .retry("LINDEX", || {
+                let mut conn = self.conn.clone();
+                let key = key.clone();
+                async move {
+                    redis::cmd("LINDEX")
+                        .arg(key)
+                        .arg(index)
+                        .query_async(&mut conn)
+                        .await
+                }
+            })
+            .await?;
+        let Some(id) = id else {
+            // Tell a missing job from an index past its end.
+            self.job_record(job).await?;
+            return Err(StoreError::NoTaskAt { job, index });
+        };
+        let h = self.hgetall(self.key(&["task", &id])).await?;
+        if h.is_empty() {
+            return Err(StoreError::NoTaskAt { job, index });
         }
         parse_task(&h)
     }
