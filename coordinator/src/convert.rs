@@ -1,7 +1,10 @@
 //! Conversions between the store's records and enums and the wire messages:
 //! the only place where coordinator logic meets prost types, and the one
-//! mapping of the coordinator's [`JobState`], [`TaskState`], [`Fault`],
-//! [`EventKind`] and [`AbandonReason`] to and from their `kiln.v1` numbers.
+//! mapping of the coordinator's state enums ([`JobState`](crate::store::JobState),
+//! [`TaskState`](crate::store::TaskState), [`Fault`](crate::store::Fault),
+//! [`EventKind`](crate::store::EventKind),
+//! [`AbandonReason`](crate::store::AbandonReason)) to and from their
+//! `kiln.v1` numbers.
 
 use kiln_proto::pb;
 

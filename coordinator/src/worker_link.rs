@@ -370,3 +370,135 @@ fn png_size(png: &[u8]) -> Option<(u32, u32)> {
     let h = u32::from_be_bytes(png[20..24].try_into().ok()?);
     Some((w, h))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use kiln_proto::ids::JobId;
+    use kiln_proto::pb::worker_link_server::WorkerLink;
+    use kiln_proto::recipe::{Recipe, Scheduler};
+
+    use super::*;
+    use crate::config::CoordinatorConfig;
+    use crate::results::ResultStore;
+    use crate::store::{
+        MemoryStore, NewJob, NewTask, Outcome, SeriesPlace, Store, TaskResult, TaskState,
+    };
+
+    fn task(index: u32, depends_on: Option<u32>) -> NewTask {
+        NewTask {
+            id: TaskId::new(),
+            index,
+            recipe: Recipe {
+                model: "tiny".into(),
+                model_hash: String::new(),
+                prompt: "a lighthouse".into(),
+                negative_prompt: String::new(),
+                seed: u64::from(index),
+                steps: 2,
+                guidance: 5.0,
+                width: 64,
+                height: 64,
+                scheduler: Scheduler::Ddim,
+                karras: false,
+                eta: 0.0,
+                strength: 0.5,
+                init_image: None,
+                mask: None,
+                noise_seed: None,
+            },
+            file_name: format!("{index:05}-lighthouse.png"),
+            series: Some(SeriesPlace {
+                name: "coast".into(),
+                shot: index,
+                depends_on,
+            }),
+            avoid: Vec::new(),
+        }
+    }
+
+    /// A shot whose anchor image cannot be read: the Lease call fails, and
+    /// the claimed lease must go back to the queue at once, without using
+    /// an attempt, instead of waiting for its TTL.
+    #[tokio::test]
+    async fn a_lease_that_cannot_be_sent_is_handed_back() {
+        let store = Arc::new(MemoryStore::new());
+        let w = WorkerId("w1".into());
+        store
+            .register_worker(WorkerRegistration {
+                id: w.clone(),
+                labels: BTreeMap::new(),
+                gpu_memory_bytes: 0,
+                slots: 1,
+                models: vec![ModelInfo {
+                    name: "tiny".into(),
+                    hash: "h".into(),
+                }],
+                determinism_class: "cpu/f32".into(),
+                version: "test".into(),
+            })
+            .await
+            .unwrap();
+        let job = JobId::new();
+        store
+            .create_job(NewJob {
+                id: job,
+                name: "coast".into(),
+                project: "default".into(),
+                priority: 0,
+                idempotency_key: None,
+                tasks: vec![task(0, None), task(1, Some(0))],
+                blobs: Vec::new(),
+                pin_class: true,
+                class: None,
+                dedupe: false,
+                verify_of: None,
+            })
+            .await
+            .unwrap();
+        let ttl = Duration::from_secs(30);
+        let anchor = store
+            .claim(&w, 1, ttl, Duration::ZERO, &[])
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        // Accepted, but its image never reached the result store.
+        let result = TaskResult {
+            object: "nowhere/.staging/lost.png".into(),
+            sha256: "ab".repeat(32),
+            size: 1,
+            model_hash: "h".into(),
+            render_ms: 1,
+            encode_ms: 1,
+            class: String::new(),
+        };
+        store
+            .complete(&w, anchor.task, anchor.epoch, result)
+            .await
+            .unwrap();
+        let core = Arc::new(Core::new(
+            store.clone(),
+            ResultStore::in_memory(),
+            CoordinatorConfig::default(),
+        ));
+        let service = WorkerLinkService::new(core);
+        let answer = service
+            .lease(Request::new(pb::LeaseRequest {
+                worker_id: "w1".into(),
+                max_tasks: 1,
+                wait_ms: 0,
+                resident_models: Vec::new(),
+            }))
+            .await;
+        assert!(answer.is_err(), "the anchor image cannot be read");
+        let shot = store.task_at(job, 1).await.unwrap();
+        assert_eq!(shot.state, TaskState::Queued, "handed back at once");
+        assert_eq!(shot.attempts.len(), 1);
+        assert_eq!(shot.attempts[0].outcome, Outcome::Cancelled);
+        assert_eq!(shot.faults(), 0, "a hand-back uses no attempt");
+        let again = store.claim(&w, 1, ttl, Duration::ZERO, &[]).await.unwrap();
+        assert_eq!(again.leases.first().map(|l| l.task), Some(shot.id));
+    }
+}

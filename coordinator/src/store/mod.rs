@@ -174,10 +174,13 @@ pub trait Store: Send + Sync + 'static {
         result: TaskResult,
     ) -> StoreResult<CompleteOutcome>;
 
-    /// Records a fault under the lease's epoch. The task is requeued (to be
-    /// tried by another worker) unless the fault is `BadInput` or it has used
-    /// up `max_attempts`; `Cancelled` from a worker hands the task back
-    /// without counting against the limit.
+    /// Records a fault under the lease's epoch, in one atomic step with the
+    /// decision ([`policy::retry_after_fault`]): the task is requeued (to be
+    /// tried by another worker when one can) unless the fault is `BadInput`,
+    /// it has used up `max_attempts`, or the fault quarantines the worker for
+    /// the job while no other worker can take the task (it fails for good
+    /// with this message rather than wait forever). `Cancelled` from a worker
+    /// hands the task back without counting against the limit.
     async fn fail(
         &self,
         worker: &WorkerId,

@@ -1,12 +1,12 @@
--- Leases up to max tasks to a worker in the order of the scheduling policy
--- (coordinator/src/store/policy.rs: the memory store applies the same rules):
--- skip what the worker may not take (another class for a pinned job, a job
--- that quarantined it, a model it lacks or a pinned hash it does not hold, a
--- task it failed while another worker can take it); priority; least recently
--- served project, then job; item order; model affinity; fill free slots with
--- tasks of the same UNet batch, then of the same model. Tasks whose recipe
--- already has a result in the project for the worker's class are completed
--- from it on the way.
+-- Leases up to max tasks to a worker in the order of the scheduling policy.
+-- This mirrors coordinator/src/store/policy.rs step by step (the memory store
+-- applies the same functions in memory/claim.rs): eligibility (job_allows;
+-- task_allows = policy::task_open_to, with stand_in_exists =
+-- policy::can_stand_in), order (policy::job_rank), model affinity
+-- (policy::choose, policy::switch_justified), then batch filling with each
+-- task's stored batch key (policy::task_batch_key), then the same model.
+-- Tasks whose recipe already has a result in the project for the worker's
+-- class are completed from it on the way.
 -- ARGV: 3 worker, 4 max, 5 lease ttl ms, 6 resident models json (list).
 -- Returns {'unknown'}, {'drain'}, or {'ok', n leases, n deduped, n finished,
 --   LEASE_FIELDS values per lease (task, job, index, epoch, recipe, init,
