@@ -3,6 +3,7 @@
 //! The rules and numbers live in `policy`; this module only walks the
 //! memory store's indexes to feed them (as `redis/claim.lua` walks Redis).
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 
 use kiln_proto::ids::{JobId, TaskId, WorkerId};
@@ -19,6 +20,29 @@ pub(super) struct Asker<'a> {
     pub(super) models: HashMap<String, String>,
     /// Resident models; the whole catalog when the worker reports none.
     pub(super) resident: BTreeSet<String>,
+    /// Whether a stand-in exists for a quarantined asker, by (job, model,
+    /// pinned hash): asked once per claim, not once per queued task, since
+    /// nothing it depends on changes while the claim holds the lock.
+    pub(super) stand_ins: RefCell<HashMap<(JobId, String, String), bool>>,
+}
+
+impl Asker<'_> {
+    /// Returns the cached answer for (job, model, hash), asking `scan` once.
+    fn stand_in_for(
+        &self,
+        job: JobId,
+        model: &str,
+        hash: &str,
+        scan: impl FnOnce() -> bool,
+    ) -> bool {
+        let key = (job, model.to_string(), hash.to_string());
+        if let Some(known) = self.stand_ins.borrow().get(&key) {
+            return *known;
+        }
+        let found = scan();
+        self.stand_ins.borrow_mut().insert(key, found);
+        found
+    }
 }
 
 impl State {
@@ -53,7 +77,11 @@ impl State {
         policy::task_open_to(
             policy::quarantined(faults),
             task.avoid.contains(asker.id),
-            || self.stand_in_exists(job, task, asker.id, false, now),
+            || {
+                asker.stand_in_for(job.record.id, &r.model, &r.model_hash, || {
+                    self.stand_in_exists(job, task, asker.id, false, now)
+                })
+            },
             || self.stand_in_exists(job, task, asker.id, true, now),
         )
     }
@@ -139,6 +167,7 @@ impl State {
             class: reg.determinism_class.clone(),
             models,
             resident,
+            stand_ins: RefCell::default(),
         };
         let mut deduped = 0;
         // The first claimable task overall, and the first one for a resident

@@ -48,6 +48,17 @@ local function job_allows(j)
   return not ((j.pin == '1' or j.verify ~= '') and j.class ~= '' and j.class ~= class)
 end
 
+-- Whether a stand-in exists for this (quarantined) worker, by job, model and
+-- pinned hash: asked once per claim rather than once per candidate task.
+local stand_ins = {}
+local function stand_in_for_job(j, model, mhash, pinned)
+  local key = j.id .. '|' .. model .. '|' .. mhash
+  if stand_ins[key] == nil then
+    stand_ins[key] = stand_in_exists(j.id, model, mhash, worker, pinned, nil)
+  end
+  return stand_ins[key]
+end
+
 -- A worker quarantined for the job, or on the task's avoid list, takes the
 -- task only when no other worker can (policy::task_open_to in Rust).
 local function task_allows(j, tid, model)
@@ -56,7 +67,7 @@ local function task_allows(j, tid, model)
   local pinned = ''
   if j.pin == '1' then pinned = j.class end
   local faults = tonumber(redis.call('HGET', k('job', j.id, 'faults'), worker) or '0')
-  if faults >= QUARANTINE_AFTER and stand_in_exists(j.id, model, f[1], worker, pinned, nil) then
+  if faults >= QUARANTINE_AFTER and stand_in_for_job(j, model, f[1], pinned) then
     return false
   end
   local avoid = cjson.decode(f[2])
