@@ -1,11 +1,84 @@
-//! Conversions from the store's records to wire messages: the only place
-//! where coordinator logic meets prost types.
+//! Conversions between the store's records and enums and the wire messages:
+//! the only place where coordinator logic meets prost types, and the one
+//! mapping of the coordinator's state enums ([`JobState`](crate::store::JobState),
+//! [`TaskState`](crate::store::TaskState), [`Fault`](crate::store::Fault),
+//! [`EventKind`](crate::store::EventKind),
+//! [`AbandonReason`](crate::store::AbandonReason)) to and from their
+//! `kiln.v1` numbers.
 
 use kiln_proto::pb;
 
 use crate::store::{
-    Attempt, Event, JobRecord, Lease, ModelInfo, RunningTask, TaskCounts, TaskRecord, WorkerRecord,
+    AbandonReason, Attempt, Event, EventKind, Fault, JobRecord, JobState, Lease, ModelInfo,
+    RunningTask, TaskCounts, TaskRecord, TaskState, WorkerRecord,
 };
+
+/// Returns the wire job state.
+pub fn job_state(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Running => pb::JobState::Running,
+        JobState::Completed => pb::JobState::Completed,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+/// Returns the wire task state.
+pub fn task_state(s: TaskState) -> pb::TaskState {
+    match s {
+        TaskState::Queued => pb::TaskState::Queued,
+        TaskState::Leased => pb::TaskState::Leased,
+        TaskState::Completed => pb::TaskState::Completed,
+        TaskState::Failed => pb::TaskState::Failed,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
+    }
+}
+
+/// Returns the wire fault class; no fault is `Unspecified`.
+pub fn fault(f: Option<Fault>) -> pb::FaultClass {
+    match f {
+        None => pb::FaultClass::Unspecified,
+        Some(Fault::WorkerLost) => pb::FaultClass::WorkerLost,
+        Some(Fault::OutOfMemory) => pb::FaultClass::OutOfMemory,
+        Some(Fault::ModelLoad) => pb::FaultClass::ModelLoad,
+        Some(Fault::BadInput) => pb::FaultClass::BadInput,
+        Some(Fault::Cancelled) => pb::FaultClass::Cancelled,
+        Some(Fault::Internal) => pb::FaultClass::Internal,
+    }
+}
+
+/// Reads a worker's fault class: an unknown or unspecified one counts as `Internal`.
+pub fn fault_from_wire(value: i32) -> Fault {
+    match pb::FaultClass::try_from(value) {
+        Ok(pb::FaultClass::WorkerLost) => Fault::WorkerLost,
+        Ok(pb::FaultClass::OutOfMemory) => Fault::OutOfMemory,
+        Ok(pb::FaultClass::ModelLoad) => Fault::ModelLoad,
+        Ok(pb::FaultClass::BadInput) => Fault::BadInput,
+        Ok(pb::FaultClass::Cancelled) => Fault::Cancelled,
+        Ok(pb::FaultClass::Internal | pb::FaultClass::Unspecified) | Err(_) => Fault::Internal,
+    }
+}
+
+/// Returns the wire event kind.
+pub fn event_kind(k: EventKind) -> pb::EventKind {
+    match k {
+        EventKind::Leased => pb::EventKind::Leased,
+        EventKind::Completed => pb::EventKind::Completed,
+        EventKind::Failed => pb::EventKind::Failed,
+        EventKind::Expired => pb::EventKind::Expired,
+        EventKind::Cancelled => pb::EventKind::Cancelled,
+        EventKind::StaleRefused => pb::EventKind::StaleRefused,
+        EventKind::JobFinished => pb::EventKind::JobFinished,
+    }
+}
+
+/// Returns the wire abandon reason.
+pub fn abandon_reason(r: AbandonReason) -> pb::AbandonReason {
+    match r {
+        AbandonReason::Cancelled => pb::AbandonReason::Cancelled,
+        AbandonReason::LeaseLost => pb::AbandonReason::LeaseLost,
+    }
+}
 
 /// Returns the wire summary of a job.
 pub fn job(r: &JobRecord) -> pb::JobSummary {
@@ -14,7 +87,7 @@ pub fn job(r: &JobRecord) -> pb::JobSummary {
         name: r.name.clone(),
         project: r.project.clone(),
         priority: r.priority,
-        state: r.state.into(),
+        state: job_state(r.state).into(),
         counts: Some(counts(&r.counts)),
         created_at_ms: r.created_at_ms,
         finished_at_ms: r.finished_at_ms.unwrap_or(0),
@@ -42,7 +115,7 @@ fn attempt(a: &Attempt) -> pb::Attempt {
         started_at_ms: a.started_at_ms,
         ended_at_ms: a.ended_at_ms.unwrap_or(0),
         outcome: a.outcome.name().to_string(),
-        fault: a.fault.into(),
+        fault: fault(a.fault).into(),
         message: a.message.clone(),
     }
 }
@@ -52,7 +125,7 @@ pub fn task(t: &TaskRecord) -> pb::TaskInfo {
     pb::TaskInfo {
         task_id: t.id.to_string(),
         index: t.index,
-        state: t.state.into(),
+        state: task_state(t.state).into(),
         recipe: Some(kiln_proto::convert::recipe_to_pb(&t.recipe)),
         attempts: t.attempts.iter().map(attempt).collect(),
         step: t.step,
@@ -83,12 +156,12 @@ pub fn event(e: &Event) -> pb::JobEvent {
     pb::JobEvent {
         seq: e.seq,
         at_ms: e.at_ms,
-        kind: e.kind.into(),
+        kind: event_kind(e.kind).into(),
         task_id: e.task.map(|t| t.to_string()).unwrap_or_default(),
         index: e.index,
         worker_id: e.worker.as_ref().map(|w| w.to_string()).unwrap_or_default(),
         epoch: e.epoch.0,
-        fault: e.fault.into(),
+        fault: fault(e.fault).into(),
         message: e.message.clone(),
     }
 }

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_proto::ids::{JobId, WorkerId};
-use kiln_proto::pb::{self, TaskState};
+use kiln_proto::pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::core::Core;
 use crate::core::contact_sheet_path;
+use crate::store::TaskState;
 use crate::{admission, convert, manifest, verify};
 
 /// How often a watcher gets a progress message when no event happens.
@@ -282,7 +283,7 @@ async fn fetch(
         };
         let msg = pb::FetchResultsResponse {
             index: task.index,
-            state: task.state.into(),
+            state: convert::task_state(task.state).into(),
             file_name: if task.result.is_some() {
                 task.file_name.clone()
             } else {

@@ -1,11 +1,10 @@
 //! The manifest line of one item: the recipe and everything needed to trust
 //! and reproduce the file (seed, model hash, worker, attempts, timings, sha256).
 
-use kiln_proto::pb::TaskState;
 use kiln_proto::recipe::Recipe;
 use serde::Serialize;
 
-use crate::store::{JobRecord, Outcome, TaskRecord};
+use crate::store::{JobRecord, Outcome, TaskRecord, TaskState};
 
 #[derive(Serialize)]
 struct Line<'a> {
@@ -53,7 +52,7 @@ pub fn line(job: &JobRecord, task: &TaskRecord) -> String {
         TaskState::Failed => "failed",
         TaskState::Cancelled => "cancelled",
         TaskState::Leased => "running",
-        TaskState::Queued | TaskState::Unspecified => "queued",
+        TaskState::Queued => "queued",
     };
     let last = task.attempts.last();
     let done = task

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_proto::error::FieldError;
 use kiln_proto::ids::{Epoch, TaskId, WorkerId};
-use kiln_proto::pb::{self, FaultClass};
+use kiln_proto::pb;
 use kiln_proto::recipe::check_model_name;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
@@ -16,7 +16,8 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::core::Core;
 use crate::store::{
-    CompleteOutcome, FailOutcome, Lease, ModelInfo, ProgressReport, TaskResult, WorkerRegistration,
+    Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, ProgressReport, TaskResult,
+    WorkerRegistration,
 };
 
 /// Most tasks one Lease call may ask for.
@@ -103,28 +104,15 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
             // Claims are cancel-safe: dropping a waiting claim leased nothing.
             _ = self.core.shutdown.cancelled() => Default::default(),
         };
-        for d in &claim.deduped {
-            let folder = self.core.folder(d.job).await?;
-            self.core
-                .results
-                .publish(&folder, &d.file_name, &d.source)
-                .await?;
-            tracing::debug!(job = %d.job, task = %d.task, source = %d.source, "served from an earlier result");
+        match lease_response(&self.core, &worker, &claim).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(status) => {
+                // The worker never learns of these leases: hand them back now
+                // rather than let them wait for their TTL and cost an attempt.
+                hand_back(&self.core, &worker, &claim.leases, status.message()).await;
+                Err(status)
+            }
         }
-        for job in &claim.finished {
-            self.core.finalize(job.id).await;
-        }
-        let mut tasks = Vec::with_capacity(claim.leases.len());
-        for l in &claim.leases {
-            tracing::debug!(worker = %worker, job = %l.job, task = %l.task, index = l.index, epoch = %l.epoch, "leased");
-            let mut task = convert::lease(l);
-            task.blobs = lease_blobs(&self.core, l).await?;
-            tasks.push(task);
-        }
-        Ok(Response::new(pb::LeaseResponse {
-            tasks,
-            drain: claim.drain,
-        }))
     }
 
     async fn heartbeat(
@@ -153,7 +141,7 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
                 .map(|(task, epoch, reason)| pb::Abandon {
                     task_id: task.to_string(),
                     epoch: epoch.0,
-                    reason: (*reason).into(),
+                    reason: convert::abandon_reason(*reason).into(),
                 })
                 .collect(),
             lease_ttl_ms: ttl.as_millis() as u32,
@@ -177,7 +165,7 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         let worker =
             WorkerId::parse_field("worker_id", &req.worker_id).map_err(invalid_argument)?;
         let task = TaskId::parse_field("task_id", &req.task_id).map_err(invalid_argument)?;
-        let fault = FaultClass::try_from(req.fault).unwrap_or(FaultClass::Internal);
+        let fault = convert::fault_from_wire(req.fault);
         let out = self
             .core
             .store
@@ -195,7 +183,7 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
                 will_retry,
                 job_finished,
             } => {
-                tracing::warn!(worker = %worker, task = %task, epoch = req.epoch, ?fault, will_retry, message = %req.message, "task failed");
+                tracing::warn!(worker = %worker, task = %task, epoch = req.epoch, %fault, will_retry, message = %req.message, "task failed");
                 if let Some(job) = job_finished {
                     self.core.finalize(job.id).await;
                 }
@@ -208,8 +196,68 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
     }
 }
 
+/// Builds the answer to a claim: publishes the images of deduplicated tasks,
+/// finalizes the jobs they finished, and reads the blobs of every lease.
+async fn lease_response(
+    core: &Core,
+    worker: &WorkerId,
+    claim: &Claim,
+) -> Result<pb::LeaseResponse, Status> {
+    for d in &claim.deduped {
+        let folder = core.folder(d.job).await?;
+        core.results
+            .publish(&folder, &d.file_name, &d.source)
+            .await?;
+        tracing::debug!(job = %d.job, task = %d.task, source = %d.source, "served from an earlier result");
+    }
+    for job in &claim.finished {
+        core.finalize(job.id).await;
+    }
+    let mut tasks = Vec::with_capacity(claim.leases.len());
+    for l in &claim.leases {
+        tracing::debug!(worker = %worker, job = %l.job, task = %l.task, index = l.index, epoch = %l.epoch, "leased");
+        let mut task = convert::lease(l);
+        task.blobs = lease_blobs(core, l).await?;
+        tasks.push(task);
+    }
+    Ok(pb::LeaseResponse {
+        tasks,
+        drain: claim.drain,
+    })
+}
+
+/// Hands back leases the worker will never hear of, through the store's
+/// hand-back path (a `Cancelled` fault from the holder): the tasks are queued
+/// again at once, and the attempt does not count against the limit.
+async fn hand_back(core: &Core, worker: &WorkerId, leases: &[Lease], why: &str) {
+    let message = format!("the coordinator could not send the lease: {why}");
+    for l in leases {
+        let handed = core
+            .store
+            .fail(
+                worker,
+                l.task,
+                l.epoch,
+                Fault::Cancelled,
+                &message,
+                core.config.max_attempts,
+            )
+            .await;
+        match handed {
+            Ok(_) => {
+                tracing::warn!(worker = %worker, job = %l.job, task = %l.task, epoch = %l.epoch, reason = %why, "lease handed back")
+            }
+            // The lease then expires and is reaped as before.
+            Err(e) => {
+                tracing::warn!(worker = %worker, task = %l.task, epoch = %l.epoch, error = %e, "could not hand a lease back")
+            }
+        }
+    }
+}
+
 /// Returns the images a leased recipe refers to: the job's blobs, or for a
-/// shot, its anchor's accepted image from the result store.
+/// shot, its anchor's accepted image from the result store (the anchor is
+/// looked up by index: one store read, whatever the job's size).
 async fn lease_blobs(core: &Core, lease: &Lease) -> Result<Vec<pb::Blob>, Status> {
     let refs: Vec<String> = [&lease.recipe.init_image, &lease.recipe.mask]
         .into_iter()
@@ -224,17 +272,15 @@ async fn lease_blobs(core: &Core, lease: &Lease) -> Result<Vec<pb::Blob>, Status
         .iter()
         .filter(|r| !found.iter().any(|(sha, _)| sha == *r))
         .collect();
-    if !missing.is_empty() {
-        let folder = core.folder(lease.job).await?;
-        for t in core.store.tasks(lease.job).await? {
-            let Some(result) = &t.result else { continue };
-            if missing.contains(&&result.sha256) {
-                let png = core
-                    .results
-                    .read_image(&folder, &t.file_name, &result.object)
-                    .await?;
-                found.push((result.sha256.clone(), png));
-            }
+    if let Some(anchor) = lease.anchor.filter(|_| !missing.is_empty()) {
+        let t = core.store.task_at(lease.job, anchor).await?;
+        if let Some(result) = t.result.as_ref().filter(|r| missing.contains(&&r.sha256)) {
+            let folder = core.folder(lease.job).await?;
+            let png = core
+                .results
+                .read_image(&folder, &t.file_name, &result.object)
+                .await?;
+            found.push((result.sha256.clone(), png));
         }
     }
     Ok(found
@@ -329,4 +375,136 @@ fn png_size(png: &[u8]) -> Option<(u32, u32)> {
     let w = u32::from_be_bytes(png[16..20].try_into().ok()?);
     let h = u32::from_be_bytes(png[20..24].try_into().ok()?);
     Some((w, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use kiln_proto::ids::JobId;
+    use kiln_proto::pb::worker_link_server::WorkerLink;
+    use kiln_proto::recipe::{Recipe, Scheduler};
+
+    use super::*;
+    use crate::config::CoordinatorConfig;
+    use crate::results::ResultStore;
+    use crate::store::{
+        MemoryStore, NewJob, NewTask, Outcome, SeriesPlace, Store, TaskResult, TaskState,
+    };
+
+    fn task(index: u32, depends_on: Option<u32>) -> NewTask {
+        NewTask {
+            id: TaskId::new(),
+            index,
+            recipe: Recipe {
+                model: "tiny".into(),
+                model_hash: String::new(),
+                prompt: "a lighthouse".into(),
+                negative_prompt: String::new(),
+                seed: u64::from(index),
+                steps: 2,
+                guidance: 5.0,
+                width: 64,
+                height: 64,
+                scheduler: Scheduler::Ddim,
+                karras: false,
+                eta: 0.0,
+                strength: 0.5,
+                init_image: None,
+                mask: None,
+                noise_seed: None,
+            },
+            file_name: format!("{index:05}-lighthouse.png"),
+            series: Some(SeriesPlace {
+                name: "coast".into(),
+                shot: index,
+                depends_on,
+            }),
+            avoid: Vec::new(),
+        }
+    }
+
+    /// A shot whose anchor image cannot be read: the Lease call fails, and
+    /// the claimed lease must go back to the queue at once, without using
+    /// an attempt, instead of waiting for its TTL.
+    #[tokio::test]
+    async fn a_lease_that_cannot_be_sent_is_handed_back() {
+        let store = Arc::new(MemoryStore::new());
+        let w = WorkerId("w1".into());
+        store
+            .register_worker(WorkerRegistration {
+                id: w.clone(),
+                labels: BTreeMap::new(),
+                gpu_memory_bytes: 0,
+                slots: 1,
+                models: vec![ModelInfo {
+                    name: "tiny".into(),
+                    hash: "h".into(),
+                }],
+                determinism_class: "cpu/f32".into(),
+                version: "test".into(),
+            })
+            .await
+            .unwrap();
+        let job = JobId::new();
+        store
+            .create_job(NewJob {
+                id: job,
+                name: "coast".into(),
+                project: "default".into(),
+                priority: 0,
+                idempotency_key: None,
+                tasks: vec![task(0, None), task(1, Some(0))],
+                blobs: Vec::new(),
+                pin_class: true,
+                class: None,
+                dedupe: false,
+                verify_of: None,
+            })
+            .await
+            .unwrap();
+        let ttl = Duration::from_secs(30);
+        let anchor = store
+            .claim(&w, 1, ttl, Duration::ZERO, &[])
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        // Accepted, but its image never reached the result store.
+        let result = TaskResult {
+            object: "nowhere/.staging/lost.png".into(),
+            sha256: "ab".repeat(32),
+            size: 1,
+            model_hash: "h".into(),
+            render_ms: 1,
+            encode_ms: 1,
+            class: String::new(),
+        };
+        store
+            .complete(&w, anchor.task, anchor.epoch, result)
+            .await
+            .unwrap();
+        let core = Arc::new(Core::new(
+            store.clone(),
+            ResultStore::in_memory(),
+            CoordinatorConfig::default(),
+        ));
+        let service = WorkerLinkService::new(core);
+        let answer = service
+            .lease(Request::new(pb::LeaseRequest {
+                worker_id: "w1".into(),
+                max_tasks: 1,
+                wait_ms: 0,
+                resident_models: Vec::new(),
+            }))
+            .await;
+        assert!(answer.is_err(), "the anchor image cannot be read");
+        let shot = store.task_at(job, 1).await.unwrap();
+        assert_eq!(shot.state, TaskState::Queued, "handed back at once");
+        assert_eq!(shot.attempts.len(), 1);
+        assert_eq!(shot.attempts[0].outcome, Outcome::Cancelled);
+        assert_eq!(shot.faults(), 0, "a hand-back uses no attempt");
+        let again = store.claim(&w, 1, ttl, Duration::ZERO, &[]).await.unwrap();
+        assert_eq!(again.leases.first().map(|l| l.task), Some(shot.id));
+    }
 }

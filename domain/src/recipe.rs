@@ -135,7 +135,114 @@ pub struct Recipe {
     pub noise_seed: Option<u64>,
 }
 
+/// How a recipe uses images; tasks of different modes run different pipelines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// No init image.
+    Txt2Img,
+    /// An init image, no mask.
+    Img2Img,
+    /// An init image and a mask.
+    Inpaint,
+}
+
+impl Mode {
+    /// Returns the mode's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Txt2Img => "txt2img",
+            Mode::Img2Img => "img2img",
+            Mode::Inpaint => "inpaint",
+        }
+    }
+}
+
+/// What tasks must share to be denoised as one UNet batch: the model, the
+/// latent size, the schedule (sampler, steps, Karras sigmas, eta and, with an
+/// init image, the strength that picks the first step), whether guidance
+/// doubles the rows, and the mode. Seeds, prompts, guidance scales and images
+/// may differ. A renderer may still split a batch where it must (prompts of
+/// different chunk counts); tasks with different keys never share one.
+///
+/// The coordinator fills a worker's free slots with tasks of one key, and
+/// its Redis store keeps the key's text ([`fmt::Display`]) with each task.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    /// Catalog name of the model.
+    pub model: String,
+    /// The pinned model hash, if any.
+    pub model_hash: String,
+    /// Image width.
+    pub width: u32,
+    /// Image height.
+    pub height: u32,
+    /// Denoising steps.
+    pub steps: u32,
+    /// Sampler.
+    pub scheduler: Scheduler,
+    /// Karras sigmas.
+    pub karras: bool,
+    /// DDIM eta, as bits (f64 is not `Eq`).
+    pub eta_bits: u64,
+    /// Classifier-free guidance on (`guidance > 1`): two UNet rows per task.
+    pub guided: bool,
+    /// txt2img, img2img or inpainting.
+    pub mode: Mode,
+    /// The strength as bits with an init image; 0 for txt2img, which ignores it.
+    pub strength_bits: u64,
+}
+
+impl fmt::Display for BatchKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}|{}|{}x{}|{}|{}|{}|{}|{}|{}|{}",
+            self.model,
+            self.model_hash,
+            self.width,
+            self.height,
+            self.steps,
+            self.scheduler,
+            self.karras,
+            f64::from_bits(self.eta_bits),
+            self.guided,
+            self.mode.name(),
+            f64::from_bits(self.strength_bits),
+        )
+    }
+}
+
 impl Recipe {
+    /// Returns how the recipe uses images.
+    pub fn mode(&self) -> Mode {
+        match (&self.init_image, &self.mask) {
+            (None, _) => Mode::Txt2Img,
+            (Some(_), None) => Mode::Img2Img,
+            (Some(_), Some(_)) => Mode::Inpaint,
+        }
+    }
+
+    /// Returns the key of the UNet batch this recipe can share.
+    pub fn batch_key(&self) -> BatchKey {
+        let mode = self.mode();
+        BatchKey {
+            model: self.model.clone(),
+            model_hash: self.model_hash.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            scheduler: self.scheduler,
+            karras: self.karras,
+            eta_bits: self.eta.to_bits(),
+            guided: self.guidance > 1.0,
+            mode,
+            strength_bits: match mode {
+                Mode::Txt2Img => 0,
+                Mode::Img2Img | Mode::Inpaint => self.strength.to_bits(),
+            },
+        }
+    }
+
     /// Checks every field; the error names the field (under `path`) and the value.
     pub fn validate(&self, path: &str) -> Result<(), FieldError> {
         let at = |field: &str| {
@@ -237,11 +344,17 @@ impl Recipe {
     }
 }
 
-/// Checks a model catalog name: 1 to 64 of `A-Z a-z 0-9 . _ -`.
-pub fn check_model_name(path: &str, name: &str) -> Result<(), FieldError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
+/// Longest name [`check_name`] accepts, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Checks a name kiln uses in keys, paths and file names (a model, a farm):
+/// 1 to [`MAX_NAME_LEN`] of `A-Z a-z 0-9 . _ -`. The one naming rule: it
+/// keeps names safe as path segments and Redis key parts, and free of the
+/// `|` and `:` separators kiln puts between them.
+pub fn check_name(path: &str, value: &str) -> Result<(), FieldError> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_NAME_LEN
+        && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
@@ -249,9 +362,14 @@ pub fn check_model_name(path: &str, name: &str) -> Result<(), FieldError> {
     } else {
         Err(FieldError::new(
             path,
-            format!("must be 1 to 64 letters, digits, '.', '_' or '-', got {name:?}"),
+            format!("must be 1 to {MAX_NAME_LEN} letters, digits, '.', '_' or '-', got {value:?}"),
         ))
     }
+}
+
+/// Checks a model catalog name: [`check_name`].
+pub fn check_model_name(path: &str, name: &str) -> Result<(), FieldError> {
+    check_name(path, name)
 }
 
 /// Checks a blob reference: 64 lowercase hex digits.
@@ -446,4 +564,50 @@ mod tests {
         assert_eq!(seeds.len(), 1000);
         assert!(seeds.iter().all(|s| *s <= i64::MAX as u64));
     }
+
+    #[test]
+    fn batch_keys_split_what_cannot_share_a_unet_batch() {
+        let base = recipe();
+        let mut other_seed = base.clone();
+        other_seed.seed += 1;
+        other_seed.prompt = "another prompt".into();
+        other_seed.guidance += 1.0;
+        assert_eq!(base.batch_key(), other_seed.batch_key());
+        let mut txt_strength = base.clone();
+        txt_strength.strength = 0.5;
+        assert_eq!(
+            base.batch_key(),
+            txt_strength.batch_key(),
+            "txt2img ignores the strength"
+        );
+        let mut img = base.clone();
+        img.init_image = Some("a".repeat(64));
+        assert_ne!(base.batch_key(), img.batch_key(), "the mode differs");
+        let mut weaker = img.clone();
+        weaker.strength = 0.3;
+        weaker.init_image = Some("b".repeat(64));
+        assert_ne!(
+            img.batch_key(),
+            weaker.batch_key(),
+            "img2img starts at a step the strength decides"
+        );
+        let mut unguided = base.clone();
+        unguided.guidance = 1.0;
+        assert_ne!(base.batch_key(), unguided.batch_key());
+        assert_ne!(
+            img.batch_key().to_string(),
+            weaker.batch_key().to_string(),
+            "the text keeps the strength too"
+        );
+    }
+
+    #[test]
+    fn names_follow_one_rule() {
+        assert!(check_name("farm", "kiln-prod_1.a").is_ok());
+        for bad in ["", "a|b", "a:b", "a/b", &"x".repeat(MAX_NAME_LEN + 1)] {
+            let e = check_name("farm", bad).unwrap_err();
+            assert_eq!(e.path, "farm");
+        }
+    }
+
 }

@@ -7,7 +7,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
-use kiln_proto::pb::{AbandonReason, EventKind, FaultClass, JobState, TaskState};
 use kiln_proto::recipe::{Recipe, Scheduler};
 
 use super::*;
@@ -321,7 +320,7 @@ pub async fn expired_lease_is_fenced(store: &dyn Store) {
     assert_eq!(task.holder(), Some(&worker("fast")));
     assert_eq!(task.attempts.len(), 2);
     assert_eq!(task.attempts[0].outcome, Outcome::Expired);
-    assert_eq!(task.attempts[0].fault, FaultClass::WorkerLost);
+    assert_eq!(task.attempts[0].fault, Some(Fault::WorkerLost));
     let ok = store
         .complete(&worker("fast"), new[0].task, new[0].epoch, result())
         .await
@@ -395,7 +394,7 @@ pub async fn failed_task_is_retried_on_another_worker(store: &dyn Store) {
             &worker("w1"),
             lease.task,
             lease.epoch,
-            FaultClass::OutOfMemory,
+            Fault::OutOfMemory,
             "CUDA out of memory",
             5,
         )
@@ -415,7 +414,7 @@ pub async fn failed_task_is_retried_on_another_worker(store: &dyn Store) {
     let again = claim(store, "w2", 1).await;
     assert_eq!(again.len(), 1);
     let task = store.task(lease.task).await.unwrap();
-    assert_eq!(task.attempts[0].fault, FaultClass::OutOfMemory);
+    assert_eq!(task.attempts[0].fault, Some(Fault::OutOfMemory));
     assert_eq!(task.attempts[0].outcome, Outcome::Failed);
 }
 
@@ -439,7 +438,7 @@ pub async fn failures_stop_at_the_attempt_limit(store: &dyn Store) {
                 &worker("only"),
                 leases[0].task,
                 leases[0].epoch,
-                FaultClass::Internal,
+                Fault::Internal,
                 "boom",
                 2,
             )
@@ -472,7 +471,7 @@ pub async fn bad_input_is_not_retried(store: &dyn Store) {
             &worker("w1"),
             lease.task,
             lease.epoch,
-            FaultClass::BadInput,
+            Fault::BadInput,
             "bad",
             5,
         )
@@ -501,7 +500,7 @@ pub async fn handed_back_task_does_not_count_against_the_limit(store: &dyn Store
                 &worker("w1"),
                 lease.task,
                 lease.epoch,
-                FaultClass::Cancelled,
+                Fault::Cancelled,
                 "draining",
                 1,
             )
@@ -754,7 +753,7 @@ pub async fn a_failed_anchor_fails_its_shots(store: &dyn Store) {
             &worker("w1"),
             anchor.task,
             anchor.epoch,
-            FaultClass::BadInput,
+            Fault::BadInput,
             "bad",
             5,
         )
@@ -935,7 +934,7 @@ pub async fn a_worker_failing_a_job_is_quarantined(store: &dyn Store) {
                 &worker("bad"),
                 l.task,
                 l.epoch,
-                FaultClass::Internal,
+                Fault::Internal,
                 "broken GPU",
                 5,
             )
@@ -960,6 +959,173 @@ pub async fn a_worker_failing_a_job_is_quarantined(store: &dyn Store) {
             .unwrap();
     }
     assert_eq!(store.job(id).await.unwrap().state, JobState::Completed);
+}
+
+/// The only worker holding a job's model fails it until quarantined, while a
+/// live worker without the model idles: the task must fail for good with the
+/// worker's error and end the job, not wait for a stand-in that cannot come.
+pub async fn a_quarantined_worker_without_a_stand_in_fails_the_task(store: &dyn Store) {
+    store
+        .register_worker(registration("q-candle", &["tiny"]))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration("q-sim", &["simtoy"]))
+        .await
+        .unwrap();
+    let job = new_job(1, "simtoy");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let mut last = None;
+    for attempt in 1..=policy::QUARANTINE_AFTER {
+        let leases = claim(store, "q-sim", 1).await;
+        assert_eq!(
+            leases.len(),
+            1,
+            "attempt {attempt}: q-sim is the only worker with simtoy"
+        );
+        assert!(claim(store, "q-candle", 1).await.is_empty());
+        last = Some(
+            store
+                .fail(
+                    &worker("q-sim"),
+                    leases[0].task,
+                    leases[0].epoch,
+                    Fault::Internal,
+                    "simulated failure",
+                    5,
+                )
+                .await
+                .unwrap(),
+        );
+        if attempt < policy::QUARANTINE_AFTER {
+            assert!(
+                matches!(
+                    last,
+                    Some(FailOutcome::Recorded {
+                        will_retry: true,
+                        ..
+                    })
+                ),
+                "attempt {attempt}: {last:?}"
+            );
+        }
+    }
+    let Some(FailOutcome::Recorded {
+        will_retry: false,
+        job_finished: Some(done),
+    }) = last
+    else {
+        panic!("the quarantining failure must end the task and the job: {last:?}");
+    };
+    assert_eq!(done.state, JobState::Failed);
+    assert_eq!(done.counts.failed, 1);
+    assert_eq!(store.job(id).await.unwrap().state, JobState::Failed);
+    let task = &store.tasks(id).await.unwrap()[0];
+    assert_eq!(task.state, TaskState::Failed);
+    assert_eq!(task.attempts.len(), 3, "2 attempts of 5 were left unused");
+    let message = &task.attempts[2].message;
+    assert!(
+        message.starts_with("simulated failure") && message.contains("quarantined"),
+        "the task fails with the worker's last error: {message}"
+    );
+}
+
+/// A quarantined worker is still kept away while a capable worker is live.
+pub async fn a_quarantined_worker_waits_for_a_capable_stand_in(store: &dyn Store) {
+    store
+        .register_worker(registration("bad", &["simtoy"]))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration("good", &["simtoy"]))
+        .await
+        .unwrap();
+    store
+        .register_worker(registration("other-model", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(4, "simtoy");
+    store.create_job(job).await.unwrap();
+    for _ in 0..policy::QUARANTINE_AFTER {
+        let l = claim(store, "bad", 1).await.remove(0);
+        let out = store
+            .fail(&worker("bad"), l.task, l.epoch, Fault::Internal, "x", 5)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                out,
+                FailOutcome::Recorded {
+                    will_retry: true,
+                    ..
+                }
+            ),
+            "good can take the task: {out:?}"
+        );
+    }
+    assert!(claim(store, "bad", 1).await.is_empty(), "quarantined");
+    assert_eq!(claim(store, "good", 1).await.len(), 1);
+}
+
+/// A task is found by its job and index without reading the job's other
+/// tasks, and a shot's lease names its anchor.
+pub async fn a_task_is_found_by_its_index(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = series_job(2);
+    let id = job.id;
+    let ids: Vec<TaskId> = job.tasks.iter().map(|t| t.id).collect();
+    store.create_job(job).await.unwrap();
+    for (index, task) in ids.iter().enumerate() {
+        let found = store.task_at(id, index as u32).await.unwrap();
+        assert_eq!((found.id, found.index), (*task, index as u32));
+    }
+    assert!(matches!(
+        store.task_at(id, 3).await,
+        Err(StoreError::NoTaskAt { index: 3, .. })
+    ));
+    assert!(matches!(
+        store.task_at(JobId::new(), 0).await,
+        Err(StoreError::JobNotFound(_))
+    ));
+    let anchor = claim(store, "w1", 1).await.remove(0);
+    assert_eq!(anchor.anchor, None);
+    store
+        .complete(&worker("w1"), anchor.task, anchor.epoch, result())
+        .await
+        .unwrap();
+    let shots = claim(store, "w1", 2).await;
+    assert_eq!(shots.len(), 2);
+    assert!(shots.iter().all(|l| l.anchor == Some(0)));
+    let found = store.task_at(id, 0).await.unwrap();
+    assert_eq!(found.result.map(|r| r.sha256), Some(result().sha256));
+}
+
+/// A shot is keyed as the img2img task it becomes: a free slot beside a
+/// shot goes to the next shot, not to a txt2img task between them.
+pub async fn released_shots_batch_together(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let mut job = series_job(3);
+    // Item 2 is a plain txt2img task, otherwise like the shots.
+    job.tasks[2].series = None;
+    store.create_job(job).await.unwrap();
+    let anchor = claim(store, "w1", 1).await.remove(0);
+    store
+        .complete(&worker("w1"), anchor.task, anchor.epoch, result())
+        .await
+        .unwrap();
+    let first = claim(store, "w1", 2).await;
+    assert_eq!(
+        first.iter().map(|l| l.index).collect::<Vec<_>>(),
+        [1, 3],
+        "the second shot shares the first one's batch"
+    );
 }
 
 pub async fn an_identical_recipe_is_served_from_its_earlier_result(store: &dyn Store) {
@@ -995,7 +1161,7 @@ pub async fn an_identical_recipe_is_served_from_its_earlier_result(store: &dyn S
                 &worker("other-class"),
                 l.task,
                 l.epoch,
-                FaultClass::Cancelled,
+                Fault::Cancelled,
                 "handing back",
                 5,
             )
@@ -1119,6 +1285,10 @@ macro_rules! store_conformance {
             equal_priority_jobs_share_fairly,
             workers_keep_to_their_resident_model,
             a_worker_failing_a_job_is_quarantined,
+            a_quarantined_worker_without_a_stand_in_fails_the_task,
+            a_quarantined_worker_waits_for_a_capable_stand_in,
+            a_task_is_found_by_its_index,
+            released_shots_batch_together,
             an_identical_recipe_is_served_from_its_earlier_result,
             free_slots_fill_with_the_same_batch,
             a_verification_runs_on_its_class_only,

@@ -10,6 +10,7 @@
 mod memory;
 pub mod policy;
 mod redis;
+mod state;
 mod types;
 
 use std::time::Duration;
@@ -17,10 +18,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
-use kiln_proto::pb::FaultClass;
 
 pub use self::redis::{RedisConfig, RedisStore};
 pub use memory::MemoryStore;
+pub use state::{AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState};
 pub use types::*;
 
 /// Why a store call failed.
@@ -32,6 +33,14 @@ pub enum StoreError {
     /// The task does not exist.
     #[error("task {0} not found")]
     TaskNotFound(TaskId),
+    /// The job has no task at this index.
+    #[error("job {job} has no task {index}")]
+    NoTaskAt {
+        /// The job.
+        job: JobId,
+        /// The index asked for.
+        index: u32,
+    },
     /// The worker has no session: it must register (again).
     #[error("worker {0} is not registered")]
     UnknownWorker(WorkerId),
@@ -59,9 +68,9 @@ impl StoreError {
 impl From<StoreError> for tonic::Status {
     fn from(e: StoreError) -> Self {
         match &e {
-            StoreError::JobNotFound(_) | StoreError::TaskNotFound(_) => {
-                tonic::Status::not_found(e.to_string())
-            }
+            StoreError::JobNotFound(_)
+            | StoreError::TaskNotFound(_)
+            | StoreError::NoTaskAt { .. } => tonic::Status::not_found(e.to_string()),
             StoreError::UnknownWorker(_) => tonic::Status::not_found(e.to_string()),
             StoreError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
             StoreError::Backend(_) | StoreError::Corrupt(_) | StoreError::Misconfigured(_) => {
@@ -93,6 +102,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Returns one task.
     async fn task(&self, id: TaskId) -> StoreResult<TaskRecord>;
+
+    /// Returns the task at `index` of job `job` (a shot's anchor, say) in a
+    /// constant number of lookups, whatever the job's size. A plain read.
+    ///
+    /// # Errors
+    /// `JobNotFound` for an unknown job, `NoTaskAt` for an index past its end.
+    async fn task_at(&self, job: JobId, index: u32) -> StoreResult<TaskRecord>;
 
     /// Returns the job's blobs with the given sha256s (unknown ones are left out).
     async fn blobs(&self, id: JobId, sha256s: &[String]) -> StoreResult<Vec<(String, Bytes)>>;
@@ -158,16 +174,19 @@ pub trait Store: Send + Sync + 'static {
         result: TaskResult,
     ) -> StoreResult<CompleteOutcome>;
 
-    /// Records a fault under the lease's epoch. The task is requeued (to be
-    /// tried by another worker) unless the fault is `BadInput` or it has used
-    /// up `max_attempts`; `Cancelled` from a worker hands the task back
-    /// without counting against the limit.
+    /// Records a fault under the lease's epoch, in one atomic step with the
+    /// decision ([`policy::retry_after_fault`]): the task is requeued (to be
+    /// tried by another worker when one can) unless the fault is `BadInput`,
+    /// it has used up `max_attempts`, or the fault quarantines the worker for
+    /// the job while no other worker can take the task (it fails for good
+    /// with this message rather than wait forever). `Cancelled` from a worker
+    /// hands the task back without counting against the limit.
     async fn fail(
         &self,
         worker: &WorkerId,
         task: TaskId,
         epoch: Epoch,
-        fault: FaultClass,
+        fault: Fault,
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome>;

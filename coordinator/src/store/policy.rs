@@ -1,17 +1,36 @@
-//! The scheduling policy's rules (DESIGN.md §6), shared by every store: the
-//! memory store applies them in Rust, the Redis store in `redis/claim.lua`,
-//! and the conformance suite checks that both agree.
+//! The scheduling policy (DESIGN.md §6): its numbers and its rules, in one
+//! place. The memory store applies them as written here (`memory/claim.rs`
+//! walks its indexes and asks these functions); the Redis store's
+//! `redis/claim.lua` and `redis/fail.lua` mirror them step by step, with the
+//! numbers generated from the constants below (`redis/scripts.rs`); the
+//! conformance suite checks that both stores agree.
 //!
-//! When a worker asks for work: tasks it may not take are skipped (another
-//! determinism class for a job already pinned to one, a job that quarantined
-//! it, a model it does not hold, a shot whose anchor is not done); then higher
-//! priority first; among equal priority the least recently served project,
-//! then the least recently served job (round-robin fair share); model
-//! affinity (tasks for models the worker has resident first; it switches
-//! model only when the other model's backlog justifies a load); within a job
-//! the item order; free slots are filled with tasks that share one UNet batch.
+//! When a worker asks for work:
+//! 1. **Eligibility.** Tasks it may not take are skipped: a job pinned to
+//!    another determinism class, a model it does not hold (or a pinned hash
+//!    it does not have), a shot whose anchor is not done, and — while another
+//!    worker can take them ([`can_stand_in`]) — tasks of a job that
+//!    quarantined it ([`quarantined`]) and tasks it failed before
+//!    ([`task_open_to`]).
+//! 2. **Order** ([`job_rank`]): higher priority first; among equal priority
+//!    the least recently served project, then the least recently served job
+//!    (round-robin fair share); within a job, the item order.
+//! 3. **Model affinity** ([`choose`]): tasks for models the worker has
+//!    resident first; it switches model only when the other model's backlog
+//!    justifies a load ([`switch_justified`]), or when nobody holds that model.
+//! 4. **Batch filling**: free slots take tasks with the first task's
+//!    [`BatchKey`](kiln_proto::recipe::BatchKey) ([`task_batch_key`]), then
+//!    other tasks of the same model, in the same order.
+//!
+//! When a worker reports a fault, [`retry_after_fault`] decides whether the
+//! task goes back to the queue.
 
+use std::cmp::Reverse;
+
+use kiln_proto::ids::JobId;
 use kiln_proto::recipe::Recipe;
+
+use super::state::Fault;
 
 /// Faults (failures or expiries) of one worker on one job after which the
 /// worker gets no more of that job's tasks, while another worker can take them.
@@ -24,29 +43,142 @@ pub const QUARANTINE_AFTER: u32 = 3;
 /// few seconds) to clear the backlog themselves, so the load pays for itself.
 pub const SWITCH_BACKLOG_PER_HOLDER: usize = 8;
 
-/// Returns the key of the UNet batch a task can share: tasks with equal keys
-/// run as one batch on a worker.
-pub fn batch_key(r: &Recipe) -> String {
-    format!(
-        "{}|{}|{}x{}|{}|{}|{}|{}|{}|{}|{}",
-        r.model,
-        r.model_hash,
-        r.width,
-        r.height,
-        r.steps,
-        r.scheduler,
-        r.karras,
-        r.eta,
-        r.guidance > 1.0,
-        r.init_image.is_some(),
-        r.mask.is_some()
-    )
+/// A worker that called within this long counts as live: only live workers
+/// count as stand-ins for a task or as holders of a model.
+pub const LIVE_MS: u64 = 60_000;
+
+/// Most tasks one claim completes from earlier results.
+pub const MAX_DEDUPED_PER_CLAIM: usize = 1000;
+
+/// Returns the batch key text a task is stored with: the key of the recipe
+/// as it will be leased. A shot (`waits_for_anchor`) is leased with its
+/// anchor's image as its init image, so its key is the img2img one even
+/// before the anchor is done. Stored once per task, so no store recomputes it.
+pub fn task_batch_key(recipe: &Recipe, waits_for_anchor: bool) -> String {
+    if waits_for_anchor && recipe.init_image.is_none() {
+        // Only the presence of an init image enters the key, not its hash.
+        let mut leased = recipe.clone();
+        leased.init_image = Some(String::new());
+        return leased.batch_key().to_string();
+    }
+    recipe.batch_key().to_string()
 }
 
 /// Returns the dedupe key of a recipe rendered on a determinism class: the
 /// recipe hash (which covers the model hash and input images) and the class.
-pub fn dedupe_key(recipe: &Recipe, class: &str) -> String {
-    format!("{}|{class}", recipe.hash())
+pub fn dedupe_key(recipe_hash: &str, class: &str) -> String {
+    format!("{recipe_hash}|{class}")
+}
+
+/// Returns the sort key of a job with work: higher priority, then the least
+/// recently served project, then the least recently served job, then the
+/// oldest (job ids grow with time).
+pub fn job_rank(
+    priority: i32,
+    project_served: u64,
+    job_served: u64,
+    id: JobId,
+) -> (Reverse<i32>, u64, u64, JobId) {
+    (Reverse(priority), project_served, job_served, id)
+}
+
+/// Returns true once a worker's faults on a job quarantine it for the job.
+pub fn quarantined(faults: u32) -> bool {
+    faults >= QUARANTINE_AFTER
+}
+
+/// What the policy knows of a worker that might take a task instead of
+/// the one asking.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate<'a> {
+    /// The worker takes no new work.
+    pub draining: bool,
+    /// Milliseconds since its last call.
+    pub silent_ms: u64,
+    /// Its determinism class.
+    pub class: &'a str,
+    /// The hash of the task's model, when the worker holds that model.
+    pub model_hash: Option<&'a str>,
+    /// Its faults on the task's job.
+    pub job_faults: u32,
+}
+
+/// Returns true when `c` could take a task whose model is pinned to
+/// `model_hash` (empty: any hash) of a job pinned to `pinned_class`: it is
+/// live, not draining, not quarantined for the job, holds the model and is of
+/// the class. Only such a worker justifies keeping a task from the asker; a
+/// live worker without the model is no alternative (a job would wait for it
+/// forever).
+pub fn can_stand_in(c: &Candidate<'_>, model_hash: &str, pinned_class: Option<&str>) -> bool {
+    !c.draining
+        && c.silent_ms < LIVE_MS
+        && !quarantined(c.job_faults)
+        && c.model_hash
+            .is_some_and(|h| model_hash.is_empty() || h == model_hash)
+        && pinned_class.is_none_or(|p| p == c.class)
+}
+
+/// Returns true when the asker may take a task it is otherwise eligible for:
+/// not when it is quarantined for the job and another worker can stand in
+/// (`stand_in_for_job`), nor when it failed this task before and a worker
+/// that did not can stand in (`stand_in_outside_avoid`). Both are asked
+/// lazily: they scan the workers.
+pub fn task_open_to(
+    quarantined: bool,
+    avoided: bool,
+    stand_in_for_job: impl FnOnce() -> bool,
+    stand_in_outside_avoid: impl FnOnce() -> bool,
+) -> bool {
+    let kept_by_quarantine = quarantined && stand_in_for_job();
+    let kept_by_avoid = avoided && stand_in_outside_avoid();
+    !(kept_by_quarantine || kept_by_avoid)
+}
+
+/// The first claimable task found for a worker, with what affinity needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pick<T> {
+    /// Its job's priority.
+    pub priority: i32,
+    /// The task.
+    pub task: T,
+    /// Its model.
+    pub model: String,
+}
+
+/// Applies model affinity to the first claimable task overall
+/// (`first_choice`) and the first one for a resident model
+/// (`first_resident`), both in policy order. `holders(model)` counts the live
+/// workers other than the asker with the model resident; `backlog(model)`
+/// counts its claimable tasks.
+pub fn choose<T>(
+    first_resident: Option<Pick<T>>,
+    first_choice: Option<Pick<T>>,
+    holders: impl Fn(&str) -> usize,
+    backlog: impl Fn(&str) -> usize,
+) -> Option<T>
+where
+    T: PartialEq,
+{
+    match (first_resident, first_choice) {
+        // Equal or better resident work: keep to it, unless the first
+        // choice's model has waiting work and no live worker holds it (it
+        // would starve behind the resident models).
+        (Some(r), Some(c)) if r.priority >= c.priority => {
+            if c.task != r.task && holders(&c.model) == 0 {
+                Some(c.task)
+            } else {
+                Some(r.task)
+            }
+        }
+        (resident, Some(c)) => {
+            if switch_justified(backlog(&c.model), holders(&c.model)) {
+                Some(c.task)
+            } else {
+                resident.map(|r| r.task)
+            }
+        }
+        (_, None) => None,
+    }
 }
 
 /// Returns true when a worker should load `model` rather than keep to its
@@ -56,6 +188,42 @@ pub fn dedupe_key(recipe: &Recipe, class: &str) -> String {
 /// its backlog only to load it for one task.
 pub fn switch_justified(backlog: usize, resident_holders: usize) -> bool {
     resident_holders == 0 || backlog > SWITCH_BACKLOG_PER_HOLDER * resident_holders
+}
+
+/// What happens to a task after its holder reported `fault`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterFault {
+    /// The worker handed the task back: queued again, no attempt used.
+    HandBack,
+    /// Queued again, to be retried (elsewhere when possible).
+    Retry,
+    /// Failed for good: the recipe is bad, or the attempts are used up.
+    Exhausted,
+    /// Failed for good: the worker is now quarantined for the job and no
+    /// other worker can take the task, which would otherwise wait forever.
+    Stranded,
+}
+
+/// Decides a task's fate after a fault: `used` counts its faults including
+/// this one; `quarantined_now` tells whether the worker is quarantined for
+/// the job with this fault counted, and `stand_in` whether another worker
+/// can take the task (asked only then).
+pub fn retry_after_fault(
+    fault: Fault,
+    used: usize,
+    max_attempts: u32,
+    quarantined_now: bool,
+    stand_in: impl FnOnce() -> bool,
+) -> AfterFault {
+    if fault == Fault::Cancelled {
+        AfterFault::HandBack
+    } else if fault == Fault::BadInput || used >= max_attempts as usize {
+        AfterFault::Exhausted
+    } else if quarantined_now && !stand_in() {
+        AfterFault::Stranded
+    } else {
+        AfterFault::Retry
+    }
 }
 
 #[cfg(test)]
@@ -71,5 +239,65 @@ mod tests {
         );
         assert!(switch_justified(9, 1));
         assert!(!switch_justified(40, 5));
+    }
+
+    #[test]
+    fn only_a_capable_worker_stands_in() {
+        let capable = Candidate {
+            draining: false,
+            silent_ms: 10,
+            class: "cpu/f32",
+            model_hash: Some("h"),
+            job_faults: 0,
+        };
+        assert!(can_stand_in(&capable, "", None));
+        assert!(can_stand_in(&capable, "h", Some("cpu/f32")));
+        let without_model = Candidate {
+            model_hash: None,
+            ..capable
+        };
+        assert!(!can_stand_in(&without_model, "", None));
+        assert!(!can_stand_in(&capable, "other-hash", None));
+        assert!(!can_stand_in(&capable, "", Some("cuda/f16")));
+        let quarantined = Candidate {
+            job_faults: QUARANTINE_AFTER,
+            ..capable
+        };
+        assert!(!can_stand_in(&quarantined, "", None));
+        let silent = Candidate {
+            silent_ms: LIVE_MS,
+            ..capable
+        };
+        assert!(!can_stand_in(&silent, "", None));
+    }
+
+    #[test]
+    fn a_quarantined_worker_with_no_stand_in_fails_the_task() {
+        let retry = |q, s| retry_after_fault(Fault::Internal, 3, 5, q, || s);
+        assert_eq!(retry(true, false), AfterFault::Stranded);
+        assert_eq!(retry(true, true), AfterFault::Retry);
+        assert_eq!(retry(false, false), AfterFault::Retry);
+        assert_eq!(
+            retry_after_fault(Fault::Internal, 5, 5, false, || true),
+            AfterFault::Exhausted
+        );
+        assert_eq!(
+            retry_after_fault(Fault::Cancelled, 9, 5, true, || false),
+            AfterFault::HandBack
+        );
+    }
+
+    #[test]
+    fn a_shot_is_keyed_as_the_img2img_task_it_becomes() {
+        let mut r: Recipe = serde_json::from_str(
+            r#"{"model":"tiny","model_hash":"","prompt":"p","negative_prompt":"","seed":1,
+            "steps":4,"guidance":5.0,"width":64,"height":64,"scheduler":"ddim","karras":false,
+            "eta":0.0,"strength":0.6,"init_image":null,"mask":null}"#,
+        )
+        .unwrap();
+        let shot = task_batch_key(&r, true);
+        assert_ne!(shot, task_batch_key(&r, false));
+        r.init_image = Some("a".repeat(64));
+        assert_eq!(shot, task_batch_key(&r, false));
     }
 }

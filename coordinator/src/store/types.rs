@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
-use kiln_proto::pb::{AbandonReason, EventKind, FaultClass, JobState, TaskState};
 use kiln_proto::recipe::Recipe;
 pub use kiln_proto::spec::SeriesPlace;
 use serde::{Deserialize, Serialize};
+
+use super::state::{AbandonReason, EventKind, Fault, JobState, Outcome, TaskState};
 
 /// A job to insert: its metadata and its expanded tasks.
 #[derive(Clone, Debug)]
@@ -81,7 +82,7 @@ impl TaskCounts {
 
     fn slot(&mut self, state: TaskState) -> &mut u32 {
         match state {
-            TaskState::Queued | TaskState::Unspecified => &mut self.queued,
+            TaskState::Queued => &mut self.queued,
             TaskState::Leased => &mut self.leased,
             TaskState::Completed => &mut self.completed,
             TaskState::Failed => &mut self.failed,
@@ -129,40 +130,6 @@ impl JobRecord {
     }
 }
 
-/// How an attempt ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// Still rendering.
-    Running,
-    /// Produced the accepted image.
-    Completed,
-    /// The worker reported a fault.
-    Failed,
-    /// The lease ran out: the worker died or stalled.
-    Expired,
-    /// The job was cancelled, or the worker handed the task back.
-    Cancelled,
-}
-
-impl Outcome {
-    /// Returns the name shown to users.
-    pub fn name(self) -> &'static str {
-        match self {
-            Outcome::Running => "running",
-            Outcome::Completed => "completed",
-            Outcome::Failed => "failed",
-            Outcome::Expired => "expired",
-            Outcome::Cancelled => "cancelled",
-        }
-    }
-
-    /// Returns true for outcomes that count against the attempt limit.
-    pub fn is_fault(self) -> bool {
-        matches!(self, Outcome::Failed | Outcome::Expired)
-    }
-}
-
 /// One try at rendering a task under one epoch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attempt {
@@ -177,7 +144,7 @@ pub struct Attempt {
     /// How it ended.
     pub outcome: Outcome,
     /// Why it failed, when it did.
-    pub fault: FaultClass,
+    pub fault: Option<Fault>,
     /// The worker's or the reaper's words.
     pub message: String,
 }
@@ -261,6 +228,8 @@ pub struct Lease {
     pub recipe: Recipe,
     /// How long the lease lasts without a heartbeat.
     pub ttl: Duration,
+    /// For a shot: the index of its anchor, whose image is the init image.
+    pub anchor: Option<u32>,
 }
 
 /// What a claim returns.
@@ -438,8 +407,8 @@ pub struct Event {
     pub worker: Option<WorkerId>,
     /// The epoch involved.
     pub epoch: Epoch,
-    /// The fault, for failures.
-    pub fault: FaultClass,
+    /// The fault, for failures and cancellations.
+    pub fault: Option<Fault>,
     /// Free text.
     pub message: String,
 }

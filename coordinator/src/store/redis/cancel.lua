@@ -4,27 +4,27 @@
 local job = ARGV[3]
 local jk = k('job', job)
 if redis.call('EXISTS', jk) == 0 then return {'missing'} end
-if redis.call('HGET', jk, 'state') ~= 'running' then return {'ok'} end
+if redis.call('HGET', jk, 'state') ~= JOB_RUNNING then return {'ok'} end
 -- Mark the job first, so ending its leases below does not finish it as failed.
-redis.call('HSET', jk, 'state', 'cancelled', 'finished', NOW)
+redis.call('HSET', jk, 'state', JOB_CANCELLED, 'finished', NOW)
 local n = 0
 for _, m in ipairs(redis.call('SMEMBERS', k('job', job, 'models'))) do
   for _, tid in ipairs(redis.call('ZRANGE', k('q', job, m), 0, -1)) do
-    redis.call('HSET', k('task', tid), 'state', 'cancelled')
+    redis.call('HSET', k('task', tid), 'state', TASK_CANCELLED)
     n = n + 1
   end
   redis.call('DEL', k('q', job, m))
 end
 for _, tid in ipairs(redis.call('SMEMBERS', k('job', job, 'waiting'))) do
-  redis.call('HSET', k('task', tid), 'state', 'cancelled')
+  redis.call('HSET', k('task', tid), 'state', TASK_CANCELLED)
   n = n + 1
 end
 redis.call('DEL', k('job', job, 'waiting'))
-redis.call('HINCRBY', jk, 'queued', -n)
-redis.call('HINCRBY', jk, 'cancelled', n)
+redis.call('HINCRBY', jk, TASK_QUEUED, -n)
+redis.call('HINCRBY', jk, TASK_CANCELLED, n)
 for _, tid in ipairs(redis.call('SMEMBERS', k('job', job, 'leased'))) do
-  end_lease(tid, 'cancelled', F_CANCELLED, 'job cancelled', 'cancelled', EV_CANCELLED, true)
+  end_lease(tid, OUTCOME_CANCELLED, FAULT_CANCELLED, 'job cancelled', TASK_CANCELLED, EV_CANCELLED, true)
 end
-event(job, EV_FINISHED, '', 0, '', 0, F_NONE, 'JOB_STATE_CANCELLED')
+event(job, EV_JOB_FINISHED, '', 0, '', 0, FAULT_NONE, JOB_CANCELLED)
 retire(job)
 return {'ok'}

@@ -1,16 +1,17 @@
--- Leases up to max tasks to a worker in the order of the scheduling policy
--- (coordinator/src/store/policy.rs: the memory store applies the same rules):
--- skip what the worker may not take (another class for a pinned job, a job
--- that quarantined it, a model it lacks or a pinned hash it does not hold, a
--- task it failed while another worker can take it); priority; least recently
--- served project, then job; item order; model affinity; fill free slots with
--- tasks of the same UNet batch, then of the same model. Tasks whose recipe
--- already has a result in the project for the worker's class are completed
--- from it on the way.
+-- Leases up to max tasks to a worker in the order of the scheduling policy.
+-- This mirrors coordinator/src/store/policy.rs step by step (the memory store
+-- applies the same functions in memory/claim.rs): eligibility (job_allows;
+-- task_allows = policy::task_open_to, with stand_in_exists =
+-- policy::can_stand_in), order (policy::job_rank), model affinity
+-- (policy::choose, policy::switch_justified), then batch filling with each
+-- task's stored batch key (policy::task_batch_key), then the same model.
+-- Tasks whose recipe already has a result in the project for the worker's
+-- class are completed from it on the way.
 -- ARGV: 3 worker, 4 max, 5 lease ttl ms, 6 resident models json (list).
 -- Returns {'unknown'}, {'drain'}, or {'ok', n leases, n deduped, n finished,
---   5 values per lease (task, job, index, epoch, recipe, init) -- 6 in fact --,
---   4 per deduped (task, job, file, source), 1 per finished job}.
+--   LEASE_FIELDS values per lease (task, job, index, epoch, recipe, init,
+--   anchor index or -1), DEDUPED_FIELDS per deduped (task, job, file, source),
+--   1 per finished job}.
 local worker, max, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local wk = k('worker', worker)
 if redis.call('EXISTS', wk) == 0 then return {'unknown'} end
@@ -24,47 +25,12 @@ for _, m in ipairs(cjson.decode(ARGV[6])) do resident[m] = true; any_resident = 
 if not any_resident then
   for m, _ in pairs(models) do resident[m] = true end
 end
-local LIVE_MS, QUARANTINE_AFTER, SWITCH_BACKLOG_PER_HOLDER = 60000, 3, 8
-
-local function live(w)
-  local f = redis.call('HMGET', k('worker', w), 'draining', 'seen')
-  return f[1] ~= '1' and f[2] and NOW - tonumber(f[2]) < LIVE_MS
-end
-
--- True when a live worker other than `worker`, not in `avoid` and of the
--- job's pinned class (if any), holds `model`.
-local function someone_else_can(avoid, model, pinned_class)
-  local skip = {}
-  for _, w in ipairs(avoid) do skip[w] = true end
-  for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
-    if w ~= worker and not skip[w] and live(w)
-      and (pinned_class == '' or redis.call('HGET', k('worker', w), 'class') == pinned_class) then
-      local m = redis.call('HGET', k('worker', w), 'models')
-      if m and cjson.decode(m)[model] ~= nil then return true end
-    end
-  end
-  return false
-end
-
--- True when a live worker other than `worker` may take the job's tasks.
-local function other_worker_for_job(job, j)
-  for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
-    if w ~= worker and live(w) then
-      local faults = tonumber(redis.call('HGET', k('job', job, 'faults'), w) or '0')
-      local wclass = redis.call('HGET', k('worker', w), 'class') or ''
-      if faults < QUARANTINE_AFTER and (j.class == '' or j.pin ~= '1' or j.class == wclass) then
-        return true
-      end
-    end
-  end
-  return false
-end
 
 -- Jobs with work, in policy order, with what the policy needs of each.
 local jobs = {}
 for _, job in ipairs(redis.call('ZRANGE', k('ready'), 0, -1)) do
   local f = redis.call('HMGET', k('job', job), 'priority', 'project', 'served', 'state', 'class', 'pin', 'verify_of', 'dedupe')
-  if f[4] == 'running' then
+  if f[4] == JOB_RUNNING then
     table.insert(jobs, {id = job, priority = tonumber(f[1]), project = f[2],
       served = tonumber(f[3] or '0'), class = f[5] or '', pin = f[6] or '0',
       verify = f[7] or '', dedupe = f[8] or '0',
@@ -79,41 +45,58 @@ table.sort(jobs, function(a, b)
 end)
 
 local function job_allows(j)
-  if (j.pin == '1' or j.verify ~= '') and j.class ~= '' and j.class ~= class then return false end
-  local faults = tonumber(redis.call('HGET', k('job', j.id, 'faults'), worker) or '0')
-  return not (faults >= QUARANTINE_AFTER and other_worker_for_job(j.id, j))
+  return not ((j.pin == '1' or j.verify ~= '') and j.class ~= '' and j.class ~= class)
 end
 
+-- Whether a stand-in exists for this (quarantined) worker, by job, model and
+-- pinned hash: asked once per claim rather than once per candidate task.
+local stand_ins = {}
+local function stand_in_for_job(j, model, mhash, pinned)
+  local key = j.id .. '|' .. model .. '|' .. mhash
+  if stand_ins[key] == nil then
+    stand_ins[key] = stand_in_exists(j.id, model, mhash, worker, pinned, nil)
+  end
+  return stand_ins[key]
+end
+
+-- A worker quarantined for the job, or on the task's avoid list, takes the
+-- task only when no other worker can (policy::task_open_to in Rust).
 local function task_allows(j, tid, model)
   local f = redis.call('HMGET', k('task', tid), 'mhash', 'avoid')
   if f[1] ~= '' and f[1] ~= models[model] then return false end
-  local avoid = cjson.decode(f[2])
   local pinned = ''
   if j.pin == '1' then pinned = j.class end
-  for _, w in ipairs(avoid) do
-    if w == worker and someone_else_can(avoid, model, pinned) then return false end
+  local faults = tonumber(redis.call('HGET', k('job', j.id, 'faults'), worker) or '0')
+  if faults >= QUARANTINE_AFTER and stand_in_for_job(j, model, f[1], pinned) then
+    return false
   end
-  return true
+  local avoid = cjson.decode(f[2])
+  local skip, avoided = {}, false
+  for _, w in ipairs(avoid) do
+    skip[w] = true
+    if w == worker then avoided = true end
+  end
+  return not (avoided and stand_in_exists(j.id, model, f[1], worker, pinned, skip))
 end
 
 local deduped, finished = {}, {}
 -- Completes a task from an earlier result of the same recipe and class; false if none.
 local function try_dedupe(j, tid, model)
-  if j.dedupe ~= '1' or #deduped >= 4000 then return false end
+  if j.dedupe ~= '1' or #deduped >= MAX_DEDUPED_PER_CLAIM * DEDUPED_FIELDS then return false end
   local t = k('task', tid)
   local f = redis.call('HMGET', t, 'rhash', 'index', 'file', 'steps')
   local earlier = redis.call('HGET', k('results', j.project), f[1] .. '|' .. class)
   if not earlier then return false end
   local source = cjson.decode(earlier).object
-  redis.call('HSET', t, 'state', 'completed', 'result', earlier, 'step', f[4])
+  redis.call('HSET', t, 'state', TASK_COMPLETED, 'result', earlier, 'step', f[4])
   redis.call('ZREM', k('q', j.id, model), tid)
-  redis.call('HINCRBY', k('job', j.id), 'queued', -1)
-  redis.call('HINCRBY', k('job', j.id), 'completed', 1)
+  redis.call('HINCRBY', k('job', j.id), TASK_QUEUED, -1)
+  redis.call('HINCRBY', k('job', j.id), TASK_COMPLETED, 1)
   if j.pin == '1' and j.class == '' then
     redis.call('HSET', k('job', j.id), 'class', class)
     j.class = class
   end
-  event(j.id, EV_COMPLETED, tid, tonumber(f[2]), '', 0, F_NONE,
+  event(j.id, EV_COMPLETED, tid, tonumber(f[2]), '', 0, FAULT_NONE,
     'served from an earlier render of the same recipe (' .. source .. ')')
   release_dependents(j.id, tonumber(f[2]), cjson.decode(earlier).sha256)
   for _, v in ipairs({tid, j.id, f[3], source}) do table.insert(deduped, v) end
@@ -131,7 +114,7 @@ for _, j in ipairs(jobs) do
     for _, model in ipairs(redis.call('SMEMBERS', k('job', j.id, 'models'))) do
       if models[model] ~= nil then
         -- A few candidates per model: the first usually fits; more step over avoided tasks.
-        local ids = redis.call('ZRANGE', k('q', j.id, model), 0, max + 7, 'WITHSCORES')
+        local ids = redis.call('ZRANGE', k('q', j.id, model), 0, max + CLAIM_LOOKAHEAD - 1, 'WITHSCORES')
         for i = 1, #ids, 2 do
           table.insert(cands, {tid = ids[i], index = tonumber(ids[i + 1]), model = model})
         end
@@ -192,18 +175,18 @@ end
 local leases = {}
 local function lease(tid, j, model)
   local t = k('task', tid)
-  local f = redis.call('HMGET', t, 'index', 'epoch', 'recipe', 'attempts', 'init')
+  local f = redis.call('HMGET', t, 'index', 'epoch', 'recipe', 'attempts', 'init', 'depends')
   local epoch = tonumber(f[2]) + 1
   local attempts = cjson.decode(f[4])
-  table.insert(attempts, {worker = worker, epoch = epoch, started = NOW, outcome = 'running', fault = 0, message = ''})
-  redis.call('HSET', t, 'state', 'leased', 'epoch', epoch, 'holder', worker, 'step', 0,
+  table.insert(attempts, {worker = worker, epoch = epoch, started = NOW, outcome = OUTCOME_RUNNING, fault = FAULT_NONE, message = ''})
+  redis.call('HSET', t, 'state', TASK_LEASED, 'epoch', epoch, 'holder', worker, 'step', 0,
     'deadline', NOW + ttl, 'attempts', cjson.encode(attempts))
   redis.call('ZREM', k('q', j.id, model), tid)
   redis.call('ZADD', k('leases'), NOW + ttl, tid)
   redis.call('SADD', k('job', j.id, 'leased'), tid)
   redis.call('SADD', k('worker', worker, 'running'), tid)
-  redis.call('HINCRBY', k('job', j.id), 'queued', -1)
-  redis.call('HINCRBY', k('job', j.id), 'leased', 1)
+  redis.call('HINCRBY', k('job', j.id), TASK_QUEUED, -1)
+  redis.call('HINCRBY', k('job', j.id), TASK_LEASED, 1)
   local served = redis.call('INCR', k('served'))
   redis.call('HSET', k('job', j.id), 'served', served)
   redis.call('HSET', k('project_served'), j.project, served)
@@ -211,8 +194,8 @@ local function lease(tid, j, model)
     redis.call('HSET', k('job', j.id), 'class', class)
     j.class = class
   end
-  event(j.id, EV_LEASED, tid, tonumber(f[1]), worker, epoch, F_NONE, '')
-  for _, v in ipairs({tid, j.id, f[1], epoch, f[3], f[5]}) do table.insert(leases, v) end
+  event(j.id, EV_LEASED, tid, tonumber(f[1]), worker, epoch, FAULT_NONE, '')
+  for _, v in ipairs({tid, j.id, f[1], epoch, f[3], f[5], f[6]}) do table.insert(leases, v) end
 end
 
 if chosen then
@@ -224,11 +207,11 @@ if chosen then
     for _, j in ipairs(jobs) do
       if taken >= max then break end
       if job_allows(j) then
-        local ids = redis.call('ZRANGE', k('q', j.id, chosen.model), 0, (max - taken) + 31)
+        local ids = redis.call('ZRANGE', k('q', j.id, chosen.model), 0, (max - taken) + FILL_LOOKAHEAD - 1)
         for _, tid in ipairs(ids) do
           if taken >= max then break end
           local fits = (not same_batch) or redis.call('HGET', k('task', tid), 'bkey') == key
-          if fits and redis.call('HGET', k('task', tid), 'state') == 'queued' and task_allows(j, tid, chosen.model) then
+          if fits and redis.call('HGET', k('task', tid), 'state') == TASK_QUEUED and task_allows(j, tid, chosen.model) then
             lease(tid, j, chosen.model)
             taken = taken + 1
           end
@@ -239,11 +222,11 @@ if chosen then
 end
 
 for _, j in ipairs(jobs) do
-  if tonumber(redis.call('HGET', k('job', j.id), 'queued')) == 0 or redis.call('HGET', k('job', j.id), 'state') ~= 'running' then
+  if tonumber(redis.call('HGET', k('job', j.id), TASK_QUEUED)) == 0 or redis.call('HGET', k('job', j.id), 'state') ~= JOB_RUNNING then
     redis.call('ZREM', k('ready'), j.id)
   end
 end
-local out = {'ok', #leases / 6, #deduped / 4, #finished}
+local out = {'ok', #leases / LEASE_FIELDS, #deduped / DEDUPED_FIELDS, #finished}
 for _, v in ipairs(leases) do table.insert(out, v) end
 for _, v in ipairs(deduped) do table.insert(out, v) end
 for _, v in ipairs(finished) do table.insert(out, v) end

@@ -19,13 +19,13 @@ if holds(tid, worker, epoch) then
     redis.call('HSET', k('results', j[2]), f[4] .. '|' .. result.class, cjson.encode(result))
   end
   release_dependents(job, tonumber(f[2]), result.sha256)
-  return {'ok', end_lease(tid, 'completed', F_NONE, '', 'completed', EV_COMPLETED, false)}
+  return {'ok', end_lease(tid, OUTCOME_COMPLETED, FAULT_NONE, '', TASK_COMPLETED, EV_COMPLETED, false)}
 end
 local f = redis.call('HMGET', t, 'state', 'epoch', 'attempts', 'job', 'index')
-if f[1] == 'completed' and tonumber(f[2]) == epoch then
+if f[1] == TASK_COMPLETED and tonumber(f[2]) == epoch then
   local attempts = cjson.decode(f[3])
   if attempts[#attempts].worker == worker then return {'ok', ''} end
 end
 local reason = stale_reason(tid, worker, epoch)
-event(f[4], EV_STALE, tid, tonumber(f[5]), worker, epoch, F_NONE, reason)
+event(f[4], EV_STALE_REFUSED, tid, tonumber(f[5]), worker, epoch, FAULT_NONE, reason)
 return {'stale', reason}

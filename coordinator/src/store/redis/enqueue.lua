@@ -2,7 +2,7 @@
 -- idempotency key (or its id, on a retried call) already names.
 -- ARGV: 3 job id, 4 project, 5 idempotency key, 6 name, 7 priority,
 --       8 pin class (0/1), 9 class, 10 dedupe (0/1), 11 verify_of,
---       12 task count, then 13 values per task (id, index, model, model hash,
+--       12 task count, then TASK_ARGS values per task (id, index, model, model hash,
 --       recipe json, file name, steps, series, shot, depends_on (-1: none),
 --       avoid json, batch key, recipe hash), then a blob count and (sha, bytes) pairs.
 local job, project, idem, name, prio = ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
@@ -14,8 +14,8 @@ if idem ~= '' then
 end
 local n = tonumber(ARGV[12])
 redis.call('HSET', k('job', job), 'id', job, 'name', name, 'project', project, 'priority', prio,
-  'state', 'running', 'created', NOW, 'finished', 0, 'idem', idem, 'total', n, 'queued', n,
-  'leased', 0, 'completed', 0, 'failed', 0, 'cancelled', 0, 'seq', 0,
+  'state', JOB_RUNNING, 'created', NOW, 'finished', 0, 'idem', idem, 'total', n, TASK_QUEUED, n,
+  TASK_LEASED, 0, TASK_COMPLETED, 0, TASK_FAILED, 0, TASK_CANCELLED, 0, 'seq', 0,
   'pin', ARGV[8], 'class', ARGV[9], 'dedupe', ARGV[10], 'verify_of', ARGV[11], 'served', 0)
 redis.call('ZADD', k('jobs'), NOW, job)
 if idem ~= '' then redis.call('SET', k('idem', project, idem), job) end
@@ -27,7 +27,7 @@ for _ = 1, n do
     'mhash', ARGV[at + 3], 'recipe', ARGV[at + 4], 'file', ARGV[at + 5], 'steps', ARGV[at + 6],
     'series', ARGV[at + 7], 'shot', ARGV[at + 8], 'depends', depends, 'avoid', ARGV[at + 10],
     'bkey', ARGV[at + 11], 'rhash', ARGV[at + 12], 'init', '',
-    'state', 'queued', 'epoch', 0, 'step', 0, 'holder', '', 'deadline', 0,
+    'state', TASK_QUEUED, 'epoch', 0, 'step', 0, 'holder', '', 'deadline', 0,
     'attempts', '[]', 'result', '')
   redis.call('RPUSH', k('job', job, 'tasks'), tid)
   redis.call('SADD', k('job', job, 'models'), model)
@@ -38,7 +38,7 @@ for _ = 1, n do
   else
     redis.call('ZADD', k('q', job, model), index, tid)
   end
-  at = at + 13
+  at = at + TASK_ARGS
 end
 local blobs = tonumber(ARGV[at])
 at = at + 1

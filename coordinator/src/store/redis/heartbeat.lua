@@ -1,6 +1,6 @@
 -- Extends the leases a worker still holds under the reported epochs and records progress.
--- ARGV: 3 worker, 4 ttl ms, then (task, epoch, step) triples.
--- Returns {'unknown'} or {drain (0/1), then per task 'ext' | 'cancel' | 'lost'}.
+-- ARGV: 3 worker, 4 ttl ms, then PROGRESS_FIELDS values (task, epoch, step) per task.
+-- Returns {'unknown'} or {drain (0/1), then per task 'ext', or the abandon reason}.
 local worker, ttl = ARGV[3], tonumber(ARGV[4])
 local wk = k('worker', worker)
 if redis.call('EXISTS', wk) == 0 then return {'unknown'} end
@@ -9,7 +9,7 @@ local drain = 0
 if redis.call('HGET', wk, 'draining') == '1' then drain = 1 end
 local out = {drain}
 local i = 5
-while i + 2 <= #ARGV do
+while i + PROGRESS_FIELDS - 1 <= #ARGV do
   local tid, epoch, step = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   if holds(tid, worker, epoch) then
     local steps = tonumber(redis.call('HGET', k('task', tid), 'steps'))
@@ -17,11 +17,11 @@ while i + 2 <= #ARGV do
     redis.call('HSET', k('task', tid), 'deadline', NOW + ttl, 'step', step)
     redis.call('ZADD', k('leases'), NOW + ttl, tid)
     table.insert(out, 'ext')
-  elseif redis.call('HGET', k('task', tid), 'state') == 'cancelled' then
-    table.insert(out, 'cancel')
+  elseif redis.call('HGET', k('task', tid), 'state') == TASK_CANCELLED then
+    table.insert(out, ABANDON_CANCELLED)
   else
-    table.insert(out, 'lost')
+    table.insert(out, ABANDON_LEASE_LOST)
   end
-  i = i + 3
+  i = i + PROGRESS_FIELDS
 end
 return out

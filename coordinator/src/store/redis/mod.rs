@@ -1,5 +1,6 @@
 //! The production store on Redis. Every state transition is one Lua script
-//! (see `redis/*.lua`, each prefixed with `redis/prelude.lua`), so any number
+//! (see `redis/*.lua`, each prefixed with constants generated from Rust and
+//! `redis/prelude.lua`: `redis/scripts.rs`), so any number
 //! of coordinators can serve and reap at once. All keys of a farm share one
 //! hash tag (`{name}:...`), so every script is single-slot on Redis Cluster.
 //! Lease deadlines come from Redis `TIME`.
@@ -17,7 +18,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
-use kiln_proto::pb::{AbandonReason, FaultClass};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 use tokio::sync::watch;
@@ -26,10 +26,16 @@ use tokio::time::Instant;
 mod pubsub;
 mod reads;
 mod records;
+mod scripts;
 
 use self::pubsub::listen;
 use self::records::*;
-use super::policy::batch_key;
+use self::scripts::{
+    DEDUPED_FIELDS, LEASE_FIELDS, PROGRESS_FIELDS, REAPED_FIELDS, RELEASED_FIELDS, Scripts,
+    TASK_ARGS,
+};
+use super::policy::task_batch_key;
+use super::state::{AbandonReason, Fault};
 use super::types::*;
 use super::{Store, StoreError, StoreResult};
 
@@ -49,40 +55,6 @@ pub struct RedisConfig {
     pub name: String,
     /// How long a finished job's live keys are kept.
     pub retention: Duration,
-}
-
-struct Scripts {
-    enqueue: Script,
-    claim: Script,
-    heartbeat: Script,
-    complete: Script,
-    fail: Script,
-    reap: Script,
-    cancel: Script,
-    register: Script,
-    drain: Script,
-}
-
-macro_rules! script {
-    ($file:literal) => {
-        Script::new(concat!(include_str!("prelude.lua"), include_str!($file)))
-    };
-}
-
-impl Scripts {
-    fn new() -> Self {
-        Self {
-            enqueue: script!("enqueue.lua"),
-            claim: script!("claim.lua"),
-            heartbeat: script!("heartbeat.lua"),
-            complete: script!("complete.lua"),
-            fail: script!("fail.lua"),
-            reap: script!("reap.lua"),
-            cancel: script!("cancel.lua"),
-            register: script!("register.lua"),
-            drain: script!("drain.lua"),
-        }
-    }
 }
 
 /// The Redis [`Store`].
@@ -123,22 +95,6 @@ fn transient(e: &RedisError) -> bool {
         || e.to_string().contains("LOADING")
 }
 
-/// Checks a farm name: letters, digits, '-', '_' and '.'.
-fn check_name(name: &str) -> Result<(), StoreError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::Misconfigured(format!(
-            "farm name must be 1 to 64 letters, digits, '-', '_' or '.', got {name:?}"
-        )))
-    }
-}
-
 impl RedisStore {
     /// Connects, checks that Redis cannot evict keys, and starts the Pub/Sub listener.
     ///
@@ -146,7 +102,9 @@ impl RedisStore {
     /// `Misconfigured` for a bad URL or an evicting `maxmemory-policy`;
     /// `Unavailable` when Redis cannot be reached.
     pub async fn connect(config: &RedisConfig) -> StoreResult<Self> {
-        check_name(&config.name)?;
+        // The farm name becomes every key's hash tag: kiln's one naming rule.
+        kiln_proto::recipe::check_name("farm name", &config.name)
+            .map_err(|e| StoreError::Misconfigured(e.to_string()))?;
         if config.url.starts_with("rediss://") {
             // rustls needs one process-wide crypto provider; a second install is a no-op.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -362,7 +320,7 @@ impl Store for RedisStore {
         let priority = i64::from(job.priority);
         let class = job.class.clone().unwrap_or_default();
         let verify_of = job.verify_of.map(|j| j.to_string()).unwrap_or_default();
-        let mut owned: Vec<String> = Vec::with_capacity(job.tasks.len() * 13);
+        let mut owned: Vec<String> = Vec::with_capacity(job.tasks.len() * TASK_ARGS);
         for t in &job.tasks {
             let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("task: {e}"));
             owned.push(t.id.to_string());
@@ -388,9 +346,12 @@ impl Store for RedisStore {
             );
             let avoid: Vec<&str> = t.avoid.iter().map(WorkerId::as_str).collect();
             owned.push(serde_json::to_string(&avoid).map_err(corrupt)?);
-            owned.push(batch_key(&t.recipe));
+            let waits = t.series.as_ref().is_some_and(|s| s.depends_on.is_some());
+            owned.push(task_batch_key(&t.recipe, waits));
             owned.push(t.recipe.hash());
         }
+        // enqueue.lua reads TASK_ARGS values per task.
+        debug_assert_eq!(owned.len(), job.tasks.len() * TASK_ARGS);
         let mut args = vec![
             Arg::Str(&id),
             Arg::Str(&job.project),
@@ -431,6 +392,33 @@ impl Store for RedisStore {
         let h = self.hgetall(self.key(&["task", &id.to_string()])).await?;
         if h.is_empty() {
             return Err(StoreError::TaskNotFound(id));
+        }
+        parse_task(&h)
+    }
+
+    async fn task_at(&self, job: JobId, index: u32) -> StoreResult<TaskRecord> {
+        let key = self.key(&["job", &job.to_string(), "tasks"]);
+        let id: Option<String> = self
+            .retry("LINDEX", || {
+                let mut conn = self.conn.clone();
+                let key = key.clone();
+                async move {
+                    redis::cmd("LINDEX")
+                        .arg(key)
+                        .arg(index)
+                        .query_async(&mut conn)
+                        .await
+                }
+            })
+            .await?;
+        let Some(id) = id else {
+            // Tell a missing job from an index past its end.
+            self.job_record(job).await?;
+            return Err(StoreError::NoTaskAt { job, index });
+        };
+        let h = self.hgetall(self.key(&["task", &id])).await?;
+        if h.is_empty() {
+            return Err(StoreError::NoTaskAt { job, index });
         }
         parse_task(&h)
     }
@@ -506,7 +494,7 @@ impl Store for RedisStore {
             .await?,
         )?;
         let mut out = Vec::new();
-        for r in reply.chunks(4) {
+        for r in reply.chunks(RELEASED_FIELDS) {
             let [task, job, epoch, finished] = r else {
                 continue;
             };
@@ -588,8 +576,8 @@ impl Store for RedisStore {
             let mut rest = reply[4..].iter();
             let mut claim = Claim::default();
             for _ in 0..n_leases {
-                let v: Vec<String> = rest.by_ref().take(6).map(text).collect();
-                let [task, job, index, epoch, recipe, init] = v.as_slice() else {
+                let v: Vec<String> = rest.by_ref().take(LEASE_FIELDS).map(text).collect();
+                let [task, job, index, epoch, recipe, init, anchor] = v.as_slice() else {
                     return Err(StoreError::Corrupt("short claim reply".into()));
                 };
                 let mut recipe: kiln_proto::recipe::Recipe = serde_json::from_str(recipe)
@@ -604,10 +592,11 @@ impl Store for RedisStore {
                     epoch: Epoch(parse_id(epoch, "epoch")?),
                     recipe,
                     ttl,
+                    anchor: u32::try_from(parse_id::<i64>(anchor, "anchor index")?).ok(),
                 });
             }
             for _ in 0..n_deduped {
-                let v: Vec<String> = rest.by_ref().take(4).map(text).collect();
+                let v: Vec<String> = rest.by_ref().take(DEDUPED_FIELDS).map(text).collect();
                 let [task, job, file, source] = v.as_slice() else {
                     return Err(StoreError::Corrupt("short claim reply".into()));
                 };
@@ -638,7 +627,9 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> StoreResult<HeartbeatOutcome> {
         let owned: Vec<String> = progress.iter().map(|p| p.task.to_string()).collect();
-        let mut args = vec![Arg::Str(worker.as_str()), Arg::Int(ttl.as_millis() as i64)];
+        let mut args = Vec::with_capacity(2 + progress.len() * PROGRESS_FIELDS);
+        args.push(Arg::Str(worker.as_str()));
+        args.push(Arg::Int(ttl.as_millis() as i64));
         for (p, id) in progress.iter().zip(&owned) {
             args.push(Arg::Str(id));
             args.push(Arg::Int(p.epoch.0 as i64));
@@ -653,14 +644,13 @@ impl Store for RedisStore {
             ..Default::default()
         };
         for (p, verdict) in progress.iter().zip(reply.iter().skip(1)) {
-            match text(verdict).as_str() {
-                "ext" => out.extended.push(p.task),
-                "cancel" => out
-                    .abandon
-                    .push((p.task, p.epoch, AbandonReason::Cancelled)),
-                _ => out
-                    .abandon
-                    .push((p.task, p.epoch, AbandonReason::LeaseLost)),
+            let verdict = text(verdict);
+            if verdict == "ext" {
+                out.extended.push(p.task);
+            } else {
+                let reason = AbandonReason::parse(&verdict)
+                    .ok_or_else(|| StoreError::Corrupt(format!("heartbeat verdict {verdict:?}")))?;
+                out.abandon.push((p.task, p.epoch, reason));
             }
         }
         Ok(out)
@@ -718,7 +708,7 @@ impl Store for RedisStore {
         worker: &WorkerId,
         task: TaskId,
         epoch: Epoch,
-        fault: FaultClass,
+        fault: Fault,
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome> {
@@ -730,7 +720,7 @@ impl Store for RedisStore {
                     Arg::Str(worker.as_str()),
                     Arg::Str(&tid),
                     Arg::Int(epoch.0 as i64),
-                    Arg::Int(i64::from(fault as i32)),
+                    Arg::Str(fault.name()),
                     Arg::Str(message),
                     Arg::Int(i64::from(max_attempts)),
                 ],
@@ -769,7 +759,7 @@ impl Store for RedisStore {
             .await?,
         )?;
         let mut out = Vec::new();
-        for r in reply.chunks(6) {
+        for r in reply.chunks(REAPED_FIELDS) {
             let [task, job, worker, epoch, requeued, finished] = r else {
                 continue;
             };

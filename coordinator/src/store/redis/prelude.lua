@@ -1,4 +1,7 @@
--- Shared by every kiln script (prepended at build time).
+-- Shared by every kiln script (prepended at build time, after the constants
+-- that redis/scripts.rs generates from the Rust definitions: policy numbers,
+-- argument and reply layouts, and the names of states, outcomes, faults and
+-- event kinds. No script writes a number or a name of its own).
 -- ARGV[1] is the key prefix (a hash tag such as "{kiln}", so every key of a farm
 -- lives in one cluster slot); ARGV[2] is how long a finished job's keys live, in ms.
 -- Every time is Redis server time: TIME, never a client's clock.
@@ -8,19 +11,13 @@ local function k(...)
   return P .. ':' .. table.concat({...}, ':')
 end
 local T = redis.call('TIME')
-local NOW = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
-
--- Event kinds and fault classes: the kiln.v1 enum numbers.
-local EV_LEASED, EV_COMPLETED, EV_FAILED, EV_EXPIRED, EV_CANCELLED, EV_STALE, EV_FINISHED = 1, 2, 3, 4, 5, 6, 7
-local F_NONE, F_WORKER_LOST, F_BAD_INPUT, F_CANCELLED = 0, 1, 4, 5
--- Task state -> job counter field.
-local COUNTER = {queued = 'queued', leased = 'leased', completed = 'completed', failed = 'failed', cancelled = 'cancelled'}
+local NOW = tonumber(T[1]) * MS_PER_S + math.floor(tonumber(T[2]) / US_PER_MS)
 
 local function event(job, kind, task, index, worker, epoch, fault, msg)
   local seq = redis.call('HINCRBY', k('job', job), 'seq', 1)
   redis.call('XADD', k('job', job, 'events'), '0-' .. seq,
     'kind', kind, 'task', task or '', 'index', index or 0, 'worker', worker or '',
-    'epoch', epoch or 0, 'fault', fault or 0, 'msg', msg or '', 'at', NOW)
+    'epoch', epoch or 0, 'fault', fault or FAULT_NONE, 'msg', msg or '', 'at', NOW)
   redis.call('PUBLISH', P .. ':events', job)
 end
 
@@ -32,7 +29,7 @@ end
 local function requeue(job, tid, index, model)
   redis.call('ZADD', k('q', job, model), index, tid)
   local prio = tonumber(redis.call('HGET', k('job', job), 'priority') or '0')
-  if redis.call('HGET', k('job', job), 'state') == 'running' then
+  if redis.call('HGET', k('job', job), 'state') == JOB_RUNNING then
     redis.call('ZADD', k('ready'), -prio, job)
   end
 end
@@ -59,14 +56,14 @@ end
 
 -- Ends the job if nothing is queued or leased; returns its new state, or ''.
 local function finish_if_done(job)
-  local j = redis.call('HMGET', k('job', job), 'state', 'queued', 'leased', 'failed', 'cancelled')
-  if j[1] ~= 'running' or tonumber(j[2]) ~= 0 or tonumber(j[3]) ~= 0 then
+  local j = redis.call('HMGET', k('job', job), 'state', TASK_QUEUED, TASK_LEASED, TASK_FAILED, TASK_CANCELLED)
+  if j[1] ~= JOB_RUNNING or tonumber(j[2]) ~= 0 or tonumber(j[3]) ~= 0 then
     return ''
   end
-  local state = 'completed'
-  if tonumber(j[4]) ~= 0 or tonumber(j[5]) ~= 0 then state = 'failed' end
+  local state = JOB_COMPLETED
+  if tonumber(j[4]) ~= 0 or tonumber(j[5]) ~= 0 then state = JOB_FAILED end
   redis.call('HSET', k('job', job), 'state', state, 'finished', NOW)
-  event(job, EV_FINISHED, '', 0, '', 0, F_NONE, 'JOB_STATE_' .. string.upper(state))
+  event(job, EV_JOB_FINISHED, '', 0, '', 0, FAULT_NONE, state)
   retire(job)
   return state
 end
@@ -92,15 +89,15 @@ local function end_dependents(job, index, to, ev_kind, msg)
   for _, tid in ipairs(redis.call('LRANGE', list, 0, -1)) do
     redis.call('HSET', k('task', tid), 'state', to)
     redis.call('SREM', k('job', job, 'waiting'), tid)
-    redis.call('HINCRBY', k('job', job), 'queued', -1)
-    redis.call('HINCRBY', k('job', job), COUNTER[to], 1)
-    event(job, ev_kind, tid, tonumber(redis.call('HGET', k('task', tid), 'index')), '', 0, F_BAD_INPUT, msg)
+    redis.call('HINCRBY', k('job', job), TASK_QUEUED, -1)
+    redis.call('HINCRBY', k('job', job), to, 1)
+    event(job, ev_kind, tid, tonumber(redis.call('HGET', k('task', tid), 'index')), '', 0, FAULT_BAD_INPUT, msg)
   end
   redis.call('DEL', list)
 end
 
 local function is_fault(outcome)
-  return outcome == 'failed' or outcome == 'expired'
+  return IS_FAULT[outcome] == true
 end
 
 local function count_faults(attempts)
@@ -135,19 +132,19 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump)
       redis.call('HSET', t, 'avoid', cjson.encode(avoid))
       redis.call('HINCRBY', k('worker', holder), 'failed', 1)
       redis.call('HINCRBY', k('job', job, 'faults'), holder, 1)
-    elseif outcome == 'completed' then
+    elseif outcome == OUTCOME_COMPLETED then
       redis.call('HINCRBY', k('worker', holder), 'completed', 1)
     end
   end
-  redis.call('HINCRBY', k('job', job), 'leased', -1)
-  redis.call('HINCRBY', k('job', job), COUNTER[to], 1)
-  if to == 'queued' then
+  redis.call('HINCRBY', k('job', job), TASK_LEASED, -1)
+  redis.call('HINCRBY', k('job', job), to, 1)
+  if to == TASK_QUEUED then
     requeue(job, tid, index, model)
     wake_workers()
   end
   event(job, ev_kind, tid, index, holder, epoch, fault, msg)
-  if to == 'failed' then end_dependents(job, index, 'failed', EV_FAILED, 'its anchor failed') end
-  if to == 'cancelled' then end_dependents(job, index, 'cancelled', EV_CANCELLED, 'job cancelled') end
+  if to == TASK_FAILED then end_dependents(job, index, TASK_FAILED, EV_FAILED, 'its anchor failed') end
+  if to == TASK_CANCELLED then end_dependents(job, index, TASK_CANCELLED, EV_CANCELLED, 'job cancelled') end
   return finish_if_done(job)
 end
 
@@ -155,19 +152,45 @@ end
 local function stale_reason(tid, worker, epoch)
   local f = redis.call('HMGET', k('task', tid), 'state', 'epoch', 'holder')
   local state, cur, holder = f[1], tonumber(f[2]), f[3]
-  if state == 'cancelled' then return 'the job was cancelled' end
-  if state == 'completed' then
+  if state == TASK_CANCELLED then return 'the job was cancelled' end
+  if state == TASK_COMPLETED then
     return 'task already completed under epoch ' .. cur .. ' (this report: epoch ' .. epoch .. ')'
   end
-  if state == 'failed' then return 'the task already failed for good' end
-  if state == 'leased' and cur ~= epoch then
+  if state == TASK_FAILED then return 'the task already failed for good' end
+  if state == TASK_LEASED and cur ~= epoch then
     return 'lease lost: epoch ' .. epoch .. ' < ' .. cur .. ' (the lease expired and the task went to ' .. holder .. ')'
   end
-  if state == 'leased' then return 'lease held by ' .. holder .. ', not ' .. worker end
+  if state == TASK_LEASED then return 'lease held by ' .. holder .. ', not ' .. worker end
   return 'lease lost: epoch ' .. epoch .. ' expired and the task is queued again (epoch ' .. cur .. ')'
 end
 
 local function holds(tid, worker, epoch)
   local f = redis.call('HMGET', k('task', tid), 'state', 'epoch', 'holder')
-  return f[1] == 'leased' and tonumber(f[2]) == epoch and f[3] == worker
+  return f[1] == TASK_LEASED and tonumber(f[2]) == epoch and f[3] == worker
+end
+
+-- True when worker `w` is live for the policy: not draining, and it called within LIVE_MS.
+local function live(w)
+  local f = redis.call('HMGET', k('worker', w), 'draining', 'seen')
+  return f[1] ~= '1' and f[2] and NOW - tonumber(f[2]) < LIVE_MS
+end
+
+-- True when a worker other than `not_worker` could take a task of `job` for
+-- `model` (pinned to `mhash` unless empty): live, not draining, not
+-- quarantined for the job, holding the model, and of the job's pinned class
+-- ('' when not pinned). Workers in `skip` (a set) do not count. The policy's
+-- `policy::can_stand_in` in Rust.
+local function stand_in_exists(job, model, mhash, not_worker, pinned_class, skip)
+  for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
+    if w ~= not_worker and not (skip and skip[w]) and live(w) then
+      local f = redis.call('HMGET', k('worker', w), 'class', 'models')
+      local faults = tonumber(redis.call('HGET', k('job', job, 'faults'), w) or '0')
+      local hash = f[2] and cjson.decode(f[2])[model]
+      if faults < QUARANTINE_AFTER and hash ~= nil and (mhash == '' or hash == mhash)
+        and (pinned_class == '' or (f[1] or '') == pinned_class) then
+        return true
+      end
+    end
+  end
+  return false
 end

@@ -5,12 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use kiln_proto::ids::{Epoch, JobId, WorkerId};
-use kiln_proto::pb::{EventKind, FaultClass};
 use redis::Value;
 use tokio::time::Instant;
 
 use super::records::*;
 use super::{FALLBACK_POLL, RedisStore};
+use crate::store::state::EventKind;
 use crate::store::types::*;
 use crate::store::{StoreError, StoreResult};
 
@@ -197,8 +197,7 @@ impl RedisStore {
             out.push(Event {
                 seq,
                 at_ms: num(&f, "at")?,
-                kind: EventKind::try_from(num::<i32>(&f, "kind")?)
-                    .unwrap_or(EventKind::Unspecified),
+                kind: named::<EventKind>(&get("kind"), "event kind")?,
                 task: if task.is_empty() {
                     None
                 } else {
@@ -207,8 +206,7 @@ impl RedisStore {
                 index: num(&f, "index")?,
                 worker: (!worker.is_empty()).then_some(WorkerId(worker)),
                 epoch: Epoch(num(&f, "epoch")?),
-                fault: FaultClass::try_from(num::<i32>(&f, "fault")?)
-                    .unwrap_or(FaultClass::Unspecified),
+                fault: fault(&get("fault"))?,
                 message: get("msg"),
             });
         }

@@ -3,11 +3,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use kiln_proto::ids::{Epoch, WorkerId};
-use kiln_proto::pb::{FaultClass, JobState, TaskState};
 use kiln_proto::recipe::Recipe;
 use redis::Value;
 use serde::{Deserialize, Serialize};
 
+use crate::store::state::{Fault, JobState, Outcome, StateName, TaskState};
 use crate::store::types::*;
 use crate::store::{StoreError, StoreResult};
 
@@ -44,22 +44,17 @@ pub(super) fn parse_id<T: std::str::FromStr>(s: &str, what: &str) -> StoreResult
         .map_err(|_| StoreError::Corrupt(format!("{what} {s:?}")))
 }
 
-pub(super) fn job_state(s: &str) -> JobState {
-    match s {
-        "completed" => JobState::Completed,
-        "failed" => JobState::Failed,
-        "cancelled" => JobState::Cancelled,
-        _ => JobState::Running,
-    }
+/// Parses a stored name of one of the store's enums.
+pub(super) fn named<T: StateName>(s: &str, what: &str) -> StoreResult<T> {
+    T::parse(s).ok_or_else(|| StoreError::Corrupt(format!("{what} {s:?}")))
 }
 
-pub(super) fn task_state(s: &str) -> TaskState {
-    match s {
-        "leased" => TaskState::Leased,
-        "completed" => TaskState::Completed,
-        "failed" => TaskState::Failed,
-        "cancelled" => TaskState::Cancelled,
-        _ => TaskState::Queued,
+/// Parses a stored fault: the empty name is no fault.
+pub(super) fn fault(s: &str) -> StoreResult<Option<Fault>> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        named(s, "fault").map(Some)
     }
 }
 
@@ -72,14 +67,15 @@ pub(super) fn parse_job(h: &HashMap<String, String>) -> StoreResult<JobRecord> {
         name: s("name"),
         project: s("project"),
         priority: num(h, "priority")?,
-        state: job_state(&s("state")),
+        state: named::<JobState>(&s("state"), "job state")?,
+        // The counters are kept under the task states' names.
         counts: TaskCounts {
             total: num(h, "total")?,
-            queued: num(h, "queued")?,
-            leased: num(h, "leased")?,
-            completed: num(h, "completed")?,
-            failed: num(h, "failed")?,
-            cancelled: num(h, "cancelled")?,
+            queued: num(h, TaskState::Queued.name())?,
+            leased: num(h, TaskState::Leased.name())?,
+            completed: num(h, TaskState::Completed.name())?,
+            failed: num(h, TaskState::Failed.name())?,
+            cancelled: num(h, TaskState::Cancelled.name())?,
         },
         created_at_ms: num(h, "created")?,
         finished_at_ms: (finished > 0).then_some(finished),
@@ -102,7 +98,7 @@ pub(super) struct StoredAttempt {
     ended: Option<i64>,
     outcome: String,
     #[serde(default)]
-    fault: i32,
+    fault: String,
     #[serde(default)]
     message: String,
 }
@@ -118,16 +114,6 @@ pub(super) struct StoredResult {
     pub(super) encode_ms: u64,
     #[serde(default)]
     pub(super) class: String,
-}
-
-pub(super) fn outcome(s: &str) -> Outcome {
-    match s {
-        "completed" => Outcome::Completed,
-        "failed" => Outcome::Failed,
-        "expired" => Outcome::Expired,
-        "cancelled" => Outcome::Cancelled,
-        _ => Outcome::Running,
-    }
 }
 
 pub(super) fn parse_task(h: &HashMap<String, String>) -> StoreResult<TaskRecord> {
@@ -163,20 +149,22 @@ pub(super) fn parse_task(h: &HashMap<String, String>) -> StoreResult<TaskRecord>
         index: num(h, "index")?,
         recipe,
         file_name: s("file"),
-        state: task_state(&s("state")),
+        state: named::<TaskState>(&s("state"), "task state")?,
         epoch: Epoch(num(h, "epoch")?),
         attempts: attempts
             .into_iter()
-            .map(|a| Attempt {
-                worker: WorkerId(a.worker),
-                epoch: Epoch(a.epoch),
-                started_at_ms: a.started,
-                ended_at_ms: a.ended,
-                outcome: outcome(&a.outcome),
-                fault: FaultClass::try_from(a.fault).unwrap_or(FaultClass::Unspecified),
-                message: a.message,
+            .map(|a| {
+                Ok(Attempt {
+                    worker: WorkerId(a.worker),
+                    epoch: Epoch(a.epoch),
+                    started_at_ms: a.started,
+                    ended_at_ms: a.ended,
+                    outcome: named::<Outcome>(&a.outcome, "attempt outcome")?,
+                    fault: fault(&a.fault)?,
+                    message: a.message,
+                })
             })
-            .collect(),
+            .collect::<StoreResult<_>>()?,
         step: num(h, "step")?,
         result,
         series: match s("series").as_str() {

@@ -1,14 +1,14 @@
 -- Opens a worker session; leases still held under the same id belong to a
 -- dead incarnation and are requeued at once.
 -- ARGV: 3 worker, 4 registration json, 5 models json ({name: hash}), 6 determinism class.
--- Returns 4 values per released lease: task, job, epoch, finished state or ''.
+-- Returns RELEASED_FIELDS values per released lease: task, job, epoch, finished state or ''.
 local worker = ARGV[3]
 local wk = k('worker', worker)
 local out = {}
 for _, tid in ipairs(redis.call('SMEMBERS', k('worker', worker, 'running'))) do
   local f = redis.call('HMGET', k('task', tid), 'state', 'job', 'epoch', 'holder')
-  if f[1] == 'leased' and f[4] == worker then
-    local finished = end_lease(tid, 'expired', F_WORKER_LOST, 'the worker registered again: the old session is gone', 'queued', EV_EXPIRED, true)
+  if f[1] == TASK_LEASED and f[4] == worker then
+    local finished = end_lease(tid, OUTCOME_EXPIRED, FAULT_WORKER_LOST, 'the worker registered again: the old session is gone', TASK_QUEUED, EV_EXPIRED, true)
     for _, v in ipairs({tid, f[2], f[3], finished}) do table.insert(out, v) end
   end
 end

@@ -1,0 +1,321 @@
+//! How the memory store applies the scheduling policy of [`policy`]: which
+//! tasks a worker may take, in what order, and how free slots are filled.
+//! The rules and numbers live in `policy`; this module only walks the
+//! memory store's indexes to feed them (as `redis/claim.lua` walks Redis).
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+
+use kiln_proto::ids::{JobId, TaskId, WorkerId};
+
+use super::data::{JobEntry, State, TaskEntry};
+use crate::store::policy::{self, Candidate, MAX_DEDUPED_PER_CLAIM, Pick};
+use crate::store::{Claim, JobState};
+
+/// A worker's view for the policy.
+pub(super) struct Asker<'a> {
+    pub(super) id: &'a WorkerId,
+    pub(super) class: String,
+    /// Catalog: model name -> hash.
+    pub(super) models: HashMap<String, String>,
+    /// Resident models; the whole catalog when the worker reports none.
+    pub(super) resident: BTreeSet<String>,
+    /// Whether a stand-in exists for a quarantined asker, by (job, model,
+    /// pinned hash): asked once per claim, not once per queued task, since
+    /// nothing it depends on changes while the claim holds the lock.
+    pub(super) stand_ins: RefCell<HashMap<(JobId, String, String), bool>>,
+}
+
+impl Asker<'_> {
+    /// Returns the cached answer for (job, model, hash), asking `scan` once.
+    fn stand_in_for(
+        &self,
+        job: JobId,
+        model: &str,
+        hash: &str,
+        scan: impl FnOnce() -> bool,
+    ) -> bool {
+        let key = (job, model.to_string(), hash.to_string());
+        if let Some(known) = self.stand_ins.borrow().get(&key) {
+            return *known;
+        }
+        let found = scan();
+        self.stand_ins.borrow_mut().insert(key, found);
+        found
+    }
+}
+
+impl State {
+    /// Returns true if `asker` may take tasks of `job` at all: the job runs
+    /// and is not pinned to another determinism class. Quarantine is decided
+    /// per task ([`State::task_allows`]), since a stand-in must hold the
+    /// task's model.
+    pub(super) fn job_allows(&self, job: &JobEntry, asker: &Asker<'_>) -> bool {
+        if job.record.state != JobState::Running {
+            return false;
+        }
+        !job.record.class.as_ref().is_some_and(|class| {
+            (job.pin_class || job.record.verify_of.is_some()) && *class != asker.class
+        })
+    }
+
+    /// Returns true if `asker` may take this task: it holds the model (and
+    /// the pinned hash), and neither quarantine nor the task's avoid list
+    /// keeps it away ([`policy::task_open_to`]).
+    pub(super) fn task_allows(&self, task: &TaskEntry, asker: &Asker<'_>, now: u64) -> bool {
+        let Some(job) = self.jobs.get(&task.record.job) else {
+            return false;
+        };
+        let r = &task.record.recipe;
+        let Some(hash) = asker.models.get(&r.model) else {
+            return false;
+        };
+        if !r.model_hash.is_empty() && *hash != r.model_hash {
+            return false;
+        }
+        let faults = job.faults.get(asker.id).copied().unwrap_or(0);
+        policy::task_open_to(
+            policy::quarantined(faults),
+            task.avoid.contains(asker.id),
+            || {
+                asker.stand_in_for(job.record.id, &r.model, &r.model_hash, || {
+                    self.stand_in_exists(job, task, asker.id, false, now)
+                })
+            },
+            || self.stand_in_exists(job, task, asker.id, true, now),
+        )
+    }
+
+    /// Returns true when a worker other than `not` could take `task`
+    /// ([`policy::can_stand_in`]); with `outside_avoid`, only workers not
+    /// on the task's avoid list count.
+    pub(super) fn stand_in_exists(
+        &self,
+        job: &JobEntry,
+        task: &TaskEntry,
+        not: &WorkerId,
+        outside_avoid: bool,
+        now: u64,
+    ) -> bool {
+        let recipe = &task.record.recipe;
+        let pinned = job.record.class.as_deref().filter(|_| job.pin_class);
+        self.workers.values().any(|w| {
+            let reg = &w.record.registration;
+            let candidate = Candidate {
+                draining: w.record.draining,
+                silent_ms: now.saturating_sub(w.last_seen),
+                class: &reg.determinism_class,
+                model_hash: reg
+                    .models
+                    .iter()
+                    .find(|m| m.name == recipe.model)
+                    .map(|m| m.hash.as_str()),
+                job_faults: job.faults.get(&reg.id).copied().unwrap_or(0),
+            };
+            reg.id != *not
+                && !(outside_avoid && task.avoid.contains(&reg.id))
+                && policy::can_stand_in(&candidate, &recipe.model_hash, pinned)
+        })
+    }
+
+    /// Jobs with claimable work in policy order ([`policy::job_rank`]).
+    pub(super) fn job_order(&self) -> Vec<JobId> {
+        let mut jobs: Vec<&JobEntry> = self
+            .jobs
+            .values()
+            .filter(|j| j.record.state == JobState::Running && !j.queued.is_empty())
+            .collect();
+        jobs.sort_by_key(|j| {
+            policy::job_rank(
+                j.record.priority,
+                self.project_served
+                    .get(&j.record.project)
+                    .copied()
+                    .unwrap_or(0),
+                j.served,
+                j.record.id,
+            )
+        });
+        jobs.into_iter().map(|j| j.record.id).collect()
+    }
+
+    /// Chooses up to `max` tasks for `worker` (see [`super::policy`]);
+    /// completes deduplicated tasks into `claim` on the way.
+    pub(super) fn pick(
+        &mut self,
+        worker: &WorkerId,
+        max: usize,
+        now: u64,
+        claim: &mut Claim,
+    ) -> Vec<TaskId> {
+        let Some(w) = self.workers.get(worker) else {
+            return Vec::new();
+        };
+        let reg = &w.record.registration;
+        let models: HashMap<String, String> = reg
+            .models
+            .iter()
+            .map(|m| (m.name.clone(), m.hash.clone()))
+            .collect();
+        let resident: BTreeSet<String> = if w.resident.is_empty() {
+            models.keys().cloned().collect()
+        } else {
+            w.resident.iter().cloned().collect()
+        };
+        let asker = Asker {
+            id: worker,
+            class: reg.determinism_class.clone(),
+            models,
+            resident,
+            stand_ins: RefCell::default(),
+        };
+        let mut deduped = 0;
+        // The first claimable task overall, and the first one for a resident
+        // model, in policy order.
+        let mut first_choice: Option<Pick<TaskId>> = None;
+        let mut first_resident: Option<Pick<TaskId>> = None;
+        'jobs: for job_id in self.job_order() {
+            let Some(job) = self.jobs.get(&job_id) else {
+                continue;
+            };
+            if !self.job_allows(job, &asker) {
+                continue;
+            }
+            let priority = job.record.priority;
+            let held: Vec<String> = job
+                .queued
+                .by_model
+                .keys()
+                .filter(|m| asker.models.contains_key(*m))
+                .cloned()
+                .collect();
+            // The first claimable task of each model the worker holds, in item order.
+            let mut heads: Vec<(u32, TaskId, String)> = Vec::new();
+            for model in held {
+                loop {
+                    let next = self.jobs.get(&job_id).and_then(|j| {
+                        let set = j.queued.by_model.get(&model)?;
+                        set.iter()
+                            .filter_map(|i| Some((*i, *j.tasks.get(*i as usize)?)))
+                            .find(|(_, id)| {
+                                self.tasks
+                                    .get(id)
+                                    .is_some_and(|t| self.task_allows(t, &asker, now))
+                            })
+                    });
+                    let Some((index, id)) = next else { break };
+                    if deduped < MAX_DEDUPED_PER_CLAIM && self.try_dedupe(id, &asker.class, claim) {
+                        deduped += 1;
+                        continue;
+                    }
+                    heads.push((index, id, model.clone()));
+                    break;
+                }
+            }
+            heads.sort();
+            for (_, task, model) in heads {
+                let resident = asker.resident.contains(&model);
+                let pick = Pick {
+                    priority,
+                    task,
+                    model,
+                };
+                if first_choice.is_none() {
+                    first_choice = Some(pick.clone());
+                }
+                if resident {
+                    first_resident = Some(pick);
+                    break 'jobs;
+                }
+            }
+        }
+        let chosen = policy::choose(
+            first_resident,
+            first_choice,
+            |model| self.resident_holders(model, worker, now),
+            |model| self.backlog(model),
+        );
+        let Some(first) = chosen else {
+            return Vec::new();
+        };
+        let mut out = vec![first];
+        if max > 1 {
+            self.fill(first, max, &asker, now, &mut out);
+        }
+        out
+    }
+
+    /// Fills free slots after `first`: tasks that share its UNet batch, then
+    /// other tasks for the same model, in policy order.
+    pub(super) fn fill(
+        &self,
+        first: TaskId,
+        max: usize,
+        asker: &Asker<'_>,
+        now: u64,
+        out: &mut Vec<TaskId>,
+    ) {
+        let Some(first_task) = self.tasks.get(&first) else {
+            return;
+        };
+        let key = &first_task.batch_key;
+        let model = first_task.record.recipe.model.clone();
+        let order = self.job_order();
+        for same_batch in [true, false] {
+            for job_id in &order {
+                let Some(job) = self.jobs.get(job_id) else {
+                    continue;
+                };
+                if !self.job_allows(job, asker) {
+                    continue;
+                }
+                let Some(set) = job.queued.by_model.get(&model) else {
+                    continue;
+                };
+                for index in set {
+                    if out.len() >= max {
+                        return;
+                    }
+                    let Some(task) = job
+                        .tasks
+                        .get(*index as usize)
+                        .and_then(|t| self.tasks.get(t))
+                    else {
+                        continue;
+                    };
+                    let id = task.record.id;
+                    let fits = !same_batch || task.batch_key == *key;
+                    if fits && !out.contains(&id) && self.task_allows(task, asker, now) {
+                        out.push(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Returns the number of claimable tasks for `model` across running jobs.
+    pub(super) fn backlog(&self, model: &str) -> usize {
+        self.jobs
+            .values()
+            .filter(|j| j.record.state == JobState::Running)
+            .map(|j| j.queued.len_of(model))
+            .sum()
+    }
+
+    /// Returns how many live workers other than `not` have `model` resident.
+    pub(super) fn resident_holders(&self, model: &str, not: &WorkerId, now: u64) -> usize {
+        self.workers
+            .values()
+            .filter(|w| {
+                &w.record.registration.id != not
+                    && !w.record.draining
+                    && now.saturating_sub(w.last_seen) < policy::LIVE_MS
+                    && if w.resident.is_empty() {
+                        w.record.registration.models.iter().any(|m| m.name == model)
+                    } else {
+                        w.resident.iter().any(|m| m == model)
+                    }
+            })
+            .count()
+    }
+}

@@ -1,0 +1,154 @@
+//! The memory store's data: the records of jobs, tasks and workers, the
+//! indexes kept beside them so a claim or a reap never scans everything, and
+//! the read-only questions asked of a record (who holds it, why a report is
+//! stale).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+
+use crate::store::{Event, JobRecord, ModelInfo, TaskRecord, TaskResult, TaskState, WorkerRecord};
+
+/// Everything the memory store holds, behind its one mutex.
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) jobs: BTreeMap<JobId, JobEntry>,
+    pub(super) tasks: HashMap<TaskId, TaskEntry>,
+    /// Tasks in the Leased state, so the reaper scans only those.
+    pub(super) leased: BTreeSet<TaskId>,
+    pub(super) idempotency: HashMap<(String, String), JobId>,
+    pub(super) workers: BTreeMap<WorkerId, WorkerEntry>,
+    pub(super) models: BTreeMap<String, ModelInfo>,
+    /// Fair-share clock: bumped every time a job is served.
+    pub(super) served: u64,
+    /// When each project was last served.
+    pub(super) project_served: HashMap<String, u64>,
+    /// Earlier results by project, then dedupe key (recipe hash and class).
+    pub(super) results: HashMap<String, HashMap<String, TaskResult>>,
+}
+
+/// A job, its tasks' ids, its queues and its event log.
+pub(super) struct JobEntry {
+    pub(super) record: JobRecord,
+    /// Task ids in index order.
+    pub(super) tasks: Vec<TaskId>,
+    /// Queued, claimable tasks.
+    pub(super) queued: Queued,
+    /// Shots waiting for their anchor: anchor index -> shot indices.
+    pub(super) waiting: BTreeMap<u32, Vec<u32>>,
+    pub(super) events: Vec<Event>,
+    pub(super) blobs: HashMap<String, Bytes>,
+    pub(super) pin_class: bool,
+    pub(super) dedupe: bool,
+    /// When this job was last served.
+    pub(super) served: u64,
+    /// Faults per worker, for quarantine.
+    pub(super) faults: HashMap<WorkerId, u32>,
+}
+
+/// A job's claimable tasks by model, in item order, so a claim looks at the
+/// first task of each model instead of scanning the whole queue.
+#[derive(Default)]
+pub(super) struct Queued {
+    pub(super) by_model: BTreeMap<String, BTreeSet<u32>>,
+}
+
+impl Queued {
+    pub(super) fn insert(&mut self, model: &str, index: u32) {
+        self.by_model
+            .entry(model.to_string())
+            .or_default()
+            .insert(index);
+    }
+
+    pub(super) fn remove(&mut self, model: &str, index: u32) {
+        if let Some(set) = self.by_model.get_mut(model) {
+            set.remove(&index);
+            if set.is_empty() {
+                self.by_model.remove(model);
+            }
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.by_model.is_empty()
+    }
+
+    pub(super) fn len_of(&self, model: &str) -> usize {
+        self.by_model.get(model).map_or(0, BTreeSet::len)
+    }
+
+    /// Removes and returns every queued index.
+    pub(super) fn drain(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.by_model)
+            .into_values()
+            .flatten()
+            .collect()
+    }
+}
+
+/// A task and what the store keeps beside its record.
+pub(super) struct TaskEntry {
+    pub(super) record: TaskRecord,
+    /// The recipe's hash, cached: dedupe looks it up on every claim.
+    pub(super) hash: String,
+    /// The task's [`policy::task_batch_key`](crate::store::policy::task_batch_key),
+    /// fixed at creation: free slots are filled with tasks of the same key.
+    pub(super) batch_key: String,
+    /// Lease deadline on the store clock, in ms since `origin`.
+    pub(super) deadline: Option<u64>,
+    /// Workers that failed this task: it is retried elsewhere when possible.
+    pub(super) avoid: BTreeSet<WorkerId>,
+}
+
+/// A worker session.
+pub(super) struct WorkerEntry {
+    pub(super) record: WorkerRecord,
+    pub(super) running: BTreeSet<TaskId>,
+    /// Last call on the store clock.
+    pub(super) last_seen: u64,
+    /// Models loaded at the last claim.
+    pub(super) resident: Vec<String>,
+}
+
+/// Returns the wall clock in Unix milliseconds, for records people read.
+pub(super) fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Describes why (worker, epoch) no longer holds the task.
+pub(super) fn stale_reason(task: &TaskRecord, worker: &WorkerId, epoch: Epoch) -> String {
+    match task.state {
+        TaskState::Cancelled => "the job was cancelled".to_string(),
+        TaskState::Completed => format!(
+            "task already completed under epoch {} (this report: epoch {epoch})",
+            task.epoch
+        ),
+        TaskState::Failed => "the task already failed for good".to_string(),
+        TaskState::Leased if task.epoch != epoch => format!(
+            "lease lost: epoch {epoch} < {} (the lease expired and the task went to {})",
+            task.epoch,
+            task.holder()
+                .map(|w| w.as_str())
+                .unwrap_or("another worker")
+        ),
+        TaskState::Leased => format!(
+            "lease held by {}, not {worker}",
+            task.holder().map(|w| w.as_str()).unwrap_or("nobody")
+        ),
+        TaskState::Queued => format!(
+            "lease lost: epoch {epoch} expired and the task is queued again (epoch {})",
+            task.epoch
+        ),
+    }
+}
+
+/// Returns true if `worker` holds `task` under `epoch`.
+pub(super) fn holds_lease(task: &TaskRecord, worker: &WorkerId, epoch: Epoch) -> bool {
+    task.state == TaskState::Leased && task.epoch == epoch && task.holder() == Some(worker)
+}

@@ -1,0 +1,742 @@
+//! The embedded store: the same semantics as the Redis store under one mutex,
+//! nothing persisted. Used by `kiln render` and by tests.
+//!
+//! This module owns [`MemoryStore`] and its [`Store`] methods: each takes the
+//! mutex once, which makes it atomic. The data and its indexes are in
+//! `data`, the transitions in `transitions`, and the scheduling policy's
+//! application in `claim` (the rules themselves: [`policy`](super::policy)).
+
+mod claim;
+mod data;
+mod transitions;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use self::data::{
+    JobEntry, Queued, State, TaskEntry, WorkerEntry, holds_lease, stale_reason, unix_ms,
+};
+use self::transitions::push_event;
+use super::policy::{self, AfterFault, dedupe_key, task_batch_key};
+use super::state::{AbandonReason, EventKind, Fault, JobState, Outcome, TaskState};
+use super::types::*;
+use super::{Store, StoreError, StoreResult};
+
+/// The in-memory [`Store`].
+pub struct MemoryStore {
+    /// A std mutex is enough: no `.await` happens while it is held.
+    state: Mutex<State>,
+    /// Bumped whenever a task becomes claimable, to wake long-polling claims.
+    work: watch::Sender<u64>,
+    /// Bumped on every event, to wake watchers.
+    events: watch::Sender<u64>,
+    /// Origin of the store's monotonic clock, which lease deadlines use.
+    /// A tokio instant, so tests can pause and advance time.
+    origin: Instant,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// Returns an empty store.
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            work: watch::channel(0).0,
+            events: watch::channel(0).0,
+            origin: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-done transition
+        // behind that later calls would trip over any worse than the panic
+        // itself, so a poisoned lock is taken over.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake_workers(&self) {
+        self.work.send_modify(|v| *v += 1);
+    }
+
+    fn wake_watchers(&self) {
+        self.events.send_modify(|v| *v += 1);
+    }
+
+    fn try_claim(
+        &self,
+        worker: &WorkerId,
+        max: usize,
+        ttl: Duration,
+        resident: &[String],
+    ) -> StoreResult<Claim> {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let w = st
+            .workers
+            .get_mut(worker)
+            .ok_or_else(|| StoreError::UnknownWorker(worker.clone()))?;
+        w.last_seen = now;
+        w.record.last_seen_ms = unix_ms();
+        w.resident = resident.to_vec();
+        if w.record.draining {
+            return Ok(Claim {
+                drain: true,
+                ..Default::default()
+            });
+        }
+        let mut claim = Claim::default();
+        let picked = st.pick(worker, max, now, &mut claim);
+        for task_id in picked {
+            claim.leases.extend(st.lease(task_id, worker, now, ttl));
+        }
+        drop(guard);
+        if !claim.deduped.is_empty() {
+            // A served anchor may have released its shots to other workers.
+            self.wake_workers();
+        }
+        if !claim.leases.is_empty() || !claim.deduped.is_empty() {
+            self.wake_watchers();
+        }
+        Ok(claim)
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn create_job(&self, new: NewJob) -> StoreResult<(JobRecord, bool)> {
+        let mut st = self.lock();
+        if let Some(key) = &new.idempotency_key
+            && let Some(existing) = st.idempotency.get(&(new.project.clone(), key.clone()))
+            && let Some(job) = st.jobs.get(existing)
+        {
+            return Ok((job.record.clone(), false));
+        }
+        let total = new.tasks.len() as u32;
+        let record = JobRecord {
+            id: new.id,
+            name: new.name,
+            project: new.project.clone(),
+            priority: new.priority,
+            state: JobState::Running,
+            counts: TaskCounts {
+                total,
+                queued: total,
+                ..Default::default()
+            },
+            created_at_ms: unix_ms(),
+            finished_at_ms: None,
+            idempotency_key: new.idempotency_key.clone(),
+            class: new.class.clone(),
+            verify_of: new.verify_of,
+        };
+        let mut entry = JobEntry {
+            record: record.clone(),
+            tasks: Vec::with_capacity(new.tasks.len()),
+            queued: Queued::default(),
+            waiting: BTreeMap::new(),
+            events: Vec::new(),
+            blobs: new.blobs.into_iter().collect(),
+            pin_class: new.pin_class,
+            dedupe: new.dedupe,
+            served: 0,
+            faults: HashMap::new(),
+        };
+        for t in new.tasks {
+            entry.tasks.push(t.id);
+            match t.series.as_ref().and_then(|s| s.depends_on) {
+                Some(anchor) => entry.waiting.entry(anchor).or_default().push(t.index),
+                None => entry.queued.insert(&t.recipe.model, t.index),
+            }
+            let waits = t.series.as_ref().is_some_and(|s| s.depends_on.is_some());
+            st.tasks.insert(
+                t.id,
+                TaskEntry {
+                    batch_key: task_batch_key(&t.recipe, waits),
+                    hash: t.recipe.hash(),
+                    record: TaskRecord {
+                        id: t.id,
+                        job: new.id,
+                        index: t.index,
+                        recipe: t.recipe,
+                        file_name: t.file_name,
+                        state: TaskState::Queued,
+                        epoch: Epoch(0),
+                        attempts: Vec::new(),
+                        step: 0,
+                        result: None,
+                        series: t.series,
+                    },
+                    deadline: None,
+                    avoid: t.avoid.into_iter().collect(),
+                },
+            );
+        }
+        if let Some(key) = new.idempotency_key {
+            st.idempotency.insert((new.project, key), new.id);
+        }
+        st.jobs.insert(new.id, entry);
+        drop(st);
+        self.wake_workers();
+        Ok((record, true))
+    }
+
+    async fn job(&self, id: JobId) -> StoreResult<JobRecord> {
+        let st = self.lock();
+        st.jobs
+            .get(&id)
+            .map(|j| j.record.clone())
+            .ok_or(StoreError::JobNotFound(id))
+    }
+
+    async fn jobs(&self, limit: usize) -> StoreResult<Vec<JobRecord>> {
+        let st = self.lock();
+        Ok(st
+            .jobs
+            .values()
+            .rev()
+            .take(limit)
+            .map(|j| j.record.clone())
+            .collect())
+    }
+
+    async fn tasks(&self, id: JobId) -> StoreResult<Vec<TaskRecord>> {
+        let st = self.lock();
+        let job = st.jobs.get(&id).ok_or(StoreError::JobNotFound(id))?;
+        Ok(job
+            .tasks
+            .iter()
+            .filter_map(|t| st.tasks.get(t).map(|t| t.record.clone()))
+            .collect())
+    }
+
+    async fn task(&self, id: TaskId) -> StoreResult<TaskRecord> {
+        let st = self.lock();
+        st.tasks
+            .get(&id)
+            .map(|t| t.record.clone())
+            .ok_or(StoreError::TaskNotFound(id))
+    }
+
+    async fn task_at(&self, job: JobId, index: u32) -> StoreResult<TaskRecord> {
+        let st = self.lock();
+        let entry = st.jobs.get(&job).ok_or(StoreError::JobNotFound(job))?;
+        entry
+            .tasks
+            .get(index as usize)
+            .and_then(|id| st.tasks.get(id))
+            .map(|t| t.record.clone())
+            .ok_or(StoreError::NoTaskAt { job, index })
+    }
+
+    async fn blobs(&self, id: JobId, sha256s: &[String]) -> StoreResult<Vec<(String, Bytes)>> {
+        let st = self.lock();
+        let job = st.jobs.get(&id).ok_or(StoreError::JobNotFound(id))?;
+        Ok(sha256s
+            .iter()
+            .filter_map(|s| job.blobs.get(s).map(|b| (s.clone(), b.clone())))
+            .collect())
+    }
+
+    async fn running(&self, id: JobId) -> StoreResult<Vec<RunningTask>> {
+        let st = self.lock();
+        if !st.jobs.contains_key(&id) {
+            return Err(StoreError::JobNotFound(id));
+        }
+        let mut out: Vec<RunningTask> = st
+            .leased
+            .iter()
+            .filter_map(|t| st.tasks.get(t))
+            .filter(|t| t.record.job == id)
+            .filter_map(|t| {
+                Some(RunningTask {
+                    task: t.record.id,
+                    index: t.record.index,
+                    step: t.record.step,
+                    steps: t.record.recipe.steps,
+                    worker: t.record.holder()?.clone(),
+                })
+            })
+            .collect();
+        out.sort_by_key(|r| r.index);
+        Ok(out)
+    }
+
+    async fn cancel_job(&self, id: JobId) -> StoreResult<JobRecord> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let job = st.jobs.get_mut(&id).ok_or(StoreError::JobNotFound(id))?;
+        if job.record.is_finished() {
+            return Ok(job.record.clone());
+        }
+        let mut idle: Vec<u32> = job.queued.drain();
+        idle.extend(std::mem::take(&mut job.waiting).into_values().flatten());
+        let tasks = job.tasks.clone();
+        for index in &idle {
+            if let Some(t) = tasks
+                .get(*index as usize)
+                .and_then(|id| st.tasks.get_mut(id))
+            {
+                t.record.state = TaskState::Cancelled;
+            }
+        }
+        let job = st.jobs.get_mut(&id).ok_or(StoreError::JobNotFound(id))?;
+        let n_queued = job.record.counts.queued;
+        job.record.counts.queued = 0;
+        job.record.counts.cancelled += n_queued;
+        // Mark the job first, so ending its leases below does not finish it as failed.
+        job.record.state = JobState::Cancelled;
+        job.record.finished_at_ms = Some(unix_ms());
+        let leased: Vec<TaskId> = st
+            .leased
+            .iter()
+            .copied()
+            .filter(|t| st.tasks.get(t).is_some_and(|t| t.record.job == id))
+            .collect();
+        for task in leased {
+            st.end_lease(
+                task,
+                Outcome::Cancelled,
+                Some(Fault::Cancelled),
+                "job cancelled",
+                TaskState::Cancelled,
+                EventKind::Cancelled,
+                true,
+            );
+        }
+        let job = st.jobs.get_mut(&id).ok_or(StoreError::JobNotFound(id))?;
+        push_event(
+            job,
+            EventKind::JobFinished,
+            None,
+            0,
+            None,
+            Epoch(0),
+            None,
+            JobState::Cancelled.name().to_string(),
+        );
+        let record = job.record.clone();
+        drop(guard);
+        self.wake_watchers();
+        Ok(record)
+    }
+
+    async fn register_worker(&self, reg: WorkerRegistration) -> StoreResult<Vec<Reaped>> {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut released = Vec::new();
+        if let Some(old) = st.workers.get(&reg.id) {
+            let held: Vec<TaskId> = old.running.iter().copied().collect();
+            for task in held {
+                let Some(t) = st.tasks.get(&task) else {
+                    continue;
+                };
+                let (job, epoch) = (t.record.job, t.record.epoch);
+                let job_finished = st.end_lease(
+                    task,
+                    Outcome::Expired,
+                    Some(Fault::WorkerLost),
+                    "the worker registered again: the old session is gone",
+                    TaskState::Queued,
+                    EventKind::Expired,
+                    true,
+                );
+                released.push(Reaped {
+                    task,
+                    job,
+                    worker: reg.id.clone(),
+                    epoch,
+                    requeued: true,
+                    job_finished,
+                });
+            }
+        }
+        for m in &reg.models {
+            st.models.insert(m.name.clone(), m.clone());
+        }
+        let (completed, failed) = st
+            .workers
+            .get(&reg.id)
+            .map(|w| (w.record.completed, w.record.failed))
+            .unwrap_or_default();
+        st.workers.insert(
+            reg.id.clone(),
+            WorkerEntry {
+                record: WorkerRecord {
+                    registration: reg,
+                    draining: false,
+                    last_seen_ms: unix_ms(),
+                    running: Vec::new(),
+                    completed,
+                    failed,
+                },
+                running: BTreeSet::new(),
+                last_seen: now,
+                resident: Vec::new(),
+            },
+        );
+        drop(guard);
+        self.wake_workers();
+        if !released.is_empty() {
+            self.wake_watchers();
+        }
+        Ok(released)
+    }
+
+    async fn workers(&self) -> StoreResult<Vec<WorkerRecord>> {
+        let st = self.lock();
+        Ok(st
+            .workers
+            .values()
+            .map(|w| {
+                let mut r = w.record.clone();
+                r.running = w.running.iter().copied().collect();
+                r
+            })
+            .collect())
+    }
+
+    async fn drain_worker(&self, id: &WorkerId) -> StoreResult<WorkerRecord> {
+        let mut st = self.lock();
+        let w = st
+            .workers
+            .get_mut(id)
+            .ok_or_else(|| StoreError::UnknownWorker(id.clone()))?;
+        w.record.draining = true;
+        let mut r = w.record.clone();
+        r.running = w.running.iter().copied().collect();
+        Ok(r)
+    }
+
+    async fn models(&self) -> StoreResult<Vec<ModelInfo>> {
+        Ok(self.lock().models.values().cloned().collect())
+    }
+
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        max: usize,
+        ttl: Duration,
+        wait: Duration,
+        resident: &[String],
+    ) -> StoreResult<Claim> {
+        let deadline = Instant::now() + wait;
+        let mut rx = self.work.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let claim = self.try_claim(worker, max, ttl, resident)?;
+            if !claim.leases.is_empty() || !claim.deduped.is_empty() || claim.drain || max == 0 {
+                return Ok(claim);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Ok(claim);
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        worker: &WorkerId,
+        progress: &[ProgressReport],
+        ttl: Duration,
+    ) -> StoreResult<HeartbeatOutcome> {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let w = st
+            .workers
+            .get_mut(worker)
+            .ok_or_else(|| StoreError::UnknownWorker(worker.clone()))?;
+        w.last_seen = now;
+        w.record.last_seen_ms = unix_ms();
+        let mut out = HeartbeatOutcome {
+            drain: w.record.draining,
+            ..Default::default()
+        };
+        for p in progress {
+            match st.tasks.get_mut(&p.task) {
+                Some(t) if holds_lease(&t.record, worker, p.epoch) => {
+                    t.deadline = Some(now + ttl.as_millis() as u64);
+                    t.record.step = p.step.min(t.record.recipe.steps);
+                    out.extended.push(p.task);
+                }
+                Some(t) if t.record.state == TaskState::Cancelled => {
+                    out.abandon
+                        .push((p.task, p.epoch, AbandonReason::Cancelled));
+                }
+                _ => out
+                    .abandon
+                    .push((p.task, p.epoch, AbandonReason::LeaseLost)),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn complete(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        epoch: Epoch,
+        mut result: TaskResult,
+    ) -> StoreResult<CompleteOutcome> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let class = st
+            .workers
+            .get(worker)
+            .map(|w| w.record.registration.determinism_class.clone())
+            .unwrap_or_default();
+        let t = st
+            .tasks
+            .get_mut(&task)
+            .ok_or(StoreError::TaskNotFound(task))?;
+        // A retried completion whose first answer was lost: accepted again, nothing changes.
+        let replay = t.record.state == TaskState::Completed
+            && t.record.epoch == epoch
+            && t.record
+                .attempts
+                .last()
+                .is_some_and(|a| &a.worker == worker);
+        if replay {
+            return Ok(CompleteOutcome::Accepted { job_finished: None });
+        }
+        if !holds_lease(&t.record, worker, epoch) {
+            let reason = stale_reason(&t.record, worker, epoch);
+            let (job, index) = (t.record.job, t.record.index);
+            if let Some(j) = st.jobs.get_mut(&job) {
+                push_event(
+                    j,
+                    EventKind::StaleRefused,
+                    Some(task),
+                    index,
+                    Some(worker),
+                    epoch,
+                    None,
+                    reason.clone(),
+                );
+            }
+            drop(guard);
+            self.wake_watchers();
+            return Ok(CompleteOutcome::Stale { reason });
+        }
+        result.class = class.clone();
+        t.record.step = t.record.recipe.steps;
+        t.record.result = Some(result.clone());
+        let (job_id, index, hash, file) = (
+            t.record.job,
+            t.record.index,
+            t.hash.clone(),
+            t.record.file_name.clone(),
+        );
+        if let Some(job) = st.jobs.get(&job_id)
+            && job.dedupe
+        {
+            let mut remembered = result.clone();
+            remembered.object = crate::results::image_path(&job_id.to_string(), &file).to_string();
+            st.results
+                .entry(job.record.project.clone())
+                .or_default()
+                .insert(dedupe_key(&hash, &class), remembered);
+        }
+        let released = st.release_dependents(job_id, index, &result);
+        let job_finished = st.end_lease(
+            task,
+            Outcome::Completed,
+            None,
+            "",
+            TaskState::Completed,
+            EventKind::Completed,
+            false,
+        );
+        drop(guard);
+        // Only released shots are new work; waking every waiting claim for
+        // each completion would make them all run for nothing.
+        if released {
+            self.wake_workers();
+        }
+        self.wake_watchers();
+        Ok(CompleteOutcome::Accepted { job_finished })
+    }
+
+    async fn fail(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        epoch: Epoch,
+        fault: Fault,
+        message: &str,
+        max_attempts: u32,
+    ) -> StoreResult<FailOutcome> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let t = st.tasks.get(&task).ok_or(StoreError::TaskNotFound(task))?;
+        if !holds_lease(&t.record, worker, epoch) {
+            return Ok(FailOutcome::Stale {
+                reason: stale_reason(&t.record, worker, epoch),
+            });
+        }
+        let handback = fault == Fault::Cancelled;
+        // This failure counts once it is recorded: faults() + 1.
+        let used = t.record.faults() + usize::from(!handback);
+        let job = st
+            .jobs
+            .get(&t.record.job)
+            .ok_or(StoreError::JobNotFound(t.record.job))?;
+        let job_faults = job.faults.get(worker).copied().unwrap_or(0) + 1;
+        let now = self.now();
+        let after = policy::retry_after_fault(
+            fault,
+            used,
+            max_attempts,
+            policy::quarantined(job_faults),
+            || st.stand_in_exists(job, t, worker, false, now),
+        );
+        let (outcome, to, note) = match after {
+            AfterFault::HandBack => (
+                Outcome::Cancelled,
+                TaskState::Queued,
+                format!("{message} (will retry)"),
+            ),
+            AfterFault::Retry => (
+                Outcome::Failed,
+                TaskState::Queued,
+                format!("{message} (will retry)"),
+            ),
+            AfterFault::Exhausted => (
+                Outcome::Failed,
+                TaskState::Failed,
+                format!("{message} (no retry: {used} of {max_attempts} attempts used)"),
+            ),
+            AfterFault::Stranded => (
+                Outcome::Failed,
+                TaskState::Failed,
+                format!(
+                    "{message} (no retry: {worker} is quarantined for this job and no other worker can take the task)"
+                ),
+            ),
+        };
+        let will_retry = to == TaskState::Queued;
+        let job_finished = st.end_lease(
+            task,
+            outcome,
+            Some(fault),
+            &note,
+            to,
+            EventKind::Failed,
+            false,
+        );
+        drop(guard);
+        if will_retry {
+            self.wake_workers();
+        }
+        self.wake_watchers();
+        Ok(FailOutcome::Recorded {
+            will_retry,
+            job_finished,
+        })
+    }
+
+    async fn reap(&self, max_attempts: u32) -> StoreResult<Vec<Reaped>> {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let expired: Vec<TaskId> = st
+            .leased
+            .iter()
+            .copied()
+            .filter(|t| {
+                st.tasks
+                    .get(t)
+                    .and_then(|t| t.deadline)
+                    .is_some_and(|d| d <= now)
+            })
+            .collect();
+        let mut reaped = Vec::with_capacity(expired.len());
+        for task in expired {
+            let Some(t) = st.tasks.get(&task) else {
+                continue;
+            };
+            let (job, epoch) = (t.record.job, t.record.epoch);
+            let Some(worker) = t.record.holder().cloned() else {
+                continue;
+            };
+            let requeued = t.record.faults() + 1 < max_attempts as usize;
+            let to = if requeued {
+                TaskState::Queued
+            } else {
+                TaskState::Failed
+            };
+            let job_finished = st.end_lease(
+                task,
+                Outcome::Expired,
+                Some(Fault::WorkerLost),
+                "lease expired: no heartbeat before the deadline",
+                to,
+                EventKind::Expired,
+                true,
+            );
+            reaped.push(Reaped {
+                task,
+                job,
+                worker,
+                epoch,
+                requeued,
+                job_finished,
+            });
+        }
+        drop(guard);
+        if !reaped.is_empty() {
+            self.wake_workers();
+            self.wake_watchers();
+        }
+        Ok(reaped)
+    }
+
+    async fn events(&self, id: JobId, after: u64, limit: usize) -> StoreResult<Vec<Event>> {
+        let st = self.lock();
+        let job = st.jobs.get(&id).ok_or(StoreError::JobNotFound(id))?;
+        let start = (after as usize).min(job.events.len());
+        Ok(job.events[start..].iter().take(limit).cloned().collect())
+    }
+
+    async fn wait_events(&self, id: JobId, after: u64, timeout: Duration) -> StoreResult<()> {
+        let deadline = Instant::now() + timeout;
+        let mut rx = self.events.subscribe();
+        loop {
+            rx.borrow_and_update();
+            {
+                let st = self.lock();
+                let job = st.jobs.get(&id).ok_or(StoreError::JobNotFound(id))?;
+                if job.events.len() as u64 > after {
+                    return Ok(());
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    }
+}

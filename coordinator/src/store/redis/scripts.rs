@@ -1,0 +1,265 @@
+//! The Lua scripts of the Redis store and the constants they share with Rust.
+//!
+//! Every script is built from three parts: a block of `local NAME = value`
+//! lines generated here from the Rust definitions (the policy numbers in
+//! [`policy`], the layouts of script arguments and replies that `mod.rs`
+//! reads and writes, and the stored names of every state, outcome, fault,
+//! event kind and abandon reason), then `prelude.lua`, then the script. So a
+//! number or a name changed in Rust reaches Lua on the next build; the test
+//! below fails when a script writes a number of its own.
+
+use redis::Script;
+
+use crate::store::policy;
+use crate::store::{AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState};
+
+/// Candidates read per model and job beyond `max` when a claim looks for its
+/// first task: the first usually fits; more step over tasks the worker may
+/// not take. The memory store scans its whole queue instead.
+pub(super) const CLAIM_LOOKAHEAD: usize = 8;
+/// Tasks read per job beyond the free slots when a claim fills them.
+pub(super) const FILL_LOOKAHEAD: usize = 32;
+/// Script arguments per task of `enqueue.lua`.
+pub(super) const TASK_ARGS: usize = 13;
+/// Reply values per lease of `claim.lua`.
+pub(super) const LEASE_FIELDS: usize = 7;
+/// Reply values per deduplicated task of `claim.lua`.
+pub(super) const DEDUPED_FIELDS: usize = 4;
+/// Reply values per reaped lease of `reap.lua`.
+pub(super) const REAPED_FIELDS: usize = 6;
+/// Reply values per released lease of `register.lua`.
+pub(super) const RELEASED_FIELDS: usize = 4;
+/// Script arguments per task of `heartbeat.lua`.
+pub(super) const PROGRESS_FIELDS: usize = 3;
+
+/// The hand-written sources, by file name; each script is prefixed with the
+/// generated constants and `prelude.lua`.
+const PRELUDE: &str = include_str!("prelude.lua");
+const SOURCES: &[(&str, &str)] = &[
+    ("prelude.lua", PRELUDE),
+    ("enqueue.lua", include_str!("enqueue.lua")),
+    ("claim.lua", include_str!("claim.lua")),
+    ("heartbeat.lua", include_str!("heartbeat.lua")),
+    ("complete.lua", include_str!("complete.lua")),
+    ("fail.lua", include_str!("fail.lua")),
+    ("reap.lua", include_str!("reap.lua")),
+    ("cancel.lua", include_str!("cancel.lua")),
+    ("register.lua", include_str!("register.lua")),
+    ("drain.lua", include_str!("drain.lua")),
+];
+
+/// Returns the `local NAME = value` lines every script starts with.
+pub(super) fn constants() -> String {
+    let numbers: [(&str, u64); 14] = [
+        ("QUARANTINE_AFTER", u64::from(policy::QUARANTINE_AFTER)),
+        (
+            "SWITCH_BACKLOG_PER_HOLDER",
+            policy::SWITCH_BACKLOG_PER_HOLDER as u64,
+        ),
+        ("LIVE_MS", policy::LIVE_MS),
+        (
+            "MAX_DEDUPED_PER_CLAIM",
+            policy::MAX_DEDUPED_PER_CLAIM as u64,
+        ),
+        ("CLAIM_LOOKAHEAD", CLAIM_LOOKAHEAD as u64),
+        ("FILL_LOOKAHEAD", FILL_LOOKAHEAD as u64),
+        ("TASK_ARGS", TASK_ARGS as u64),
+        ("LEASE_FIELDS", LEASE_FIELDS as u64),
+        ("DEDUPED_FIELDS", DEDUPED_FIELDS as u64),
+        ("REAPED_FIELDS", REAPED_FIELDS as u64),
+        ("RELEASED_FIELDS", RELEASED_FIELDS as u64),
+        ("PROGRESS_FIELDS", PROGRESS_FIELDS as u64),
+        // Redis TIME answers seconds and microseconds; deadlines are in ms.
+        ("MS_PER_S", 1_000),
+        ("US_PER_MS", 1_000),
+    ];
+    let mut out = String::from("-- Generated from Rust by redis/scripts.rs.\n");
+    for (name, value) in numbers {
+        out.push_str(&format!("local {name} = {value}\n"));
+    }
+    let mut names = Vec::new();
+    names.extend(JobState::names());
+    names.extend(TaskState::names());
+    names.extend(Outcome::names());
+    names.extend(Fault::names());
+    names.extend(EventKind::names());
+    names.extend(AbandonReason::names());
+    for (name, value) in names {
+        out.push_str(&format!("local {name} = '{value}'\n"));
+    }
+    // Attempts and events without a fault store the empty name.
+    out.push_str("local FAULT_NONE = ''\n");
+    let faults: Vec<String> = Outcome::ALL
+        .iter()
+        .filter(|o| o.is_fault())
+        .map(|o| format!("[{}] = true", o.lua_const()))
+        .collect();
+    out.push_str(&format!("local IS_FAULT = {{{}}}\n", faults.join(", ")));
+    out
+}
+
+/// Returns the full text of the script in `file`: constants, prelude, body.
+fn build(file: &str) -> Script {
+    let body = SOURCES
+        .iter()
+        .find(|(name, _)| *name == file)
+        .map_or("", |(_, text)| *text);
+    Script::new(&format!("{}{PRELUDE}{body}", constants()))
+}
+
+/// The compiled scripts, one per transition.
+pub(super) struct Scripts {
+    pub(super) enqueue: Script,
+    pub(super) claim: Script,
+    pub(super) heartbeat: Script,
+    pub(super) complete: Script,
+    pub(super) fail: Script,
+    pub(super) reap: Script,
+    pub(super) cancel: Script,
+    pub(super) register: Script,
+    pub(super) drain: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Self {
+            enqueue: build("enqueue.lua"),
+            claim: build("claim.lua"),
+            heartbeat: build("heartbeat.lua"),
+            complete: build("complete.lua"),
+            fail: build("fail.lua"),
+            reap: build("reap.lua"),
+            cancel: build("cancel.lua"),
+            register: build("register.lua"),
+            drain: build("drain.lua"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Argument positions a script reads outside an index expression: each is
+    /// the first position of a repeated group, documented in the script's
+    /// header (`ARGV: ...`) and written by `mod.rs` in the same order.
+    const ARGUMENT_POSITIONS: &[(&str, &str)] = &[("enqueue.lua", "13"), ("heartbeat.lua", "5")];
+
+    /// Removes comments and string literals, so only code is scanned.
+    fn code_of(source: &str) -> String {
+        let mut out = String::new();
+        for line in source.lines() {
+            let mut quote: Option<char> = None;
+            let mut chars = line.chars().peekable();
+            while let Some(c) = chars.next() {
+                match quote {
+                    Some(_) if c == '\\' => {
+                        chars.next();
+                    }
+                    Some(q) if c == q => {
+                        quote = None;
+                        out.push_str("\"\"");
+                    }
+                    Some(_) => {}
+                    None if c == '\'' || c == '"' => quote = Some(c),
+                    None if c == '-' && chars.peek() == Some(&'-') => break,
+                    None => out.push(c),
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Returns the numeric literals of `code` that stand outside `[...]`.
+    fn bare_numbers(code: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut depth = 0usize;
+        let mut prev = ' ';
+        let mut chars = code.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '[' => depth += 1,
+                ']' => depth = depth.saturating_sub(1),
+                d if d.is_ascii_digit() && !(prev.is_ascii_alphanumeric() || prev == '_') => {
+                    let mut n = d.to_string();
+                    while let Some(&next) = chars.peek() {
+                        if next.is_ascii_alphanumeric() || next == '.' {
+                            n.push(next);
+                            chars.next();
+                        } else {
+                            break;
+                        }
+                    }
+                    if depth == 0 {
+                        found.push(n);
+                    }
+                    prev = '0';
+                    continue;
+                }
+                _ => {}
+            }
+            prev = c;
+        }
+        found
+    }
+
+    #[test]
+    fn scripts_write_no_number_of_their_own() {
+        for (file, source) in SOURCES {
+            for n in bare_numbers(&code_of(source)) {
+                let allowed = matches!(n.as_str(), "0" | "1" | "2")
+                    || ARGUMENT_POSITIONS.contains(&(*file, n.as_str()));
+                assert!(
+                    allowed,
+                    "{file} writes the number {n}: take it from the constants generated from Rust (redis/scripts.rs)"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_scan_finds_numbers_outside_indexes_only() {
+        let code = code_of("local x = f[12] + 60000 -- 77\nlocal s = 'a 99'\nlocal y = ARGV[3]");
+        assert_eq!(bare_numbers(&code), ["60000"]);
+    }
+
+    #[test]
+    fn scripts_use_only_generated_names() {
+        let generated = constants();
+        let defined: Vec<&str> = generated
+            .lines()
+            .filter_map(|l| l.strip_prefix("local "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        for (file, source) in SOURCES {
+            let code = code_of(source);
+            for word in code.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                let constant_like = word.len() > 1
+                    && word.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                    && word
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                    && word.contains('_');
+                let local = matches!(word, "RETENTION" | "ARGV" | "NOW");
+                assert!(
+                    !constant_like || local || defined.contains(&word),
+                    "{file} uses {word}, which the generated constants do not define"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn constants_carry_the_rust_values() {
+        let c = constants();
+        assert!(c.contains(&format!(
+            "local QUARANTINE_AFTER = {}\n",
+            policy::QUARANTINE_AFTER
+        )));
+        assert!(c.contains("local FAULT_WORKER_LOST = 'worker_lost'\n"));
+        assert!(
+            c.contains("local IS_FAULT = {[OUTCOME_FAILED] = true, [OUTCOME_EXPIRED] = true}\n")
+        );
+    }
+}
