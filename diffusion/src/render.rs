@@ -43,6 +43,8 @@ use super::images;
 use super::noise::{self, Purpose};
 use super::sampling::{self, Sampler};
 use super::unet::{AddedConditioning, Conditioning};
+use kiln_domain::recipe::BatchKey;
+
 use super::{Pipeline, PipelineError, Recipe, RgbImage};
 
 /// One image to render: a recipe and the image bytes it refers to.
@@ -288,16 +290,18 @@ fn prepare<'a>(
     })
 }
 
-/// What must be equal for tasks to share UNet calls.
+/// What must be equal for tasks to share UNet calls: the recipe's
+/// [`BatchKey`] (the one rule the coordinator and the worker group by), plus
+/// what only the engine knows once a task is prepared.
 #[derive(Clone, Debug, PartialEq)]
 struct GroupKey {
-    /// The timesteps as bits (f64 is not `Eq`); the same list means the same calls.
-    timesteps: Vec<u64>,
+    /// Model, size, schedule, guidance on or off, mode and strength.
+    recipe: BatchKey,
+    /// The first step run: equal for equal recipes keys, kept so that a task
+    /// given images its recipe does not name can never join the wrong lockstep.
     start: usize,
-    rows: usize,
-    /// Latent shape.
-    shape: Vec<usize>,
-    /// Text tokens (chunks × window) and width.
+    /// Text tokens (chunks × window) and width: prompts of different lengths
+    /// in chunks cannot share a UNet call.
     context: Vec<usize>,
 }
 
@@ -316,21 +320,14 @@ fn groups<'a>(p: &Pipeline, tasks: Vec<Task<'a>>) -> Vec<Vec<Task<'a>>> {
 
 /// Returns the task's group key, or `None` when it must run alone.
 fn group_key(p: &Pipeline, task: &Task<'_>) -> Option<GroupKey> {
-    let shape = task.latents.dims().to_vec();
+    let shape = task.latents.dims();
     let (h, w) = (*shape.get(2)?, *shape.get(3)?);
     if !p.unet.batches_exactly(h, w) {
         return None;
     }
     Some(GroupKey {
-        timesteps: task
-            .sampler
-            .timesteps()
-            .iter()
-            .map(|t| t.to_bits())
-            .collect(),
+        recipe: task.recipe.batch_key(),
         start: task.start,
-        rows: task.rows,
-        shape,
         context: task.cond.context.dims()[1..].to_vec(),
     })
 }

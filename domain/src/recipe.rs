@@ -158,10 +158,10 @@ impl Mode {
 }
 
 /// What tasks must share to be denoised as one UNet batch: the model, the
-/// latent size, the schedule (sampler, steps, Karras sigmas, eta and, with an
+/// latent size, the schedule (sampler, steps, Karras sigmas and, with an
 /// init image, the strength that picks the first step), whether guidance
-/// doubles the rows, and the mode. Seeds, prompts, guidance scales and images
-/// may differ. A renderer may still split a batch where it must (prompts of
+/// doubles the rows, and the mode. Seeds, prompts, guidance scales, DDIM eta
+/// (each task steps its own sampler) and images may differ. A renderer may still split a batch where it must (prompts of
 /// different chunk counts); tasks with different keys never share one.
 ///
 /// The coordinator fills a worker's free slots with tasks of one key, and
@@ -182,8 +182,6 @@ pub struct BatchKey {
     pub scheduler: Scheduler,
     /// Karras sigmas.
     pub karras: bool,
-    /// DDIM eta, as bits (f64 is not `Eq`).
-    pub eta_bits: u64,
     /// Classifier-free guidance on (`guidance > 1`): two UNet rows per task.
     pub guided: bool,
     /// txt2img, img2img or inpainting.
@@ -196,7 +194,7 @@ impl fmt::Display for BatchKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}|{}|{}x{}|{}|{}|{}|{}|{}|{}|{}",
+            "{}|{}|{}x{}|{}|{}|{}|{}|{}|{}",
             self.model,
             self.model_hash,
             self.width,
@@ -204,7 +202,6 @@ impl fmt::Display for BatchKey {
             self.steps,
             self.scheduler,
             self.karras,
-            f64::from_bits(self.eta_bits),
             self.guided,
             self.mode.name(),
             f64::from_bits(self.strength_bits),
@@ -233,7 +230,6 @@ impl Recipe {
             steps: self.steps,
             scheduler: self.scheduler,
             karras: self.karras,
-            eta_bits: self.eta.to_bits(),
             guided: self.guidance > 1.0,
             mode,
             strength_bits: match mode {
@@ -572,7 +568,12 @@ mod tests {
         other_seed.seed += 1;
         other_seed.prompt = "another prompt".into();
         other_seed.guidance += 1.0;
-        assert_eq!(base.batch_key(), other_seed.batch_key());
+        other_seed.eta = 0.5;
+        assert_eq!(
+            base.batch_key(),
+            other_seed.batch_key(),
+            "seeds, prompts, guidance scales and eta may differ"
+        );
         let mut txt_strength = base.clone();
         txt_strength.strength = 0.5;
         assert_eq!(
@@ -609,5 +610,4 @@ mod tests {
             assert_eq!(e.path, "farm");
         }
     }
-
 }

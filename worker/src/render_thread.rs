@@ -10,7 +10,9 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-use crate::render::{BatchKey, RenderError, RenderTask, Rendered, Renderer};
+use kiln_domain::recipe::BatchKey;
+
+use crate::render::{RenderError, RenderTask, Rendered, Renderer};
 
 /// Shared between a task's agent side and its render: progress out, cancel in.
 #[derive(Clone, Debug, Default)]

@@ -10,9 +10,9 @@ mod sim;
 
 use std::path::PathBuf;
 
+use kiln_domain::recipe::{BatchKey, Recipe, check_model_name};
 use kiln_proto::error::FieldError;
 use kiln_proto::pb::{FaultClass, ModelInfo};
-use kiln_proto::recipe::{Recipe, check_model_name};
 
 pub use self::candle::{CandleRenderer, LoadError};
 pub use kiln_diffusion::{DeviceError, determinism_class, open_device};
@@ -55,74 +55,13 @@ impl RenderTask {
         }
     }
 
-    /// Returns what must be equal for this task to be rendered in one batch with others.
+    /// Returns what must be equal for this task to be rendered in one batch with
+    /// others: its recipe's [`BatchKey`], the one key the coordinator fills a
+    /// worker's slots by. A recipe names its init image and mask, so the key's
+    /// mode is the task's.
     pub fn batch_key(&self) -> BatchKey {
-        let r = &self.recipe;
-        let mode = match (&self.init_image, &self.mask) {
-            (None, _) => Mode::Txt2Img,
-            (Some(_), None) => Mode::Img2Img,
-            (Some(_), Some(_)) => Mode::Inpaint,
-        };
-        BatchKey {
-            model: r.model.clone(),
-            model_hash: r.model_hash.clone(),
-            width: r.width,
-            height: r.height,
-            steps: r.steps,
-            scheduler: r.scheduler.to_string(),
-            karras: r.karras,
-            eta_bits: r.eta.to_bits(),
-            guided: r.guidance > 1.0,
-            mode,
-            // txt2img ignores the strength; img2img starts at a step it decides.
-            strength_bits: match mode {
-                Mode::Txt2Img => 0,
-                Mode::Img2Img | Mode::Inpaint => r.strength.to_bits(),
-            },
-        }
+        self.recipe.batch_key()
     }
-}
-
-/// How a task uses images.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Mode {
-    /// No init image.
-    Txt2Img,
-    /// An init image, no mask.
-    Img2Img,
-    /// An init image and a mask.
-    Inpaint,
-}
-
-/// What tasks rendered in one batch have in common: the model, the image size and
-/// the schedule (sampler, steps, Karras, eta, strength), whether guidance doubles
-/// their rows, and the mode. Seeds, prompts, guidance scales and images may differ.
-/// The candle pipeline splits a batch further where it must (prompts of different
-/// chunk counts, sizes too small to batch exactly).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct BatchKey {
-    /// Catalog name.
-    pub model: String,
-    /// The pinned hash, if any.
-    pub model_hash: String,
-    /// Image width.
-    pub width: u32,
-    /// Image height.
-    pub height: u32,
-    /// Denoising steps.
-    pub steps: u32,
-    /// Sampler name.
-    pub scheduler: String,
-    /// Karras sigmas.
-    pub karras: bool,
-    /// DDIM eta, as bits.
-    pub eta_bits: u64,
-    /// Classifier-free guidance on (`guidance > 1`).
-    pub guided: bool,
-    /// txt2img, img2img or inpainting.
-    pub mode: Mode,
-    /// img2img strength as bits; 0 for txt2img.
-    pub strength_bits: u64,
 }
 
 /// An encoded image and where the time went.
