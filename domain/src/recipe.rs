@@ -5,7 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::FieldError;
+use crate::error::{FieldError, quote};
 
 /// Smallest and largest image side in pixels.
 pub const SIZE_RANGE: std::ops::RangeInclusive<u32> = 64..=2048;
@@ -146,6 +146,8 @@ impl Recipe {
             }
         };
         check_model_name(&at("model"), &self.model)?;
+        check_prompt_text(&at("prompt"), &self.prompt)?;
+        check_prompt_text(&at("negative_prompt"), &self.negative_prompt)?;
         if self.prompt.len() > MAX_PROMPT_BYTES {
             return Err(FieldError::new(
                 at("prompt"),
@@ -237,10 +239,14 @@ impl Recipe {
     }
 }
 
-/// Checks a model catalog name: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+/// Checks a catalog name (models, projects, series): 1 to 64 of
+/// `A-Z a-z 0-9 . _ -`, and not `.` or `..`, since such names become file
+/// and folder names.
 pub fn check_model_name(path: &str, name: &str) -> Result<(), FieldError> {
     let ok = !name.is_empty()
         && name.len() <= 64
+        && name != "."
+        && name != ".."
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -249,8 +255,31 @@ pub fn check_model_name(path: &str, name: &str) -> Result<(), FieldError> {
     } else {
         Err(FieldError::new(
             path,
-            format!("must be 1 to 64 letters, digits, '.', '_' or '-', got {name:?}"),
+            format!(
+                "must be 1 to 64 letters, digits, '.', '_' or '-', and not \".\" or \"..\", got {}",
+                quote(name)
+            ),
         ))
+    }
+}
+
+/// Checks prompt text: no control characters but tabs and line breaks. A NUL
+/// or an escape sequence would end up in the PNG's text chunks and in
+/// terminals that print them.
+fn check_prompt_text(path: &str, text: &str) -> Result<(), FieldError> {
+    match text
+        .char_indices()
+        .find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        Some((at, c)) => Err(FieldError::new(
+            path,
+            format!(
+                "must not contain control characters other than tabs and line breaks; found U+{:04X} at byte {at} of {}",
+                u32::from(c),
+                quote(text)
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -420,6 +449,31 @@ mod tests {
             Scheduler::parse("s", "dpmpp_2m").unwrap(),
             Scheduler::DpmPp2m
         );
+    }
+
+    #[test]
+    fn control_characters_in_prompts_are_refused() {
+        let mut r = recipe();
+        r.prompt = "fox\u{0}cub".into();
+        let e = r.validate("items[0]").unwrap_err();
+        assert_eq!(e.path, "items[0].prompt");
+        assert!(e.message.contains("U+0000"), "{e}");
+        let mut r = recipe();
+        r.negative_prompt = "blurry\u{1b}[31m".into();
+        assert_eq!(r.validate("").unwrap_err().path, "negative_prompt");
+        let mut r = recipe();
+        r.prompt = "a fox,\tsitting\r\non a stone".into();
+        assert!(r.validate("").is_ok(), "tabs and line breaks pass");
+    }
+
+    #[test]
+    fn catalog_names_are_never_dot_folders() {
+        for bad in [".", "..", "a/b", "", "x y", &"n".repeat(65)] {
+            assert!(check_model_name("project", bad).is_err(), "{bad:?}");
+        }
+        for good in ["tiny", "sd-1.5", "...", ".hidden", "a..b"] {
+            assert!(check_model_name("project", good).is_ok(), "{good:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! [`pb`] holds the code generated from `proto/kiln/v1/*.proto` (the `Farm`
 //! and `WorkerLink` services). Beside it: [`convert`] between the wire
 //! messages and kiln's domain types (which live in `kiln-domain` and are
-//! re-exported here), job expansion ([`spec`]), blobs ([`blob`]), client
+//! re-exported here, [`spec`] among them), image hashes ([`blob`]), client
 //! channels with deadlines ([`connect`]) and field errors as statuses
 //! ([`status`]).
 #![warn(missing_docs)]
@@ -11,11 +11,10 @@
 pub mod blob;
 pub mod connect;
 pub mod convert;
-pub mod spec;
 pub mod status;
 pub mod telemetry;
 
-pub use kiln_domain::{error, ids, prompt, recipe};
+pub use kiln_domain::{error, ids, prompt, recipe, spec};
 
 pub use prost;
 pub use tonic;

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store};
-use kiln_proto::pb::{self, FieldValue, field_value::Kind};
+use kiln_proto::convert::job_spec_to_pb;
+use kiln_proto::pb;
+use kiln_proto::spec::{FieldValue, JobSpec, RecipeFields, SweepAxis};
 use kiln_worker::agent::LeaseObserver;
 use kiln_worker::render::{SimOptions, SimRenderer};
 use serde_json::json;
@@ -14,24 +16,20 @@ use crate::commands::watch;
 use crate::embedded::EmbeddedFarm;
 
 /// Returns a job of `tasks` one-step 64 px items of `model`, seeds 0, 1, 2, ...
-fn seed_sweep(name: String, model: &str, prompt: String, tasks: u32) -> pb::JobSpec {
-    pb::JobSpec {
+fn seed_sweep(name: String, model: &str, prompt: String, tasks: u32) -> JobSpec {
+    JobSpec {
         name,
-        defaults: Some(pb::RecipeFields {
+        defaults: RecipeFields {
             model: Some(model.to_string()),
             prompt: Some(prompt),
             steps: Some(1),
             width: Some(64),
             height: Some(64),
             ..Default::default()
-        }),
-        sweep: vec![pb::SweepAxis {
+        },
+        sweep: vec![SweepAxis {
             field: "seed".into(),
-            values: (0..i64::from(tasks))
-                .map(|s| FieldValue {
-                    kind: Some(Kind::Integer(s)),
-                })
-                .collect(),
+            values: (0..i64::from(tasks)).map(FieldValue::Integer).collect(),
             zip: String::new(),
         }],
         ..Default::default()
@@ -79,7 +77,7 @@ pub async fn dispatch(
     let resp = farm
         .farm
         .submit(pb::SubmitJobRequest {
-            spec: Some(spec),
+            spec: Some(job_spec_to_pb(&spec)),
             idempotency_key: String::new(),
         })
         .await
@@ -198,7 +196,7 @@ pub async fn schedule(opts: ScheduleOptions, json_out: bool) -> anyhow::Result<(
         submissions.push(tokio::spawn(async move {
             client
                 .submit(pb::SubmitJobRequest {
-                    spec: Some(spec),
+                    spec: Some(job_spec_to_pb(&spec)),
                     idempotency_key: String::new(),
                 })
                 .await

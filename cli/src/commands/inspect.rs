@@ -110,11 +110,10 @@ pub fn run(file: &Path, json: bool) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use kiln_diffusion::output::{RgbImage, encode_png};
-    use kiln_proto::pb;
 
     fn png_of(prompt: &str) -> Vec<u8> {
-        let spec = pb::JobSpec {
-            items: vec![pb::RecipeFields {
+        let spec = kiln_proto::spec::JobSpec {
+            items: vec![kiln_proto::spec::RecipeFields {
                 model: Some("tiny".into()),
                 prompt: Some(prompt.into()),
                 seed: Some(42),
@@ -124,7 +123,10 @@ mod tests {
             }],
             ..Default::default()
         };
-        let recipe = kiln_proto::spec::expand(&spec, 0).unwrap().remove(0).recipe;
+        let recipe = kiln_proto::spec::validate(&spec, 0)
+            .unwrap()
+            .remove(0)
+            .recipe;
         let image = RgbImage {
             width: 2,
             height: 2,

@@ -3,12 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use kiln_proto::convert::job_spec_to_pb;
 use kiln_proto::pb;
+use kiln_proto::spec::check_label;
 use serde_json::json;
 use tonic::Code;
 
 use crate::batch::Batch;
-use crate::client::{Farm, read_text};
+use crate::client::Farm;
 use crate::commands::{fetch, watch};
 use crate::format::job_json;
 
@@ -30,8 +32,7 @@ pub struct SubmitOptions<'a> {
 
 /// Reads and validates a batch file; errors carry the file, line and field.
 pub fn load(file: &Path) -> anyhow::Result<Batch> {
-    let text = read_text(file)?;
-    let batch = Batch::parse(&file.display().to_string(), &text)?;
+    let batch = Batch::read(file)?;
     batch.validate()?;
     Ok(batch)
 }
@@ -43,7 +44,7 @@ pub async fn send(
     idempotency_key: Option<String>,
 ) -> anyhow::Result<pb::SubmitJobResponse> {
     let req = pb::SubmitJobRequest {
-        spec: Some(batch.spec.clone()),
+        spec: Some(job_spec_to_pb(&batch.spec)),
         idempotency_key: idempotency_key.unwrap_or_default(),
     };
     farm.submit(req).await.map_err(|status| {
@@ -59,6 +60,10 @@ pub async fn send(
 /// Runs `kiln submit`; returns true when every item succeeded (or not waiting).
 pub async fn run(farm: &Farm, opts: SubmitOptions<'_>) -> anyhow::Result<bool> {
     let batch = load(opts.file)?;
+    if let Some(key) = &opts.idempotency_key {
+        // The coordinator's rule, checked before anything is sent.
+        check_label("--idempotency-key", key)?;
+    }
     if opts.dry_run {
         let items = batch.validate()?;
         if opts.json {
