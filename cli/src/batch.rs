@@ -879,6 +879,64 @@ seed = 9001
     }
 
     #[test]
+    fn nesting_is_counted_in_keys_and_brackets_but_not_in_strings() {
+        let deep_key = format!("[defaults]\nmodel = \"tiny\"\na{} = 1\n", ".a".repeat(40));
+        assert_eq!(too_deep(&deep_key), Some(3));
+        let deep_header = format!("# a comment\n[a{}]\n", ".a".repeat(40));
+        assert_eq!(too_deep(&deep_header), Some(2));
+        let deep_array = format!("x = 1\n\ny = {}1{}\n", "[".repeat(40), "]".repeat(40));
+        assert_eq!(too_deep(&deep_array), Some(3));
+        let deep_inline = format!("z = {}{}\n", "{a.b = ".repeat(20), "}".repeat(20));
+        assert_eq!(too_deep(&deep_inline), Some(1));
+        // Dots and brackets inside strings, comments and values are not nesting.
+        let flat = format!(
+            "a = \"{dots}\"\nb = '{dots}'\nc = \"\"\"\n{dots}[[[[\n\"\"\"\n# {dots}\nd = 1.5\n{many}",
+            dots = ".".repeat(100),
+            many = "[series.\"x.y\".shots]\n".repeat(50)
+        );
+        assert_eq!(too_deep(&flat), None);
+        let many_keys = format!(
+            "t = {{ {} }}\n",
+            (0..50)
+                .map(|i| format!("k{i}.v = 1"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        assert_eq!(
+            too_deep(&many_keys),
+            None,
+            "siblings in an inline table do not nest"
+        );
+        assert_eq!(too_deep(ISSUE_BATCH), None);
+        assert_eq!(too_deep(MIRA), None);
+        let e = error_of(&deep_key);
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("32"), "{e}");
+    }
+
+    #[test]
+    fn files_are_read_within_the_size_cap_and_as_utf8() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("u.toml");
+        std::fs::write(
+            &file,
+            b"[defaults]\nmodel = \"tiny\"\n[[items]]\nprompt = \"fox \xff\"\n",
+        )
+        .unwrap();
+        let e = Batch::read(&file).unwrap_err();
+        assert_eq!(e.line, Some(4));
+        assert!(e.message.contains("UTF-8"), "{e}");
+        let missing = Batch::read(&dir.path().join("none.toml")).unwrap_err();
+        assert!(missing.message.starts_with("cannot read"), "{missing}");
+        let big = dir.path().join("big.toml");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MAX_BATCH_BYTES + 1).unwrap();
+        let e = Batch::read(&big).unwrap_err();
+        assert_eq!(e.line, None);
+        assert!(e.message.contains("16 MiB"), "{e}");
+    }
+
+    #[test]
     fn zip_axes_advance_together() {
         let text = r#"
 [defaults]
