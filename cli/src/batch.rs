@@ -27,8 +27,8 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use kiln_proto::error::FieldError;
-use kiln_proto::spec::{
+use kiln_domain::error::FieldError;
+use kiln_domain::spec::{
     self, Blob, ExpandedItem, FIELDS, FieldValue, JobSpec, RecipeFields, SeriesSpec, SweepAxis,
 };
 use toml::Spanned;
