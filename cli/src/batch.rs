@@ -110,10 +110,16 @@ impl Batch {
         let source = String::from_utf8(bytes).map_err(|e| {
             let at = e.utf8_error().valid_up_to();
             let bytes = e.as_bytes();
+            // The text before `at` is intact, so a parse of the repaired text
+            // says which field holds the bad byte.
+            let path = Self::parse(&file, &String::from_utf8_lossy(bytes))
+                .ok()
+                .and_then(|b| b.field_at(at))
+                .unwrap_or_default();
             BatchError {
                 file: file.clone(),
                 line: Some(bytes[..at].iter().filter(|b| **b == b'\n').count() + 1),
-                path: String::new(),
+                path,
                 message: format!(
                     "not valid UTF-8: byte 0x{:02x} at offset {at}; batch files are UTF-8 text",
                     bytes[at]
@@ -121,6 +127,15 @@ impl Batch {
             }
         })?;
         Self::parse(&file, &source)
+    }
+
+    /// Returns the innermost field whose value covers byte `offset`.
+    fn field_at(&self, offset: usize) -> Option<String> {
+        self.spans
+            .iter()
+            .filter(|(_, span)| span.contains(&offset))
+            .min_by_key(|(path, span)| (span.len(), std::cmp::Reverse(path.len())))
+            .map(|(path, _)| path.clone())
     }
 
     /// Parses a batch file's text; `file` names it in errors.
@@ -924,7 +939,7 @@ seed = 9001
         )
         .unwrap();
         let e = Batch::read(&file).unwrap_err();
-        assert_eq!(e.line, Some(4));
+        assert_eq!((e.line, e.path.as_str()), (Some(4), "items[0].prompt"));
         assert!(e.message.contains("UTF-8"), "{e}");
         let missing = Batch::read(&dir.path().join("none.toml")).unwrap_err();
         assert!(missing.message.starts_with("cannot read"), "{missing}");

@@ -42,7 +42,7 @@ fn cases() -> Vec<Case> {
             file: "utf8.toml",
             bytes: utf8,
             line: 4,
-            says: &["UTF-8"],
+            says: &["items[0].prompt:", "UTF-8"],
         },
         Case {
             file: "deep.toml",
