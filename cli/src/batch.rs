@@ -16,17 +16,33 @@
 //!
 //! `init_image` and `mask` name image files, relative to the batch file; they
 //! are read here and sent with the job as blobs.
+//!
+//! A batch file is UTF-8 text of at most [`MAX_BATCH_BYTES`], with keys and
+//! brackets nested at most [`MAX_NESTING`] deep; every refusal is one line,
+//! `FILE:LINE: FIELD: what is wrong`.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use kiln_proto::error::FieldError;
-use kiln_proto::pb::{self, FieldValue, RecipeFields, field_value::Kind};
-use kiln_proto::spec::{self, FIELDS};
+use kiln_domain::error::FieldError;
+use kiln_domain::spec::{
+    self, Blob, ExpandedItem, FIELDS, FieldValue, JobSpec, RecipeFields, SeriesSpec, SweepAxis,
+};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
+
+/// Largest batch file read: a sweep of 100,000 tasks fits in far less, and a
+/// file without end (`/dev/zero`) is refused instead of filling memory.
+pub const MAX_BATCH_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Deepest nesting of dotted keys, table headers, arrays and inline tables a
+/// batch file may use. kiln's own tables nest three deep
+/// (`series.NAME.shots`); the TOML parser stops at 80 without saying where,
+/// so deeper files are refused here, with their line.
+pub const MAX_NESTING: usize = 32;
 
 /// A batch file refused: where, which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,13 +76,68 @@ impl std::error::Error for BatchError {}
 #[derive(Debug)]
 pub struct Batch {
     /// What to submit.
-    pub spec: pb::JobSpec,
+    pub spec: JobSpec,
     file: String,
     source: String,
     spans: HashMap<String, Range<usize>>,
 }
 
 impl Batch {
+    /// Reads and parses the batch file at `path`: at most [`MAX_BATCH_BYTES`]
+    /// of UTF-8 text.
+    ///
+    /// # Errors
+    /// A file that cannot be read, is too large, is not UTF-8 (with the line
+    /// of the first bad byte), or does not parse.
+    pub fn read(path: &Path) -> Result<Self, BatchError> {
+        let file = path.display().to_string();
+        let whole = |message: String| BatchError {
+            file: file.clone(),
+            line: None,
+            path: String::new(),
+            message,
+        };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_BATCH_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(|e| whole(format!("cannot read: {e}")))?;
+        if bytes.len() as u64 > MAX_BATCH_BYTES {
+            return Err(whole(format!(
+                "larger than the limit of {} MiB for a batch file",
+                MAX_BATCH_BYTES / (1024 * 1024)
+            )));
+        }
+        let source = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            let bytes = e.as_bytes();
+            // The text before `at` is intact, so a parse of the repaired text
+            // says which field holds the bad byte.
+            let path = Self::parse(&file, &String::from_utf8_lossy(bytes))
+                .ok()
+                .and_then(|b| b.field_at(at))
+                .unwrap_or_default();
+            BatchError {
+                file: file.clone(),
+                line: Some(bytes[..at].iter().filter(|b| **b == b'\n').count() + 1),
+                path,
+                message: format!(
+                    "not valid UTF-8: byte 0x{:02x} at offset {at}; batch files are UTF-8 text",
+                    bytes[at]
+                ),
+            }
+        })?;
+        Self::parse(&file, &source)
+    }
+
+    /// Returns the innermost field whose value covers byte `offset`.
+    fn field_at(&self, offset: usize) -> Option<String> {
+        self.spans
+            .iter()
+            .filter(|(_, span)| span.contains(&offset))
+            .min_by_key(|(path, span)| (span.len(), std::cmp::Reverse(path.len())))
+            .map(|(path, _)| path.clone())
+    }
+
     /// Parses a batch file's text; `file` names it in errors.
     ///
     /// # Errors
@@ -92,13 +163,13 @@ impl Batch {
         })
     }
 
-    /// Expands the batch locally, as the coordinator will, to validate every
-    /// field; returns the expanded items.
+    /// Runs the coordinator's validation ([`spec::validate`]) locally;
+    /// returns the expanded items.
     ///
     /// # Errors
     /// The first invalid field, located in the file.
-    pub fn validate(&self) -> Result<Vec<spec::ExpandedItem>, BatchError> {
-        spec::expand(&self.spec, 0).map_err(|e| self.locate(&e))
+    pub fn validate(&self) -> Result<Vec<ExpandedItem>, BatchError> {
+        spec::validate(&self.spec, 0).map_err(|e| self.locate(&e))
     }
 
     /// Locates a field error (from local validation or from the coordinator)
@@ -149,7 +220,7 @@ struct Parser {
     /// Folder that image paths are relative to.
     base: PathBuf,
     /// Images read so far, by sha256.
-    blobs: Vec<pb::Blob>,
+    blobs: Vec<Blob>,
 }
 
 impl Parser {
@@ -162,14 +233,24 @@ impl Parser {
         }
     }
 
-    fn document(&mut self, source: &str) -> Result<pb::JobSpec, BatchError> {
+    fn document(&mut self, source: &str) -> Result<JobSpec, BatchError> {
+        if let Some(line) = too_deep(source) {
+            return Err(BatchError {
+                file: self.file.clone(),
+                line: Some(line),
+                path: String::new(),
+                message: format!(
+                    "keys and brackets are nested more than {MAX_NESTING} levels deep"
+                ),
+            });
+        }
         let root = DeTable::parse(source).map_err(|e| BatchError {
             file: self.file.clone(),
             line: e.span().map(|s| line_of(source, s.start)),
             path: String::new(),
             message: format!("not valid TOML: {}", e.message()),
         })?;
-        let mut spec = pb::JobSpec {
+        let mut spec = JobSpec {
             name: default_name(&self.file),
             ..Default::default()
         };
@@ -186,7 +267,7 @@ impl Parser {
                         self.err(key_name, &span, format!("must fit in 32 bits, got {p}"))
                     })?;
                 }
-                "defaults" => spec.defaults = Some(self.fields("defaults", value)?),
+                "defaults" => spec.defaults = self.fields("defaults", value)?,
                 "sweep" => self.axes("sweep", "", value, &mut spec.sweep)?,
                 "zip" => self.axes("zip", "zip", value, &mut spec.sweep)?,
                 "items" => {
@@ -272,14 +353,14 @@ impl Parser {
                 format!("cannot read {}: {e}", file.display()),
             )
         })?;
-        kiln_proto::blob::check_image(path, &data).map_err(|e| {
+        kiln_domain::image::check_image(path, &data).map_err(|e| {
             self.err(
                 path,
                 &value.span(),
                 format!("{}: {}", file.display(), e.message),
             )
         })?;
-        let blob = kiln_proto::blob::blob(data);
+        let blob = Blob::new(data);
         let sha = blob.sha256.clone();
         if !self.blobs.iter().any(|b| b.sha256 == sha) {
             self.blobs.push(blob);
@@ -299,21 +380,27 @@ impl Parser {
         }
     }
 
+    /// Reads the integer recipe field `field`, refusing values its type
+    /// cannot hold with the range the recipe accepts.
     fn unsigned(
         &self,
         path: &str,
+        field: &str,
         value: &Spanned<DeValue<'_>>,
-        max: u64,
     ) -> Result<u64, BatchError> {
         let i = self.integer(path, value)?;
-        if i < 0 || i as u64 > max {
-            return Err(self.err(
-                path,
-                &value.span(),
-                format!("must be between 0 and {max}, got {i}"),
-            ));
-        }
-        Ok(i as u64)
+        spec::integer_field(path, field, i).map_err(|e| self.err(path, &value.span(), e.message))
+    }
+
+    /// Reads `steps`, `width` or `height`.
+    fn small(
+        &self,
+        path: &str,
+        field: &str,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Result<u32, BatchError> {
+        let v = self.unsigned(path, field, value)?;
+        u32::try_from(v).map_err(|_| self.err(path, &value.span(), format!("{v} is out of range")))
     }
 
     fn number(&self, path: &str, value: &Spanned<DeValue<'_>>) -> Result<f64, BatchError> {
@@ -337,9 +424,9 @@ impl Parser {
         path: &str,
         name: &str,
         value: &Spanned<DeValue<'_>>,
-    ) -> Result<pb::SeriesSpec, BatchError> {
+    ) -> Result<SeriesSpec, BatchError> {
         let table = self.table(path, value)?;
-        let mut series = pb::SeriesSpec {
+        let mut series = SeriesSpec {
             name: name.to_string(),
             ..Default::default()
         };
@@ -352,7 +439,7 @@ impl Parser {
                 "character" => series.character = self.string(&at, v)?,
                 "anchor" => series.anchor = self.boolean(&at, v)?,
                 "consistency" => series.consistency = Some(self.number(&at, v)?),
-                "reference_image" => series.reference_image = self.image(&at, v)?,
+                "reference_image" => series.reference_image = Some(self.image(&at, v)?),
                 "shots" => {
                     let DeValue::Array(shots) = v.get_ref() else {
                         return Err(self.err(
@@ -370,7 +457,7 @@ impl Parser {
                 _ => recipe.push((key, v)),
             }
         }
-        series.defaults = Some(self.field_list(
+        series.defaults = self.field_list(
             path,
             recipe,
             &[
@@ -380,7 +467,7 @@ impl Parser {
                 "reference_image",
                 "shots",
             ],
-        )?);
+        )?;
         Ok(series)
     }
 
@@ -407,16 +494,15 @@ impl Parser {
             let name = key.get_ref().as_ref();
             let at = format!("{path}.{name}");
             self.spans.insert(at.clone(), v.span());
-            let max32 = u64::from(u32::MAX);
             match name {
                 "model" => f.model = Some(self.string(&at, v)?),
                 "prompt" => f.prompt = Some(self.string(&at, v)?),
                 "negative_prompt" => f.negative_prompt = Some(self.string(&at, v)?),
                 "scheduler" => f.scheduler = Some(self.string(&at, v)?),
-                "seed" => f.seed = Some(self.unsigned(&at, v, i64::MAX as u64)?),
-                "steps" => f.steps = Some(self.unsigned(&at, v, max32)? as u32),
-                "width" => f.width = Some(self.unsigned(&at, v, max32)? as u32),
-                "height" => f.height = Some(self.unsigned(&at, v, max32)? as u32),
+                "seed" => f.seed = Some(self.unsigned(&at, name, v)?),
+                "steps" => f.steps = Some(self.small(&at, name, v)?),
+                "width" => f.width = Some(self.small(&at, name, v)?),
+                "height" => f.height = Some(self.small(&at, name, v)?),
                 "guidance" => f.guidance = Some(self.number(&at, v)?),
                 "eta" => f.eta = Some(self.number(&at, v)?),
                 "strength" => f.strength = Some(self.number(&at, v)?),
@@ -446,7 +532,7 @@ impl Parser {
         path: &str,
         zip: &str,
         value: &Spanned<DeValue<'_>>,
-        out: &mut Vec<pb::SweepAxis>,
+        out: &mut Vec<SweepAxis>,
     ) -> Result<(), BatchError> {
         let table = self.table(path, value)?;
         for (key, v) in table {
@@ -461,7 +547,7 @@ impl Parser {
                     format!("must be a list of values, got {}", describe(v.get_ref())),
                 ));
             };
-            let mut axis = pb::SweepAxis {
+            let mut axis = SweepAxis {
                 field: field.clone(),
                 values: Vec::with_capacity(values.len()),
                 zip: zip.to_string(),
@@ -469,14 +555,14 @@ impl Parser {
             for (i, item) in values.iter().enumerate() {
                 let item_path = format!("{at}[{i}]");
                 self.spans.insert(item_path.clone(), item.span());
-                let kind = match item.get_ref() {
+                let value = match item.get_ref() {
                     DeValue::String(_) if matches!(field.as_str(), "init_image" | "mask") => {
-                        Kind::Text(self.image(&item_path, item)?)
+                        FieldValue::Text(self.image(&item_path, item)?)
                     }
-                    DeValue::String(s) => Kind::Text(s.to_string()),
-                    DeValue::Boolean(b) => Kind::Flag(*b),
-                    DeValue::Integer(_) => Kind::Integer(self.integer(&item_path, item)?),
-                    DeValue::Float(_) => Kind::Number(self.number(&item_path, item)?),
+                    DeValue::String(s) => FieldValue::Text(s.to_string()),
+                    DeValue::Boolean(b) => FieldValue::Flag(*b),
+                    DeValue::Integer(_) => FieldValue::Integer(self.integer(&item_path, item)?),
+                    DeValue::Float(_) => FieldValue::Number(self.number(&item_path, item)?),
                     other => {
                         return Err(self.err(
                             &item_path,
@@ -488,12 +574,118 @@ impl Parser {
                         ));
                     }
                 };
-                axis.values.push(FieldValue { kind: Some(kind) });
+                axis.values.push(value);
             }
             out.push(axis);
         }
         Ok(())
     }
+}
+
+/// Returns the line of the first statement nested more than [`MAX_NESTING`]
+/// levels deep, counting the dots of keys and the brackets and braces of
+/// headers, arrays and inline tables; strings and comments are skipped. It
+/// is a scan, not a parser: what it lets through, toml parses and judges.
+fn too_deep(source: &str) -> Option<usize> {
+    let b = source.as_bytes();
+    let mut line = 1;
+    let mut i = 0;
+    // Open arrays and inline tables of the current value.
+    let mut open: Vec<u8> = Vec::new();
+    // Key dots of the statement; and, per open inline table, their number at its `{`.
+    let mut dots = 0;
+    let mut dots_at_brace: Vec<usize> = Vec::new();
+    // Reading a key (line start, or after `{` or `,` in an inline table).
+    let mut in_key = true;
+    // Inside a `[table]` or `[[array]]` header.
+    let mut header = false;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\n' => {
+                line += 1;
+                if open.is_empty() {
+                    in_key = true;
+                    header = false;
+                    dots = 0;
+                }
+            }
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' | b'\'' => {
+                i = skip_string(b, i, &mut line);
+                continue;
+            }
+            b'.' if in_key || header => dots += 1,
+            b'=' if !header => in_key = false,
+            b'[' if in_key && open.is_empty() && !header => {
+                header = true;
+                dots = 1;
+            }
+            b']' if header => {
+                header = false;
+                in_key = false;
+            }
+            b'[' if !in_key => open.push(c),
+            b'{' if !in_key => {
+                open.push(c);
+                dots_at_brace.push(dots);
+                in_key = true;
+            }
+            b',' if open.last() == Some(&b'{') => {
+                in_key = true;
+                dots = dots_at_brace.last().copied().unwrap_or(0);
+            }
+            b']' => {
+                open.pop();
+            }
+            b'}' => {
+                open.pop();
+                dots = dots_at_brace.pop().unwrap_or(0);
+                in_key = false;
+            }
+            _ => {}
+        }
+        if dots + open.len() > MAX_NESTING {
+            return Some(line);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Returns the index after the string that starts at `b[i]` (basic or
+/// literal, single- or multi-line), counting the lines it spans.
+fn skip_string(b: &[u8], mut i: usize, line: &mut usize) -> usize {
+    let quote = b[i];
+    let multi = b.get(i..i + 3) == Some(&[quote, quote, quote][..]);
+    i += if multi { 3 } else { 1 };
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\\' && quote == b'"' {
+            if b.get(i + 1) == Some(&b'\n') {
+                *line += 1;
+            }
+            i += 2;
+            continue;
+        }
+        if c == b'\n' {
+            if !multi {
+                // An unterminated string: toml reports it; the caller sees the line end.
+                return i;
+            }
+            *line += 1;
+        }
+        if c == quote && (!multi || b.get(i..i + 3) == Some(&[quote, quote, quote][..])) {
+            return i + if multi { 3 } else { 1 };
+        }
+        i += 1;
+    }
+    i
 }
 
 /// Returns the file's stem as the job's default name.
@@ -699,6 +891,64 @@ seed = 9001
         let e = error_of(&MIRA.replace("steps = 6", "stpes = 6"));
         assert_eq!((e.line, e.path.as_str()), (Some(8), "series.mira.stpes"));
         assert!(e.message.contains("consistency"), "{e}");
+    }
+
+    #[test]
+    fn nesting_is_counted_in_keys_and_brackets_but_not_in_strings() {
+        let deep_key = format!("[defaults]\nmodel = \"tiny\"\na{} = 1\n", ".a".repeat(40));
+        assert_eq!(too_deep(&deep_key), Some(3));
+        let deep_header = format!("# a comment\n[a{}]\n", ".a".repeat(40));
+        assert_eq!(too_deep(&deep_header), Some(2));
+        let deep_array = format!("x = 1\n\ny = {}1{}\n", "[".repeat(40), "]".repeat(40));
+        assert_eq!(too_deep(&deep_array), Some(3));
+        let deep_inline = format!("z = {}{}\n", "{a.b = ".repeat(20), "}".repeat(20));
+        assert_eq!(too_deep(&deep_inline), Some(1));
+        // Dots and brackets inside strings, comments and values are not nesting.
+        let flat = format!(
+            "a = \"{dots}\"\nb = '{dots}'\nc = \"\"\"\n{dots}[[[[\n\"\"\"\n# {dots}\nd = 1.5\n{many}",
+            dots = ".".repeat(100),
+            many = "[series.\"x.y\".shots]\n".repeat(50)
+        );
+        assert_eq!(too_deep(&flat), None);
+        let many_keys = format!(
+            "t = {{ {} }}\n",
+            (0..50)
+                .map(|i| format!("k{i}.v = 1"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        assert_eq!(
+            too_deep(&many_keys),
+            None,
+            "siblings in an inline table do not nest"
+        );
+        assert_eq!(too_deep(ISSUE_BATCH), None);
+        assert_eq!(too_deep(MIRA), None);
+        let e = error_of(&deep_key);
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("32"), "{e}");
+    }
+
+    #[test]
+    fn files_are_read_within_the_size_cap_and_as_utf8() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("u.toml");
+        std::fs::write(
+            &file,
+            b"[defaults]\nmodel = \"tiny\"\n[[items]]\nprompt = \"fox \xff\"\n",
+        )
+        .unwrap();
+        let e = Batch::read(&file).unwrap_err();
+        assert_eq!((e.line, e.path.as_str()), (Some(4), "items[0].prompt"));
+        assert!(e.message.contains("UTF-8"), "{e}");
+        let missing = Batch::read(&dir.path().join("none.toml")).unwrap_err();
+        assert!(missing.message.starts_with("cannot read"), "{missing}");
+        let big = dir.path().join("big.toml");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MAX_BATCH_BYTES + 1).unwrap();
+        let e = Batch::read(&big).unwrap_err();
+        assert_eq!(e.line, None);
+        assert!(e.message.contains("16 MiB"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use kiln_proto::connect::{channel, farm_client, with_deadline};
 use kiln_proto::pb::{self, farm_client::FarmClient};
 use tonic::transport::Channel;
@@ -169,9 +168,4 @@ pub async fn next_within<T>(
             "the coordinator sent nothing for {idle:?}"
         ))),
     }
-}
-
-/// Reads a file with its name in the error.
-pub fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }

@@ -5,40 +5,33 @@ use kiln_proto::status::{IntoStatus, invalid_argument};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use kiln_proto::convert::job_spec_from_pb;
 use kiln_proto::error::FieldError;
 use kiln_proto::ids::{JobId, TaskId};
 use kiln_proto::pb;
-use kiln_proto::recipe::check_model_name;
-use kiln_proto::spec;
+use kiln_proto::spec::{self, JobSpec};
 use tonic::Status;
 
 use crate::core::Core;
 use crate::store::{JobRecord, ModelInfo, NewJob, NewTask};
-
-/// Longest accepted job name and idempotency key.
-const MAX_LABEL_BYTES: usize = 256;
 
 /// Validates, expands and creates a job; returns it and whether it is new.
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` naming the field and the value; nothing is queued then.
 pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> Result<(JobRecord, bool), Status> {
+    // Wire types stop here: the job is checked by the one validation every client runs.
     let spec = req
         .spec
         .ok_or_else(|| FieldError::new("spec", "missing"))
+        .and_then(job_spec_from_pb)
         .map_err(invalid_argument)?;
-    let project = if spec.project.is_empty() {
-        "default".to_string()
-    } else {
-        check_model_name("project", &spec.project).map_err(invalid_argument)?;
-        spec.project.clone()
-    };
-    check_label("name", &spec.name).map_err(invalid_argument)?;
-    check_label("idempotency_key", &req.idempotency_key).map_err(invalid_argument)?;
+    spec::check_label("idempotency_key", &req.idempotency_key).map_err(invalid_argument)?;
     let id = JobId::new();
     // The random bits of the UUIDv7 seed the items that set no seed.
     let seed_base = u64::from_be_bytes(id.0.as_bytes()[8..16].try_into().unwrap_or([0; 8]));
-    let mut items = spec::expand(&spec, seed_base).map_err(invalid_argument)?;
+    let mut items = spec::validate(&spec, seed_base).map_err(invalid_argument)?;
+    let project = spec.project_or_default().to_string();
     let needed: BTreeSet<&str> = items.iter().map(|i| i.recipe.model.as_str()).collect();
     let known = known_models(core, &needed, &spec).await?;
     for item in &mut items {
@@ -77,25 +70,13 @@ pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> Result<(JobRecord,
     Ok(core.store.create_job(job).await?)
 }
 
-fn check_label(field: &str, value: &str) -> Result<(), FieldError> {
-    if value.len() > MAX_LABEL_BYTES || value.chars().any(char::is_control) {
-        return Err(FieldError::new(
-            field,
-            format!(
-                "must be at most {MAX_LABEL_BYTES} bytes without control characters, got {value:?}"
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// Returns the farm's models once every needed one is known. While the
 /// coordinator is younger than its model grace, waits for workers to announce
 /// missing models; after that, refuses at once.
 async fn known_models(
     core: &Core,
     needed: &BTreeSet<&str>,
-    spec: &pb::JobSpec,
+    spec: &JobSpec,
 ) -> Result<Vec<ModelInfo>, Status> {
     loop {
         let known = core.store.models().await?;

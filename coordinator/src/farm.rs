@@ -308,7 +308,7 @@ async fn fetch(
         let path = contact_sheet_path(name);
         if let Some(data) = core.results.get_artifact(&folder, &path).await? {
             let msg = pb::FetchResultsResponse {
-                sha256: kiln_proto::blob::sha256_hex(&data),
+                sha256: kiln_domain::image::sha256_hex(&data),
                 png: data.to_vec(),
                 artifact: path,
                 ..Default::default()

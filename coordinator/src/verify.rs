@@ -5,7 +5,7 @@ use kiln_proto::status::invalid_argument;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use kiln_proto::blob::sha256_hex;
+use kiln_domain::image::sha256_hex;
 use kiln_proto::ids::{JobId, TaskId};
 use kiln_proto::pb;
 use tonic::Status;

@@ -3,9 +3,10 @@
 //!
 //! The coordinator, the worker, the CLI and the diffusion engine all speak
 //! these types: id newtypes ([`ids`]), the validated [`recipe::Recipe`], its
-//! hash and batch key, the A1111 prompt syntax ([`prompt`]), image checks for
-//! init images and masks ([`image`]), and [`error::FieldError`], the validation
-//! error that names the field and the value.
+//! hash and batch key, the job spec and its one validation ([`spec`]), the
+//! A1111 prompt syntax ([`prompt`]), image checks for init images and masks
+//! ([`image`]), and [`error::FieldError`], the validation error that names
+//! the field and the value.
 //!
 //! This crate may import serialisation, hashing and image decoding only. It
 //! never depends on tonic, prost, tokio or redis: `kiln-diffusion` builds on
@@ -18,3 +19,4 @@ pub mod ids;
 pub mod image;
 pub mod prompt;
 pub mod recipe;
+pub mod spec;

@@ -5,7 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::FieldError;
+use crate::error::{FieldError, quote};
 
 /// Smallest and largest image side in pixels.
 pub const SIZE_RANGE: std::ops::RangeInclusive<u32> = 64..=2048;
@@ -249,6 +249,8 @@ impl Recipe {
             }
         };
         check_model_name(&at("model"), &self.model)?;
+        check_prompt_text(&at("prompt"), &self.prompt)?;
+        check_prompt_text(&at("negative_prompt"), &self.negative_prompt)?;
         if self.prompt.len() > MAX_PROMPT_BYTES {
             return Err(FieldError::new(
                 at("prompt"),
@@ -343,13 +345,16 @@ impl Recipe {
 /// Longest name [`check_name`] accepts, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 
-/// Checks a name kiln uses in keys, paths and file names (a model, a farm):
-/// 1 to [`MAX_NAME_LEN`] of `A-Z a-z 0-9 . _ -`. The one naming rule: it
-/// keeps names safe as path segments and Redis key parts, and free of the
-/// `|` and `:` separators kiln puts between them.
+/// Checks a name kiln uses in keys, paths and file names (a model, a project,
+/// a series, a farm): 1 to [`MAX_NAME_LEN`] of `A-Z a-z 0-9 . _ -`, and not
+/// `.` or `..`. The one naming rule: it keeps names safe as path segments and
+/// Redis key parts, and free of the `|` and `:` separators kiln puts between
+/// them.
 pub fn check_name(path: &str, value: &str) -> Result<(), FieldError> {
     let ok = !value.is_empty()
         && value.len() <= MAX_NAME_LEN
+        && value != "."
+        && value != ".."
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -358,7 +363,10 @@ pub fn check_name(path: &str, value: &str) -> Result<(), FieldError> {
     } else {
         Err(FieldError::new(
             path,
-            format!("must be 1 to {MAX_NAME_LEN} letters, digits, '.', '_' or '-', got {value:?}"),
+            format!(
+                "must be 1 to {MAX_NAME_LEN} letters, digits, '.', '_' or '-', and not \".\" or \"..\", got {}",
+                quote(value)
+            ),
         ))
     }
 }
@@ -366,6 +374,26 @@ pub fn check_name(path: &str, value: &str) -> Result<(), FieldError> {
 /// Checks a model catalog name: [`check_name`].
 pub fn check_model_name(path: &str, name: &str) -> Result<(), FieldError> {
     check_name(path, name)
+}
+
+/// Checks prompt text: no control characters but tabs and line breaks. A NUL
+/// or an escape sequence would end up in the PNG's text chunks and in
+/// terminals that print them.
+fn check_prompt_text(path: &str, text: &str) -> Result<(), FieldError> {
+    match text
+        .char_indices()
+        .find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        Some((at, c)) => Err(FieldError::new(
+            path,
+            format!(
+                "must not contain control characters other than tabs and line breaks; found U+{:04X} at byte {at} of {}",
+                u32::from(c),
+                quote(text)
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Checks a blob reference: 64 lowercase hex digits.
@@ -534,6 +562,31 @@ mod tests {
             Scheduler::parse("s", "dpmpp_2m").unwrap(),
             Scheduler::DpmPp2m
         );
+    }
+
+    #[test]
+    fn control_characters_in_prompts_are_refused() {
+        let mut r = recipe();
+        r.prompt = "fox\u{0}cub".into();
+        let e = r.validate("items[0]").unwrap_err();
+        assert_eq!(e.path, "items[0].prompt");
+        assert!(e.message.contains("U+0000"), "{e}");
+        let mut r = recipe();
+        r.negative_prompt = "blurry\u{1b}[31m".into();
+        assert_eq!(r.validate("").unwrap_err().path, "negative_prompt");
+        let mut r = recipe();
+        r.prompt = "a fox,\tsitting\r\non a stone".into();
+        assert!(r.validate("").is_ok(), "tabs and line breaks pass");
+    }
+
+    #[test]
+    fn catalog_names_are_never_dot_folders() {
+        for bad in [".", "..", "a/b", "", "x y", &"n".repeat(65)] {
+            assert!(check_model_name("project", bad).is_err(), "{bad:?}");
+        }
+        for good in ["tiny", "sd-1.5", "...", ".hidden", "a..b"] {
+            assert!(check_model_name("project", good).is_ok(), "{good:?}");
+        }
     }
 
     #[test]

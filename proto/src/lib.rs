@@ -1,21 +1,21 @@
-//! kiln's wire contract and the pure helpers every side shares.
+//! kiln's wire contract.
 //!
 //! [`pb`] holds the code generated from `proto/kiln/v1/*.proto` (the `Farm`
 //! and `WorkerLink` services). Beside it: [`convert`] between the wire
 //! messages and kiln's domain types (which live in `kiln-domain` and are
-//! re-exported here), job expansion ([`spec`]), blobs ([`blob`]), client
-//! channels with deadlines ([`connect`]) and field errors as statuses
-//! ([`status`]).
+//! re-exported here, [`spec`] among them), client channels with deadlines
+//! ([`connect`]) and field errors as statuses ([`status`]).
+//!
+//! This crate may import `kiln-domain`, tonic and prost; nothing of the
+//! coordinator, the worker or the engine.
 #![warn(missing_docs)]
 
-pub mod blob;
 pub mod connect;
 pub mod convert;
-pub mod spec;
 pub mod status;
 pub mod telemetry;
 
-pub use kiln_domain::{error, ids, prompt, recipe};
+pub use kiln_domain::{error, ids, prompt, recipe, spec};
 
 pub use prost;
 pub use tonic;

@@ -5,50 +5,98 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store};
-use kiln_proto::pb::{self, FieldValue, field_value::Kind};
+use kiln_proto::convert::job_spec_to_pb;
+use kiln_proto::pb;
+use kiln_proto::spec::{FieldValue, JobSpec, RecipeFields, SweepAxis};
 use kiln_worker::agent::LeaseObserver;
 use kiln_worker::render::{SimOptions, SimRenderer};
 use serde_json::json;
 
+use crate::commands::bench_pipeline::{BenchPipeline, Sd15Model};
 use crate::commands::watch;
 use crate::embedded::EmbeddedFarm;
 
+/// Benchmarks.
+#[derive(clap::Args, Debug)]
+pub struct Bench {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum BenchCommand {
+    Pipeline(BenchPipeline),
+    Sd15Model(Sd15Model),
+    Schedule(Schedule),
+    Dispatch(Dispatch),
+}
+
+impl Bench {
+    /// Runs `kiln bench ...`.
+    pub async fn run(self) -> anyhow::Result<bool> {
+        match self.command {
+            BenchCommand::Pipeline(c) => c.run().await,
+            BenchCommand::Sd15Model(c) => c.run().await,
+            BenchCommand::Schedule(c) => schedule(c).await.map(|()| true),
+            BenchCommand::Dispatch(c) => dispatch(c).await.map(|()| true),
+        }
+    }
+}
+
 /// Returns a job of `tasks` one-step 64 px items of `model`, seeds 0, 1, 2, ...
-fn seed_sweep(name: String, model: &str, prompt: String, tasks: u32) -> pb::JobSpec {
-    pb::JobSpec {
+fn seed_sweep(name: String, model: &str, prompt: String, tasks: u32) -> JobSpec {
+    JobSpec {
         name,
-        defaults: Some(pb::RecipeFields {
+        defaults: RecipeFields {
             model: Some(model.to_string()),
             prompt: Some(prompt),
             steps: Some(1),
             width: Some(64),
             height: Some(64),
             ..Default::default()
-        }),
-        sweep: vec![pb::SweepAxis {
+        },
+        sweep: vec![SweepAxis {
             field: "seed".into(),
-            values: (0..i64::from(tasks))
-                .map(|s| FieldValue {
-                    kind: Some(Kind::Integer(s)),
-                })
-                .collect(),
+            values: (0..i64::from(tasks)).map(FieldValue::Integer).collect(),
             zip: String::new(),
         }],
         ..Default::default()
     }
 }
 
+/// Dispatch rate of the coordinator (memory store): sim workers with 0 ms steps.
+#[derive(clap::Args, Debug)]
+struct Dispatch {
+    /// Sim workers.
+    #[arg(long, default_value_t = 50)]
+    workers: u32,
+    /// Tasks each worker leases and runs at once.
+    #[arg(long, default_value_t = 1)]
+    slots: u32,
+    /// Tasks in the job.
+    #[arg(long, default_value_t = 10_000)]
+    tasks: u32,
+    /// Run the coordinator on this Redis (redis://HOST:PORT/DB) instead of the memory store.
+    #[arg(long)]
+    store: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Measures the coordinator's dispatch rate: `workers` sim workers with
 /// 0 ms steps run a job of `tasks` one-step items through the embedded farm
 /// (memory store, real gRPC on loopback), each leasing up to `slots` tasks at
 /// once; prints lease + complete cycles per second.
-pub async fn dispatch(
-    workers: u32,
-    slots: u32,
-    tasks: u32,
-    store_url: Option<&str>,
-    json_out: bool,
-) -> anyhow::Result<()> {
+async fn dispatch(args: Dispatch) -> anyhow::Result<()> {
+    let Dispatch {
+        workers,
+        slots,
+        tasks,
+        store,
+        json: json_out,
+    } = args;
+    let store_url = store.as_deref();
     if workers == 0 || tasks == 0 || slots == 0 {
         bail!("--workers, --slots and --tasks must be at least 1");
     }
@@ -79,7 +127,7 @@ pub async fn dispatch(
     let resp = farm
         .farm
         .submit(pb::SubmitJobRequest {
-            spec: Some(spec),
+            spec: Some(job_spec_to_pb(&spec)),
             idempotency_key: String::new(),
         })
         .await
@@ -114,28 +162,40 @@ pub async fn dispatch(
     Ok(())
 }
 
-/// What `kiln bench schedule` runs.
-pub struct ScheduleOptions {
+/// The scheduling policy at scale: sim workers holding one model at a time.
+#[derive(clap::Args, Debug)]
+struct Schedule {
     /// Sim workers.
-    pub workers: u32,
+    #[arg(long, default_value_t = 200)]
+    workers: u32,
     /// Tasks over all jobs.
-    pub tasks: u32,
+    #[arg(long, default_value_t = 20_000)]
+    tasks: u32,
     /// Distinct models.
-    pub models: u32,
-    /// Jobs; job `i` uses model `i % models`.
-    pub jobs: u32,
+    #[arg(long, default_value_t = 3)]
+    models: u32,
+    /// Jobs (job i uses model i mod models).
+    #[arg(long, default_value_t = 10)]
+    jobs: u32,
     /// Render time of one task.
-    pub render: Duration,
-    /// Time to load a model a worker does not have resident.
-    pub load: Duration,
-    /// Redis URL instead of the memory store.
-    pub store: Option<String>,
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    render: Duration,
+    /// Time to load a model that is not resident.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    load: Duration,
+    /// Run the coordinator on this Redis instead of the memory store.
+    #[arg(long)]
+    store: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Measures the scheduling policy at scale with sim workers that hold one
 /// model at a time: makespan against the ideal (work / workers), model
 /// loads, and scheduling latency (Lease calls that brought work).
-pub async fn schedule(opts: ScheduleOptions, json_out: bool) -> anyhow::Result<()> {
+async fn schedule(opts: Schedule) -> anyhow::Result<()> {
+    let json_out = opts.json;
     if opts.workers == 0 || opts.tasks == 0 || opts.models == 0 || opts.jobs == 0 {
         bail!("--workers, --tasks, --models and --jobs must be at least 1");
     }
@@ -198,7 +258,7 @@ pub async fn schedule(opts: ScheduleOptions, json_out: bool) -> anyhow::Result<(
         submissions.push(tokio::spawn(async move {
             client
                 .submit(pb::SubmitJobRequest {
-                    spec: Some(spec),
+                    spec: Some(job_spec_to_pb(&spec)),
                     idempotency_key: String::new(),
                 })
                 .await

@@ -10,23 +10,57 @@ use kiln_diffusion::Pipeline;
 use kiln_diffusion::bench::{self as pbench, BenchPlan, Samples, SpanProfiler, SpanTime};
 use serde_json::json;
 
-/// What `kiln bench pipeline` measures.
-#[derive(Debug)]
-pub struct PipelineOptions {
-    /// The model folder; `None` writes the tiny SD 1.5 model to a temporary folder.
-    pub model: Option<PathBuf>,
-    /// Image side in pixels.
-    pub size: u32,
+/// Time one guided UNet step and one VAE decode on the CPU (medians after a warm-up),
+/// with peak memory.
+#[derive(clap::Args, Debug)]
+pub struct BenchPipeline {
+    /// The model folder; default: the tiny SD 1.5 model, written to a temporary folder.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Image side in pixels (a multiple of 8).
+    #[arg(long, default_value_t = 64)]
+    size: u32,
     /// Timed UNet steps (0 skips them).
-    pub steps: u32,
+    #[arg(long, default_value_t = 5)]
+    steps: u32,
     /// Timed VAE decodes (0 skips them).
-    pub decodes: u32,
-    /// Guidance scale (above 1: batch of two).
-    pub guidance: f64,
-    /// Record wall time per tracing span and print it.
-    pub profile: bool,
-    /// Print JSON instead of text.
-    pub json: bool,
+    #[arg(long, default_value_t = 3)]
+    decodes: u32,
+    /// Guidance scale: above 1 runs the UNet on a batch of two, as txt2img does.
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// Also print where the time goes: wall time per candle tracing span.
+    #[arg(long)]
+    profile: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl BenchPipeline {
+    /// Runs `kiln bench pipeline` off the async runtime: it blocks.
+    pub async fn run(self) -> anyhow::Result<bool> {
+        tokio::task::spawn_blocking(move || pipeline(&self))
+            .await?
+            .map(|()| true)
+    }
+}
+
+/// Write an SD-1.5-shaped model with random weights (about 4.3 GB) for `bench pipeline`.
+#[derive(clap::Args, Debug)]
+pub struct Sd15Model {
+    /// The folder to write (outside the repository: it is large).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+impl Sd15Model {
+    /// Runs `kiln bench sd15-model` off the async runtime: it blocks.
+    pub async fn run(self) -> anyhow::Result<bool> {
+        tokio::task::spawn_blocking(move || sd15_model(&self.out))
+            .await?
+            .map(|()| true)
+    }
 }
 
 /// A temporary folder holding the tiny model, removed on drop.
@@ -148,7 +182,7 @@ fn measured(
 /// on the CPU; prints medians, minima and the peak resident set of each.
 ///
 /// Blocking: call it off the async runtime.
-pub fn pipeline(options: &PipelineOptions) -> anyhow::Result<()> {
+fn pipeline(options: &BenchPipeline) -> anyhow::Result<()> {
     if options.steps == 0 && options.decodes == 0 {
         bail!("--steps and --decodes are both 0: nothing to measure");
     }
@@ -243,7 +277,7 @@ pub fn pipeline(options: &PipelineOptions) -> anyhow::Result<()> {
 /// Writes the SD-1.5-shaped random-weight model to `out`.
 ///
 /// Blocking: call it off the async runtime.
-pub fn sd15_model(out: &Path) -> anyhow::Result<()> {
+fn sd15_model(out: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     pbench::write_sd15_shaped_model(out)
         .with_context(|| format!("writing the SD-1.5-shaped model to {}", out.display()))?;

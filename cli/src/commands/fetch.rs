@@ -11,6 +11,32 @@ use sha2::{Digest, Sha256};
 
 use crate::client::{Farm, next_within};
 
+/// Download a job's finished images and manifest; files already present are skipped.
+#[derive(clap::Args, Debug)]
+pub struct Fetch {
+    /// The job id.
+    job: String,
+    /// Where the images and manifest.jsonl go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Print a JSON summary.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Fetch {
+    /// Runs `kiln fetch`.
+    pub async fn run(self, farm: &Farm) -> anyhow::Result<bool> {
+        let report = fetch(farm, &self.job, &self.out).await?;
+        if self.json {
+            println!("{}", serde_json::to_value(&report)?);
+        } else {
+            println!("{}", summary_line(&report));
+        }
+        Ok(true)
+    }
+}
+
 /// How long the result stream may stay silent (one image is read per message).
 const IDLE: Duration = Duration::from_secs(120);
 

@@ -1,7 +1,7 @@
 //! `kiln inspect FILE.png`: prints the A1111 `parameters` text and the `kiln`
 //! chunk's recipe JSON that a kiln render carries (tEXt, zTXt or iTXt).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde_json::json;
@@ -70,11 +70,28 @@ pub fn read(bytes: &[u8]) -> anyhow::Result<PngText> {
     })
 }
 
-/// Runs `kiln inspect`.
+/// Print the A1111 parameters and the kiln recipe stored in a rendered PNG.
+#[derive(clap::Args, Debug)]
+pub struct Inspect {
+    /// The PNG file.
+    file: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Inspect {
+    /// Runs `kiln inspect`.
+    pub fn run(self) -> anyhow::Result<bool> {
+        show(&self.file, self.json).map(|()| true)
+    }
+}
+
+/// Prints what `file` carries.
 ///
 /// # Errors
 /// When the file cannot be read, is not a PNG, or has neither chunk.
-pub fn run(file: &Path, json: bool) -> anyhow::Result<()> {
+fn show(file: &Path, json: bool) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let text = read(&bytes).with_context(|| format!("{}", file.display()))?;
     if text.parameters.is_none() && text.kiln.is_none() {
@@ -110,11 +127,10 @@ pub fn run(file: &Path, json: bool) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use kiln_diffusion::output::{RgbImage, encode_png};
-    use kiln_proto::pb;
 
     fn png_of(prompt: &str) -> Vec<u8> {
-        let spec = pb::JobSpec {
-            items: vec![pb::RecipeFields {
+        let spec = kiln_proto::spec::JobSpec {
+            items: vec![kiln_proto::spec::RecipeFields {
                 model: Some("tiny".into()),
                 prompt: Some(prompt.into()),
                 seed: Some(42),
@@ -124,7 +140,10 @@ mod tests {
             }],
             ..Default::default()
         };
-        let recipe = kiln_proto::spec::expand(&spec, 0).unwrap().remove(0).recipe;
+        let recipe = kiln_proto::spec::validate(&spec, 0)
+            .unwrap()
+            .remove(0)
+            .recipe;
         let image = RgbImage {
             width: 2,
             height: 2,
@@ -161,7 +180,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plain.png");
         std::fs::write(&path, &out).unwrap();
-        let e = run(&path, false).unwrap_err();
+        let e = show(&path, false).unwrap_err();
         assert!(e.to_string().contains("no `parameters` or `kiln`"), "{e}");
     }
 }

@@ -6,8 +6,58 @@ use serde_json::json;
 
 use crate::format::{job_json, job_state, table, time, worker_json};
 
+/// List jobs, newest first.
+#[derive(clap::Args, Debug)]
+pub struct Jobs {
+    /// How many.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Jobs {
+    /// Runs `kiln jobs`.
+    pub async fn run(self, farm: &Farm) -> anyhow::Result<bool> {
+        jobs(farm, self.limit, self.json).await.map(|()| true)
+    }
+}
+
+/// List a job's tasks with their attempt history (worker, epoch, outcome).
+#[derive(clap::Args, Debug)]
+pub struct Tasks {
+    /// The job id.
+    job: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Tasks {
+    /// Runs `kiln tasks`.
+    pub async fn run(self, farm: &Farm) -> anyhow::Result<bool> {
+        tasks(farm, &self.job, self.json).await.map(|()| true)
+    }
+}
+
+/// List workers.
+#[derive(clap::Args, Debug)]
+pub struct Workers {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Workers {
+    /// Runs `kiln workers`.
+    pub async fn run(self, farm: &Farm) -> anyhow::Result<bool> {
+        workers(farm, self.json).await.map(|()| true)
+    }
+}
+
 /// Prints the newest jobs.
-pub async fn jobs(farm: &Farm, limit: u32, json: bool) -> anyhow::Result<()> {
+async fn jobs(farm: &Farm, limit: u32, json: bool) -> anyhow::Result<()> {
     let jobs = farm.jobs(limit).await.map_err(|s| farm.explain(s))?;
     if json {
         let v: Vec<_> = jobs.iter().map(job_json).collect();
@@ -43,7 +93,7 @@ pub async fn jobs(farm: &Farm, limit: u32, json: bool) -> anyhow::Result<()> {
 }
 
 /// Prints every worker the farm knows.
-pub async fn workers(farm: &Farm, json: bool) -> anyhow::Result<()> {
+async fn workers(farm: &Farm, json: bool) -> anyhow::Result<()> {
     let workers = farm.workers().await.map_err(|s| farm.explain(s))?;
     if json {
         let v: Vec<_> = workers.iter().map(worker_json).collect();
@@ -113,7 +163,7 @@ fn attempt_json(a: &pb::Attempt) -> serde_json::Value {
 }
 
 /// Prints a job's tasks with their attempt history.
-pub async fn tasks(farm: &Farm, job_id: &str, json_out: bool) -> anyhow::Result<()> {
+async fn tasks(farm: &Farm, job_id: &str, json_out: bool) -> anyhow::Result<()> {
     let job = farm.job(job_id, true).await.map_err(|s| farm.explain(s))?;
     if json_out {
         let v: Vec<_> = job

@@ -2,7 +2,7 @@
 //! parse and how its tokens fall into encoder chunks, with the same parser
 //! the coordinator validates with and the worker renders with.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use kiln_diffusion::PromptTokenizer;
@@ -12,12 +12,32 @@ use serde_json::json;
 /// CLIP's window: 75 tokens plus bos and eos.
 const CLIP_WINDOW: usize = 77;
 
-/// Runs `kiln prompt`.
+/// Show how a prompt's weights parse and how its tokens fall into encoder chunks.
+#[derive(clap::Args, Debug)]
+pub struct Prompt {
+    /// The prompt, in AUTOMATIC1111 syntax: (word:1.3), (word), [word], \(, BREAK.
+    text: String,
+    /// Count tokens with this model folder's tokenizer (default: an estimate by words).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Prompt {
+    /// Runs `kiln prompt`.
+    pub fn run(self) -> anyhow::Result<bool> {
+        show(&self.text, self.model.as_deref(), self.json).map(|()| true)
+    }
+}
+
+/// Prints the pieces and chunks of `text`.
 ///
 /// # Errors
 /// A malformed weight (quoting it), or a model folder whose tokenizer cannot
 /// be loaded.
-pub fn run(text: &str, model: Option<&Path>, json: bool) -> anyhow::Result<()> {
+fn show(text: &str, model: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let pieces = prompt::parse(text)?;
     let (chunks, window, tokenizer) = match model {
         Some(dir) => {
@@ -226,7 +246,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         kiln_diffusion::write_tiny_model(dir.path()).unwrap();
         let long = vec!["red"; 100].join(" ");
-        run(&long, Some(dir.path()), true).unwrap();
+        show(&long, Some(dir.path()), true).unwrap();
         let tokenizer = PromptTokenizer::load(dir.path()).unwrap();
         let pieces = prompt::parse(&long).unwrap();
         let chunks =
@@ -239,7 +259,7 @@ mod tests {
 
     #[test]
     fn a_malformed_weight_is_an_error_quoting_it() {
-        let e = run("a (red car:abc) here", None, false).unwrap_err();
+        let e = show("a (red car:abc) here", None, false).unwrap_err();
         let text = format!("{e:#}");
         assert!(text.contains("(red car:abc)"), "{text}");
     }

@@ -15,13 +15,14 @@
 //! `HF_TOKEN` or the token file `huggingface-cli login` writes; `HF_ENDPOINT`
 //! points at a mirror.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::hub::{MODEL_INDEX, Variant, select};
 use anyhow::{Context, anyhow, bail};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use hf_hub::api::tokio::{ApiBuilder, ApiError, ApiRepo, Progress};
 use hf_hub::{Cache, Repo, RepoType};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -36,16 +37,24 @@ const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// hf-hub's cache inside the output folder: partial downloads live here.
 const STAGING: &str = ".kiln-pull";
 
-/// What `pull` was asked.
-pub struct PullOptions<'a> {
-    /// `owner/name` on the hub.
-    pub repo: &'a str,
+/// Download a diffusers repository from the Hugging Face hub: only the files kiln reads.
+#[derive(clap::Args, Debug)]
+pub struct Pull {
+    /// The repository, e.g. stabilityai/sdxl-turbo (gated ones need HF_TOKEN).
+    repo: String,
+    /// The folder to write it to; run again to resume an interrupted pull.
+    #[arg(long)]
+    out: PathBuf,
     /// Branch, tag or commit.
-    pub revision: &'a str,
-    /// Where the diffusers folder goes.
-    pub out: &'a Path,
-    /// Full precision or the fp16 variant.
-    pub variant: Variant,
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Weights precision: fp32 (default) or fp16 (the *.fp16.safetensors variant).
+    #[arg(
+        long,
+        default_value = "fp32",
+        value_parser = PossibleValuesParser::new(["fp32", "fp16"]).try_map(|v| Variant::parse(&v))
+    )]
+    variant: Variant,
 }
 
 /// One file of the repository listing.
@@ -63,109 +72,111 @@ struct RepoInfo {
     siblings: Vec<Sibling>,
 }
 
-/// Runs `kiln model pull`.
-///
-/// # Errors
-/// A malformed repository name, an unreachable hub (`cannot reach HOST: …`),
-/// an unknown or gated repository, a repository without the files kiln
-/// needs, a stalled download, or a disk error, each naming what failed.
-pub async fn run(opts: PullOptions<'_>) -> anyhow::Result<()> {
-    check_repo_id(opts.repo)?;
-    let endpoint = std::env::var("HF_ENDPOINT")
-        .ok()
-        .filter(|e| !e.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
-    let endpoint = endpoint.trim_end_matches('/').to_string();
-    let host = host_of(&endpoint);
-    let token = std::env::var("HF_TOKEN")
-        .ok()
-        .filter(|t| !t.trim().is_empty())
-        .or_else(|| Cache::from_env().token());
-    let staging = opts.out.join(STAGING);
-    let api = ApiBuilder::new()
-        .with_cache_dir(staging.clone())
-        .with_endpoint(endpoint.clone())
-        .with_token(token)
-        .with_progress(false)
-        .build()
-        .context("cannot set up the hub client")?;
-    let repo = api.repo(Repo::with_revision(
-        opts.repo.to_string(),
-        RepoType::Model,
-        opts.revision.to_string(),
-    ));
+impl Pull {
+    /// Runs `kiln model pull`.
+    ///
+    /// # Errors
+    /// A malformed repository name, an unreachable hub (`cannot reach HOST: …`),
+    /// an unknown or gated repository, a repository without the files kiln
+    /// needs, a stalled download, or a disk error, each naming what failed.
+    pub async fn run(self) -> anyhow::Result<()> {
+        check_repo_id(&self.repo)?;
+        let endpoint = std::env::var("HF_ENDPOINT")
+            .ok()
+            .filter(|e| !e.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        let endpoint = endpoint.trim_end_matches('/').to_string();
+        let host = host_of(&endpoint);
+        let token = std::env::var("HF_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+            .or_else(|| Cache::from_env().token());
+        let staging = self.out.join(STAGING);
+        let api = ApiBuilder::new()
+            .with_cache_dir(staging.clone())
+            .with_endpoint(endpoint.clone())
+            .with_token(token)
+            .with_progress(false)
+            .build()
+            .context("cannot set up the hub client")?;
+        let repo = api.repo(Repo::with_revision(
+            self.repo.to_string(),
+            RepoType::Model,
+            self.revision.to_string(),
+        ));
 
-    let info = listing(&repo, &host, opts.repo, opts.revision).await?;
-    std::fs::create_dir_all(opts.out)
-        .with_context(|| format!("cannot create {}", opts.out.display()))?;
-    let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
-    let size_of = |file: &str| {
-        info.siblings
-            .iter()
-            .find(|s| s.rfilename == file)
-            .and_then(|s| s.size)
-    };
-    if !names.iter().any(|n| n == MODEL_INDEX) {
-        // The selection says why in full; fail before downloading anything.
-        select(&names, "{}", opts.variant)?;
-    }
-    let mut written = 0usize;
-    let mut kept = 0usize;
-    let mut bytes = 0u64;
-    let fetch = |file: String| {
-        let repo = &repo;
-        let host = host.clone();
-        let out = opts.out.to_path_buf();
-        let expected = size_of(&file);
-        async move { fetch_file(repo, &host, &file, expected, &out).await }
-    };
-    match fetch(MODEL_INDEX.to_string()).await? {
-        Fetched::Kept => kept += 1,
-        Fetched::Written(n) => (written, bytes) = (written + 1, bytes + n),
-    }
-    let index_path = opts.out.join(MODEL_INDEX);
-    let index = std::fs::read_to_string(&index_path)
-        .with_context(|| format!("cannot read {}", index_path.display()))?;
-    let selection = select(&names, &index, opts.variant)
-        .with_context(|| format!("{} cannot be used as a kiln model", opts.repo))?;
-    for note in &selection.notes {
-        eprintln!("kiln: note: {note}");
-    }
-    let total: u64 = selection.files.iter().filter_map(|f| size_of(f)).sum();
-    eprintln!(
-        "kiln: {} files of {} ({}) into {}",
-        selection.files.len(),
-        opts.repo,
-        format_size(total),
-        opts.out.display()
-    );
-    for file in selection.files.iter().filter(|f| *f != MODEL_INDEX) {
-        match fetch(file.clone()).await? {
+        let info = listing(&repo, &host, &self.repo, &self.revision).await?;
+        std::fs::create_dir_all(&self.out)
+            .with_context(|| format!("cannot create {}", self.out.display()))?;
+        let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+        let size_of = |file: &str| {
+            info.siblings
+                .iter()
+                .find(|s| s.rfilename == file)
+                .and_then(|s| s.size)
+        };
+        if !names.iter().any(|n| n == MODEL_INDEX) {
+            // The selection says why in full; fail before downloading anything.
+            select(&names, "{}", self.variant)?;
+        }
+        let mut written = 0usize;
+        let mut kept = 0usize;
+        let mut bytes = 0u64;
+        let fetch = |file: String| {
+            let repo = &repo;
+            let host = host.clone();
+            let out = self.out.to_path_buf();
+            let expected = size_of(&file);
+            async move { fetch_file(repo, &host, &file, expected, &out).await }
+        };
+        match fetch(MODEL_INDEX.to_string()).await? {
             Fetched::Kept => kept += 1,
             Fetched::Written(n) => (written, bytes) = (written + 1, bytes + n),
         }
+        let index_path = self.out.join(MODEL_INDEX);
+        let index = std::fs::read_to_string(&index_path)
+            .with_context(|| format!("cannot read {}", index_path.display()))?;
+        let selection = select(&names, &index, self.variant)
+            .with_context(|| format!("{} cannot be used as a kiln model", self.repo))?;
+        for note in &selection.notes {
+            eprintln!("kiln: note: {note}");
+        }
+        let total: u64 = selection.files.iter().filter_map(|f| size_of(f)).sum();
+        eprintln!(
+            "kiln: {} files of {} ({}) into {}",
+            selection.files.len(),
+            self.repo,
+            format_size(total),
+            self.out.display()
+        );
+        for file in selection.files.iter().filter(|f| *f != MODEL_INDEX) {
+            match fetch(file.clone()).await? {
+                Fetched::Kept => kept += 1,
+                Fetched::Written(n) => (written, bytes) = (written + 1, bytes + n),
+            }
+        }
+        // Everything is in place: the staging cache holds nothing worth keeping.
+        if let Err(e) = std::fs::remove_dir_all(&staging)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %staging.display(), error = %e, "cannot remove the download staging folder");
+        }
+        let commit = info.sha.as_deref().map_or("", |s| &s[..s.len().min(12)]);
+        println!(
+            "pulled {}@{} ({commit}) into {}: {written} files downloaded ({}), {kept} already present",
+            self.repo,
+            self.revision,
+            self.out.display(),
+            format_size(bytes)
+        );
+        let out = self.out.to_path_buf();
+        match tokio::task::spawn_blocking(move || kiln_diffusion::model_hash(&out)).await {
+            Ok(Ok(hash)) => println!("model hash {hash}"),
+            Ok(Err(e)) => eprintln!("kiln: warning: the folder cannot be hashed yet: {e}"),
+            Err(e) => eprintln!("kiln: warning: hashing stopped: {e}"),
+        }
+        Ok(())
     }
-    // Everything is in place: the staging cache holds nothing worth keeping.
-    if let Err(e) = std::fs::remove_dir_all(&staging)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(dir = %staging.display(), error = %e, "cannot remove the download staging folder");
-    }
-    let commit = info.sha.as_deref().map_or("", |s| &s[..s.len().min(12)]);
-    println!(
-        "pulled {}@{} ({commit}) into {}: {written} files downloaded ({}), {kept} already present",
-        opts.repo,
-        opts.revision,
-        opts.out.display(),
-        format_size(bytes)
-    );
-    let out = opts.out.to_path_buf();
-    match tokio::task::spawn_blocking(move || kiln_diffusion::model_hash(&out)).await {
-        Ok(Ok(hash)) => println!("model hash {hash}"),
-        Ok(Err(e)) => eprintln!("kiln: warning: the folder cannot be hashed yet: {e}"),
-        Err(e) => eprintln!("kiln: warning: hashing stopped: {e}"),
-    }
-    Ok(())
 }
 
 /// Checks `owner/name` (or a bare `name`) as the hub spells repository ids.

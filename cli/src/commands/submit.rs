@@ -3,35 +3,42 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use kiln_proto::convert::job_spec_to_pb;
 use kiln_proto::pb;
+use kiln_proto::spec::check_label;
 use serde_json::json;
 use tonic::Code;
 
 use crate::batch::Batch;
-use crate::client::{Farm, read_text};
+use crate::client::Farm;
 use crate::commands::{fetch, watch};
 use crate::format::job_json;
 
-/// What `submit` was asked.
-pub struct SubmitOptions<'a> {
-    /// The batch file.
-    pub file: &'a Path,
-    /// Follow the job until it ends.
-    pub wait: bool,
-    /// With `wait`, fetch the results here afterwards.
-    pub out: Option<PathBuf>,
-    /// Resubmitting with this key returns the same job.
-    pub idempotency_key: Option<String>,
-    /// Print JSON instead of text.
-    pub json: bool,
-    /// Only show what would be submitted.
-    pub dry_run: bool,
+/// Submit a batch file to the coordinator and print the job id.
+#[derive(clap::Args, Debug)]
+pub struct Submit {
+    /// The batch file (TOML).
+    file: PathBuf,
+    /// Follow the job until it ends (exit code 3 if any item failed).
+    #[arg(long)]
+    wait: bool,
+    /// With --wait, fetch the results into this folder afterwards.
+    #[arg(long, requires = "wait")]
+    out: Option<PathBuf>,
+    /// Submitting again with the same key returns the same job.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Only validate and show how many tasks it expands to.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Reads and validates a batch file; errors carry the file, line and field.
 pub fn load(file: &Path) -> anyhow::Result<Batch> {
-    let text = read_text(file)?;
-    let batch = Batch::parse(&file.display().to_string(), &text)?;
+    let batch = Batch::read(file)?;
     batch.validate()?;
     Ok(batch)
 }
@@ -43,7 +50,7 @@ pub async fn send(
     idempotency_key: Option<String>,
 ) -> anyhow::Result<pb::SubmitJobResponse> {
     let req = pb::SubmitJobRequest {
-        spec: Some(batch.spec.clone()),
+        spec: Some(job_spec_to_pb(&batch.spec)),
         idempotency_key: idempotency_key.unwrap_or_default(),
     };
     farm.submit(req).await.map_err(|status| {
@@ -56,72 +63,78 @@ pub async fn send(
     })
 }
 
-/// Runs `kiln submit`; returns true when every item succeeded (or not waiting).
-pub async fn run(farm: &Farm, opts: SubmitOptions<'_>) -> anyhow::Result<bool> {
-    let batch = load(opts.file)?;
-    if opts.dry_run {
-        let items = batch.validate()?;
-        if opts.json {
-            let first: Vec<_> = items.iter().take(5).map(|i| &i.recipe).collect();
-            println!(
-                "{}",
-                json!({"tasks": items.len(), "first": first, "name": batch.spec.name})
-            );
-        } else {
-            println!(
-                "{}: {} tasks; the first ones:",
-                opts.file.display(),
-                items.len()
-            );
-            for i in items.iter().take(5) {
-                let r = &i.recipe;
-                println!(
-                    "  {:>5}  seed {:<20} {}x{} {} steps {} \"{}\"",
-                    i.index, r.seed, r.width, r.height, r.steps, r.scheduler, r.prompt
-                );
-            }
+impl Submit {
+    /// Runs `kiln submit`; returns true when every item succeeded (or not waiting).
+    pub async fn run(self, farm: &Farm) -> anyhow::Result<bool> {
+        let batch = load(&self.file)?;
+        if let Some(key) = &self.idempotency_key {
+            // The coordinator's rule, checked before anything is sent.
+            check_label("--idempotency-key", key)?;
         }
-        return Ok(true);
-    }
-    let resp = send(farm, &batch, opts.idempotency_key).await?;
-    let job = resp.job.context("the coordinator returned no job")?;
-    if !opts.wait {
-        if opts.json {
-            let mut v = job_json(&job);
+        if self.dry_run {
+            let items = batch.validate()?;
+            if self.json {
+                let first: Vec<_> = items.iter().take(5).map(|i| &i.recipe).collect();
+                println!(
+                    "{}",
+                    json!({"tasks": items.len(), "first": first, "name": batch.spec.name})
+                );
+            } else {
+                println!(
+                    "{}: {} tasks; the first ones:",
+                    self.file.display(),
+                    items.len()
+                );
+                for i in items.iter().take(5) {
+                    let r = &i.recipe;
+                    println!(
+                        "  {:>5}  seed {:<20} {}x{} {} steps {} \"{}\"",
+                        i.index, r.seed, r.width, r.height, r.steps, r.scheduler, r.prompt
+                    );
+                }
+            }
+            return Ok(true);
+        }
+        let resp = send(farm, &batch, self.idempotency_key).await?;
+        let job = resp.job.context("the coordinator returned no job")?;
+        if !self.wait {
+            if self.json {
+                let mut v = job_json(&job);
+                v["created"] = resp.created.into();
+                println!("{v}");
+            } else {
+                let total = job.counts.unwrap_or_default().total;
+                let how = if resp.created {
+                    "submitted"
+                } else {
+                    "already submitted with this idempotency key"
+                };
+                println!("{}", job.job_id);
+                eprintln!("job {} {how}: {total} tasks", job.job_id);
+            }
+            return Ok(true);
+        }
+        if !self.json {
+            eprintln!("job {} submitted", job.job_id);
+        }
+        let done = watch::follow(farm, &job.job_id, self.json).await?;
+        let report = match &self.out {
+            Some(out) => Some(fetch::fetch(farm, &job.job_id, out).await?),
+            None => None,
+        };
+        if self.json {
+            let mut v = job_json(&done);
             v["created"] = resp.created.into();
+            if let Some(r) = &report {
+                v["fetch"] = serde_json::to_value(r)?;
+            }
             println!("{v}");
         } else {
-            let total = job.counts.unwrap_or_default().total;
-            let how = if resp.created {
-                "submitted"
-            } else {
-                "already submitted with this idempotency key"
-            };
-            println!("{}", job.job_id);
-            eprintln!("job {} {how}: {total} tasks", job.job_id);
+            println!("{}", watch::summary_line(&done));
+            if let Some(r) = &report {
+                println!("{}", fetch::summary_line(r));
+            }
         }
-        return Ok(true);
+        Ok(done.state == pb::JobState::Completed as i32)
     }
-    if !opts.json {
-        eprintln!("job {} submitted", job.job_id);
-    }
-    let done = watch::follow(farm, &job.job_id, opts.json).await?;
-    let report = match &opts.out {
-        Some(out) => Some(fetch::fetch(farm, &job.job_id, out).await?),
-        None => None,
-    };
-    if opts.json {
-        let mut v = job_json(&done);
-        v["created"] = resp.created.into();
-        if let Some(r) = &report {
-            v["fetch"] = serde_json::to_value(r)?;
-        }
-        println!("{v}");
-    } else {
-        println!("{}", watch::summary_line(&done));
-        if let Some(r) = &report {
-            println!("{}", fetch::summary_line(r));
-        }
-    }
-    Ok(done.state == pb::JobState::Completed as i32)
 }

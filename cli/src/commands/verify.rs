@@ -18,8 +18,28 @@ struct Verdict {
     detail: String,
 }
 
-/// Runs `kiln verify`; returns true when every sampled item re-rendered byte-identical.
-pub async fn run(farm: &Farm, job_id: &str, sample: u32, json_out: bool) -> anyhow::Result<bool> {
+/// Re-render items of a finished job on other workers of its determinism
+/// class and report, per item, byte-identical or not (exit 0 only if all are).
+#[derive(clap::Args, Debug)]
+pub struct Verify {
+    /// The job id.
+    job: String,
+    /// How many items to re-render, spread over the job (default: all).
+    #[arg(long, default_value_t = 0)]
+    sample: u32,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Verify {
+    /// Runs `kiln verify`; returns true when every sampled item re-rendered byte-identical.
+    pub async fn run(self, farm: &Farm) -> anyhow::Result<bool> {
+        run(farm, &self.job, self.sample, self.json).await
+    }
+}
+
+async fn run(farm: &Farm, job_id: &str, sample: u32, json_out: bool) -> anyhow::Result<bool> {
     let resp = farm
         .verify(job_id, sample)
         .await

@@ -8,7 +8,30 @@ use kiln_proto::connect::is_transient;
 use kiln_proto::pb::{self, EventKind, JobState};
 
 use crate::client::{Farm, next_within};
-use crate::format::job_state;
+use crate::format::{job_json, job_state};
+
+/// Follow a job with a progress bar until it ends (exit 0 only if every item succeeded).
+#[derive(clap::Args, Debug)]
+pub struct Watch {
+    /// The job id.
+    job: String,
+    /// Print the final job as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Watch {
+    /// Runs `kiln watch`; returns true when every item succeeded.
+    pub async fn run(self, farm: &Farm) -> anyhow::Result<bool> {
+        let done = follow(farm, &self.job, self.json).await?;
+        if self.json {
+            println!("{}", job_json(&done));
+        } else {
+            println!("{}", summary_line(&done));
+        }
+        Ok(done.state == JobState::Completed as i32)
+    }
+}
 
 /// The coordinator sends progress every second; this much silence means the
 /// connection is gone and the watch reconnects from its cursor.

@@ -459,7 +459,6 @@ fn copy_error(e: &RenderError) -> RenderError {
 mod tests {
     use std::path::Path;
 
-    use kiln_proto::pb;
     use kiln_proto::recipe::Recipe;
 
     use super::*;
@@ -467,8 +466,8 @@ mod tests {
 
     /// A 64 px, 2-step recipe for `model`, built the way the coordinator builds them.
     fn recipe(model: &str) -> Recipe {
-        let spec = pb::JobSpec {
-            items: vec![pb::RecipeFields {
+        let spec = kiln_proto::spec::JobSpec {
+            items: vec![kiln_proto::spec::RecipeFields {
                 model: Some(model.into()),
                 prompt: Some("a (red:1.2) fox".into()),
                 seed: Some(7),
@@ -479,7 +478,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let mut items = kiln_proto::spec::expand(&spec, 0).expect("valid spec");
+        let mut items = kiln_proto::spec::validate(&spec, 0).expect("valid spec");
         items.remove(0).recipe
     }
 

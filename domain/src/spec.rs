@@ -1,11 +1,25 @@
-//! Expansion of a job spec (defaults, sweep, items) into validated recipes.
+//! A job as kiln speaks of it ([`JobSpec`]: defaults, a sweep, items, series
+//! and the images they refer to) and its one validation ([`validate`]), which
+//! the CLI's `--dry-run`, `kiln render` and the coordinator all run.
+//!
+//! The types mirror the `kiln.v1` messages of the same names; `kiln-proto`
+//! converts between the two at the wire.
 
-use crate::error::FieldError;
-use crate::pb::{self, FieldValue, RecipeFields, field_value::Kind};
-use crate::recipe::{Recipe, Scheduler, derive_seed, file_name, series_file_name};
+use crate::error::{FieldError, quote};
+use crate::image::{check_image, sha256_hex};
+use crate::recipe::{
+    Recipe, SIZE_RANGE, STEPS_RANGE, Scheduler, check_model_name, derive_seed, file_name,
+    series_file_name,
+};
 
 /// Most tasks one job may expand to.
 pub const MAX_TASKS_PER_JOB: usize = 100_000;
+
+/// Longest accepted job name and idempotency key, in bytes.
+pub const MAX_LABEL_BYTES: usize = 256;
+
+/// The project of a job that names none.
+pub const DEFAULT_PROJECT: &str = "default";
 
 /// Recipe fields a batch may set, in recipe order.
 pub const FIELDS: &[&str] = &[
@@ -37,6 +51,223 @@ pub mod builtin {
     pub const STRENGTH: f64 = 0.75;
 }
 
+/// What a client submits: defaults, a sweep (cross product of its axes),
+/// explicit items and series. Sweep tasks come first, in axis order (first
+/// axis outermost), then the items in file order, then the series.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobSpec {
+    /// A label for people, for example the batch file's name.
+    pub name: String,
+    /// Owner project; empty means [`DEFAULT_PROJECT`].
+    pub project: String,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Fields every task starts from.
+    pub defaults: RecipeFields,
+    /// Swept fields.
+    pub sweep: Vec<SweepAxis>,
+    /// Explicit tasks.
+    pub items: Vec<RecipeFields>,
+    /// Images the recipes refer to by sha256.
+    pub blobs: Vec<Blob>,
+    /// Character-consistent series, after the sweep and the items.
+    pub series: Vec<SeriesSpec>,
+}
+
+impl JobSpec {
+    /// Returns the job's project: its own, or [`DEFAULT_PROJECT`].
+    pub fn project_or_default(&self) -> &str {
+        if self.project.is_empty() {
+            DEFAULT_PROJECT
+        } else {
+            &self.project
+        }
+    }
+}
+
+/// Recipe fields as a user wrote them: every field optional.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RecipeFields {
+    /// Catalog name of the model.
+    pub model: Option<String>,
+    /// What to draw.
+    pub prompt: Option<String>,
+    /// What to steer away from.
+    pub negative_prompt: Option<String>,
+    /// Seed of the initial noise.
+    pub seed: Option<u64>,
+    /// Denoising steps.
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale.
+    pub guidance: Option<f64>,
+    /// Image width in pixels.
+    pub width: Option<u32>,
+    /// Image height in pixels.
+    pub height: Option<u32>,
+    /// Sampler name.
+    pub scheduler: Option<String>,
+    /// Karras sigma spacing.
+    pub karras: Option<bool>,
+    /// DDIM eta.
+    pub eta: Option<f64>,
+    /// img2img strength.
+    pub strength: Option<f64>,
+    /// sha256 of a blob of the job.
+    pub init_image: Option<String>,
+    /// sha256 of a blob of the job.
+    pub mask: Option<String>,
+}
+
+/// One value of a sweep axis.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FieldValue {
+    /// A string.
+    Text(String),
+    /// A whole number.
+    Integer(i64),
+    /// A floating-point number.
+    Number(f64),
+    /// A boolean.
+    Flag(bool),
+}
+
+/// One swept recipe field and the values it takes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SweepAxis {
+    /// Recipe field name, for example `prompt` or `seed`.
+    pub field: String,
+    /// The values, in order.
+    pub values: Vec<FieldValue>,
+    /// Axes with the same non-empty zip name advance together instead of
+    /// being crossed; they must have the same number of values.
+    pub zip: String,
+}
+
+/// A series: shots of one character.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeriesSpec {
+    /// Names the series in file names and the contact sheet's folder.
+    pub name: String,
+    /// The character description; every shot's prompt starts with it.
+    pub character: String,
+    /// Settings shared by the anchor and every shot; `seed` is the series seed.
+    pub defaults: RecipeFields,
+    /// First render the character alone, and start every shot from that image.
+    pub anchor: bool,
+    /// How much of the anchor (or reference image) each shot keeps, 0..1.
+    pub consistency: Option<f64>,
+    /// sha256 of a blob: a character reference that replaces the anchor render.
+    pub reference_image: Option<String>,
+    /// The shots: `prompt` is the scene; other fields override the series settings.
+    pub shots: Vec<RecipeFields>,
+}
+
+/// Bytes a recipe refers to by sha256 (init images, masks), sent once per job.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Blob {
+    /// sha256 of `data`, hex.
+    pub sha256: String,
+    /// A PNG or JPEG file.
+    pub data: Vec<u8>,
+}
+
+impl Blob {
+    /// Returns a blob for `data`, hashing it.
+    pub fn new(data: Vec<u8>) -> Self {
+        Self {
+            sha256: sha256_hex(&data),
+            data,
+        }
+    }
+}
+
+// Image bytes would flood a log line: show the size instead.
+impl std::fmt::Debug for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blob")
+            .field("sha256", &self.sha256)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
+}
+
+/// Checks every blob of a spec: the hash matches the bytes, and the bytes are an image.
+///
+/// # Errors
+/// The first blob whose hash or image is wrong, as `blobs[i]`.
+pub fn check_blobs(blobs: &[Blob]) -> Result<(), FieldError> {
+    for (i, b) in blobs.iter().enumerate() {
+        let path = format!("blobs[{i}]");
+        let actual = sha256_hex(&b.data);
+        if actual != b.sha256 {
+            return Err(FieldError::new(
+                path,
+                format!("sha256 is {actual}, not {}", quote(&b.sha256)),
+            ));
+        }
+        check_image(&path, &b.data)?;
+    }
+    Ok(())
+}
+
+/// Checks a label for people (a job name, an idempotency key): at most
+/// [`MAX_LABEL_BYTES`] bytes, no control characters.
+///
+/// # Errors
+/// The field, quoting the value.
+pub fn check_label(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.len() > MAX_LABEL_BYTES {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "is {} bytes, more than the limit of {MAX_LABEL_BYTES}: {}",
+                value.len(),
+                quote(value)
+            ),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            field,
+            format!("must not contain control characters, got {}", quote(value)),
+        ));
+    }
+    Ok(())
+}
+
+/// Converts a whole number written for the integer recipe field `field`
+/// (`seed`, `steps`, `width` or `height`) at `path`.
+///
+/// # Errors
+/// A value the field's type cannot hold, with the range the field accepts.
+pub fn integer_field(path: &str, field: &str, value: i64) -> Result<u64, FieldError> {
+    let max = if field == "seed" {
+        i64::MAX as u64
+    } else {
+        u64::from(u32::MAX)
+    };
+    match u64::try_from(value) {
+        Ok(v) if v <= max => Ok(v),
+        _ => {
+            // Say the range the recipe accepts, not the one of the wire type.
+            let message = match field {
+                "steps" => format!(
+                    "must be between {} and {}, got {value}",
+                    STEPS_RANGE.start(),
+                    STEPS_RANGE.end()
+                ),
+                "width" | "height" => format!(
+                    "must be a multiple of 8 between {} and {}, got {value}",
+                    SIZE_RANGE.start(),
+                    SIZE_RANGE.end()
+                ),
+                _ => format!("must be between 0 and {max}, got {value}"),
+            };
+            Err(FieldError::new(path, message))
+        }
+    }
+}
+
 /// One task of an expanded job.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExpandedItem {
@@ -65,22 +296,34 @@ pub struct SeriesPlace {
 /// Default share of the anchor a shot keeps.
 pub const DEFAULT_CONSISTENCY: f64 = 0.5;
 
-/// Expands `spec` into its tasks, validating every field.
+/// The one validation of a job: checks the project (the catalog name rule),
+/// the name, the blobs and every recipe field, and expands the spec into its
+/// tasks. `kiln submit --dry-run`, `kiln render` and the coordinator all call
+/// this, so what one accepts the others accept.
 ///
 /// Items without a seed get `derive_seed(seed_base, index)`, so the chosen seed
 /// is a pure function of the job's base and the item's position.
 ///
 /// # Errors
-/// The first invalid field, named by where the user set it (`sweep.seed[2]`,
-/// `items[0].width`, `defaults.steps`).
-pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, FieldError> {
-    crate::blob::check_blobs(&spec.blobs)?;
-    let defaults = spec.defaults.clone().unwrap_or_default();
+/// The first invalid field, named by where the user set it (`project`,
+/// `sweep.seed[2]`, `items[0].width`, `defaults.steps`).
+pub fn validate(spec: &JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, FieldError> {
+    if !spec.project.is_empty() {
+        check_model_name("project", &spec.project)?;
+    }
+    check_label("name", &spec.name)?;
+    check_blobs(&spec.blobs)?;
+    expand(spec, seed_base)
+}
+
+/// Expands `spec` into its tasks, validating every recipe field.
+fn expand(spec: &JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, FieldError> {
+    let defaults = &spec.defaults;
     let combos = sweep_combinations(&spec.sweep)?;
     let series_tasks: usize = spec
         .series
         .iter()
-        .map(|s| s.shots.len() + usize::from(s.anchor && s.reference_image.is_empty()))
+        .map(|s| s.shots.len() + usize::from(s.anchor && s.reference_image.is_none()))
         .sum();
     let total = combos.len() + spec.items.len() + series_tasks;
     if total == 0 {
@@ -97,7 +340,7 @@ pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, F
     }
     let mut out = Vec::with_capacity(total);
     for combo in combos {
-        let mut layer = Layered::new(&defaults);
+        let mut layer = Layered::new(defaults);
         for (axis, value_index) in combo {
             let axis = &spec.sweep[axis];
             let path = format!("sweep.{}[{value_index}]", axis.field);
@@ -107,7 +350,7 @@ pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, F
                 &axis.values[value_index],
                 &path,
             )?;
-            layer.set_origin(&axis.field, path);
+            layer.set_origin(&axis.field, path, false);
         }
         let index = out.len() as u32;
         let recipe = layer.finish(seed_base, index, "sweep", &spec.blobs)?;
@@ -119,8 +362,8 @@ pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, F
         });
     }
     for (i, item) in spec.items.iter().enumerate() {
-        let mut layer = Layered::new(&defaults);
-        layer.overlay(item, &format!("items[{i}]"));
+        let mut layer = Layered::new(defaults);
+        layer.overlay(item, &format!("items[{i}]"), false);
         let index = out.len() as u32;
         let recipe = layer.finish(seed_base, index, &format!("items[{i}]"), &spec.blobs)?;
         out.push(ExpandedItem {
@@ -137,7 +380,7 @@ pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, F
                 "is defined twice",
             ));
         }
-        expand_series(series, &defaults, seed_base, &spec.blobs, &mut out)?;
+        expand_series(series, defaults, seed_base, &spec.blobs, &mut out)?;
     }
     Ok(out)
 }
@@ -148,10 +391,10 @@ pub fn expand(spec: &pb::JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, F
 /// one; with an anchor or a reference image it is img2img at strength
 /// `1 - consistency` with the series seed's noise, shared by every shot.
 fn expand_series(
-    series: &pb::SeriesSpec,
+    series: &SeriesSpec,
     defaults: &RecipeFields,
     seed_base: u64,
-    blobs: &[pb::Blob],
+    blobs: &[Blob],
     out: &mut Vec<ExpandedItem>,
 ) -> Result<(), FieldError> {
     let path = format!("series.{}", series.name);
@@ -175,20 +418,17 @@ fn expand_series(
             format!("must be between 0 and 1, got {consistency}"),
         ));
     }
-    let reference = (!series.reference_image.is_empty()).then(|| series.reference_image.clone());
+    let reference = series.reference_image.clone();
     if let Some(sha) = &reference
         && !blobs.iter().any(|b| &b.sha256 == sha)
     {
         return Err(FieldError::new(
             format!("{path}.reference_image"),
-            format!("no image with sha256 {sha} was sent with the job"),
+            format!("no image with sha256 {} was sent with the job", quote(sha)),
         ));
     }
     let mut base = Layered::new(defaults);
-    base.overlay(
-        series.defaults.as_ref().unwrap_or(&RecipeFields::default()),
-        &path,
-    );
+    base.overlay(&series.defaults, &path, true);
     let first = out.len() as u32;
     let seed = base
         .fields
@@ -199,7 +439,7 @@ fn expand_series(
     if series.anchor && reference.is_none() {
         let mut layer = base.clone();
         layer.fields.prompt = Some(series.character.clone());
-        layer.set_origin("prompt", format!("{path}.character"));
+        layer.set_origin("prompt", format!("{path}.character"), false);
         let index = out.len() as u32;
         let recipe = layer.finish(seed_base, index, &path, blobs)?;
         out.push(ExpandedItem {
@@ -219,7 +459,7 @@ fn expand_series(
         let shot_path = format!("{path}.shots[{i}]");
         let mut layer = base.clone();
         layer.fields.seed = None;
-        layer.overlay(shot, &shot_path);
+        layer.overlay(shot, &shot_path, false);
         let scene = shot.prompt.clone().unwrap_or_default();
         layer.fields.prompt = Some(if scene.trim().is_empty() {
             series.character.clone()
@@ -228,15 +468,15 @@ fn expand_series(
         });
         if layer.fields.seed.is_none() {
             layer.fields.seed = Some(derive_seed(seed, u64::from(number)));
-            layer.set_origin("seed", format!("{path}.seed"));
+            layer.set_origin("seed", format!("{path}.seed"), false);
         }
         let starts_from_image = anchor_index.is_some() || reference.is_some();
         if starts_from_image {
             layer.fields.strength = Some(1.0 - consistency);
-            layer.set_origin("strength", format!("{path}.consistency"));
+            layer.set_origin("strength", format!("{path}.consistency"), false);
             if let Some(sha) = &reference {
                 layer.fields.init_image = Some(sha.clone());
-                layer.set_origin("init_image", format!("{path}.reference_image"));
+                layer.set_origin("init_image", format!("{path}.reference_image"), false);
             }
             layer.init_pending = anchor_index.is_some();
         }
@@ -259,13 +499,15 @@ fn expand_series(
     Ok(())
 }
 
-/// Checks a series name: it names files and a folder.
+/// Checks a series name: it names files and a folder, so it follows the
+/// catalog name rule (which refuses `.` and `..`).
 fn check_series_name(path: &str, name: &str) -> Result<(), FieldError> {
-    crate::recipe::check_model_name(path, name).map_err(|_| {
+    check_model_name(path, name).map_err(|_| {
         FieldError::new(
             path,
             format!(
-                "the series name must be 1 to 64 letters, digits, '.', '_' or '-', got {name:?}"
+                "the series name must be 1 to 64 letters, digits, '.', '_' or '-', and not \".\" or \"..\", got {}",
+                quote(name)
             ),
         )
     })
@@ -273,12 +515,12 @@ fn check_series_name(path: &str, name: &str) -> Result<(), FieldError> {
 
 /// Returns where in `spec` the model `name` is written (`sweep.model[1]`,
 /// `items[0].model` or `defaults.model`), for errors about that model.
-pub fn model_field(spec: &pb::JobSpec, name: &str) -> String {
+pub fn model_field(spec: &JobSpec, name: &str) -> String {
     for axis in spec.sweep.iter().filter(|a| a.field == "model") {
         if let Some(i) = axis
             .values
             .iter()
-            .position(|v| matches!(&v.kind, Some(Kind::Text(t)) if t == name))
+            .position(|v| matches!(v, FieldValue::Text(t) if t == name))
         {
             return format!("sweep.model[{i}]");
         }
@@ -295,7 +537,7 @@ pub fn model_field(spec: &pb::JobSpec, name: &str) -> String {
 
 /// Returns every combination of the sweep as (axis index, value index) pairs:
 /// zipped axes advance together, groups are crossed with the first outermost.
-fn sweep_combinations(axes: &[pb::SweepAxis]) -> Result<Vec<Vec<(usize, usize)>>, FieldError> {
+fn sweep_combinations(axes: &[SweepAxis]) -> Result<Vec<Vec<(usize, usize)>>, FieldError> {
     if axes.is_empty() {
         return Ok(Vec::new());
     }
@@ -365,7 +607,8 @@ fn unknown_field(path: &str, field: &str) -> FieldError {
     FieldError::new(
         path,
         format!(
-            "unknown recipe field {field:?}; expected one of {}",
+            "unknown recipe field {}; expected one of {}",
+            quote(field),
             FIELDS.join(", ")
         ),
     )
@@ -378,36 +621,30 @@ fn set_field(
     value: &FieldValue,
     path: &str,
 ) -> Result<(), FieldError> {
-    let kind = value
-        .kind
-        .as_ref()
-        .ok_or_else(|| FieldError::new(path, "has no value"))?;
-    let text = || match kind {
-        Kind::Text(s) => Ok(s.clone()),
+    let text = || match value {
+        FieldValue::Text(s) => Ok(s.clone()),
         other => Err(FieldError::new(
             path,
             format!("expected text, got {}", describe(other)),
         )),
     };
-    let integer = |max: u64| match kind {
-        Kind::Integer(i) if *i >= 0 && (*i as u64) <= max => Ok(*i as u64),
-        Kind::Integer(i) => Err(FieldError::new(
-            path,
-            format!("must be between 0 and {max}, got {i}"),
-        )),
+    let integer = || match value {
+        FieldValue::Integer(i) => integer_field(path, name, *i),
         other => Err(FieldError::new(
             path,
             format!("expected an integer, got {}", describe(other)),
         )),
     };
-    let number = || match kind {
-        Kind::Number(n) => Ok(*n),
-        Kind::Integer(i) => Ok(*i as f64),
+    let number = || match value {
+        FieldValue::Number(n) => Ok(*n),
+        FieldValue::Integer(i) => Ok(*i as f64),
         other => Err(FieldError::new(
             path,
             format!("expected a number, got {}", describe(other)),
         )),
     };
+    // integer_field keeps steps, width and height within u32.
+    let small = || integer().map(|v| u32::try_from(v).unwrap_or(u32::MAX));
     match name {
         "model" => fields.model = Some(text()?),
         "prompt" => fields.prompt = Some(text()?),
@@ -416,8 +653,8 @@ fn set_field(
         "init_image" => fields.init_image = Some(text()?),
         "mask" => fields.mask = Some(text()?),
         "karras" => {
-            fields.karras = Some(match kind {
-                Kind::Flag(b) => *b,
+            fields.karras = Some(match value {
+                FieldValue::Flag(b) => *b,
                 other => {
                     return Err(FieldError::new(
                         path,
@@ -426,10 +663,10 @@ fn set_field(
                 }
             })
         }
-        "seed" => fields.seed = Some(integer(i64::MAX as u64)?),
-        "steps" => fields.steps = Some(integer(u32::MAX as u64)? as u32),
-        "width" => fields.width = Some(integer(u32::MAX as u64)? as u32),
-        "height" => fields.height = Some(integer(u32::MAX as u64)? as u32),
+        "seed" => fields.seed = Some(integer()?),
+        "steps" => fields.steps = Some(small()?),
+        "width" => fields.width = Some(small()?),
+        "height" => fields.height = Some(small()?),
         "guidance" => fields.guidance = Some(number()?),
         "eta" => fields.eta = Some(number()?),
         "strength" => fields.strength = Some(number()?),
@@ -438,12 +675,12 @@ fn set_field(
     Ok(())
 }
 
-fn describe(kind: &Kind) -> String {
-    match kind {
-        Kind::Text(s) => format!("text {s:?}"),
-        Kind::Integer(i) => format!("integer {i}"),
-        Kind::Number(n) => format!("number {n}"),
-        Kind::Flag(b) => format!("boolean {b}"),
+fn describe(value: &FieldValue) -> String {
+    match value {
+        FieldValue::Text(s) => format!("text {}", quote(s)),
+        FieldValue::Integer(i) => format!("integer {i}"),
+        FieldValue::Number(n) => format!("number {n}"),
+        FieldValue::Flag(b) => format!("boolean {b}"),
     }
 }
 
@@ -453,6 +690,10 @@ struct Layered {
     fields: RecipeFields,
     /// Path of the value of each field in `FIELDS` order; None = built-in default.
     origins: [Option<String>; FIELDS.len()],
+    /// The strength comes from settings shared by several tasks (`[defaults]`,
+    /// a series' settings): it applies to those that start from an image, and
+    /// the others render from text without complaint.
+    strength_shared: bool,
     /// The init image comes later (a shot waiting for its anchor): keep the strength.
     init_pending: bool,
 }
@@ -462,25 +703,30 @@ impl Layered {
         let mut layer = Self {
             fields: RecipeFields::default(),
             origins: Default::default(),
+            strength_shared: false,
             init_pending: false,
         };
-        layer.overlay(defaults, "defaults");
+        layer.overlay(defaults, "defaults", true);
         layer
     }
 
-    fn set_origin(&mut self, field: &str, path: String) {
+    fn set_origin(&mut self, field: &str, path: String, shared: bool) {
+        if field == "strength" {
+            self.strength_shared = shared;
+        }
         if let Some(i) = FIELDS.iter().position(|f| *f == field) {
             self.origins[i] = Some(path);
         }
     }
 
-    /// Puts the fields `top` sets over the current ones.
-    fn overlay(&mut self, top: &RecipeFields, prefix: &str) {
+    /// Puts the fields `top` sets over the current ones; `shared` when `top`
+    /// holds settings for several tasks.
+    fn overlay(&mut self, top: &RecipeFields, prefix: &str, shared: bool) {
         macro_rules! take {
             ($($f:ident),*) => {$(
                 if let Some(v) = &top.$f {
                     self.fields.$f = Some(v.clone());
-                    self.set_origin(stringify!($f), format!("{prefix}.{}", stringify!($f)));
+                    self.set_origin(stringify!($f), format!("{prefix}.{}", stringify!($f)), shared);
                 }
             )*};
         }
@@ -515,7 +761,7 @@ impl Layered {
         seed_base: u64,
         index: u32,
         fallback: &str,
-        blobs: &[pb::Blob],
+        blobs: &[Blob],
     ) -> Result<Recipe, FieldError> {
         let f = &self.fields;
         let missing = |field: &str| {
@@ -528,6 +774,24 @@ impl Layered {
             Some(s) => Scheduler::parse(&self.origin("scheduler", fallback), s)?,
             None => Scheduler::Ddim,
         };
+        let from_image = f.init_image.is_some() || self.init_pending;
+        if let Some(strength) = f.strength {
+            // Checked where it is written, even for a task that ignores it.
+            if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
+                return Err(FieldError::new(
+                    self.origin("strength", fallback),
+                    format!("must be between 0 and 1, got {strength}"),
+                ));
+            }
+            if !from_image && !self.strength_shared {
+                return Err(FieldError::new(
+                    self.origin("strength", fallback),
+                    format!(
+                        "is {strength}, but the task has no init_image: strength applies to img2img only (txt2img renders at strength 1)"
+                    ),
+                ));
+            }
+        }
         let recipe = Recipe {
             model: f.model.clone().ok_or_else(|| missing("model"))?,
             model_hash: String::new(),
@@ -544,7 +808,7 @@ impl Layered {
             karras: f.karras.unwrap_or(false),
             eta: f.eta.unwrap_or(0.0),
             // txt2img is img2img at strength 1: the same render, the same hash.
-            strength: if f.init_image.is_some() || self.init_pending {
+            strength: if from_image {
                 f.strength.unwrap_or(builtin::STRENGTH)
             } else {
                 1.0
@@ -559,7 +823,7 @@ impl Layered {
             {
                 return Err(FieldError::new(
                     self.origin(field, fallback),
-                    format!("no image with sha256 {sha} was sent with the job"),
+                    format!("no image with sha256 {} was sent with the job", quote(sha)),
                 ));
             }
         }
@@ -587,17 +851,13 @@ mod tests {
     use super::*;
 
     fn text(s: &str) -> FieldValue {
-        FieldValue {
-            kind: Some(Kind::Text(s.into())),
-        }
+        FieldValue::Text(s.into())
     }
     fn int(i: i64) -> FieldValue {
-        FieldValue {
-            kind: Some(Kind::Integer(i)),
-        }
+        FieldValue::Integer(i)
     }
-    fn axis(field: &str, values: Vec<FieldValue>, zip: &str) -> pb::SweepAxis {
-        pb::SweepAxis {
+    fn axis(field: &str, values: Vec<FieldValue>, zip: &str) -> SweepAxis {
+        SweepAxis {
             field: field.into(),
             values,
             zip: zip.into(),
@@ -605,9 +865,9 @@ mod tests {
     }
 
     /// The batch file of issue #2: 2 prompts x 4 seeds, plus one item.
-    fn issue_spec() -> pb::JobSpec {
-        pb::JobSpec {
-            defaults: Some(RecipeFields {
+    fn issue_spec() -> JobSpec {
+        JobSpec {
+            defaults: RecipeFields {
                 model: Some("tiny".into()),
                 width: Some(64),
                 height: Some(64),
@@ -616,7 +876,7 @@ mod tests {
                 scheduler: Some("ddim".into()),
                 negative_prompt: Some("blurry, low quality".into()),
                 ..Default::default()
-            }),
+            },
             sweep: vec![
                 axis("prompt", vec![text("a red fox"), text("a camera")], ""),
                 axis("seed", (1..=4).map(int).collect(), ""),
@@ -677,7 +937,7 @@ mod tests {
     #[test]
     fn errors_name_where_the_value_was_set() {
         let mut spec = issue_spec();
-        spec.defaults.as_mut().unwrap().width = Some(63);
+        spec.defaults.width = Some(63);
         let e = expand(&spec, 0).unwrap_err();
         assert_eq!(e.path, "defaults.width");
         assert!(e.message.contains("63"));
@@ -701,7 +961,7 @@ mod tests {
         assert_eq!(expand(&spec, 0).unwrap_err().path, "sweep.widht");
 
         let mut spec = issue_spec();
-        spec.defaults.as_mut().unwrap().model = None;
+        spec.defaults.model = None;
         assert_eq!(expand(&spec, 0).unwrap_err().path, "sweep.model");
     }
 
@@ -710,7 +970,7 @@ mod tests {
         let img = image::RgbImage::from_pixel(8, 8, image::Rgb([9, 9, 9]));
         let mut png = std::io::Cursor::new(Vec::new());
         img.write_to(&mut png, image::ImageFormat::Png).unwrap();
-        let blob = crate::blob::blob(png.into_inner());
+        let blob = Blob::new(png.into_inner());
         let mut spec = issue_spec();
         spec.items[0].init_image = Some(blob.sha256.clone());
         spec.items[0].strength = Some(0.4);
@@ -723,13 +983,8 @@ mod tests {
         );
         assert_eq!(items[8].recipe.strength, 0.4);
         assert_eq!(items[0].recipe.strength, 1.0, "txt2img is strength 1");
-        spec.sweep.push(axis(
-            "karras",
-            vec![FieldValue {
-                kind: Some(Kind::Flag(true)),
-            }],
-            "",
-        ));
+        spec.sweep
+            .push(axis("karras", vec![FieldValue::Flag(true)], ""));
         assert_eq!(
             expand(&spec, 0).unwrap_err().path,
             "sweep.karras[0]",
@@ -750,7 +1005,7 @@ mod tests {
         assert_eq!(expand(&spec, 0).unwrap_err().path, "sweep.prompt[1]");
 
         let mut spec = issue_spec();
-        spec.defaults.as_mut().unwrap().negative_prompt = Some("(blurry:lots)".into());
+        spec.defaults.negative_prompt = Some("(blurry:lots)".into());
         assert_eq!(
             expand(&spec, 0).unwrap_err().path,
             "defaults.negative_prompt"
@@ -763,17 +1018,17 @@ mod tests {
     }
 
     /// The series of issue #5: an anchor and three shots, the last with its own seed.
-    fn mira() -> pb::JobSpec {
+    fn mira() -> JobSpec {
         let shot = |prompt: &str, seed: Option<u64>| RecipeFields {
             prompt: Some(prompt.into()),
             seed,
             ..Default::default()
         };
-        pb::JobSpec {
-            series: vec![pb::SeriesSpec {
+        JobSpec {
+            series: vec![SeriesSpec {
                 name: "mira".into(),
                 character: "Mira, a young cartographer".into(),
-                defaults: Some(RecipeFields {
+                defaults: RecipeFields {
                     model: Some("tiny".into()),
                     negative_prompt: Some("extra fingers".into()),
                     seed: Some(777),
@@ -781,10 +1036,10 @@ mod tests {
                     height: Some(64),
                     steps: Some(6),
                     ..Default::default()
-                }),
+                },
                 anchor: true,
                 consistency: Some(0.6),
-                reference_image: String::new(),
+                reference_image: None,
                 shots: vec![
                     shot("standing on a cliff at sunrise", None),
                     shot("reading a map by candlelight", None),
@@ -856,7 +1111,7 @@ mod tests {
         spec.series[0].name = "mi ra".into();
         assert_eq!(expand(&spec, 0).unwrap_err().path, "series.mi ra");
         let mut spec = mira();
-        spec.series[0].reference_image = "ab".repeat(32);
+        spec.series[0].reference_image = Some("ab".repeat(32));
         assert_eq!(
             expand(&spec, 0).unwrap_err().path,
             "series.mira.reference_image"
@@ -883,7 +1138,7 @@ mod tests {
 
     #[test]
     fn empty_job_is_refused() {
-        let spec = pb::JobSpec::default();
+        let spec = JobSpec::default();
         assert_eq!(expand(&spec, 0).unwrap_err().path, "items");
     }
 
@@ -906,5 +1161,98 @@ mod tests {
             axis("steps", (1..=200).map(int).collect(), ""),
         ];
         assert_eq!(expand(&spec, 0).unwrap_err().path, "sweep");
+    }
+
+    #[test]
+    fn validation_checks_project_name_and_blobs_before_expanding() {
+        let mut spec = issue_spec();
+        spec.project = "a/b".into();
+        assert_eq!(validate(&spec, 0).unwrap_err().path, "project");
+        spec.project = "..".into();
+        assert_eq!(validate(&spec, 0).unwrap_err().path, "project");
+        spec.project = "studio-a".into();
+        assert_eq!(spec.project_or_default(), "studio-a");
+        assert_eq!(validate(&spec, 0).unwrap().len(), 9);
+
+        let mut spec = issue_spec();
+        spec.name = "x".repeat(MAX_LABEL_BYTES + 44);
+        let e = validate(&spec, 0).unwrap_err();
+        assert_eq!(e.path, "name");
+        assert!(e.message.contains("300 bytes"), "{e}");
+        spec.name = "a\u{0}b".into();
+        assert_eq!(validate(&spec, 0).unwrap_err().path, "name");
+        assert_eq!(JobSpec::default().project_or_default(), DEFAULT_PROJECT);
+
+        let mut spec = issue_spec();
+        spec.blobs.push(Blob {
+            sha256: "00".repeat(32),
+            data: vec![1, 2, 3],
+        });
+        assert_eq!(validate(&spec, 0).unwrap_err().path, "blobs[0]");
+    }
+
+    #[test]
+    fn series_named_like_dot_folders_are_refused() {
+        for name in [".", ".."] {
+            let mut spec = mira();
+            spec.series[0].name = name.into();
+            let e = validate(&spec, 0).unwrap_err();
+            assert_eq!(e.path, format!("series.{name}"));
+        }
+    }
+
+    #[test]
+    fn control_characters_in_prompts_are_refused_where_written() {
+        let mut spec = issue_spec();
+        spec.items[0].prompt = Some("fox\u{0}cub".into());
+        assert_eq!(validate(&spec, 0).unwrap_err().path, "items[0].prompt");
+        let mut spec = mira();
+        spec.series[0].character = "Mira\u{7}".into();
+        assert_eq!(
+            validate(&spec, 0).unwrap_err().path,
+            "series.mira.character"
+        );
+    }
+
+    #[test]
+    fn strength_is_checked_where_it_is_written() {
+        // Out of range is refused even where no init image would use it.
+        let mut spec = issue_spec();
+        spec.defaults.strength = Some(1.5);
+        let e = validate(&spec, 0).unwrap_err();
+        assert_eq!(e.path, "defaults.strength");
+        assert!(e.message.contains("1.5"), "{e}");
+        // A shared strength in range applies to the img2img tasks only.
+        spec.defaults.strength = Some(0.4);
+        let items = validate(&spec, 0).unwrap();
+        assert!(items.iter().all(|i| i.recipe.strength == 1.0));
+        // A task's own strength without an init image would be silently ignored.
+        let mut spec = issue_spec();
+        spec.items[0].strength = Some(0.5);
+        let e = validate(&spec, 0).unwrap_err();
+        assert_eq!(e.path, "items[0].strength");
+        assert!(e.message.contains("init_image"), "{e}");
+        let mut spec = issue_spec();
+        spec.sweep
+            .push(axis("strength", vec![FieldValue::Number(0.3)], ""));
+        assert_eq!(validate(&spec, 0).unwrap_err().path, "sweep.strength[0]");
+    }
+
+    #[test]
+    fn integer_fields_report_the_range_the_recipe_accepts() {
+        let e = integer_field("defaults.steps", "steps", -1).unwrap_err();
+        assert_eq!(e.message, "must be between 1 and 500, got -1");
+        let e = integer_field("w", "width", -8).unwrap_err();
+        assert!(e.message.contains("between 64 and 2048"), "{e}");
+        assert!(integer_field("s", "seed", -1).is_err());
+        assert_eq!(integer_field("s", "seed", 7).unwrap(), 7);
+        let mut spec = issue_spec();
+        spec.sweep[1].values[0] = int(-3);
+        assert_eq!(validate(&spec, 0).unwrap_err().path, "sweep.seed[0]");
+        let mut spec = issue_spec();
+        spec.sweep.push(axis("steps", vec![int(-1)], ""));
+        let e = validate(&spec, 0).unwrap_err();
+        assert_eq!(e.path, "sweep.steps[0]");
+        assert!(e.message.contains("between 1 and 500"), "{e}");
     }
 }
