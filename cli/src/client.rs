@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kiln_proto::connect::{channel, farm_client, with_deadline};
+use kiln_proto::error::FieldError;
 use kiln_proto::pb::{self, farm_client::FarmClient};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
@@ -30,16 +31,34 @@ impl Farm {
     }
 
     /// Wraps a failed call in an error that says which coordinator and, for
-    /// an unreachable one, what to check.
+    /// an unreachable one, what to check. The hint is only for a call that
+    /// got no answer: a status the coordinator sent (a store that failed, a
+    /// shutdown) is its own explanation.
     pub fn explain(&self, status: Status) -> anyhow::Error {
-        match status.code() {
-            Code::Unavailable | Code::DeadlineExceeded => anyhow::anyhow!(
+        if unanswered(&status) {
+            return anyhow::anyhow!(
                 "cannot reach the coordinator at {}: {}\nhint: is kiln-coordinator running there? Set --coordinator or KILN_COORDINATOR.",
+                self.url,
+                status.message()
+            );
+        }
+        match status.code() {
+            Code::Unavailable | Code::Internal | Code::DataLoss | Code::Unknown => anyhow::anyhow!(
+                "the coordinator at {} failed: {}",
                 self.url,
                 status.message()
             ),
             _ => anyhow::anyhow!("{}", status.message()),
         }
+    }
+
+    /// Returns the rejected field of an `INVALID_ARGUMENT` answer, from the
+    /// status details the coordinator attaches.
+    pub fn rejected_field(status: &Status) -> Option<FieldError> {
+        if status.code() != Code::InvalidArgument {
+            return None;
+        }
+        kiln_proto::status::field_error(status)
     }
 
     async fn unary<T>(
@@ -156,6 +175,14 @@ impl Farm {
             Err(_) => Err(Status::deadline_exceeded("the result stream did not open")),
         }
     }
+}
+
+/// Returns true when a call failed without an answer from the coordinator:
+/// tonic's transport errors (no connection, a connection that broke) keep
+/// their cause as the status's source, which a status read off the wire
+/// never has; a deadline is this client's own, set in this module.
+fn unanswered(status: &Status) -> bool {
+    status.code() == Code::DeadlineExceeded || std::error::Error::source(status).is_some()
 }
 
 /// Reads the next message of a stream, failing if none arrives within `idle`.

@@ -1,18 +1,17 @@
 //! Admission of submitted jobs: validate and expand the spec, check that the
 //! farm knows every model, pin model hashes, and create the job.
 
-use kiln_proto::status::{IntoStatus, invalid_argument};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kiln_proto::error::FieldError;
+use kiln_proto::error::{FieldError, quote};
 use kiln_proto::ids::{JobId, TaskId};
 use kiln_proto::pb;
 use kiln_proto::recipe::check_model_name;
 use kiln_proto::spec;
-use tonic::Status;
 
 use crate::core::Core;
+use crate::error::CoordinatorResult;
 use crate::store::{JobRecord, ModelInfo, NewJob, NewTask};
 
 /// Longest accepted job name and idempotency key.
@@ -21,24 +20,21 @@ const MAX_LABEL_BYTES: usize = 256;
 /// Validates, expands and creates a job; returns it and whether it is new.
 ///
 /// # Errors
-/// `INVALID_ARGUMENT` naming the field and the value; nothing is queued then.
-pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> Result<(JobRecord, bool), Status> {
-    let spec = req
-        .spec
-        .ok_or_else(|| FieldError::new("spec", "missing"))
-        .map_err(invalid_argument)?;
+/// A field error naming the field and the value; nothing is queued then.
+pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> CoordinatorResult<(JobRecord, bool)> {
+    let spec = req.spec.ok_or_else(|| FieldError::new("spec", "missing"))?;
     let project = if spec.project.is_empty() {
         "default".to_string()
     } else {
-        check_model_name("project", &spec.project).map_err(invalid_argument)?;
+        check_model_name("project", &spec.project)?;
         spec.project.clone()
     };
-    check_label("name", &spec.name).map_err(invalid_argument)?;
-    check_label("idempotency_key", &req.idempotency_key).map_err(invalid_argument)?;
+    check_label("name", &spec.name)?;
+    check_label("idempotency_key", &req.idempotency_key)?;
     let id = JobId::new();
     // The random bits of the UUIDv7 seed the items that set no seed.
     let seed_base = u64::from_be_bytes(id.0.as_bytes()[8..16].try_into().unwrap_or([0; 8]));
-    let mut items = spec::expand(&spec, seed_base).map_err(invalid_argument)?;
+    let mut items = spec::expand(&spec, seed_base)?;
     let needed: BTreeSet<&str> = items.iter().map(|i| i.recipe.model.as_str()).collect();
     let known = known_models(core, &needed, &spec).await?;
     for item in &mut items {
@@ -82,7 +78,8 @@ fn check_label(field: &str, value: &str) -> Result<(), FieldError> {
         return Err(FieldError::new(
             field,
             format!(
-                "must be at most {MAX_LABEL_BYTES} bytes without control characters, got {value:?}"
+                "must be at most {MAX_LABEL_BYTES} bytes without control characters, got {}",
+                quote(value)
             ),
         ));
     }
@@ -96,7 +93,7 @@ async fn known_models(
     core: &Core,
     needed: &BTreeSet<&str>,
     spec: &pb::JobSpec,
-) -> Result<Vec<ModelInfo>, Status> {
+) -> CoordinatorResult<Vec<ModelInfo>> {
     loop {
         let known = core.store.models().await?;
         let missing = needed.iter().find(|n| !known.iter().any(|m| m.name == **n));
@@ -112,9 +109,9 @@ async fn known_models(
             };
             return Err(FieldError::new(
                 spec::model_field(spec, missing),
-                format!("unknown model {missing:?}; {hint}"),
+                format!("unknown model {}; {hint}", quote(missing)),
             )
-            .into_status());
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -5,7 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::FieldError;
+use crate::error::{FieldError, quote};
 
 /// Smallest and largest image side in pixels.
 pub const SIZE_RANGE: std::ops::RangeInclusive<u32> = 64..=2048;
@@ -81,7 +81,8 @@ impl Scheduler {
                 FieldError::new(
                     field,
                     format!(
-                        "unknown scheduler {value:?}; expected one of {}",
+                        "unknown scheduler {}; expected one of {}",
+                        quote(value),
                         known.join(", ")
                     ),
                 )
@@ -249,7 +250,10 @@ pub fn check_model_name(path: &str, name: &str) -> Result<(), FieldError> {
     } else {
         Err(FieldError::new(
             path,
-            format!("must be 1 to 64 letters, digits, '.', '_' or '-', got {name:?}"),
+            format!(
+                "must be 1 to 64 letters, digits, '.', '_' or '-', got {}",
+                quote(name)
+            ),
         ))
     }
 }
@@ -266,7 +270,8 @@ pub fn check_sha256(path: &str, value: &str) -> Result<(), FieldError> {
         Err(FieldError::new(
             path,
             format!(
-                "must be the sha256 of an image in the job (64 lowercase hex digits), got {value:?}"
+                "must be the sha256 of an image in the job (64 lowercase hex digits), got {}",
+                quote(value)
             ),
         ))
     }

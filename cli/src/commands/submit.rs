@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use kiln_proto::pb;
 use serde_json::json;
-use tonic::Code;
 
 use crate::batch::Batch;
 use crate::client::{Farm, read_text};
@@ -47,10 +46,8 @@ pub async fn send(
         idempotency_key: idempotency_key.unwrap_or_default(),
     };
     farm.submit(req).await.map_err(|status| {
-        if status.code() == Code::InvalidArgument
-            && let Some(e) = batch.locate_message(status.message())
-        {
-            return anyhow::Error::new(e);
+        if let Some(field) = Farm::rejected_field(&status) {
+            return anyhow::Error::new(batch.locate(&field));
         }
         farm.explain(status)
     })
