@@ -8,17 +8,12 @@ use std::fmt;
 use kiln_proto::error::FieldError;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 use kiln_proto::pb::TaskState;
+use kiln_proto::status::bounded;
 use tonic::{Code, Status};
 
 use crate::contact_sheet::ContactSheetError;
 use crate::results::ResultsError;
 use crate::store::{StoreError, TaskRecord};
-
-/// Longest status message sent. Every quoted value is already cut by
-/// `quote`, so this only guards against a message that joins many of them:
-/// gRPC refuses metadata over 16 KiB, and the client would then see a
-/// transport error instead of the refusal.
-const MAX_MESSAGE_BYTES: usize = 4096;
 
 /// Why a coordinator request failed.
 #[derive(Debug, thiserror::Error)]
@@ -273,19 +268,6 @@ impl From<CoordinatorError> for Status {
     }
 }
 
-/// Cuts `message` to [`MAX_MESSAGE_BYTES`] at a character boundary.
-fn bounded(mut message: String) -> String {
-    if message.len() > MAX_MESSAGE_BYTES {
-        let mut cut = MAX_MESSAGE_BYTES;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-        message.push('…');
-    }
-    message
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,10 +352,16 @@ mod tests {
 
     #[test]
     fn messages_stay_under_the_metadata_limit() {
-        let long = bounded("é".repeat(10_000));
-        assert!(long.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
-        assert!(long.ends_with('…'));
-        assert_eq!(bounded("short".into()), "short");
+        let status = Status::from(CoordinatorError::ContactSheet {
+            series: "s".repeat(100_000),
+            source: ContactSheetError::Encode(image::ImageError::Limits(
+                image::error::LimitError::from_kind(
+                    image::error::LimitErrorKind::InsufficientMemory,
+                ),
+            )),
+        });
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.message().len() <= kiln_proto::status::MAX_MESSAGE_BYTES + '…'.len_utf8());
     }
 
     #[test]
