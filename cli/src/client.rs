@@ -202,3 +202,30 @@ pub async fn next_within<T>(
 pub fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HINT: &str = "is kiln-coordinator running";
+
+    #[tokio::test]
+    async fn only_a_call_without_an_answer_gets_the_connection_hint() {
+        let farm = Farm::new("http://127.0.0.1:1").unwrap();
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let transport = Status::from_error(Box::new(refused));
+        assert!(farm.explain(transport).to_string().contains(HINT));
+        let late = Status::deadline_exceeded("no answer within 30s");
+        assert!(farm.explain(late).to_string().contains(HINT));
+
+        let lost = Status::data_loss("result store: cannot read j/00001-x.png: not found");
+        let text = farm.explain(lost).to_string();
+        assert!(!text.contains(HINT), "{text}");
+        assert!(
+            text.contains("result store: cannot read j/00001-x.png"),
+            "{text}"
+        );
+        let stopping = Status::unavailable("the coordinator is shutting down");
+        assert!(!farm.explain(stopping).to_string().contains(HINT));
+    }
+}
