@@ -192,16 +192,6 @@ impl Batch {
             message: e.message.clone(),
         }
     }
-
-    /// Locates a coordinator's INVALID_ARGUMENT message of the form `path: message`.
-    pub fn locate_message(&self, message: &str) -> Option<BatchError> {
-        let (path, rest) = message.split_once(": ")?;
-        let looks_like_path = !path.is_empty()
-            && path
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._[]".contains(c));
-        looks_like_path.then(|| self.locate(&FieldError::new(path, rest)))
-    }
 }
 
 /// Returns the 1-based line of a byte offset.
@@ -807,13 +797,18 @@ seed = 42
     }
 
     #[test]
-    fn coordinator_messages_are_located() {
+    fn coordinator_refusals_are_located_by_their_field() {
         let batch = Batch::parse("b.toml", ISSUE_BATCH).unwrap();
-        let e = batch
-            .locate_message("defaults.model: unknown model \"tiny\"; the farm knows sd15")
-            .unwrap();
+        let status = kiln_proto::status::invalid_argument(FieldError::new(
+            "defaults.model",
+            "unknown model \"tiny\"; the farm knows sd15",
+        ));
+        let field = crate::client::Farm::rejected_field(&status).unwrap();
+        let e = batch.locate(&field);
         assert_eq!((e.line, e.path.as_str()), (Some(2), "defaults.model"));
-        assert!(batch.locate_message("no path here").is_none());
+        assert!(e.message.starts_with("unknown model"), "{e}");
+        let bare = tonic::Status::invalid_argument("defaults.model: no details");
+        assert!(crate::client::Farm::rejected_field(&bare).is_none());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use kiln_proto::connect::{channel, farm_client, with_deadline};
+use kiln_proto::error::FieldError;
 use kiln_proto::pb::{self, farm_client::FarmClient};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
@@ -29,16 +30,34 @@ impl Farm {
     }
 
     /// Wraps a failed call in an error that says which coordinator and, for
-    /// an unreachable one, what to check.
+    /// an unreachable one, what to check. The hint is only for a call that
+    /// got no answer: a status the coordinator sent (a store that failed, a
+    /// shutdown) is its own explanation.
     pub fn explain(&self, status: Status) -> anyhow::Error {
-        match status.code() {
-            Code::Unavailable | Code::DeadlineExceeded => anyhow::anyhow!(
+        if unanswered(&status) {
+            return anyhow::anyhow!(
                 "cannot reach the coordinator at {}: {}\nhint: is kiln-coordinator running there? Set --coordinator or KILN_COORDINATOR.",
+                self.url,
+                status.message()
+            );
+        }
+        match status.code() {
+            Code::Unavailable | Code::Internal | Code::DataLoss | Code::Unknown => anyhow::anyhow!(
+                "the coordinator at {} failed: {}",
                 self.url,
                 status.message()
             ),
             _ => anyhow::anyhow!("{}", status.message()),
         }
+    }
+
+    /// Returns the rejected field of an `INVALID_ARGUMENT` answer, from the
+    /// status details the coordinator attaches.
+    pub fn rejected_field(status: &Status) -> Option<FieldError> {
+        if status.code() != Code::InvalidArgument {
+            return None;
+        }
+        kiln_proto::status::field_error(status)
     }
 
     async fn unary<T>(
@@ -157,6 +176,14 @@ impl Farm {
     }
 }
 
+/// Returns true when a call failed without an answer from the coordinator:
+/// tonic's transport errors (no connection, a connection that broke) keep
+/// their cause as the status's source, which a status read off the wire
+/// never has; a deadline is this client's own, set in this module.
+fn unanswered(status: &Status) -> bool {
+    status.code() == Code::DeadlineExceeded || std::error::Error::source(status).is_some()
+}
+
 /// Reads the next message of a stream, failing if none arrives within `idle`.
 pub async fn next_within<T>(
     stream: &mut Streaming<T>,
@@ -167,5 +194,31 @@ pub async fn next_within<T>(
         Err(_) => Err(Status::deadline_exceeded(format!(
             "the coordinator sent nothing for {idle:?}"
         ))),
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HINT: &str = "is kiln-coordinator running";
+
+    #[tokio::test]
+    async fn only_a_call_without_an_answer_gets_the_connection_hint() {
+        let farm = Farm::new("http://127.0.0.1:1").unwrap();
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let transport = Status::from_error(Box::new(refused));
+        assert!(farm.explain(transport).to_string().contains(HINT));
+        let late = Status::deadline_exceeded("no answer within 30s");
+        assert!(farm.explain(late).to_string().contains(HINT));
+
+        let lost = Status::data_loss("result store: cannot read j/00001-x.png: not found");
+        let text = farm.explain(lost).to_string();
+        assert!(!text.contains(HINT), "{text}");
+        assert!(
+            text.contains("result store: cannot read j/00001-x.png"),
+            "{text}"
+        );
+        let stopping = Status::unavailable("the coordinator is shutting down");
+        assert!(!farm.explain(stopping).to_string().contains(HINT));
     }
 }

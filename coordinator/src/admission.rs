@@ -1,36 +1,34 @@
 //! Admission of submitted jobs: validate and expand the spec, check that the
 //! farm knows every model, pin model hashes, and create the job.
 
-use kiln_proto::status::{IntoStatus, invalid_argument};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kiln_proto::convert::job_spec_from_pb;
-use kiln_proto::error::FieldError;
+use kiln_proto::error::{FieldError, quote};
 use kiln_proto::ids::{JobId, TaskId};
 use kiln_proto::pb;
 use kiln_proto::spec::{self, JobSpec};
-use tonic::Status;
 
 use crate::core::Core;
+use crate::error::CoordinatorResult;
 use crate::store::{JobRecord, ModelInfo, NewJob, NewTask};
 
 /// Validates, expands and creates a job; returns it and whether it is new.
 ///
 /// # Errors
-/// `INVALID_ARGUMENT` naming the field and the value; nothing is queued then.
-pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> Result<(JobRecord, bool), Status> {
+/// A field error naming the field and the value; nothing is queued then.
+pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> CoordinatorResult<(JobRecord, bool)> {
     // Wire types stop here: the job is checked by the one validation every client runs.
     let spec = req
         .spec
         .ok_or_else(|| FieldError::new("spec", "missing"))
-        .and_then(job_spec_from_pb)
-        .map_err(invalid_argument)?;
-    spec::check_label("idempotency_key", &req.idempotency_key).map_err(invalid_argument)?;
+        .and_then(job_spec_from_pb)?;
+    spec::check_label("idempotency_key", &req.idempotency_key)?;
     let id = JobId::new();
     // The random bits of the UUIDv7 seed the items that set no seed.
     let seed_base = u64::from_be_bytes(id.0.as_bytes()[8..16].try_into().unwrap_or([0; 8]));
-    let mut items = spec::validate(&spec, seed_base).map_err(invalid_argument)?;
+    let mut items = spec::validate(&spec, seed_base)?;
     let project = spec.project_or_default().to_string();
     let needed: BTreeSet<&str> = items.iter().map(|i| i.recipe.model.as_str()).collect();
     let known = known_models(core, &needed, &spec).await?;
@@ -77,7 +75,7 @@ async fn known_models(
     core: &Core,
     needed: &BTreeSet<&str>,
     spec: &JobSpec,
-) -> Result<Vec<ModelInfo>, Status> {
+) -> CoordinatorResult<Vec<ModelInfo>> {
     loop {
         let known = core.store.models().await?;
         let missing = needed.iter().find(|n| !known.iter().any(|m| m.name == **n));
@@ -93,9 +91,9 @@ async fn known_models(
             };
             return Err(FieldError::new(
                 spec::model_field(spec, missing),
-                format!("unknown model {missing:?}; {hint}"),
+                format!("unknown model {}; {hint}", quote(missing)),
             )
-            .into_status());
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

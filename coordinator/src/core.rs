@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinatorConfig;
 use crate::contact_sheet;
+use crate::error::{CoordinatorError, CoordinatorResult};
 use crate::manifest;
 use crate::results;
 use crate::results::ResultStore;
@@ -60,7 +61,7 @@ impl Core {
     }
 
     /// Returns the result-store folder of a job (see [`results::folder`]).
-    pub async fn folder(&self, job: JobId) -> Result<String, tonic::Status> {
+    pub async fn folder(&self, job: JobId) -> CoordinatorResult<String> {
         if let Some(folder) = self.folders.lock().ok().and_then(|f| f.get(&job).cloned()) {
             return Ok(folder);
         }
@@ -81,7 +82,7 @@ impl Core {
         &self,
         folder: &str,
         tasks: &[TaskRecord],
-    ) -> Result<(), tonic::Status> {
+    ) -> CoordinatorResult<()> {
         let mut names: Vec<&str> = tasks
             .iter()
             .filter_map(|t| t.series.as_ref().map(|s| s.name.as_str()))
@@ -113,8 +114,12 @@ impl Core {
             if tiles.is_empty() {
                 continue;
             }
-            let sheet = contact_sheet::compose(&tiles)
-                .map_err(|e| tonic::Status::internal(format!("series {name}: {e}")))?;
+            let sheet = contact_sheet::compose(&tiles).map_err(|source| {
+                CoordinatorError::ContactSheet {
+                    series: name.to_string(),
+                    source,
+                }
+            })?;
             self.results
                 .put_artifact(folder, &contact_sheet_path(name), sheet)
                 .await?;
@@ -125,7 +130,7 @@ impl Core {
     /// Writes the manifest of a job from the store's records. For a finished
     /// job it first publishes every accepted upload still staged (a crash
     /// between acceptance and publication) and deletes the rest of the staging.
-    pub async fn write_manifest(&self, job: JobId) -> Result<(), tonic::Status> {
+    pub async fn write_manifest(&self, job: JobId) -> CoordinatorResult<()> {
         let record = self.store.job(job).await?;
         let tasks = self.store.tasks(job).await?;
         let folder = results::folder(record.id, record.verify_of);

@@ -1,6 +1,5 @@
 //! The `kiln.v1.Farm` service: what clients call.
 
-use kiln_proto::status::invalid_argument;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::core::Core;
 use crate::core::contact_sheet_path;
+use crate::error::{CoordinatorError, CoordinatorResult};
 use crate::store::TaskState;
 use crate::{admission, convert, manifest, verify};
 
@@ -35,54 +35,35 @@ impl FarmService {
 
 type Sender<T> = mpsc::Sender<Result<T, Status>>;
 
+/// Each method hands the request to a function of this module that speaks
+/// [`CoordinatorError`]; the `?` here is where that becomes a `Status`.
 #[tonic::async_trait]
 impl pb::farm_server::Farm for FarmService {
     async fn submit_job(
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let (job, created) = admission::admit(&self.core, request.into_inner()).await?;
-        if created {
-            tracing::info!(job = %job.id, tasks = job.counts.total, name = %job.name, project = %job.project, "job submitted");
-        } else {
-            tracing::info!(job = %job.id, "resubmission returned the existing job");
-        }
-        Ok(Response::new(pb::SubmitJobResponse {
-            job: Some(convert::job(&job)),
-            created,
-        }))
+        Ok(Response::new(
+            submit_job(&self.core, request.into_inner()).await?,
+        ))
     }
 
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
-        let req = request.into_inner();
-        let id = JobId::parse_field("job_id", &req.job_id).map_err(invalid_argument)?;
-        let job = self.core.store.job(id).await?;
-        let tasks = if req.include_tasks {
-            self.core.store.tasks(id).await?
-        } else {
-            Vec::new()
-        };
-        Ok(Response::new(pb::GetJobResponse {
-            job: Some(convert::job(&job)),
-            tasks: tasks.iter().map(convert::task).collect(),
-        }))
+        Ok(Response::new(
+            get_job(&self.core, request.into_inner()).await?,
+        ))
     }
 
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let limit = match request.into_inner().limit {
-            0 => 100,
-            n => n.min(10_000) as usize,
-        };
-        let jobs = self.core.store.jobs(limit).await?;
-        Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(convert::job).collect(),
-        }))
+        Ok(Response::new(
+            list_jobs(&self.core, request.into_inner()).await?,
+        ))
     }
 
     type WatchJobStream = ReceiverStream<Result<pb::WatchJobResponse, Status>>;
@@ -92,17 +73,16 @@ impl pb::farm_server::Farm for FarmService {
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let req = request.into_inner();
-        let id = JobId::parse_field("job_id", &req.job_id).map_err(invalid_argument)?;
-        self.core.store.job(id).await?;
+        let id = known_job(&self.core, &req.job_id).await?;
         let (tx, rx) = mpsc::channel(64);
         let core = self.core.clone();
         tokio::spawn(async move {
             let outcome = tokio::select! {
                 r = watch(&core, id, req.after_cursor, &tx) => r,
-                _ = core.shutdown.cancelled() => Err(Status::unavailable("the coordinator is shutting down; watch again from your cursor")),
+                _ = core.shutdown.cancelled() => Err(CoordinatorError::ShuttingDown),
             };
-            if let Err(status) = outcome {
-                let _ = tx.send(Err(status)).await;
+            if let Err(e) = outcome {
+                let _ = tx.send(Err(e.into())).await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -115,13 +95,12 @@ impl pb::farm_server::Farm for FarmService {
         request: Request<pb::FetchResultsRequest>,
     ) -> Result<Response<Self::FetchResultsStream>, Status> {
         let req = request.into_inner();
-        let id = JobId::parse_field("job_id", &req.job_id).map_err(invalid_argument)?;
-        self.core.store.job(id).await?;
+        let id = known_job(&self.core, &req.job_id).await?;
         let (tx, rx) = mpsc::channel(4);
         let core = self.core.clone();
         tokio::spawn(async move {
-            if let Err(status) = fetch(&core, id, req, &tx).await {
-                let _ = tx.send(Err(status)).await;
+            if let Err(e) = fetch(&core, id, req, &tx).await {
+                let _ = tx.send(Err(e.into())).await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -131,32 +110,16 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let id =
-            JobId::parse_field("job_id", &request.into_inner().job_id).map_err(invalid_argument)?;
-        let before = self.core.store.job(id).await?;
-        let job = self.core.store.cancel_job(id).await?;
-        if !before.is_finished() {
-            tracing::info!(job = %id, "job cancelled");
-            self.core.finalize(id).await;
-        }
-        Ok(Response::new(pb::CancelJobResponse {
-            job: Some(convert::job(&job)),
-        }))
+        Ok(Response::new(
+            cancel_job(&self.core, request.into_inner()).await?,
+        ))
     }
 
     async fn list_workers(
         &self,
         _request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let now = unix_ms();
-        let lost_after = 3 * self.core.config.lease_ttl.as_millis() as i64;
-        let workers = self.core.store.workers().await?;
-        Ok(Response::new(pb::ListWorkersResponse {
-            workers: workers
-                .iter()
-                .map(|w| convert::worker(w, now - w.last_seen_ms > lost_after))
-                .collect(),
-        }))
+        Ok(Response::new(list_workers(&self.core).await?))
     }
 
     async fn verify_job(
@@ -172,14 +135,102 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::DrainWorkerRequest>,
     ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
-        let id = WorkerId::parse_field("worker_id", &request.into_inner().worker_id)
-            .map_err(invalid_argument)?;
-        let w = self.core.store.drain_worker(&id).await?;
-        tracing::info!(worker = %id, "worker set to drain");
-        Ok(Response::new(pb::DrainWorkerResponse {
-            worker: Some(convert::worker(&w, false)),
-        }))
+        Ok(Response::new(
+            drain_worker(&self.core, request.into_inner()).await?,
+        ))
     }
+}
+
+async fn submit_job(
+    core: &Core,
+    req: pb::SubmitJobRequest,
+) -> CoordinatorResult<pb::SubmitJobResponse> {
+    let (job, created) = admission::admit(core, req).await?;
+    if created {
+        tracing::info!(job = %job.id, tasks = job.counts.total, name = %job.name, project = %job.project, "job submitted");
+    } else {
+        tracing::info!(job = %job.id, "resubmission returned the existing job");
+    }
+    Ok(pb::SubmitJobResponse {
+        job: Some(convert::job(&job)),
+        created,
+    })
+}
+
+async fn get_job(core: &Core, req: pb::GetJobRequest) -> CoordinatorResult<pb::GetJobResponse> {
+    let id = JobId::parse_field("job_id", &req.job_id)?;
+    let job = core.store.job(id).await?;
+    let tasks = if req.include_tasks {
+        core.store.tasks(id).await?
+    } else {
+        Vec::new()
+    };
+    Ok(pb::GetJobResponse {
+        job: Some(convert::job(&job)),
+        tasks: tasks.iter().map(convert::task).collect(),
+    })
+}
+
+async fn list_jobs(
+    core: &Core,
+    req: pb::ListJobsRequest,
+) -> CoordinatorResult<pb::ListJobsResponse> {
+    let limit = match req.limit {
+        0 => 100,
+        n => n.min(10_000) as usize,
+    };
+    let jobs = core.store.jobs(limit).await?;
+    Ok(pb::ListJobsResponse {
+        jobs: jobs.iter().map(convert::job).collect(),
+    })
+}
+
+/// Parses a request's job id and checks that the job exists, so a stream
+/// opens only for a job it can follow.
+async fn known_job(core: &Core, job_id: &str) -> CoordinatorResult<JobId> {
+    let id = JobId::parse_field("job_id", job_id)?;
+    core.store.job(id).await?;
+    Ok(id)
+}
+
+async fn cancel_job(
+    core: &Core,
+    req: pb::CancelJobRequest,
+) -> CoordinatorResult<pb::CancelJobResponse> {
+    let id = JobId::parse_field("job_id", &req.job_id)?;
+    let before = core.store.job(id).await?;
+    let job = core.store.cancel_job(id).await?;
+    if !before.is_finished() {
+        tracing::info!(job = %id, "job cancelled");
+        core.finalize(id).await;
+    }
+    Ok(pb::CancelJobResponse {
+        job: Some(convert::job(&job)),
+    })
+}
+
+async fn list_workers(core: &Core) -> CoordinatorResult<pb::ListWorkersResponse> {
+    let now = unix_ms();
+    let lost_after = 3 * core.config.lease_ttl.as_millis() as i64;
+    let workers = core.store.workers().await?;
+    Ok(pb::ListWorkersResponse {
+        workers: workers
+            .iter()
+            .map(|w| convert::worker(w, now - w.last_seen_ms > lost_after))
+            .collect(),
+    })
+}
+
+async fn drain_worker(
+    core: &Core,
+    req: pb::DrainWorkerRequest,
+) -> CoordinatorResult<pb::DrainWorkerResponse> {
+    let id = WorkerId::parse_field("worker_id", &req.worker_id)?;
+    let w = core.store.drain_worker(&id).await?;
+    tracing::info!(worker = %id, "worker set to drain");
+    Ok(pb::DrainWorkerResponse {
+        worker: Some(convert::worker(&w, false)),
+    })
 }
 
 fn unix_ms() -> i64 {
@@ -195,7 +246,7 @@ async fn watch(
     id: JobId,
     mut cursor: u64,
     tx: &Sender<pb::WatchJobResponse>,
-) -> Result<(), Status> {
+) -> CoordinatorResult<()> {
     let store = &core.store;
     let progress = |job: pb::JobSummary, running: Vec<pb::TaskProgress>| pb::WatchJobResponse {
         event: None,
@@ -258,7 +309,7 @@ async fn fetch(
     id: JobId,
     req: pb::FetchResultsRequest,
     tx: &Sender<pb::FetchResultsResponse>,
-) -> Result<(), Status> {
+) -> CoordinatorResult<()> {
     let job = core.store.job(id).await?;
     let folder = crate::results::folder(job.id, job.verify_of);
     if job.is_finished() && !core.results.has_manifest(&folder).await? {

@@ -17,6 +17,8 @@ pub mod contact_sheet;
 pub mod convert;
 /// Handles shared by every request handler.
 pub mod core;
+/// Why a request failed, and its gRPC status.
+pub mod error;
 /// The client-facing `Farm` service.
 pub mod farm;
 /// Manifest lines.
@@ -36,3 +38,4 @@ pub mod worker_link;
 
 pub use config::CoordinatorConfig;
 pub use core::Core;
+pub use error::CoordinatorError;

@@ -30,18 +30,50 @@ pub enum ResultsError {
         message: String,
     },
     /// An object operation failed.
-    #[error("result store, {path}: {source}")]
+    #[error("result store: cannot {op} {path}: {}", reason(source))]
     Object {
-        /// The object concerned.
+        /// What was tried: read, write, rename, ...
+        op: &'static str,
+        /// The object concerned, relative to the store.
         path: String,
         /// The underlying error.
         source: object_store::Error,
     },
 }
 
-impl From<ResultsError> for tonic::Status {
-    fn from(e: ResultsError) -> Self {
-        tonic::Status::unavailable(e.to_string())
+impl ResultsError {
+    /// Returns true when the object does not exist: an accepted image that
+    /// is gone is lost data, not a passing fault.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            ResultsError::Object {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }
+        )
+    }
+
+    /// Returns true when the same call may succeed later: the backend's
+    /// I/O or network failed, rather than refusing the request.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ResultsError::Object {
+                source: object_store::Error::Generic { .. },
+                ..
+            }
+        )
+    }
+}
+
+/// Says why an object operation failed. A missing object is just "not
+/// found": the backend's own words would repeat the path, and for a local
+/// directory name where it lives on the coordinator's disk.
+fn reason(source: &object_store::Error) -> String {
+    match source {
+        object_store::Error::NotFound { .. } => "not found".to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -114,8 +146,9 @@ impl ResultStore {
         &self.location
     }
 
-    fn err(path: &Path, source: object_store::Error) -> ResultsError {
+    fn err(op: &'static str, path: &Path, source: object_store::Error) -> ResultsError {
         ResultsError::Object {
+            op,
             path: path.to_string(),
             source,
         }
@@ -133,7 +166,7 @@ impl ResultStore {
         self.objects
             .put(&path, PutPayload::from(png))
             .await
-            .map_err(|e| Self::err(&path, e))?;
+            .map_err(|e| Self::err("write", &path, e))?;
         Ok(path.to_string())
     }
 
@@ -142,7 +175,7 @@ impl ResultStore {
         let path = Path::from(staged);
         match self.objects.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(Self::err(&path, e)),
+            Err(e) => Err(Self::err("delete", &path, e)),
         }
     }
 
@@ -160,10 +193,10 @@ impl ResultStore {
         if from == to {
             return Ok(());
         }
-        let moved = if source.contains("/.staging/") {
-            self.objects.rename(&from, &to).await
+        let (verb, moved) = if source.contains("/.staging/") {
+            ("rename", self.objects.rename(&from, &to).await)
         } else {
-            self.objects.copy(&from, &to).await
+            ("copy", self.objects.copy(&from, &to).await)
         };
         match moved {
             Ok(()) => Ok(()),
@@ -171,10 +204,10 @@ impl ResultStore {
                 self.objects
                     .head(&to)
                     .await
-                    .map_err(|e| Self::err(&to, e))?;
+                    .map_err(|e| Self::err("find", &to, e))?;
                 Ok(())
             }
-            Err(e) => Err(Self::err(&from, e)),
+            Err(e) => Err(Self::err(verb, &from, e)),
         }
     }
 
@@ -189,7 +222,7 @@ impl ResultStore {
         self.objects
             .put(&path, PutPayload::from(data))
             .await
-            .map_err(|e| Self::err(&path, e))?;
+            .map_err(|e| Self::err("write", &path, e))?;
         Ok(())
     }
 
@@ -220,12 +253,14 @@ impl ResultStore {
     ) -> Result<Bytes, ResultsError> {
         let path = image_path(folder, file_name);
         match self.get(&path).await {
-            Err(ResultsError::Object {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => {
-                self.publish(folder, file_name, staged).await?;
-                self.get(&path).await
+            Err(missing) if missing.is_not_found() => {
+                match self.publish(folder, file_name, staged).await {
+                    Ok(()) => self.get(&path).await,
+                    // Neither published nor staged: the image itself is
+                    // what is missing, so that is the error to report.
+                    Err(e) if e.is_not_found() => Err(missing),
+                    Err(e) => Err(e),
+                }
             }
             other => other,
         }
@@ -236,8 +271,8 @@ impl ResultStore {
             .objects
             .get(path)
             .await
-            .map_err(|e| Self::err(path, e))?;
-        got.bytes().await.map_err(|e| Self::err(path, e))
+            .map_err(|e| Self::err("read", path, e))?;
+        got.bytes().await.map_err(|e| Self::err("read", path, e))
     }
 
     /// Deletes every staged upload of a job that is not in `keep`: once a job
@@ -251,7 +286,7 @@ impl ResultStore {
         let listed: Vec<_> = self.objects.list(Some(&prefix)).collect::<Vec<_>>().await;
         let mut removed = 0;
         for meta in listed {
-            let meta = meta.map_err(|e| Self::err(&prefix, e))?;
+            let meta = meta.map_err(|e| Self::err("list", &prefix, e))?;
             if keep.iter().any(|k| k.as_str() == meta.location.as_ref()) {
                 continue;
             }
@@ -271,7 +306,7 @@ impl ResultStore {
         self.objects
             .put(&path, PutPayload::from(text.into_bytes()))
             .await
-            .map_err(|e| Self::err(&path, e))?;
+            .map_err(|e| Self::err("write", &path, e))?;
         Ok(())
     }
 
@@ -281,7 +316,7 @@ impl ResultStore {
         match self.objects.head(&path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(Self::err(&path, e)),
+            Err(e) => Err(Self::err("find", &path, e)),
         }
     }
 }
@@ -319,6 +354,32 @@ mod tests {
                 .await
                 .unwrap(),
             Bytes::from_static(b"png")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_image_is_named_as_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultStore::open(dir.path().to_str().unwrap()).unwrap();
+        let (job, task) = (JobId::new(), TaskId::new());
+        let folder = job.to_string();
+        let staged = store
+            .stage(&folder, task, Epoch(1), Bytes::from_static(b"png"))
+            .await
+            .unwrap();
+        store
+            .publish(&folder, "00001-fox.png", &staged)
+            .await
+            .unwrap();
+        std::fs::remove_file(dir.path().join(&folder).join("00001-fox.png")).unwrap();
+        let e = store
+            .read_image(&folder, "00001-fox.png", &staged)
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found());
+        assert_eq!(
+            e.to_string(),
+            format!("result store: cannot read {job}/00001-fox.png: not found")
         );
     }
 

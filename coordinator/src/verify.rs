@@ -1,17 +1,16 @@
 //! Verification jobs: re-render items of a finished job, on other workers of
 //! the same determinism class, so a client can compare bytes.
 
-use kiln_proto::status::invalid_argument;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use kiln_domain::image::sha256_hex;
 use kiln_proto::ids::{JobId, TaskId};
 use kiln_proto::pb;
-use tonic::Status;
 
 use crate::convert;
 use crate::core::Core;
+use crate::error::{CoordinatorError, CoordinatorResult};
 use crate::store::{NewJob, NewTask, TaskRecord};
 
 /// Picks `sample` of `n` positions spread evenly (all when `sample` is 0 or ≥ n).
@@ -25,24 +24,21 @@ fn spread(n: usize, sample: usize) -> Vec<usize> {
 /// Creates the verification job of a finished job.
 ///
 /// # Errors
-/// `FAILED_PRECONDITION` for a running job or one without images.
+/// [`CoordinatorError::StillRunning`] for a running job and
+/// [`CoordinatorError::NothingToVerify`] for one without images.
 pub async fn verify(
     core: &Core,
     req: pb::VerifyJobRequest,
-) -> Result<pb::VerifyJobResponse, Status> {
-    let id = JobId::parse_field("job_id", &req.job_id).map_err(invalid_argument)?;
+) -> CoordinatorResult<pb::VerifyJobResponse> {
+    let id = JobId::parse_field("job_id", &req.job_id)?;
     let job = core.store.job(id).await?;
     if !job.is_finished() {
-        return Err(Status::failed_precondition(format!(
-            "job {id} is still running: verify it once it has finished"
-        )));
+        return Err(CoordinatorError::StillRunning(id));
     }
     let all = core.store.tasks(id).await?;
     let done: Vec<&TaskRecord> = all.iter().filter(|t| t.result.is_some()).collect();
     if done.is_empty() {
-        return Err(Status::failed_precondition(format!(
-            "job {id} has no finished image to verify"
-        )));
+        return Err(CoordinatorError::NothingToVerify(id));
     }
     let sampled: Vec<&TaskRecord> = spread(done.len(), req.sample as usize)
         .into_iter()
@@ -146,7 +142,7 @@ async fn inputs(
     job: JobId,
     task: &TaskRecord,
     all: &[TaskRecord],
-) -> Result<Result<Vec<(String, Bytes)>, String>, Status> {
+) -> CoordinatorResult<Result<Vec<(String, Bytes)>, String>> {
     let refs: Vec<String> = [&task.recipe.init_image, &task.recipe.mask]
         .into_iter()
         .flatten()

@@ -1,12 +1,11 @@
 //! The `kiln.v1.WorkerLink` service: what workers call. Every report carries
 //! the lease's epoch, and the store refuses a stale one.
 
-use kiln_proto::status::{IntoStatus, invalid_argument};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kiln_proto::error::FieldError;
+use kiln_proto::error::{FieldError, quote};
 use kiln_proto::ids::{Epoch, TaskId, WorkerId};
 use kiln_proto::pb;
 use kiln_proto::recipe::check_model_name;
@@ -15,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::core::Core;
+use crate::error::{CoordinatorError, CoordinatorResult, Report, StaleRefusal};
 use crate::store::{
     Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, ProgressReport, TaskResult,
     WorkerRegistration,
@@ -35,118 +35,35 @@ impl WorkerLinkService {
     }
 }
 
+/// Each method hands the request to a function of this module that speaks
+/// [`CoordinatorError`]; the `?` here is where that becomes a `Status`.
 #[tonic::async_trait]
 impl pb::worker_link_server::WorkerLink for WorkerLinkService {
     async fn register(
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let req = request.into_inner();
-        let id = WorkerId::parse_field("worker_id", &req.worker_id).map_err(invalid_argument)?;
-        if req.slots == 0 || req.slots > MAX_TASKS_PER_LEASE {
-            return Err(FieldError::new(
-                "slots",
-                format!(
-                    "must be between 1 and {MAX_TASKS_PER_LEASE}, got {}",
-                    req.slots
-                ),
-            )
-            .into_status());
-        }
-        let mut models = Vec::with_capacity(req.models.len());
-        for (i, m) in req.models.iter().enumerate() {
-            check_model_name(&format!("models[{i}].name"), &m.name).map_err(invalid_argument)?;
-            models.push(ModelInfo {
-                name: m.name.clone(),
-                hash: m.hash.clone(),
-            });
-        }
-        let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
-        tracing::info!(worker = %id, slots = req.slots, models = ?names, class = %req.determinism_class, "worker registered");
-        let released = self
-            .core
-            .store
-            .register_worker(WorkerRegistration {
-                id: id.clone(),
-                labels: req.labels.into_iter().collect(),
-                gpu_memory_bytes: req.gpu_memory_bytes,
-                slots: req.slots,
-                models,
-                determinism_class: req.determinism_class,
-                version: req.version,
-            })
-            .await?;
-        for r in released {
-            tracing::warn!(worker = %id, job = %r.job, task = %r.task, epoch = %r.epoch, "worker re-registered: its old lease was released");
-            if let Some(job) = r.job_finished {
-                self.core.finalize(job.id).await;
-            }
-        }
-        let config = &self.core.config;
-        Ok(Response::new(pb::RegisterResponse {
-            heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
-            lease_ttl_ms: config.lease_ttl.as_millis() as u32,
-        }))
+        Ok(Response::new(
+            register(&self.core, request.into_inner()).await?,
+        ))
     }
 
     async fn lease(
         &self,
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
-        let req = request.into_inner();
-        let worker =
-            WorkerId::parse_field("worker_id", &req.worker_id).map_err(invalid_argument)?;
-        let max = req.max_tasks.min(MAX_TASKS_PER_LEASE) as usize;
-        let wait =
-            Duration::from_millis(u64::from(req.wait_ms)).min(self.core.config.max_lease_wait);
-        let claim = tokio::select! {
-            c = self.core.store.claim(&worker, max, self.core.config.lease_ttl, wait, &req.resident_models) => c?,
-            // Claims are cancel-safe: dropping a waiting claim leased nothing.
-            _ = self.core.shutdown.cancelled() => Default::default(),
-        };
-        match lease_response(&self.core, &worker, &claim).await {
-            Ok(response) => Ok(Response::new(response)),
-            Err(status) => {
-                // The worker never learns of these leases: hand them back now
-                // rather than let them wait for their TTL and cost an attempt.
-                hand_back(&self.core, &worker, &claim.leases, status.message()).await;
-                Err(status)
-            }
-        }
+        Ok(Response::new(
+            lease(&self.core, request.into_inner()).await?,
+        ))
     }
 
     async fn heartbeat(
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let req = request.into_inner();
-        let worker =
-            WorkerId::parse_field("worker_id", &req.worker_id).map_err(invalid_argument)?;
-        let mut progress = Vec::with_capacity(req.tasks.len());
-        for (i, t) in req.tasks.iter().enumerate() {
-            progress.push(ProgressReport {
-                task: TaskId::parse_field(&format!("tasks[{i}].task_id"), &t.task_id)
-                    .map_err(invalid_argument)?,
-                epoch: Epoch(t.epoch),
-                step: t.step,
-            });
-        }
-        let ttl = self.core.config.lease_ttl;
-        let out = self.core.store.heartbeat(&worker, &progress, ttl).await?;
-        Ok(Response::new(pb::HeartbeatResponse {
-            extended_task_ids: out.extended.iter().map(|t| t.to_string()).collect(),
-            abandon: out
-                .abandon
-                .iter()
-                .map(|(task, epoch, reason)| pb::Abandon {
-                    task_id: task.to_string(),
-                    epoch: epoch.0,
-                    reason: convert::abandon_reason(*reason).into(),
-                })
-                .collect(),
-            lease_ttl_ms: ttl.as_millis() as u32,
-            drain: out.drain,
-        }))
+        Ok(Response::new(
+            heartbeat(&self.core, request.into_inner()).await?,
+        ))
     }
 
     async fn complete(
@@ -161,37 +78,76 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::FailRequest>,
     ) -> Result<Response<pb::FailResponse>, Status> {
-        let req = request.into_inner();
-        let worker =
-            WorkerId::parse_field("worker_id", &req.worker_id).map_err(invalid_argument)?;
-        let task = TaskId::parse_field("task_id", &req.task_id).map_err(invalid_argument)?;
-        let fault = convert::fault_from_wire(req.fault);
-        let out = self
-            .core
-            .store
-            .fail(
-                &worker,
-                task,
-                Epoch(req.epoch),
-                fault,
-                &req.message,
-                self.core.config.max_attempts,
-            )
-            .await?;
-        match out {
-            FailOutcome::Recorded {
-                will_retry,
-                job_finished,
-            } => {
-                tracing::warn!(worker = %worker, task = %task, epoch = req.epoch, %fault, will_retry, message = %req.message, "task failed");
-                if let Some(job) = job_finished {
-                    self.core.finalize(job.id).await;
-                }
-                Ok(Response::new(pb::FailResponse { will_retry }))
-            }
-            FailOutcome::Stale { reason } => Err(Status::failed_precondition(format!(
-                "task {task}: {reason}"
-            ))),
+        Ok(Response::new(fail(&self.core, request.into_inner()).await?))
+    }
+}
+
+async fn register(
+    core: &Core,
+    req: pb::RegisterRequest,
+) -> CoordinatorResult<pb::RegisterResponse> {
+    let id = WorkerId::parse_field("worker_id", &req.worker_id)?;
+    if req.slots == 0 || req.slots > MAX_TASKS_PER_LEASE {
+        return Err(FieldError::new(
+            "slots",
+            format!(
+                "must be between 1 and {MAX_TASKS_PER_LEASE}, got {}",
+                req.slots
+            ),
+        )
+        .into());
+    }
+    let mut models = Vec::with_capacity(req.models.len());
+    for (i, m) in req.models.iter().enumerate() {
+        check_model_name(&format!("models[{i}].name"), &m.name)?;
+        models.push(ModelInfo {
+            name: m.name.clone(),
+            hash: m.hash.clone(),
+        });
+    }
+    let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    tracing::info!(worker = %id, slots = req.slots, models = ?names, class = %req.determinism_class, "worker registered");
+    let released = core
+        .store
+        .register_worker(WorkerRegistration {
+            id: id.clone(),
+            labels: req.labels.into_iter().collect(),
+            gpu_memory_bytes: req.gpu_memory_bytes,
+            slots: req.slots,
+            models,
+            determinism_class: req.determinism_class,
+            version: req.version,
+        })
+        .await?;
+    for r in released {
+        tracing::warn!(worker = %id, job = %r.job, task = %r.task, epoch = %r.epoch, "worker re-registered: its old lease was released");
+        if let Some(job) = r.job_finished {
+            core.finalize(job.id).await;
+        }
+    }
+    let config = &core.config;
+    Ok(pb::RegisterResponse {
+        heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
+        lease_ttl_ms: config.lease_ttl.as_millis() as u32,
+    })
+}
+
+async fn lease(core: &Core, req: pb::LeaseRequest) -> CoordinatorResult<pb::LeaseResponse> {
+    let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+    let max = req.max_tasks.min(MAX_TASKS_PER_LEASE) as usize;
+    let wait = Duration::from_millis(u64::from(req.wait_ms)).min(core.config.max_lease_wait);
+    let claim = tokio::select! {
+        c = core.store.claim(&worker, max, core.config.lease_ttl, wait, &req.resident_models) => c?,
+        // Claims are cancel-safe: dropping a waiting claim leased nothing.
+        _ = core.shutdown.cancelled() => Default::default(),
+    };
+    match lease_response(core, &worker, &claim).await {
+        Ok(response) => Ok(response),
+        Err(e) => {
+            // The worker never learns of these leases: hand them back now
+            // rather than let them wait for their TTL and cost an attempt.
+            hand_back(core, &worker, &claim.leases, &e.to_string()).await;
+            Err(e)
         }
     }
 }
@@ -202,7 +158,7 @@ async fn lease_response(
     core: &Core,
     worker: &WorkerId,
     claim: &Claim,
-) -> Result<pb::LeaseResponse, Status> {
+) -> CoordinatorResult<pb::LeaseResponse> {
     for d in &claim.deduped {
         let folder = core.folder(d.job).await?;
         core.results
@@ -255,10 +211,96 @@ async fn hand_back(core: &Core, worker: &WorkerId, leases: &[Lease], why: &str) 
     }
 }
 
+async fn heartbeat(
+    core: &Core,
+    req: pb::HeartbeatRequest,
+) -> CoordinatorResult<pb::HeartbeatResponse> {
+    let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+    let mut progress = Vec::with_capacity(req.tasks.len());
+    for (i, t) in req.tasks.iter().enumerate() {
+        progress.push(ProgressReport {
+            task: TaskId::parse_field(&format!("tasks[{i}].task_id"), &t.task_id)?,
+            epoch: Epoch(t.epoch),
+            step: t.step,
+        });
+    }
+    let ttl = core.config.lease_ttl;
+    let out = core.store.heartbeat(&worker, &progress, ttl).await?;
+    Ok(pb::HeartbeatResponse {
+        extended_task_ids: out.extended.iter().map(|t| t.to_string()).collect(),
+        abandon: out
+            .abandon
+            .iter()
+            .map(|(task, epoch, reason)| pb::Abandon {
+                task_id: task.to_string(),
+                epoch: epoch.0,
+                reason: convert::abandon_reason(*reason).into(),
+            })
+            .collect(),
+        lease_ttl_ms: ttl.as_millis() as u32,
+        drain: out.drain,
+    })
+}
+
+async fn fail(core: &Core, req: pb::FailRequest) -> CoordinatorResult<pb::FailResponse> {
+    let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+    let task = TaskId::parse_field("task_id", &req.task_id)?;
+    let epoch = Epoch(req.epoch);
+    let fault = convert::fault_from_wire(req.fault);
+    let out = core
+        .store
+        .fail(
+            &worker,
+            task,
+            epoch,
+            fault,
+            &req.message,
+            core.config.max_attempts,
+        )
+        .await?;
+    match out {
+        FailOutcome::Recorded {
+            will_retry,
+            job_finished,
+        } => {
+            tracing::warn!(worker = %worker, task = %task, epoch = %epoch, %fault, will_retry, message = %req.message, "task failed");
+            if let Some(job) = job_finished {
+                core.finalize(job.id).await;
+            }
+            Ok(pb::FailResponse { will_retry })
+        }
+        FailOutcome::Stale { reason } => {
+            Err(stale(core, &worker, task, epoch, Report::Fail, reason).await)
+        }
+    }
+}
+
+/// Explains a refused report from the task as the store holds it now: the
+/// store's outcome says only that the lease is not the reporter's.
+async fn stale(
+    core: &Core,
+    worker: &WorkerId,
+    task: TaskId,
+    epoch: Epoch,
+    report: Report,
+    store_reason: String,
+) -> CoordinatorError {
+    match core.store.task(task).await {
+        Ok(record) => CoordinatorError::Stale {
+            job: record.job,
+            task,
+            worker: worker.clone(),
+            report,
+            refusal: StaleRefusal::of(&record, worker, epoch, store_reason),
+        },
+        Err(e) => e.into(),
+    }
+}
+
 /// Returns the images a leased recipe refers to: the job's blobs, or for a
 /// shot, its anchor's accepted image from the result store (the anchor is
 /// looked up by index: one store read, whatever the job's size).
-async fn lease_blobs(core: &Core, lease: &Lease) -> Result<Vec<pb::Blob>, Status> {
+async fn lease_blobs(core: &Core, lease: &Lease) -> CoordinatorResult<Vec<pb::Blob>> {
     let refs: Vec<String> = [&lease.recipe.init_image, &lease.recipe.mask]
         .into_iter()
         .flatten()
@@ -294,9 +336,9 @@ async fn lease_blobs(core: &Core, lease: &Lease) -> Result<Vec<pb::Blob>, Status
 
 /// Takes in a rendered image: checks it, stages it under its epoch, lets the
 /// store decide, then publishes or discards it.
-async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
-    let worker = WorkerId::parse_field("worker_id", &req.worker_id).map_err(invalid_argument)?;
-    let task_id = TaskId::parse_field("task_id", &req.task_id).map_err(invalid_argument)?;
+async fn intake(core: &Core, req: pb::CompleteRequest) -> CoordinatorResult<()> {
+    let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+    let task_id = TaskId::parse_field("task_id", &req.task_id)?;
     let epoch = Epoch(req.epoch);
     let digest = hex::encode(Sha256::digest(&req.png));
     if !req.sha256.eq_ignore_ascii_case(&digest) {
@@ -304,15 +346,14 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
             "sha256",
             format!(
                 "does not match the uploaded bytes: got {}, computed {digest}",
-                req.sha256
+                quote(&req.sha256)
             ),
         )
-        .into_status());
+        .into());
     }
     let task = core.store.task(task_id).await?;
     let (w, h) = png_size(&req.png)
-        .ok_or_else(|| FieldError::new("png", "is not a PNG image (no IHDR header)"))
-        .map_err(invalid_argument)?;
+        .ok_or_else(|| FieldError::new("png", "is not a PNG image (no IHDR header)"))?;
     if (w, h) != (task.recipe.width, task.recipe.height) {
         return Err(FieldError::new(
             "png",
@@ -321,7 +362,7 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
                 task.recipe.width, task.recipe.height
             ),
         )
-        .into_status());
+        .into());
     }
     let timings = req.timings.unwrap_or_default();
     let size = req.png.len() as u64;
@@ -353,11 +394,9 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> Result<(), Status> {
         }
         Ok(CompleteOutcome::Stale { reason }) => {
             core.results.discard(&staged).await?;
-            tracing::warn!(worker = %worker, job = %task.job, task = %task_id, epoch = %epoch, %reason, "stale completion refused");
-            Err(Status::failed_precondition(format!(
-                "job {}: worker {worker} cannot complete task {task_id}: {reason}",
-                task.job
-            )))
+            let refused = stale(core, &worker, task_id, epoch, Report::Complete, reason).await;
+            tracing::warn!(worker = %worker, job = %task.job, task = %task_id, epoch = %epoch, error = %refused, "stale completion refused");
+            Err(refused)
         }
         // The outcome is unknown (the store may have accepted it before the
         // connection failed), so the staged upload stays: the worker retries,
@@ -376,7 +415,6 @@ fn png_size(png: &[u8]) -> Option<(u32, u32)> {
     let h = u32::from_be_bytes(png[20..24].try_into().ok()?);
     Some((w, h))
 }
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

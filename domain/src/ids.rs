@@ -6,7 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::error::FieldError;
+use crate::error::{FieldError, quote};
 
 /// Identifies a job: a UUIDv7, so ids sort by submission time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -36,7 +36,7 @@ impl JobId {
     pub fn parse_field(field: &str, value: &str) -> Result<Self, FieldError> {
         value
             .parse()
-            .map_err(|_| FieldError::new(field, format!("not a job id: {value:?}")))
+            .map_err(|_| FieldError::new(field, format!("not a job id: {}", quote(value))))
     }
 }
 
@@ -56,7 +56,7 @@ impl TaskId {
     pub fn parse_field(field: &str, value: &str) -> Result<Self, FieldError> {
         value
             .parse()
-            .map_err(|_| FieldError::new(field, format!("not a task id: {value:?}")))
+            .map_err(|_| FieldError::new(field, format!("not a task id: {}", quote(value))))
     }
 }
 
@@ -75,7 +75,10 @@ impl WorkerId {
         if value.len() > 128 || value.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err(FieldError::new(
                 field,
-                format!("must be at most 128 printable characters without spaces, got {value:?}"),
+                format!(
+                    "must be at most 128 printable characters without spaces, got {}",
+                    quote(value)
+                ),
             ));
         }
         Ok(Self(value.to_string()))
@@ -129,5 +132,23 @@ impl Epoch {
     /// Returns the next epoch.
     pub fn next(self) -> Self {
         Self(self.0 + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_id_is_not_echoed_whole() {
+        let huge = "x".repeat(100_000);
+        for e in [
+            JobId::parse_field("job_id", &huge).unwrap_err(),
+            TaskId::parse_field("task_id", &huge).unwrap_err(),
+            WorkerId::parse_field("worker_id", &huge).unwrap_err(),
+        ] {
+            assert!(e.message.len() < 400, "{} bytes", e.message.len());
+            assert!(e.message.contains("(100000 bytes)"), "{}", e.message);
+        }
     }
 }

@@ -81,7 +81,8 @@ impl Scheduler {
                 FieldError::new(
                     field,
                     format!(
-                        "unknown scheduler {value:?}; expected one of {}",
+                        "unknown scheduler {}; expected one of {}",
+                        quote(value),
                         known.join(", ")
                     ),
                 )
@@ -408,7 +409,8 @@ pub fn check_sha256(path: &str, value: &str) -> Result<(), FieldError> {
         Err(FieldError::new(
             path,
             format!(
-                "must be the sha256 of an image in the job (64 lowercase hex digits), got {value:?}"
+                "must be the sha256 of an image in the job (64 lowercase hex digits), got {}",
+                quote(value)
             ),
         ))
     }

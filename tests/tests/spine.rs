@@ -392,7 +392,26 @@ fn stale_epoch_complete_is_refused_with_failed_precondition() {
         };
         let stale = link.complete(complete(first.epoch)).await.unwrap_err();
         assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
-        assert!(stale.message().contains("epoch 1"), "{}", stale.message());
+        // The same worker holds the task again: it did not "go" anywhere.
+        assert!(
+            stale.message().ends_with(&format!(
+                "epoch 1 is stale: worker ghost holds this task under epoch {}",
+                second.epoch
+            )),
+            "{}",
+            stale.message()
+        );
+        let future = second.epoch + 5;
+        let never = link.complete(complete(future)).await.unwrap_err();
+        assert_eq!(never.code(), tonic::Code::FailedPrecondition, "{never:?}");
+        assert!(
+            never.message().ends_with(&format!(
+                "epoch {future} was never issued for this task; the current lease is epoch {}",
+                second.epoch
+            )),
+            "{}",
+            never.message()
+        );
         link.complete(complete(second.epoch)).await.unwrap();
         let job_dir = coord.results.join(&job);
         let files = pngs(&job_dir);

@@ -7,7 +7,6 @@ use kiln_proto::convert::job_spec_to_pb;
 use kiln_proto::pb;
 use kiln_proto::spec::check_label;
 use serde_json::json;
-use tonic::Code;
 
 use crate::batch::Batch;
 use crate::client::Farm;
@@ -54,10 +53,8 @@ pub async fn send(
         idempotency_key: idempotency_key.unwrap_or_default(),
     };
     farm.submit(req).await.map_err(|status| {
-        if status.code() == Code::InvalidArgument
-            && let Some(e) = batch.locate_message(status.message())
-        {
-            return anyhow::Error::new(e);
+        if let Some(field) = Farm::rejected_field(&status) {
+            return anyhow::Error::new(batch.locate(&field));
         }
         farm.explain(status)
     })

@@ -65,21 +65,6 @@ impl StoreError {
     }
 }
 
-impl From<StoreError> for tonic::Status {
-    fn from(e: StoreError) -> Self {
-        match &e {
-            StoreError::JobNotFound(_)
-            | StoreError::TaskNotFound(_)
-            | StoreError::NoTaskAt { .. } => tonic::Status::not_found(e.to_string()),
-            StoreError::UnknownWorker(_) => tonic::Status::not_found(e.to_string()),
-            StoreError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
-            StoreError::Backend(_) | StoreError::Corrupt(_) | StoreError::Misconfigured(_) => {
-                tonic::Status::internal(e.to_string())
-            }
-        }
-    }
-}
-
 /// Result of a store call.
 pub type StoreResult<T> = Result<T, StoreError>;
 

@@ -130,19 +130,33 @@ pub(super) fn stale_reason(task: &TaskRecord, worker: &WorkerId, epoch: Epoch) -
             task.epoch
         ),
         TaskState::Failed => "the task already failed for good".to_string(),
-        TaskState::Leased if task.epoch != epoch => format!(
-            "lease lost: epoch {epoch} < {} (the lease expired and the task went to {})",
-            task.epoch,
-            task.holder()
-                .map(|w| w.as_str())
-                .unwrap_or("another worker")
+        _ if epoch > task.epoch => format!(
+            "epoch {epoch} was never issued for this task (the latest is epoch {})",
+            task.epoch
         ),
+        TaskState::Leased if task.epoch != epoch => {
+            let holder = task
+                .holder()
+                .map(|w| w.as_str())
+                .unwrap_or("another worker");
+            if holder == worker.as_str() {
+                format!(
+                    "epoch {epoch} is stale: this worker holds the task under epoch {}",
+                    task.epoch
+                )
+            } else {
+                format!(
+                    "epoch {epoch} is stale: the lease expired and {holder} holds the task under epoch {}",
+                    task.epoch
+                )
+            }
+        }
         TaskState::Leased => format!(
             "lease held by {}, not {worker}",
             task.holder().map(|w| w.as_str()).unwrap_or("nobody")
         ),
         TaskState::Queued => format!(
-            "lease lost: epoch {epoch} expired and the task is queued again (epoch {})",
+            "epoch {epoch} expired and the task is queued again (epoch {})",
             task.epoch
         ),
     }

@@ -157,11 +157,17 @@ local function stale_reason(tid, worker, epoch)
     return 'task already completed under epoch ' .. cur .. ' (this report: epoch ' .. epoch .. ')'
   end
   if state == TASK_FAILED then return 'the task already failed for good' end
+  if epoch > cur then
+    return 'epoch ' .. epoch .. ' was never issued for this task (the latest is epoch ' .. cur .. ')'
+  end
   if state == TASK_LEASED and cur ~= epoch then
-    return 'lease lost: epoch ' .. epoch .. ' < ' .. cur .. ' (the lease expired and the task went to ' .. holder .. ')'
+    if holder == worker then
+      return 'epoch ' .. epoch .. ' is stale: this worker holds the task under epoch ' .. cur
+    end
+    return 'epoch ' .. epoch .. ' is stale: the lease expired and ' .. holder .. ' holds the task under epoch ' .. cur
   end
   if state == TASK_LEASED then return 'lease held by ' .. holder .. ', not ' .. worker end
-  return 'lease lost: epoch ' .. epoch .. ' expired and the task is queued again (epoch ' .. cur .. ')'
+  return 'epoch ' .. epoch .. ' expired and the task is queued again (epoch ' .. cur .. ')'
 end
 
 local function holds(tid, worker, epoch)
