@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
+use crate::convert;
 use crate::link::Link;
 use crate::render::{RenderError, RenderTask, Renderer};
 use crate::render_thread::{self, RenderControl, RenderThread};
@@ -167,7 +168,12 @@ impl Agent {
             labels: self.config.labels.clone().into_iter().collect(),
             gpu_memory_bytes: 0,
             slots: self.config.slots,
-            models: self.renderer.models(),
+            models: self
+                .renderer
+                .models()
+                .into_iter()
+                .map(convert::model_info)
+                .collect(),
             determinism_class: self.renderer.determinism_class(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         }
@@ -442,7 +448,7 @@ async fn report(
                     FaultClass::Cancelled,
                     "the worker stopped: task handed back".to_string(),
                 ),
-                other => (other.fault(), other.to_string()),
+                other => (convert::fault(other), other.to_string()),
             };
             tracing::warn!(worker = %shared.worker, %task, %epoch, ?fault, error = %message, "render failed");
             let req = pb::FailRequest {

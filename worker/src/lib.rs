@@ -13,6 +13,8 @@
 /// The agent loop: register, lease, heartbeat, report.
 pub mod agent;
 pub mod catalog;
+/// Conversions between the worker's types and the wire messages.
+pub mod convert;
 /// The gRPC client to the coordinator.
 pub mod link;
 /// The renderers.

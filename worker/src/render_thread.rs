@@ -260,7 +260,7 @@ mod tests {
     }
 
     impl Renderer for Recording {
-        fn models(&self) -> Vec<kiln_proto::pb::ModelInfo> {
+        fn models(&self) -> Vec<crate::render::ModelInfo> {
             self.sim.models()
         }
 

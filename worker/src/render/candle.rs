@@ -20,9 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::Device;
-use kiln_proto::pb::ModelInfo;
 
-use super::{RenderError, RenderTask, Rendered, Renderer};
+use super::{ModelInfo, RenderError, RenderTask, Rendered, Renderer};
 use crate::catalog::{CatalogEntry, OverBudget, Residency, format_size};
 use kiln_diffusion::determinism_class;
 use kiln_diffusion::output::encode_png;

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 
 use kiln_domain::recipe::{BatchKey, Recipe, check_model_name};
 use kiln_proto::error::FieldError;
-use kiln_proto::pb::{FaultClass, ModelInfo};
 
 pub use self::candle::{CandleRenderer, LoadError};
 pub use kiln_diffusion::{DeviceError, determinism_class, open_device};
@@ -102,17 +101,14 @@ pub enum RenderError {
     Internal(String),
 }
 
-impl RenderError {
-    /// Returns the fault class reported to the coordinator.
-    pub fn fault(&self) -> FaultClass {
-        match self {
-            RenderError::Cancelled => FaultClass::Cancelled,
-            RenderError::BadInput(_) => FaultClass::BadInput,
-            RenderError::Model { .. } => FaultClass::ModelLoad,
-            RenderError::OutOfMemory(_) => FaultClass::OutOfMemory,
-            RenderError::Internal(_) => FaultClass::Internal,
-        }
-    }
+/// A model a renderer holds, as it announces it: the catalog name and the
+/// content hash that pins what the name means.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// Catalog name.
+    pub name: String,
+    /// Content hash of the model's files, hex.
+    pub hash: String,
 }
 
 /// Turns recipes into PNG images.

@@ -8,11 +8,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kiln_proto::pb::ModelInfo;
 use kiln_proto::recipe::Recipe;
 use sha2::{Digest, Sha256};
 
-use super::{RenderError, RenderTask, Rendered, Renderer};
+use super::{ModelInfo, RenderError, RenderTask, Rendered, Renderer};
 use kiln_diffusion::output::{RgbImage, encode_png_with};
 
 /// Determinism class of every sim worker.
