@@ -525,7 +525,7 @@ fn every_sampler_renders_the_same_bytes_in_another_process() -> TestResult {
     let output = std::process::Command::new(std::env::current_exe()?)
         .args([
             "--exact",
-            "pipeline::tests::print_sampler_image_hashes",
+            "tests::print_sampler_image_hashes",
             "--nocapture",
             "--test-threads=1",
         ])
