@@ -772,6 +772,68 @@ pub async fn a_failed_anchor_fails_its_shots(store: &dyn Store) {
     assert_eq!(store.job(id).await.unwrap().counts.queued, 0);
 }
 
+/// Found by the differential test: with every unfinished task leased, the
+/// Redis cancel script failed halfway (the job marked cancelled, its leases
+/// not ended).
+pub async fn cancelling_a_job_whose_tasks_are_all_leased(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(2, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let leases = claim(store, "w1", 2).await;
+    assert_eq!(leases.len(), 2);
+    let cancelled = store.cancel_job(id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(
+        cancelled.counts,
+        TaskCounts {
+            total: 2,
+            cancelled: 2,
+            ..Default::default()
+        }
+    );
+    assert!(store.running(id).await.unwrap().is_empty());
+    assert!(store.workers().await.unwrap()[0].running.is_empty());
+}
+
+/// Found by the differential test: Redis ended the waiting shots of a
+/// cancelled job a second time when it ended the anchor's lease.
+pub async fn cancelling_a_job_with_a_leased_anchor_cancels_each_shot_once(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = series_job(2);
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let anchor = claim(store, "w1", 1).await.remove(0);
+    let cancelled = store.cancel_job(id).await.unwrap();
+    assert_eq!(
+        cancelled.counts,
+        TaskCounts {
+            total: 3,
+            cancelled: 3,
+            ..Default::default()
+        }
+    );
+    let tasks = store.tasks(id).await.unwrap();
+    assert!(tasks.iter().all(|t| t.state == TaskState::Cancelled));
+    let events = store.events(id, 0, 100).await.unwrap();
+    let cancelled_events: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Cancelled)
+        .map(|e| e.task)
+        .collect();
+    assert_eq!(
+        cancelled_events,
+        vec![Some(anchor.task)],
+        "only the lease ends with an event; the shots were never leased"
+    );
+}
+
 pub async fn a_series_stays_on_one_determinism_class(store: &dyn Store) {
     store
         .register_worker(registration_of("f32-a", &["tiny"], "cpu/f32"))
@@ -1115,6 +1177,8 @@ macro_rules! store_conformance {
             replayed_completion_is_accepted_again,
             shots_wait_for_their_anchor,
             a_failed_anchor_fails_its_shots,
+            cancelling_a_job_with_a_leased_anchor_cancels_each_shot_once,
+            cancelling_a_job_whose_tasks_are_all_leased,
             a_series_stays_on_one_determinism_class,
             equal_priority_jobs_share_fairly,
             workers_keep_to_their_resident_model,
