@@ -772,6 +772,78 @@ pub async fn a_failed_anchor_fails_its_shots(store: &dyn Store) {
     assert_eq!(store.job(id).await.unwrap().counts.queued, 0);
 }
 
+/// Found by the differential test: Redis kept the batch key a shot had
+/// before its anchor's image became its init image, and filled a free slot
+/// with it as if it were a text-to-image task.
+pub async fn a_shot_is_not_batched_with_text_to_image_tasks(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let series = series_job(1);
+    let shot = series.tasks[1].id;
+    store.create_job(series).await.unwrap();
+    let anchor = claim(store, "w1", 1).await.remove(0);
+    store
+        .complete(&worker("w1"), anchor.task, anchor.epoch, result())
+        .await
+        .unwrap();
+    let mut wide = new_job(1, "tiny");
+    wide.priority = 1;
+    wide.tasks[0].recipe.seed = 200;
+    wide.tasks[0].recipe.width = 128;
+    let wide_task = wide.tasks[0].id;
+    let mut first = new_job(1, "tiny");
+    first.priority = 2;
+    first.tasks[0].recipe.seed = 100;
+    let first_task = first.tasks[0].id;
+    store.create_job(wide).await.unwrap();
+    store.create_job(first).await.unwrap();
+    let leases = claim(store, "w1", 2).await;
+    assert_eq!(
+        leases.iter().map(|l| l.task).collect::<Vec<_>>(),
+        [first_task, wide_task],
+        "no task shares the first one's batch, so the second slot goes by priority; the shot {shot} starts from an image"
+    );
+}
+
+/// Found by the differential test: when a claim served an anchor from an
+/// earlier result, Redis did not see the shots that released, and leased
+/// lower-priority work instead.
+pub async fn shots_released_by_a_served_anchor_are_leased_in_the_same_claim(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    // An earlier render of the anchor's recipe.
+    store.create_job(new_job(1, "tiny")).await.unwrap();
+    let earlier = claim(store, "w1", 1).await.remove(0);
+    store
+        .complete(&worker("w1"), earlier.task, earlier.epoch, result())
+        .await
+        .unwrap();
+    let mut series = series_job(1);
+    series.priority = 1;
+    let (anchor, shot) = (series.tasks[0].id, series.tasks[1].id);
+    store.create_job(series).await.unwrap();
+    let mut low = new_job(1, "tiny");
+    low.tasks[0].recipe.seed = 500;
+    store.create_job(low).await.unwrap();
+    let c = store
+        .claim(&worker("w1"), 1, TTL, NO_WAIT, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        c.deduped.iter().map(|d| d.task).collect::<Vec<_>>(),
+        [anchor]
+    );
+    assert_eq!(
+        c.leases.iter().map(|l| l.task).collect::<Vec<_>>(),
+        [shot],
+        "the released shot outranks the lower-priority job"
+    );
+}
+
 /// Found by the differential test: with every unfinished task leased, the
 /// Redis cancel script failed halfway (the job marked cancelled, its leases
 /// not ended).
@@ -1179,6 +1251,8 @@ macro_rules! store_conformance {
             a_failed_anchor_fails_its_shots,
             cancelling_a_job_with_a_leased_anchor_cancels_each_shot_once,
             cancelling_a_job_whose_tasks_are_all_leased,
+            a_shot_is_not_batched_with_text_to_image_tasks,
+            shots_released_by_a_served_anchor_are_leased_in_the_same_claim,
             a_series_stays_on_one_determinism_class,
             equal_priority_jobs_share_fairly,
             workers_keep_to_their_resident_model,

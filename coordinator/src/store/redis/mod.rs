@@ -388,7 +388,12 @@ impl Store for RedisStore {
             );
             let avoid: Vec<&str> = t.avoid.iter().map(WorkerId::as_str).collect();
             owned.push(serde_json::to_string(&avoid).map_err(corrupt)?);
-            owned.push(batch_key(&t.recipe));
+            // A shot is leased with its anchor's image as init image: batch it as such.
+            let mut leased_as = t.recipe.clone();
+            if t.series.as_ref().is_some_and(|s| s.depends_on.is_some()) {
+                leased_as.init_image.get_or_insert_with(String::new);
+            }
+            owned.push(batch_key(&leased_as));
             owned.push(t.recipe.hash());
         }
         let mut args = vec![
