@@ -844,6 +844,54 @@ pub async fn shots_released_by_a_served_anchor_are_leased_in_the_same_claim(stor
     );
 }
 
+/// A shot's recipe includes its anchor's image: a shot of another anchor
+/// image is not served from it (Redis kept the recipe hash of the shot
+/// from before its init image was set).
+pub async fn a_shot_is_served_only_from_a_render_of_the_same_init_image(store: &dyn Store) {
+    for w in ["w1", "w2"] {
+        store
+            .register_worker(registration(w, &["tiny"]))
+            .await
+            .unwrap();
+    }
+    let a = series_job(1);
+    let b = series_job(1);
+    let b_shot = b.tasks[1].id;
+    store.create_job(a).await.unwrap();
+    store.create_job(b).await.unwrap();
+    // Both anchors render before either is done: two images of one recipe.
+    let a_anchor = claim(store, "w1", 1).await.remove(0);
+    let b_anchor = claim(store, "w2", 1).await.remove(0);
+    let mut other_image = result();
+    other_image.sha256 = "11".repeat(32);
+    store
+        .complete(&worker("w1"), a_anchor.task, a_anchor.epoch, result())
+        .await
+        .unwrap();
+    store
+        .complete(&worker("w2"), b_anchor.task, b_anchor.epoch, other_image)
+        .await
+        .unwrap();
+    let a_shot = claim(store, "w1", 1).await.remove(0);
+    store
+        .complete(&worker("w1"), a_shot.task, a_shot.epoch, result())
+        .await
+        .unwrap();
+    let c = store
+        .claim(&worker("w2"), 1, TTL, NO_WAIT, &[])
+        .await
+        .unwrap();
+    assert!(
+        c.deduped.is_empty(),
+        "the shot of the other anchor image is not that render: {:?}",
+        c.deduped
+    );
+    assert_eq!(
+        c.leases.iter().map(|l| l.task).collect::<Vec<_>>(),
+        [b_shot]
+    );
+}
+
 /// Found by the differential test: with every unfinished task leased, the
 /// Redis cancel script failed halfway (the job marked cancelled, its leases
 /// not ended).
@@ -1253,6 +1301,7 @@ macro_rules! store_conformance {
             cancelling_a_job_whose_tasks_are_all_leased,
             a_shot_is_not_batched_with_text_to_image_tasks,
             shots_released_by_a_served_anchor_are_leased_in_the_same_claim,
+            a_shot_is_served_only_from_a_render_of_the_same_init_image,
             a_series_stays_on_one_determinism_class,
             equal_priority_jobs_share_fairly,
             workers_keep_to_their_resident_model,

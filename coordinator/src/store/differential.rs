@@ -549,7 +549,7 @@ impl Generator {
         // when none is held), so work flows: most leases end in a report.
         match roll {
             0..8 => self.register(),
-            8..20 => self.submit(),
+            8..20 => self.submit(snap),
             44..51 if !leases.is_empty() => self.heartbeat(&leases, &history),
             51..74 if !leases.is_empty() => self.complete(&leases, &history),
             74..86 if !leases.is_empty() => self.fail(&leases, &history),
@@ -651,32 +651,44 @@ impl Generator {
         }
     }
 
-    fn submit(&mut self) -> Op {
+    fn submit(&mut self, snap: &Snapshot) -> Op {
         self.submitted += 1;
         // Readable ids that grow with submission: case seed, job number, task index.
         let base = (u128::from(self.seed) << 64) | (u128::from(self.submitted) << 16);
         let n = self.rng.between(1, 6) as u32;
         let job_models = [self.rng.pick(&MODELS), self.rng.pick(&MODELS)];
-        // A series: an anchor at some index, its shots after it, plain tasks before it.
-        let anchor = (n >= 2 && self.rng.chance(30)).then(|| self.rng.below(n as usize - 1) as u32);
+        // A series from position `a` on: an anchor there and its shots after
+        // it, plain tasks before it; or, now and then, shots only, from a
+        // reference image, here one a task of the case rendered, so a shot
+        // of a reference series can equal another series' released shot.
+        let start = (n >= 2 && self.rng.chance(30)).then(|| self.rng.below(n as usize - 1) as u32);
+        let images: Vec<String> = snap
+            .tasks()
+            .filter_map(|t| Some(t.result.as_ref()?.sha256.clone()))
+            .collect();
+        let reference = (start.is_some() && !images.is_empty() && self.rng.chance(30))
+            .then(|| self.rng.pick(&images));
+        let anchor = start.filter(|_| reference.is_none());
         let mut tasks = Vec::with_capacity(n as usize);
         for index in 0..n {
             let model = self.rng.pick(&job_models);
             let mut recipe = self.recipe(model);
-            let series = match anchor {
-                Some(a) if index == a => Some(SeriesPlace {
+            let series = match (start, &reference) {
+                (Some(a), None) if index == a => Some(SeriesPlace {
                     name: "mira".into(),
                     shot: 0,
                     depends_on: None,
                 }),
-                Some(a) if index > a => {
-                    // As the spec expansion makes shots: they start from the anchor's image.
+                (Some(a), _) if index > a || (index == a && reference.is_some()) => {
+                    // As the spec expansion makes shots: they start from the
+                    // anchor's image, or the reference image.
                     recipe.strength = 0.5;
                     recipe.noise_seed = Some(recipe.seed);
+                    recipe.init_image = reference.clone();
                     Some(SeriesPlace {
                         name: "mira".into(),
-                        shot: index - a,
-                        depends_on: Some(a),
+                        shot: index - a + u32::from(reference.is_some()),
+                        depends_on: anchor,
                     })
                 }
                 _ => None,
@@ -691,7 +703,7 @@ impl Generator {
             });
         }
         // Now and then a verification job: fixed class, avoid list, no dedupe.
-        let verification = anchor.is_none() && self.rng.chance(6);
+        let verification = start.is_none() && self.rng.chance(6);
         if verification {
             let avoid = WorkerId(self.rng.pick(&WORKERS).to_string());
             for t in &mut tasks {
@@ -714,7 +726,7 @@ impl Generator {
                 .then(|| format!("key-{}", self.rng.below(3))),
             tasks,
             blobs: Vec::new(),
-            pin_class: anchor.is_some() || verification || self.rng.chance(10),
+            pin_class: start.is_some() || verification || self.rng.chance(10),
             class: verification.then(|| self.rng.pick(&CLASSES).to_string()),
             dedupe: !verification && self.rng.chance(85),
             verify_of,

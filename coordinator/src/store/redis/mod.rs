@@ -394,7 +394,15 @@ impl Store for RedisStore {
                 leased_as.init_image.get_or_insert_with(String::new);
             }
             owned.push(batch_key(&leased_as));
-            owned.push(t.recipe.hash());
+            // The dedupe key: the recipe's hash without its init image, then
+            // the init image, so a shot's key is completed in Lua when its
+            // anchor's image arrives (`release_dependents`). Equal keys still
+            // mean equal recipes, and a recipe without one keeps its plain hash.
+            let mut base = t.recipe.clone();
+            owned.push(match base.init_image.take() {
+                Some(sha) => format!("{}:{sha}", base.hash()),
+                None => base.hash(),
+            });
         }
         let mut args = vec![
             Arg::Str(&id),
