@@ -191,9 +191,9 @@ impl Op {
     /// promises: a re-registration walks the worker's lease *set* and a
     /// cancel the job's leased *set* (Redis `SMEMBERS`, unordered; the memory
     /// store walks them in id order). Their events are compared as a multiset.
-    /// (A reap ends leases in deadline order, then by id in both stores, and
-    /// every lease a reap here finds due got its zero TTL in one call, so one
-    /// deadline: its events are compared in order.)
+    /// (A reap ends leases by deadline, then id, in Redis and by id in the
+    /// memory store; every lease a reap here finds due got its zero TTL in
+    /// one call, so one deadline, and its events are compared in order.)
     fn ends_leases_unordered(&self) -> bool {
         matches!(self, Op::Register(_) | Op::Cancel(_))
     }
