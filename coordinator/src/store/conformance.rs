@@ -771,6 +771,188 @@ pub async fn a_failed_anchor_fails_its_shots(store: &dyn Store) {
     assert_eq!(store.job(id).await.unwrap().counts.queued, 0);
 }
 
+/// Found by the differential test: Redis kept the batch key a shot had
+/// before its anchor's image became its init image, and filled a free slot
+/// with it as if it were a text-to-image task.
+pub async fn a_shot_is_not_batched_with_text_to_image_tasks(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let series = series_job(1);
+    let shot = series.tasks[1].id;
+    store.create_job(series).await.unwrap();
+    let anchor = claim(store, "w1", 1).await.remove(0);
+    store
+        .complete(&worker("w1"), anchor.task, anchor.epoch, result())
+        .await
+        .unwrap();
+    let mut wide = new_job(1, "tiny");
+    wide.priority = 1;
+    wide.tasks[0].recipe.seed = 200;
+    wide.tasks[0].recipe.width = 128;
+    let wide_task = wide.tasks[0].id;
+    let mut first = new_job(1, "tiny");
+    first.priority = 2;
+    first.tasks[0].recipe.seed = 100;
+    let first_task = first.tasks[0].id;
+    store.create_job(wide).await.unwrap();
+    store.create_job(first).await.unwrap();
+    let leases = claim(store, "w1", 2).await;
+    assert_eq!(
+        leases.iter().map(|l| l.task).collect::<Vec<_>>(),
+        [first_task, wide_task],
+        "no task shares the first one's batch, so the second slot goes by priority; the shot {shot} starts from an image"
+    );
+}
+
+/// Found by the differential test: when a claim served an anchor from an
+/// earlier result, Redis did not see the shots that released, and leased
+/// lower-priority work instead.
+pub async fn shots_released_by_a_served_anchor_are_leased_in_the_same_claim(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    // An earlier render of the anchor's recipe.
+    store.create_job(new_job(1, "tiny")).await.unwrap();
+    let earlier = claim(store, "w1", 1).await.remove(0);
+    store
+        .complete(&worker("w1"), earlier.task, earlier.epoch, result())
+        .await
+        .unwrap();
+    let mut series = series_job(1);
+    series.priority = 1;
+    let (anchor, shot) = (series.tasks[0].id, series.tasks[1].id);
+    store.create_job(series).await.unwrap();
+    let mut low = new_job(1, "tiny");
+    low.tasks[0].recipe.seed = 500;
+    store.create_job(low).await.unwrap();
+    let c = store
+        .claim(&worker("w1"), 1, TTL, NO_WAIT, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        c.deduped.iter().map(|d| d.task).collect::<Vec<_>>(),
+        [anchor]
+    );
+    assert_eq!(
+        c.leases.iter().map(|l| l.task).collect::<Vec<_>>(),
+        [shot],
+        "the released shot outranks the lower-priority job"
+    );
+}
+
+/// A shot's recipe includes its anchor's image: a shot of another anchor
+/// image is not served from it (Redis kept the recipe hash of the shot
+/// from before its init image was set).
+pub async fn a_shot_is_served_only_from_a_render_of_the_same_init_image(store: &dyn Store) {
+    for w in ["w1", "w2"] {
+        store
+            .register_worker(registration(w, &["tiny"]))
+            .await
+            .unwrap();
+    }
+    let a = series_job(1);
+    let b = series_job(1);
+    let b_shot = b.tasks[1].id;
+    store.create_job(a).await.unwrap();
+    store.create_job(b).await.unwrap();
+    // Both anchors render before either is done: two images of one recipe.
+    let a_anchor = claim(store, "w1", 1).await.remove(0);
+    let b_anchor = claim(store, "w2", 1).await.remove(0);
+    let mut other_image = result();
+    other_image.sha256 = "11".repeat(32);
+    store
+        .complete(&worker("w1"), a_anchor.task, a_anchor.epoch, result())
+        .await
+        .unwrap();
+    store
+        .complete(&worker("w2"), b_anchor.task, b_anchor.epoch, other_image)
+        .await
+        .unwrap();
+    let a_shot = claim(store, "w1", 1).await.remove(0);
+    store
+        .complete(&worker("w1"), a_shot.task, a_shot.epoch, result())
+        .await
+        .unwrap();
+    let c = store
+        .claim(&worker("w2"), 1, TTL, NO_WAIT, &[])
+        .await
+        .unwrap();
+    assert!(
+        c.deduped.is_empty(),
+        "the shot of the other anchor image is not that render: {:?}",
+        c.deduped
+    );
+    assert_eq!(
+        c.leases.iter().map(|l| l.task).collect::<Vec<_>>(),
+        [b_shot]
+    );
+}
+
+/// Found by the differential test: with every unfinished task leased, the
+/// Redis cancel script failed halfway (the job marked cancelled, its leases
+/// not ended).
+pub async fn cancelling_a_job_whose_tasks_are_all_leased(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = new_job(2, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let leases = claim(store, "w1", 2).await;
+    assert_eq!(leases.len(), 2);
+    let cancelled = store.cancel_job(id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(
+        cancelled.counts,
+        TaskCounts {
+            total: 2,
+            cancelled: 2,
+            ..Default::default()
+        }
+    );
+    assert!(store.running(id).await.unwrap().is_empty());
+    assert!(store.workers().await.unwrap()[0].running.is_empty());
+}
+
+/// Found by the differential test: Redis ended the waiting shots of a
+/// cancelled job a second time when it ended the anchor's lease.
+pub async fn cancelling_a_job_with_a_leased_anchor_cancels_each_shot_once(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]))
+        .await
+        .unwrap();
+    let job = series_job(2);
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let anchor = claim(store, "w1", 1).await.remove(0);
+    let cancelled = store.cancel_job(id).await.unwrap();
+    assert_eq!(
+        cancelled.counts,
+        TaskCounts {
+            total: 3,
+            cancelled: 3,
+            ..Default::default()
+        }
+    );
+    let tasks = store.tasks(id).await.unwrap();
+    assert!(tasks.iter().all(|t| t.state == TaskState::Cancelled));
+    let events = store.events(id, 0, 100).await.unwrap();
+    let cancelled_events: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Cancelled)
+        .map(|e| e.task)
+        .collect();
+    assert_eq!(
+        cancelled_events,
+        vec![Some(anchor.task)],
+        "only the lease ends with an event; the shots were never leased"
+    );
+}
+
 pub async fn a_series_stays_on_one_determinism_class(store: &dyn Store) {
     store
         .register_worker(registration_of("f32-a", &["tiny"], "cpu/f32"))
@@ -1281,6 +1463,11 @@ macro_rules! store_conformance {
             replayed_completion_is_accepted_again,
             shots_wait_for_their_anchor,
             a_failed_anchor_fails_its_shots,
+            cancelling_a_job_with_a_leased_anchor_cancels_each_shot_once,
+            cancelling_a_job_whose_tasks_are_all_leased,
+            a_shot_is_not_batched_with_text_to_image_tasks,
+            shots_released_by_a_served_anchor_are_leased_in_the_same_claim,
+            a_shot_is_served_only_from_a_render_of_the_same_init_image,
             a_series_stays_on_one_determinism_class,
             equal_priority_jobs_share_fairly,
             workers_keep_to_their_resident_model,

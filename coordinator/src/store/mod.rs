@@ -190,3 +190,5 @@ pub trait Store: Send + Sync + 'static {
 
 #[cfg(test)]
 pub(crate) mod conformance;
+#[cfg(test)]
+mod differential;

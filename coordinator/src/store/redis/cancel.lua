@@ -17,11 +17,16 @@ for _, m in ipairs(redis.call('SMEMBERS', k('job', job, 'models'))) do
 end
 for _, tid in ipairs(redis.call('SMEMBERS', k('job', job, 'waiting'))) do
   redis.call('HSET', k('task', tid), 'state', TASK_CANCELLED)
+  -- And its anchor's list of waiting shots: ending a leased anchor below must not end them twice.
+  redis.call('DEL', k('job', job, 'waiting', redis.call('HGET', k('task', tid), 'depends')))
   n = n + 1
 end
 redis.call('DEL', k('job', job, 'waiting'))
-redis.call('HINCRBY', jk, TASK_QUEUED, -n)
-redis.call('HINCRBY', jk, TASK_CANCELLED, n)
+-- Only when n > 0: for n = 0, Lua sends -n as "-0", which HINCRBY refuses.
+if n > 0 then
+  redis.call('HINCRBY', jk, TASK_QUEUED, -n)
+  redis.call('HINCRBY', jk, TASK_CANCELLED, n)
+end
 for _, tid in ipairs(redis.call('SMEMBERS', k('job', job, 'leased'))) do
   end_lease(tid, OUTCOME_CANCELLED, FAULT_CANCELLED, 'job cancelled', TASK_CANCELLED, EV_CANCELLED, true)
 end

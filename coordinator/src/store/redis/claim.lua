@@ -106,27 +106,45 @@ local function try_dedupe(j, tid, model)
 end
 
 -- The first claimable task of each allowed job, in item order, deduping on the way.
+-- As in the memory store: the worker's models with queued tasks when the
+-- job's turn comes, in name order; each model's head is its first allowed
+-- task not served from an earlier result, its queue read again after every
+-- dedupe (serving an anchor may have queued its shots).
 local first_choice, first_resident
 for _, j in ipairs(jobs) do
   if first_resident then break end
   if job_allows(j) then
-    local cands = {}
+    local held = {}
     for _, model in ipairs(redis.call('SMEMBERS', k('job', j.id, 'models'))) do
-      if models[model] ~= nil then
-        -- A few candidates per model: the first usually fits; more step over avoided tasks.
+      if models[model] ~= nil and redis.call('ZCARD', k('q', j.id, model)) > 0 then
+        table.insert(held, model)
+      end
+    end
+    table.sort(held)
+    local heads = {}
+    for _, model in ipairs(held) do
+      local again = true
+      while again do
+        again = false
+        -- A few candidates: the first usually fits; more step over avoided tasks.
         local ids = redis.call('ZRANGE', k('q', j.id, model), 0, max + CLAIM_LOOKAHEAD - 1, 'WITHSCORES')
         for i = 1, #ids, 2 do
-          table.insert(cands, {tid = ids[i], index = tonumber(ids[i + 1]), model = model})
+          if task_allows(j, ids[i], model) then
+            if try_dedupe(j, ids[i], model) then
+              again = true
+            else
+              table.insert(heads, {tid = ids[i], index = tonumber(ids[i + 1]), model = model})
+            end
+            break
+          end
         end
       end
     end
-    table.sort(cands, function(a, b) return a.index < b.index end)
-    for _, c in ipairs(cands) do
-      if task_allows(j, c.tid, c.model) and not try_dedupe(j, c.tid, c.model) then
-        local pick = {tid = c.tid, job = j, model = c.model, priority = j.priority}
-        if not first_choice then first_choice = pick end
-        if resident[c.model] then first_resident = pick; break end
-      end
+    table.sort(heads, function(a, b) return a.index < b.index end)
+    for _, h in ipairs(heads) do
+      local pick = {tid = h.tid, job = j, model = h.model, priority = j.priority}
+      if not first_choice then first_choice = pick end
+      if resident[h.model] then first_resident = pick; break end
     end
   end
 end

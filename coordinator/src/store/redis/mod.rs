@@ -348,7 +348,15 @@ impl Store for RedisStore {
             owned.push(serde_json::to_string(&avoid).map_err(corrupt)?);
             let waits = t.series.as_ref().is_some_and(|s| s.depends_on.is_some());
             owned.push(task_batch_key(&t.recipe, waits));
-            owned.push(t.recipe.hash());
+            // The dedupe key: the recipe's hash without its init image, then
+            // the init image, so a shot's key is completed in Lua when its
+            // anchor's image arrives (`release_dependents`). Equal keys still
+            // mean equal recipes, and a recipe without one keeps its plain hash.
+            let mut base = t.recipe.clone();
+            owned.push(match base.init_image.take() {
+                Some(sha) => format!("{}:{sha}", base.hash()),
+                None => base.hash(),
+            });
         }
         // enqueue.lua reads TASK_ARGS values per task.
         debug_assert_eq!(owned.len(), job.tasks.len() * TASK_ARGS);

@@ -74,8 +74,9 @@ local function release_dependents(job, index, sha)
   local shots = redis.call('LRANGE', list, 0, -1)
   if #shots == 0 then return end
   for _, tid in ipairs(shots) do
-    local f = redis.call('HMGET', k('task', tid), 'index', 'model')
-    redis.call('HSET', k('task', tid), 'init', sha)
+    local f = redis.call('HMGET', k('task', tid), 'index', 'model', 'rhash')
+    -- The init image is part of the recipe, so of its dedupe key (see create_job).
+    redis.call('HSET', k('task', tid), 'init', sha, 'rhash', f[3] .. ':' .. sha)
     redis.call('SREM', k('job', job, 'waiting'), tid)
     requeue(job, tid, tonumber(f[1]), f[2])
   end
