@@ -75,18 +75,14 @@ fn main() -> ExitCode {
             if is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("kiln: {}", first_line(&e));
+            // The message may carry a hint on a second line, printed as written.
+            eprintln!("kiln: {e}");
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
             ExitCode::FAILURE
         }
     }
-}
-
-/// Prints the message; a second line (a hint) stays as written.
-fn first_line(e: &anyhow::Error) -> String {
-    e.to_string()
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
