@@ -58,6 +58,27 @@ pub enum CoordinatorError {
     /// The coordinator is stopping; the call can be made again elsewhere or later.
     #[error("the coordinator is shutting down; watch again from your cursor")]
     ShuttingDown,
+    /// Leases were claimed but their answer could not be built (a deduplicated
+    /// image not published, an input image unreadable); they were handed back.
+    /// Never `NOT_FOUND`, whatever the cause: a worker takes that answer to a
+    /// Lease as "your session is gone" and registers again, dropping its work.
+    #[error("the leased tasks could not be sent and were handed back: {0}")]
+    LeaseNotSent(Box<CoordinatorError>),
+}
+
+impl CoordinatorError {
+    /// Returns true when the same call may succeed later without any change:
+    /// the store or the result store was unreachable, or the coordinator is
+    /// stopping.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_retryable(),
+            Self::ResultStore(e) => e.is_transient(),
+            Self::ShuttingDown => true,
+            Self::LeaseNotSent(inner) => inner.is_transient(),
+            _ => false,
+        }
+    }
 }
 
 /// Result of a coordinator step.
@@ -249,6 +270,8 @@ impl CoordinatorError {
                 Code::FailedPrecondition
             }
             Self::ShuttingDown => Code::Unavailable,
+            Self::LeaseNotSent(inner) if inner.is_transient() => Code::Unavailable,
+            Self::LeaseNotSent(_) => Code::Internal,
         }
     }
 }

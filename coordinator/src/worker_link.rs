@@ -143,27 +143,41 @@ async fn lease(core: &Core, req: pb::LeaseRequest) -> CoordinatorResult<pb::Leas
     };
     match lease_response(core, &worker, &claim).await {
         Ok(response) => Ok(response),
-        Err(e) => {
+        Err((broken, e)) => {
             // The worker never learns of these leases: hand them back now
-            // rather than let them wait for their TTL and cost an attempt.
-            hand_back(core, &worker, &claim.leases, &e.to_string()).await;
-            Err(e)
+            // rather than let them wait for their TTL and cost an attempt. A
+            // lease whose own inputs are lost for good (its anchor's image is
+            // gone) is failed instead, so its attempts run out rather than
+            // being leased again and again.
+            let why = e.to_string();
+            for l in &claim.leases {
+                let permanent = broken == Some(l.task) && !e.is_transient();
+                let fault = if permanent {
+                    Fault::Internal
+                } else {
+                    Fault::Cancelled
+                };
+                hand_back(core, &worker, l, fault, &why).await;
+            }
+            Err(CoordinatorError::LeaseNotSent(Box::new(e)))
         }
     }
 }
 
 /// Builds the answer to a claim: publishes the images of deduplicated tasks,
-/// finalizes the jobs they finished, and reads the blobs of every lease.
+/// finalizes the jobs they finished, and reads the blobs of every lease. On
+/// failure, names the lease whose blobs could not be read, if it was one.
 async fn lease_response(
     core: &Core,
     worker: &WorkerId,
     claim: &Claim,
-) -> CoordinatorResult<pb::LeaseResponse> {
+) -> Result<pb::LeaseResponse, (Option<TaskId>, CoordinatorError)> {
     for d in &claim.deduped {
-        let folder = core.folder(d.job).await?;
+        let folder = core.folder(d.job).await.map_err(|e| (None, e))?;
         core.results
             .publish(&folder, &d.file_name, &d.source)
-            .await?;
+            .await
+            .map_err(|e| (None, e.into()))?;
         tracing::debug!(job = %d.job, task = %d.task, source = %d.source, "served from an earlier result");
     }
     for job in &claim.finished {
@@ -173,7 +187,7 @@ async fn lease_response(
     for l in &claim.leases {
         tracing::debug!(worker = %worker, job = %l.job, task = %l.task, index = l.index, epoch = %l.epoch, "leased");
         let mut task = convert::lease(l);
-        task.blobs = lease_blobs(core, l).await?;
+        task.blobs = lease_blobs(core, l).await.map_err(|e| (Some(l.task), e))?;
         tasks.push(task);
     }
     Ok(pb::LeaseResponse {
@@ -182,31 +196,29 @@ async fn lease_response(
     })
 }
 
-/// Hands back leases the worker will never hear of, through the store's
-/// hand-back path (a `Cancelled` fault from the holder): the tasks are queued
-/// again at once, and the attempt does not count against the limit.
-async fn hand_back(core: &Core, worker: &WorkerId, leases: &[Lease], why: &str) {
+/// Ends a lease the worker will never hear of through the store's fail path:
+/// with `Fault::Cancelled` it is handed back (queued again at once, no attempt
+/// used); with another fault it counts as a failed attempt.
+async fn hand_back(core: &Core, worker: &WorkerId, l: &Lease, fault: Fault, why: &str) {
     let message = format!("the coordinator could not send the lease: {why}");
-    for l in leases {
-        let handed = core
-            .store
-            .fail(
-                worker,
-                l.task,
-                l.epoch,
-                Fault::Cancelled,
-                &message,
-                core.config.max_attempts,
-            )
-            .await;
-        match handed {
-            Ok(_) => {
-                tracing::warn!(worker = %worker, job = %l.job, task = %l.task, epoch = %l.epoch, reason = %why, "lease handed back")
-            }
-            // The lease then expires and is reaped as before.
-            Err(e) => {
-                tracing::warn!(worker = %worker, task = %l.task, epoch = %l.epoch, error = %e, "could not hand a lease back")
-            }
+    let handed = core
+        .store
+        .fail(
+            worker,
+            l.task,
+            l.epoch,
+            fault,
+            &message,
+            core.config.max_attempts,
+        )
+        .await;
+    match handed {
+        Ok(_) => {
+            tracing::warn!(worker = %worker, job = %l.job, task = %l.task, epoch = %l.epoch, %fault, reason = %why, "lease not sent: handed back")
+        }
+        // The lease then expires and is reaped as before.
+        Err(e) => {
+            tracing::warn!(worker = %worker, task = %l.task, epoch = %l.epoch, error = %e, "could not hand a lease back")
         }
     }
 }
@@ -462,11 +474,13 @@ mod tests {
         }
     }
 
-    /// A shot whose anchor image cannot be read: the Lease call fails, and
-    /// the claimed lease must go back to the queue at once, without using
-    /// an attempt, instead of waiting for its TTL.
+    /// A shot whose anchor image is lost from the result store: the Lease
+    /// call fails without waiting for the leases' TTL, never as NOT_FOUND (the
+    /// worker would take it for a lost session). The loss costs the shot an
+    /// attempt each time, so it fails for good instead of being leased
+    /// forever; a task sent in the same answer is handed back free.
     #[tokio::test]
-    async fn a_lease_that_cannot_be_sent_is_handed_back() {
+    async fn a_lease_whose_input_is_lost_fails_its_task_and_spares_the_others() {
         let store = Arc::new(MemoryStore::new());
         let w = WorkerId("w1".into());
         store
@@ -492,7 +506,7 @@ mod tests {
                 project: "default".into(),
                 priority: 0,
                 idempotency_key: None,
-                tasks: vec![task(0, None), task(1, Some(0))],
+                tasks: vec![task(0, None), task(1, Some(0)), task(2, None)],
                 blobs: Vec::new(),
                 pin_class: true,
                 class: None,
@@ -527,22 +541,47 @@ mod tests {
             ResultStore::in_memory(),
             CoordinatorConfig::default(),
         ));
-        let service = WorkerLinkService::new(core);
-        let answer = service
-            .lease(Request::new(pb::LeaseRequest {
+        let service = WorkerLinkService::new(core.clone());
+        let lease = |max_tasks| {
+            service.lease(Request::new(pb::LeaseRequest {
                 worker_id: "w1".into(),
-                max_tasks: 1,
+                max_tasks,
                 wait_ms: 0,
                 resident_models: Vec::new(),
             }))
-            .await;
-        assert!(answer.is_err(), "the anchor image cannot be read");
+        };
+        // One answer with the shot and an innocent task of the same job.
+        let answer = lease(2).await;
+        let status = answer.expect_err("the anchor image cannot be read");
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
         let shot = store.task_at(job, 1).await.unwrap();
-        assert_eq!(shot.state, TaskState::Queued, "handed back at once");
+        assert_eq!(shot.state, TaskState::Queued, "queued again at once");
         assert_eq!(shot.attempts.len(), 1);
-        assert_eq!(shot.attempts[0].outcome, Outcome::Cancelled);
-        assert_eq!(shot.faults(), 0, "a hand-back uses no attempt");
-        let again = store.claim(&w, 1, ttl, Duration::ZERO, &[]).await.unwrap();
-        assert_eq!(again.leases.first().map(|l| l.task), Some(shot.id));
+        assert_eq!(shot.attempts[0].outcome, Outcome::Failed);
+        assert_eq!(shot.faults(), 1, "a lost input costs an attempt");
+        let innocent = store.task_at(job, 2).await.unwrap();
+        assert_eq!(innocent.state, TaskState::Queued, "handed back at once");
+        assert_eq!(innocent.attempts.len(), 1, "it was in the same answer");
+        assert_eq!(innocent.attempts[0].outcome, Outcome::Cancelled);
+        assert_eq!(innocent.faults(), 0, "a hand-back uses no attempt");
+        // The only worker keeps getting it until the policy gives up on it.
+        let mut calls = 1;
+        while store.task_at(job, 1).await.unwrap().state == TaskState::Queued {
+            assert!(calls < 10, "the shot is leased forever");
+            let status = lease(1).await.expect_err("still unreadable");
+            assert_ne!(status.code(), tonic::Code::NotFound);
+            calls += 1;
+        }
+        let shot = store.task_at(job, 1).await.unwrap();
+        assert_eq!(shot.state, TaskState::Failed, "{:?}", shot.attempts);
+        // The innocent task was never charged and is leased normally now.
+        let answer = lease(1)
+            .await
+            .expect("the innocent task is sent")
+            .into_inner();
+        let ids: Vec<String> = answer.tasks.iter().map(|t| t.task_id.clone()).collect();
+        let innocent = store.task_at(job, 2).await.unwrap();
+        assert_eq!(ids, [innocent.id.to_string()]);
+        assert_eq!(innocent.faults(), 0);
     }
 }
