@@ -27,7 +27,7 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use kiln_domain::error::FieldError;
+use kiln_domain::error::{FieldError, quote};
 use kiln_domain::spec::{
     self, Blob, ExpandedItem, FIELDS, FieldValue, JobSpec, RecipeFields, SeriesSpec, SweepAxis,
 };
@@ -287,7 +287,7 @@ impl Parser {
                     return Err(self.err(
                         other,
                         &span,
-                        format!("unknown key {other:?}; expected one of name, project, priority, defaults, sweep, zip, items, series"),
+                        format!("unknown key {}; expected one of name, project, priority, defaults, sweep, zip, items, series", quote(other)),
                     ));
                 }
             }
@@ -506,7 +506,8 @@ impl Parser {
                         &at,
                         &v.span(),
                         format!(
-                            "unknown field {other:?}; expected one of {}",
+                            "unknown field {}; expected one of {}",
+                            quote(other),
                             known.join(", ")
                         ),
                     ));
@@ -700,7 +701,7 @@ fn kind(v: &DeValue<'_>) -> &'static str {
 
 fn describe(v: &DeValue<'_>) -> String {
     match v {
-        DeValue::String(s) => format!("string {s:?}"),
+        DeValue::String(s) => format!("string {}", quote(s)),
         DeValue::Integer(i) => format!("integer {i}"),
         DeValue::Float(f) => format!("float {f}"),
         DeValue::Boolean(b) => format!("boolean {b}"),

@@ -4,10 +4,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kiln_proto::convert::job_spec_from_pb;
 use kiln_proto::error::{FieldError, quote};
 use kiln_proto::ids::{JobId, TaskId};
-use kiln_proto::pb;
 use kiln_proto::spec::{self, JobSpec};
 
 use crate::core::Core;
@@ -18,13 +16,13 @@ use crate::store::{JobRecord, ModelInfo, NewJob, NewTask};
 ///
 /// # Errors
 /// A field error naming the field and the value; nothing is queued then.
-pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> CoordinatorResult<(JobRecord, bool)> {
-    // Wire types stop here: the job is checked by the one validation every client runs.
-    let spec = req
-        .spec
-        .ok_or_else(|| FieldError::new("spec", "missing"))
-        .and_then(job_spec_from_pb)?;
-    spec::check_label("idempotency_key", &req.idempotency_key)?;
+pub async fn admit(
+    core: &Core,
+    mut spec: JobSpec,
+    idempotency_key: &str,
+) -> CoordinatorResult<(JobRecord, bool)> {
+    // The job is checked by the one validation every client runs.
+    spec::check_label("idempotency_key", idempotency_key)?;
     let id = JobId::new();
     // The random bits of the UUIDv7 seed the items that set no seed.
     let seed_base = u64::from_be_bytes(id.0.as_bytes()[8..16].try_into().unwrap_or([0; 8]));
@@ -42,7 +40,7 @@ pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> CoordinatorResult<
         name: spec.name.clone(),
         project,
         priority: spec.priority,
-        idempotency_key: (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
+        idempotency_key: (!idempotency_key.is_empty()).then(|| idempotency_key.to_string()),
         tasks: items
             .into_iter()
             .map(|i| NewTask {
@@ -54,10 +52,10 @@ pub async fn admit(core: &Core, req: pb::SubmitJobRequest) -> CoordinatorResult<
                 avoid: Vec::new(),
             })
             .collect(),
-        blobs: spec
-            .blobs
-            .iter()
-            .map(|b| (b.sha256.clone(), bytes::Bytes::from(b.data.clone())))
+        // Validated above: the bytes move into the job instead of being copied.
+        blobs: std::mem::take(&mut spec.blobs)
+            .into_iter()
+            .map(|b| (b.sha256, bytes::Bytes::from(b.data)))
             .collect(),
         // A series runs on one determinism class, so every shot reproduces.
         pin_class: !spec.series.is_empty(),

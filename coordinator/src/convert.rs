@@ -1,6 +1,7 @@
-//! Conversions between the store's records and enums and the wire messages:
-//! the only place where coordinator logic meets prost types, and the one
-//! mapping of the coordinator's state enums ([`JobState`](crate::store::JobState),
+//! Conversions between the coordinator's records, enums and results and the
+//! wire messages, from which the service handlers (`farm.rs`,
+//! `worker_link.rs`) build their answers; the one mapping of the
+//! coordinator's state enums ([`JobState`](crate::store::JobState),
 //! [`TaskState`](crate::store::TaskState), [`Fault`](crate::store::Fault),
 //! [`EventKind`](crate::store::EventKind),
 //! [`AbandonReason`](crate::store::AbandonReason)) to and from their
@@ -12,6 +13,7 @@ use crate::store::{
     AbandonReason, Attempt, Event, EventKind, Fault, JobRecord, JobState, Lease, ModelInfo,
     RunningTask, TaskCounts, TaskRecord, TaskState, WorkerRecord,
 };
+use crate::verify::Verification;
 
 /// Returns the wire job state.
 pub fn job_state(s: JobState) -> pb::JobState {
@@ -219,5 +221,21 @@ pub fn lease(l: &Lease) -> pb::LeasedTask {
         recipe: Some(kiln_proto::convert::recipe_to_pb(&l.recipe)),
         lease_ttl_ms: l.ttl.as_millis() as u32,
         blobs: Vec::new(),
+    }
+}
+
+/// Returns a verification's answer.
+pub fn verification(v: &Verification) -> pb::VerifyJobResponse {
+    pb::VerifyJobResponse {
+        job: v.job.as_ref().map(job),
+        original_index: v.original_index.clone(),
+        skipped: v
+            .skipped
+            .iter()
+            .map(|s| pb::SkippedItem {
+                index: s.index,
+                reason: s.reason.clone(),
+            })
+            .collect(),
     }
 }

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use kiln_proto::convert::job_spec_from_pb;
+use kiln_proto::error::FieldError;
 use kiln_proto::ids::{JobId, WorkerId};
 use kiln_proto::pb;
 use tokio::sync::mpsc;
@@ -126,9 +128,10 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::VerifyJobRequest>,
     ) -> Result<Response<pb::VerifyJobResponse>, Status> {
-        Ok(Response::new(
-            verify::verify(&self.core, request.into_inner()).await?,
-        ))
+        let req = request.into_inner();
+        let id = JobId::parse_field("job_id", &req.job_id).map_err(CoordinatorError::from)?;
+        let done = verify::verify(&self.core, id, req.sample as usize).await?;
+        Ok(Response::new(convert::verification(&done)))
     }
 
     async fn drain_worker(
@@ -145,7 +148,12 @@ async fn submit_job(
     core: &Core,
     req: pb::SubmitJobRequest,
 ) -> CoordinatorResult<pb::SubmitJobResponse> {
-    let (job, created) = admission::admit(core, req).await?;
+    // Wire types stop here: admission speaks the domain JobSpec.
+    let spec = req
+        .spec
+        .ok_or_else(|| FieldError::new("spec", "missing"))
+        .and_then(job_spec_from_pb)?;
+    let (job, created) = admission::admit(core, spec, &req.idempotency_key).await?;
     if created {
         tracing::info!(job = %job.id, tasks = job.counts.total, name = %job.name, project = %job.project, "job submitted");
     } else {

@@ -6,12 +6,10 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use kiln_domain::image::sha256_hex;
 use kiln_proto::ids::{JobId, TaskId};
-use kiln_proto::pb;
 
-use crate::convert;
 use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult};
-use crate::store::{NewJob, NewTask, TaskRecord};
+use crate::store::{JobRecord, NewJob, NewTask, TaskRecord};
 
 /// Picks `sample` of `n` positions spread evenly (all when `sample` is 0 or ≥ n).
 fn spread(n: usize, sample: usize) -> Vec<usize> {
@@ -21,16 +19,32 @@ fn spread(n: usize, sample: usize) -> Vec<usize> {
     (0..sample).map(|i| i * n / sample).collect()
 }
 
+/// What a verification request produced.
+#[derive(Debug)]
+pub struct Verification {
+    /// The verification job; `None` when no sampled item could be re-rendered.
+    pub job: Option<JobRecord>,
+    /// Index in the verification job -> index in the original job.
+    pub original_index: Vec<u32>,
+    /// Sampled items that cannot be re-rendered, and why.
+    pub skipped: Vec<Skipped>,
+}
+
+/// A sampled item a verification leaves out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// Its index in the original job.
+    pub index: u32,
+    /// Why it cannot be re-rendered.
+    pub reason: String,
+}
+
 /// Creates the verification job of a finished job.
 ///
 /// # Errors
 /// [`CoordinatorError::StillRunning`] for a running job and
 /// [`CoordinatorError::NothingToVerify`] for one without images.
-pub async fn verify(
-    core: &Core,
-    req: pb::VerifyJobRequest,
-) -> CoordinatorResult<pb::VerifyJobResponse> {
-    let id = JobId::parse_field("job_id", &req.job_id)?;
+pub async fn verify(core: &Core, id: JobId, sample: usize) -> CoordinatorResult<Verification> {
     let job = core.store.job(id).await?;
     if !job.is_finished() {
         return Err(CoordinatorError::StillRunning(id));
@@ -40,7 +54,7 @@ pub async fn verify(
     if done.is_empty() {
         return Err(CoordinatorError::NothingToVerify(id));
     }
-    let sampled: Vec<&TaskRecord> = spread(done.len(), req.sample as usize)
+    let sampled: Vec<&TaskRecord> = spread(done.len(), sample)
         .into_iter()
         .map(|i| done[i])
         .collect();
@@ -63,7 +77,7 @@ pub async fn verify(
     for t in sampled {
         let Some(result) = &t.result else { continue };
         if result.class != class {
-            skipped.push(pb::SkippedItem {
+            skipped.push(Skipped {
                 index: t.index,
                 reason: format!(
                     "rendered on class {}, and this verification runs on {class}",
@@ -81,7 +95,7 @@ pub async fn verify(
                 }
             }
             Err(reason) => {
-                skipped.push(pb::SkippedItem {
+                skipped.push(Skipped {
                     index: t.index,
                     reason,
                 });
@@ -106,7 +120,7 @@ pub async fn verify(
         original_index.push(t.index);
     }
     if tasks.is_empty() {
-        return Ok(pb::VerifyJobResponse {
+        return Ok(Verification {
             job: None,
             original_index,
             skipped,
@@ -128,8 +142,8 @@ pub async fn verify(
     };
     let (created, _) = core.store.create_job(new).await?;
     tracing::info!(job = %id, verification = %created.id, items = original_index.len(), "verification submitted");
-    Ok(pb::VerifyJobResponse {
-        job: Some(convert::job(&created)),
+    Ok(Verification {
+        job: Some(created),
         original_index,
         skipped,
     })

@@ -9,7 +9,7 @@ use kiln_proto::error::{FieldError, quote};
 use kiln_proto::ids::{Epoch, TaskId, WorkerId};
 use kiln_proto::pb;
 use kiln_proto::recipe::check_model_name;
-use sha2::{Digest, Sha256};
+use kiln_proto::status::bounded;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
@@ -259,6 +259,9 @@ async fn fail(core: &Core, req: pb::FailRequest) -> CoordinatorResult<pb::FailRe
     let task = TaskId::parse_field("task_id", &req.task_id)?;
     let epoch = Epoch(req.epoch);
     let fault = convert::fault_from_wire(req.fault);
+    // The worker's words go into the task's history, events and logs: bounded
+    // like every message the coordinator passes on.
+    let message = bounded(req.message);
     let out = core
         .store
         .fail(
@@ -266,7 +269,7 @@ async fn fail(core: &Core, req: pb::FailRequest) -> CoordinatorResult<pb::FailRe
             task,
             epoch,
             fault,
-            &req.message,
+            &message,
             core.config.max_attempts,
         )
         .await?;
@@ -275,7 +278,7 @@ async fn fail(core: &Core, req: pb::FailRequest) -> CoordinatorResult<pb::FailRe
             will_retry,
             job_finished,
         } => {
-            tracing::warn!(worker = %worker, task = %task, epoch = %epoch, %fault, will_retry, message = %req.message, "task failed");
+            tracing::warn!(worker = %worker, task = %task, epoch = %epoch, %fault, will_retry, %message, "task failed");
             if let Some(job) = job_finished {
                 core.finalize(job.id).await;
             }
@@ -352,7 +355,7 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> CoordinatorResult<()> 
     let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
     let task_id = TaskId::parse_field("task_id", &req.task_id)?;
     let epoch = Epoch(req.epoch);
-    let digest = hex::encode(Sha256::digest(&req.png));
+    let digest = kiln_domain::image::sha256_hex(&req.png);
     if !req.sha256.eq_ignore_ascii_case(&digest) {
         return Err(FieldError::new(
             "sha256",

@@ -48,6 +48,20 @@ pub fn quote(value: &str) -> String {
     }
 }
 
+/// Most characters of a user's name a field path keeps (`sweep.NAME`,
+/// `series.NAME`): names are checked after the path naming them is built,
+/// so an over-long one must not make every message about it long too.
+pub const MAX_PATH_SEGMENT_CHARS: usize = 64;
+
+/// Returns `name` as a segment of a field path, cut after
+/// [`MAX_PATH_SEGMENT_CHARS`] characters (marked with `…`).
+pub fn segment(name: &str) -> String {
+    match name.char_indices().nth(MAX_PATH_SEGMENT_CHARS) {
+        None => name.to_string(),
+        Some((cut, _)) => format!("{}…", &name[..cut]),
+    }
+}
+
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.path, self.message)
@@ -68,5 +82,9 @@ mod tests {
         assert!(q.ends_with("… (100000 bytes)"), "{q}");
         let wide = "é".repeat(MAX_QUOTED_CHARS + 1);
         assert!(quote(&wide).contains("bytes)"));
+        assert_eq!(segment("prompt"), "prompt");
+        let name = segment(&"é".repeat(10_000));
+        assert_eq!(name.chars().count(), MAX_PATH_SEGMENT_CHARS + 1);
+        assert!(name.ends_with('…'));
     }
 }

@@ -31,7 +31,7 @@
 
 use serde::Serialize;
 
-use crate::error::FieldError;
+use crate::error::{FieldError, quote};
 
 /// Weight factor of one pair of round brackets, `(text)`.
 pub const ROUND_MULTIPLIER: f64 = 1.1;
@@ -67,7 +67,10 @@ impl Piece {
 
 /// A weight that is not a number, such as `(word:abc)`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("malformed weight in {fragment:?} at character {column}: {reason}")]
+#[error(
+    "malformed weight in {} at character {column}: {reason}",
+    quote(fragment)
+)]
 pub struct PromptError {
     /// 1-based position, in characters, of the bracket that opens the fragment.
     pub column: usize,
@@ -122,8 +125,10 @@ pub fn parse_field(path: &str, prompt: &str) -> Result<Vec<Piece>, FieldError> {
         FieldError::new(
             path,
             format!(
-                "malformed weight {:?} at character {}: {}",
-                e.fragment, e.column, e.reason
+                "malformed weight {} at character {}: {}",
+                quote(&e.fragment),
+                e.column,
+                e.reason
             ),
         )
     })
@@ -330,7 +335,10 @@ impl Parser<'_> {
         PromptError {
             column: self.src[..open].chars().count() + 1,
             fragment: self.src[open..=close].to_string(),
-            reason: format!("{value:?} is not a number; write a weight like (text:1.3)"),
+            reason: format!(
+                "{} is not a number; write a weight like (text:1.3)",
+                quote(value)
+            ),
         }
     }
 

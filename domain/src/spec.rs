@@ -5,7 +5,7 @@
 //! The types mirror the `kiln.v1` messages of the same names; `kiln-proto`
 //! converts between the two at the wire.
 
-use crate::error::{FieldError, quote};
+use crate::error::{FieldError, quote, segment};
 use crate::image::{check_image, sha256_hex};
 use crate::recipe::{
     Recipe, SIZE_RANGE, STEPS_RANGE, Scheduler, check_model_name, derive_seed, file_name,
@@ -343,7 +343,7 @@ fn expand(spec: &JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, FieldErro
         let mut layer = Layered::new(defaults);
         for (axis, value_index) in combo {
             let axis = &spec.sweep[axis];
-            let path = format!("sweep.{}[{value_index}]", axis.field);
+            let path = format!("sweep.{}[{value_index}]", segment(&axis.field));
             set_field(
                 &mut layer.fields,
                 &axis.field,
@@ -376,7 +376,7 @@ fn expand(spec: &JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, FieldErro
     for (i, series) in spec.series.iter().enumerate() {
         if spec.series[..i].iter().any(|s| s.name == series.name) {
             return Err(FieldError::new(
-                format!("series.{}", series.name),
+                format!("series.{}", segment(&series.name)),
                 "is defined twice",
             ));
         }
@@ -397,7 +397,7 @@ fn expand_series(
     blobs: &[Blob],
     out: &mut Vec<ExpandedItem>,
 ) -> Result<(), FieldError> {
-    let path = format!("series.{}", series.name);
+    let path = format!("series.{}", segment(&series.name));
     check_series_name(&path, &series.name)?;
     if series.character.trim().is_empty() {
         return Err(FieldError::new(
@@ -544,7 +544,7 @@ fn sweep_combinations(axes: &[SweepAxis]) -> Result<Vec<Vec<(usize, usize)>>, Fi
     // Groups of axis indices, in order of first appearance.
     let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
     for (i, axis) in axes.iter().enumerate() {
-        let path = format!("sweep.{}", axis.field);
+        let path = format!("sweep.{}", segment(&axis.field));
         if !FIELDS.contains(&axis.field.as_str()) {
             return Err(unknown_field(&path, &axis.field));
         }

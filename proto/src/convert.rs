@@ -114,7 +114,10 @@ pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, FieldError> {
         let mut values = Vec::with_capacity(axis.values.len());
         for (i, v) in axis.values.into_iter().enumerate() {
             values.push(value_from_pb(v).ok_or_else(|| {
-                FieldError::new(format!("sweep.{}[{i}]", axis.field), "has no value")
+                FieldError::new(
+                    format!("sweep.{}[{i}]", kiln_domain::error::segment(&axis.field)),
+                    "has no value",
+                )
             })?);
         }
         sweep.push(SweepAxis {

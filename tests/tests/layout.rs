@@ -102,3 +102,35 @@ fn the_worker_never_reaches_the_coordinator_or_redis() {
     let bad = reached(&reach, &["kiln-coordinator", "redis", "object_store"]);
     assert!(bad.is_empty(), "kiln-worker pulls in {bad:?}");
 }
+
+#[test]
+fn the_contract_and_the_coordinator_stay_out_of_the_engine() {
+    let graph = normal_dependencies();
+    let proto = closure(&graph, "kiln-proto");
+    let bad = reached(
+        &proto,
+        &[
+            "kiln-coordinator",
+            "kiln-worker",
+            "kiln-diffusion",
+            "candle-core",
+            "redis",
+        ],
+    );
+    assert!(bad.is_empty(), "kiln-proto pulls in {bad:?}");
+    let coordinator = closure(&graph, "kiln-coordinator");
+    let bad = reached(
+        &coordinator,
+        &["kiln-worker", "kiln-diffusion", "candle-core"],
+    );
+    assert!(bad.is_empty(), "kiln-coordinator pulls in {bad:?}");
+    let tests = closure(&graph, "kiln-tests");
+    let bad = reached(
+        &tests,
+        &["kiln-coordinator", "kiln-worker", "kiln-diffusion"],
+    );
+    assert!(
+        bad.is_empty(),
+        "kiln-tests must speak to the farm as a foreign client: it pulls in {bad:?}"
+    );
+}

@@ -13,14 +13,13 @@ use std::time::Duration;
 use kiln_proto::connect::is_transient;
 use kiln_proto::ids::{Epoch, TaskId, WorkerId};
 use kiln_proto::pb::{self, AbandonReason, FaultClass};
-use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 use crate::convert;
 use crate::link::Link;
-use crate::render::{RenderError, RenderTask, Renderer};
+use crate::render::{RenderError, Renderer};
 use crate::render_thread::{self, RenderControl, RenderThread};
 
 /// How long one Lease long poll may wait for work.
@@ -353,7 +352,7 @@ impl Agent {
             );
             tracing::debug!(worker = %self.shared.worker, job = %task.job_id, index = task.index, epoch = %epoch, "rendering");
             let handle = (task_id, epoch, abandoned, reporting);
-            match render_task(&task) {
+            match convert::render_task(&task) {
                 Ok(t) => {
                     submitted.push((t, control));
                     handles.push((handle, None));
@@ -382,33 +381,6 @@ impl Agent {
     }
 }
 
-/// Builds the render task of a lease: its recipe and the blobs it refers to.
-fn render_task(task: &pb::LeasedTask) -> Result<RenderTask, RenderError> {
-    let recipe = task
-        .recipe
-        .as_ref()
-        .ok_or_else(|| RenderError::BadInput("the lease has no recipe".into()))
-        .and_then(|r| {
-            kiln_proto::convert::recipe_from_pb(r, "recipe")
-                .map_err(|e| RenderError::BadInput(e.to_string()))
-        })?;
-    let blob = |sha: &Option<String>| -> Result<Option<Vec<u8>>, RenderError> {
-        let Some(sha) = sha else { return Ok(None) };
-        task.blobs
-            .iter()
-            .find(|b| &b.sha256 == sha)
-            .map(|b| Some(b.data.clone()))
-            .ok_or_else(|| {
-                RenderError::Internal(format!("the lease did not carry the image {sha}"))
-            })
-    };
-    Ok(RenderTask {
-        init_image: blob(&recipe.init_image)?,
-        mask: blob(&recipe.mask)?,
-        recipe,
-    })
-}
-
 /// Sends the outcome of a render to the coordinator, retrying transient errors.
 async fn report(
     shared: &Shared,
@@ -425,7 +397,7 @@ async fn report(
     let worker_id = shared.worker.to_string();
     let outcome = match result {
         Ok(rendered) => {
-            let sha256 = hex::encode(Sha256::digest(&rendered.png));
+            let sha256 = kiln_domain::image::sha256_hex(&rendered.png);
             let req = pb::CompleteRequest {
                 worker_id,
                 task_id: task.to_string(),

@@ -3,7 +3,7 @@
 
 use kiln_proto::pb;
 
-use crate::render::{ModelInfo, RenderError};
+use crate::render::{ModelInfo, RenderError, RenderTask};
 
 /// Returns a model as the worker announces it on registration.
 pub fn model_info(m: ModelInfo) -> pb::ModelInfo {
@@ -25,12 +25,39 @@ pub fn fault(e: &RenderError) -> pb::FaultClass {
     }
 }
 
+/// Builds the render task of a lease: its recipe and the blobs it refers to.
+pub fn render_task(task: &pb::LeasedTask) -> Result<RenderTask, RenderError> {
+    let recipe = task
+        .recipe
+        .as_ref()
+        .ok_or_else(|| RenderError::BadInput("the lease has no recipe".into()))
+        .and_then(|r| {
+            kiln_proto::convert::recipe_from_pb(r, "recipe")
+                .map_err(|e| RenderError::BadInput(e.to_string()))
+        })?;
+    let blob = |sha: &Option<String>| -> Result<Option<Vec<u8>>, RenderError> {
+        let Some(sha) = sha else { return Ok(None) };
+        task.blobs
+            .iter()
+            .find(|b| &b.sha256 == sha)
+            .map(|b| Some(b.data.clone()))
+            .ok_or_else(|| {
+                RenderError::Internal(format!("the lease did not carry the image {sha}"))
+            })
+    };
+    Ok(RenderTask {
+        init_image: blob(&recipe.init_image)?,
+        mask: blob(&recipe.mask)?,
+        recipe,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn only_bad_input_is_reported_as_bad_input() {
+    fn each_render_error_has_its_fault_class() {
         assert_eq!(
             fault(&RenderError::BadInput("x".into())),
             pb::FaultClass::BadInput
@@ -40,9 +67,39 @@ mod tests {
             pb::FaultClass::OutOfMemory
         );
         assert_eq!(fault(&RenderError::Cancelled), pb::FaultClass::Cancelled);
+        let model = RenderError::Model {
+            model: "tiny".into(),
+            message: "gone".into(),
+        };
+        assert_eq!(fault(&model), pb::FaultClass::ModelLoad);
         assert_eq!(
             fault(&RenderError::Internal("x".into())),
             pb::FaultClass::Internal
         );
+    }
+
+    #[test]
+    fn a_lease_without_its_recipe_or_image_is_refused() {
+        let none = pb::LeasedTask::default();
+        assert!(matches!(render_task(&none), Err(RenderError::BadInput(_))));
+        let recipe = pb::Recipe {
+            model: "tiny".into(),
+            prompt: "a fox".into(),
+            seed: 1,
+            steps: 4,
+            guidance: 5.0,
+            width: 64,
+            height: 64,
+            scheduler: "ddim".into(),
+            strength: 0.5,
+            init_image: "ab".repeat(32),
+            ..Default::default()
+        };
+        let lease = pb::LeasedTask {
+            recipe: Some(recipe),
+            ..Default::default()
+        };
+        let e = render_task(&lease).expect_err("the init image was not sent");
+        assert!(e.to_string().contains(&"ab".repeat(32)), "{e}");
     }
 }

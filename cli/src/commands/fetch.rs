@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use kiln_proto::pb;
-use sha2::{Digest, Sha256};
 
 use crate::client::{Farm, next_within};
 
@@ -70,7 +69,7 @@ pub async fn fetch(farm: &Farm, job_id: &str, out: &Path) -> anyhow::Result<Fetc
     for t in job.tasks.iter().filter(|t| !t.sha256.is_empty()) {
         let path = out.join(safe_name(&t.file_name)?);
         if let Ok(bytes) = std::fs::read(&path)
-            && hex::encode(Sha256::digest(&bytes)) == t.sha256
+            && kiln_domain::image::sha256_hex(&bytes) == t.sha256
         {
             held.push(pb::HeldItem {
                 index: t.index,
@@ -103,7 +102,7 @@ pub async fn fetch(farm: &Farm, job_id: &str, out: &Path) -> anyhow::Result<Fetc
             report.kept += 1;
             return Ok(());
         }
-        let digest = hex::encode(Sha256::digest(&item.png));
+        let digest = kiln_domain::image::sha256_hex(&item.png);
         if digest != item.sha256 {
             bail!(
                 "item {} ({}): the received bytes hash to {digest}, the coordinator says {}; fetch again",

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::client::Farm;
 use crate::commands::fetch::for_each_result;
@@ -86,8 +85,8 @@ async fn run(farm: &Farm, job_id: &str, sample: u32, json_out: bool) -> anyhow::
             let verdict = match (original, render) {
                 (Some((_, a)), Some(b)) => {
                     let (ha, hb) = (
-                        hex::encode(Sha256::digest(a)),
-                        hex::encode(Sha256::digest(b)),
+                        kiln_domain::image::sha256_hex(a),
+                        kiln_domain::image::sha256_hex(b),
                     );
                     if ha == hb {
                         Verdict {

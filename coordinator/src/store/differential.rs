@@ -30,9 +30,10 @@
 //! - `blobs`: opaque bytes kept per job, with nothing to interleave;
 //! - a second `create_job` with the same job id: only a retried Redis call
 //!   sends one (the memory store cannot fail halfway), and ids here are unique;
-//! - jobs with more queued tasks per model than a claim's Redis candidate
-//!   window (`max + 8`): the Redis claim looks no further for a model's first
-//!   claimable task, the memory store looks at all; cases keep jobs to 6 tasks.
+//! - jobs with more queued tasks per model than the Redis claim's windows:
+//!   it looks `max + CLAIM_LOOKAHEAD` tasks into a model's queue for the first
+//!   claimable task and `FILL_LOOKAHEAD` further when filling slots, where the
+//!   memory store looks at all; cases keep jobs to 6 tasks, inside both.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;

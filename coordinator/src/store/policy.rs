@@ -149,7 +149,8 @@ pub struct Pick<T> {
 /// (`first_choice`) and the first one for a resident model
 /// (`first_resident`), both in policy order. `holders(model)` counts the live
 /// workers other than the asker with the model resident; `backlog(model)`
-/// counts its claimable tasks.
+/// counts the model's queued tasks in every running job (claimable by the
+/// asker or not: the load is judged by the work waiting, not by who may take it).
 pub fn choose<T>(
     first_resident: Option<Pick<T>>,
     first_choice: Option<Pick<T>>,

@@ -11,7 +11,7 @@ mod sim;
 use std::path::PathBuf;
 
 use kiln_domain::recipe::{BatchKey, Recipe, check_model_name};
-use kiln_proto::error::FieldError;
+use kiln_proto::error::{FieldError, quote};
 
 pub use self::candle::{CandleRenderer, LoadError};
 pub use kiln_diffusion::{DeviceError, determinism_class, open_device};
@@ -24,7 +24,7 @@ pub fn parse_model_args(args: &[String]) -> Result<Vec<(String, PathBuf)>, Field
     args.iter()
         .map(|m| {
             let (name, dir) = m.split_once('=').ok_or_else(|| {
-                FieldError::new("--model", format!("must be NAME=DIR, got {m:?}"))
+                FieldError::new("--model", format!("must be NAME=DIR, got {}", quote(m)))
             })?;
             check_model_name("--model", name)?;
             Ok((name.to_string(), PathBuf::from(dir)))

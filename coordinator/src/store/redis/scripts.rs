@@ -32,20 +32,32 @@ pub(super) const RELEASED_FIELDS: usize = 4;
 /// Script arguments per task of `heartbeat.lua`.
 pub(super) const PROGRESS_FIELDS: usize = 3;
 
-/// The hand-written sources, by file name; each script is prefixed with the
-/// generated constants and `prelude.lua`.
+// The hand-written sources; each script is prefixed with the generated
+// constants and `prelude.lua`.
 const PRELUDE: &str = include_str!("prelude.lua");
+const ENQUEUE: &str = include_str!("enqueue.lua");
+const CLAIM: &str = include_str!("claim.lua");
+const HEARTBEAT: &str = include_str!("heartbeat.lua");
+const COMPLETE: &str = include_str!("complete.lua");
+const FAIL: &str = include_str!("fail.lua");
+const REAP: &str = include_str!("reap.lua");
+const CANCEL: &str = include_str!("cancel.lua");
+const REGISTER: &str = include_str!("register.lua");
+const DRAIN: &str = include_str!("drain.lua");
+
+/// Every script by file name, prelude first, for the checks below to scan.
+#[cfg(test)]
 const SOURCES: &[(&str, &str)] = &[
     ("prelude.lua", PRELUDE),
-    ("enqueue.lua", include_str!("enqueue.lua")),
-    ("claim.lua", include_str!("claim.lua")),
-    ("heartbeat.lua", include_str!("heartbeat.lua")),
-    ("complete.lua", include_str!("complete.lua")),
-    ("fail.lua", include_str!("fail.lua")),
-    ("reap.lua", include_str!("reap.lua")),
-    ("cancel.lua", include_str!("cancel.lua")),
-    ("register.lua", include_str!("register.lua")),
-    ("drain.lua", include_str!("drain.lua")),
+    ("enqueue.lua", ENQUEUE),
+    ("claim.lua", CLAIM),
+    ("heartbeat.lua", HEARTBEAT),
+    ("complete.lua", COMPLETE),
+    ("fail.lua", FAIL),
+    ("reap.lua", REAP),
+    ("cancel.lua", CANCEL),
+    ("register.lua", REGISTER),
+    ("drain.lua", DRAIN),
 ];
 
 /// Returns the `local NAME = value` lines every script starts with.
@@ -98,12 +110,8 @@ pub(super) fn constants() -> String {
     out
 }
 
-/// Returns the full text of the script in `file`: constants, prelude, body.
-fn build(file: &str) -> Script {
-    let body = SOURCES
-        .iter()
-        .find(|(name, _)| *name == file)
-        .map_or("", |(_, text)| *text);
+/// Returns a script: the constants, the prelude, then `body`.
+fn build(body: &str) -> Script {
     Script::new(&format!("{}{PRELUDE}{body}", constants()))
 }
 
@@ -123,15 +131,15 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Self {
         Self {
-            enqueue: build("enqueue.lua"),
-            claim: build("claim.lua"),
-            heartbeat: build("heartbeat.lua"),
-            complete: build("complete.lua"),
-            fail: build("fail.lua"),
-            reap: build("reap.lua"),
-            cancel: build("cancel.lua"),
-            register: build("register.lua"),
-            drain: build("drain.lua"),
+            enqueue: build(ENQUEUE),
+            claim: build(CLAIM),
+            heartbeat: build(HEARTBEAT),
+            complete: build(COMPLETE),
+            fail: build(FAIL),
+            reap: build(REAP),
+            cancel: build(CANCEL),
+            register: build(REGISTER),
+            drain: build(DRAIN),
         }
     }
 }
