@@ -514,7 +514,8 @@ fn check_series_name(path: &str, name: &str) -> Result<(), FieldError> {
 }
 
 /// Returns where in `spec` the model `name` is written (`sweep.model[1]`,
-/// `items[0].model` or `defaults.model`), for errors about that model.
+/// `items[0].model`, `series.NAME.shots[2].model`, `series.NAME.model` or
+/// `defaults.model`), for errors about that model.
 pub fn model_field(spec: &JobSpec, name: &str) -> String {
     for axis in spec.sweep.iter().filter(|a| a.field == "model") {
         if let Some(i) = axis
@@ -531,6 +532,19 @@ pub fn model_field(spec: &JobSpec, name: &str) -> String {
         .position(|it| it.model.as_deref() == Some(name))
     {
         return format!("items[{i}].model");
+    }
+    for series in &spec.series {
+        let path = format!("series.{}", segment(&series.name));
+        if let Some(i) = series
+            .shots
+            .iter()
+            .position(|shot| shot.model.as_deref() == Some(name))
+        {
+            return format!("{path}.shots[{i}].model");
+        }
+        if series.defaults.model.as_deref() == Some(name) {
+            return format!("{path}.model");
+        }
     }
     "defaults.model".to_string()
 }
@@ -1254,5 +1268,15 @@ mod tests {
         let e = validate(&spec, 0).unwrap_err();
         assert_eq!(e.path, "sweep.steps[0]");
         assert!(e.message.contains("between 1 and 500"), "{e}");
+    }
+
+    #[test]
+    fn a_model_is_found_where_a_series_names_it() {
+        let mut spec = mira();
+        spec.series[0].defaults.model = Some("sd15".into());
+        spec.series[0].shots[1].model = Some("sdxl".into());
+        assert_eq!(model_field(&spec, "sdxl"), "series.mira.shots[1].model");
+        assert_eq!(model_field(&spec, "sd15"), "series.mira.model");
+        assert_eq!(model_field(&spec, "other"), "defaults.model");
     }
 }

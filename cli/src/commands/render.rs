@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use kiln_proto::error::FieldError;
+use kiln_proto::error::{FieldError, quote};
 use kiln_proto::pb;
 use kiln_worker::render::{CandleRenderer, Renderer, parse_model_args};
 use serde_json::json;
@@ -38,16 +38,16 @@ impl Render {
         if self.workers == 0 {
             bail!("--workers must be at least 1, got 0");
         }
-        let batch = submit::load(&self.file)?;
+        let (batch, items) = submit::load(&self.file)?;
         let models = parse_model_args(&self.models)?;
         let loaded: BTreeSet<&str> = models.iter().map(|(n, _)| n.as_str()).collect();
-        for item in batch.validate()? {
+        for item in &items {
             if !loaded.contains(item.recipe.model.as_str()) {
                 let e = FieldError::new(
                     kiln_proto::spec::model_field(&batch.spec, &item.recipe.model),
                     format!(
-                        "model {:?} is not given with --model NAME=DIR (given: {})",
-                        item.recipe.model,
+                        "model {} is not given with --model NAME=DIR (given: {})",
+                        quote(&item.recipe.model),
                         loaded.iter().copied().collect::<Vec<_>>().join(", ")
                     ),
                 );

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use kiln_proto::convert::job_spec_to_pb;
 use kiln_proto::pb;
-use kiln_proto::spec::check_label;
+use kiln_proto::spec::{ExpandedItem, check_label};
 use serde_json::json;
 
 use crate::batch::Batch;
@@ -35,11 +35,13 @@ pub struct Submit {
     json: bool,
 }
 
-/// Reads and validates a batch file; errors carry the file, line and field.
-pub fn load(file: &Path) -> anyhow::Result<Batch> {
+/// Reads and validates a batch file, returning it with the tasks it expands
+/// to (expanded once: a job may hold 100,000); errors carry the file, line and
+/// field.
+pub fn load(file: &Path) -> anyhow::Result<(Batch, Vec<ExpandedItem>)> {
     let batch = Batch::read(file)?;
-    batch.validate()?;
-    Ok(batch)
+    let items = batch.validate()?;
+    Ok((batch, items))
 }
 
 /// Submits a validated batch; a refusal naming a field is located in the file.
@@ -63,13 +65,12 @@ pub async fn send(
 impl Submit {
     /// Runs `kiln submit`; returns true when every item succeeded (or not waiting).
     pub async fn run(self, farm: &Farm) -> anyhow::Result<bool> {
-        let batch = load(&self.file)?;
+        let (batch, items) = load(&self.file)?;
         if let Some(key) = &self.idempotency_key {
             // The coordinator's rule, checked before anything is sent.
             check_label("--idempotency-key", key)?;
         }
         if self.dry_run {
-            let items = batch.validate()?;
             if self.json {
                 let first: Vec<_> = items.iter().take(5).map(|i| &i.recipe).collect();
                 println!(
