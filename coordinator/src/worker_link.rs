@@ -172,16 +172,34 @@ async fn lease_response(
     worker: &WorkerId,
     claim: &Claim,
 ) -> Result<pb::LeaseResponse, (Option<TaskId>, CoordinatorError)> {
+    // The store already counts these tasks as done: publish every one and
+    // finalize every job they finished even when one publish fails, then
+    // report the first failure.
+    let mut first_failure = None;
     for d in &claim.deduped {
-        let folder = core.folder(d.job).await.map_err(|e| (None, e))?;
-        core.results
-            .publish(&folder, &d.file_name, &d.source)
-            .await
-            .map_err(|e| (None, e.into()))?;
-        tracing::debug!(job = %d.job, task = %d.task, source = %d.source, "served from an earlier result");
+        let published = match core.folder(d.job).await {
+            Ok(folder) => core
+                .results
+                .publish(&folder, &d.file_name, &d.source)
+                .await
+                .map_err(CoordinatorError::from),
+            Err(e) => Err(e),
+        };
+        match published {
+            Ok(()) => {
+                tracing::debug!(job = %d.job, task = %d.task, source = %d.source, "served from an earlier result")
+            }
+            Err(e) => {
+                tracing::warn!(job = %d.job, task = %d.task, source = %d.source, error = %e, "could not publish an earlier result");
+                first_failure.get_or_insert(e);
+            }
+        }
     }
     for job in &claim.finished {
         core.finalize(job.id).await;
+    }
+    if let Some(e) = first_failure {
+        return Err((None, e));
     }
     let mut tasks = Vec::with_capacity(claim.leases.len());
     for l in &claim.leases {
