@@ -951,6 +951,13 @@ pub async fn cancelling_a_job_with_a_leased_anchor_cancels_each_shot_once(store:
         vec![Some(anchor.task)],
         "only the lease ends with an event; the shots were never leased"
     );
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::Cancelled)
+            .all(|e| e.fault == Some(Fault::Cancelled)),
+        "a cancellation is no one's bad input: {events:?}"
+    );
 }
 
 pub async fn a_series_stays_on_one_determinism_class(store: &dyn Store) {

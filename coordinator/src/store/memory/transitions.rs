@@ -204,7 +204,13 @@ impl State {
                 index,
                 None,
                 Epoch(0),
-                Some(Fault::BadInput),
+                // A shot of a failed anchor cannot be rendered anywhere (bad
+                // input); one of a cancelled job was cancelled.
+                Some(if to == TaskState::Cancelled {
+                    Fault::Cancelled
+                } else {
+                    Fault::BadInput
+                }),
                 why.to_string(),
             );
         }

@@ -92,7 +92,10 @@ local function end_dependents(job, index, to, ev_kind, msg)
     redis.call('SREM', k('job', job, 'waiting'), tid)
     redis.call('HINCRBY', k('job', job), TASK_QUEUED, -1)
     redis.call('HINCRBY', k('job', job), to, 1)
-    event(job, ev_kind, tid, tonumber(redis.call('HGET', k('task', tid), 'index')), '', 0, FAULT_BAD_INPUT, msg)
+    -- A shot of a failed anchor cannot be rendered anywhere (bad input); one of a cancelled job was cancelled.
+    local fault = FAULT_BAD_INPUT
+    if to == TASK_CANCELLED then fault = FAULT_CANCELLED end
+    event(job, ev_kind, tid, tonumber(redis.call('HGET', k('task', tid), 'index')), '', 0, fault, msg)
   end
   redis.call('DEL', list)
 end
