@@ -31,7 +31,7 @@
 
 use serde::Serialize;
 
-use crate::error::FieldError;
+use crate::error::{FieldError, quote};
 
 /// Weight factor of one pair of round brackets, `(text)`.
 pub const ROUND_MULTIPLIER: f64 = 1.1;
@@ -65,9 +65,13 @@ impl Piece {
     }
 }
 
-/// A weight that is not a number, such as `(word:abc)`.
+/// A weight that is not a number, such as `(word:abc)`, or brackets whose
+/// weights multiply past the largest `f64`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("malformed weight in {fragment:?} at character {column}: {reason}")]
+#[error(
+    "malformed weight in {} at character {column}: {reason}",
+    quote(fragment)
+)]
 pub struct PromptError {
     /// 1-based position, in characters, of the bracket that opens the fragment.
     pub column: usize,
@@ -101,7 +105,8 @@ pub struct Chunk<T> {
 /// empty prompt gives no pieces.
 ///
 /// # Errors
-/// [`PromptError`] for a malformed weight such as `(word:abc)` or `(word:1.2.3)`.
+/// [`PromptError`] for a malformed weight such as `(word:abc)` or `(word:1.2.3)`,
+/// and for nested brackets whose weights multiply to infinity.
 pub fn parse(prompt: &str) -> Result<Vec<Piece>, PromptError> {
     let mut parser = Parser {
         src: prompt,
@@ -122,8 +127,10 @@ pub fn parse_field(path: &str, prompt: &str) -> Result<Vec<Piece>, FieldError> {
         FieldError::new(
             path,
             format!(
-                "malformed weight {:?} at character {}: {}",
-                e.fragment, e.column, e.reason
+                "malformed weight {} at character {}: {}",
+                quote(&e.fragment),
+                e.column,
+                e.reason
             ),
         )
     })
@@ -210,8 +217,8 @@ struct Parser<'a> {
     out: Vec<Slot>,
     /// Open round brackets: (index into `out` where the group starts, byte offset).
     round: Vec<(usize, usize)>,
-    /// Open square brackets: index into `out` where the group starts.
-    square: Vec<usize>,
+    /// Open square brackets: (index into `out` where the group starts, byte offset).
+    square: Vec<(usize, usize)>,
 }
 
 /// Characters that end a run of plain text.
@@ -246,19 +253,23 @@ impl Parser<'_> {
                     i += 1;
                 }
                 '[' => {
-                    self.square.push(self.out.len());
+                    self.square.push((self.out.len(), i));
                     i += 1;
                 }
                 ')' => {
                     match self.round.pop() {
-                        Some((start, _)) => self.multiply(start, ROUND_MULTIPLIER),
+                        Some((start, open)) => {
+                            self.multiply(start, ROUND_MULTIPLIER, open, i + 1)?;
+                        }
                         None => self.push_literal(")".into()),
                     }
                     i += 1;
                 }
                 ']' => {
                     match self.square.pop() {
-                        Some(start) => self.multiply(start, SQUARE_MULTIPLIER),
+                        Some((start, open)) => {
+                            self.multiply(start, SQUARE_MULTIPLIER, open, i + 1)?;
+                        }
                         None => self.push_literal("]".into()),
                     }
                     i += 1;
@@ -272,11 +283,11 @@ impl Parser<'_> {
             }
         }
         // Brackets never closed apply to the end, round ones first, as in the web UI.
-        for (start, _) in std::mem::take(&mut self.round) {
-            self.multiply(start, ROUND_MULTIPLIER);
+        for (start, open) in std::mem::take(&mut self.round) {
+            self.multiply(start, ROUND_MULTIPLIER, open, src.len())?;
         }
-        for start in std::mem::take(&mut self.square) {
-            self.multiply(start, SQUARE_MULTIPLIER);
+        for (start, open) in std::mem::take(&mut self.square) {
+            self.multiply(start, SQUARE_MULTIPLIER, open, src.len())?;
         }
         Ok(())
     }
@@ -303,7 +314,7 @@ impl Parser<'_> {
             return match value.parse::<f64>() {
                 Ok(weight) if weight.is_finite() => {
                     self.round.pop();
-                    self.multiply(start, weight);
+                    self.multiply(start, weight, open, end + 1)?;
                     Ok(end + 1)
                 }
                 _ => Err(self.malformed(open, end, value)),
@@ -330,17 +341,39 @@ impl Parser<'_> {
         PromptError {
             column: self.src[..open].chars().count() + 1,
             fragment: self.src[open..=close].to_string(),
-            reason: format!("{value:?} is not a number; write a weight like (text:1.3)"),
+            reason: format!(
+                "{} is not a number; write a weight like (text:1.3)",
+                quote(value)
+            ),
         }
     }
 
-    /// Multiplies the weight of every text entry from `start` on.
-    fn multiply(&mut self, start: usize, factor: f64) {
+    /// Multiplies the weight of every text entry from `start` on, for the
+    /// brackets at bytes `open..close`.
+    ///
+    /// Each weight is finite, but nested ones multiply: `((a:1e200):1e200)`
+    /// or thousands of `(` reach infinity, which would turn the encoder's
+    /// embeddings into NaN, so such a product is refused.
+    fn multiply(
+        &mut self,
+        start: usize,
+        factor: f64,
+        open: usize,
+        close: usize,
+    ) -> Result<(), PromptError> {
         for slot in &mut self.out[start..] {
             if let Slot::Text(_, weight) = slot {
                 *weight *= factor;
+                if !weight.is_finite() {
+                    return Err(PromptError {
+                        column: self.src[..open].chars().count() + 1,
+                        fragment: self.src[open..close].to_string(),
+                        reason: "the nested weights multiply past the largest number".into(),
+                    });
+                }
             }
         }
+        Ok(())
     }
 
     /// Appends text that is not searched for `BREAK` (escapes, stray brackets).
