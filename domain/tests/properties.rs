@@ -3,7 +3,7 @@
 //! user or a client sends, these must refuse it with an error that names the
 //! field and stays short, never panic, and accept only what renders.
 //!
-//! Each property runs 256 cases by default so the set stays a few seconds in a
+//! Each property runs 256 cases by default, under a second for the set in a
 //! debug build; `PROPTEST_CASES=10000 cargo test -p kiln-domain` runs more.
 
 use std::sync::OnceLock;
