@@ -27,7 +27,7 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use kiln_domain::error::{FieldError, quote};
+use kiln_domain::error::{FieldError, MAX_QUOTED_CHARS, quote};
 use kiln_domain::spec::{
     self, Blob, ExpandedItem, FIELDS, FieldValue, JobSpec, RecipeFields, SeriesSpec, SweepAxis,
 };
@@ -64,10 +64,30 @@ impl fmt::Display for BatchError {
             write!(f, ":{line}")?;
         }
         if !self.path.is_empty() {
-            write!(f, ": {}", self.path)?;
+            write!(f, ": {}", one_line(&self.path, Some(MAX_QUOTED_CHARS)))?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", one_line(&self.message, None))
     }
+}
+
+/// Returns `text` fit for a one-line refusal: control characters escaped as
+/// `\n`, `\u{1b}` (a quoted TOML key, and so a field path, may hold a
+/// line break or a terminal escape), and cut after `max` characters when
+/// given (a key may be as long as the file).
+fn one_line(text: &str, max: Option<usize>) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, c) in text.chars().enumerate() {
+        if max == Some(i) {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl std::error::Error for BatchError {}
@@ -91,33 +111,47 @@ impl Batch {
     /// of the first bad byte), or does not parse.
     pub fn read(path: &Path) -> Result<Self, BatchError> {
         let file = path.display().to_string();
-        let whole = |message: String| BatchError {
-            file: file.clone(),
-            line: None,
-            path: String::new(),
-            message,
-        };
         let mut bytes = Vec::new();
         std::fs::File::open(path)
             .and_then(|f| f.take(MAX_BATCH_BYTES + 1).read_to_end(&mut bytes))
-            .map_err(|e| whole(format!("cannot read: {e}")))?;
+            .map_err(|e| BatchError {
+                file: file.clone(),
+                line: None,
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            })?;
+        Self::parse_bytes(&file, bytes)
+    }
+
+    /// Parses a batch file's bytes as [`Batch::read`] does once it has them:
+    /// at most [`MAX_BATCH_BYTES`] of UTF-8 text; `file` names it in errors.
+    ///
+    /// # Errors
+    /// Bytes that are too many, not UTF-8 (with the line of the first bad
+    /// byte), or do not parse.
+    pub fn parse_bytes(file: &str, bytes: Vec<u8>) -> Result<Self, BatchError> {
         if bytes.len() as u64 > MAX_BATCH_BYTES {
-            return Err(whole(format!(
-                "larger than the limit of {} MiB for a batch file",
-                MAX_BATCH_BYTES / (1024 * 1024)
-            )));
+            return Err(BatchError {
+                file: file.to_string(),
+                line: None,
+                path: String::new(),
+                message: format!(
+                    "larger than the limit of {} MiB for a batch file",
+                    MAX_BATCH_BYTES / (1024 * 1024)
+                ),
+            });
         }
         let source = String::from_utf8(bytes).map_err(|e| {
             let at = e.utf8_error().valid_up_to();
             let bytes = e.as_bytes();
             // The text before `at` is intact, so a parse of the repaired text
             // says which field holds the bad byte.
-            let path = Self::parse(&file, &String::from_utf8_lossy(bytes))
+            let path = Self::parse(file, &String::from_utf8_lossy(bytes))
                 .ok()
                 .and_then(|b| b.field_at(at))
                 .unwrap_or_default();
             BatchError {
-                file: file.clone(),
+                file: file.to_string(),
                 line: Some(bytes[..at].iter().filter(|b| **b == b'\n').count() + 1),
                 path,
                 message: format!(
@@ -126,7 +160,7 @@ impl Batch {
                 ),
             }
         })?;
-        Self::parse(&file, &source)
+        Self::parse(file, &source)
     }
 
     /// Returns the innermost field whose value covers byte `offset`.
@@ -336,20 +370,12 @@ impl Parser {
     fn image(&mut self, path: &str, value: &Spanned<DeValue<'_>>) -> Result<String, BatchError> {
         let name = self.string(path, value)?;
         let file = self.base.join(&name);
-        let data = std::fs::read(&file).map_err(|e| {
-            self.err(
-                path,
-                &value.span(),
-                format!("cannot read {}: {e}", file.display()),
-            )
-        })?;
-        kiln_domain::image::check_image(path, &data).map_err(|e| {
-            self.err(
-                path,
-                &value.span(),
-                format!("{}: {}", file.display(), e.message),
-            )
-        })?;
+        // The name is the user's, as long as the file: quoted, so cut short.
+        let shown = quote(&file.display().to_string());
+        let data = std::fs::read(&file)
+            .map_err(|e| self.err(path, &value.span(), format!("cannot read {shown}: {e}")))?;
+        kiln_domain::image::check_image(path, &data)
+            .map_err(|e| self.err(path, &value.span(), format!("{shown}: {}", e.message)))?;
         let blob = Blob::new(data);
         let sha = blob.sha256.clone();
         if !self.blobs.iter().any(|b| b.sha256 == sha) {
@@ -969,5 +995,435 @@ steps = [2, 3]
         assert_eq!(pairs[0], ("a", 7));
         assert!(pairs.contains(&("c", 9)));
         assert!(!pairs.contains(&("a", 8)));
+    }
+
+    /// Property tests: whatever text or bytes a batch file holds, parsing and
+    /// local validation never panic, and every refusal is one line that
+    /// starts with the file and, for text, the line it is about.
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use super::error_of;
+
+        /// The file name errors start with. Its folder does not exist, so an
+        /// `init_image` the generator writes never reads a real file.
+        const FILE: &str = "no-such-dir/b.toml";
+
+        /// Longest refusal accepted, file and field included: values are
+        /// quoted cut short, so a long one never comes back whole.
+        const MAX_ERROR_BYTES: usize = 2048;
+
+        /// 256 cases unless `PROPTEST_CASES` asks for another number;
+        /// failures are kept as ordinary `#[test]`s, not in a file.
+        fn config() -> ProptestConfig {
+            let mut config = ProptestConfig::default();
+            if std::env::var_os("PROPTEST_CASES").is_none() {
+                config.cases = 256;
+            }
+            config.failure_persistence = None;
+            config
+        }
+
+        /// Table headers kiln knows, ones it does not, and malformed or deep ones.
+        fn header() -> impl Strategy<Value = String> {
+            prop_oneof![
+                8 => prop::sample::select(vec![
+                    "[defaults]",
+                    "[[items]]",
+                    "[sweep]",
+                    "[zip]",
+                    "[series.hero]",
+                    "[[series.hero.shots]]",
+                    "[series.\"a b\"]",
+                    "[series.\"..\"]",
+                    "[series.\"new\\nline\"]",
+                    "[[series.\"new\\nline\".shots]]",
+                    "[items]",
+                    "[[defaults]]",
+                    "[series]",
+                    "[[series]]",
+                    "[defaults.model]",
+                    "[other]",
+                    "[\"\\u001b[31m\"]",
+                    "[",
+                    "[[items]",
+                ])
+                .prop_map(str::to_string),
+                1 => (1usize..40).prop_map(|n| format!("[{}x]", "a.".repeat(n))),
+            ]
+        }
+
+        /// Keys: recipe fields, top-level and series keys, and odd ones
+        /// (quoted with escapes, dotted, misspelt).
+        fn key() -> impl Strategy<Value = String> {
+            let mut known: Vec<&'static str> = FIELDS.to_vec();
+            known.extend([
+                "name",
+                "project",
+                "priority",
+                "defaults",
+                "sweep",
+                "zip",
+                "items",
+                "series",
+                "character",
+                "anchor",
+                "consistency",
+                "reference_image",
+                "shots",
+            ]);
+            prop_oneof![
+                8 => prop::sample::select(known).prop_map(str::to_string),
+                1 => prop::sample::select(vec![
+                    "heigth",
+                    "\"new\\nline\"",
+                    "\"tab\\there\"",
+                    "\"\\u0000\"",
+                    "\"\\u001b[2J\"",
+                    "'lit eral'",
+                    "a.b",
+                    "series.hero.character",
+                    "\"\"",
+                    "é",
+                ])
+                .prop_map(str::to_string),
+                1 => "[a-z_]{1,8}",
+                1 => (1000usize..5000).prop_map(|n| format!("\"{}\"", "k".repeat(n))),
+            ]
+        }
+
+        /// Values of every TOML type, in and out of the fields' ranges,
+        /// including long strings and deep arrays.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                8 => prop::sample::select(vec![
+                    "\"tiny\"",
+                    "\"a red fox\"",
+                    "\"(a cat:1.3) BREAK [dog]\"",
+                    "\"(word:abc)\"",
+                    "\"ddim\"",
+                    "\"euler\"",
+                    "\"plms\"",
+                    "'literal'",
+                    "\"\"\"multi\nline\"\"\"",
+                    "'''multi\nliteral'''",
+                    "\"new\\nline\"",
+                    "\"\\u001b[31m\"",
+                    "\"\\u0000\"",
+                    "\"..\"",
+                    "\"x.png\"",
+                    "64",
+                    "512",
+                    "63",
+                    "0",
+                    "-1",
+                    "4",
+                    "42",
+                    "9223372036854775807",
+                    "-9223372036854775808",
+                    "4294967296",
+                    "0x10",
+                    "1.5",
+                    "0.5",
+                    "7.5",
+                    "1e400",
+                    "nan",
+                    "inf",
+                    "-inf",
+                    "-0.0",
+                    "true",
+                    "false",
+                    "1979-05-27T07:32:00Z",
+                    "07:32:00",
+                    "[1, 2, 3]",
+                    "[\"a\", \"b\"]",
+                    "[1, \"x\", true]",
+                    "[2.5, 7]",
+                    "[]",
+                    "[[1], [2]]",
+                    "[{ a = 1 }]",
+                    "{ model = \"tiny\" }",
+                    "{}",
+                    "{ a = { b = 1 } }",
+                ])
+                .prop_map(str::to_string),
+                1 => (1usize..40).prop_map(|n| format!("{}1{}", "[".repeat(n), "]".repeat(n))),
+                1 => (1usize..40).prop_map(|n| format!("{}{}", "{ a = ".repeat(n), "1 }".repeat(n))),
+                1 => (1000usize..5000).prop_map(|n| format!("\"{}\"", "x".repeat(n))),
+                1 => "[ -~]{0,12}",
+            ]
+        }
+
+        /// One line of a batch file: a header, `key = value`, a comment,
+        /// nothing, or arbitrary characters.
+        fn line() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => header(),
+                8 => (key(), value()).prop_map(|(k, v)| format!("{k} = {v}")),
+                1 => Just("# comment \"[x]\"".to_string()),
+                1 => Just(String::new()),
+                1 => any::<String>().prop_map(|s| s.chars().take(16).collect()),
+            ]
+        }
+
+        /// A batch file of a few lines, often starting with a model and a
+        /// prompt so that some files get as far as validation.
+        fn fragments() -> impl Strategy<Value = String> {
+            (any::<bool>(), prop::collection::vec(line(), 0..12)).prop_map(|(valid_start, lines)| {
+                let start = if valid_start {
+                    "[defaults]\nmodel = \"tiny\"\nprompt = \"a fox\"\nwidth = 64\nheight = 64\n"
+                } else {
+                    ""
+                };
+                format!("{start}{}\n", lines.join("\n"))
+            })
+        }
+
+        /// Lines `key = value` for distinct keys: each key appears with its
+        /// chance, with one of its values.
+        fn keyed(
+            keys: &[(&'static str, f64, &'static [&'static str])],
+        ) -> impl Strategy<Value = Vec<String>> + use<> {
+            let lines: Vec<_> = keys
+                .iter()
+                .map(|&(key, chance, values)| {
+                    prop::option::weighted(chance, prop::sample::select(values.to_vec()))
+                        .prop_map(move |v| v.map(|v| format!("{key} = {v}")))
+                })
+                .collect();
+            lines.prop_map(|lines| lines.into_iter().flatten().collect())
+        }
+
+        /// Recipe fields with values of their type, sometimes out of range.
+        fn recipe_lines(model: f64, prompt: f64) -> impl Strategy<Value = Vec<String>> {
+            keyed(&[
+                (
+                    "model",
+                    model,
+                    &["\"tiny\"", "\"tiny\"", "\"tiny\"", "\"bad name\""],
+                ),
+                (
+                    "prompt",
+                    prompt,
+                    &[
+                        "\"a red fox\"",
+                        "\"(a:1.2) BREAK [b]\"",
+                        "\"a\"",
+                        "\"(a:x)\"",
+                    ],
+                ),
+                ("negative_prompt", 0.1, &["\"blurry\""]),
+                ("seed", 0.2, &["42", "0", "7", "-1"]),
+                ("steps", 0.2, &["4", "2", "3", "0"]),
+                ("width", 0.3, &["64", "72", "64", "63"]),
+                ("height", 0.3, &["128"]),
+                ("guidance", 0.1, &["7.5", "5", "60"]),
+                (
+                    "scheduler",
+                    0.2,
+                    &["\"euler\"", "\"ddim\"", "\"ddim\"", "\"plms\""],
+                ),
+                ("karras", 0.05, &["true", "false"]),
+                ("eta", 0.05, &["0.0", "0.5"]),
+                ("strength", 0.05, &["0.6"]),
+            ])
+        }
+
+        /// Sweep or zip axes.
+        fn axis_lines() -> impl Strategy<Value = Vec<String>> {
+            keyed(&[
+                ("prompt", 0.5, &["[\"a\", \"(b:1.5)\"]"]),
+                ("seed", 0.4, &["[1, 2, 3]", "[4, 5]", "[1, \"x\"]"]),
+                ("steps", 0.2, &["[2, 3]"]),
+                ("guidance", 0.2, &["[5, 7.5]"]),
+                ("scheduler", 0.1, &["[\"ddim\", \"euler\"]"]),
+                ("width", 0.2, &["[64, 72]", "[64]", "[64, 65]"]),
+            ])
+        }
+
+        /// A well-formed file: `[defaults]`, maybe a sweep and a zip, items,
+        /// maybe a series with shots, and now and then a line from [`line`].
+        fn structured() -> impl Strategy<Value = String> {
+            let series = (
+                keyed(&[
+                    ("character", 0.9, &["\"a knight\""]),
+                    ("anchor", 0.5, &["true", "false"]),
+                    ("consistency", 0.3, &["0.5", "0.25", "2.0"]),
+                    ("seed", 0.2, &["7"]),
+                ]),
+                prop::collection::vec(recipe_lines(0.1, 0.7), 0..3),
+            );
+            (
+                recipe_lines(0.9, 0.6),
+                prop::option::weighted(0.4, axis_lines()),
+                prop::option::weighted(0.2, axis_lines()),
+                prop::collection::vec(recipe_lines(0.1, 0.8), 1..3),
+                prop::option::weighted(0.4, series),
+                prop::option::weighted(0.2, line()),
+            )
+                .prop_map(|(defaults, sweep, zip, items, series, extra)| {
+                    let mut lines = vec!["[defaults]".to_string()];
+                    lines.extend(defaults);
+                    for (header, axes) in [("[sweep]", sweep), ("[zip]", zip)] {
+                        if let Some(axes) = axes {
+                            lines.push(header.to_string());
+                            lines.extend(axes);
+                        }
+                    }
+                    for item in items {
+                        lines.push("[[items]]".to_string());
+                        lines.extend(item);
+                    }
+                    if let Some((settings, shots)) = series {
+                        lines.push("[series.hero]".to_string());
+                        lines.extend(settings);
+                        for shot in shots {
+                            lines.push("[[series.hero.shots]]".to_string());
+                            lines.extend(shot);
+                        }
+                    }
+                    lines.extend(extra);
+                    lines.join("\n") + "\n"
+                })
+        }
+
+        /// Batch files: well-formed ones, or lines of fragments that rarely
+        /// make a valid file.
+        fn batch_text() -> impl Strategy<Value = String> {
+            prop_oneof![structured(), fragments()]
+        }
+
+        /// Checks the shape of a refusal: one line, bounded, starting with
+        /// the file and, when the error has a line, `:LINE:` within the text.
+        fn check(e: &BatchError, lines: usize) -> Result<(), TestCaseError> {
+            let shown = e.to_string();
+            prop_assert!(!shown.contains(['\n', '\r']), "not one line: {:?}", shown);
+            prop_assert!(
+                shown.len() < MAX_ERROR_BYTES,
+                "{} bytes: {:.300}",
+                shown.len(),
+                shown
+            );
+            prop_assert_eq!(e.file.as_str(), FILE);
+            match e.line {
+                Some(line) => {
+                    prop_assert!(
+                        (1..=lines).contains(&line),
+                        "line {} of {}: {}",
+                        line,
+                        lines,
+                        shown
+                    );
+                    let prefix = format!("{FILE}:{line}: ");
+                    prop_assert!(shown.starts_with(&prefix), "{}", shown);
+                }
+                None => prop_assert!(shown.starts_with(&format!("{FILE}: ")), "{}", shown),
+            }
+            Ok(())
+        }
+
+        /// Lines a text has for an error to point at, a last line without
+        /// its newline included.
+        fn lines_of(text: &str) -> usize {
+            text.split('\n').count()
+        }
+
+        /// A quoted key may hold a line break: the refusal showed it raw
+        /// and took two lines, one of them without the file.
+        #[test]
+        fn regression_a_key_with_a_line_break_is_refused_on_one_line() {
+            let e = error_of("\"new\\nline\" = \"tiny\"\n");
+            assert_eq!(e.path, "new\nline");
+            assert_eq!(
+                e.to_string(),
+                "b.toml:1: new\\nline: unknown key \"new\\nline\"; expected one of name, project, priority, defaults, sweep, zip, items, series"
+            );
+            // The same through validation: the series name is checked there.
+            let text = "[defaults]\nmodel = \"tiny\"\n[series.\"a\\u001b[2J\"]\ncharacter = \"a knight\"\n[[series.\"a\\u001b[2J\".shots]]\nprompt = \"b\"\n";
+            let e = error_of(text);
+            assert_eq!(e.line, Some(3), "{e}");
+            let shown = e.to_string();
+            assert!(
+                shown.starts_with("b.toml:3: series.a\\u{1b}[2J: "),
+                "{shown}"
+            );
+            assert!(!shown.contains(char::is_control), "{shown}");
+        }
+
+        /// String values, unknown keys and image names were quoted whole:
+        /// one long value made a refusal as long as the file.
+        #[test]
+        fn regression_long_values_keys_and_image_names_are_quoted_short() {
+            let long = "x".repeat(5_000);
+            for text in [
+                format!("[defaults]\nseed = \"{long}\"\n"),
+                format!("[defaults]\n\"{long}\" = 1\n"),
+                format!("\"{long}\" = 1\n"),
+                format!("[defaults]\ninit_image = \"{long}\"\n"),
+            ] {
+                let shown = error_of(&text).to_string();
+                assert!(
+                    shown.len() < MAX_ERROR_BYTES,
+                    "{}: {shown:.300}",
+                    shown.len()
+                );
+                assert!(
+                    shown.contains("(5000 bytes)") || shown.contains('…'),
+                    "{shown:.300}"
+                );
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Any text parses, or is refused with one line at a line of
+            /// the text; what parses is validated and refused the same way.
+            #[test]
+            fn batch_text_never_panics_and_errors_are_located(text in batch_text()) {
+                let lines = lines_of(&text);
+                match Batch::parse(FILE, &text) {
+                    Err(e) => {
+                        check(&e, lines)?;
+                        prop_assert!(e.line.is_some(), "text error without a line: {}", e);
+                    }
+                    Ok(batch) => match batch.validate() {
+                        Err(e) => check(&e, lines)?,
+                        Ok(items) => prop_assert!(!items.is_empty()),
+                    },
+                }
+            }
+
+            /// Bytes, valid UTF-8 or not, never panic; invalid UTF-8 is
+            /// refused at the line of its first bad byte.
+            #[test]
+            fn batch_bytes_never_panic_and_bad_utf8_names_its_line(
+                text in batch_text(),
+                junk in prop::collection::vec(any::<u8>(), 0..6),
+                at in any::<prop::sample::Index>(),
+            ) {
+                let mut bytes = text.into_bytes();
+                let cut = at.index(bytes.len() + 1);
+                bytes.splice(cut..cut, junk);
+                let utf8 = std::str::from_utf8(&bytes).map(str::to_string);
+                match Batch::parse_bytes(FILE, bytes.clone()) {
+                    Ok(batch) => prop_assert!(utf8.is_ok(), "bad UTF-8 accepted: {:?}", batch.spec),
+                    Err(e) => match &utf8 {
+                        Ok(text) => {
+                            check(&e, lines_of(text))?;
+                            prop_assert!(e.line.is_some(), "text error without a line: {}", e);
+                        }
+                        Err(bad) => {
+                            check(&e, lines_of(&String::from_utf8_lossy(&bytes)))?;
+                            let at = bad.valid_up_to();
+                            let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
+                            prop_assert_eq!(e.line, Some(line));
+                            prop_assert!(e.message.contains("UTF-8"), "{}", e);
+                        }
+                    },
+                }
+            }
+        }
     }
 }

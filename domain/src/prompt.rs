@@ -65,7 +65,8 @@ impl Piece {
     }
 }
 
-/// A weight that is not a number, such as `(word:abc)`.
+/// A weight that is not a number, such as `(word:abc)`, or brackets whose
+/// weights multiply past the largest `f64`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
     "malformed weight in {} at character {column}: {reason}",
@@ -104,7 +105,8 @@ pub struct Chunk<T> {
 /// empty prompt gives no pieces.
 ///
 /// # Errors
-/// [`PromptError`] for a malformed weight such as `(word:abc)` or `(word:1.2.3)`.
+/// [`PromptError`] for a malformed weight such as `(word:abc)` or `(word:1.2.3)`,
+/// and for nested brackets whose weights multiply to infinity.
 pub fn parse(prompt: &str) -> Result<Vec<Piece>, PromptError> {
     let mut parser = Parser {
         src: prompt,
@@ -215,8 +217,8 @@ struct Parser<'a> {
     out: Vec<Slot>,
     /// Open round brackets: (index into `out` where the group starts, byte offset).
     round: Vec<(usize, usize)>,
-    /// Open square brackets: index into `out` where the group starts.
-    square: Vec<usize>,
+    /// Open square brackets: (index into `out` where the group starts, byte offset).
+    square: Vec<(usize, usize)>,
 }
 
 /// Characters that end a run of plain text.
@@ -251,19 +253,23 @@ impl Parser<'_> {
                     i += 1;
                 }
                 '[' => {
-                    self.square.push(self.out.len());
+                    self.square.push((self.out.len(), i));
                     i += 1;
                 }
                 ')' => {
                     match self.round.pop() {
-                        Some((start, _)) => self.multiply(start, ROUND_MULTIPLIER),
+                        Some((start, open)) => {
+                            self.multiply(start, ROUND_MULTIPLIER, open, i + 1)?;
+                        }
                         None => self.push_literal(")".into()),
                     }
                     i += 1;
                 }
                 ']' => {
                     match self.square.pop() {
-                        Some(start) => self.multiply(start, SQUARE_MULTIPLIER),
+                        Some((start, open)) => {
+                            self.multiply(start, SQUARE_MULTIPLIER, open, i + 1)?;
+                        }
                         None => self.push_literal("]".into()),
                     }
                     i += 1;
@@ -277,11 +283,11 @@ impl Parser<'_> {
             }
         }
         // Brackets never closed apply to the end, round ones first, as in the web UI.
-        for (start, _) in std::mem::take(&mut self.round) {
-            self.multiply(start, ROUND_MULTIPLIER);
+        for (start, open) in std::mem::take(&mut self.round) {
+            self.multiply(start, ROUND_MULTIPLIER, open, src.len())?;
         }
-        for start in std::mem::take(&mut self.square) {
-            self.multiply(start, SQUARE_MULTIPLIER);
+        for (start, open) in std::mem::take(&mut self.square) {
+            self.multiply(start, SQUARE_MULTIPLIER, open, src.len())?;
         }
         Ok(())
     }
@@ -308,7 +314,7 @@ impl Parser<'_> {
             return match value.parse::<f64>() {
                 Ok(weight) if weight.is_finite() => {
                     self.round.pop();
-                    self.multiply(start, weight);
+                    self.multiply(start, weight, open, end + 1)?;
                     Ok(end + 1)
                 }
                 _ => Err(self.malformed(open, end, value)),
@@ -342,13 +348,32 @@ impl Parser<'_> {
         }
     }
 
-    /// Multiplies the weight of every text entry from `start` on.
-    fn multiply(&mut self, start: usize, factor: f64) {
+    /// Multiplies the weight of every text entry from `start` on, for the
+    /// brackets at bytes `open..close`.
+    ///
+    /// Each weight is finite, but nested ones multiply: `((a:1e200):1e200)`
+    /// or thousands of `(` reach infinity, which would turn the encoder's
+    /// embeddings into NaN, so such a product is refused.
+    fn multiply(
+        &mut self,
+        start: usize,
+        factor: f64,
+        open: usize,
+        close: usize,
+    ) -> Result<(), PromptError> {
         for slot in &mut self.out[start..] {
             if let Slot::Text(_, weight) = slot {
                 *weight *= factor;
+                if !weight.is_finite() {
+                    return Err(PromptError {
+                        column: self.src[..open].chars().count() + 1,
+                        fragment: self.src[open..close].to_string(),
+                        reason: "the nested weights multiply past the largest number".into(),
+                    });
+                }
             }
         }
+        Ok(())
     }
 
     /// Appends text that is not searched for `BREAK` (escapes, stray brackets).
