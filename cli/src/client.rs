@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use kiln_proto::connect::{channel, farm_client, with_deadline};
+use kiln_proto::connect::{
+    TlsOptions, channel, error_chain, farm_client, is_tls_failure, with_deadline,
+};
 use kiln_proto::error::FieldError;
 use kiln_proto::pb::{self, farm_client::FarmClient};
 use tonic::transport::Channel;
@@ -18,27 +20,51 @@ const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Farm {
     client: FarmClient<Channel>,
     url: String,
+    /// Whether a connection is TLS without a client certificate: a
+    /// coordinator that requires one closes it after the handshake.
+    tls_without_identity: bool,
 }
 
 impl Farm {
-    /// Returns a client for the coordinator at `url` (connects on first call).
-    pub fn new(url: &str) -> anyhow::Result<Self> {
+    /// Returns a client for the coordinator at `url` (connects on first
+    /// call), over TLS configured from `tls` for an `https://` URL.
+    pub fn new(url: &str, tls: &TlsOptions) -> anyhow::Result<Self> {
         Ok(Self {
-            client: farm_client(channel("--coordinator", url)?),
+            client: farm_client(channel("--coordinator", url, tls)?),
             url: url.to_string(),
+            tls_without_identity: url.starts_with("https://") && tls.cert.is_none(),
         })
     }
 
     /// Wraps a failed call in an error that says which coordinator and, for
     /// an unreachable one, what to check. The hint is only for a call that
     /// got no answer: a status the coordinator sent (a store that failed, a
-    /// shutdown) is its own explanation.
+    /// shutdown) is its own explanation. A transport failure keeps its whole
+    /// cause chain (where a TLS handshake or a certificate was refused).
     pub fn explain(&self, status: Status) -> anyhow::Error {
         if unanswered(&status) {
+            let mut cause = status.message().to_string();
+            if let Some(source) = std::error::Error::source(&status) {
+                let chain = error_chain(source);
+                if chain.contains(&cause) {
+                    cause = chain;
+                } else if !cause.contains(&chain) {
+                    cause = format!("{cause}: {chain}");
+                }
+            }
+            let source = std::error::Error::source(&status);
+            let hint = if source.is_some_and(is_tls_failure) {
+                "hint: a TLS/certificate problem: trust the CA that signed the coordinator's certificate with --ca or KILN_CA; a coordinator started with --tls-client-ca also needs --tls-cert and --tls-key (KILN_TLS_CERT, KILN_TLS_KEY)."
+            } else if self.tls_without_identity && !source.is_some_and(refused) {
+                // TLS 1.3 reports a missing client certificate only after the
+                // handshake, as a connection the coordinator closes.
+                "hint: is kiln-coordinator running there? A coordinator that requires client certificates (mutual TLS, --tls-client-ca) closes connections from clients without one: set --tls-cert and --tls-key (KILN_TLS_CERT, KILN_TLS_KEY)."
+            } else {
+                "hint: is kiln-coordinator running there? Set --coordinator or KILN_COORDINATOR (https:// for a coordinator that serves TLS)."
+            };
             return anyhow::anyhow!(
-                "cannot reach the coordinator at {}: {}\nhint: is kiln-coordinator running there? Set --coordinator or KILN_COORDINATOR.",
+                "cannot reach the coordinator at {}: {cause}\n{hint}",
                 self.url,
-                status.message()
             );
         }
         match status.code() {
@@ -184,6 +210,20 @@ fn unanswered(status: &Status) -> bool {
     status.code() == Code::DeadlineExceeded || std::error::Error::source(status).is_some()
 }
 
+/// Returns true when a connection was refused: nothing listens there.
+fn refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Reads the next message of a stream, failing if none arrives within `idle`.
 pub async fn next_within<T>(
     stream: &mut Streaming<T>,
@@ -204,7 +244,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_a_call_without_an_answer_gets_the_connection_hint() {
-        let farm = Farm::new("http://127.0.0.1:1").unwrap();
+        let farm = Farm::new("http://127.0.0.1:1", &TlsOptions::default()).unwrap();
         let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let transport = Status::from_error(Box::new(refused));
         assert!(farm.explain(transport).to_string().contains(HINT));

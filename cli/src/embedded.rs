@@ -71,9 +71,9 @@ impl EmbeddedFarm {
             ResultStore::in_memory(),
             CoordinatorConfig::default(),
         ));
-        let server = tokio::spawn(server::serve(listener, core.clone()));
+        let server = tokio::spawn(server::serve(listener, core.clone(), None));
         Ok(Self {
-            farm: Farm::new(&url)?,
+            farm: Farm::new(&url, &kiln_proto::connect::TlsOptions::default())?,
             url,
             core,
             server,
@@ -93,7 +93,7 @@ impl EmbeddedFarm {
         let total = first + renderers.len();
         for (i, renderer) in renderers.into_iter().enumerate() {
             let agent = Agent::new(
-                Link::new(&self.url)?,
+                Link::new(&self.url, &kiln_proto::connect::TlsOptions::default())?,
                 renderer,
                 AgentConfig {
                     worker_id: WorkerId(format!("local-{}", first + i)),

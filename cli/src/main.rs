@@ -11,9 +11,11 @@ mod embedded;
 mod format;
 mod hub;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kiln_proto::connect::TlsOptions;
 
 use crate::client::Farm;
 use crate::commands::{
@@ -35,6 +37,15 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     coordinator: String,
+    /// A CA certificate (PEM) to trust for an https:// coordinator, besides the system's roots.
+    #[arg(long, global = true, env = "KILN_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// A client certificate (PEM) to present to an https:// coordinator that requires one (mutual TLS).
+    #[arg(long, global = true, env = "KILN_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "KILN_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -95,7 +106,12 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// Runs one command; Ok(false) means the job ended with items missing.
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     // Only the commands that talk to a coordinator build a client.
-    let farm = || Farm::new(&cli.coordinator);
+    let tls = TlsOptions {
+        ca: cli.ca,
+        cert: cli.tls_cert,
+        key: cli.tls_key,
+    };
+    let farm = || Farm::new(&cli.coordinator, &tls);
     match cli.command {
         Command::Render(c) => c.run().await,
         Command::Submit(c) => c.run(&farm()?).await,

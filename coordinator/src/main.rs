@@ -1,13 +1,15 @@
 //! `kiln-coordinator`: serves the Farm and WorkerLink gRPC services.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use kiln_coordinator::results::ResultStore;
-use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store};
+use kiln_coordinator::server::TlsFiles;
+use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store, redacted};
 use kiln_coordinator::{CoordinatorConfig, Core, server};
 
 /// The kiln coordinator: queues jobs, leases tasks to workers, collects results.
@@ -45,6 +47,16 @@ struct Args {
     /// After start-up, how long a job naming a model no worker has announced waits for one.
     #[arg(long, env = "KILN_MODEL_GRACE", default_value = "15s", value_parser = humantime::parse_duration)]
     model_grace: Duration,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "KILN_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "KILN_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Require every client (CLI and workers) to present a certificate signed
+    /// by this CA (PEM): mutual TLS. Needs --tls-cert and --tls-key.
+    #[arg(long, env = "KILN_TLS_CLIENT_CA", value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -70,6 +82,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.max_attempts == 0 {
         bail!("--max-attempts must be at least 1, got 0");
     }
+    let tls = TlsFiles {
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+    }
+    .load()?;
+    let tls_mode = match (&tls, &args.tls_client_ca) {
+        (None, _) => "off",
+        (Some(_), None) => "on",
+        (Some(_), Some(_)) => "mutual",
+    };
     let config = CoordinatorConfig {
         lease_ttl: args.lease_ttl,
         heartbeat_interval: args.heartbeat_interval,
@@ -88,37 +111,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
             retention: args.retention,
         })
         .await
-        .with_context(|| format!("--store {}", args.store))?;
+        .with_context(|| format!("--store {}", redacted(&args.store)))?;
         Arc::new(redis)
     } else {
         bail!(
             "--store must be `memory` or a redis://HOST:PORT/DB (rediss:// for TLS) URL, got {:?}",
-            args.store
+            redacted(&args.store)
         );
     };
     let core = Arc::new(Core::new(store, results, config));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, results = %core.results.location(), store = %redacted(&args.store), farm = %args.farm, "coordinator listening");
+    tracing::info!(addr = %listener.local_addr()?, results = %core.results.location(), store = %redacted(&args.store), farm = %args.farm, tls = tls_mode, "coordinator listening");
     let shutdown = core.shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
         shutdown.cancel();
     });
-    server::serve(listener, core).await?;
+    server::serve(listener, core, tls).await?;
     Ok(())
-}
-
-/// Returns a store URL without its password, for logs.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_string(),
-    }
 }
 
 /// Returns on SIGTERM or SIGINT.

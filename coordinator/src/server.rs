@@ -1,24 +1,111 @@
-//! Serving: both services, the gRPC health service and the reaper on one listener.
+//! Serving: both services, the gRPC health service and the reaper on one
+//! listener, in the clear or over TLS (with client certificates for mutual TLS).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_proto::MAX_MESSAGE_BYTES;
+use kiln_proto::connect::{CERT_FLAG, KEY_FLAG, error_chain, read_certificates, read_identity};
+use kiln_proto::error::FieldError;
 use kiln_proto::pb::farm_server::FarmServer;
 use kiln_proto::pb::worker_link_server::WorkerLinkServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::ServerTlsConfig;
 
 use crate::core::Core;
 use crate::farm::FarmService;
 use crate::reaper;
 use crate::worker_link::WorkerLinkService;
 
-/// Serves the coordinator on `listener` until `core.shutdown` is cancelled.
+/// The flag (and its environment variable) that names the CA of client certificates.
+pub const CLIENT_CA_FLAG: &str = "--tls-client-ca (KILN_TLS_CLIENT_CA)";
+
+/// The coordinator's TLS files (PEM), as given on its command line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The server's certificate chain (`--tls-cert`).
+    pub cert: Option<PathBuf>,
+    /// The certificate's private key (`--tls-key`).
+    pub key: Option<PathBuf>,
+    /// The CA that must have signed every client's certificate (`--tls-client-ca`).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Reads and checks the files: `None` serves in the clear.
+    ///
+    /// # Errors
+    /// When a certificate is given without its key or the other way round,
+    /// a client CA without a server certificate, or when a file cannot be
+    /// read or is not valid PEM (the error names the flag and the file), or
+    /// when rustls refuses the pair (a key that is not the certificate's).
+    pub fn load(&self) -> Result<Option<ServerTlsConfig>, FieldError> {
+        let (cert, key) = match (&self.cert, &self.key) {
+            (None, None) => {
+                return match self.client_ca {
+                    Some(_) => Err(FieldError::new(
+                        CERT_FLAG,
+                        "is missing: --tls-client-ca needs TLS, which needs --tls-cert and --tls-key",
+                    )),
+                    None => Ok(None),
+                };
+            }
+            (Some(_), None) => {
+                return Err(FieldError::new(
+                    KEY_FLAG,
+                    "is missing: --tls-cert needs its private key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(FieldError::new(
+                    CERT_FLAG,
+                    "is missing: --tls-key needs its certificate",
+                ));
+            }
+            (Some(cert), Some(key)) => (cert, key),
+        };
+        // rustls needs one process-wide crypto provider; a second install is a no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut config =
+            ServerTlsConfig::new().identity(read_identity(CERT_FLAG, cert, KEY_FLAG, key)?);
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(read_certificates(CLIENT_CA_FLAG, ca)?);
+        }
+        // Builds the rustls configuration once now, so a key that does not
+        // match its certificate stops the start instead of every handshake.
+        tonic::transport::Server::builder()
+            .tls_config(config.clone())
+            .map_err(|e| {
+                FieldError::new(
+                    format!("{CERT_FLAG} and {KEY_FLAG}"),
+                    format!(
+                        "{} and {} are not a usable pair: {}",
+                        cert.display(),
+                        key.display(),
+                        error_chain(&e)
+                    ),
+                )
+            })?;
+        Ok(Some(config))
+    }
+}
+
+/// Serves the coordinator on `listener` until `core.shutdown` is cancelled,
+/// over TLS when `tls` is given.
 ///
 /// # Errors
-/// When the transport fails.
-pub async fn serve(listener: TcpListener, core: Arc<Core>) -> Result<(), tonic::transport::Error> {
+/// When the TLS configuration is refused or the transport fails.
+pub async fn serve(
+    listener: TcpListener,
+    core: Arc<Core>,
+    tls: Option<ServerTlsConfig>,
+) -> Result<(), tonic::transport::Error> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<FarmServer<FarmService>>().await;
     reporter
@@ -32,7 +119,7 @@ pub async fn serve(listener: TcpListener, core: Arc<Core>) -> Result<(), tonic::
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let reaper = tokio::spawn(reaper::run(core.clone()));
     let shutdown = core.shutdown.clone();
-    let result = tonic::transport::Server::builder()
+    let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)

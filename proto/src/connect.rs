@@ -1,37 +1,223 @@
-//! Client channels to a coordinator, configured the same way everywhere.
+//! Client channels to a coordinator, configured the same way everywhere:
+//! `http://` URLs in the clear, `https://` URLs over TLS with the system's
+//! roots plus an optional extra CA, and a client certificate when one is given.
 
+use std::error::Error;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::MAX_MESSAGE_BYTES;
 use crate::error::FieldError;
 use crate::pb::farm_client::FarmClient;
 use crate::pb::worker_link_client::WorkerLinkClient;
 
-/// How long establishing a connection may take.
+/// How long establishing a connection may take (TCP, then the TLS handshake).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Returns a channel to `url` that connects on first use and reconnects by
-/// itself; every call still needs its own deadline.
+/// The flag (and its environment variable) that names an extra CA.
+pub const CA_FLAG: &str = "--ca (KILN_CA)";
+/// The flag (and its environment variable) that names a client certificate.
+pub const CERT_FLAG: &str = "--tls-cert (KILN_TLS_CERT)";
+/// The flag (and its environment variable) that names a client key.
+pub const KEY_FLAG: &str = "--tls-key (KILN_TLS_KEY)";
+
+/// A client's TLS material: PEM files, read when a channel to an `https://`
+/// URL is made and ignored for `http://` ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// A CA to trust besides the system's roots (`--ca`, `KILN_CA`).
+    pub ca: Option<PathBuf>,
+    /// The client certificate chain for mutual TLS (`--tls-cert`, `KILN_TLS_CERT`).
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (`--tls-key`, `KILN_TLS_KEY`).
+    pub key: Option<PathBuf>,
+}
+
+impl TlsOptions {
+    /// Returns the rustls configuration for a connection to `host`.
+    ///
+    /// # Errors
+    /// When a certificate is given without its key or the other way round,
+    /// when a file cannot be read or holds no valid PEM (the error names the
+    /// flag and the file), or when there is no CA to trust at all.
+    pub fn client_config(&self, host: &str) -> Result<ClientTlsConfig, FieldError> {
+        let mut config = ClientTlsConfig::new()
+            .domain_name(host)
+            .timeout(CONNECT_TIMEOUT);
+        if rustls_native_certs::load_native_certs().certs.is_empty() {
+            if self.ca.is_none() {
+                return Err(FieldError::new(
+                    CA_FLAG,
+                    "this system has no root certificates: name the CA that signed the coordinator's certificate",
+                ));
+            }
+        } else {
+            config = config.with_native_roots();
+        }
+        if let Some(ca) = &self.ca {
+            config = config.ca_certificate(read_certificates(CA_FLAG, ca)?);
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(read_identity(CERT_FLAG, cert, KEY_FLAG, key)?);
+            }
+            (Some(_), None) => {
+                return Err(FieldError::new(
+                    KEY_FLAG,
+                    "is missing: a client certificate needs its key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(FieldError::new(
+                    CERT_FLAG,
+                    "is missing: a client key needs its certificate",
+                ));
+            }
+            (None, None) => {}
+        }
+        Ok(config)
+    }
+}
+
+/// Reads a PEM file of one or more certificates.
 ///
 /// # Errors
-/// When `url` is not a valid http(s) URL; the error names `field`.
-pub fn channel(field: &str, url: &str) -> Result<Channel, FieldError> {
+/// When the file cannot be read or holds no valid certificate; the error
+/// names `flag` and the file.
+pub fn read_certificates(flag: &str, path: &Path) -> Result<Certificate, FieldError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let pem = read(flag, path)?;
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        cert.map_err(|e| {
+            FieldError::new(
+                flag,
+                format!("{} is not a valid PEM certificate: {e}", path.display()),
+            )
+        })?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(FieldError::new(
+            flag,
+            format!(
+                "{} holds no certificate (expected -----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(Certificate::from_pem(pem))
+}
+
+/// Reads a certificate chain and its private key, both PEM.
+///
+/// # Errors
+/// When either file cannot be read or is not valid PEM; the error names the
+/// flag and the file, never the key's content.
+pub fn read_identity(
+    cert_flag: &str,
+    cert: &Path,
+    key_flag: &str,
+    key: &Path,
+) -> Result<Identity, FieldError> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let cert_pem = read_certificates(cert_flag, cert)?;
+    let key_pem = read(key_flag, key)?;
+    // The parser's own error may quote the file; the file is a secret.
+    if PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
+        return Err(FieldError::new(
+            key_flag,
+            format!(
+                "{} holds no valid PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                key.display()
+            ),
+        ));
+    }
+    Ok(Identity::from_pem(cert_pem, key_pem))
+}
+
+fn read(flag: &str, path: &Path) -> Result<Vec<u8>, FieldError> {
+    std::fs::read(path)
+        .map_err(|e| FieldError::new(flag, format!("cannot read {}: {e}", path.display())))
+}
+
+/// Returns a channel to `url` that connects on first use and reconnects by
+/// itself; every call still needs its own deadline. An `https://` URL is
+/// served over TLS configured from `tls`; an `http://` one ignores `tls`.
+///
+/// # Errors
+/// When `url` is not a valid http(s) URL (the error names `field`), or, for
+/// an `https://` URL, when the TLS material in `tls` is incomplete or invalid.
+pub fn channel(field: &str, url: &str, tls: &TlsOptions) -> Result<Channel, FieldError> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(FieldError::new(
             field,
             format!("must be an http:// or https:// URL, got {url:?}"),
         ));
     }
-    let endpoint = Endpoint::from_shared(url.to_string())
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| FieldError::new(field, format!("invalid URL {url:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
+        let host = endpoint
+            .uri()
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+            .ok_or_else(|| FieldError::new(field, format!("no host in {url:?}")))?;
+        endpoint = endpoint
+            .tls_config(tls.client_config(&host)?)
+            .map_err(|e| FieldError::new(field, format!("TLS: {}", error_chain(&e))))?;
+    }
     Ok(endpoint.connect_lazy())
+}
+
+/// Returns the messages of `error` and of its sources, joined by `": "`;
+/// a source whose message is already in the text is left out.
+pub fn error_chain(error: &(dyn Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let message = e.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        next = e.source();
+    }
+    text
+}
+
+/// Returns true when `error` or one of its sources is a TLS failure: a
+/// certificate that was not trusted, an alert from the peer, a handshake
+/// that went wrong.
+pub fn is_tls_failure(error: &(dyn Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        // rustls' errors reach the caller inside an io::Error, whose
+        // `source` skips the error it wraps.
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Returns a Farm client with kiln's message size limits.

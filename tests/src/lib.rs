@@ -45,9 +45,20 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` with `args`, logging to `log`.
     pub fn spawn(bin: &str, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+        Self::spawn_env(bin, args, &[], log)
+    }
+
+    /// Starts `bin` with `args` and the environment variables `env`, logging to `log`.
+    pub fn spawn_env(
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let file = std::fs::File::create(log)?;
         let child = Command::new(binary(bin))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -121,6 +132,26 @@ impl Coordinator {
     /// Starts a coordinator named `name` (its log is `dir/<name>.log`) on
     /// `port` (0: any free one), with results under `dir/results`.
     pub fn start_on(dir: &Path, name: &str, port: u16, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::launch(dir, name, port, extra, &[], None)
+    }
+
+    /// Starts a coordinator that serves TLS: `extra` and `env` must give it
+    /// `--tls-cert` and `--tls-key` (for a certificate valid for `localhost`);
+    /// its URL is `https://localhost:PORT`.
+    pub fn start_tls(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::launch(dir, "coordinator", 0, extra, env, Some("localhost"))
+    }
+
+    /// Starts a coordinator with `extra` flags and `env`; `tls_host`, when
+    /// given, makes its URL `https://<tls_host>:PORT`.
+    fn launch(
+        dir: &Path,
+        name: &str,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        tls_host: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let results = dir.join("results");
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::OpenOptions::new()
@@ -133,6 +164,7 @@ impl Coordinator {
         args.extend_from_slice(extra);
         let mut child = Command::new(binary("kiln-coordinator"))
             .args(&args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(file.try_clone()?)
@@ -162,11 +194,14 @@ impl Coordinator {
         let addr = rx
             .recv_timeout(Duration::from_secs(30))
             .with_context(|| format!("the coordinator did not start: {}", proc.output()))?;
-        Ok(Self {
-            proc,
-            url: format!("http://{addr}"),
-            results,
-        })
+        let url = match tls_host {
+            None => format!("http://{addr}"),
+            Some(host) => {
+                let port = addr.rsplit(':').next().unwrap_or_default();
+                format!("https://{host}:{port}")
+            }
+        };
+        Ok(Self { proc, url, results })
     }
 
     /// Returns the port it listens on.
@@ -181,7 +216,7 @@ impl Coordinator {
     /// Returns a Farm client to it.
     pub async fn client(&self) -> FarmClient<Channel> {
         kiln_proto::connect::farm_client(
-            kiln_proto::connect::channel("url", &self.url).expect("valid URL"),
+            kiln_proto::connect::channel("url", &self.url, &Default::default()).expect("valid URL"),
         )
     }
 }
@@ -205,8 +240,18 @@ pub struct Output {
 
 /// Runs `kiln` with `args` to completion.
 pub fn kiln(args: &[&str]) -> Output {
+    kiln_env(args, &[])
+}
+
+/// Runs `kiln` with `args` and the environment variables `env` to completion;
+/// TLS variables of the test's own environment are not passed on.
+pub fn kiln_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let out = Command::new(binary("kiln"))
         .args(args)
+        .env_remove("KILN_CA")
+        .env_remove("KILN_TLS_CERT")
+        .env_remove("KILN_TLS_KEY")
+        .envs(env.iter().copied())
         .env("NO_COLOR", "1")
         .output()
         .expect("cannot run kiln");
@@ -413,7 +458,7 @@ pub fn block<F: Future>(f: F) -> F::Output {
 pub fn get_job(url: &str, job: &str) -> kiln_proto::pb::GetJobResponse {
     block(async {
         let mut c = kiln_proto::connect::farm_client(
-            kiln_proto::connect::channel("url", url).expect("valid URL"),
+            kiln_proto::connect::channel("url", url, &Default::default()).expect("valid URL"),
         );
         c.get_job(kiln_proto::pb::GetJobRequest {
             job_id: job.to_string(),
@@ -429,7 +474,7 @@ pub fn get_job(url: &str, job: &str) -> kiln_proto::pb::GetJobResponse {
 pub fn events(url: &str, job: &str) -> Vec<kiln_proto::pb::JobEvent> {
     block(async {
         let mut c = kiln_proto::connect::farm_client(
-            kiln_proto::connect::channel("url", url).expect("valid URL"),
+            kiln_proto::connect::channel("url", url, &Default::default()).expect("valid URL"),
         );
         let mut stream = c
             .watch_job(kiln_proto::pb::WatchJobRequest {

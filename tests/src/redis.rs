@@ -1,5 +1,5 @@
 //! A private `redis-server` for one test: a free loopback port, a temporary
-//! directory, AOF on, `noeviction`, stopped when dropped.
+//! directory, AOF on, `noeviction`, optionally a password, stopped when dropped.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -14,6 +14,7 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    password: Option<String>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -21,22 +22,48 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// Returns true once `PING` on the port answers `+PONG`.
-fn pong(port: u16) -> bool {
+/// Returns true once `PING` on the port answers `+PONG` (after `AUTH` with
+/// `password` when there is one).
+fn pong(port: u16, password: Option<&str>) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"PING\r\n").is_err() {
+    let mut request = Vec::new();
+    if let Some(password) = password {
+        request.extend_from_slice(format!("AUTH {password}\r\n").as_bytes());
+    }
+    request.extend_from_slice(b"PING\r\n");
+    if s.write_all(&request).is_err() {
         return false;
     }
-    let mut buf = [0u8; 16];
-    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    // The answers to AUTH and PING may come in one read or two.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 64];
+    for _ in 0..2 {
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+        if answer.windows(5).any(|w| w == b"+PONG") {
+            return true;
+        }
+    }
+    false
 }
 
 impl RedisServer {
     /// Starts a server; fails with an install hint when `redis-server` is missing.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts a server that requires `password` (`--requirepass`).
+    pub fn start_with_password(password: &str) -> anyhow::Result<Self> {
+        Self::start_with(Some(password))
+    }
+
+    fn start_with(password: Option<&str>) -> anyhow::Result<Self> {
         let mut last = None;
         // A free port can be taken between the check and the bind: try a few.
         for _ in 0..5 {
@@ -45,6 +72,7 @@ impl RedisServer {
                 child: None,
                 port: free_port()?,
                 dir,
+                password: password.map(str::to_string),
             };
             match server.spawn() {
                 Ok(()) => return Ok(server),
@@ -56,7 +84,11 @@ impl RedisServer {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.path().join("redis.log"))?;
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -71,7 +103,7 @@ impl RedisServer {
         self.child = Some(child);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
-            if pong(self.port) {
+            if pong(self.port, self.password.as_deref()) {
                 return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
@@ -82,9 +114,17 @@ impl RedisServer {
         bail!("redis-server did not answer PING within 20 s")
     }
 
-    /// Returns the server's URL.
+    /// Returns the server's URL, with its password when it has one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match &self.password {
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// Returns the server's port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Returns the server's data directory.

@@ -318,7 +318,7 @@ fn stale_epoch_complete_is_refused_with_failed_precondition() {
     let coord =
         Coordinator::start(d, &["--lease-ttl", "1s", "--heartbeat-interval", "200ms"]).unwrap();
     block(async {
-        let channel = kiln_proto::connect::channel("url", &coord.url).unwrap();
+        let channel = kiln_proto::connect::channel("url", &coord.url, &Default::default()).unwrap();
         let mut link = kiln_proto::connect::worker_link_client(channel.clone());
         let mut farm = kiln_proto::connect::farm_client(channel);
         link.register(pb::RegisterRequest {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use kiln_proto::connect::{channel, with_deadline, worker_link_client};
+use kiln_proto::connect::{TlsOptions, channel, with_deadline, worker_link_client};
 use kiln_proto::error::FieldError;
 use kiln_proto::pb::{self, worker_link_client::WorkerLinkClient};
 use tonic::Status;
@@ -35,13 +35,14 @@ async fn bounded<T>(
 }
 
 impl Link {
-    /// Returns a link to the coordinator at `url`; it connects on first use.
+    /// Returns a link to the coordinator at `url`; it connects on first use,
+    /// over TLS configured from `tls` for an `https://` URL.
     ///
     /// # Errors
-    /// When the URL is invalid.
-    pub fn new(url: &str) -> Result<Self, FieldError> {
+    /// When the URL is invalid, or the TLS material of an `https://` URL is.
+    pub fn new(url: &str, tls: &TlsOptions) -> Result<Self, FieldError> {
         Ok(Self {
-            client: worker_link_client(channel("--coordinator", url)?),
+            client: worker_link_client(channel("--coordinator", url, tls)?),
         })
     }
 

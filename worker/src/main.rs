@@ -1,12 +1,14 @@
 //! `kiln-worker`: leases tasks from a coordinator and renders them.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use kiln_diffusion::{ParsePrecisionError, Precision};
+use kiln_proto::connect::TlsOptions;
 use kiln_proto::ids::WorkerId;
 use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
 use kiln_worker::catalog::parse_size;
@@ -26,6 +28,15 @@ struct Args {
         default_value = "http://127.0.0.1:7070"
     )]
     coordinator: String,
+    /// A CA certificate (PEM) to trust for an https:// coordinator, besides the system's roots.
+    #[arg(long, env = "KILN_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// A client certificate (PEM) to present to an https:// coordinator that requires one (mutual TLS).
+    #[arg(long, env = "KILN_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "KILN_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// A model to hold, as NAME=DIR (a diffusers-layout folder); repeat for more.
     /// The sim renderer takes NAME alone.
     #[arg(long = "model", value_name = "NAME=DIR", required = true)]
@@ -135,7 +146,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Arc::new(renderer)
         }
     };
-    let link = Link::new(&args.coordinator)?;
+    let tls = TlsOptions {
+        ca: args.ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    };
+    let link = Link::new(&args.coordinator, &tls)?;
     let agent = Agent::new(
         link,
         renderer,

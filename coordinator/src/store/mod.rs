@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 
-pub use self::redis::{RedisConfig, RedisStore};
+pub use self::redis::{RedisConfig, RedisStore, redacted};
 pub use memory::MemoryStore;
 pub use state::{AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState};
 pub use types::*;

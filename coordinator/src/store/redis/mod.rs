@@ -95,6 +95,17 @@ fn transient(e: &RedisError) -> bool {
         || e.to_string().contains("LOADING")
 }
 
+/// Returns a store URL without its credentials (`redis://***@host:6379/0`),
+/// for logs and error messages: a password is never printed.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 impl RedisStore {
     /// Connects, checks that Redis cannot evict keys, and starts the Pub/Sub listener.
     ///
@@ -110,7 +121,10 @@ impl RedisStore {
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let client = redis::Client::open(config.url.as_str()).map_err(|e| {
-            StoreError::Misconfigured(format!("invalid Redis URL {:?}: {e}", config.url))
+            StoreError::Misconfigured(format!(
+                "invalid Redis URL {:?}: {e}",
+                redacted(&config.url)
+            ))
         })?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(3)))
@@ -122,8 +136,15 @@ impl RedisStore {
             ConnectionManager::new_with_config(client.clone(), manager_config),
         )
         .await
-        .map_err(|_| StoreError::Unavailable(format!("no answer from {} within 15 s", config.url)))?
-        .map_err(|e| StoreError::Unavailable(format!("cannot connect to {}: {e}", config.url)))?;
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "no answer from {} within 15 s",
+                redacted(&config.url)
+            ))
+        })?
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot connect to {}: {e}", redacted(&config.url)))
+        })?;
         let (work_tx, work) = watch::channel(0);
         let (events_tx, events) = watch::channel(0);
         let prefix = format!("{{{}}}", config.name);
@@ -137,7 +158,7 @@ impl RedisStore {
             events,
             round_trips: Default::default(),
         };
-        store.check_policy(&config.url).await?;
+        store.check_policy(&redacted(&config.url)).await?;
         Ok(store)
     }
 
