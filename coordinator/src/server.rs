@@ -84,7 +84,7 @@ impl TlsFiles {
                         "{} and {} are not a usable pair: {}",
                         cert.display(),
                         key.display(),
-                        error_chain(&e)
+                        std::error::Error::source(&e).map_or_else(|| e.to_string(), error_chain)
                     ),
                 )
             })?;
@@ -136,4 +136,75 @@ pub async fn serve(
     core.shutdown.cancel();
     let _ = reaper.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(cert: Option<&str>, key: Option<&str>, client_ca: Option<&str>) -> TlsFiles {
+        TlsFiles {
+            cert: cert.map(PathBuf::from),
+            key: key.map(PathBuf::from),
+            client_ca: client_ca.map(PathBuf::from),
+        }
+    }
+
+    fn refusal(files: &TlsFiles) -> String {
+        files.load().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn no_files_serve_in_the_clear() {
+        assert!(files(None, None, None).load().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_certificate_without_its_key_or_a_key_without_its_certificate_is_refused() {
+        let text = refusal(&files(Some("server.pem"), None, None));
+        assert!(
+            text.starts_with("--tls-key (KILN_TLS_KEY): is missing"),
+            "{text}"
+        );
+        let text = refusal(&files(None, Some("server-key.pem"), None));
+        assert!(
+            text.starts_with("--tls-cert (KILN_TLS_CERT): is missing"),
+            "{text}"
+        );
+        let text = refusal(&files(None, None, Some("ca.pem")));
+        assert!(
+            text.starts_with("--tls-cert (KILN_TLS_CERT): is missing"),
+            "{text}"
+        );
+        for text in [
+            refusal(&files(Some("server.pem"), None, None)),
+            refusal(&files(None, None, Some("ca.pem"))),
+        ] {
+            assert!(!text.contains('\n'), "one line: {text}");
+        }
+    }
+
+    #[test]
+    fn unreadable_and_invalid_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        let (missing, garbage) = (missing.to_str().unwrap(), garbage.to_str().unwrap());
+
+        let text = refusal(&files(Some(missing), Some(garbage), None));
+        assert!(
+            text.starts_with("--tls-cert (KILN_TLS_CERT): cannot read"),
+            "{text}"
+        );
+        assert!(text.contains(missing), "{text}");
+
+        let text = refusal(&files(Some(garbage), Some(missing), None));
+        assert!(text.starts_with("--tls-cert (KILN_TLS_CERT):"), "{text}");
+        assert!(
+            text.contains(garbage) && text.contains("no certificate"),
+            "{text}"
+        );
+        assert!(!text.contains('\n'), "one line: {text}");
+    }
 }

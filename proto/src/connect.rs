@@ -93,10 +93,14 @@ pub fn read_certificates(flag: &str, path: &Path) -> Result<Certificate, FieldEr
     let pem = read(flag, path)?;
     let mut count = 0;
     for cert in CertificateDer::pem_slice_iter(&pem) {
-        cert.map_err(|e| {
+        // The parser's own errors quote bytes as numbers: say it in words.
+        cert.map_err(|_| {
             FieldError::new(
                 flag,
-                format!("{} is not a valid PEM certificate: {e}", path.display()),
+                format!(
+                    "{} is not valid PEM: expected -----BEGIN CERTIFICATE----- blocks of base64, each closed by -----END CERTIFICATE-----",
+                    path.display()
+                ),
             )
         })?;
         count += 1;
@@ -253,4 +257,85 @@ pub fn is_transient(status: &tonic::Status) -> bool {
             | Code::Aborted
             | Code::Cancelled
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(ca: Option<&str>, cert: Option<&str>, key: Option<&str>) -> TlsOptions {
+        TlsOptions {
+            ca: ca.map(PathBuf::from),
+            cert: cert.map(PathBuf::from),
+            key: key.map(PathBuf::from),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_urls_ignore_tls_options() {
+        let broken = options(
+            Some("/nonexistent/ca.pem"),
+            Some("/nonexistent/c.pem"),
+            None,
+        );
+        assert!(channel("--coordinator", "http://127.0.0.1:1", &broken).is_ok());
+    }
+
+    #[tokio::test]
+    async fn https_urls_check_the_tls_files() {
+        let url = "https://localhost:7070";
+        let text = channel("--coordinator", url, &options(None, Some("c.pem"), None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.starts_with("--tls-key (KILN_TLS_KEY): is missing"),
+            "{text}"
+        );
+        let text = channel("--coordinator", url, &options(None, None, Some("k.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.starts_with("--tls-cert (KILN_TLS_CERT): is missing"),
+            "{text}"
+        );
+        let text = channel(
+            "--coordinator",
+            url,
+            &options(Some("/nonexistent/ca.pem"), None, None),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            text.starts_with("--ca (KILN_CA): cannot read /nonexistent/ca.pem"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn error_chains_say_each_cause_once() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "transport error")
+            }
+        }
+        impl Error for Outer {
+            fn source(&self) -> Option<&(dyn Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let tls = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+        );
+        let outer = Outer(tls);
+        assert_eq!(
+            error_chain(&outer),
+            "transport error: received fatal alert: CertificateRequired"
+        );
+        assert!(is_tls_failure(&outer));
+        let refused = Outer(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(!is_tls_failure(&refused));
+    }
 }

@@ -241,6 +241,62 @@ fn mutual_tls_refuses_clients_without_a_certificate() {
     drop(worker);
 }
 
+/// Runs `kiln-coordinator` with `args` until it exits; returns its exit code and output.
+fn coordinator_refusal(dir: &Path, name: &str, args: &[&str]) -> (Option<i32>, String) {
+    let results = dir.join("results-refused");
+    let mut all = vec!["--listen", "127.0.0.1:0", "--results", arg(&results)];
+    all.extend_from_slice(args);
+    let mut proc = Proc::spawn("kiln-coordinator", &all, &dir.join(format!("{name}.log"))).unwrap();
+    let code = proc.wait_exit(Duration::from_secs(60));
+    (code, proc.output())
+}
+
+#[test]
+fn the_coordinator_refuses_incomplete_or_invalid_tls_files_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let pki = Pki::make(d);
+
+    let (code, out) = coordinator_refusal(d, "no-key", &["--tls-cert", arg(&pki.server_cert)]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(
+        out.trim(),
+        "kiln-coordinator: --tls-key (KILN_TLS_KEY): is missing: --tls-cert needs its private key"
+    );
+
+    let garbage = d.join("garbage.pem");
+    std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
+    let (code, out) = coordinator_refusal(
+        d,
+        "garbage",
+        &[
+            "--tls-cert",
+            arg(&garbage),
+            "--tls-key",
+            arg(&pki.server_key),
+        ],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+    assert!(out.contains(arg(&garbage)), "{out}");
+
+    // The client's key is not the server certificate's.
+    let (code, out) = coordinator_refusal(
+        d,
+        "mismatch",
+        &[
+            "--tls-cert",
+            arg(&pki.server_cert),
+            "--tls-key",
+            arg(&pki.client_key),
+        ],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+    assert!(out.contains("not a usable pair"), "{out}");
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+}
+
 #[test]
 fn a_redis_password_works_and_a_wrong_one_fails_without_being_printed() {
     const SECRET: &str = "kiln-test-secret-9f3a";
@@ -262,22 +318,7 @@ fn a_redis_password_works_and_a_wrong_one_fails_without_being_printed() {
     drop(coord);
 
     let wrong = format!("redis://:{WRONG}@127.0.0.1:{}/0", redis.port());
-    let results = d.join("results-wrong");
-    let mut proc = Proc::spawn(
-        "kiln-coordinator",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--results",
-            arg(&results),
-            "--store",
-            &wrong,
-        ],
-        &d.join("wrong.log"),
-    )
-    .unwrap();
-    let code = proc.wait_exit(Duration::from_secs(60));
-    let log = proc.output();
+    let (code, log) = coordinator_refusal(d, "wrong", &["--store", &wrong]);
     assert!(matches!(code, Some(c) if c != 0), "{code:?}: {log}");
     assert!(!log.contains(WRONG), "the password was printed: {log}");
     let last = log.lines().last().unwrap_or_default();

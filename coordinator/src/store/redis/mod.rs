@@ -823,6 +823,22 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn redacted_urls_keep_no_credentials() {
+        assert_eq!(
+            redacted("redis://:s3cret@10.0.0.5:6379/0"),
+            "redis://***@10.0.0.5:6379/0"
+        );
+        assert_eq!(
+            redacted("rediss://kiln:s3cret@redis.example:6380/1"),
+            "rediss://***@redis.example:6380/1"
+        );
+        assert_eq!(
+            redacted("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+    }
+
     fn one_task_job() -> NewJob {
         NewJob {
             id: JobId::new(),
