@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use kiln_proto::connect::{
-    TlsOptions, channel, error_chain, farm_client, is_tls_failure, with_deadline,
+    AuthChannel, Bearer, TlsOptions, channel, error_chain, farm_client, is_tls_failure,
+    with_deadline,
 };
 use kiln_proto::error::FieldError;
 use kiln_proto::pb::{self, farm_client::FarmClient};
-use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 /// Deadline of unary calls.
@@ -18,7 +18,7 @@ const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A Farm client bound to one coordinator.
 #[derive(Clone)]
 pub struct Farm {
-    client: FarmClient<Channel>,
+    client: FarmClient<AuthChannel>,
     url: String,
     /// Whether a connection is TLS without a client certificate: a
     /// coordinator that requires one closes it after the handshake.
@@ -27,10 +27,11 @@ pub struct Farm {
 
 impl Farm {
     /// Returns a client for the coordinator at `url` (connects on first
-    /// call), over TLS configured from `tls` for an `https://` URL.
-    pub fn new(url: &str, tls: &TlsOptions) -> anyhow::Result<Self> {
+    /// call), over TLS configured from `tls` for an `https://` URL, sending
+    /// `token` with every call.
+    pub fn new(url: &str, tls: &TlsOptions, token: Bearer) -> anyhow::Result<Self> {
         Ok(Self {
-            client: farm_client(channel("--coordinator", url, tls)?),
+            client: farm_client(channel("--coordinator", url, tls)?, token),
             url: url.to_string(),
             tls_without_identity: url.starts_with("https://") && tls.cert.is_none(),
         })
@@ -68,6 +69,16 @@ impl Farm {
             );
         }
         match status.code() {
+            Code::Unauthenticated => anyhow::anyhow!(
+                "the coordinator at {} refused the call: {}\nhint: give a token with KILN_TOKEN or --token-file FILE (make one with `kiln token new`, and add its block to the coordinator's --auth file).",
+                self.url,
+                status.message()
+            ),
+            Code::PermissionDenied => anyhow::anyhow!(
+                "the coordinator at {} refused the call: {}\nhint: this token's role does not allow it; use another token with KILN_TOKEN or --token-file FILE.",
+                self.url,
+                status.message()
+            ),
             Code::Unavailable | Code::Internal | Code::DataLoss | Code::Unknown => anyhow::anyhow!(
                 "the coordinator at {} failed: {}",
                 self.url,
@@ -244,7 +255,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_a_call_without_an_answer_gets_the_connection_hint() {
-        let farm = Farm::new("http://127.0.0.1:1", &TlsOptions::default()).unwrap();
+        let farm = Farm::new("http://127.0.0.1:1", &TlsOptions::default(), Bearer::none()).unwrap();
         let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let transport = Status::from_error(Box::new(refused));
         assert!(farm.explain(transport).to_string().contains(HINT));

@@ -73,7 +73,11 @@ impl EmbeddedFarm {
         ));
         let server = tokio::spawn(server::serve(listener, core.clone(), None));
         Ok(Self {
-            farm: Farm::new(&url, &kiln_proto::connect::TlsOptions::default())?,
+            farm: Farm::new(
+                &url,
+                &kiln_proto::connect::TlsOptions::default(),
+                kiln_proto::connect::Bearer::none(),
+            )?,
             url,
             core,
             server,
@@ -93,7 +97,11 @@ impl EmbeddedFarm {
         let total = first + renderers.len();
         for (i, renderer) in renderers.into_iter().enumerate() {
             let agent = Agent::new(
-                Link::new(&self.url, &kiln_proto::connect::TlsOptions::default())?,
+                Link::new(
+                    &self.url,
+                    &kiln_proto::connect::TlsOptions::default(),
+                    kiln_proto::connect::Bearer::none(),
+                )?,
                 renderer,
                 AgentConfig {
                     worker_id: WorkerId(format!("local-{}", first + i)),

@@ -15,11 +15,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kiln_proto::connect::TlsOptions;
+use kiln_proto::connect::{TlsOptions, read_token};
 
 use crate::client::Farm;
 use crate::commands::{
-    bench, control, fetch, inspect, list, model, prompt, render, submit, verify, watch,
+    bench, control, fetch, inspect, list, model, prompt, render, submit, token, verify, watch,
 };
 
 /// The job ended with items that produced no image.
@@ -46,6 +46,10 @@ struct Cli {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, global = true, env = "KILN_TLS_KEY", value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Read the token to send from the first line of FILE (else from the
+    /// KILN_TOKEN environment variable); needed by a coordinator with --auth.
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,6 +71,7 @@ enum Command {
     Inspect(inspect::Inspect),
     Model(model::Model),
     Bench(bench::Bench),
+    Token(token::Token),
 }
 
 fn main() -> ExitCode {
@@ -111,7 +116,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         cert: cli.tls_cert,
         key: cli.tls_key,
     };
-    let farm = || Farm::new(&cli.coordinator, &tls);
+    let farm = || -> anyhow::Result<Farm> {
+        let token = read_token(cli.token_file.as_deref())?;
+        Farm::new(&cli.coordinator, &tls, token)
+    };
     match cli.command {
         Command::Render(c) => c.run().await,
         Command::Submit(c) => c.run(&farm()?).await,
@@ -127,5 +135,6 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Inspect(c) => c.run(),
         Command::Model(c) => c.run().await,
         Command::Bench(c) => c.run().await,
+        Command::Token(c) => c.run(),
     }
 }

@@ -8,8 +8,9 @@ use kiln_proto::error::{FieldError, quote};
 use kiln_proto::ids::{JobId, TaskId};
 use kiln_proto::spec::{self, JobSpec};
 
+use crate::auth::Caller;
 use crate::core::Core;
-use crate::error::CoordinatorResult;
+use crate::error::{CoordinatorError, CoordinatorResult};
 use crate::store::{JobRecord, ModelInfo, NewJob, NewTask};
 
 /// Validates, expands and creates a job; returns it and whether it is new.
@@ -18,9 +19,17 @@ use crate::store::{JobRecord, ModelInfo, NewJob, NewTask};
 /// A field error naming the field and the value; nothing is queued then.
 pub async fn admit(
     core: &Core,
+    caller: &Caller,
     mut spec: JobSpec,
     idempotency_key: &str,
 ) -> CoordinatorResult<(JobRecord, bool)> {
+    // A caller with one project submits there when the file names none,
+    // before the validation reads the project.
+    if spec.project.is_empty()
+        && let Some(project) = caller.default_project()
+    {
+        spec.project = project.to_string();
+    }
     // The job is checked by the one validation every client runs.
     spec::check_label("idempotency_key", idempotency_key)?;
     let id = JobId::new();
@@ -28,6 +37,8 @@ pub async fn admit(
     let seed_base = u64::from_be_bytes(id.0.as_bytes()[8..16].try_into().unwrap_or([0; 8]));
     let mut items = spec::validate(&spec, seed_base)?;
     let project = spec.project_or_default().to_string();
+    caller.may_submit_to(&project)?;
+    check_limits(core, &project, items.len() as u64).await?;
     let needed: BTreeSet<&str> = items.iter().map(|i| i.recipe.model.as_str()).collect();
     let known = known_models(core, &needed, &spec).await?;
     for item in &mut items {
@@ -64,6 +75,45 @@ pub async fn admit(
         verify_of: None,
     };
     Ok(core.store.create_job(job).await?)
+}
+
+/// Jobs read from the store to count a project's queued and running tasks.
+const QUOTA_SCAN_JOBS: usize = 100_000;
+
+/// Refuses a job of `tasks` tasks that would pass a limit of its project's
+/// `[[project]]` entry in the auth file: `max_tasks_per_job`, or
+/// `max_queued_tasks` counted over the project's running jobs (queued plus
+/// leased tasks).
+async fn check_limits(core: &Core, project: &str, tasks: u64) -> CoordinatorResult<()> {
+    let Some(limits) = core.auth.limits(project) else {
+        return Ok(());
+    };
+    let exceeded = |limit, max, has| CoordinatorError::QuotaExceeded {
+        project: project.to_string(),
+        limit,
+        max,
+        has,
+        adds: tasks,
+    };
+    if let Some(max) = limits.max_tasks_per_job
+        && tasks > max
+    {
+        return Err(exceeded("max_tasks_per_job", max, 0));
+    }
+    if let Some(max) = limits.max_queued_tasks {
+        let has: u64 = core
+            .store
+            .jobs(QUOTA_SCAN_JOBS)
+            .await?
+            .iter()
+            .filter(|j| j.project == project && !j.is_finished())
+            .map(|j| u64::from(j.counts.queued) + u64::from(j.counts.leased))
+            .sum();
+        if has + tasks > max {
+            return Err(exceeded("max_queued_tasks", max, has));
+        }
+    }
+    Ok(())
 }
 
 /// Returns the farm's models once every needed one is known. While the

@@ -8,6 +8,7 @@ use kiln_proto::ids::JobId;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Auth;
 use crate::config::CoordinatorConfig;
 use crate::contact_sheet;
 use crate::error::{CoordinatorError, CoordinatorResult};
@@ -25,6 +26,8 @@ pub struct Core {
     pub results: ResultStore,
     /// Tunables.
     pub config: CoordinatorConfig,
+    /// Tokens and project limits (`--auth`); off by default.
+    pub auth: Arc<Auth>,
     /// When this coordinator started, for the model grace period.
     pub started: Instant,
     /// Cancelled when the coordinator shuts down: long polls and watch
@@ -45,6 +48,7 @@ impl Core {
             store,
             results,
             config,
+            auth: Arc::new(Auth::off()),
             started: Instant::now(),
             shutdown: CancellationToken::new(),
             folders: Mutex::new(HashMap::new()),

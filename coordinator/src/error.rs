@@ -11,6 +11,7 @@ use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 use kiln_proto::status::bounded;
 use tonic::{Code, Status};
 
+use crate::auth::AuthError;
 use crate::contact_sheet::ContactSheetError;
 use crate::results::ResultsError;
 use crate::store::{StoreError, TaskRecord, TaskState};
@@ -64,6 +65,31 @@ pub enum CoordinatorError {
     /// Lease as "your session is gone" and registers again, dropping its work.
     #[error("the leased tasks could not be sent and were handed back: {0}")]
     LeaseNotSent(Box<CoordinatorError>),
+    /// The request carries no token, or one the coordinator does not know.
+    #[error("{0}")]
+    Unauthenticated(AuthError),
+    /// The caller's role does not allow the action.
+    #[error("permission denied: token {caller} may not {action}")]
+    PermissionDenied {
+        /// The token's name and role.
+        caller: String,
+        /// What it tried.
+        action: String,
+    },
+    /// A project limit of the auth file refuses the job.
+    #[error("project {project}: {limit} is {max}, it has {has} and this job adds {adds}")]
+    QuotaExceeded {
+        /// The project.
+        project: String,
+        /// The limit's name in the auth file.
+        limit: &'static str,
+        /// Its value.
+        max: u64,
+        /// What the project holds now.
+        has: u64,
+        /// What the job would add.
+        adds: u64,
+    },
 }
 
 impl CoordinatorError {
@@ -272,6 +298,9 @@ impl CoordinatorError {
             Self::ShuttingDown => Code::Unavailable,
             Self::LeaseNotSent(inner) if inner.is_transient() => Code::Unavailable,
             Self::LeaseNotSent(_) => Code::Internal,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied { .. } => Code::PermissionDenied,
+            Self::QuotaExceeded { .. } => Code::ResourceExhausted,
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Action, Caller, caller_of};
 use crate::core::Core;
 use crate::core::contact_sheet_path;
 use crate::error::{CoordinatorError, CoordinatorResult};
@@ -45,8 +46,9 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let caller = caller_of(&request)?;
         Ok(Response::new(
-            submit_job(&self.core, request.into_inner()).await?,
+            submit_job(&self.core, &caller, request.into_inner()).await?,
         ))
     }
 
@@ -54,8 +56,9 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let caller = caller_of(&request)?;
         Ok(Response::new(
-            get_job(&self.core, request.into_inner()).await?,
+            get_job(&self.core, &caller, request.into_inner()).await?,
         ))
     }
 
@@ -63,8 +66,9 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = caller_of(&request)?;
         Ok(Response::new(
-            list_jobs(&self.core, request.into_inner()).await?,
+            list_jobs(&self.core, &caller, request.into_inner()).await?,
         ))
     }
 
@@ -74,8 +78,9 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let caller = caller_of(&request)?;
         let req = request.into_inner();
-        let id = known_job(&self.core, &req.job_id).await?;
+        let id = known_job(&self.core, &caller, &req.job_id).await?;
         let (tx, rx) = mpsc::channel(64);
         let core = self.core.clone();
         tokio::spawn(async move {
@@ -96,8 +101,9 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::FetchResultsRequest>,
     ) -> Result<Response<Self::FetchResultsStream>, Status> {
+        let caller = caller_of(&request)?;
         let req = request.into_inner();
-        let id = known_job(&self.core, &req.job_id).await?;
+        let id = known_job(&self.core, &caller, &req.job_id).await?;
         let (tx, rx) = mpsc::channel(4);
         let core = self.core.clone();
         tokio::spawn(async move {
@@ -112,15 +118,17 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let caller = caller_of(&request)?;
         Ok(Response::new(
-            cancel_job(&self.core, request.into_inner()).await?,
+            cancel_job(&self.core, &caller, request.into_inner()).await?,
         ))
     }
 
     async fn list_workers(
         &self,
-        _request: Request<pb::ListWorkersRequest>,
+        request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        caller_of(&request)?.require(Action::ListWorkers)?;
         Ok(Response::new(list_workers(&self.core).await?))
     }
 
@@ -128,8 +136,17 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::VerifyJobRequest>,
     ) -> Result<Response<pb::VerifyJobResponse>, Status> {
+        let caller = caller_of(&request)?;
         let req = request.into_inner();
         let id = JobId::parse_field("job_id", &req.job_id).map_err(CoordinatorError::from)?;
+        caller.require(Action::Verify)?;
+        let job = self
+            .core
+            .store
+            .job(id)
+            .await
+            .map_err(CoordinatorError::from)?;
+        caller.job_access(&job, Action::Verify)?;
         let done = verify::verify(&self.core, id, req.sample as usize).await?;
         Ok(Response::new(convert::verification(&done)))
     }
@@ -138,24 +155,27 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::DrainWorkerRequest>,
     ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
+        let caller = caller_of(&request)?;
         Ok(Response::new(
-            drain_worker(&self.core, request.into_inner()).await?,
+            drain_worker(&self.core, &caller, request.into_inner()).await?,
         ))
     }
 }
 
 async fn submit_job(
     core: &Core,
+    caller: &Caller,
     req: pb::SubmitJobRequest,
 ) -> CoordinatorResult<pb::SubmitJobResponse> {
+    caller.require(Action::Submit)?;
     // Wire types stop here: admission speaks the domain JobSpec.
     let spec = req
         .spec
         .ok_or_else(|| FieldError::new("spec", "missing"))
         .and_then(job_spec_from_pb)?;
-    let (job, created) = admission::admit(core, spec, &req.idempotency_key).await?;
+    let (job, created) = admission::admit(core, caller, spec, &req.idempotency_key).await?;
     if created {
-        tracing::info!(job = %job.id, tasks = job.counts.total, name = %job.name, project = %job.project, "job submitted");
+        tracing::info!(job = %job.id, tasks = job.counts.total, name = %job.name, project = %job.project, token = %caller.name, "job submitted");
     } else {
         tracing::info!(job = %job.id, "resubmission returned the existing job");
     }
@@ -165,9 +185,15 @@ async fn submit_job(
     })
 }
 
-async fn get_job(core: &Core, req: pb::GetJobRequest) -> CoordinatorResult<pb::GetJobResponse> {
+async fn get_job(
+    core: &Core,
+    caller: &Caller,
+    req: pb::GetJobRequest,
+) -> CoordinatorResult<pb::GetJobResponse> {
     let id = JobId::parse_field("job_id", &req.job_id)?;
+    caller.require(Action::Read)?;
     let job = core.store.job(id).await?;
+    caller.job_access(&job, Action::Read)?;
     let tasks = if req.include_tasks {
         core.store.tasks(id).await?
     } else {
@@ -181,32 +207,43 @@ async fn get_job(core: &Core, req: pb::GetJobRequest) -> CoordinatorResult<pb::G
 
 async fn list_jobs(
     core: &Core,
+    caller: &Caller,
     req: pb::ListJobsRequest,
 ) -> CoordinatorResult<pb::ListJobsResponse> {
+    caller.require(Action::Read)?;
     let limit = match req.limit {
         0 => 100,
         n => n.min(10_000) as usize,
     };
     let jobs = core.store.jobs(limit).await?;
     Ok(pb::ListJobsResponse {
-        jobs: jobs.iter().map(convert::job).collect(),
+        jobs: jobs
+            .iter()
+            .filter(|j| caller.job_access(j, Action::Read).is_ok())
+            .map(convert::job)
+            .collect(),
     })
 }
 
-/// Parses a request's job id and checks that the job exists, so a stream
-/// opens only for a job it can follow.
-async fn known_job(core: &Core, job_id: &str) -> CoordinatorResult<JobId> {
+/// Parses a request's job id and checks that the job exists and that the
+/// caller may read it, so a stream opens only for a job it can follow.
+async fn known_job(core: &Core, caller: &Caller, job_id: &str) -> CoordinatorResult<JobId> {
     let id = JobId::parse_field("job_id", job_id)?;
-    core.store.job(id).await?;
+    caller.require(Action::Read)?;
+    let job = core.store.job(id).await?;
+    caller.job_access(&job, Action::Read)?;
     Ok(id)
 }
 
 async fn cancel_job(
     core: &Core,
+    caller: &Caller,
     req: pb::CancelJobRequest,
 ) -> CoordinatorResult<pb::CancelJobResponse> {
     let id = JobId::parse_field("job_id", &req.job_id)?;
+    caller.require(Action::Cancel)?;
     let before = core.store.job(id).await?;
+    caller.job_access(&before, Action::Cancel)?;
     let job = core.store.cancel_job(id).await?;
     if !before.is_finished() {
         tracing::info!(job = %id, "job cancelled");
@@ -231,9 +268,11 @@ async fn list_workers(core: &Core) -> CoordinatorResult<pb::ListWorkersResponse>
 
 async fn drain_worker(
     core: &Core,
+    caller: &Caller,
     req: pb::DrainWorkerRequest,
 ) -> CoordinatorResult<pb::DrainWorkerResponse> {
     let id = WorkerId::parse_field("worker_id", &req.worker_id)?;
+    caller.worker_access(&id, Action::Drain)?;
     let w = core.store.drain_worker(&id).await?;
     tracing::info!(worker = %id, "worker set to drain");
     Ok(pb::DrainWorkerResponse {

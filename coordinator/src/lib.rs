@@ -9,6 +9,8 @@
 
 /// Validates, expands and creates submitted jobs.
 pub mod admission;
+/// Tokens, roles and project scoping: who is calling and what they may do.
+pub mod auth;
 /// Tunables and their defaults.
 pub mod config;
 /// Series contact sheets.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use kiln_coordinator::auth::Auth;
 use kiln_coordinator::results::ResultStore;
 use kiln_coordinator::server::TlsFiles;
 use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store, redacted};
@@ -57,6 +58,15 @@ struct Args {
     /// by this CA (PEM): mutual TLS. Needs --tls-cert and --tls-key.
     #[arg(long, env = "KILN_TLS_CLIENT_CA", value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// Require a token on every call: a TOML file of `[[token]]` entries (name,
+    /// sha256 of the token, role, projects) and `[[project]]` limits; read
+    /// again on SIGHUP.
+    #[arg(long, env = "KILN_AUTH", value_name = "FILE")]
+    auth: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without --auth (anyone who
+    /// can reach the port can submit, lease and cancel).
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[tokio::main]
@@ -82,6 +92,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.max_attempts == 0 {
         bail!("--max-attempts must be at least 1, got 0");
     }
+    if args.auth.is_none() && !args.listen.ip().is_loopback() && !args.insecure {
+        bail!(
+            "refusing to listen on {} without --auth: anyone could submit, lease and cancel; give --auth FILE, or --insecure to accept that",
+            args.listen
+        );
+    }
+    let auth = match &args.auth {
+        Some(file) => Auth::open(file)?,
+        None => Auth::off(),
+    };
     let tls = TlsFiles {
         cert: args.tls_cert.clone(),
         key: args.tls_key.clone(),
@@ -119,11 +139,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             redacted(&args.store)
         );
     };
-    let core = Arc::new(Core::new(store, results, config));
+    let mut core = Core::new(store, results, config);
+    core.auth = Arc::new(auth);
+    let core = Arc::new(core);
+    if core.auth.is_on() {
+        tokio::spawn(reload_on_hangup(core.auth.clone()));
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, results = %core.results.location(), store = %redacted(&args.store), farm = %args.farm, tls = tls_mode, "coordinator listening");
+    tracing::info!(addr = %listener.local_addr()?, results = %core.results.location(), store = %redacted(&args.store), farm = %args.farm, tls = tls_mode, auth = core.auth.is_on(), "coordinator listening");
     let shutdown = core.shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -132,6 +157,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     server::serve(listener, core, tls).await?;
     Ok(())
+}
+
+/// Reads the auth file again on every SIGHUP.
+async fn reload_on_hangup(auth: Arc<Auth>) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; restart the coordinator to read --auth again");
+            return;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        auth.reload();
+    }
 }
 
 /// Returns on SIGTERM or SIGINT.

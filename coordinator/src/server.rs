@@ -1,5 +1,6 @@
-//! Serving: both services, the gRPC health service and the reaper on one
-//! listener, in the clear or over TLS (with client certificates for mutual TLS).
+//! Serving: both services (behind the [`Authenticate`] interceptor), the gRPC
+//! health service and the reaper on one listener, in the clear or over TLS
+//! (with client certificates for mutual TLS).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,8 +13,10 @@ use kiln_proto::pb::farm_server::FarmServer;
 use kiln_proto::pb::worker_link_server::WorkerLinkServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ServerTlsConfig;
 
+use crate::auth::{Authenticate, Service};
 use crate::core::Core;
 use crate::farm::FarmService;
 use crate::reaper;
@@ -111,12 +114,20 @@ pub async fn serve(
     reporter
         .set_serving::<WorkerLinkServer<WorkerLinkService>>()
         .await;
-    let farm = FarmServer::new(FarmService::new(core.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let link = WorkerLinkServer::new(WorkerLinkService::new(core.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Every call of both services passes the one interceptor that turns its
+    // token into a caller; health stays open.
+    let farm = InterceptedService::new(
+        FarmServer::new(FarmService::new(core.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        Authenticate::new(core.auth.clone(), Service::Farm),
+    );
+    let link = InterceptedService::new(
+        WorkerLinkServer::new(WorkerLinkService::new(core.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        Authenticate::new(core.auth.clone(), Service::WorkerLink),
+    );
     let reaper = tokio::spawn(reaper::run(core.clone()));
     let shutdown = core.shutdown.clone();
     let result = builder

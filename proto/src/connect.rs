@@ -1,11 +1,17 @@
 //! Client channels to a coordinator, configured the same way everywhere:
 //! `http://` URLs in the clear, `https://` URLs over TLS with the system's
 //! roots plus an optional extra CA, and a client certificate when one is given.
+//! Every client built here sends the caller's token the same way: the
+//! [`Bearer`] interceptor adds `authorization: Bearer TOKEN` to each call, and
+//! [`read_token`] reads the token from `--token-file` or `KILN_TOKEN`.
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::MAX_MESSAGE_BYTES;
@@ -224,16 +230,103 @@ pub fn is_tls_failure(error: &(dyn Error + 'static)) -> bool {
     false
 }
 
-/// Returns a Farm client with kiln's message size limits.
-pub fn farm_client(channel: Channel) -> FarmClient<Channel> {
-    FarmClient::new(channel)
+/// The flag (and its environment variable) that give the caller's token.
+pub const TOKEN_FLAG: &str = "--token-file (KILN_TOKEN)";
+
+/// The environment variable that holds the caller's token.
+pub const TOKEN_ENV: &str = "KILN_TOKEN";
+
+/// The interceptor of every kiln client: adds `authorization: Bearer TOKEN`
+/// to each call when a token was given. Its `Debug` never shows the token.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Some(_) => "Bearer(***)",
+            None => "Bearer(none)",
+        })
+    }
+}
+
+impl Bearer {
+    /// No token: calls go out without an `authorization` header.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Sends `token` with every call.
+    ///
+    /// # Errors
+    /// When the token is empty or holds characters a header cannot carry
+    /// (the error never quotes the token).
+    pub fn new(token: &str) -> Result<Self, FieldError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(FieldError::new(TOKEN_FLAG, "the token is empty"));
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| {
+            FieldError::new(
+                TOKEN_FLAG,
+                "the token holds characters a header cannot carry (use the token `kiln token new` printed)",
+            )
+        })?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+
+    /// Returns true when a token is sent.
+    pub fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Reads the caller's token: the first line of `file` (`--token-file`) when
+/// given, else the `KILN_TOKEN` environment variable, else none.
+///
+/// # Errors
+/// When the file cannot be read or the token is empty or not header-safe.
+pub fn read_token(file: Option<&Path>) -> Result<Bearer, FieldError> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            FieldError::new(TOKEN_FLAG, format!("cannot read {}: {e}", path.display()))
+        })?;
+        return Bearer::new(text.lines().next().unwrap_or_default());
+    }
+    match std::env::var(TOKEN_ENV) {
+        Ok(token) => Bearer::new(&token),
+        Err(_) => Ok(Bearer::none()),
+    }
+}
+
+/// A channel whose calls carry the caller's token.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// Returns a Farm client with kiln's message size limits, sending `token`.
+pub fn farm_client(channel: Channel, token: Bearer) -> FarmClient<AuthChannel> {
+    FarmClient::with_interceptor(channel, token)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-/// Returns a WorkerLink client with kiln's message size limits.
-pub fn worker_link_client(channel: Channel) -> WorkerLinkClient<Channel> {
-    WorkerLinkClient::new(channel)
+/// Returns a WorkerLink client with kiln's message size limits, sending `token`.
+pub fn worker_link_client(channel: Channel, token: Bearer) -> WorkerLinkClient<AuthChannel> {
+    WorkerLinkClient::with_interceptor(channel, token)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
@@ -337,5 +430,46 @@ mod tests {
         assert!(is_tls_failure(&outer));
         let refused = Outer(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(!is_tls_failure(&refused));
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn the_header_carries_the_token_and_debug_hides_it() {
+        let mut bearer = Bearer::new("  secret-token\n").unwrap();
+        assert_eq!(format!("{bearer:?}"), "Bearer(***)");
+        let request = bearer.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer secret-token"
+        );
+        let request = Bearer::none().call(tonic::Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
+    }
+
+    #[test]
+    fn empty_and_unsendable_tokens_are_refused_without_quoting_them() {
+        assert!(Bearer::new(" ").is_err());
+        let e = Bearer::new("tok\u{7}en").unwrap_err().to_string();
+        assert!(!e.contains("tok"), "{e}");
+    }
+
+    #[test]
+    fn a_token_file_gives_its_first_line() {
+        let dir = std::env::temp_dir().join(format!("kiln-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "abc123 \nsecond line\n").unwrap();
+        let mut bearer = read_token(Some(&file)).unwrap();
+        let request = bearer.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer abc123"
+        );
+        assert!(read_token(Some(&dir.join("missing"))).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

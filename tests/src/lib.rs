@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use kiln_proto::connect::{AuthChannel, Bearer};
 use kiln_proto::pb::farm_client::FarmClient;
-use tonic::transport::Channel;
 
 /// Returns the path of one of kiln's binaries, built beside the tests.
 pub fn binary(name: &str) -> PathBuf {
@@ -214,9 +214,10 @@ impl Coordinator {
     }
 
     /// Returns a Farm client to it.
-    pub async fn client(&self) -> FarmClient<Channel> {
+    pub async fn client(&self) -> FarmClient<AuthChannel> {
         kiln_proto::connect::farm_client(
             kiln_proto::connect::channel("url", &self.url, &Default::default()).expect("valid URL"),
+            Bearer::none(),
         )
     }
 }
@@ -244,13 +245,14 @@ pub fn kiln(args: &[&str]) -> Output {
 }
 
 /// Runs `kiln` with `args` and the environment variables `env` to completion;
-/// TLS variables of the test's own environment are not passed on.
+/// TLS and token variables of the test's own environment are not passed on.
 pub fn kiln_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let out = Command::new(binary("kiln"))
         .args(args)
         .env_remove("KILN_CA")
         .env_remove("KILN_TLS_CERT")
         .env_remove("KILN_TLS_KEY")
+        .env_remove("KILN_TOKEN")
         .envs(env.iter().copied())
         .env("NO_COLOR", "1")
         .output()
@@ -459,6 +461,7 @@ pub fn get_job(url: &str, job: &str) -> kiln_proto::pb::GetJobResponse {
     block(async {
         let mut c = kiln_proto::connect::farm_client(
             kiln_proto::connect::channel("url", url, &Default::default()).expect("valid URL"),
+            Bearer::none(),
         );
         c.get_job(kiln_proto::pb::GetJobRequest {
             job_id: job.to_string(),
@@ -475,6 +478,7 @@ pub fn events(url: &str, job: &str) -> Vec<kiln_proto::pb::JobEvent> {
     block(async {
         let mut c = kiln_proto::connect::farm_client(
             kiln_proto::connect::channel("url", url, &Default::default()).expect("valid URL"),
+            Bearer::none(),
         );
         let mut stream = c
             .watch_job(kiln_proto::pb::WatchJobRequest {

@@ -319,8 +319,12 @@ fn stale_epoch_complete_is_refused_with_failed_precondition() {
         Coordinator::start(d, &["--lease-ttl", "1s", "--heartbeat-interval", "200ms"]).unwrap();
     block(async {
         let channel = kiln_proto::connect::channel("url", &coord.url, &Default::default()).unwrap();
-        let mut link = kiln_proto::connect::worker_link_client(channel.clone());
-        let mut farm = kiln_proto::connect::farm_client(channel);
+        let mut link = kiln_proto::connect::worker_link_client(
+            channel.clone(),
+            kiln_proto::connect::Bearer::none(),
+        );
+        let mut farm =
+            kiln_proto::connect::farm_client(channel, kiln_proto::connect::Bearer::none());
         link.register(pb::RegisterRequest {
             worker_id: "ghost".into(),
             slots: 1,

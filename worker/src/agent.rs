@@ -40,6 +40,19 @@ pub enum AgentError {
         /// The coordinator's answer.
         status: Status,
     },
+    /// The coordinator refused this worker's token (none, unknown, or not a
+    /// worker's): retrying cannot help.
+    #[error(
+        "the coordinator refused worker {worker}'s token on {call}: {message} (give a worker token with KILN_TOKEN or --token-file)"
+    )]
+    Denied {
+        /// This worker.
+        worker: WorkerId,
+        /// The call that was refused.
+        call: &'static str,
+        /// The coordinator's words.
+        message: String,
+    },
     /// The render thread could not start.
     #[error("cannot start the render thread: {0}")]
     RenderThread(#[from] std::io::Error),
@@ -180,6 +193,14 @@ impl Agent {
 
     /// Registers, retrying transient failures until it works or `stop` fires.
     /// Returns false if stopped first.
+    fn denied(&self, call: &'static str, status: &Status) -> AgentError {
+        AgentError::Denied {
+            worker: self.config.worker_id.clone(),
+            call,
+            message: status.message().to_string(),
+        }
+    }
+
     async fn register(&self, stop: &CancellationToken) -> Result<bool, AgentError> {
         let mut pause = BACKOFF.0;
         loop {
@@ -192,6 +213,9 @@ impl Agent {
                 }
                 Err(status) if is_transient(&status) => {
                     tracing::warn!(worker = %self.config.worker_id, error = %status.message(), "coordinator unreachable; retrying registration");
+                }
+                Err(status) if is_denied(&status) => {
+                    return Err(self.denied("Register", &status));
                 }
                 Err(status) => {
                     return Err(AgentError::Refused {
@@ -291,6 +315,9 @@ impl Agent {
                     if !self.register(&shutdown.drain).await? {
                         return Ok(());
                     }
+                }
+                Err(status) if is_denied(&status) => {
+                    return Err(self.denied("Lease", &status));
                 }
                 Err(status) => {
                     tracing::warn!(worker = %self.shared.worker, code = ?status.code(), error = %status.message(), "lease failed; retrying");
@@ -451,6 +478,14 @@ async fn report(
             shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Returns true for the answers to a token the coordinator will not take.
+fn is_denied(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unauthenticated | Code::PermissionDenied
+    )
 }
 
 /// Retries `call` on transient errors with backoff, until it succeeds, fails

@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
-use kiln_proto::connect::{TlsOptions, channel, with_deadline, worker_link_client};
+use kiln_proto::connect::{
+    AuthChannel, Bearer, TlsOptions, channel, with_deadline, worker_link_client,
+};
 use kiln_proto::error::FieldError;
 use kiln_proto::pb::{self, worker_link_client::WorkerLinkClient};
 use tonic::Status;
-use tonic::transport::Channel;
 
 /// Deadline of every call except the Lease long poll.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -18,7 +19,7 @@ const POLL_SLACK: Duration = Duration::from_secs(5);
 /// A connection to a coordinator's WorkerLink service.
 #[derive(Clone)]
 pub struct Link {
-    client: WorkerLinkClient<Channel>,
+    client: WorkerLinkClient<AuthChannel>,
 }
 
 /// Runs a call with a client-side deadline too, so a dead peer cannot hang it.
@@ -36,13 +37,14 @@ async fn bounded<T>(
 
 impl Link {
     /// Returns a link to the coordinator at `url`; it connects on first use,
-    /// over TLS configured from `tls` for an `https://` URL.
+    /// over TLS configured from `tls` for an `https://` URL, sending `token`
+    /// with every call.
     ///
     /// # Errors
     /// When the URL is invalid, or the TLS material of an `https://` URL is.
-    pub fn new(url: &str, tls: &TlsOptions) -> Result<Self, FieldError> {
+    pub fn new(url: &str, tls: &TlsOptions, token: Bearer) -> Result<Self, FieldError> {
         Ok(Self {
-            client: worker_link_client(channel("--coordinator", url, tls)?),
+            client: worker_link_client(channel("--coordinator", url, tls)?, token),
         })
     }
 

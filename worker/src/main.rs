@@ -37,6 +37,10 @@ struct Args {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "KILN_TLS_KEY", value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Read the worker's token from the first line of FILE (else from the
+    /// KILN_TOKEN environment variable); needed by a coordinator with --auth.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// A model to hold, as NAME=DIR (a diffusers-layout folder); repeat for more.
     /// The sim renderer takes NAME alone.
     #[arg(long = "model", value_name = "NAME=DIR", required = true)]
@@ -103,6 +107,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let token = kiln_proto::connect::read_token(args.token_file.as_deref())?;
     if args.slots == 0 {
         bail!("--slots must be at least 1, got 0");
     }
@@ -151,7 +156,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cert: args.tls_cert.clone(),
         key: args.tls_key.clone(),
     };
-    let link = Link::new(&args.coordinator, &tls)?;
+    let link = Link::new(&args.coordinator, &tls, token)?;
     let agent = Agent::new(
         link,
         renderer,

@@ -11,5 +11,6 @@ pub mod prompt;
 pub mod pull;
 pub mod render;
 pub mod submit;
+pub mod token;
 pub mod verify;
 pub mod watch;
