@@ -98,7 +98,7 @@ async fn check_limits(core: &Core, project: &str, tasks: u64) -> CoordinatorResu
     if let Some(max) = limits.max_tasks_per_job
         && tasks > max
     {
-        return Err(exceeded("max_tasks_per_job", max, 0));
+        return Err(exceeded("max_tasks_per_job", max, None));
     }
     if let Some(max) = limits.max_queued_tasks {
         let has: u64 = core
@@ -110,7 +110,7 @@ async fn check_limits(core: &Core, project: &str, tasks: u64) -> CoordinatorResu
             .map(|j| u64::from(j.counts.queued) + u64::from(j.counts.leased))
             .sum();
         if has + tasks > max {
-            return Err(exceeded("max_queued_tasks", max, has));
+            return Err(exceeded("max_queued_tasks", max, Some(has)));
         }
     }
     Ok(())

@@ -77,7 +77,7 @@ pub enum CoordinatorError {
         action: String,
     },
     /// A project limit of the auth file refuses the job.
-    #[error("project {project}: {limit} is {max}, it has {has} and this job adds {adds}")]
+    #[error("project {project}: {limit} is {max}, {}this job adds {adds}", .has.map(|n| format!("it has {n} and ")).unwrap_or_default())]
     QuotaExceeded {
         /// The project.
         project: String,
@@ -85,9 +85,9 @@ pub enum CoordinatorError {
         limit: &'static str,
         /// Its value.
         max: u64,
-        /// What the project holds now.
-        has: u64,
-        /// What the job would add.
+        /// What the project holds now, for a limit on the project as a whole.
+        has: Option<u64>,
+        /// The tasks the job would add.
         adds: u64,
     },
 }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Action, Caller, caller_of};
+use crate::auth::{Action, Caller, Projects, caller_of};
 use crate::core::Core;
 use crate::core::contact_sheet_path;
 use crate::error::{CoordinatorError, CoordinatorResult};
@@ -21,6 +21,8 @@ use crate::{admission, convert, manifest, verify};
 
 /// How often a watcher gets a progress message when no event happens.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Jobs read from the store to list those of a caller scoped to projects.
+const SCOPED_LIST_READS: usize = 10_000;
 /// Events read from the store per round trip.
 const EVENT_BATCH: usize = 512;
 
@@ -215,11 +217,18 @@ async fn list_jobs(
         0 => 100,
         n => n.min(10_000) as usize,
     };
-    let jobs = core.store.jobs(limit).await?;
+    // A caller scoped to projects reads further back, so that its own
+    // newest jobs fill the list even among other projects' jobs.
+    let read = match caller.projects {
+        Projects::All => limit,
+        Projects::Only(_) => SCOPED_LIST_READS,
+    };
+    let jobs = core.store.jobs(read).await?;
     Ok(pb::ListJobsResponse {
         jobs: jobs
             .iter()
             .filter(|j| caller.job_access(j, Action::Read).is_ok())
+            .take(limit)
             .map(convert::job)
             .collect(),
     })

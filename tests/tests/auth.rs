@@ -114,7 +114,7 @@ fn tokens_roles_projects_quotas_and_reload() {
     let worker = new_token("render-nodes", "worker", &[]);
     let auth = d.join("auth.toml");
     let table = format!(
-        "{}\n{}\n{}\n{}\n{}\n[[project]]\nname = \"b\"\nmax_queued_tasks = 5\nmax_running_tasks = 2\nmax_tasks_per_job = 100\n",
+        "{}\n{}\n{}\n{}\n{}\n[[project]]\nname = \"b\"\nmax_queued_tasks = 5\nmax_running_tasks = 2\nmax_tasks_per_job = 100\n\n[[project]]\nname = \"c\"\nmax_tasks_per_job = 4\n",
         admin.block, sub_a.block, sub_b.block, viewer_a.block, worker.block
     );
     std::fs::write(&auth, &table).unwrap();
@@ -220,6 +220,9 @@ fn tokens_roles_projects_quotas_and_reload() {
     let out = kiln_as(Some(&sub_b), &url, &["submit", arg(&ten)]);
     refused(&out, "max_queued_tasks is 5");
     assert!(out.stderr.contains("this job adds 10"), "{}", out.stderr);
+    let to_c = batch(d, "to-c.toml", Some("c"), 10);
+    let out = kiln_as(Some(&admin), &url, &["submit", arg(&to_c)]);
+    refused(&out, "project c: max_tasks_per_job is 4, this job adds 10");
     let three = batch(d, "three.toml", None, 3);
     let out = kiln_as(Some(&sub_b), &url, &["submit", arg(&three), "--json"]);
     assert_eq!(out.code, 0, "submit 3 to b: {}", out.stderr);

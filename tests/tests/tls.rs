@@ -331,3 +331,33 @@ fn a_redis_password_works_and_a_wrong_one_fails_without_being_printed() {
         "{log}"
     );
 }
+
+#[test]
+fn tokens_work_over_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let pki = Pki::make(d);
+    let made = kiln_env(
+        &["token", "new", "--name", "ops", "--role", "admin", "--json"],
+        &[],
+    );
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    let made: serde_json::Value = serde_json::from_str(&made.stdout).unwrap();
+    let token = made["token"].as_str().unwrap();
+    let auth = d.join("auth.toml");
+    std::fs::write(&auth, made["block"].as_str().unwrap()).unwrap();
+    let mut flags = pki.server_flags();
+    flags.extend_from_slice(&["--auth", arg(&auth)]);
+    let coord = Coordinator::start_tls(d, &flags, &[]).unwrap();
+
+    let ca = ("KILN_CA", arg(&pki.ca));
+    let out = kiln_env(&["jobs", "--coordinator", &coord.url], &[ca]);
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(out.stderr.contains("no token"), "{}", out.stderr);
+    let out = kiln_env(
+        &["jobs", "--coordinator", &coord.url],
+        &[ca, ("KILN_TOKEN", token)],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(!coord.proc.output().contains(token));
+}
