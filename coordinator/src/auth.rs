@@ -476,8 +476,9 @@ impl Auth {
         })
     }
 
-    /// Returns a table given in memory (tests and embedded farms).
-    pub fn with_table(table: AuthTable) -> Self {
+    /// Returns a table given in memory.
+    #[cfg(test)]
+    fn with_table(table: AuthTable) -> Self {
         Self {
             file: Some(PathBuf::new()),
             table: RwLock::new(Arc::new(table)),

@@ -143,7 +143,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     core.auth = Arc::new(auth);
     let core = Arc::new(core);
     if core.auth.is_on() {
-        tokio::spawn(reload_on_hangup(core.auth.clone()));
+        // Installed before serving, so an early SIGHUP reloads rather than kills.
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangup) => {
+                tokio::spawn(reload_on_hangup(hangup, core.auth.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; restart the coordinator to read --auth again");
+            }
+        }
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -160,14 +168,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Reads the auth file again on every SIGHUP.
-async fn reload_on_hangup(auth: Arc<Auth>) {
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; restart the coordinator to read --auth again");
-            return;
-        }
-    };
+async fn reload_on_hangup(mut hangup: tokio::signal::unix::Signal, auth: Arc<Auth>) {
     while hangup.recv().await.is_some() {
         auth.reload();
     }
