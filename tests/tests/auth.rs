@@ -265,6 +265,22 @@ fn tokens_roles_projects_quotas_and_reload() {
     });
     assert_eq!(kiln_as(Some(&late), &url, &["jobs"]).code, 0);
 
+    // A worker whose token is taken away stops at its next lease, in one line.
+    let without_worker = table.replace(&worker.block, "");
+    std::fs::write(&auth, format!("{without_worker}\n{}", late.block)).unwrap();
+    coord.proc.signal("HUP");
+    let code = w1.wait_exit(Duration::from_secs(40));
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exit {code:?}: {}",
+        w1.output()
+    );
+    assert!(
+        w1.output().contains("refused worker w1's token on Lease"),
+        "{}",
+        w1.output()
+    );
+
     // No token in any log.
     w1.kill();
     for (path, text) in log_text(d) {
