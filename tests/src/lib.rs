@@ -229,6 +229,31 @@ pub fn worker(dir: &Path, coordinator: &str, id: &str, extra: &[&str]) -> anyhow
     Proc::spawn("kiln-worker", &args, &dir.join(format!("{id}.log")))
 }
 
+/// Starts a `kiln-worker` with the sim renderer (model `simtoy`, no step
+/// delay), `extra` flags and `env` variables, logging to `<dir>/<id>.log`.
+pub fn sim_worker(
+    dir: &Path,
+    coordinator: &str,
+    id: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
+    let mut args = vec![
+        "--coordinator",
+        coordinator,
+        "--id",
+        id,
+        "--renderer",
+        "sim",
+        "--model",
+        "simtoy",
+        "--sim-step",
+        "0ms",
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn_env("kiln-worker", &args, env, &dir.join(format!("{id}.log")))
+}
+
 /// The result of running `kiln`.
 pub struct Output {
     /// Exit code (-1 if killed).

@@ -7,7 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln_tests::{
-    Coordinator, Output, Proc, arg, binary, job_id, kiln, kiln_env, sweep_file, wait_for,
+    Coordinator, Output, Proc, arg, binary, job_id, kiln, kiln_env, sim_worker, sweep_file,
+    wait_for,
 };
 
 /// A token made by `kiln token new`, with its `[[token]]` block.
@@ -51,24 +52,6 @@ fn batch(dir: &Path, name: &str, project: Option<&str>, n: usize) -> PathBuf {
         std::fs::write(&path, format!("project = \"{p}\"\n{text}")).unwrap();
     }
     path
-}
-
-fn sim_worker(dir: &Path, url: &str, id: &str, token_file: &Path) -> Proc {
-    let args = [
-        "--coordinator",
-        url,
-        "--id",
-        id,
-        "--renderer",
-        "sim",
-        "--model",
-        "simtoy",
-        "--sim-step",
-        "0ms",
-        "--token-file",
-        arg(token_file),
-    ];
-    Proc::spawn("kiln-worker", &args, &dir.join(format!("{id}.log"))).unwrap()
 }
 
 fn job_ids(out: &Output) -> Vec<String> {
@@ -134,7 +117,7 @@ fn tokens_roles_projects_quotas_and_reload() {
     // A worker with its token from --token-file registers and renders.
     let worker_file = d.join("worker.token");
     std::fs::write(&worker_file, format!("{}\n", worker.token)).unwrap();
-    let mut w1 = sim_worker(d, &url, "w1", &worker_file);
+    let mut w1 = sim_worker(d, &url, "w1", &["--token-file", arg(&worker_file)], &[]).unwrap();
     wait_for(Duration::from_secs(60), "the worker to register", || {
         let out = kiln_as(Some(&admin), &url, &["workers", "--json"]);
         let list: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
@@ -232,7 +215,7 @@ fn tokens_roles_projects_quotas_and_reload() {
     // A worker with a submitter's token stops at once, in one line.
     let sub_file = d.join("submitter.token");
     std::fs::write(&sub_file, &sub_a.token).unwrap();
-    let mut bad = sim_worker(d, &url, "w-bad", &sub_file);
+    let mut bad = sim_worker(d, &url, "w-bad", &["--token-file", arg(&sub_file)], &[]).unwrap();
     let code = bad.wait_exit(Duration::from_secs(30));
     assert!(
         matches!(code, Some(c) if c != 0),

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kiln_tests::redis::RedisServer;
-use kiln_tests::{Coordinator, Proc, arg, decode_png, job_id, kiln_env, pngs, sweep_file};
+use kiln_tests::{
+    Coordinator, Proc, arg, decode_png, job_id, kiln_env, pngs, sim_worker, sweep_file,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -81,22 +83,6 @@ impl Pki {
     }
 }
 
-fn sim_worker(dir: &Path, url: &str, id: &str, env: &[(&str, &str)]) -> Proc {
-    let args = [
-        "--coordinator",
-        url,
-        "--id",
-        id,
-        "--renderer",
-        "sim",
-        "--model",
-        "simtoy",
-        "--sim-step",
-        "0ms",
-    ];
-    Proc::spawn_env("kiln-worker", &args, env, &dir.join(format!("{id}.log"))).unwrap()
-}
-
 #[test]
 fn a_farm_over_https_renders_and_fetches() {
     let tmp = tempfile::tempdir().unwrap();
@@ -110,7 +96,7 @@ fn a_farm_over_https_renders_and_fetches() {
         coord.proc.output()
     );
     let env = [("KILN_CA", arg(&pki.ca))];
-    let mut worker = sim_worker(d, &coord.url, "w1", &env);
+    let mut worker = sim_worker(d, &coord.url, "w1", &[], &env).unwrap();
 
     let batch = d.join("batch.toml");
     sweep_file(&batch, "simtoy", 1, 2, 2).unwrap();
@@ -229,7 +215,7 @@ fn mutual_tls_refuses_clients_without_a_certificate() {
     assert_eq!(jobs.code, 0, "{}", jobs.stderr);
 
     // A worker with the client certificate registers.
-    let worker = sim_worker(d, &coord.url, "w1", &with_cert);
+    let worker = sim_worker(d, &coord.url, "w1", &[], &with_cert).unwrap();
     kiln_tests::wait_for(Duration::from_secs(60), "the worker to register", || {
         let out = kiln_env(
             &["workers", "--json", "--coordinator", &coord.url],
