@@ -30,7 +30,7 @@ use std::cmp::Reverse;
 use kiln_proto::ids::JobId;
 use kiln_proto::recipe::Recipe;
 
-use super::state::Fault;
+use super::state::{Fault, WorkerState};
 
 /// Faults (failures or expiries) of one worker on one job after which the
 /// worker gets no more of that job's tasks, while another worker can take them.
@@ -46,6 +46,21 @@ pub const SWITCH_BACKLOG_PER_HOLDER: usize = 8;
 /// A worker that called within this long counts as live: only live workers
 /// count as stand-ins for a task or as holders of a model.
 pub const LIVE_MS: u64 = 60_000;
+
+/// Returns what a worker counts as in the farm's counts: lost once silent
+/// for [`LIVE_MS`] (draining or not), else draining, else busy while it holds
+/// a lease, else idle. `stats.lua` mirrors it on Redis.
+pub fn worker_state(silent_ms: u64, draining: bool, leases: usize) -> WorkerState {
+    if silent_ms >= LIVE_MS {
+        WorkerState::Lost
+    } else if draining {
+        WorkerState::Draining
+    } else if leases > 0 {
+        WorkerState::Busy
+    } else {
+        WorkerState::Idle
+    }
+}
 
 /// Most tasks one claim completes from earlier results.
 pub const MAX_DEDUPED_PER_CLAIM: usize = 1000;

@@ -812,6 +812,14 @@ impl Store for RedisStore {
     async fn wait_events(&self, id: JobId, after: u64, timeout: Duration) -> StoreResult<()> {
         self.read_wait_events(id, after, timeout).await
     }
+
+    async fn farm_counts(&self) -> StoreResult<FarmCounts> {
+        self.read_farm_counts().await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.read_ping().await
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@
 use redis::Script;
 
 use crate::store::policy;
-use crate::store::{AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState};
+use crate::store::{
+    AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState, WorkerState,
+};
 
 /// Candidates read per model and job beyond `max` when a claim looks for its
 /// first task: the first usually fits; more step over tasks the worker may
@@ -44,6 +46,7 @@ const REAP: &str = include_str!("reap.lua");
 const CANCEL: &str = include_str!("cancel.lua");
 const REGISTER: &str = include_str!("register.lua");
 const DRAIN: &str = include_str!("drain.lua");
+const STATS: &str = include_str!("stats.lua");
 
 /// Every script by file name, prelude first, for the checks below to scan.
 #[cfg(test)]
@@ -58,6 +61,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("cancel.lua", CANCEL),
     ("register.lua", REGISTER),
     ("drain.lua", DRAIN),
+    ("stats.lua", STATS),
 ];
 
 /// Returns the `local NAME = value` lines every script starts with.
@@ -96,6 +100,7 @@ pub(super) fn constants() -> String {
     names.extend(Fault::names());
     names.extend(EventKind::names());
     names.extend(AbandonReason::names());
+    names.extend(WorkerState::names());
     for (name, value) in names {
         out.push_str(&format!("local {name} = '{value}'\n"));
     }
@@ -115,7 +120,7 @@ fn build(body: &str) -> Script {
     Script::new(&format!("{}{PRELUDE}{body}", constants()))
 }
 
-/// The compiled scripts, one per transition.
+/// The compiled scripts, one per transition, and the farm counts.
 pub(super) struct Scripts {
     pub(super) enqueue: Script,
     pub(super) claim: Script,
@@ -126,6 +131,8 @@ pub(super) struct Scripts {
     pub(super) cancel: Script,
     pub(super) register: Script,
     pub(super) drain: Script,
+    /// The farm counts: a read, in a script for one consistent snapshot.
+    pub(super) stats: Script,
 }
 
 impl Scripts {
@@ -140,6 +147,7 @@ impl Scripts {
             cancel: build(CANCEL),
             register: build(REGISTER),
             drain: build(DRAIN),
+            stats: build(STATS),
         }
     }
 }
