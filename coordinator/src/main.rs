@@ -1,4 +1,5 @@
-//! `kiln-coordinator`: serves the Farm and WorkerLink gRPC services.
+//! `kiln-coordinator`: serves the Farm and WorkerLink gRPC services and the
+//! HTTP side door.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,8 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use kiln_coordinator::auth::Auth;
+use kiln_coordinator::metrics::Metrics;
 use kiln_coordinator::results::ResultStore;
-use kiln_coordinator::server::TlsFiles;
+use kiln_coordinator::server::{SideDoor, TlsFiles};
 use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store, redacted};
 use kiln_coordinator::{CoordinatorConfig, Core, server};
 
@@ -17,9 +19,13 @@ use kiln_coordinator::{CoordinatorConfig, Core, server};
 #[derive(Parser, Debug)]
 #[command(name = "kiln-coordinator", version)]
 struct Args {
-    /// Address to serve gRPC on (Farm, WorkerLink and health).
+    /// Address to serve gRPC on (Farm, WorkerLink and health), and the HTTP
+    /// side door (/metrics, /healthz, /readyz, /api/v1/queue) unless --http is given.
     #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Serve the HTTP side door on this address instead; --listen then serves gRPC only.
+    #[arg(long, env = "KILN_HTTP", value_name = "ADDR")]
+    http: Option<SocketAddr>,
     /// Where finished images and manifests go: a directory, file:///DIR, or memory://.
     #[arg(long, env = "KILN_RESULTS", default_value = "kiln-results")]
     results: String,
@@ -156,6 +162,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let metrics = Arc::new(Metrics::install().context("cannot install the metrics recorder")?);
+    let side_door = match args.http {
+        Some(addr) => {
+            let http = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--http: cannot listen on {addr}"))?;
+            tracing::info!(addr = %http.local_addr()?, "HTTP side door listening");
+            SideDoor::Separate(http, metrics)
+        }
+        None => SideDoor::SamePort(metrics),
+    };
     tracing::info!(addr = %listener.local_addr()?, results = %core.results.location(), store = %redacted(&args.store), farm = %args.farm, tls = tls_mode, auth = core.auth.is_on(), "coordinator listening");
     let shutdown = core.shutdown.clone();
     tokio::spawn(async move {
@@ -163,7 +180,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         shutdown.cancel();
     });
-    server::serve(listener, core, tls).await?;
+    server::serve(listener, core, tls, side_door).await?;
     Ok(())
 }
 

@@ -257,6 +257,8 @@ pub struct Deduped {
     pub file_name: String,
     /// The result store path of the earlier image to copy.
     pub source: String,
+    /// The task's model (for the completion counters).
+    pub model: String,
 }
 
 /// A model a worker holds.

@@ -70,6 +70,7 @@ impl State {
             job: job_id,
             file_name,
             source,
+            model,
         });
         if let Some(job) = self.jobs.get_mut(&job_id)
             && let Some(done) = finish_if_done(job)

@@ -626,7 +626,7 @@ impl Store for RedisStore {
             }
             for _ in 0..n_deduped {
                 let v: Vec<String> = rest.by_ref().take(DEDUPED_FIELDS).map(text).collect();
-                let [task, job, file, source] = v.as_slice() else {
+                let [task, job, file, source, model] = v.as_slice() else {
                     return Err(StoreError::Corrupt("short claim reply".into()));
                 };
                 claim.deduped.push(Deduped {
@@ -634,6 +634,7 @@ impl Store for RedisStore {
                     job: parse_id(job, "job id")?,
                     file_name: file.clone(),
                     source: source.clone(),
+                    model: model.clone(),
                 });
             }
             for _ in 0..n_finished {

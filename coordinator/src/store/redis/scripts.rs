@@ -26,7 +26,7 @@ pub(super) const TASK_ARGS: usize = 13;
 /// Reply values per lease of `claim.lua`.
 pub(super) const LEASE_FIELDS: usize = 7;
 /// Reply values per deduplicated task of `claim.lua`.
-pub(super) const DEDUPED_FIELDS: usize = 4;
+pub(super) const DEDUPED_FIELDS: usize = 5;
 /// Reply values per reaped lease of `reap.lua`.
 pub(super) const REAPED_FIELDS: usize = 6;
 /// Reply values per released lease of `register.lua`.
