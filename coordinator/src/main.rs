@@ -168,12 +168,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let http = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("--http: cannot listen on {addr}"))?;
-            tracing::info!(addr = %http.local_addr()?, "HTTP side door listening");
-            SideDoor::Separate(http, metrics)
+            let at = http.local_addr()?.to_string();
+            (SideDoor::Separate(http, metrics), at)
         }
-        None => SideDoor::SamePort(metrics),
+        None => (SideDoor::SamePort(metrics), "the gRPC port".to_string()),
     };
-    tracing::info!(addr = %listener.local_addr()?, results = %core.results.location(), store = %redacted(&args.store), farm = %args.farm, tls = tls_mode, auth = core.auth.is_on(), "coordinator listening");
+    let (side_door, http_at) = side_door;
+    tracing::info!(addr = %listener.local_addr()?, http = %http_at, results = %core.results.location(), store = %redacted(&args.store), farm = %args.farm, tls = tls_mode, auth = core.auth.is_on(), "coordinator listening");
     let shutdown = core.shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
