@@ -669,3 +669,36 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     }
     sum
 }
+
+/// Sends `GET path` to a coordinator's `https://` URL over HTTP/2 (what its
+/// shared TLS port negotiates), trusting `ca`, through a kiln client channel.
+///
+/// # Errors
+/// When the connection or the request fails.
+pub async fn https_get(url: &str, ca: &Path, path: &str) -> anyhow::Result<HttpAnswer> {
+    use http_body_util::BodyExt;
+    use tower_service::Service;
+    let tls = kiln_proto::connect::TlsOptions {
+        ca: Some(ca.to_path_buf()),
+        ..Default::default()
+    };
+    let mut channel = kiln_proto::connect::channel("url", url, &tls)?;
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await?;
+    let request = http::Request::get(format!("{url}{path}"))
+        .body(tonic::body::Body::empty())
+        .context("request")?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), channel.call(request))
+        .await
+        .context("no answer within 10 s")??;
+    let status = answer.status().as_u16();
+    let bytes = answer
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("body: {e}"))?
+        .to_bytes();
+    Ok(HttpAnswer {
+        status,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    })
+}
