@@ -54,6 +54,8 @@ const OPS_PER_CASE: usize = 50;
 /// TTL of every lease that is not expired on purpose: far beyond a case's
 /// run time, so only the expire steps ever make a lease due.
 const TTL: Duration = Duration::from_secs(3600);
+/// No project capped.
+static NO_CAPS: RunningCaps = RunningCaps::new();
 /// Cases run at once.
 const CONCURRENT_CASES: usize = 4;
 /// Larger than any listing a case produces, and within the cap `ListJobs` applies.
@@ -317,7 +319,9 @@ fn result_for(task: TaskId, epoch: Epoch) -> TaskResult {
 async fn apply(store: &dyn Store, op: &Op) -> Answer {
     let answer: StoreResult<Answer> = async {
         Ok(match op {
-            Op::Register(reg) => Answer::Registered(store.register_worker(reg.clone()).await?),
+            Op::Register(reg) => {
+                Answer::Registered(store.register_worker(reg.clone(), None).await?)
+            }
             Op::Submit(job) => {
                 let (record, created) = store.create_job(job.clone()).await?;
                 Answer::Created(record, created)
@@ -328,11 +332,11 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
                 resident,
             } => Answer::Claimed(
                 store
-                    .claim(worker, *max, TTL, Duration::ZERO, resident)
+                    .claim(worker, None, *max, TTL, Duration::ZERO, resident, &NO_CAPS)
                     .await?,
             ),
             Op::Heartbeat { worker, reports } => {
-                Answer::Beat(store.heartbeat(worker, reports, TTL).await?)
+                Answer::Beat(store.heartbeat(worker, None, reports, TTL).await?)
             }
             Op::Complete {
                 worker,
@@ -340,7 +344,7 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
                 epoch,
             } => Answer::Completed(
                 store
-                    .complete(worker, *task, *epoch, result_for(*task, *epoch))
+                    .complete(worker, None, *task, *epoch, result_for(*task, *epoch))
                     .await?,
             ),
             Op::Fail {
@@ -351,7 +355,15 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
                 max_attempts,
             } => Answer::Failed(
                 store
-                    .fail(worker, *task, *epoch, *fault, "it broke", *max_attempts)
+                    .fail(
+                        worker,
+                        None,
+                        *task,
+                        *epoch,
+                        *fault,
+                        "it broke",
+                        *max_attempts,
+                    )
                     .await?,
             ),
             Op::ExpireByHeartbeat {
@@ -359,7 +371,9 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
                 reports,
                 max_attempts,
             } => {
-                let hb = store.heartbeat(worker, reports, Duration::ZERO).await?;
+                let hb = store
+                    .heartbeat(worker, None, reports, Duration::ZERO)
+                    .await?;
                 Answer::ExpiredByHeartbeat(hb, store.reap(*max_attempts).await?)
             }
             Op::ExpireByClaim {
@@ -368,7 +382,15 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
                 max_attempts,
             } => {
                 let claim = store
-                    .claim(worker, *max, Duration::ZERO, Duration::ZERO, &[])
+                    .claim(
+                        worker,
+                        None,
+                        *max,
+                        Duration::ZERO,
+                        Duration::ZERO,
+                        &[],
+                        &NO_CAPS,
+                    )
                     .await?;
                 Answer::ExpiredByClaim(claim, store.reap(*max_attempts).await?)
             }
