@@ -665,6 +665,31 @@ mod tests {
     }
 
     #[test]
+    fn caps_and_principals_come_from_the_table_in_force() {
+        let text = format!(
+            "{}\n[[project]]\nname = \"capped\"\nmax_running_tasks = 2\n\n[[project]]\nname = \"open\"\nmax_queued_tasks = 9\n",
+            entry("worker", "[]")
+        );
+        let auth = Auth::with_table(AuthTable::parse(&text).unwrap());
+        assert_eq!(
+            auth.running_caps(),
+            RunningCaps::from([("capped".to_string(), 2)]),
+            "a project without max_running_tasks has no cap"
+        );
+        assert!(Auth::off().running_caps().is_empty());
+        let worker = AuthTable::parse(&text)
+            .unwrap()
+            .caller(&token_hash("test"))
+            .unwrap();
+        assert_eq!(worker.principal(), Some("t"));
+        assert_eq!(
+            Caller::implicit_admin().principal(),
+            None,
+            "no --auth: no binding"
+        );
+    }
+
+    #[test]
     fn unknown_roles_keys_bad_hex_and_missing_projects_are_refused() {
         let text = AuthTable::parse(&entry("root", "[\"a\"]")).unwrap_err();
         assert!(text.contains("unknown role \"root\""), "{text}");
