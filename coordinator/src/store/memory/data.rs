@@ -30,11 +30,11 @@ pub(super) struct State {
     pub(super) project_served: HashMap<String, u64>,
     /// Earlier results by project, then dedupe key (recipe hash and class).
     pub(super) results: HashMap<String, HashMap<String, TaskResult>>,
-    /// Projects whose `max_running_tasks` kept a claim from their tasks:
-    /// when one of their leases ends, waiting claims are woken.
+    /// Projects a claim found at their `max_running_tasks`: when one of
+    /// their leases ends, waiting claims are woken.
     pub(super) capped: HashSet<String>,
-    /// Set when a lease of a capped project ended; taken by the transition
-    /// that ended it, which then wakes waiting claims.
+    /// Set when a lease of such a project ended; cleared by the transition
+    /// that ended it, which wakes waiting claims.
     pub(super) cap_freed: bool,
 }
 

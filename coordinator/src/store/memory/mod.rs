@@ -425,6 +425,8 @@ impl Store for MemoryStore {
                 resident: Vec::new(),
             },
         );
+        // Waking claims below covers any room a released lease made.
+        st.cap_freed = false;
         drop(guard);
         self.wake_workers();
         if !released.is_empty() {
@@ -748,6 +750,8 @@ impl Store for MemoryStore {
                 job_finished,
             });
         }
+        // Waking claims below covers any room an expired lease made.
+        st.cap_freed = false;
         drop(guard);
         if !reaped.is_empty() {
             self.wake_workers();

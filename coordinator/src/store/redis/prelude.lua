@@ -185,19 +185,26 @@ local function holds(tid, worker, epoch)
   return f[1] == TASK_LEASED and tonumber(f[2]) == epoch and f[3] == worker
 end
 
--- True when worker `w` is alive: it called within LIVE_MS (policy::alive).
-local function alive(w)
-  local seen = redis.call('HGET', k('worker', w), 'seen')
+-- True when a worker whose last call was at `seen` (false: never) is alive:
+-- it called within LIVE_MS (policy::alive).
+local function alive_since(seen)
   return seen ~= false and NOW - tonumber(seen) < LIVE_MS
+end
+
+-- True when worker `w` is alive.
+local function alive(w)
+  return alive_since(redis.call('HGET', k('worker', w), 'seen'))
 end
 
 -- True when worker `w` is live for the policy: alive and not draining.
 local function live(w)
-  return redis.call('HGET', k('worker', w), 'draining') ~= '1' and alive(w)
+  local f = redis.call('HMGET', k('worker', w), 'draining', 'seen')
+  return f[1] ~= '1' and alive_since(f[2])
 end
 
 -- True when `owner` ('' without --auth) may act under worker id `w`: the
--- worker has no session, or its session's owner is `owner` (policy::acts_for).
+-- worker has no session (or one opened before sessions had owners), or its
+-- session's owner is `owner` (policy::acts_for).
 local function acts_for(w, owner)
   local o = redis.call('HGET', k('worker', w), 'owner')
   return o == false or o == owner
