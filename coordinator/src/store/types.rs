@@ -452,3 +452,7 @@ impl FarmCounts {
         self.models.values().map(|m| m.running).sum()
     }
 }
+
+/// Each capped project's `max_running_tasks`, by project name: read from the
+/// auth file in force when a claim is made. A project not listed has no cap.
+pub type RunningCaps = BTreeMap<String, u64>;

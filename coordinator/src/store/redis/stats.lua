@@ -42,21 +42,19 @@ for _, job in ipairs(redis.call('ZRANGE', k('jobs'), 0, -1)) do
 end
 for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
   local f = redis.call('HMGET', k('worker', w), 'draining', 'seen', 'models')
-  if f[2] then
-    local state = WORKER_IDLE
-    if NOW - tonumber(f[2]) >= LIVE_MS then
-      state = WORKER_LOST
-    elseif f[1] == '1' then
-      state = WORKER_DRAINING
-    elseif redis.call('SCARD', k('worker', w, 'running')) > 0 then
-      state = WORKER_BUSY
-    end
-    workers[state] = (workers[state] or 0) + 1
-    if (state == WORKER_IDLE or state == WORKER_BUSY) and f[3] then
-      for name, _ in pairs(cjson.decode(f[3])) do
-        local m = load(name)
-        m[3] = m[3] + 1
-      end
+  local state = WORKER_IDLE
+  if not alive_since(f[2]) then
+    state = WORKER_LOST
+  elseif f[1] == '1' then
+    state = WORKER_DRAINING
+  elseif redis.call('SCARD', k('worker', w, 'running')) > 0 then
+    state = WORKER_BUSY
+  end
+  workers[state] = (workers[state] or 0) + 1
+  if (state == WORKER_IDLE or state == WORKER_BUSY) and f[3] then
+    for name, _ in pairs(cjson.decode(f[3])) do
+      local m = load(name)
+      m[3] = m[3] + 1
     end
   end
 end
