@@ -23,6 +23,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use kiln_proto::side_door::METRICS_CONTENT_TYPE;
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
 
@@ -32,9 +33,6 @@ use crate::store::FarmCounts;
 
 /// How long `/readyz` waits for the store's answer.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The content type of the Prometheus text format.
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What every handler shares.
 #[derive(Clone)]

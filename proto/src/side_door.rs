@@ -12,6 +12,9 @@ use axum::extract::Request;
 use axum::routing::future::RouteFuture;
 use tonic::service::Routes;
 
+/// The content type of the Prometheus text format, which every `/metrics` answers.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 /// Returns true when `request` is a gRPC call (by its `content-type`).
 pub fn is_grpc<B>(request: &http::Request<B>) -> bool {
     request

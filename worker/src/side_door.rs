@@ -19,7 +19,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use kiln_proto::side_door::one_port;
+use kiln_proto::side_door::{METRICS_CONTENT_TYPE, one_port};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -28,9 +28,6 @@ use tonic_health::ServingStatus;
 
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
-
-/// The content type of the Prometheus text format.
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What the handlers share.
 #[derive(Clone)]
