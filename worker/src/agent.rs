@@ -442,7 +442,7 @@ async fn report(
     result: Result<crate::render::Rendered, RenderError>,
 ) {
     if abandoned.load(Ordering::SeqCst) {
-        tracing::info!(worker = %shared.worker, %task, %epoch, "task abandoned: its result is not sent");
+        tracing::info!(worker = %shared.worker, %task, %epoch, "task abandoned as the coordinator asked");
         shared.dropped.fetch_add(1, Ordering::Relaxed);
         return;
     }
