@@ -626,17 +626,14 @@ mod tests {
         }
     }
 
-    /// On a real S3 API (moto): a completion under an epoch the store
+    /// On a real S3 API (moto, see `kiln_tests::s3`): a completion under an epoch the store
     /// refuses leaves nothing in the bucket, neither under the final name
     /// nor staged; the accepted one appears under the final name only.
     #[tokio::test]
     async fn a_refused_completion_leaves_nothing_in_the_bucket() {
-        let s3 = kiln_tests::moto::MotoServer::start().unwrap();
-        let results = ResultStore::open_with_env(
-            &format!("s3://{}/unit", kiln_tests::moto::BUCKET),
-            s3.env(),
-        )
-        .unwrap();
+        let s3 = kiln_tests::s3::S3Server::start().unwrap();
+        let results =
+            ResultStore::open_with_env(&format!("s3://{}/unit", s3.bucket()), s3.env()).unwrap();
         results.check().await.unwrap();
         let store = Arc::new(MemoryStore::new());
         let registration = WorkerRegistration {

@@ -5,8 +5,8 @@
 //! The binaries are the ones `cargo build --workspace --bins` put beside the
 //! test executable; README's test command builds them first.
 
-pub mod moto;
 pub mod redis;
+pub mod s3;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

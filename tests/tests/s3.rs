@@ -1,12 +1,13 @@
 //! Results in object storage (#11): a coordinator with `--results
-//! s3://BUCKET/PREFIX` against a real S3 API on loopback (moto), sim workers,
+//! s3://BUCKET/PREFIX` against a real S3 API on loopback (moto, or another through
+//! `KILN_TEST_S3_ENDPOINT`: see `kiln_tests::s3`), sim workers,
 //! and the bucket listed by a foreign client (boto3).
 
-use kiln_tests::moto::{BUCKET, MotoServer};
+use kiln_tests::s3::S3Server;
 use kiln_tests::*;
 
 /// The bucket's keys of one job, without its staging area and verifications.
-fn job_keys(s3: &MotoServer, job: &str) -> Vec<String> {
+fn job_keys(s3: &S3Server, job: &str) -> Vec<String> {
     s3.keys(&format!("farm/{job}/"))
         .expect("list the bucket")
         .into_iter()
@@ -16,12 +17,12 @@ fn job_keys(s3: &MotoServer, job: &str) -> Vec<String> {
 
 #[test]
 fn results_in_s3_are_published_fetched_and_verified() {
-    let s3 = MotoServer::start().unwrap();
+    let s3 = S3Server::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let env = s3.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let results = format!("s3://{BUCKET}/farm");
+    let results = format!("s3://{}/farm", s3.bucket());
     let c = Coordinator::start_env(d, &["--results", &results], &env).unwrap();
     let _w1 = sim_worker(d, &c.url, "w1", &["--model", "tiny"], &[]).unwrap();
     let _w2 = sim_worker(d, &c.url, "w2", &["--model", "tiny"], &[]).unwrap();
@@ -97,7 +98,7 @@ fn results_in_s3_are_published_fetched_and_verified() {
 
 #[test]
 fn an_unreachable_bucket_stops_the_coordinator_at_start() {
-    let s3 = MotoServer::start().unwrap();
+    let s3 = S3Server::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let env = s3.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

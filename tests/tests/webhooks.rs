@@ -46,7 +46,11 @@ impl Receiver {
                 if reader.read_line(&mut line).is_err() {
                     continue;
                 }
-                let path = line.split_whitespace().nth(1).unwrap_or_default().to_string();
+                let path = line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string();
                 let mut headers = BTreeMap::new();
                 loop {
                     let mut h = String::new();
@@ -190,7 +194,10 @@ fn a_signed_webhook_arrives_when_a_job_ends_and_a_500_is_retried() {
             manifest.ends_with(&format!("{job}/manifest.jsonl")),
             "{manifest}"
         );
-        assert!(h.manifest_existed, "the manifest is written before the POST");
+        assert!(
+            h.manifest_existed,
+            "the manifest is written before the POST"
+        );
     }
     // Same body to every target, so one signature check covers them.
     assert!(hooks.windows(2).all(|w| w[0].body == w[1].body));
