@@ -695,7 +695,7 @@ mod tests {
             .complete(Request::new(complete_request(old.task, old.epoch, png(1))))
             .await
             .expect_err("the old epoch is stale");
-        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
         assert_eq!(
             s3.keys("unit/").unwrap(),
             Vec::<String>::new(),
