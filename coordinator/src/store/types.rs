@@ -435,3 +435,7 @@ pub struct Delivery {
     /// How long ago the job ended, by the store's clock.
     pub age: Duration,
 }
+
+/// Each capped project's `max_running_tasks`, by project name: read from the
+/// auth file in force when a claim is made. A project not listed has no cap.
+pub type RunningCaps = BTreeMap<String, u64>;
