@@ -770,7 +770,7 @@ mod tests {
             .await
             .unwrap();
         let final_key = format!("unit/{job}/00000-lighthouse.png");
-        assert_eq!(s3.keys("unit/").unwrap(), [final_key.clone()]);
+        assert_eq!(s3.keys("unit/").unwrap(), std::slice::from_ref(&final_key));
         assert_eq!(s3.get(&final_key).unwrap(), accepted);
     }
 }
