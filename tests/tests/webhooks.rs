@@ -33,7 +33,12 @@ struct Receiver {
 
 impl Receiver {
     fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(0)
+    }
+
+    /// Starts the receiver on `port` (0: any free one).
+    fn start_on(port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let hooks: Arc<Mutex<Vec<Hook>>> = Arc::default();
         let seen = hooks.clone();
@@ -264,5 +269,66 @@ fn bad_webhook_urls_are_refused_before_anything_runs() {
             .contains("hooked.toml:1: notify[0]: must be an http:// or https:// URL"),
         "{}",
         out.stderr
+    );
+}
+
+/// The delivery lives in the store: a coordinator on Redis sees the job end
+/// while the receiver is down and dies; another coordinator, started only
+/// afterwards on the same Redis, delivers it.
+#[test]
+fn a_webhook_survives_the_coordinator_that_saw_the_job_end() {
+    let redis = kiln_tests::redis::RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A port with nobody listening yet: every POST is refused until the
+    // receiver starts on it.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let hook = format!("http://127.0.0.1:{port}/hook");
+    let url = redis.url();
+    let flags = [
+        "--store",
+        url.as_str(),
+        "--webhook",
+        hook.as_str(),
+        "--webhook-allow-private",
+    ];
+    let mut first = Coordinator::start_on(d, "first", 0, &flags).unwrap();
+    let w = sim_worker(d, &first.url, "w1", &[], &[]).unwrap();
+    wait_for_workers(&first.url, 1);
+    let file = batch(d, &[]);
+    let out = kiln(&["submit", arg(&file), "--json", "--coordinator", &first.url]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let job = job_id(&out.stdout).unwrap();
+    watch_ok(&first.url, &job);
+    wait_for(Duration::from_secs(60), "a failed delivery attempt", || {
+        first
+            .proc
+            .output()
+            .contains("webhook not delivered; retrying")
+            .then_some(())
+    });
+    first.proc.kill();
+    drop(w);
+    let receiver = Receiver::start_on(port);
+    let second = Coordinator::start_on(d, "second", 0, &flags).unwrap();
+    let hooks = wait_for(
+        Duration::from_secs(120),
+        "the delivery by the second coordinator",
+        || {
+            let hooks = receiver.hooks();
+            (!hooks.is_empty()).then_some(hooks)
+        },
+    );
+    let body: serde_json::Value = serde_json::from_slice(&hooks[0].body).unwrap();
+    assert_eq!(body["job_id"], job.as_str());
+    assert_eq!(body["state"], "completed");
+    assert!(
+        second.proc.output().contains("webhook delivered"),
+        "{}",
+        second.proc.output()
     );
 }
