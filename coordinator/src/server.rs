@@ -28,6 +28,7 @@ use crate::http;
 use crate::metrics::Metrics;
 use crate::reaper;
 use crate::rpc_metrics::RpcMetricsLayer;
+use crate::webhook;
 use crate::worker_link::WorkerLinkService;
 
 /// The flag (and its environment variable) that names the CA of client certificates.
@@ -173,6 +174,7 @@ pub async fn serve(
         ),
     };
     let reaper = tokio::spawn(reaper::run(core.clone()));
+    let webhooks = tokio::spawn(webhook::run(core.clone()));
     let shutdown = core.shutdown.clone();
     let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -194,6 +196,7 @@ pub async fn serve(
     if let Some(http) = separate {
         let _ = http.await;
     }
+    let _ = webhooks.await;
     result
 }
 
