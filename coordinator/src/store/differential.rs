@@ -401,7 +401,7 @@ struct Snapshot {
     /// `job`, `tasks` and `running` of every job the case submitted, in submission order.
     jobs: Vec<JobView>,
     workers: Vec<WorkerRecord>,
-    models: Vec<ModelInfo>,
+    models: Vec<ModelIdentity>,
 }
 
 impl Snapshot {

@@ -44,8 +44,16 @@ pub const QUARANTINE_AFTER: u32 = 3;
 pub const SWITCH_BACKLOG_PER_HOLDER: usize = 8;
 
 /// A worker that called within this long counts as live: only live workers
-/// count as stand-ins for a task or as holders of a model.
+/// count as stand-ins for a task or as holders of a model, and only they
+/// decide what a model name means ([`kiln_proto::model`]).
 pub const LIVE_MS: u64 = 60_000;
+
+/// Returns true when a registered worker is live: not draining, and heard
+/// from within [`LIVE_MS`]. The store's one liveness rule (`live` in
+/// `redis/prelude.lua` in Lua).
+pub fn is_live(draining: bool, silent_ms: u64) -> bool {
+    !draining && silent_ms < LIVE_MS
+}
 
 /// Most tasks one claim completes from earlier results.
 pub const MAX_DEDUPED_PER_CLAIM: usize = 1000;
@@ -110,8 +118,7 @@ pub struct Candidate<'a> {
 /// live worker without the model is no alternative (a job would wait for it
 /// forever).
 pub fn can_stand_in(c: &Candidate<'_>, model_hash: &str, pinned_class: Option<&str>) -> bool {
-    !c.draining
-        && c.silent_ms < LIVE_MS
+    is_live(c.draining, c.silent_ms)
         && !quarantined(c.job_faults)
         && c.model_hash
             .is_some_and(|h| model_hash.is_empty() || h == model_hash)

@@ -9,7 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 
-use crate::store::{Event, JobRecord, ModelInfo, TaskRecord, TaskResult, TaskState, WorkerRecord};
+use crate::store::policy;
+use crate::store::{Event, JobRecord, LiveWorker, TaskRecord, TaskResult, TaskState, WorkerRecord};
 
 /// Everything the memory store holds, behind its one mutex.
 #[derive(Default)]
@@ -20,13 +21,27 @@ pub(super) struct State {
     pub(super) leased: BTreeSet<TaskId>,
     pub(super) idempotency: HashMap<(String, String), JobId>,
     pub(super) workers: BTreeMap<WorkerId, WorkerEntry>,
-    pub(super) models: BTreeMap<String, ModelInfo>,
     /// Fair-share clock: bumped every time a job is served.
     pub(super) served: u64,
     /// When each project was last served.
     pub(super) project_served: HashMap<String, u64>,
     /// Earlier results by project, then dedupe key (recipe hash and class).
     pub(super) results: HashMap<String, HashMap<String, TaskResult>>,
+}
+
+impl State {
+    /// Returns the live workers ([`policy::is_live`]) at store time `now`, by id.
+    pub(super) fn live_workers(&self, now: u64) -> Vec<LiveWorker> {
+        self.workers
+            .values()
+            .filter(|w| policy::is_live(w.record.draining, now.saturating_sub(w.last_seen)))
+            .map(|w| LiveWorker {
+                id: w.record.registration.id.clone(),
+                models: w.record.registration.models.clone(),
+                resident: w.resident.clone(),
+            })
+            .collect()
+    }
 }
 
 /// A job, its tasks' ids, its queues and its event log.

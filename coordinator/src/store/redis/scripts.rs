@@ -31,6 +31,10 @@ pub(super) const REAPED_FIELDS: usize = 6;
 pub(super) const RELEASED_FIELDS: usize = 4;
 /// Script arguments per task of `heartbeat.lua`.
 pub(super) const PROGRESS_FIELDS: usize = 3;
+/// Reply values per live worker of `live.lua`.
+pub(super) const LIVE_FIELDS: usize = 3;
+/// Reply values per row of `pinned.lua`.
+pub(super) const PIN_FIELDS: usize = 4;
 
 // The hand-written sources; each script is prefixed with the generated
 // constants and `prelude.lua`.
@@ -44,6 +48,9 @@ const REAP: &str = include_str!("reap.lua");
 const CANCEL: &str = include_str!("cancel.lua");
 const REGISTER: &str = include_str!("register.lua");
 const DRAIN: &str = include_str!("drain.lua");
+const LIVE: &str = include_str!("live.lua");
+const PINNED: &str = include_str!("pinned.lua");
+const FAIL_UNHELD: &str = include_str!("fail_unheld.lua");
 
 /// Every script by file name, prelude first, for the checks below to scan.
 #[cfg(test)]
@@ -58,11 +65,14 @@ const SOURCES: &[(&str, &str)] = &[
     ("cancel.lua", CANCEL),
     ("register.lua", REGISTER),
     ("drain.lua", DRAIN),
+    ("live.lua", LIVE),
+    ("pinned.lua", PINNED),
+    ("fail_unheld.lua", FAIL_UNHELD),
 ];
 
 /// Returns the `local NAME = value` lines every script starts with.
 pub(super) fn constants() -> String {
-    let numbers: [(&str, u64); 14] = [
+    let numbers: [(&str, u64); 16] = [
         ("QUARANTINE_AFTER", u64::from(policy::QUARANTINE_AFTER)),
         (
             "SWITCH_BACKLOG_PER_HOLDER",
@@ -81,6 +91,8 @@ pub(super) fn constants() -> String {
         ("REAPED_FIELDS", REAPED_FIELDS as u64),
         ("RELEASED_FIELDS", RELEASED_FIELDS as u64),
         ("PROGRESS_FIELDS", PROGRESS_FIELDS as u64),
+        ("LIVE_FIELDS", LIVE_FIELDS as u64),
+        ("PIN_FIELDS", PIN_FIELDS as u64),
         // Redis TIME answers seconds and microseconds; deadlines are in ms.
         ("MS_PER_S", 1_000),
         ("US_PER_MS", 1_000),
@@ -115,7 +127,8 @@ fn build(body: &str) -> Script {
     Script::new(&format!("{}{PRELUDE}{body}", constants()))
 }
 
-/// The compiled scripts, one per transition.
+/// The compiled scripts, one per transition, and the reads that must see
+/// the store's clock (`live.lua`) or several keys at once (`pinned.lua`).
 pub(super) struct Scripts {
     pub(super) enqueue: Script,
     pub(super) claim: Script,
@@ -126,6 +139,9 @@ pub(super) struct Scripts {
     pub(super) cancel: Script,
     pub(super) register: Script,
     pub(super) drain: Script,
+    pub(super) live: Script,
+    pub(super) pinned: Script,
+    pub(super) fail_unheld: Script,
 }
 
 impl Scripts {
@@ -140,6 +156,9 @@ impl Scripts {
             cancel: build(CANCEL),
             register: build(REGISTER),
             drain: build(DRAIN),
+            live: build(LIVE),
+            pinned: build(PINNED),
+            fail_unheld: build(FAIL_UNHELD),
         }
     }
 }
