@@ -1,6 +1,6 @@
 //! Serving: both services (behind the [`Authenticate`] interceptor), the gRPC
-//! health service and the reaper on one listener, in the clear or over TLS
-//! (with client certificates for mutual TLS).
+//! health service, the reaper and the model-grace check on one listener, in
+//! the clear or over TLS (with client certificates for mutual TLS).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,8 +19,8 @@ use tonic::transport::ServerTlsConfig;
 use crate::auth::{Authenticate, Service};
 use crate::core::Core;
 use crate::farm::FarmService;
-use crate::reaper;
 use crate::worker_link::WorkerLinkService;
+use crate::{model_grace, reaper};
 
 /// The flag (and its environment variable) that names the CA of client certificates.
 pub const CLIENT_CA_FLAG: &str = "--tls-client-ca (KILN_TLS_CLIENT_CA)";
@@ -129,6 +129,7 @@ pub async fn serve(
         Authenticate::new(core.auth.clone(), Service::WorkerLink),
     );
     let reaper = tokio::spawn(reaper::run(core.clone()));
+    let model_grace = tokio::spawn(model_grace::run(core.clone()));
     let shutdown = core.shutdown.clone();
     let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -146,6 +147,7 @@ pub async fn serve(
         .await;
     core.shutdown.cancel();
     let _ = reaper.await;
+    let _ = model_grace.await;
     result
 }
 
