@@ -249,7 +249,8 @@ fn a_job_whose_pinned_hash_loses_its_live_workers_fails_after_the_grace() {
     assert!(
         watch
             .stderr
-            .contains("no live worker held model \"simtoy\""),
+            .lines()
+            .any(|l| l.contains("failed (ModelUnavailable): no live worker held model \"simtoy\"")),
         "{}",
         watch.stderr
     );
