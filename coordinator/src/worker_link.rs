@@ -13,12 +13,13 @@ use kiln_proto::recipe::check_model_name;
 use kiln_proto::status::bounded;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Caller, caller_of};
 use crate::convert;
 use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult, Report, StaleRefusal};
 use crate::store::{
-    Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, ProgressReport, TaskResult,
-    WorkerRegistration,
+    Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, ProgressReport, StoreError,
+    TaskResult, WorkerRegistration,
 };
 
 /// Most tasks one Lease call may ask for.
@@ -44,8 +45,9 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let caller = caller_of(&request)?;
         Ok(Response::new(
-            register(&self.core, request.into_inner()).await?,
+            register(&self.core, &caller, request.into_inner()).await?,
         ))
     }
 
@@ -53,8 +55,9 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let caller = caller_of(&request)?;
         Ok(Response::new(
-            lease(&self.core, request.into_inner()).await?,
+            lease(&self.core, &caller, request.into_inner()).await?,
         ))
     }
 
@@ -62,8 +65,9 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let caller = caller_of(&request)?;
         Ok(Response::new(
-            heartbeat(&self.core, request.into_inner()).await?,
+            heartbeat(&self.core, &caller, request.into_inner()).await?,
         ))
     }
 
@@ -71,7 +75,8 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        intake(&self.core, request.into_inner()).await?;
+        let caller = caller_of(&request)?;
+        intake(&self.core, &caller, request.into_inner()).await?;
         Ok(Response::new(pb::CompleteResponse {}))
     }
 
@@ -79,12 +84,16 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::FailRequest>,
     ) -> Result<Response<pb::FailResponse>, Status> {
-        Ok(Response::new(fail(&self.core, request.into_inner()).await?))
+        let caller = caller_of(&request)?;
+        Ok(Response::new(
+            fail(&self.core, &caller, request.into_inner()).await?,
+        ))
     }
 }
 
 async fn register(
     core: &Core,
+    caller: &Caller,
     req: pb::RegisterRequest,
 ) -> CoordinatorResult<pb::RegisterResponse> {
     let id = WorkerId::parse_field("worker_id", &req.worker_id)?;
@@ -107,19 +116,22 @@ async fn register(
         });
     }
     let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
-    tracing::info!(worker = %id, slots = req.slots, models = ?names, class = %req.determinism_class, "worker registered");
+    tracing::info!(worker = %id, token = %caller.name, slots = req.slots, models = ?names, class = %req.determinism_class, "worker registered");
     let announced = models.clone();
     let released = core
         .store
-        .register_worker(WorkerRegistration {
-            id: id.clone(),
-            labels: req.labels.into_iter().collect(),
-            gpu_memory_bytes: req.gpu_memory_bytes,
-            slots: req.slots,
-            models,
-            determinism_class: req.determinism_class,
-            version: req.version,
-        })
+        .register_worker(
+            WorkerRegistration {
+                id: id.clone(),
+                labels: req.labels.into_iter().collect(),
+                gpu_memory_bytes: req.gpu_memory_bytes,
+                slots: req.slots,
+                models,
+                determinism_class: req.determinism_class,
+                version: req.version,
+            },
+            caller.principal(),
+        )
         .await?;
     for r in released {
         tracing::warn!(worker = %id, job = %r.job, task = %r.task, epoch = %r.epoch, "worker re-registered: its old lease was released");
@@ -145,12 +157,20 @@ async fn register(
     })
 }
 
-async fn lease(core: &Core, req: pb::LeaseRequest) -> CoordinatorResult<pb::LeaseResponse> {
+async fn lease(
+    core: &Core,
+    caller: &Caller,
+    req: pb::LeaseRequest,
+) -> CoordinatorResult<pb::LeaseResponse> {
     let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+    let owner = caller.principal();
     let max = req.max_tasks.min(MAX_TASKS_PER_LEASE) as usize;
     let wait = Duration::from_millis(u64::from(req.wait_ms)).min(core.config.max_lease_wait);
+    // Read at every claim: a SIGHUP reload changes the caps of the next one.
+    let caps = core.auth.running_caps();
+    let ttl = core.config.lease_ttl;
     let claim = tokio::select! {
-        c = core.store.claim(&worker, max, core.config.lease_ttl, wait, &req.resident_models) => c?,
+        c = core.store.claim(&worker, owner, max, ttl, wait, &req.resident_models, &caps) => c?,
         // Claims are cancel-safe: dropping a waiting claim leased nothing.
         _ = core.shutdown.cancelled() => Default::default(),
     };
@@ -170,7 +190,7 @@ async fn lease(core: &Core, req: pb::LeaseRequest) -> CoordinatorResult<pb::Leas
                 } else {
                     Fault::Cancelled
                 };
-                hand_back(core, &worker, l, fault, &why).await;
+                hand_back(core, &worker, owner, l, fault, &why).await;
             }
             Err(CoordinatorError::LeaseNotSent(Box::new(e)))
         }
@@ -230,12 +250,20 @@ async fn lease_response(
 /// Ends a lease the worker will never hear of through the store's fail path:
 /// with `Fault::Cancelled` it is handed back (queued again at once, no attempt
 /// used); with another fault it counts as a failed attempt.
-async fn hand_back(core: &Core, worker: &WorkerId, l: &Lease, fault: Fault, why: &str) {
+async fn hand_back(
+    core: &Core,
+    worker: &WorkerId,
+    owner: Option<&str>,
+    l: &Lease,
+    fault: Fault,
+    why: &str,
+) {
     let message = format!("the coordinator could not send the lease: {why}");
     let handed = core
         .store
         .fail(
             worker,
+            owner,
             l.task,
             l.epoch,
             fault,
@@ -256,6 +284,7 @@ async fn hand_back(core: &Core, worker: &WorkerId, l: &Lease, fault: Fault, why:
 
 async fn heartbeat(
     core: &Core,
+    caller: &Caller,
     req: pb::HeartbeatRequest,
 ) -> CoordinatorResult<pb::HeartbeatResponse> {
     let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
@@ -268,7 +297,10 @@ async fn heartbeat(
         });
     }
     let ttl = core.config.lease_ttl;
-    let out = core.store.heartbeat(&worker, &progress, ttl).await?;
+    let out = core
+        .store
+        .heartbeat(&worker, caller.principal(), &progress, ttl)
+        .await?;
     Ok(pb::HeartbeatResponse {
         extended_task_ids: out.extended.iter().map(|t| t.to_string()).collect(),
         abandon: out
@@ -285,7 +317,11 @@ async fn heartbeat(
     })
 }
 
-async fn fail(core: &Core, req: pb::FailRequest) -> CoordinatorResult<pb::FailResponse> {
+async fn fail(
+    core: &Core,
+    caller: &Caller,
+    req: pb::FailRequest,
+) -> CoordinatorResult<pb::FailResponse> {
     let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
     let task = TaskId::parse_field("task_id", &req.task_id)?;
     let epoch = Epoch(req.epoch);
@@ -297,6 +333,7 @@ async fn fail(core: &Core, req: pb::FailRequest) -> CoordinatorResult<pb::FailRe
         .store
         .fail(
             &worker,
+            caller.principal(),
             task,
             epoch,
             fault,
@@ -382,7 +419,7 @@ async fn lease_blobs(core: &Core, lease: &Lease) -> CoordinatorResult<Vec<pb::Bl
 
 /// Takes in a rendered image: checks it, stages it under its epoch, lets the
 /// store decide, then publishes or discards it.
-async fn intake(core: &Core, req: pb::CompleteRequest) -> CoordinatorResult<()> {
+async fn intake(core: &Core, caller: &Caller, req: pb::CompleteRequest) -> CoordinatorResult<()> {
     let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
     let task_id = TaskId::parse_field("task_id", &req.task_id)?;
     let epoch = Epoch(req.epoch);
@@ -427,7 +464,11 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> CoordinatorResult<()> 
         // The store fills in the worker's class.
         class: String::new(),
     };
-    match core.store.complete(&worker, task_id, epoch, result).await {
+    let outcome = core
+        .store
+        .complete(&worker, caller.principal(), task_id, epoch, result)
+        .await;
+    match outcome {
         Ok(CompleteOutcome::Accepted { job_finished }) => {
             core.results
                 .publish(&folder, &task.file_name, &staged)
@@ -443,6 +484,11 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> CoordinatorResult<()> 
             let refused = stale(core, &worker, task_id, epoch, Report::Complete, reason).await;
             tracing::warn!(worker = %worker, job = %task.job, task = %task_id, epoch = %epoch, error = %refused, "stale completion refused");
             Err(refused)
+        }
+        // Refused before anything changed: the upload is never accepted.
+        Err(e @ StoreError::WorkerBound(_)) => {
+            core.results.discard(&staged).await?;
+            Err(e.into())
         }
         // The outcome is unknown (the store may have accepted it before the
         // connection failed), so the staged upload stays: the worker retries,
@@ -473,7 +519,8 @@ mod tests {
     use crate::config::CoordinatorConfig;
     use crate::results::ResultStore;
     use crate::store::{
-        MemoryStore, NewJob, NewTask, Outcome, SeriesPlace, Store, TaskResult, TaskState,
+        MemoryStore, NewJob, NewTask, Outcome, RunningCaps, SeriesPlace, Store, TaskResult,
+        TaskState,
     };
 
     fn task(index: u32, depends_on: Option<u32>) -> NewTask {
@@ -518,18 +565,21 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let w = WorkerId("w1".into());
         store
-            .register_worker(WorkerRegistration {
-                id: w.clone(),
-                labels: BTreeMap::new(),
-                gpu_memory_bytes: 0,
-                slots: 1,
-                models: vec![ModelInfo {
-                    name: "tiny".into(),
-                    hash: "h".into(),
-                }],
-                determinism_class: "cpu/f32".into(),
-                version: "test".into(),
-            })
+            .register_worker(
+                WorkerRegistration {
+                    id: w.clone(),
+                    labels: BTreeMap::new(),
+                    gpu_memory_bytes: 0,
+                    slots: 1,
+                    models: vec![ModelInfo {
+                        name: "tiny".into(),
+                        hash: "h".into(),
+                    }],
+                    determinism_class: "cpu/f32".into(),
+                    version: "test".into(),
+                },
+                None,
+            )
             .await
             .unwrap();
         let job = JobId::new();
@@ -551,7 +601,7 @@ mod tests {
             .unwrap();
         let ttl = Duration::from_secs(30);
         let anchor = store
-            .claim(&w, 1, ttl, Duration::ZERO, &[])
+            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
             .await
             .unwrap()
             .leases
@@ -567,7 +617,7 @@ mod tests {
             class: String::new(),
         };
         store
-            .complete(&w, anchor.task, anchor.epoch, result)
+            .complete(&w, None, anchor.task, anchor.epoch, result)
             .await
             .unwrap();
         let core = Arc::new(Core::new(
@@ -577,12 +627,15 @@ mod tests {
         ));
         let service = WorkerLinkService::new(core.clone());
         let lease = |max_tasks| {
-            service.lease(Request::new(pb::LeaseRequest {
+            let mut request = Request::new(pb::LeaseRequest {
                 worker_id: "w1".into(),
                 max_tasks,
                 wait_ms: 0,
                 resident_models: Vec::new(),
-            }))
+            });
+            // What the interceptor puts there without --auth.
+            request.extensions_mut().insert(Caller::implicit_admin());
+            service.lease(request)
         };
         // One answer with the shot and an innocent task of the same job.
         let answer = lease(2).await;

@@ -471,3 +471,7 @@ pub struct Event {
     /// Free text.
     pub message: String,
 }
+
+/// Each capped project's `max_running_tasks`, by project name: read from the
+/// auth file in force when a claim is made. A project not listed has no cap.
+pub type RunningCaps = BTreeMap<String, u64>;

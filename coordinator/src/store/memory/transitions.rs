@@ -376,6 +376,9 @@ impl State {
             }
         }
         let job = self.jobs.get_mut(&job_id)?;
+        if self.capped.remove(&job.record.project) {
+            self.cap_freed = true;
+        }
         job.record.counts.shift(TaskState::Leased, to);
         if to == TaskState::Queued {
             job.queued.insert(&model, index);

@@ -487,7 +487,11 @@ impl Store for RedisStore {
         self.job_record(id).await
     }
 
-    async fn register_worker(&self, reg: WorkerRegistration) -> StoreResult<Vec<Reaped>> {
+    async fn register_worker(
+        &self,
+        reg: WorkerRegistration,
+        owner: Option<&str>,
+    ) -> StoreResult<Vec<Reaped>> {
         let id = reg.id.to_string();
         let models: BTreeMap<&str, &str> = reg
             .models
@@ -518,10 +522,14 @@ impl Store for RedisStore {
                     Arg::Str(&reg_json),
                     Arg::Str(&models_json),
                     Arg::Str(&reg.determinism_class),
+                    Arg::Str(owner.unwrap_or_default()),
                 ],
             )
             .await?,
         )?;
+        if is_bound(&reply) {
+            return Err(StoreError::WorkerBound(reg.id));
+        }
         let mut out = Vec::new();
         for r in reply.chunks(RELEASED_FIELDS) {
             let [task, job, epoch, finished] = r else {
@@ -589,14 +597,17 @@ impl Store for RedisStore {
     async fn claim(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         max: usize,
         ttl: Duration,
         wait: Duration,
         resident: &[String],
+        caps: &RunningCaps,
     ) -> StoreResult<Claim> {
         let deadline = Instant::now() + wait;
         let resident =
             serde_json::to_string(resident).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let caps = serde_json::to_string(caps).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut rx = self.work.clone();
         loop {
             rx.borrow_and_update();
@@ -608,12 +619,15 @@ impl Store for RedisStore {
                         Arg::Int(max as i64),
                         Arg::Int(ttl.as_millis() as i64),
                         Arg::Str(&resident),
+                        Arg::Str(owner.unwrap_or_default()),
+                        Arg::Str(&caps),
                     ],
                 )
                 .await?,
             )?;
             match reply.first().map(text).as_deref() {
                 Some("unknown") => return Err(StoreError::UnknownWorker(worker.clone())),
+                Some("bound") => return Err(StoreError::WorkerBound(worker.clone())),
                 Some("drain") => {
                     return Ok(Claim {
                         drain: true,
@@ -676,13 +690,15 @@ impl Store for RedisStore {
     async fn heartbeat(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         progress: &[ProgressReport],
         ttl: Duration,
     ) -> StoreResult<HeartbeatOutcome> {
         let owned: Vec<String> = progress.iter().map(|p| p.task.to_string()).collect();
-        let mut args = Vec::with_capacity(2 + progress.len() * PROGRESS_FIELDS);
+        let mut args = Vec::with_capacity(3 + progress.len() * PROGRESS_FIELDS);
         args.push(Arg::Str(worker.as_str()));
         args.push(Arg::Int(ttl.as_millis() as i64));
+        args.push(Arg::Str(owner.unwrap_or_default()));
         for (p, id) in progress.iter().zip(&owned) {
             args.push(Arg::Str(id));
             args.push(Arg::Int(p.epoch.0 as i64));
@@ -691,6 +707,9 @@ impl Store for RedisStore {
         let reply = items(self.invoke(&self.scripts.heartbeat, &args).await?)?;
         if reply.first().map(text).as_deref() == Some("unknown") {
             return Err(StoreError::UnknownWorker(worker.clone()));
+        }
+        if is_bound(&reply) {
+            return Err(StoreError::WorkerBound(worker.clone()));
         }
         let mut out = HeartbeatOutcome {
             drain: reply.first().map(text).as_deref() == Some("1"),
@@ -712,6 +731,7 @@ impl Store for RedisStore {
     async fn complete(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         task: TaskId,
         epoch: Epoch,
         result: TaskResult,
@@ -735,11 +755,13 @@ impl Store for RedisStore {
                     Arg::Str(&tid),
                     Arg::Int(epoch.0 as i64),
                     Arg::Str(&json),
+                    Arg::Str(owner.unwrap_or_default()),
                 ],
             )
             .await?,
         )?;
         match reply.first().map(text).as_deref() {
+            Some("bound") => Err(StoreError::WorkerBound(worker.clone())),
             Some("ok") => {
                 let finished = reply.get(1).map(text).unwrap_or_default();
                 let job_finished = if finished.is_empty() {
@@ -759,6 +781,7 @@ impl Store for RedisStore {
     async fn fail(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         task: TaskId,
         epoch: Epoch,
         fault: Fault,
@@ -776,11 +799,13 @@ impl Store for RedisStore {
                     Arg::Str(fault.name()),
                     Arg::Str(message),
                     Arg::Int(i64::from(max_attempts)),
+                    Arg::Str(owner.unwrap_or_default()),
                 ],
             )
             .await?,
         )?;
         match reply.first().map(text).as_deref() {
+            Some("bound") => Err(StoreError::WorkerBound(worker.clone())),
             Some("ok") => {
                 let finished = reply.get(2).map(text).unwrap_or_default();
                 let job_finished = if finished.is_empty() {
@@ -915,18 +940,21 @@ mod tests {
         .expect("connect");
         let w = WorkerId("w1".into());
         store
-            .register_worker(WorkerRegistration {
-                id: w.clone(),
-                labels: Default::default(),
-                gpu_memory_bytes: 0,
-                slots: 1,
-                models: vec![ModelInfo {
-                    name: "tiny".into(),
-                    hash: "h".into(),
-                }],
-                determinism_class: "c".into(),
-                version: "t".into(),
-            })
+            .register_worker(
+                WorkerRegistration {
+                    id: w.clone(),
+                    labels: Default::default(),
+                    gpu_memory_bytes: 0,
+                    slots: 1,
+                    models: vec![ModelInfo {
+                        name: "tiny".into(),
+                        hash: "h".into(),
+                    }],
+                    determinism_class: "c".into(),
+                    version: "t".into(),
+                },
+                None,
+            )
             .await
             .unwrap();
         let (job, _) = store.create_job(one_task_job()).await.unwrap();
@@ -934,7 +962,15 @@ mod tests {
         running.idempotency_key = None;
         store.create_job(running).await.unwrap();
         let lease = store
-            .claim(&w, 1, Duration::from_secs(30), Duration::ZERO, &[])
+            .claim(
+                &w,
+                None,
+                1,
+                Duration::from_secs(30),
+                Duration::ZERO,
+                &[],
+                &RunningCaps::new(),
+            )
             .await
             .unwrap()
             .leases
@@ -950,7 +986,7 @@ mod tests {
             class: String::new(),
         };
         store
-            .complete(&w, lease.task, lease.epoch, done)
+            .complete(&w, None, lease.task, lease.epoch, done)
             .await
             .unwrap();
         assert!(
