@@ -105,13 +105,19 @@ fn kiln_workers_marks_a_mismatch_and_kiln_models_lists_every_hash() {
     wait_for_workers(&coord.url, 2);
     // Sorts first, but one live worker against two.
     register_foreign(&coord.url, "odd", "abc123def4567890ffff");
-    let log = coord.proc.output();
-    assert!(
-        log.lines().any(|l| l.contains("another build of the model")
-            && l.contains("worker=odd")
-            && l.contains("hash=abc123def456")),
-        "no mismatch warning in:\n{log}"
-    );
+    // The coordinator says so in its log (written as it goes: poll for it).
+    wait_for(Duration::from_secs(20), "the mismatch warning", || {
+        coord
+            .proc
+            .output()
+            .lines()
+            .any(|l| {
+                l.contains("another build of the model")
+                    && l.contains("worker=odd")
+                    && l.contains("hash=abc123def456")
+            })
+            .then_some(())
+    });
 
     let out = kiln(&["workers", "--coordinator", &coord.url]);
     assert_eq!(out.code, 0, "kiln workers: {}", out.stderr);
