@@ -51,8 +51,7 @@ async fn check(core: &Core, unheld_since: &mut HashMap<Pin, Instant>) -> StoreRe
     let mut unheld: HashMap<Pin, Instant> = HashMap::new();
     for pin in pins.iter().filter(|p| p.queued > 0) {
         let identity = identities.iter().find(|m| m.name == pin.model);
-        let held = identity.is_some_and(|m| pin.hash.is_empty() || m.is_held(&pin.hash));
-        if held {
+        if identity.is_some_and(|m| m.is_held(&pin.hash)) {
             continue;
         }
         let key = (pin.model.clone(), pin.hash.clone());

@@ -55,9 +55,10 @@ impl ModelIdentity {
         self.hashes.get(1..).unwrap_or_default()
     }
 
-    /// Returns true when `hash` is held by a live worker under this name.
+    /// Returns true when a live worker holds the name under `hash`; a task
+    /// pinned to no hash (`""`) is held by any of them.
     pub fn is_held(&self, hash: &str) -> bool {
-        self.hashes.iter().any(|h| h.hash == hash)
+        hash.is_empty() || self.hashes.iter().any(|h| h.hash == hash)
     }
 
     /// Describes what live workers hold, for a message: `abc123def456 (2
@@ -145,6 +146,7 @@ mod tests {
         assert_eq!(tiny.disagreeing()[0].hash, "aaaa");
         assert_eq!(tiny.disagreeing()[0].workers, vec![b]);
         assert!(tiny.is_held("aaaa") && !tiny.is_held("0000"));
+        assert!(tiny.is_held(""), "a task pinned to no hash takes any");
     }
 
     #[test]

@@ -505,11 +505,9 @@ impl Store for MemoryStore {
         let now = self.now();
         let mut guard = self.lock();
         let st = &mut *guard;
-        let held = st.live_workers(now).iter().any(|w| {
-            w.models
-                .iter()
-                .any(|m| m.name == model && (hash.is_empty() || m.hash == hash))
-        });
+        let held = identities(&st.live_workers(now))
+            .iter()
+            .any(|m| m.name == model && m.is_held(hash));
         let mut out = Unheld::default();
         if held {
             return Ok(out);

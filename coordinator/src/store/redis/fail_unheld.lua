@@ -1,6 +1,6 @@
 -- Fails the queued tasks of running jobs pinned to (model, hash) when no live
--- worker holds the model under that hash (any hash when it is empty): they
--- would wait forever. The same transition as `MemoryStore::fail_unheld`.
+-- worker holds the model under that hash (any hash when it is empty:
+-- `ModelIdentity::is_held` in Rust): they would wait forever. The same transition as `MemoryStore::fail_unheld`.
 -- Idempotent: a second run finds nothing queued to fail.
 -- ARGV: 3 model, 4 hash, 5 message.
 -- Returns {'held'}, or {'ok', tasks failed, then the id of every job this ended}.
