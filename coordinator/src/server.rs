@@ -20,7 +20,7 @@ use crate::auth::{Authenticate, Service};
 use crate::core::Core;
 use crate::farm::FarmService;
 use crate::worker_link::WorkerLinkService;
-use crate::{model_grace, reaper};
+use crate::{model_grace, reaper, webhook};
 
 /// The flag (and its environment variable) that names the CA of client certificates.
 pub const CLIENT_CA_FLAG: &str = "--tls-client-ca (KILN_TLS_CLIENT_CA)";
@@ -130,6 +130,7 @@ pub async fn serve(
     );
     let reaper = tokio::spawn(reaper::run(core.clone()));
     let model_grace = tokio::spawn(model_grace::run(core.clone()));
+    let webhooks = tokio::spawn(webhook::run(core.clone()));
     let shutdown = core.shutdown.clone();
     let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -148,6 +149,7 @@ pub async fn serve(
     core.shutdown.cancel();
     let _ = reaper.await;
     let _ = model_grace.await;
+    let _ = webhooks.await;
     result
 }
 

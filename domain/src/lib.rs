@@ -22,3 +22,4 @@ pub mod model;
 pub mod prompt;
 pub mod recipe;
 pub mod spec;
+pub mod webhook;

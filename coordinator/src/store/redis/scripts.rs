@@ -35,6 +35,8 @@ pub(super) const PROGRESS_FIELDS: usize = 3;
 pub(super) const LIVE_FIELDS: usize = 3;
 /// Reply values per row of `pinned.lua`.
 pub(super) const PIN_FIELDS: usize = 4;
+/// Reply values per delivery of `deliveries.lua`.
+pub(super) const DELIVERY_FIELDS: usize = 4;
 
 // The hand-written sources; each script is prefixed with the generated
 // constants and `prelude.lua`.
@@ -51,6 +53,8 @@ const DRAIN: &str = include_str!("drain.lua");
 const LIVE: &str = include_str!("live.lua");
 const PINNED: &str = include_str!("pinned.lua");
 const FAIL_UNHELD: &str = include_str!("fail_unheld.lua");
+const DELIVERIES: &str = include_str!("deliveries.lua");
+const SETTLE: &str = include_str!("settle.lua");
 
 /// Every script by file name, prelude first, for the checks below to scan.
 #[cfg(test)]
@@ -68,11 +72,13 @@ const SOURCES: &[(&str, &str)] = &[
     ("live.lua", LIVE),
     ("pinned.lua", PINNED),
     ("fail_unheld.lua", FAIL_UNHELD),
+    ("deliveries.lua", DELIVERIES),
+    ("settle.lua", SETTLE),
 ];
 
 /// Returns the `local NAME = value` lines every script starts with.
 pub(super) fn constants() -> String {
-    let numbers: [(&str, u64); 16] = [
+    let numbers: [(&str, u64); 17] = [
         ("QUARANTINE_AFTER", u64::from(policy::QUARANTINE_AFTER)),
         (
             "SWITCH_BACKLOG_PER_HOLDER",
@@ -93,6 +99,7 @@ pub(super) fn constants() -> String {
         ("PROGRESS_FIELDS", PROGRESS_FIELDS as u64),
         ("LIVE_FIELDS", LIVE_FIELDS as u64),
         ("PIN_FIELDS", PIN_FIELDS as u64),
+        ("DELIVERY_FIELDS", DELIVERY_FIELDS as u64),
         // Redis TIME answers seconds and microseconds; deadlines are in ms.
         ("MS_PER_S", 1_000),
         ("US_PER_MS", 1_000),
@@ -142,6 +149,8 @@ pub(super) struct Scripts {
     pub(super) live: Script,
     pub(super) pinned: Script,
     pub(super) fail_unheld: Script,
+    pub(super) deliveries: Script,
+    pub(super) settle: Script,
 }
 
 impl Scripts {
@@ -159,6 +168,8 @@ impl Scripts {
             live: build(LIVE),
             pinned: build(PINNED),
             fail_unheld: build(FAIL_UNHELD),
+            deliveries: build(DELIVERIES),
+            settle: build(SETTLE),
         }
     }
 }
