@@ -151,6 +151,16 @@ impl Farm {
             .workers)
     }
 
+    /// Lists the farm's models.
+    pub async fn models(&self) -> Result<Vec<pb::ModelSummary>, Status> {
+        let mut c = self.client.clone();
+        let req = pb::ListModelsRequest {};
+        Ok(self
+            .unary(c.list_models(with_deadline(req, CALL_TIMEOUT)))
+            .await?
+            .models)
+    }
+
     /// Cancels a job.
     pub async fn cancel(&self, job_id: &str) -> Result<pb::JobSummary, Status> {
         let mut c = self.client.clone();

@@ -11,7 +11,7 @@ use kiln_proto::spec::{self, JobSpec};
 use crate::auth::Caller;
 use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult};
-use crate::store::{JobRecord, ModelInfo, NewJob, NewTask};
+use crate::store::{JobRecord, ModelIdentity, NewJob, NewTask};
 
 /// Validates, expands and creates a job; returns it and whether it is new.
 ///
@@ -41,9 +41,12 @@ pub async fn admit(
     check_limits(core, &project, items.len() as u64).await?;
     let needed: BTreeSet<&str> = items.iter().map(|i| i.recipe.model.as_str()).collect();
     let known = known_models(core, &needed, &spec).await?;
+    // Each task is pinned to what its model name means now: the hash most
+    // live workers hold (`kiln_proto::model`). Workers holding another hash
+    // get none of these tasks.
     for item in &mut items {
         if let Some(m) = known.iter().find(|m| m.name == item.recipe.model) {
-            item.recipe.model_hash = m.hash.clone();
+            item.recipe.model_hash = m.chosen().to_string();
         }
     }
     let job = NewJob {
@@ -117,14 +120,14 @@ async fn check_limits(core: &Core, project: &str, tasks: u64) -> CoordinatorResu
     Ok(())
 }
 
-/// Returns the farm's models once every needed one is known. While the
-/// coordinator is younger than its model grace, waits for workers to announce
-/// missing models; after that, refuses at once.
+/// Returns what the farm's model names mean once every needed one is held by
+/// a live worker. While the coordinator is younger than its model grace,
+/// waits for workers to announce missing models; after that, refuses at once.
 async fn known_models(
     core: &Core,
     needed: &BTreeSet<&str>,
     spec: &JobSpec,
-) -> CoordinatorResult<Vec<ModelInfo>> {
+) -> CoordinatorResult<Vec<ModelIdentity>> {
     loop {
         let known = core.store.models().await?;
         let missing = needed.iter().find(|n| !known.iter().any(|m| m.name == **n));
@@ -134,9 +137,9 @@ async fn known_models(
         if core.started.elapsed() >= core.config.model_grace {
             let names: Vec<&str> = known.iter().map(|m| m.name.as_str()).collect();
             let hint = if names.is_empty() {
-                "no worker has announced a model yet: start one with --model NAME=DIR".to_string()
+                "no live worker holds a model: start one with --model NAME=DIR".to_string()
             } else {
-                format!("the farm knows {}", names.join(", "))
+                format!("live workers hold {}", names.join(", "))
             };
             return Err(FieldError::new(
                 spec::model_field(spec, missing),

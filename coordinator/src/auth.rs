@@ -90,7 +90,7 @@ pub enum Action {
     Verify,
     /// Drain a worker.
     Drain,
-    /// List the workers.
+    /// List the workers or the models.
     ListWorkers,
     /// Any call of the `WorkerLink` service.
     WorkerLink,

@@ -20,7 +20,9 @@ pub struct CoordinatorConfig {
     pub max_lease_wait: Duration,
     /// For this long after start-up, a submission naming a model no worker
     /// has announced yet waits for one to register instead of being refused:
-    /// a farm that just started has workers still loading their models.
+    /// a farm that just started has workers still loading their models. And
+    /// queued tasks whose pinned model hash no live worker holds fail once
+    /// that has lasted this long (`model_grace`), instead of waiting forever.
     pub model_grace: Duration,
 }
 

@@ -9,6 +9,7 @@
 
 use kiln_proto::pb;
 
+use crate::models::ModelSummary;
 use crate::store::{
     AbandonReason, Attempt, Event, EventKind, Fault, JobRecord, JobState, Lease, ModelInfo,
     RunningTask, TaskCounts, TaskRecord, TaskState, WorkerRecord,
@@ -46,6 +47,7 @@ pub fn fault(f: Option<Fault>) -> pb::FaultClass {
         Some(Fault::BadInput) => pb::FaultClass::BadInput,
         Some(Fault::Cancelled) => pb::FaultClass::Cancelled,
         Some(Fault::Internal) => pb::FaultClass::Internal,
+        Some(Fault::ModelUnavailable) => pb::FaultClass::ModelUnavailable,
     }
 }
 
@@ -57,7 +59,13 @@ pub fn fault_from_wire(value: i32) -> Fault {
         Ok(pb::FaultClass::ModelLoad) => Fault::ModelLoad,
         Ok(pb::FaultClass::BadInput) => Fault::BadInput,
         Ok(pb::FaultClass::Cancelled) => Fault::Cancelled,
-        Ok(pb::FaultClass::Internal | pb::FaultClass::Unspecified) | Err(_) => Fault::Internal,
+        // Only the coordinator decides that a model is unavailable.
+        Ok(
+            pb::FaultClass::Internal
+            | pb::FaultClass::Unspecified
+            | pb::FaultClass::ModelUnavailable,
+        )
+        | Err(_) => Fault::Internal,
     }
 }
 
@@ -208,6 +216,26 @@ pub fn worker(w: &WorkerRecord, lost: bool) -> pb::WorkerSummary {
         labels: r.labels.clone().into_iter().collect(),
         completed: w.completed,
         failed: w.failed,
+    }
+}
+
+/// Returns the wire form of a model summary: its hashes, the chosen one first and marked.
+pub fn model_summary(m: &ModelSummary) -> pb::ModelSummary {
+    pb::ModelSummary {
+        name: m.name.clone(),
+        hashes: m
+            .hashes
+            .iter()
+            .enumerate()
+            .map(|(i, h)| pb::ModelHash {
+                hash: h.hash.clone(),
+                worker_ids: h.workers.iter().map(|w| w.to_string()).collect(),
+                chosen: i == 0,
+            })
+            .collect(),
+        resident_worker_ids: m.resident.iter().map(|w| w.to_string()).collect(),
+        queued: m.queued,
+        running: m.running,
     }
 }
 

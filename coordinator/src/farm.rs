@@ -17,7 +17,7 @@ use crate::core::Core;
 use crate::core::contact_sheet_path;
 use crate::error::{CoordinatorError, CoordinatorResult};
 use crate::store::TaskState;
-use crate::{admission, convert, manifest, verify};
+use crate::{admission, convert, manifest, models, verify};
 
 /// How often a watcher gets a progress message when no event happens.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -132,6 +132,18 @@ impl pb::farm_server::Farm for FarmService {
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         caller_of(&request)?.require(Action::ListWorkers)?;
         Ok(Response::new(list_workers(&self.core).await?))
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        // Open to every role, like ListWorkers: it shows the same workers.
+        caller_of(&request)?.require(Action::ListWorkers)?;
+        let models = models::list(&self.core).await?;
+        Ok(Response::new(pb::ListModelsResponse {
+            models: models.iter().map(convert::model_summary).collect(),
+        }))
     }
 
     async fn verify_job(

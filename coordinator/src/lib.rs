@@ -1,6 +1,6 @@
 //! The kiln coordinator: the `Farm` and `WorkerLink` gRPC services, job
 //! admission, the [`store::Store`] that holds all live state, the lease
-//! reaper and result intake.
+//! reaper, the model-grace check and result intake.
 //!
 //! The coordinator keeps no farm state of its own: every transition goes
 //! through the store, so replicas can run side by side. Start with
@@ -31,6 +31,10 @@ pub mod http;
 pub mod manifest;
 /// Prometheus metrics: names, the recorder, the recording functions.
 pub mod metrics;
+/// Fails queued tasks whose pinned model hash no live worker holds.
+pub mod model_grace;
+/// What each model name means and who holds it, as `kiln models` shows it.
+pub mod models;
 /// The lease reaper.
 pub mod reaper;
 /// The result store (object_store).

@@ -53,7 +53,9 @@ struct Args {
     /// How often expired leases are looked for.
     #[arg(long, env = "KILN_REAP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     reap_interval: Duration,
-    /// After start-up, how long a job naming a model no worker has announced waits for one.
+    /// After start-up, how long a job naming a model no worker has announced
+    /// waits for one; and how long queued tasks wait for a live worker holding
+    /// their pinned model hash before they fail.
     #[arg(long, env = "KILN_MODEL_GRACE", default_value = "15s", value_parser = humantime::parse_duration)]
     model_grace: Duration,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.

@@ -1,8 +1,9 @@
 //! Serving: both services (behind the [`Authenticate`] interceptor), the gRPC
-//! health service and the reaper on one listener, in the clear or over TLS
-//! (with client certificates for mutual TLS), timed by [`RpcMetricsLayer`];
-//! the HTTP side door ([`crate::http`]) on the same port (requests that are
-//! not gRPC, told by their content type: [`one_port`]) or on its own.
+//! health service, the reaper and the model-grace check on one listener, in
+//! the clear or over TLS (with client certificates for mutual TLS), timed by
+//! [`RpcMetricsLayer`]; the HTTP side door ([`crate::http`]) on the same port
+//! (requests that are not gRPC, told by their content type: [`one_port`]) or
+//! on its own.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,10 +27,9 @@ use crate::core::Core;
 use crate::farm::FarmService;
 use crate::http;
 use crate::metrics::Metrics;
-use crate::reaper;
 use crate::rpc_metrics::RpcMetricsLayer;
-use crate::webhook;
 use crate::worker_link::WorkerLinkService;
+use crate::{model_grace, reaper, webhook};
 
 /// The flag (and its environment variable) that names the CA of client certificates.
 pub const CLIENT_CA_FLAG: &str = "--tls-client-ca (KILN_TLS_CLIENT_CA)";
@@ -174,6 +174,7 @@ pub async fn serve(
         ),
     };
     let reaper = tokio::spawn(reaper::run(core.clone()));
+    let model_grace = tokio::spawn(model_grace::run(core.clone()));
     let webhooks = tokio::spawn(webhook::run(core.clone()));
     let shutdown = core.shutdown.clone();
     let result = builder
@@ -196,6 +197,7 @@ pub async fn serve(
     if let Some(http) = separate {
         let _ = http.await;
     }
+    let _ = model_grace.await;
     let _ = webhooks.await;
     result
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_proto::error::{FieldError, quote};
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+use kiln_proto::model::short_hash;
 use kiln_proto::pb;
 use kiln_proto::recipe::check_model_name;
 use kiln_proto::status::bounded;
@@ -117,6 +118,7 @@ async fn register(
     }
     let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
     tracing::info!(worker = %id, token = %caller.name, slots = req.slots, models = ?names, class = %req.determinism_class, "worker registered");
+    let announced = models.clone();
     let released = core
         .store
         .register_worker(
@@ -137,6 +139,17 @@ async fn register(
         tracing::warn!(worker = %id, job = %r.job, task = %r.task, epoch = %r.epoch, "worker re-registered: its old lease was released");
         if let Some(job) = r.job_finished {
             core.finalize(job.id).await;
+        }
+    }
+    // Another build of a model than the one its name means on the farm: the
+    // worker gets no task pinned to the farm's hash, so say so once here.
+    let identities = core.store.models().await?;
+    for m in &announced {
+        if let Some(farm) = identities
+            .iter()
+            .find(|i| i.name == m.name && i.chosen() != m.hash)
+        {
+            tracing::warn!(worker = %id, model = %m.name, hash = %short_hash(&m.hash), farm = %short_hash(farm.chosen()), "the worker holds another build of the model than the farm's: it gets no task pinned to the farm's hash");
         }
     }
     let config = &core.config;

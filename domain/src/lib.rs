@@ -5,8 +5,9 @@
 //! these types: id newtypes ([`ids`]), the validated [`recipe::Recipe`], its
 //! hash and batch key, the job spec and its one validation ([`spec`]), the
 //! A1111 prompt syntax ([`prompt`]), image checks for init images and masks
-//! ([`image`]), and [`error::FieldError`], the validation error that names
-//! the field and the value.
+//! ([`image`]), what a model name means on a farm ([`model`]), and
+//! [`error::FieldError`], the validation error that names the field and the
+//! value.
 //!
 //! This crate may import serialisation, hashing and image decoding only. It
 //! never depends on tonic, prost, tokio or redis: `kiln-diffusion` builds on
@@ -17,6 +18,7 @@
 pub mod error;
 pub mod ids;
 pub mod image;
+pub mod model;
 pub mod prompt;
 pub mod recipe;
 pub mod spec;

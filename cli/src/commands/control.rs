@@ -60,7 +60,7 @@ async fn cancel(farm: &Farm, job_id: &str, json: bool) -> anyhow::Result<()> {
 async fn drain(farm: &Farm, worker_id: &str, json: bool) -> anyhow::Result<()> {
     let w = farm.drain(worker_id).await.map_err(|s| farm.explain(s))?;
     if json {
-        println!("{}", worker_json(&w));
+        println!("{}", worker_json(&w, None));
     } else {
         println!(
             "worker {} draining: {} tasks in hand",

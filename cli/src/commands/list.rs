@@ -1,10 +1,13 @@
-//! `kiln jobs` and `kiln workers`: what the farm holds.
+//! `kiln jobs`, `kiln workers` and `kiln models`: what the farm holds.
 
 use crate::client::Farm;
 use kiln_proto::pb::{self, TaskState};
 use serde_json::json;
 
-use crate::format::{job_json, job_state, table, time, worker_json};
+use crate::format::{
+    farm_hashes, job_json, job_state, model_json, table, time, worker_json, worker_model,
+};
+use kiln_proto::model::short_hash;
 
 /// List jobs, newest first.
 #[derive(clap::Args, Debug)]
@@ -56,6 +59,71 @@ impl Workers {
     }
 }
 
+/// List each model name: its hashes (the one the farm means marked), the
+/// live workers holding each, who has it loaded, queued and running tasks.
+#[derive(clap::Args, Debug)]
+pub struct Models {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Models {
+    /// Runs `kiln models`.
+    pub async fn run(self, farm: &Farm) -> anyhow::Result<bool> {
+        models(farm, self.json).await.map(|()| true)
+    }
+}
+
+/// Prints the farm's models, one row per (name, hash); `*` marks the hash
+/// the name means.
+async fn models(farm: &Farm, json: bool) -> anyhow::Result<()> {
+    let models = farm.models().await.map_err(|s| farm.explain(s))?;
+    if json {
+        let v: Vec<_> = models.iter().map(model_json).collect();
+        println!("{}", serde_json::Value::from(v));
+        return Ok(());
+    }
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for m in &models {
+        let tasks = [
+            m.resident_worker_ids.len().to_string(),
+            m.queued.to_string(),
+            m.running.to_string(),
+        ];
+        if m.hashes.is_empty() {
+            let mut row = vec![m.name.clone(), "-".into(), "no live worker".into()];
+            row.extend(tasks.clone());
+            rows.push(row);
+        }
+        for (i, h) in m.hashes.iter().enumerate() {
+            let mark = if h.chosen { "*" } else { " " };
+            let mut row = vec![
+                if i == 0 {
+                    m.name.clone()
+                } else {
+                    String::new()
+                },
+                format!("{}{mark}", short_hash(&h.hash)),
+                h.worker_ids.join(","),
+            ];
+            if i == 0 {
+                row.extend(tasks.clone());
+            }
+            rows.push(row);
+        }
+    }
+    println!(
+        "{}",
+        table(
+            &["MODEL", "HASH", "WORKERS", "RESIDENT", "QUEUED", "RUNNING"],
+            &rows
+        )
+    );
+    println!("* the hash the name means: held by the most live workers (ties: the first in order)");
+    Ok(())
+}
+
 /// Prints the newest jobs.
 async fn jobs(farm: &Farm, limit: u32, json: bool) -> anyhow::Result<()> {
     let jobs = farm.jobs(limit).await.map_err(|s| farm.explain(s))?;
@@ -95,8 +163,13 @@ async fn jobs(farm: &Farm, limit: u32, json: bool) -> anyhow::Result<()> {
 /// Prints every worker the farm knows.
 async fn workers(farm: &Farm, json: bool) -> anyhow::Result<()> {
     let workers = farm.workers().await.map_err(|s| farm.explain(s))?;
+    // What each name means, to mark the workers that hold another hash.
+    let farm_hashes = farm_hashes(&farm.models().await.map_err(|s| farm.explain(s))?);
     if json {
-        let v: Vec<_> = workers.iter().map(worker_json).collect();
+        let v: Vec<_> = workers
+            .iter()
+            .map(|w| worker_json(w, Some(&farm_hashes)))
+            .collect();
         println!("{}", serde_json::Value::from(v));
         return Ok(());
     }
@@ -111,7 +184,7 @@ async fn workers(farm: &Farm, json: bool) -> anyhow::Result<()> {
                 w.failed.to_string(),
                 w.models
                     .iter()
-                    .map(|m| m.name.as_str())
+                    .map(|m| worker_model(m, &farm_hashes))
                     .collect::<Vec<_>>()
                     .join(","),
                 time(w.last_seen_ms),

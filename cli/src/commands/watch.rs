@@ -146,9 +146,14 @@ fn report_event(
             format!("[{done}] item {} done by {}", e.index, e.worker_id)
         }
         EventKind::Failed => format!(
-            "item {} failed on {} ({:?}): {}",
+            "item {} failed{} ({:?}): {}",
             e.index,
-            e.worker_id,
+            // A task failed without a lease (its model unavailable, its anchor failed) names no worker.
+            if e.worker_id.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", e.worker_id)
+            },
             pb::FaultClass::try_from(e.fault).unwrap_or(pb::FaultClass::Unspecified),
             e.message
         ),

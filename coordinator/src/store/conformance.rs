@@ -1767,14 +1767,213 @@ pub async fn announced_models_are_listed(store: &dyn Store) {
         .register_worker(registration("w1", &["tiny", "sd15"]), None)
         .await
         .unwrap();
-    let names: Vec<_> = store
-        .models()
+    let models = store.models().await.unwrap();
+    let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["sd15", "tiny"]);
+    assert_eq!(models[1].chosen(), "hash-of-tiny");
+    assert_eq!(models[1].hashes[0].workers, [worker("w1")]);
+}
+
+/// A worker announcing `model` under `hash`.
+fn holding(id: &str, model: &str, hash: &str) -> WorkerRegistration {
+    let mut r = registration(id, &[]);
+    r.models = vec![ModelInfo {
+        name: model.into(),
+        hash: hash.into(),
+    }];
+    r
+}
+
+/// A job of `n` tasks of `model` pinned to `hash`, as admission makes it.
+fn pinned_job(n: u32, model: &str, hash: &str) -> NewJob {
+    let mut job = new_job(n, model);
+    for t in &mut job.tasks {
+        t.recipe.model_hash = hash.into();
+    }
+    job
+}
+
+pub async fn a_drained_worker_does_not_change_what_a_model_means(store: &dyn Store) {
+    store
+        .register_worker(holding("w1", "tiny", "hash-of-tiny"), None)
+        .await
+        .unwrap();
+    // Another hash that sorts first: a tie between live workers goes to it.
+    store
+        .register_worker(holding("w2", "tiny", "another-hash"), None)
+        .await
+        .unwrap();
+    let tied = store.models().await.unwrap();
+    assert_eq!(
+        tied[0].chosen(),
+        "another-hash",
+        "a tie: the hash that sorts first"
+    );
+    store.drain_worker(&worker("w2")).await.unwrap();
+    let models = store.models().await.unwrap();
+    assert_eq!(models.len(), 1);
+    assert_eq!(models[0].chosen(), "hash-of-tiny");
+    assert!(
+        models[0].disagreeing().is_empty(),
+        "a drained worker does not vote: {models:?}"
+    );
+    let live: Vec<WorkerId> = store
+        .live_workers()
         .await
         .unwrap()
         .into_iter()
-        .map(|m| m.name)
+        .map(|w| w.id)
         .collect();
-    assert!(names.contains(&"tiny".to_string()) && names.contains(&"sd15".to_string()));
+    assert_eq!(live, [worker("w1")]);
+    // Registering again (a new session) makes it live again, with its hash.
+    store
+        .register_worker(holding("w2", "tiny", "another-hash"), None)
+        .await
+        .unwrap();
+    assert_eq!(store.models().await.unwrap()[0].hashes.len(), 2);
+}
+
+pub async fn the_majority_hash_wins_and_the_minority_gets_no_task(store: &dyn Store) {
+    for w in ["w1", "w2"] {
+        store
+            .register_worker(holding(w, "tiny", "hash-of-tiny"), None)
+            .await
+            .unwrap();
+    }
+    // Sorts first, but only one live worker holds it.
+    store
+        .register_worker(holding("w3", "tiny", "aaaa-minority"), None)
+        .await
+        .unwrap();
+    let models = store.models().await.unwrap();
+    assert_eq!(models[0].chosen(), "hash-of-tiny");
+    assert_eq!(models[0].hashes[0].workers, [worker("w1"), worker("w2")]);
+    assert_eq!(models[0].disagreeing()[0].hash, "aaaa-minority");
+    assert_eq!(models[0].disagreeing()[0].workers, [worker("w3")]);
+    store
+        .create_job(pinned_job(2, "tiny", models[0].chosen()))
+        .await
+        .unwrap();
+    assert!(
+        claim(store, "w3", 2).await.is_empty(),
+        "the minority worker gets no task pinned to the majority hash"
+    );
+    assert_eq!(claim(store, "w1", 2).await.len(), 2);
+}
+
+pub async fn unheld_pinned_tasks_fail_with_the_message(store: &dyn Store) {
+    store
+        .register_worker(holding("w1", "tiny", "hash-of-tiny"), None)
+        .await
+        .unwrap();
+    let (job, _) = store
+        .create_job(pinned_job(3, "tiny", "hash-of-tiny"))
+        .await
+        .unwrap();
+    // A job with a webhook: ended by the failure, it is delivered like any.
+    let mut notifying = notifying_job(1, &["https://u.example/"]);
+    notifying.tasks[0].recipe.model_hash = "hash-of-tiny".into();
+    let (small, _) = store.create_job(notifying).await.unwrap();
+    let lease = claim(store, "w1", 1).await.remove(0);
+    assert_eq!(lease.job, job.id);
+    let pins = store.pinned_tasks().await.unwrap();
+    assert_eq!(
+        pins,
+        [PinnedTasks {
+            model: "tiny".into(),
+            hash: "hash-of-tiny".into(),
+            queued: 3,
+            running: 1,
+        }]
+    );
+    let msg = "no live worker held model \"tiny\" at its pinned hash hash-of-tiny";
+    let held = store
+        .fail_unheld("tiny", "hash-of-tiny", msg)
+        .await
+        .unwrap();
+    assert_eq!(held, Unheld::default(), "a live holder keeps the tasks");
+    assert_eq!(store.job(job.id).await.unwrap().counts.queued, 2);
+
+    store.drain_worker(&worker("w1")).await.unwrap();
+    store
+        .register_worker(holding("w2", "tiny", "another-hash"), None)
+        .await
+        .unwrap();
+    let done = store
+        .fail_unheld("tiny", "hash-of-tiny", msg)
+        .await
+        .unwrap();
+    assert_eq!(done.failed, 3);
+    let finished: Vec<JobId> = done.finished.iter().map(|j| j.id).collect();
+    assert_eq!(finished, [small.id], "the job with nothing else left ends");
+    assert_eq!(done.finished[0].state, JobState::Failed);
+    let due = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(due.len(), 1, "the ended job's webhook is due");
+    assert_eq!(due[0].job, small.id);
+    let counts = store.job(job.id).await.unwrap().counts;
+    assert_eq!(
+        (counts.queued, counts.leased, counts.failed),
+        (0, 1, 2),
+        "the leased task runs on"
+    );
+    let failures: Vec<Event> = store
+        .events(job.id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Failed)
+        .collect();
+    assert_eq!(failures.len(), 2);
+    for e in &failures {
+        assert_eq!(e.fault, Some(Fault::ModelUnavailable));
+        assert_eq!(e.message, msg);
+        assert_eq!(e.worker, None);
+    }
+    let tasks = store.tasks(job.id).await.unwrap();
+    let states: Vec<TaskState> = tasks.iter().map(|t| t.state).collect();
+    assert_eq!(
+        states,
+        [TaskState::Leased, TaskState::Failed, TaskState::Failed]
+    );
+    // Idempotent: another coordinator doing the same finds nothing to fail.
+    let again = store
+        .fail_unheld("tiny", "hash-of-tiny", msg)
+        .await
+        .unwrap();
+    assert_eq!(again, Unheld::default());
+    assert!(
+        store
+            .pinned_tasks()
+            .await
+            .unwrap()
+            .iter()
+            .all(|p| p.queued == 0)
+    );
+    // The leased task completes, and its job ends as failed.
+    let outcome = store
+        .complete(&worker("w1"), None, lease.task, lease.epoch, result())
+        .await
+        .unwrap();
+    let CompleteOutcome::Accepted { job_finished } = outcome else {
+        panic!("completion refused: {outcome:?}");
+    };
+    assert_eq!(job_finished.map(|j| j.state), Some(JobState::Failed));
+}
+
+pub async fn unheld_anchors_fail_their_shots(store: &dyn Store) {
+    let mut job = series_job(2);
+    for t in &mut job.tasks {
+        t.recipe.model_hash = "hash-of-tiny".into();
+    }
+    let (job, _) = store.create_job(job).await.unwrap();
+    let done = store
+        .fail_unheld("tiny", "hash-of-tiny", "nobody holds it")
+        .await
+        .unwrap();
+    assert_eq!(done.failed, 1, "only the anchor was queued");
+    assert_eq!(done.finished.len(), 1);
+    let counts = store.job(job.id).await.unwrap().counts;
+    assert_eq!((counts.failed, counts.queued), (3, 0));
 }
 
 /// The farm counts: tasks of running jobs per model (waiting shots count as
@@ -2236,6 +2435,10 @@ macro_rules! store_conformance {
             a_verification_runs_on_its_class_only,
             announced_models_are_listed,
             the_farm_is_counted_by_model_and_state,
+            a_drained_worker_does_not_change_what_a_model_means,
+            the_majority_hash_wins_and_the_minority_gets_no_task,
+            unheld_pinned_tasks_fail_with_the_message,
+            unheld_anchors_fail_their_shots,
             a_delivery_opens_when_a_notifying_job_ends,
             a_cancelled_or_failed_job_delivers_too,
             an_expired_delivery_claim_is_claimed_again,

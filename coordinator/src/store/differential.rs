@@ -1,9 +1,10 @@
 //! A differential test of the two [`Store`]s: seeded random sequences of
 //! operations (register, submit, claim, heartbeat, complete, fail, expire,
-//! cancel, drain, reap) are applied to a [`MemoryStore`] and a [`RedisStore`]
-//! side by side, and after every step everything observable is compared: what
-//! the call returned, then every job, task, running lease, worker and model,
-//! and the events the step appended. The conformance suite pins down chosen
+//! cancel, drain, reap, fail-unheld) are applied to a [`MemoryStore`] and a
+//! [`RedisStore`] side by side, and after every step everything observable is
+//! compared: what the call returned, then every job, task, running lease,
+//! worker, model identity and pinned-task count, and the events the step
+//! appended. The conformance suite pins down chosen
 //! scenarios; this test looks for the interleavings nobody wrote down.
 //! Worker calls come with a token's name (mostly the one the worker id
 //! belongs to, now and then an impostor's: refused while bound), and claims
@@ -186,6 +187,11 @@ enum Op {
     Reap {
         max_attempts: u32,
     },
+    /// Fails the queued tasks pinned to (model, hash) unless a live worker holds it.
+    FailUnheld {
+        model: String,
+        hash: String,
+    },
 }
 
 impl Op {
@@ -202,6 +208,7 @@ impl Op {
             Op::Cancel(_) => "cancel",
             Op::Drain(_) => "drain",
             Op::Reap { .. } => "reap",
+            Op::FailUnheld { .. } => "fail-unheld",
         }
     }
 
@@ -231,6 +238,7 @@ enum Answer {
     Cancelled(JobRecord),
     Drained(WorkerRecord),
     Reaped(Vec<Reaped>),
+    Unheld(Unheld),
     /// Errors are compared by their text, which names the kind and the id.
     Error(String),
 }
@@ -312,6 +320,12 @@ impl Answer {
             Answer::Cancelled(j) => Answer::Cancelled(norm_job(j)),
             Answer::Drained(w) => Answer::Drained(norm_worker(w)),
             Answer::Reaped(r) => Answer::Reaped(norm_reaped(r)),
+            Answer::Unheld(mut u) => {
+                // Each store walks its running jobs in its own order.
+                u.finished.sort_by_key(|j| j.id);
+                u.finished = u.finished.into_iter().map(norm_job).collect();
+                Answer::Unheld(u)
+            }
             other => other,
         }
     }
@@ -422,6 +436,11 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
             Op::Cancel(job) => Answer::Cancelled(store.cancel_job(*job).await?),
             Op::Drain(worker) => Answer::Drained(store.drain_worker(worker).await?),
             Op::Reap { max_attempts } => Answer::Reaped(store.reap(*max_attempts).await?),
+            Op::FailUnheld { model, hash } => Answer::Unheld(
+                store
+                    .fail_unheld(model, hash, "nobody live holds it")
+                    .await?,
+            ),
         })
     }
     .await;
@@ -448,7 +467,8 @@ struct Snapshot {
     /// `job`, `tasks` and `running` of every job the case submitted, in submission order.
     jobs: Vec<JobView>,
     workers: Vec<WorkerRecord>,
-    models: Vec<ModelInfo>,
+    models: Vec<ModelIdentity>,
+    pinned: Vec<PinnedTasks>,
 }
 
 impl Snapshot {
@@ -459,6 +479,7 @@ impl Snapshot {
             jobs: Vec::new(),
             workers: Vec::new(),
             models: Vec::new(),
+            pinned: Vec::new(),
         }
     }
 
@@ -504,6 +525,7 @@ async fn snapshot(store: &dyn Store, jobs: &[JobId]) -> StoreResult<Snapshot> {
             .map(norm_worker)
             .collect(),
         models: store.models().await?,
+        pinned: store.pinned_tasks().await?,
     })
 }
 
@@ -563,6 +585,7 @@ fn snapshot_difference(a: &Snapshot, b: &Snapshot) -> Option<String> {
         })
         .or_else(|| list_difference("workers()", &a.workers, &b.workers))
         .or_else(|| list_difference("models()", &a.models, &b.models))
+        .or_else(|| list_difference("pinned_tasks()", &a.pinned, &b.pinned))
 }
 
 /// Chooses the steps of one case. It decides from the memory store's
@@ -616,11 +639,12 @@ impl Generator {
         } else {
             self.rng.below(100)
         };
-        // Claims make up the rest (24..44, and any step that needs a lease
+        // Claims make up the rest (22..44, and any step that needs a lease
         // when none is held), so work flows: most leases end in a report.
         match roll {
             0..8 => self.register(),
             8..20 => self.submit(snap),
+            20..22 => self.fail_unheld(),
             44..51 if !leases.is_empty() => self.heartbeat(&leases, &history),
             51..74 if !leases.is_empty() => self.complete(&leases, &history),
             74..86 if !leases.is_empty() => self.fail(&leases, &history),
@@ -644,6 +668,20 @@ impl Generator {
                 self.jobs.push(record.id);
             }
             _ => {}
+        }
+    }
+
+    /// A model, under one of the hashes recipes pin (or none).
+    fn fail_unheld(&mut self) -> Op {
+        let model = self.rng.pick(&MODELS).to_string();
+        let hashes = [
+            String::new(),
+            format!("hash-{model}"),
+            format!("hash-{model}-alt"),
+        ];
+        Op::FailUnheld {
+            hash: self.rng.pick(&hashes),
+            model,
         }
     }
 

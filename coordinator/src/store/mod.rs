@@ -132,8 +132,29 @@ pub trait Store: Send + Sync + 'static {
     /// Marks a worker draining: it gets no new leases.
     async fn drain_worker(&self, id: &WorkerId) -> StoreResult<WorkerRecord>;
 
-    /// Returns the models workers have announced, by name.
-    async fn models(&self) -> StoreResult<Vec<ModelInfo>>;
+    /// Returns the live workers ([`policy::is_live`]) with their models.
+    async fn live_workers(&self) -> StoreResult<Vec<LiveWorker>>;
+
+    /// Returns what each model name means: the farm's one rule
+    /// ([`kiln_proto::model::identify`]) over the live workers' hashes, in
+    /// name order. Drained, lost or expired workers change nothing here.
+    async fn models(&self) -> StoreResult<Vec<ModelIdentity>> {
+        Ok(identities(&self.live_workers().await?))
+    }
+
+    /// Returns the queued and running tasks of running jobs by pinned
+    /// (model, hash), sorted. A job pins one hash per model (admission), so
+    /// each (job, model) queue counts under the hash of its first task.
+    async fn pinned_tasks(&self) -> StoreResult<Vec<PinnedTasks>>;
+
+    /// Fails, in one atomic step, every queued task of a running job pinned
+    /// to (`model`, `hash`) — unless a live worker holds `model` under
+    /// `hash` (any hash when `hash` is empty), in which case nothing
+    /// changes. Each task fails for good with `message` and the
+    /// `ModelUnavailable` fault, its waiting shots with it, and jobs that
+    /// this ends finish as failed. Idempotent: a second call finds nothing
+    /// queued to fail.
+    async fn fail_unheld(&self, model: &str, hash: &str, message: &str) -> StoreResult<Unheld>;
 
     /// Leases up to `max` queued tasks to `worker` in the order of
     /// [`policy`], each with a new epoch and a deadline `ttl` from now;

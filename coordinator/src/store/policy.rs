@@ -53,7 +53,8 @@ pub const QUARANTINE_AFTER: u32 = 3;
 pub const SWITCH_BACKLOG_PER_HOLDER: usize = 8;
 
 /// A worker that called within this long counts as live: only live workers
-/// count as stand-ins for a task or as holders of a model.
+/// count as stand-ins for a task or as holders of a model, and only they
+/// decide what a model name means ([`kiln_proto::model`]).
 pub const LIVE_MS: u64 = 60_000;
 
 /// Returns true while a worker silent for `silent_ms` counts as alive: it
@@ -98,6 +99,14 @@ pub fn worker_state(silent_ms: u64, draining: bool, leases: usize) -> WorkerStat
     } else {
         WorkerState::Idle
     }
+}
+
+/// Returns true when a registered worker is live for the farm: alive
+/// ([`alive`]) and not draining. Only live workers decide what a model name
+/// means and count as holders of a pinned hash (`live` in
+/// `redis/prelude.lua` in Lua).
+pub fn is_live(draining: bool, silent_ms: u64) -> bool {
+    !draining && alive(silent_ms)
 }
 
 /// Most tasks one claim completes from earlier results.
@@ -163,8 +172,7 @@ pub struct Candidate<'a> {
 /// live worker without the model is no alternative (a job would wait for it
 /// forever).
 pub fn can_stand_in(c: &Candidate<'_>, model_hash: &str, pinned_class: Option<&str>) -> bool {
-    !c.draining
-        && alive(c.silent_ms)
+    is_live(c.draining, c.silent_ms)
         && !quarantined(c.job_faults)
         && c.model_hash
             .is_some_and(|h| model_hash.is_empty() || h == model_hash)

@@ -129,6 +129,9 @@ named_enum! {
         Cancelled = "cancelled",
         /// Anything else that went wrong on the worker.
         Internal = "internal",
+        /// No live worker held the task's pinned model hash for longer than
+        /// `--model-grace`: failed by the coordinator, never leased.
+        ModelUnavailable = "model_unavailable",
     }
 }
 

@@ -1,10 +1,13 @@
-//! The records a [`Store`](super::Store) keeps: jobs, tasks, attempts, leases, workers, events.
+//! The records a [`Store`](super::Store) keeps: jobs, tasks, attempts, leases,
+//! workers, events, and what live workers hold.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+use kiln_proto::model::identify;
+pub use kiln_proto::model::{HashHolders, ModelIdentity};
 use kiln_proto::recipe::Recipe;
 pub use kiln_proto::spec::SeriesPlace;
 use serde::{Deserialize, Serialize};
@@ -272,6 +275,62 @@ pub struct ModelInfo {
     pub name: String,
     /// Content hash.
     pub hash: String,
+}
+
+/// A live worker's models, as the store sees them (live:
+/// [`policy::is_live`](super::policy::is_live)).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveWorker {
+    /// The worker.
+    pub id: WorkerId,
+    /// The models it announced, with their hashes.
+    pub models: Vec<ModelInfo>,
+    /// The models it reported loaded at its last claim (none reported: its
+    /// whole catalog counts as loaded, as the policy reads it).
+    pub resident: Vec<String>,
+}
+
+impl LiveWorker {
+    /// Returns true when the worker has `model` loaded.
+    pub fn has_resident(&self, model: &str) -> bool {
+        if self.resident.is_empty() {
+            self.models.iter().any(|m| m.name == model)
+        } else {
+            self.resident.iter().any(|m| m == model)
+        }
+    }
+}
+
+/// Applies the farm's model rule ([`kiln_proto::model::identify`]) to live workers.
+pub fn identities(live: &[LiveWorker]) -> Vec<ModelIdentity> {
+    identify(live.iter().flat_map(|w| {
+        w.models
+            .iter()
+            .map(move |m| (&w.id, m.name.as_str(), m.hash.as_str()))
+    }))
+}
+
+/// The unfinished tasks of running jobs pinned to one (model, hash).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PinnedTasks {
+    /// The model name.
+    pub model: String,
+    /// The hash the tasks were pinned to at admission (empty: any).
+    pub hash: String,
+    /// Tasks waiting in the queue for a worker (shots waiting for their
+    /// anchor are not counted).
+    pub queued: u32,
+    /// Tasks held by a worker.
+    pub running: u32,
+}
+
+/// What [`Store::fail_unheld`](super::Store::fail_unheld) did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Unheld {
+    /// Queued tasks failed (their waiting shots not counted).
+    pub failed: u32,
+    /// Jobs those failures ended.
+    pub finished: Vec<JobRecord>,
 }
 
 /// What a worker says about itself when it registers.

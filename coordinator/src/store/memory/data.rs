@@ -10,7 +10,7 @@ use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 
 use crate::store::{
-    Event, JobRecord, ModelInfo, StoreError, StoreResult, TaskRecord, TaskResult, TaskState,
+    Event, JobRecord, LiveWorker, StoreError, StoreResult, TaskRecord, TaskResult, TaskState,
     WorkerRecord, policy,
 };
 
@@ -23,7 +23,6 @@ pub(super) struct State {
     pub(super) leased: BTreeSet<TaskId>,
     pub(super) idempotency: HashMap<(String, String), JobId>,
     pub(super) workers: BTreeMap<WorkerId, WorkerEntry>,
-    pub(super) models: BTreeMap<String, ModelInfo>,
     /// Fair-share clock: bumped every time a job is served.
     pub(super) served: u64,
     /// When each project was last served.
@@ -51,6 +50,21 @@ pub(super) struct Outbox {
     pub(super) due: u64,
     /// When the job ended, Unix milliseconds.
     pub(super) ended: u64,
+}
+
+impl State {
+    /// Returns the live workers ([`policy::is_live`]) at store time `now`, by id.
+    pub(super) fn live_workers(&self, now: u64) -> Vec<LiveWorker> {
+        self.workers
+            .values()
+            .filter(|w| policy::is_live(w.record.draining, now.saturating_sub(w.last_seen)))
+            .map(|w| LiveWorker {
+                id: w.record.registration.id.clone(),
+                models: w.record.registration.models.clone(),
+                resident: w.resident.clone(),
+            })
+            .collect()
+    }
 }
 
 /// A job, its tasks' ids, its queues and its event log.

@@ -404,9 +404,6 @@ impl Store for MemoryStore {
                 });
             }
         }
-        for m in &reg.models {
-            st.models.insert(m.name.clone(), m.clone());
-        }
         let (completed, failed) = st
             .workers
             .get(&reg.id)
@@ -464,8 +461,72 @@ impl Store for MemoryStore {
         Ok(r)
     }
 
-    async fn models(&self) -> StoreResult<Vec<ModelInfo>> {
-        Ok(self.lock().models.values().cloned().collect())
+    async fn live_workers(&self) -> StoreResult<Vec<LiveWorker>> {
+        let now = self.now();
+        Ok(self.lock().live_workers(now))
+    }
+
+    async fn pinned_tasks(&self) -> StoreResult<Vec<PinnedTasks>> {
+        let st = self.lock();
+        let mut pins: BTreeMap<(String, String), PinnedTasks> = BTreeMap::new();
+        fn pin<'a>(
+            pins: &'a mut BTreeMap<(String, String), PinnedTasks>,
+            model: &str,
+            hash: &str,
+        ) -> &'a mut PinnedTasks {
+            pins.entry((model.to_string(), hash.to_string()))
+                .or_insert_with(|| PinnedTasks {
+                    model: model.to_string(),
+                    hash: hash.to_string(),
+                    queued: 0,
+                    running: 0,
+                })
+        }
+        for job in st.jobs.values() {
+            if job.record.state != JobState::Running {
+                continue;
+            }
+            for (model, indices) in &job.queued.by_model {
+                // One hash per (job, model): the first task's (see the trait).
+                let first = indices
+                    .first()
+                    .and_then(|i| job.tasks.get(*i as usize))
+                    .and_then(|id| st.tasks.get(id));
+                if let Some(t) = first {
+                    pin(&mut pins, model, &t.record.recipe.model_hash).queued +=
+                        indices.len() as u32;
+                }
+            }
+        }
+        for t in st.leased.iter().filter_map(|id| st.tasks.get(id)) {
+            let r = &t.record.recipe;
+            pin(&mut pins, &r.model, &r.model_hash).running += 1;
+        }
+        Ok(pins.into_values().collect())
+    }
+
+    async fn fail_unheld(&self, model: &str, hash: &str, message: &str) -> StoreResult<Unheld> {
+        let now = self.now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let held = identities(&st.live_workers(now))
+            .iter()
+            .any(|m| m.name == model && m.is_held(hash));
+        let mut out = Unheld::default();
+        if held {
+            return Ok(out);
+        }
+        let jobs: Vec<JobId> = st.jobs.keys().copied().collect();
+        for job_id in jobs {
+            if let Some(done) = st.fail_queued_of(job_id, model, hash, message, &mut out.failed) {
+                out.finished.push(done);
+            }
+        }
+        drop(guard);
+        if out.failed > 0 {
+            self.wake_watchers();
+        }
+        Ok(out)
     }
 
     async fn claim(
@@ -800,9 +861,6 @@ impl Store for MemoryStore {
             workers: WorkerState::ALL.iter().map(|s| (*s, 0)).collect(),
             ..FarmCounts::default()
         };
-        for name in st.models.keys() {
-            counts.models.entry(name.clone()).or_default();
-        }
         for job in st.jobs.values() {
             *counts.jobs.entry(job.record.state).or_default() += 1;
             if job.record.state != JobState::Running {

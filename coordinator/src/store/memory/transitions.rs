@@ -216,6 +216,66 @@ impl State {
     }
 }
 
+impl State {
+    /// Fails the queued tasks of a running job for `model` pinned to `hash`
+    /// (see [`Store::fail_unheld`](crate::store::Store::fail_unheld)),
+    /// counting them in `failed`; returns the job if this ended it.
+    pub(super) fn fail_queued_of(
+        &mut self,
+        job_id: JobId,
+        model: &str,
+        hash: &str,
+        message: &str,
+        failed: &mut u32,
+    ) -> Option<JobRecord> {
+        let job = self.jobs.get(&job_id)?;
+        if job.record.state != JobState::Running {
+            return None;
+        }
+        let indices: Vec<u32> = job
+            .queued
+            .by_model
+            .get(model)
+            .map(|set| set.iter().copied().collect())
+            .unwrap_or_default();
+        let mut any = false;
+        for index in indices {
+            let Some(task_id) = self.jobs.get(&job_id)?.tasks.get(index as usize).copied() else {
+                continue;
+            };
+            let Some(t) = self.tasks.get_mut(&task_id) else {
+                continue;
+            };
+            if t.record.recipe.model_hash != hash {
+                continue;
+            }
+            t.record.state = TaskState::Failed;
+            let job = self.jobs.get_mut(&job_id)?;
+            job.queued.remove(model, index);
+            job.record
+                .counts
+                .shift(TaskState::Queued, TaskState::Failed);
+            push_event(
+                job,
+                EventKind::Failed,
+                Some(task_id),
+                index,
+                None,
+                Epoch(0),
+                Some(Fault::ModelUnavailable),
+                message.to_string(),
+            );
+            self.end_dependents(job_id, index, TaskState::Failed, "its anchor failed");
+            *failed += 1;
+            any = true;
+        }
+        if !any {
+            return None;
+        }
+        self.finish_job_if_done(job_id)
+    }
+}
+
 /// Appends an event to the job's log.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn push_event(

@@ -569,8 +569,32 @@ impl Store for RedisStore {
             .ok_or_else(|| StoreError::UnknownWorker(id.clone()))
     }
 
-    async fn models(&self) -> StoreResult<Vec<ModelInfo>> {
-        self.read_models().await
+    async fn live_workers(&self) -> StoreResult<Vec<LiveWorker>> {
+        self.read_live_workers().await
+    }
+
+    async fn pinned_tasks(&self) -> StoreResult<Vec<PinnedTasks>> {
+        self.read_pinned_tasks().await
+    }
+
+    async fn fail_unheld(&self, model: &str, hash: &str, message: &str) -> StoreResult<Unheld> {
+        let reply = items(
+            self.invoke(
+                &self.scripts.fail_unheld,
+                &[Arg::Str(model), Arg::Str(hash), Arg::Str(message)],
+            )
+            .await?,
+        )?;
+        let mut out = Unheld::default();
+        if reply.first().map(text).as_deref() != Some("ok") {
+            return Ok(out);
+        }
+        out.failed = parse_id(&reply.get(1).map(text).unwrap_or_default(), "count")?;
+        for job in reply.iter().skip(2) {
+            out.finished
+                .push(self.job_record(parse_id(&text(job), "job id")?).await?);
+        }
+        Ok(out)
     }
 
     async fn claim(

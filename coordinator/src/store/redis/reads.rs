@@ -9,6 +9,7 @@ use redis::Value;
 use tokio::time::Instant;
 
 use super::records::*;
+use super::scripts::{LIVE_FIELDS, PIN_FIELDS};
 use super::{FALLBACK_POLL, RedisStore};
 use crate::store::state::{EventKind, JobState, StateName, WorkerState};
 use crate::store::types::*;
@@ -132,19 +133,52 @@ impl RedisStore {
         Ok(out)
     }
 
-    pub(super) async fn read_models(&self) -> StoreResult<Vec<ModelInfo>> {
-        let key = self.key(&["models"]);
-        let map: BTreeMap<String, String> = self
-            .retry("HGETALL", || {
-                let mut conn = self.conn.clone();
-                let key = key.clone();
-                async move { redis::cmd("HGETALL").arg(key).query_async(&mut conn).await }
-            })
-            .await?;
-        Ok(map
-            .into_iter()
-            .map(|(name, hash)| ModelInfo { name, hash })
-            .collect())
+    pub(super) async fn read_live_workers(&self) -> StoreResult<Vec<LiveWorker>> {
+        // A script, so liveness is judged on the Redis clock by the prelude's `live`.
+        let reply = items(self.invoke(&self.scripts.live, &[]).await?)?;
+        let mut out = Vec::new();
+        for row in reply.chunks(LIVE_FIELDS) {
+            let [id, models, resident] = row else {
+                return Err(StoreError::Corrupt("short live-workers reply".into()));
+            };
+            let id = text(id);
+            let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("worker {id}: {e}"));
+            let models: BTreeMap<String, String> =
+                serde_json::from_str(&text(models)).map_err(corrupt)?;
+            let resident: Vec<String> = serde_json::from_str(&text(resident)).map_err(corrupt)?;
+            out.push(LiveWorker {
+                id: WorkerId(id.clone()),
+                models: models
+                    .into_iter()
+                    .map(|(name, hash)| ModelInfo { name, hash })
+                    .collect(),
+                resident,
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    pub(super) async fn read_pinned_tasks(&self) -> StoreResult<Vec<PinnedTasks>> {
+        let reply = items(self.invoke(&self.scripts.pinned, &[]).await?)?;
+        let mut pins: BTreeMap<(String, String), PinnedTasks> = BTreeMap::new();
+        for row in reply.chunks(PIN_FIELDS) {
+            let [model, hash, queued, running] = row else {
+                return Err(StoreError::Corrupt("short pinned-tasks reply".into()));
+            };
+            let (model, hash) = (text(model), text(hash));
+            let pin = pins
+                .entry((model.clone(), hash.clone()))
+                .or_insert_with(|| PinnedTasks {
+                    model,
+                    hash,
+                    queued: 0,
+                    running: 0,
+                });
+            pin.queued += parse_id::<u32>(&text(queued), "queued")?;
+            pin.running += parse_id::<u32>(&text(running), "running")?;
+        }
+        Ok(pins.into_values().collect())
     }
 
     pub(super) async fn read_events(

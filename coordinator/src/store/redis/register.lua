@@ -23,8 +23,5 @@ redis.call('HSET', wk, 'reg', ARGV[4], 'models', ARGV[5], 'class', ARGV[6], 'dra
 redis.call('HSETNX', wk, 'completed', 0)
 redis.call('HSETNX', wk, 'failed', 0)
 redis.call('SADD', k('workers'), worker)
-for name, hash in pairs(cjson.decode(ARGV[5])) do
-  redis.call('HSET', k('models'), name, hash)
-end
 wake_workers()
 return out

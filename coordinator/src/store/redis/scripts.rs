@@ -33,6 +33,10 @@ pub(super) const REAPED_FIELDS: usize = 6;
 pub(super) const RELEASED_FIELDS: usize = 4;
 /// Script arguments per task of `heartbeat.lua`.
 pub(super) const PROGRESS_FIELDS: usize = 3;
+/// Reply values per live worker of `live.lua`.
+pub(super) const LIVE_FIELDS: usize = 3;
+/// Reply values per row of `pinned.lua`.
+pub(super) const PIN_FIELDS: usize = 4;
 /// Reply values per delivery of `deliveries.lua`.
 pub(super) const DELIVERY_FIELDS: usize = 4;
 
@@ -49,6 +53,9 @@ const CANCEL: &str = include_str!("cancel.lua");
 const REGISTER: &str = include_str!("register.lua");
 const DRAIN: &str = include_str!("drain.lua");
 const STATS: &str = include_str!("stats.lua");
+const LIVE: &str = include_str!("live.lua");
+const PINNED: &str = include_str!("pinned.lua");
+const FAIL_UNHELD: &str = include_str!("fail_unheld.lua");
 const DELIVERIES: &str = include_str!("deliveries.lua");
 const SETTLE: &str = include_str!("settle.lua");
 
@@ -66,13 +73,16 @@ const SOURCES: &[(&str, &str)] = &[
     ("register.lua", REGISTER),
     ("drain.lua", DRAIN),
     ("stats.lua", STATS),
+    ("live.lua", LIVE),
+    ("pinned.lua", PINNED),
+    ("fail_unheld.lua", FAIL_UNHELD),
     ("deliveries.lua", DELIVERIES),
     ("settle.lua", SETTLE),
 ];
 
 /// Returns the `local NAME = value` lines every script starts with.
 pub(super) fn constants() -> String {
-    let numbers: [(&str, u64); 15] = [
+    let numbers: [(&str, u64); 17] = [
         ("QUARANTINE_AFTER", u64::from(policy::QUARANTINE_AFTER)),
         (
             "SWITCH_BACKLOG_PER_HOLDER",
@@ -91,6 +101,8 @@ pub(super) fn constants() -> String {
         ("REAPED_FIELDS", REAPED_FIELDS as u64),
         ("RELEASED_FIELDS", RELEASED_FIELDS as u64),
         ("PROGRESS_FIELDS", PROGRESS_FIELDS as u64),
+        ("LIVE_FIELDS", LIVE_FIELDS as u64),
+        ("PIN_FIELDS", PIN_FIELDS as u64),
         ("DELIVERY_FIELDS", DELIVERY_FIELDS as u64),
         // Redis TIME answers seconds and microseconds; deadlines are in ms.
         ("MS_PER_S", 1_000),
@@ -128,6 +140,8 @@ fn build(body: &str) -> Script {
 }
 
 /// The compiled scripts, one per transition, and the farm counts.
+/// The compiled scripts, one per transition, and the reads that must see
+/// the store's clock (`live.lua`) or several keys at once (`pinned.lua`).
 pub(super) struct Scripts {
     pub(super) enqueue: Script,
     pub(super) claim: Script,
@@ -140,6 +154,9 @@ pub(super) struct Scripts {
     pub(super) drain: Script,
     /// The farm counts: a read, in a script for one consistent snapshot.
     pub(super) stats: Script,
+    pub(super) live: Script,
+    pub(super) pinned: Script,
+    pub(super) fail_unheld: Script,
     pub(super) deliveries: Script,
     pub(super) settle: Script,
 }
@@ -157,6 +174,9 @@ impl Scripts {
             register: build(REGISTER),
             drain: build(DRAIN),
             stats: build(STATS),
+            live: build(LIVE),
+            pinned: build(PINNED),
+            fail_unheld: build(FAIL_UNHELD),
             deliveries: build(DELIVERIES),
             settle: build(SETTLE),
         }

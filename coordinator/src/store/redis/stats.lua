@@ -13,7 +13,6 @@ local function load(name)
   end
   return m
 end
-for _, name in ipairs(redis.call('HKEYS', k('models'))) do load(name) end
 for _, job in ipairs(redis.call('ZRANGE', k('jobs'), 0, -1)) do
   local state = redis.call('HGET', k('job', job), 'state')
   if state then
