@@ -71,6 +71,10 @@ pub fn event_kind(k: EventKind) -> pb::EventKind {
         EventKind::Cancelled => pb::EventKind::Cancelled,
         EventKind::StaleRefused => pb::EventKind::StaleRefused,
         EventKind::JobFinished => pb::EventKind::JobFinished,
+        EventKind::Paused => pb::EventKind::Paused,
+        EventKind::Resumed => pb::EventKind::Resumed,
+        EventKind::Reprioritized => pb::EventKind::Reprioritized,
+        EventKind::Retried => pb::EventKind::Retried,
     }
 }
 
@@ -96,6 +100,7 @@ pub fn job(r: &JobRecord) -> pb::JobSummary {
         idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
         determinism_class: r.class.clone().unwrap_or_default(),
         verify_of: r.verify_of.map(|j| j.to_string()).unwrap_or_default(),
+        paused: r.paused,
     }
 }
 

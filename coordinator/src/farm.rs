@@ -153,6 +153,66 @@ impl pb::farm_server::Farm for FarmService {
         Ok(Response::new(convert::verification(&done)))
     }
 
+    async fn retry_job(
+        &self,
+        request: Request<pb::RetryJobRequest>,
+    ) -> Result<Response<pb::RetryJobResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let id = job_to_steer(&self.core, &caller, &req.job_id, Action::Retry).await?;
+        let (job, requeued) = self
+            .core
+            .store
+            .retry_job(id)
+            .await
+            .map_err(CoordinatorError::from)?;
+        if requeued > 0 {
+            tracing::info!(job = %id, requeued, token = %caller.name, "failed tasks requeued");
+        }
+        Ok(Response::new(pb::RetryJobResponse {
+            job: Some(convert::job(&job)),
+            requeued,
+        }))
+    }
+
+    async fn pause_job(
+        &self,
+        request: Request<pb::PauseJobRequest>,
+    ) -> Result<Response<pb::PauseJobResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let id = job_to_steer(&self.core, &caller, &req.job_id, Action::Pause).await?;
+        let job = self
+            .core
+            .store
+            .pause_job(id, req.paused)
+            .await
+            .map_err(CoordinatorError::from)?;
+        tracing::info!(job = %id, paused = job.paused, token = %caller.name, "job pause set");
+        Ok(Response::new(pb::PauseJobResponse {
+            job: Some(convert::job(&job)),
+        }))
+    }
+
+    async fn set_job_priority(
+        &self,
+        request: Request<pb::SetJobPriorityRequest>,
+    ) -> Result<Response<pb::SetJobPriorityResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let id = job_to_steer(&self.core, &caller, &req.job_id, Action::Reorder).await?;
+        let job = self
+            .core
+            .store
+            .set_priority(id, req.priority)
+            .await
+            .map_err(CoordinatorError::from)?;
+        tracing::info!(job = %id, priority = job.priority, token = %caller.name, "job priority set");
+        Ok(Response::new(pb::SetJobPriorityResponse {
+            job: Some(convert::job(&job)),
+        }))
+    }
+
     async fn drain_worker(
         &self,
         request: Request<pb::DrainWorkerRequest>,
@@ -241,6 +301,21 @@ async fn known_job(core: &Core, caller: &Caller, job_id: &str) -> CoordinatorRes
     caller.require(Action::Read)?;
     let job = core.store.job(id).await?;
     caller.job_access(&job, Action::Read)?;
+    Ok(id)
+}
+
+/// Parses a request's job id and checks that the caller may take `action`
+/// on the job (role first, then the job's project; see `Caller::job_access`).
+async fn job_to_steer(
+    core: &Core,
+    caller: &Caller,
+    job_id: &str,
+    action: Action,
+) -> CoordinatorResult<JobId> {
+    let id = JobId::parse_field("job_id", job_id)?;
+    caller.require(action)?;
+    let job = core.store.job(id).await?;
+    caller.job_access(&job, action)?;
     Ok(id)
 }
 

@@ -121,6 +121,9 @@ pub struct JobRecord {
     pub class: Option<String>,
     /// The job this one verifies.
     pub verify_of: Option<JobId>,
+    /// Paused: the job keeps its place in the queue, but nothing new of it
+    /// is leased ([`policy::leasable`](super::policy::leasable)).
+    pub paused: bool,
 }
 
 impl JobRecord {
@@ -187,6 +190,9 @@ pub struct TaskRecord {
     pub epoch: Epoch,
     /// Every attempt, oldest first.
     pub attempts: Vec<Attempt>,
+    /// Attempts before this index were made before a retry of the job
+    /// (`kiln retry`): kept for the record, not counted against the limit.
+    pub counted_from: u32,
     /// Denoising step of the running attempt.
     pub step: u32,
     /// The accepted output, once completed.
@@ -208,6 +214,7 @@ impl TaskRecord {
     pub fn faults(&self) -> usize {
         self.attempts
             .iter()
+            .skip(self.counted_from as usize)
             .filter(|a| a.outcome.is_fault())
             .count()
     }

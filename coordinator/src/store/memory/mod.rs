@@ -7,6 +7,7 @@
 //! application in `claim` (the rules themselves: [`policy`](super::policy)).
 
 mod claim;
+mod control;
 mod data;
 mod transitions;
 
@@ -165,6 +166,7 @@ impl Store for MemoryStore {
             idempotency_key: new.idempotency_key.clone(),
             class: new.class.clone(),
             verify_of: new.verify_of,
+            paused: false,
         };
         let mut entry = JobEntry {
             record: record.clone(),
@@ -199,6 +201,7 @@ impl Store for MemoryStore {
                         state: TaskState::Queued,
                         epoch: Epoch(0),
                         attempts: Vec::new(),
+                        counted_from: 0,
                         step: 0,
                         result: None,
                         series: t.series,
@@ -359,6 +362,35 @@ impl Store for MemoryStore {
         }
         self.wake_watchers();
         Ok(record)
+    }
+
+    async fn pause_job(&self, id: JobId, paused: bool) -> StoreResult<JobRecord> {
+        let (record, changed) = self.lock().set_paused(id, paused)?;
+        if changed {
+            if !paused {
+                self.wake_workers();
+            }
+            self.wake_watchers();
+        }
+        Ok(record)
+    }
+
+    async fn set_priority(&self, id: JobId, priority: i32) -> StoreResult<JobRecord> {
+        let (record, changed) = self.lock().set_priority(id, priority)?;
+        if changed {
+            self.wake_workers();
+            self.wake_watchers();
+        }
+        Ok(record)
+    }
+
+    async fn retry_job(&self, id: JobId) -> StoreResult<(JobRecord, u32)> {
+        let (record, requeued) = self.lock().retry_failed(id)?;
+        if requeued > 0 {
+            self.wake_workers();
+            self.wake_watchers();
+        }
+        Ok((record, requeued))
     }
 
     async fn register_worker(

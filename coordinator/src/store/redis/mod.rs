@@ -487,6 +487,36 @@ impl Store for RedisStore {
         self.job_record(id).await
     }
 
+    async fn pause_job(&self, id: JobId, paused: bool) -> StoreResult<JobRecord> {
+        let job = id.to_string();
+        let args = [Arg::Str(&job), Arg::Int(i64::from(paused))];
+        let reply = items(self.invoke(&self.scripts.pause, &args).await?)?;
+        if reply.first().map(text).as_deref() == Some("missing") {
+            return Err(StoreError::JobNotFound(id));
+        }
+        self.job_record(id).await
+    }
+
+    async fn set_priority(&self, id: JobId, priority: i32) -> StoreResult<JobRecord> {
+        let job = id.to_string();
+        let args = [Arg::Str(&job), Arg::Int(i64::from(priority))];
+        let reply = items(self.invoke(&self.scripts.priority, &args).await?)?;
+        if reply.first().map(text).as_deref() == Some("missing") {
+            return Err(StoreError::JobNotFound(id));
+        }
+        self.job_record(id).await
+    }
+
+    async fn retry_job(&self, id: JobId) -> StoreResult<(JobRecord, u32)> {
+        let job = id.to_string();
+        let reply = items(self.invoke(&self.scripts.retry, &[Arg::Str(&job)]).await?)?;
+        if reply.first().map(text).as_deref() == Some("missing") {
+            return Err(StoreError::JobNotFound(id));
+        }
+        let requeued: u32 = parse_id(&reply.get(1).map(text).unwrap_or_default(), "retry count")?;
+        Ok((self.job_record(id).await?, requeued))
+    }
+
     async fn register_worker(
         &self,
         reg: WorkerRegistration,

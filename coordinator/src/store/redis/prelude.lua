@@ -104,12 +104,19 @@ local function is_fault(outcome)
   return IS_FAULT[outcome] == true
 end
 
-local function count_faults(attempts)
+-- Counts the faults among the attempts after the first `from` (those were
+-- made before a retry of the job: TaskRecord::counted_from).
+local function count_faults(attempts, from)
   local n = 0
-  for _, a in ipairs(attempts) do
-    if is_fault(a.outcome) then n = n + 1 end
+  for i, a in ipairs(attempts) do
+    if i > from and is_fault(a.outcome) then n = n + 1 end
   end
   return n
+end
+
+-- Returns a task's counted_from (absent on tasks never retried).
+local function counted_from(tid)
+  return tonumber(redis.call('HGET', k('task', tid), 'counted') or '0')
 end
 
 -- Ends the running attempt of a leased task and moves the task to `to`.

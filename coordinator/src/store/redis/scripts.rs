@@ -11,6 +11,7 @@
 use redis::Script;
 
 use crate::store::policy;
+use crate::store::state::messages;
 use crate::store::{AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState};
 
 /// Candidates read per model and job beyond `max` when a claim looks for its
@@ -44,6 +45,9 @@ const REAP: &str = include_str!("reap.lua");
 const CANCEL: &str = include_str!("cancel.lua");
 const REGISTER: &str = include_str!("register.lua");
 const DRAIN: &str = include_str!("drain.lua");
+const PAUSE: &str = include_str!("pause.lua");
+const PRIORITY: &str = include_str!("priority.lua");
+const RETRY: &str = include_str!("retry.lua");
 
 /// Every script by file name, prelude first, for the checks below to scan.
 #[cfg(test)]
@@ -58,6 +62,9 @@ const SOURCES: &[(&str, &str)] = &[
     ("cancel.lua", CANCEL),
     ("register.lua", REGISTER),
     ("drain.lua", DRAIN),
+    ("pause.lua", PAUSE),
+    ("priority.lua", PRIORITY),
+    ("retry.lua", RETRY),
 ];
 
 /// Returns the `local NAME = value` lines every script starts with.
@@ -99,6 +106,15 @@ pub(super) fn constants() -> String {
     for (name, value) in names {
         out.push_str(&format!("local {name} = '{value}'\n"));
     }
+    let msgs = [
+        ("MSG_PAUSED", messages::PAUSED),
+        ("MSG_RESUMED", messages::RESUMED),
+        ("MSG_RETRIED", messages::RETRIED),
+        ("MSG_PRIORITY", messages::PRIORITY),
+    ];
+    for (name, value) in msgs {
+        out.push_str(&format!("local {name} = '{value}'\n"));
+    }
     // Attempts and events without a fault store the empty name.
     out.push_str("local FAULT_NONE = ''\n");
     let faults: Vec<String> = Outcome::ALL
@@ -126,6 +142,9 @@ pub(super) struct Scripts {
     pub(super) cancel: Script,
     pub(super) register: Script,
     pub(super) drain: Script,
+    pub(super) pause: Script,
+    pub(super) priority: Script,
+    pub(super) retry: Script,
 }
 
 impl Scripts {
@@ -140,6 +159,9 @@ impl Scripts {
             cancel: build(CANCEL),
             register: build(REGISTER),
             drain: build(DRAIN),
+            pause: build(PAUSE),
+            priority: build(PRIORITY),
+            retry: build(RETRY),
         }
     }
 }
