@@ -2154,6 +2154,79 @@ pub async fn a_priority_change_reorders_queued_jobs(store: &dyn Store) {
     ));
 }
 
+pub async fn usage_counts_images_render_time_and_failed_attempts(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny", "sdxl"]), None)
+        .await
+        .unwrap();
+    let today = usage_day(data_unix_ms());
+    let a = new_job(2, "tiny");
+    let mut b = new_job(1, "sdxl");
+    b.project = "show-b".into();
+    store.create_job(a).await.unwrap();
+    store.create_job(b).await.unwrap();
+    // The first claim takes the two tiny tasks (one model per claim): fail
+    // them once (retried), then complete everything.
+    let first = claim(store, "w1", 3).await;
+    assert_eq!(first.len(), 2);
+    for l in first {
+        store
+            .fail(
+                &worker("w1"),
+                None,
+                l.task,
+                l.epoch,
+                Fault::Internal,
+                "boom",
+                3,
+            )
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        for l in claim(store, "w1", 3).await {
+            store
+                .complete(&worker("w1"), None, l.task, l.epoch, result())
+                .await
+                .unwrap();
+        }
+    }
+    let rows = store.usage(today - 1).await.unwrap();
+    let got: Vec<(&str, &str, u64, u64, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.project.as_str(),
+                r.model.as_str(),
+                r.usage.images,
+                r.usage.render_ms,
+                r.usage.failed_attempts,
+            )
+        })
+        .collect();
+    let render = result().render_ms;
+    assert_eq!(
+        got,
+        [
+            ("default", "tiny", 2, 2 * render, 2),
+            ("show-b", "sdxl", 1, render, 0)
+        ]
+    );
+    assert!(rows.iter().all(|r| r.day == today));
+    assert!(
+        store.usage(today + 1).await.unwrap().is_empty(),
+        "no bucket of tomorrow"
+    );
+}
+
+/// The wall clock in Unix milliseconds, as both stores bucket usage by it.
+fn data_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Instantiates the whole suite for one backend: `$make` is an async
 /// expression giving a fresh [`Fixture`]; it is dropped when the test ends.
 macro_rules! store_conformance {
@@ -2205,7 +2278,8 @@ macro_rules! store_conformance {
             retry_puts_the_shots_of_a_failed_anchor_back_behind_it,
             a_cancelled_job_is_not_retried,
             a_paused_job_keeps_its_place_and_gets_no_leases,
-            a_priority_change_reorders_queued_jobs
+            a_priority_change_reorders_queued_jobs,
+            usage_counts_images_render_time_and_failed_attempts
         );
         store_conformance!(@fixture_tests $make;
             a_dead_workers_id_is_free_for_another_token

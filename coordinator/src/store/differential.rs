@@ -1,9 +1,9 @@
 //! A differential test of the two [`Store`]s: seeded random sequences of
 //! operations (register, submit, claim, heartbeat, complete, fail, expire,
-//! cancel, drain, reap) are applied to a [`MemoryStore`] and a [`RedisStore`]
+//! cancel, pause/resume, priority, retry, drain, reap) are applied to a [`MemoryStore`] and a [`RedisStore`]
 //! side by side, and after every step everything observable is compared: what
-//! the call returned, then every job, task, running lease, worker and model,
-//! and the events the step appended. The conformance suite pins down chosen
+//! the call returned, then every job, task, running lease, worker, model and
+//! usage bucket, and the events the step appended. The conformance suite pins down chosen
 //! scenarios; this test looks for the interleavings nobody wrote down.
 //! Worker calls come with a token's name (mostly the one the worker id
 //! belongs to, now and then an impostor's: refused while bound), and claims
@@ -182,6 +182,10 @@ enum Op {
         caps: RunningCaps,
     },
     Cancel(JobId),
+    /// Pause (true) or resume (false).
+    Pause(JobId, bool),
+    Priority(JobId, i32),
+    Retry(JobId),
     Drain(WorkerId),
     Reap {
         max_attempts: u32,
@@ -200,6 +204,10 @@ impl Op {
             Op::ExpireByHeartbeat { .. } => "expire-by-heartbeat",
             Op::ExpireByClaim { .. } => "expire-by-claim",
             Op::Cancel(_) => "cancel",
+            Op::Pause(_, true) => "pause",
+            Op::Pause(_, false) => "resume",
+            Op::Priority(..) => "priority",
+            Op::Retry(_) => "retry",
             Op::Drain(_) => "drain",
             Op::Reap { .. } => "reap",
         }
@@ -229,6 +237,9 @@ enum Answer {
     ExpiredByHeartbeat(HeartbeatOutcome, Vec<Reaped>),
     ExpiredByClaim(Claim, Vec<Reaped>),
     Cancelled(JobRecord),
+    /// A pause, resume or priority change.
+    Steered(JobRecord),
+    Retried(JobRecord, u32),
     Drained(WorkerRecord),
     Reaped(Vec<Reaped>),
     /// Errors are compared by their text, which names the kind and the id.
@@ -310,6 +321,8 @@ impl Answer {
             Answer::ExpiredByHeartbeat(hb, r) => Answer::ExpiredByHeartbeat(hb, norm_reaped(r)),
             Answer::ExpiredByClaim(c, r) => Answer::ExpiredByClaim(norm_claim(c), norm_reaped(r)),
             Answer::Cancelled(j) => Answer::Cancelled(norm_job(j)),
+            Answer::Steered(j) => Answer::Steered(norm_job(j)),
+            Answer::Retried(j, n) => Answer::Retried(norm_job(j), n),
             Answer::Drained(w) => Answer::Drained(norm_worker(w)),
             Answer::Reaped(r) => Answer::Reaped(norm_reaped(r)),
             other => other,
@@ -420,6 +433,12 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
                 Answer::ExpiredByClaim(claim, store.reap(*max_attempts).await?)
             }
             Op::Cancel(job) => Answer::Cancelled(store.cancel_job(*job).await?),
+            Op::Pause(job, paused) => Answer::Steered(store.pause_job(*job, *paused).await?),
+            Op::Priority(job, p) => Answer::Steered(store.set_priority(*job, *p).await?),
+            Op::Retry(job) => {
+                let (record, n) = store.retry_job(*job).await?;
+                Answer::Retried(record, n)
+            }
             Op::Drain(worker) => Answer::Drained(store.drain_worker(worker).await?),
             Op::Reap { max_attempts } => Answer::Reaped(store.reap(*max_attempts).await?),
         })
@@ -449,6 +468,8 @@ struct Snapshot {
     jobs: Vec<JobView>,
     workers: Vec<WorkerRecord>,
     models: Vec<ModelInfo>,
+    /// `usage(0)`: every bucket.
+    usage: Vec<UsageRow>,
 }
 
 impl Snapshot {
@@ -459,6 +480,7 @@ impl Snapshot {
             jobs: Vec::new(),
             workers: Vec::new(),
             models: Vec::new(),
+            usage: Vec::new(),
         }
     }
 
@@ -504,6 +526,7 @@ async fn snapshot(store: &dyn Store, jobs: &[JobId]) -> StoreResult<Snapshot> {
             .map(norm_worker)
             .collect(),
         models: store.models().await?,
+        usage: store.usage(0).await?,
     })
 }
 
@@ -563,6 +586,7 @@ fn snapshot_difference(a: &Snapshot, b: &Snapshot) -> Option<String> {
         })
         .or_else(|| list_difference("workers()", &a.workers, &b.workers))
         .or_else(|| list_difference("models()", &a.models, &b.models))
+        .or_else(|| list_difference("usage(0)", &a.usage, &b.usage))
 }
 
 /// Chooses the steps of one case. It decides from the memory store's
@@ -625,6 +649,8 @@ impl Generator {
             51..74 if !leases.is_empty() => self.complete(&leases, &history),
             74..86 if !leases.is_empty() => self.fail(&leases, &history),
             86..92 => self.expire(&leases),
+            40..42 => self.steer(),
+            42..44 => Op::Retry(self.job()),
             92..95 => self.cancel(),
             95..97 => Op::Drain(self.worker()),
             97..100 => Op::Reap {
@@ -995,6 +1021,25 @@ impl Generator {
         }
     }
 
+    /// A job of the case mostly; now and then one that does not exist.
+    fn job(&mut self) -> JobId {
+        if self.jobs.is_empty() || self.rng.chance(10) {
+            JobId(Uuid::from_u128(u128::from(self.rng.next())))
+        } else {
+            self.rng.pick(&self.jobs)
+        }
+    }
+
+    /// A pause, a resume or a priority change.
+    fn steer(&mut self) -> Op {
+        let job = self.job();
+        match self.rng.below(3) {
+            0 => Op::Pause(job, true),
+            1 => Op::Pause(job, false),
+            _ => Op::Priority(job, self.rng.between(0, 4) as i32 - 2),
+        }
+    }
+
     fn cancel(&mut self) -> Op {
         if self.jobs.is_empty() || self.rng.chance(10) {
             Op::Cancel(JobId(Uuid::from_u128(u128::from(self.rng.next()))))
@@ -1022,6 +1067,8 @@ struct Coverage {
     quarantines: u64,
     /// Shots that got leased or served after their anchor.
     shots_run: u64,
+    /// Failed tasks a retry put back in the queue.
+    retried: u64,
     /// Jobs by final state, at the end of each case.
     finished: BTreeMap<String, u64>,
 }
@@ -1045,6 +1092,7 @@ impl Coverage {
         self.errors += other.errors;
         self.quarantines += other.quarantines;
         self.shots_run += other.shots_run;
+        self.retried += other.retried;
     }
 
     fn step(&mut self, op: &Op, answer: &Answer) {
@@ -1063,6 +1111,7 @@ impl Coverage {
                 will_retry: false, ..
             }) => self.not_retried += 1,
             Answer::Error(_) => self.errors += 1,
+            Answer::Retried(_, n) => self.retried += u64::from(*n),
             _ => {}
         }
         if let Answer::ExpiredByHeartbeat(_, r) | Answer::ExpiredByClaim(_, r) | Answer::Reaped(r) =
@@ -1109,6 +1158,7 @@ impl Coverage {
             ("errors", self.errors),
             ("quarantines", self.quarantines),
             ("shots run", self.shots_run),
+            ("retried tasks", self.retried),
         ];
         for (what, n) in counters {
             assert!(n > 0, "no {what} in the whole run: {self:#?}");

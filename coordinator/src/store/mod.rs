@@ -125,6 +125,10 @@ pub trait Store: Send + Sync + 'static {
     /// again. Returns the job and how many tasks went back.
     async fn retry_job(&self, id: JobId) -> StoreResult<(JobRecord, u32)>;
 
+    /// Returns the usage buckets of day `since_day` (days since the Unix
+    /// epoch, [`usage_day`]) and later, ordered by day, project and model.
+    async fn usage(&self, since_day: i64) -> StoreResult<Vec<UsageRow>>;
+
     /// Opens a worker session bound to `owner` (the registering token's
     /// name; `None` without `--auth`). Leases still held under the same
     /// worker id belong to a dead incarnation: they are expired and requeued

@@ -423,3 +423,38 @@ pub struct Event {
 /// Each capped project's `max_running_tasks`, by project name: read from the
 /// auth file in force when a claim is made. A project not listed has no cap.
 pub type RunningCaps = BTreeMap<String, u64>;
+
+/// Length of a usage bucket: one UTC day, in milliseconds. Usage is kept per
+/// day, so `kiln usage --since` counts whole days.
+pub const USAGE_DAY_MS: i64 = 86_400_000;
+
+/// Returns the usage bucket (days since the Unix epoch, UTC) of a time in
+/// Unix milliseconds.
+pub fn usage_day(unix_ms: i64) -> i64 {
+    unix_ms.div_euclid(USAGE_DAY_MS)
+}
+
+/// What one project used of one model on one day: counted by the
+/// transitions that end a lease (a completion, a failure, an expiry).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Images rendered and accepted (not those served from earlier results).
+    pub images: u64,
+    /// Render time of those images, as their workers reported it.
+    pub render_ms: u64,
+    /// Attempts that failed or expired.
+    pub failed_attempts: u64,
+}
+
+/// One usage bucket: a day, a project and a model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRow {
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    /// The job's project.
+    pub project: String,
+    /// The task's model.
+    pub model: String,
+    /// The counters.
+    pub usage: Usage,
+}

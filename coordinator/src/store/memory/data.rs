@@ -10,7 +10,7 @@ use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 
 use crate::store::{
-    Event, JobRecord, ModelInfo, StoreError, StoreResult, TaskRecord, TaskResult, TaskState,
+    Event, JobRecord, ModelInfo, StoreError, StoreResult, TaskRecord, TaskResult, TaskState, Usage,
     WorkerRecord, policy,
 };
 
@@ -36,6 +36,8 @@ pub(super) struct State {
     /// Set when a lease of such a project ended; cleared by the transition
     /// that ended it, which wakes waiting claims.
     pub(super) cap_freed: bool,
+    /// Usage by (day, project, model).
+    pub(super) usage: BTreeMap<(i64, String, String), Usage>,
 }
 
 /// A job, its tasks' ids, its queues and its event log.

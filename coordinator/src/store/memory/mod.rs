@@ -393,6 +393,20 @@ impl Store for MemoryStore {
         Ok((record, requeued))
     }
 
+    async fn usage(&self, since_day: i64) -> StoreResult<Vec<UsageRow>> {
+        let st = self.lock();
+        Ok(st
+            .usage
+            .range((since_day, String::new(), String::new())..)
+            .map(|((day, project, model), usage)| UsageRow {
+                day: *day,
+                project: project.clone(),
+                model: model.clone(),
+                usage: usage.clone(),
+            })
+            .collect())
+    }
+
     async fn register_worker(
         &self,
         reg: WorkerRegistration,

@@ -517,6 +517,10 @@ impl Store for RedisStore {
         Ok((self.job_record(id).await?, requeued))
     }
 
+    async fn usage(&self, since_day: i64) -> StoreResult<Vec<UsageRow>> {
+        self.read_usage(since_day).await
+    }
+
     async fn register_worker(
         &self,
         reg: WorkerRegistration,

@@ -150,6 +150,19 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump)
   redis.call('HINCRBY', k('job', job), TASK_LEASED, -1)
   redis.call('HINCRBY', k('job', job), to, 1)
   local project = redis.call('HGET', k('job', job), 'project')
+  -- Usage of the day, by project and model (types.rs: Usage, usage_day).
+  if outcome == OUTCOME_COMPLETED or is_fault(outcome) then
+    local base = table.concat({math.floor(NOW / USAGE_DAY_MS), project, model}, USAGE_SEP) .. USAGE_SEP
+    if outcome == OUTCOME_COMPLETED then
+      redis.call('HINCRBY', k('usage'), base .. USAGE_IMAGES, 1)
+      local r = redis.call('HGET', t, 'result')
+      local render = 0
+      if r and r ~= '' then render = cjson.decode(r).render_ms or 0 end
+      redis.call('HINCRBY', k('usage'), base .. USAGE_RENDER_MS, render)
+    else
+      redis.call('HINCRBY', k('usage'), base .. USAGE_FAILED, 1)
+    end
+  end
   if redis.call('HINCRBY', k('project_running'), project, -1) <= 0 then
     redis.call('HDEL', k('project_running'), project)
   end

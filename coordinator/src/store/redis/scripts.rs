@@ -10,6 +10,7 @@
 
 use redis::Script;
 
+use crate::store::USAGE_DAY_MS;
 use crate::store::policy;
 use crate::store::state::messages;
 use crate::store::{AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState};
@@ -32,6 +33,13 @@ pub(super) const REAPED_FIELDS: usize = 6;
 pub(super) const RELEASED_FIELDS: usize = 4;
 /// Script arguments per task of `heartbeat.lua`.
 pub(super) const PROGRESS_FIELDS: usize = 3;
+/// Joins day, project, model and counter in a field of the `usage` hash
+/// (names never hold it: the catalog name rule).
+pub(super) const USAGE_SEP: &str = "|";
+/// The `usage` hash's counter names.
+pub(super) const USAGE_IMAGES: &str = "images";
+pub(super) const USAGE_RENDER_MS: &str = "render_ms";
+pub(super) const USAGE_FAILED: &str = "failed_attempts";
 
 // The hand-written sources; each script is prefixed with the generated
 // constants and `prelude.lua`.
@@ -69,7 +77,8 @@ const SOURCES: &[(&str, &str)] = &[
 
 /// Returns the `local NAME = value` lines every script starts with.
 pub(super) fn constants() -> String {
-    let numbers: [(&str, u64); 14] = [
+    let numbers: [(&str, u64); 15] = [
+        ("USAGE_DAY_MS", USAGE_DAY_MS as u64),
         ("QUARANTINE_AFTER", u64::from(policy::QUARANTINE_AFTER)),
         (
             "SWITCH_BACKLOG_PER_HOLDER",
@@ -111,6 +120,10 @@ pub(super) fn constants() -> String {
         ("MSG_RESUMED", messages::RESUMED),
         ("MSG_RETRIED", messages::RETRIED),
         ("MSG_PRIORITY", messages::PRIORITY),
+        ("USAGE_SEP", USAGE_SEP),
+        ("USAGE_IMAGES", USAGE_IMAGES),
+        ("USAGE_RENDER_MS", USAGE_RENDER_MS),
+        ("USAGE_FAILED", USAGE_FAILED),
     ];
     for (name, value) in msgs {
         out.push_str(&format!("local {name} = '{value}'\n"));
