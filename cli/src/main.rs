@@ -19,7 +19,8 @@ use kiln_proto::connect::{TlsOptions, read_token};
 
 use crate::client::Farm;
 use crate::commands::{
-    bench, control, fetch, inspect, list, model, prompt, render, submit, token, verify, watch,
+    bench, control, fetch, inspect, list, model, prompt, queue, render, submit, token, usage,
+    verify, watch,
 };
 
 /// The job ended with items that produced no image.
@@ -66,6 +67,11 @@ enum Command {
     Tasks(list::Tasks),
     Workers(list::Workers),
     Cancel(control::Cancel),
+    Retry(queue::Retry),
+    Pause(queue::Pause),
+    Resume(queue::Resume),
+    Priority(queue::Priority),
+    Usage(usage::Usage),
     Drain(control::Drain),
     Prompt(prompt::Prompt),
     Inspect(inspect::Inspect),
@@ -130,6 +136,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Tasks(c) => c.run(&farm()?).await,
         Command::Workers(c) => c.run(&farm()?).await,
         Command::Cancel(c) => c.run(&farm()?).await,
+        Command::Retry(c) => c.run(&farm()?).await,
+        Command::Pause(c) => c.run(&farm()?).await,
+        Command::Resume(c) => c.run(&farm()?).await,
+        Command::Priority(c) => c.run(&farm()?).await,
+        Command::Usage(c) => c.run(&farm()?).await,
         Command::Drain(c) => c.run(&farm()?).await,
         Command::Prompt(c) => c.run(),
         Command::Inspect(c) => c.run(),

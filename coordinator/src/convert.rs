@@ -11,7 +11,7 @@ use kiln_proto::pb;
 
 use crate::store::{
     AbandonReason, Attempt, Event, EventKind, Fault, JobRecord, JobState, Lease, ModelInfo,
-    RunningTask, TaskCounts, TaskRecord, TaskState, WorkerRecord,
+    RunningTask, TaskCounts, TaskRecord, TaskState, Usage, WorkerRecord,
 };
 use crate::verify::Verification;
 
@@ -242,5 +242,16 @@ pub fn verification(v: &Verification) -> pb::VerifyJobResponse {
                 reason: s.reason.clone(),
             })
             .collect(),
+    }
+}
+
+/// Returns the wire entry of one project's usage of one model.
+pub fn usage_entry(project: &str, model: &str, u: &Usage) -> pb::UsageEntry {
+    pb::UsageEntry {
+        project: project.to_string(),
+        model: model.to_string(),
+        images: u.images,
+        render_seconds: u.render_ms as f64 / 1000.0,
+        failed_attempts: u.failed_attempts,
     }
 }

@@ -1,6 +1,6 @@
 //! The `kiln.v1.Farm` service: what clients call.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +16,7 @@ use crate::auth::{Action, Caller, Projects, caller_of};
 use crate::core::Core;
 use crate::core::contact_sheet_path;
 use crate::error::{CoordinatorError, CoordinatorResult};
-use crate::store::TaskState;
+use crate::store::{TaskState, USAGE_DAY_MS, Usage, usage_day};
 use crate::{admission, convert, manifest, verify};
 
 /// How often a watcher gets a progress message when no event happens.
@@ -213,6 +213,16 @@ impl pb::farm_server::Farm for FarmService {
         }))
     }
 
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let caller = caller_of(&request)?;
+        Ok(Response::new(
+            usage(&self.core, &caller, request.into_inner()).await?,
+        ))
+    }
+
     async fn drain_worker(
         &self,
         request: Request<pb::DrainWorkerRequest>,
@@ -317,6 +327,40 @@ async fn job_to_steer(
     let job = core.store.job(id).await?;
     caller.job_access(&job, action)?;
     Ok(id)
+}
+
+/// Sums the store's per-day usage buckets from the day holding `since_ms`
+/// per project and model, for the projects the caller reaches (and only
+/// `project` when one is asked for).
+async fn usage(
+    core: &Core,
+    caller: &Caller,
+    req: pb::GetUsageRequest,
+) -> CoordinatorResult<pb::GetUsageResponse> {
+    caller.require(Action::Read)?;
+    let since_day = if req.since_ms > 0 {
+        usage_day(req.since_ms)
+    } else {
+        0
+    };
+    let mut totals: BTreeMap<(String, String), Usage> = BTreeMap::new();
+    for row in core.store.usage(since_day).await? {
+        if !caller.may_see(&row.project) || !(req.project.is_empty() || req.project == row.project)
+        {
+            continue;
+        }
+        let sum = totals.entry((row.project, row.model)).or_default();
+        sum.images += row.usage.images;
+        sum.render_ms += row.usage.render_ms;
+        sum.failed_attempts += row.usage.failed_attempts;
+    }
+    Ok(pb::GetUsageResponse {
+        usage: totals
+            .iter()
+            .map(|((project, model), u)| convert::usage_entry(project, model, u))
+            .collect(),
+        from_ms: since_day * USAGE_DAY_MS,
+    })
 }
 
 async fn cancel_job(

@@ -4,7 +4,7 @@ use crate::client::Farm;
 use kiln_proto::pb::{self, TaskState};
 use serde_json::json;
 
-use crate::format::{job_json, job_state, table, time, worker_json};
+use crate::format::{job_json, shown_state, table, time, worker_json};
 
 /// List jobs, newest first.
 #[derive(clap::Args, Debug)]
@@ -70,7 +70,7 @@ async fn jobs(farm: &Farm, limit: u32, json: bool) -> anyhow::Result<()> {
             let c = j.counts.unwrap_or_default();
             vec![
                 j.job_id.clone(),
-                job_state(j.state).to_string(),
+                shown_state(j).to_string(),
                 format!("{}/{}", c.completed, c.total),
                 c.leased.to_string(),
                 c.failed.to_string(),
