@@ -34,7 +34,8 @@ use crate::store::{JobRecord, RunningCaps, StoreError};
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// Submits to its projects, reads, watches, fetches, verifies and cancels their jobs.
+    /// Submits to its projects, reads, watches, fetches, verifies, cancels,
+    /// retries, pauses and reprioritizes their jobs.
     Submitter,
     /// The reads of a submitter, nothing that changes state.
     Viewer,
@@ -752,7 +753,15 @@ mod tests {
             projects: Projects::All,
             ..caller(Role::Worker, &[])
         };
-        for action in [Action::Submit, Action::Read, Action::Cancel, Action::Verify] {
+        for action in [
+            Action::Submit,
+            Action::Read,
+            Action::Cancel,
+            Action::Verify,
+            Action::Retry,
+            Action::Pause,
+            Action::Reorder,
+        ] {
             assert!(submitter.require(action).is_ok(), "{action}");
         }
         assert!(submitter.require(Action::Drain).is_err());
@@ -762,6 +771,9 @@ mod tests {
             Action::Submit,
             Action::Cancel,
             Action::Verify,
+            Action::Retry,
+            Action::Pause,
+            Action::Reorder,
             Action::Drain,
         ] {
             let e = viewer.require(action).unwrap_err();

@@ -160,7 +160,12 @@ fn a_paused_job_waits_while_others_run_and_resumes() {
     assert!(out.stdout.contains("running"), "{}", out.stdout);
     watch_ok(&c.url, &held);
     assert_eq!(job_state(&c.url, &held).counts.unwrap().completed, 4);
-    assert!(get_job(&c.url, &held).tasks.iter().all(|t| t.attempts.len() == 1));
+    assert!(
+        get_job(&c.url, &held)
+            .tasks
+            .iter()
+            .all(|t| t.attempts.len() == 1)
+    );
     w.kill();
 }
 
