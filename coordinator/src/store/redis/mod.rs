@@ -1015,4 +1015,82 @@ mod tests {
         );
         assert_eq!(listed.len(), 1, "the running job stays");
     }
+
+    #[tokio::test]
+    async fn a_retried_job_is_kept_again_past_its_retention() {
+        let server = kiln_tests::redis::RedisServer::start().expect("redis-server");
+        let store = RedisStore::connect(&RedisConfig {
+            url: server.url(),
+            name: "retry".into(),
+            retention: Duration::from_secs(600),
+        })
+        .await
+        .expect("connect");
+        let w = WorkerId("w1".into());
+        let registration = WorkerRegistration {
+            id: w.clone(),
+            labels: Default::default(),
+            gpu_memory_bytes: 0,
+            slots: 1,
+            models: vec![ModelInfo {
+                name: "tiny".into(),
+                hash: "h".into(),
+            }],
+            determinism_class: "c".into(),
+            version: "t".into(),
+        };
+        store.register_worker(registration, None).await.unwrap();
+        let (job, _) = store.create_job(one_task_job()).await.unwrap();
+        let lease = store
+            .claim(
+                &w,
+                None,
+                1,
+                Duration::from_secs(30),
+                Duration::ZERO,
+                &[],
+                &RunningCaps::new(),
+            )
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        store
+            .fail(&w, None, lease.task, lease.epoch, Fault::BadInput, "no", 3)
+            .await
+            .unwrap();
+        let id = job.id.to_string();
+        let task = lease.task.to_string();
+        let keys = [
+            store.key(&["job", &id]),
+            store.key(&["job", &id, "events"]),
+            store.key(&["job", &id, "tasks"]),
+            store.key(&["task", &task]),
+        ];
+        let pttl = |key: String| {
+            let mut conn = store.conn.clone();
+            async move {
+                redis::cmd("PTTL")
+                    .arg(key)
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        };
+        for k in &keys {
+            assert!(pttl(k.clone()).await > 0, "{k} expires once the job failed");
+        }
+        let (record, requeued) = store.retry_job(job.id).await.unwrap();
+        assert_eq!(
+            (record.state, requeued),
+            (crate::store::JobState::Running, 1)
+        );
+        for k in &keys {
+            assert_eq!(
+                pttl(k.clone()).await,
+                -1,
+                "{k} is kept while the job runs again"
+            );
+        }
+    }
 }
