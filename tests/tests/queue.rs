@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use kiln_proto::pb;
+use kiln_tests::redis::RedisServer;
 use kiln_tests::{
     Coordinator, Output, arg, get_job, job_id, kiln, kiln_env, manifest, pngs, sim_worker,
     submit_text, sweep_file, wait_for, wait_for_workers, watch_ok,
@@ -52,9 +53,23 @@ fn wait_state(url: &str, job: &str, state: pb::JobState) -> pb::JobSummary {
 
 #[test]
 fn a_failed_job_is_retried_and_completes_with_its_manifest_and_usage() {
+    retried_to_completion(&[]);
+}
+
+#[test]
+fn a_failed_job_is_retried_on_redis() {
+    let redis = RedisServer::start().unwrap();
+    retried_to_completion(&["--store", &redis.url()]);
+}
+
+/// A job a failing worker failed, retried on a good worker: every image
+/// fetched, the manifest complete, usage counted (coordinator flags `extra`).
+fn retried_to_completion(extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let c = Coordinator::start(d, &["--max-attempts", "1"]).unwrap();
+    let mut flags = vec!["--max-attempts", "1"];
+    flags.extend_from_slice(extra);
+    let c = Coordinator::start(d, &flags).unwrap();
     let mut bad = sim_worker(d, &c.url, "bad", &["--model", "tiny", "--sim-fail"], &[]).unwrap();
     wait_for_workers(&c.url, 1);
     let job = submit_text(d, &c.url, "b.toml", &sweep(d, "s.toml", "tiny", None));
