@@ -40,6 +40,8 @@ pub(super) const USAGE_SEP: &str = "|";
 pub(super) const USAGE_IMAGES: &str = "images";
 pub(super) const USAGE_RENDER_MS: &str = "render_ms";
 pub(super) const USAGE_FAILED: &str = "failed_attempts";
+/// Reply values per delivery of `deliveries.lua`.
+pub(super) const DELIVERY_FIELDS: usize = 4;
 
 // The hand-written sources; each script is prefixed with the generated
 // constants and `prelude.lua`.
@@ -56,6 +58,8 @@ const DRAIN: &str = include_str!("drain.lua");
 const PAUSE: &str = include_str!("pause.lua");
 const PRIORITY: &str = include_str!("priority.lua");
 const RETRY: &str = include_str!("retry.lua");
+const DELIVERIES: &str = include_str!("deliveries.lua");
+const SETTLE: &str = include_str!("settle.lua");
 
 /// Every script by file name, prelude first, for the checks below to scan.
 #[cfg(test)]
@@ -73,11 +77,13 @@ const SOURCES: &[(&str, &str)] = &[
     ("pause.lua", PAUSE),
     ("priority.lua", PRIORITY),
     ("retry.lua", RETRY),
+    ("deliveries.lua", DELIVERIES),
+    ("settle.lua", SETTLE),
 ];
 
 /// Returns the `local NAME = value` lines every script starts with.
 pub(super) fn constants() -> String {
-    let numbers: [(&str, u64); 15] = [
+    let numbers: [(&str, u64); 16] = [
         ("USAGE_DAY_MS", USAGE_DAY_MS as u64),
         ("QUARANTINE_AFTER", u64::from(policy::QUARANTINE_AFTER)),
         (
@@ -97,6 +103,7 @@ pub(super) fn constants() -> String {
         ("REAPED_FIELDS", REAPED_FIELDS as u64),
         ("RELEASED_FIELDS", RELEASED_FIELDS as u64),
         ("PROGRESS_FIELDS", PROGRESS_FIELDS as u64),
+        ("DELIVERY_FIELDS", DELIVERY_FIELDS as u64),
         // Redis TIME answers seconds and microseconds; deadlines are in ms.
         ("MS_PER_S", 1_000),
         ("US_PER_MS", 1_000),
@@ -158,6 +165,8 @@ pub(super) struct Scripts {
     pub(super) pause: Script,
     pub(super) priority: Script,
     pub(super) retry: Script,
+    pub(super) deliveries: Script,
+    pub(super) settle: Script,
 }
 
 impl Scripts {
@@ -175,6 +184,8 @@ impl Scripts {
             pause: build(PAUSE),
             priority: build(PRIORITY),
             retry: build(RETRY),
+            deliveries: build(DELIVERIES),
+            settle: build(SETTLE),
         }
     }
 }
