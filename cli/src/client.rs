@@ -173,6 +173,66 @@ impl Farm {
             .ok_or_else(|| Status::internal("the coordinator returned no job"))
     }
 
+    /// Puts a job's failed tasks back in the queue; returns the job and how many went back.
+    pub async fn retry(&self, job_id: &str) -> Result<(pb::JobSummary, u32), Status> {
+        let mut c = self.client.clone();
+        let req = pb::RetryJobRequest {
+            job_id: job_id.to_string(),
+        };
+        let r = self
+            .unary(c.retry_job(with_deadline(req, CALL_TIMEOUT)))
+            .await?;
+        let job = r
+            .job
+            .ok_or_else(|| Status::internal("the coordinator returned no job"))?;
+        Ok((job, r.requeued))
+    }
+
+    /// Pauses (`paused`) or resumes a job.
+    pub async fn pause(&self, job_id: &str, paused: bool) -> Result<pb::JobSummary, Status> {
+        let mut c = self.client.clone();
+        let req = pb::PauseJobRequest {
+            job_id: job_id.to_string(),
+            paused,
+        };
+        self.unary(c.pause_job(with_deadline(req, CALL_TIMEOUT)))
+            .await?
+            .job
+            .ok_or_else(|| Status::internal("the coordinator returned no job"))
+    }
+
+    /// Sets a job's priority.
+    pub async fn set_priority(
+        &self,
+        job_id: &str,
+        priority: i32,
+    ) -> Result<pb::JobSummary, Status> {
+        let mut c = self.client.clone();
+        let req = pb::SetJobPriorityRequest {
+            job_id: job_id.to_string(),
+            priority,
+        };
+        self.unary(c.set_job_priority(with_deadline(req, CALL_TIMEOUT)))
+            .await?
+            .job
+            .ok_or_else(|| Status::internal("the coordinator returned no job"))
+    }
+
+    /// Reads usage per project and model from the day holding `since_ms` (0: all).
+    pub async fn usage(
+        &self,
+        project: &str,
+        since_ms: i64,
+    ) -> Result<pb::GetUsageResponse, Status> {
+        let mut c = self.client.clone();
+        let req = pb::GetUsageRequest {
+            project: project.to_string(),
+            since_ms,
+        };
+        self.unary(c.get_usage(with_deadline(req, CALL_TIMEOUT)))
+            .await
+    }
+
     /// Drains a worker.
     pub async fn drain(&self, worker_id: &str) -> Result<pb::WorkerSummary, Status> {
         let mut c = self.client.clone();

@@ -18,6 +18,16 @@ pub fn job_state(state: i32) -> &'static str {
     }
 }
 
+/// Returns the state a job is shown in: `paused` for a running job that
+/// is paused (`kiln pause`), else its state.
+pub fn shown_state(j: &pb::JobSummary) -> &'static str {
+    if j.paused && j.state == JobState::Running as i32 {
+        "paused"
+    } else {
+        job_state(j.state)
+    }
+}
+
 /// Returns a Unix-milliseconds time as RFC 3339 (UTC), or "-" for none.
 pub fn time(ms: i64) -> String {
     if ms <= 0 {
@@ -35,7 +45,8 @@ pub fn job_json(j: &pb::JobSummary) -> Value {
         "name": j.name,
         "project": j.project,
         "priority": j.priority,
-        "state": job_state(j.state),
+        "state": shown_state(j),
+        "paused": j.paused,
         "counts": {
             "total": c.total, "queued": c.queued, "running": c.leased,
             "completed": c.completed, "failed": c.failed, "cancelled": c.cancelled,

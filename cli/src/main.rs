@@ -19,7 +19,8 @@ use kiln_proto::connect::{TlsOptions, read_token};
 
 use crate::client::Farm;
 use crate::commands::{
-    bench, control, fetch, inspect, list, model, prompt, render, submit, token, verify, watch,
+    bench, control, fetch, inspect, list, model, prompt, queue, render, submit, token, usage,
+    verify, watch,
 };
 
 /// The job ended with items that produced no image.
@@ -67,6 +68,11 @@ enum Command {
     Workers(list::Workers),
     Models(list::Models),
     Cancel(control::Cancel),
+    Retry(queue::Retry),
+    Pause(queue::Pause),
+    Resume(queue::Resume),
+    Priority(queue::Priority),
+    Usage(usage::Usage),
     Drain(control::Drain),
     Prompt(prompt::Prompt),
     Inspect(inspect::Inspect),
@@ -132,6 +138,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Workers(c) => c.run(&farm()?).await,
         Command::Models(c) => c.run(&farm()?).await,
         Command::Cancel(c) => c.run(&farm()?).await,
+        Command::Retry(c) => c.run(&farm()?).await,
+        Command::Pause(c) => c.run(&farm()?).await,
+        Command::Resume(c) => c.run(&farm()?).await,
+        Command::Priority(c) => c.run(&farm()?).await,
+        Command::Usage(c) => c.run(&farm()?).await,
         Command::Drain(c) => c.run(&farm()?).await,
         Command::Prompt(c) => c.run(),
         Command::Inspect(c) => c.run(),

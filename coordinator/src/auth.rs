@@ -34,7 +34,8 @@ use crate::store::{JobRecord, RunningCaps, StoreError};
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// Submits to its projects, reads, watches, fetches, verifies and cancels their jobs.
+    /// Submits to its projects, reads, watches, fetches, verifies, cancels,
+    /// retries, pauses and reprioritizes their jobs.
     Submitter,
     /// The reads of a submitter, nothing that changes state.
     Viewer,
@@ -88,6 +89,12 @@ pub enum Action {
     Cancel,
     /// Start a verification of a job.
     Verify,
+    /// Put a job's failed tasks back in the queue (`kiln retry`).
+    Retry,
+    /// Pause or resume a job.
+    Pause,
+    /// Change a job's priority.
+    Reorder,
     /// Drain a worker.
     Drain,
     /// List the workers or the models.
@@ -104,6 +111,9 @@ impl Action {
             Self::Read => "read",
             Self::Cancel => "cancel",
             Self::Verify => "verify",
+            Self::Retry => "retry",
+            Self::Pause => "pause",
+            Self::Reorder => "reorder",
             Self::Drain => "drain",
             Self::ListWorkers => "list workers",
             Self::WorkerLink => "call WorkerLink",
@@ -116,7 +126,14 @@ impl Action {
             Role::Admin => true,
             Role::Submitter => matches!(
                 self,
-                Self::Submit | Self::Read | Self::Cancel | Self::Verify | Self::ListWorkers
+                Self::Submit
+                    | Self::Read
+                    | Self::Cancel
+                    | Self::Verify
+                    | Self::Retry
+                    | Self::Pause
+                    | Self::Reorder
+                    | Self::ListWorkers
             ),
             Role::Viewer => matches!(self, Self::Read | Self::ListWorkers),
             Role::Worker => matches!(self, Self::WorkerLink | Self::ListWorkers),
@@ -125,7 +142,10 @@ impl Action {
 
     /// Whether an admin taking this action leaves an audit line.
     fn audited(self) -> bool {
-        matches!(self, Self::Cancel | Self::Verify | Self::Drain)
+        matches!(
+            self,
+            Self::Cancel | Self::Verify | Self::Retry | Self::Pause | Self::Reorder | Self::Drain
+        )
     }
 }
 
@@ -205,7 +225,8 @@ impl Caller {
     /// The one decision on a job: the role must allow `action`, and the
     /// caller must reach the job's project. A job out of reach is answered
     /// as `NOT_FOUND` with the words of a missing job, so its existence does
-    /// not leak. An admin's cancel or verify leaves an audit line.
+    /// not leak. An admin's cancel, verify, retry, pause or priority change
+    /// leaves an audit line.
     ///
     /// # Errors
     /// `PermissionDenied` for the role, `JobNotFound` for the project.
@@ -647,6 +668,7 @@ mod tests {
             idempotency_key: None,
             class: None,
             verify_of: None,
+            paused: false,
         }
     }
 
@@ -731,7 +753,15 @@ mod tests {
             projects: Projects::All,
             ..caller(Role::Worker, &[])
         };
-        for action in [Action::Submit, Action::Read, Action::Cancel, Action::Verify] {
+        for action in [
+            Action::Submit,
+            Action::Read,
+            Action::Cancel,
+            Action::Verify,
+            Action::Retry,
+            Action::Pause,
+            Action::Reorder,
+        ] {
             assert!(submitter.require(action).is_ok(), "{action}");
         }
         assert!(submitter.require(Action::Drain).is_err());
@@ -741,6 +771,9 @@ mod tests {
             Action::Submit,
             Action::Cancel,
             Action::Verify,
+            Action::Retry,
+            Action::Pause,
+            Action::Reorder,
             Action::Drain,
         ] {
             let e = viewer.require(action).unwrap_err();

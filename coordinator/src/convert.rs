@@ -12,7 +12,7 @@ use kiln_proto::pb;
 use crate::models::ModelSummary;
 use crate::store::{
     AbandonReason, Attempt, Event, EventKind, Fault, JobRecord, JobState, Lease, ModelInfo,
-    RunningTask, TaskCounts, TaskRecord, TaskState, WorkerRecord,
+    RunningTask, TaskCounts, TaskRecord, TaskState, Usage, WorkerRecord,
 };
 use crate::verify::Verification;
 
@@ -79,6 +79,10 @@ pub fn event_kind(k: EventKind) -> pb::EventKind {
         EventKind::Cancelled => pb::EventKind::Cancelled,
         EventKind::StaleRefused => pb::EventKind::StaleRefused,
         EventKind::JobFinished => pb::EventKind::JobFinished,
+        EventKind::Paused => pb::EventKind::Paused,
+        EventKind::Resumed => pb::EventKind::Resumed,
+        EventKind::Reprioritized => pb::EventKind::Reprioritized,
+        EventKind::Retried => pb::EventKind::Retried,
     }
 }
 
@@ -104,6 +108,7 @@ pub fn job(r: &JobRecord) -> pb::JobSummary {
         idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
         determinism_class: r.class.clone().unwrap_or_default(),
         verify_of: r.verify_of.map(|j| j.to_string()).unwrap_or_default(),
+        paused: r.paused,
     }
 }
 
@@ -265,5 +270,16 @@ pub fn verification(v: &Verification) -> pb::VerifyJobResponse {
                 reason: s.reason.clone(),
             })
             .collect(),
+    }
+}
+
+/// Returns the wire entry of one project's usage of one model.
+pub fn usage_entry(project: &str, model: &str, u: &Usage) -> pb::UsageEntry {
+    pb::UsageEntry {
+        project: project.to_string(),
+        model: model.to_string(),
+        images: u.images,
+        render_seconds: u.render_ms as f64 / 1000.0,
+        failed_attempts: u.failed_attempts,
     }
 }

@@ -1,6 +1,6 @@
 //! The `kiln.v1.Farm` service: what clients call.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +16,7 @@ use crate::auth::{Action, Caller, Projects, caller_of};
 use crate::core::Core;
 use crate::core::contact_sheet_path;
 use crate::error::{CoordinatorError, CoordinatorResult};
-use crate::store::TaskState;
+use crate::store::{TaskState, USAGE_DAY_MS, Usage, usage_day};
 use crate::{admission, convert, manifest, models, verify};
 
 /// How often a watcher gets a progress message when no event happens.
@@ -165,6 +165,76 @@ impl pb::farm_server::Farm for FarmService {
         Ok(Response::new(convert::verification(&done)))
     }
 
+    async fn retry_job(
+        &self,
+        request: Request<pb::RetryJobRequest>,
+    ) -> Result<Response<pb::RetryJobResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let id = job_to_steer(&self.core, &caller, &req.job_id, Action::Retry).await?;
+        let (job, requeued) = self
+            .core
+            .store
+            .retry_job(id)
+            .await
+            .map_err(CoordinatorError::from)?;
+        if requeued > 0 {
+            tracing::info!(job = %id, requeued, token = %caller.name, "failed tasks requeued");
+        }
+        Ok(Response::new(pb::RetryJobResponse {
+            job: Some(convert::job(&job)),
+            requeued,
+        }))
+    }
+
+    async fn pause_job(
+        &self,
+        request: Request<pb::PauseJobRequest>,
+    ) -> Result<Response<pb::PauseJobResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let id = job_to_steer(&self.core, &caller, &req.job_id, Action::Pause).await?;
+        let job = self
+            .core
+            .store
+            .pause_job(id, req.paused)
+            .await
+            .map_err(CoordinatorError::from)?;
+        tracing::info!(job = %id, paused = job.paused, token = %caller.name, "job pause set");
+        Ok(Response::new(pb::PauseJobResponse {
+            job: Some(convert::job(&job)),
+        }))
+    }
+
+    async fn set_job_priority(
+        &self,
+        request: Request<pb::SetJobPriorityRequest>,
+    ) -> Result<Response<pb::SetJobPriorityResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let id = job_to_steer(&self.core, &caller, &req.job_id, Action::Reorder).await?;
+        let job = self
+            .core
+            .store
+            .set_priority(id, req.priority)
+            .await
+            .map_err(CoordinatorError::from)?;
+        tracing::info!(job = %id, priority = job.priority, token = %caller.name, "job priority set");
+        Ok(Response::new(pb::SetJobPriorityResponse {
+            job: Some(convert::job(&job)),
+        }))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let caller = caller_of(&request)?;
+        Ok(Response::new(
+            usage(&self.core, &caller, request.into_inner()).await?,
+        ))
+    }
+
     async fn drain_worker(
         &self,
         request: Request<pb::DrainWorkerRequest>,
@@ -254,6 +324,55 @@ async fn known_job(core: &Core, caller: &Caller, job_id: &str) -> CoordinatorRes
     let job = core.store.job(id).await?;
     caller.job_access(&job, Action::Read)?;
     Ok(id)
+}
+
+/// Parses a request's job id and checks that the caller may take `action`
+/// on the job (role first, then the job's project; see `Caller::job_access`).
+async fn job_to_steer(
+    core: &Core,
+    caller: &Caller,
+    job_id: &str,
+    action: Action,
+) -> CoordinatorResult<JobId> {
+    let id = JobId::parse_field("job_id", job_id)?;
+    caller.require(action)?;
+    let job = core.store.job(id).await?;
+    caller.job_access(&job, action)?;
+    Ok(id)
+}
+
+/// Sums the store's per-day usage buckets from the day holding `since_ms`
+/// per project and model, for the projects the caller reaches (and only
+/// `project` when one is asked for).
+async fn usage(
+    core: &Core,
+    caller: &Caller,
+    req: pb::GetUsageRequest,
+) -> CoordinatorResult<pb::GetUsageResponse> {
+    caller.require(Action::Read)?;
+    let since_day = if req.since_ms > 0 {
+        usage_day(req.since_ms)
+    } else {
+        0
+    };
+    let mut totals: BTreeMap<(String, String), Usage> = BTreeMap::new();
+    for row in core.store.usage(since_day).await? {
+        if !caller.may_see(&row.project) || !(req.project.is_empty() || req.project == row.project)
+        {
+            continue;
+        }
+        let sum = totals.entry((row.project, row.model)).or_default();
+        sum.images += row.usage.images;
+        sum.render_ms += row.usage.render_ms;
+        sum.failed_attempts += row.usage.failed_attempts;
+    }
+    Ok(pb::GetUsageResponse {
+        usage: totals
+            .iter()
+            .map(|((project, model), u)| convert::usage_entry(project, model, u))
+            .collect(),
+        from_ms: since_day * USAGE_DAY_MS,
+    })
 }
 
 async fn cancel_job(

@@ -5,7 +5,7 @@ use kiln_proto::pb::{self, TaskState};
 use serde_json::json;
 
 use crate::format::{
-    farm_hashes, job_json, job_state, model_json, table, time, worker_json, worker_model,
+    farm_hashes, job_json, model_json, shown_state, table, time, worker_json, worker_model,
 };
 use kiln_proto::model::short_hash;
 
@@ -138,7 +138,7 @@ async fn jobs(farm: &Farm, limit: u32, json: bool) -> anyhow::Result<()> {
             let c = j.counts.unwrap_or_default();
             vec![
                 j.job_id.clone(),
-                job_state(j.state).to_string(),
+                shown_state(j).to_string(),
                 format!("{}/{}", c.completed, c.total),
                 c.leased.to_string(),
                 c.failed.to_string(),

@@ -161,6 +161,9 @@ fn report_event(
             "item {}: worker {} lost its lease (epoch {}); the task runs again",
             e.index, e.worker_id, e.epoch
         ),
+        EventKind::Paused => "job paused: nothing new of it is leased".to_string(),
+        EventKind::Resumed => "job resumed".to_string(),
+        EventKind::Reprioritized => format!("job {}", e.message),
         EventKind::JobFinished if !tty => {
             format!(
                 "job finished: {}",

@@ -2390,6 +2390,349 @@ pub(crate) trait Fixture: Send + Sync {
     async fn let_workers_die(&self);
 }
 
+/// Fails a leased task for good with an internal fault (one attempt allowed).
+async fn fail_for_good(store: &dyn Store, w: &str, lease: &Lease) {
+    let out = store
+        .fail(
+            &worker(w),
+            None,
+            lease.task,
+            lease.epoch,
+            Fault::Internal,
+            "boom",
+            1,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        out,
+        FailOutcome::Recorded {
+            will_retry: false,
+            ..
+        }
+    ));
+}
+
+pub async fn retry_requeues_failed_tasks_with_fresh_attempts(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let job = new_job(2, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    assert_eq!(
+        store.retry_job(id).await.unwrap().1,
+        0,
+        "nothing failed yet"
+    );
+    let leases = claim(store, "w1", 2).await;
+    fail_for_good(store, "w1", &leases[0]).await;
+    store
+        .complete(
+            &worker("w1"),
+            None,
+            leases[1].task,
+            leases[1].epoch,
+            result(),
+        )
+        .await
+        .unwrap();
+    let failed = store.job(id).await.unwrap();
+    assert_eq!(failed.state, JobState::Failed);
+
+    let (record, requeued) = store.retry_job(id).await.unwrap();
+    assert_eq!(requeued, 1);
+    assert_eq!(record.state, JobState::Running);
+    assert_eq!(record.finished_at_ms, None);
+    assert_eq!(
+        (
+            record.counts.queued,
+            record.counts.failed,
+            record.counts.completed
+        ),
+        (1, 0, 1)
+    );
+    let task = store.task(leases[0].task).await.unwrap();
+    assert_eq!(task.state, TaskState::Queued);
+    assert_eq!(task.attempts.len(), 1, "the fault history is kept");
+    assert_eq!(task.attempts[0].fault, Some(Fault::Internal));
+    assert_eq!((task.counted_from, task.faults()), (1, 0), "fresh attempts");
+    let events = store.events(id, 0, 100).await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.kind, last.task, last.index),
+        (EventKind::Retried, Some(leases[0].task), 0)
+    );
+
+    // The earlier fault no longer counts: with two attempts allowed, one
+    // more failure is retried again.
+    let again = claim(store, "w1", 2).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].task, again[0].epoch), (leases[0].task, Epoch(2)));
+    let out = store
+        .fail(
+            &worker("w1"),
+            None,
+            again[0].task,
+            again[0].epoch,
+            Fault::Internal,
+            "boom",
+            2,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        out,
+        FailOutcome::Recorded {
+            will_retry: true,
+            ..
+        }
+    ));
+    let last = claim(store, "w1", 2).await;
+    store
+        .complete(&worker("w1"), None, last[0].task, last[0].epoch, result())
+        .await
+        .unwrap();
+    let done = store.job(id).await.unwrap();
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.counts.completed, 2);
+    assert_eq!(store.task(leases[0].task).await.unwrap().attempts.len(), 3);
+    assert!(matches!(
+        store.retry_job(JobId::new()).await,
+        Err(StoreError::JobNotFound(_))
+    ));
+}
+
+pub async fn retry_puts_the_shots_of_a_failed_anchor_back_behind_it(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let mut job = new_job(2, "tiny");
+    job.pin_class = true;
+    for t in &mut job.tasks {
+        t.series = Some(SeriesPlace {
+            name: "coast".into(),
+            shot: t.index,
+            depends_on: (t.index > 0).then_some(0),
+        });
+    }
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let anchor = claim(store, "w1", 2).await;
+    assert_eq!(anchor.len(), 1);
+    fail_for_good(store, "w1", &anchor[0]).await;
+    assert_eq!(store.job(id).await.unwrap().counts.failed, 2);
+    let (_, requeued) = store.retry_job(id).await.unwrap();
+    assert_eq!(requeued, 2);
+    let leases = claim(store, "w1", 2).await;
+    assert_eq!(
+        leases.iter().map(|l| l.index).collect::<Vec<_>>(),
+        [0],
+        "the shot waits for its anchor"
+    );
+    store
+        .complete(
+            &worker("w1"),
+            None,
+            leases[0].task,
+            leases[0].epoch,
+            result(),
+        )
+        .await
+        .unwrap();
+    let shot = claim(store, "w1", 2).await;
+    assert_eq!(shot.iter().map(|l| l.index).collect::<Vec<_>>(), [1]);
+    assert_eq!(
+        shot[0].recipe.init_image.as_deref(),
+        Some(result().sha256.as_str())
+    );
+}
+
+pub async fn a_cancelled_job_is_not_retried(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let job = new_job(2, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let leases = claim(store, "w1", 1).await;
+    fail_for_good(store, "w1", &leases[0]).await;
+    store.cancel_job(id).await.unwrap();
+    let (record, requeued) = store.retry_job(id).await.unwrap();
+    assert_eq!((record.state, requeued), (JobState::Cancelled, 0));
+}
+
+pub async fn a_paused_job_keeps_its_place_and_gets_no_leases(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let a = new_job(3, "tiny");
+    let b = new_job(3, "tiny");
+    let (ida, idb) = (a.id, b.id);
+    store.create_job(a).await.unwrap();
+    store.create_job(b).await.unwrap();
+    let running = claim(store, "w1", 1).await;
+    assert_eq!(running[0].job, ida);
+    let paused = store.pause_job(ida, true).await.unwrap();
+    assert!(paused.paused);
+    assert!(store.job(ida).await.unwrap().paused);
+    // Nothing new of the paused job: both claims go to the other one.
+    for _ in 0..2 {
+        let l = claim(store, "w1", 1).await;
+        assert_eq!(l[0].job, idb, "a paused job is not leased");
+    }
+    // Its running task finishes.
+    store
+        .complete(
+            &worker("w1"),
+            None,
+            running[0].task,
+            running[0].epoch,
+            result(),
+        )
+        .await
+        .unwrap();
+    let resumed = store.pause_job(ida, false).await.unwrap();
+    assert!(!resumed.paused);
+    // Resumed, it is next again: the other job was served since.
+    let l = claim(store, "w1", 1).await;
+    assert_eq!((l[0].job, l[0].index), (ida, 1));
+    let kinds: Vec<EventKind> = store
+        .events(ida, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.kind)
+        .filter(|k| matches!(k, EventKind::Paused | EventKind::Resumed))
+        .collect();
+    assert_eq!(kinds, [EventKind::Paused, EventKind::Resumed]);
+    // Pausing twice changes nothing; a missing job is not found.
+    store.pause_job(idb, true).await.unwrap();
+    let before = store.events(idb, 0, 100).await.unwrap().len();
+    store.pause_job(idb, true).await.unwrap();
+    assert_eq!(store.events(idb, 0, 100).await.unwrap().len(), before);
+    assert!(claim(store, "w1", 4).await.iter().all(|l| l.job == ida));
+    assert!(matches!(
+        store.pause_job(JobId::new(), true).await,
+        Err(StoreError::JobNotFound(_))
+    ));
+}
+
+pub async fn a_priority_change_reorders_queued_jobs(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let a = new_job(2, "tiny");
+    let b = new_job(2, "tiny");
+    let (ida, idb) = (a.id, b.id);
+    store.create_job(a).await.unwrap();
+    store.create_job(b).await.unwrap();
+    let record = store.set_priority(idb, 5).await.unwrap();
+    assert_eq!(record.priority, 5);
+    assert_eq!(store.job(idb).await.unwrap().priority, 5);
+    let first = claim(store, "w1", 2).await;
+    assert!(
+        first.iter().all(|l| l.job == idb),
+        "the raised job goes first"
+    );
+    let last = store.events(idb, 0, 100).await.unwrap();
+    assert!(
+        last.iter()
+            .any(|e| e.kind == EventKind::Reprioritized && e.message == "priority 5")
+    );
+    store.set_priority(ida, -1).await.unwrap();
+    let c = new_job(1, "tiny");
+    let idc = c.id;
+    store.create_job(c).await.unwrap();
+    assert_eq!(
+        claim(store, "w1", 1).await[0].job,
+        idc,
+        "a lowered job goes after"
+    );
+    assert!(matches!(
+        store.set_priority(JobId::new(), 1).await,
+        Err(StoreError::JobNotFound(_))
+    ));
+}
+
+pub async fn usage_counts_images_render_time_and_failed_attempts(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny", "sdxl"]), None)
+        .await
+        .unwrap();
+    let today = usage_day(data_unix_ms());
+    let a = new_job(2, "tiny");
+    let mut b = new_job(1, "sdxl");
+    b.project = "show-b".into();
+    store.create_job(a).await.unwrap();
+    store.create_job(b).await.unwrap();
+    // The first claim takes the two tiny tasks (one model per claim): fail
+    // them once (retried), then complete everything.
+    let first = claim(store, "w1", 3).await;
+    assert_eq!(first.len(), 2);
+    for l in first {
+        store
+            .fail(
+                &worker("w1"),
+                None,
+                l.task,
+                l.epoch,
+                Fault::Internal,
+                "boom",
+                3,
+            )
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        for l in claim(store, "w1", 3).await {
+            store
+                .complete(&worker("w1"), None, l.task, l.epoch, result())
+                .await
+                .unwrap();
+        }
+    }
+    let rows = store.usage(today - 1).await.unwrap();
+    let got: Vec<(&str, &str, u64, u64, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.project.as_str(),
+                r.model.as_str(),
+                r.usage.images,
+                r.usage.render_ms,
+                r.usage.failed_attempts,
+            )
+        })
+        .collect();
+    let render = result().render_ms;
+    assert_eq!(
+        got,
+        [
+            ("default", "tiny", 2, 2 * render, 2),
+            ("show-b", "sdxl", 1, render, 0)
+        ]
+    );
+    assert!(rows.iter().all(|r| r.day == today));
+    assert!(
+        store.usage(today + 1).await.unwrap().is_empty(),
+        "no bucket of tomorrow"
+    );
+}
+
+/// The wall clock in Unix milliseconds, as both stores bucket usage by it.
+fn data_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Instantiates the whole suite for one backend: `$make` is an async
 /// expression giving a fresh [`Fixture`]; it is dropped when the test ends.
 macro_rules! store_conformance {
@@ -2445,7 +2788,13 @@ macro_rules! store_conformance {
             a_worker_id_is_bound_to_the_token_that_registered_it,
             a_capped_project_never_has_more_than_its_cap_leased,
             a_capped_project_gets_room_back_whenever_a_lease_ends,
-            a_capped_project_wakes_a_waiting_claim_when_a_lease_ends
+            a_capped_project_wakes_a_waiting_claim_when_a_lease_ends,
+            retry_requeues_failed_tasks_with_fresh_attempts,
+            retry_puts_the_shots_of_a_failed_anchor_back_behind_it,
+            a_cancelled_job_is_not_retried,
+            a_paused_job_keeps_its_place_and_gets_no_leases,
+            a_priority_change_reorders_queued_jobs,
+            usage_counts_images_render_time_and_failed_attempts
         );
         store_conformance!(@fixture_tests $make;
             a_dead_workers_id_is_free_for_another_token

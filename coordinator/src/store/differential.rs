@@ -1,10 +1,10 @@
 //! A differential test of the two [`Store`]s: seeded random sequences of
 //! operations (register, submit, claim, heartbeat, complete, fail, expire,
-//! cancel, drain, reap, fail-unheld) are applied to a [`MemoryStore`] and a
-//! [`RedisStore`] side by side, and after every step everything observable is
-//! compared: what the call returned, then every job, task, running lease,
-//! worker, model identity and pinned-task count, and the events the step
-//! appended. The conformance suite pins down chosen
+//! cancel, pause/resume, priority, retry, drain, reap, fail-unheld) are
+//! applied to a [`MemoryStore`] and a [`RedisStore`] side by side, and after
+//! every step everything observable is compared: what the call returned, then
+//! every job, task, running lease, worker, model identity, pinned-task count
+//! and usage bucket, and the events the step appended. The conformance suite pins down chosen
 //! scenarios; this test looks for the interleavings nobody wrote down.
 //! Worker calls come with a token's name (mostly the one the worker id
 //! belongs to, now and then an impostor's: refused while bound), and claims
@@ -183,6 +183,10 @@ enum Op {
         caps: RunningCaps,
     },
     Cancel(JobId),
+    /// Pause (true) or resume (false).
+    Pause(JobId, bool),
+    Priority(JobId, i32),
+    Retry(JobId),
     Drain(WorkerId),
     Reap {
         max_attempts: u32,
@@ -206,6 +210,10 @@ impl Op {
             Op::ExpireByHeartbeat { .. } => "expire-by-heartbeat",
             Op::ExpireByClaim { .. } => "expire-by-claim",
             Op::Cancel(_) => "cancel",
+            Op::Pause(_, true) => "pause",
+            Op::Pause(_, false) => "resume",
+            Op::Priority(..) => "priority",
+            Op::Retry(_) => "retry",
             Op::Drain(_) => "drain",
             Op::Reap { .. } => "reap",
             Op::FailUnheld { .. } => "fail-unheld",
@@ -236,6 +244,9 @@ enum Answer {
     ExpiredByHeartbeat(HeartbeatOutcome, Vec<Reaped>),
     ExpiredByClaim(Claim, Vec<Reaped>),
     Cancelled(JobRecord),
+    /// A pause, resume or priority change.
+    Steered(JobRecord),
+    Retried(JobRecord, u32),
     Drained(WorkerRecord),
     Reaped(Vec<Reaped>),
     Unheld(Unheld),
@@ -318,6 +329,8 @@ impl Answer {
             Answer::ExpiredByHeartbeat(hb, r) => Answer::ExpiredByHeartbeat(hb, norm_reaped(r)),
             Answer::ExpiredByClaim(c, r) => Answer::ExpiredByClaim(norm_claim(c), norm_reaped(r)),
             Answer::Cancelled(j) => Answer::Cancelled(norm_job(j)),
+            Answer::Steered(j) => Answer::Steered(norm_job(j)),
+            Answer::Retried(j, n) => Answer::Retried(norm_job(j), n),
             Answer::Drained(w) => Answer::Drained(norm_worker(w)),
             Answer::Reaped(r) => Answer::Reaped(norm_reaped(r)),
             Answer::Unheld(mut u) => {
@@ -434,6 +447,12 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
                 Answer::ExpiredByClaim(claim, store.reap(*max_attempts).await?)
             }
             Op::Cancel(job) => Answer::Cancelled(store.cancel_job(*job).await?),
+            Op::Pause(job, paused) => Answer::Steered(store.pause_job(*job, *paused).await?),
+            Op::Priority(job, p) => Answer::Steered(store.set_priority(*job, *p).await?),
+            Op::Retry(job) => {
+                let (record, n) = store.retry_job(*job).await?;
+                Answer::Retried(record, n)
+            }
             Op::Drain(worker) => Answer::Drained(store.drain_worker(worker).await?),
             Op::Reap { max_attempts } => Answer::Reaped(store.reap(*max_attempts).await?),
             Op::FailUnheld { model, hash } => Answer::Unheld(
@@ -469,6 +488,8 @@ struct Snapshot {
     workers: Vec<WorkerRecord>,
     models: Vec<ModelIdentity>,
     pinned: Vec<PinnedTasks>,
+    /// `usage(0)`: every bucket.
+    usage: Vec<UsageRow>,
 }
 
 impl Snapshot {
@@ -480,6 +501,7 @@ impl Snapshot {
             workers: Vec::new(),
             models: Vec::new(),
             pinned: Vec::new(),
+            usage: Vec::new(),
         }
     }
 
@@ -526,6 +548,7 @@ async fn snapshot(store: &dyn Store, jobs: &[JobId]) -> StoreResult<Snapshot> {
             .collect(),
         models: store.models().await?,
         pinned: store.pinned_tasks().await?,
+        usage: store.usage(0).await?,
     })
 }
 
@@ -586,6 +609,7 @@ fn snapshot_difference(a: &Snapshot, b: &Snapshot) -> Option<String> {
         .or_else(|| list_difference("workers()", &a.workers, &b.workers))
         .or_else(|| list_difference("models()", &a.models, &b.models))
         .or_else(|| list_difference("pinned_tasks()", &a.pinned, &b.pinned))
+        .or_else(|| list_difference("usage(0)", &a.usage, &b.usage))
 }
 
 /// Chooses the steps of one case. It decides from the memory store's
@@ -649,6 +673,8 @@ impl Generator {
             51..74 if !leases.is_empty() => self.complete(&leases, &history),
             74..86 if !leases.is_empty() => self.fail(&leases, &history),
             86..92 => self.expire(&leases),
+            40..42 => self.steer(),
+            42..44 => Op::Retry(self.job()),
             92..95 => self.cancel(),
             95..97 => Op::Drain(self.worker()),
             97..100 => Op::Reap {
@@ -1034,6 +1060,25 @@ impl Generator {
         }
     }
 
+    /// A job of the case mostly; now and then one that does not exist.
+    fn job(&mut self) -> JobId {
+        if self.jobs.is_empty() || self.rng.chance(10) {
+            JobId(Uuid::from_u128(u128::from(self.rng.next())))
+        } else {
+            self.rng.pick(&self.jobs)
+        }
+    }
+
+    /// A pause, a resume or a priority change.
+    fn steer(&mut self) -> Op {
+        let job = self.job();
+        match self.rng.below(3) {
+            0 => Op::Pause(job, true),
+            1 => Op::Pause(job, false),
+            _ => Op::Priority(job, self.rng.between(0, 4) as i32 - 2),
+        }
+    }
+
     fn cancel(&mut self) -> Op {
         if self.jobs.is_empty() || self.rng.chance(10) {
             Op::Cancel(JobId(Uuid::from_u128(u128::from(self.rng.next()))))
@@ -1061,6 +1106,8 @@ struct Coverage {
     quarantines: u64,
     /// Shots that got leased or served after their anchor.
     shots_run: u64,
+    /// Failed tasks a retry put back in the queue.
+    retried: u64,
     /// Jobs by final state, at the end of each case.
     finished: BTreeMap<String, u64>,
 }
@@ -1084,6 +1131,7 @@ impl Coverage {
         self.errors += other.errors;
         self.quarantines += other.quarantines;
         self.shots_run += other.shots_run;
+        self.retried += other.retried;
     }
 
     fn step(&mut self, op: &Op, answer: &Answer) {
@@ -1102,6 +1150,7 @@ impl Coverage {
                 will_retry: false, ..
             }) => self.not_retried += 1,
             Answer::Error(_) => self.errors += 1,
+            Answer::Retried(_, n) => self.retried += u64::from(*n),
             _ => {}
         }
         if let Answer::ExpiredByHeartbeat(_, r) | Answer::ExpiredByClaim(_, r) | Answer::Reaped(r) =
@@ -1148,6 +1197,7 @@ impl Coverage {
             ("errors", self.errors),
             ("quarantines", self.quarantines),
             ("shots run", self.shots_run),
+            ("retried tasks", self.retried),
         ];
         for (what, n) in counters {
             assert!(n > 0, "no {what} in the whole run: {self:#?}");

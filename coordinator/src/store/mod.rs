@@ -112,6 +112,25 @@ pub trait Store: Send + Sync + 'static {
     /// returned unchanged.
     async fn cancel_job(&self, id: JobId) -> StoreResult<JobRecord>;
 
+    /// Pauses (`paused`) or resumes a running job: a paused job keeps its
+    /// place in the queue but nothing new of it is leased
+    /// ([`policy::leasable`]); its running tasks finish. A finished job, or
+    /// one already so, is returned unchanged.
+    async fn pause_job(&self, id: JobId, paused: bool) -> StoreResult<JobRecord>;
+
+    /// Sets a running job's priority (higher runs first, [`policy::job_rank`]).
+    /// A finished job is returned unchanged.
+    async fn set_priority(&self, id: JobId, priority: i32) -> StoreResult<JobRecord>;
+
+    /// Puts the failed tasks of a job back in the queue with fresh attempts
+    /// ([`policy::retryable`], [`policy::job_retryable`]); a finished job runs
+    /// again. Returns the job and how many tasks went back.
+    async fn retry_job(&self, id: JobId) -> StoreResult<(JobRecord, u32)>;
+
+    /// Returns the usage buckets of day `since_day` (days since the Unix
+    /// epoch, [`usage_day`]) and later, ordered by day, project and model.
+    async fn usage(&self, since_day: i64) -> StoreResult<Vec<UsageRow>>;
+
     /// Opens a worker session bound to `owner` (the registering token's
     /// name; `None` without `--auth`). Leases still held under the same
     /// worker id belong to a dead incarnation: they are expired and requeued

@@ -16,7 +16,10 @@
 //!    from the auth file in force at the claim). A capped project's tasks
 //!    wait while other projects' tasks are still leased; when one of its
 //!    leases ends, waiting claims are woken.
-//! 2. **Order** ([`job_rank`]): higher priority first; among equal priority
+//!    A paused job gets no leases at all ([`leasable`]); it keeps its
+//!    place (its fair-share clocks do not move while it waits).
+//! 2. **Order** ([`job_rank`]): higher priority first (`kiln priority`
+//!    changes a running job's priority in place); among equal priority
 //!    the least recently served project, then the least recently served job
 //!    (round-robin fair share); within a job, the item order.
 //! 3. **Model affinity** ([`choose`]): tasks for models the worker has
@@ -39,7 +42,7 @@ use std::cmp::Reverse;
 use kiln_proto::ids::JobId;
 use kiln_proto::recipe::Recipe;
 
-use super::state::{Fault, WorkerState};
+use super::state::{Fault, JobState, TaskState, WorkerState};
 
 /// Faults (failures or expiries) of one worker on one job after which the
 /// worker gets no more of that job's tasks, while another worker can take them.
@@ -78,6 +81,26 @@ pub fn acts_for(owner: Option<&str>, caller: Option<&str>) -> bool {
 /// is dead.
 pub fn may_register(owner: Option<&str>, silent_ms: u64, caller: Option<&str>) -> bool {
     acts_for(owner, caller) || !alive(silent_ms)
+}
+
+/// Returns true when tasks of a job in `state` may be leased: it runs and
+/// is not paused (`kiln pause`).
+pub fn leasable(state: JobState, paused: bool) -> bool {
+    state == JobState::Running && !paused
+}
+
+/// Returns true when `kiln retry` puts a task in `state` back in the queue
+/// with fresh attempts: it failed for good. A retried job's tasks count their
+/// attempts from the retry on ([`TaskRecord::counted_from`](super::TaskRecord::counted_from));
+/// the job's per-worker fault counts (quarantine) start again from zero.
+pub fn retryable(state: TaskState) -> bool {
+    state == TaskState::Failed
+}
+
+/// Returns true when `kiln retry` may touch a job in `state`: any but a
+/// cancelled one (a cancel is final).
+pub fn job_retryable(state: JobState) -> bool {
+    state != JobState::Cancelled
 }
 
 /// Returns true when a project with `running` leased tasks may get one more

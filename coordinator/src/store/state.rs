@@ -152,6 +152,14 @@ named_enum! {
         StaleRefused = "stale_refused",
         /// The job reached a final state.
         JobFinished = "job_finished",
+        /// The job was paused: nothing new of it is leased.
+        Paused = "paused",
+        /// The paused job was resumed.
+        Resumed = "resumed",
+        /// The job's priority changed (the message names the new one).
+        Reprioritized = "reprioritized",
+        /// A failed task went back to the queue with fresh attempts (`kiln retry`).
+        Retried = "retried",
     }
 }
 
@@ -194,6 +202,19 @@ named_enum! {
         /// Silent for `policy::LIVE_MS` or longer.
         Lost = "lost",
     }
+}
+
+/// Event messages of the queue-control transitions, written by both stores
+/// (Lua gets them as `MSG_*` constants from `redis/scripts.rs`).
+pub mod messages {
+    /// A job was paused.
+    pub const PAUSED: &str = "paused";
+    /// A job was resumed.
+    pub const RESUMED: &str = "resumed";
+    /// A failed task went back to the queue.
+    pub const RETRIED: &str = "retried with fresh attempts";
+    /// Precedes the new priority in a priority change's message.
+    pub const PRIORITY: &str = "priority ";
 }
 
 impl Outcome {

@@ -128,6 +128,9 @@ pub struct JobRecord {
     pub class: Option<String>,
     /// The job this one verifies.
     pub verify_of: Option<JobId>,
+    /// Paused: the job keeps its place in the queue, but nothing new of it
+    /// is leased ([`policy::leasable`](super::policy::leasable)).
+    pub paused: bool,
 }
 
 impl JobRecord {
@@ -194,6 +197,9 @@ pub struct TaskRecord {
     pub epoch: Epoch,
     /// Every attempt, oldest first.
     pub attempts: Vec<Attempt>,
+    /// Attempts before this index were made before a retry of the job
+    /// (`kiln retry`): kept for the record, not counted against the limit.
+    pub counted_from: u32,
     /// Denoising step of the running attempt.
     pub step: u32,
     /// The accepted output, once completed.
@@ -215,6 +221,7 @@ impl TaskRecord {
     pub fn faults(&self) -> usize {
         self.attempts
             .iter()
+            .skip(self.counted_from as usize)
             .filter(|a| a.outcome.is_fault())
             .count()
     }
@@ -538,3 +545,38 @@ pub struct Delivery {
 /// Each capped project's `max_running_tasks`, by project name: read from the
 /// auth file in force when a claim is made. A project not listed has no cap.
 pub type RunningCaps = BTreeMap<String, u64>;
+
+/// Length of a usage bucket: one UTC day, in milliseconds. Usage is kept per
+/// day, so `kiln usage --since` counts whole days.
+pub const USAGE_DAY_MS: i64 = 86_400_000;
+
+/// Returns the usage bucket (days since the Unix epoch, UTC) of a time in
+/// Unix milliseconds.
+pub fn usage_day(unix_ms: i64) -> i64 {
+    unix_ms.div_euclid(USAGE_DAY_MS)
+}
+
+/// What one project used of one model on one day: counted by the
+/// transitions that end a lease (a completion, a failure, an expiry).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Images rendered and accepted (not those served from earlier results).
+    pub images: u64,
+    /// Render time of those images, as their workers reported it.
+    pub render_ms: u64,
+    /// Attempts that failed or expired.
+    pub failed_attempts: u64,
+}
+
+/// One usage bucket: a day, a project and a model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRow {
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    /// The job's project.
+    pub project: String,
+    /// The task's model.
+    pub model: String,
+    /// The counters.
+    pub usage: Usage,
+}

@@ -10,7 +10,7 @@ use kiln_proto::ids::{JobId, TaskId, WorkerId};
 
 use super::data::{JobEntry, State, TaskEntry};
 use crate::store::policy::{self, Candidate, MAX_DEDUPED_PER_CLAIM, Pick};
-use crate::store::{Claim, JobState, RunningCaps};
+use crate::store::{Claim, RunningCaps};
 
 /// A worker's view for the policy.
 pub(super) struct Asker<'a> {
@@ -67,12 +67,12 @@ impl Asker<'_> {
 }
 
 impl State {
-    /// Returns true if `asker` may take tasks of `job` at all: the job runs
-    /// and is not pinned to another determinism class. Quarantine is decided
+    /// Returns true if `asker` may take tasks of `job` at all: the job runs,
+    /// is not paused and is not pinned to another determinism class. Quarantine is decided
     /// per task ([`State::task_allows`]), since a stand-in must hold the
     /// task's model.
     pub(super) fn job_allows(&self, job: &JobEntry, asker: &Asker<'_>) -> bool {
-        if job.record.state != JobState::Running {
+        if !policy::leasable(job.record.state, job.record.paused) {
             return false;
         }
         !job.record.class.as_ref().is_some_and(|class| {
@@ -144,7 +144,7 @@ impl State {
         let mut jobs: Vec<&JobEntry> = self
             .jobs
             .values()
-            .filter(|j| j.record.state == JobState::Running && !j.queued.is_empty())
+            .filter(|j| policy::leasable(j.record.state, j.record.paused) && !j.queued.is_empty())
             .collect();
         jobs.sort_by_key(|j| {
             policy::job_rank(
@@ -358,11 +358,12 @@ impl State {
         }
     }
 
-    /// Returns the number of claimable tasks for `model` across running jobs.
+    /// Returns the number of claimable tasks for `model` across running,
+    /// unpaused jobs.
     pub(super) fn backlog(&self, model: &str) -> usize {
         self.jobs
             .values()
-            .filter(|j| j.record.state == JobState::Running)
+            .filter(|j| policy::leasable(j.record.state, j.record.paused))
             .map(|j| j.queued.len_of(model))
             .sum()
     }

@@ -11,7 +11,7 @@ use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 
 use crate::store::{
     Event, JobRecord, LiveWorker, StoreError, StoreResult, TaskRecord, TaskResult, TaskState,
-    WorkerRecord, policy,
+    Usage, WorkerRecord, policy,
 };
 
 /// Everything the memory store holds, behind its one mutex.
@@ -35,6 +35,8 @@ pub(super) struct State {
     /// Set when a lease of such a project ended; cleared by the transition
     /// that ended it, which wakes waiting claims.
     pub(super) cap_freed: bool,
+    /// Usage by (day, project, model).
+    pub(super) usage: BTreeMap<(i64, String, String), Usage>,
     /// Webhook deliveries of ended jobs, open until settled for good.
     pub(super) outbox: BTreeMap<JobId, Outbox>,
 }

@@ -7,6 +7,7 @@
 //! application in `claim` (the rules themselves: [`policy`](super::policy)).
 
 mod claim;
+mod control;
 mod data;
 mod transitions;
 
@@ -167,6 +168,7 @@ impl Store for MemoryStore {
             idempotency_key: new.idempotency_key.clone(),
             class: new.class.clone(),
             verify_of: new.verify_of,
+            paused: false,
         };
         let mut entry = JobEntry {
             record: record.clone(),
@@ -202,6 +204,7 @@ impl Store for MemoryStore {
                         state: TaskState::Queued,
                         epoch: Epoch(0),
                         attempts: Vec::new(),
+                        counted_from: 0,
                         step: 0,
                         result: None,
                         series: t.series,
@@ -363,6 +366,49 @@ impl Store for MemoryStore {
         }
         self.wake_watchers();
         Ok(record)
+    }
+
+    async fn pause_job(&self, id: JobId, paused: bool) -> StoreResult<JobRecord> {
+        let (record, changed) = self.lock().set_paused(id, paused)?;
+        if changed {
+            if !paused {
+                self.wake_workers();
+            }
+            self.wake_watchers();
+        }
+        Ok(record)
+    }
+
+    async fn set_priority(&self, id: JobId, priority: i32) -> StoreResult<JobRecord> {
+        let (record, changed) = self.lock().set_priority(id, priority)?;
+        if changed {
+            self.wake_workers();
+            self.wake_watchers();
+        }
+        Ok(record)
+    }
+
+    async fn retry_job(&self, id: JobId) -> StoreResult<(JobRecord, u32)> {
+        let (record, requeued) = self.lock().retry_failed(id)?;
+        if requeued > 0 {
+            self.wake_workers();
+            self.wake_watchers();
+        }
+        Ok((record, requeued))
+    }
+
+    async fn usage(&self, since_day: i64) -> StoreResult<Vec<UsageRow>> {
+        let st = self.lock();
+        Ok(st
+            .usage
+            .range((since_day, String::new(), String::new())..)
+            .map(|((day, project, model), usage)| UsageRow {
+                day: *day,
+                project: project.clone(),
+                model: model.clone(),
+                usage: usage.clone(),
+            })
+            .collect())
     }
 
     async fn register_worker(

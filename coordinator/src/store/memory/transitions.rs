@@ -1,6 +1,7 @@
 //! The memory store's state transitions on [`State`]: leasing, serving a
 //! task from an earlier result, ending a lease (complete, fail, expire,
-//! cancel), releasing or ending a series' shots, and finishing a job. Each
+//! cancel, with the usage counters it adds to), releasing or ending a
+//! series' shots, and finishing a job. Each
 //! runs under the store's mutex, which makes it atomic.
 
 use std::time::Duration;
@@ -11,7 +12,7 @@ use super::data::{JobEntry, Outbox, State, unix_ms};
 use crate::store::policy::dedupe_key;
 use crate::store::{
     Attempt, Claim, Deduped, Event, EventKind, Fault, JobRecord, JobState, Lease, Outcome,
-    TaskResult, TaskState,
+    TaskResult, TaskState, usage_day,
 };
 
 impl State {
@@ -364,6 +365,7 @@ impl State {
         let index = t.record.index;
         let job_id = t.record.job;
         let model = t.record.recipe.model.clone();
+        let render_ms = t.record.result.as_ref().map_or(0, |r| r.render_ms);
         self.leased.remove(&task_id);
         if let Some(w) = worker.as_ref().and_then(|w| self.workers.get_mut(w)) {
             w.running.remove(&task_id);
@@ -375,6 +377,22 @@ impl State {
             }
         }
         let job = self.jobs.get_mut(&job_id)?;
+        if outcome == Outcome::Completed || outcome.is_fault() {
+            let usage = self
+                .usage
+                .entry((
+                    usage_day(unix_ms()),
+                    job.record.project.clone(),
+                    model.clone(),
+                ))
+                .or_default();
+            if outcome == Outcome::Completed {
+                usage.images += 1;
+                usage.render_ms += render_ms;
+            } else {
+                usage.failed_attempts += 1;
+            }
+        }
         if self.capped.remove(&job.record.project) {
             self.cap_freed = true;
         }

@@ -34,8 +34,9 @@ end
 -- Jobs with work, in policy order, with what the policy needs of each.
 local jobs = {}
 for _, job in ipairs(redis.call('ZRANGE', k('ready'), 0, -1)) do
-  local f = redis.call('HMGET', k('job', job), 'priority', 'project', 'served', 'state', 'class', 'pin', 'verify_of', 'dedupe')
-  if f[4] == JOB_RUNNING then
+  local f = redis.call('HMGET', k('job', job), 'priority', 'project', 'served', 'state', 'class', 'pin', 'verify_of', 'dedupe', 'paused')
+  -- A paused job stays on the ready set (it keeps its place) but is not leased (policy::leasable).
+  if f[4] == JOB_RUNNING and f[9] ~= '1' then
     table.insert(jobs, {id = job, priority = tonumber(f[1]), project = f[2],
       served = tonumber(f[3] or '0'), class = f[5] or '', pin = f[6] or '0',
       verify = f[7] or '', dedupe = f[8] or '0',

@@ -12,7 +12,7 @@ local t = k('task', tid)
 if redis.call('EXISTS', t) == 0 then return {'missing'} end
 if not holds(tid, worker, epoch) then return {'stale', stale_reason(tid, worker, epoch)} end
 local handback = fault == FAULT_CANCELLED
-local used = count_faults(cjson.decode(redis.call('HGET', t, 'attempts')))
+local used = count_faults(cjson.decode(redis.call('HGET', t, 'attempts')), counted_from(tid))
 if not handback then used = used + 1 end
 local retry = handback or (fault ~= FAULT_BAD_INPUT and used < max)
 local stranded = false

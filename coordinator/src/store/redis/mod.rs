@@ -490,6 +490,40 @@ impl Store for RedisStore {
         self.job_record(id).await
     }
 
+    async fn pause_job(&self, id: JobId, paused: bool) -> StoreResult<JobRecord> {
+        let job = id.to_string();
+        let args = [Arg::Str(&job), Arg::Int(i64::from(paused))];
+        let reply = items(self.invoke(&self.scripts.pause, &args).await?)?;
+        if reply.first().map(text).as_deref() == Some("missing") {
+            return Err(StoreError::JobNotFound(id));
+        }
+        self.job_record(id).await
+    }
+
+    async fn set_priority(&self, id: JobId, priority: i32) -> StoreResult<JobRecord> {
+        let job = id.to_string();
+        let args = [Arg::Str(&job), Arg::Int(i64::from(priority))];
+        let reply = items(self.invoke(&self.scripts.priority, &args).await?)?;
+        if reply.first().map(text).as_deref() == Some("missing") {
+            return Err(StoreError::JobNotFound(id));
+        }
+        self.job_record(id).await
+    }
+
+    async fn retry_job(&self, id: JobId) -> StoreResult<(JobRecord, u32)> {
+        let job = id.to_string();
+        let reply = items(self.invoke(&self.scripts.retry, &[Arg::Str(&job)]).await?)?;
+        if reply.first().map(text).as_deref() == Some("missing") {
+            return Err(StoreError::JobNotFound(id));
+        }
+        let requeued: u32 = parse_id(&reply.get(1).map(text).unwrap_or_default(), "retry count")?;
+        Ok((self.job_record(id).await?, requeued))
+    }
+
+    async fn usage(&self, since_day: i64) -> StoreResult<Vec<UsageRow>> {
+        self.read_usage(since_day).await
+    }
+
     async fn register_worker(
         &self,
         reg: WorkerRegistration,
@@ -1065,5 +1099,83 @@ mod tests {
             "gone after retention"
         );
         assert_eq!(listed.len(), 1, "the running job stays");
+    }
+
+    #[tokio::test]
+    async fn a_retried_job_is_kept_again_past_its_retention() {
+        let server = kiln_tests::redis::RedisServer::start().expect("redis-server");
+        let store = RedisStore::connect(&RedisConfig {
+            url: server.url(),
+            name: "retry".into(),
+            retention: Duration::from_secs(600),
+        })
+        .await
+        .expect("connect");
+        let w = WorkerId("w1".into());
+        let registration = WorkerRegistration {
+            id: w.clone(),
+            labels: Default::default(),
+            gpu_memory_bytes: 0,
+            slots: 1,
+            models: vec![ModelInfo {
+                name: "tiny".into(),
+                hash: "h".into(),
+            }],
+            determinism_class: "c".into(),
+            version: "t".into(),
+        };
+        store.register_worker(registration, None).await.unwrap();
+        let (job, _) = store.create_job(one_task_job()).await.unwrap();
+        let lease = store
+            .claim(
+                &w,
+                None,
+                1,
+                Duration::from_secs(30),
+                Duration::ZERO,
+                &[],
+                &RunningCaps::new(),
+            )
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        store
+            .fail(&w, None, lease.task, lease.epoch, Fault::BadInput, "no", 3)
+            .await
+            .unwrap();
+        let id = job.id.to_string();
+        let task = lease.task.to_string();
+        let keys = [
+            store.key(&["job", &id]),
+            store.key(&["job", &id, "events"]),
+            store.key(&["job", &id, "tasks"]),
+            store.key(&["task", &task]),
+        ];
+        let pttl = |key: String| {
+            let mut conn = store.conn.clone();
+            async move {
+                redis::cmd("PTTL")
+                    .arg(key)
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        };
+        for k in &keys {
+            assert!(pttl(k.clone()).await > 0, "{k} expires once the job failed");
+        }
+        let (record, requeued) = store.retry_job(job.id).await.unwrap();
+        assert_eq!(
+            (record.state, requeued),
+            (crate::store::JobState::Running, 1)
+        );
+        for k in &keys {
+            assert_eq!(
+                pttl(k.clone()).await,
+                -1,
+                "{k} is kept while the job runs again"
+            );
+        }
     }
 }

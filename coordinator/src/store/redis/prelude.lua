@@ -115,12 +115,19 @@ local function is_fault(outcome)
   return IS_FAULT[outcome] == true
 end
 
-local function count_faults(attempts)
+-- Counts the faults among the attempts after the first `from` (those were
+-- made before a retry of the job: TaskRecord::counted_from).
+local function count_faults(attempts, from)
   local n = 0
-  for _, a in ipairs(attempts) do
-    if is_fault(a.outcome) then n = n + 1 end
+  for i, a in ipairs(attempts) do
+    if i > from and is_fault(a.outcome) then n = n + 1 end
   end
   return n
+end
+
+-- Returns a task's counted_from (absent on tasks never retried).
+local function counted_from(tid)
+  return tonumber(redis.call('HGET', k('task', tid), 'counted') or '0')
 end
 
 -- Ends the running attempt of a leased task and moves the task to `to`.
@@ -154,6 +161,19 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump)
   redis.call('HINCRBY', k('job', job), TASK_LEASED, -1)
   redis.call('HINCRBY', k('job', job), to, 1)
   local project = redis.call('HGET', k('job', job), 'project')
+  -- Usage of the day, by project and model (types.rs: Usage, usage_day).
+  if outcome == OUTCOME_COMPLETED or is_fault(outcome) then
+    local base = table.concat({math.floor(NOW / USAGE_DAY_MS), project, model}, USAGE_SEP) .. USAGE_SEP
+    if outcome == OUTCOME_COMPLETED then
+      redis.call('HINCRBY', k('usage'), base .. USAGE_IMAGES, 1)
+      local r = redis.call('HGET', t, 'result')
+      local render = 0
+      if r and r ~= '' then render = cjson.decode(r).render_ms or 0 end
+      redis.call('HINCRBY', k('usage'), base .. USAGE_RENDER_MS, render)
+    else
+      redis.call('HINCRBY', k('usage'), base .. USAGE_FAILED, 1)
+    end
+  end
   if redis.call('HINCRBY', k('project_running'), project, -1) <= 0 then
     redis.call('HDEL', k('project_running'), project)
   end

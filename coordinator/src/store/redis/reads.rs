@@ -10,12 +10,56 @@ use tokio::time::Instant;
 
 use super::records::*;
 use super::scripts::{LIVE_FIELDS, PIN_FIELDS};
+use super::scripts::{USAGE_FAILED, USAGE_IMAGES, USAGE_RENDER_MS, USAGE_SEP};
 use super::{FALLBACK_POLL, RedisStore};
 use crate::store::state::{EventKind, JobState, StateName, WorkerState};
 use crate::store::types::*;
 use crate::store::{StoreError, StoreResult};
 
 impl RedisStore {
+    /// Reads the `usage` hash: fields `day|project|model|counter` (see
+    /// `end_lease` in prelude.lua), buckets of `since_day` and later.
+    pub(super) async fn read_usage(&self, since_day: i64) -> StoreResult<Vec<UsageRow>> {
+        let h = self.hgetall(self.key(&["usage"])).await?;
+        let mut rows: BTreeMap<(i64, String, String), Usage> = BTreeMap::new();
+        for (field, value) in &h {
+            let corrupt = || StoreError::Corrupt(format!("usage field {field:?} = {value:?}"));
+            let mut parts = field.split(USAGE_SEP);
+            let (Some(day), Some(project), Some(model), Some(counter), None) = (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+            ) else {
+                return Err(corrupt());
+            };
+            let day: i64 = day.parse().map_err(|_| corrupt())?;
+            if day < since_day {
+                continue;
+            }
+            let n: u64 = value.parse().map_err(|_| corrupt())?;
+            let usage = rows
+                .entry((day, project.to_string(), model.to_string()))
+                .or_default();
+            match counter {
+                USAGE_IMAGES => usage.images = n,
+                USAGE_RENDER_MS => usage.render_ms = n,
+                USAGE_FAILED => usage.failed_attempts = n,
+                _ => return Err(corrupt()),
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .map(|((day, project, model), usage)| UsageRow {
+                day,
+                project,
+                model,
+                usage,
+            })
+            .collect())
+    }
+
     pub(super) async fn read_jobs(&self, limit: usize) -> StoreResult<Vec<JobRecord>> {
         let key = self.key(&["jobs"]);
         // Read a little more than asked: jobs past retention are skipped and pruned.

@@ -11,7 +11,7 @@ for _, tid in ipairs(redis.call('ZRANGEBYSCORE', k('leases'), '-inf', NOW, 'LIMI
   if f[1] ~= TASK_LEASED then
     redis.call('ZREM', k('leases'), tid)
   else
-    local requeued = count_faults(cjson.decode(f[5])) + 1 < max
+    local requeued = count_faults(cjson.decode(f[5]), counted_from(tid)) + 1 < max
     local to = TASK_FAILED
     if requeued then to = TASK_QUEUED end
     local finished = end_lease(tid, OUTCOME_EXPIRED, FAULT_WORKER_LOST, 'lease expired: no heartbeat before the deadline', to, EV_EXPIRED, true)

@@ -91,6 +91,8 @@ pub(super) fn parse_job(h: &HashMap<String, String>) -> StoreResult<JobRecord> {
             "" => None,
             v => Some(parse_id(v, "job id")?),
         },
+        // Absent until the job is first paused.
+        paused: s("paused") == "1",
     })
 }
 
@@ -171,6 +173,11 @@ pub(super) fn parse_task(h: &HashMap<String, String>) -> StoreResult<TaskRecord>
                 })
             })
             .collect::<StoreResult<_>>()?,
+        // Absent until the task is first retried.
+        counted_from: match h.get("counted") {
+            Some(_) => num(h, "counted")?,
+            None => 0,
+        },
         step: num(h, "step")?,
         result,
         series: match s("series").as_str() {

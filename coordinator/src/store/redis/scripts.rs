@@ -10,7 +10,9 @@
 
 use redis::Script;
 
+use crate::store::USAGE_DAY_MS;
 use crate::store::policy;
+use crate::store::state::messages;
 use crate::store::{
     AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState, WorkerState,
 };
@@ -37,6 +39,13 @@ pub(super) const PROGRESS_FIELDS: usize = 3;
 pub(super) const LIVE_FIELDS: usize = 3;
 /// Reply values per row of `pinned.lua`.
 pub(super) const PIN_FIELDS: usize = 4;
+/// Joins day, project, model and counter in a field of the `usage` hash
+/// (names never hold it: the catalog name rule).
+pub(super) const USAGE_SEP: &str = "|";
+/// The `usage` hash's counter names.
+pub(super) const USAGE_IMAGES: &str = "images";
+pub(super) const USAGE_RENDER_MS: &str = "render_ms";
+pub(super) const USAGE_FAILED: &str = "failed_attempts";
 /// Reply values per delivery of `deliveries.lua`.
 pub(super) const DELIVERY_FIELDS: usize = 4;
 
@@ -56,6 +65,9 @@ const STATS: &str = include_str!("stats.lua");
 const LIVE: &str = include_str!("live.lua");
 const PINNED: &str = include_str!("pinned.lua");
 const FAIL_UNHELD: &str = include_str!("fail_unheld.lua");
+const PAUSE: &str = include_str!("pause.lua");
+const PRIORITY: &str = include_str!("priority.lua");
+const RETRY: &str = include_str!("retry.lua");
 const DELIVERIES: &str = include_str!("deliveries.lua");
 const SETTLE: &str = include_str!("settle.lua");
 
@@ -76,13 +88,17 @@ const SOURCES: &[(&str, &str)] = &[
     ("live.lua", LIVE),
     ("pinned.lua", PINNED),
     ("fail_unheld.lua", FAIL_UNHELD),
+    ("pause.lua", PAUSE),
+    ("priority.lua", PRIORITY),
+    ("retry.lua", RETRY),
     ("deliveries.lua", DELIVERIES),
     ("settle.lua", SETTLE),
 ];
 
 /// Returns the `local NAME = value` lines every script starts with.
 pub(super) fn constants() -> String {
-    let numbers: [(&str, u64); 17] = [
+    let numbers: [(&str, u64); 18] = [
+        ("USAGE_DAY_MS", USAGE_DAY_MS as u64),
         ("QUARANTINE_AFTER", u64::from(policy::QUARANTINE_AFTER)),
         (
             "SWITCH_BACKLOG_PER_HOLDER",
@@ -123,6 +139,19 @@ pub(super) fn constants() -> String {
     for (name, value) in names {
         out.push_str(&format!("local {name} = '{value}'\n"));
     }
+    let msgs = [
+        ("MSG_PAUSED", messages::PAUSED),
+        ("MSG_RESUMED", messages::RESUMED),
+        ("MSG_RETRIED", messages::RETRIED),
+        ("MSG_PRIORITY", messages::PRIORITY),
+        ("USAGE_SEP", USAGE_SEP),
+        ("USAGE_IMAGES", USAGE_IMAGES),
+        ("USAGE_RENDER_MS", USAGE_RENDER_MS),
+        ("USAGE_FAILED", USAGE_FAILED),
+    ];
+    for (name, value) in msgs {
+        out.push_str(&format!("local {name} = '{value}'\n"));
+    }
     // Attempts and events without a fault store the empty name.
     out.push_str("local FAULT_NONE = ''\n");
     let faults: Vec<String> = Outcome::ALL
@@ -157,6 +186,9 @@ pub(super) struct Scripts {
     pub(super) live: Script,
     pub(super) pinned: Script,
     pub(super) fail_unheld: Script,
+    pub(super) pause: Script,
+    pub(super) priority: Script,
+    pub(super) retry: Script,
     pub(super) deliveries: Script,
     pub(super) settle: Script,
 }
@@ -177,6 +209,9 @@ impl Scripts {
             live: build(LIVE),
             pinned: build(PINNED),
             fail_unheld: build(FAIL_UNHELD),
+            pause: build(PAUSE),
+            priority: build(PRIORITY),
+            retry: build(RETRY),
             deliveries: build(DELIVERIES),
             settle: build(SETTLE),
         }
