@@ -84,6 +84,10 @@ struct Args {
     /// Sim renderer only: fail every render (a broken worker, for tests).
     #[arg(long)]
     sim_fail: bool,
+    /// Export traces over OTLP/gRPC to this collector URL (e.g. http://127.0.0.1:4317);
+    /// nothing is exported when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -96,14 +100,25 @@ enum RendererKind {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    kiln_proto::telemetry::init("info");
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    let telemetry =
+        match kiln_proto::telemetry::init("kiln-worker", "info", args.otlp_endpoint.as_deref()) {
+            Ok(telemetry) => telemetry,
+            Err(e) => {
+                eprintln!("kiln-worker: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+    let code = match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kiln-worker: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // Flushes the last spans while the runtime still runs the exporter.
+    drop(telemetry);
+    code
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
