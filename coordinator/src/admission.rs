@@ -73,6 +73,8 @@ pub async fn admit(
         class: None,
         dedupe: true,
         verify_of: None,
+        // The handler's span (a child of the submitter's, when it sent one).
+        traceparent: kiln_proto::telemetry::traceparent(&tracing::Span::current()),
     };
     Ok(core.store.create_job(job).await?)
 }

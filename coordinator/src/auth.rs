@@ -647,6 +647,7 @@ mod tests {
             idempotency_key: None,
             class: None,
             verify_of: None,
+            traceparent: None,
         }
     }
 

@@ -139,6 +139,7 @@ pub async fn verify(core: &Core, id: JobId, sample: usize) -> CoordinatorResult<
         // A verification must render, never reuse.
         dedupe: false,
         verify_of: Some(id),
+        traceparent: kiln_proto::telemetry::traceparent(&tracing::Span::current()),
     };
     let (created, _) = core.store.create_job(new).await?;
     tracing::info!(job = %id, verification = %created.id, items = original_index.len(), "verification submitted");

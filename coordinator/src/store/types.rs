@@ -37,6 +37,8 @@ pub struct NewJob {
     pub dedupe: bool,
     /// The job this one verifies.
     pub verify_of: Option<JobId>,
+    /// W3C `traceparent` of the submission's span: leases of its tasks continue that trace.
+    pub traceparent: Option<String>,
 }
 
 /// One task to insert.
@@ -121,6 +123,8 @@ pub struct JobRecord {
     pub class: Option<String>,
     /// The job this one verifies.
     pub verify_of: Option<JobId>,
+    /// W3C `traceparent` of the submission's span, when it was traced.
+    pub traceparent: Option<String>,
 }
 
 impl JobRecord {

@@ -165,6 +165,7 @@ impl Store for MemoryStore {
             idempotency_key: new.idempotency_key.clone(),
             class: new.class.clone(),
             verify_of: new.verify_of,
+            traceparent: new.traceparent,
         };
         let mut entry = JobEntry {
             record: record.clone(),

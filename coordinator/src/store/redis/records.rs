@@ -91,6 +91,7 @@ pub(super) fn parse_job(h: &HashMap<String, String>) -> StoreResult<JobRecord> {
             "" => None,
             v => Some(parse_id(v, "job id")?),
         },
+        traceparent: Some(s("traceparent")).filter(|t| !t.is_empty()),
     })
 }
 
