@@ -5,6 +5,7 @@
 //! The binaries are the ones `cargo build --workspace --bins` put beside the
 //! test executable; README's test command builds them first.
 
+pub mod otlp;
 pub mod redis;
 
 use std::io::{BufRead, BufReader, Write};
@@ -133,6 +134,11 @@ impl Coordinator {
     /// `port` (0: any free one), with results under `dir/results`.
     pub fn start_on(dir: &Path, name: &str, port: u16, extra: &[&str]) -> anyhow::Result<Self> {
         Self::launch(dir, name, port, extra, &[], None)
+    }
+
+    /// Starts a coordinator with `extra` flags and the environment variables `env`.
+    pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::launch(dir, "coordinator", 0, extra, env, None)
     }
 
     /// Starts a coordinator that serves TLS: `extra` and `env` must give it
