@@ -108,16 +108,22 @@ pub fn init(
         let _ = tracing_subscriber::registry().with(logs).try_init();
         return Ok(Telemetry { provider: None });
     };
-    let failed = |e: &dyn std::fmt::Display| TelemetryError {
+    let failed = |message: String| TelemetryError {
         endpoint: kiln_domain::error::quote(endpoint),
-        message: e.to_string(),
+        // The exporter's words repeat the URL, which is quoted (cut) above.
+        message: message.replace(endpoint, "the URL"),
     };
+    if !endpoint.starts_with("http://") {
+        return Err(failed(
+            "must be an http:// URL of an OTLP/gRPC collector, e.g. http://127.0.0.1:4317".into(),
+        ));
+    }
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
         .with_timeout(EXPORT_TIMEOUT)
         .build()
-        .map_err(|e| failed(&e))?;
+        .map_err(|e| failed(e.to_string()))?;
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(Resource::builder().with_service_name(service).build())
@@ -228,6 +234,28 @@ impl Extractor for MetadataExtractor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_that_is_not_an_http_url_is_refused_in_one_line() {
+        for endpoint in ["not a url", "collector:4317", "https://collector:4317"] {
+            let e = init("kiln-test", "warn", Some(endpoint))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("--otlp-endpoint \""), "{e}");
+            assert!(e.contains("must be an http:// URL"), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        assert!(!is_exporting());
+    }
+
+    #[test]
+    fn without_an_endpoint_no_exporter_runs() {
+        for endpoint in [None, Some(""), Some("  ")] {
+            let guard = init("kiln-test", "warn", endpoint).unwrap();
+            assert!(!guard.is_exporting());
+            assert!(!is_exporting());
+        }
+    }
 
     #[test]
     fn without_an_exporter_nothing_is_written_or_adopted() {
