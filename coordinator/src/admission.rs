@@ -75,6 +75,7 @@ pub async fn admit(
         verify_of: None,
         // The handler's span (a child of the submitter's, when it sent one).
         traceparent: kiln_proto::telemetry::traceparent(&tracing::Span::current()),
+        notify: core.webhooks.targets(&spec.notify),
     };
     Ok(core.store.create_job(job).await?)
 }

@@ -7,6 +7,7 @@
 
 pub mod otlp;
 pub mod redis;
+pub mod s3;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -136,7 +137,8 @@ impl Coordinator {
         Self::launch(dir, name, port, extra, &[], None)
     }
 
-    /// Starts a coordinator with `extra` flags and the environment variables `env`.
+    /// Starts a coordinator with `extra` flags and the environment `env`; an
+    /// `--results` among `extra` replaces the default result directory.
     pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         Self::launch(dir, "coordinator", 0, extra, env, None)
     }
@@ -166,7 +168,10 @@ impl Coordinator {
             .open(&log)?;
         let results_arg = results.display().to_string();
         let listen = format!("127.0.0.1:{port}");
-        let mut args = vec!["--listen", listen.as_str(), "--results", &results_arg];
+        let mut args = vec!["--listen", listen.as_str()];
+        if !extra.contains(&"--results") {
+            args.extend(["--results", results_arg.as_str()]);
+        }
         args.extend_from_slice(extra);
         let mut child = Command::new(binary("kiln-coordinator"))
             .args(&args)

@@ -849,6 +849,7 @@ impl Generator {
                 .submitted
                 .is_multiple_of(2)
                 .then(|| format!("00-{base:032x}-{:016x}-01", self.submitted + 1)),
+            notify: Vec::new(),
         };
         self.sent.push(job.clone());
         Op::Submit(job)
