@@ -769,6 +769,7 @@ mod tests {
                 class: None,
                 dedupe: false,
                 verify_of: None,
+                traceparent: None,
                 notify: Vec::new(),
             })
             .await
