@@ -51,6 +51,15 @@ struct Cli {
     /// KILN_TOKEN environment variable); needed by a coordinator with --auth.
     #[arg(long, global = true, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Export traces over OTLP/gRPC to this collector URL (e.g. http://127.0.0.1:4317);
+    /// nothing is exported when unset.
+    #[arg(
+        long,
+        global = true,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "URL"
+    )]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,12 +92,23 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    kiln_proto::telemetry::init("warn");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("kiln: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    // Declared after the runtime, so dropped (and flushed) before it: the
+    // exporter sends through it.
+    let _telemetry = {
+        let _in_runtime = runtime.enter();
+        match kiln_proto::telemetry::init("kiln", "warn", cli.otlp_endpoint.as_deref()) {
+            Ok(telemetry) => telemetry,
+            Err(e) => {
+                eprintln!("kiln: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     };
     match runtime.block_on(run(cli)) {

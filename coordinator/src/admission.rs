@@ -76,6 +76,8 @@ pub async fn admit(
         class: None,
         dedupe: true,
         verify_of: None,
+        // The handler's span (a child of the submitter's, when it sent one).
+        traceparent: kiln_proto::telemetry::traceparent(&tracing::Span::current()),
         notify: core.webhooks.targets(&spec.notify),
     };
     Ok(core.store.create_job(job).await?)

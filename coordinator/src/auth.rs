@@ -669,6 +669,7 @@ mod tests {
             class: None,
             verify_of: None,
             paused: false,
+            traceparent: None,
         }
     }
 

@@ -254,6 +254,7 @@ pub fn lease(l: &Lease) -> pb::LeasedTask {
         recipe: Some(kiln_proto::convert::recipe_to_pb(&l.recipe)),
         lease_ttl_ms: l.ttl.as_millis() as u32,
         blobs: Vec::new(),
+        traceparent: String::new(),
     }
 }
 

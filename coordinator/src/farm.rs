@@ -7,10 +7,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use kiln_proto::convert::job_spec_from_pb;
 use kiln_proto::error::FieldError;
 use kiln_proto::ids::{JobId, WorkerId};
-use kiln_proto::pb;
+use kiln_proto::{pb, telemetry};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::auth::{Action, Caller, Projects, caller_of};
 use crate::core::Core;
@@ -48,9 +49,15 @@ impl pb::farm_server::Farm for FarmService {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        // A child of the submitter's span when it sent a traceparent; the job
+        // keeps this span's context for its leases.
+        let span = tracing::info_span!("submit_job");
+        telemetry::adopt(&span, request.metadata());
         let caller = caller_of(&request)?;
         Ok(Response::new(
-            submit_job(&self.core, &caller, request.into_inner()).await?,
+            submit_job(&self.core, &caller, request.into_inner())
+                .instrument(span)
+                .await?,
         ))
     }
 

@@ -77,6 +77,10 @@ struct Args {
     /// can reach the port can submit, lease and cancel).
     #[arg(long)]
     insecure: bool,
+    /// Export traces over OTLP/gRPC to this collector URL (e.g. http://127.0.0.1:4317);
+    /// nothing is exported when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// POST a JSON summary to this http(s) URL when any job submitted here
     /// ends (repeatable; added to the batch file's `notify`).
     #[arg(long, value_name = "URL")]
@@ -96,14 +100,28 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    kiln_proto::telemetry::init("info");
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    let telemetry = match kiln_proto::telemetry::init(
+        "kiln-coordinator",
+        "info",
+        args.otlp_endpoint.as_deref(),
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("kiln-coordinator: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kiln-coordinator: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // Flushes the last spans while the runtime still runs the exporter.
+    drop(telemetry);
+    code
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

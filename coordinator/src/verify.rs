@@ -139,6 +139,7 @@ pub async fn verify(core: &Core, id: JobId, sample: usize) -> CoordinatorResult<
         // A verification must render, never reuse.
         dedupe: false,
         verify_of: Some(id),
+        traceparent: kiln_proto::telemetry::traceparent(&tracing::Span::current()),
         // `kiln verify` waits for its answer itself: no webhook.
         notify: Vec::new(),
     };

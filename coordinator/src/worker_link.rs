@@ -1,6 +1,7 @@
 //! The `kiln.v1.WorkerLink` service: what workers call. Every report carries
 //! the lease's epoch, and the store refuses a stale one.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,10 +9,11 @@ use bytes::Bytes;
 use kiln_proto::error::{FieldError, quote};
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 use kiln_proto::model::short_hash;
-use kiln_proto::pb;
 use kiln_proto::recipe::check_model_name;
 use kiln_proto::status::bounded;
+use kiln_proto::{pb, telemetry};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::auth::{Caller, caller_of};
 use crate::convert;
@@ -76,8 +78,13 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
+        // A child of the worker's span of this task, when it sent a traceparent.
+        let span = tracing::info_span!("result_intake", task = %request.get_ref().task_id);
+        telemetry::adopt(&span, request.metadata());
         let caller = caller_of(&request)?;
-        intake(&self.core, &caller, request.into_inner()).await?;
+        intake(&self.core, &caller, request.into_inner())
+            .instrument(span)
+            .await?;
         Ok(Response::new(pb::CompleteResponse {}))
     }
 
@@ -239,9 +246,11 @@ async fn lease_response(
     }
     record_queue_waits(core, &claim.leases).await;
     let mut tasks = Vec::with_capacity(claim.leases.len());
+    let mut traces = HashMap::new();
     for l in &claim.leases {
         tracing::debug!(worker = %worker, job = %l.job, task = %l.task, index = l.index, epoch = %l.epoch, "leased");
         let mut task = convert::lease(l);
+        task.traceparent = lease_trace(core, &mut traces, worker, l).await;
         task.blobs = lease_blobs(core, l).await.map_err(|e| (Some(l.task), e))?;
         tasks.push(task);
     }
@@ -282,6 +291,42 @@ fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Records a `lease` span in the trace of the lease's job (when the job was
+/// submitted traced and this coordinator exports spans) and returns its
+/// `traceparent` for the worker; empty otherwise. `traces` keeps each job's
+/// context for the rest of one claim.
+async fn lease_trace(
+    core: &Core,
+    traces: &mut HashMap<JobId, Option<String>>,
+    worker: &WorkerId,
+    lease: &Lease,
+) -> String {
+    if !telemetry::is_exporting() {
+        return String::new();
+    }
+    let parent = match traces.get(&lease.job) {
+        Some(parent) => parent.clone(),
+        None => {
+            let parent = match core.store.job(lease.job).await {
+                Ok(job) => job.traceparent,
+                Err(e) => {
+                    // A trace is not worth failing a lease for.
+                    tracing::debug!(job = %lease.job, error = %e, "no trace context for the lease");
+                    None
+                }
+            };
+            traces.insert(lease.job, parent.clone());
+            parent
+        }
+    };
+    let Some(parent) = parent else {
+        return String::new();
+    };
+    let span = tracing::info_span!("lease", worker = %worker, job = %lease.job, task = %lease.task, index = lease.index, epoch = %lease.epoch);
+    telemetry::adopt_traceparent(&span, &parent);
+    telemetry::traceparent(&span).unwrap_or_default()
 }
 
 /// Ends a lease the worker will never hear of through the store's fail path:
@@ -655,6 +700,7 @@ mod tests {
                 class: None,
                 dedupe: false,
                 verify_of: None,
+                traceparent: None,
                 notify: Vec::new(),
             })
             .await
@@ -795,6 +841,7 @@ mod tests {
                 class: None,
                 dedupe: false,
                 verify_of: None,
+                traceparent: None,
                 notify: Vec::new(),
             })
             .await

@@ -70,6 +70,7 @@ pub fn encode_png_with(
     model_hash: &str,
     compression: png::Compression,
 ) -> Result<Vec<u8>, png::EncodingError> {
+    let _span = tracing::info_span!("png_encode").entered();
     let mut out = Vec::with_capacity(image.pixels.len() / 2 + 1024);
     {
         let mut encoder = png::Encoder::new(&mut out, image.width, image.height);

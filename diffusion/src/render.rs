@@ -147,7 +147,7 @@ pub(super) fn render_batch(
         inputs.iter().map(|_| None).collect();
     let mut ready = Vec::with_capacity(inputs.len());
     for (index, input) in inputs.iter().enumerate() {
-        let span = tracing::debug_span!("prepare", seed = input.recipe.seed);
+        let span = tracing::info_span!("prepare", seed = input.recipe.seed);
         let _entered = span.enter();
         let started = Instant::now();
         match prepare(pipeline, index, input) {
@@ -159,8 +159,6 @@ pub(super) fn render_batch(
         }
     }
     for group in groups(pipeline, ready) {
-        let span = tracing::debug_span!("denoise", tasks = group.len());
-        let _entered = span.enter();
         for (index, outcome) in denoise(pipeline, group, on_step) {
             results[index] = Some(outcome);
         }
@@ -254,13 +252,15 @@ fn prepare<'a>(
         }
         _ => p.blank_image_conditioning(latent_height, latent_width)?,
     };
-    let cond = p.conditioning_with(
-        &recipe.prompt,
-        negative,
-        latent_height,
-        latent_width,
-        image_cond,
-    )?;
+    let cond = tracing::info_span!("text_encode").in_scope(|| {
+        p.conditioning_with(
+            &recipe.prompt,
+            negative,
+            latent_height,
+            latent_width,
+            image_cond,
+        )
+    })?;
     let blend = match (&init_latents, &latent_repaint) {
         (Some(init), Some(mask)) if !p.inpainting => Some(Blend {
             init: init.clone(),
@@ -366,7 +366,9 @@ fn denoise(
 ) -> Vec<(usize, Result<Rendered, PipelineError>)> {
     let mut done = Vec::with_capacity(tasks.len());
     let started = Instant::now();
-    let steps = run_steps(p, &mut tasks, &mut done, on_step);
+    // The sampling loop alone: each task's `vae_decode` follows it.
+    let steps = tracing::info_span!("denoise", tasks = tasks.len())
+        .in_scope(|| run_steps(p, &mut tasks, &mut done, on_step));
     let denoised_in = started.elapsed();
     if let Err(e) = steps {
         let text = e.to_string();
@@ -377,7 +379,7 @@ fn denoise(
         return done;
     }
     for task in tasks {
-        let span = tracing::debug_span!("vae_decode", seed = task.recipe.seed);
+        let span = tracing::info_span!("vae_decode", seed = task.recipe.seed);
         let _entered = span.enter();
         let started = Instant::now();
         let image = p.decode(&task.latents).map(|mut image| {

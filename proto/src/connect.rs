@@ -3,7 +3,8 @@
 //! roots plus an optional extra CA, and a client certificate when one is given.
 //! Every client built here sends the caller's token the same way: the
 //! [`Bearer`] interceptor adds `authorization: Bearer TOKEN` to each call, and
-//! [`read_token`] reads the token from `--token-file` or `KILN_TOKEN`.
+//! [`read_token`] reads the token from `--token-file` or `KILN_TOKEN`; beside
+//! it, [`Outgoing`] adds the caller's W3C `traceparent` when spans are exported.
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -314,19 +315,33 @@ pub fn read_token(file: Option<&Path>) -> Result<Bearer, FieldError> {
     }
 }
 
-/// A channel whose calls carry the caller's token.
-pub type AuthChannel = InterceptedService<Channel, Bearer>;
+/// The interceptor of every kiln client: the [`Bearer`] token, then the
+/// trace context of the calling span (`traceparent`, see
+/// [`telemetry::inject`](crate::telemetry::inject)).
+#[derive(Clone, Debug, Default)]
+pub struct Outgoing(Bearer);
+
+impl Interceptor for Outgoing {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut request = self.0.call(request)?;
+        crate::telemetry::inject(request.metadata_mut());
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the caller's token and trace context.
+pub type AuthChannel = InterceptedService<Channel, Outgoing>;
 
 /// Returns a Farm client with kiln's message size limits, sending `token`.
 pub fn farm_client(channel: Channel, token: Bearer) -> FarmClient<AuthChannel> {
-    FarmClient::with_interceptor(channel, token)
+    FarmClient::with_interceptor(channel, Outgoing(token))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// Returns a WorkerLink client with kiln's message size limits, sending `token`.
 pub fn worker_link_client(channel: Channel, token: Bearer) -> WorkerLinkClient<AuthChannel> {
-    WorkerLinkClient::with_interceptor(channel, token)
+    WorkerLinkClient::with_interceptor(channel, Outgoing(token))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }

@@ -5,6 +5,7 @@
 //! The binaries are the ones `cargo build --workspace --bins` put beside the
 //! test executable; README's test command builds them first.
 
+pub mod otlp;
 pub mod redis;
 pub mod s3;
 

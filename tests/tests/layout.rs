@@ -17,6 +17,11 @@ const NETWORK: &[&str] = &[
     "tonic-prost",
     "hyper",
     "h2",
+    // The engine's spans are plain `tracing`; exporting them is the binaries' business.
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry-otlp",
+    "tracing-opentelemetry",
 ];
 
 /// The resolved graph: package name → names of its normal (not dev, not build) dependencies.

@@ -18,9 +18,11 @@ use std::time::Duration;
 use kiln_proto::connect::is_transient;
 use kiln_proto::ids::{Epoch, TaskId, WorkerId};
 use kiln_proto::pb::{self, AbandonReason, FaultClass};
+use kiln_proto::telemetry;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::convert;
 use crate::link::Link;
@@ -413,9 +415,20 @@ impl Agent {
                 },
             );
             tracing::debug!(worker = %self.shared.worker, job = %task.job_id, index = task.index, epoch = %epoch, "rendering");
-            let handle = (task_id, epoch, abandoned, reporting);
+            // Continues the coordinator's lease span, when it sent one; so
+            // does the report below.
+            let render_span = tracing::info_span!("render", task = %task_id, job = %task.job_id, index = task.index, epoch = %epoch);
+            telemetry::adopt_traceparent(&render_span, &task.traceparent);
+            let handle = (
+                task_id,
+                epoch,
+                abandoned,
+                reporting,
+                task.traceparent.clone(),
+            );
             match convert::render_task(&task) {
-                Ok(t) => {
+                Ok(mut t) => {
+                    t.span = render_span;
                     submitted.push((t, control));
                     handles.push((handle, None));
                 }
@@ -423,7 +436,7 @@ impl Agent {
             }
         }
         let mut receivers = self.render.submit(submitted).into_iter();
-        for ((task_id, epoch, abandoned, reporting), refused) in handles {
+        for ((task_id, epoch, abandoned, reporting, traceparent), refused) in handles {
             let receiver = match refused {
                 Some(_) => None,
                 None => receivers.next(),
@@ -438,7 +451,11 @@ impl Agent {
                 // An abort that handed the task back already took it out of hand.
                 let in_hand = shared.in_flight().contains_key(&task_id);
                 if in_hand {
-                    report(&shared, task_id, epoch, &abandoned, result).await;
+                    let span = tracing::info_span!("report", task = %task_id, epoch = %epoch);
+                    telemetry::adopt_traceparent(&span, &traceparent);
+                    report(&shared, task_id, epoch, &abandoned, result)
+                        .instrument(span)
+                        .await;
                 }
                 shared.in_flight().remove(&task_id);
                 shared.slot_freed.notify_waiters();

@@ -49,6 +49,7 @@ pub fn render_task(task: &pb::LeasedTask) -> Result<RenderTask, RenderError> {
         init_image: blob(&recipe.init_image)?,
         mask: blob(&recipe.mask)?,
         recipe,
+        span: tracing::Span::none(),
     })
 }
 

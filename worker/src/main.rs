@@ -97,6 +97,10 @@ struct Args {
     /// address (off by default: one host runs one worker per GPU).
     #[arg(long, env = "KILN_WORKER_HTTP", value_name = "ADDR")]
     http: Option<SocketAddr>,
+    /// Export traces over OTLP/gRPC to this collector URL (e.g. http://127.0.0.1:4317);
+    /// nothing is exported when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -109,14 +113,25 @@ enum RendererKind {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    kiln_proto::telemetry::init("info");
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    let telemetry =
+        match kiln_proto::telemetry::init("kiln-worker", "info", args.otlp_endpoint.as_deref()) {
+            Ok(telemetry) => telemetry,
+            Err(e) => {
+                eprintln!("kiln-worker: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+    let code = match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kiln-worker: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // Flushes the last spans while the runtime still runs the exporter.
+    drop(telemetry);
+    code
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -190,6 +190,19 @@ fn run_group(renderer: &dyn Renderer, group: Vec<Job>) {
         }
         None => false,
     };
+    // A task rendered alone renders inside its own span; a batch inside one
+    // `render_batch` span that follows from each task's.
+    let span = match tasks.as_slice() {
+        [task] => task.span.clone(),
+        _ => {
+            let span = tracing::info_span!("render_batch", tasks = tasks.len());
+            for task in &tasks {
+                span.follows_from(&task.span);
+            }
+            span
+        }
+    };
+    let _entered = span.enter();
     // A panic inside a model (candle asserts) fails these tasks, not the worker.
     let results = catch_unwind(AssertUnwindSafe(|| {
         renderer.render_batch(&tasks, &mut on_step)

@@ -7,6 +7,7 @@ use kiln_proto::convert::job_spec_to_pb;
 use kiln_proto::pb;
 use kiln_proto::spec::{ExpandedItem, check_label};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::batch::Batch;
 use crate::client::Farm;
@@ -54,7 +55,10 @@ pub async fn send(
         spec: Some(job_spec_to_pb(&batch.spec)),
         idempotency_key: idempotency_key.unwrap_or_default(),
     };
-    farm.submit(req).await.map_err(|status| {
+    // The root of the job's trace when spans are exported: the call carries
+    // its traceparent to the coordinator.
+    let span = tracing::info_span!("submit", job_name = %batch.spec.name);
+    farm.submit(req).instrument(span).await.map_err(|status| {
         if let Some(field) = Farm::rejected_field(&status) {
             return anyhow::Error::new(batch.locate(&field));
         }

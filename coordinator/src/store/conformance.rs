@@ -59,6 +59,7 @@ fn new_job(n: u32, model: &str) -> NewJob {
         class: None,
         dedupe: true,
         verify_of: None,
+        traceparent: None,
         notify: Vec::new(),
     }
 }
@@ -310,6 +311,27 @@ pub async fn create_job_queues_every_task(store: &dyn Store) {
         store.job(JobId::new()).await,
         Err(StoreError::JobNotFound(_))
     ));
+}
+
+pub async fn a_jobs_trace_context_is_kept_with_it(store: &dyn Store) {
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let mut traced = new_job(2, "tiny");
+    traced.traceparent = Some(traceparent.into());
+    let (record, _) = store.create_job(traced).await.unwrap();
+    assert_eq!(record.traceparent.as_deref(), Some(traceparent));
+    let read = store.job(record.id).await.unwrap();
+    assert_eq!(read.traceparent.as_deref(), Some(traceparent));
+    let (plain, _) = store.create_job(new_job(1, "tiny")).await.unwrap();
+    assert_eq!(store.job(plain.id).await.unwrap().traceparent, None);
+    let listed = store.jobs(10).await.unwrap();
+    let find = |id| {
+        listed
+            .iter()
+            .find(|j| j.id == id)
+            .map(|j| j.traceparent.clone())
+    };
+    assert_eq!(find(record.id), Some(Some(traceparent.to_string())));
+    assert_eq!(find(plain.id), Some(None));
 }
 
 pub async fn idempotency_key_returns_the_same_job(store: &dyn Store) {
@@ -2739,6 +2761,7 @@ macro_rules! store_conformance {
     ($make:expr) => {
         store_conformance!(@tests $make;
             create_job_queues_every_task,
+            a_jobs_trace_context_is_kept_with_it,
             idempotency_key_returns_the_same_job,
             claim_leases_in_item_order_with_new_epochs,
             claim_only_gives_models_the_worker_holds,

@@ -908,6 +908,11 @@ impl Generator {
             class: verification.then(|| self.rng.pick(&CLASSES).to_string()),
             dedupe: !verification && self.rng.chance(85),
             verify_of,
+            // Every other job carries a trace context, which both stores must keep.
+            traceparent: self
+                .submitted
+                .is_multiple_of(2)
+                .then(|| format!("00-{base:032x}-{:016x}-01", self.submitted + 1)),
             notify: Vec::new(),
         };
         self.sent.push(job.clone());

@@ -40,6 +40,8 @@ pub struct NewJob {
     pub dedupe: bool,
     /// The job this one verifies.
     pub verify_of: Option<JobId>,
+    /// W3C `traceparent` of the submission's span: leases of its tasks continue that trace.
+    pub traceparent: Option<String>,
     /// URLs to POST to when the job ends: the batch file's `notify` and the
     /// coordinator's `--webhook`s. The store opens a [`Delivery`] for them in
     /// the transition that ends the job.
@@ -131,6 +133,8 @@ pub struct JobRecord {
     /// Paused: the job keeps its place in the queue, but nothing new of it
     /// is leased ([`policy::leasable`](super::policy::leasable)).
     pub paused: bool,
+    /// W3C `traceparent` of the submission's span, when it was traced.
+    pub traceparent: Option<String>,
 }
 
 impl JobRecord {

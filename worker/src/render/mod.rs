@@ -42,6 +42,9 @@ pub struct RenderTask {
     pub init_image: Option<Vec<u8>>,
     /// The inpainting mask (PNG or JPEG), when the recipe has one.
     pub mask: Option<Vec<u8>>,
+    /// The task's `render` span (in its job's trace), entered by the render
+    /// thread while the task renders alone: the engine's spans become its children.
+    pub span: tracing::Span,
 }
 
 impl RenderTask {
@@ -51,6 +54,7 @@ impl RenderTask {
             recipe,
             init_image: None,
             mask: None,
+            span: tracing::Span::none(),
         }
     }
 

@@ -169,6 +169,7 @@ impl Store for MemoryStore {
             class: new.class.clone(),
             verify_of: new.verify_of,
             paused: false,
+            traceparent: new.traceparent,
         };
         let mut entry = JobEntry {
             record: record.clone(),

@@ -2,7 +2,7 @@
 -- idempotency key (or its id, on a retried call) already names.
 -- ARGV: 3 job id, 4 project, 5 idempotency key, 6 name, 7 priority,
 --       8 pin class (0/1), 9 class, 10 dedupe (0/1), 11 verify_of,
---       12 task count, then TASK_ARGS values per task (id, index, model, model hash,
+--       12 traceparent, 13 task count, then TASK_ARGS values per task (id, index, model, model hash,
 --       recipe json, file name, steps, series, shot, depends_on (-1: none),
 --       avoid json, batch key, recipe hash), then a blob count and (sha, bytes) pairs,
 --       then the webhook targets as a JSON array ('[]': none).
@@ -13,14 +13,15 @@ if idem ~= '' then
   local existing = redis.call('GET', k('idem', project, idem))
   if existing and redis.call('EXISTS', k('job', existing)) == 1 then return {0, existing} end
 end
-local n = tonumber(ARGV[12])
+local n = tonumber(ARGV[13])
 redis.call('HSET', k('job', job), 'id', job, 'name', name, 'project', project, 'priority', prio,
   'state', JOB_RUNNING, 'created', NOW, 'finished', 0, 'idem', idem, 'total', n, TASK_QUEUED, n,
   TASK_LEASED, 0, TASK_COMPLETED, 0, TASK_FAILED, 0, TASK_CANCELLED, 0, 'seq', 0,
-  'pin', ARGV[8], 'class', ARGV[9], 'dedupe', ARGV[10], 'verify_of', ARGV[11], 'served', 0)
+  'pin', ARGV[8], 'class', ARGV[9], 'dedupe', ARGV[10], 'verify_of', ARGV[11], 'traceparent', ARGV[12],
+  'served', 0)
 redis.call('ZADD', k('jobs'), NOW, job)
 if idem ~= '' then redis.call('SET', k('idem', project, idem), job) end
-local at = 13
+local at = 14
 for _ = 1, n do
   local tid, index, model = ARGV[at], tonumber(ARGV[at + 1]), ARGV[at + 2]
   local depends = tonumber(ARGV[at + 9])

@@ -341,6 +341,7 @@ impl Store for RedisStore {
         let priority = i64::from(job.priority);
         let class = job.class.clone().unwrap_or_default();
         let verify_of = job.verify_of.map(|j| j.to_string()).unwrap_or_default();
+        let traceparent = job.traceparent.clone().unwrap_or_default();
         let mut owned: Vec<String> = Vec::with_capacity(job.tasks.len() * TASK_ARGS);
         for t in &job.tasks {
             let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("task: {e}"));
@@ -391,6 +392,7 @@ impl Store for RedisStore {
             Arg::Str(&class),
             Arg::Int(i64::from(job.dedupe)),
             Arg::Str(&verify_of),
+            Arg::Str(&traceparent),
             Arg::Str(&total),
         ];
         args.extend(owned.iter().map(|s| Arg::Str(s)));
@@ -1019,6 +1021,7 @@ mod tests {
             class: None,
             dedupe: true,
             verify_of: None,
+            traceparent: None,
             notify: Vec::new(),
         }
     }

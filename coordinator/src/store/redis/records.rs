@@ -93,6 +93,7 @@ pub(super) fn parse_job(h: &HashMap<String, String>) -> StoreResult<JobRecord> {
         },
         // Absent until the job is first paused.
         paused: s("paused") == "1",
+        traceparent: Some(s("traceparent")).filter(|t| !t.is_empty()),
     })
 }
 

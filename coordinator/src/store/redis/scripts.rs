@@ -225,7 +225,7 @@ mod tests {
     /// Argument positions a script reads outside an index expression: each is
     /// the first position of a repeated group, documented in the script's
     /// header (`ARGV: ...`) and written by `mod.rs` in the same order.
-    const ARGUMENT_POSITIONS: &[(&str, &str)] = &[("enqueue.lua", "13"), ("heartbeat.lua", "6")];
+    const ARGUMENT_POSITIONS: &[(&str, &str)] = &[("enqueue.lua", "14"), ("heartbeat.lua", "6")];
 
     /// Removes comments and string literals, so only code is scanned.
     fn code_of(source: &str) -> String {
