@@ -27,8 +27,8 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use kiln_domain::error::{FieldError, MAX_QUOTED_CHARS, quote};
-use kiln_domain::spec::{
+use crate::error::{FieldError, MAX_QUOTED_CHARS, quote};
+use crate::spec::{
     self, Blob, ExpandedItem, FIELDS, FieldValue, JobSpec, RecipeFields, SeriesSpec, SweepAxis,
 };
 use toml::Spanned;
@@ -374,7 +374,7 @@ impl Parser {
         let shown = quote(&file.display().to_string());
         let data = std::fs::read(&file)
             .map_err(|e| self.err(path, &value.span(), format!("cannot read {shown}: {e}")))?;
-        kiln_domain::image::check_image(path, &data)
+        crate::image::check_image(path, &data)
             .map_err(|e| self.err(path, &value.span(), format!("{shown}: {}", e.message)))?;
         let blob = Blob::new(data);
         let sha = blob.sha256.clone();
@@ -740,7 +740,7 @@ mod tests {
     use super::*;
 
     /// The batch file of issue #2, word for word.
-    pub const ISSUE_BATCH: &str = r#"[defaults]
+    const ISSUE_BATCH: &str = r#"[defaults]
 model = "tiny"
 width = 64
 height = 64
@@ -821,21 +821,6 @@ seed = 42
         let e = error_of(&ISSUE_BATCH.replace("steps = 4", "steps = = 4"));
         assert_eq!(e.line, Some(5));
         assert!(e.message.starts_with("not valid TOML"), "{e}");
-    }
-
-    #[test]
-    fn coordinator_refusals_are_located_by_their_field() {
-        let batch = Batch::parse("b.toml", ISSUE_BATCH).unwrap();
-        let status = kiln_proto::status::invalid_argument(FieldError::new(
-            "defaults.model",
-            "unknown model \"tiny\"; the farm knows sd15",
-        ));
-        let field = crate::client::Farm::rejected_field(&status).unwrap();
-        let e = batch.locate(&field);
-        assert_eq!((e.line, e.path.as_str()), (Some(2), "defaults.model"));
-        assert!(e.message.starts_with("unknown model"), "{e}");
-        let bare = tonic::Status::invalid_argument("defaults.model: no details");
-        assert!(crate::client::Farm::rejected_field(&bare).is_none());
     }
 
     #[test]
