@@ -27,7 +27,7 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use crate::error::{FieldError, MAX_QUOTED_CHARS, quote};
+use crate::error::{FieldError, MAX_QUOTED_CHARS, one_line, quote};
 use crate::spec::{
     self, Blob, ExpandedItem, FIELDS, FieldValue, JobSpec, RecipeFields, SeriesSpec, SweepAxis,
 };
@@ -68,26 +68,6 @@ impl fmt::Display for BatchError {
         }
         write!(f, ": {}", one_line(&self.message, None))
     }
-}
-
-/// Returns `text` fit for a one-line refusal: control characters escaped as
-/// `\n`, `\u{1b}` (a quoted TOML key, and so a field path, may hold a
-/// line break or a terminal escape), and cut after `max` characters when
-/// given (a key may be as long as the file).
-fn one_line(text: &str, max: Option<usize>) -> String {
-    let mut out = String::with_capacity(text.len());
-    for (i, c) in text.chars().enumerate() {
-        if max == Some(i) {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 impl std::error::Error for BatchError {}

@@ -48,6 +48,26 @@ pub fn quote(value: &str) -> String {
     }
 }
 
+/// Returns `text` fit for a one-line refusal or log line: control
+/// characters escaped as `\n`, `\u{1b}` (a quoted TOML key, and so a field
+/// path, may hold a line break or a terminal escape), and cut after `max`
+/// characters (marked with `…`) when given (a key may be as long as the file).
+pub fn one_line(text: &str, max: Option<usize>) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, c) in text.chars().enumerate() {
+        if max == Some(i) {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Most characters of a user's name a field path keeps (`sweep.NAME`,
 /// `series.NAME`): names are checked after the path naming them is built,
 /// so an over-long one must not make every message about it long too.
@@ -86,5 +106,12 @@ mod tests {
         let name = segment(&"é".repeat(10_000));
         assert_eq!(name.chars().count(), MAX_PATH_SEGMENT_CHARS + 1);
         assert!(name.ends_with('…'));
+    }
+
+    #[test]
+    fn one_line_escapes_control_characters_and_cuts() {
+        assert_eq!(one_line("a\nb\u{1b}[2J", None), "a\\nb\\u{1b}[2J");
+        assert_eq!(one_line("abcdef", Some(3)), "abc…");
+        assert_eq!(one_line("abc", Some(3)), "abc");
     }
 }
