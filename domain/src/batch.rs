@@ -28,6 +28,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use crate::error::{FieldError, MAX_QUOTED_CHARS, one_line, quote};
+use crate::image::MAX_BLOB_BYTES;
 use crate::spec::{
     self, Blob, ExpandedItem, FIELDS, FieldValue, JobSpec, RecipeFields, SeriesSpec, SweepAxis,
 };
@@ -352,8 +353,19 @@ impl Parser {
         let file = self.base.join(&name);
         // The name is the user's, as long as the file: quoted, so cut short.
         let shown = quote(&file.display().to_string());
-        let data = std::fs::read(&file)
+        // At most one byte past the limit: a file without end (`/dev/zero`)
+        // is refused instead of filling memory.
+        let mut data = Vec::new();
+        std::fs::File::open(&file)
+            .and_then(|f| f.take(MAX_BLOB_BYTES as u64 + 1).read_to_end(&mut data))
             .map_err(|e| self.err(path, &value.span(), format!("cannot read {shown}: {e}")))?;
+        if data.len() > MAX_BLOB_BYTES {
+            return Err(self.err(
+                path,
+                &value.span(),
+                format!("{shown}: larger than the limit of {MAX_BLOB_BYTES} bytes for an image"),
+            ));
+        }
         crate::image::check_image(path, &data)
             .map_err(|e| self.err(path, &value.span(), format!("{shown}: {}", e.message)))?;
         let blob = Blob::new(data);
@@ -936,6 +948,21 @@ seed = 9001
         let e = Batch::read(&big).unwrap_err();
         assert_eq!(e.line, None);
         assert!(e.message.contains("16 MiB"), "{e}");
+    }
+
+    /// An image file was read whole: `init_image = "/dev/zero"` filled memory.
+    #[cfg(unix)]
+    #[test]
+    fn regression_an_endless_image_file_is_refused_at_the_limit() {
+        let text =
+            "[defaults]\nmodel = \"tiny\"\n[[items]]\nprompt = \"x\"\ninit_image = \"/dev/zero\"\n";
+        let e = Batch::parse("b.toml", text).unwrap_err();
+        assert_eq!((e.line, e.path.as_str()), (Some(5), "items[0].init_image"));
+        assert!(
+            e.message
+                .contains("larger than the limit of 33554432 bytes"),
+            "{e}"
+        );
     }
 
     #[test]
