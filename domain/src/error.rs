@@ -38,13 +38,24 @@ impl FieldError {
 pub const MAX_QUOTED_CHARS: usize = 200;
 
 /// Returns `value` quoted for an error message (`"…"`, escaped as Rust's
-/// `{:?}` does), cut after [`MAX_QUOTED_CHARS`] characters with the full
-/// length said, so a 100 KB value never comes back whole.
+/// `{:?}` does), cut after [`MAX_QUOTED_CHARS`] characters of the escaped
+/// text with the full length said, so a 100 KB value never comes back whole.
+/// The cut is counted after escaping: an escape such as `\u{1e}` makes one
+/// character of the value six of the message.
 pub fn quote(value: &str) -> String {
-    let mut chars = value.char_indices();
-    match chars.nth(MAX_QUOTED_CHARS) {
-        None => format!("{value:?}"),
-        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    let mut shown = 0;
+    let mut end = value.len();
+    for (i, c) in value.char_indices() {
+        shown += c.escape_debug().count();
+        if shown > MAX_QUOTED_CHARS {
+            end = i;
+            break;
+        }
+    }
+    if end == value.len() {
+        format!("{value:?}")
+    } else {
+        format!("{:?}… ({} bytes)", &value[..end], value.len())
     }
 }
 
@@ -102,6 +113,16 @@ mod tests {
         assert!(q.ends_with("… (100000 bytes)"), "{q}");
         let wide = "é".repeat(MAX_QUOTED_CHARS + 1);
         assert!(quote(&wide).contains("bytes)"));
+        assert_eq!(
+            quote(&"x".repeat(MAX_QUOTED_CHARS)).len(),
+            MAX_QUOTED_CHARS + 2
+        );
+        // Found by the `spec` fuzz target: 200 control characters, each
+        // escaped as `\u{1e}`, made a quote of 1,200 bytes.
+        let controls = quote(&"\u{1e}".repeat(MAX_QUOTED_CHARS));
+        assert!(controls.len() < MAX_QUOTED_CHARS + 40, "{}", controls.len());
+        assert!(controls.starts_with("\"\\u{1e}"), "{controls}");
+        assert!(controls.ends_with("… (200 bytes)"), "{controls}");
         assert_eq!(segment("prompt"), "prompt");
         let name = segment(&"é".repeat(10_000));
         assert_eq!(name.chars().count(), MAX_PATH_SEGMENT_CHARS + 1);
