@@ -30,7 +30,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::error::{CoordinatorError, CoordinatorResult};
-use crate::store::{JobRecord, StoreError};
+use crate::store::{JobRecord, RunningCaps, StoreError};
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +169,12 @@ impl Caller {
         }
     }
 
+    /// Returns the name a worker session opened by this caller is bound
+    /// to: the token's name, or `None` without `--auth` (binding off).
+    pub fn principal(&self) -> Option<&str> {
+        self.authenticated.then_some(self.name.as_str())
+    }
+
     /// Returns whether this caller reaches jobs of `project`.
     pub fn may_see(&self, project: &str) -> bool {
         match &self.projects {
@@ -261,7 +267,7 @@ pub struct ProjectLimits {
     pub name: String,
     /// Most tasks the project may have queued or running at once.
     pub max_queued_tasks: Option<u64>,
-    /// Most tasks of the project leased at once (parsed, not enforced yet).
+    /// Most tasks of the project leased at once (enforced by the store at each claim).
     pub max_running_tasks: Option<u64>,
     /// Most tasks in one job.
     pub max_tasks_per_job: Option<u64>,
@@ -546,6 +552,15 @@ impl Auth {
         self.table().projects.get(project).cloned()
     }
 
+    /// Returns every project's `max_running_tasks` in the table in force.
+    pub fn running_caps(&self) -> RunningCaps {
+        self.table()
+            .projects
+            .values()
+            .filter_map(|p| Some((p.name.clone(), p.max_running_tasks?)))
+            .collect()
+    }
+
     /// Turns a request's metadata into its caller.
     ///
     /// # Errors
@@ -667,6 +682,31 @@ mod tests {
         assert_eq!(found.default_project(), Some("studio-a"));
         assert!(table.caller(&token_hash("other")).is_none());
         assert_eq!(table.projects["studio-a"].max_queued_tasks, Some(5));
+    }
+
+    #[test]
+    fn caps_and_principals_come_from_the_table_in_force() {
+        let text = format!(
+            "{}\n[[project]]\nname = \"capped\"\nmax_running_tasks = 2\n\n[[project]]\nname = \"open\"\nmax_queued_tasks = 9\n",
+            entry("worker", "[]")
+        );
+        let auth = Auth::with_table(AuthTable::parse(&text).unwrap());
+        assert_eq!(
+            auth.running_caps(),
+            RunningCaps::from([("capped".to_string(), 2)]),
+            "a project without max_running_tasks has no cap"
+        );
+        assert!(Auth::off().running_caps().is_empty());
+        let worker = AuthTable::parse(&text)
+            .unwrap()
+            .caller(&token_hash("test"))
+            .unwrap();
+        assert_eq!(worker.principal(), Some("t"));
+        assert_eq!(
+            Caller::implicit_admin().principal(),
+            None,
+            "no --auth: no binding"
+        );
     }
 
     #[test]

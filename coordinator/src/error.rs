@@ -284,6 +284,7 @@ impl CoordinatorError {
                 | StoreError::TaskNotFound(_)
                 | StoreError::NoTaskAt { .. }
                 | StoreError::UnknownWorker(_) => Code::NotFound,
+                StoreError::WorkerBound(_) => Code::PermissionDenied,
                 StoreError::Unavailable(_) => Code::Unavailable,
                 StoreError::Backend(_) | StoreError::Corrupt(_) | StoreError::Misconfigured(_) => {
                     Code::Internal

@@ -12,12 +12,13 @@ use kiln_proto::recipe::check_model_name;
 use kiln_proto::status::bounded;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Caller, caller_of};
 use crate::convert;
 use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult, Report, StaleRefusal};
 use crate::store::{
-    Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, ProgressReport, TaskResult,
-    WorkerRegistration,
+    Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, ProgressReport, StoreError,
+    TaskResult, WorkerRegistration,
 };
 
 /// Most tasks one Lease call may ask for.
@@ -43,8 +44,9 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let caller = caller_of(&request)?;
         Ok(Response::new(
-            register(&self.core, request.into_inner()).await?,
+            register(&self.core, &caller, request.into_inner()).await?,
         ))
     }
 
@@ -52,8 +54,9 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let caller = caller_of(&request)?;
         Ok(Response::new(
-            lease(&self.core, request.into_inner()).await?,
+            lease(&self.core, &caller, request.into_inner()).await?,
         ))
     }
 
@@ -61,8 +64,9 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let caller = caller_of(&request)?;
         Ok(Response::new(
-            heartbeat(&self.core, request.into_inner()).await?,
+            heartbeat(&self.core, &caller, request.into_inner()).await?,
         ))
     }
 
@@ -70,7 +74,8 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        intake(&self.core, request.into_inner()).await?;
+        let caller = caller_of(&request)?;
+        intake(&self.core, &caller, request.into_inner()).await?;
         Ok(Response::new(pb::CompleteResponse {}))
     }
 
@@ -78,12 +83,16 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         &self,
         request: Request<pb::FailRequest>,
     ) -> Result<Response<pb::FailResponse>, Status> {
-        Ok(Response::new(fail(&self.core, request.into_inner()).await?))
+        let caller = caller_of(&request)?;
+        Ok(Response::new(
+            fail(&self.core, &caller, request.into_inner()).await?,
+        ))
     }
 }
 
 async fn register(
     core: &Core,
+    caller: &Caller,
     req: pb::RegisterRequest,
 ) -> CoordinatorResult<pb::RegisterResponse> {
     let id = WorkerId::parse_field("worker_id", &req.worker_id)?;
@@ -106,18 +115,21 @@ async fn register(
         });
     }
     let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
-    tracing::info!(worker = %id, slots = req.slots, models = ?names, class = %req.determinism_class, "worker registered");
+    tracing::info!(worker = %id, token = %caller.name, slots = req.slots, models = ?names, class = %req.determinism_class, "worker registered");
     let released = core
         .store
-        .register_worker(WorkerRegistration {
-            id: id.clone(),
-            labels: req.labels.into_iter().collect(),
-            gpu_memory_bytes: req.gpu_memory_bytes,
-            slots: req.slots,
-            models,
-            determinism_class: req.determinism_class,
-            version: req.version,
-        })
+        .register_worker(
+            WorkerRegistration {
+                id: id.clone(),
+                labels: req.labels.into_iter().collect(),
+                gpu_memory_bytes: req.gpu_memory_bytes,
+                slots: req.slots,
+                models,
+                determinism_class: req.determinism_class,
+                version: req.version,
+            },
+            caller.principal(),
+        )
         .await?;
     for r in released {
         tracing::warn!(worker = %id, job = %r.job, task = %r.task, epoch = %r.epoch, "worker re-registered: its old lease was released");
@@ -132,12 +144,20 @@ async fn register(
     })
 }
 
-async fn lease(core: &Core, req: pb::LeaseRequest) -> CoordinatorResult<pb::LeaseResponse> {
+async fn lease(
+    core: &Core,
+    caller: &Caller,
+    req: pb::LeaseRequest,
+) -> CoordinatorResult<pb::LeaseResponse> {
     let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
+    let owner = caller.principal();
     let max = req.max_tasks.min(MAX_TASKS_PER_LEASE) as usize;
     let wait = Duration::from_millis(u64::from(req.wait_ms)).min(core.config.max_lease_wait);
+    // Read at every claim: a SIGHUP reload changes the caps of the next one.
+    let caps = core.auth.running_caps();
+    let ttl = core.config.lease_ttl;
     let claim = tokio::select! {
-        c = core.store.claim(&worker, max, core.config.lease_ttl, wait, &req.resident_models) => c?,
+        c = core.store.claim(&worker, owner, max, ttl, wait, &req.resident_models, &caps) => c?,
         // Claims are cancel-safe: dropping a waiting claim leased nothing.
         _ = core.shutdown.cancelled() => Default::default(),
     };
@@ -157,7 +177,7 @@ async fn lease(core: &Core, req: pb::LeaseRequest) -> CoordinatorResult<pb::Leas
                 } else {
                     Fault::Cancelled
                 };
-                hand_back(core, &worker, l, fault, &why).await;
+                hand_back(core, &worker, owner, l, fault, &why).await;
             }
             Err(CoordinatorError::LeaseNotSent(Box::new(e)))
         }
@@ -217,12 +237,20 @@ async fn lease_response(
 /// Ends a lease the worker will never hear of through the store's fail path:
 /// with `Fault::Cancelled` it is handed back (queued again at once, no attempt
 /// used); with another fault it counts as a failed attempt.
-async fn hand_back(core: &Core, worker: &WorkerId, l: &Lease, fault: Fault, why: &str) {
+async fn hand_back(
+    core: &Core,
+    worker: &WorkerId,
+    owner: Option<&str>,
+    l: &Lease,
+    fault: Fault,
+    why: &str,
+) {
     let message = format!("the coordinator could not send the lease: {why}");
     let handed = core
         .store
         .fail(
             worker,
+            owner,
             l.task,
             l.epoch,
             fault,
@@ -243,6 +271,7 @@ async fn hand_back(core: &Core, worker: &WorkerId, l: &Lease, fault: Fault, why:
 
 async fn heartbeat(
     core: &Core,
+    caller: &Caller,
     req: pb::HeartbeatRequest,
 ) -> CoordinatorResult<pb::HeartbeatResponse> {
     let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
@@ -255,7 +284,10 @@ async fn heartbeat(
         });
     }
     let ttl = core.config.lease_ttl;
-    let out = core.store.heartbeat(&worker, &progress, ttl).await?;
+    let out = core
+        .store
+        .heartbeat(&worker, caller.principal(), &progress, ttl)
+        .await?;
     Ok(pb::HeartbeatResponse {
         extended_task_ids: out.extended.iter().map(|t| t.to_string()).collect(),
         abandon: out
@@ -272,7 +304,11 @@ async fn heartbeat(
     })
 }
 
-async fn fail(core: &Core, req: pb::FailRequest) -> CoordinatorResult<pb::FailResponse> {
+async fn fail(
+    core: &Core,
+    caller: &Caller,
+    req: pb::FailRequest,
+) -> CoordinatorResult<pb::FailResponse> {
     let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
     let task = TaskId::parse_field("task_id", &req.task_id)?;
     let epoch = Epoch(req.epoch);
@@ -284,6 +320,7 @@ async fn fail(core: &Core, req: pb::FailRequest) -> CoordinatorResult<pb::FailRe
         .store
         .fail(
             &worker,
+            caller.principal(),
             task,
             epoch,
             fault,
@@ -369,7 +406,7 @@ async fn lease_blobs(core: &Core, lease: &Lease) -> CoordinatorResult<Vec<pb::Bl
 
 /// Takes in a rendered image: checks it, stages it under its epoch, lets the
 /// store decide, then publishes or discards it.
-async fn intake(core: &Core, req: pb::CompleteRequest) -> CoordinatorResult<()> {
+async fn intake(core: &Core, caller: &Caller, req: pb::CompleteRequest) -> CoordinatorResult<()> {
     let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
     let task_id = TaskId::parse_field("task_id", &req.task_id)?;
     let epoch = Epoch(req.epoch);
@@ -414,7 +451,11 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> CoordinatorResult<()> 
         // The store fills in the worker's class.
         class: String::new(),
     };
-    match core.store.complete(&worker, task_id, epoch, result).await {
+    let outcome = core
+        .store
+        .complete(&worker, caller.principal(), task_id, epoch, result)
+        .await;
+    match outcome {
         Ok(CompleteOutcome::Accepted { job_finished }) => {
             core.results
                 .publish(&folder, &task.file_name, &staged)
@@ -430,6 +471,11 @@ async fn intake(core: &Core, req: pb::CompleteRequest) -> CoordinatorResult<()> 
             let refused = stale(core, &worker, task_id, epoch, Report::Complete, reason).await;
             tracing::warn!(worker = %worker, job = %task.job, task = %task_id, epoch = %epoch, error = %refused, "stale completion refused");
             Err(refused)
+        }
+        // Refused before anything changed: the upload is never accepted.
+        Err(e @ StoreError::WorkerBound(_)) => {
+            core.results.discard(&staged).await?;
+            Err(e.into())
         }
         // The outcome is unknown (the store may have accepted it before the
         // connection failed), so the staged upload stays: the worker retries,
@@ -460,7 +506,8 @@ mod tests {
     use crate::config::CoordinatorConfig;
     use crate::results::ResultStore;
     use crate::store::{
-        MemoryStore, NewJob, NewTask, Outcome, SeriesPlace, Store, TaskResult, TaskState,
+        MemoryStore, NewJob, NewTask, Outcome, RunningCaps, SeriesPlace, Store, TaskResult,
+        TaskState,
     };
 
     fn task(index: u32, depends_on: Option<u32>) -> NewTask {
@@ -505,18 +552,21 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let w = WorkerId("w1".into());
         store
-            .register_worker(WorkerRegistration {
-                id: w.clone(),
-                labels: BTreeMap::new(),
-                gpu_memory_bytes: 0,
-                slots: 1,
-                models: vec![ModelInfo {
-                    name: "tiny".into(),
-                    hash: "h".into(),
-                }],
-                determinism_class: "cpu/f32".into(),
-                version: "test".into(),
-            })
+            .register_worker(
+                WorkerRegistration {
+                    id: w.clone(),
+                    labels: BTreeMap::new(),
+                    gpu_memory_bytes: 0,
+                    slots: 1,
+                    models: vec![ModelInfo {
+                        name: "tiny".into(),
+                        hash: "h".into(),
+                    }],
+                    determinism_class: "cpu/f32".into(),
+                    version: "test".into(),
+                },
+                None,
+            )
             .await
             .unwrap();
         let job = JobId::new();
@@ -533,12 +583,13 @@ mod tests {
                 class: None,
                 dedupe: false,
                 verify_of: None,
+                notify: Vec::new(),
             })
             .await
             .unwrap();
         let ttl = Duration::from_secs(30);
         let anchor = store
-            .claim(&w, 1, ttl, Duration::ZERO, &[])
+            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
             .await
             .unwrap()
             .leases
@@ -554,7 +605,7 @@ mod tests {
             class: String::new(),
         };
         store
-            .complete(&w, anchor.task, anchor.epoch, result)
+            .complete(&w, None, anchor.task, anchor.epoch, result)
             .await
             .unwrap();
         let core = Arc::new(Core::new(
@@ -564,12 +615,15 @@ mod tests {
         ));
         let service = WorkerLinkService::new(core.clone());
         let lease = |max_tasks| {
-            service.lease(Request::new(pb::LeaseRequest {
+            let mut request = Request::new(pb::LeaseRequest {
                 worker_id: "w1".into(),
                 max_tasks,
                 wait_ms: 0,
                 resident_models: Vec::new(),
-            }))
+            });
+            // What the interceptor puts there without --auth.
+            request.extensions_mut().insert(Caller::implicit_admin());
+            service.lease(request)
         };
         // One answer with the shot and an innocent task of the same job.
         let answer = lease(2).await;
@@ -604,5 +658,119 @@ mod tests {
         let innocent = store.task_at(job, 2).await.unwrap();
         assert_eq!(ids, [innocent.id.to_string()]);
         assert_eq!(innocent.faults(), 0);
+    }
+
+    fn png(shade: u8) -> Vec<u8> {
+        let img = image::RgbImage::from_pixel(64, 64, image::Rgb([shade, 0, 0]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    fn complete_request(task: TaskId, epoch: Epoch, png: Vec<u8>) -> Request<pb::CompleteRequest> {
+        let mut request = Request::new(pb::CompleteRequest {
+            worker_id: "w1".into(),
+            task_id: task.to_string(),
+            epoch: epoch.0,
+            sha256: kiln_domain::image::sha256_hex(&png),
+            png,
+            model_hash: "h".into(),
+            timings: None,
+        });
+        // What the interceptor puts there without --auth.
+        request.extensions_mut().insert(Caller::implicit_admin());
+        request
+    }
+
+    /// On a real S3 API (moto, see `kiln_tests::s3`): a completion under an epoch the store
+    /// refuses leaves nothing in the bucket, neither under the final name
+    /// nor staged; the accepted one appears under the final name only.
+    #[tokio::test]
+    async fn a_refused_completion_leaves_nothing_in_the_bucket() {
+        let s3 = kiln_tests::s3::S3Server::start().unwrap();
+        let results =
+            ResultStore::open_with_env(&format!("s3://{}/unit", s3.bucket()), s3.env()).unwrap();
+        results.check().await.unwrap();
+        let store = Arc::new(MemoryStore::new());
+        let registration = WorkerRegistration {
+            id: WorkerId("w1".into()),
+            labels: BTreeMap::new(),
+            gpu_memory_bytes: 0,
+            slots: 1,
+            models: vec![ModelInfo {
+                name: "tiny".into(),
+                hash: "h".into(),
+            }],
+            determinism_class: "cpu/f32".into(),
+            version: "test".into(),
+        };
+        store
+            .register_worker(registration.clone(), None)
+            .await
+            .unwrap();
+        let job = JobId::new();
+        store
+            .create_job(NewJob {
+                id: job,
+                name: "two".into(),
+                project: "default".into(),
+                priority: 0,
+                idempotency_key: None,
+                // Two tasks, so the job stays running: no manifest yet.
+                tasks: vec![task(0, None), task(1, None)],
+                blobs: Vec::new(),
+                pin_class: false,
+                class: None,
+                dedupe: false,
+                verify_of: None,
+                notify: Vec::new(),
+            })
+            .await
+            .unwrap();
+        let w = WorkerId("w1".into());
+        let ttl = Duration::from_secs(30);
+        let old = store
+            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        // The worker restarts: its old lease is released and fenced.
+        store.register_worker(registration, None).await.unwrap();
+        let new = store
+            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        assert!(new.epoch > old.epoch);
+        let core = Arc::new(Core::new(
+            store.clone(),
+            results,
+            CoordinatorConfig::default(),
+        ));
+        let service = WorkerLinkService::new(core);
+        let refused = service
+            .complete(complete_request(old.task, old.epoch, png(1)))
+            .await
+            .expect_err("the old epoch is stale");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert_eq!(
+            s3.keys("unit/").unwrap(),
+            Vec::<String>::new(),
+            "a refused upload leaves nothing"
+        );
+        let accepted = png(2);
+        service
+            .complete(complete_request(new.task, new.epoch, accepted.clone()))
+            .await
+            .unwrap();
+        let final_key = format!("unit/{job}/00000-lighthouse.png");
+        assert_eq!(s3.keys("unit/").unwrap(), std::slice::from_ref(&final_key));
+        assert_eq!(s3.get(&final_key).unwrap(), accepted);
     }
 }

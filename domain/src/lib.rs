@@ -23,3 +23,4 @@ pub mod image;
 pub mod prompt;
 pub mod recipe;
 pub mod spec;
+pub mod webhook;

@@ -314,3 +314,140 @@ fn without_auth_a_public_address_needs_insecure() {
     });
     proc.kill();
 }
+
+/// `max_running_tasks = 1`: with two sim workers, never more than one task
+/// of the capped project is leased at once (sampled with a foreign gRPC
+/// client, one consistent worker listing per sample), while the other
+/// project's tasks go to the other worker; both jobs complete.
+#[test]
+fn max_running_tasks_caps_a_projects_leases() {
+    use kiln_proto::connect::{Bearer, channel, farm_client};
+    use kiln_proto::pb;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let admin = new_token("ops-admin", "admin", &[]);
+    let worker = new_token("render-nodes", "worker", &[]);
+    let auth = d.join("auth.toml");
+    std::fs::write(
+        &auth,
+        format!(
+            "{}\n{}\n[[project]]\nname = \"capped\"\nmax_running_tasks = 1\n",
+            admin.block, worker.block
+        ),
+    )
+    .unwrap();
+    let coord = Coordinator::start(d, &["--auth", arg(&auth)]).unwrap();
+    let url = coord.url.clone();
+    let worker_file = d.join("worker.token");
+    std::fs::write(&worker_file, &worker.token).unwrap();
+    let _workers: Vec<Proc> = ["w1", "w2"]
+        .iter()
+        .map(|id| {
+            kiln_tests::worker(
+                d,
+                &url,
+                id,
+                &[
+                    "--renderer",
+                    "sim",
+                    "--model",
+                    "simtoy",
+                    "--sim-step",
+                    "150ms",
+                    "--token-file",
+                    arg(&worker_file),
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    wait_for(Duration::from_secs(60), "both workers to register", || {
+        let out = kiln_as(Some(&admin), &url, &["workers", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+        (list.as_array()?.len() == 2).then_some(())
+    });
+    // More capped work than free work: once the free job is done, both
+    // workers would take capped tasks if nothing held them back.
+    let submit = |name: &str, project: &str, n: usize| {
+        let file = batch(d, name, Some(project), n);
+        let out = kiln_as(Some(&admin), &url, &["submit", arg(&file), "--json"]);
+        assert_eq!(out.code, 0, "submit: {}", out.stderr);
+        job_id(&out.stdout).unwrap()
+    };
+    let capped = submit("capped.toml", "capped", 8);
+    let free = submit("free.toml", "free", 3);
+
+    kiln_tests::block(async {
+        let ch = channel("url", &url, &Default::default()).unwrap();
+        let farm = farm_client(ch, Bearer::new(&admin.token).unwrap());
+        let task_ids = |job: &str| {
+            let mut farm = farm.clone();
+            let job = job.to_string();
+            async move {
+                let got = farm
+                    .get_job(pb::GetJobRequest {
+                        job_id: job,
+                        include_tasks: true,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                got.tasks
+                    .into_iter()
+                    .map(|t| t.task_id)
+                    .collect::<std::collections::HashSet<_>>()
+            }
+        };
+        let (capped_tasks, free_tasks) = (task_ids(&capped).await, task_ids(&free).await);
+        let state = |job: &str| {
+            let mut farm = farm.clone();
+            let job = job.to_string();
+            async move {
+                farm.get_job(pb::GetJobRequest {
+                    job_id: job,
+                    include_tasks: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .job
+                .unwrap()
+                .state
+            }
+        };
+        let running = pb::JobState::Running as i32;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (mut samples, mut side_by_side) = (0, false);
+        while state(&capped).await == running || state(&free).await == running {
+            assert!(Instant::now() < deadline, "the jobs never finished");
+            let workers = farm
+                .clone()
+                .list_workers(pb::ListWorkersRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .workers;
+            let leased = |tasks: &std::collections::HashSet<String>| {
+                workers
+                    .iter()
+                    .flat_map(|w| &w.running_task_ids)
+                    .filter(|t| tasks.contains(*t))
+                    .count()
+            };
+            let (c, f) = (leased(&capped_tasks), leased(&free_tasks));
+            assert!(c <= 1, "{c} tasks of the capped project leased at once");
+            side_by_side |= c == 1 && f >= 1;
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(samples > 10, "only {samples} samples");
+        assert!(
+            side_by_side,
+            "the free project never ran beside the capped one"
+        );
+        for job in [&capped, &free] {
+            assert_eq!(state(job).await, pb::JobState::Completed as i32, "{job}");
+        }
+    });
+}

@@ -347,3 +347,253 @@ fn tokens_work_over_tls() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(!coord.proc.output().contains(token));
 }
+
+/// A token made by `kiln token new` (the token, its `[[token]]` block).
+fn new_token(name: &str, role: &str) -> (String, String) {
+    let made = kiln_env(
+        &["token", "new", "--name", name, "--role", role, "--json"],
+        &[],
+    );
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    let made: serde_json::Value = serde_json::from_str(&made.stdout).unwrap();
+    (
+        made["token"].as_str().unwrap().to_string(),
+        made["block"].as_str().unwrap().to_string(),
+    )
+}
+
+/// A 64x64 PNG that no renderer made.
+fn forged_png() -> Vec<u8> {
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(64, 64, image::Rgb([255, 0, 0])))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    png
+}
+
+/// Over TLS with real tokens: while worker w1 (token pool-a) is alive, a
+/// second worker token can neither start a worker under its id (it exits in
+/// one line) nor register, lease, heartbeat, complete or fail under it from
+/// a foreign gRPC client; the task it tried to complete with forged bytes
+/// keeps w1's image, and w1's own token goes on working.
+#[test]
+fn a_live_worker_id_belongs_to_the_token_that_registered_it() {
+    use kiln_proto::connect::{Bearer, TlsOptions, channel, farm_client, worker_link_client};
+    use kiln_proto::pb;
+    use sha2::Digest as _;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let pki = Pki::make(d);
+    let (admin, admin_block) = new_token("ops", "admin");
+    let (pool_a, a_block) = new_token("pool-a", "worker");
+    let (pool_b, b_block) = new_token("pool-b", "worker");
+    let auth = d.join("auth.toml");
+    std::fs::write(&auth, format!("{admin_block}\n{a_block}\n{b_block}\n")).unwrap();
+    let mut flags = pki.server_flags();
+    flags.extend_from_slice(&["--auth", arg(&auth)]);
+    let coord = Coordinator::start_tls(d, &flags, &[]).unwrap();
+    let url = coord.url.clone();
+    let (a_file, b_file) = (d.join("pool-a.token"), d.join("pool-b.token"));
+    std::fs::write(&a_file, &pool_a).unwrap();
+    std::fs::write(&b_file, &pool_b).unwrap();
+    // Slow enough that the foreign calls below find a task leased to w1.
+    let mut w1 = kiln_tests::worker(
+        d,
+        &url,
+        "w1",
+        &[
+            "--renderer",
+            "sim",
+            "--model",
+            "simtoy",
+            "--sim-step",
+            "1s",
+            "--ca",
+            arg(&pki.ca),
+            "--token-file",
+            arg(&a_file),
+        ],
+    )
+    .unwrap();
+    let env = [("KILN_CA", arg(&pki.ca)), ("KILN_TOKEN", admin.as_str())];
+    wait_for_workers_as(&url, &env, "w1");
+
+    // A worker process under pool-b with w1's id stops at once, in one line.
+    let impostor_dir = d.join("impostor");
+    std::fs::create_dir(&impostor_dir).unwrap();
+    let mut impostor = sim_worker(
+        &impostor_dir,
+        &url,
+        "w1",
+        &["--token-file", arg(&b_file)],
+        &[("KILN_CA", arg(&pki.ca))],
+    )
+    .unwrap();
+    let code = impostor.wait_exit(Duration::from_secs(30));
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exit {code:?}: {}",
+        impostor.output()
+    );
+    let said: Vec<String> = impostor
+        .output()
+        .lines()
+        .filter(|l| l.contains("registered by another token"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(said.len(), 1, "{}", impostor.output());
+    assert!(said[0].contains("worker id w1"), "{}", said[0]);
+
+    let batch = d.join("batch.toml");
+    sweep_file(&batch, "simtoy", 1, 2, 2).unwrap();
+    let submit = kiln_env(
+        &["submit", arg(&batch), "--json", "--coordinator", &url],
+        &env,
+    );
+    assert_eq!(submit.code, 0, "submit: {}", submit.stderr);
+    let job = job_id(&submit.stdout).unwrap();
+
+    let tls = TlsOptions {
+        ca: Some(pki.ca.clone()),
+        ..Default::default()
+    };
+    kiln_tests::block(async {
+        let ch = channel("url", &url, &tls).unwrap();
+        let mut farm = farm_client(ch.clone(), Bearer::new(&admin).unwrap());
+        let mut as_b = worker_link_client(ch.clone(), Bearer::new(&pool_b).unwrap());
+        let mut as_a = worker_link_client(ch, Bearer::new(&pool_a).unwrap());
+        let get = pb::GetJobRequest {
+            job_id: job.clone(),
+            include_tasks: true,
+        };
+        // A task w1 holds now.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let held = loop {
+            let tasks = farm.get_job(get.clone()).await.unwrap().into_inner().tasks;
+            if let Some(t) = tasks
+                .into_iter()
+                .find(|t| t.state == pb::TaskState::Leased as i32)
+            {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "w1 never leased a task");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let epoch = held.attempts.last().unwrap().epoch;
+
+        let denied = |what: &str, status: tonic::Status| {
+            assert_eq!(
+                status.code(),
+                tonic::Code::PermissionDenied,
+                "{what}: {status:?}"
+            );
+            assert_eq!(
+                status.message(),
+                "worker id w1 is registered by another token",
+                "{what}"
+            );
+            assert!(!status.message().contains(&pool_a) && !status.message().contains(&pool_b));
+        };
+        let register = pb::RegisterRequest {
+            worker_id: "w1".into(),
+            slots: 1,
+            models: vec![pb::ModelInfo {
+                name: "simtoy".into(),
+                hash: "forged".into(),
+            }],
+            ..Default::default()
+        };
+        denied("register", as_b.register(register).await.unwrap_err());
+        let lease = pb::LeaseRequest {
+            worker_id: "w1".into(),
+            max_tasks: 1,
+            wait_ms: 0,
+            resident_models: vec![],
+        };
+        denied("lease", as_b.lease(lease).await.unwrap_err());
+        let beat = pb::HeartbeatRequest {
+            worker_id: "w1".into(),
+            tasks: vec![pb::LeaseProgress {
+                task_id: held.task_id.clone(),
+                epoch,
+                step: 1,
+            }],
+        };
+        denied("heartbeat", as_b.heartbeat(beat.clone()).await.unwrap_err());
+        let png = forged_png();
+        let forged_sha = hex::encode(sha2::Sha256::digest(&png));
+        let complete = pb::CompleteRequest {
+            worker_id: "w1".into(),
+            task_id: held.task_id.clone(),
+            epoch,
+            sha256: forged_sha.clone(),
+            png,
+            model_hash: "forged".into(),
+            timings: None,
+        };
+        denied("complete", as_b.complete(complete).await.unwrap_err());
+        let fail = pb::FailRequest {
+            worker_id: "w1".into(),
+            task_id: held.task_id.clone(),
+            epoch,
+            fault: pb::FaultClass::Internal as i32,
+            message: "forged".into(),
+        };
+        denied("fail", as_b.fail(fail).await.unwrap_err());
+        // The owner's token is not refused.
+        as_a.heartbeat(pb::HeartbeatRequest {
+            worker_id: "w1".into(),
+            tasks: vec![],
+        })
+        .await
+        .expect("w1's own token");
+
+        // The job completes on w1; the task kept w1's render, not the forgery.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let done = loop {
+            let got = farm.get_job(get.clone()).await.unwrap().into_inner();
+            if got.job.as_ref().unwrap().state != pb::JobState::Running as i32 {
+                break got;
+            }
+            assert!(Instant::now() < deadline, "the job never finished");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(
+            done.job.unwrap().state,
+            pb::JobState::Completed as i32,
+            "{}",
+            w1.output()
+        );
+        let task = done
+            .tasks
+            .iter()
+            .find(|t| t.task_id == held.task_id)
+            .unwrap();
+        assert_ne!(task.sha256, forged_sha);
+        assert!(
+            task.attempts.iter().all(|a| a.worker_id == "w1"),
+            "{:?}",
+            task.attempts
+        );
+        assert_eq!(task.attempts.len(), 1, "the forged fail changed nothing");
+    });
+    w1.kill();
+    for log in [coord.proc.output(), w1.output(), impostor.output()] {
+        for t in [&admin, &pool_a, &pool_b] {
+            assert!(!log.contains(t.as_str()), "a log holds a token");
+        }
+    }
+}
+
+/// Waits until `kiln workers` (with `env`) lists `id`.
+fn wait_for_workers_as(url: &str, env: &[(&str, &str)], id: &str) {
+    kiln_tests::wait_for(Duration::from_secs(60), "the worker to register", || {
+        let out = kiln_env(&["workers", "--json", "--coordinator", url], env);
+        let list: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+        list.as_array()?
+            .iter()
+            .any(|w| w["worker_id"] == id)
+            .then_some(())
+    });
+}

@@ -13,6 +13,8 @@ use super::*;
 
 const TTL: Duration = Duration::from_secs(30);
 const NO_WAIT: Duration = Duration::ZERO;
+/// No project capped.
+static NO_CAPS: RunningCaps = RunningCaps::new();
 
 fn recipe(model: &str, seed: u64) -> Recipe {
     Recipe {
@@ -57,6 +59,7 @@ fn new_job(n: u32, model: &str) -> NewJob {
         class: None,
         dedupe: true,
         verify_of: None,
+        notify: Vec::new(),
     }
 }
 
@@ -96,10 +99,172 @@ fn result() -> TaskResult {
 
 async fn claim(store: &dyn Store, w: &str, max: usize) -> Vec<Lease> {
     store
-        .claim(&worker(w), max, TTL, NO_WAIT, &[])
+        .claim(&worker(w), None, max, TTL, NO_WAIT, &[], &NO_CAPS)
         .await
         .expect("claim")
         .leases
+}
+
+/// A job with webhook targets and `n` tasks.
+fn notifying_job(n: u32, targets: &[&str]) -> NewJob {
+    let mut job = new_job(n, "tiny");
+    job.notify = targets.iter().map(|t| t.to_string()).collect();
+    job
+}
+
+async fn a_delivery_opens_when_a_notifying_job_ends(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let (job, _) = store
+        .create_job(notifying_job(
+            1,
+            &["https://a.example/", "https://b.example/"],
+        ))
+        .await
+        .unwrap();
+    let (quiet, _) = store.create_job(new_job(1, "tiny")).await.unwrap();
+    let mut leases = claim(store, "w1", 2).await;
+    if leases.len() < 2 {
+        leases.extend(claim(store, "w1", 2).await);
+    }
+    assert_eq!(leases.len(), 2);
+    leases.sort_by_key(|l| l.job == quiet.id);
+    let lease = &leases[0];
+    assert_eq!(lease.job, job.id);
+    assert_eq!(
+        store.claim_deliveries(10, TTL).await.unwrap(),
+        [],
+        "nothing to deliver while the job runs"
+    );
+    for l in &leases {
+        store
+            .complete(&worker("w1"), None, l.task, l.epoch, result())
+            .await
+            .unwrap();
+    }
+    // Only the job with targets has a delivery.
+    let due = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].job, job.id);
+    assert_eq!(due[0].attempt, 1);
+    assert_eq!(due[0].pending, ["https://a.example/", "https://b.example/"]);
+    assert!(due[0].age < Duration::from_secs(60));
+    assert_eq!(
+        store.claim_deliveries(10, TTL).await.unwrap(),
+        [],
+        "a claimed delivery is not handed out twice"
+    );
+    // One target answered: the other is retried, due at once here.
+    store
+        .settle_delivery(
+            job.id,
+            1,
+            &["https://a.example/".into()],
+            Some(Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    let due = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].attempt, 2);
+    assert_eq!(due[0].pending, ["https://b.example/"]);
+    store
+        .settle_delivery(job.id, 2, &["https://b.example/".into()], None)
+        .await
+        .unwrap();
+    assert_eq!(store.claim_deliveries(10, TTL).await.unwrap(), []);
+    // Settling a closed delivery changes nothing.
+    store
+        .settle_delivery(job.id, 2, &[], Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(store.claim_deliveries(10, TTL).await.unwrap(), []);
+}
+
+async fn a_cancelled_or_failed_job_delivers_too(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let (cancelled, _) = store
+        .create_job(notifying_job(2, &["https://c.example/"]))
+        .await
+        .unwrap();
+    store.cancel_job(cancelled.id).await.unwrap();
+    let due = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].job, cancelled.id);
+    store
+        .settle_delivery(cancelled.id, 1, &due[0].pending, None)
+        .await
+        .unwrap();
+    let (failed, _) = store
+        .create_job(notifying_job(1, &["https://f.example/"]))
+        .await
+        .unwrap();
+    let lease = claim(store, "w1", 1).await.remove(0);
+    store
+        .fail(
+            &worker("w1"),
+            None,
+            lease.task,
+            lease.epoch,
+            Fault::BadInput,
+            "no",
+            5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.job(failed.id).await.unwrap().state, JobState::Failed);
+    let due = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].job, failed.id);
+    // Cancelling an ended job opens no second delivery.
+    store.cancel_job(cancelled.id).await.unwrap();
+    assert_eq!(
+        store.claim_deliveries(10, Duration::ZERO).await.unwrap(),
+        []
+    );
+}
+
+async fn an_expired_delivery_claim_is_claimed_again(store: &dyn Store) {
+    let (job, _) = store
+        .create_job(notifying_job(
+            1,
+            &["https://a.example/", "https://b.example/"],
+        ))
+        .await
+        .unwrap();
+    store.cancel_job(job.id).await.unwrap();
+    // A coordinator claims it and dies: with a claim of zero length it is due again at once.
+    let first = store.claim_deliveries(10, Duration::ZERO).await.unwrap();
+    assert_eq!(first[0].attempt, 1);
+    let second = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].attempt, 2);
+    // The first claimant's late settle records its delivery but does not
+    // reschedule what the second claim owns.
+    store
+        .settle_delivery(job.id, 1, &["https://a.example/".into()], None)
+        .await
+        .unwrap();
+    assert_eq!(store.claim_deliveries(10, TTL).await.unwrap(), []);
+    store
+        .settle_delivery(job.id, 2, &[], Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let third = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(third.len(), 1);
+    assert_eq!(third[0].attempt, 3);
+    assert_eq!(third[0].pending, ["https://b.example/"]);
+    // At most `max` per claim.
+    store
+        .settle_delivery(job.id, 3, &[], Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(store.claim_deliveries(0, TTL).await.unwrap(), []);
 }
 
 /// Polls `f` until it returns Some, for at most 20 s (reaping needs real time on Redis).
@@ -167,7 +332,7 @@ pub async fn idempotency_key_returns_the_same_job(store: &dyn Store) {
 
 pub async fn claim_leases_in_item_order_with_new_epochs(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(3, "tiny");
@@ -191,11 +356,11 @@ pub async fn claim_leases_in_item_order_with_new_epochs(store: &dyn Store) {
 
 pub async fn claim_only_gives_models_the_worker_holds(store: &dyn Store) {
     store
-        .register_worker(registration("w-other", &["sdxl"]))
+        .register_worker(registration("w-other", &["sdxl"]), None)
         .await
         .unwrap();
     store
-        .register_worker(registration("w-tiny", &["tiny"]))
+        .register_worker(registration("w-tiny", &["tiny"]), None)
         .await
         .unwrap();
     let mut job = new_job(2, "tiny");
@@ -213,7 +378,7 @@ pub async fn claim_only_gives_models_the_worker_holds(store: &dyn Store) {
 
 pub async fn higher_priority_goes_first(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let low = new_job(2, "tiny");
@@ -228,7 +393,7 @@ pub async fn higher_priority_goes_first(store: &dyn Store) {
 
 pub async fn completing_every_task_finishes_the_job(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(2, "tiny");
@@ -236,12 +401,24 @@ pub async fn completing_every_task_finishes_the_job(store: &dyn Store) {
     store.create_job(job).await.unwrap();
     let leases = claim(store, "w1", 2).await;
     let first = store
-        .complete(&worker("w1"), leases[0].task, leases[0].epoch, result())
+        .complete(
+            &worker("w1"),
+            None,
+            leases[0].task,
+            leases[0].epoch,
+            result(),
+        )
         .await
         .unwrap();
     assert_eq!(first, CompleteOutcome::Accepted { job_finished: None });
     let last = store
-        .complete(&worker("w1"), leases[1].task, leases[1].epoch, result())
+        .complete(
+            &worker("w1"),
+            None,
+            leases[1].task,
+            leases[1].epoch,
+            result(),
+        )
         .await
         .unwrap();
     let CompleteOutcome::Accepted {
@@ -270,18 +447,26 @@ pub async fn completing_every_task_finishes_the_job(store: &dyn Store) {
 
 pub async fn expired_lease_is_fenced(store: &dyn Store) {
     store
-        .register_worker(registration("slow", &["tiny"]))
+        .register_worker(registration("slow", &["tiny"]), None)
         .await
         .unwrap();
     store
-        .register_worker(registration("fast", &["tiny"]))
+        .register_worker(registration("fast", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(1, "tiny");
     let id = job.id;
     store.create_job(job).await.unwrap();
     let old = store
-        .claim(&worker("slow"), 1, Duration::from_millis(100), NO_WAIT, &[])
+        .claim(
+            &worker("slow"),
+            None,
+            1,
+            Duration::from_millis(100),
+            NO_WAIT,
+            &[],
+            &NO_CAPS,
+        )
         .await
         .unwrap()
         .leases;
@@ -295,13 +480,14 @@ pub async fn expired_lease_is_fenced(store: &dyn Store) {
     assert!(new[0].epoch > old[0].epoch);
 
     let stale = store
-        .complete(&worker("slow"), old[0].task, old[0].epoch, result())
+        .complete(&worker("slow"), None, old[0].task, old[0].epoch, result())
         .await
         .unwrap();
     assert!(matches!(stale, CompleteOutcome::Stale { .. }), "{stale:?}");
     let hb = store
         .heartbeat(
             &worker("slow"),
+            None,
             &[ProgressReport {
                 task: old[0].task,
                 epoch: old[0].epoch,
@@ -322,7 +508,7 @@ pub async fn expired_lease_is_fenced(store: &dyn Store) {
     assert_eq!(task.attempts[0].outcome, Outcome::Expired);
     assert_eq!(task.attempts[0].fault, Some(Fault::WorkerLost));
     let ok = store
-        .complete(&worker("fast"), new[0].task, new[0].epoch, result())
+        .complete(&worker("fast"), None, new[0].task, new[0].epoch, result())
         .await
         .unwrap();
     assert!(matches!(ok, CompleteOutcome::Accepted { .. }));
@@ -339,7 +525,7 @@ pub async fn expired_lease_is_fenced(store: &dyn Store) {
 
 pub async fn heartbeat_extends_the_current_lease_only(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(1, "tiny");
@@ -348,6 +534,7 @@ pub async fn heartbeat_extends_the_current_lease_only(store: &dyn Store) {
     let hb = store
         .heartbeat(
             &worker("w1"),
+            None,
             &[
                 ProgressReport {
                     task: lease.task,
@@ -372,18 +559,18 @@ pub async fn heartbeat_extends_the_current_lease_only(store: &dyn Store) {
     assert!(!hb.drain);
     assert_eq!(store.task(lease.task).await.unwrap().step, 2);
     assert!(matches!(
-        store.heartbeat(&worker("nobody"), &[], TTL).await,
+        store.heartbeat(&worker("nobody"), None, &[], TTL).await,
         Err(StoreError::UnknownWorker(_))
     ));
 }
 
 pub async fn failed_task_is_retried_on_another_worker(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     store
-        .register_worker(registration("w2", &["tiny"]))
+        .register_worker(registration("w2", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(1, "tiny");
@@ -392,6 +579,7 @@ pub async fn failed_task_is_retried_on_another_worker(store: &dyn Store) {
     let out = store
         .fail(
             &worker("w1"),
+            None,
             lease.task,
             lease.epoch,
             Fault::OutOfMemory,
@@ -420,7 +608,7 @@ pub async fn failed_task_is_retried_on_another_worker(store: &dyn Store) {
 
 pub async fn failures_stop_at_the_attempt_limit(store: &dyn Store) {
     store
-        .register_worker(registration("only", &["tiny"]))
+        .register_worker(registration("only", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(1, "tiny");
@@ -436,6 +624,7 @@ pub async fn failures_stop_at_the_attempt_limit(store: &dyn Store) {
         let out = store
             .fail(
                 &worker("only"),
+                None,
                 leases[0].task,
                 leases[0].epoch,
                 Fault::Internal,
@@ -460,7 +649,7 @@ pub async fn failures_stop_at_the_attempt_limit(store: &dyn Store) {
 
 pub async fn bad_input_is_not_retried(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(1, "tiny");
@@ -469,6 +658,7 @@ pub async fn bad_input_is_not_retried(store: &dyn Store) {
     let out = store
         .fail(
             &worker("w1"),
+            None,
             lease.task,
             lease.epoch,
             Fault::BadInput,
@@ -488,7 +678,7 @@ pub async fn bad_input_is_not_retried(store: &dyn Store) {
 
 pub async fn handed_back_task_does_not_count_against_the_limit(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(1, "tiny");
@@ -498,6 +688,7 @@ pub async fn handed_back_task_does_not_count_against_the_limit(store: &dyn Store
         let out = store
             .fail(
                 &worker("w1"),
+                None,
                 lease.task,
                 lease.epoch,
                 Fault::Cancelled,
@@ -516,9 +707,82 @@ pub async fn handed_back_task_does_not_count_against_the_limit(store: &dyn Store
     }
 }
 
+/// A draining worker's hand-back (a `Cancelled` fault) is fenced like any
+/// report: under a stale epoch it changes nothing; under the current one the
+/// task is queued at once for the next worker, its attempt ends `Cancelled`,
+/// and the handed-back render's late result is refused as stale.
+pub async fn a_hand_back_is_fenced_and_its_late_result_is_stale(store: &dyn Store) {
+    for w in ["w1", "w2"] {
+        store
+            .register_worker(registration(w, &["tiny"]), None)
+            .await
+            .unwrap();
+    }
+    let job = new_job(1, "tiny");
+    store.create_job(job).await.unwrap();
+    let lease = claim(store, "w1", 1).await.remove(0);
+    let stale = store
+        .fail(
+            &worker("w1"),
+            None,
+            lease.task,
+            Epoch(lease.epoch.0 + 1),
+            Fault::Cancelled,
+            "draining",
+            3,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(stale, FailOutcome::Stale { .. }), "{stale:?}");
+    assert!(
+        claim(store, "w2", 1).await.is_empty(),
+        "a stale hand-back leaves the lease with w1"
+    );
+    let out = store
+        .fail(
+            &worker("w1"),
+            None,
+            lease.task,
+            lease.epoch,
+            Fault::Cancelled,
+            "draining",
+            3,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        out,
+        FailOutcome::Recorded {
+            will_retry: true,
+            job_finished: None
+        }
+    ));
+    let next = claim(store, "w2", 1).await.remove(0);
+    assert_eq!(next.task, lease.task);
+    assert!(next.epoch > lease.epoch);
+    let late = store
+        .complete(&worker("w1"), None, lease.task, lease.epoch, result())
+        .await
+        .unwrap();
+    assert!(matches!(late, CompleteOutcome::Stale { .. }), "{late:?}");
+    let task = store.task(lease.task).await.unwrap();
+    let outcomes: Vec<_> = task
+        .attempts
+        .iter()
+        .map(|a| (a.worker.as_str().to_string(), a.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("w1".to_string(), Outcome::Cancelled),
+            ("w2".to_string(), Outcome::Running)
+        ]
+    );
+}
+
 pub async fn cancel_stops_leasing_and_abandons_running_tasks(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(3, "tiny");
@@ -532,6 +796,7 @@ pub async fn cancel_stops_leasing_and_abandons_running_tasks(store: &dyn Store) 
     let hb = store
         .heartbeat(
             &worker("w1"),
+            None,
             &[ProgressReport {
                 task: lease.task,
                 epoch: lease.epoch,
@@ -546,7 +811,7 @@ pub async fn cancel_stops_leasing_and_abandons_running_tasks(store: &dyn Store) 
         vec![(lease.task, lease.epoch, AbandonReason::Cancelled)]
     );
     let late = store
-        .complete(&worker("w1"), lease.task, lease.epoch, result())
+        .complete(&worker("w1"), None, lease.task, lease.epoch, result())
         .await
         .unwrap();
     assert!(matches!(late, CompleteOutcome::Stale { .. }));
@@ -563,14 +828,14 @@ pub async fn cancel_stops_leasing_and_abandons_running_tasks(store: &dyn Store) 
 
 pub async fn registering_again_releases_the_old_sessions_leases(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(2, "tiny");
     store.create_job(job).await.unwrap();
     let leases = claim(store, "w1", 2).await;
     let released = store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     assert_eq!(released.len(), 2);
@@ -581,30 +846,40 @@ pub async fn registering_again_releases_the_old_sessions_leases(store: &dyn Stor
 
 pub async fn draining_worker_gets_no_work(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     store.create_job(new_job(1, "tiny")).await.unwrap();
     let w = store.drain_worker(&worker("w1")).await.unwrap();
     assert!(w.draining);
     let c = store
-        .claim(&worker("w1"), 1, TTL, Duration::from_secs(10), &[])
+        .claim(
+            &worker("w1"),
+            None,
+            1,
+            TTL,
+            Duration::from_secs(10),
+            &[],
+            &NO_CAPS,
+        )
         .await
         .unwrap();
     assert!(c.drain && c.leases.is_empty());
     assert!(matches!(
-        store.claim(&worker("ghost"), 1, TTL, NO_WAIT, &[]).await,
+        store
+            .claim(&worker("ghost"), None, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+            .await,
         Err(StoreError::UnknownWorker(_))
     ));
 }
 
 pub async fn waiting_claim_wakes_when_work_arrives(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let w1 = worker("w1");
-    let waiting = store.claim(&w1, 1, TTL, Duration::from_secs(60), &[]);
+    let waiting = store.claim(&w1, None, 1, TTL, Duration::from_secs(60), &[], &NO_CAPS);
     let submit = async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         store.create_job(new_job(1, "tiny")).await.unwrap();
@@ -619,7 +894,7 @@ pub async fn waiting_claim_wakes_when_work_arrives(store: &dyn Store) {
 
 pub async fn events_resume_after_a_cursor(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(3, "tiny");
@@ -651,14 +926,14 @@ pub async fn blobs_are_kept_once_per_job(store: &dyn Store) {
 
 pub async fn replayed_completion_is_accepted_again(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     store.create_job(new_job(1, "tiny")).await.unwrap();
     let lease = claim(store, "w1", 1).await.remove(0);
     for _ in 0..2 {
         let out = store
-            .complete(&worker("w1"), lease.task, lease.epoch, result())
+            .complete(&worker("w1"), None, lease.task, lease.epoch, result())
             .await
             .unwrap();
         assert!(
@@ -667,7 +942,7 @@ pub async fn replayed_completion_is_accepted_again(store: &dyn Store) {
         );
     }
     let other = store
-        .complete(&worker("w2"), lease.task, lease.epoch, result())
+        .complete(&worker("w2"), None, lease.task, lease.epoch, result())
         .await
         .unwrap();
     assert!(matches!(other, CompleteOutcome::Stale { .. }));
@@ -702,7 +977,7 @@ fn series_job(shots: u32) -> NewJob {
 
 pub async fn shots_wait_for_their_anchor(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = series_job(2);
@@ -718,7 +993,7 @@ pub async fn shots_wait_for_their_anchor(store: &dyn Store) {
     );
     assert!(claim(store, "w1", 3).await.is_empty());
     store
-        .complete(&worker("w1"), first[0].task, first[0].epoch, result())
+        .complete(&worker("w1"), None, first[0].task, first[0].epoch, result())
         .await
         .unwrap();
     let shots = claim(store, "w1", 3).await;
@@ -741,7 +1016,7 @@ pub async fn shots_wait_for_their_anchor(store: &dyn Store) {
 
 pub async fn a_failed_anchor_fails_its_shots(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = series_job(2);
@@ -751,6 +1026,7 @@ pub async fn a_failed_anchor_fails_its_shots(store: &dyn Store) {
     let out = store
         .fail(
             &worker("w1"),
+            None,
             anchor.task,
             anchor.epoch,
             Fault::BadInput,
@@ -776,7 +1052,7 @@ pub async fn a_failed_anchor_fails_its_shots(store: &dyn Store) {
 /// with it as if it were a text-to-image task.
 pub async fn a_shot_is_not_batched_with_text_to_image_tasks(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let series = series_job(1);
@@ -784,7 +1060,7 @@ pub async fn a_shot_is_not_batched_with_text_to_image_tasks(store: &dyn Store) {
     store.create_job(series).await.unwrap();
     let anchor = claim(store, "w1", 1).await.remove(0);
     store
-        .complete(&worker("w1"), anchor.task, anchor.epoch, result())
+        .complete(&worker("w1"), None, anchor.task, anchor.epoch, result())
         .await
         .unwrap();
     let mut wide = new_job(1, "tiny");
@@ -811,14 +1087,14 @@ pub async fn a_shot_is_not_batched_with_text_to_image_tasks(store: &dyn Store) {
 /// lower-priority work instead.
 pub async fn shots_released_by_a_served_anchor_are_leased_in_the_same_claim(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     // An earlier render of the anchor's recipe.
     store.create_job(new_job(1, "tiny")).await.unwrap();
     let earlier = claim(store, "w1", 1).await.remove(0);
     store
-        .complete(&worker("w1"), earlier.task, earlier.epoch, result())
+        .complete(&worker("w1"), None, earlier.task, earlier.epoch, result())
         .await
         .unwrap();
     let mut series = series_job(1);
@@ -829,7 +1105,7 @@ pub async fn shots_released_by_a_served_anchor_are_leased_in_the_same_claim(stor
     low.tasks[0].recipe.seed = 500;
     store.create_job(low).await.unwrap();
     let c = store
-        .claim(&worker("w1"), 1, TTL, NO_WAIT, &[])
+        .claim(&worker("w1"), None, 1, TTL, NO_WAIT, &[], &NO_CAPS)
         .await
         .unwrap();
     assert_eq!(
@@ -849,7 +1125,7 @@ pub async fn shots_released_by_a_served_anchor_are_leased_in_the_same_claim(stor
 pub async fn a_shot_is_served_only_from_a_render_of_the_same_init_image(store: &dyn Store) {
     for w in ["w1", "w2"] {
         store
-            .register_worker(registration(w, &["tiny"]))
+            .register_worker(registration(w, &["tiny"]), None)
             .await
             .unwrap();
     }
@@ -864,20 +1140,26 @@ pub async fn a_shot_is_served_only_from_a_render_of_the_same_init_image(store: &
     let mut other_image = result();
     other_image.sha256 = "11".repeat(32);
     store
-        .complete(&worker("w1"), a_anchor.task, a_anchor.epoch, result())
+        .complete(&worker("w1"), None, a_anchor.task, a_anchor.epoch, result())
         .await
         .unwrap();
     store
-        .complete(&worker("w2"), b_anchor.task, b_anchor.epoch, other_image)
+        .complete(
+            &worker("w2"),
+            None,
+            b_anchor.task,
+            b_anchor.epoch,
+            other_image,
+        )
         .await
         .unwrap();
     let a_shot = claim(store, "w1", 1).await.remove(0);
     store
-        .complete(&worker("w1"), a_shot.task, a_shot.epoch, result())
+        .complete(&worker("w1"), None, a_shot.task, a_shot.epoch, result())
         .await
         .unwrap();
     let c = store
-        .claim(&worker("w2"), 1, TTL, NO_WAIT, &[])
+        .claim(&worker("w2"), None, 1, TTL, NO_WAIT, &[], &NO_CAPS)
         .await
         .unwrap();
     assert!(
@@ -896,7 +1178,7 @@ pub async fn a_shot_is_served_only_from_a_render_of_the_same_init_image(store: &
 /// not ended).
 pub async fn cancelling_a_job_whose_tasks_are_all_leased(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(2, "tiny");
@@ -922,7 +1204,7 @@ pub async fn cancelling_a_job_whose_tasks_are_all_leased(store: &dyn Store) {
 /// cancelled job a second time when it ended the anchor's lease.
 pub async fn cancelling_a_job_with_a_leased_anchor_cancels_each_shot_once(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = series_job(2);
@@ -962,15 +1244,15 @@ pub async fn cancelling_a_job_with_a_leased_anchor_cancels_each_shot_once(store:
 
 pub async fn a_series_stays_on_one_determinism_class(store: &dyn Store) {
     store
-        .register_worker(registration_of("f32-a", &["tiny"], "cpu/f32"))
+        .register_worker(registration_of("f32-a", &["tiny"], "cpu/f32"), None)
         .await
         .unwrap();
     store
-        .register_worker(registration_of("f16", &["tiny"], "cpu/f16"))
+        .register_worker(registration_of("f16", &["tiny"], "cpu/f16"), None)
         .await
         .unwrap();
     store
-        .register_worker(registration_of("f32-b", &["tiny"], "cpu/f32"))
+        .register_worker(registration_of("f32-b", &["tiny"], "cpu/f32"), None)
         .await
         .unwrap();
     let job = series_job(3);
@@ -982,7 +1264,7 @@ pub async fn a_series_stays_on_one_determinism_class(store: &dyn Store) {
         Some("cpu/f32")
     );
     store
-        .complete(&worker("f32-a"), anchor.task, anchor.epoch, result())
+        .complete(&worker("f32-a"), None, anchor.task, anchor.epoch, result())
         .await
         .unwrap();
     assert!(
@@ -998,7 +1280,7 @@ pub async fn a_series_stays_on_one_determinism_class(store: &dyn Store) {
 
 pub async fn equal_priority_jobs_share_fairly(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let big = new_job(50, "tiny");
@@ -1015,7 +1297,7 @@ pub async fn equal_priority_jobs_share_fairly(store: &dyn Store) {
         let l = claim(store, "w1", 1).await.remove(0);
         order.push(l.job);
         store
-            .complete(&worker("w1"), l.task, l.epoch, result())
+            .complete(&worker("w1"), None, l.task, l.epoch, result())
             .await
             .unwrap();
     }
@@ -1033,24 +1315,40 @@ pub async fn equal_priority_jobs_share_fairly(store: &dyn Store) {
 
 pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
     store
-        .register_worker(registration("a", &["m1", "m2"]))
+        .register_worker(registration("a", &["m1", "m2"]), None)
         .await
         .unwrap();
     store
-        .register_worker(registration("b", &["m1", "m2"]))
+        .register_worker(registration("b", &["m1", "m2"]), None)
         .await
         .unwrap();
     // The m2 job is older, but a has m1 resident and b has m2 resident.
     store.create_job(new_job(20, "m2")).await.unwrap();
     store.create_job(new_job(5, "m1")).await.unwrap();
     let b = store
-        .claim(&worker("b"), 1, TTL, NO_WAIT, &["m2".to_string()])
+        .claim(
+            &worker("b"),
+            None,
+            1,
+            TTL,
+            NO_WAIT,
+            &["m2".to_string()],
+            &NO_CAPS,
+        )
         .await
         .unwrap();
     assert_eq!(b.leases[0].recipe.model, "m2");
     for _ in 0..5 {
         let a = store
-            .claim(&worker("a"), 1, TTL, NO_WAIT, &["m1".to_string()])
+            .claim(
+                &worker("a"),
+                None,
+                1,
+                TTL,
+                NO_WAIT,
+                &["m1".to_string()],
+                &NO_CAPS,
+            )
             .await
             .unwrap();
         assert_eq!(a.leases.len(), 1);
@@ -1059,12 +1357,26 @@ pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
             "a must not switch while m1 has work"
         );
         store
-            .complete(&worker("a"), a.leases[0].task, a.leases[0].epoch, result())
+            .complete(
+                &worker("a"),
+                None,
+                a.leases[0].task,
+                a.leases[0].epoch,
+                result(),
+            )
             .await
             .unwrap();
     }
     let a = store
-        .claim(&worker("a"), 1, TTL, NO_WAIT, &["m1".to_string()])
+        .claim(
+            &worker("a"),
+            None,
+            1,
+            TTL,
+            NO_WAIT,
+            &["m1".to_string()],
+            &NO_CAPS,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -1084,17 +1396,33 @@ pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
             break;
         }
         let b = store
-            .claim(&worker("b"), 1, TTL, NO_WAIT, &["m2".to_string()])
+            .claim(
+                &worker("b"),
+                None,
+                1,
+                TTL,
+                NO_WAIT,
+                &["m2".to_string()],
+                &NO_CAPS,
+            )
             .await
             .unwrap();
         assert_eq!(b.leases.len(), 1);
     }
     store
-        .register_worker(registration("c", &["m1", "m2"]))
+        .register_worker(registration("c", &["m1", "m2"]), None)
         .await
         .unwrap();
     let c = store
-        .claim(&worker("c"), 1, TTL, NO_WAIT, &["m1".to_string()])
+        .claim(
+            &worker("c"),
+            None,
+            1,
+            TTL,
+            NO_WAIT,
+            &["m1".to_string()],
+            &NO_CAPS,
+        )
         .await
         .unwrap();
     assert!(
@@ -1106,11 +1434,11 @@ pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
 
 pub async fn a_worker_failing_a_job_is_quarantined(store: &dyn Store) {
     store
-        .register_worker(registration("bad", &["tiny"]))
+        .register_worker(registration("bad", &["tiny"]), None)
         .await
         .unwrap();
     store
-        .register_worker(registration("good", &["tiny"]))
+        .register_worker(registration("good", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(6, "tiny");
@@ -1121,6 +1449,7 @@ pub async fn a_worker_failing_a_job_is_quarantined(store: &dyn Store) {
         store
             .fail(
                 &worker("bad"),
+                None,
                 l.task,
                 l.epoch,
                 Fault::Internal,
@@ -1143,7 +1472,7 @@ pub async fn a_worker_failing_a_job_is_quarantined(store: &dyn Store) {
     );
     while let Some(l) = claim(store, "good", 1).await.pop() {
         store
-            .complete(&worker("good"), l.task, l.epoch, result())
+            .complete(&worker("good"), None, l.task, l.epoch, result())
             .await
             .unwrap();
     }
@@ -1155,11 +1484,11 @@ pub async fn a_worker_failing_a_job_is_quarantined(store: &dyn Store) {
 /// worker's error and end the job, not wait for a stand-in that cannot come.
 pub async fn a_quarantined_worker_without_a_stand_in_fails_the_task(store: &dyn Store) {
     store
-        .register_worker(registration("q-candle", &["tiny"]))
+        .register_worker(registration("q-candle", &["tiny"]), None)
         .await
         .unwrap();
     store
-        .register_worker(registration("q-sim", &["simtoy"]))
+        .register_worker(registration("q-sim", &["simtoy"]), None)
         .await
         .unwrap();
     let job = new_job(1, "simtoy");
@@ -1178,6 +1507,7 @@ pub async fn a_quarantined_worker_without_a_stand_in_fails_the_task(store: &dyn 
             store
                 .fail(
                     &worker("q-sim"),
+                    None,
                     leases[0].task,
                     leases[0].epoch,
                     Fault::Internal,
@@ -1223,15 +1553,15 @@ pub async fn a_quarantined_worker_without_a_stand_in_fails_the_task(store: &dyn 
 /// A quarantined worker is still kept away while a capable worker is live.
 pub async fn a_quarantined_worker_waits_for_a_capable_stand_in(store: &dyn Store) {
     store
-        .register_worker(registration("bad", &["simtoy"]))
+        .register_worker(registration("bad", &["simtoy"]), None)
         .await
         .unwrap();
     store
-        .register_worker(registration("good", &["simtoy"]))
+        .register_worker(registration("good", &["simtoy"]), None)
         .await
         .unwrap();
     store
-        .register_worker(registration("other-model", &["tiny"]))
+        .register_worker(registration("other-model", &["tiny"]), None)
         .await
         .unwrap();
     let job = new_job(4, "simtoy");
@@ -1239,7 +1569,15 @@ pub async fn a_quarantined_worker_waits_for_a_capable_stand_in(store: &dyn Store
     for _ in 0..policy::QUARANTINE_AFTER {
         let l = claim(store, "bad", 1).await.remove(0);
         let out = store
-            .fail(&worker("bad"), l.task, l.epoch, Fault::Internal, "x", 5)
+            .fail(
+                &worker("bad"),
+                None,
+                l.task,
+                l.epoch,
+                Fault::Internal,
+                "x",
+                5,
+            )
             .await
             .unwrap();
         assert!(
@@ -1261,7 +1599,7 @@ pub async fn a_quarantined_worker_waits_for_a_capable_stand_in(store: &dyn Store
 /// tasks, and a shot's lease names its anchor.
 pub async fn a_task_is_found_by_its_index(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let job = series_job(2);
@@ -1283,7 +1621,7 @@ pub async fn a_task_is_found_by_its_index(store: &dyn Store) {
     let anchor = claim(store, "w1", 1).await.remove(0);
     assert_eq!(anchor.anchor, None);
     store
-        .complete(&worker("w1"), anchor.task, anchor.epoch, result())
+        .complete(&worker("w1"), None, anchor.task, anchor.epoch, result())
         .await
         .unwrap();
     let shots = claim(store, "w1", 2).await;
@@ -1297,7 +1635,7 @@ pub async fn a_task_is_found_by_its_index(store: &dyn Store) {
 /// shot goes to the next shot, not to a txt2img task between them.
 pub async fn released_shots_batch_together(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let mut job = series_job(3);
@@ -1306,7 +1644,7 @@ pub async fn released_shots_batch_together(store: &dyn Store) {
     store.create_job(job).await.unwrap();
     let anchor = claim(store, "w1", 1).await.remove(0);
     store
-        .complete(&worker("w1"), anchor.task, anchor.epoch, result())
+        .complete(&worker("w1"), None, anchor.task, anchor.epoch, result())
         .await
         .unwrap();
     let first = claim(store, "w1", 2).await;
@@ -1319,25 +1657,25 @@ pub async fn released_shots_batch_together(store: &dyn Store) {
 
 pub async fn an_identical_recipe_is_served_from_its_earlier_result(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     store
-        .register_worker(registration_of("other-class", &["tiny"], "cpu/f16"))
+        .register_worker(registration_of("other-class", &["tiny"], "cpu/f16"), None)
         .await
         .unwrap();
     let first = new_job(1, "tiny");
     store.create_job(first).await.unwrap();
     let l = claim(store, "w1", 1).await.remove(0);
     store
-        .complete(&worker("w1"), l.task, l.epoch, result())
+        .complete(&worker("w1"), None, l.task, l.epoch, result())
         .await
         .unwrap();
     let again = new_job(2, "tiny");
     let again_id = again.id;
     store.create_job(again).await.unwrap();
     let c = store
-        .claim(&worker("other-class"), 2, TTL, NO_WAIT, &[])
+        .claim(&worker("other-class"), None, 2, TTL, NO_WAIT, &[], &NO_CAPS)
         .await
         .unwrap();
     assert!(
@@ -1348,6 +1686,7 @@ pub async fn an_identical_recipe_is_served_from_its_earlier_result(store: &dyn S
         store
             .fail(
                 &worker("other-class"),
+                None,
                 l.task,
                 l.epoch,
                 Fault::Cancelled,
@@ -1358,7 +1697,7 @@ pub async fn an_identical_recipe_is_served_from_its_earlier_result(store: &dyn S
             .unwrap();
     }
     let c = store
-        .claim(&worker("w1"), 2, TTL, NO_WAIT, &[])
+        .claim(&worker("w1"), None, 2, TTL, NO_WAIT, &[], &NO_CAPS)
         .await
         .unwrap();
     assert_eq!(
@@ -1387,7 +1726,7 @@ pub async fn an_identical_recipe_is_served_from_its_earlier_result(store: &dyn S
 
 pub async fn free_slots_fill_with_the_same_batch(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny"]))
+        .register_worker(registration("w1", &["tiny"]), None)
         .await
         .unwrap();
     let mut job = new_job(4, "tiny");
@@ -1402,11 +1741,11 @@ pub async fn free_slots_fill_with_the_same_batch(store: &dyn Store) {
 
 pub async fn a_verification_runs_on_its_class_only(store: &dyn Store) {
     store
-        .register_worker(registration_of("x", &["tiny"], "cpu/f16"))
+        .register_worker(registration_of("x", &["tiny"], "cpu/f16"), None)
         .await
         .unwrap();
     store
-        .register_worker(registration_of("y", &["tiny"], "cpu/f32"))
+        .register_worker(registration_of("y", &["tiny"], "cpu/f32"), None)
         .await
         .unwrap();
     let mut job = new_job(1, "tiny");
@@ -1425,7 +1764,7 @@ pub async fn a_verification_runs_on_its_class_only(store: &dyn Store) {
 
 pub async fn announced_models_are_listed(store: &dyn Store) {
     store
-        .register_worker(registration("w1", &["tiny", "sd15"]))
+        .register_worker(registration("w1", &["tiny", "sd15"]), None)
         .await
         .unwrap();
     let names: Vec<_> = store
@@ -1438,10 +1777,347 @@ pub async fn announced_models_are_listed(store: &dyn Store) {
     assert!(names.contains(&"tiny".to_string()) && names.contains(&"sd15".to_string()));
 }
 
+/// The owners of the binding tests: two worker tokens' names.
+const POOL_A: Option<&str> = Some("pool-a");
+const POOL_B: Option<&str> = Some("pool-b");
+
+fn is_bound<T: std::fmt::Debug>(r: StoreResult<T>) -> bool {
+    matches!(r, Err(StoreError::WorkerBound(ref w)) if w.as_str() == "w1")
+}
+
+/// Register, Lease, Heartbeat, Complete and Fail under a live worker's id by
+/// another token (or none) are refused and change nothing; its own token
+/// goes on.
+pub async fn a_worker_id_is_bound_to_the_token_that_registered_it(store: &dyn Store) {
+    let w1 = worker("w1");
+    store
+        .register_worker(registration("w1", &["tiny"]), POOL_A)
+        .await
+        .unwrap();
+    let job = new_job(2, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let lease = store
+        .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+        .await
+        .unwrap()
+        .leases
+        .remove(0);
+    let tasks_before = store.tasks(id).await.unwrap();
+    let events_before = store.events(id, 0, 1000).await.unwrap().len();
+
+    let registered = store
+        .register_worker(registration("w1", &["tiny"]), POOL_B)
+        .await;
+    assert!(
+        is_bound(registered),
+        "another token cannot take a live id over"
+    );
+    for owner in [POOL_B, None] {
+        let claimed = store
+            .claim(&w1, owner, 2, TTL, NO_WAIT, &[], &NO_CAPS)
+            .await;
+        assert!(is_bound(claimed), "lease under another token");
+        let progress = [ProgressReport {
+            task: lease.task,
+            epoch: lease.epoch,
+            step: 3,
+        }];
+        let beat = store.heartbeat(&w1, owner, &progress, TTL).await;
+        assert!(is_bound(beat), "heartbeat under another token");
+        let completed = store
+            .complete(&w1, owner, lease.task, lease.epoch, result())
+            .await;
+        assert!(is_bound(completed), "complete under another token");
+        let failed = store
+            .fail(
+                &w1,
+                owner,
+                lease.task,
+                lease.epoch,
+                Fault::Internal,
+                "forged",
+                5,
+            )
+            .await;
+        assert!(is_bound(failed), "fail under another token");
+    }
+    assert_eq!(
+        store.tasks(id).await.unwrap(),
+        tasks_before,
+        "nothing changed"
+    );
+    assert_eq!(
+        store.events(id, 0, 1000).await.unwrap().len(),
+        events_before,
+        "no event either"
+    );
+
+    let done = store
+        .complete(&w1, POOL_A, lease.task, lease.epoch, result())
+        .await
+        .unwrap();
+    assert_eq!(done, CompleteOutcome::Accepted { job_finished: None });
+    let released = store
+        .register_worker(registration("w1", &["tiny"]), POOL_A)
+        .await
+        .unwrap();
+    assert!(released.is_empty(), "the same token may register again");
+    let next = store
+        .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+        .await
+        .unwrap();
+    assert_eq!(next.leases.len(), 1);
+}
+
+/// Once the worker is dead (silent past the liveness window), another token
+/// may register its id: the old session's leases are released, and the old
+/// token is the one refused from then on.
+pub async fn a_dead_workers_id_is_free_for_another_token(fixture: &dyn Fixture) {
+    let store = fixture.store();
+    let w1 = worker("w1");
+    store
+        .register_worker(registration("w1", &["tiny"]), POOL_A)
+        .await
+        .unwrap();
+    store.create_job(new_job(1, "tiny")).await.unwrap();
+    let lease = store
+        .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+        .await
+        .unwrap()
+        .leases
+        .remove(0);
+    assert!(is_bound(
+        store
+            .register_worker(registration("w1", &["tiny"]), POOL_B)
+            .await
+    ));
+    fixture.let_workers_die().await;
+    let released = store
+        .register_worker(registration("w1", &["tiny"]), POOL_B)
+        .await
+        .expect("a dead worker's id is free");
+    assert_eq!(
+        released.iter().map(|r| r.task).collect::<Vec<_>>(),
+        [lease.task]
+    );
+    let again = store
+        .claim(&w1, POOL_B, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+        .await
+        .unwrap();
+    assert_eq!(again.leases.len(), 1);
+    assert!(again.leases[0].epoch > lease.epoch);
+    assert!(is_bound(
+        store
+            .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+            .await
+    ));
+    assert!(is_bound(
+        store
+            .complete(&w1, POOL_A, lease.task, lease.epoch, result())
+            .await
+    ));
+}
+
+fn project_job(project: &str, n: u32) -> NewJob {
+    let mut job = new_job(n, "tiny");
+    job.project = project.into();
+    // Equal recipes across the two jobs must not be served from each other.
+    job.dedupe = false;
+    job
+}
+
+fn caps(project: &str, cap: u64) -> RunningCaps {
+    RunningCaps::from([(project.to_string(), cap)])
+}
+
+async fn claim_capped(store: &dyn Store, w: &str, max: usize, caps: &RunningCaps) -> Vec<Lease> {
+    store
+        .claim(&worker(w), None, max, TTL, NO_WAIT, &[], caps)
+        .await
+        .expect("claim")
+        .leases
+}
+
+/// A project at its cap gets no new lease while another project's tasks are
+/// still leased (no head-of-line blocking); a completion makes room for one.
+pub async fn a_capped_project_never_has_more_than_its_cap_leased(store: &dyn Store) {
+    for w in ["w1", "w2"] {
+        store
+            .register_worker(registration(w, &["tiny"]), None)
+            .await
+            .unwrap();
+    }
+    let capped = project_job("capped", 4);
+    let free = project_job("free", 4);
+    let (capped_id, free_id) = (capped.id, free.id);
+    store.create_job(capped).await.unwrap();
+    store.create_job(free).await.unwrap();
+    let caps = caps("capped", 2);
+    let of = |leases: &[Lease], job: JobId| leases.iter().filter(|l| l.job == job).count();
+
+    let first = claim_capped(store, "w1", 4, &caps).await;
+    assert_eq!(of(&first, capped_id), 2, "{first:?}");
+    assert_eq!(of(&first, free_id), 2, "free slots go to the other project");
+    let second = claim_capped(store, "w2", 4, &caps).await;
+    assert_eq!(
+        of(&second, capped_id),
+        0,
+        "the capped project is at its cap"
+    );
+    assert_eq!(of(&second, free_id), 2, "the other project is still served");
+    assert!(claim_capped(store, "w2", 1, &caps).await.is_empty());
+    assert_eq!(store.running(capped_id).await.unwrap().len(), 2);
+
+    let done = first.iter().find(|l| l.job == capped_id).unwrap();
+    store
+        .complete(&worker("w1"), None, done.task, done.epoch, result())
+        .await
+        .unwrap();
+    let next = claim_capped(store, "w2", 4, &caps).await;
+    assert_eq!(of(&next, capped_id), 1, "one lease ended, one more starts");
+    assert_eq!(next.len(), 1);
+    assert!(claim_capped(store, "w2", 4, &caps).await.is_empty());
+    assert_eq!(store.running(capped_id).await.unwrap().len(), 2);
+    // Without the cap (the auth file reloaded without it) the rest is leased.
+    let uncapped = claim_capped(store, "w2", 4, &NO_CAPS).await;
+    assert_eq!(of(&uncapped, capped_id), 1);
+}
+
+/// Every way a lease ends gives the capped project its room back: a
+/// completion, a failure, an expiry, the worker registering again and a
+/// cancelled job. A stale report changes nothing.
+pub async fn a_capped_project_gets_room_back_whenever_a_lease_ends(store: &dyn Store) {
+    for w in ["w1", "w2"] {
+        store
+            .register_worker(registration(w, &["tiny"]), None)
+            .await
+            .unwrap();
+    }
+    let caps = caps("capped", 1);
+    let job = project_job("capped", 5);
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let running = || async { store.running(id).await.unwrap().len() };
+
+    // Completed.
+    let l = claim_capped(store, "w1", 2, &caps).await;
+    assert_eq!(l.len(), 1);
+    assert!(claim_capped(store, "w2", 1, &caps).await.is_empty());
+    store
+        .complete(&worker("w1"), None, l[0].task, l[0].epoch, result())
+        .await
+        .unwrap();
+    // Failed (retried).
+    let l = claim_capped(store, "w1", 2, &caps).await;
+    assert_eq!(l.len(), 1);
+    store
+        .fail(
+            &worker("w1"),
+            None,
+            l[0].task,
+            l[0].epoch,
+            Fault::Internal,
+            "x",
+            5,
+        )
+        .await
+        .unwrap();
+    // Expired and reaped; the old holder's late completion is stale.
+    let expiring = store
+        .claim(
+            &worker("w1"),
+            None,
+            1,
+            Duration::from_millis(100),
+            NO_WAIT,
+            &[],
+            &caps,
+        )
+        .await
+        .unwrap()
+        .leases;
+    assert_eq!(expiring.len(), 1);
+    assert!(claim_capped(store, "w2", 1, &caps).await.is_empty());
+    reap_all(store).await;
+    let l = claim_capped(store, "w2", 1, &caps).await;
+    assert_eq!(l.len(), 1, "the expired lease made room");
+    let stale = store
+        .complete(
+            &worker("w1"),
+            None,
+            expiring[0].task,
+            expiring[0].epoch,
+            result(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(stale, CompleteOutcome::Stale { .. }));
+    assert!(
+        claim_capped(store, "w1", 1, &caps).await.is_empty(),
+        "a stale report frees nothing"
+    );
+    // The holder registers again: its old session's lease is released.
+    store
+        .register_worker(registration("w2", &["tiny"]), None)
+        .await
+        .unwrap();
+    let l = claim_capped(store, "w1", 1, &caps).await;
+    assert_eq!(l.len(), 1, "the released lease made room");
+    assert_eq!(running().await, 1);
+    // Cancelled: another job of the project gets the room.
+    let later = project_job("capped", 1);
+    let later_id = later.id;
+    store.create_job(later).await.unwrap();
+    assert!(claim_capped(store, "w2", 1, &caps).await.is_empty());
+    store.cancel_job(id).await.unwrap();
+    let l = claim_capped(store, "w2", 1, &caps).await;
+    assert_eq!(
+        l.iter().map(|l| l.job).collect::<Vec<_>>(),
+        [later_id],
+        "the cancelled job's lease made room"
+    );
+}
+
+/// A claim waiting for work while the project is at its cap is woken when
+/// the project's lease ends, well before its wait is over.
+pub async fn a_capped_project_wakes_a_waiting_claim_when_a_lease_ends(store: &dyn Store) {
+    for w in ["w1", "w2"] {
+        store
+            .register_worker(registration(w, &["tiny"]), None)
+            .await
+            .unwrap();
+    }
+    let caps = caps("capped", 1);
+    store.create_job(project_job("capped", 2)).await.unwrap();
+    let held = claim_capped(store, "w1", 1, &caps).await.remove(0);
+    assert!(claim_capped(store, "w2", 1, &caps).await.is_empty());
+    let w2 = worker("w2");
+    let waiting = store.claim(&w2, None, 1, TTL, Duration::from_secs(60), &[], &caps);
+    let complete = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        store
+            .complete(&worker("w1"), None, held.task, held.epoch, result())
+            .await
+            .unwrap();
+    };
+    let (claim, ()) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(waiting, complete)
+    })
+    .await
+    .expect("the waiting claim must wake up well before its 60 s wait");
+    assert_eq!(claim.unwrap().leases.len(), 1);
+}
+
 /// A fresh store for one test, and whatever it needs kept alive (a server).
-pub(crate) trait Fixture {
+#[async_trait::async_trait]
+pub(crate) trait Fixture: Send + Sync {
     /// Returns the store under test.
     fn store(&self) -> &dyn Store;
+
+    /// Makes every registered worker silent for longer than the liveness
+    /// window ([`policy::LIVE_MS`]), as if they had all died.
+    async fn let_workers_die(&self);
 }
 
 /// Instantiates the whole suite for one backend: `$make` is an async
@@ -1461,6 +2137,7 @@ macro_rules! store_conformance {
             failures_stop_at_the_attempt_limit,
             bad_input_is_not_retried,
             handed_back_task_does_not_count_against_the_limit,
+            a_hand_back_is_fenced_and_its_late_result_is_stale,
             cancel_stops_leasing_and_abandons_running_tasks,
             registering_again_releases_the_old_sessions_leases,
             draining_worker_gets_no_work,
@@ -1486,7 +2163,17 @@ macro_rules! store_conformance {
             an_identical_recipe_is_served_from_its_earlier_result,
             free_slots_fill_with_the_same_batch,
             a_verification_runs_on_its_class_only,
-            announced_models_are_listed
+            announced_models_are_listed,
+            a_delivery_opens_when_a_notifying_job_ends,
+            a_cancelled_or_failed_job_delivers_too,
+            an_expired_delivery_claim_is_claimed_again,
+            a_worker_id_is_bound_to_the_token_that_registered_it,
+            a_capped_project_never_has_more_than_its_cap_leased,
+            a_capped_project_gets_room_back_whenever_a_lease_ends,
+            a_capped_project_wakes_a_waiting_claim_when_a_lease_ends
+        );
+        store_conformance!(@fixture_tests $make;
+            a_dead_workers_id_is_free_for_another_token
         );
     };
     (@tests $make:expr; $($name:ident),*) => {
@@ -1499,15 +2186,30 @@ macro_rules! store_conformance {
             }
         )*
     };
+    (@fixture_tests $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let fixture = $make.await;
+                $crate::store::conformance::$name(&fixture).await;
+            }
+        )*
+    };
 }
 pub(crate) use store_conformance;
 
 mod memory_store {
     struct Memory(crate::store::MemoryStore);
 
+    #[async_trait::async_trait]
     impl super::Fixture for Memory {
         fn store(&self) -> &dyn crate::store::Store {
             &self.0
+        }
+
+        async fn let_workers_die(&self) {
+            let window = std::time::Duration::from_millis(crate::store::policy::LIVE_MS);
+            self.0.advance_clock(window);
         }
     }
 
@@ -1523,26 +2225,55 @@ mod redis_store {
     /// The store first, so it disconnects before its server stops.
     struct Redis {
         store: crate::store::RedisStore,
+        name: String,
         _server: kiln_tests::redis::RedisServer,
     }
 
+    #[async_trait::async_trait]
     impl super::Fixture for Redis {
         fn store(&self) -> &dyn crate::store::Store {
             &self.store
+        }
+
+        /// Sets every worker's last call (`seen`, Redis ms) to the epoch:
+        /// Redis' clock cannot be moved.
+        async fn let_workers_die(&self) {
+            let client = redis::Client::open(self._server.url()).expect("redis url");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to the test redis");
+            let prefix = format!("{{{}}}", self.name);
+            let workers: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(format!("{prefix}:workers"))
+                .query_async(&mut conn)
+                .await
+                .expect("SMEMBERS");
+            for w in workers {
+                let () = redis::cmd("HSET")
+                    .arg(format!("{prefix}:worker:{w}"))
+                    .arg("seen")
+                    .arg(0)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("HSET");
+            }
         }
     }
 
     async fn fresh() -> Redis {
         let server = kiln_tests::redis::RedisServer::start().expect("redis-server");
+        let name = format!("test-{}", uuid::Uuid::new_v4().simple());
         let store = crate::store::RedisStore::connect(&crate::store::RedisConfig {
             url: server.url(),
-            name: format!("test-{}", uuid::Uuid::new_v4().simple()),
+            name: name.clone(),
             retention: Duration::from_secs(3600),
         })
         .await
         .expect("connect to the test redis");
         Redis {
             store,
+            name,
             _server: server,
         }
     }

@@ -5,6 +5,9 @@
 //! the call returned, then every job, task, running lease, worker and model,
 //! and the events the step appended. The conformance suite pins down chosen
 //! scenarios; this test looks for the interleavings nobody wrote down.
+//! Worker calls come with a token's name (mostly the one the worker id
+//! belongs to, now and then an impostor's: refused while bound), and claims
+//! with the case's `max_running_tasks` caps.
 //!
 //! Case `i` runs with seed `i`, so a failure names the seed that replays it.
 //! `KILN_DIFF_CASES=N` runs N cases (default 200) of 50 operations each;
@@ -26,7 +29,8 @@
 //! - waiting (`claim` with a `wait`, `wait_events`): wake-ups are timing, and
 //!   the conformance suite covers them;
 //! - the liveness window (a worker silent for 60 s stops counting for the
-//!   policy) and retention of finished jobs: both need wall-clock time;
+//!   policy, and its id is free for another token) and retention of
+//!   finished jobs: both need wall-clock time;
 //! - `blobs`: opaque bytes kept per job, with nothing to interleave;
 //! - a second `create_job` with the same job id: only a retried Redis call
 //!   sends one (the memory store cannot fail halfway), and ids here are unique;
@@ -61,6 +65,11 @@ const ALL: usize = 10_000;
 
 const MODELS: [&str; 3] = ["m1", "m2", "m3"];
 const WORKERS: [&str; 4] = ["w0", "w1", "w2", "w3"];
+/// The worker tokens' names: each worker id belongs to one of them.
+const OWNERS: [Owner; 2] = [Some("pool-a"), Some("pool-b")];
+
+/// The name of the token a worker call comes with.
+type Owner = Option<&'static str>;
 /// A worker id that is never registered.
 const GHOST: &str = "ghost";
 const CLASSES: [&str; 2] = ["cpu/f32", "cpu/f16"];
@@ -128,24 +137,30 @@ impl Rng {
 /// failure report can be read (and replayed by hand).
 #[derive(Clone, Debug)]
 enum Op {
-    Register(WorkerRegistration),
+    /// A registration by the token named second (`None`: no `--auth`).
+    Register(WorkerRegistration, Owner),
     Submit(NewJob),
     Claim {
         worker: WorkerId,
+        owner: Owner,
         max: usize,
         resident: Vec<String>,
+        caps: RunningCaps,
     },
     Heartbeat {
         worker: WorkerId,
+        owner: Owner,
         reports: Vec<ProgressReport>,
     },
     Complete {
         worker: WorkerId,
+        owner: Owner,
         task: TaskId,
         epoch: Epoch,
     },
     Fail {
         worker: WorkerId,
+        owner: Owner,
         task: TaskId,
         epoch: Epoch,
         fault: Fault,
@@ -154,14 +169,17 @@ enum Op {
     /// A heartbeat with a zero TTL, then a reap: the reported leases expire.
     ExpireByHeartbeat {
         worker: WorkerId,
+        owner: Owner,
         reports: Vec<ProgressReport>,
         max_attempts: u32,
     },
     /// A claim with a zero TTL, then a reap: the new leases expire at once.
     ExpireByClaim {
         worker: WorkerId,
+        owner: Owner,
         max: usize,
         max_attempts: u32,
+        caps: RunningCaps,
     },
     Cancel(JobId),
     Drain(WorkerId),
@@ -173,7 +191,7 @@ enum Op {
 impl Op {
     fn name(&self) -> &'static str {
         match self {
-            Op::Register(_) => "register",
+            Op::Register(..) => "register",
             Op::Submit(_) => "submit",
             Op::Claim { .. } => "claim",
             Op::Heartbeat { .. } => "heartbeat",
@@ -195,7 +213,7 @@ impl Op {
     /// memory store; every lease a reap here finds due got its zero TTL in
     /// one call, so one deadline, and its events are compared in order.)
     fn ends_leases_unordered(&self) -> bool {
-        matches!(self, Op::Register(_) | Op::Cancel(_))
+        matches!(self, Op::Register(..) | Op::Cancel(_))
     }
 }
 
@@ -317,58 +335,87 @@ fn result_for(task: TaskId, epoch: Epoch) -> TaskResult {
 async fn apply(store: &dyn Store, op: &Op) -> Answer {
     let answer: StoreResult<Answer> = async {
         Ok(match op {
-            Op::Register(reg) => Answer::Registered(store.register_worker(reg.clone()).await?),
+            Op::Register(reg, owner) => {
+                Answer::Registered(store.register_worker(reg.clone(), *owner).await?)
+            }
             Op::Submit(job) => {
                 let (record, created) = store.create_job(job.clone()).await?;
                 Answer::Created(record, created)
             }
             Op::Claim {
                 worker,
+                owner,
                 max,
                 resident,
+                caps,
             } => Answer::Claimed(
                 store
-                    .claim(worker, *max, TTL, Duration::ZERO, resident)
+                    .claim(worker, *owner, *max, TTL, Duration::ZERO, resident, caps)
                     .await?,
             ),
-            Op::Heartbeat { worker, reports } => {
-                Answer::Beat(store.heartbeat(worker, reports, TTL).await?)
-            }
+            Op::Heartbeat {
+                worker,
+                owner,
+                reports,
+            } => Answer::Beat(store.heartbeat(worker, *owner, reports, TTL).await?),
             Op::Complete {
                 worker,
+                owner,
                 task,
                 epoch,
             } => Answer::Completed(
                 store
-                    .complete(worker, *task, *epoch, result_for(*task, *epoch))
+                    .complete(worker, *owner, *task, *epoch, result_for(*task, *epoch))
                     .await?,
             ),
             Op::Fail {
                 worker,
+                owner,
                 task,
                 epoch,
                 fault,
                 max_attempts,
             } => Answer::Failed(
                 store
-                    .fail(worker, *task, *epoch, *fault, "it broke", *max_attempts)
+                    .fail(
+                        worker,
+                        *owner,
+                        *task,
+                        *epoch,
+                        *fault,
+                        "it broke",
+                        *max_attempts,
+                    )
                     .await?,
             ),
             Op::ExpireByHeartbeat {
                 worker,
+                owner,
                 reports,
                 max_attempts,
             } => {
-                let hb = store.heartbeat(worker, reports, Duration::ZERO).await?;
+                let hb = store
+                    .heartbeat(worker, *owner, reports, Duration::ZERO)
+                    .await?;
                 Answer::ExpiredByHeartbeat(hb, store.reap(*max_attempts).await?)
             }
             Op::ExpireByClaim {
                 worker,
+                owner,
                 max,
                 max_attempts,
+                caps,
             } => {
                 let claim = store
-                    .claim(worker, *max, Duration::ZERO, Duration::ZERO, &[])
+                    .claim(
+                        worker,
+                        *owner,
+                        *max,
+                        Duration::ZERO,
+                        Duration::ZERO,
+                        &[],
+                        caps,
+                    )
                     .await?;
                 Answer::ExpiredByClaim(claim, store.reap(*max_attempts).await?)
             }
@@ -535,12 +582,20 @@ struct Generator {
     /// A worker whose leases fail more often, so quarantine (three faults of
     /// one worker on one job) comes up in a 50-step case.
     flaky: WorkerId,
+    /// The case's `max_running_tasks`: one project capped at 1 or 2 in half
+    /// the cases.
+    caps: RunningCaps,
 }
 
 impl Generator {
     fn new(seed: u64) -> Self {
         let mut rng = Rng(seed);
         let flaky = WorkerId(rng.pick(&WORKERS).to_string());
+        let caps = if rng.chance(50) {
+            RunningCaps::from([(PROJECTS[0].to_string(), rng.between(1, 2))])
+        } else {
+            RunningCaps::new()
+        };
         Self {
             rng,
             seed,
@@ -549,6 +604,7 @@ impl Generator {
             sent: Vec::new(),
             registered: Vec::new(),
             flaky,
+            caps,
         }
     }
 
@@ -581,7 +637,7 @@ impl Generator {
     /// Records what a step created, for the steps after it.
     fn learn(&mut self, op: &Op, answer: &Answer) {
         match (op, answer) {
-            (Op::Register(reg), Answer::Registered(_)) if !self.registered.contains(&reg.id) => {
+            (Op::Register(reg, _), Answer::Registered(_)) if !self.registered.contains(&reg.id) => {
                 self.registered.push(reg.id.clone());
             }
             (Op::Submit(_), Answer::Created(record, _)) if !self.jobs.contains(&record.id) => {
@@ -627,15 +683,45 @@ impl Generator {
         } else {
             CLASSES[1]
         };
-        Op::Register(WorkerRegistration {
-            id,
-            labels: BTreeMap::from([("zone".to_string(), format!("z{}", self.rng.below(2)))]),
-            gpu_memory_bytes: self.rng.between(1, 80) << 30,
-            slots: self.rng.between(1, 4) as u32,
-            models,
-            determinism_class: class.to_string(),
-            version: "diff".into(),
-        })
+        let owner = self.owner(&id);
+        Op::Register(
+            WorkerRegistration {
+                id,
+                labels: BTreeMap::from([("zone".to_string(), format!("z{}", self.rng.below(2)))]),
+                gpu_memory_bytes: self.rng.between(1, 80) << 30,
+                slots: self.rng.between(1, 4) as u32,
+                models,
+                determinism_class: class.to_string(),
+                version: "diff".into(),
+            },
+            owner,
+        )
+    }
+
+    /// Returns the token a call under `worker` comes with: mostly the one
+    /// that worker id belongs to, now and then another token or none (an
+    /// impostor, refused while the worker is registered by its own).
+    fn owner(&mut self, worker: &WorkerId) -> Owner {
+        let home = WORKERS
+            .iter()
+            .position(|w| *w == worker.as_str())
+            .unwrap_or(0)
+            % OWNERS.len();
+        match self.rng.below(100) {
+            0..6 => OWNERS[(home + 1) % OWNERS.len()],
+            6..8 => None,
+            _ => OWNERS[home],
+        }
+    }
+
+    /// Returns the caps of a claim: the case's, or none now and then (as
+    /// after a reload of an auth file without them).
+    fn caps(&mut self) -> RunningCaps {
+        if self.rng.chance(15) {
+            RunningCaps::new()
+        } else {
+            self.caps.clone()
+        }
     }
 
     fn recipe(&mut self, model: &str) -> Recipe {
@@ -758,6 +844,7 @@ impl Generator {
             class: verification.then(|| self.rng.pick(&CLASSES).to_string()),
             dedupe: !verification && self.rng.chance(85),
             verify_of,
+            notify: Vec::new(),
         };
         self.sent.push(job.clone());
         Op::Submit(job)
@@ -771,9 +858,11 @@ impl Generator {
             self.rng.subset(&MODELS)
         };
         Op::Claim {
+            owner: self.owner(&worker),
             worker,
             max: self.rng.between(1, 4) as usize,
             resident,
+            caps: self.caps(),
         }
     }
 
@@ -810,7 +899,11 @@ impl Generator {
             // Past the recipe's 4 steps now and then: the stores clamp it.
             r.step = self.rng.between(0, 6) as u32;
         }
-        Op::Heartbeat { worker, reports }
+        Op::Heartbeat {
+            owner: self.owner(&worker),
+            worker,
+            reports,
+        }
     }
 
     fn complete(
@@ -836,6 +929,7 @@ impl Generator {
             ),
         };
         Op::Complete {
+            owner: self.owner(&worker),
             worker,
             task,
             epoch,
@@ -860,6 +954,7 @@ impl Generator {
             self.rng.pick(history)
         };
         Op::Fail {
+            owner: self.owner(&worker),
             worker,
             task,
             epoch,
@@ -871,10 +966,13 @@ impl Generator {
     fn expire(&mut self, leases: &[(WorkerId, TaskId, Epoch)]) -> Op {
         let max_attempts = self.max_attempts();
         if leases.is_empty() || self.rng.chance(40) {
+            let worker = self.worker();
             return Op::ExpireByClaim {
-                worker: self.worker(),
+                owner: self.owner(&worker),
+                worker,
                 max: self.rng.between(1, 3) as usize,
                 max_attempts,
+                caps: self.caps(),
             };
         }
         let worker = self.rng.pick(leases).0;
@@ -891,6 +989,7 @@ impl Generator {
             })
             .collect();
         Op::ExpireByHeartbeat {
+            owner: self.owner(&worker),
             worker,
             reports,
             max_attempts,

@@ -44,6 +44,10 @@ pub enum StoreError {
     /// The worker has no session: it must register (again).
     #[error("worker {0} is not registered")]
     UnknownWorker(WorkerId),
+    /// The worker id belongs to a session another token opened (see
+    /// [`policy::acts_for`], [`policy::may_register`]).
+    #[error("worker id {0} is registered by another token")]
+    WorkerBound(WorkerId),
     /// The backing service cannot be reached; the call may be retried.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -106,9 +110,19 @@ pub trait Store: Send + Sync + 'static {
     /// returned unchanged.
     async fn cancel_job(&self, id: JobId) -> StoreResult<JobRecord>;
 
-    /// Opens a worker session. Leases still held under the same worker id
-    /// belong to a dead incarnation: they are expired and requeued at once.
-    async fn register_worker(&self, registration: WorkerRegistration) -> StoreResult<Vec<Reaped>>;
+    /// Opens a worker session bound to `owner` (the registering token's
+    /// name; `None` without `--auth`). Leases still held under the same
+    /// worker id belong to a dead incarnation: they are expired and requeued
+    /// at once.
+    ///
+    /// # Errors
+    /// `WorkerBound`, changing nothing, while the id's session is alive and
+    /// another owner opened it ([`policy::may_register`]).
+    async fn register_worker(
+        &self,
+        registration: WorkerRegistration,
+        owner: Option<&str>,
+    ) -> StoreResult<Vec<Reaped>>;
 
     /// Returns every worker known to the store.
     async fn workers(&self) -> StoreResult<Vec<WorkerRecord>>;
@@ -121,27 +135,42 @@ pub trait Store: Send + Sync + 'static {
 
     /// Leases up to `max` queued tasks to `worker` in the order of
     /// [`policy`], each with a new epoch and a deadline `ttl` from now;
-    /// `resident` names the models the worker has loaded. Tasks whose recipe
-    /// already has a result in the project for the worker's class are
-    /// completed from it on the way (`Claim::deduped`). When nothing is
-    /// claimable, waits up to `wait` for work before answering an empty claim.
+    /// `resident` names the models the worker has loaded; no project gets
+    /// more leased tasks than its cap in `caps`. Tasks whose recipe already
+    /// has a result in the project for the worker's class are completed from
+    /// it on the way (`Claim::deduped`). When nothing is claimable, waits up
+    /// to `wait` for work before answering an empty claim.
+    ///
+    /// # Errors
+    /// `UnknownWorker` without a session; `WorkerBound`, changing nothing,
+    /// when `owner` is not the session's owner ([`policy::acts_for`]).
     ///
     /// # Cancel safety
     /// Cancel-safe: a claim that was dropped while waiting leased nothing.
+    // The worker's identity, its ask and the policy's inputs are each one
+    // argument; a struct around them would only rename them at every call.
+    #[allow(clippy::too_many_arguments)]
     async fn claim(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         max: usize,
         ttl: Duration,
         wait: Duration,
         resident: &[String],
+        caps: &RunningCaps,
     ) -> StoreResult<Claim>;
 
     /// Extends the leases the worker still holds under the reported epochs and
     /// records progress; every other reported task is to be abandoned.
+    ///
+    /// # Errors
+    /// `UnknownWorker` without a session; `WorkerBound`, changing nothing,
+    /// when `owner` is not the session's owner.
     async fn heartbeat(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         progress: &[ProgressReport],
         ttl: Duration,
     ) -> StoreResult<HeartbeatOutcome>;
@@ -151,9 +180,14 @@ pub trait Store: Send + Sync + 'static {
     /// again); otherwise answers `Stale` and changes nothing but the event
     /// log. Shots waiting for this task (their anchor) are queued with its
     /// image as their init image, and the result is remembered for dedupe.
+    ///
+    /// # Errors
+    /// `WorkerBound`, changing nothing, when the worker has a session and
+    /// `owner` is not its owner.
     async fn complete(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         task: TaskId,
         epoch: Epoch,
         result: TaskResult,
@@ -166,9 +200,15 @@ pub trait Store: Send + Sync + 'static {
     /// the job while no other worker can take the task (it fails for good
     /// with this message rather than wait forever). `Cancelled` from a worker
     /// hands the task back without counting against the limit.
+    ///
+    /// # Errors
+    /// `WorkerBound`, changing nothing, when the worker has a session and
+    /// `owner` is not its owner.
+    #[allow(clippy::too_many_arguments)]
     async fn fail(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         task: TaskId,
         epoch: Epoch,
         fault: Fault,
@@ -186,6 +226,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// Waits until the job has an event above `after`, or `timeout` passes.
     async fn wait_events(&self, id: JobId, after: u64, timeout: Duration) -> StoreResult<()>;
+
+    /// Claims up to `max` webhook deliveries that are due (opened when their
+    /// job ended, or whose retry time or claim has run out), each for `lease`:
+    /// no other claim returns it before then unless it is settled. Every
+    /// claim counts one more attempt.
+    async fn claim_deliveries(&self, max: usize, lease: Duration) -> StoreResult<Vec<Delivery>>;
+
+    /// Records what one claim of a delivery achieved: the `done` targets
+    /// (delivered, or refused for good) leave it. With `retry_in`, the targets left are due again
+    /// after it; without, the delivery is closed (all delivered, or given
+    /// up). A settle under an `attempt` that is no longer the latest claim's
+    /// records its deliveries only: the later claim decides the rest.
+    /// Settling a closed or unknown delivery changes nothing.
+    async fn settle_delivery(
+        &self,
+        job: JobId,
+        attempt: u32,
+        done: &[String],
+        retry_in: Option<Duration>,
+    ) -> StoreResult<()>;
 }
 
 #[cfg(test)]

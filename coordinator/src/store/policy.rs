@@ -11,7 +11,11 @@
 //!    it does not have), a shot whose anchor is not done, and — while another
 //!    worker can take them ([`can_stand_in`]) — tasks of a job that
 //!    quarantined it ([`quarantined`]) and tasks it failed before
-//!    ([`task_open_to`]).
+//!    ([`task_open_to`]), and every task of a project that has as many tasks
+//!    leased as its `max_running_tasks` allows ([`under_cap`]; the caps come
+//!    from the auth file in force at the claim). A capped project's tasks
+//!    wait while other projects' tasks are still leased; when one of its
+//!    leases ends, waiting claims are woken.
 //! 2. **Order** ([`job_rank`]): higher priority first; among equal priority
 //!    the least recently served project, then the least recently served job
 //!    (round-robin fair share); within a job, the item order.
@@ -24,6 +28,11 @@
 //!
 //! When a worker reports a fault, [`retry_after_fault`] decides whether the
 //! task goes back to the queue.
+//!
+//! A worker id is bound to the token that registered it while the worker is
+//! [`alive`]: only that token may lease, heartbeat, complete or fail under it
+//! ([`acts_for`]), and another token may register the id again only once the
+//! worker is dead ([`may_register`]).
 
 use std::cmp::Reverse;
 
@@ -46,6 +55,35 @@ pub const SWITCH_BACKLOG_PER_HOLDER: usize = 8;
 /// A worker that called within this long counts as live: only live workers
 /// count as stand-ins for a task or as holders of a model.
 pub const LIVE_MS: u64 = 60_000;
+
+/// Returns true while a worker silent for `silent_ms` counts as alive: it
+/// called within [`LIVE_MS`]. The one liveness rule: stand-ins, model holders
+/// and worker binding all ask it (a draining worker is alive, but takes no
+/// new work).
+pub fn alive(silent_ms: u64) -> bool {
+    silent_ms < LIVE_MS
+}
+
+/// Returns true when `caller` (the name of the calling token; `None` without
+/// `--auth`) may act under a worker id whose session `owner` opened: only
+/// the same token may.
+pub fn acts_for(owner: Option<&str>, caller: Option<&str>) -> bool {
+    owner == caller
+}
+
+/// Returns true when `caller` may register a worker id whose last session
+/// `owner` opened and which has been silent for `silent_ms`: the same token
+/// may at any time (a restarted worker), another one only once that worker
+/// is dead.
+pub fn may_register(owner: Option<&str>, silent_ms: u64, caller: Option<&str>) -> bool {
+    acts_for(owner, caller) || !alive(silent_ms)
+}
+
+/// Returns true when a project with `running` leased tasks may get one more
+/// under its `max_running_tasks` (`None`: no cap).
+pub fn under_cap(running: u64, cap: Option<u64>) -> bool {
+    cap.is_none_or(|cap| running < cap)
+}
 
 /// Most tasks one claim completes from earlier results.
 pub const MAX_DEDUPED_PER_CLAIM: usize = 1000;
@@ -111,7 +149,7 @@ pub struct Candidate<'a> {
 /// forever).
 pub fn can_stand_in(c: &Candidate<'_>, model_hash: &str, pinned_class: Option<&str>) -> bool {
     !c.draining
-        && c.silent_ms < LIVE_MS
+        && alive(c.silent_ms)
         && !quarantined(c.job_faults)
         && c.model_hash
             .is_some_and(|h| model_hash.is_empty() || h == model_hash)
@@ -270,6 +308,25 @@ mod tests {
             ..capable
         };
         assert!(!can_stand_in(&silent, "", None));
+    }
+
+    #[test]
+    fn a_worker_id_is_bound_to_its_token_while_alive() {
+        assert!(acts_for(Some("pool-a"), Some("pool-a")));
+        assert!(!acts_for(Some("pool-a"), Some("pool-b")));
+        assert!(!acts_for(Some("pool-a"), None));
+        assert!(acts_for(None, None), "binding is off without --auth");
+        assert!(may_register(Some("pool-a"), 0, Some("pool-a")));
+        assert!(!may_register(Some("pool-a"), LIVE_MS - 1, Some("pool-b")));
+        assert!(may_register(Some("pool-a"), LIVE_MS, Some("pool-b")));
+    }
+
+    #[test]
+    fn a_capped_project_gets_no_lease_at_its_cap() {
+        assert!(under_cap(100, None));
+        assert!(under_cap(1, Some(2)));
+        assert!(!under_cap(2, Some(2)));
+        assert!(!under_cap(0, Some(0)));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use kiln_proto::ids::{JobId, TaskId, WorkerId};
 
 use super::data::{JobEntry, State, TaskEntry};
 use crate::store::policy::{self, Candidate, MAX_DEDUPED_PER_CLAIM, Pick};
-use crate::store::{Claim, JobState};
+use crate::store::{Claim, JobState, RunningCaps};
 
 /// A worker's view for the policy.
 pub(super) struct Asker<'a> {
@@ -24,9 +24,30 @@ pub(super) struct Asker<'a> {
     /// pinned hash): asked once per claim, not once per queued task, since
     /// nothing it depends on changes while the claim holds the lock.
     pub(super) stand_ins: RefCell<HashMap<(JobId, String, String), bool>>,
+    /// Each capped project's `max_running_tasks`.
+    pub(super) caps: &'a RunningCaps,
+    /// Leased tasks of each capped project, counting those this claim leases.
+    pub(super) running: RefCell<HashMap<String, u64>>,
 }
 
 impl Asker<'_> {
+    /// Returns true while `project` may get one more lease ([`policy::under_cap`]).
+    fn has_room(&self, project: &str) -> bool {
+        let running = self.running.borrow().get(project).copied().unwrap_or(0);
+        policy::under_cap(running, self.caps.get(project).copied())
+    }
+
+    /// Counts one more lease of `project` in this claim.
+    fn take_room(&self, project: &str) {
+        if self.caps.contains_key(project) {
+            *self
+                .running
+                .borrow_mut()
+                .entry(project.to_string())
+                .or_default() += 1;
+        }
+    }
+
     /// Returns the cached answer for (job, model, hash), asking `scan` once.
     fn stand_in_for(
         &self,
@@ -139,15 +160,37 @@ impl State {
         jobs.into_iter().map(|j| j.record.id).collect()
     }
 
-    /// Chooses up to `max` tasks for `worker` (see [`super::policy`]);
-    /// completes deduplicated tasks into `claim` on the way.
+    /// Returns the leased tasks of each project in `caps`.
+    fn running_of(&self, caps: &RunningCaps) -> HashMap<String, u64> {
+        let mut running = HashMap::new();
+        if caps.is_empty() {
+            return running;
+        }
+        for task in &self.leased {
+            if let Some(job) = self
+                .tasks
+                .get(task)
+                .and_then(|t| self.jobs.get(&t.record.job))
+                .filter(|j| caps.contains_key(&j.record.project))
+            {
+                *running.entry(job.record.project.clone()).or_default() += 1;
+            }
+        }
+        running
+    }
+
+    /// Chooses up to `max` tasks for `worker` (see [`super::policy`]), no
+    /// project past its cap in `caps`; completes deduplicated tasks into
+    /// `claim` on the way.
     pub(super) fn pick(
         &mut self,
         worker: &WorkerId,
         max: usize,
         now: u64,
+        caps: &RunningCaps,
         claim: &mut Claim,
     ) -> Vec<TaskId> {
+        let running = self.running_of(caps);
         let Some(w) = self.workers.get(worker) else {
             return Vec::new();
         };
@@ -168,6 +211,8 @@ impl State {
             models,
             resident,
             stand_ins: RefCell::default(),
+            caps,
+            running: RefCell::new(running),
         };
         let mut deduped = 0;
         // The first claimable task overall, and the first one for a resident
@@ -179,6 +224,9 @@ impl State {
                 continue;
             };
             if !self.job_allows(job, &asker) {
+                continue;
+            }
+            if !asker.has_room(&job.record.project) {
                 continue;
             }
             let priority = job.record.priority;
@@ -235,14 +283,26 @@ impl State {
             |model| self.resident_holders(model, worker, now),
             |model| self.backlog(model),
         );
-        let Some(first) = chosen else {
-            return Vec::new();
-        };
-        let mut out = vec![first];
-        if max > 1 {
-            self.fill(first, max, &asker, now, &mut out);
+        let mut out = Vec::new();
+        if let Some(first) = chosen {
+            if let Some(project) = self.project_of(first) {
+                asker.take_room(&project);
+            }
+            out.push(first);
+            if max > 1 {
+                self.fill(first, max, &asker, now, &mut out);
+            }
         }
+        // A project at its cap wakes waiting claims when one of its leases ends.
+        self.capped
+            .extend(caps.keys().filter(|p| !asker.has_room(p)).cloned());
         out
+    }
+
+    /// Returns the project of a task's job.
+    fn project_of(&self, task: TaskId) -> Option<String> {
+        let job = self.tasks.get(&task)?.record.job;
+        Some(self.jobs.get(&job)?.record.project.clone())
     }
 
     /// Fills free slots after `first`: tasks that share its UNet batch, then
@@ -272,9 +332,13 @@ impl State {
                 let Some(set) = job.queued.by_model.get(&model) else {
                     continue;
                 };
+                let project = &job.record.project;
                 for index in set {
                     if out.len() >= max {
                         return;
+                    }
+                    if !asker.has_room(project) {
+                        break;
                     }
                     let Some(task) = job
                         .tasks
@@ -286,6 +350,7 @@ impl State {
                     let id = task.record.id;
                     let fits = !same_batch || task.batch_key == *key;
                     if fits && !out.contains(&id) && self.task_allows(task, asker, now) {
+                        asker.take_room(project);
                         out.push(id);
                     }
                 }
@@ -309,7 +374,7 @@ impl State {
             .filter(|w| {
                 &w.record.registration.id != not
                     && !w.record.draining
-                    && now.saturating_sub(w.last_seen) < policy::LIVE_MS
+                    && policy::alive(now.saturating_sub(w.last_seen))
                     && if w.resident.is_empty() {
                         w.record.registration.models.iter().any(|m| m.name == model)
                     } else {

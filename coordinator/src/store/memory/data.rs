@@ -3,13 +3,16 @@
 //! the read-only questions asked of a record (who holds it, why a report is
 //! stale).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 
-use crate::store::{Event, JobRecord, ModelInfo, TaskRecord, TaskResult, TaskState, WorkerRecord};
+use crate::store::{
+    Event, JobRecord, ModelInfo, StoreError, StoreResult, TaskRecord, TaskResult, TaskState,
+    WorkerRecord, policy,
+};
 
 /// Everything the memory store holds, behind its one mutex.
 #[derive(Default)]
@@ -27,6 +30,27 @@ pub(super) struct State {
     pub(super) project_served: HashMap<String, u64>,
     /// Earlier results by project, then dedupe key (recipe hash and class).
     pub(super) results: HashMap<String, HashMap<String, TaskResult>>,
+    /// Projects a claim found at their `max_running_tasks`: when one of
+    /// their leases ends, waiting claims are woken.
+    pub(super) capped: HashSet<String>,
+    /// Set when a lease of such a project ended; cleared by the transition
+    /// that ended it, which wakes waiting claims.
+    pub(super) cap_freed: bool,
+    /// Webhook deliveries of ended jobs, open until settled for good.
+    pub(super) outbox: BTreeMap<JobId, Outbox>,
+}
+
+/// An open webhook delivery (see `Store::claim_deliveries`).
+pub(super) struct Outbox {
+    /// Targets not delivered yet.
+    pub(super) pending: Vec<String>,
+    /// Claims so far.
+    pub(super) attempt: u32,
+    /// When it is next due, Unix milliseconds: webhook retries are minutes
+    /// apart and need no paused test clock, unlike leases.
+    pub(super) due: u64,
+    /// When the job ended, Unix milliseconds.
+    pub(super) ended: u64,
 }
 
 /// A job, its tasks' ids, its queues and its event log.
@@ -46,6 +70,8 @@ pub(super) struct JobEntry {
     pub(super) served: u64,
     /// Faults per worker, for quarantine.
     pub(super) faults: HashMap<WorkerId, u32>,
+    /// Webhook targets, for the delivery opened when the job ends.
+    pub(super) notify: Vec<String>,
 }
 
 /// A job's claimable tasks by model, in item order, so a claim looks at the
@@ -106,11 +132,28 @@ pub(super) struct TaskEntry {
 /// A worker session.
 pub(super) struct WorkerEntry {
     pub(super) record: WorkerRecord,
+    /// The name of the token that opened the session (`None` without
+    /// `--auth`): the only one that may act under this worker id.
+    pub(super) owner: Option<String>,
     pub(super) running: BTreeSet<TaskId>,
     /// Last call on the store clock.
     pub(super) last_seen: u64,
     /// Models loaded at the last claim.
     pub(super) resident: Vec<String>,
+}
+
+impl State {
+    /// Refuses a call under `worker` by a token that is not the owner of its
+    /// session ([`policy::acts_for`]); a worker without a session has no
+    /// owner to refuse for.
+    pub(super) fn check_owner(&self, worker: &WorkerId, owner: Option<&str>) -> StoreResult<()> {
+        match self.workers.get(worker) {
+            Some(w) if !policy::acts_for(w.owner.as_deref(), owner) => {
+                Err(StoreError::WorkerBound(worker.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Returns the wall clock in Unix milliseconds, for records people read.

@@ -40,6 +40,10 @@ pub struct MemoryStore {
     /// Origin of the store's monotonic clock, which lease deadlines use.
     /// A tokio instant, so tests can pause and advance time.
     origin: Instant,
+    /// How far tests moved the store clock ahead of `origin` (for the
+    /// liveness window, which is too long to wait for).
+    #[cfg(test)]
+    skew_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Default for MemoryStore {
@@ -56,11 +60,24 @@ impl MemoryStore {
             work: watch::channel(0).0,
             events: watch::channel(0).0,
             origin: Instant::now(),
+            #[cfg(test)]
+            skew_ms: Default::default(),
         }
     }
 
     fn now(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
+        let now = self.origin.elapsed().as_millis() as u64;
+        #[cfg(test)]
+        let now = now + self.skew_ms.load(std::sync::atomic::Ordering::Relaxed);
+        now
+    }
+
+    /// Moves the store clock `by` ahead: workers fall silent and leases come
+    /// due as if that time had passed.
+    #[cfg(test)]
+    pub(crate) fn advance_clock(&self, by: Duration) {
+        self.skew_ms
+            .fetch_add(by.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -81,13 +98,16 @@ impl MemoryStore {
     fn try_claim(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         max: usize,
         ttl: Duration,
         resident: &[String],
+        caps: &RunningCaps,
     ) -> StoreResult<Claim> {
         let now = self.now();
         let mut guard = self.lock();
         let st = &mut *guard;
+        st.check_owner(worker, owner)?;
         let w = st
             .workers
             .get_mut(worker)
@@ -102,7 +122,7 @@ impl MemoryStore {
             });
         }
         let mut claim = Claim::default();
-        let picked = st.pick(worker, max, now, &mut claim);
+        let picked = st.pick(worker, max, now, caps, &mut claim);
         for task_id in picked {
             claim.leases.extend(st.lease(task_id, worker, now, ttl));
         }
@@ -157,6 +177,7 @@ impl Store for MemoryStore {
             dedupe: new.dedupe,
             served: 0,
             faults: HashMap::new(),
+            notify: new.notify,
         };
         for t in new.tasks {
             entry.tasks.push(t.id);
@@ -320,6 +341,7 @@ impl Store for MemoryStore {
                 true,
             );
         }
+        st.open_delivery(id);
         let job = st.jobs.get_mut(&id).ok_or(StoreError::JobNotFound(id))?;
         push_event(
             job,
@@ -332,17 +354,29 @@ impl Store for MemoryStore {
             JobState::Cancelled.name().to_string(),
         );
         let record = job.record.clone();
+        let cap_freed = std::mem::take(&mut st.cap_freed);
         drop(guard);
+        if cap_freed {
+            self.wake_workers();
+        }
         self.wake_watchers();
         Ok(record)
     }
 
-    async fn register_worker(&self, reg: WorkerRegistration) -> StoreResult<Vec<Reaped>> {
+    async fn register_worker(
+        &self,
+        reg: WorkerRegistration,
+        owner: Option<&str>,
+    ) -> StoreResult<Vec<Reaped>> {
         let now = self.now();
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut released = Vec::new();
         if let Some(old) = st.workers.get(&reg.id) {
+            let silent = now.saturating_sub(old.last_seen);
+            if !policy::may_register(old.owner.as_deref(), silent, owner) {
+                return Err(StoreError::WorkerBound(reg.id));
+            }
             let held: Vec<TaskId> = old.running.iter().copied().collect();
             for task in held {
                 let Some(t) = st.tasks.get(&task) else {
@@ -387,11 +421,14 @@ impl Store for MemoryStore {
                     completed,
                     failed,
                 },
+                owner: owner.map(str::to_string),
                 running: BTreeSet::new(),
                 last_seen: now,
                 resident: Vec::new(),
             },
         );
+        // Waking claims below covers any room a released lease made.
+        st.cap_freed = false;
         drop(guard);
         self.wake_workers();
         if !released.is_empty() {
@@ -432,16 +469,18 @@ impl Store for MemoryStore {
     async fn claim(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         max: usize,
         ttl: Duration,
         wait: Duration,
         resident: &[String],
+        caps: &RunningCaps,
     ) -> StoreResult<Claim> {
         let deadline = Instant::now() + wait;
         let mut rx = self.work.subscribe();
         loop {
             rx.borrow_and_update();
-            let claim = self.try_claim(worker, max, ttl, resident)?;
+            let claim = self.try_claim(worker, owner, max, ttl, resident, caps)?;
             if !claim.leases.is_empty() || !claim.deduped.is_empty() || claim.drain || max == 0 {
                 return Ok(claim);
             }
@@ -457,12 +496,14 @@ impl Store for MemoryStore {
     async fn heartbeat(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         progress: &[ProgressReport],
         ttl: Duration,
     ) -> StoreResult<HeartbeatOutcome> {
         let now = self.now();
         let mut guard = self.lock();
         let st = &mut *guard;
+        st.check_owner(worker, owner)?;
         let w = st
             .workers
             .get_mut(worker)
@@ -495,12 +536,14 @@ impl Store for MemoryStore {
     async fn complete(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         task: TaskId,
         epoch: Epoch,
         mut result: TaskResult,
     ) -> StoreResult<CompleteOutcome> {
         let mut guard = self.lock();
         let st = &mut *guard;
+        st.check_owner(worker, owner)?;
         let class = st
             .workers
             .get(worker)
@@ -568,10 +611,12 @@ impl Store for MemoryStore {
             EventKind::Completed,
             false,
         );
+        let cap_freed = std::mem::take(&mut st.cap_freed);
         drop(guard);
-        // Only released shots are new work; waking every waiting claim for
-        // each completion would make them all run for nothing.
-        if released {
+        // Only released shots and a capped project's freed room are new
+        // work; waking every waiting claim for each completion would make
+        // them all run for nothing.
+        if released || cap_freed {
             self.wake_workers();
         }
         self.wake_watchers();
@@ -581,6 +626,7 @@ impl Store for MemoryStore {
     async fn fail(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         task: TaskId,
         epoch: Epoch,
         fault: Fault,
@@ -589,6 +635,7 @@ impl Store for MemoryStore {
     ) -> StoreResult<FailOutcome> {
         let mut guard = self.lock();
         let st = &mut *guard;
+        st.check_owner(worker, owner)?;
         let t = st.tasks.get(&task).ok_or(StoreError::TaskNotFound(task))?;
         if !holds_lease(&t.record, worker, epoch) {
             return Ok(FailOutcome::Stale {
@@ -645,8 +692,9 @@ impl Store for MemoryStore {
             EventKind::Failed,
             false,
         );
+        let cap_freed = std::mem::take(&mut st.cap_freed);
         drop(guard);
-        if will_retry {
+        if will_retry || cap_freed {
             self.wake_workers();
         }
         self.wake_watchers();
@@ -704,6 +752,8 @@ impl Store for MemoryStore {
                 job_finished,
             });
         }
+        // Waking claims below covers any room an expired lease made.
+        st.cap_freed = false;
         drop(guard);
         if !reaped.is_empty() {
             self.wake_workers();
@@ -738,5 +788,59 @@ impl Store for MemoryStore {
                 return Ok(());
             }
         }
+    }
+
+    async fn claim_deliveries(&self, max: usize, lease: Duration) -> StoreResult<Vec<Delivery>> {
+        let now = unix_ms() as u64;
+        let mut st = self.lock();
+        let mut due: Vec<(u64, JobId)> = st
+            .outbox
+            .iter()
+            .filter(|(_, o)| o.due <= now)
+            .map(|(job, o)| (o.due, *job))
+            .collect();
+        // The longest-waiting first, as Redis orders its outbox by due time.
+        due.sort();
+        let mut out = Vec::new();
+        for (_, job) in due.into_iter().take(max) {
+            if let Some(o) = st.outbox.get_mut(&job) {
+                o.attempt += 1;
+                o.due = now + lease.as_millis() as u64;
+                out.push(Delivery {
+                    job,
+                    attempt: o.attempt,
+                    pending: o.pending.clone(),
+                    age: Duration::from_millis(now.saturating_sub(o.ended)),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn settle_delivery(
+        &self,
+        job: JobId,
+        attempt: u32,
+        done: &[String],
+        retry_in: Option<Duration>,
+    ) -> StoreResult<()> {
+        let now = unix_ms() as u64;
+        let mut st = self.lock();
+        let Some(o) = st.outbox.get_mut(&job) else {
+            return Ok(());
+        };
+        o.pending.retain(|t| !done.contains(t));
+        let latest = o.attempt == attempt;
+        match retry_in {
+            _ if o.pending.is_empty() => {
+                st.outbox.remove(&job);
+            }
+            _ if !latest => {}
+            Some(wait) => o.due = now + wait.as_millis() as u64,
+            None => {
+                st.outbox.remove(&job);
+            }
+        }
+        Ok(())
     }
 }

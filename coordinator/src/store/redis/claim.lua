@@ -7,14 +7,19 @@
 -- task's stored batch key (policy::task_batch_key), then the same model.
 -- Tasks whose recipe already has a result in the project for the worker's
 -- class are completed from it on the way.
--- ARGV: 3 worker, 4 max, 5 lease ttl ms, 6 resident models json (list).
--- Returns {'unknown'}, {'drain'}, or {'ok', n leases, n deduped, n finished,
+-- A project gets no lease past its max_running_tasks (policy::under_cap):
+-- its leased tasks are counted in the `project_running` hash, which `lease` below and
+-- `end_lease` (prelude) keep.
+-- ARGV: 3 worker, 4 max, 5 lease ttl ms, 6 resident models json (list),
+--   7 owner, 8 caps json ({project: max_running_tasks}).
+-- Returns {'unknown'}, {'bound'}, {'drain'}, or {'ok', n leases, n deduped, n finished,
 --   LEASE_FIELDS values per lease (task, job, index, epoch, recipe, init,
 --   anchor index or -1), DEDUPED_FIELDS per deduped (task, job, file, source),
 --   1 per finished job}.
 local worker, max, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local wk = k('worker', worker)
 if redis.call('EXISTS', wk) == 0 then return {'unknown'} end
+if not acts_for(worker, ARGV[7]) then return {'bound'} end
 redis.call('HSET', wk, 'seen', NOW, 'resident', ARGV[6])
 if redis.call('HGET', wk, 'draining') == '1' then return {'drain'} end
 local models = cjson.decode(redis.call('HGET', wk, 'models'))
@@ -46,6 +51,16 @@ end)
 
 local function job_allows(j)
   return not ((j.pin == '1' or j.verify ~= '') and j.class ~= '' and j.class ~= class)
+end
+
+-- Leased tasks of each capped project, counting those this claim leases.
+local caps = cjson.decode(ARGV[8])
+local running = {}
+for project, _ in pairs(caps) do
+  running[project] = tonumber(redis.call('HGET', k('project_running'), project) or '0')
+end
+local function has_room(project)
+  return caps[project] == nil or running[project] < caps[project]
 end
 
 -- Whether a stand-in exists for this (quarantined) worker, by job, model and
@@ -113,7 +128,7 @@ end
 local first_choice, first_resident
 for _, j in ipairs(jobs) do
   if first_resident then break end
-  if job_allows(j) then
+  if job_allows(j) and has_room(j.project) then
     local held = {}
     for _, model in ipairs(redis.call('SMEMBERS', k('job', j.id, 'models'))) do
       if models[model] ~= nil and redis.call('ZCARD', k('q', j.id, model)) > 0 then
@@ -205,6 +220,8 @@ local function lease(tid, j, model)
   redis.call('SADD', k('worker', worker, 'running'), tid)
   redis.call('HINCRBY', k('job', j.id), TASK_QUEUED, -1)
   redis.call('HINCRBY', k('job', j.id), TASK_LEASED, 1)
+  redis.call('HINCRBY', k('project_running'), j.project, 1)
+  if caps[j.project] ~= nil then running[j.project] = running[j.project] + 1 end
   local served = redis.call('INCR', k('served'))
   redis.call('HSET', k('job', j.id), 'served', served)
   redis.call('HSET', k('project_served'), j.project, served)
@@ -227,7 +244,7 @@ if chosen then
       if job_allows(j) then
         local ids = redis.call('ZRANGE', k('q', j.id, chosen.model), 0, (max - taken) + FILL_LOOKAHEAD - 1)
         for _, tid in ipairs(ids) do
-          if taken >= max then break end
+          if taken >= max or not has_room(j.project) then break end
           local fits = (not same_batch) or redis.call('HGET', k('task', tid), 'bkey') == key
           if fits and redis.call('HGET', k('task', tid), 'state') == TASK_QUEUED and task_allows(j, tid, chosen.model) then
             lease(tid, j, chosen.model)
@@ -243,6 +260,10 @@ for _, j in ipairs(jobs) do
   if tonumber(redis.call('HGET', k('job', j.id), TASK_QUEUED)) == 0 or redis.call('HGET', k('job', j.id), 'state') ~= JOB_RUNNING then
     redis.call('ZREM', k('ready'), j.id)
   end
+end
+-- A project at its cap wakes waiting claims when one of its leases ends.
+for project, _ in pairs(caps) do
+  if not has_room(project) then redis.call('SADD', k('project_capped'), project) end
 end
 local out = {'ok', #leases / LEASE_FIELDS, #deduped / DEDUPED_FIELDS, #finished}
 for _, v in ipairs(leases) do table.insert(out, v) end

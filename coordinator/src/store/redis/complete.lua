@@ -1,8 +1,9 @@
 -- Accepts a result if the worker holds the lease under the epoch; a replay of
 -- the same accepted completion is accepted again; anything else is stale.
--- ARGV: 3 worker, 4 task, 5 epoch, 6 result json.
--- Returns {'ok', finished job state or ''}, {'stale', reason} or {'missing'}.
+-- ARGV: 3 worker, 4 task, 5 epoch, 6 result json, 7 owner.
+-- Returns {'ok', finished job state or ''}, {'stale', reason}, {'bound'} or {'missing'}.
 local worker, tid, epoch = ARGV[3], ARGV[4], tonumber(ARGV[5])
+if not acts_for(worker, ARGV[7]) then return {'bound'} end
 local t = k('task', tid)
 if redis.call('EXISTS', t) == 0 then return {'missing'} end
 if holds(tid, worker, epoch) then

@@ -4,9 +4,10 @@
 -- while no other worker can take the task (it would wait forever); a worker's
 -- cancelled fault hands the task back without counting against the limit.
 -- The same rules as `MemoryStore::fail`, through `policy::retry_after_fault`.
--- ARGV: 3 worker, 4 task, 5 epoch, 6 fault name, 7 message, 8 max attempts.
--- Returns {'ok', will_retry (0/1), finished state or ''}, {'stale', reason} or {'missing'}.
+-- ARGV: 3 worker, 4 task, 5 epoch, 6 fault name, 7 message, 8 max attempts, 9 owner.
+-- Returns {'ok', will_retry (0/1), finished state or ''}, {'stale', reason}, {'bound'} or {'missing'}.
 local worker, tid, epoch, fault, msg, max = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8])
+if not acts_for(worker, ARGV[9]) then return {'bound'} end
 local t = k('task', tid)
 if redis.call('EXISTS', t) == 0 then return {'missing'} end
 if not holds(tid, worker, epoch) then return {'stale', stale_reason(tid, worker, epoch)} end

@@ -1,14 +1,15 @@
 -- Extends the leases a worker still holds under the reported epochs and records progress.
--- ARGV: 3 worker, 4 ttl ms, then PROGRESS_FIELDS values (task, epoch, step) per task.
--- Returns {'unknown'} or {drain (0/1), then per task 'ext', or the abandon reason}.
+-- ARGV: 3 worker, 4 ttl ms, 5 owner, then PROGRESS_FIELDS values (task, epoch, step) per task.
+-- Returns {'unknown'}, {'bound'} or {drain (0/1), then per task 'ext', or the abandon reason}.
 local worker, ttl = ARGV[3], tonumber(ARGV[4])
 local wk = k('worker', worker)
 if redis.call('EXISTS', wk) == 0 then return {'unknown'} end
+if not acts_for(worker, ARGV[5]) then return {'bound'} end
 redis.call('HSET', wk, 'seen', NOW)
 local drain = 0
 if redis.call('HGET', wk, 'draining') == '1' then drain = 1 end
 local out = {drain}
-local i = 5
+local i = 6
 while i + PROGRESS_FIELDS - 1 <= #ARGV do
   local tid, epoch, step = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   if holds(tid, worker, epoch) then

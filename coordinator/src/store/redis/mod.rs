@@ -31,8 +31,8 @@ mod scripts;
 use self::pubsub::listen;
 use self::records::*;
 use self::scripts::{
-    DEDUPED_FIELDS, LEASE_FIELDS, PROGRESS_FIELDS, REAPED_FIELDS, RELEASED_FIELDS, Scripts,
-    TASK_ARGS,
+    DEDUPED_FIELDS, DELIVERY_FIELDS, LEASE_FIELDS, PROGRESS_FIELDS, REAPED_FIELDS, RELEASED_FIELDS,
+    Scripts, TASK_ARGS,
 };
 use super::policy::task_batch_key;
 use super::state::{AbandonReason, Fault};
@@ -399,6 +399,9 @@ impl Store for RedisStore {
             args.push(Arg::Str(sha));
             args.push(Arg::Bytes(data));
         }
+        let notify = serde_json::to_string(&job.notify)
+            .map_err(|e| StoreError::Corrupt(format!("webhook targets: {e}")))?;
+        args.push(Arg::Str(&notify));
         let reply = items(self.invoke(&self.scripts.enqueue, &args).await?)?;
         let created = reply.first().map(text).as_deref() == Some("1");
         let existing: JobId = parse_id(&reply.get(1).map(text).unwrap_or_default(), "job id")?;
@@ -487,7 +490,11 @@ impl Store for RedisStore {
         self.job_record(id).await
     }
 
-    async fn register_worker(&self, reg: WorkerRegistration) -> StoreResult<Vec<Reaped>> {
+    async fn register_worker(
+        &self,
+        reg: WorkerRegistration,
+        owner: Option<&str>,
+    ) -> StoreResult<Vec<Reaped>> {
         let id = reg.id.to_string();
         let models: BTreeMap<&str, &str> = reg
             .models
@@ -518,10 +525,14 @@ impl Store for RedisStore {
                     Arg::Str(&reg_json),
                     Arg::Str(&models_json),
                     Arg::Str(&reg.determinism_class),
+                    Arg::Str(owner.unwrap_or_default()),
                 ],
             )
             .await?,
         )?;
+        if is_bound(&reply) {
+            return Err(StoreError::WorkerBound(reg.id));
+        }
         let mut out = Vec::new();
         for r in reply.chunks(RELEASED_FIELDS) {
             let [task, job, epoch, finished] = r else {
@@ -565,14 +576,17 @@ impl Store for RedisStore {
     async fn claim(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         max: usize,
         ttl: Duration,
         wait: Duration,
         resident: &[String],
+        caps: &RunningCaps,
     ) -> StoreResult<Claim> {
         let deadline = Instant::now() + wait;
         let resident =
             serde_json::to_string(resident).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let caps = serde_json::to_string(caps).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut rx = self.work.clone();
         loop {
             rx.borrow_and_update();
@@ -584,12 +598,15 @@ impl Store for RedisStore {
                         Arg::Int(max as i64),
                         Arg::Int(ttl.as_millis() as i64),
                         Arg::Str(&resident),
+                        Arg::Str(owner.unwrap_or_default()),
+                        Arg::Str(&caps),
                     ],
                 )
                 .await?,
             )?;
             match reply.first().map(text).as_deref() {
                 Some("unknown") => return Err(StoreError::UnknownWorker(worker.clone())),
+                Some("bound") => return Err(StoreError::WorkerBound(worker.clone())),
                 Some("drain") => {
                     return Ok(Claim {
                         drain: true,
@@ -652,13 +669,15 @@ impl Store for RedisStore {
     async fn heartbeat(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         progress: &[ProgressReport],
         ttl: Duration,
     ) -> StoreResult<HeartbeatOutcome> {
         let owned: Vec<String> = progress.iter().map(|p| p.task.to_string()).collect();
-        let mut args = Vec::with_capacity(2 + progress.len() * PROGRESS_FIELDS);
+        let mut args = Vec::with_capacity(3 + progress.len() * PROGRESS_FIELDS);
         args.push(Arg::Str(worker.as_str()));
         args.push(Arg::Int(ttl.as_millis() as i64));
+        args.push(Arg::Str(owner.unwrap_or_default()));
         for (p, id) in progress.iter().zip(&owned) {
             args.push(Arg::Str(id));
             args.push(Arg::Int(p.epoch.0 as i64));
@@ -667,6 +686,9 @@ impl Store for RedisStore {
         let reply = items(self.invoke(&self.scripts.heartbeat, &args).await?)?;
         if reply.first().map(text).as_deref() == Some("unknown") {
             return Err(StoreError::UnknownWorker(worker.clone()));
+        }
+        if is_bound(&reply) {
+            return Err(StoreError::WorkerBound(worker.clone()));
         }
         let mut out = HeartbeatOutcome {
             drain: reply.first().map(text).as_deref() == Some("1"),
@@ -688,6 +710,7 @@ impl Store for RedisStore {
     async fn complete(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         task: TaskId,
         epoch: Epoch,
         result: TaskResult,
@@ -711,11 +734,13 @@ impl Store for RedisStore {
                     Arg::Str(&tid),
                     Arg::Int(epoch.0 as i64),
                     Arg::Str(&json),
+                    Arg::Str(owner.unwrap_or_default()),
                 ],
             )
             .await?,
         )?;
         match reply.first().map(text).as_deref() {
+            Some("bound") => Err(StoreError::WorkerBound(worker.clone())),
             Some("ok") => {
                 let finished = reply.get(1).map(text).unwrap_or_default();
                 let job_finished = if finished.is_empty() {
@@ -735,6 +760,7 @@ impl Store for RedisStore {
     async fn fail(
         &self,
         worker: &WorkerId,
+        owner: Option<&str>,
         task: TaskId,
         epoch: Epoch,
         fault: Fault,
@@ -752,11 +778,13 @@ impl Store for RedisStore {
                     Arg::Str(fault.name()),
                     Arg::Str(message),
                     Arg::Int(i64::from(max_attempts)),
+                    Arg::Str(owner.unwrap_or_default()),
                 ],
             )
             .await?,
         )?;
         match reply.first().map(text).as_deref() {
+            Some("bound") => Err(StoreError::WorkerBound(worker.clone())),
             Some("ok") => {
                 let finished = reply.get(2).map(text).unwrap_or_default();
                 let job_finished = if finished.is_empty() {
@@ -811,6 +839,54 @@ impl Store for RedisStore {
 
     async fn wait_events(&self, id: JobId, after: u64, timeout: Duration) -> StoreResult<()> {
         self.read_wait_events(id, after, timeout).await
+    }
+
+    async fn claim_deliveries(&self, max: usize, lease: Duration) -> StoreResult<Vec<Delivery>> {
+        let reply = items(
+            self.invoke(
+                &self.scripts.deliveries,
+                &[Arg::Int(max as i64), Arg::Int(lease.as_millis() as i64)],
+            )
+            .await?,
+        )?;
+        let mut out = Vec::new();
+        for d in reply.chunks(DELIVERY_FIELDS) {
+            let [job, attempt, pending, age] = d else {
+                continue;
+            };
+            out.push(Delivery {
+                job: parse_id(&text(job), "job id")?,
+                attempt: parse_id(&text(attempt), "delivery attempt")?,
+                pending: serde_json::from_str(&text(pending))
+                    .map_err(|e| StoreError::Corrupt(format!("webhook targets: {e}")))?,
+                age: Duration::from_millis(parse_id(&text(age), "delivery age")?),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn settle_delivery(
+        &self,
+        job: JobId,
+        attempt: u32,
+        done: &[String],
+        retry_in: Option<Duration>,
+    ) -> StoreResult<()> {
+        let job = job.to_string();
+        let done = serde_json::to_string(done)
+            .map_err(|e| StoreError::Corrupt(format!("webhook targets: {e}")))?;
+        self.invoke(
+            &self.scripts.settle,
+            &[
+                Arg::Str(&job),
+                Arg::Int(i64::from(attempt)),
+                Arg::Str(&done),
+                Arg::Int(i64::from(retry_in.is_some())),
+                Arg::Int(retry_in.map_or(0, |d| d.as_millis() as i64)),
+            ],
+        )
+        .await?;
+        Ok(())
     }
 }
 
@@ -876,6 +952,7 @@ mod tests {
             class: None,
             dedupe: true,
             verify_of: None,
+            notify: Vec::new(),
         }
     }
 
@@ -891,18 +968,21 @@ mod tests {
         .expect("connect");
         let w = WorkerId("w1".into());
         store
-            .register_worker(WorkerRegistration {
-                id: w.clone(),
-                labels: Default::default(),
-                gpu_memory_bytes: 0,
-                slots: 1,
-                models: vec![ModelInfo {
-                    name: "tiny".into(),
-                    hash: "h".into(),
-                }],
-                determinism_class: "c".into(),
-                version: "t".into(),
-            })
+            .register_worker(
+                WorkerRegistration {
+                    id: w.clone(),
+                    labels: Default::default(),
+                    gpu_memory_bytes: 0,
+                    slots: 1,
+                    models: vec![ModelInfo {
+                        name: "tiny".into(),
+                        hash: "h".into(),
+                    }],
+                    determinism_class: "c".into(),
+                    version: "t".into(),
+                },
+                None,
+            )
             .await
             .unwrap();
         let (job, _) = store.create_job(one_task_job()).await.unwrap();
@@ -910,7 +990,15 @@ mod tests {
         running.idempotency_key = None;
         store.create_job(running).await.unwrap();
         let lease = store
-            .claim(&w, 1, Duration::from_secs(30), Duration::ZERO, &[])
+            .claim(
+                &w,
+                None,
+                1,
+                Duration::from_secs(30),
+                Duration::ZERO,
+                &[],
+                &RunningCaps::new(),
+            )
             .await
             .unwrap()
             .leases
@@ -926,7 +1014,7 @@ mod tests {
             class: String::new(),
         };
         store
-            .complete(&w, lease.task, lease.epoch, done)
+            .complete(&w, None, lease.task, lease.epoch, done)
             .await
             .unwrap();
         assert!(

@@ -34,8 +34,19 @@ local function requeue(job, tid, index, model)
   end
 end
 
+-- Opens the webhook delivery of a job that just ended, if it has targets: its
+-- pending targets, claim count and end time in {outbox}:JOB, due now in {outbox}.
+local function open_delivery(job)
+  local targets = redis.call('HGET', k('job', job), 'notify')
+  if not targets or targets == '' or redis.call('EXISTS', k('outbox', job)) == 1 then return end
+  redis.call('HSET', k('outbox', job), 'pending', targets, 'attempt', 0, 'ended', NOW)
+  redis.call('ZADD', k('outbox'), NOW, job)
+end
+
 -- Sets the expiry of every key of a finished job: the manifest in the result store is the durable record.
+-- Every transition that ends a job calls it, so it also opens the job's webhook delivery.
 local function retire(job)
+  open_delivery(job)
   local tasks = redis.call('LRANGE', k('job', job, 'tasks'), 0, -1)
   for _, tid in ipairs(tasks) do
     redis.call('PEXPIRE', k('task', tid), RETENTION)
@@ -142,6 +153,12 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump)
   end
   redis.call('HINCRBY', k('job', job), TASK_LEASED, -1)
   redis.call('HINCRBY', k('job', job), to, 1)
+  local project = redis.call('HGET', k('job', job), 'project')
+  if redis.call('HINCRBY', k('project_running'), project, -1) <= 0 then
+    redis.call('HDEL', k('project_running'), project)
+  end
+  -- A project at its max_running_tasks has room again: wake waiting claims.
+  if redis.call('SREM', k('project_capped'), project) == 1 then wake_workers() end
   if to == TASK_QUEUED then
     requeue(job, tid, index, model)
     wake_workers()
@@ -179,10 +196,29 @@ local function holds(tid, worker, epoch)
   return f[1] == TASK_LEASED and tonumber(f[2]) == epoch and f[3] == worker
 end
 
--- True when worker `w` is live for the policy: not draining, and it called within LIVE_MS.
+-- True when a worker whose last call was at `seen` (false: never) is alive:
+-- it called within LIVE_MS (policy::alive).
+local function alive_since(seen)
+  return seen ~= false and NOW - tonumber(seen) < LIVE_MS
+end
+
+-- True when worker `w` is alive.
+local function alive(w)
+  return alive_since(redis.call('HGET', k('worker', w), 'seen'))
+end
+
+-- True when worker `w` is live for the policy: alive and not draining.
 local function live(w)
   local f = redis.call('HMGET', k('worker', w), 'draining', 'seen')
-  return f[1] ~= '1' and f[2] and NOW - tonumber(f[2]) < LIVE_MS
+  return f[1] ~= '1' and alive_since(f[2])
+end
+
+-- True when `owner` ('' without --auth) may act under worker id `w`: the
+-- worker has no session (or one opened before sessions had owners), or its
+-- session's owner is `owner` (policy::acts_for).
+local function acts_for(w, owner)
+  local o = redis.call('HGET', k('worker', w), 'owner')
+  return o == false or o == owner
 end
 
 -- True when a worker other than `not_worker` could take a task of `job` for

@@ -30,6 +30,12 @@ pub(super) fn items(v: Value) -> StoreResult<Vec<Value>> {
     }
 }
 
+/// Returns true when a script refused the call because the worker id is
+/// bound to another token (its one-item reply `bound`).
+pub(super) fn is_bound(reply: &[Value]) -> bool {
+    matches!(reply, [only] if text(only) == "bound")
+}
+
 pub(super) fn num<T: std::str::FromStr>(
     h: &HashMap<String, String>,
     field: &str,

@@ -1,9 +1,15 @@
 -- Opens a worker session; leases still held under the same id belong to a
 -- dead incarnation and are requeued at once.
--- ARGV: 3 worker, 4 registration json, 5 models json ({name: hash}), 6 determinism class.
--- Returns RELEASED_FIELDS values per released lease: task, job, epoch, finished state or ''.
-local worker = ARGV[3]
+-- The session is bound to ARGV[7], the registering token's name ('' without
+-- --auth): while it is alive, another token may not take the id over
+-- (policy::may_register).
+-- ARGV: 3 worker, 4 registration json, 5 models json ({name: hash}), 6 determinism class, 7 owner.
+-- Returns {'bound'}, or RELEASED_FIELDS values per released lease: task, job, epoch, finished state or ''.
+local worker, owner = ARGV[3], ARGV[7]
 local wk = k('worker', worker)
+if redis.call('EXISTS', wk) == 1 and not acts_for(worker, owner) and alive(worker) then
+  return {'bound'}
+end
 local out = {}
 for _, tid in ipairs(redis.call('SMEMBERS', k('worker', worker, 'running'))) do
   local f = redis.call('HMGET', k('task', tid), 'state', 'job', 'epoch', 'holder')
@@ -13,7 +19,7 @@ for _, tid in ipairs(redis.call('SMEMBERS', k('worker', worker, 'running'))) do
   end
 end
 redis.call('DEL', k('worker', worker, 'running'))
-redis.call('HSET', wk, 'reg', ARGV[4], 'models', ARGV[5], 'class', ARGV[6], 'draining', 0, 'seen', NOW, 'resident', '[]')
+redis.call('HSET', wk, 'reg', ARGV[4], 'models', ARGV[5], 'class', ARGV[6], 'draining', 0, 'seen', NOW, 'resident', '[]', 'owner', owner)
 redis.call('HSETNX', wk, 'completed', 0)
 redis.call('HSETNX', wk, 'failed', 0)
 redis.call('SADD', k('workers'), worker)
