@@ -207,6 +207,11 @@ const PROMPTS: &[&str] = &["a red fox", "(a cat:1.3) BREAK [dog]", "café, 猫",
 const SCHEDULERS: &[&str] = &["ddim", "euler", "euler_a", "dpmpp_2m"];
 const SIDES: &[u32] = &[64, 128, 512, 2048];
 const STEPS: &[u32] = &[1, 4, 20, 500];
+const NOTIFY: &[&str] = &[
+    "https://studio.example/hooks/kiln",
+    "http://127.0.0.1:9/x?y=1",
+    "ftp://no.example/",
+];
 
 /// A small valid PNG, made once.
 fn small_png() -> &'static [u8] {
@@ -404,6 +409,9 @@ fn job_spec(u: &mut Unstructured<'_>) -> Result<(JobSpec, u64)> {
     let series = (0..u.int_in_range(0..=2)?)
         .map(|_| series_spec(u, &blobs))
         .collect::<Result<_>>()?;
+    let notify = (0..u.int_in_range(0..=2)?)
+        .map(|_| text(u, NOTIFY))
+        .collect::<Result<_>>()?;
     let spec = JobSpec {
         name: text(u, &["job", "", "shots.toml"])?,
         project: text(u, &["", "studio-a", "default"])?,
@@ -413,6 +421,7 @@ fn job_spec(u: &mut Unstructured<'_>) -> Result<(JobSpec, u64)> {
         items,
         blobs,
         series,
+        notify,
     };
     Ok((spec, u.arbitrary()?))
 }
