@@ -342,4 +342,20 @@ mod tests {
         let stopping = Status::unavailable("the coordinator is shutting down");
         assert!(!farm.explain(stopping).to_string().contains(HINT));
     }
+
+    #[test]
+    fn coordinator_refusals_are_located_by_their_field() {
+        let text = "[defaults]\nmodel = \"tiny\"\nprompt = \"a fox\"\n";
+        let batch = kiln_domain::batch::Batch::parse("b.toml", text).unwrap();
+        let status = kiln_proto::status::invalid_argument(FieldError::new(
+            "defaults.model",
+            "unknown model \"tiny\"; the farm knows sd15",
+        ));
+        let field = Farm::rejected_field(&status).unwrap();
+        let e = batch.locate(&field);
+        assert_eq!((e.line, e.path.as_str()), (Some(2), "defaults.model"));
+        assert!(e.message.starts_with("unknown model"), "{e}");
+        let bare = tonic::Status::invalid_argument("defaults.model: no details");
+        assert!(Farm::rejected_field(&bare).is_none());
+    }
 }

@@ -4,7 +4,6 @@
 //! Exit codes: 0 success; 1 error (bad input, unreachable coordinator, ...);
 //! 2 usage error; 3 the job ended but not every item produced an image.
 
-mod batch;
 mod client;
 mod commands;
 mod embedded;

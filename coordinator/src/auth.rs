@@ -19,6 +19,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use kiln_proto::error::{one_line, quote};
 use kiln_proto::ids::{JobId, WorkerId};
 use kiln_proto::recipe::check_model_name;
 use serde::Deserialize;
@@ -354,7 +355,7 @@ impl AuthTable {
     /// a hash that is not 64 hex digits, a submitter or viewer without
     /// projects, invalid or repeated names.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let file: FileFormat = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
+        let file: FileFormat = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         let mut table = Self::default();
         let mut names = BTreeSet::new();
         for (i, entry) in file.token.iter().enumerate() {
@@ -371,8 +372,8 @@ impl AuthTable {
             }
             let role = Role::parse(&entry.role).ok_or_else(|| {
                 format!(
-                    "{at}: unknown role {:?}: use submitter, viewer, worker or admin",
-                    entry.role
+                    "{at}: unknown role {}: use submitter, viewer, worker or admin",
+                    quote(&entry.role)
                 )
             })?;
             let projects = if role.needs_projects() {
@@ -460,8 +461,27 @@ fn parse_hash(text: &str) -> Option<[u8; 32]> {
     bytes.try_into().ok()
 }
 
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+/// Most characters of a TOML error kept: the message quotes the key it is
+/// about, which may be as long as the file.
+const MAX_TOML_ERROR_CHARS: usize = 300;
+
+/// Returns a TOML or format error as one line naming the line of the file:
+/// not the source line toml's own text shows, which may be as long as the
+/// file, and control characters of a key escaped.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let message = one_line(&message, Some(MAX_TOML_ERROR_CHARS));
+    match e.span() {
+        Some(span) => {
+            let line = text.as_bytes()[..span.start.min(text.len())]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
 }
 
 /// Why a request carries no usable token.

@@ -520,6 +520,33 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
         )
 }
 
+/// Found by the `spec` fuzz target: a sweep over an unknown field named by
+/// 200 control characters was quoted at 200 characters, each escaped to six
+/// (`\u{1e}`), and the message grew past a kilobyte.
+#[test]
+fn regression_a_field_name_of_control_characters_is_quoted_short() {
+    let spec = JobSpec {
+        defaults: RecipeFields {
+            model: Some("tiny".into()),
+            prompt: Some("a fox".into()),
+            ..Default::default()
+        },
+        sweep: vec![SweepAxis {
+            field: format!("ggg{}", "\u{1e}".repeat(300)),
+            values: vec![FieldValue::Integer(1)],
+            zip: String::new(),
+        }],
+        ..Default::default()
+    };
+    let e = validate(&spec, 0).expect_err("unknown field");
+    assert!(
+        e.message.starts_with("unknown recipe field"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.len() < MAX_MESSAGE_BYTES, "{}", e.message.len());
+}
+
 proptest! {
     #![proptest_config(config())]
 

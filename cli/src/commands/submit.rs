@@ -3,13 +3,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use kiln_domain::batch::Batch;
 use kiln_proto::convert::job_spec_to_pb;
 use kiln_proto::pb;
 use kiln_proto::spec::{ExpandedItem, check_label};
 use serde_json::json;
 use tracing::Instrument;
 
-use crate::batch::Batch;
 use crate::client::Farm;
 use crate::commands::{fetch, watch};
 use crate::format::job_json;

@@ -28,8 +28,9 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use kiln_domain::error::{FieldError, MAX_QUOTED_CHARS, quote};
-use kiln_domain::spec::{
+use crate::error::{FieldError, MAX_QUOTED_CHARS, one_line, quote};
+use crate::image::MAX_BLOB_BYTES;
+use crate::spec::{
     self, Blob, ExpandedItem, FIELDS, FieldValue, JobSpec, RecipeFields, SeriesSpec, SweepAxis,
 };
 use toml::Spanned;
@@ -69,26 +70,6 @@ impl fmt::Display for BatchError {
         }
         write!(f, ": {}", one_line(&self.message, None))
     }
-}
-
-/// Returns `text` fit for a one-line refusal: control characters escaped as
-/// `\n`, `\u{1b}` (a quoted TOML key, and so a field path, may hold a
-/// line break or a terminal escape), and cut after `max` characters when
-/// given (a key may be as long as the file).
-fn one_line(text: &str, max: Option<usize>) -> String {
-    let mut out = String::with_capacity(text.len());
-    for (i, c) in text.chars().enumerate() {
-        if max == Some(i) {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 impl std::error::Error for BatchError {}
@@ -387,9 +368,20 @@ impl Parser {
         let file = self.base.join(&name);
         // The name is the user's, as long as the file: quoted, so cut short.
         let shown = quote(&file.display().to_string());
-        let data = std::fs::read(&file)
+        // At most one byte past the limit: a file without end (`/dev/zero`)
+        // is refused instead of filling memory.
+        let mut data = Vec::new();
+        std::fs::File::open(&file)
+            .and_then(|f| f.take(MAX_BLOB_BYTES as u64 + 1).read_to_end(&mut data))
             .map_err(|e| self.err(path, &value.span(), format!("cannot read {shown}: {e}")))?;
-        kiln_domain::image::check_image(path, &data)
+        if data.len() > MAX_BLOB_BYTES {
+            return Err(self.err(
+                path,
+                &value.span(),
+                format!("{shown}: larger than the limit of {MAX_BLOB_BYTES} bytes for an image"),
+            ));
+        }
+        crate::image::check_image(path, &data)
             .map_err(|e| self.err(path, &value.span(), format!("{shown}: {}", e.message)))?;
         let blob = Blob::new(data);
         let sha = blob.sha256.clone();
@@ -755,7 +747,7 @@ mod tests {
     use super::*;
 
     /// The batch file of issue #2, word for word.
-    pub const ISSUE_BATCH: &str = r#"[defaults]
+    const ISSUE_BATCH: &str = r#"[defaults]
 model = "tiny"
 width = 64
 height = 64
@@ -851,21 +843,6 @@ seed = 42
         let e = error_of(&ISSUE_BATCH.replace("steps = 4", "steps = = 4"));
         assert_eq!(e.line, Some(5));
         assert!(e.message.starts_with("not valid TOML"), "{e}");
-    }
-
-    #[test]
-    fn coordinator_refusals_are_located_by_their_field() {
-        let batch = Batch::parse("b.toml", ISSUE_BATCH).unwrap();
-        let status = kiln_proto::status::invalid_argument(FieldError::new(
-            "defaults.model",
-            "unknown model \"tiny\"; the farm knows sd15",
-        ));
-        let field = crate::client::Farm::rejected_field(&status).unwrap();
-        let e = batch.locate(&field);
-        assert_eq!((e.line, e.path.as_str()), (Some(2), "defaults.model"));
-        assert!(e.message.starts_with("unknown model"), "{e}");
-        let bare = tonic::Status::invalid_argument("defaults.model: no details");
-        assert!(crate::client::Farm::rejected_field(&bare).is_none());
     }
 
     #[test]
@@ -1001,6 +978,21 @@ seed = 9001
         let e = Batch::read(&big).unwrap_err();
         assert_eq!(e.line, None);
         assert!(e.message.contains("16 MiB"), "{e}");
+    }
+
+    /// An image file was read whole: `init_image = "/dev/zero"` filled memory.
+    #[cfg(unix)]
+    #[test]
+    fn regression_an_endless_image_file_is_refused_at_the_limit() {
+        let text =
+            "[defaults]\nmodel = \"tiny\"\n[[items]]\nprompt = \"x\"\ninit_image = \"/dev/zero\"\n";
+        let e = Batch::parse("b.toml", text).unwrap_err();
+        assert_eq!((e.line, e.path.as_str()), (Some(5), "items[0].init_image"));
+        assert!(
+            e.message
+                .contains("larger than the limit of 33554432 bytes"),
+            "{e}"
+        );
     }
 
     #[test]
