@@ -5,6 +5,7 @@
 # requirements are unchanged ($KILN_DEPLOY_VENV, default /tmp/kiln-deploy-venv).
 VENV=${KILN_DEPLOY_VENV:-/tmp/kiln-deploy-venv}
 PY=$VENV/bin/python
+export PYTHONDONTWRITEBYTECODE=1
 
 die() { echo "FAIL: $*" >&2; exit 1; }
 
