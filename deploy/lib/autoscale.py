@@ -16,7 +16,6 @@ after the cooldown. Then every task must be done exactly once.
 
 import argparse
 import json
-import math
 import os
 import signal
 import subprocess
@@ -30,9 +29,8 @@ from helm_python import chart as hc
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gjson  # noqa: E402
+from hpa import HPA_SYNC_S, Hpa  # noqa: E402
 
-HPA_SYNC_S = 15.0      # kube-controller-manager --horizontal-pod-autoscaler-sync-period
-HPA_TOLERANCE = 0.1    # --horizontal-pod-autoscaler-tolerance
 TICK_S = 0.05
 
 
@@ -53,61 +51,6 @@ def scaled_object(chart, values_file):
     if not sos:
         fail(f"{values_file} renders no ScaledObject")
     return sos[0]
-
-
-class Hpa:
-    """The HPA controller's replica computation for one External AverageValue metric, with behaviour."""
-
-    def __init__(self, spec, speedup):
-        b = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
-        self.min = max(int(spec.get("minReplicaCount", 0)), 1)  # the HPA never goes under 1; KEDA does 1 <-> 0
-        self.max = int(spec["maxReplicaCount"])
-        self.speedup = speedup
-        self.up, self.down = b["scaleUp"], b["scaleDown"]
-        self.recs = []     # (time, recommendation)
-        self.events = []   # (time, delta)
-
-    def _window(self, rules):
-        return float(rules.get("stabilizationWindowSeconds", 0)) / self.speedup
-
-    def _limit(self, rules, current, now, up):
-        limits = []
-        for p in rules["policies"]:
-            period = float(p["periodSeconds"]) / self.speedup
-            moved = sum(d for t, d in self.events if now - t <= period and (d > 0) == up)
-            start = current - moved  # replicas at the start of the period (moved < 0 when down)
-            if p["type"] == "Pods":
-                limits.append(start + p["value"] if up else start - p["value"])
-            else:
-                limits.append(math.ceil(start * (1 + p["value"] / 100)) if up
-                              else math.ceil(start * (1 - p["value"] / 100)))
-        select = rules.get("selectPolicy", "Max")
-        if up:
-            return max(limits) if select == "Max" else min(limits)
-        return min(limits) if select == "Max" else max(limits)
-
-    def replicas(self, current, metric, target, now):
-        usage = metric / (target * current)
-        desired = current if abs(usage - 1) <= HPA_TOLERANCE else math.ceil(metric / target)
-        desired = min(max(desired, self.min), self.max)
-        self.recs.append((now, desired))
-        keep = max(self._window(self.up), self._window(self.down))
-        self.recs = [(t, r) for t, r in self.recs if now - t <= keep]
-        up_rec = min(r for t, r in self.recs if now - t <= self._window(self.up))
-        down_rec = max(r for t, r in self.recs if now - t <= self._window(self.down))
-        rec = current
-        if rec < up_rec:
-            rec = up_rec
-        if rec > down_rec:
-            rec = down_rec
-        if rec > current:
-            rec = min(rec, self._limit(self.up, current, now, True))
-        elif rec < current:
-            rec = max(rec, self._limit(self.down, current, now, False))
-        rec = min(max(rec, self.min), self.max)
-        if rec != current:
-            self.events.append((now, rec - current))
-        return rec
 
 
 class Farm:

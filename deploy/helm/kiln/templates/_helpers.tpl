@@ -125,6 +125,10 @@ capabilities:
 {{- if .endpoint }}
 - name: AWS_ENDPOINT_URL
   value: {{ .endpoint | quote }}
+{{- if hasPrefix "http://" .endpoint }}
+- name: AWS_ALLOW_HTTP
+  value: "true"
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end -}}
