@@ -2,8 +2,13 @@
 //! thread, heartbeat from its own task, and report every task under its epoch.
 //!
 //! Shutdown happens in a visible order: on `drain` the agent stops leasing,
-//! finishes the tasks in hand, reports them and returns; on `abort` it also
-//! stops the renders and hands their tasks back to the queue.
+//! finishes the tasks in hand, reports them and returns; on `abort` it hands
+//! every task whose render has not ended back to the queue at once (a `Fail`
+//! with the `CANCELLED` fault: the store queues it again under a fresh attempt
+//! without counting it against the task's attempts) and returns without
+//! waiting for the render thread, which may be in the middle of a step that
+//! cannot be interrupted. A result that render produces later is never sent;
+//! had it been, the store would refuse it as stale (the epoch moved on).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +33,9 @@ const POLL_WAIT: Duration = Duration::from_secs(10);
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 /// Tries of a Complete or Fail report before the agent gives up on it (about a minute).
 const REPORT_TRIES: u32 = 16;
+/// Most time an abort spends handing the tasks in hand back; a task it could
+/// not hand back in that time comes back when its lease expires.
+const HAND_BACK_LIMIT: Duration = Duration::from_secs(5);
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -101,13 +109,16 @@ pub struct Summary {
     pub failed: u64,
     /// Tasks dropped: abandoned on the coordinator's word, or refused as stale.
     pub dropped: u64,
+    /// Tasks handed back to the queue unfinished by an abort.
+    pub handed_back: u64,
 }
 
 /// A task in hand.
 struct InFlight {
     epoch: Epoch,
     control: RenderControl,
-    /// Set when the coordinator said to abandon it: no report is sent.
+    /// Set when the coordinator said to abandon it, or when an abort handed
+    /// it back: the render's own report is not sent.
     abandoned: Arc<AtomicBool>,
     /// Set once the render has ended and its report is under way: from then
     /// on the report's own answer decides, and abandon orders (a heartbeat
@@ -128,6 +139,7 @@ struct Shared {
     completed: AtomicU64,
     failed: AtomicU64,
     dropped: AtomicU64,
+    handed_back: AtomicU64,
 }
 
 impl Shared {
@@ -167,6 +179,7 @@ impl Agent {
                 completed: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
+                handed_back: AtomicU64::new(0),
             }),
             renderer,
             render,
@@ -262,8 +275,9 @@ impl Agent {
             completed: self.shared.completed.load(Ordering::Relaxed),
             failed: self.shared.failed.load(Ordering::Relaxed),
             dropped: self.shared.dropped.load(Ordering::Relaxed),
+            handed_back: self.shared.handed_back.load(Ordering::Relaxed),
         };
-        tracing::info!(worker = %self.config.worker_id, completed = summary.completed, failed = summary.failed, dropped = summary.dropped, "worker drained");
+        tracing::info!(worker = %self.config.worker_id, completed = summary.completed, failed = summary.failed, dropped = summary.dropped, handed_back = summary.handed_back, "worker stopped");
         Ok(summary)
     }
 
@@ -331,8 +345,10 @@ impl Agent {
         }
     }
 
-    /// Waits until every task in hand has been reported.
+    /// Waits until every task in hand has been reported, or, once `abort`
+    /// fires, handed back; reports already under way are still awaited.
     async fn wait_for_tasks(&self, shutdown: &Shutdown) {
+        let mut handed = false;
         loop {
             let freed = self.shared.slot_freed.notified();
             tokio::pin!(freed);
@@ -340,13 +356,18 @@ impl Agent {
             if self.shared.in_flight().is_empty() {
                 return;
             }
+            if handed {
+                freed.await;
+                continue;
+            }
             tokio::select! {
                 _ = &mut freed => {}
                 _ = shutdown.abort.cancelled() => {
-                    for f in self.shared.in_flight().values() {
-                        f.control.cancel();
+                    if tokio::time::timeout(HAND_BACK_LIMIT, hand_back_all(&self.shared)).await.is_err() {
+                        tracing::error!(worker = %self.shared.worker, "could not hand every task back in time; the rest come back when their leases expire");
+                        return;
                     }
-                    freed.await;
+                    handed = true;
                 }
             }
         }
@@ -400,7 +421,11 @@ impl Agent {
                     None => render_thread::wait(receiver).await,
                 };
                 reporting.store(true, Ordering::SeqCst);
-                report(&shared, task_id, epoch, &abandoned, result).await;
+                // An abort that handed the task back already took it out of hand.
+                let in_hand = shared.in_flight().contains_key(&task_id);
+                if in_hand {
+                    report(&shared, task_id, epoch, &abandoned, result).await;
+                }
                 shared.in_flight().remove(&task_id);
                 shared.slot_freed.notify_waiters();
             });
@@ -478,6 +503,49 @@ async fn report(
             shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Hands every task whose render has not ended back to the coordinator at
+/// once, and forgets it: its render is cancelled and its own report will not
+/// be sent. Tasks whose report is already under way are left to it.
+async fn hand_back_all(shared: &Shared) {
+    let tasks: Vec<(TaskId, Epoch)> = {
+        let mut in_flight = shared.in_flight();
+        let ids: Vec<TaskId> = in_flight
+            .iter()
+            .filter(|(_, f)| !f.reporting.load(Ordering::SeqCst))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| {
+                let f = in_flight.remove(&id)?;
+                f.abandoned.store(true, Ordering::SeqCst);
+                f.control.cancel();
+                Some((id, f.epoch))
+            })
+            .collect()
+    };
+    for (task, epoch) in tasks {
+        let req = pb::FailRequest {
+            worker_id: shared.worker.to_string(),
+            task_id: task.to_string(),
+            epoch: epoch.0,
+            fault: FaultClass::Cancelled.into(),
+            message: "the worker stopped: task handed back".to_string(),
+        };
+        let never = AtomicBool::new(false);
+        match retry(&never, || shared.link.fail(req.clone())).await {
+            Ok(_) => {
+                tracing::info!(worker = %shared.worker, %task, %epoch, "task handed back");
+                shared.handed_back.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(status) => {
+                tracing::warn!(worker = %shared.worker, %task, %epoch, code = ?status.code(), error = %status.message(), "could not hand the task back; it comes back when its lease expires");
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    shared.slot_freed.notify_waiters();
 }
 
 /// Returns true for the answers to a token the coordinator will not take.

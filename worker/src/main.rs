@@ -72,6 +72,11 @@ struct Args {
     /// determinism class: f16 workers render other bytes than f32 ones.
     #[arg(long, env = "KILN_DTYPE", default_value = "f32", value_parser = parse_precision)]
     dtype: Precision,
+    /// After SIGTERM (or Ctrl-C), how long the worker may spend finishing the
+    /// tasks in hand before it hands the rest back to the queue and exits. A
+    /// second signal hands them back at once.
+    #[arg(long, env = "KILN_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
     /// Sim renderer only: time per denoising step.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     sim_step: Duration,
@@ -168,7 +173,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     )?;
     let shutdown = Shutdown::default();
-    tokio::spawn(signals(shutdown.clone()));
+    tokio::spawn(signals(shutdown.clone(), args.drain_timeout));
     tracing::info!(worker = %worker_id, coordinator = %args.coordinator, renderer = ?args.renderer, "worker starting");
     agent.run(shutdown).await?;
     Ok(())
@@ -196,29 +201,34 @@ fn default_id() -> String {
     format!("{host}-{suffix}")
 }
 
-/// First SIGTERM or Ctrl-C drains (finish the tasks in hand, then exit);
-/// a second one aborts (hand the tasks back now).
-async fn signals(shutdown: Shutdown) {
+/// First SIGTERM or Ctrl-C drains (stop leasing, finish the tasks in hand);
+/// a second one, or `drain_timeout` after the first, aborts (hand the tasks
+/// in hand back to the queue now, then exit).
+async fn signals(shutdown: Shutdown, drain_timeout: Duration) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut term) = signal(SignalKind::terminate()) else {
         tracing::warn!("cannot listen for SIGTERM");
         return;
     };
-    for token in [&shutdown.drain, &shutdown.abort] {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        if token.is_cancelled() {
-            continue;
-        }
-        if std::ptr::eq(token, &shutdown.drain) {
-            tracing::info!(
-                "draining: finishing the tasks in hand (signal again to hand them back)"
-            );
-        } else {
-            tracing::warn!("aborting: handing the tasks in hand back");
-        }
-        token.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
+    tracing::info!(
+        drain_timeout = %humantime::format_duration(drain_timeout),
+        "draining: finishing the tasks in hand (signal again to hand them back now)"
+    );
+    shutdown.drain.cancel();
+    tokio::select! {
+        _ = term.recv() => {
+            tracing::warn!("second signal: handing the tasks in hand back");
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::warn!("second signal: handing the tasks in hand back");
+        }
+        _ = tokio::time::sleep(drain_timeout) => {
+            tracing::warn!("drain timeout: handing the tasks still in hand back");
+        }
+    }
+    shutdown.abort.cancel();
 }

@@ -544,6 +544,79 @@ pub async fn handed_back_task_does_not_count_against_the_limit(store: &dyn Store
     }
 }
 
+/// A draining worker's hand-back (a `Cancelled` fault) is fenced like any
+/// report: under a stale epoch it changes nothing; under the current one the
+/// task is queued at once for the next worker, its attempt ends `Cancelled`,
+/// and the handed-back render's late result is refused as stale.
+pub async fn a_hand_back_is_fenced_and_its_late_result_is_stale(store: &dyn Store) {
+    for w in ["w1", "w2"] {
+        store
+            .register_worker(registration(w, &["tiny"]), None)
+            .await
+            .unwrap();
+    }
+    let job = new_job(1, "tiny");
+    store.create_job(job).await.unwrap();
+    let lease = claim(store, "w1", 1).await.remove(0);
+    let stale = store
+        .fail(
+            &worker("w1"),
+            None,
+            lease.task,
+            Epoch(lease.epoch.0 + 1),
+            Fault::Cancelled,
+            "draining",
+            3,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(stale, FailOutcome::Stale { .. }), "{stale:?}");
+    assert!(
+        claim(store, "w2", 1).await.is_empty(),
+        "a stale hand-back leaves the lease with w1"
+    );
+    let out = store
+        .fail(
+            &worker("w1"),
+            None,
+            lease.task,
+            lease.epoch,
+            Fault::Cancelled,
+            "draining",
+            3,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        out,
+        FailOutcome::Recorded {
+            will_retry: true,
+            job_finished: None
+        }
+    ));
+    let next = claim(store, "w2", 1).await.remove(0);
+    assert_eq!(next.task, lease.task);
+    assert!(next.epoch > lease.epoch);
+    let late = store
+        .complete(&worker("w1"), None, lease.task, lease.epoch, result())
+        .await
+        .unwrap();
+    assert!(matches!(late, CompleteOutcome::Stale { .. }), "{late:?}");
+    let task = store.task(lease.task).await.unwrap();
+    let outcomes: Vec<_> = task
+        .attempts
+        .iter()
+        .map(|a| (a.worker.as_str().to_string(), a.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("w1".to_string(), Outcome::Cancelled),
+            ("w2".to_string(), Outcome::Running)
+        ]
+    );
+}
+
 pub async fn cancel_stops_leasing_and_abandons_running_tasks(store: &dyn Store) {
     store
         .register_worker(registration("w1", &["tiny"]), None)
@@ -1901,6 +1974,7 @@ macro_rules! store_conformance {
             failures_stop_at_the_attempt_limit,
             bad_input_is_not_retried,
             handed_back_task_does_not_count_against_the_limit,
+            a_hand_back_is_fenced_and_its_late_result_is_stale,
             cancel_stops_leasing_and_abandons_running_tasks,
             registering_again_releases_the_old_sessions_leases,
             draining_worker_gets_no_work,
