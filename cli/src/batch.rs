@@ -5,6 +5,7 @@
 //! name = "assets"          # optional; defaults to the file name
 //! project = "studio-a"     # optional
 //! priority = 0             # optional; higher runs first
+//! notify = ["https://..."] # optional; POSTed to when the job ends
 //! [defaults]               # recipe fields every task starts from
 //! [sweep]                  # field = [values]: the cross product of all axes
 //! [zip]                    # field = [values]: advance together, crossed with [sweep]
@@ -291,6 +292,20 @@ impl Parser {
                         self.err(key_name, &span, format!("must fit in 32 bits, got {p}"))
                     })?;
                 }
+                "notify" => {
+                    let DeValue::Array(urls) = value.get_ref() else {
+                        return Err(self.err(
+                            "notify",
+                            &span,
+                            "must be an array of URLs: notify = [\"https://...\"]",
+                        ));
+                    };
+                    for (i, url) in urls.iter().enumerate() {
+                        let path = format!("notify[{i}]");
+                        self.spans.insert(path.clone(), url.span());
+                        spec.notify.push(self.string(&path, url)?);
+                    }
+                }
                 "defaults" => spec.defaults = self.fields("defaults", value)?,
                 "sweep" => self.axes("sweep", "", value, &mut spec.sweep)?,
                 "zip" => self.axes("zip", "zip", value, &mut spec.sweep)?,
@@ -321,7 +336,7 @@ impl Parser {
                     return Err(self.err(
                         other,
                         &span,
-                        format!("unknown key {}; expected one of name, project, priority, defaults, sweep, zip, items, series", quote(other)),
+                        format!("unknown key {}; expected one of name, project, priority, notify, defaults, sweep, zip, items, series", quote(other)),
                     ));
                 }
             }
@@ -817,6 +832,21 @@ seed = 42
     }
 
     #[test]
+    fn webhook_urls_are_read_and_refused_by_line() {
+        let text = format!("notify = [\"https://studio.example/hooks/kiln\"]\n{ISSUE_BATCH}");
+        let batch = Batch::parse("b.toml", &text).unwrap();
+        assert_eq!(batch.spec.notify, ["https://studio.example/hooks/kiln"]);
+        let text = format!(
+            "notify = [\n  \"https://ok.example/\",\n  \"ftp://no.example/\",\n]\n{ISSUE_BATCH}"
+        );
+        let e = error_of(&text);
+        assert_eq!((e.line, e.path.as_str()), (Some(3), "notify[1]"));
+        assert!(e.message.contains("http:// or https://"), "{e}");
+        let e = error_of(&format!("notify = \"https://one.example/\"\n{ISSUE_BATCH}"));
+        assert_eq!((e.line, e.path.as_str()), (Some(1), "notify"));
+    }
+
+    #[test]
     fn malformed_toml_is_refused_with_its_line() {
         let e = error_of(&ISSUE_BATCH.replace("steps = 4", "steps = = 4"));
         assert_eq!(e.line, Some(5));
@@ -1062,6 +1092,7 @@ steps = [2, 3]
                 "name",
                 "project",
                 "priority",
+                "notify",
                 "defaults",
                 "sweep",
                 "zip",
@@ -1337,7 +1368,7 @@ steps = [2, 3]
             assert_eq!(e.path, "new\nline");
             assert_eq!(
                 e.to_string(),
-                "b.toml:1: new\\nline: unknown key \"new\\nline\"; expected one of name, project, priority, defaults, sweep, zip, items, series"
+                "b.toml:1: new\\nline: unknown key \"new\\nline\"; expected one of name, project, priority, notify, defaults, sweep, zip, items, series"
             );
             // The same through validation: the series name is checked there.
             let text = "[defaults]\nmodel = \"tiny\"\n[series.\"a\\u001b[2J\"]\ncharacter = \"a knight\"\n[[series.\"a\\u001b[2J\".shots]]\nprompt = \"b\"\n";

@@ -73,6 +73,7 @@ pub async fn admit(
         class: None,
         dedupe: true,
         verify_of: None,
+        notify: core.webhooks.targets(&spec.notify),
     };
     Ok(core.store.create_job(job).await?)
 }

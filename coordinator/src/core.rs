@@ -17,6 +17,7 @@ use crate::results;
 use crate::results::ResultStore;
 use crate::store::Store;
 use crate::store::TaskRecord;
+use crate::webhook::Webhooks;
 
 /// The coordinator's shared state: handles only, no farm state of its own.
 pub struct Core {
@@ -28,6 +29,8 @@ pub struct Core {
     pub config: CoordinatorConfig,
     /// Tokens and project limits (`--auth`); off by default.
     pub auth: Arc<Auth>,
+    /// Webhook targets and signing (`--webhook`, ...); none by default.
+    pub webhooks: Arc<Webhooks>,
     /// When this coordinator started, for the model grace period.
     pub started: Instant,
     /// Cancelled when the coordinator shuts down: long polls and watch
@@ -49,6 +52,7 @@ impl Core {
             results,
             config,
             auth: Arc::new(Auth::off()),
+            webhooks: Arc::new(Webhooks::off()),
             started: Instant::now(),
             shutdown: CancellationToken::new(),
             folders: Mutex::new(HashMap::new()),

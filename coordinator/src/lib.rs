@@ -11,6 +11,8 @@
 pub mod admission;
 /// Tokens, roles and project scoping: who is calling and what they may do.
 pub mod auth;
+/// Result stores in buckets: s3://, gs:// and az:// URLs.
+pub mod buckets;
 /// Tunables and their defaults.
 pub mod config;
 /// Series contact sheets.
@@ -35,6 +37,8 @@ pub mod server;
 pub mod store;
 /// Verification jobs.
 pub mod verify;
+/// Signed webhooks when jobs end, delivered from the store's outbox.
+pub mod webhook;
 /// The worker-facing `WorkerLink` service and result intake.
 pub mod worker_link;
 

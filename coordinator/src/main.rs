@@ -11,6 +11,7 @@ use kiln_coordinator::auth::Auth;
 use kiln_coordinator::results::ResultStore;
 use kiln_coordinator::server::TlsFiles;
 use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store, redacted};
+use kiln_coordinator::webhook::Webhooks;
 use kiln_coordinator::{CoordinatorConfig, Core, server};
 
 /// The kiln coordinator: queues jobs, leases tasks to workers, collects results.
@@ -20,7 +21,8 @@ struct Args {
     /// Address to serve gRPC on (Farm, WorkerLink and health).
     #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Where finished images and manifests go: a directory, file:///DIR, or memory://.
+    /// Where finished images and manifests go: a directory, file:///DIR, memory://, or a
+    /// bucket: s3://BUCKET/PREFIX (AWS_* variables), gs://BUCKET/PREFIX, az://CONTAINER/PREFIX.
     #[arg(long, env = "KILN_RESULTS", default_value = "kiln-results")]
     results: String,
     /// Where live state is kept: `memory` (this process only, lost when it exits) or
@@ -67,6 +69,21 @@ struct Args {
     /// can reach the port can submit, lease and cancel).
     #[arg(long)]
     insecure: bool,
+    /// POST a JSON summary to this http(s) URL when any job submitted here
+    /// ends (repeatable; added to the batch file's `notify`).
+    #[arg(long, value_name = "URL")]
+    webhook: Vec<String>,
+    /// Sign webhook bodies with the secret in this file (its first line):
+    /// header `X-Kiln-Signature: sha256=HEX`, the HMAC-SHA256 of the body.
+    #[arg(long, env = "KILN_WEBHOOK_SECRET_FILE", value_name = "FILE")]
+    webhook_secret_file: Option<PathBuf>,
+    /// Let webhooks reach loopback, private and link-local addresses
+    /// (refused by default, so a submitter cannot probe the coordinator's network).
+    #[arg(long)]
+    webhook_allow_private: bool,
+    /// How long after a job ends its webhook is retried before kiln gives up.
+    #[arg(long, env = "KILN_WEBHOOK_DEADLINE", default_value = "1h", value_parser = humantime::parse_duration)]
+    webhook_deadline: Duration,
 }
 
 #[tokio::main]
@@ -121,7 +138,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         model_grace: args.model_grace,
         ..CoordinatorConfig::default()
     };
+    let secret = match &args.webhook_secret_file {
+        Some(file) => Some(Webhooks::read_secret(file)?),
+        None => None,
+    };
+    let webhooks = Webhooks::new(
+        args.webhook.clone(),
+        secret,
+        args.webhook_allow_private,
+        args.webhook_deadline,
+    )?;
+    if !args.webhook.is_empty() && !webhooks.signs() {
+        tracing::warn!(
+            "--webhook without --webhook-secret-file: receivers cannot tell kiln's POSTs from anyone's"
+        );
+    }
     let results = ResultStore::open(&args.results)?;
+    results
+        .check()
+        .await
+        .with_context(|| format!("--results {}: cannot reach the result store", args.results))?;
     let store: Arc<dyn Store> = if args.store == "memory" {
         Arc::new(MemoryStore::new())
     } else if args.store.starts_with("redis://") || args.store.starts_with("rediss://") {
@@ -141,6 +177,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut core = Core::new(store, results, config);
     core.auth = Arc::new(auth);
+    core.webhooks = Arc::new(webhooks);
     let core = Arc::new(core);
     if core.auth.is_on() {
         // Installed before serving, so an early SIGHUP reloads rather than kills.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use kiln_proto::error::quote;
 use kiln_proto::ids::{Epoch, JobId, TaskId};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -105,20 +106,56 @@ pub fn image_path(folder: &str, file_name: &str) -> Path {
 }
 
 impl ResultStore {
-    /// Opens a local directory (created if missing), or `memory://` for a
-    /// store that lives only in this process.
+    /// Opens the result store named by `location`: a local directory
+    /// (created if missing) or `file:///DIR`, `memory://` for a store that
+    /// lives only in this process, or a bucket: `s3://BUCKET/PREFIX`,
+    /// `gs://BUCKET/PREFIX`, `az://CONTAINER/PREFIX`, configured from the
+    /// usual environment variables of each cloud (`AWS_*`, `GOOGLE_*`,
+    /// `AZURE_*`). Makes no network call: see [`ResultStore::check`].
+    ///
+    /// # Errors
+    /// `Open`, naming the location, for an unknown scheme, a bucket URL
+    /// without a bucket, or settings the backend refuses.
     pub fn open(location: &str) -> Result<Self, ResultsError> {
+        Self::open_with_env(location, std::env::vars())
+    }
+
+    /// Opens the store like [`ResultStore::open`], with the cloud's
+    /// settings read from `env` instead of the process environment.
+    ///
+    /// # Errors
+    /// As [`ResultStore::open`].
+    pub fn open_with_env(
+        location: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ResultsError> {
         if location == "memory://" {
             return Ok(Self::in_memory());
         }
-        let dir = location.strip_prefix("file://").unwrap_or(location);
-        if dir.contains("://") {
-            return Err(ResultsError::Open {
-                location: location.into(),
-                message: "only a local directory, file:// or memory:// is supported by this build"
-                    .into(),
-            });
+        let Some((scheme, rest)) = location.split_once("://") else {
+            return Self::open_dir(location, location);
+        };
+        let bucket = match scheme {
+            "file" => return Self::open_dir(location, rest),
+            "s3" | "gs" | "az" => crate::buckets::Bucket::parse(location, scheme, rest),
+            _ => Err(format!(
+                "unknown scheme {}: give a directory, file://, memory://, s3://, gs:// or az://",
+                quote(scheme)
+            )),
         }
+        .and_then(|b| b.open(env))
+        .map_err(|message| ResultsError::Open {
+            location: location.into(),
+            message,
+        })?;
+        Ok(Self {
+            objects: bucket,
+            location: location.into(),
+        })
+    }
+
+    /// Opens a local directory, creating it if missing.
+    fn open_dir(location: &str, dir: &str) -> Result<Self, ResultsError> {
         std::fs::create_dir_all(dir).map_err(|e| ResultsError::Open {
             location: location.into(),
             message: format!("cannot create the directory: {e}"),
@@ -131,6 +168,30 @@ impl ResultStore {
             objects: Arc::new(fs),
             location: location.into(),
         })
+    }
+
+    /// Reads the first entry of a listing of the store: a bucket that does
+    /// not exist, wrong credentials or an unreachable endpoint stop the
+    /// coordinator at start instead of failing every completion.
+    ///
+    /// # Errors
+    /// `Object` with the backend's words.
+    pub async fn check(&self) -> Result<(), ResultsError> {
+        // The first object only: one request, however large the store.
+        match self.objects.list(None).next().await {
+            None | Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(Self::err("list", &Path::from(""), e)),
+        }
+    }
+
+    /// Returns where a job's manifest lives, as a URL of the store
+    /// (`s3://bucket/prefix/<job>/manifest.jsonl`, or a directory path).
+    pub fn manifest_url(&self, folder: &str) -> String {
+        format!(
+            "{}/{}",
+            self.location.trim_end_matches('/'),
+            manifest_path(folder)
+        )
     }
 
     /// Returns a store that keeps everything in this process's memory.
@@ -457,8 +518,13 @@ mod tests {
     }
 
     #[test]
-    fn remote_urls_are_refused_with_the_location() {
-        let e = ResultStore::open("s3://bucket/x").unwrap_err();
-        assert!(e.to_string().contains("s3://bucket/x"));
+    fn unknown_schemes_are_refused_with_the_location() {
+        let e = ResultStore::open("ftp://host/x").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "result store \"ftp://host/x\": unknown scheme \"ftp\": give a directory, file://, memory://, s3://, gs:// or az://"
+        );
+        let e = ResultStore::open("s3:///prefix").unwrap_err();
+        assert!(e.to_string().contains("no bucket"), "{e}");
     }
 }

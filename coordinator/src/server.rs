@@ -20,6 +20,7 @@ use crate::auth::{Authenticate, Service};
 use crate::core::Core;
 use crate::farm::FarmService;
 use crate::reaper;
+use crate::webhook;
 use crate::worker_link::WorkerLinkService;
 
 /// The flag (and its environment variable) that names the CA of client certificates.
@@ -129,6 +130,7 @@ pub async fn serve(
         Authenticate::new(core.auth.clone(), Service::WorkerLink),
     );
     let reaper = tokio::spawn(reaper::run(core.clone()));
+    let webhooks = tokio::spawn(webhook::run(core.clone()));
     let shutdown = core.shutdown.clone();
     let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -146,6 +148,7 @@ pub async fn serve(
         .await;
     core.shutdown.cancel();
     let _ = reaper.await;
+    let _ = webhooks.await;
     result
 }
 

@@ -139,6 +139,8 @@ pub async fn verify(core: &Core, id: JobId, sample: usize) -> CoordinatorResult<
         // A verification must render, never reuse.
         dedupe: false,
         verify_of: Some(id),
+        // `kiln verify` waits for its answer itself: no webhook.
+        notify: Vec::new(),
     };
     let (created, _) = core.store.create_job(new).await?;
     tracing::info!(job = %id, verification = %created.id, items = original_index.len(), "verification submitted");

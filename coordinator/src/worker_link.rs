@@ -583,6 +583,7 @@ mod tests {
                 class: None,
                 dedupe: false,
                 verify_of: None,
+                notify: Vec::new(),
             })
             .await
             .unwrap();
@@ -657,5 +658,119 @@ mod tests {
         let innocent = store.task_at(job, 2).await.unwrap();
         assert_eq!(ids, [innocent.id.to_string()]);
         assert_eq!(innocent.faults(), 0);
+    }
+
+    fn png(shade: u8) -> Vec<u8> {
+        let img = image::RgbImage::from_pixel(64, 64, image::Rgb([shade, 0, 0]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    fn complete_request(task: TaskId, epoch: Epoch, png: Vec<u8>) -> Request<pb::CompleteRequest> {
+        let mut request = Request::new(pb::CompleteRequest {
+            worker_id: "w1".into(),
+            task_id: task.to_string(),
+            epoch: epoch.0,
+            sha256: kiln_domain::image::sha256_hex(&png),
+            png,
+            model_hash: "h".into(),
+            timings: None,
+        });
+        // What the interceptor puts there without --auth.
+        request.extensions_mut().insert(Caller::implicit_admin());
+        request
+    }
+
+    /// On a real S3 API (moto, see `kiln_tests::s3`): a completion under an epoch the store
+    /// refuses leaves nothing in the bucket, neither under the final name
+    /// nor staged; the accepted one appears under the final name only.
+    #[tokio::test]
+    async fn a_refused_completion_leaves_nothing_in_the_bucket() {
+        let s3 = kiln_tests::s3::S3Server::start().unwrap();
+        let results =
+            ResultStore::open_with_env(&format!("s3://{}/unit", s3.bucket()), s3.env()).unwrap();
+        results.check().await.unwrap();
+        let store = Arc::new(MemoryStore::new());
+        let registration = WorkerRegistration {
+            id: WorkerId("w1".into()),
+            labels: BTreeMap::new(),
+            gpu_memory_bytes: 0,
+            slots: 1,
+            models: vec![ModelInfo {
+                name: "tiny".into(),
+                hash: "h".into(),
+            }],
+            determinism_class: "cpu/f32".into(),
+            version: "test".into(),
+        };
+        store
+            .register_worker(registration.clone(), None)
+            .await
+            .unwrap();
+        let job = JobId::new();
+        store
+            .create_job(NewJob {
+                id: job,
+                name: "two".into(),
+                project: "default".into(),
+                priority: 0,
+                idempotency_key: None,
+                // Two tasks, so the job stays running: no manifest yet.
+                tasks: vec![task(0, None), task(1, None)],
+                blobs: Vec::new(),
+                pin_class: false,
+                class: None,
+                dedupe: false,
+                verify_of: None,
+                notify: Vec::new(),
+            })
+            .await
+            .unwrap();
+        let w = WorkerId("w1".into());
+        let ttl = Duration::from_secs(30);
+        let old = store
+            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        // The worker restarts: its old lease is released and fenced.
+        store.register_worker(registration, None).await.unwrap();
+        let new = store
+            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        assert!(new.epoch > old.epoch);
+        let core = Arc::new(Core::new(
+            store.clone(),
+            results,
+            CoordinatorConfig::default(),
+        ));
+        let service = WorkerLinkService::new(core);
+        let refused = service
+            .complete(complete_request(old.task, old.epoch, png(1)))
+            .await
+            .expect_err("the old epoch is stale");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert_eq!(
+            s3.keys("unit/").unwrap(),
+            Vec::<String>::new(),
+            "a refused upload leaves nothing"
+        );
+        let accepted = png(2);
+        service
+            .complete(complete_request(new.task, new.epoch, accepted.clone()))
+            .await
+            .unwrap();
+        let final_key = format!("unit/{job}/00000-lighthouse.png");
+        assert_eq!(s3.keys("unit/").unwrap(), std::slice::from_ref(&final_key));
+        assert_eq!(s3.get(&final_key).unwrap(), accepted);
     }
 }

@@ -20,3 +20,4 @@ pub mod image;
 pub mod prompt;
 pub mod recipe;
 pub mod spec;
+pub mod webhook;

@@ -72,6 +72,8 @@ pub struct JobSpec {
     pub blobs: Vec<Blob>,
     /// Character-consistent series, after the sweep and the items.
     pub series: Vec<SeriesSpec>,
+    /// URLs to POST to when the job ends (see [`crate::webhook`]).
+    pub notify: Vec<String>,
 }
 
 impl JobSpec {
@@ -297,7 +299,7 @@ pub struct SeriesPlace {
 pub const DEFAULT_CONSISTENCY: f64 = 0.5;
 
 /// The one validation of a job: checks the project (the catalog name rule),
-/// the name, the blobs and every recipe field, and expands the spec into its
+/// the name, the webhook URLs, the blobs and every recipe field, and expands the spec into its
 /// tasks. `kiln submit --dry-run`, `kiln render` and the coordinator all call
 /// this, so what one accepts the others accept.
 ///
@@ -312,6 +314,7 @@ pub fn validate(spec: &JobSpec, seed_base: u64) -> Result<Vec<ExpandedItem>, Fie
         check_model_name("project", &spec.project)?;
     }
     check_label("name", &spec.name)?;
+    crate::webhook::check_targets(&spec.notify)?;
     check_blobs(&spec.blobs)?;
     expand(spec, seed_base)
 }
@@ -1278,5 +1281,16 @@ mod tests {
         assert_eq!(model_field(&spec, "sdxl"), "series.mira.shots[1].model");
         assert_eq!(model_field(&spec, "sd15"), "series.mira.model");
         assert_eq!(model_field(&spec, "other"), "defaults.model");
+    }
+
+    #[test]
+    fn webhook_urls_are_checked_with_the_job() {
+        let mut spec = issue_spec();
+        spec.notify = vec!["https://studio.example/hooks/kiln".into()];
+        assert!(validate(&spec, 0).is_ok());
+        spec.notify.push("ftp://studio.example".into());
+        let e = validate(&spec, 0).unwrap_err();
+        assert_eq!(e.path, "notify[1]");
+        assert!(e.message.contains("http:// or https://"), "{e}");
     }
 }

@@ -495,9 +495,18 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
         prop::collection::vec(recipe_fields(), 0..4),
         prop::collection::vec(blob(), 0..3),
         prop::collection::vec(series_spec(), 0..2),
+        prop::collection::vec(
+            text_value(&[
+                "https://studio.example/hooks/kiln",
+                "http://127.0.0.1:9/x",
+                "ftp://studio.example/",
+                "https://u:p@h/",
+            ]),
+            0..3,
+        ),
     )
         .prop_map(
-            |((name, project, priority), defaults, sweep, items, blobs, series)| JobSpec {
+            |((name, project, priority), defaults, sweep, items, blobs, series, notify)| JobSpec {
                 name,
                 project,
                 priority,
@@ -506,6 +515,7 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
                 items,
                 blobs,
                 series,
+                notify,
             },
         )
 }

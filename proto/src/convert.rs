@@ -99,6 +99,7 @@ pub fn job_spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
                 shots: s.shots.iter().map(fields_to_pb).collect(),
             })
             .collect(),
+        notify: spec.notify.clone(),
     }
 }
 
@@ -154,6 +155,7 @@ pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, FieldError> {
                 shots: s.shots.into_iter().map(fields_from_pb).collect(),
             })
             .collect(),
+        notify: spec.notify,
     })
 }
 
@@ -227,6 +229,7 @@ mod tests {
             name: "assets".into(),
             project: "studio-a".into(),
             priority: 3,
+            notify: vec!["https://studio.example/hooks/kiln".into()],
             defaults: RecipeFields {
                 model: Some("tiny".into()),
                 steps: Some(4),

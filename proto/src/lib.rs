@@ -15,7 +15,7 @@ pub mod convert;
 pub mod status;
 pub mod telemetry;
 
-pub use kiln_domain::{error, ids, prompt, recipe, spec};
+pub use kiln_domain::{error, ids, prompt, recipe, spec, webhook};
 
 pub use prost;
 pub use tonic;

@@ -6,6 +6,7 @@
 //! test executable; README's test command builds them first.
 
 pub mod redis;
+pub mod s3;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -135,6 +136,12 @@ impl Coordinator {
         Self::launch(dir, name, port, extra, &[], None)
     }
 
+    /// Starts a coordinator with `extra` flags and the environment `env`; an
+    /// `--results` among `extra` replaces the default result directory.
+    pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::launch(dir, "coordinator", 0, extra, env, None)
+    }
+
     /// Starts a coordinator that serves TLS: `extra` and `env` must give it
     /// `--tls-cert` and `--tls-key` (for a certificate valid for `localhost`);
     /// its URL is `https://localhost:PORT`.
@@ -160,7 +167,10 @@ impl Coordinator {
             .open(&log)?;
         let results_arg = results.display().to_string();
         let listen = format!("127.0.0.1:{port}");
-        let mut args = vec!["--listen", listen.as_str(), "--results", &results_arg];
+        let mut args = vec!["--listen", listen.as_str()];
+        if !extra.contains(&"--results") {
+            args.extend(["--results", results_arg.as_str()]);
+        }
         args.extend_from_slice(extra);
         let mut child = Command::new(binary("kiln-coordinator"))
             .args(&args)

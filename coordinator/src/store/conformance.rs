@@ -59,6 +59,7 @@ fn new_job(n: u32, model: &str) -> NewJob {
         class: None,
         dedupe: true,
         verify_of: None,
+        notify: Vec::new(),
     }
 }
 
@@ -102,6 +103,168 @@ async fn claim(store: &dyn Store, w: &str, max: usize) -> Vec<Lease> {
         .await
         .expect("claim")
         .leases
+}
+
+/// A job with webhook targets and `n` tasks.
+fn notifying_job(n: u32, targets: &[&str]) -> NewJob {
+    let mut job = new_job(n, "tiny");
+    job.notify = targets.iter().map(|t| t.to_string()).collect();
+    job
+}
+
+async fn a_delivery_opens_when_a_notifying_job_ends(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let (job, _) = store
+        .create_job(notifying_job(
+            1,
+            &["https://a.example/", "https://b.example/"],
+        ))
+        .await
+        .unwrap();
+    let (quiet, _) = store.create_job(new_job(1, "tiny")).await.unwrap();
+    let mut leases = claim(store, "w1", 2).await;
+    if leases.len() < 2 {
+        leases.extend(claim(store, "w1", 2).await);
+    }
+    assert_eq!(leases.len(), 2);
+    leases.sort_by_key(|l| l.job == quiet.id);
+    let lease = &leases[0];
+    assert_eq!(lease.job, job.id);
+    assert_eq!(
+        store.claim_deliveries(10, TTL).await.unwrap(),
+        [],
+        "nothing to deliver while the job runs"
+    );
+    for l in &leases {
+        store
+            .complete(&worker("w1"), None, l.task, l.epoch, result())
+            .await
+            .unwrap();
+    }
+    // Only the job with targets has a delivery.
+    let due = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].job, job.id);
+    assert_eq!(due[0].attempt, 1);
+    assert_eq!(due[0].pending, ["https://a.example/", "https://b.example/"]);
+    assert!(due[0].age < Duration::from_secs(60));
+    assert_eq!(
+        store.claim_deliveries(10, TTL).await.unwrap(),
+        [],
+        "a claimed delivery is not handed out twice"
+    );
+    // One target answered: the other is retried, due at once here.
+    store
+        .settle_delivery(
+            job.id,
+            1,
+            &["https://a.example/".into()],
+            Some(Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    let due = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].attempt, 2);
+    assert_eq!(due[0].pending, ["https://b.example/"]);
+    store
+        .settle_delivery(job.id, 2, &["https://b.example/".into()], None)
+        .await
+        .unwrap();
+    assert_eq!(store.claim_deliveries(10, TTL).await.unwrap(), []);
+    // Settling a closed delivery changes nothing.
+    store
+        .settle_delivery(job.id, 2, &[], Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(store.claim_deliveries(10, TTL).await.unwrap(), []);
+}
+
+async fn a_cancelled_or_failed_job_delivers_too(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let (cancelled, _) = store
+        .create_job(notifying_job(2, &["https://c.example/"]))
+        .await
+        .unwrap();
+    store.cancel_job(cancelled.id).await.unwrap();
+    let due = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].job, cancelled.id);
+    store
+        .settle_delivery(cancelled.id, 1, &due[0].pending, None)
+        .await
+        .unwrap();
+    let (failed, _) = store
+        .create_job(notifying_job(1, &["https://f.example/"]))
+        .await
+        .unwrap();
+    let lease = claim(store, "w1", 1).await.remove(0);
+    store
+        .fail(
+            &worker("w1"),
+            None,
+            lease.task,
+            lease.epoch,
+            Fault::BadInput,
+            "no",
+            5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.job(failed.id).await.unwrap().state, JobState::Failed);
+    let due = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].job, failed.id);
+    // Cancelling an ended job opens no second delivery.
+    store.cancel_job(cancelled.id).await.unwrap();
+    assert_eq!(
+        store.claim_deliveries(10, Duration::ZERO).await.unwrap(),
+        []
+    );
+}
+
+async fn an_expired_delivery_claim_is_claimed_again(store: &dyn Store) {
+    let (job, _) = store
+        .create_job(notifying_job(
+            1,
+            &["https://a.example/", "https://b.example/"],
+        ))
+        .await
+        .unwrap();
+    store.cancel_job(job.id).await.unwrap();
+    // A coordinator claims it and dies: with a claim of zero length it is due again at once.
+    let first = store.claim_deliveries(10, Duration::ZERO).await.unwrap();
+    assert_eq!(first[0].attempt, 1);
+    let second = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].attempt, 2);
+    // The first claimant's late settle records its delivery but does not
+    // reschedule what the second claim owns.
+    store
+        .settle_delivery(job.id, 1, &["https://a.example/".into()], None)
+        .await
+        .unwrap();
+    assert_eq!(store.claim_deliveries(10, TTL).await.unwrap(), []);
+    store
+        .settle_delivery(job.id, 2, &[], Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let third = store.claim_deliveries(10, TTL).await.unwrap();
+    assert_eq!(third.len(), 1);
+    assert_eq!(third[0].attempt, 3);
+    assert_eq!(third[0].pending, ["https://b.example/"]);
+    // At most `max` per claim.
+    store
+        .settle_delivery(job.id, 3, &[], Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(store.claim_deliveries(0, TTL).await.unwrap(), []);
 }
 
 /// Polls `f` until it returns Some, for at most 20 s (reaping needs real time on Redis).
@@ -2001,6 +2164,9 @@ macro_rules! store_conformance {
             free_slots_fill_with_the_same_batch,
             a_verification_runs_on_its_class_only,
             announced_models_are_listed,
+            a_delivery_opens_when_a_notifying_job_ends,
+            a_cancelled_or_failed_job_delivers_too,
+            an_expired_delivery_claim_is_claimed_again,
             a_worker_id_is_bound_to_the_token_that_registered_it,
             a_capped_project_never_has_more_than_its_cap_leased,
             a_capped_project_gets_room_back_whenever_a_lease_ends,

@@ -844,6 +844,7 @@ impl Generator {
             class: verification.then(|| self.rng.pick(&CLASSES).to_string()),
             dedupe: !verification && self.rng.chance(85),
             verify_of,
+            notify: Vec::new(),
         };
         self.sent.push(job.clone());
         Op::Submit(job)

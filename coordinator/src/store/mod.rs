@@ -226,6 +226,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// Waits until the job has an event above `after`, or `timeout` passes.
     async fn wait_events(&self, id: JobId, after: u64, timeout: Duration) -> StoreResult<()>;
+
+    /// Claims up to `max` webhook deliveries that are due (opened when their
+    /// job ended, or whose retry time or claim has run out), each for `lease`:
+    /// no other claim returns it before then unless it is settled. Every
+    /// claim counts one more attempt.
+    async fn claim_deliveries(&self, max: usize, lease: Duration) -> StoreResult<Vec<Delivery>>;
+
+    /// Records what one claim of a delivery achieved: the `done` targets
+    /// (delivered, or refused for good) leave it. With `retry_in`, the targets left are due again
+    /// after it; without, the delivery is closed (all delivered, or given
+    /// up). A settle under an `attempt` that is no longer the latest claim's
+    /// records its deliveries only: the later claim decides the rest.
+    /// Settling a closed or unknown delivery changes nothing.
+    async fn settle_delivery(
+        &self,
+        job: JobId,
+        attempt: u32,
+        done: &[String],
+        retry_in: Option<Duration>,
+    ) -> StoreResult<()>;
 }
 
 #[cfg(test)]

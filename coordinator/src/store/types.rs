@@ -37,6 +37,10 @@ pub struct NewJob {
     pub dedupe: bool,
     /// The job this one verifies.
     pub verify_of: Option<JobId>,
+    /// URLs to POST to when the job ends: the batch file's `notify` and the
+    /// coordinator's `--webhook`s. The store opens a [`Delivery`] for them in
+    /// the transition that ends the job.
+    pub notify: Vec<String>,
 }
 
 /// One task to insert.
@@ -411,6 +415,25 @@ pub struct Event {
     pub fault: Option<Fault>,
     /// Free text.
     pub message: String,
+}
+
+/// A webhook delivery of an ended job, claimed from the store's outbox.
+///
+/// The store opens one in the same atomic step that ends a job with webhook
+/// targets, so a delivery is never lost with the coordinator that saw the
+/// end; any coordinator may claim it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The ended job.
+    pub job: JobId,
+    /// How many times the delivery has been claimed, this claim included;
+    /// [`Store::settle_delivery`](super::Store::settle_delivery) takes it back
+    /// as a fencing token.
+    pub attempt: u32,
+    /// The targets not delivered yet, in the job's order.
+    pub pending: Vec<String>,
+    /// How long ago the job ended, by the store's clock.
+    pub age: Duration,
 }
 
 /// Each capped project's `max_running_tasks`, by project name: read from the

@@ -36,6 +36,21 @@ pub(super) struct State {
     /// Set when a lease of such a project ended; cleared by the transition
     /// that ended it, which wakes waiting claims.
     pub(super) cap_freed: bool,
+    /// Webhook deliveries of ended jobs, open until settled for good.
+    pub(super) outbox: BTreeMap<JobId, Outbox>,
+}
+
+/// An open webhook delivery (see `Store::claim_deliveries`).
+pub(super) struct Outbox {
+    /// Targets not delivered yet.
+    pub(super) pending: Vec<String>,
+    /// Claims so far.
+    pub(super) attempt: u32,
+    /// When it is next due, Unix milliseconds: webhook retries are minutes
+    /// apart and need no paused test clock, unlike leases.
+    pub(super) due: u64,
+    /// When the job ended, Unix milliseconds.
+    pub(super) ended: u64,
 }
 
 /// A job, its tasks' ids, its queues and its event log.
@@ -55,6 +70,8 @@ pub(super) struct JobEntry {
     pub(super) served: u64,
     /// Faults per worker, for quarantine.
     pub(super) faults: HashMap<WorkerId, u32>,
+    /// Webhook targets, for the delivery opened when the job ends.
+    pub(super) notify: Vec<String>,
 }
 
 /// A job's claimable tasks by model, in item order, so a claim looks at the

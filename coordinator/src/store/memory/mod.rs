@@ -177,6 +177,7 @@ impl Store for MemoryStore {
             dedupe: new.dedupe,
             served: 0,
             faults: HashMap::new(),
+            notify: new.notify,
         };
         for t in new.tasks {
             entry.tasks.push(t.id);
@@ -340,6 +341,7 @@ impl Store for MemoryStore {
                 true,
             );
         }
+        st.open_delivery(id);
         let job = st.jobs.get_mut(&id).ok_or(StoreError::JobNotFound(id))?;
         push_event(
             job,
@@ -786,5 +788,59 @@ impl Store for MemoryStore {
                 return Ok(());
             }
         }
+    }
+
+    async fn claim_deliveries(&self, max: usize, lease: Duration) -> StoreResult<Vec<Delivery>> {
+        let now = unix_ms() as u64;
+        let mut st = self.lock();
+        let mut due: Vec<(u64, JobId)> = st
+            .outbox
+            .iter()
+            .filter(|(_, o)| o.due <= now)
+            .map(|(job, o)| (o.due, *job))
+            .collect();
+        // The longest-waiting first, as Redis orders its outbox by due time.
+        due.sort();
+        let mut out = Vec::new();
+        for (_, job) in due.into_iter().take(max) {
+            if let Some(o) = st.outbox.get_mut(&job) {
+                o.attempt += 1;
+                o.due = now + lease.as_millis() as u64;
+                out.push(Delivery {
+                    job,
+                    attempt: o.attempt,
+                    pending: o.pending.clone(),
+                    age: Duration::from_millis(now.saturating_sub(o.ended)),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn settle_delivery(
+        &self,
+        job: JobId,
+        attempt: u32,
+        done: &[String],
+        retry_in: Option<Duration>,
+    ) -> StoreResult<()> {
+        let now = unix_ms() as u64;
+        let mut st = self.lock();
+        let Some(o) = st.outbox.get_mut(&job) else {
+            return Ok(());
+        };
+        o.pending.retain(|t| !done.contains(t));
+        let latest = o.attempt == attempt;
+        match retry_in {
+            _ if o.pending.is_empty() => {
+                st.outbox.remove(&job);
+            }
+            _ if !latest => {}
+            Some(wait) => o.due = now + wait.as_millis() as u64,
+            None => {
+                st.outbox.remove(&job);
+            }
+        }
+        Ok(())
     }
 }

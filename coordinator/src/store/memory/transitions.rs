@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 
-use super::data::{JobEntry, State, unix_ms};
+use super::data::{JobEntry, Outbox, State, unix_ms};
 use crate::store::policy::dedupe_key;
 use crate::store::{
     Attempt, Claim, Deduped, Event, EventKind, Fault, JobRecord, JobState, Lease, Outcome,
@@ -71,9 +71,7 @@ impl State {
             file_name,
             source,
         });
-        if let Some(job) = self.jobs.get_mut(&job_id)
-            && let Some(done) = finish_if_done(job)
-        {
+        if let Some(done) = self.finish_job_if_done(job_id) {
             claim.finished.push(done);
         }
         true
@@ -347,6 +345,34 @@ impl State {
             }
             _ => {}
         }
-        finish_if_done(self.jobs.get_mut(&job_id)?)
+        self.finish_job_if_done(job_id)
+    }
+
+    /// Ends the job if no task is queued or leased ([`finish_if_done`]) and
+    /// opens its webhook delivery in the same step; returns it when it ended now.
+    pub(super) fn finish_job_if_done(&mut self, job_id: JobId) -> Option<JobRecord> {
+        let done = finish_if_done(self.jobs.get_mut(&job_id)?)?;
+        self.open_delivery(job_id);
+        Some(done)
+    }
+
+    /// Opens the webhook delivery of a job that just ended, if it has targets.
+    pub(super) fn open_delivery(&mut self, job_id: JobId) {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return;
+        };
+        if job.notify.is_empty() || self.outbox.contains_key(&job_id) {
+            return;
+        }
+        let now = unix_ms() as u64;
+        self.outbox.insert(
+            job_id,
+            Outbox {
+                pending: job.notify.clone(),
+                attempt: 0,
+                due: now,
+                ended: now,
+            },
+        );
     }
 }

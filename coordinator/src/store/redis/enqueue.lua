@@ -4,7 +4,8 @@
 --       8 pin class (0/1), 9 class, 10 dedupe (0/1), 11 verify_of,
 --       12 task count, then TASK_ARGS values per task (id, index, model, model hash,
 --       recipe json, file name, steps, series, shot, depends_on (-1: none),
---       avoid json, batch key, recipe hash), then a blob count and (sha, bytes) pairs.
+--       avoid json, batch key, recipe hash), then a blob count and (sha, bytes) pairs,
+--       then the webhook targets as a JSON array ('[]': none).
 local job, project, idem, name, prio = ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 -- A retried call finds its own job: report it as created.
 if redis.call('EXISTS', k('job', job)) == 1 then return {1, job} end
@@ -45,6 +46,10 @@ at = at + 1
 for _ = 1, blobs do
   redis.call('HSET', k('job', job, 'blobs'), ARGV[at], ARGV[at + 1])
   at = at + 2
+end
+-- The targets of the delivery that ending the job opens (prelude's open_delivery).
+if ARGV[at] ~= '[]' then
+  redis.call('HSET', k('job', job), 'notify', ARGV[at])
 end
 redis.call('ZADD', k('ready'), -prio, job)
 wake_workers()

@@ -31,8 +31,8 @@ mod scripts;
 use self::pubsub::listen;
 use self::records::*;
 use self::scripts::{
-    DEDUPED_FIELDS, LEASE_FIELDS, PROGRESS_FIELDS, REAPED_FIELDS, RELEASED_FIELDS, Scripts,
-    TASK_ARGS,
+    DEDUPED_FIELDS, DELIVERY_FIELDS, LEASE_FIELDS, PROGRESS_FIELDS, REAPED_FIELDS, RELEASED_FIELDS,
+    Scripts, TASK_ARGS,
 };
 use super::policy::task_batch_key;
 use super::state::{AbandonReason, Fault};
@@ -399,6 +399,9 @@ impl Store for RedisStore {
             args.push(Arg::Str(sha));
             args.push(Arg::Bytes(data));
         }
+        let notify = serde_json::to_string(&job.notify)
+            .map_err(|e| StoreError::Corrupt(format!("webhook targets: {e}")))?;
+        args.push(Arg::Str(&notify));
         let reply = items(self.invoke(&self.scripts.enqueue, &args).await?)?;
         let created = reply.first().map(text).as_deref() == Some("1");
         let existing: JobId = parse_id(&reply.get(1).map(text).unwrap_or_default(), "job id")?;
@@ -837,6 +840,54 @@ impl Store for RedisStore {
     async fn wait_events(&self, id: JobId, after: u64, timeout: Duration) -> StoreResult<()> {
         self.read_wait_events(id, after, timeout).await
     }
+
+    async fn claim_deliveries(&self, max: usize, lease: Duration) -> StoreResult<Vec<Delivery>> {
+        let reply = items(
+            self.invoke(
+                &self.scripts.deliveries,
+                &[Arg::Int(max as i64), Arg::Int(lease.as_millis() as i64)],
+            )
+            .await?,
+        )?;
+        let mut out = Vec::new();
+        for d in reply.chunks(DELIVERY_FIELDS) {
+            let [job, attempt, pending, age] = d else {
+                continue;
+            };
+            out.push(Delivery {
+                job: parse_id(&text(job), "job id")?,
+                attempt: parse_id(&text(attempt), "delivery attempt")?,
+                pending: serde_json::from_str(&text(pending))
+                    .map_err(|e| StoreError::Corrupt(format!("webhook targets: {e}")))?,
+                age: Duration::from_millis(parse_id(&text(age), "delivery age")?),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn settle_delivery(
+        &self,
+        job: JobId,
+        attempt: u32,
+        done: &[String],
+        retry_in: Option<Duration>,
+    ) -> StoreResult<()> {
+        let job = job.to_string();
+        let done = serde_json::to_string(done)
+            .map_err(|e| StoreError::Corrupt(format!("webhook targets: {e}")))?;
+        self.invoke(
+            &self.scripts.settle,
+            &[
+                Arg::Str(&job),
+                Arg::Int(i64::from(attempt)),
+                Arg::Str(&done),
+                Arg::Int(i64::from(retry_in.is_some())),
+                Arg::Int(retry_in.map_or(0, |d| d.as_millis() as i64)),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -901,6 +952,7 @@ mod tests {
             class: None,
             dedupe: true,
             verify_of: None,
+            notify: Vec::new(),
         }
     }
 

@@ -34,8 +34,19 @@ local function requeue(job, tid, index, model)
   end
 end
 
+-- Opens the webhook delivery of a job that just ended, if it has targets: its
+-- pending targets, claim count and end time in {outbox}:JOB, due now in {outbox}.
+local function open_delivery(job)
+  local targets = redis.call('HGET', k('job', job), 'notify')
+  if not targets or targets == '' or redis.call('EXISTS', k('outbox', job)) == 1 then return end
+  redis.call('HSET', k('outbox', job), 'pending', targets, 'attempt', 0, 'ended', NOW)
+  redis.call('ZADD', k('outbox'), NOW, job)
+end
+
 -- Sets the expiry of every key of a finished job: the manifest in the result store is the durable record.
+-- Every transition that ends a job calls it, so it also opens the job's webhook delivery.
 local function retire(job)
+  open_delivery(job)
   local tasks = redis.call('LRANGE', k('job', job, 'tasks'), 0, -1)
   for _, tid in ipairs(tasks) do
     redis.call('PEXPIRE', k('task', tid), RETENTION)

@@ -31,6 +31,8 @@ pub(super) const REAPED_FIELDS: usize = 6;
 pub(super) const RELEASED_FIELDS: usize = 4;
 /// Script arguments per task of `heartbeat.lua`.
 pub(super) const PROGRESS_FIELDS: usize = 3;
+/// Reply values per delivery of `deliveries.lua`.
+pub(super) const DELIVERY_FIELDS: usize = 4;
 
 // The hand-written sources; each script is prefixed with the generated
 // constants and `prelude.lua`.
@@ -44,6 +46,8 @@ const REAP: &str = include_str!("reap.lua");
 const CANCEL: &str = include_str!("cancel.lua");
 const REGISTER: &str = include_str!("register.lua");
 const DRAIN: &str = include_str!("drain.lua");
+const DELIVERIES: &str = include_str!("deliveries.lua");
+const SETTLE: &str = include_str!("settle.lua");
 
 /// Every script by file name, prelude first, for the checks below to scan.
 #[cfg(test)]
@@ -58,11 +62,13 @@ const SOURCES: &[(&str, &str)] = &[
     ("cancel.lua", CANCEL),
     ("register.lua", REGISTER),
     ("drain.lua", DRAIN),
+    ("deliveries.lua", DELIVERIES),
+    ("settle.lua", SETTLE),
 ];
 
 /// Returns the `local NAME = value` lines every script starts with.
 pub(super) fn constants() -> String {
-    let numbers: [(&str, u64); 14] = [
+    let numbers: [(&str, u64); 15] = [
         ("QUARANTINE_AFTER", u64::from(policy::QUARANTINE_AFTER)),
         (
             "SWITCH_BACKLOG_PER_HOLDER",
@@ -81,6 +87,7 @@ pub(super) fn constants() -> String {
         ("REAPED_FIELDS", REAPED_FIELDS as u64),
         ("RELEASED_FIELDS", RELEASED_FIELDS as u64),
         ("PROGRESS_FIELDS", PROGRESS_FIELDS as u64),
+        ("DELIVERY_FIELDS", DELIVERY_FIELDS as u64),
         // Redis TIME answers seconds and microseconds; deadlines are in ms.
         ("MS_PER_S", 1_000),
         ("US_PER_MS", 1_000),
@@ -126,6 +133,8 @@ pub(super) struct Scripts {
     pub(super) cancel: Script,
     pub(super) register: Script,
     pub(super) drain: Script,
+    pub(super) deliveries: Script,
+    pub(super) settle: Script,
 }
 
 impl Scripts {
@@ -140,6 +149,8 @@ impl Scripts {
             cancel: build(CANCEL),
             register: build(REGISTER),
             drain: build(DRAIN),
+            deliveries: build(DELIVERIES),
+            settle: build(SETTLE),
         }
     }
 }
