@@ -18,7 +18,10 @@ CHART_ONLY_ENV = {"KILN_REDIS_PASSWORD"}
 
 
 def help_text(binary):
-    return subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30).stdout
+    try:
+        return subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        sys.exit(f"FAIL: {binary} --help: {e}")
 
 
 def main():
