@@ -71,7 +71,12 @@ impl EmbeddedFarm {
             ResultStore::in_memory(),
             CoordinatorConfig::default(),
         ));
-        let server = tokio::spawn(server::serve(listener, core.clone(), None));
+        let server = tokio::spawn(server::serve(
+            listener,
+            core.clone(),
+            None,
+            server::SideDoor::Off,
+        ));
         Ok(Self {
             farm: Farm::new(
                 &url,
@@ -108,6 +113,7 @@ impl EmbeddedFarm {
                     slots: self.slots,
                     labels: Default::default(),
                     lease_observer: observer.clone(),
+                    readiness: Default::default(),
                 },
             )?;
             self.workers

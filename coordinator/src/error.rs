@@ -312,6 +312,17 @@ impl From<CoordinatorError> for Status {
         match e {
             CoordinatorError::InvalidField(field) => kiln_proto::status::invalid_argument(field),
             e => {
+                if matches!(
+                    &e,
+                    CoordinatorError::Store(
+                        StoreError::Unavailable(_)
+                            | StoreError::Backend(_)
+                            | StoreError::Corrupt(_)
+                            | StoreError::Misconfigured(_)
+                    )
+                ) {
+                    crate::metrics::store_error();
+                }
                 // The farm's own faults are logged here, once, whatever the handler.
                 if matches!(code, Code::Internal | Code::DataLoss | Code::Unavailable) {
                     tracing::warn!(code = ?code, error = %e, "request failed");

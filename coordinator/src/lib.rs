@@ -23,13 +23,19 @@ pub mod core;
 pub mod error;
 /// The client-facing `Farm` service.
 pub mod farm;
+/// The HTTP side door: /metrics, /healthz, /readyz, /api/v1/queue.
+pub mod http;
 /// Manifest lines.
 pub mod manifest;
+/// Prometheus metrics: names, the recorder, the recording functions.
+pub mod metrics;
 /// The lease reaper.
 pub mod reaper;
 /// The result store (object_store).
 pub mod results;
-/// Serving both services and health on one listener.
+/// `kiln_rpc_seconds`: a tower layer timing every gRPC call.
+pub mod rpc_metrics;
+/// Serving both services, health and the HTTP side door.
 pub mod server;
 /// Live state: the `Store` trait and its implementations.
 pub mod store;

@@ -1,4 +1,5 @@
-//! `kiln-coordinator`: serves the Farm and WorkerLink gRPC services.
+//! `kiln-coordinator`: serves the Farm and WorkerLink gRPC services and the
+//! HTTP side door.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,8 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use kiln_coordinator::auth::Auth;
+use kiln_coordinator::metrics::Metrics;
 use kiln_coordinator::results::ResultStore;
-use kiln_coordinator::server::TlsFiles;
+use kiln_coordinator::server::{SideDoor, TlsFiles};
 use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store, redacted};
 use kiln_coordinator::webhook::Webhooks;
 use kiln_coordinator::{CoordinatorConfig, Core, server};
@@ -18,9 +20,13 @@ use kiln_coordinator::{CoordinatorConfig, Core, server};
 #[derive(Parser, Debug)]
 #[command(name = "kiln-coordinator", version)]
 struct Args {
-    /// Address to serve gRPC on (Farm, WorkerLink and health).
+    /// Address to serve gRPC on (Farm, WorkerLink and health), and the HTTP
+    /// side door (/metrics, /healthz, /readyz, /api/v1/queue) unless --http is given.
     #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Serve the HTTP side door on this address instead; --listen then serves gRPC only.
+    #[arg(long, env = "KILN_HTTP", value_name = "ADDR")]
+    http: Option<SocketAddr>,
     /// Where finished images and manifests go: a directory, file:///DIR, memory://, or a
     /// bucket: s3://BUCKET/PREFIX (AWS_* variables), gs://BUCKET/PREFIX, az://CONTAINER/PREFIX.
     #[arg(long, env = "KILN_RESULTS", default_value = "kiln-results")]
@@ -193,14 +199,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, results = %core.results.location(), store = %redacted(&args.store), farm = %args.farm, tls = tls_mode, auth = core.auth.is_on(), "coordinator listening");
+    let metrics = Arc::new(Metrics::install().context("cannot install the metrics recorder")?);
+    let side_door = match args.http {
+        Some(addr) => {
+            let http = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--http: cannot listen on {addr}"))?;
+            let at = http.local_addr()?.to_string();
+            (SideDoor::Separate(http, metrics), at)
+        }
+        None => (SideDoor::SamePort(metrics), "the gRPC port".to_string()),
+    };
+    let (side_door, http_at) = side_door;
+    tracing::info!(addr = %listener.local_addr()?, http = %http_at, results = %core.results.location(), store = %redacted(&args.store), farm = %args.farm, tls = tls_mode, auth = core.auth.is_on(), "coordinator listening");
     let shutdown = core.shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
         shutdown.cancel();
     });
-    server::serve(listener, core, tls).await?;
+    server::serve(listener, core, tls, side_door).await?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::time::MissedTickBehavior;
 
 use crate::core::Core;
+use crate::metrics;
 
 /// Reaps expired leases every `reap_interval` until shutdown.
 pub async fn run(core: Arc<Core>) {
@@ -19,13 +20,17 @@ pub async fn run(core: Arc<Core>) {
         match core.store.reap(core.config.max_attempts).await {
             Ok(reaped) => {
                 for r in reaped {
+                    metrics::lease_expired();
                     tracing::warn!(job = %r.job, task = %r.task, worker = %r.worker, epoch = %r.epoch, requeued = r.requeued, "lease expired");
                     if let Some(job) = r.job_finished {
                         core.finalize(job.id).await;
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "reaping failed; retrying at the next tick"),
+            Err(e) => {
+                metrics::store_error();
+                tracing::warn!(error = %e, "reaping failed; retrying at the next tick");
+            }
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Serving: both services (behind the [`Authenticate`] interceptor), the gRPC
 //! health service and the reaper on one listener, in the clear or over TLS
-//! (with client certificates for mutual TLS).
+//! (with client certificates for mutual TLS), timed by [`RpcMetricsLayer`];
+//! the HTTP side door ([`crate::http`]) on the same port (requests that are
+//! not gRPC, told by their content type: [`one_port`]) or on its own.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,15 +13,21 @@ use kiln_proto::connect::{CERT_FLAG, KEY_FLAG, error_chain, read_certificates, r
 use kiln_proto::error::FieldError;
 use kiln_proto::pb::farm_server::FarmServer;
 use kiln_proto::pb::worker_link_server::WorkerLinkServer;
+use kiln_proto::side_door::one_port;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ServerTlsConfig;
 
 use crate::auth::{Authenticate, Service};
 use crate::core::Core;
 use crate::farm::FarmService;
+use crate::http;
+use crate::metrics::Metrics;
 use crate::reaper;
+use crate::rpc_metrics::RpcMetricsLayer;
 use crate::webhook;
 use crate::worker_link::WorkerLinkService;
 
@@ -96,8 +104,19 @@ impl TlsFiles {
     }
 }
 
+/// Where the HTTP side door ([`crate::http`]) is served.
+pub enum SideDoor {
+    /// Nowhere: gRPC only (the embedded farm of `kiln render`).
+    Off,
+    /// On the gRPC listener: requests that are not gRPC go to HTTP.
+    SamePort(Arc<Metrics>),
+    /// On its own listener (`--http`); the gRPC listener stays gRPC-only.
+    Separate(TcpListener, Arc<Metrics>),
+}
+
 /// Serves the coordinator on `listener` until `core.shutdown` is cancelled,
-/// over TLS when `tls` is given.
+/// over TLS when `tls` is given, with the HTTP side door where `side_door`
+/// says (over the same TLS when it shares the port).
 ///
 /// # Errors
 /// When the TLS configuration is refused or the transport fails.
@@ -105,6 +124,7 @@ pub async fn serve(
     listener: TcpListener,
     core: Arc<Core>,
     tls: Option<ServerTlsConfig>,
+    side_door: SideDoor,
 ) -> Result<(), tonic::transport::Error> {
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -129,15 +149,40 @@ pub async fn serve(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         Authenticate::new(core.auth.clone(), Service::WorkerLink),
     );
+    // Every gRPC call is timed into kiln_rpc_seconds (a no-op without a recorder).
+    let grpc = Routes::new(health)
+        .add_service(farm)
+        .add_service(link)
+        .prepare()
+        .into_axum_router()
+        .layer(RpcMetricsLayer);
+    let (routes, accept_http1, separate) = match side_door {
+        SideDoor::Off => (Routes::from(grpc), false, None),
+        SideDoor::SamePort(metrics) => (
+            one_port(grpc, http::router(core.clone(), metrics)),
+            true,
+            None,
+        ),
+        SideDoor::Separate(http_listener, metrics) => (
+            Routes::from(grpc),
+            false,
+            Some(tokio::spawn(serve_http(
+                http_listener,
+                http::router(core.clone(), metrics),
+                core.shutdown.clone(),
+            ))),
+        ),
+    };
     let reaper = tokio::spawn(reaper::run(core.clone()));
     let webhooks = tokio::spawn(webhook::run(core.clone()));
     let shutdown = core.shutdown.clone();
     let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(health)
-        .add_service(farm)
-        .add_service(link)
+        // Plain HTTP/1.1 clients (probes, curl) reach the side door; gRPC
+        // needs HTTP/2 and gets it.
+        .accept_http1(accept_http1)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.cancelled().await;
             reporter.set_not_serving::<FarmServer<FarmService>>().await;
@@ -148,8 +193,21 @@ pub async fn serve(
         .await;
     core.shutdown.cancel();
     let _ = reaper.await;
+    if let Some(http) = separate {
+        let _ = http.await;
+    }
     let _ = webhooks.await;
     result
+}
+
+/// Serves the side door alone on `listener` (`--http`) until `shutdown`.
+async fn serve_http(listener: TcpListener, router: axum::Router, shutdown: CancellationToken) {
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "the HTTP side door stopped");
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_proto::error::{FieldError, quote};
-use kiln_proto::ids::{Epoch, TaskId, WorkerId};
+use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 use kiln_proto::pb;
 use kiln_proto::recipe::check_model_name;
 use kiln_proto::status::bounded;
@@ -16,9 +16,10 @@ use crate::auth::{Caller, caller_of};
 use crate::convert;
 use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult, Report, StaleRefusal};
+use crate::metrics::{self, Completion};
 use crate::store::{
-    Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, ProgressReport, StoreError,
-    TaskResult, WorkerRegistration,
+    Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, Outcome, ProgressReport,
+    StoreError, TaskResult, TaskState, WorkerRegistration,
 };
 
 /// Most tasks one Lease call may ask for.
@@ -132,6 +133,7 @@ async fn register(
         )
         .await?;
     for r in released {
+        metrics::lease_expired();
         tracing::warn!(worker = %id, job = %r.job, task = %r.task, epoch = %r.epoch, "worker re-registered: its old lease was released");
         if let Some(job) = r.job_finished {
             core.finalize(job.id).await;
@@ -207,6 +209,7 @@ async fn lease_response(
         };
         match published {
             Ok(()) => {
+                metrics::task_completed(&d.model, Completion::Deduped);
                 tracing::debug!(job = %d.job, task = %d.task, source = %d.source, "served from an earlier result")
             }
             Err(e) => {
@@ -221,6 +224,7 @@ async fn lease_response(
     if let Some(e) = first_failure {
         return Err((None, e));
     }
+    record_queue_waits(core, &claim.leases).await;
     let mut tasks = Vec::with_capacity(claim.leases.len());
     for l in &claim.leases {
         tracing::debug!(worker = %worker, job = %l.job, task = %l.task, index = l.index, epoch = %l.epoch, "leased");
@@ -232,6 +236,39 @@ async fn lease_response(
         tasks,
         drain: claim.drain,
     })
+}
+
+/// Records `kiln_queue_wait_seconds` for the leases that are their task's
+/// first (epoch 1: epochs grow on every claim and reap), from the job's
+/// submission time, read once per job.
+async fn record_queue_waits(core: &Core, leases: &[Lease]) {
+    let mut jobs: Vec<(JobId, usize)> = Vec::new();
+    for l in leases.iter().filter(|l| l.epoch == Epoch(1)) {
+        match jobs.iter_mut().find(|(j, _)| *j == l.job) {
+            Some((_, n)) => *n += 1,
+            None => jobs.push((l.job, 1)),
+        }
+    }
+    for (job, n) in jobs {
+        match core.store.job(job).await {
+            Ok(record) => {
+                let waited = Duration::from_millis(
+                    u64::try_from(unix_ms() - record.created_at_ms).unwrap_or(0),
+                );
+                for _ in 0..n {
+                    metrics::queue_wait(waited);
+                }
+            }
+            Err(e) => tracing::debug!(%job, error = %e, "queue wait not recorded"),
+        }
+    }
+}
+
+/// Returns the wall clock in Unix milliseconds, the clock of the records' times.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Ends a lease the worker will never hear of through the store's fail path:
@@ -334,6 +371,17 @@ async fn fail(
             job_finished,
         } => {
             tracing::warn!(worker = %worker, task = %task, epoch = %epoch, %fault, will_retry, %message, "task failed");
+            if fault == Fault::Cancelled {
+                metrics::attempt_ended(Outcome::Cancelled, Some(fault));
+            } else {
+                metrics::attempt_ended(Outcome::Failed, Some(fault));
+                if !will_retry {
+                    match core.store.task(task).await {
+                        Ok(t) => metrics::task_completed(&t.recipe.model, Completion::Failed),
+                        Err(e) => tracing::debug!(%task, error = %e, "failure not counted"),
+                    }
+                }
+            }
             if let Some(job) = job_finished {
                 core.finalize(job.id).await;
             }
@@ -457,6 +505,16 @@ async fn intake(core: &Core, caller: &Caller, req: pb::CompleteRequest) -> Coord
         .await;
     match outcome {
         Ok(CompleteOutcome::Accepted { job_finished }) => {
+            // A replayed report of an accepted completion is accepted
+            // again; it counts once.
+            if task.state != TaskState::Completed {
+                metrics::task_completed(&task.recipe.model, Completion::Completed);
+                metrics::attempt_ended(Outcome::Completed, None);
+                if let Some(leased) = task.attempts.last().filter(|a| a.epoch == epoch) {
+                    let took = u64::try_from(unix_ms() - leased.started_at_ms).unwrap_or(0);
+                    metrics::task_time(&task.recipe.model, Duration::from_millis(took));
+                }
+            }
             core.results
                 .publish(&folder, &task.file_name, &staged)
                 .await?;
@@ -467,6 +525,7 @@ async fn intake(core: &Core, caller: &Caller, req: pb::CompleteRequest) -> Coord
             Ok(())
         }
         Ok(CompleteOutcome::Stale { reason }) => {
+            metrics::stale_completion();
             core.results.discard(&staged).await?;
             let refused = stale(core, &worker, task_id, epoch, Report::Complete, reason).await;
             tracing::warn!(worker = %worker, job = %task.job, task = %task_id, epoch = %epoch, error = %refused, "stale completion refused");

@@ -4,7 +4,8 @@
 //! and `WorkerLink` services). Beside it: [`convert`] between the wire
 //! messages and kiln's domain types (which live in `kiln-domain` and are
 //! re-exported here, [`spec`] among them), client channels with deadlines
-//! ([`connect`]) and field errors as statuses ([`status`]).
+//! ([`connect`]), field errors as statuses ([`status`]) and gRPC beside HTTP
+//! on one listener ([`side_door`]).
 //!
 //! This crate may import `kiln-domain`, tonic and prost; nothing of the
 //! coordinator, the worker or the engine.
@@ -12,6 +13,7 @@
 
 pub mod connect;
 pub mod convert;
+pub mod side_door;
 pub mod status;
 pub mod telemetry;
 

@@ -71,6 +71,21 @@ impl Proc {
         })
     }
 
+    /// Starts a program found on the `PATH` (prometheus, say) with `args`, logging to `log`.
+    pub fn spawn_exe(program: &str, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(log)?;
+        let child = Command::new(program)
+            .args(args)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start {program}"))?;
+        Ok(Self {
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
     /// Returns the process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -575,4 +590,125 @@ pub fn wait_for_workers(url: &str, n: usize) {
         let list: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
         (list.as_array()?.len() >= n).then_some(())
     });
+}
+
+/// Returns a loopback port that was free a moment ago (for `--http`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// An HTTP answer: status code and body.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    /// The status code.
+    pub status: u16,
+    /// The body, as text.
+    pub body: String,
+}
+
+/// Sends `GET path` over plain HTTP/1.1 to `addr` (`HOST:PORT`), with
+/// `Authorization: Bearer TOKEN` when a token is given; 10 s timeouts.
+///
+/// # Errors
+/// When nothing answers or the answer is not HTTP.
+pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> anyhow::Result<HttpAnswer> {
+    use std::io::Read;
+    let socket: std::net::SocketAddr = addr.parse().context("address")?;
+    let mut stream = std::net::TcpStream::connect_timeout(&socket, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("not an HTTP answer: {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body).with_context(|| format!("bad chunked body: {body:?}"))?
+    } else {
+        body.to_string()
+    };
+    Ok(HttpAnswer { status, body })
+}
+
+/// Joins the chunks of a chunked HTTP/1.1 body.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(after.get(..size)?);
+        rest = after.get(size + 2..)?;
+    }
+}
+
+/// Sums the samples of the metric family `name` (every label set) in a
+/// Prometheus text exposition; `None` when it has none.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        *sum.get_or_insert(0.0) += value;
+    }
+    sum
+}
+
+/// Sends `GET path` to a coordinator's `https://` URL over HTTP/2 (what its
+/// shared TLS port negotiates), trusting `ca`, through a kiln client channel.
+///
+/// # Errors
+/// When the connection or the request fails.
+pub async fn https_get(url: &str, ca: &Path, path: &str) -> anyhow::Result<HttpAnswer> {
+    use http_body_util::BodyExt;
+    use tower_service::Service;
+    let tls = kiln_proto::connect::TlsOptions {
+        ca: Some(ca.to_path_buf()),
+        ..Default::default()
+    };
+    let mut channel = kiln_proto::connect::channel("url", url, &tls)?;
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await?;
+    let request = http::Request::get(format!("{url}{path}"))
+        .body(tonic::body::Body::empty())
+        .context("request")?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), channel.call(request))
+        .await
+        .context("no answer within 10 s")??;
+    let status = answer.status().as_u16();
+    let bytes = answer
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("body: {e}"))?
+        .to_bytes();
+    Ok(HttpAnswer {
+        status,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    })
 }

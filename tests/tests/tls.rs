@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use kiln_tests::redis::RedisServer;
 use kiln_tests::{
-    Coordinator, Proc, arg, decode_png, job_id, kiln_env, pngs, sim_worker, sweep_file,
+    Coordinator, Proc, arg, block, decode_png, https_get, job_id, kiln_env, pngs, sim_worker,
+    sweep_file,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -96,6 +97,12 @@ fn a_farm_over_https_renders_and_fetches() {
         coord.proc.output()
     );
     let env = [("KILN_CA", arg(&pki.ca))];
+    // The HTTP side door shares the TLS port (over HTTP/2, as ALPN says).
+    let healthz = block(https_get(&coord.url, &pki.ca, "/healthz")).unwrap();
+    assert_eq!((healthz.status, healthz.body.as_str()), (200, "ok\n"));
+    let queue = block(https_get(&coord.url, &pki.ca, "/api/v1/queue")).unwrap();
+    assert_eq!(queue.status, 200, "{}", queue.body);
+    assert!(queue.body.starts_with("{\"models\""), "{}", queue.body);
     let mut worker = sim_worker(d, &coord.url, "w1", &[], &env).unwrap();
 
     let batch = d.join("batch.toml");

@@ -24,6 +24,7 @@ use tonic::{Code, Status};
 
 use crate::convert;
 use crate::link::Link;
+use crate::readiness::Readiness;
 use crate::render::{RenderError, Renderer};
 use crate::render_thread::{self, RenderControl, RenderThread};
 
@@ -78,6 +79,8 @@ pub struct AgentConfig {
     /// Told how long each Lease call that returned work took, and how many
     /// tasks it brought (benchmarks measure scheduling latency with it).
     pub lease_observer: Option<LeaseObserver>,
+    /// Told when the worker is registered (ready), lost its session or drains.
+    pub readiness: Readiness,
 }
 
 /// A callback for lease timings: (latency, tasks leased).
@@ -222,9 +225,14 @@ impl Agent {
                     let ms = u64::from(resp.heartbeat_interval_ms.max(100));
                     self.shared.heartbeat_ms.store(ms, Ordering::Relaxed);
                     tracing::info!(worker = %self.config.worker_id, heartbeat_ms = ms, lease_ttl_ms = resp.lease_ttl_ms, "registered");
+                    self.config.readiness.ready();
                     return Ok(true);
                 }
                 Err(status) if is_transient(&status) => {
+                    self.config.readiness.not_ready(&format!(
+                        "not registered: the coordinator is unreachable ({})",
+                        status.message()
+                    ));
                     tracing::warn!(worker = %self.config.worker_id, error = %status.message(), "coordinator unreachable; retrying registration");
                 }
                 Err(status) if is_denied(&status) => {
@@ -265,6 +273,9 @@ impl Agent {
             }
         });
         let result = self.lease_loop(&shutdown).await;
+        self.config
+            .readiness
+            .not_ready("draining: finishing the tasks in hand, taking no new work");
         tracing::info!(worker = %self.config.worker_id, in_hand = self.shared.in_flight().len(), "stopped leasing; finishing the tasks in hand");
         self.wait_for_tasks(&shutdown).await;
         stop_heartbeat.cancel();
@@ -326,6 +337,9 @@ impl Agent {
                 }
                 Err(status) if status.code() == Code::NotFound => {
                     tracing::warn!(worker = %self.shared.worker, "the coordinator lost this worker's session; registering again");
+                    self.config
+                        .readiness
+                        .not_ready("not registered: the coordinator lost this worker's session");
                     if !self.register(&shutdown.drain).await? {
                         return Ok(());
                     }

@@ -19,7 +19,13 @@ pub mod convert;
 /// The gRPC client to the coordinator.
 pub mod link;
 pub mod model_cache;
+/// Prometheus metrics of the worker: names, the recorder, the recording functions.
+pub mod metrics;
+/// Whether the worker can take work now.
+pub mod readiness;
 /// The renderers.
 pub mod render;
 /// The dedicated render thread.
 pub mod render_thread;
+/// The `--http` side door: /metrics, /healthz, /readyz and gRPC health.
+pub mod side_door;

@@ -1,6 +1,7 @@
 //! `kiln-worker`: leases tasks from a coordinator and renders them.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +15,12 @@ use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
 use kiln_worker::catalog::parse_size;
 use kiln_worker::link::Link;
 use kiln_worker::model_cache;
+use kiln_worker::metrics::Metrics;
+use kiln_worker::readiness::Readiness;
 use kiln_worker::render::{
     CandleRenderer, Renderer, SimOptions, SimRenderer, open_device, parse_model_args,
 };
+use tokio_util::sync::CancellationToken;
 
 /// A kiln worker: keeps its models resident and renders what the coordinator leases to it.
 #[derive(Parser, Debug)]
@@ -95,6 +99,10 @@ struct Args {
     /// Sim renderer only: fail every render (a broken worker, for tests).
     #[arg(long)]
     sim_fail: bool,
+    /// Serve /metrics, /healthz, /readyz and the gRPC health service on this
+    /// address (off by default: one host runs one worker per GPU).
+    #[arg(long, env = "KILN_WORKER_HTTP", value_name = "ADDR")]
+    http: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -133,6 +141,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("--label must be KEY=VALUE, got {l:?}"))?;
         labels.insert(k.to_string(), v.to_string());
     }
+    let readiness = Readiness::default();
+    let shutdown = Shutdown::default();
+    let stop_http = CancellationToken::new();
+    // Listening before the models load, so probes see a live process that
+    // is not ready yet.
+    let side_door = match args.http {
+        Some(addr) => {
+            let metrics =
+                Arc::new(Metrics::install().context("cannot install the metrics recorder")?);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--http: cannot listen on {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "HTTP side door listening");
+            Some(tokio::spawn(kiln_worker::side_door::serve(
+                listener,
+                readiness.clone(),
+                metrics,
+                stop_http.clone(),
+            )))
+        }
+        None => None,
+    };
     let renderer: Arc<dyn Renderer> = match args.renderer {
         RendererKind::Sim => {
             let names: Vec<String> = args
@@ -177,12 +207,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             slots: args.slots,
             labels,
             lease_observer: None,
+            readiness: readiness.clone(),
         },
     )?;
-    let shutdown = Shutdown::default();
+    readiness.not_ready("models loaded; registering with the coordinator");
     tokio::spawn(signals(shutdown.clone(), args.drain_timeout));
     tracing::info!(worker = %worker_id, coordinator = %args.coordinator, renderer = ?args.renderer, "worker starting");
-    agent.run(shutdown).await?;
+    let result = agent.run(shutdown.clone()).await;
+    if let Some(side_door) = side_door {
+        // The side door answers until the agent is done; then it stops too.
+        stop_http.cancel();
+        if let Ok(Err(e)) = side_door.await {
+            tracing::warn!(error = %e, "the HTTP side door failed");
+        }
+    }
+    result?;
     Ok(())
 }
 

@@ -7,11 +7,13 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
 use kiln_domain::recipe::BatchKey;
 
+use crate::metrics::{self, RenderOutcome};
 use crate::render::{RenderError, RenderTask, Rendered, Renderer};
 
 /// Shared between a task's agent side and its render: progress out, cancel in.
@@ -141,6 +143,7 @@ fn group_jobs(jobs: Vec<Job>) -> Vec<Vec<Job>> {
     let mut groups: Vec<(BatchKey, Vec<Job>)> = Vec::new();
     for job in jobs {
         if job.control.is_cancelled() {
+            metrics::render_skipped();
             let _ = job.reply.send(Err(RenderError::Cancelled));
             continue;
         }
@@ -163,8 +166,25 @@ fn run_group(renderer: &dyn Renderer, group: Vec<Job>) {
     if tasks.len() > 1 {
         tracing::debug!(tasks = tasks.len(), "rendering a batch");
     }
+    // The group's tasks share one model (it is part of the batch key).
+    let model = tasks
+        .first()
+        .map(|t| t.recipe.model.clone())
+        .unwrap_or_default();
+    let started = Instant::now();
+    // Steps of a batch run together: the first task's steps time them all.
+    // The first step's time would include the prompts' encoding, so steps
+    // are timed from one to the next.
+    let mut last_step: Option<Instant> = None;
     let mut on_step = |i: usize, done: u32| match controls.get(i) {
         Some(control) => {
+            if i == 0 {
+                let now = Instant::now();
+                if let Some(previous) = last_step {
+                    metrics::step(&model, now - previous);
+                }
+                last_step = Some(now);
+            }
             control.step.store(done, Ordering::Relaxed);
             !control.is_cancelled()
         }
@@ -189,6 +209,7 @@ fn run_group(renderer: &dyn Renderer, group: Vec<Job>) {
             })
             .collect()
     });
+    let took = started.elapsed();
     let mut results = results.into_iter();
     for (_, reply) in rest {
         let result = results.next().unwrap_or_else(|| {
@@ -196,6 +217,12 @@ fn run_group(renderer: &dyn Renderer, group: Vec<Job>) {
                 "the renderer returned fewer results than tasks".into(),
             ))
         });
+        let outcome = match &result {
+            Ok(_) => RenderOutcome::Ok,
+            Err(RenderError::Cancelled) => RenderOutcome::Cancelled,
+            Err(_) => RenderOutcome::Failed,
+        };
+        metrics::render(&model, took, outcome);
         let _ = reply.send(result);
     }
 }

@@ -1777,6 +1777,77 @@ pub async fn announced_models_are_listed(store: &dyn Store) {
     assert!(names.contains(&"tiny".to_string()) && names.contains(&"sd15".to_string()));
 }
 
+/// The farm counts: tasks of running jobs per model (waiting shots count as
+/// queued), live workers taking work per model, jobs and workers by state.
+pub async fn the_farm_is_counted_by_model_and_state(store: &dyn Store) {
+    let empty = store.farm_counts().await.unwrap();
+    assert!(empty.models.is_empty(), "{empty:?}");
+    assert!(
+        empty
+            .jobs
+            .values()
+            .chain(empty.workers.values())
+            .all(|n| *n == 0)
+    );
+    assert_eq!(empty.jobs.len(), JobState::ALL.len(), "every state appears");
+    assert_eq!(empty.workers.len(), WorkerState::ALL.len());
+
+    for (id, models) in [
+        ("w1", &["tiny", "sd15"][..]),
+        ("w2", &["tiny"]),
+        ("w3", &["tiny"]),
+    ] {
+        store
+            .register_worker(registration(id, models), None)
+            .await
+            .unwrap();
+    }
+    store.drain_worker(&worker("w3")).await.unwrap();
+    let done = new_job(1, "tiny");
+    store.create_job(done).await.unwrap();
+    let lease = claim(store, "w2", 1).await.remove(0);
+    store
+        .complete(&worker("w2"), None, lease.task, lease.epoch, result())
+        .await
+        .unwrap();
+    let mut plain = new_job(3, "tiny");
+    plain.dedupe = false;
+    store.create_job(plain).await.unwrap();
+    store.create_job(new_job(2, "sd15")).await.unwrap();
+    assert_eq!(claim(store, "w2", 2).await.len(), 2, "w2 holds tiny only");
+    store.create_job(series_job(2)).await.unwrap();
+
+    let counts = store.farm_counts().await.unwrap();
+    let load = |m: &str| counts.models.get(m).copied().unwrap_or_default();
+    assert_eq!(
+        load("tiny"),
+        ModelLoad {
+            queued: 1 + 3,
+            running: 2,
+            workers: 2
+        },
+        "one plain task and the series' anchor and two waiting shots queued; the draining w3 does not count"
+    );
+    assert_eq!(
+        load("sd15"),
+        ModelLoad {
+            queued: 2,
+            running: 0,
+            workers: 1
+        }
+    );
+    assert_eq!(counts.models.len(), 2, "{counts:?}");
+    assert_eq!((counts.queued(), counts.running()), (6, 2));
+    assert_eq!(counts.jobs[&JobState::Running], 3);
+    assert_eq!(counts.jobs[&JobState::Completed], 1);
+    assert_eq!(counts.jobs[&JobState::Failed], 0);
+    assert_eq!(counts.workers[&WorkerState::Idle], 1);
+    assert_eq!(counts.workers[&WorkerState::Busy], 1);
+    assert_eq!(counts.workers[&WorkerState::Draining], 1);
+    assert_eq!(counts.workers[&WorkerState::Lost], 0);
+    store.ping().await.expect("the store answers a ping");
+}
+
 /// The owners of the binding tests: two worker tokens' names.
 const POOL_A: Option<&str> = Some("pool-a");
 const POOL_B: Option<&str> = Some("pool-b");
@@ -2164,6 +2235,7 @@ macro_rules! store_conformance {
             free_slots_fill_with_the_same_batch,
             a_verification_runs_on_its_class_only,
             announced_models_are_listed,
+            the_farm_is_counted_by_model_and_state,
             a_delivery_opens_when_a_notifying_job_ends,
             a_cancelled_or_failed_job_delivers_too,
             an_expired_delivery_claim_is_claimed_again,

@@ -21,7 +21,9 @@ use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 
 pub use self::redis::{RedisConfig, RedisStore, redacted};
 pub use memory::MemoryStore;
-pub use state::{AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState};
+pub use state::{
+    AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState, WorkerState,
+};
 pub use types::*;
 
 /// Why a store call failed.
@@ -226,6 +228,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Waits until the job has an event above `after`, or `timeout` passes.
     async fn wait_events(&self, id: JobId, after: u64, timeout: Duration) -> StoreResult<()>;
+
+    /// Counts the farm in one consistent read (see [`FarmCounts`]): queued
+    /// and leased tasks of running jobs and the live workers taking work, per
+    /// model; jobs by state; workers by [`policy::worker_state`]. A plain
+    /// read; every state appears in the maps, with zero when none is in it.
+    async fn farm_counts(&self) -> StoreResult<FarmCounts>;
+
+    /// Answers when the store is reachable, without retrying: the readiness
+    /// probe's question.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backing service does not answer.
+    async fn ping(&self) -> StoreResult<()>;
 
     /// Claims up to `max` webhook deliveries that are due (opened when their
     /// job ended, or whose retry time or claim has run out), each for `lease`:

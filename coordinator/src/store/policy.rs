@@ -39,7 +39,7 @@ use std::cmp::Reverse;
 use kiln_proto::ids::JobId;
 use kiln_proto::recipe::Recipe;
 
-use super::state::Fault;
+use super::state::{Fault, WorkerState};
 
 /// Faults (failures or expiries) of one worker on one job after which the
 /// worker gets no more of that job's tasks, while another worker can take them.
@@ -83,6 +83,21 @@ pub fn may_register(owner: Option<&str>, silent_ms: u64, caller: Option<&str>) -
 /// under its `max_running_tasks` (`None`: no cap).
 pub fn under_cap(running: u64, cap: Option<u64>) -> bool {
     cap.is_none_or(|cap| running < cap)
+}
+
+/// Returns what a worker counts as in the farm's counts: lost once not
+/// [`alive`] (draining or not), else draining, else busy while it holds
+/// a lease, else idle. `stats.lua` mirrors it on Redis.
+pub fn worker_state(silent_ms: u64, draining: bool, leases: usize) -> WorkerState {
+    if !alive(silent_ms) {
+        WorkerState::Lost
+    } else if draining {
+        WorkerState::Draining
+    } else if leases > 0 {
+        WorkerState::Busy
+    } else {
+        WorkerState::Idle
+    }
 }
 
 /// Most tasks one claim completes from earlier results.

@@ -48,7 +48,7 @@ macro_rules! named_enum {
         }
     ) => {
         $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         pub enum $name {
             $($(#[$vmeta])* #[serde(rename = $text)] $variant,)*
         }
@@ -178,6 +178,21 @@ named_enum! {
     }
 }
 
+named_enum! {
+    /// What a registered worker is doing, as the farm gauges and the queue API
+    /// count it ([`policy::worker_state`](super::policy::worker_state) decides).
+    WorkerState, "WORKER_" {
+        /// Live, taking work, holding no lease.
+        Idle = "idle",
+        /// Live, taking work, holding at least one lease.
+        Busy = "busy",
+        /// Live and draining: it gets no new work.
+        Draining = "draining",
+        /// Silent for `policy::LIVE_MS` or longer.
+        Lost = "lost",
+    }
+}
+
 impl Outcome {
     /// Returns true for outcomes that count against the attempt limit (and
     /// toward quarantine).
@@ -210,6 +225,7 @@ mod tests {
         round_trips::<EventKind>();
         round_trips::<AbandonReason>();
         round_trips::<Outcome>();
+        round_trips::<WorkerState>();
     }
 
     #[test]

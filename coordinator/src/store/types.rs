@@ -9,7 +9,7 @@ use kiln_proto::recipe::Recipe;
 pub use kiln_proto::spec::SeriesPlace;
 use serde::{Deserialize, Serialize};
 
-use super::state::{AbandonReason, EventKind, Fault, JobState, Outcome, TaskState};
+use super::state::{AbandonReason, EventKind, Fault, JobState, Outcome, TaskState, WorkerState};
 
 /// A job to insert: its metadata and its expanded tasks.
 #[derive(Clone, Debug)]
@@ -261,6 +261,8 @@ pub struct Deduped {
     pub file_name: String,
     /// The result store path of the earlier image to copy.
     pub source: String,
+    /// The task's model (for the completion counters).
+    pub model: String,
 }
 
 /// A model a worker holds.
@@ -415,6 +417,44 @@ pub struct Event {
     pub fault: Option<Fault>,
     /// Free text.
     pub message: String,
+}
+
+/// The farm at a glance, counted by the store in one read: what
+/// `/api/v1/queue` and the farm-wide gauges show, the same from every
+/// coordinator of one store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FarmCounts {
+    /// Work and workers per model: every model a worker ever announced, and
+    /// every model that running jobs have tasks for.
+    pub models: BTreeMap<String, ModelLoad>,
+    /// Jobs the store holds (finished ones until their retention ends), by state.
+    pub jobs: BTreeMap<JobState, u64>,
+    /// Registered workers by state ([`policy::worker_state`](super::policy::worker_state)).
+    pub workers: BTreeMap<WorkerState, u64>,
+}
+
+/// Tasks of running jobs and live workers for one model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelLoad {
+    /// Tasks waiting for a worker, shots waiting for their anchor included.
+    pub queued: u64,
+    /// Tasks under a lease.
+    pub running: u64,
+    /// Live workers that announce the model and take work (not draining):
+    /// [`policy::LIVE_MS`](super::policy::LIVE_MS) decides what is live.
+    pub workers: u64,
+}
+
+impl FarmCounts {
+    /// Returns the tasks queued in all, over every model.
+    pub fn queued(&self) -> u64 {
+        self.models.values().map(|m| m.queued).sum()
+    }
+
+    /// Returns the tasks running in all, over every model.
+    pub fn running(&self) -> u64 {
+        self.models.values().map(|m| m.running).sum()
+    }
 }
 
 /// A webhook delivery of an ended job, claimed from the store's outbox.

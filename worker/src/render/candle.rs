@@ -23,6 +23,7 @@ use candle_core::Device;
 
 use super::{ModelInfo, RenderError, RenderTask, Rendered, Renderer};
 use crate::catalog::{CatalogEntry, OverBudget, Residency, format_size};
+use crate::metrics;
 use kiln_diffusion::determinism_class;
 use kiln_diffusion::output::encode_png;
 use kiln_diffusion::{Pipeline, PipelineError, Precision, RenderInput, model_hash, resident_bytes};
@@ -141,6 +142,7 @@ impl CandleRenderer {
                     source,
                 })?;
         }
+        metrics::resident_bytes(resident.used());
         let waiting: Vec<&str> = catalog
             .keys()
             .map(String::as_str)
@@ -253,9 +255,11 @@ impl CandleRenderer {
             }
         })?;
         let pipeline = Arc::new(pipeline);
-        resident
+        let inserted = resident
             .insert(name, entry.bytes, pipeline.clone())
-            .map_err(|e| model_error(e.to_string()))?;
+            .map_err(|e| model_error(e.to_string()));
+        metrics::resident_bytes(resident.used());
+        inserted?;
         Ok(pipeline)
     }
 }
@@ -285,6 +289,7 @@ fn load_pipeline(
             },
         ));
     }
+    metrics::model_loaded(&entry.name, started.elapsed());
     tracing::info!(model = %entry.name, dir = %dir.display(), hash = %entry.hash, bytes = %format_size(entry.bytes), ms = started.elapsed().as_millis() as u64, "model loaded");
     Ok(pipeline)
 }

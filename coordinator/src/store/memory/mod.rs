@@ -25,7 +25,9 @@ use self::data::{
 };
 use self::transitions::push_event;
 use super::policy::{self, AfterFault, dedupe_key, task_batch_key};
-use super::state::{AbandonReason, EventKind, Fault, JobState, Outcome, TaskState};
+use super::state::{
+    AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState, WorkerState,
+};
 use super::types::*;
 use super::{Store, StoreError, StoreResult};
 
@@ -788,6 +790,57 @@ impl Store for MemoryStore {
                 return Ok(());
             }
         }
+    }
+
+    async fn farm_counts(&self) -> StoreResult<FarmCounts> {
+        let now = self.now();
+        let st = self.lock();
+        let mut counts = FarmCounts {
+            jobs: JobState::ALL.iter().map(|s| (*s, 0)).collect(),
+            workers: WorkerState::ALL.iter().map(|s| (*s, 0)).collect(),
+            ..FarmCounts::default()
+        };
+        for name in st.models.keys() {
+            counts.models.entry(name.clone()).or_default();
+        }
+        for job in st.jobs.values() {
+            *counts.jobs.entry(job.record.state).or_default() += 1;
+            if job.record.state != JobState::Running {
+                continue;
+            }
+            for id in &job.tasks {
+                let Some(task) = st.tasks.get(id) else {
+                    continue;
+                };
+                let load = counts
+                    .models
+                    .entry(task.record.recipe.model.clone())
+                    .or_default();
+                match task.record.state {
+                    TaskState::Queued => load.queued += 1,
+                    TaskState::Leased => load.running += 1,
+                    _ => {}
+                }
+            }
+        }
+        for w in st.workers.values() {
+            let state = policy::worker_state(
+                now.saturating_sub(w.last_seen),
+                w.record.draining,
+                w.running.len(),
+            );
+            *counts.workers.entry(state).or_default() += 1;
+            if matches!(state, WorkerState::Idle | WorkerState::Busy) {
+                for m in &w.record.registration.models {
+                    counts.models.entry(m.name.clone()).or_default().workers += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
     }
 
     async fn claim_deliveries(&self, max: usize, lease: Duration) -> StoreResult<Vec<Delivery>> {

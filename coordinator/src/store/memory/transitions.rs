@@ -70,6 +70,7 @@ impl State {
             job: job_id,
             file_name,
             source,
+            model,
         });
         if let Some(done) = self.finish_job_if_done(job_id) {
             claim.finished.push(done);

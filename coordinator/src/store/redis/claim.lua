@@ -14,7 +14,7 @@
 --   7 owner, 8 caps json ({project: max_running_tasks}).
 -- Returns {'unknown'}, {'bound'}, {'drain'}, or {'ok', n leases, n deduped, n finished,
 --   LEASE_FIELDS values per lease (task, job, index, epoch, recipe, init,
---   anchor index or -1), DEDUPED_FIELDS per deduped (task, job, file, source),
+--   anchor index or -1), DEDUPED_FIELDS per deduped (task, job, file, source, model),
 --   1 per finished job}.
 local worker, max, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local wk = k('worker', worker)
@@ -114,7 +114,7 @@ local function try_dedupe(j, tid, model)
   event(j.id, EV_COMPLETED, tid, tonumber(f[2]), '', 0, FAULT_NONE,
     'served from an earlier render of the same recipe (' .. source .. ')')
   release_dependents(j.id, tonumber(f[2]), cjson.decode(earlier).sha256)
-  for _, v in ipairs({tid, j.id, f[3], source}) do table.insert(deduped, v) end
+  for _, v in ipairs({tid, j.id, f[3], source, model}) do table.insert(deduped, v) end
   local done = finish_if_done(j.id)
   if done ~= '' then table.insert(finished, j.id) end
   return true

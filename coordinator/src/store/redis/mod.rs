@@ -643,7 +643,7 @@ impl Store for RedisStore {
             }
             for _ in 0..n_deduped {
                 let v: Vec<String> = rest.by_ref().take(DEDUPED_FIELDS).map(text).collect();
-                let [task, job, file, source] = v.as_slice() else {
+                let [task, job, file, source, model] = v.as_slice() else {
                     return Err(StoreError::Corrupt("short claim reply".into()));
                 };
                 claim.deduped.push(Deduped {
@@ -651,6 +651,7 @@ impl Store for RedisStore {
                     job: parse_id(job, "job id")?,
                     file_name: file.clone(),
                     source: source.clone(),
+                    model: model.clone(),
                 });
             }
             for _ in 0..n_finished {
@@ -839,6 +840,14 @@ impl Store for RedisStore {
 
     async fn wait_events(&self, id: JobId, after: u64, timeout: Duration) -> StoreResult<()> {
         self.read_wait_events(id, after, timeout).await
+    }
+
+    async fn farm_counts(&self) -> StoreResult<FarmCounts> {
+        self.read_farm_counts().await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.read_ping().await
     }
 
     async fn claim_deliveries(&self, max: usize, lease: Duration) -> StoreResult<Vec<Delivery>> {

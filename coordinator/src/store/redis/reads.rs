@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::records::*;
 use super::{FALLBACK_POLL, RedisStore};
-use crate::store::state::EventKind;
+use crate::store::state::{EventKind, JobState, StateName, WorkerState};
 use crate::store::types::*;
 use crate::store::{StoreError, StoreResult};
 
@@ -249,4 +249,62 @@ impl RedisStore {
             Self::wake_or_timeout(&mut rx, (deadline - now).min(FALLBACK_POLL)).await;
         }
     }
+
+    pub(super) async fn read_farm_counts(&self) -> StoreResult<FarmCounts> {
+        let reply = self.invoke(&self.scripts.stats, &[]).await?;
+        parse_farm_counts(&text(&reply))
+    }
+
+    pub(super) async fn read_ping(&self) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// The JSON `stats.lua` answers.
+#[derive(serde::Deserialize)]
+struct StoredCounts {
+    /// Model name -> [queued, running, workers].
+    models: BTreeMap<String, [u64; 3]>,
+    jobs: BTreeMap<String, u64>,
+    workers: BTreeMap<String, u64>,
+}
+
+/// Reads the reply of `stats.lua`; every state appears, with zero when absent.
+fn parse_farm_counts(json: &str) -> StoreResult<FarmCounts> {
+    let stored: StoredCounts =
+        serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("farm counts: {e}")))?;
+    let mut counts = FarmCounts {
+        models: stored
+            .models
+            .into_iter()
+            .map(|(name, [queued, running, workers])| {
+                (
+                    name,
+                    ModelLoad {
+                        queued,
+                        running,
+                        workers,
+                    },
+                )
+            })
+            .collect(),
+        jobs: JobState::ALL.iter().map(|s| (*s, 0)).collect(),
+        workers: WorkerState::ALL.iter().map(|s| (*s, 0)).collect(),
+    };
+    for (name, n) in stored.jobs {
+        counts
+            .jobs
+            .insert(named::<JobState>(&name, "job state")?, n);
+    }
+    for (name, n) in stored.workers {
+        counts
+            .workers
+            .insert(named::<WorkerState>(&name, "worker state")?, n);
+    }
+    Ok(counts)
 }

@@ -11,7 +11,9 @@
 use redis::Script;
 
 use crate::store::policy;
-use crate::store::{AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState};
+use crate::store::{
+    AbandonReason, EventKind, Fault, JobState, Outcome, StateName, TaskState, WorkerState,
+};
 
 /// Candidates read per model and job beyond `max` when a claim looks for its
 /// first task: the first usually fits; more step over tasks the worker may
@@ -24,7 +26,7 @@ pub(super) const TASK_ARGS: usize = 13;
 /// Reply values per lease of `claim.lua`.
 pub(super) const LEASE_FIELDS: usize = 7;
 /// Reply values per deduplicated task of `claim.lua`.
-pub(super) const DEDUPED_FIELDS: usize = 4;
+pub(super) const DEDUPED_FIELDS: usize = 5;
 /// Reply values per reaped lease of `reap.lua`.
 pub(super) const REAPED_FIELDS: usize = 6;
 /// Reply values per released lease of `register.lua`.
@@ -46,6 +48,7 @@ const REAP: &str = include_str!("reap.lua");
 const CANCEL: &str = include_str!("cancel.lua");
 const REGISTER: &str = include_str!("register.lua");
 const DRAIN: &str = include_str!("drain.lua");
+const STATS: &str = include_str!("stats.lua");
 const DELIVERIES: &str = include_str!("deliveries.lua");
 const SETTLE: &str = include_str!("settle.lua");
 
@@ -62,6 +65,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("cancel.lua", CANCEL),
     ("register.lua", REGISTER),
     ("drain.lua", DRAIN),
+    ("stats.lua", STATS),
     ("deliveries.lua", DELIVERIES),
     ("settle.lua", SETTLE),
 ];
@@ -103,6 +107,7 @@ pub(super) fn constants() -> String {
     names.extend(Fault::names());
     names.extend(EventKind::names());
     names.extend(AbandonReason::names());
+    names.extend(WorkerState::names());
     for (name, value) in names {
         out.push_str(&format!("local {name} = '{value}'\n"));
     }
@@ -122,7 +127,7 @@ fn build(body: &str) -> Script {
     Script::new(&format!("{}{PRELUDE}{body}", constants()))
 }
 
-/// The compiled scripts, one per transition.
+/// The compiled scripts, one per transition, and the farm counts.
 pub(super) struct Scripts {
     pub(super) enqueue: Script,
     pub(super) claim: Script,
@@ -133,6 +138,8 @@ pub(super) struct Scripts {
     pub(super) cancel: Script,
     pub(super) register: Script,
     pub(super) drain: Script,
+    /// The farm counts: a read, in a script for one consistent snapshot.
+    pub(super) stats: Script,
     pub(super) deliveries: Script,
     pub(super) settle: Script,
 }
@@ -149,6 +156,7 @@ impl Scripts {
             cancel: build(CANCEL),
             register: build(REGISTER),
             drain: build(DRAIN),
+            stats: build(STATS),
             deliveries: build(DELIVERIES),
             settle: build(SETTLE),
         }
