@@ -18,9 +18,9 @@ pub mod catalog;
 pub mod convert;
 /// The gRPC client to the coordinator.
 pub mod link;
-pub mod model_cache;
 /// Prometheus metrics of the worker: names, the recorder, the recording functions.
 pub mod metrics;
+pub mod model_cache;
 /// Whether the worker can take work now.
 pub mod readiness;
 /// The renderers.

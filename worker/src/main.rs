@@ -14,8 +14,8 @@ use kiln_proto::ids::WorkerId;
 use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
 use kiln_worker::catalog::parse_size;
 use kiln_worker::link::Link;
-use kiln_worker::model_cache;
 use kiln_worker::metrics::Metrics;
+use kiln_worker::model_cache;
 use kiln_worker::readiness::Readiness;
 use kiln_worker::render::{
     CandleRenderer, Renderer, SimOptions, SimRenderer, open_device, parse_model_args,
