@@ -11,8 +11,6 @@
 pub mod admission;
 /// Tokens, roles and project scoping: who is calling and what they may do.
 pub mod auth;
-/// Result stores in buckets: s3://, gs:// and az:// URLs.
-pub mod buckets;
 /// Tunables and their defaults.
 pub mod config;
 /// Series contact sheets.

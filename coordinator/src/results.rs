@@ -137,7 +137,7 @@ impl ResultStore {
         };
         let bucket = match scheme {
             "file" => return Self::open_dir(location, rest),
-            "s3" | "gs" | "az" => crate::buckets::Bucket::parse(location, scheme, rest),
+            "s3" | "gs" | "az" => kiln_storage::bucket::Bucket::parse(location, scheme, rest),
             _ => Err(format!(
                 "unknown scheme {}: give a directory, file://, memory://, s3://, gs:// or az://",
                 quote(scheme)

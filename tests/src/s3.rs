@@ -195,6 +195,26 @@ impl S3Server {
         Ok(hex::decode(out.trim())?)
     }
 
+    /// Writes `bytes` as one object of the bucket, replacing any there.
+    pub fn put(&self, key: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        self.boto3(
+            "import boto3, sys\n\
+             boto3.client('s3').put_object(Bucket=sys.argv[1], Key=sys.argv[2], Body=bytes.fromhex(sys.argv[3]))\n",
+            &[&self.bucket, key, &hex::encode(bytes)],
+        )
+        .map(drop)
+    }
+
+    /// Deletes one object of the bucket.
+    pub fn delete(&self, key: &str) -> anyhow::Result<()> {
+        self.boto3(
+            "import boto3, sys\n\
+             boto3.client('s3').delete_object(Bucket=sys.argv[1], Key=sys.argv[2])\n",
+            &[&self.bucket, key],
+        )
+        .map(drop)
+    }
+
     /// Runs a Python script with the venv's interpreter and this server's
     /// settings, and returns its standard output.
     fn boto3(&self, script: &str, args: &[&str]) -> anyhow::Result<String> {

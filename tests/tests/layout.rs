@@ -1,7 +1,8 @@
 //! The crate rules of ARCHITECTURE.md, checked on the resolved dependency
 //! graph (`cargo metadata`), so that a new dependency cannot quietly break
 //! them: the diffusion engine and the domain crate never reach the network
-//! stack, and the worker never reaches the coordinator or Redis.
+//! stack, the worker never reaches the coordinator or Redis, and the
+//! object-storage crate never reaches gRPC, Redis or the engine.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -104,8 +105,32 @@ fn diffusion_and_domain_never_reach_the_network_stack() {
 fn the_worker_never_reaches_the_coordinator_or_redis() {
     let graph = normal_dependencies();
     let reach = closure(&graph, "kiln-worker");
-    let bad = reached(&reach, &["kiln-coordinator", "redis", "object_store"]);
+    let bad = reached(&reach, &["kiln-coordinator", "redis"]);
     assert!(bad.is_empty(), "kiln-worker pulls in {bad:?}");
+}
+
+#[test]
+fn storage_stays_out_of_grpc_redis_and_the_engine() {
+    let graph = normal_dependencies();
+    let reach = closure(&graph, "kiln-storage");
+    assert!(
+        reach.contains("object_store"),
+        "kiln-storage is not in the workspace graph"
+    );
+    let bad = reached(
+        &reach,
+        &[
+            "tonic",
+            "prost",
+            "redis",
+            "candle-core",
+            "kiln-proto",
+            "kiln-diffusion",
+            "kiln-coordinator",
+            "kiln-worker",
+        ],
+    );
+    assert!(bad.is_empty(), "kiln-storage pulls in {bad:?}");
 }
 
 #[test]

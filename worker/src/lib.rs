@@ -4,10 +4,11 @@
 //! tests.
 //!
 //! [`catalog`] keeps loaded pipelines in memory under a budget, evicting the
-//! least recently used.
+//! least recently used. [`model_cache`] fetches models kept in a bucket into
+//! a local cache before they are loaded.
 //!
 //! This crate may import `kiln-proto` (the WorkerLink client), `kiln-domain`,
-//! `kiln-diffusion`, tonic and tokio; never the coordinator, never redis.
+//! `kiln-diffusion`, `kiln-storage` (buckets), tonic and tokio; never the coordinator, never redis.
 #![warn(missing_docs)]
 
 /// The agent loop: register, lease, heartbeat, report.
@@ -19,6 +20,7 @@ pub mod convert;
 pub mod link;
 /// Prometheus metrics of the worker: names, the recorder, the recording functions.
 pub mod metrics;
+pub mod model_cache;
 /// Whether the worker can take work now.
 pub mod readiness;
 /// The renderers.

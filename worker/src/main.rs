@@ -15,6 +15,7 @@ use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
 use kiln_worker::catalog::parse_size;
 use kiln_worker::link::Link;
 use kiln_worker::metrics::Metrics;
+use kiln_worker::model_cache;
 use kiln_worker::readiness::Readiness;
 use kiln_worker::render::{
     CandleRenderer, Renderer, SimOptions, SimRenderer, open_device, parse_model_args,
@@ -45,10 +46,15 @@ struct Args {
     /// KILN_TOKEN environment variable); needed by a coordinator with --auth.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
-    /// A model to hold, as NAME=DIR (a diffusers-layout folder); repeat for more.
-    /// The sim renderer takes NAME alone.
-    #[arg(long = "model", value_name = "NAME=DIR", required = true)]
+    /// A model to hold, as NAME=DIR (a diffusers-layout folder) or
+    /// NAME=s3://BUCKET/models/NAME (pushed by `kiln model push`; needs
+    /// --model-cache); repeat for more. The sim renderer takes NAME alone.
+    #[arg(long = "model", value_name = "NAME=DIR|URL", required = true)]
     models: Vec<String>,
+    /// Where models from buckets are downloaded to (one folder per content
+    /// hash) and found again on the next start.
+    #[arg(long, env = "KILN_MODEL_CACHE", value_name = "DIR")]
+    model_cache: Option<PathBuf>,
     /// How images are made: `candle` runs the diffusion pipeline; `sim` is for
     /// load tests only (sleeps --sim-step per step, draws a pattern from the seed).
     #[arg(long, value_enum, default_value_t = RendererKind::Candle)]
@@ -190,7 +196,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ))
         }
         RendererKind::Candle => {
-            let models = parse_model_args(&args.models)?;
+            let models = model_cache::resolve(&args.models, args.model_cache.as_deref()).await?;
+            let models = parse_model_args(&models)?;
             let device = open_device(&args.device)?;
             let (budget, precision) = (args.memory_budget, args.dtype);
             let renderer = tokio::task::spawn_blocking(move || {

@@ -19,6 +19,7 @@ pub struct Model {
 enum ModelCommand {
     Tiny(Tiny),
     Pull(Pull),
+    Push(Push),
 }
 
 impl Model {
@@ -27,6 +28,7 @@ impl Model {
         match self.command {
             ModelCommand::Tiny(c) => tiny(&c.out, c.kind).map(|()| true),
             ModelCommand::Pull(c) => c.run().await.map(|()| true),
+            ModelCommand::Push(c) => push(&c.dir, &c.url).await.map(|()| true),
         }
     }
 }
@@ -57,5 +59,44 @@ fn tiny(out: &Path, kind: TinyKind) -> anyhow::Result<()> {
             out.display()
         );
     }
+    Ok(())
+}
+
+/// Upload a model folder to a bucket, with its manifest (file sizes, sha256s
+/// and the model's content hash) written last; workers fetch it with
+/// `--model NAME=URL --model-cache DIR`. Credentials and endpoint come from
+/// the cloud's environment variables (AWS_ACCESS_KEY_ID, AWS_REGION,
+/// AWS_ENDPOINT_URL, ...).
+#[derive(clap::Args, Debug)]
+struct Push {
+    /// The model folder (diffusers layout).
+    dir: PathBuf,
+    /// Where it goes: s3://BUCKET/models/NAME (or gs://, az://).
+    url: String,
+}
+
+/// Pushes the model in `dir` to the bucket folder `url`.
+async fn push(dir: &Path, url: &str) -> anyhow::Result<()> {
+    let hash = pipeline::model_hash(dir)
+        .with_context(|| format!("{} is not a model folder kiln can load", dir.display()))?;
+    let store = kiln_storage::bucket::Bucket::from_url(url)
+        .and_then(|bucket| bucket.open(std::env::vars()))
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("cannot open {}", kiln_domain::error::quote(url)))?;
+    let manifest = kiln_storage::models::push(store.as_ref(), dir, &hash)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot push {} to {}",
+                dir.display(),
+                kiln_domain::error::quote(url)
+            )
+        })?;
+    let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+    println!(
+        "pushed {} files ({bytes} bytes) of {} to {url} (hash {hash})",
+        manifest.files.len(),
+        dir.display()
+    );
     Ok(())
 }

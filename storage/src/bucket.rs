@@ -1,16 +1,17 @@
-//! Result stores in object storage: `s3://`, `gs://` and `az://` URLs turned
-//! into `object_store` clients, each configured from its cloud's usual
-//! environment variables, with kiln's timeouts and retries, and scoped to the
-//! URL's prefix.
+//! Buckets: `s3://`, `gs://` and `az://` URLs turned into `object_store`
+//! clients, each configured from its cloud's usual environment variables,
+//! with kiln's timeouts and retries, and scoped to the URL's prefix. The
+//! coordinator's result store, the worker's model downloads and
+//! `kiln model push` all open their buckets here.
 //!
 //! Only S3 is exercised by kiln's tests (against moto, and SeaweedFS by
 //! `scripts/s3-seaweedfs`); GCS and Azure go through the same crate and the
-//! same [`crate::results::ResultStore`] code, untested here.
+//! same code, untested here.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_proto::error::quote;
+use kiln_domain::error::quote;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
@@ -37,7 +38,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15);
 
 /// A bucket URL taken apart.
 #[derive(Debug, PartialEq)]
-pub(crate) struct Bucket {
+pub struct Bucket {
     /// The URL as given (the builders read bucket and account from it).
     url: String,
     /// `s3`, `gs` or `az`.
@@ -46,12 +47,29 @@ pub(crate) struct Bucket {
     prefix: String,
 }
 
+/// The URL schemes [`Bucket::from_url`] takes.
+pub const SCHEMES: &[&str] = &["s3", "gs", "az"];
+
 impl Bucket {
+    /// Takes a whole bucket URL apart, as `s3://BUCKET/PREFIX`.
+    ///
+    /// # Errors
+    /// A message for a URL that is not `s3://`, `gs://` or `az://`, or has no bucket.
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        match url.split_once("://") {
+            Some((scheme, rest)) if SCHEMES.contains(&scheme) => Self::parse(url, scheme, rest),
+            _ => Err(format!(
+                "not a bucket URL: write s3://BUCKET/PREFIX (or gs://, az://), got {}",
+                quote(url)
+            )),
+        }
+    }
+
     /// Takes `SCHEME://BUCKET/PREFIX` apart; `rest` is what follows `://`.
     ///
     /// # Errors
     /// A message for a URL without a bucket.
-    pub(crate) fn parse(url: &str, scheme: &str, rest: &str) -> Result<Self, String> {
+    pub fn parse(url: &str, scheme: &str, rest: &str) -> Result<Self, String> {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(format!(
@@ -72,7 +90,7 @@ impl Bucket {
     ///
     /// # Errors
     /// The backend's words when it refuses its settings.
-    pub(crate) fn open(
+    pub fn open(
         self,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Arc<dyn ObjectStore>, String> {
@@ -164,5 +182,12 @@ mod tests {
         assert_eq!((b.url.as_str(), b.prefix.as_str()), ("gs://kiln", ""));
         let e = Bucket::parse("az:///x", "az", "/x").unwrap_err();
         assert_eq!(e, "no bucket: write az://BUCKET/PREFIX, got \"az:///x\"");
+        let b = Bucket::from_url("s3://kiln/models/tiny").unwrap();
+        assert_eq!(
+            (b.url.as_str(), b.prefix.as_str()),
+            ("s3://kiln", "models/tiny")
+        );
+        assert!(Bucket::from_url("/tmp/models").is_err());
+        assert!(Bucket::from_url("http://kiln/x").is_err());
     }
 }
