@@ -1,7 +1,7 @@
 //! Admission of submitted jobs: validate and expand the spec, check that the
 //! farm knows every model, pin model hashes, and create the job.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use kiln_proto::error::{FieldError, quote};
@@ -11,7 +11,7 @@ use kiln_proto::spec::{self, JobSpec};
 use crate::auth::Caller;
 use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult};
-use crate::store::{JobRecord, ModelIdentity, NewJob, NewTask};
+use crate::store::{JobRecord, NewJob, NewTask, Store};
 
 /// Validates, expands and creates a job; returns it and whether it is new.
 ///
@@ -42,11 +42,12 @@ pub async fn admit(
     let needed: BTreeSet<&str> = items.iter().map(|i| i.recipe.model.as_str()).collect();
     let known = known_models(core, &needed, &spec).await?;
     // Each task is pinned to what its model name means now: the hash most
-    // live workers hold (`kiln_proto::model`). Workers holding another hash
-    // get none of these tasks.
+    // live workers hold (`kiln_proto::model`), or for a pool scaled to zero
+    // the hash its last worker held. Workers holding another hash get none
+    // of these tasks.
     for item in &mut items {
-        if let Some(m) = known.iter().find(|m| m.name == item.recipe.model) {
-            item.recipe.model_hash = m.chosen().to_string();
+        if let Some(hash) = known.get(&item.recipe.model) {
+            item.recipe.model_hash = hash.clone();
         }
     }
     let job = NewJob {
@@ -122,26 +123,26 @@ async fn check_limits(core: &Core, project: &str, tasks: u64) -> CoordinatorResu
     Ok(())
 }
 
-/// Returns what the farm's model names mean once every needed one is held by
-/// a live worker. While the coordinator is younger than its model grace,
-/// waits for workers to announce missing models; after that, refuses at once.
+/// Returns what the needed model names mean (name → hash) once every one is
+/// known. While the coordinator is younger than its model grace, waits for
+/// workers to announce missing models; after that, refuses at once.
 async fn known_models(
     core: &Core,
     needed: &BTreeSet<&str>,
     spec: &JobSpec,
-) -> CoordinatorResult<Vec<ModelIdentity>> {
+) -> CoordinatorResult<BTreeMap<String, String>> {
     loop {
-        let known = core.store.models().await?;
-        let missing = needed.iter().find(|n| !known.iter().any(|m| m.name == **n));
+        let known = meanings(core.store.as_ref(), needed).await?;
+        let missing = needed.iter().find(|n| !known.contains_key(**n));
         let Some(missing) = missing else {
             return Ok(known);
         };
         if core.started.elapsed() >= core.config.model_grace {
-            let names: Vec<&str> = known.iter().map(|m| m.name.as_str()).collect();
+            let names: Vec<&str> = known.keys().map(String::as_str).collect();
             let hint = if names.is_empty() {
-                "no live worker holds a model: start one with --model NAME=DIR".to_string()
+                "no worker has announced it: start one with --model NAME=DIR".to_string()
             } else {
-                format!("live workers hold {}", names.join(", "))
+                format!("workers have announced {}", names.join(", "))
             };
             return Err(FieldError::new(
                 spec::model_field(spec, missing),
@@ -150,5 +151,100 @@ async fn known_models(
             .into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Returns what each of the `needed` names means, for those the farm knows:
+/// the rule over live workers ([`Store::models`]); for a name no live worker
+/// holds (a pool scaled to zero), the hash its most recent holder that was
+/// not drained held ([`kiln_proto::model::last_meanings`]). A drained
+/// worker never counts, and a dead one never overrides a live one.
+async fn meanings(
+    store: &dyn Store,
+    needed: &BTreeSet<&str>,
+) -> CoordinatorResult<BTreeMap<String, String>> {
+    let mut known: BTreeMap<String, String> = store
+        .models()
+        .await?
+        .into_iter()
+        .filter(|m| needed.contains(m.name.as_str()))
+        .map(|m| (m.chosen().to_string(), m.name))
+        .map(|(hash, name)| (name, hash))
+        .collect();
+    if needed.iter().all(|n| known.contains_key(*n)) {
+        return Ok(known);
+    }
+    let workers = store.workers().await?;
+    let last =
+        kiln_proto::model::last_meanings(workers.iter().filter(|w| !w.draining).flat_map(|w| {
+            w.registration
+                .models
+                .iter()
+                .map(move |m| (w.last_seen_ms, m.name.as_str(), m.hash.as_str()))
+        }));
+    for (name, hash) in last {
+        if needed.contains(name.as_str()) {
+            known.entry(name).or_insert(hash);
+        }
+    }
+    Ok(known)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use kiln_proto::ids::WorkerId;
+
+    use super::*;
+    use crate::store::MemoryStore;
+    use crate::store::policy::LIVE_MS;
+    use crate::store::{ModelInfo, WorkerRegistration};
+
+    fn worker(id: &str, hash: &str) -> WorkerRegistration {
+        WorkerRegistration {
+            id: WorkerId(id.into()),
+            labels: BTreeMap::new(),
+            gpu_memory_bytes: 0,
+            slots: 1,
+            models: vec![ModelInfo {
+                name: "tiny".into(),
+                hash: hash.into(),
+            }],
+            determinism_class: "cpu/f32".into(),
+            version: "test".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pool_scaled_to_zero_keeps_what_its_model_meant() {
+        let store = MemoryStore::new();
+        let needed: BTreeSet<&str> = ["tiny"].into();
+        assert!(meanings(&store, &needed).await.unwrap().is_empty());
+        store
+            .register_worker(worker("w1", "aaa"), None)
+            .await
+            .unwrap();
+        store
+            .register_worker(worker("w2", "aaa"), None)
+            .await
+            .unwrap();
+        // A worker that announced another build, then was drained.
+        store
+            .register_worker(worker("rogue", "bbb"), None)
+            .await
+            .unwrap();
+        store.drain_worker(&WorkerId("rogue".into())).await.unwrap();
+        assert_eq!(meanings(&store, &needed).await.unwrap()["tiny"], "aaa");
+        // Every worker is gone: the name keeps its meaning.
+        store.advance_clock(Duration::from_millis(LIVE_MS));
+        assert!(store.models().await.unwrap().is_empty());
+        assert_eq!(meanings(&store, &needed).await.unwrap()["tiny"], "aaa");
+        // A live worker decides again, whatever the dead ones held.
+        store
+            .register_worker(worker("w3", "ccc"), None)
+            .await
+            .unwrap();
+        assert_eq!(meanings(&store, &needed).await.unwrap()["tiny"], "ccc");
     }
 }

@@ -119,9 +119,52 @@ pub fn identify<'a>(
         .collect()
 }
 
+/// Returns what each name means that no live worker holds any more: the
+/// hash of the worker that announced it most recently, given as (that
+/// worker's last call in Unix milliseconds, model name, hash) for every model
+/// of every worker that was not drained; a tie goes to the hash that sorts
+/// first. A farm scaled to zero thus keeps the meaning its last workers gave
+/// a name, and admission can queue work for a pool that is not running yet.
+/// It never overrides [`identify`]: while a live worker holds a name, live
+/// workers alone decide what it means.
+pub fn last_meanings<'a>(
+    holdings: impl IntoIterator<Item = (i64, &'a str, &'a str)>,
+) -> BTreeMap<String, String> {
+    let mut last: BTreeMap<&str, (i64, &str)> = BTreeMap::new();
+    for (seen, name, hash) in holdings {
+        let newer = last
+            .get(name)
+            .is_none_or(|&(s, h)| seen > s || (seen == s && hash < h));
+        if newer {
+            last.insert(name, (seen, hash));
+        }
+    }
+    last.into_iter()
+        .map(|(name, (_, hash))| (name.to_string(), hash.to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_no_live_worker_holds_means_what_its_last_holder_held() {
+        let last = last_meanings([
+            (100, "tiny", "old"),
+            (300, "tiny", "new"),
+            (200, "tiny", "older-but-many"),
+            (50, "xl", "b"),
+            (50, "xl", "a"),
+        ]);
+        assert_eq!(last.get("tiny").map(String::as_str), Some("new"));
+        assert_eq!(
+            last.get("xl").map(String::as_str),
+            Some("a"),
+            "a tie goes to the hash that sorts first"
+        );
+        assert!(last_meanings([]).is_empty());
+    }
 
     fn w(id: &str) -> WorkerId {
         WorkerId(id.to_string())
