@@ -648,6 +648,7 @@ mod tests {
                 init_image: None,
                 mask: None,
                 noise_seed: None,
+                extras: Default::default(),
             },
             file_name: format!("{index:05}-lighthouse.png"),
             series: Some(SeriesPlace {

@@ -30,6 +30,7 @@ fn recipe(prompt: &str, seed: u64) -> Recipe {
         init_image: None,
         mask: None,
         noise_seed: None,
+        extras: Default::default(),
     }
 }
 

@@ -123,6 +123,7 @@ fn batched_img2img_and_inpainting_are_byte_identical() -> TestResult {
                 recipe: r,
                 init_image: Some(init),
                 mask: None,
+                controls: &[],
             })
             .collect();
         assert_batch_matches(&p, &format!("{kind} img2img"), &img2img)?;

@@ -47,6 +47,7 @@ fn cases() -> Vec<(String, Recipe)> {
         init_image: None,
         mask: None,
         noise_seed: None,
+        extras: Default::default(),
     };
     vec![
         ("guided".into(), base.clone()),

@@ -56,6 +56,7 @@ fn render_with(
         recipe: r,
         init_image: Some(init),
         mask,
+        controls: &[],
     };
     p.render(&input, &mut |_, _| true)
 }
@@ -75,6 +76,7 @@ fn strength_zero_returns_the_vae_round_trip_of_the_init_image() -> TestResult {
             recipe: &img2img_recipe(1, 0.0),
             init_image: Some(&init),
             mask: None,
+            controls: &[],
         },
         &mut |_, _| {
             steps += 1;
@@ -142,6 +144,7 @@ fn half_strength_follows_the_init_image_and_reproduces() -> TestResult {
                 recipe: &r,
                 init_image: Some(&a),
                 mask: None,
+                controls: &[],
             },
             &mut |done, total| {
                 seen.push((done, total));
@@ -205,6 +208,7 @@ fn unusable_images_are_invalid_recipes_naming_the_field() {
                 recipe: &r,
                 init_image: None,
                 mask: Some(&mask),
+                controls: &[],
             },
             &mut |_, _| true,
         )

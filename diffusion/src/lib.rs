@@ -45,6 +45,7 @@
 //! and `tiny_tokenizer` (the test models).
 #![warn(missing_docs)]
 
+mod assets;
 pub mod bench;
 mod clip;
 mod config;
@@ -87,9 +88,11 @@ mod tests;
 mod text_tests;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 
+pub use assets::{AssetFile, Assets, file_hash};
 pub use device::{DeviceError, determinism_class, open_device};
 pub use error::PipelineError;
 pub use hash::model_hash;
@@ -131,6 +134,9 @@ pub struct Pipeline {
     vae_downscale: usize,
     /// The scheduler's training schedule; a sampler is planned from it per render.
     scheduler: SchedulerConfig,
+    /// The LoRAs, embeddings and ControlNets recipes may name (none until
+    /// [`Pipeline::set_assets`]).
+    assets: Arc<Assets>,
 }
 
 // The agent moves pipelines between threads and shares them; keep that true.
@@ -230,7 +236,18 @@ impl Pipeline {
             vae_scaling_factor: vae_spec.scaling_factor,
             vae_downscale: vae_spec.downscale,
             scheduler,
+            assets: Arc::new(Assets::default()),
         })
+    }
+
+    /// Gives the pipeline the LoRAs, embeddings and ControlNets recipes may name.
+    pub fn set_assets(&mut self, assets: Arc<Assets>) {
+        self.assets = assets;
+    }
+
+    /// The LoRAs, embeddings and ControlNets recipes may name.
+    pub fn assets(&self) -> &Assets {
+        &self.assets
     }
 
     /// Content hash of the model folder (hex sha256), as computed by `model_hash`.

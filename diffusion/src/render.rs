@@ -56,6 +56,9 @@ pub struct RenderInput<'a> {
     pub init_image: Option<&'a [u8]>,
     /// The inpainting mask (PNG or JPEG, white = repaint); needs an init image.
     pub mask: Option<&'a [u8]>,
+    /// The control images (PNG or JPEG), one per entry of the recipe's
+    /// `extras.controlnets`, in that order.
+    pub controls: &'a [&'a [u8]],
 }
 
 impl<'a> RenderInput<'a> {
@@ -65,6 +68,7 @@ impl<'a> RenderInput<'a> {
             recipe,
             init_image: None,
             mask: None,
+            controls: &[],
         }
     }
 }
@@ -494,6 +498,7 @@ mod tests {
             recipe: &r,
             init_image: Some(&init),
             mask: Some(&mask),
+            controls: &[],
         };
         let mut tasks = vec![prepare(&p, 0, &input)?];
         let blend = tasks[0].blend.as_ref().ok_or("an ordinary UNet blends")?;

@@ -42,6 +42,7 @@ pub(super) fn recipe(prompt: &str, seed: u64) -> Recipe {
         init_image: None,
         mask: None,
         noise_seed: None,
+        extras: Default::default(),
     }
 }
 
@@ -577,6 +578,7 @@ fn f16_renders_deterministically_and_differs_from_f32() -> TestResult {
             recipe: &i2i,
             init_image: Some(&init),
             mask: None,
+            controls: &[],
         };
         assert!(half.render(&input, &mut |_, _| true)? == half.render(&input, &mut |_, _| true)?);
     }

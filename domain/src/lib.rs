@@ -19,6 +19,7 @@
 
 pub mod batch;
 pub mod error;
+pub mod extras;
 pub mod ids;
 pub mod image;
 pub mod model;

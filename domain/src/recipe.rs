@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{FieldError, quote};
+use crate::extras::Extras;
 
 /// Smallest and largest image side in pixels.
 pub const SIZE_RANGE: std::ops::RangeInclusive<u32> = 64..=2048;
@@ -134,6 +135,10 @@ pub struct Recipe {
     /// of recipes without it do not change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_seed: Option<u64>,
+    /// LoRAs, embeddings, ControlNets and hires fix, flattened into the JSON and
+    /// left out when empty (older recipes keep their hashes).
+    #[serde(flatten)]
+    pub extras: Extras,
 }
 
 /// How a recipe uses images; tasks of different modes run different pipelines.
@@ -505,6 +510,7 @@ mod tests {
             init_image: None,
             mask: None,
             noise_seed: None,
+            extras: Default::default(),
         }
     }
 

@@ -833,6 +833,7 @@ impl Layered {
             init_image: f.init_image.clone(),
             mask: f.mask.clone(),
             noise_seed: None,
+            extras: Default::default(),
         };
         for (field, value) in [("init_image", &recipe.init_image), ("mask", &recipe.mask)] {
             if let Some(sha) = value

@@ -56,6 +56,7 @@ pub fn recipe_from_pb(r: &pb::Recipe, path: &str) -> Result<Recipe, FieldError> 
         init_image: (!r.init_image.is_empty()).then(|| r.init_image.clone()),
         mask: (!r.mask.is_empty()).then(|| r.mask.clone()),
         noise_seed: r.noise_seed,
+        extras: Default::default(),
     };
     recipe.validate(path)?;
     Ok(recipe)
@@ -292,6 +293,7 @@ mod tests {
             init_image: None,
             mask: None,
             noise_seed: Some(9),
+            extras: Default::default(),
         };
         assert_eq!(recipe_from_pb(&recipe_to_pb(&r), "").unwrap(), r);
     }

@@ -34,6 +34,7 @@ fn recipe(model: &str, seed: u64) -> Recipe {
         init_image: None,
         mask: None,
         noise_seed: None,
+        extras: Default::default(),
     }
 }
 

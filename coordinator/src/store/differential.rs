@@ -813,6 +813,7 @@ impl Generator {
             init_image: None,
             mask: None,
             noise_seed: None,
+            extras: Default::default(),
         }
     }
 

@@ -365,6 +365,7 @@ impl Renderer for CandleRenderer {
                     recipe: &tasks[i].recipe,
                     init_image: tasks[i].init_image.as_deref(),
                     mask: tasks[i].mask.as_deref(),
+                    controls: &[],
                 })
                 .collect();
             let rendered = pipeline.render_batch(&inputs, &mut |j, done, _total| {

@@ -202,6 +202,7 @@ mod tests {
             init_image: None,
             mask: None,
             noise_seed: None,
+            extras: Default::default(),
         }
     }
 

@@ -1011,6 +1011,7 @@ mod tests {
                     init_image: None,
                     mask: None,
                     noise_seed: None,
+                    extras: Default::default(),
                 },
                 file_name: "00000-x.png".into(),
                 series: None,
