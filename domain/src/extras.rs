@@ -165,6 +165,16 @@ pub struct Hires {
     pub upscaler: Upscaler,
 }
 
+impl Hires {
+    /// The size of the second pass and of the output image: each side times `scale`,
+    /// rounded down to a multiple of 8 (A1111 takes `int(side * scale)` and the
+    /// latents are an eighth of it).
+    pub fn target_size(&self, width: u32, height: u32) -> (u32, u32) {
+        let side = |s: u32| (((f64::from(s) * self.scale) as u32) / 8) * 8;
+        (side(width), side(height))
+    }
+}
+
 /// How the hires fix upscales the first pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -364,6 +374,19 @@ mod tests {
     fn bad_weight_is_named() {
         let e = lora_tags("items[0].prompt", "<lora:x:heavy>").unwrap_err();
         assert!(e.to_string().contains("heavy"), "{e}");
+    }
+
+    #[test]
+    fn hires_size_is_a_multiple_of_eight() {
+        let h = Hires {
+            scale: 1.5,
+            steps: 10,
+            denoise: 0.5,
+            upscaler: Upscaler::Latent,
+        };
+        assert_eq!(h.target_size(64, 72), (96, 104));
+        let h = Hires { scale: 2.0, ..h };
+        assert_eq!(h.target_size(64, 64), (128, 128));
     }
 
     #[test]
