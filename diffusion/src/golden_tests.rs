@@ -1,10 +1,12 @@
-//! Golden images: the bytes pipeline version 3 renders for a few recipes on
+//! Golden images: the bytes pipeline version 4 renders for a few recipes on
 //! every tiny architecture, so any change to a render's bytes is seen.
 //!
 //! Version 2's hashes were recorded before prompt weighting, the embedding cache
 //! and batching existed (`d994c2f`), and held through them; version 3's differ
-//! only by kiln's convolution (`conv`, which sums in another order), recorded with
-//! the CPU backend in [`RECORDED_BACKEND`]. Bytes are only promised equal within a
+//! only by kiln's convolution (`conv`, which sums in another order); version 4's by
+//! kiln's attention blocks (`transformer`: the exact GELU, attention without a score
+//! matrix) and fused group norm (`group_norm`), recorded with the CPU backend in
+//! [`RECORDED_BACKEND`]. Bytes are only promised equal within a
 //! determinism class (CPU kernels differ by instruction set), so on another backend
 //! the test prints what it rendered and checks that a second run renders the same;
 //! on the recorded one it asserts every hash.
@@ -123,20 +125,20 @@ fn unweighted_prompts_render_the_recorded_bytes() -> TestResult {
 
 /// sha256 of the pixels, in the order of `golden_lines`.
 const RECORDED: [&str; 16] = [
-    "8da4195aed65fb0b01820986c5e43c4becab2084a7d2f6df416e811008d7aee6",
-    "9e248bfca8f8aa0248b83e01e5477c4dcf51cdecbc9d66ee840a3a97c74f644a",
-    "7d870249d912d733d6916dd8927ceaa298f00f1a7737bd04ab7efe182bd48780",
-    "9e4cc5790e2f7515a2cd6ad025b3b57c1ed9c3c7d5c3f040cd28ca0995051ebc",
-    "f2d4775547d0427d79b7cb73fd4f73a8ee97df932df6d434e538c64aa9264685",
-    "139e17e5bbb15a38512eabbd93a04b2b007aa774fd7b46cd5c91dae3b7866b39",
-    "598e79c168e4c11df4926d6ace989b8927d8bbec01fbea2a730a8c4a21356226",
-    "95400eac00d8f8e3fce068483707770b8fca9913356486678bcaaeb617188ec4",
-    "5e46dcda802d44bf95eacadbaec12aa7b7e03163dd0a864eb0dc79932594bda1",
-    "19beecdd3746379bd3af3e0a65a8bd2c9f863e1ed9af5e8745e82d4da67c2245",
-    "6da63fa97729985b573d085bf6861355585871273602d5c8e467d7b170b29ec1",
-    "ef431d5890937b028369c677b0fa32b29a418ed4733cfb5777eba4d8f91fdb39",
-    "6ba6679464c9624efae3a01828b88898c889ac5602ef47e78da7e437727238ae",
-    "f140b57ff8500e31021d6733252ed888634ec24fcc2b19a951f0e96f25658fbc",
-    "f216eec07a9163ab1e9d01ac2785396e1e78fc8e1481bc663bbd2e5a15e83cfa",
-    "46fd9a26cbe4f45ec00d78d1eba7024584a2af3075fc471fefb9b499385e2a57",
+    "e47ab4663d7359bdd61678a795b8dcfdc7ce1b4a83b2bafb6aa2ee7b9af19e1e",
+    "bd183721eaef26e92a69abe5a9b78bbf8b5f2cfae65f1833c0f8414e40896677",
+    "600ac736afb9d3292a52d1924822a79dc42cd78bf8e8822bb9b0c1eae57c6b51",
+    "1311653e4f82fe00303638252e35f87ddc929a192eb66b03f3bc46a373e514f0",
+    "7dba89d50fd91c37012da0a45e50affc8f0bf6c8953b863fa142e4dcd2ed79de",
+    "687cda9f91025df9369f6f7d8fdea175e550f8348fe9bb0d39010161bbb8f6ce",
+    "18f20dd3b24f0166e57321fb3a9f08ccae4cd1378fe426c7600b80b126c13dee",
+    "343119e3cd6f18f08a4950af98c4cf935f20a6d350fcab3c1c213aa3492cae85",
+    "d3d9a036ba6a522ba9c2dd6c4f1dc37208c3ae70162f2ffcb1c28de1f1ea898f",
+    "acd33ec4706062b32daf760f9ead4a622e983ad6633172e5eea6459d9c4efe2a",
+    "304247c315f7e83551b004ce4e8baf2a44035979d86bf7d08d5ce75fda33416b",
+    "89d298429ed87a583ebe7f186e5fdd57b7dc168cee8ecfc568414c2269ae80a8",
+    "3dbdfb845e529ce6fe6526204fbcb634b3326d64cd68381836b1a89d9eef58c4",
+    "1e7637a77b4845eddfc44c38bba451a9e7084312c40ea693213ddb5bc85737d4",
+    "6b2b14f80ceb2f5952216e1b62f4acac26ab94ef1773b16f9047cafb8075f6cf",
+    "738e89058916b72576cce38c3a00e529ebf0e0385913cd7c53e65957e65e590f",
 ];

@@ -46,6 +46,7 @@
 #![warn(missing_docs)]
 
 mod assets;
+mod attend;
 pub mod bench;
 mod clip;
 mod config;
@@ -53,6 +54,8 @@ mod conv;
 /// Devices the engine runs on, and the determinism class of a device and precision.
 pub mod device;
 mod error;
+mod geglu;
+mod group_norm;
 mod hash;
 mod images;
 mod inspect;
@@ -68,6 +71,7 @@ mod text_cache;
 mod tiny;
 mod tiny_configs;
 mod tiny_tokenizer;
+mod transformer;
 mod unet;
 mod unet_blocks;
 mod vae;
