@@ -126,7 +126,7 @@ impl Attend {
                 let cols = block.min(x.keys - start);
                 let scores = &mut scores[..rows * cols];
                 // scores = scale · q_block · k_blockᵀ
-                gemm(
+                product(
                     Dst {
                         data: scores,
                         rs: cols,
@@ -160,7 +160,7 @@ impl Attend {
                     max[r] = new_max;
                 }
                 // out_block (+)= probabilities · v_block
-                gemm(
+                product(
                     Dst {
                         data: &mut out[h * dv..],
                         rs: x.v_width,
@@ -264,7 +264,7 @@ struct Dst<'a> {
 ///
 /// When an operand's slice is too short for its shape and strides: a bug in the caller,
 /// checked here so that the unsafe call below never reads or writes out of bounds.
-fn gemm(dst: Dst, (m, n, k): (usize, usize, usize), lhs: Src, rhs: Src, scale: f32) {
+fn product(dst: Dst, (m, n, k): (usize, usize, usize), lhs: Src, rhs: Src, scale: f32) {
     if m == 0 || n == 0 {
         return;
     }
@@ -365,7 +365,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let y = p * (r * r) + r + 1.0;
     let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
     if below { 0.0 } else { y * pow2 }

@@ -123,22 +123,41 @@ fn unweighted_prompts_render_the_recorded_bytes() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn renders_the_same_bytes_on_any_thread_count() -> TestResult {
+    // The CPU kernels split work by shape only: one thread and three render alike.
+    let dir = tempfile::tempdir()?;
+    write_tiny_model_kind(dir.path(), TinyKind::Sd15)?;
+    let pipeline = Pipeline::load(dir.path(), &Device::Cpu)?;
+    let recipe = cases().swap_remove(0).1;
+    let render = |threads: usize| -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        let image = pool.install(|| pipeline.txt2img(&recipe, &mut |_, _| true))?;
+        Ok(image.pixels)
+    };
+    let one = render(1)?;
+    assert!(render(3)? == one, "3 threads rendered other bytes than 1");
+    Ok(())
+}
+
 /// sha256 of the pixels, in the order of `golden_lines`.
 const RECORDED: [&str; 16] = [
-    "e47ab4663d7359bdd61678a795b8dcfdc7ce1b4a83b2bafb6aa2ee7b9af19e1e",
+    "d4f7e52f4fa7553cb85ca052b4722a81cceb89f3e71ac579bbb16e7cf11ad4c2",
     "bd183721eaef26e92a69abe5a9b78bbf8b5f2cfae65f1833c0f8414e40896677",
-    "600ac736afb9d3292a52d1924822a79dc42cd78bf8e8822bb9b0c1eae57c6b51",
+    "588ec13ea5de6a6501bc9895663a7615a0ffa309111831e1ca1242cb15b2f915",
     "1311653e4f82fe00303638252e35f87ddc929a192eb66b03f3bc46a373e514f0",
-    "7dba89d50fd91c37012da0a45e50affc8f0bf6c8953b863fa142e4dcd2ed79de",
-    "687cda9f91025df9369f6f7d8fdea175e550f8348fe9bb0d39010161bbb8f6ce",
-    "18f20dd3b24f0166e57321fb3a9f08ccae4cd1378fe426c7600b80b126c13dee",
+    "032512ffecb565882f6652cc067865e5a5c4b25a8758237dd4bd478b14ee63a8",
+    "2d489517f49308b8566d16c5e16ca8f539c8abf3254b838b928690d4bdde7865",
+    "ce4c630ee76eab2a41b2abc60a964b3f95df3d44f534454bade15a003b4c0ecf",
     "343119e3cd6f18f08a4950af98c4cf935f20a6d350fcab3c1c213aa3492cae85",
-    "d3d9a036ba6a522ba9c2dd6c4f1dc37208c3ae70162f2ffcb1c28de1f1ea898f",
-    "acd33ec4706062b32daf760f9ead4a622e983ad6633172e5eea6459d9c4efe2a",
-    "304247c315f7e83551b004ce4e8baf2a44035979d86bf7d08d5ce75fda33416b",
-    "89d298429ed87a583ebe7f186e5fdd57b7dc168cee8ecfc568414c2269ae80a8",
-    "3dbdfb845e529ce6fe6526204fbcb634b3326d64cd68381836b1a89d9eef58c4",
-    "1e7637a77b4845eddfc44c38bba451a9e7084312c40ea693213ddb5bc85737d4",
-    "6b2b14f80ceb2f5952216e1b62f4acac26ab94ef1773b16f9047cafb8075f6cf",
+    "b985fc9244cfeff382b29089f89f3664138d0e1e2b21b297ecf9345dd6439fea",
+    "fa06197d2502fdd9a4af635041a9cb6f0429041da27442a3a24c3cc0cd579a33",
+    "694b1dfff4b1fd2810674e880a197556022a7b712559173a8b512eb88f5f7986",
+    "f9b1716d32450ac1f220bcbf25aea79f9876c1d8bffc67c9ad988e0ed3d08f2c",
+    "f6e77b868d7d7b795e7adcfd049241d97a62e0fc932753bf18e3f058e027f554",
+    "bdf1d958e23caec677d9e7fa3524e2bbb316e3a4e45413f1a2dc0ef7481f26f3",
+    "8ebcbc0120504a8b43f678873a9b08adc095693ca4b91a170b431ea6072d2330",
     "738e89058916b72576cce38c3a00e529ebf0e0385913cd7c53e65957e65e590f",
 ];

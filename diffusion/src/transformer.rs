@@ -288,6 +288,10 @@ impl Module for VaeAttention {
             .forward(&tokens, None)?
             .transpose(1, 2)?
             .reshape((batch, channels, height, width))?;
-        (out + xs)? / self.rescale
+        let out = (out + xs)?;
+        match self.rescale {
+            1.0 => Ok(out),
+            factor => out / factor,
+        }
     }
 }

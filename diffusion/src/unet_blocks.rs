@@ -149,7 +149,12 @@ impl ResnetBlock {
             }
         };
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
-        (shortcut + h)? / self.output_scale_factor
+        let out = (shortcut + h)?;
+        // Dividing by 1 (every SD block but some mid blocks) is a copy: skip it.
+        match self.output_scale_factor {
+            1.0 => Ok(out),
+            factor => out / factor,
+        }
     }
 }
 

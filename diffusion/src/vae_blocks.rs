@@ -170,10 +170,7 @@ impl Module for UpDecoderBlock2D {
         let _entered = self.span.enter();
         let xs = through(&self.resnets, xs)?;
         match &self.upsampler {
-            Some(conv) => {
-                let (_, _, h, w) = xs.dims4()?;
-                conv.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
-            }
+            Some(conv) => conv.forward_upsampled(&xs),
             None => Ok(xs),
         }
     }
