@@ -69,7 +69,11 @@ def main():
                 order.reverse()
             for side, command in order:
                 print(f"{size} px round {r + 1}: {side}", file=sys.stderr, flush=True)
-                results[side].append(run_json(command))
+                result = run_json(command)
+                results[side].append(result)
+                summary = ", ".join(
+                    f"{part} {result[part]['min_s']:.2f} s" for part in PARTS if result.get(part))
+                print(f"  {summary}", file=sys.stderr, flush=True)
         for part in PARTS:
             k = [x[part] for x in results["kiln"] if x.get(part)]
             d = [x[part] for x in results["diffusers"] if x.get(part)]
