@@ -477,11 +477,7 @@ async fn stale(
 /// shot, its anchor's accepted image from the result store (the anchor is
 /// looked up by index: one store read, whatever the job's size).
 async fn lease_blobs(core: &Core, lease: &Lease) -> CoordinatorResult<Vec<pb::Blob>> {
-    let refs: Vec<String> = [&lease.recipe.init_image, &lease.recipe.mask]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
+    let refs: Vec<String> = lease.recipe.images();
     if refs.is_empty() {
         return Ok(Vec::new());
     }

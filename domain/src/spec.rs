@@ -6,6 +6,7 @@
 //! converts between the two at the wire.
 
 use crate::error::{FieldError, quote, segment};
+use crate::extras::{ControlNetRef, Extras, Hires, LoraRef};
 use crate::image::{check_image, sha256_hex};
 use crate::recipe::{
     Recipe, SIZE_RANGE, STEPS_RANGE, Scheduler, check_model_name, derive_seed, file_name,
@@ -37,6 +38,9 @@ pub const FIELDS: &[&str] = &[
     "strength",
     "init_image",
     "mask",
+    "loras",
+    "controlnets",
+    "hires",
 ];
 
 /// Values used when neither the item, the sweep nor `[defaults]` sets a field.
@@ -118,6 +122,13 @@ pub struct RecipeFields {
     pub init_image: Option<String>,
     /// sha256 of a blob of the job.
     pub mask: Option<String>,
+    /// LoRAs (hashes empty: admission resolves them); `<lora:...>` tags of the
+    /// prompt are added at expansion.
+    pub loras: Option<Vec<LoraRef>>,
+    /// ControlNets, each with the sha256 of its control image among the blobs.
+    pub controlnets: Option<Vec<ControlNetRef>>,
+    /// The hires fix.
+    pub hires: Option<Hires>,
 }
 
 /// One value of a sweep axis.
@@ -131,6 +142,12 @@ pub enum FieldValue {
     Number(f64),
     /// A boolean.
     Flag(bool),
+    /// A list of LoRAs (`loras = [[], [{ name = "ink", weight = 0.7 }]]`).
+    Loras(Vec<LoraRef>),
+    /// A list of ControlNets.
+    ControlNets(Vec<ControlNetRef>),
+    /// A hires fix.
+    Hires(Hires),
 }
 
 /// One swept recipe field and the values it takes.
@@ -687,6 +704,33 @@ fn set_field(
         "guidance" => fields.guidance = Some(number()?),
         "eta" => fields.eta = Some(number()?),
         "strength" => fields.strength = Some(number()?),
+        "loras" => match value {
+            FieldValue::Loras(l) => fields.loras = Some(l.clone()),
+            other => {
+                return Err(FieldError::new(
+                    path,
+                    format!("expected a list of LoRAs, got {}", describe(other)),
+                ));
+            }
+        },
+        "controlnets" => match value {
+            FieldValue::ControlNets(c) => fields.controlnets = Some(c.clone()),
+            other => {
+                return Err(FieldError::new(
+                    path,
+                    format!("expected a list of ControlNets, got {}", describe(other)),
+                ));
+            }
+        },
+        "hires" => match value {
+            FieldValue::Hires(h) => fields.hires = Some(h.clone()),
+            other => {
+                return Err(FieldError::new(
+                    path,
+                    format!("expected a hires fix table, got {}", describe(other)),
+                ));
+            }
+        },
         other => return Err(unknown_field(path, other)),
     }
     Ok(())
@@ -698,6 +742,9 @@ fn describe(value: &FieldValue) -> String {
         FieldValue::Integer(i) => format!("integer {i}"),
         FieldValue::Number(n) => format!("number {n}"),
         FieldValue::Flag(b) => format!("boolean {b}"),
+        FieldValue::Loras(l) => format!("a list of {} LoRAs", l.len()),
+        FieldValue::ControlNets(c) => format!("a list of {} ControlNets", c.len()),
+        FieldValue::Hires(_) => "a hires fix".to_string(),
     }
 }
 
@@ -761,7 +808,10 @@ impl Layered {
             eta,
             strength,
             init_image,
-            mask
+            mask,
+            loras,
+            controlnets,
+            hires
         );
     }
 
@@ -771,6 +821,14 @@ impl Layered {
             .position(|f| *f == field)
             .and_then(|i| self.origins[i].clone())
             .unwrap_or_else(|| format!("{fallback}.{field}"))
+    }
+
+    /// Where a path below a field was set: `controlnets[1].scale` under the
+    /// origin of `controlnets`.
+    fn origin_of_path(&self, path: &str, fallback: &str) -> String {
+        let cut = path.find(['.', '[']).unwrap_or(path.len());
+        let (head, rest) = path.split_at(cut);
+        format!("{}{rest}", self.origin(head, fallback))
     }
 
     fn finish(
@@ -809,7 +867,7 @@ impl Layered {
                 ));
             }
         }
-        let recipe = Recipe {
+        let mut recipe = Recipe {
             model: f.model.clone().ok_or_else(|| missing("model"))?,
             model_hash: String::new(),
             prompt: f.prompt.clone().ok_or_else(|| missing("prompt"))?,
@@ -833,14 +891,34 @@ impl Layered {
             init_image: f.init_image.clone(),
             mask: f.mask.clone(),
             noise_seed: None,
-            extras: Default::default(),
+            extras: Extras {
+                loras: f.loras.clone().unwrap_or_default(),
+                embeddings: Vec::new(),
+                controlnets: f.controlnets.clone().unwrap_or_default(),
+                hires: f.hires.clone(),
+            },
         };
-        for (field, value) in [("init_image", &recipe.init_image), ("mask", &recipe.mask)] {
+        recipe
+            .extras
+            .add_prompt_loras(&self.origin("prompt", fallback), &recipe.prompt)?;
+        let controls = recipe
+            .extras
+            .controlnets
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("controlnets[{i}].image"), Some(&c.image)));
+        for (field, value) in [
+            ("init_image".to_string(), recipe.init_image.as_ref()),
+            ("mask".to_string(), recipe.mask.as_ref()),
+        ]
+        .into_iter()
+        .chain(controls)
+        {
             if let Some(sha) = value
                 && !blobs.iter().any(|b| &b.sha256 == sha)
             {
                 return Err(FieldError::new(
-                    self.origin(field, fallback),
+                    self.origin_of_path(&field, fallback),
                     format!("no image with sha256 {} was sent with the job", quote(sha)),
                 ));
             }
@@ -853,7 +931,7 @@ impl Layered {
         }
         recipe
             .validate("")
-            .map_err(|e| FieldError::new(self.origin(&e.path, fallback), e.message))?;
+            .map_err(|e| FieldError::new(self.origin_of_path(&e.path, fallback), e.message))?;
         // A malformed weight is refused here, not found by a worker mid-job.
         crate::prompt::parse_field(&self.origin("prompt", fallback), &recipe.prompt)?;
         crate::prompt::parse_field(
