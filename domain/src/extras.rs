@@ -458,6 +458,19 @@ pub struct Tag {
     pub args: Vec<String>,
 }
 
+/// Returns the words of a prompt that may name a textual-inversion embedding:
+/// its text without extra-network tags ([`strip`]), cut at every character a
+/// name may not hold (see [`check_name`]: letters, digits, `.`, `_`, `-`).
+/// `badhands` is found in `(badhands:1.2), blurry`.
+pub fn embedding_words(prompt: &str) -> impl Iterator<Item = String> {
+    strip(prompt)
+        .split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
 /// Finds the extra-network tags of a prompt: `<` then a kind of ASCII letters, digits
 /// and `_`, `:`, then anything but `>` up to `>`, as A1111's `re_extra_net`.
 pub fn tags(prompt: &str) -> Vec<Tag> {
@@ -586,6 +599,13 @@ mod tests {
     fn bad_weight_is_named() {
         let e = lora_tags("items[0].prompt", "<lora:x:heavy>").unwrap_err();
         assert!(e.to_string().contains("heavy"), "{e}");
+    }
+
+    #[test]
+    fn embedding_words_skip_weights_and_tags() {
+        let words: Vec<_> =
+            embedding_words("(badhands:1.2), <lora:ink:1> blurry\nbad-eyes").collect();
+        assert_eq!(words, ["badhands", "1.2", "blurry", "bad-eyes"]);
     }
 
     #[test]

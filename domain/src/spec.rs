@@ -569,6 +569,88 @@ pub fn model_field(spec: &JobSpec, name: &str) -> String {
     "defaults.model".to_string()
 }
 
+/// LoRAs or ControlNets, for [`extra_field`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtraKind {
+    /// A LoRA (listed in `loras` or tagged `<lora:NAME:W>` in a prompt).
+    Lora,
+    /// A ControlNet (`controlnets[i].model`).
+    ControlNet,
+}
+
+/// Returns where in `spec` the LoRA or ControlNet `name` is written
+/// (`items[0].loras[1].name`, `sweep.loras[1][0].name`, `items[2].prompt`
+/// for a `<lora:...>` tag, `series.NAME.shots[0].controlnets[0].model`,
+/// `defaults.controlnets[0].model`, ...), for errors about that name.
+pub fn extra_field(spec: &JobSpec, kind: ExtraKind, name: &str) -> String {
+    let tagged = |text: &str| {
+        kind == ExtraKind::Lora
+            && crate::extras::tags(text)
+                .iter()
+                .any(|t| t.kind == "lora" && t.name == name)
+    };
+    let in_loras = |list: &[LoraRef]| {
+        (kind == ExtraKind::Lora)
+            .then(|| list.iter().position(|l| l.name == name))
+            .flatten()
+            .map(|i| format!("[{i}].name"))
+    };
+    let in_controlnets = |list: &[ControlNetRef]| {
+        (kind == ExtraKind::ControlNet)
+            .then(|| list.iter().position(|c| c.model == name))
+            .flatten()
+            .map(|i| format!("[{i}].model"))
+    };
+    let in_fields = |f: &RecipeFields, prefix: &str| -> Option<String> {
+        if let Some(at) = f.loras.as_deref().and_then(in_loras) {
+            return Some(format!("{prefix}.loras{at}"));
+        }
+        if let Some(at) = f.controlnets.as_deref().and_then(in_controlnets) {
+            return Some(format!("{prefix}.controlnets{at}"));
+        }
+        f.prompt
+            .as_deref()
+            .is_some_and(tagged)
+            .then(|| format!("{prefix}.prompt"))
+    };
+    for axis in &spec.sweep {
+        for (v, value) in axis.values.iter().enumerate() {
+            let at = match value {
+                FieldValue::Loras(l) => in_loras(l),
+                FieldValue::ControlNets(c) => in_controlnets(c),
+                FieldValue::Text(t) if axis.field == "prompt" && tagged(t) => Some(String::new()),
+                _ => None,
+            };
+            if let Some(at) = at {
+                return format!("sweep.{}[{v}]{at}", segment(&axis.field));
+            }
+        }
+    }
+    for (i, item) in spec.items.iter().enumerate() {
+        if let Some(at) = in_fields(item, &format!("items[{i}]")) {
+            return at;
+        }
+    }
+    for series in &spec.series {
+        let path = format!("series.{}", segment(&series.name));
+        for (i, shot) in series.shots.iter().enumerate() {
+            if let Some(at) = in_fields(shot, &format!("{path}.shots[{i}]")) {
+                return at;
+            }
+        }
+        if tagged(&series.character) {
+            return format!("{path}.character");
+        }
+        if let Some(at) = in_fields(&series.defaults, &path) {
+            return at;
+        }
+    }
+    in_fields(&spec.defaults, "defaults").unwrap_or_else(|| match kind {
+        ExtraKind::Lora => "loras".to_string(),
+        ExtraKind::ControlNet => "controlnets".to_string(),
+    })
+}
+
 /// Returns every combination of the sweep as (axis index, value index) pairs:
 /// zipped axes advance together, groups are crossed with the first outermost.
 fn sweep_combinations(axes: &[SweepAxis]) -> Result<Vec<Vec<(usize, usize)>>, FieldError> {
@@ -1360,6 +1442,55 @@ mod tests {
         assert_eq!(model_field(&spec, "sdxl"), "series.mira.shots[1].model");
         assert_eq!(model_field(&spec, "sd15"), "series.mira.model");
         assert_eq!(model_field(&spec, "other"), "defaults.model");
+    }
+
+    #[test]
+    fn extras_are_found_where_they_are_written() {
+        let lora = |name: &str| LoraRef {
+            name: name.into(),
+            hash: String::new(),
+            unet_weight: 1.0,
+            te_weight: 1.0,
+        };
+        let mut spec = issue_spec();
+        spec.sweep.push(axis(
+            "loras",
+            vec![
+                FieldValue::Loras(vec![]),
+                FieldValue::Loras(vec![lora("a"), lora("b")]),
+            ],
+            "",
+        ));
+        spec.items[0].prompt = Some("<lora:c:0.5> a lighthouse".into());
+        spec.defaults.loras = Some(vec![lora("d")]);
+        assert_eq!(
+            extra_field(&spec, ExtraKind::Lora, "b"),
+            "sweep.loras[1][1].name"
+        );
+        assert_eq!(extra_field(&spec, ExtraKind::Lora, "c"), "items[0].prompt");
+        assert_eq!(
+            extra_field(&spec, ExtraKind::Lora, "d"),
+            "defaults.loras[0].name"
+        );
+        assert_eq!(
+            extra_field(&spec, ExtraKind::ControlNet, "a"),
+            "controlnets"
+        );
+        let mut spec = mira();
+        spec.series[0].shots[2].controlnets = Some(vec![ControlNetRef {
+            model: "pose".into(),
+            hash: String::new(),
+            image: "ab".repeat(32),
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+            resize: crate::extras::ResizeMode::Crop,
+            preprocess: None,
+        }]);
+        assert_eq!(
+            extra_field(&spec, ExtraKind::ControlNet, "pose"),
+            "series.mira.shots[2].controlnets[0].model"
+        );
     }
 
     #[test]
