@@ -259,8 +259,8 @@ mod tests {
 
     #[test]
     fn a_malformed_weight_is_an_error_quoting_it() {
-        let e = show("a (red car:abc) here", None, false).unwrap_err();
+        let e = show("a (red car:1.2.3) here", None, false).unwrap_err();
         let text = format!("{e:#}");
-        assert!(text.contains("(red car:abc)"), "{text}");
+        assert!(text.contains("(red car:1.2.3)"), "{text}");
     }
 }
