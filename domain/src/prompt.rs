@@ -43,6 +43,8 @@
 //!   (`comma_padding_backtrack`); kiln does not (see [`chunk`]).
 
 mod chars;
+#[cfg(test)]
+mod corpus_tests;
 pub mod schedule;
 
 use serde::Serialize;
