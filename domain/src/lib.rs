@@ -23,6 +23,7 @@ pub mod extras;
 pub mod ids;
 pub mod image;
 pub mod model;
+pub mod png_text;
 pub mod prompt;
 pub mod recipe;
 pub mod spec;
