@@ -15,6 +15,8 @@ pub mod auth;
 pub mod config;
 /// Series contact sheets.
 pub mod contact_sheet;
+/// The job and worker actions both front ends take, behind the caller checks.
+pub mod control;
 /// Record-to-wire conversions.
 pub mod convert;
 /// Handles shared by every request handler.
