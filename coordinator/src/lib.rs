@@ -21,6 +21,8 @@ pub mod control;
 pub mod convert;
 /// Handles shared by every request handler.
 pub mod core;
+/// The web dashboard on the HTTP side door.
+pub mod dashboard;
 /// Why a request failed, and its gRPC status.
 pub mod error;
 /// The client-facing `Farm` service.
