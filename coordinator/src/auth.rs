@@ -702,6 +702,7 @@ mod tests {
             verify_of: None,
             paused: false,
             traceparent: None,
+            submitted_by: None,
         }
     }
 

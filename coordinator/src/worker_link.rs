@@ -703,6 +703,7 @@ mod tests {
                 verify_of: None,
                 traceparent: None,
                 notify: Vec::new(),
+                submitted_by: None,
             })
             .await
             .unwrap();
@@ -844,6 +845,7 @@ mod tests {
                 verify_of: None,
                 traceparent: None,
                 notify: Vec::new(),
+                submitted_by: None,
             })
             .await
             .unwrap();

@@ -95,7 +95,7 @@ pub(crate) async fn fragment(
     let mut out = format!(
         "<section class=\"summary\"><p><span class=\"state {state}\">{state}</span> {bar} \
          {done}/{total} done{failed} &middot; {rate:.1} images/min &middot; ETA {eta} &middot; \
-         priority {priority} &middot; project {project} &middot; submitted {age} ago</p>",
+         priority {priority} &middot; project {project} &middot; submitted {age} ago{by}</p>",
         bar = html::progress(c.completed, c.failed, c.total),
         done = c.completed,
         total = c.total,
@@ -108,6 +108,11 @@ pub(crate) async fn fragment(
         priority = job.priority,
         project = esc(&job.project),
         age = html::span(now - job.created_at_ms),
+        by = job
+            .submitted_by
+            .as_deref()
+            .map(|b| format!(" by {}", esc(b)))
+            .unwrap_or_default(),
     );
     let mut buttons = String::new();
     if !job.is_finished() && caller.require(Action::Cancel).is_ok() {

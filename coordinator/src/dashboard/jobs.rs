@@ -131,7 +131,7 @@ pub(crate) fn fragment(jobs: &[JobRecord], more: bool, q: &JobsQuery, now_ms: i6
     }
     let mut out = String::from(
         "<table class=\"jobs\"><thead><tr><th>Name</th><th>Project</th><th>State</th>\
-         <th>Progress</th><th>Rate</th><th>ETA</th><th>Priority</th><th>Age</th></tr></thead><tbody>",
+         <th>Progress</th><th>Rate</th><th>ETA</th><th>Priority</th><th>By</th><th>Age</th></tr></thead><tbody>",
     );
     for j in jobs {
         let (rate, eta) = rate_and_eta(j, now_ms);
@@ -146,7 +146,7 @@ pub(crate) fn fragment(jobs: &[JobRecord], more: bool, q: &JobsQuery, now_ms: i6
             "<tr data-job=\"{id}\"><td><a href=\"/jobs/{id}\">{name}</a></td><td>{project}</td>\
              <td><span class=\"state {state}\">{state}</span></td>\
              <td>{bar} {done}/{total}{failed}</td><td>{rate:.1}/min</td><td>{eta}</td>\
-             <td>{priority}</td><td>{age}</td></tr>",
+             <td>{priority}</td><td>{by}</td><td>{age}</td></tr>",
             id = j.id,
             name = esc(&j.name),
             project = esc(&j.project),
@@ -160,6 +160,11 @@ pub(crate) fn fragment(jobs: &[JobRecord], more: bool, q: &JobsQuery, now_ms: i6
             },
             eta = eta.map(html::span).unwrap_or_else(|| "&ndash;".into()),
             priority = j.priority,
+            by = j
+                .submitted_by
+                .as_deref()
+                .map(esc)
+                .unwrap_or_else(|| "&ndash;".into()),
             age = html::span(now_ms - j.created_at_ms),
         );
     }

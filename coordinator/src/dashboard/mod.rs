@@ -36,6 +36,8 @@ use axum::routing::{get, post};
 use crate::core::Core;
 use crate::error::CoordinatorError;
 
+pub use session::http_caller;
+
 /// Rows per page of every list (jobs, gallery, workers, failed tasks).
 pub const PAGE: usize = 50;
 

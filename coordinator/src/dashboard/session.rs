@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use subtle::ConstantTimeEq;
 
 use super::{Dashboard, Refusal, html};
-use crate::auth::Caller;
+use crate::auth::{Auth, AuthError, Caller};
 
 /// The session cookie: the token of the login form.
 pub const TOKEN_COOKIE: &str = "kiln_token";
@@ -106,25 +106,35 @@ fn csrf_of(headers: &HeaderMap) -> (String, bool) {
 /// [`Refusal::Login`] with `--auth` and no known token.
 pub(crate) fn visitor(d: &Dashboard, headers: &HeaderMap) -> Result<Visitor, Refusal> {
     let (csrf, new_csrf) = csrf_of(headers);
-    let auth = &d.core.auth;
-    let caller = if auth.is_on() {
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let token = bearer
-            .or_else(|| cookie_value(headers, TOKEN_COOKIE))
-            .ok_or(Refusal::Login)?;
-        auth.caller_of_token(token.trim())
-            .map_err(|_| Refusal::Login)?
-    } else {
-        Caller::implicit_admin()
-    };
+    let caller = http_caller(&d.core.auth, headers).map_err(|_| Refusal::Login)?;
     Ok(Visitor {
         caller,
         csrf,
         new_csrf,
     })
+}
+
+/// Returns the caller of an HTTP request to the side door: its
+/// `Authorization: Bearer` token, else the dashboard session's cookie,
+/// judged by the auth file in force; the implicit admin without `--auth`.
+/// For every endpoint a browser page reaches with its cookie (images,
+/// previews, events).
+///
+/// # Errors
+/// With `--auth`, a request without a token, or with one the file does
+/// not know.
+pub fn http_caller(auth: &Auth, headers: &HeaderMap) -> Result<Caller, AuthError> {
+    if !auth.is_on() {
+        return Ok(Caller::implicit_admin());
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let token = bearer
+        .or_else(|| cookie_value(headers, TOKEN_COOKIE))
+        .ok_or(AuthError::Missing)?;
+    auth.caller_of_token(token.trim())
 }
 
 /// Checks the CSRF token a POST repeats (form field or header) against its

@@ -106,6 +106,7 @@ async fn job(f: &Farm, name: &str, project: &str, tasks: u32) -> JobId {
         verify_of: None,
         traceparent: None,
         notify: Vec::new(),
+        submitted_by: Some(format!("{project}-submitter")),
     };
     f.core.store.create_job(new).await.unwrap().0.id
 }
