@@ -566,3 +566,99 @@ async fn a_thousand_jobs_and_a_hundred_workers_make_pages_of_fifty() {
         assert!(page.body.len() < 64 * 1024, "{} bytes", page.body.len());
     }
 }
+
+#[tokio::test]
+async fn a_failed_task_shows_its_attempts_and_retry_puts_it_back() {
+    use crate::store::{Fault, JobState, RunningCaps, TaskState};
+    use std::time::Duration;
+    let f = farm(true);
+    let id = job(&f, "doomed-study", "a", 1).await;
+    let worker = WorkerId("gpu-1".into());
+    let registration = WorkerRegistration {
+        id: worker.clone(),
+        labels: Default::default(),
+        gpu_memory_bytes: 0,
+        slots: 1,
+        models: vec![ModelInfo {
+            name: "m".into(),
+            hash: String::new(),
+        }],
+        determinism_class: "sim/v1".into(),
+        version: "test".into(),
+    };
+    let store = &f.core.store;
+    store.register_worker(registration, None).await.unwrap();
+    let claim = store
+        .claim(
+            &worker,
+            None,
+            1,
+            Duration::from_secs(30),
+            Duration::ZERO,
+            &[],
+            &RunningCaps::new(),
+        )
+        .await
+        .unwrap();
+    let lease = &claim.leases[0];
+    store
+        .fail(
+            &worker,
+            None,
+            lease.task,
+            lease.epoch,
+            Fault::BadInput,
+            "the <mask> is the wrong size",
+            3,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.job(id).await.unwrap().state, JobState::Failed);
+    let (alice, csrf) = login(&f, ALICE).await;
+    let page = get(&f, &format!("/jobs/{id}"), &alice).await;
+    assert!(page.body.contains("Failed (1)"), "{}", page.body);
+    assert!(
+        page.body.contains("the &lt;mask&gt; is the wrong size"),
+        "escaped"
+    );
+    assert!(page.body.contains("bad_input") && page.body.contains("gpu-1"));
+    assert!(page.body.contains("Retry failed"));
+    let (vera, vera_csrf) = login(&f, VIEWER).await;
+    assert!(
+        !get(&f, &format!("/jobs/{id}"), &vera)
+            .await
+            .body
+            .contains("Retry failed")
+    );
+    let refused = post(
+        &f,
+        &format!("/jobs/{id}/retry"),
+        &vera,
+        &format!("csrf={vera_csrf}"),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let done = post(
+        &f,
+        &format!("/jobs/{id}/retry"),
+        &alice,
+        &format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER);
+    assert!(
+        done.headers[header::LOCATION]
+            .to_str()
+            .unwrap()
+            .contains("1%20tasks%20back")
+            || done.headers[header::LOCATION]
+                .to_str()
+                .unwrap()
+                .contains("1+tasks+back")
+    );
+    assert_eq!(
+        store.task(lease.task).await.unwrap().state,
+        TaskState::Queued
+    );
+    assert_eq!(store.job(id).await.unwrap().state, JobState::Running);
+}
