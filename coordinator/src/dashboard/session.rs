@@ -124,16 +124,14 @@ pub(crate) fn visitor(d: &Dashboard, headers: &HeaderMap) -> Result<Visitor, Ref
 /// With `--auth`, a request without a token, or with one the file does
 /// not know.
 pub fn http_caller(auth: &Auth, headers: &HeaderMap) -> Result<Caller, AuthError> {
+    if headers.contains_key(header::AUTHORIZATION) {
+        // The one parser of `Bearer TOKEN`, as for gRPC calls.
+        return auth.authenticate(&tonic::metadata::MetadataMap::from_headers(headers.clone()));
+    }
     if !auth.is_on() {
         return Ok(Caller::implicit_admin());
     }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let token = bearer
-        .or_else(|| cookie_value(headers, TOKEN_COOKIE))
-        .ok_or(AuthError::Missing)?;
+    let token = cookie_value(headers, TOKEN_COOKIE).ok_or(AuthError::Missing)?;
     auth.caller_of_token(token.trim())
 }
 

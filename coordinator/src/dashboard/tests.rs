@@ -654,3 +654,19 @@ async fn a_failed_task_shows_its_attempts_and_retry_puts_it_back() {
     );
     assert_eq!(store.job(id).await.unwrap().state, JobState::Running);
 }
+
+#[tokio::test]
+async fn scripts_may_send_a_bearer_token_instead_of_the_cookie() {
+    let f = farm(true);
+    let id = job(&f, "lighthouse-study", "a", 1).await;
+    let ask = |token: &str| {
+        Request::get(format!("/jobs/{id}"))
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(send(&f, ask(ALICE)).await.status, StatusCode::OK);
+    assert_eq!(send(&f, ask(BOB)).await.status, StatusCode::NOT_FOUND);
+    // A header that is there but wrong is refused, whatever cookie comes with it.
+    assert_eq!(send(&f, ask("nobody")).await.status, StatusCode::SEE_OTHER);
+}
