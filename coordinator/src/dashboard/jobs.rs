@@ -100,7 +100,7 @@ pub(crate) async fn listing(
         .jobs(read)
         .await?
         .into_iter()
-        .filter(|j| caller.may_see(&j.project))
+        .filter(|j| caller.job_access(j, Action::Read).is_ok())
         .filter(|j| q.project.as_deref().is_none_or(|p| p == j.project))
         .filter(|j| q.state.is_none_or(|s| s == j.state))
         .skip(q.page * PAGE)
