@@ -192,6 +192,10 @@ def check_controlnet(kind: str, folder: Path) -> bool:
     ok = True
     for name, diff in results.items():
         tolerance = TOLERANCE["exact GELU" if "exact GELU" in name else "default"]
+        # Residuals are larger than the UNet's output (SDXL's tiny ones reach ~12):
+        # their tolerance scales with their size.
+        if "residual" in name:
+            tolerance *= max(1.0, residual)
         bad = diff > tolerance
         ok &= not bad
         print(f"  {name:40s} max |diff| = {diff:.2e}{'  <-- MISMATCH' if bad else ''}")
