@@ -496,3 +496,29 @@ fn dump_controlnet_for_diffusers_parity() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn both_layouts_load_every_tensor_of_their_files() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for base in [TinyKind::Sd15, TinyKind::Sdxl] {
+        let model = dir.path().join(format!("model-{base}"));
+        write_tiny_model_kind(&model, base)?;
+        let p = Pipeline::load(&model, &Device::Cpu)?;
+        let folder = dir.path().join(format!("cn-{base}"));
+        let single = dir.path().join(format!("cn-{base}.safetensors"));
+        write_tiny_controlnet(&folder, base, TinyControlNetLayout::Diffusers)?;
+        write_tiny_controlnet(&single, base, TinyControlNetLayout::Original)?;
+        for path in [&folder, &single] {
+            crate::weights::usage::take();
+            super::load(path, &p.unet_config, candle_core::DType::F32, &Device::Cpu)?;
+            let log = crate::weights::usage::take();
+            assert_eq!(log.len(), 1, "{}", path.display());
+            for (file, served, present) in log {
+                assert!(!present.is_empty());
+                let never: Vec<_> = present.difference(&served).collect();
+                assert!(never.is_empty(), "{}: never read {never:?}", file.display());
+            }
+        }
+    }
+    Ok(())
+}
