@@ -379,6 +379,9 @@ fn recipe_fields() -> impl Strategy<Value = RecipeFields> {
             strength,
             init_image,
             mask,
+            loras: None,
+            controlnets: None,
+            hires: None,
         },
     )
 }
