@@ -181,6 +181,13 @@ fn a_series_with_a_pose_per_shot_renders_the_same_on_one_and_three_workers() {
         distinct.insert(bytes);
     }
     assert_eq!(distinct.len(), 4, "every shot its own picture");
+    // The last shot's PNG carries A1111's lines for both of its ControlNets.
+    let last = String::from_utf8_lossy(&std::fs::read(&a[3]).unwrap()).into_owned();
+    assert!(
+        last.contains("ControlNet 0") && last.contains("ControlNet 1"),
+        "{}",
+        a[3].display()
+    );
 }
 
 #[test]
