@@ -142,6 +142,7 @@ pub async fn verify(core: &Core, id: JobId, sample: usize) -> CoordinatorResult<
         traceparent: kiln_proto::telemetry::traceparent(&tracing::Span::current()),
         // `kiln verify` waits for its answer itself: no webhook.
         notify: Vec::new(),
+        submitted_by: None,
     };
     let (created, _) = core.store.create_job(new).await?;
     tracing::info!(job = %id, verification = %created.id, items = original_index.len(), "verification submitted");
@@ -160,11 +161,7 @@ async fn inputs(
     task: &TaskRecord,
     all: &[TaskRecord],
 ) -> CoordinatorResult<Result<Vec<(String, Bytes)>, String>> {
-    let refs: Vec<String> = [&task.recipe.init_image, &task.recipe.mask]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
+    let refs: Vec<String> = task.recipe.images();
     let mut found = core.store.blobs(job, &refs).await?;
     for sha in &refs {
         if found.iter().any(|(s, _)| s == sha) {

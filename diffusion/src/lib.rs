@@ -48,7 +48,9 @@
 mod assets;
 pub mod bench;
 mod clip;
+mod conditioning;
 mod config;
+mod controlnet;
 mod conv;
 /// Devices the engine runs on, and the determinism class of a device and precision.
 pub mod device;
@@ -61,6 +63,8 @@ pub mod noise;
 /// PNG encoding with the A1111 `parameters` and the `kiln` chunks.
 pub mod output;
 mod precision;
+/// Weight-free control-image preprocessors (canny, scribble, lineart) and control-image fitting.
+pub mod preprocess;
 mod render;
 mod sampling;
 mod text;
@@ -79,6 +83,8 @@ mod arch_tests;
 #[cfg(test)]
 mod batch_tests;
 #[cfg(test)]
+mod editing_tests;
+#[cfg(test)]
 mod golden_tests;
 #[cfg(test)]
 mod img2img_tests;
@@ -93,6 +99,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 pub use assets::{AssetFile, Assets, file_hash};
+pub use controlnet::{TinyControlNetLayout, write_tiny_controlnet};
 pub use device::{DeviceError, determinism_class, open_device};
 pub use error::PipelineError;
 pub use hash::model_hash;
@@ -105,7 +112,7 @@ pub use tiny::{ParseTinyKindError, TinyKind, write_tiny_model, write_tiny_model_
 use layout::ModelFiles;
 use sampling::SchedulerConfig;
 use text::TextEncoders;
-use unet::{AddedConditioning, Conditioning, Unet};
+use unet::{Conditioning, Unet, UnetConfig};
 use vae::Vae;
 
 /// A model loaded for rendering: tokenizers, text encoders, UNet, VAE, scheduler config.
@@ -120,6 +127,10 @@ pub struct Pipeline {
     text: TextEncoders,
     /// The denoiser: kiln's UNet top level, which also runs SDXL's added conditioning.
     unet: Unet,
+    /// The UNet's architecture: ControlNets are built against it.
+    unet_config: UnetConfig,
+    /// The ControlNets recipes used so far, loaded on first use.
+    controlnets: controlnet::ControlNets,
     /// Whether the UNet also takes a mask and masked-image latents (`in_channels = 9`).
     inpainting: bool,
     /// Channels of the latent image (the VAE's latents; the UNet's output).
@@ -229,6 +240,8 @@ impl Pipeline {
             precision,
             text,
             unet,
+            unet_config: spec.unet.clone(),
+            controlnets: controlnet::ControlNets::default(),
             inpainting: spec.inpainting,
             latent_channels: vae_spec.config.latent_channels,
             vae,
@@ -328,10 +341,10 @@ impl Pipeline {
         render::render_batch(self, inputs, on_step)
     }
 
-    /// Returns the UNet conditioning of one txt2img render: text states for the
-    /// guidance branches (rows ordered negative, prompt), SDXL's added conditioning,
-    /// and for an inpainting UNet a mask of ones (repaint everything) with zero
-    /// masked-image latents.
+    /// Returns the UNet conditioning of one txt2img render of one step: text states
+    /// for the guidance branches (rows ordered negative, prompt), SDXL's added
+    /// conditioning, and for an inpainting UNet a mask of ones (repaint everything)
+    /// with zero masked-image latents.
     fn conditioning(
         &self,
         prompt: &str,
@@ -340,7 +353,9 @@ impl Pipeline {
         latent_width: usize,
     ) -> Result<Conditioning, PipelineError> {
         let image = self.blank_image_conditioning(latent_height, latent_width)?;
-        self.conditioning_with(prompt, negative, latent_height, latent_width, image)
+        let scheduled =
+            self.scheduled_conditioning(prompt, negative, 1, (latent_height, latent_width), image)?;
+        scheduled.select(&scheduled.rows_at(0))
     }
 
     /// Returns an inpainting UNet's image input for a render without a mask: a mask of
@@ -362,51 +377,6 @@ impl Pipeline {
             &self.device,
         )?;
         Ok(Some(Tensor::cat(&[&mask, &masked], 1)?))
-    }
-
-    /// Returns the UNet conditioning of one render: text states for the guidance
-    /// branches (rows ordered negative, prompt), SDXL's added conditioning, and
-    /// `image` (`[1, 1 + latent channels, h, w]`, f32) repeated for each branch.
-    ///
-    /// SDXL's time ids are diffusers' defaults: original size = target size = the
-    /// image's (height, width), crop top-left (0, 0). Everything is in the UNet's dtype.
-    fn conditioning_with(
-        &self,
-        prompt: &str,
-        negative: Option<&str>,
-        latent_height: usize,
-        latent_width: usize,
-        image: Option<Tensor>,
-    ) -> Result<Conditioning, PipelineError> {
-        let dtype = self.precision.dtype();
-        let text = self.text.encode(prompt, negative)?;
-        let rows = text.context.dim(0)?;
-        let added = match text.pooled {
-            Some(text_embeds) => {
-                let h = (latent_height * self.vae_downscale) as f32;
-                let w = (latent_width * self.vae_downscale) as f32;
-                let ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
-                let time_ids = Tensor::from_vec(ids, (rows, config::SDXL_TIME_IDS), &self.device)?
-                    .to_dtype(dtype)?;
-                Some(AddedConditioning {
-                    text_embeds,
-                    time_ids,
-                })
-            }
-            None => None,
-        };
-        let image = match image {
-            Some(image) => {
-                let image = image.to_dtype(dtype)?;
-                Some(Tensor::cat(&vec![&image; rows], 0)?)
-            }
-            None => None,
-        };
-        Ok(Conditioning {
-            context: text.context,
-            added,
-            image,
-        })
     }
 
     /// Returns the latent size of an image side, which must be a multiple of the downscale.

@@ -9,7 +9,7 @@
 //! silently ignore) is logged, and tests can check that each tiny model's
 //! loader asks for exactly the tensors in its files.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -32,9 +32,21 @@ struct RecordingBackend {
     failure: Arc<Mutex<Option<(String, String)>>>,
     /// Every tensor served, shared with `build` like `failure`.
     served: Arc<Mutex<BTreeSet<String>>>,
+    /// The file's name of each tensor the model asks for, when the file uses
+    /// other names (a converted layout); a name not in it is looked up as it is.
+    names: Option<HashMap<String, String>>,
 }
 
 impl RecordingBackend {
+    /// Returns the file's name of the tensor the model calls `name`, and how to
+    /// name it in errors.
+    fn locate(&self, name: &str) -> (String, String) {
+        match self.names.as_ref().and_then(|m| m.get(name)) {
+            Some(file_name) => (file_name.clone(), format!("{file_name} ({name})")),
+            None => (name.to_string(), name.to_string()),
+        }
+    }
+
     /// Records `message` about tensor `name` and returns candle's error for it.
     fn fail(&self, name: &str, message: String) -> candle_core::Error {
         let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
@@ -42,17 +54,17 @@ impl RecordingBackend {
         candle_core::Error::Msg(format!("tensor {name}: {message}"))
     }
 
-    /// Records that `name` was served and forgets a recorded failure for it (a retry
-    /// of it succeeded).
-    fn served(&self, name: &str) {
+    /// Records that the file's tensor `file_name` was served and forgets a recorded
+    /// failure of it, named `label` (a retry of it succeeded).
+    fn served(&self, label: &str, file_name: &str) {
         let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.as_ref().is_some_and(|(n, _)| n == name) {
+        if slot.as_ref().is_some_and(|(n, _)| n == label) {
             *slot = None;
         }
         self.served
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string());
+            .insert(file_name.to_string());
     }
 }
 
@@ -65,37 +77,39 @@ impl SimpleBackend for RecordingBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let view = match self.tensors.get(name) {
+        let (file_name, label) = self.locate(name);
+        let view = match self.tensors.get(&file_name) {
             Ok(view) => view,
-            Err(_) => return Err(self.fail(name, "is missing".into())),
+            Err(_) => return Err(self.fail(&label, "is missing".into())),
         };
         if view.shape() != shape.dims() {
             return Err(self.fail(
-                name,
+                &label,
                 format!("has shape {:?}, expected {:?}", view.shape(), shape.dims()),
             ));
         }
         let tensor = self
             .tensors
-            .load(name, dev)
+            .load(&file_name, dev)
             .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| self.fail(name, format!("cannot be loaded: {}", plain(&e))))?;
-        self.served(name);
+            .map_err(|e| self.fail(&label, format!("cannot be loaded: {}", plain(&e))))?;
+        self.served(&label, &file_name);
         Ok(tensor)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let (file_name, label) = self.locate(name);
         let tensor = self
             .tensors
-            .load(name, dev)
+            .load(&file_name, dev)
             .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| self.fail(name, format!("cannot be loaded: {}", plain(&e))))?;
-        self.served(name);
+            .map_err(|e| self.fail(&label, format!("cannot be loaded: {}", plain(&e))))?;
+        self.served(&label, &file_name);
         Ok(tensor)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.get(name).is_ok()
+        self.tensors.get(&self.locate(name).0).is_ok()
     }
 }
 
@@ -128,9 +142,36 @@ pub(crate) fn build<T>(
     device: &Device,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<T, PipelineError> {
+    build_renamed(file, dtype, device, |_| None, build)
+}
+
+/// Returns the tensor names and shapes of a safetensors file.
+pub(crate) fn tensor_shapes(file: &Path) -> Result<Vec<(String, Vec<usize>)>, PipelineError> {
+    Ok(map_file(file)?
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect())
+}
+
+/// [`build`] for a file in another layout: `rename` maps each of the file's tensor
+/// names to the name the module asks for (`None`: not one the module reads). Errors
+/// name the file's tensor and, in parentheses, the module's name for it.
+pub(crate) fn build_renamed<T>(
+    file: &Path,
+    dtype: DType,
+    device: &Device,
+    rename: impl Fn(&str) -> Option<String>,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<T, PipelineError> {
     let failure = Arc::new(Mutex::new(None));
     let served = Arc::new(Mutex::new(BTreeSet::new()));
     let tensors = map_file(file)?;
+    let names: HashMap<String, String> = tensors
+        .tensors()
+        .into_iter()
+        .filter_map(|(name, _)| rename(&name).map(|to| (to, name)))
+        .collect();
     let present: BTreeSet<String> = tensors
         .tensors()
         .into_iter()
@@ -140,6 +181,7 @@ pub(crate) fn build<T>(
         tensors,
         failure: Arc::clone(&failure),
         served: Arc::clone(&served),
+        names: (!names.is_empty()).then_some(names),
     };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     let module = build(vb).map_err(|e| {

@@ -7,6 +7,7 @@ pub mod fetch;
 pub mod inspect;
 pub mod list;
 pub mod model;
+pub mod preprocess;
 pub mod prompt;
 pub mod pull;
 pub mod queue;

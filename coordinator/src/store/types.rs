@@ -46,6 +46,9 @@ pub struct NewJob {
     /// coordinator's `--webhook`s. The store opens a [`Delivery`] for them in
     /// the transition that ends the job.
     pub notify: Vec<String>,
+    /// The name of the token that submitted it (`None` without `--auth`,
+    /// and for verification jobs).
+    pub submitted_by: Option<String>,
 }
 
 /// One task to insert.
@@ -135,6 +138,8 @@ pub struct JobRecord {
     pub paused: bool,
     /// W3C `traceparent` of the submission's span, when it was traced.
     pub traceparent: Option<String>,
+    /// The name of the token that submitted it, when it was known.
+    pub submitted_by: Option<String>,
 }
 
 impl JobRecord {
@@ -279,8 +284,8 @@ pub struct Deduped {
     pub model: String,
 }
 
-/// A model a worker holds.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A model (or LoRA, embedding, ControlNet) a worker holds.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct ModelInfo {
     /// Catalog name.
     pub name: String,
@@ -361,6 +366,23 @@ pub struct WorkerRegistration {
     pub determinism_class: String,
     /// kiln version of the worker.
     pub version: String,
+    /// LoRAs, embeddings and ControlNets it can apply.
+    pub assets: HeldAssets,
+}
+
+/// The LoRAs, textual-inversion embeddings and ControlNets a worker announced,
+/// each by name with its content hash.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeldAssets {
+    /// LoRAs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<ModelInfo>,
+    /// Textual-inversion embeddings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<ModelInfo>,
+    /// ControlNets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controlnets: Vec<ModelInfo>,
 }
 
 /// A worker as the store sees it.
@@ -404,6 +426,9 @@ pub struct HeartbeatOutcome {
 
 /// What a completion returns.
 #[derive(Clone, Debug, PartialEq)]
+// The job record rides along only when the report ended the job; boxing
+// it would allocate on that path for no gain.
+#[allow(clippy::large_enum_variant)]
 pub enum CompleteOutcome {
     /// The result is the task's; `job_finished` is set when this was the job's last task.
     Accepted {
@@ -419,6 +444,9 @@ pub enum CompleteOutcome {
 
 /// What a fail report returns.
 #[derive(Clone, Debug, PartialEq)]
+// The job record rides along only when the report ended the job; boxing
+// it would allocate on that path for no gain.
+#[allow(clippy::large_enum_variant)]
 pub enum FailOutcome {
     /// Recorded; the task was requeued when `will_retry`.
     Recorded {

@@ -94,6 +94,7 @@ pub(super) fn parse_job(h: &HashMap<String, String>) -> StoreResult<JobRecord> {
         // Absent until the job is first paused.
         paused: s("paused") == "1",
         traceparent: Some(s("traceparent")).filter(|t| !t.is_empty()),
+        submitted_by: Some(s("by")).filter(|b| !b.is_empty()),
     })
 }
 
@@ -201,4 +202,7 @@ pub(super) struct StoredRegistration {
     pub(super) models: Vec<(String, String)>,
     pub(super) determinism_class: String,
     pub(super) version: String,
+    /// Absent in registrations stored before assets existed.
+    #[serde(default)]
+    pub(super) assets: super::super::HeldAssets,
 }
