@@ -7,6 +7,7 @@
 //! batch-file format that becomes a job spec ([`batch`]), the
 //! A1111 prompt syntax ([`prompt`]), image checks for init images and masks
 //! ([`image`]), what a model name means on a farm ([`model`]), and
+//! the shape of live previews ([`preview`]), and
 //! [`error::FieldError`], the validation error that names the field and the
 //! value.
 //!
@@ -23,6 +24,7 @@ pub mod extras;
 pub mod ids;
 pub mod image;
 pub mod model;
+pub mod preview;
 pub mod prompt;
 pub mod recipe;
 pub mod spec;
