@@ -12,7 +12,7 @@ use kiln_proto::pb;
 use crate::models::ModelSummary;
 use crate::store::{
     AbandonReason, Attempt, Event, EventKind, Fault, JobRecord, JobState, Lease, ModelInfo,
-    RunningTask, TaskCounts, TaskRecord, TaskState, Usage, WorkerRecord,
+    Preview, RunningTask, TaskCounts, TaskRecord, TaskState, Usage, WorkerRecord,
 };
 use crate::verify::Verification;
 
@@ -189,6 +189,16 @@ pub fn running(r: &RunningTask) -> pb::TaskProgress {
         step: r.step,
         steps: r.steps,
         worker_id: r.worker.to_string(),
+    }
+}
+
+/// Returns the wire form of a running task's live preview.
+pub fn preview(r: &RunningTask, p: &Preview) -> pb::TaskPreview {
+    pb::TaskPreview {
+        task_id: r.task.to_string(),
+        index: r.index,
+        step: p.step,
+        png: p.png.clone(),
     }
 }
 

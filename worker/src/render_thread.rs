@@ -54,7 +54,10 @@ impl RenderControl {
 
     /// Takes the latest preview not yet taken, if any.
     pub fn take_preview(&self) -> Option<Preview> {
-        self.preview.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.preview
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 }
 

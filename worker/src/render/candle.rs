@@ -22,12 +22,12 @@ use std::time::Instant;
 use candle_core::Device;
 
 use super::{ModelInfo, PreviewSink, RenderError, RenderTask, Rendered, Renderer};
-use kiln_domain::preview::Preview;
 use crate::catalog::{CatalogEntry, OverBudget, Residency, format_size};
 use crate::metrics;
 use kiln_diffusion::determinism_class;
 use kiln_diffusion::output::encode_png;
 use kiln_diffusion::{Pipeline, PipelineError, Precision, RenderInput, model_hash, resident_bytes};
+use kiln_domain::preview::Preview;
 
 /// Renders with candle pipelines, loading catalog models on demand and
 /// keeping them resident under a memory budget.

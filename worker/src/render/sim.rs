@@ -14,8 +14,8 @@ use kiln_proto::recipe::Recipe;
 use sha2::{Digest, Sha256};
 
 use super::{ModelInfo, PreviewSink, RenderError, RenderTask, Rendered, Renderer};
-use kiln_domain::preview::{self, Preview};
 use kiln_diffusion::output::{RgbImage, encode_png_with};
+use kiln_domain::preview::{self, Preview};
 
 /// Determinism class of every sim worker.
 const SIM_CLASS: &str = "sim/v1";
