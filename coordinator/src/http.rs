@@ -94,49 +94,69 @@ fn unavailable(reason: &str) -> Response {
         .into_response()
 }
 
+/// Why an authenticated route answers no: a status and one line.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    line: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, line: impl std::fmt::Display) -> Self {
+        Self {
+            status,
+            line: format!("{line}\n"),
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut answer = (self.status, self.line).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            answer
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        answer
+    }
+}
+
 /// The one check of who calls the side door's authenticated routes: the
-/// [`Caller`] of the request's credentials, or the 401 answer. Today the
-/// credential is `Authorization: Bearer TOKEN`; without `--auth` every
-/// caller is the implicit admin.
-fn caller(core: &Core, headers: &HeaderMap) -> Result<Caller, Response> {
+/// [`Caller`] of the request's credentials, or a 401. Today the credential
+/// is `Authorization: Bearer TOKEN`; without `--auth` every caller is the
+/// implicit admin.
+fn caller(core: &Core, headers: &HeaderMap) -> Result<Caller, Refusal> {
     core.auth
         .authenticate(&MetadataMap::from_headers(headers.clone()))
-        .map_err(|e| {
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))],
-                format!("{e}\n"),
-            )
-                .into_response()
-        })
+        .map_err(|e| Refusal::new(StatusCode::UNAUTHORIZED, e))
 }
 
 /// Returns the 401 answer unless the request carries credentials the
 /// coordinator knows (`None`: go on).
 fn refusal(core: &Core, headers: &HeaderMap) -> Option<Response> {
-    caller(core, headers).err()
+    caller(core, headers).err().map(IntoResponse::into_response)
 }
 
 /// Answers a store failure: 404 for what does not exist, else 503.
-fn store_failure(e: StoreError) -> Response {
+fn store_failure(e: StoreError) -> Refusal {
     match e {
         StoreError::JobNotFound(_) | StoreError::NoTaskAt { .. } | StoreError::TaskNotFound(_) => {
-            (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
+            Refusal::new(StatusCode::NOT_FOUND, e)
         }
         e => {
             metrics::store_error();
-            (
+            Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("cannot read the store: {e}\n"),
+                format!("cannot read the store: {e}"),
             )
-                .into_response()
         }
     }
 }
 
 /// Runs a store read under [`metrics::STORE_READ_TIMEOUT`], mapping failures
 /// to their answer.
-async fn read<T>(call: impl Future<Output = Result<T, StoreError>>) -> Result<T, Response> {
+async fn read<T>(call: impl Future<Output = Result<T, StoreError>>) -> Result<T, Refusal> {
     match tokio::time::timeout(metrics::STORE_READ_TIMEOUT, call).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(store_failure(e)),
@@ -161,7 +181,7 @@ async fn job_preview(
             png,
         )
             .into_response(),
-        Err(refused) => refused,
+        Err(refused) => refused.into_response(),
     }
 }
 
@@ -173,29 +193,26 @@ async fn preview_of(
     headers: &HeaderMap,
     job: &str,
     index: u32,
-) -> Result<Vec<u8>, Response> {
+) -> Result<Vec<u8>, Refusal> {
     let caller = caller(core, headers)?;
-    let id = JobId::parse_field("job", job)
-        .map_err(|e| (StatusCode::NOT_FOUND, format!("{e}\n")).into_response())?;
-    let forbidden = |text: String| (StatusCode::FORBIDDEN, text).into_response();
+    let id = JobId::parse_field("job", job).map_err(|e| Refusal::new(StatusCode::NOT_FOUND, e))?;
     caller
         .require(Action::Read)
-        .map_err(|e| forbidden(format!("{e}\n")))?;
+        .map_err(|e| Refusal::new(StatusCode::FORBIDDEN, e))?;
     let record = read(core.store.job(id)).await?;
     caller.job_access(&record, Action::Read).map_err(|_| {
-        forbidden(format!(
-            "job {id} is not in a project of token {}\n",
-            caller.name
-        ))
+        Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!("job {id} is not in a project of token {}", caller.name),
+        )
     })?;
     let task = read(core.store.task_at(id, index)).await?;
     match read(core.store.preview(task.id)).await? {
         Some(p) => Ok(p.png),
-        None => Err((
+        None => Err(Refusal::new(
             StatusCode::NOT_FOUND,
-            format!("task {index} of job {id} has no live preview\n"),
-        )
-            .into_response()),
+            format!("task {index} of job {id} has no live preview"),
+        )),
     }
 }
 

@@ -41,7 +41,7 @@ pub fn size_for(width: u32, height: u32) -> (u32, u32) {
 /// `done` when previews come every `every` steps (0: never). The last step
 /// sends none: the finished image follows at once.
 pub fn due(every: u32, done: u32, steps: u32) -> bool {
-    every > 0 && done > 0 && done < steps && done % every == 0
+    every > 0 && done > 0 && done < steps && done.is_multiple_of(every)
 }
 
 /// Encodes `pixels` (RGB, row by row) as a PNG.
