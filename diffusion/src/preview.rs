@@ -262,3 +262,63 @@ mod tests {
         );
     }
 }
+
+/// The cost of previews, for the numbers in the README: run with
+/// `cargo test --release -p kiln-diffusion --lib preview_cost -- --ignored --nocapture`.
+#[cfg(test)]
+mod cost {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    #[ignore = "a measurement, not a check: prints timings"]
+    fn preview_cost() {
+        let p = crate::tests::tiny();
+        let r = kiln_domain::recipe::Recipe {
+            steps: 20,
+            ..crate::tests::recipe("a cat", 1)
+        };
+        let input = [crate::RenderInput::txt2img(&r)];
+        let mut time = |every: u32| {
+            let mut sent = 0;
+            let mut send = |_: usize, _: Preview| sent += 1;
+            let mut sink = PreviewSink {
+                every,
+                send: &mut send,
+            };
+            let started = Instant::now();
+            for _ in 0..10 {
+                let out = p.render_batch_with_previews(&input, &mut |_, _, _| true, &mut sink);
+                assert!(out[0].is_ok());
+            }
+            started.elapsed().as_secs_f64() / 10.0
+        };
+        // Alternate to spread noise from other processes over both.
+        let (mut off, mut on) = (0.0, 0.0);
+        for _ in 0..3 {
+            off += time(0);
+            on += time(5);
+        }
+        println!(
+            "tiny model, 20 steps, 64 px: {:.2} ms without previews, {:.2} ms with one every 5 steps ({:+.2}%)",
+            off / 3.0 * 1e3,
+            on / 3.0 * 1e3,
+            (on / off - 1.0) * 100.0
+        );
+        let sd = LatentRgb::for_family(false, 4).unwrap();
+        for side in [32, 64, 128] {
+            let latents = Tensor::randn(0f32, 1.0, (1, 4, side, side), &Device::Cpu).unwrap();
+            let started = Instant::now();
+            for _ in 0..100 {
+                let (w, h, px) = sd.project(&latents).unwrap();
+                preview::encode(w, h, px).unwrap();
+            }
+            println!(
+                "one preview of {side}x{side} latents ({} px image): {:.3} ms",
+                side * 8,
+                started.elapsed().as_secs_f64() * 10.0
+            );
+        }
+    }
+}
