@@ -280,7 +280,7 @@ mod cost {
             ..crate::tests::recipe("a cat", 1)
         };
         let input = [crate::RenderInput::txt2img(&r)];
-        let mut time = |every: u32| {
+        let time = |every: u32| {
             let mut sent = 0;
             let mut send = |_: usize, _: Preview| sent += 1;
             let mut sink = PreviewSink {
