@@ -45,6 +45,7 @@
 //! and `tiny_tokenizer` (the test models).
 #![warn(missing_docs)]
 
+mod adapters;
 mod assets;
 pub mod bench;
 mod clip;
@@ -52,11 +53,13 @@ mod config;
 mod conv;
 /// Devices the engine runs on, and the determinism class of a device and precision.
 pub mod device;
+mod embeddings;
 mod error;
 mod hash;
 mod images;
 mod inspect;
 mod layout;
+mod lora;
 pub mod noise;
 /// PNG encoding with the A1111 `parameters` and the `kiln` chunks.
 pub mod output;
@@ -65,6 +68,7 @@ mod render;
 mod sampling;
 mod text;
 mod text_cache;
+mod text_extras;
 mod tiny;
 mod tiny_configs;
 mod tiny_tokenizer;
@@ -83,6 +87,8 @@ mod golden_tests;
 #[cfg(test)]
 mod img2img_tests;
 #[cfg(test)]
+mod lora_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod text_tests;
@@ -94,10 +100,12 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 
 pub use assets::{AssetFile, Assets, file_hash};
 pub use device::{DeviceError, determinism_class, open_device};
+pub use embeddings::write_tiny_embedding;
 pub use error::PipelineError;
 pub use hash::model_hash;
 pub use inspect::{PromptTokenizer, resident_bytes};
 pub use kiln_domain::recipe::Recipe;
+pub use lora::{LoraFormat, ParseLoraFormatError, write_tiny_lora};
 pub use precision::{ParsePrecisionError, Precision};
 pub use render::{RenderInput, RenderTimings, Rendered};
 pub use tiny::{ParseTinyKindError, TinyKind, write_tiny_model, write_tiny_model_kind};
@@ -119,7 +127,10 @@ pub struct Pipeline {
     /// Tokenizers and CLIP text encoders (two for SDXL), with their embedding cache.
     text: TextEncoders,
     /// The denoiser: kiln's UNet top level, which also runs SDXL's added conditioning.
-    unet: Unet,
+    /// Shared with the renders that use it; never changed (LoRAs merge into variants).
+    unet: Arc<Unet>,
+    /// The UNet and text encoders merged with LoRA sets, under a memory budget.
+    variants: lora::variants::Variants,
     /// Whether the UNet also takes a mask and masked-image latents (`in_channels = 9`).
     inpainting: bool,
     /// Channels of the latent image (the VAE's latents; the UNet's output).
@@ -212,6 +223,17 @@ impl Pipeline {
         let unet = weights::build(&files.path(&files.unet_weights), dtype, device, |vb| {
             Unet::new(vb, &spec.unet)
         })?;
+        let variants = lora::variants::Variants::new(
+            (files.path(&files.unet_weights), spec.unet.clone()),
+            files
+                .text
+                .iter()
+                .zip(&spec.text)
+                .map(|(t, s)| (files.path(&t.weights), s.config.clone()))
+                .collect(),
+            dtype,
+            device,
+        )?;
         let vae_spec = &spec.vae;
         let vae_dtype = if vae_spec.force_upcast {
             DType::F32
@@ -228,7 +250,8 @@ impl Pipeline {
             device: device.clone(),
             precision,
             text,
-            unet,
+            unet: Arc::new(unet),
+            variants,
             inpainting: spec.inpainting,
             latent_channels: vae_spec.config.latent_channels,
             vae,
@@ -248,6 +271,18 @@ impl Pipeline {
     /// The LoRAs, embeddings and ControlNets recipes may name.
     pub fn assets(&self) -> &Assets {
         &self.assets
+    }
+
+    /// Sets the most memory the UNets and text encoders merged with LoRAs may keep
+    /// (by default twice the base model's UNet and text encoders); 0 keeps none, so
+    /// every render with LoRAs merges again. Drops the variants kept so far.
+    pub fn set_lora_budget(&mut self, bytes: u64) {
+        self.variants.set_budget(bytes);
+    }
+
+    /// Returns how many LoRA-merged UNets and text encoders are kept, and their bytes.
+    pub fn lora_variants(&self) -> (usize, u64) {
+        self.variants.resident()
     }
 
     /// Content hash of the model folder (hex sha256), as computed by `model_hash`.
@@ -340,7 +375,15 @@ impl Pipeline {
         latent_width: usize,
     ) -> Result<Conditioning, PipelineError> {
         let image = self.blank_image_conditioning(latent_height, latent_width)?;
-        self.conditioning_with(prompt, negative, latent_height, latent_width, image)
+        let extras = text_extras::TextExtras::default();
+        self.conditioning_with(
+            prompt,
+            negative,
+            latent_height,
+            latent_width,
+            image,
+            &extras,
+        )
     }
 
     /// Returns an inpainting UNet's image input for a render without a mask: a mask of
@@ -370,6 +413,8 @@ impl Pipeline {
     ///
     /// SDXL's time ids are diffusers' defaults: original size = target size = the
     /// image's (height, width), crop top-left (0, 0). Everything is in the UNet's dtype.
+    /// The prompts are read without their `<lora:...>` tags, with `extras`' text-encoder
+    /// LoRAs and embeddings.
     fn conditioning_with(
         &self,
         prompt: &str,
@@ -377,9 +422,14 @@ impl Pipeline {
         latent_height: usize,
         latent_width: usize,
         image: Option<Tensor>,
+        extras: &text_extras::TextExtras,
     ) -> Result<Conditioning, PipelineError> {
         let dtype = self.precision.dtype();
-        let text = self.text.encode(prompt, negative)?;
+        let prompt = kiln_domain::extras::strip(prompt);
+        let negative = negative.map(kiln_domain::extras::strip);
+        let text = self
+            .text
+            .encode_with(&prompt, negative.as_deref(), extras)?;
         let rows = text.context.dim(0)?;
         let added = match text.pooled {
             Some(text_embeds) => {

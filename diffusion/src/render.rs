@@ -35,6 +35,7 @@
 //! outputs, has kernels of its own). At the UNet's coarsest level, with few
 //! tokens, that happens; such renders are not batched (`Unet::batches_exactly`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -42,7 +43,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use super::images;
 use super::noise::{self, Purpose};
 use super::sampling::{self, Sampler};
-use super::unet::{AddedConditioning, Conditioning};
+use super::unet::{AddedConditioning, Conditioning, Unet};
 use kiln_domain::recipe::BatchKey;
 
 use super::{Pipeline, PipelineError, Recipe, RgbImage};
@@ -129,6 +130,10 @@ struct Task<'a> {
     start: usize,
     /// Rows per UNet call: 2 with guidance (negative, prompt), else 1.
     rows: usize,
+    /// The UNet it denoises with: the base one or one merged with its LoRAs.
+    unet: Arc<Unet>,
+    /// The key of its UNet LoRA set (empty: the base UNet).
+    unet_key: String,
     /// The UNet conditioning of its rows.
     cond: Conditioning,
     /// `[1, c, h, w]` f32.
@@ -185,6 +190,7 @@ fn prepare<'a>(
     let sampler = sampling::for_recipe(&p.scheduler, recipe)?;
     let guided = recipe.guidance > 1.0;
     let negative = guided.then_some(recipe.negative_prompt.as_str());
+    let applied = super::adapters::apply(p, recipe)?;
 
     let init = match input.init_image {
         Some(bytes) => Some(images::init_image(bytes, recipe.width, recipe.height)?),
@@ -263,6 +269,7 @@ fn prepare<'a>(
             latent_height,
             latent_width,
             image_cond,
+            &applied.text,
         )
     })?;
     let blend = match (&init_latents, &latent_repaint) {
@@ -285,6 +292,8 @@ fn prepare<'a>(
         sampler,
         start,
         rows: if guided { 2 } else { 1 },
+        unet: applied.unet,
+        unet_key: applied.unet_key,
         cond,
         latents,
         noise,
@@ -307,6 +316,10 @@ struct GroupKey {
     /// Text tokens (chunks × window) and width: prompts of different lengths
     /// in chunks cannot share a UNet call.
     context: Vec<usize>,
+    /// The UNet LoRA set: tasks merged with other LoRAs run other UNets. The
+    /// recipe key already tells LoRA sets apart; this holds even for a caller
+    /// that batches without it.
+    loras: String,
 }
 
 /// Splits prepared tasks into groups that can run as one UNet batch, in input order.
@@ -333,6 +346,7 @@ fn group_key(p: &Pipeline, task: &Task<'_>) -> Option<GroupKey> {
         recipe: task.recipe.batch_key(),
         start: task.start,
         context: task.cond.context.dims()[1..].to_vec(),
+        loras: task.unet_key.clone(),
     })
 }
 
@@ -415,6 +429,7 @@ fn run_steps(
         return Ok(());
     };
     let (start, rows) = (first.start, first.rows);
+    let unet = Arc::clone(&first.unet);
     let timesteps = first.sampler.timesteps().to_vec();
     let total = timesteps.len() as u32;
     let dtype = p.precision.dtype();
@@ -428,8 +443,7 @@ fn run_steps(
             }
         }
         let input = Tensor::cat(&input, 0)?.to_dtype(dtype)?;
-        let prediction = p
-            .unet
+        let prediction = unet
             .forward_tasks(&input, t, &cond, rows)?
             .to_dtype(DType::F32)?;
         let mut cancelled = Vec::new();

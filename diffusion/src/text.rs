@@ -28,7 +28,7 @@
 //! conditioning, as in ComfyUI and the A1111 web UI for long prompts.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use kiln_domain::prompt::Chunk;
@@ -41,11 +41,14 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{AddedToken, Model, SplitDelimiterBehavior};
 
+use super::assets::AssetFile;
 use super::clip::{ClipTextModel, Layer};
 use super::config::TextSpec;
+use super::embeddings::{Embedding, Registry};
 use super::error::PipelineError;
 use super::layout::{ModelFiles, TextFiles, TokenizerSource};
 use super::text_cache::{CAPACITY, ChunkCache, ChunkKey, ChunkStates, emphasize};
+use super::text_extras::TextExtras;
 use super::weights;
 
 /// CLIP's beginning-of-text token.
@@ -101,6 +104,8 @@ pub(crate) struct TextEncoders {
     /// Encoded chunks, shared by every render of this model. A std mutex is enough:
     /// it is held only for lookups and inserts, never across an encoder pass.
     cache: Mutex<ChunkCache>,
+    /// The textual-inversion embeddings loaded so far, with their token ids.
+    embeddings: Registry,
 }
 
 /// The text conditioning of one render's guidance branches.
@@ -134,6 +139,7 @@ impl TextEncoders {
         dtype: DType,
     ) -> Result<Self, PipelineError> {
         let mut encoders = Vec::with_capacity(specs.len());
+        let widths = specs.iter().map(|s| s.config.hidden_size).collect();
         let mut window = None;
         for (text, spec) in files.text.iter().zip(specs) {
             let config_path = files.path(&text.config());
@@ -194,7 +200,17 @@ impl TextEncoders {
             zero_empty_negative,
             device: device.clone(),
             cache: Mutex::new(ChunkCache::new(CAPACITY)),
+            embeddings: Registry::new(widths, dtype, device),
         })
+    }
+
+    /// Returns the embedding in `file`, loaded on first use with token ids of its own.
+    ///
+    /// # Errors
+    ///
+    /// As `embeddings::Registry::get`.
+    pub(crate) fn embedding(&self, file: &AssetFile) -> Result<Arc<Embedding>, PipelineError> {
+        self.embeddings.get(file)
     }
 
     /// Returns the prompt's token ids (first tokenizer), without bos/eos.
@@ -212,7 +228,19 @@ impl TextEncoders {
         self.encoders.iter().map(|e| e.ids).collect()
     }
 
-    /// Encodes the prompt, or (negative, prompt) as two rows when `negative` is given.
+    /// Encodes the prompt, or (negative, prompt) as two rows, with the base encoders
+    /// and no embeddings: [`TextEncoders::encode_with`] without extras.
+    #[cfg(test)]
+    pub(crate) fn encode(
+        &self,
+        prompt: &str,
+        negative: Option<&str>,
+    ) -> Result<TextEmbeddings, PipelineError> {
+        self.encode_with(prompt, negative, &TextExtras::default())
+    }
+
+    /// Encodes the prompt, or (negative, prompt) as two rows when `negative` is given,
+    /// with the recipe's text-encoder LoRAs and embeddings (`extras`).
     ///
     /// Each prompt is parsed for A1111 weights and `BREAK` ([`kiln_domain::prompt`]),
     /// tokenized piece by piece into chunks of `window - 2` tokens, and each chunk is
@@ -224,10 +252,11 @@ impl TextEncoders {
     ///
     /// `InvalidRecipe` on `prompt` or `negative_prompt` for a malformed weight,
     /// `Tokenizer` when tokenizing fails, `Candle` when encoding fails.
-    pub(crate) fn encode(
+    pub(crate) fn encode_with(
         &self,
         prompt: &str,
         negative: Option<&str>,
+        extras: &TextExtras,
     ) -> Result<TextEmbeddings, PipelineError> {
         let branches: Vec<(&'static str, &str)> = negative
             .map(|n| ("negative_prompt", n))
@@ -250,7 +279,7 @@ impl TextEncoders {
             let mut rows = Vec::with_capacity(parsed.len());
             for pieces in &parsed {
                 rows.push(kiln_domain::prompt::chunk(pieces, body, |t| {
-                    e.token_ids(t)
+                    extras.tokenize(t, |t| e.token_ids(t))
                 })?);
             }
             chunked.push(rows);
@@ -273,7 +302,7 @@ impl TextEncoders {
                 }
             }
             let ids: Vec<&[u32]> = windows.iter().map(|(ids, _)| ids.as_slice()).collect();
-            let encoded = self.encode_windows(index, e, &ids)?;
+            let encoded = self.encode_windows(index, e, &ids, extras)?;
             let mut weighted = Vec::with_capacity(encoded.len());
             for ((_, weights), chunk) in windows.iter().zip(&encoded) {
                 weighted.push(emphasize(&chunk.states, weights)?);
@@ -287,7 +316,8 @@ impl TextEncoders {
             if let Some(rows_pooled) = rows_pooled {
                 // One projection over every (branch, chunk) row, as one encoder pass
                 // over all of them gives; the first chunk of each branch is kept.
-                if let Some(p) = e.model.project(&Tensor::cat(&rows_pooled, 0)?)? {
+                let model = extras.model(index, &e.model);
+                if let Some(p) = model.project(&Tensor::cat(&rows_pooled, 0)?)? {
                     let width = p.dim(1)?;
                     pooled = Some(
                         p.reshape((batch, chunks, width))?
@@ -316,9 +346,11 @@ impl TextEncoders {
         index: usize,
         e: &Encoder,
         windows: &[&[u32]],
+        extras: &TextExtras,
     ) -> Result<Vec<ChunkStates>, PipelineError> {
         let key = |ids: &[u32]| ChunkKey {
             encoder: index,
+            variant: extras.variant.clone(),
             ids: ids.to_vec(),
         };
         let mut found: Vec<Option<ChunkStates>> = {
@@ -333,9 +365,11 @@ impl TextEncoders {
             }
         }
         if !missing.is_empty() {
-            let flat: Vec<u32> = missing.iter().flat_map(|ids| ids.iter().copied()).collect();
+            let model = extras.model(index, &e.model);
+            let (flat, inserts) =
+                extras.inserts(index, &missing, model.vocab_size()?, e.ids.bos)?;
             let ids = Tensor::from_vec(flat, (missing.len(), self.window), &self.device)?;
-            let out = e.model.forward(&ids, e.layer, e.ids.eos)?;
+            let out = model.forward_with(&ids, e.layer, e.ids.eos, &inserts)?;
             let mut cache = self.cache();
             for (r, ids) in missing.iter().enumerate() {
                 let states = ChunkStates {

@@ -8,8 +8,13 @@
 //! build that leaves tensors of the file unread (weights the model would
 //! silently ignore) is logged, and tests can check that each tiny model's
 //! loader asks for exactly the tensors in its files.
+//!
+//! [`build_merged`] builds the same module with LoRA deltas added to some of
+//! its weights as they are loaded (in f32, then converted to the module's
+//! dtype); the LoRA variants of a pipeline are built this way from the base
+//! files, which are never modified.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -32,6 +37,8 @@ struct RecordingBackend {
     failure: Arc<Mutex<Option<(String, String)>>>,
     /// Every tensor served, shared with `build` like `failure`.
     served: Arc<Mutex<BTreeSet<String>>>,
+    /// f32 deltas added to the named tensors as they are loaded (LoRA merges).
+    deltas: HashMap<String, Tensor>,
 }
 
 impl RecordingBackend {
@@ -40,6 +47,18 @@ impl RecordingBackend {
         let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         *slot = Some((name.to_string(), message.clone()));
         candle_core::Error::Msg(format!("tensor {name}: {message}"))
+    }
+
+    /// Loads `name` in `dtype`, with its delta added in f32 first when it has one.
+    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.tensors.load(name, dev)?;
+        match self.deltas.get(name) {
+            None => tensor.to_dtype(dtype),
+            Some(delta) => {
+                let merged = (tensor.to_dtype(DType::F32)? + delta.to_device(dev)?)?;
+                merged.to_dtype(dtype)
+            }
+        }
     }
 
     /// Records that `name` was served and forgets a recorded failure for it (a retry
@@ -76,9 +95,7 @@ impl SimpleBackend for RecordingBackend {
             ));
         }
         let tensor = self
-            .tensors
-            .load(name, dev)
-            .and_then(|t| t.to_dtype(dtype))
+            .load(name, dtype, dev)
             .map_err(|e| self.fail(name, format!("cannot be loaded: {}", plain(&e))))?;
         self.served(name);
         Ok(tensor)
@@ -86,9 +103,7 @@ impl SimpleBackend for RecordingBackend {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let tensor = self
-            .tensors
-            .load(name, dev)
-            .and_then(|t| t.to_dtype(dtype))
+            .load(name, dtype, dev)
             .map_err(|e| self.fail(name, format!("cannot be loaded: {}", plain(&e))))?;
         self.served(name);
         Ok(tensor)
@@ -100,7 +115,7 @@ impl SimpleBackend for RecordingBackend {
 }
 
 /// Memory-maps a safetensors file.
-fn map_file(file: &Path) -> Result<MmapedSafetensors, PipelineError> {
+pub(crate) fn map_file(file: &Path) -> Result<MmapedSafetensors, PipelineError> {
     std::fs::metadata(file).map_err(|e| PipelineError::io(file, e))?;
     // SAFETY: the mapping is only read while the module is built: every tensor is
     // copied out of it (`MmapedSafetensors::load`) and the map is dropped when `build`
@@ -128,6 +143,23 @@ pub(crate) fn build<T>(
     device: &Device,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<T, PipelineError> {
+    build_merged(file, dtype, device, HashMap::new(), build)
+}
+
+/// Builds a module from `file` as [`build`] does, adding to each tensor named in
+/// `deltas` its delta (f32, the tensor's shape) before converting it to `dtype`.
+///
+/// # Errors
+///
+/// As [`build`]; also `Weights` when a delta names a tensor the module never read.
+pub(crate) fn build_merged<T>(
+    file: &Path,
+    dtype: DType,
+    device: &Device,
+    deltas: HashMap<String, Tensor>,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<T, PipelineError> {
+    let changed: BTreeSet<String> = deltas.keys().cloned().collect();
     let failure = Arc::new(Mutex::new(None));
     let served = Arc::new(Mutex::new(BTreeSet::new()));
     let tensors = map_file(file)?;
@@ -140,6 +172,7 @@ pub(crate) fn build<T>(
         tensors,
         failure: Arc::clone(&failure),
         served: Arc::clone(&served),
+        deltas,
     };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     let module = build(vb).map_err(|e| {
@@ -154,6 +187,12 @@ pub(crate) fn build<T>(
         }
     })?;
     let served = std::mem::take(&mut *served.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some(unread) = changed.iter().find(|n| !served.contains(*n)) {
+        return Err(PipelineError::Weights {
+            file: PathBuf::from(file),
+            message: format!("tensor {unread} is changed by a LoRA but the model never reads it"),
+        });
+    }
     let unused: Vec<&String> = present
         .iter()
         .filter(|n| !served.contains(*n) && !is_buffer(n))
@@ -169,6 +208,20 @@ pub(crate) fn build<T>(
     #[cfg(test)]
     usage::record(file, served, present);
     Ok(module)
+}
+
+/// Returns the name and shape of every tensor in `file` (read from its header).
+///
+/// # Errors
+///
+/// `Io` or `Weights` when the file cannot be read as safetensors.
+pub(crate) fn shapes(file: &Path) -> Result<BTreeMap<String, Vec<usize>>, PipelineError> {
+    let tensors = map_file(file)?;
+    Ok(tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect())
 }
 
 /// Returns candle's message without the backtrace it may carry.
