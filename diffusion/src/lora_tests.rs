@@ -410,3 +410,82 @@ fn dump_for_lora_parity() -> TestResult {
     }
     Ok(())
 }
+
+/// Times merging on an SD-1.5-shaped model against the UNet step it saves, and one
+/// attention projection with and without an on-the-fly low-rank branch. Run by
+/// hand (writes ~4.5 GB):
+/// `KILN_LORA_BENCH_DIR=/tmp/lora-bench cargo test --release -p kiln-diffusion measure_lora_merge -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement on an SD-1.5-shaped model; needs KILN_LORA_BENCH_DIR"]
+fn measure_lora_merge() -> TestResult {
+    use std::time::Instant;
+
+    use candle_core::Module;
+
+    let root = std::path::PathBuf::from(std::env::var("KILN_LORA_BENCH_DIR")?);
+    let model = root.join("sd15");
+    if !model.join("model_index.json").is_file() {
+        bench::write_sd15_shaped_model(&model)?;
+    }
+    let loras = root.join("loras");
+    let modules = write_tiny_lora(&model, &loras.join("big.safetensors"), LoraFormat::Kohya, 1)?;
+    let started = Instant::now();
+    let mut p = Pipeline::load(&model, &Device::Cpu)?;
+    eprintln!("base load: {:.2} s", started.elapsed().as_secs_f64());
+    p.set_assets(Arc::new(Assets::scan(&[loras], &[], &[])?));
+    for (what, l) in [
+        ("UNet", lora("big", 0.7, 0.0)),
+        ("text encoder", lora("big", 0.0, 0.7)),
+    ] {
+        let started = Instant::now();
+        adapters::apply(&p, &with_loras("a", 1, vec![l.clone()]))?;
+        eprintln!(
+            "merge {modules} modules into the {what}: {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        let started = Instant::now();
+        adapters::apply(&p, &with_loras("a", 1, vec![l]))?;
+        eprintln!(
+            "kept {what} variant: {:.4} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    // One guided UNet step at 256 px, base and merged.
+    let latents = Tensor::zeros((2, 4, 32, 32), DType::F32, &Device::Cpu)?;
+    let cond = p.conditioning("a", Some(""), 32, 32)?;
+    let merged = adapters::apply(&p, &with_loras("a", 1, vec![lora("big", 0.7, 0.0)]))?.unet;
+    for (what, unet) in [("base", &p.unet), ("merged", &merged)] {
+        let started = Instant::now();
+        unet.forward(&latents, 500.0, &cond)?;
+        eprintln!(
+            "guided UNet step, 256 px, {what}: {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    // A level-0 attention projection at 256 px (2 × 1024 tokens, 320 wide), with a
+    // rank-r branch added on the fly as PEFT does: x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
+    let cpu = &Device::Cpu;
+    let x = Tensor::randn(0f32, 1., (2, 1024, 320), cpu)?;
+    let linear = candle_nn::Linear::new(Tensor::randn(0f32, 0.05, (320, 320), cpu)?, None);
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<f64> {
+        f()?;
+        let started = Instant::now();
+        for _ in 0..20 {
+            f()?;
+        }
+        Ok(started.elapsed().as_secs_f64() / 20.0)
+    };
+    let base = time(&|| linear.forward(&x))?;
+    eprintln!("to_q 320x320 on 2x1024 tokens: {:.3} ms", base * 1e3);
+    for rank in [4usize, 16, 64] {
+        let a = candle_nn::Linear::new(Tensor::randn(0f32, 0.05, (rank, 320), cpu)?, None);
+        let b = candle_nn::Linear::new(Tensor::randn(0f32, 0.05, (320, rank), cpu)?, None);
+        let with = time(&|| linear.forward(&x)? + (b.forward(&a.forward(&x)?)? * 0.7)?)?;
+        eprintln!(
+            "  with a rank-{rank} branch on the fly: {:.3} ms (+{:.0}%)",
+            with * 1e3,
+            (with / base - 1.0) * 100.0
+        );
+    }
+    Ok(())
+}
