@@ -1,17 +1,20 @@
 //! Admission of submitted jobs: validate and expand the spec, check that the
-//! farm knows every model, pin model hashes, and create the job.
+//! farm knows every model, LoRA and ControlNet, pin their hashes, find the
+//! embeddings the prompts name, and create the job.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use kiln_proto::error::{FieldError, quote};
-use kiln_proto::ids::{JobId, TaskId};
-use kiln_proto::spec::{self, JobSpec};
+use kiln_proto::extras::{EmbeddingRef, embedding_words};
+use kiln_proto::ids::{JobId, TaskId, WorkerId};
+use kiln_proto::recipe::Recipe;
+use kiln_proto::spec::{self, ExtraKind, JobSpec};
 
 use crate::auth::Caller;
 use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult};
-use crate::store::{JobRecord, NewJob, NewTask, Store};
+use crate::store::{HeldAssets, JobRecord, ModelInfo, NewJob, NewTask, Store};
 
 /// Validates, expands and creates a job; returns it and whether it is new.
 ///
@@ -49,6 +52,13 @@ pub async fn admit(
         if let Some(hash) = known.get(&item.recipe.model) {
             item.recipe.model_hash = hash.clone();
         }
+    }
+    // LoRAs and ControlNets are pinned by the same rule; prompt words naming
+    // an announced embedding add it. The hashes enter the recipe hash and
+    // route each task to workers holding them (`policy::task_needs`).
+    let assets = known_assets(core, &items, &spec).await?;
+    for item in &mut items {
+        assets.resolve(&mut item.recipe);
     }
     let job = NewJob {
         id,
@@ -154,6 +164,142 @@ async fn known_models(
     }
 }
 
+/// What LoRA, embedding and ControlNet names mean on the farm now: name → hash.
+#[derive(Debug, Default)]
+struct AssetMeanings {
+    loras: BTreeMap<String, String>,
+    embeddings: BTreeMap<String, String>,
+    controlnets: BTreeMap<String, String>,
+}
+
+impl AssetMeanings {
+    /// Returns the first LoRA or ControlNet a recipe names that the farm does not know.
+    fn unknown<'a>(&self, recipe: &'a Recipe) -> Option<(ExtraKind, &'a str)> {
+        let e = &recipe.extras;
+        e.loras
+            .iter()
+            .find(|l| !self.loras.contains_key(&l.name))
+            .map(|l| (ExtraKind::Lora, l.name.as_str()))
+            .or_else(|| {
+                e.controlnets
+                    .iter()
+                    .find(|c| !self.controlnets.contains_key(&c.model))
+                    .map(|c| (ExtraKind::ControlNet, c.model.as_str()))
+            })
+    }
+
+    /// Pins a recipe's LoRAs and ControlNets to the hashes their names mean,
+    /// and adds the embeddings its prompts name (a word equal to an announced
+    /// embedding's name: [`embedding_words`]), sorted by name.
+    fn resolve(&self, recipe: &mut Recipe) {
+        for l in &mut recipe.extras.loras {
+            if let Some(hash) = self.loras.get(&l.name) {
+                l.hash = hash.clone();
+            }
+        }
+        for c in &mut recipe.extras.controlnets {
+            if let Some(hash) = self.controlnets.get(&c.model) {
+                c.hash = hash.clone();
+            }
+        }
+        let words: BTreeSet<String> = embedding_words(&recipe.prompt)
+            .chain(embedding_words(&recipe.negative_prompt))
+            .filter(|w| self.embeddings.contains_key(w))
+            .collect();
+        recipe.extras.embeddings = words
+            .into_iter()
+            .map(|name| EmbeddingRef {
+                hash: self.embeddings[&name].clone(),
+                name,
+            })
+            .collect();
+    }
+}
+
+/// Returns what LoRA, embedding and ControlNet names mean once every LoRA and
+/// ControlNet the tasks name is known; waits during the model grace as
+/// [`known_models`] does, then refuses the first unknown name where the spec
+/// writes it.
+async fn known_assets(
+    core: &Core,
+    items: &[spec::ExpandedItem],
+    spec: &JobSpec,
+) -> CoordinatorResult<AssetMeanings> {
+    loop {
+        let meanings = asset_meanings(core.store.as_ref()).await?;
+        let Some((kind, name)) = items.iter().find_map(|i| meanings.unknown(&i.recipe)) else {
+            return Ok(meanings);
+        };
+        if core.started.elapsed() >= core.config.model_grace {
+            let (what, known, flag) = match kind {
+                ExtraKind::Lora => ("LoRA", &meanings.loras, "--lora-dir DIR"),
+                ExtraKind::ControlNet => (
+                    "ControlNet",
+                    &meanings.controlnets,
+                    "--controlnet NAME=PATH",
+                ),
+            };
+            let hint = if known.is_empty() {
+                format!("no worker has announced it: start one with {flag}")
+            } else {
+                let names: Vec<&str> = known.keys().map(String::as_str).collect();
+                format!("workers have announced {}", names.join(", "))
+            };
+            return Err(FieldError::new(
+                spec::extra_field(spec, kind, name),
+                format!("unknown {what} {}; {hint}", quote(name)),
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Returns what each LoRA, embedding and ControlNet name means: the rule
+/// over live workers ([`kiln_proto::model::identify`]), and for a name no live
+/// worker holds, the hash its most recent holder that was not drained held
+/// ([`kiln_proto::model::last_meanings`]) — as for models ([`meanings`]).
+async fn asset_meanings(store: &dyn Store) -> CoordinatorResult<AssetMeanings> {
+    let live: BTreeSet<WorkerId> = store
+        .live_workers()
+        .await?
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    let workers = store.workers().await?;
+    let meaning = |list: fn(&HeldAssets) -> &Vec<ModelInfo>| {
+        let mut out: BTreeMap<String, String> = kiln_proto::model::identify(
+            workers
+                .iter()
+                .filter(|w| live.contains(&w.registration.id))
+                .flat_map(|w| {
+                    list(&w.registration.assets)
+                        .iter()
+                        .map(move |m| (&w.registration.id, m.name.as_str(), m.hash.as_str()))
+                }),
+        )
+        .into_iter()
+        .map(|m| (m.name.clone(), m.chosen().to_string()))
+        .collect();
+        let last = kiln_proto::model::last_meanings(
+            workers.iter().filter(|w| !w.draining).flat_map(|w| {
+                list(&w.registration.assets)
+                    .iter()
+                    .map(move |m| (w.last_seen_ms, m.name.as_str(), m.hash.as_str()))
+            }),
+        );
+        for (name, hash) in last {
+            out.entry(name).or_insert(hash);
+        }
+        out
+    };
+    Ok(AssetMeanings {
+        loras: meaning(|a| &a.loras),
+        embeddings: meaning(|a| &a.embeddings),
+        controlnets: meaning(|a| &a.controlnets),
+    })
+}
+
 /// Returns what each of the `needed` names means, for those the farm knows:
 /// the rule over live workers ([`Store::models`]); for a name no live worker
 /// holds (a pool scaled to zero), the hash its most recent holder that was
@@ -194,12 +340,10 @@ async fn meanings(
 mod tests {
     use std::collections::BTreeMap;
 
-    use kiln_proto::ids::WorkerId;
-
     use super::*;
     use crate::store::MemoryStore;
+    use crate::store::WorkerRegistration;
     use crate::store::policy::LIVE_MS;
-    use crate::store::{ModelInfo, WorkerRegistration};
 
     fn worker(id: &str, hash: &str) -> WorkerRegistration {
         WorkerRegistration {
@@ -213,6 +357,7 @@ mod tests {
             }],
             determinism_class: "cpu/f32".into(),
             version: "test".into(),
+            assets: Default::default(),
         }
     }
 

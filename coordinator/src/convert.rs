@@ -7,12 +7,14 @@
 //! [`AbandonReason`](crate::store::AbandonReason)) to and from their
 //! `kiln.v1` numbers.
 
+use kiln_proto::error::FieldError;
 use kiln_proto::pb;
+use kiln_proto::recipe::check_name;
 
 use crate::models::ModelSummary;
 use crate::store::{
-    AbandonReason, Attempt, Event, EventKind, Fault, JobRecord, JobState, Lease, ModelInfo,
-    RunningTask, TaskCounts, TaskRecord, TaskState, Usage, WorkerRecord,
+    AbandonReason, Attempt, Event, EventKind, Fault, HeldAssets, JobRecord, JobState, Lease,
+    ModelInfo, RunningTask, TaskCounts, TaskRecord, TaskState, Usage, WorkerRecord,
 };
 use crate::verify::Verification;
 
@@ -190,6 +192,32 @@ pub fn running(r: &RunningTask) -> pb::TaskProgress {
         steps: r.steps,
         worker_id: r.worker.to_string(),
     }
+}
+
+/// Reads the LoRAs, embeddings and ControlNets a registering worker announces;
+/// each name must follow the catalog name rule.
+///
+/// # Errors
+/// The first name refused, as `loras[i].name` (or `embeddings`, `controlnets`).
+pub fn held_assets(req: &pb::RegisterRequest) -> Result<HeldAssets, FieldError> {
+    let list = |field: &str, infos: &[pb::ModelInfo]| {
+        infos
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                check_name(&format!("{field}[{i}].name"), &m.name)?;
+                Ok(ModelInfo {
+                    name: m.name.clone(),
+                    hash: m.hash.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, FieldError>>()
+    };
+    Ok(HeldAssets {
+        loras: list("loras", &req.loras)?,
+        embeddings: list("embeddings", &req.embeddings)?,
+        controlnets: list("controlnets", &req.controlnets)?,
+    })
 }
 
 /// Returns the wire form of a model.

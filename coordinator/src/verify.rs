@@ -160,11 +160,7 @@ async fn inputs(
     task: &TaskRecord,
     all: &[TaskRecord],
 ) -> CoordinatorResult<Result<Vec<(String, Bytes)>, String>> {
-    let refs: Vec<String> = [&task.recipe.init_image, &task.recipe.mask]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
+    let refs: Vec<String> = task.recipe.images();
     let mut found = core.store.blobs(job, &refs).await?;
     for sha in &refs {
         if found.iter().any(|(s, _)| s == sha) {

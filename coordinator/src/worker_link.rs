@@ -123,8 +123,14 @@ async fn register(
             hash: m.hash.clone(),
         });
     }
+    let assets = convert::held_assets(&req)?;
     let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
-    tracing::info!(worker = %id, token = %caller.name, slots = req.slots, models = ?names, class = %req.determinism_class, "worker registered");
+    let asset_names: Vec<&str> = [&assets.loras, &assets.embeddings, &assets.controlnets]
+        .into_iter()
+        .flatten()
+        .map(|m| m.name.as_str())
+        .collect();
+    tracing::info!(worker = %id, token = %caller.name, slots = req.slots, models = ?names, assets = ?asset_names, class = %req.determinism_class, "worker registered");
     let announced = models.clone();
     let released = core
         .store
@@ -137,6 +143,7 @@ async fn register(
                 models,
                 determinism_class: req.determinism_class,
                 version: req.version,
+                assets,
             },
             caller.principal(),
         )
@@ -477,11 +484,7 @@ async fn stale(
 /// shot, its anchor's accepted image from the result store (the anchor is
 /// looked up by index: one store read, whatever the job's size).
 async fn lease_blobs(core: &Core, lease: &Lease) -> CoordinatorResult<Vec<pb::Blob>> {
-    let refs: Vec<String> = [&lease.recipe.init_image, &lease.recipe.mask]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
+    let refs: Vec<String> = lease.recipe.images();
     if refs.is_empty() {
         return Ok(Vec::new());
     }
@@ -530,13 +533,12 @@ async fn intake(core: &Core, caller: &Caller, req: pb::CompleteRequest) -> Coord
     let task = core.store.task(task_id).await?;
     let (w, h) = png_size(&req.png)
         .ok_or_else(|| FieldError::new("png", "is not a PNG image (no IHDR header)"))?;
-    if (w, h) != (task.recipe.width, task.recipe.height) {
+    // With the hires fix the image is its second pass's size.
+    let (want_w, want_h) = task.recipe.output_size();
+    if (w, h) != (want_w, want_h) {
         return Err(FieldError::new(
             "png",
-            format!(
-                "is {w}x{h}, but the recipe asks for {}x{}",
-                task.recipe.width, task.recipe.height
-            ),
+            format!("is {w}x{h}, but the recipe asks for {want_w}x{want_h}"),
         )
         .into());
     }
@@ -682,6 +684,7 @@ mod tests {
                     }],
                     determinism_class: "cpu/f32".into(),
                     version: "test".into(),
+                    assets: Default::default(),
                 },
                 None,
             )
@@ -822,6 +825,7 @@ mod tests {
             }],
             determinism_class: "cpu/f32".into(),
             version: "test".into(),
+            assets: Default::default(),
         };
         store
             .register_worker(registration.clone(), None)

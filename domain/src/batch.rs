@@ -18,6 +18,19 @@
 //! `init_image` and `mask` name image files, relative to the batch file; they
 //! are read here and sent with the job as blobs.
 //!
+//! Extras, wherever a recipe field is allowed (and as sweep values):
+//!
+//! ```toml
+//! loras = [{ name = "mira-v3", weight = 0.8 }]          # or unet_weight / te_weight
+//! controlnets = [{ model = "pose", image = "poses/run.png", scale = 1.0, start = 0.0,
+//!                  end = 1.0, resize = "crop", preprocess = "canny" }]
+//! hires = { scale = 2.0, steps = 10, denoise = 0.5, upscaler = "latent" }
+//! ```
+//!
+//! A control `image` is read like `init_image`. Defaults: LoRA weight 1;
+//! ControlNet scale 1, start 0, end 1, resize crop, no preprocessor; hires
+//! denoise [`DEFAULT_HIRES_DENOISE`], upscaler latent (scale and steps are required).
+//!
 //! A batch file is UTF-8 text of at most [`MAX_BATCH_BYTES`], with keys and
 //! brackets nested at most [`MAX_NESTING`] deep; every refusal is one line,
 //! `FILE:LINE: FIELD: what is wrong`.
@@ -29,6 +42,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use crate::error::{FieldError, MAX_QUOTED_CHARS, one_line, quote};
+use crate::extras::{
+    ControlNetRef, DEFAULT_HIRES_DENOISE, Hires, LoraRef, Preprocessor, ResizeMode, Upscaler,
+};
 use crate::image::MAX_BLOB_BYTES;
 use crate::spec::{
     self, Blob, ExpandedItem, FIELDS, FieldValue, JobSpec, RecipeFields, SeriesSpec, SweepAxis,
@@ -441,6 +457,210 @@ impl Parser {
         }
     }
 
+    /// Reads an array of inline tables, registering each entry's span as `path[i]`.
+    fn entries<'a, 'i>(
+        &mut self,
+        path: &str,
+        value: &'a Spanned<DeValue<'i>>,
+        example: &str,
+    ) -> Result<Vec<(String, &'a DeTable<'i>)>, BatchError> {
+        let DeValue::Array(list) = value.get_ref() else {
+            return Err(self.err(
+                path,
+                &value.span(),
+                format!(
+                    "must be a list of tables, got {}: write {example}",
+                    describe(value.get_ref())
+                ),
+            ));
+        };
+        let mut out = Vec::with_capacity(list.len());
+        for (i, entry) in list.iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            self.spans.insert(at.clone(), entry.span());
+            let table = self.table(&at, entry)?;
+            out.push((at, table));
+        }
+        Ok(out)
+    }
+
+    /// Refuses a key a table of extras does not know.
+    fn unknown_key(&self, at: &str, key: &str, span: &Range<usize>, known: &[&str]) -> BatchError {
+        self.err(
+            at,
+            span,
+            format!(
+                "unknown key {}; expected one of {}",
+                quote(key),
+                known.join(", ")
+            ),
+        )
+    }
+
+    /// Reads `loras = [{ name = "...", weight = 0.8 }]`.
+    fn loras(
+        &mut self,
+        path: &str,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Result<Vec<LoraRef>, BatchError> {
+        const KEYS: &[&str] = &["name", "weight", "unet_weight", "te_weight"];
+        let mut out = Vec::new();
+        for (at, table) in
+            self.entries(path, value, "loras = [{ name = \"NAME\", weight = 0.8 }]")?
+        {
+            let (mut name, mut weight, mut unet, mut te) = (None, None, None, None);
+            for (key, v) in table {
+                let key = key.get_ref().as_ref();
+                let field = format!("{at}.{key}");
+                self.spans.insert(field.clone(), v.span());
+                match key {
+                    "name" => name = Some(self.string(&field, v)?),
+                    "weight" => {
+                        weight = Some(self.number(&field, v)?);
+                        // Validation names the weights the recipe keeps.
+                        for alias in ["unet_weight", "te_weight"] {
+                            self.spans
+                                .entry(format!("{at}.{alias}"))
+                                .or_insert_with(|| v.span());
+                        }
+                    }
+                    "unet_weight" => unet = Some(self.number(&field, v)?),
+                    "te_weight" => te = Some(self.number(&field, v)?),
+                    other => return Err(self.unknown_key(&field, other, &v.span(), KEYS)),
+                }
+            }
+            let span = self.spans[&at].clone();
+            let name = name.ok_or_else(|| {
+                self.err(
+                    &format!("{at}.name"),
+                    &span,
+                    "missing: name the LoRA (its file stem on the workers)",
+                )
+            })?;
+            let weight = weight.unwrap_or(1.0);
+            out.push(LoraRef {
+                name,
+                hash: String::new(),
+                unet_weight: unet.unwrap_or(weight),
+                te_weight: te.unwrap_or(weight),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Reads `controlnets = [{ model = "...", image = "FILE", ... }]`.
+    fn controlnets(
+        &mut self,
+        path: &str,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Result<Vec<ControlNetRef>, BatchError> {
+        const KEYS: &[&str] = &[
+            "model",
+            "image",
+            "scale",
+            "start",
+            "end",
+            "resize",
+            "preprocess",
+        ];
+        let mut out = Vec::new();
+        for (at, table) in self.entries(
+            path,
+            value,
+            "controlnets = [{ model = \"NAME\", image = \"FILE\" }]",
+        )? {
+            let mut c = ControlNetRef {
+                model: String::new(),
+                hash: String::new(),
+                image: String::new(),
+                scale: 1.0,
+                start: 0.0,
+                end: 1.0,
+                resize: ResizeMode::Crop,
+                preprocess: None,
+            };
+            let (mut model, mut image) = (None, None);
+            for (key, v) in table {
+                let key = key.get_ref().as_ref();
+                let field = format!("{at}.{key}");
+                self.spans.insert(field.clone(), v.span());
+                let located = |e: FieldError| self.err(&field, &v.span(), e.message);
+                match key {
+                    "model" => model = Some(self.string(&field, v)?),
+                    "image" => image = Some(self.image(&field, v)?),
+                    "scale" => c.scale = self.number(&field, v)?,
+                    "start" => c.start = self.number(&field, v)?,
+                    "end" => c.end = self.number(&field, v)?,
+                    "resize" => {
+                        c.resize =
+                            ResizeMode::parse(&field, &self.string(&field, v)?).map_err(located)?
+                    }
+                    "preprocess" => {
+                        c.preprocess = Some(
+                            Preprocessor::parse(&field, &self.string(&field, v)?)
+                                .map_err(located)?,
+                        )
+                    }
+                    other => return Err(self.unknown_key(&field, other, &v.span(), KEYS)),
+                }
+            }
+            let span = self.spans[&at].clone();
+            c.model = model.ok_or_else(|| {
+                self.err(
+                    &format!("{at}.model"),
+                    &span,
+                    "missing: name the ControlNet (--controlnet NAME=PATH on the workers)",
+                )
+            })?;
+            c.image = image.ok_or_else(|| {
+                self.err(
+                    &format!("{at}.image"),
+                    &span,
+                    "missing: the control image file",
+                )
+            })?;
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// Reads `hires = { scale = 2.0, steps = 10, denoise = 0.5, upscaler = "latent" }`.
+    fn hires(&mut self, path: &str, value: &Spanned<DeValue<'_>>) -> Result<Hires, BatchError> {
+        const KEYS: &[&str] = &["scale", "steps", "denoise", "upscaler"];
+        let table = self.table(path, value)?;
+        let (mut scale, mut steps) = (None, None);
+        let mut denoise = DEFAULT_HIRES_DENOISE;
+        let mut upscaler = Upscaler::Latent;
+        for (key, v) in table {
+            let key = key.get_ref().as_ref();
+            let field = format!("{path}.{key}");
+            self.spans.insert(field.clone(), v.span());
+            match key {
+                "scale" => scale = Some(self.number(&field, v)?),
+                "steps" => steps = Some(self.small(&field, "steps", v)?),
+                "denoise" => denoise = self.number(&field, v)?,
+                "upscaler" => {
+                    upscaler = Upscaler::parse(&field, &self.string(&field, v)?)
+                        .map_err(|e| self.err(&field, &v.span(), e.message))?
+                }
+                other => return Err(self.unknown_key(&field, other, &v.span(), KEYS)),
+            }
+        }
+        let missing = |field: &str| {
+            self.err(
+                &format!("{path}.{field}"),
+                &value.span(),
+                format!("missing: set {field} in the hires table"),
+            )
+        };
+        Ok(Hires {
+            scale: scale.ok_or_else(|| missing("scale"))?,
+            steps: steps.ok_or_else(|| missing("steps"))?,
+            denoise,
+            upscaler,
+        })
+    }
+
     /// Reads `[series.NAME]`: the series keys, recipe fields, and its shots.
     fn series(
         &mut self,
@@ -532,6 +752,9 @@ impl Parser {
                 "karras" => f.karras = Some(self.boolean(&at, v)?),
                 "init_image" => f.init_image = Some(self.image(&at, v)?),
                 "mask" => f.mask = Some(self.image(&at, v)?),
+                "loras" => f.loras = Some(self.loras(&at, v)?),
+                "controlnets" => f.controlnets = Some(self.controlnets(&at, v)?),
+                "hires" => f.hires = Some(self.hires(&at, v)?),
                 other => {
                     let mut known: Vec<&str> = also.to_vec();
                     known.extend_from_slice(FIELDS);
@@ -580,6 +803,11 @@ impl Parser {
                 let item_path = format!("{at}[{i}]");
                 self.spans.insert(item_path.clone(), item.span());
                 let value = match item.get_ref() {
+                    _ if field == "loras" => FieldValue::Loras(self.loras(&item_path, item)?),
+                    _ if field == "controlnets" => {
+                        FieldValue::ControlNets(self.controlnets(&item_path, item)?)
+                    }
+                    _ if field == "hires" => FieldValue::Hires(self.hires(&item_path, item)?),
                     DeValue::String(_) if matches!(field.as_str(), "init_image" | "mask") => {
                         FieldValue::Text(self.image(&item_path, item)?)
                     }
@@ -741,6 +969,10 @@ fn describe(v: &DeValue<'_>) -> String {
         other => kind(other).to_string(),
     }
 }
+
+#[cfg(test)]
+#[path = "batch_extras_tests.rs"]
+mod extras_tests;
 
 #[cfg(test)]
 mod tests {

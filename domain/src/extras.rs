@@ -10,6 +10,18 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{FieldError, quote};
+use crate::recipe::{SIZE_RANGE, STEPS_RANGE, check_name};
+
+/// Most LoRAs one recipe may apply (listed and tagged together).
+pub const MAX_LORAS: usize = 32;
+/// Most ControlNets one recipe may apply at once.
+pub const MAX_CONTROLNETS: usize = 8;
+/// Largest hires-fix factor; the smallest is just above 1.
+pub const MAX_HIRES_SCALE: f64 = 4.0;
+/// Range of a ControlNet's `scale` (A1111's "Control Weight" slider).
+pub const CONTROL_SCALE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=2.0;
+/// A1111's default hires denoising strength, when a batch file names none.
+pub const DEFAULT_HIRES_DENOISE: f64 = 0.7;
 
 /// LoRAs, embeddings, ControlNets and hires fix of one recipe.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -35,6 +47,154 @@ impl Extras {
             && self.embeddings.is_empty()
             && self.controlnets.is_empty()
             && self.hires.is_none()
+    }
+
+    /// The one check of a recipe's extras, for a recipe of `width` x `height`:
+    /// names follow [`check_name`], LoRA weights are finite, ControlNet scale,
+    /// start and end lie in range (start before end), hashes are sha256 hex
+    /// when set, and the hires fix scales by more than 1 and at most
+    /// [`MAX_HIRES_SCALE`] to a size within [`SIZE_RANGE`] ([`Hires::target_size`]).
+    /// `at(field)` turns `loras[0].name` into the caller's path.
+    ///
+    /// # Errors
+    /// The first field that is wrong, quoting the value.
+    pub fn validate(
+        &self,
+        at: impl Fn(&str) -> String,
+        width: u32,
+        height: u32,
+    ) -> Result<(), FieldError> {
+        if self.loras.len() > MAX_LORAS {
+            return Err(FieldError::new(
+                at("loras"),
+                format!(
+                    "names {} LoRAs, more than the limit of {MAX_LORAS}",
+                    self.loras.len()
+                ),
+            ));
+        }
+        for (i, l) in self.loras.iter().enumerate() {
+            check_name(&at(&format!("loras[{i}].name")), &l.name)?;
+            if self.loras[..i].iter().any(|o| o.name == l.name) {
+                return Err(FieldError::new(
+                    at(&format!("loras[{i}].name")),
+                    format!("LoRA {} is listed twice", quote(&l.name)),
+                ));
+            }
+            check_hash(&at(&format!("loras[{i}].hash")), &l.hash)?;
+            for (field, w) in [("unet_weight", l.unet_weight), ("te_weight", l.te_weight)] {
+                if !w.is_finite() {
+                    return Err(FieldError::new(
+                        at(&format!("loras[{i}].{field}")),
+                        format!("must be a finite number, got {w}"),
+                    ));
+                }
+            }
+        }
+        for (i, e) in self.embeddings.iter().enumerate() {
+            check_name(&at(&format!("embeddings[{i}].name")), &e.name)?;
+            check_hash(&at(&format!("embeddings[{i}].hash")), &e.hash)?;
+        }
+        if self.controlnets.len() > MAX_CONTROLNETS {
+            return Err(FieldError::new(
+                at("controlnets"),
+                format!(
+                    "names {} ControlNets, more than the limit of {MAX_CONTROLNETS}",
+                    self.controlnets.len()
+                ),
+            ));
+        }
+        for (i, c) in self.controlnets.iter().enumerate() {
+            let field = |f: &str| at(&format!("controlnets[{i}].{f}"));
+            check_name(&field("model"), &c.model)?;
+            check_hash(&field("hash"), &c.hash)?;
+            crate::recipe::check_sha256(&field("image"), &c.image)?;
+            if !c.scale.is_finite() || !CONTROL_SCALE_RANGE.contains(&c.scale) {
+                return Err(FieldError::new(
+                    field("scale"),
+                    format!(
+                        "must be between {} and {}, got {}",
+                        CONTROL_SCALE_RANGE.start(),
+                        CONTROL_SCALE_RANGE.end(),
+                        c.scale
+                    ),
+                ));
+            }
+            for (name, v) in [("start", c.start), ("end", c.end)] {
+                if !v.is_finite() || !(0.0..=1.0).contains(&v) {
+                    return Err(FieldError::new(
+                        field(name),
+                        format!("must be between 0 and 1, got {v}"),
+                    ));
+                }
+            }
+            if c.start >= c.end {
+                return Err(FieldError::new(
+                    field("end"),
+                    format!(
+                        "must be after start ({}), got {}: the ControlNet would never apply",
+                        c.start, c.end
+                    ),
+                ));
+            }
+        }
+        if let Some(h) = &self.hires {
+            h.validate(|f| at(&format!("hires.{f}")), width, height)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the LoRAs of a prompt's `<lora:...>` tags ([`lora_tags`]) to `loras`:
+    /// a tag naming a listed LoRA replaces its weights in place (the tag wins), a
+    /// new name is appended. `field` names the prompt in errors.
+    ///
+    /// # Errors
+    /// A tag with a weight that is not a number or a name [`check_name`] refuses.
+    pub fn add_prompt_loras(&mut self, field: &str, prompt: &str) -> Result<(), FieldError> {
+        for tag in lora_tags(field, prompt)? {
+            check_name(field, &tag.name).map_err(|e| {
+                FieldError::new(field, format!("<lora:{}:...>: {}", tag.name, e.message))
+            })?;
+            match self.loras.iter_mut().find(|l| l.name == tag.name) {
+                Some(listed) => {
+                    listed.unet_weight = tag.unet_weight;
+                    listed.te_weight = tag.te_weight;
+                }
+                None => self.loras.push(tag),
+            }
+        }
+        Ok(())
+    }
+
+    /// A short digest of the extras (sha256 hex of their JSON, 16 digits), empty
+    /// when there are none: what [`crate::recipe::BatchKey`] keeps of them.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        if self.is_empty() {
+            return String::new();
+        }
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(&Sha256::digest(&json)[..8])
+    }
+}
+
+/// Checks a content hash: empty (not resolved yet) or 64 lowercase hex digits.
+fn check_hash(path: &str, value: &str) -> Result<(), FieldError> {
+    let ok = value.is_empty()
+        || (value.len() == 64
+            && value
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            path,
+            format!(
+                "must be a sha256 content hash (64 lowercase hex digits), got {}",
+                quote(value)
+            ),
+        ))
     }
 }
 
@@ -173,6 +333,58 @@ impl Hires {
         let side = |s: u32| (((f64::from(s) * self.scale) as u32) / 8) * 8;
         (side(width), side(height))
     }
+
+    /// Checks the hires fix of a `width` x `height` recipe; `at(field)` names a field.
+    ///
+    /// # Errors
+    /// The first field out of range, quoting the value.
+    pub fn validate(
+        &self,
+        at: impl Fn(&str) -> String,
+        width: u32,
+        height: u32,
+    ) -> Result<(), FieldError> {
+        if !self.scale.is_finite() || self.scale <= 1.0 || self.scale > MAX_HIRES_SCALE {
+            return Err(FieldError::new(
+                at("scale"),
+                format!(
+                    "must be more than 1 and at most {MAX_HIRES_SCALE}, got {}",
+                    self.scale
+                ),
+            ));
+        }
+        if !STEPS_RANGE.contains(&self.steps) {
+            return Err(FieldError::new(
+                at("steps"),
+                format!(
+                    "must be between {} and {}, got {}",
+                    STEPS_RANGE.start(),
+                    STEPS_RANGE.end(),
+                    self.steps
+                ),
+            ));
+        }
+        if !self.denoise.is_finite() || !(0.0..=1.0).contains(&self.denoise) {
+            return Err(FieldError::new(
+                at("denoise"),
+                format!("must be between 0 and 1, got {}", self.denoise),
+            ));
+        }
+        let (w, h) = self.target_size(width, height);
+        if !SIZE_RANGE.contains(&w) || !SIZE_RANGE.contains(&h) {
+            return Err(FieldError::new(
+                at("scale"),
+                format!(
+                    "{}x{height} scaled by {} is {w}x{h}; both sides must stay between {} and {}",
+                    width,
+                    self.scale,
+                    SIZE_RANGE.start(),
+                    SIZE_RANGE.end()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How the hires fix upscales the first pass.
@@ -244,6 +456,19 @@ pub struct Tag {
     pub name: String,
     /// The arguments after the name, as written.
     pub args: Vec<String>,
+}
+
+/// Returns the words of a prompt that may name a textual-inversion embedding:
+/// its text without extra-network tags ([`strip`]), cut at every character a
+/// name may not hold (see [`check_name`]: letters, digits, `.`, `_`, `-`).
+/// `badhands` is found in `(badhands:1.2), blurry`.
+pub fn embedding_words(prompt: &str) -> impl Iterator<Item = String> {
+    strip(prompt)
+        .split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+        .into_iter()
 }
 
 /// Finds the extra-network tags of a prompt: `<` then a kind of ASCII letters, digits
@@ -374,6 +599,13 @@ mod tests {
     fn bad_weight_is_named() {
         let e = lora_tags("items[0].prompt", "<lora:x:heavy>").unwrap_err();
         assert!(e.to_string().contains("heavy"), "{e}");
+    }
+
+    #[test]
+    fn embedding_words_skip_weights_and_tags() {
+        let words: Vec<_> =
+            embedding_words("(badhands:1.2), <lora:ink:1> blurry\nbad-eyes").collect();
+        assert_eq!(words, ["badhands", "1.2", "blurry", "bad-eyes"]);
     }
 
     #[test]

@@ -194,6 +194,9 @@ pub struct BatchKey {
     pub mode: Mode,
     /// The strength as bits with an init image; 0 for txt2img, which ignores it.
     pub strength_bits: u64,
+    /// [`Extras::digest`]: tasks with other LoRAs, embeddings, ControlNets or
+    /// hires fix never share a batch. Empty without extras.
+    pub extras: String,
 }
 
 impl fmt::Display for BatchKey {
@@ -211,7 +214,12 @@ impl fmt::Display for BatchKey {
             self.guided,
             self.mode.name(),
             f64::from_bits(self.strength_bits),
-        )
+        )?;
+        // Left out without extras, so keys of plain recipes read as before.
+        if !self.extras.is_empty() {
+            write!(f, "|{}", self.extras)?;
+        }
+        Ok(())
     }
 }
 
@@ -242,6 +250,7 @@ impl Recipe {
                 Mode::Txt2Img => 0,
                 Mode::Img2Img | Mode::Inpaint => self.strength.to_bits(),
             },
+            extras: self.extras.digest(),
         }
     }
 
@@ -337,7 +346,33 @@ impl Recipe {
                 ),
             ));
         }
-        Ok(())
+        self.extras.validate(at, self.width, self.height)
+    }
+
+    /// Returns the sha256 of every image the recipe refers to among its job's
+    /// blobs: the init image, the mask, then each ControlNet's control image
+    /// (each once, in that order).
+    pub fn images(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let all = [&self.init_image, &self.mask]
+            .into_iter()
+            .flatten()
+            .chain(self.extras.controlnets.iter().map(|c| &c.image));
+        for sha in all {
+            if !out.contains(sha) {
+                out.push(sha.clone());
+            }
+        }
+        out
+    }
+
+    /// Returns the size of the output image: the recipe's size, or with the hires
+    /// fix the size of its second pass ([`crate::extras::Hires::target_size`]).
+    pub fn output_size(&self) -> (u32, u32) {
+        match &self.extras.hires {
+            Some(h) => h.target_size(self.width, self.height),
+            None => (self.width, self.height),
+        }
     }
 
     /// Returns the stable hash of the recipe, hex: equal recipes render equal bytes.

@@ -6,6 +6,7 @@
 //! converts between the two at the wire.
 
 use crate::error::{FieldError, quote, segment};
+use crate::extras::{ControlNetRef, Extras, Hires, LoraRef};
 use crate::image::{check_image, sha256_hex};
 use crate::recipe::{
     Recipe, SIZE_RANGE, STEPS_RANGE, Scheduler, check_model_name, derive_seed, file_name,
@@ -37,6 +38,9 @@ pub const FIELDS: &[&str] = &[
     "strength",
     "init_image",
     "mask",
+    "loras",
+    "controlnets",
+    "hires",
 ];
 
 /// Values used when neither the item, the sweep nor `[defaults]` sets a field.
@@ -118,6 +122,13 @@ pub struct RecipeFields {
     pub init_image: Option<String>,
     /// sha256 of a blob of the job.
     pub mask: Option<String>,
+    /// LoRAs (hashes empty: admission resolves them); `<lora:...>` tags of the
+    /// prompt are added at expansion.
+    pub loras: Option<Vec<LoraRef>>,
+    /// ControlNets, each with the sha256 of its control image among the blobs.
+    pub controlnets: Option<Vec<ControlNetRef>>,
+    /// The hires fix.
+    pub hires: Option<Hires>,
 }
 
 /// One value of a sweep axis.
@@ -131,6 +142,12 @@ pub enum FieldValue {
     Number(f64),
     /// A boolean.
     Flag(bool),
+    /// A list of LoRAs (`loras = [[], [{ name = "ink", weight = 0.7 }]]`).
+    Loras(Vec<LoraRef>),
+    /// A list of ControlNets.
+    ControlNets(Vec<ControlNetRef>),
+    /// A hires fix.
+    Hires(Hires),
 }
 
 /// One swept recipe field and the values it takes.
@@ -552,6 +569,88 @@ pub fn model_field(spec: &JobSpec, name: &str) -> String {
     "defaults.model".to_string()
 }
 
+/// LoRAs or ControlNets, for [`extra_field`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtraKind {
+    /// A LoRA (listed in `loras` or tagged `<lora:NAME:W>` in a prompt).
+    Lora,
+    /// A ControlNet (`controlnets[i].model`).
+    ControlNet,
+}
+
+/// Returns where in `spec` the LoRA or ControlNet `name` is written
+/// (`items[0].loras[1].name`, `sweep.loras[1][0].name`, `items[2].prompt`
+/// for a `<lora:...>` tag, `series.NAME.shots[0].controlnets[0].model`,
+/// `defaults.controlnets[0].model`, ...), for errors about that name.
+pub fn extra_field(spec: &JobSpec, kind: ExtraKind, name: &str) -> String {
+    let tagged = |text: &str| {
+        kind == ExtraKind::Lora
+            && crate::extras::tags(text)
+                .iter()
+                .any(|t| t.kind == "lora" && t.name == name)
+    };
+    let in_loras = |list: &[LoraRef]| {
+        (kind == ExtraKind::Lora)
+            .then(|| list.iter().position(|l| l.name == name))
+            .flatten()
+            .map(|i| format!("[{i}].name"))
+    };
+    let in_controlnets = |list: &[ControlNetRef]| {
+        (kind == ExtraKind::ControlNet)
+            .then(|| list.iter().position(|c| c.model == name))
+            .flatten()
+            .map(|i| format!("[{i}].model"))
+    };
+    let in_fields = |f: &RecipeFields, prefix: &str| -> Option<String> {
+        if let Some(at) = f.loras.as_deref().and_then(in_loras) {
+            return Some(format!("{prefix}.loras{at}"));
+        }
+        if let Some(at) = f.controlnets.as_deref().and_then(in_controlnets) {
+            return Some(format!("{prefix}.controlnets{at}"));
+        }
+        f.prompt
+            .as_deref()
+            .is_some_and(tagged)
+            .then(|| format!("{prefix}.prompt"))
+    };
+    for axis in &spec.sweep {
+        for (v, value) in axis.values.iter().enumerate() {
+            let at = match value {
+                FieldValue::Loras(l) => in_loras(l),
+                FieldValue::ControlNets(c) => in_controlnets(c),
+                FieldValue::Text(t) if axis.field == "prompt" && tagged(t) => Some(String::new()),
+                _ => None,
+            };
+            if let Some(at) = at {
+                return format!("sweep.{}[{v}]{at}", segment(&axis.field));
+            }
+        }
+    }
+    for (i, item) in spec.items.iter().enumerate() {
+        if let Some(at) = in_fields(item, &format!("items[{i}]")) {
+            return at;
+        }
+    }
+    for series in &spec.series {
+        let path = format!("series.{}", segment(&series.name));
+        for (i, shot) in series.shots.iter().enumerate() {
+            if let Some(at) = in_fields(shot, &format!("{path}.shots[{i}]")) {
+                return at;
+            }
+        }
+        if tagged(&series.character) {
+            return format!("{path}.character");
+        }
+        if let Some(at) = in_fields(&series.defaults, &path) {
+            return at;
+        }
+    }
+    in_fields(&spec.defaults, "defaults").unwrap_or_else(|| match kind {
+        ExtraKind::Lora => "loras".to_string(),
+        ExtraKind::ControlNet => "controlnets".to_string(),
+    })
+}
+
 /// Returns every combination of the sweep as (axis index, value index) pairs:
 /// zipped axes advance together, groups are crossed with the first outermost.
 fn sweep_combinations(axes: &[SweepAxis]) -> Result<Vec<Vec<(usize, usize)>>, FieldError> {
@@ -687,6 +786,33 @@ fn set_field(
         "guidance" => fields.guidance = Some(number()?),
         "eta" => fields.eta = Some(number()?),
         "strength" => fields.strength = Some(number()?),
+        "loras" => match value {
+            FieldValue::Loras(l) => fields.loras = Some(l.clone()),
+            other => {
+                return Err(FieldError::new(
+                    path,
+                    format!("expected a list of LoRAs, got {}", describe(other)),
+                ));
+            }
+        },
+        "controlnets" => match value {
+            FieldValue::ControlNets(c) => fields.controlnets = Some(c.clone()),
+            other => {
+                return Err(FieldError::new(
+                    path,
+                    format!("expected a list of ControlNets, got {}", describe(other)),
+                ));
+            }
+        },
+        "hires" => match value {
+            FieldValue::Hires(h) => fields.hires = Some(h.clone()),
+            other => {
+                return Err(FieldError::new(
+                    path,
+                    format!("expected a hires fix table, got {}", describe(other)),
+                ));
+            }
+        },
         other => return Err(unknown_field(path, other)),
     }
     Ok(())
@@ -698,6 +824,9 @@ fn describe(value: &FieldValue) -> String {
         FieldValue::Integer(i) => format!("integer {i}"),
         FieldValue::Number(n) => format!("number {n}"),
         FieldValue::Flag(b) => format!("boolean {b}"),
+        FieldValue::Loras(l) => format!("a list of {} LoRAs", l.len()),
+        FieldValue::ControlNets(c) => format!("a list of {} ControlNets", c.len()),
+        FieldValue::Hires(_) => "a hires fix".to_string(),
     }
 }
 
@@ -761,7 +890,10 @@ impl Layered {
             eta,
             strength,
             init_image,
-            mask
+            mask,
+            loras,
+            controlnets,
+            hires
         );
     }
 
@@ -771,6 +903,14 @@ impl Layered {
             .position(|f| *f == field)
             .and_then(|i| self.origins[i].clone())
             .unwrap_or_else(|| format!("{fallback}.{field}"))
+    }
+
+    /// Where a path below a field was set: `controlnets[1].scale` under the
+    /// origin of `controlnets`.
+    fn origin_of_path(&self, path: &str, fallback: &str) -> String {
+        let cut = path.find(['.', '[']).unwrap_or(path.len());
+        let (head, rest) = path.split_at(cut);
+        format!("{}{rest}", self.origin(head, fallback))
     }
 
     fn finish(
@@ -809,7 +949,7 @@ impl Layered {
                 ));
             }
         }
-        let recipe = Recipe {
+        let mut recipe = Recipe {
             model: f.model.clone().ok_or_else(|| missing("model"))?,
             model_hash: String::new(),
             prompt: f.prompt.clone().ok_or_else(|| missing("prompt"))?,
@@ -833,14 +973,34 @@ impl Layered {
             init_image: f.init_image.clone(),
             mask: f.mask.clone(),
             noise_seed: None,
-            extras: Default::default(),
+            extras: Extras {
+                loras: f.loras.clone().unwrap_or_default(),
+                embeddings: Vec::new(),
+                controlnets: f.controlnets.clone().unwrap_or_default(),
+                hires: f.hires.clone(),
+            },
         };
-        for (field, value) in [("init_image", &recipe.init_image), ("mask", &recipe.mask)] {
+        recipe
+            .extras
+            .add_prompt_loras(&self.origin("prompt", fallback), &recipe.prompt)?;
+        let controls = recipe
+            .extras
+            .controlnets
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("controlnets[{i}].image"), Some(&c.image)));
+        for (field, value) in [
+            ("init_image".to_string(), recipe.init_image.as_ref()),
+            ("mask".to_string(), recipe.mask.as_ref()),
+        ]
+        .into_iter()
+        .chain(controls)
+        {
             if let Some(sha) = value
                 && !blobs.iter().any(|b| &b.sha256 == sha)
             {
                 return Err(FieldError::new(
-                    self.origin(field, fallback),
+                    self.origin_of_path(&field, fallback),
                     format!("no image with sha256 {} was sent with the job", quote(sha)),
                 ));
             }
@@ -853,7 +1013,7 @@ impl Layered {
         }
         recipe
             .validate("")
-            .map_err(|e| FieldError::new(self.origin(&e.path, fallback), e.message))?;
+            .map_err(|e| FieldError::new(self.origin_of_path(&e.path, fallback), e.message))?;
         // A malformed weight is refused here, not found by a worker mid-job.
         crate::prompt::parse_field(&self.origin("prompt", fallback), &recipe.prompt)?;
         crate::prompt::parse_field(
@@ -1282,6 +1442,55 @@ mod tests {
         assert_eq!(model_field(&spec, "sdxl"), "series.mira.shots[1].model");
         assert_eq!(model_field(&spec, "sd15"), "series.mira.model");
         assert_eq!(model_field(&spec, "other"), "defaults.model");
+    }
+
+    #[test]
+    fn extras_are_found_where_they_are_written() {
+        let lora = |name: &str| LoraRef {
+            name: name.into(),
+            hash: String::new(),
+            unet_weight: 1.0,
+            te_weight: 1.0,
+        };
+        let mut spec = issue_spec();
+        spec.sweep.push(axis(
+            "loras",
+            vec![
+                FieldValue::Loras(vec![]),
+                FieldValue::Loras(vec![lora("a"), lora("b")]),
+            ],
+            "",
+        ));
+        spec.items[0].prompt = Some("<lora:c:0.5> a lighthouse".into());
+        spec.defaults.loras = Some(vec![lora("d")]);
+        assert_eq!(
+            extra_field(&spec, ExtraKind::Lora, "b"),
+            "sweep.loras[1][1].name"
+        );
+        assert_eq!(extra_field(&spec, ExtraKind::Lora, "c"), "items[0].prompt");
+        assert_eq!(
+            extra_field(&spec, ExtraKind::Lora, "d"),
+            "defaults.loras[0].name"
+        );
+        assert_eq!(
+            extra_field(&spec, ExtraKind::ControlNet, "a"),
+            "controlnets"
+        );
+        let mut spec = mira();
+        spec.series[0].shots[2].controlnets = Some(vec![ControlNetRef {
+            model: "pose".into(),
+            hash: String::new(),
+            image: "ab".repeat(32),
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+            resize: crate::extras::ResizeMode::Crop,
+            preprocess: None,
+        }]);
+        assert_eq!(
+            extra_field(&spec, ExtraKind::ControlNet, "pose"),
+            "series.mira.shots[2].controlnets[0].model"
+        );
     }
 
     #[test]

@@ -301,6 +301,34 @@ fn recipe_fields(u: &mut Unstructured<'_>, blobs: &[Blob]) -> Result<RecipeField
         strength: maybe(u, 1, |u| float(u, 0.0, 1.0))?,
         init_image: maybe(u, 1, |u| sha(u, blobs))?,
         mask: maybe(u, 1, |u| sha(u, blobs))?,
+        loras: maybe(u, 1, loras)?,
+        controlnets: None,
+        hires: maybe(u, 1, hires)?,
+    })
+}
+
+/// A list of up to two LoRAs with weights in and out of range.
+fn loras(u: &mut Unstructured<'_>) -> Result<Vec<kiln_domain::extras::LoraRef>> {
+    let n = u.int_in_range(0..=2)?;
+    (0..n)
+        .map(|_| {
+            Ok(kiln_domain::extras::LoraRef {
+                name: text(u, &["ink", "mira-v3", "a/b", ""])?,
+                hash: String::new(),
+                unet_weight: float(u, -1.0, 2.0)?,
+                te_weight: float(u, -1.0, 2.0)?,
+            })
+        })
+        .collect()
+}
+
+/// A hires fix, scale and denoise in and out of range.
+fn hires(u: &mut Unstructured<'_>) -> Result<kiln_domain::extras::Hires> {
+    Ok(kiln_domain::extras::Hires {
+        scale: float(u, 0.5, 5.0)?,
+        steps: small(u, STEPS)?,
+        denoise: float(u, 0.0, 1.2)?,
+        upscaler: *u.choose(kiln_domain::extras::Upscaler::ALL)?,
     })
 }
 
@@ -328,6 +356,8 @@ fn field_value(u: &mut Unstructured<'_>, field: &str, blobs: &[Blob]) -> Result<
         "width" | "height" => FieldValue::Integer(small(u, SIDES)?.into()),
         "karras" => FieldValue::Flag(u.arbitrary()?),
         "guidance" => FieldValue::Number(float(u, 0.0, 50.0)?),
+        "loras" => FieldValue::Loras(loras(u)?),
+        "hires" => FieldValue::Hires(hires(u)?),
         _ => FieldValue::Number(float(u, 0.0, 1.0)?),
     })
 }

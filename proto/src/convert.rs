@@ -2,6 +2,9 @@
 //! messages: the one place a recipe or a job spec meets `pb`.
 
 use kiln_domain::error::FieldError;
+use kiln_domain::extras::{
+    ControlNetRef, EmbeddingRef, Extras, Hires, LoraRef, Preprocessor, ResizeMode, Upscaler,
+};
 use kiln_domain::recipe::{Recipe, Scheduler};
 use kiln_domain::spec::{Blob, FieldValue, JobSpec, RecipeFields, SeriesSpec, SweepAxis};
 
@@ -26,6 +29,18 @@ pub fn recipe_to_pb(r: &Recipe) -> pb::Recipe {
         init_image: r.init_image.clone().unwrap_or_default(),
         mask: r.mask.clone().unwrap_or_default(),
         noise_seed: r.noise_seed,
+        loras: r.extras.loras.iter().map(lora_to_pb).collect(),
+        embeddings: r
+            .extras
+            .embeddings
+            .iter()
+            .map(|e| pb::Embedding {
+                name: e.name.clone(),
+                hash: e.hash.clone(),
+            })
+            .collect(),
+        controlnets: r.extras.controlnets.iter().map(controlnet_to_pb).collect(),
+        hires: r.extras.hires.as_ref().map(hires_to_pb),
     }
 }
 
@@ -34,11 +49,7 @@ pub fn recipe_to_pb(r: &Recipe) -> pb::Recipe {
 /// # Errors
 /// A [`FieldError`] naming the first field that is unknown or out of range.
 pub fn recipe_from_pb(r: &pb::Recipe, path: &str) -> Result<Recipe, FieldError> {
-    let scheduler_path = if path.is_empty() {
-        "scheduler".to_string()
-    } else {
-        format!("{path}.scheduler")
-    };
+    let scheduler_path = at(path, "scheduler");
     let recipe = Recipe {
         model: r.model.clone(),
         model_hash: r.model_hash.clone(),
@@ -56,10 +67,111 @@ pub fn recipe_from_pb(r: &pb::Recipe, path: &str) -> Result<Recipe, FieldError> 
         init_image: (!r.init_image.is_empty()).then(|| r.init_image.clone()),
         mask: (!r.mask.is_empty()).then(|| r.mask.clone()),
         noise_seed: r.noise_seed,
-        extras: Default::default(),
+        extras: Extras {
+            loras: r.loras.iter().map(lora_from_pb).collect(),
+            embeddings: r
+                .embeddings
+                .iter()
+                .map(|e| EmbeddingRef {
+                    name: e.name.clone(),
+                    hash: e.hash.clone(),
+                })
+                .collect(),
+            controlnets: controlnets_from_pb(&r.controlnets, &at(path, "controlnets"))?,
+            hires: r
+                .hires
+                .as_ref()
+                .map(|h| hires_from_pb(h, &at(path, "hires")))
+                .transpose()?,
+        },
     };
     recipe.validate(path)?;
     Ok(recipe)
+}
+
+/// Returns `path.field`, or `field` at the top.
+fn at(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+fn lora_to_pb(l: &LoraRef) -> pb::Lora {
+    pb::Lora {
+        name: l.name.clone(),
+        hash: l.hash.clone(),
+        unet_weight: l.unet_weight,
+        te_weight: l.te_weight,
+    }
+}
+
+fn lora_from_pb(l: &pb::Lora) -> LoraRef {
+    LoraRef {
+        name: l.name.clone(),
+        hash: l.hash.clone(),
+        unet_weight: l.unet_weight,
+        te_weight: l.te_weight,
+    }
+}
+
+fn controlnet_to_pb(c: &ControlNetRef) -> pb::ControlNet {
+    pb::ControlNet {
+        model: c.model.clone(),
+        hash: c.hash.clone(),
+        image: c.image.clone(),
+        scale: c.scale,
+        start: c.start,
+        end: c.end,
+        resize: c.resize.name().to_string(),
+        preprocess: c
+            .preprocess
+            .map(|p| p.name().to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// Reads wire ControlNets; `path` names the list in errors (`path[i].resize`).
+fn controlnets_from_pb(
+    list: &[pb::ControlNet],
+    path: &str,
+) -> Result<Vec<ControlNetRef>, FieldError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, c)| {
+            Ok(ControlNetRef {
+                model: c.model.clone(),
+                hash: c.hash.clone(),
+                image: c.image.clone(),
+                scale: c.scale,
+                start: c.start,
+                end: c.end,
+                resize: ResizeMode::parse(&format!("{path}[{i}].resize"), &c.resize)?,
+                preprocess: (!c.preprocess.is_empty())
+                    .then(|| Preprocessor::parse(&format!("{path}[{i}].preprocess"), &c.preprocess))
+                    .transpose()?,
+            })
+        })
+        .collect()
+}
+
+fn hires_to_pb(h: &Hires) -> pb::Hires {
+    pb::Hires {
+        scale: h.scale,
+        steps: h.steps,
+        denoise: h.denoise,
+        upscaler: h.upscaler.name().to_string(),
+    }
+}
+
+fn hires_from_pb(h: &pb::Hires, path: &str) -> Result<Hires, FieldError> {
+    Ok(Hires {
+        scale: h.scale,
+        steps: h.steps,
+        denoise: h.denoise,
+        upscaler: Upscaler::parse(&at(path, "upscaler"), &h.upscaler)?,
+    })
 }
 
 /// Returns the job spec as the wire message.
@@ -109,18 +221,17 @@ pub fn job_spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
 /// rules are [`kiln_domain::spec::validate`]'s.
 ///
 /// # Errors
-/// A sweep value with no value set, as `sweep.FIELD[i]`.
+/// A sweep value with no value set, as `sweep.FIELD[i]`; a ControlNet resize
+/// mode, preprocessor or hires upscaler kiln does not know, named by its field.
 pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, FieldError> {
     let mut sweep = Vec::with_capacity(spec.sweep.len());
     for axis in spec.sweep {
         let mut values = Vec::with_capacity(axis.values.len());
         for (i, v) in axis.values.into_iter().enumerate() {
-            values.push(value_from_pb(v).ok_or_else(|| {
-                FieldError::new(
-                    format!("sweep.{}[{i}]", kiln_domain::error::segment(&axis.field)),
-                    "has no value",
-                )
-            })?);
+            let path = format!("sweep.{}[{i}]", kiln_domain::error::segment(&axis.field));
+            let value =
+                value_from_pb(v, &path)?.ok_or_else(|| FieldError::new(path, "has no value"))?;
+            values.push(value);
         }
         sweep.push(SweepAxis {
             field: axis.field,
@@ -132,9 +243,18 @@ pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, FieldError> {
         name: spec.name,
         project: spec.project,
         priority: spec.priority,
-        defaults: spec.defaults.map(fields_from_pb).unwrap_or_default(),
+        defaults: spec
+            .defaults
+            .map(|f| fields_from_pb(f, "defaults"))
+            .transpose()?
+            .unwrap_or_default(),
         sweep,
-        items: spec.items.into_iter().map(fields_from_pb).collect(),
+        items: spec
+            .items
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| fields_from_pb(f, &format!("items[{i}]")))
+            .collect::<Result<_, _>>()?,
         blobs: spec
             .blobs
             .into_iter()
@@ -146,16 +266,28 @@ pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, FieldError> {
         series: spec
             .series
             .into_iter()
-            .map(|s| SeriesSpec {
-                name: s.name,
-                character: s.character,
-                defaults: s.defaults.map(fields_from_pb).unwrap_or_default(),
-                anchor: s.anchor,
-                consistency: s.consistency,
-                reference_image: (!s.reference_image.is_empty()).then_some(s.reference_image),
-                shots: s.shots.into_iter().map(fields_from_pb).collect(),
+            .map(|s| {
+                let path = format!("series.{}", kiln_domain::error::segment(&s.name));
+                Ok(SeriesSpec {
+                    defaults: s
+                        .defaults
+                        .map(|f| fields_from_pb(f, &path))
+                        .transpose()?
+                        .unwrap_or_default(),
+                    shots: s
+                        .shots
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, f)| fields_from_pb(f, &format!("{path}.shots[{i}]")))
+                        .collect::<Result<_, FieldError>>()?,
+                    name: s.name,
+                    character: s.character,
+                    anchor: s.anchor,
+                    consistency: s.consistency,
+                    reference_image: (!s.reference_image.is_empty()).then_some(s.reference_image),
+                })
             })
-            .collect(),
+            .collect::<Result<_, FieldError>>()?,
         notify: spec.notify,
     })
 }
@@ -176,11 +308,19 @@ fn fields_to_pb(f: &RecipeFields) -> pb::RecipeFields {
         strength: f.strength,
         init_image: f.init_image.clone(),
         mask: f.mask.clone(),
+        loras: f.loras.as_ref().map(|l| pb::Loras {
+            items: l.iter().map(lora_to_pb).collect(),
+        }),
+        controlnets: f.controlnets.as_ref().map(|c| pb::ControlNets {
+            items: c.iter().map(controlnet_to_pb).collect(),
+        }),
+        hires: f.hires.as_ref().map(hires_to_pb),
     }
 }
 
-fn fields_from_pb(f: pb::RecipeFields) -> RecipeFields {
-    RecipeFields {
+/// Reads wire recipe fields; `path` names them in errors.
+fn fields_from_pb(f: pb::RecipeFields, path: &str) -> Result<RecipeFields, FieldError> {
+    Ok(RecipeFields {
         model: f.model,
         prompt: f.prompt,
         negative_prompt: f.negative_prompt,
@@ -195,7 +335,16 @@ fn fields_from_pb(f: pb::RecipeFields) -> RecipeFields {
         strength: f.strength,
         init_image: f.init_image,
         mask: f.mask,
-    }
+        loras: f.loras.map(|l| l.items.iter().map(lora_from_pb).collect()),
+        controlnets: f
+            .controlnets
+            .map(|c| controlnets_from_pb(&c.items, &format!("{path}.controlnets")))
+            .transpose()?,
+        hires: f
+            .hires
+            .map(|h| hires_from_pb(&h, &format!("{path}.hires")))
+            .transpose()?,
+    })
 }
 
 fn value_to_pb(v: &FieldValue) -> pb::FieldValue {
@@ -206,18 +355,32 @@ fn value_to_pb(v: &FieldValue) -> pb::FieldValue {
             FieldValue::Integer(i) => Kind::Integer(*i),
             FieldValue::Number(n) => Kind::Number(*n),
             FieldValue::Flag(b) => Kind::Flag(*b),
+            FieldValue::Loras(l) => Kind::Loras(pb::Loras {
+                items: l.iter().map(lora_to_pb).collect(),
+            }),
+            FieldValue::ControlNets(c) => Kind::Controlnets(pb::ControlNets {
+                items: c.iter().map(controlnet_to_pb).collect(),
+            }),
+            FieldValue::Hires(h) => Kind::Hires(hires_to_pb(h)),
         }),
     }
 }
 
-fn value_from_pb(v: pb::FieldValue) -> Option<FieldValue> {
+/// Reads a sweep value; `None` when the wire value has none set.
+fn value_from_pb(v: pb::FieldValue, path: &str) -> Result<Option<FieldValue>, FieldError> {
     use pb::field_value::Kind;
-    Some(match v.kind? {
+    let Some(kind) = v.kind else {
+        return Ok(None);
+    };
+    Ok(Some(match kind {
         Kind::Text(s) => FieldValue::Text(s),
         Kind::Integer(i) => FieldValue::Integer(i),
         Kind::Number(n) => FieldValue::Number(n),
         Kind::Flag(b) => FieldValue::Flag(b),
-    })
+        Kind::Loras(l) => FieldValue::Loras(l.items.iter().map(lora_from_pb).collect()),
+        Kind::Controlnets(c) => FieldValue::ControlNets(controlnets_from_pb(&c.items, path)?),
+        Kind::Hires(h) => FieldValue::Hires(hires_from_pb(&h, path)?),
+    }))
 }
 
 #[cfg(test)]
@@ -243,12 +406,19 @@ mod tests {
                     FieldValue::Text("a".into()),
                     FieldValue::Number(0.5),
                     FieldValue::Flag(true),
+                    FieldValue::Loras(vec![]),
+                    FieldValue::Loras(vec![lora()]),
+                    FieldValue::ControlNets(vec![controlnet()]),
+                    FieldValue::Hires(hires()),
                 ],
                 zip: "pair".into(),
             }],
             items: vec![RecipeFields {
                 prompt: Some("a fox".into()),
                 strength: Some(0.4),
+                loras: Some(vec![]),
+                controlnets: Some(vec![controlnet()]),
+                hires: Some(hires()),
                 ..Default::default()
             }],
             blobs: vec![Blob::new(vec![1, 2, 3])],
@@ -258,7 +428,14 @@ mod tests {
                     character: "Mira".into(),
                     anchor: true,
                     consistency: Some(0.6),
-                    shots: vec![RecipeFields::default()],
+                    shots: vec![
+                        RecipeFields::default(),
+                        RecipeFields {
+                            loras: Some(vec![lora()]),
+                            controlnets: Some(vec![controlnet()]),
+                            ..Default::default()
+                        },
+                    ],
                     ..Default::default()
                 },
                 SeriesSpec {
@@ -272,6 +449,49 @@ mod tests {
         let mut wire = job_spec_to_pb(&spec);
         wire.sweep[0].values[2].kind = None;
         assert_eq!(job_spec_from_pb(wire).unwrap_err().path, "sweep.seed[2]");
+        let mut wire = job_spec_to_pb(&spec);
+        wire.series[0].shots[1].controlnets.as_mut().unwrap().items[0].resize = "zoom".into();
+        assert_eq!(
+            job_spec_from_pb(wire).unwrap_err().path,
+            "series.mira.shots[1].controlnets[0].resize"
+        );
+        let mut wire = job_spec_to_pb(&spec);
+        wire.items[0].hires.as_mut().unwrap().upscaler = "esrgan".into();
+        assert_eq!(
+            job_spec_from_pb(wire).unwrap_err().path,
+            "items[0].hires.upscaler"
+        );
+    }
+
+    fn lora() -> LoraRef {
+        LoraRef {
+            name: "mira-v3".into(),
+            hash: "cd".repeat(32),
+            unet_weight: 0.8,
+            te_weight: 0.5,
+        }
+    }
+
+    fn controlnet() -> ControlNetRef {
+        ControlNetRef {
+            model: "pose".into(),
+            hash: String::new(),
+            image: "ef".repeat(32),
+            scale: 0.9,
+            start: 0.1,
+            end: 0.8,
+            resize: ResizeMode::Stretch,
+            preprocess: Some(Preprocessor::Scribble),
+        }
+    }
+
+    fn hires() -> Hires {
+        Hires {
+            scale: 2.0,
+            steps: 10,
+            denoise: 0.5,
+            upscaler: Upscaler::Lanczos,
+        }
     }
 
     #[test]
@@ -293,8 +513,21 @@ mod tests {
             init_image: None,
             mask: None,
             noise_seed: Some(9),
-            extras: Default::default(),
+            extras: Extras {
+                loras: vec![lora()],
+                embeddings: vec![EmbeddingRef {
+                    name: "badhands".into(),
+                    hash: "12".repeat(32),
+                }],
+                controlnets: vec![controlnet()],
+                hires: Some(hires()),
+            },
         };
         assert_eq!(recipe_from_pb(&recipe_to_pb(&r), "").unwrap(), r);
+        let plain = Recipe {
+            extras: Extras::default(),
+            ..r
+        };
+        assert_eq!(recipe_from_pb(&recipe_to_pb(&plain), "").unwrap(), plain);
     }
 }

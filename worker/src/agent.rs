@@ -193,6 +193,7 @@ impl Agent {
     }
 
     fn registration(&self) -> pb::RegisterRequest {
+        let [loras, embeddings, controlnets] = convert::asset_infos(&self.renderer.assets());
         pb::RegisterRequest {
             worker_id: self.config.worker_id.to_string(),
             labels: self.config.labels.clone().into_iter().collect(),
@@ -206,6 +207,9 @@ impl Agent {
                 .collect(),
             determinism_class: self.renderer.determinism_class(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            loras,
+            embeddings,
+            controlnets,
         }
     }
 

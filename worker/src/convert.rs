@@ -3,7 +3,7 @@
 
 use kiln_proto::pb;
 
-use crate::render::{ModelInfo, RenderError, RenderTask};
+use crate::render::{Assets, ModelInfo, RenderError, RenderTask};
 
 /// Returns a model as the worker announces it on registration.
 pub fn model_info(m: ModelInfo) -> pb::ModelInfo {
@@ -11,6 +11,25 @@ pub fn model_info(m: ModelInfo) -> pb::ModelInfo {
         name: m.name,
         hash: m.hash,
     }
+}
+
+/// Returns the assets of a renderer as the three lists it announces on
+/// registration: LoRAs, embeddings and ControlNets, each by name with its hash.
+pub fn asset_infos(assets: &Assets) -> [Vec<pb::ModelInfo>; 3] {
+    let list = |files: &std::collections::BTreeMap<String, kiln_diffusion::AssetFile>| {
+        files
+            .values()
+            .map(|f| pb::ModelInfo {
+                name: f.name.clone(),
+                hash: f.hash.clone(),
+            })
+            .collect()
+    };
+    [
+        list(&assets.loras),
+        list(&assets.embeddings),
+        list(&assets.controlnets),
+    ]
 }
 
 /// Returns the fault class a render error is reported under, which decides
@@ -45,9 +64,16 @@ pub fn render_task(task: &pb::LeasedTask) -> Result<RenderTask, RenderError> {
                 RenderError::Internal(format!("the lease did not carry the image {sha}"))
             })
     };
+    let controls = recipe
+        .extras
+        .controlnets
+        .iter()
+        .map(|c| blob(&Some(c.image.clone())).map(Option::unwrap_or_default))
+        .collect::<Result<_, _>>()?;
     Ok(RenderTask {
         init_image: blob(&recipe.init_image)?,
         mask: blob(&recipe.mask)?,
+        controls,
         recipe,
         span: tracing::Span::none(),
     })

@@ -18,7 +18,8 @@ use kiln_worker::metrics::Metrics;
 use kiln_worker::model_cache;
 use kiln_worker::readiness::Readiness;
 use kiln_worker::render::{
-    CandleRenderer, Renderer, SimOptions, SimRenderer, open_device, parse_model_args,
+    Assets, CandleRenderer, Renderer, SimOptions, SimRenderer, open_device, parse_controlnet_args,
+    parse_model_args,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +52,33 @@ struct Args {
     /// --model-cache); repeat for more. The sim renderer takes NAME alone.
     #[arg(long = "model", value_name = "NAME=DIR|URL", required = true)]
     models: Vec<String>,
+    /// A folder of LoRAs (`NAME.safetensors`, named by file stem); repeat for more.
+    /// Announced with their content hashes: tasks naming a LoRA are routed to
+    /// workers that hold it.
+    #[arg(
+        long = "lora-dir",
+        env = "KILN_LORA_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    lora_dirs: Vec<PathBuf>,
+    /// A folder of textual-inversion embeddings (`NAME.safetensors`); repeat for more.
+    #[arg(
+        long = "embedding-dir",
+        env = "KILN_EMBEDDING_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    embedding_dirs: Vec<PathBuf>,
+    /// A ControlNet to hold, as NAME=PATH (a diffusers folder or one
+    /// .safetensors file); repeat for more.
+    #[arg(
+        long = "controlnet",
+        env = "KILN_CONTROLNETS",
+        value_delimiter = ',',
+        value_name = "NAME=PATH"
+    )]
+    controlnets: Vec<String>,
     /// Where models from buckets are downloaded to (one folder per content
     /// hash) and found again on the next start.
     #[arg(long, env = "KILN_MODEL_CACHE", value_name = "DIR")]
@@ -178,6 +206,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let controlnets = parse_controlnet_args(&args.controlnets)?;
+    let (lora_dirs, embedding_dirs) = (args.lora_dirs.clone(), args.embedding_dirs.clone());
+    let assets = tokio::task::spawn_blocking(move || {
+        Assets::scan(&lora_dirs, &embedding_dirs, &controlnets)
+    })
+    .await
+    .context("asset scanning stopped")?
+    .context("--lora-dir, --embedding-dir or --controlnet")?;
+    let assets = Arc::new(assets);
+    if !assets.is_empty() {
+        tracing::info!(
+            loras = ?assets.loras.keys().collect::<Vec<_>>(),
+            embeddings = ?assets.embeddings.keys().collect::<Vec<_>>(),
+            controlnets = ?assets.controlnets.keys().collect::<Vec<_>>(),
+            "assets found"
+        );
+    }
     let renderer: Arc<dyn Renderer> = match args.renderer {
         RendererKind::Sim => {
             let names: Vec<String> = args
@@ -192,6 +237,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     resident_slots: args.sim_resident,
                     load_time: args.sim_load,
                     fail: args.sim_fail,
+                    assets,
                 },
             ))
         }
@@ -201,7 +247,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let device = open_device(&args.device)?;
             let (budget, precision) = (args.memory_budget, args.dtype);
             let renderer = tokio::task::spawn_blocking(move || {
-                CandleRenderer::open(&models, &device, precision, budget)
+                CandleRenderer::open_with(&models, &device, precision, budget, assets)
             })
             .await
             .context("model loading stopped")??;

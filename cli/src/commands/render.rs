@@ -5,9 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use kiln_diffusion::Precision;
 use kiln_proto::error::{FieldError, quote};
 use kiln_proto::pb;
-use kiln_worker::render::{CandleRenderer, Renderer, parse_model_args};
+use kiln_worker::render::{
+    Assets, CandleRenderer, Renderer, parse_controlnet_args, parse_model_args,
+};
 use serde_json::json;
 
 use crate::commands::{fetch, submit, watch};
@@ -21,6 +24,15 @@ pub struct Render {
     /// A model, as NAME=DIR (a diffusers-layout folder); repeat for more.
     #[arg(long = "model", value_name = "NAME=DIR", required = true)]
     models: Vec<String>,
+    /// A folder of LoRAs (`NAME.safetensors`); repeat for more.
+    #[arg(long = "lora-dir", value_name = "DIR")]
+    lora_dirs: Vec<PathBuf>,
+    /// A folder of textual-inversion embeddings (`NAME.safetensors`); repeat for more.
+    #[arg(long = "embedding-dir", value_name = "DIR")]
+    embedding_dirs: Vec<PathBuf>,
+    /// A ControlNet, as NAME=PATH (a diffusers folder or one .safetensors file); repeat for more.
+    #[arg(long = "controlnet", value_name = "NAME=PATH")]
+    controlnets: Vec<String>,
     /// Where the images and manifest.jsonl go.
     #[arg(long)]
     out: PathBuf,
@@ -54,9 +66,20 @@ impl Render {
                 return Err(batch.locate(&e).into());
             }
         }
+        let controlnets = parse_controlnet_args(&self.controlnets)?;
+        let (lora_dirs, embedding_dirs) = (self.lora_dirs.clone(), self.embedding_dirs.clone());
         let renderer: Arc<dyn Renderer> = Arc::new(
             tokio::task::spawn_blocking(move || {
-                CandleRenderer::load(&models, &candle_core::Device::Cpu)
+                let assets = Assets::scan(&lora_dirs, &embedding_dirs, &controlnets)
+                    .context("--lora-dir, --embedding-dir or --controlnet")?;
+                let renderer = CandleRenderer::open_with(
+                    &models,
+                    &candle_core::Device::Cpu,
+                    Precision::F32,
+                    None,
+                    Arc::new(assets),
+                )?;
+                anyhow::Ok(renderer)
             })
             .await
             .context("model loading stopped")??,

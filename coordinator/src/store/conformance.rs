@@ -84,6 +84,7 @@ fn registration(id: &str, models: &[&str]) -> WorkerRegistration {
             .collect(),
         determinism_class: "cpu-f32".into(),
         version: "test".into(),
+        assets: Default::default(),
     }
 }
 
@@ -105,6 +106,96 @@ async fn claim(store: &dyn Store, w: &str, max: usize) -> Vec<Lease> {
         .await
         .expect("claim")
         .leases
+}
+
+/// A worker holding `tiny` and the LoRAs and ControlNets given as (name, hash).
+fn with_assets(
+    id: &str,
+    loras: &[(&str, &str)],
+    controlnets: &[(&str, &str)],
+) -> WorkerRegistration {
+    let info = |list: &[(&str, &str)]| {
+        list.iter()
+            .map(|(name, hash)| ModelInfo {
+                name: (*name).into(),
+                hash: (*hash).into(),
+            })
+            .collect()
+    };
+    let mut r = registration(id, &["tiny"]);
+    r.assets = HeldAssets {
+        loras: info(loras),
+        embeddings: Vec::new(),
+        controlnets: info(controlnets),
+    };
+    r
+}
+
+/// Tasks go only to workers holding every LoRA and ControlNet they name with
+/// the same hash (`policy::task_needs`); a quarantined worker's stand-in must
+/// hold them too; and tasks with other extras never share a UNet batch.
+async fn tasks_go_only_to_workers_holding_their_assets(store: &dyn Store) {
+    use kiln_proto::extras::{ControlNetRef, LoraRef, ResizeMode};
+    let lora = |name: &str, hash: &str| LoraRef {
+        name: name.into(),
+        hash: hash.into(),
+        unet_weight: 1.0,
+        te_weight: 1.0,
+    };
+    store
+        .register_worker(with_assets("plain", &[], &[]), None)
+        .await
+        .unwrap();
+    store
+        .register_worker(with_assets("other", &[("ink", "h2")], &[]), None)
+        .await
+        .unwrap();
+    let mut job = new_job(4, "tiny");
+    // 0: LoRA ink (h1); 1: ink (h1) and ControlNet pose; 2: nothing; 3: ink (h1).
+    job.tasks[0].recipe.extras.loras = vec![lora("ink", "h1")];
+    job.tasks[1].recipe.extras.loras = vec![lora("ink", "h1")];
+    job.tasks[1].recipe.extras.controlnets = vec![ControlNetRef {
+        model: "pose".into(),
+        hash: "c1".into(),
+        image: "ab".repeat(32),
+        scale: 1.0,
+        start: 0.0,
+        end: 1.0,
+        resize: ResizeMode::Crop,
+        preprocess: None,
+    }];
+    job.tasks[3].recipe.extras.loras = vec![lora("ink", "h1")];
+    let ids: Vec<TaskId> = job.tasks.iter().map(|t| t.id).collect();
+    store.create_job(job).await.unwrap();
+    // Neither holds ink under h1: only the plain task goes, to either.
+    let got = claim(store, "other", 4).await;
+    assert_eq!(
+        got.iter().map(|l| l.task).collect::<Vec<_>>(),
+        vec![ids[2]],
+        "another hash of ink is no match"
+    );
+    assert!(claim(store, "plain", 4).await.is_empty());
+    store
+        .register_worker(with_assets("lora", &[("ink", "h1")], &[]), None)
+        .await
+        .unwrap();
+    // Tasks 0 and 3 share a batch key; task 1 needs the ControlNet too.
+    let got = claim(store, "lora", 4).await;
+    assert_eq!(
+        got.iter().map(|l| l.task).collect::<Vec<_>>(),
+        vec![ids[0], ids[3]]
+    );
+    store
+        .register_worker(
+            with_assets("both", &[("ink", "h1")], &[("pose", "c1")]),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(claim(store, "lora", 4).await.is_empty());
+    let got = claim(store, "both", 4).await;
+    assert_eq!(got.iter().map(|l| l.task).collect::<Vec<_>>(), vec![ids[1]]);
+    assert_eq!(got[0].recipe.extras.controlnets[0].hash, "c1");
 }
 
 /// A job with webhook targets and `n` tasks.
@@ -2762,6 +2853,7 @@ macro_rules! store_conformance {
     ($make:expr) => {
         store_conformance!(@tests $make;
             create_job_queues_every_task,
+            tasks_go_only_to_workers_holding_their_assets,
             a_jobs_trace_context_is_kept_with_it,
             idempotency_key_returns_the_same_job,
             claim_leases_in_item_order_with_new_epochs,

@@ -757,6 +757,7 @@ impl Generator {
                 models,
                 determinism_class: class.to_string(),
                 version: "diff".into(),
+                assets: Default::default(),
             },
             owner,
         )

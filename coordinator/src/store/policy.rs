@@ -8,7 +8,9 @@
 //! When a worker asks for work:
 //! 1. **Eligibility.** Tasks it may not take are skipped: a job pinned to
 //!    another determinism class, a model it does not hold (or a pinned hash
-//!    it does not have), a shot whose anchor is not done, and — while another
+//!    it does not have), a LoRA, embedding or ControlNet of the recipe it
+//!    does not hold under the recipe's hash ([`task_needs`], [`held_keys`],
+//!    [`holds_all`]), a shot whose anchor is not done, and — while another
 //!    worker can take them ([`can_stand_in`]) — tasks of a job that
 //!    quarantined it ([`quarantined`]) and tasks it failed before
 //!    ([`task_open_to`]), and every task of a project that has as many tasks
@@ -149,6 +151,61 @@ pub fn task_batch_key(recipe: &Recipe, waits_for_anchor: bool) -> String {
     recipe.batch_key().to_string()
 }
 
+/// Returns the key of one asset (`lora`, `embedding` or `controlnet`) a task
+/// needs or a worker holds: `KIND:NAME:HASH`. Names follow the catalog name
+/// rule, so they hold no `:`.
+pub fn asset_key(kind: &str, name: &str, hash: &str) -> String {
+    format!("{kind}:{name}:{hash}")
+}
+
+/// Returns the assets a task needs, as [`asset_key`]s: every LoRA, embedding
+/// and ControlNet its recipe names, with the hash admission resolved (an
+/// empty hash: any). Stored once per task, as the batch key is.
+pub fn task_needs(recipe: &Recipe) -> Vec<String> {
+    let e = &recipe.extras;
+    let mut out: Vec<String> = e
+        .loras
+        .iter()
+        .map(|l| asset_key("lora", &l.name, &l.hash))
+        .chain(
+            e.embeddings
+                .iter()
+                .map(|x| asset_key("embedding", &x.name, &x.hash)),
+        )
+        .chain(
+            e.controlnets
+                .iter()
+                .map(|c| asset_key("controlnet", &c.model, &c.hash)),
+        )
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Returns the keys a worker's assets answer to: `KIND:NAME:HASH` for each,
+/// and `KIND:NAME:` so that a need without a hash matches any.
+pub fn held_keys(assets: &super::HeldAssets) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (kind, list) in [
+        ("lora", &assets.loras),
+        ("embedding", &assets.embeddings),
+        ("controlnet", &assets.controlnets),
+    ] {
+        for m in list {
+            out.insert(asset_key(kind, &m.name, &m.hash));
+            out.insert(asset_key(kind, &m.name, ""));
+        }
+    }
+    out
+}
+
+/// Returns true when a worker holding `held` keys has every asset a task
+/// `needs`: the rule `claim.lua` mirrors with `holds_needs`.
+pub fn holds_all(needs: &[String], held: impl Fn(&str) -> bool) -> bool {
+    needs.iter().all(|n| held(n))
+}
+
 /// Returns the dedupe key of a recipe rendered on a determinism class: the
 /// recipe hash (which covers the model hash and input images) and the class.
 pub fn dedupe_key(recipe_hash: &str, class: &str) -> String {
@@ -186,6 +243,8 @@ pub struct Candidate<'a> {
     pub model_hash: Option<&'a str>,
     /// Its faults on the task's job.
     pub job_faults: u32,
+    /// It holds every LoRA, embedding and ControlNet the task needs ([`holds_all`]).
+    pub holds_assets: bool,
 }
 
 /// Returns true when `c` could take a task whose model is pinned to
@@ -197,6 +256,7 @@ pub struct Candidate<'a> {
 pub fn can_stand_in(c: &Candidate<'_>, model_hash: &str, pinned_class: Option<&str>) -> bool {
     is_live(c.draining, c.silent_ms)
         && !quarantined(c.job_faults)
+        && c.holds_assets
         && c.model_hash
             .is_some_and(|h| model_hash.is_empty() || h == model_hash)
         && pinned_class.is_none_or(|p| p == c.class)
@@ -334,6 +394,7 @@ mod tests {
             class: "cpu/f32",
             model_hash: Some("h"),
             job_faults: 0,
+            holds_assets: true,
         };
         assert!(can_stand_in(&capable, "", None));
         assert!(can_stand_in(&capable, "h", Some("cpu/f32")));
@@ -354,6 +415,11 @@ mod tests {
             ..capable
         };
         assert!(!can_stand_in(&silent, "", None));
+        let without_lora = Candidate {
+            holds_assets: false,
+            ..capable
+        };
+        assert!(!can_stand_in(&without_lora, "", None));
     }
 
     #[test]
@@ -388,6 +454,41 @@ mod tests {
         assert_eq!(
             retry_after_fault(Fault::Cancelled, 9, 5, true, || false),
             AfterFault::HandBack
+        );
+    }
+
+    #[test]
+    fn a_task_needs_every_asset_with_its_hash() {
+        let mut r: Recipe = serde_json::from_str(
+            r#"{"model":"tiny","model_hash":"","prompt":"p","negative_prompt":"","seed":1,
+            "steps":4,"guidance":5.0,"width":64,"height":64,"scheduler":"ddim","karras":false,
+            "eta":0.0,"strength":1.0,"init_image":null,"mask":null,
+            "loras":[{"name":"ink","hash":"aa","unet_weight":1.0,"te_weight":1.0}],
+            "controlnets":[{"model":"pose","image":"x","scale":1.0,"start":0.0,"end":1.0,"resize":"crop"}]}"#,
+        )
+        .unwrap();
+        let needs = task_needs(&r);
+        assert_eq!(needs, ["controlnet:pose:", "lora:ink:aa"]);
+        let mut held = super::super::HeldAssets::default();
+        let info = |name: &str, hash: &str| super::super::ModelInfo {
+            name: name.into(),
+            hash: hash.into(),
+        };
+        held.loras.push(info("ink", "bb"));
+        held.controlnets.push(info("pose", "cc"));
+        let keys = held_keys(&held);
+        assert!(
+            !holds_all(&needs, |k| keys.contains(k)),
+            "another hash of ink"
+        );
+        held.loras.push(info("ink2", "aa"));
+        held.loras[0].hash = "aa".into();
+        let keys = held_keys(&held);
+        assert!(holds_all(&needs, |k| keys.contains(k)));
+        r.extras = Default::default();
+        assert!(
+            holds_all(&task_needs(&r), |_| false),
+            "no extras: any worker"
         );
     }
 

@@ -279,8 +279,8 @@ pub struct Deduped {
     pub model: String,
 }
 
-/// A model a worker holds.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A model (or LoRA, embedding, ControlNet) a worker holds.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct ModelInfo {
     /// Catalog name.
     pub name: String,
@@ -361,6 +361,23 @@ pub struct WorkerRegistration {
     pub determinism_class: String,
     /// kiln version of the worker.
     pub version: String,
+    /// LoRAs, embeddings and ControlNets it can apply.
+    pub assets: HeldAssets,
+}
+
+/// The LoRAs, textual-inversion embeddings and ControlNets a worker announced,
+/// each by name with its content hash.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeldAssets {
+    /// LoRAs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<ModelInfo>,
+    /// Textual-inversion embeddings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<ModelInfo>,
+    /// ControlNets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controlnets: Vec<ModelInfo>,
 }
 
 /// A worker as the store sees it.

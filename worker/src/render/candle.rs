@@ -26,7 +26,9 @@ use crate::catalog::{CatalogEntry, OverBudget, Residency, format_size};
 use crate::metrics;
 use kiln_diffusion::determinism_class;
 use kiln_diffusion::output::encode_png;
-use kiln_diffusion::{Pipeline, PipelineError, Precision, RenderInput, model_hash, resident_bytes};
+use kiln_diffusion::{
+    Assets, Pipeline, PipelineError, Precision, RenderInput, model_hash, resident_bytes,
+};
 
 /// Renders with candle pipelines, loading catalog models on demand and
 /// keeping them resident under a memory budget.
@@ -43,6 +45,8 @@ pub struct CandleRenderer {
     precision: Precision,
     /// The determinism class announced at registration.
     class: String,
+    /// The LoRAs, embeddings and ControlNets every pipeline is given.
+    assets: Arc<Assets>,
 }
 
 /// A model that cannot be put in the catalog or loaded.
@@ -104,6 +108,22 @@ impl CandleRenderer {
         precision: Precision,
         budget: Option<u64>,
     ) -> Result<Self, LoadError> {
+        Self::open_with(models, device, precision, budget, Arc::default())
+    }
+
+    /// [`CandleRenderer::open`] with the LoRAs, embeddings and ControlNets that
+    /// every pipeline it loads is given ([`Pipeline::set_assets`]) and that the
+    /// worker announces.
+    ///
+    /// # Errors
+    /// As [`CandleRenderer::open`].
+    pub fn open_with(
+        models: &[(String, PathBuf)],
+        device: &Device,
+        precision: Precision,
+        budget: Option<u64>,
+        assets: Arc<Assets>,
+    ) -> Result<Self, LoadError> {
         let mut catalog = BTreeMap::new();
         for (name, dir) in models {
             let hash = model_hash(dir).map_err(|e| LoadError::model(name, dir, e))?;
@@ -134,7 +154,7 @@ impl CandleRenderer {
             if resident.names().contains(&name.as_str()) || !resident.fits_now(entry.bytes) {
                 continue;
             }
-            let pipeline = load_pipeline(entry, dir, device, precision)?;
+            let pipeline = load_pipeline(entry, dir, device, precision, &assets)?;
             resident
                 .insert(name, entry.bytes, Arc::new(pipeline))
                 .map_err(|source| LoadError::OverBudget {
@@ -157,18 +177,26 @@ impl CandleRenderer {
             device: device.clone(),
             precision,
             class: determinism_class(device, precision),
+            assets,
         })
     }
 
     /// Returns a renderer over pipelines already loaded (shared by the
     /// in-process workers of `kiln render`); they stay resident, no budget.
     /// Its precision is the pipelines' (f32 when there are none; they are
-    /// expected to share one).
+    /// expected to share one), and so are its assets.
     pub fn from_pipelines(models: BTreeMap<String, Arc<Pipeline>>, device: &Device) -> Self {
         let precision = models
             .values()
             .next()
             .map_or(Precision::F32, |p| p.precision());
+        let assets = Arc::new(
+            models
+                .values()
+                .next()
+                .map(|p| p.assets().clone())
+                .unwrap_or_default(),
+        );
         let mut resident = Residency::new(None);
         let mut catalog = BTreeMap::new();
         for (name, pipeline) in models {
@@ -190,6 +218,7 @@ impl CandleRenderer {
             device: device.clone(),
             precision,
             class: determinism_class(device, precision),
+            assets,
         }
     }
 
@@ -246,14 +275,15 @@ impl CandleRenderer {
         }
         // Free the evicted weights before loading the new ones.
         drop(evicted);
-        let pipeline = load_pipeline(entry, dir, &self.device, self.precision).map_err(|e| {
-            let text = e.to_string();
-            if text.to_ascii_lowercase().contains("out of memory") {
-                RenderError::OutOfMemory(text)
-            } else {
-                model_error(text)
-            }
-        })?;
+        let pipeline = load_pipeline(entry, dir, &self.device, self.precision, &self.assets)
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.to_ascii_lowercase().contains("out of memory") {
+                    RenderError::OutOfMemory(text)
+                } else {
+                    model_error(text)
+                }
+            })?;
         let pipeline = Arc::new(pipeline);
         let inserted = resident
             .insert(name, entry.bytes, pipeline.clone())
@@ -264,17 +294,19 @@ impl CandleRenderer {
     }
 }
 
-/// Loads a catalog model and checks that its folder still has the hash the
-/// worker announced.
+/// Loads a catalog model, gives it the worker's assets, and checks that its
+/// folder still has the hash the worker announced.
 fn load_pipeline(
     entry: &CatalogEntry,
     dir: &std::path::Path,
     device: &Device,
     precision: Precision,
+    assets: &Arc<Assets>,
 ) -> Result<Pipeline, LoadError> {
     let started = Instant::now();
-    let pipeline = Pipeline::load_with(dir, device, precision)
+    let mut pipeline = Pipeline::load_with(dir, device, precision)
         .map_err(|e| LoadError::model(&entry.name, dir, e))?;
+    pipeline.set_assets(assets.clone());
     if pipeline.model_hash() != entry.hash {
         return Err(LoadError::model(
             &entry.name,
@@ -308,6 +340,10 @@ impl Renderer for CandleRenderer {
 
     fn determinism_class(&self) -> String {
         self.class.clone()
+    }
+
+    fn assets(&self) -> Arc<Assets> {
+        self.assets.clone()
     }
 
     fn render(
@@ -359,13 +395,18 @@ impl Renderer for CandleRenderer {
                     continue;
                 }
             };
+            let controls: Vec<Vec<&[u8]>> = runnable
+                .iter()
+                .map(|&i| tasks[i].controls.iter().map(Vec::as_slice).collect())
+                .collect();
             let inputs: Vec<RenderInput<'_>> = runnable
                 .iter()
-                .map(|&i| RenderInput {
+                .zip(&controls)
+                .map(|(&i, controls)| RenderInput {
                     recipe: &tasks[i].recipe,
                     init_image: tasks[i].init_image.as_deref(),
                     mask: tasks[i].mask.as_deref(),
-                    controls: &[],
+                    controls,
                 })
                 .collect();
             let rendered = pipeline.render_batch(&inputs, &mut |j, done, _total| {
@@ -424,6 +465,19 @@ impl CandleRenderer {
                     if carried { "carries" } else { "does not carry" },
                 )));
             }
+        }
+        if task.controls.len() != recipe.extras.controlnets.len() {
+            return Err(RenderError::Internal(format!(
+                "the recipe names {} control images but the task carries {}",
+                recipe.extras.controlnets.len(),
+                task.controls.len()
+            )));
+        }
+        if let Some(message) = super::missing_asset(&self.assets, &recipe.extras) {
+            return Err(RenderError::Model {
+                model: recipe.model.clone(),
+                message,
+            });
         }
         Ok(())
     }

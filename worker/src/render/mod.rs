@@ -9,12 +9,13 @@ mod candle;
 mod sim;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use kiln_domain::recipe::{BatchKey, Recipe, check_model_name};
 use kiln_proto::error::{FieldError, quote};
 
 pub use self::candle::{CandleRenderer, LoadError};
-pub use kiln_diffusion::{DeviceError, determinism_class, open_device};
+pub use kiln_diffusion::{Assets, DeviceError, determinism_class, open_device};
 
 /// Parses `--model NAME=DIR` arguments into (name, folder) pairs.
 ///
@@ -33,6 +34,25 @@ pub fn parse_model_args(args: &[String]) -> Result<Vec<(String, PathBuf)>, Field
 }
 pub use self::sim::{SimOptions, SimRenderer};
 
+/// Parses `--controlnet NAME=PATH` arguments into (name, path) pairs.
+///
+/// # Errors
+/// The first argument without `=` or with an invalid name, naming `--controlnet`.
+pub fn parse_controlnet_args(args: &[String]) -> Result<Vec<(String, PathBuf)>, FieldError> {
+    args.iter()
+        .map(|m| {
+            let (name, path) = m.split_once('=').ok_or_else(|| {
+                FieldError::new(
+                    "--controlnet",
+                    format!("must be NAME=PATH, got {}", quote(m)),
+                )
+            })?;
+            check_model_name("--controlnet", name)?;
+            Ok((name.to_string(), PathBuf::from(path)))
+        })
+        .collect()
+}
+
 /// One task to render: its recipe and the image bytes the recipe refers to.
 #[derive(Clone, Debug)]
 pub struct RenderTask {
@@ -42,6 +62,8 @@ pub struct RenderTask {
     pub init_image: Option<Vec<u8>>,
     /// The inpainting mask (PNG or JPEG), when the recipe has one.
     pub mask: Option<Vec<u8>>,
+    /// The control images (PNG or JPEG), one per ControlNet of the recipe, in order.
+    pub controls: Vec<Vec<u8>>,
     /// The task's `render` span (in its job's trace), entered by the render
     /// thread while the task renders alone: the engine's spans become its children.
     pub span: tracing::Span,
@@ -54,6 +76,7 @@ impl RenderTask {
             recipe,
             init_image: None,
             mask: None,
+            controls: Vec::new(),
             span: tracing::Span::none(),
         }
     }
@@ -65,6 +88,40 @@ impl RenderTask {
     pub fn batch_key(&self) -> BatchKey {
         self.recipe.batch_key()
     }
+}
+
+/// Says which LoRA, embedding or ControlNet of `extras` this worker does not
+/// hold with the hash the recipe names (an empty hash: any), or `None`.
+pub fn missing_asset(assets: &Assets, extras: &kiln_domain::extras::Extras) -> Option<String> {
+    let wanted = extras
+        .loras
+        .iter()
+        .map(|l| ("LoRA", &assets.loras, &l.name, &l.hash))
+        .chain(
+            extras
+                .embeddings
+                .iter()
+                .map(|e| ("embedding", &assets.embeddings, &e.name, &e.hash)),
+        )
+        .chain(
+            extras
+                .controlnets
+                .iter()
+                .map(|c| ("ControlNet", &assets.controlnets, &c.model, &c.hash)),
+        );
+    for (kind, held, name, hash) in wanted {
+        match held.get(name) {
+            None => return Some(format!("this worker has no {kind} {name}")),
+            Some(file) if !hash.is_empty() && file.hash != *hash => {
+                return Some(format!(
+                    "this worker holds {kind} {name} with hash {}, the recipe pins {hash}",
+                    file.hash
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    None
 }
 
 /// An encoded image and where the time went.
@@ -122,6 +179,12 @@ pub trait Renderer: Send + Sync + 'static {
 
     /// Returns the determinism class: workers of one class render equal bytes.
     fn determinism_class(&self) -> String;
+
+    /// Returns the LoRAs, embeddings and ControlNets this renderer can apply,
+    /// announced at registration with their hashes; by default none.
+    fn assets(&self) -> Arc<Assets> {
+        Arc::default()
+    }
 
     /// Returns the models loaded right now, so the scheduler can keep this
     /// worker on them; by default every model is resident.

@@ -4,14 +4,14 @@
 //! on a switch) and a broken worker that fails every render.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_proto::recipe::Recipe;
 use sha2::{Digest, Sha256};
 
-use super::{ModelInfo, RenderError, RenderTask, Rendered, Renderer};
+use super::{Assets, ModelInfo, RenderError, RenderTask, Rendered, Renderer, missing_asset};
 use kiln_diffusion::output::{RgbImage, encode_png_with};
 
 /// Determinism class of every sim worker.
@@ -37,6 +37,9 @@ pub struct SimOptions {
     pub load_time: Duration,
     /// Fail every render with an internal error (a broken worker, for tests).
     pub fail: bool,
+    /// LoRAs, embeddings and ControlNets to announce; a task naming one it
+    /// lacks fails as a real worker's would. Their files are only hashed.
+    pub assets: Arc<Assets>,
 }
 
 impl SimRenderer {
@@ -102,6 +105,10 @@ impl Renderer for SimRenderer {
         SIM_CLASS.to_string()
     }
 
+    fn assets(&self) -> Arc<Assets> {
+        self.options.assets.clone()
+    }
+
     fn resident(&self) -> Vec<String> {
         if self.options.resident_slots.is_none() {
             return self.models.iter().map(|m| m.name.clone()).collect();
@@ -124,6 +131,12 @@ impl Renderer for SimRenderer {
                 model: recipe.model.clone(),
                 message: "not held by this worker".into(),
             })?;
+        if let Some(message) = missing_asset(&self.options.assets, &recipe.extras) {
+            return Err(RenderError::Model {
+                model: recipe.model.clone(),
+                message,
+            });
+        }
         if self.options.fail {
             return Err(RenderError::Internal(
                 "simulated failure (kiln-worker --sim-fail)".into(),
@@ -156,10 +169,11 @@ impl Renderer for SimRenderer {
     }
 }
 
-/// Draws diagonal colour bands whose colours and period come from the recipe hash.
+/// Draws diagonal colour bands whose colours and period come from the recipe
+/// hash, at the recipe's output size (the hires fix's when it has one).
 fn pattern(recipe: &Recipe) -> RgbImage {
     let digest = Sha256::digest(recipe.hash().as_bytes());
-    let (w, h) = (recipe.width, recipe.height);
+    let (w, h) = recipe.output_size();
     let period = 8 + u32::from(digest[6]) % 24;
     let mut pixels = Vec::with_capacity((w * h * 3) as usize);
     for y in 0..h {

@@ -20,10 +20,12 @@ pub(super) struct Asker<'a> {
     pub(super) models: HashMap<String, String>,
     /// Resident models; the whole catalog when the worker reports none.
     pub(super) resident: BTreeSet<String>,
+    /// Its LoRAs, embeddings and ControlNets ([`policy::held_keys`]).
+    pub(super) assets: BTreeSet<String>,
     /// Whether a stand-in exists for a quarantined asker, by (job, model,
-    /// pinned hash): asked once per claim, not once per queued task, since
-    /// nothing it depends on changes while the claim holds the lock.
-    pub(super) stand_ins: RefCell<HashMap<(JobId, String, String), bool>>,
+    /// pinned hash, needed assets): asked once per claim, not once per queued
+    /// task, since nothing it depends on changes while the claim holds the lock.
+    pub(super) stand_ins: RefCell<HashMap<(JobId, String, String, Vec<String>), bool>>,
     /// Each capped project's `max_running_tasks`.
     pub(super) caps: &'a RunningCaps,
     /// Leased tasks of each capped project, counting those this claim leases.
@@ -48,15 +50,16 @@ impl Asker<'_> {
         }
     }
 
-    /// Returns the cached answer for (job, model, hash), asking `scan` once.
+    /// Returns the cached answer for (job, model, hash, needs), asking `scan` once.
     fn stand_in_for(
         &self,
         job: JobId,
         model: &str,
         hash: &str,
+        needs: &[String],
         scan: impl FnOnce() -> bool,
     ) -> bool {
-        let key = (job, model.to_string(), hash.to_string());
+        let key = (job, model.to_string(), hash.to_string(), needs.to_vec());
         if let Some(known) = self.stand_ins.borrow().get(&key) {
             return *known;
         }
@@ -94,12 +97,16 @@ impl State {
         if !r.model_hash.is_empty() && *hash != r.model_hash {
             return false;
         }
+        let needs = policy::task_needs(r);
+        if !policy::holds_all(&needs, |k| asker.assets.contains(k)) {
+            return false;
+        }
         let faults = job.faults.get(asker.id).copied().unwrap_or(0);
         policy::task_open_to(
             policy::quarantined(faults),
             task.avoid.contains(asker.id),
             || {
-                asker.stand_in_for(job.record.id, &r.model, &r.model_hash, || {
+                asker.stand_in_for(job.record.id, &r.model, &r.model_hash, &needs, || {
                     self.stand_in_exists(job, task, asker.id, false, now)
                 })
             },
@@ -119,9 +126,11 @@ impl State {
         now: u64,
     ) -> bool {
         let recipe = &task.record.recipe;
+        let needs = policy::task_needs(recipe);
         let pinned = job.record.class.as_deref().filter(|_| job.pin_class);
         self.workers.values().any(|w| {
             let reg = &w.record.registration;
+            let held = policy::held_keys(&reg.assets);
             let candidate = Candidate {
                 draining: w.record.draining,
                 silent_ms: now.saturating_sub(w.last_seen),
@@ -132,6 +141,7 @@ impl State {
                     .find(|m| m.name == recipe.model)
                     .map(|m| m.hash.as_str()),
                 job_faults: job.faults.get(&reg.id).copied().unwrap_or(0),
+                holds_assets: policy::holds_all(&needs, |k| held.contains(k)),
             };
             reg.id != *not
                 && !(outside_avoid && task.avoid.contains(&reg.id))
@@ -210,6 +220,7 @@ impl State {
             class: reg.determinism_class.clone(),
             models,
             resident,
+            assets: policy::held_keys(&reg.assets),
             stand_ins: RefCell::default(),
             caps,
             running: RefCell::new(running),

@@ -1,7 +1,8 @@
 -- Leases up to max tasks to a worker in the order of the scheduling policy.
 -- This mirrors coordinator/src/store/policy.rs step by step (the memory store
 -- applies the same functions in memory/claim.rs): eligibility (job_allows;
--- task_allows = policy::task_open_to, with stand_in_exists =
+-- task_allows = the model hash and the assets (policy::holds_all), then
+-- policy::task_open_to, with stand_in_exists =
 -- policy::can_stand_in), order (policy::job_rank), model affinity
 -- (policy::choose, policy::switch_justified), then batch filling with each
 -- task's stored batch key (policy::task_batch_key), then the same model.
@@ -23,6 +24,8 @@ if not acts_for(worker, ARGV[7]) then return {'bound'} end
 redis.call('HSET', wk, 'seen', NOW, 'resident', ARGV[6])
 if redis.call('HGET', wk, 'draining') == '1' then return {'drain'} end
 local models = cjson.decode(redis.call('HGET', wk, 'models'))
+-- Its LoRAs, embeddings and ControlNets (policy::held_keys).
+local my_assets = redis.call('HGET', wk, 'assets')
 local class = redis.call('HGET', wk, 'class') or ''
 local resident = {}
 local any_resident = false
@@ -64,13 +67,14 @@ local function has_room(project)
   return caps[project] == nil or running[project] < caps[project]
 end
 
--- Whether a stand-in exists for this (quarantined) worker, by job, model and
--- pinned hash: asked once per claim rather than once per candidate task.
+-- Whether a stand-in exists for this (quarantined) worker, by job, model,
+-- pinned hash and needed assets: asked once per claim rather than once per
+-- candidate task.
 local stand_ins = {}
-local function stand_in_for_job(j, model, mhash, pinned)
-  local key = j.id .. '|' .. model .. '|' .. mhash
+local function stand_in_for_job(j, model, mhash, needs, pinned)
+  local key = j.id .. '|' .. model .. '|' .. mhash .. '|' .. (needs or '')
   if stand_ins[key] == nil then
-    stand_ins[key] = stand_in_exists(j.id, model, mhash, worker, pinned, nil)
+    stand_ins[key] = stand_in_exists(j.id, model, mhash, needs, worker, pinned, nil)
   end
   return stand_ins[key]
 end
@@ -78,12 +82,13 @@ end
 -- A worker quarantined for the job, or on the task's avoid list, takes the
 -- task only when no other worker can (policy::task_open_to in Rust).
 local function task_allows(j, tid, model)
-  local f = redis.call('HMGET', k('task', tid), 'mhash', 'avoid')
+  local f = redis.call('HMGET', k('task', tid), 'mhash', 'avoid', 'needs')
   if f[1] ~= '' and f[1] ~= models[model] then return false end
+  if not holds_needs(f[3], my_assets) then return false end
   local pinned = ''
   if j.pin == '1' then pinned = j.class end
   local faults = tonumber(redis.call('HGET', k('job', j.id, 'faults'), worker) or '0')
-  if faults >= QUARANTINE_AFTER and stand_in_for_job(j, model, f[1], pinned) then
+  if faults >= QUARANTINE_AFTER and stand_in_for_job(j, model, f[1], f[3], pinned) then
     return false
   end
   local avoid = cjson.decode(f[2])
@@ -92,7 +97,7 @@ local function task_allows(j, tid, model)
     skip[w] = true
     if w == worker then avoided = true end
   end
-  return not (avoided and stand_in_exists(j.id, model, f[1], worker, pinned, skip))
+  return not (avoided and stand_in_exists(j.id, model, f[1], f[3], worker, pinned, skip))
 end
 
 local deduped, finished = {}, {}

@@ -17,12 +17,12 @@ if not handback then used = used + 1 end
 local retry = handback or (fault ~= FAULT_BAD_INPUT and used < max)
 local stranded = false
 if retry and not handback then
-  local f = redis.call('HMGET', t, 'job', 'model', 'mhash')
+  local f = redis.call('HMGET', t, 'job', 'model', 'mhash', 'needs')
   local j = redis.call('HMGET', k('job', f[1]), 'pin', 'class')
   local faults = tonumber(redis.call('HGET', k('job', f[1], 'faults'), worker) or '0') + 1
   local pinned = ''
   if j[1] == '1' then pinned = j[2] or '' end
-  if faults >= QUARANTINE_AFTER and not stand_in_exists(f[1], f[2], f[3], worker, pinned, nil) then
+  if faults >= QUARANTINE_AFTER and not stand_in_exists(f[1], f[2], f[3], f[4], worker, pinned, nil) then
     stranded, retry = true, false
   end
 end

@@ -34,7 +34,7 @@ use self::scripts::{
     DEDUPED_FIELDS, DELIVERY_FIELDS, LEASE_FIELDS, PROGRESS_FIELDS, REAPED_FIELDS, RELEASED_FIELDS,
     Scripts, TASK_ARGS,
 };
-use super::policy::task_batch_key;
+use super::policy::{task_batch_key, task_needs};
 use super::state::{AbandonReason, Fault};
 use super::types::*;
 use super::{Store, StoreError, StoreResult};
@@ -370,6 +370,7 @@ impl Store for RedisStore {
             owned.push(serde_json::to_string(&avoid).map_err(corrupt)?);
             let waits = t.series.as_ref().is_some_and(|s| s.depends_on.is_some());
             owned.push(task_batch_key(&t.recipe, waits));
+            owned.push(serde_json::to_string(&task_needs(&t.recipe)).map_err(corrupt)?);
             // The dedupe key: the recipe's hash without its init image, then
             // the init image, so a shot's key is completed in Lua when its
             // anchor's image arrives (`release_dependents`). Equal keys still
@@ -548,11 +549,19 @@ impl Store for RedisStore {
                 .collect(),
             determinism_class: reg.determinism_class.clone(),
             version: reg.version.clone(),
+            assets: reg.assets.clone(),
         };
         let reg_json =
             serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let models_json =
             serde_json::to_string(&models).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        // claim.lua looks a task's needs up in this set (policy::held_keys).
+        let held: BTreeMap<String, bool> = super::policy::held_keys(&reg.assets)
+            .into_iter()
+            .map(|k| (k, true))
+            .collect();
+        let assets_json =
+            serde_json::to_string(&held).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let reply = items(
             self.invoke(
                 &self.scripts.register,
@@ -562,6 +571,7 @@ impl Store for RedisStore {
                     Arg::Str(&models_json),
                     Arg::Str(&reg.determinism_class),
                     Arg::Str(owner.unwrap_or_default()),
+                    Arg::Str(&assets_json),
                 ],
             )
             .await?,
@@ -1051,6 +1061,7 @@ mod tests {
                     }],
                     determinism_class: "c".into(),
                     version: "t".into(),
+                    assets: Default::default(),
                 },
                 None,
             )
@@ -1127,6 +1138,7 @@ mod tests {
             }],
             determinism_class: "c".into(),
             version: "t".into(),
+            assets: Default::default(),
         };
         store.register_worker(registration, None).await.unwrap();
         let (job, _) = store.create_job(one_task_job()).await.unwrap();

@@ -241,18 +241,33 @@ local function acts_for(w, owner)
   return o == false or o == owner
 end
 
+-- True when a worker whose assets json ({asset key: true}; false: none
+-- stored) is `assets_json` holds every asset key of the json list
+-- `needs_json` (policy::holds_all over policy::held_keys).
+local function holds_needs(needs_json, assets_json)
+  if needs_json == false or needs_json == '' or needs_json == '[]' then return true end
+  local held = {}
+  if assets_json then held = cjson.decode(assets_json) end
+  for _, need in ipairs(cjson.decode(needs_json)) do
+    if held[need] == nil then return false end
+  end
+  return true
+end
+
 -- True when a worker other than `not_worker` could take a task of `job` for
--- `model` (pinned to `mhash` unless empty): live, not draining, not
--- quarantined for the job, holding the model, and of the job's pinned class
--- ('' when not pinned). Workers in `skip` (a set) do not count. The policy's
--- `policy::can_stand_in` in Rust.
-local function stand_in_exists(job, model, mhash, not_worker, pinned_class, skip)
+-- `model` (pinned to `mhash` unless empty) that needs the assets of the json
+-- list `needs`: live, not draining, not quarantined for the job, holding the
+-- model and the assets, and of the job's pinned class ('' when not pinned).
+-- Workers in `skip` (a set) do not count. The policy's `policy::can_stand_in`
+-- in Rust.
+local function stand_in_exists(job, model, mhash, needs, not_worker, pinned_class, skip)
   for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
     if w ~= not_worker and not (skip and skip[w]) and live(w) then
-      local f = redis.call('HMGET', k('worker', w), 'class', 'models')
+      local f = redis.call('HMGET', k('worker', w), 'class', 'models', 'assets')
       local faults = tonumber(redis.call('HGET', k('job', job, 'faults'), w) or '0')
       local hash = f[2] and cjson.decode(f[2])[model]
       if faults < QUARANTINE_AFTER and hash ~= nil and (mhash == '' or hash == mhash)
+        and holds_needs(needs, f[3])
         and (pinned_class == '' or (f[1] or '') == pinned_class) then
         return true
       end

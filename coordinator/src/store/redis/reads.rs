@@ -165,6 +165,7 @@ impl RedisStore {
                         .collect(),
                     determinism_class: stored.determinism_class,
                     version: stored.version,
+                    assets: stored.assets,
                 },
                 draining: h.get("draining").map(String::as_str) == Some("1"),
                 last_seen_ms: num(&h, "seen").unwrap_or(0),

@@ -201,4 +201,7 @@ pub(super) struct StoredRegistration {
     pub(super) models: Vec<(String, String)>,
     pub(super) determinism_class: String,
     pub(super) version: String,
+    /// Absent in registrations stored before assets existed.
+    #[serde(default)]
+    pub(super) assets: super::super::HeldAssets,
 }

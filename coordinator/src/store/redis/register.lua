@@ -3,7 +3,8 @@
 -- The session is bound to ARGV[7], the registering token's name ('' without
 -- --auth): while it is alive, another token may not take the id over
 -- (policy::may_register).
--- ARGV: 3 worker, 4 registration json, 5 models json ({name: hash}), 6 determinism class, 7 owner.
+-- ARGV: 3 worker, 4 registration json, 5 models json ({name: hash}), 6 determinism class, 7 owner,
+--   8 assets json ({asset key: true}, policy::held_keys).
 -- Returns {'bound'}, or RELEASED_FIELDS values per released lease: task, job, epoch, finished state or ''.
 local worker, owner = ARGV[3], ARGV[7]
 local wk = k('worker', worker)
@@ -19,7 +20,7 @@ for _, tid in ipairs(redis.call('SMEMBERS', k('worker', worker, 'running'))) do
   end
 end
 redis.call('DEL', k('worker', worker, 'running'))
-redis.call('HSET', wk, 'reg', ARGV[4], 'models', ARGV[5], 'class', ARGV[6], 'draining', 0, 'seen', NOW, 'resident', '[]', 'owner', owner)
+redis.call('HSET', wk, 'reg', ARGV[4], 'models', ARGV[5], 'class', ARGV[6], 'draining', 0, 'seen', NOW, 'resident', '[]', 'owner', owner, 'assets', ARGV[8])
 redis.call('HSETNX', wk, 'completed', 0)
 redis.call('HSETNX', wk, 'failed', 0)
 redis.call('SADD', k('workers'), worker)

@@ -24,7 +24,7 @@ pub(super) const CLAIM_LOOKAHEAD: usize = 8;
 /// Tasks read per job beyond the free slots when a claim fills them.
 pub(super) const FILL_LOOKAHEAD: usize = 32;
 /// Script arguments per task of `enqueue.lua`.
-pub(super) const TASK_ARGS: usize = 13;
+pub(super) const TASK_ARGS: usize = 14;
 /// Reply values per lease of `claim.lua`.
 pub(super) const LEASE_FIELDS: usize = 7;
 /// Reply values per deduplicated task of `claim.lua`.
