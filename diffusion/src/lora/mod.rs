@@ -73,23 +73,19 @@ impl Targets {
     }
 }
 
-/// One LoRA file's deltas at weight 1: per component, the changed tensor
-/// (`<module>.weight`) → `alpha / rank · up · down` in f32, shaped as the tensor.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Deltas {
-    /// The deltas by component and tensor name.
-    pub(crate) by_component: BTreeMap<Component, BTreeMap<String, Tensor>>,
-}
-
-/// A module's tensors as read so far: (key, tensor) of down and up, and alpha.
+/// A module's tensors as read so far: key, shape and (for the component being
+/// merged) the tensor of down and up, and alpha.
 #[derive(Default)]
 struct Pair {
-    down: Option<(String, Tensor)>,
-    up: Option<(String, Tensor)>,
+    down: Option<(String, Vec<usize>, Option<Tensor>)>,
+    up: Option<(String, Vec<usize>, Option<Tensor>)>,
     alpha: Option<f64>,
 }
 
-/// Reads a LoRA file and computes its deltas for the model whose modules are `targets`.
+/// Reads a LoRA file for the model whose modules are `targets` and returns its
+/// deltas for `component` at weight 1: each changed tensor (`<module>.weight`) →
+/// `alpha / rank · up · down` in f32, shaped as the tensor. Every key is checked;
+/// only `component`'s tensors are loaded and multiplied.
 ///
 /// # Errors
 ///
@@ -100,8 +96,9 @@ struct Pair {
 pub(crate) fn read(
     file: &Path,
     targets: &Targets,
+    component: Component,
     device: &Device,
-) -> Result<Deltas, PipelineError> {
+) -> Result<BTreeMap<String, Tensor>, PipelineError> {
     let err = |key: &str, message: String| PipelineError::Weights {
         file: file.to_path_buf(),
         message: format!("tensor {key} {message}"),
@@ -144,6 +141,8 @@ pub(crate) fn read(
                 .map_err(|e| err(key, format!("cannot be loaded: {e}")))?;
             Ok(t)
         };
+        let merged = placed.component == component;
+        let load_merged = || merged.then(load).transpose();
         let pair = pairs
             .entry((placed.component, placed.module.clone()))
             .or_default();
@@ -152,13 +151,13 @@ pub(crate) fn read(
                 if shape.len() < 2 || shape[1..].iter().product::<usize>() != fan_in {
                     return Err(misfit());
                 }
-                pair.down = Some((key.clone(), load()?));
+                pair.down = Some((key.clone(), shape.clone(), load_merged()?));
             }
             format::Part::Up => {
                 if shape.len() < 2 || shape[0] != out || shape[2..].iter().product::<usize>() != 1 {
                     return Err(misfit());
                 }
-                pair.up = Some((key.clone(), load()?));
+                pair.up = Some((key.clone(), shape.clone(), load_merged()?));
             }
             format::Part::Alpha => {
                 if shape.iter().product::<usize>() != 1 {
@@ -172,12 +171,14 @@ pub(crate) fn read(
             }
         }
     }
-    let mut deltas = Deltas::default();
-    for ((component, module), pair) in pairs {
-        let ((down_key, down), (_, up)) = match (pair.down, pair.up) {
+    let mut deltas = BTreeMap::new();
+    for ((of, module), pair) in pairs {
+        let ((down_key, down_shape, down), (_, up_shape, up)) = match (pair.down, pair.up) {
             (Some(d), Some(u)) => (d, u),
-            (Some((key, _)), None) => return Err(err(&key, "has no up matrix beside it".into())),
-            (None, Some((key, _))) => return Err(err(&key, "has no down matrix beside it".into())),
+            (Some((key, ..)), None) => return Err(err(&key, "has no up matrix beside it".into())),
+            (None, Some((key, ..))) => {
+                return Err(err(&key, "has no down matrix beside it".into()));
+            }
             (None, None) => {
                 return Err(PipelineError::Weights {
                     file: file.to_path_buf(),
@@ -185,26 +186,25 @@ pub(crate) fn read(
                 });
             }
         };
-        let rank = down.dim(0)?;
-        if up.dim(1)? != rank {
+        let rank = down_shape[0];
+        if up_shape[1] != rank {
             return Err(err(
                 &down_key,
-                format!("has rank {rank} but its up matrix has {}", up.dim(1)?),
+                format!("has rank {rank} but its up matrix has {}", up_shape[1]),
             ));
         }
+        let (Some(down), Some(up)) = (down, up) else {
+            continue; // Another component's module: checked, not merged.
+        };
         let target = targets
-            .modules(component)
+            .modules(of)
             .and_then(|m| m.shape(&module))
             .ok_or_else(|| err(&down_key, "names no module of this model".into()))?;
         let scale = pair.alpha.unwrap_or(rank as f64) / rank as f64;
         let up = up.reshape((target[0], rank))?;
         let down = down.reshape((rank, ()))?;
         let delta = (up.matmul(&down)? * scale)?.reshape(target)?;
-        deltas
-            .by_component
-            .entry(component)
-            .or_default()
-            .insert(format!("{module}.weight"), delta);
+        deltas.insert(format!("{module}.weight"), delta);
     }
     Ok(deltas)
 }

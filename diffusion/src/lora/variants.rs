@@ -246,17 +246,14 @@ impl Variants {
     fn build(&self, component: Component, set: &LoraSet) -> Result<Built, PipelineError> {
         let mut sum: HashMap<String, Tensor> = HashMap::new();
         for (file, weight) in &set.entries {
-            let deltas = super::read(&file.path, &self.targets, &self.device)?;
-            let Some(changed) = deltas.by_component.get(&component) else {
-                continue;
-            };
+            let changed = super::read(&file.path, &self.targets, component, &self.device)?;
             for (name, delta) in changed {
                 let scaled = (delta * *weight)?;
-                let total = match sum.remove(name) {
+                let total = match sum.remove(&name) {
                     Some(before) => (before + scaled)?,
                     None => scaled,
                 };
-                sum.insert(name.clone(), total);
+                sum.insert(name, total);
             }
         }
         if sum.is_empty() {
