@@ -90,6 +90,7 @@ pub async fn admit(
         // The handler's span (a child of the submitter's, when it sent one).
         traceparent: kiln_proto::telemetry::traceparent(&tracing::Span::current()),
         notify: core.webhooks.targets(&spec.notify),
+        submitted_by: caller.principal().map(str::to_string),
     };
     Ok(core.store.create_job(job).await?)
 }

@@ -18,7 +18,7 @@ use crate::core::Core;
 use crate::core::contact_sheet_path;
 use crate::error::{CoordinatorError, CoordinatorResult};
 use crate::store::{TaskState, USAGE_DAY_MS, Usage, usage_day};
-use crate::{admission, convert, manifest, models, verify};
+use crate::{admission, control, convert, manifest, models};
 
 /// How often a watcher gets a progress message when no event happens.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -160,15 +160,7 @@ impl pb::farm_server::Farm for FarmService {
         let caller = caller_of(&request)?;
         let req = request.into_inner();
         let id = JobId::parse_field("job_id", &req.job_id).map_err(CoordinatorError::from)?;
-        caller.require(Action::Verify)?;
-        let job = self
-            .core
-            .store
-            .job(id)
-            .await
-            .map_err(CoordinatorError::from)?;
-        caller.job_access(&job, Action::Verify)?;
-        let done = verify::verify(&self.core, id, req.sample as usize).await?;
+        let done = control::verify(&self.core, &caller, id, req.sample as usize).await?;
         Ok(Response::new(convert::verification(&done)))
     }
 
@@ -178,16 +170,8 @@ impl pb::farm_server::Farm for FarmService {
     ) -> Result<Response<pb::RetryJobResponse>, Status> {
         let caller = caller_of(&request)?;
         let req = request.into_inner();
-        let id = job_to_steer(&self.core, &caller, &req.job_id, Action::Retry).await?;
-        let (job, requeued) = self
-            .core
-            .store
-            .retry_job(id)
-            .await
-            .map_err(CoordinatorError::from)?;
-        if requeued > 0 {
-            tracing::info!(job = %id, requeued, token = %caller.name, "failed tasks requeued");
-        }
+        let id = JobId::parse_field("job_id", &req.job_id).map_err(CoordinatorError::from)?;
+        let (job, requeued) = control::retry(&self.core, &caller, id).await?;
         Ok(Response::new(pb::RetryJobResponse {
             job: Some(convert::job(&job)),
             requeued,
@@ -327,14 +311,12 @@ async fn list_jobs(
 /// caller may read it, so a stream opens only for a job it can follow.
 async fn known_job(core: &Core, caller: &Caller, job_id: &str) -> CoordinatorResult<JobId> {
     let id = JobId::parse_field("job_id", job_id)?;
-    caller.require(Action::Read)?;
-    let job = core.store.job(id).await?;
-    caller.job_access(&job, Action::Read)?;
+    control::job_for(core, caller, id, Action::Read).await?;
     Ok(id)
 }
 
 /// Parses a request's job id and checks that the caller may take `action`
-/// on the job (role first, then the job's project; see `Caller::job_access`).
+/// on the job (see [`control::job_for`]).
 async fn job_to_steer(
     core: &Core,
     caller: &Caller,
@@ -342,9 +324,7 @@ async fn job_to_steer(
     action: Action,
 ) -> CoordinatorResult<JobId> {
     let id = JobId::parse_field("job_id", job_id)?;
-    caller.require(action)?;
-    let job = core.store.job(id).await?;
-    caller.job_access(&job, action)?;
+    control::job_for(core, caller, id, action).await?;
     Ok(id)
 }
 
@@ -388,14 +368,7 @@ async fn cancel_job(
     req: pb::CancelJobRequest,
 ) -> CoordinatorResult<pb::CancelJobResponse> {
     let id = JobId::parse_field("job_id", &req.job_id)?;
-    caller.require(Action::Cancel)?;
-    let before = core.store.job(id).await?;
-    caller.job_access(&before, Action::Cancel)?;
-    let job = core.store.cancel_job(id).await?;
-    if !before.is_finished() {
-        tracing::info!(job = %id, "job cancelled");
-        core.finalize(id).await;
-    }
+    let job = control::cancel(core, caller, id).await?;
     Ok(pb::CancelJobResponse {
         job: Some(convert::job(&job)),
     })
@@ -419,9 +392,7 @@ async fn drain_worker(
     req: pb::DrainWorkerRequest,
 ) -> CoordinatorResult<pb::DrainWorkerResponse> {
     let id = WorkerId::parse_field("worker_id", &req.worker_id)?;
-    caller.worker_access(&id, Action::Drain)?;
-    let w = core.store.drain_worker(&id).await?;
-    tracing::info!(worker = %id, "worker set to drain");
+    let w = control::drain(core, caller, &id).await?;
     Ok(pb::DrainWorkerResponse {
         worker: Some(convert::worker(&w, false)),
     })

@@ -9,6 +9,9 @@
 //!   from [`Store::farm_counts`](crate::store::Store::farm_counts), so every
 //!   coordinator of one store answers the same.
 //!
+//! - the web dashboard at `/` and its `/api/v1/events`, `/api/v1/jobs/...`
+//!   ([`crate::dashboard`]).
+//!
 //! With `--auth`, `/metrics` and `/api/v1/queue` need `Authorization: Bearer
 //! TOKEN` of any token of the auth file, checked by the same
 //! [`Auth::authenticate`](crate::auth::Auth::authenticate) as gRPC calls;
@@ -41,14 +44,20 @@ struct SideDoor {
     metrics: Arc<Metrics>,
 }
 
-/// Returns the side door's routes; anything else answers 404.
-pub fn router(core: Arc<Core>, metrics: Arc<Metrics>) -> Router {
+/// Returns the side door's routes, the dashboard's among them
+/// ([`crate::dashboard`]; `tls`: served over TLS, so its cookies are
+/// `Secure`); anything else answers 404.
+pub fn router(core: Arc<Core>, metrics: Arc<Metrics>, tls: bool) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(scrape))
         .route("/api/v1/queue", get(queue))
-        .with_state(SideDoor { core, metrics })
+        .with_state(SideDoor {
+            core: core.clone(),
+            metrics,
+        })
+        .merge(crate::dashboard::router(core, tls))
 }
 
 async fn healthz() -> &'static str {

@@ -15,10 +15,14 @@ pub mod auth;
 pub mod config;
 /// Series contact sheets.
 pub mod contact_sheet;
+/// The job and worker actions both front ends take, behind the caller checks.
+pub mod control;
 /// Record-to-wire conversions.
 pub mod convert;
 /// Handles shared by every request handler.
 pub mod core;
+/// The web dashboard on the HTTP side door.
+pub mod dashboard;
 /// Why a request failed, and its gRPC status.
 pub mod error;
 /// The client-facing `Farm` service.

@@ -127,6 +127,8 @@ pub async fn serve(
     side_door: SideDoor,
 ) -> Result<(), tonic::transport::Error> {
     let mut builder = tonic::transport::Server::builder();
+    // The dashboard's cookies are `Secure` where it is served over TLS.
+    let over_tls = tls.is_some();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -159,7 +161,7 @@ pub async fn serve(
     let (routes, accept_http1, separate) = match side_door {
         SideDoor::Off => (Routes::from(grpc), false, None),
         SideDoor::SamePort(metrics) => (
-            one_port(grpc, http::router(core.clone(), metrics)),
+            one_port(grpc, http::router(core.clone(), metrics, over_tls)),
             true,
             None,
         ),
@@ -168,7 +170,7 @@ pub async fn serve(
             false,
             Some(tokio::spawn(serve_http(
                 http_listener,
-                http::router(core.clone(), metrics),
+                http::router(core.clone(), metrics, false),
                 core.shutdown.clone(),
             ))),
         ),

@@ -142,6 +142,7 @@ pub async fn verify(core: &Core, id: JobId, sample: usize) -> CoordinatorResult<
         traceparent: kiln_proto::telemetry::traceparent(&tracing::Span::current()),
         // `kiln verify` waits for its answer itself: no webhook.
         notify: Vec::new(),
+        submitted_by: None,
     };
     let (created, _) = core.store.create_job(new).await?;
     tracing::info!(job = %id, verification = %created.id, items = original_index.len(), "verification submitted");

@@ -706,6 +706,7 @@ mod tests {
                 verify_of: None,
                 traceparent: None,
                 notify: Vec::new(),
+                submitted_by: None,
             })
             .await
             .unwrap();
@@ -848,6 +849,7 @@ mod tests {
                 verify_of: None,
                 traceparent: None,
                 notify: Vec::new(),
+                submitted_by: None,
             })
             .await
             .unwrap();

@@ -29,6 +29,13 @@ fn txt2img_recipes() -> Vec<Recipe> {
             prompt: "a [quiet] harbour".into(),
             negative_prompt: String::new(),
             seed: 14,
+            ..base.clone()
+        },
+        // Prompt editing and alternation: the conditioning changes between steps.
+        Recipe {
+            prompt: "a [red:(blue:1.2):2] castle [at dawn|at dusk]".into(),
+            negative_prompt: "[blurry:dark:0.5]".into(),
+            seed: 15,
             ..base
         },
     ]

@@ -49,6 +49,7 @@ mod adapters;
 mod assets;
 pub mod bench;
 mod clip;
+mod conditioning;
 mod config;
 mod conv;
 /// Devices the engine runs on, and the determinism class of a device and precision.
@@ -83,6 +84,8 @@ mod arch_tests;
 #[cfg(test)]
 mod batch_tests;
 #[cfg(test)]
+mod editing_tests;
+#[cfg(test)]
 mod golden_tests;
 #[cfg(test)]
 mod img2img_tests;
@@ -113,7 +116,7 @@ pub use tiny::{ParseTinyKindError, TinyKind, write_tiny_model, write_tiny_model_
 use layout::ModelFiles;
 use sampling::SchedulerConfig;
 use text::TextEncoders;
-use unet::{AddedConditioning, Conditioning, Unet};
+use unet::{Conditioning, Unet};
 use vae::Vae;
 
 /// A model loaded for rendering: tokenizers, text encoders, UNet, VAE, scheduler config.
@@ -363,10 +366,10 @@ impl Pipeline {
         render::render_batch(self, inputs, on_step)
     }
 
-    /// Returns the UNet conditioning of one txt2img render: text states for the
-    /// guidance branches (rows ordered negative, prompt), SDXL's added conditioning,
-    /// and for an inpainting UNet a mask of ones (repaint everything) with zero
-    /// masked-image latents.
+    /// Returns the UNet conditioning of one txt2img render of one step: text states
+    /// for the guidance branches (rows ordered negative, prompt), SDXL's added
+    /// conditioning, and for an inpainting UNet a mask of ones (repaint everything)
+    /// with zero masked-image latents.
     fn conditioning(
         &self,
         prompt: &str,
@@ -375,15 +378,15 @@ impl Pipeline {
         latent_width: usize,
     ) -> Result<Conditioning, PipelineError> {
         let image = self.blank_image_conditioning(latent_height, latent_width)?;
-        let extras = text_extras::TextExtras::default();
-        self.conditioning_with(
+        let scheduled = self.scheduled_conditioning(
             prompt,
             negative,
-            latent_height,
-            latent_width,
+            1,
+            (latent_height, latent_width),
             image,
-            &extras,
-        )
+            &text_extras::TextExtras::default(),
+        )?;
+        scheduled.select(&scheduled.rows_at(0))
     }
 
     /// Returns an inpainting UNet's image input for a render without a mask: a mask of
@@ -405,58 +408,6 @@ impl Pipeline {
             &self.device,
         )?;
         Ok(Some(Tensor::cat(&[&mask, &masked], 1)?))
-    }
-
-    /// Returns the UNet conditioning of one render: text states for the guidance
-    /// branches (rows ordered negative, prompt), SDXL's added conditioning, and
-    /// `image` (`[1, 1 + latent channels, h, w]`, f32) repeated for each branch.
-    ///
-    /// SDXL's time ids are diffusers' defaults: original size = target size = the
-    /// image's (height, width), crop top-left (0, 0). Everything is in the UNet's dtype.
-    /// The prompts are read without their `<lora:...>` tags, with `extras`' text-encoder
-    /// LoRAs and embeddings.
-    fn conditioning_with(
-        &self,
-        prompt: &str,
-        negative: Option<&str>,
-        latent_height: usize,
-        latent_width: usize,
-        image: Option<Tensor>,
-        extras: &text_extras::TextExtras,
-    ) -> Result<Conditioning, PipelineError> {
-        let dtype = self.precision.dtype();
-        let prompt = kiln_domain::extras::strip(prompt);
-        let negative = negative.map(kiln_domain::extras::strip);
-        let text = self
-            .text
-            .encode_with(&prompt, negative.as_deref(), extras)?;
-        let rows = text.context.dim(0)?;
-        let added = match text.pooled {
-            Some(text_embeds) => {
-                let h = (latent_height * self.vae_downscale) as f32;
-                let w = (latent_width * self.vae_downscale) as f32;
-                let ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
-                let time_ids = Tensor::from_vec(ids, (rows, config::SDXL_TIME_IDS), &self.device)?
-                    .to_dtype(dtype)?;
-                Some(AddedConditioning {
-                    text_embeds,
-                    time_ids,
-                })
-            }
-            None => None,
-        };
-        let image = match image {
-            Some(image) => {
-                let image = image.to_dtype(dtype)?;
-                Some(Tensor::cat(&vec![&image; rows], 0)?)
-            }
-            None => None,
-        };
-        Ok(Conditioning {
-            context: text.context,
-            added,
-            image,
-        })
     }
 
     /// Returns the latent size of an image side, which must be a multiple of the downscale.

@@ -338,6 +338,17 @@ fn sdxl_takes_kohya_te1_te2_loras_and_two_encoder_embeddings() -> TestResult {
     Ok(())
 }
 
+/// Returns the conditioning of a guided 64 px render of `prompt` with `extras`.
+fn conditioning(
+    p: &Pipeline,
+    prompt: &str,
+    negative: &str,
+    extras: &text_extras::TextExtras,
+) -> Result<unet::Conditioning, PipelineError> {
+    let s = p.scheduled_conditioning(prompt, Some(negative), 1, (8, 8), None, extras)?;
+    s.select(&s.rows_at(0))
+}
+
 /// Writes tiny models with a kohya and a PEFT LoRA and an embedding, and kiln's
 /// outputs with each, to `$KILN_PARITY_DIR/lora/<kind>`, for
 /// `scripts/lora_parity.py` to recompute with diffusers and PEFT. Run by hand:
@@ -381,7 +392,7 @@ fn dump_for_lora_parity() -> TestResult {
                 format!("unet_{name}"),
                 applied.unet.forward(&latents, timestep, &base)?,
             );
-            let cond = p.conditioning_with(prompt, Some(negative), 8, 8, None, &applied.text)?;
+            let cond = conditioning(&p, prompt, negative, &applied.text)?;
             out.insert(format!("context_{name}"), cond.context);
             if let Some(added) = cond.added {
                 out.insert(format!("text_embeds_{name}"), added.text_embeds);
@@ -393,8 +404,7 @@ fn dump_for_lora_parity() -> TestResult {
             hash: String::new(),
         }];
         let applied = adapters::apply(&p, &r)?;
-        let cond =
-            p.conditioning_with(embedded_prompt, Some(negative), 8, 8, None, &applied.text)?;
+        let cond = conditioning(&p, embedded_prompt, negative, &applied.text)?;
         out.insert("context_badhands".into(), cond.context);
         if let Some(added) = base.added {
             out.insert("text_embeds".into(), added.text_embeds);

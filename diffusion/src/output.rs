@@ -25,15 +25,17 @@ struct KilnChunk<'a> {
 }
 
 /// Returns the A1111 `parameters` text of a recipe; img2img and inpainting add
-/// `Denoising strength`, as the web UI writes it.
+/// `Denoising strength`, and the extras their lines ([`extras_parameters`]), as
+/// the web UI writes them.
 pub fn a1111_parameters(recipe: &Recipe, model_hash: &str) -> String {
     let short_hash: String = model_hash.chars().take(10).collect();
     let strength = match recipe.init_image {
         Some(_) => format!(", Denoising strength: {}", recipe.strength),
         None => String::new(),
     };
+    let extras = extras_parameters(recipe);
     format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}{strength}",
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}{strength}{extras}",
         recipe.prompt,
         recipe.negative_prompt,
         recipe.steps,
@@ -45,6 +47,70 @@ pub fn a1111_parameters(recipe: &Recipe, model_hash: &str) -> String {
         short_hash,
         recipe.model
     )
+}
+
+/// Returns the A1111 fields of a recipe's extras, each after `, `: the hires
+/// fix (`Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent, Denoising
+/// strength: 0.5`; with an init image, whose strength is `Denoising strength`,
+/// the second pass's is `Hires denoising strength`), one `ControlNet N: "Module:
+/// canny, Model: pose [hash8], Weight: 1.0, Guidance Start: 0.0, Guidance End:
+/// 1.0"` per ControlNet, `Lora hashes: "NAME: hash12, ..."` and `TI hashes:
+/// "NAME: hash12, ..."`. Empty without extras.
+pub fn extras_parameters(recipe: &Recipe) -> String {
+    let extras = &recipe.extras;
+    let short = |hash: &str, n: usize| hash.chars().take(n).collect::<String>();
+    let mut out = String::new();
+    if let Some(h) = &extras.hires {
+        let denoise = if recipe.init_image.is_some() {
+            "Hires denoising strength"
+        } else {
+            "Denoising strength"
+        };
+        out.push_str(&format!(
+            ", Hires upscale: {}, Hires steps: {}, Hires upscaler: {}, {denoise}: {}",
+            h.scale,
+            h.steps,
+            h.upscaler.a1111_name(),
+            h.denoise
+        ));
+    }
+    for (i, c) in extras.controlnets.iter().enumerate() {
+        let model = if c.hash.is_empty() {
+            c.model.clone()
+        } else {
+            format!("{} [{}]", c.model, short(&c.hash, 8))
+        };
+        out.push_str(&format!(
+            ", ControlNet {i}: \"Module: {}, Model: {model}, Weight: {:?}, Guidance Start: {:?}, Guidance End: {:?}\"",
+            c.preprocess.map_or("none", |p| p.name()),
+            c.scale,
+            c.start,
+            c.end
+        ));
+    }
+    let hashes = |list: Vec<(&str, &str)>| {
+        list.iter()
+            .map(|(name, hash)| format!("{name}: {}", short(hash, 12)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !extras.loras.is_empty() {
+        let list = extras
+            .loras
+            .iter()
+            .map(|l| (l.name.as_str(), l.hash.as_str()))
+            .collect();
+        out.push_str(&format!(", Lora hashes: \"{}\"", hashes(list)));
+    }
+    if !extras.embeddings.is_empty() {
+        let list = extras
+            .embeddings
+            .iter()
+            .map(|e| (e.name.as_str(), e.hash.as_str()))
+            .collect();
+        out.push_str(&format!(", TI hashes: \"{}\"", hashes(list)));
+    }
+    out
 }
 
 /// Encodes an image as PNG with the `parameters` and `kiln` metadata chunks,
@@ -188,6 +254,68 @@ mod tests {
         r.init_image = Some("0".repeat(64));
         r.strength = 0.6;
         assert!(a1111_parameters(&r, "h").ends_with("Model: tiny, Denoising strength: 0.6"));
+    }
+
+    #[test]
+    fn extras_add_a1111_lines() {
+        use kiln_domain::extras::{
+            ControlNetRef, EmbeddingRef, Hires, LoraRef, Preprocessor, ResizeMode, Upscaler,
+        };
+        let mut r = recipe("x");
+        assert_eq!(extras_parameters(&r), "", "no extras, no lines");
+        let lora = |name: &str, hash: &str| LoraRef {
+            name: name.into(),
+            hash: hash.into(),
+            unet_weight: 0.8,
+            te_weight: 0.8,
+        };
+        r.extras.loras = vec![
+            lora("mira-v3", &format!("1a2b3c4d5e6f{}", "0".repeat(52))),
+            lora("inkwash", &"f".repeat(64)),
+        ];
+        r.extras.embeddings = vec![EmbeddingRef {
+            name: "badhands".into(),
+            hash: "9".repeat(64),
+        }];
+        let control = |preprocess| ControlNetRef {
+            model: "pose".into(),
+            hash: format!("abcdef01{}", "2".repeat(56)),
+            image: "3".repeat(64),
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+            resize: ResizeMode::Crop,
+            preprocess,
+        };
+        r.extras.controlnets = vec![control(None), control(Some(Preprocessor::Canny))];
+        r.extras.controlnets[1].scale = 0.4;
+        r.extras.controlnets[1].end = 0.8;
+        r.extras.hires = Some(Hires {
+            scale: 2.0,
+            steps: 10,
+            denoise: 0.5,
+            upscaler: Upscaler::Latent,
+        });
+        let p = a1111_parameters(&r, "h");
+        assert!(
+            p.ends_with(concat!(
+                "Model: tiny, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent, Denoising strength: 0.5",
+                ", ControlNet 0: \"Module: none, Model: pose [abcdef01], Weight: 1.0, Guidance Start: 0.0, Guidance End: 1.0\"",
+                ", ControlNet 1: \"Module: canny, Model: pose [abcdef01], Weight: 0.4, Guidance Start: 0.0, Guidance End: 0.8\"",
+                ", Lora hashes: \"mira-v3: 1a2b3c4d5e6f, inkwash: ffffffffffff\"",
+                ", TI hashes: \"badhands: 999999999999\""
+            )),
+            "{p}"
+        );
+        // Size stays the first pass's, as A1111 writes it; img2img keeps its own strength.
+        assert!(p.contains("Size: 8x8"), "{p}");
+        r.init_image = Some("0".repeat(64));
+        r.strength = 0.6;
+        let p = a1111_parameters(&r, "h");
+        assert!(
+            p.contains("Model: tiny, Denoising strength: 0.6, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent, Hires denoising strength: 0.5"),
+            "{p}"
+        );
     }
 
     #[test]

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 
+use super::conditioning::Scheduled;
 use super::images;
 use super::noise::{self, Purpose};
 use super::sampling::{self, Sampler};
@@ -134,7 +135,11 @@ struct Task<'a> {
     unet: Arc<Unet>,
     /// The key of its UNet LoRA set (empty: the base UNet).
     unet_key: String,
-    /// The UNet conditioning of its rows.
+    /// Its text conditioning at every step (prompt editing, alternation).
+    text: Scheduled,
+    /// The rows of `text` that `cond` holds now.
+    text_rows: Vec<usize>,
+    /// The UNet conditioning of its rows at the current step.
     cond: Conditioning,
     /// `[1, c, h, w]` f32.
     latents: Tensor,
@@ -262,16 +267,18 @@ fn prepare<'a>(
         }
         _ => p.blank_image_conditioning(latent_height, latent_width)?,
     };
-    let cond = tracing::info_span!("text_encode").in_scope(|| {
-        p.conditioning_with(
+    let text = tracing::info_span!("text_encode").in_scope(|| {
+        p.scheduled_conditioning(
             &recipe.prompt,
             negative,
-            latent_height,
-            latent_width,
+            recipe.steps,
+            (latent_height, latent_width),
             image_cond,
             &applied.text,
         )
     })?;
+    let text_rows = text.rows_at(0);
+    let cond = text.select(&text_rows)?;
     let blend = match (&init_latents, &latent_repaint) {
         (Some(init), Some(mask)) if !p.inpainting => Some(Blend {
             init: init.clone(),
@@ -294,6 +301,8 @@ fn prepare<'a>(
         rows: if guided { 2 } else { 1 },
         unet: applied.unet,
         unet_key: applied.unet_key,
+        text,
+        text_rows,
         cond,
         latents,
         noise,
@@ -435,6 +444,21 @@ fn run_steps(
     let dtype = p.precision.dtype();
     let mut cond = batch_conditioning(tasks)?;
     for (i, &t) in timesteps.iter().enumerate().skip(start) {
+        // Prompt editing and alternation: a task whose text changes at this step
+        // takes its new rows, and the batch's conditioning is put together again.
+        let counter = (i - start) as u32;
+        let mut changed = false;
+        for task in tasks.iter_mut() {
+            let rows = task.text.rows_at(counter);
+            if rows != task.text_rows {
+                task.cond = task.text.select(&rows)?;
+                task.text_rows = rows;
+                changed = true;
+            }
+        }
+        if changed {
+            cond = batch_conditioning(tasks)?;
+        }
         let mut input = Vec::with_capacity(tasks.len() * rows);
         for task in tasks.iter() {
             let scaled = task.sampler.scale_model_input(&task.latents, i)?;

@@ -1,17 +1,20 @@
 //! Prompt → text embeddings: the CLIP tokenizers, prompt weighting, window chunking
 //! and the text encoders.
 //!
-//! A prompt is parsed for AUTOMATIC1111's weighting syntax (`(word:1.3)`,
-//! `(word)`, `[word]`, escapes, `BREAK`) by [`kiln_domain::prompt`], the same
-//! parser the coordinator validates with and `kiln prompt` shows. Each weighted
+//! A prompt reaches the encoder prepared by [`kiln_domain::prompt::prepare`] (in
+//! `conditioning`): extra-network tags removed, prompt editing and alternation
+//! scheduled into stages, each stage's text parsed for AUTOMATIC1111's weighting
+//! syntax (`(word:1.3)`, `(word)`, `[word]`, escapes, `BREAK`): the same code
+//! the coordinator validates with and `kiln prompt` shows. Each weighted
 //! piece is tokenized on its own and the tokens are laid out in chunks of
 //! `window - 2` (75 for CLIP): a chunk closes when full or at a `BREAK`. Prompts
 //! longer than the window are therefore not cut: each chunk is wrapped in
 //! bos/eos, padded to the window, encoded separately and the results are
 //! concatenated along the sequence axis (the scheme the A1111 web UI made
-//! common; the UNet's cross-attention accepts any sequence length). The negative
-//! prompt is padded with empty chunks to the same count so both guidance branches
-//! share one batch.
+//! common; the UNet's cross-attention accepts any sequence length). The rows
+//! encoded together (the negative prompt and the prompt, and every stage of an
+//! edited one) are padded with empty chunks to the same count so they share one
+//! batch.
 //!
 //! Weights are applied to the encoder's output the A1111 way (`text_cache::emphasize`):
 //! each token's state times its weight, then the chunk rescaled to its original
@@ -31,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use kiln_domain::prompt::Chunk;
+use kiln_domain::prompt::{Chunk, Piece};
 use tokenizers::Tokenizer;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSequence};
@@ -115,6 +118,15 @@ pub(crate) struct TextEmbeddings {
     pub(crate) context: Tensor,
     /// `[branches, projection_dim]`: SDXL's pooled text embedding.
     pub(crate) pooled: Option<Tensor>,
+}
+
+/// One row of text conditioning: a prepared text's weighted pieces.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TextRow<'a> {
+    /// The text's pieces, from [`kiln_domain::prompt::prepare`].
+    pub(crate) pieces: &'a [Piece],
+    /// An empty negative prompt: SDXL conditions it on zeros.
+    pub(crate) empty_negative: bool,
 }
 
 /// The token ids that frame and pad a chunk.
@@ -228,35 +240,19 @@ impl TextEncoders {
         self.encoders.iter().map(|e| e.ids).collect()
     }
 
-    /// Encodes the prompt, or (negative, prompt) as two rows, with the base encoders
-    /// and no embeddings: [`TextEncoders::encode_with`] without extras.
+    /// Encodes the prompt, or (negative, prompt) as two rows when `negative` is given,
+    /// each prepared over one step (so without editing) by [`kiln_domain::prompt::prepare`],
+    /// with the base encoders and no embeddings.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidRecipe` on `prompt` or `negative_prompt` for a prompt kiln cannot read,
+    /// `Tokenizer` when tokenizing fails, `Candle` when encoding fails.
     #[cfg(test)]
     pub(crate) fn encode(
         &self,
         prompt: &str,
         negative: Option<&str>,
-    ) -> Result<TextEmbeddings, PipelineError> {
-        self.encode_with(prompt, negative, &TextExtras::default())
-    }
-
-    /// Encodes the prompt, or (negative, prompt) as two rows when `negative` is given,
-    /// with the recipe's text-encoder LoRAs and embeddings (`extras`).
-    ///
-    /// Each prompt is parsed for A1111 weights and `BREAK` ([`kiln_domain::prompt`]),
-    /// tokenized piece by piece into chunks of `window - 2` tokens, and each chunk is
-    /// framed, padded and encoded on its own (through the cache), weighted
-    /// ([`emphasize`]) and concatenated; every row is padded with empty chunks to the
-    /// largest count.
-    ///
-    /// # Errors
-    ///
-    /// `InvalidRecipe` on `prompt` or `negative_prompt` for a malformed weight,
-    /// `Tokenizer` when tokenizing fails, `Candle` when encoding fails.
-    pub(crate) fn encode_with(
-        &self,
-        prompt: &str,
-        negative: Option<&str>,
-        extras: &TextExtras,
     ) -> Result<TextEmbeddings, PipelineError> {
         let branches: Vec<(&'static str, &str)> = negative
             .map(|n| ("negative_prompt", n))
@@ -265,13 +261,49 @@ impl TextEncoders {
             .collect();
         let mut parsed = Vec::with_capacity(branches.len());
         for (field, text) in &branches {
-            parsed.push(kiln_domain::prompt::parse(text).map_err(|e| {
+            let stages = kiln_domain::prompt::prepare(text, 1).map_err(|e| {
                 PipelineError::InvalidRecipe {
                     field,
                     message: e.to_string(),
                 }
-            })?);
+            })?;
+            parsed.push(
+                stages
+                    .into_iter()
+                    .next()
+                    .map(|s| s.pieces)
+                    .unwrap_or_default(),
+            );
         }
+        let rows: Vec<TextRow<'_>> = branches
+            .iter()
+            .zip(&parsed)
+            .map(|((field, text), pieces)| TextRow {
+                pieces,
+                empty_negative: *field == "negative_prompt" && text.is_empty(),
+            })
+            .collect();
+        self.encode_rows(&rows, &TextExtras::default())
+    }
+
+    /// Encodes rows of weighted pieces (guidance branches, and the stages of
+    /// edited prompts) into one batch of conditioning, a row each.
+    ///
+    /// Each row's pieces are tokenized into chunks of `window - 2` tokens, and each
+    /// chunk is framed, padded and encoded on its own (through the cache), weighted
+    /// ([`emphasize`]) and concatenated; every row is padded with empty chunks to the
+    /// largest count, as the web UI pads the texts it encodes together. The
+    /// recipe's text-encoder LoRAs and embeddings (`extras`) apply.
+    ///
+    /// # Errors
+    ///
+    /// `Tokenizer` when tokenizing fails, `Candle` when encoding fails.
+    pub(crate) fn encode_rows(
+        &self,
+        rows: &[TextRow<'_>],
+        extras: &TextExtras,
+    ) -> Result<TextEmbeddings, PipelineError> {
+        let parsed: Vec<&[Piece]> = rows.iter().map(|r| r.pieces).collect();
         let body = self.window.saturating_sub(2).max(1);
         // Chunks per encoder and branch; every row gets the largest count.
         let mut chunked = Vec::with_capacity(self.encoders.len());
@@ -285,9 +317,9 @@ impl TextEncoders {
             chunked.push(rows);
         }
         let chunks = chunked.iter().flatten().map(Vec::len).max().unwrap_or(1);
-        tracing::debug!(chunks, guided = negative.is_some(), "encoding prompt");
+        tracing::debug!(chunks, rows = parsed.len(), "encoding prompt");
 
-        let batch = branches.len();
+        let batch = parsed.len();
         let mut states = Vec::with_capacity(self.encoders.len());
         let mut pooled = None;
         for (index, (e, rows)) in self.encoders.iter().zip(chunked).enumerate() {
@@ -330,11 +362,15 @@ impl TextEncoders {
         let (hits, misses, entries) = self.cache().stats();
         tracing::trace!(hits, misses, entries, "text embedding cache");
         let mut context = Tensor::cat(&states, 2)?;
-        if self.zero_empty_negative && negative.is_some_and(str::is_empty) {
+        let zero: Vec<bool> = rows
+            .iter()
+            .map(|r| self.zero_empty_negative && r.empty_negative)
+            .collect();
+        if zero.contains(&true) {
             // diffusers' SDXL pipelines condition the unconditional branch on zeros when
             // no negative prompt is given (force_zeros_for_empty_prompt).
-            context = zero_first_row(&context)?;
-            pooled = pooled.map(|p| zero_first_row(&p)).transpose()?;
+            context = zero_rows(&context, &zero)?;
+            pooled = pooled.map(|p| zero_rows(&p, &zero)).transpose()?;
         }
         Ok(TextEmbeddings { context, pooled })
     }
@@ -412,10 +448,17 @@ impl TextEncoders {
     }
 }
 
-/// Returns `t` with its first row (batch index 0) set to zeros.
-fn zero_first_row(t: &Tensor) -> candle_core::Result<Tensor> {
-    let rest = t.i(1..)?;
-    Tensor::cat(&[&t.i(0..1)?.zeros_like()?, &rest], 0)
+/// Returns `t` with the rows (batch indices) flagged in `zero` set to zeros.
+fn zero_rows(t: &Tensor, zero: &[bool]) -> candle_core::Result<Tensor> {
+    let rows = zero
+        .iter()
+        .enumerate()
+        .map(|(r, &z)| {
+            let row = t.i(r..r + 1)?;
+            if z { row.zeros_like() } else { Ok(row) }
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&rows, 0)
 }
 
 /// Returns `[bos] + body + [eos]` padded to `window`.

@@ -514,15 +514,15 @@ fn spans(prompt: &str) -> Vec<(usize, usize)> {
                 .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
                 .count();
             let colon = i + 1 + kind_len;
-            if kind_len > 0 && bytes.get(colon) == Some(&b':') {
-                if let Some(close) = bytes[colon + 1..].iter().position(|b| *b == b'>') {
-                    let end = colon + 1 + close + 1;
-                    if close > 0 {
-                        found.push((i, end));
-                        i = end;
-                        continue;
-                    }
-                }
+            if kind_len > 0
+                && bytes.get(colon) == Some(&b':')
+                && let Some(close) = bytes[colon + 1..].iter().position(|b| *b == b'>')
+                && close > 0
+            {
+                let end = colon + 1 + close + 1;
+                found.push((i, end));
+                i = end;
+                continue;
             }
         }
         i += 1;

@@ -6,7 +6,8 @@
 //! hash and batch key, the job spec and its one validation ([`spec`]), the
 //! batch-file format that becomes a job spec ([`batch`]), the
 //! A1111 prompt syntax ([`prompt`]), image checks for init images and masks
-//! ([`image`]), what a model name means on a farm ([`model`]), and
+//! ([`image`]), what a model name means on a farm ([`model`]), a rendered
+//! PNG's `parameters` and `kiln` text chunks ([`png_text`]), and
 //! [`error::FieldError`], the validation error that names the field and the
 //! value.
 //!
@@ -23,6 +24,7 @@ pub mod extras;
 pub mod ids;
 pub mod image;
 pub mod model;
+pub mod png_text;
 pub mod prompt;
 pub mod recipe;
 pub mod spec;

@@ -1,33 +1,51 @@
-//! AUTOMATIC1111 prompt weighting: parsing `(word:1.3)`, `(word)`, `[word]`,
-//! escapes and `BREAK` into weighted spans, and laying tokens out in encoder
-//! chunks.
+//! AUTOMATIC1111 prompts as the web UI reads them: extra-network tags,
+//! composable `AND`, prompt editing and alternation, weighting and `BREAK`,
+//! and the layout of tokens in encoder chunks.
 //!
-//! The coordinator calls [`parse_field`] at submission so a malformed weight is
-//! an `INVALID_ARGUMENT` naming the field; the worker applies the weights of
-//! [`parse`]'s spans to the token embeddings, and `kiln prompt` shows them. All
-//! three use this one parser, so what the user sees is what renders.
+//! [`prepare`] is the one way from a recipe's prompt to what the encoder reads,
+//! in the web UI's order: `<lora:…>` tags out ([`crate::extras::strip`]), `AND`
+//! refused, the schedule of editing and alternation worked out over the
+//! recipe's steps ([`schedule`]), and each scheduled text parsed for weights
+//! ([`parse`]). The coordinator runs it at submission through [`parse_field`],
+//! so a prompt the worker cannot read is an `INVALID_ARGUMENT` naming the
+//! field; the worker encodes its stages; `kiln prompt` shows them.
 //!
-//! The syntax follows `parse_prompt_attention` in the web UI's
-//! `modules/prompt_parser.py`, including its leniency:
+//! Weighting follows `parse_prompt_attention` in the web UI's
+//! `modules/prompt_parser.py` on every prompt the web UI accepts:
 //!
 //! - `(text)` multiplies the weight of `text` by 1.1, `[text]` divides it by
-//!   1.1, `(text:1.3)` multiplies it by 1.3; nesting multiplies.
+//!   1.1, `(text:1.3)` multiplies it by 1.3; nesting multiplies, innermost
+//!   first. The weight is what the web UI's pattern `:\s*([+-]?[.\d]+)\s*\)`
+//!   takes: spaces around it are allowed, an exponent is not, and a digit may
+//!   be any script's decimal digit, as Python reads `\d`. Anything else after
+//!   the colon is text: `(style:anime)` and `(a:1e3)` are the texts
+//!   `style:anime` and `a:1e3` at weight 1.1.
 //! - `\(`, `\)`, `\[`, `\]` and `\\` are the literal characters; a backslash
-//!   before anything else is dropped, as the web UI drops it.
+//!   before anything else is dropped.
 //! - An unmatched `)` or `]` is literal text; a bracket never closed applies to
-//!   the end of the prompt.
+//!   the end of the prompt, round ones first.
 //! - `BREAK` in capitals, as a word of its own, ends the current encoder chunk
-//!   (the whitespace around it is dropped). Unlike the web UI, a `BREAK`
-//!   inside brackets still breaks (the web UI turns it into text weighted -1.1).
-//! - `(text: 1.3 )` with spaces around the number is a weight, as in the web
-//!   UI's current parser.
+//!   (the whitespace around it is dropped).
 //!
-//! Where kiln is stricter: the web UI reads `(word:abc)` as the text
-//! `word:abc` at ×1.1 and crashes on `(word:1.2.3)`. kiln refuses both as a
-//! malformed weight ([`PromptError`]): a colon inside round brackets followed
-//! directly by a single word before the closing bracket is a weight the user
-//! meant to write. A colon followed by a space and ordinary words, such as
-//! `(style: watercolor)`, stays text, as does a colon outside round brackets.
+//! Where kiln differs, and why:
+//!
+//! - `BREAK` inside brackets still breaks. The web UI multiplies its marker
+//!   with the brackets' weights and then no longer recognises it, so it
+//!   encodes the word "BREAK" at a negative weight (-1.1 inside `( )`): an
+//!   accident of its implementation that no prompt means.
+//! - A weight the web UI fails on, `(a:1.2.3)` or `(a:.)` (Python's `float`
+//!   raises), and weights whose product is infinite, which the web UI would
+//!   turn into NaN conditioning, are refused with [`PromptError::Weight`].
+//! - `AND` (composable prompts, `a AND b:0.5`) is refused with
+//!   [`PromptError::And`] in the prompt and the negative prompt alike (the web
+//!   UI reads it as text in the negative prompt); it is never read as text.
+//! - The web UI can move the words after a late comma to the next chunk
+//!   (`comma_padding_backtrack`); kiln does not (see [`chunk`]).
+
+mod chars;
+#[cfg(test)]
+mod corpus_tests;
+pub mod schedule;
 
 use serde::Serialize;
 
@@ -65,20 +83,54 @@ impl Piece {
     }
 }
 
-/// A weight that is not a number, such as `(word:abc)`, or brackets whose
-/// weights multiply past the largest `f64`.
+/// A prompt kiln cannot read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "malformed weight in {} at character {column}: {reason}",
-    quote(fragment)
-)]
-pub struct PromptError {
-    /// 1-based position, in characters, of the bracket that opens the fragment.
-    pub column: usize,
-    /// The offending bracketed text, as the user wrote it.
-    pub fragment: String,
-    /// What is wrong, quoting the weight.
-    pub reason: String,
+pub enum PromptError {
+    /// A weight that is not a number Python reads, such as `(word:1.2.3)`, or
+    /// brackets whose weights multiply past the largest `f64`.
+    #[error("{}", weight_message(fragment, *column, reason))]
+    Weight {
+        /// 1-based position, in characters, of the bracket that opens the
+        /// fragment in the prompt as written; `None` when prompt editing
+        /// assembled the fragment from several places.
+        column: Option<usize>,
+        /// The offending bracketed text.
+        fragment: String,
+        /// What is wrong, quoting the weight.
+        reason: String,
+    },
+    /// The web UI's `AND` of composable prompts, which kiln does not support.
+    #[error(
+        "`AND` at character {column} combines prompts (A1111's composable prompts), which kiln \
+         does not support; write `and` for the word"
+    )]
+    And {
+        /// 1-based position, in characters, of `AND` in the prompt.
+        column: usize,
+    },
+}
+
+/// The message of [`PromptError::Weight`].
+fn weight_message(fragment: &str, column: Option<usize>, reason: &str) -> String {
+    match column {
+        Some(column) => format!(
+            "malformed weight {} at character {column}: {reason}",
+            quote(fragment)
+        ),
+        None => format!("malformed weight {}: {reason}", quote(fragment)),
+    }
+}
+
+/// One stretch of a prepared prompt: the text and weights the encoder reads
+/// while the sampler's step counter is at most `until`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Stage {
+    /// The web UI's `end_at_step` (see [`stage_at`]).
+    pub until: u32,
+    /// The scheduled text, weighting syntax still in it.
+    pub text: String,
+    /// `text` parsed for weights.
+    pub pieces: Vec<Piece>,
 }
 
 /// A token placed in an encoder chunk, with the weight of the span it came from.
@@ -99,14 +151,15 @@ pub struct Chunk<T> {
     pub ended_by_break: bool,
 }
 
-/// Parses a prompt into weighted text pieces and breaks.
+/// Parses one prompt text for weights and breaks, as the web UI's
+/// `parse_prompt_attention` does (no editing, no tags: see [`prepare`]).
 ///
 /// Adjacent pieces of equal weight are merged and empty text is dropped, so an
 /// empty prompt gives no pieces.
 ///
 /// # Errors
-/// [`PromptError`] for a malformed weight such as `(word:abc)` or `(word:1.2.3)`,
-/// and for nested brackets whose weights multiply to infinity.
+/// [`PromptError::Weight`] for a weight Python's `float` refuses, such as
+/// `(word:1.2.3)`, and for nested brackets whose weights multiply to infinity.
 pub fn parse(prompt: &str) -> Result<Vec<Piece>, PromptError> {
     let mut parser = Parser {
         src: prompt,
@@ -118,22 +171,73 @@ pub fn parse(prompt: &str) -> Result<Vec<Piece>, PromptError> {
     Ok(merge(parser.out))
 }
 
-/// Parses the prompt of the field at `path` (`items[0].prompt`).
+/// Prepares a recipe's prompt for the encoder over `steps` steps: extra-network
+/// tags removed, `AND` refused, editing and alternation scheduled, and each
+/// scheduled text parsed for weights. A prompt without editing is one stage.
 ///
 /// # Errors
-/// A [`FieldError`] at `path` that quotes the malformed weight and says where it is.
-pub fn parse_field(path: &str, prompt: &str) -> Result<Vec<Piece>, FieldError> {
-    parse(prompt).map_err(|e| {
-        FieldError::new(
-            path,
-            format!(
-                "malformed weight {} at character {}: {}",
-                quote(&e.fragment),
-                e.column,
-                e.reason
-            ),
-        )
-    })
+/// [`PromptError::And`] for composable prompts, [`PromptError::Weight`] for a
+/// malformed weight in any stage.
+pub fn prepare(prompt: &str, steps: u32) -> Result<Vec<Stage>, PromptError> {
+    let text = crate::extras::strip(prompt);
+    if let Some(at) = find_and(&text) {
+        let column = find_and(prompt).unwrap_or(at);
+        return Err(PromptError::And {
+            column: prompt[..column.min(prompt.len())].chars().count() + 1,
+        });
+    }
+    schedule::schedule(&text, steps)
+        .into_iter()
+        .map(|s| {
+            let pieces = parse(&s.text).map_err(|e| match e {
+                PromptError::Weight {
+                    fragment, reason, ..
+                } => PromptError::Weight {
+                    column: prompt
+                        .find(&fragment)
+                        .map(|at| prompt[..at].chars().count() + 1),
+                    fragment,
+                    reason,
+                },
+                other => other,
+            })?;
+            Ok(Stage {
+                until: s.until,
+                text: s.text,
+                pieces,
+            })
+        })
+        .collect()
+}
+
+/// Returns the index of the stage that holds at step counter `counter` (0 for
+/// the first UNet call): the first whose `until` is at least `counter`, as the
+/// web UI's `reconstruct_cond_batch` picks it; the last one past the end.
+///
+/// So `[a:b:5]` at 10 steps reads `a` for six calls (counters 0 to 5) and `b`
+/// for four, and `[a|b]` reads `a`, `a`, `b`, `a`, `b`, …: the web UI compares
+/// its 0-based counter with 1-based step numbers, and kiln keeps its reading.
+pub fn stage_at(stages: &[Stage], counter: u32) -> usize {
+    stages
+        .iter()
+        .position(|s| counter <= s.until)
+        .unwrap_or(stages.len().saturating_sub(1))
+}
+
+/// The byte offset of the first `AND` standing as a word (the web UI's `\bAND\b`).
+fn find_and(text: &str) -> Option<usize> {
+    text.match_indices("AND")
+        .map(|(at, _)| at)
+        .find(|&at| chars::word_at(text, at, "AND"))
+}
+
+/// Prepares the prompt of the field at `path` (`items[0].prompt`) over `steps`.
+///
+/// # Errors
+/// A [`FieldError`] at `path` that quotes the malformed weight and says where
+/// it is, or says that `AND` is not supported.
+pub fn parse_field(path: &str, prompt: &str, steps: u32) -> Result<Vec<Stage>, FieldError> {
+    prepare(prompt, steps).map_err(|e| FieldError::new(path, e.to_string()))
 }
 
 /// Lays the pieces' tokens out in encoder chunks of at most `body` tokens
@@ -226,11 +330,6 @@ fn is_special(c: char) -> bool {
     matches!(c, '\\' | '(' | ')' | '[' | ']' | ':')
 }
 
-/// Python's `\w` for `str`: what `\b` in the web UI's `BREAK` pattern looks at.
-fn is_word(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
-}
-
 impl Parser<'_> {
     fn run(&mut self) -> Result<(), PromptError> {
         let src = self.src;
@@ -293,53 +392,56 @@ impl Parser<'_> {
     }
 
     /// Handles the `:` at byte `i`; returns where parsing goes on.
+    ///
+    /// The web UI's weight pattern is `:\s*([+-]?[.\d]+)\s*\)`. When it matches
+    /// and a round bracket is open, it closes that bracket with the weight (or is
+    /// refused, where Python's `float` would raise); when it matches with no
+    /// round bracket open, it is text; otherwise the colon alone is text.
     fn colon(&mut self, i: usize) -> Result<usize, PromptError> {
         let src = self.src;
-        let after = i + 1;
-        let end = src[after..]
-            .find(is_special)
-            .map_or(src.len(), |n| after + n);
-        if !src[end..].starts_with(')') {
-            self.push_literal(":".into());
-            return Ok(after);
+        let skip_space = |mut at: usize| {
+            while let Some(c) = src[at..].chars().next().filter(|&c| chars::is_space(c)) {
+                at += c.len_utf8();
+            }
+            at
+        };
+        let number = skip_space(i + 1);
+        let mut end = number;
+        if src[end..].starts_with(['+', '-']) {
+            end += 1;
         }
-        let raw = &src[after..end];
-        let value = raw.trim();
-        if looks_numeric(value) {
-            let Some(&(start, open)) = self.round.last() else {
-                // `word:1.3)` with no open bracket is text in the web UI too.
-                self.push_text(&src[i..=end]);
-                return Ok(end + 1);
-            };
-            return match value.parse::<f64>() {
-                Ok(weight) if weight.is_finite() => {
-                    self.round.pop();
-                    self.multiply(start, weight, open, end + 1)?;
-                    Ok(end + 1)
-                }
-                _ => Err(self.malformed(open, end, value)),
-            };
-        }
-        let word_like = !value.is_empty()
-            && value
-                .chars()
-                .all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | '+' | '-'));
-        let starts_like_number =
-            value.starts_with(|c: char| c.is_ascii_digit() || "+-.".contains(c));
-        let glued = !raw.starts_with(char::is_whitespace);
-        if let Some(&(_, open)) = self.round.last()
-            && word_like
-            && (glued || starts_like_number)
+        let digits = end;
+        while let Some(c) = src[end..]
+            .chars()
+            .next()
+            .filter(|&c| c == '.' || chars::is_digit(c))
         {
-            return Err(self.malformed(open, end, value));
+            end += c.len_utf8();
         }
-        self.push_literal(":".into());
-        Ok(after)
+        let close = skip_space(end);
+        if end == digits || !src[close..].starts_with(')') {
+            self.push_literal(":".into());
+            return Ok(i + 1);
+        }
+        let Some(&(start, open)) = self.round.last() else {
+            // `word:1.3)` with no open bracket is text in the web UI too.
+            self.push_text(&src[i..=close]);
+            return Ok(close + 1);
+        };
+        let raw = &src[number..end];
+        match python_float(raw) {
+            Some(weight) => {
+                self.round.pop();
+                self.multiply(start, weight, open, close + 1)?;
+                Ok(close + 1)
+            }
+            None => Err(self.malformed(open, close, raw)),
+        }
     }
 
     fn malformed(&self, open: usize, close: usize, value: &str) -> PromptError {
-        PromptError {
-            column: self.src[..open].chars().count() + 1,
+        PromptError::Weight {
+            column: Some(self.src[..open].chars().count() + 1),
             fragment: self.src[open..=close].to_string(),
             reason: format!(
                 "{} is not a number; write a weight like (text:1.3)",
@@ -365,10 +467,10 @@ impl Parser<'_> {
             if let Slot::Text(_, weight) = slot {
                 *weight *= factor;
                 if !weight.is_finite() {
-                    return Err(PromptError {
-                        column: self.src[..open].chars().count() + 1,
+                    return Err(PromptError::Weight {
+                        column: Some(self.src[..open].chars().count() + 1),
                         fragment: self.src[open..close].to_string(),
-                        reason: "the nested weights multiply past the largest number".into(),
+                        reason: "the weights multiply past the largest number".into(),
                     });
                 }
             }
@@ -389,16 +491,14 @@ impl Parser<'_> {
         while let Some(offset) = run[search..].find(BREAK) {
             let b = search + offset;
             let e = b + BREAK.len();
-            let free_before = run[..b].chars().next_back().is_none_or(|c| !is_word(c));
-            let free_after = run[e..].chars().next().is_none_or(|c| !is_word(c));
-            if free_before && free_after {
-                let left = run[start..b].trim_end();
+            if chars::word_at(run, b, BREAK) {
+                let left = run[start..b].trim_end_matches(chars::is_space);
                 if !left.is_empty() {
                     self.push_literal(left.to_string());
                 }
                 self.out.push(Slot::Break);
                 let rest = &run[e..];
-                start = e + (rest.len() - rest.trim_start().len());
+                start = e + (rest.len() - rest.trim_start_matches(chars::is_space).len());
                 search = start;
             } else {
                 // 'B' is one byte, so this stays on a character boundary.
@@ -411,10 +511,26 @@ impl Parser<'_> {
     }
 }
 
-/// True for what the web UI's weight pattern `[+-]?[.\d]+` accepts.
-fn looks_numeric(value: &str) -> bool {
-    let digits = value.strip_prefix(['+', '-']).unwrap_or(value);
-    !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+/// Python's `float` of what the weight pattern `[+-]?[.\d]+` took: `None` for
+/// more than one point or no digit (where Python raises). Digits of other
+/// scripts count by their value, as `float` reads them.
+fn python_float(raw: &str) -> Option<f64> {
+    let (sign, body) = match raw.strip_prefix(['+', '-']) {
+        Some(rest) => (&raw[..1], rest),
+        None => ("", raw),
+    };
+    let mut ascii = String::from(sign);
+    for c in body.chars() {
+        match c {
+            '.' => ascii.push('.'),
+            _ => ascii.push(char::from_digit(chars::digit_value(c)?, 10)?),
+        }
+    }
+    let points = body.matches('.').count();
+    let has_digit = body.chars().any(|c| c != '.');
+    (points <= 1 && has_digit)
+        .then(|| ascii.parse().ok())
+        .flatten()
 }
 
 /// Drops empty text and merges neighbours of equal weight (breaks stay).
@@ -516,6 +632,11 @@ mod tests {
             ("word:1.3)", vec![("word:1.3)", 1.0)]),
             ("(a:b:2)", vec![("a:b", 2.0)]),
             ("(smile :)", vec![("smile :", x)]),
+            // What the weight pattern does not take is text at 1.1.
+            ("(style:anime)", vec![("style:anime", x)]),
+            ("(a:1e3)", vec![("a:1e3", x)]),
+            ("(word: 1.3x)", vec![("word: 1.3x", x)]),
+            ("(red car:abc)", vec![("red car:abc", x)]),
             // BREAK.
             (
                 "a cat BREAK a dog",
@@ -550,25 +671,133 @@ mod tests {
     }
 
     #[test]
-    fn malformed_weights_are_errors_naming_the_fragment() {
+    fn weights_python_cannot_read_are_errors_naming_the_fragment() {
         let table: &[(&str, &str, usize)] = &[
-            ("a (red car:abc) here", "(red car:abc)", 3),
             ("(word:1.2.3)", "(word:1.2.3)", 1),
             ("(word:.)", "(word:.)", 1),
-            ("(word: 1.3x)", "(word: 1.3x)", 1),
-            ("(word:1e3)", "(word:1e3)", 1),
-            ("((a) (b:x))", "(b:x)", 6),
-            ("café (x:y)", "(x:y)", 6),
+            ("(word: -. )", "(word: -. )", 1),
+            ("((a) (b:1..2))", "(b:1..2)", 6),
+            ("café (x:1.2.3)", "(x:1.2.3)", 6),
         ];
         for (input, fragment, column) in table {
-            let e = parse(input).expect_err(input);
-            assert_eq!(e.fragment, *fragment, "{input:?}");
-            assert_eq!(e.column, *column, "{input:?}");
+            match parse(input).expect_err(input) {
+                PromptError::Weight {
+                    fragment: f,
+                    column: c,
+                    ..
+                } => {
+                    assert_eq!(f, *fragment, "{input:?}");
+                    assert_eq!(c, Some(*column), "{input:?}");
+                }
+                other => panic!("{input:?}: {other:?}"),
+            }
         }
-        let e = parse_field("items[0].prompt", "a (red car:abc) here").unwrap_err();
+        let e = parse_field("items[0].prompt", "a (red car:1.2.3) here", 20).unwrap_err();
         assert_eq!(e.path, "items[0].prompt");
-        assert!(e.message.contains("\"(red car:abc)\""), "{e}");
-        assert!(e.message.contains("\"abc\" is not a number"), "{e}");
+        assert!(
+            e.message.contains("\"(red car:1.2.3)\" at character 3"),
+            "{e}"
+        );
+        assert!(e.message.contains("\"1.2.3\" is not a number"), "{e}");
+        // A fragment assembled by editing has no one place in the prompt.
+        let e = parse_field("prompt", "(a:[1.2:1.3.4:2])", 4).unwrap_err();
+        assert!(e.message.contains("\"(a:1.3.4)\": "), "{e}");
+        // Only the stages the steps reach are read.
+        assert!(parse_field("prompt", "[x:(a:1.2.3):5]", 5).is_ok());
+        assert!(parse_field("prompt", "[x:(a:1.2.3):5]", 6).is_err());
+    }
+
+    #[test]
+    fn and_is_refused_wherever_it_stands_as_a_word() {
+        for (prompt, column) in [
+            ("a cat AND a dog", 7),
+            ("a cat AND a dog:0.5", 7),
+            ("[x|AND]", 4),
+            ("(AND)", 2),
+            ("AND", 1),
+            ("café AND", 6),
+            ("a\\AND b", 3),
+        ] {
+            match prepare(prompt, 10) {
+                Err(PromptError::And { column: c }) => assert_eq!(c, column, "{prompt:?}"),
+                other => panic!("{prompt:?}: {other:?}"),
+            }
+        }
+        for prompt in [
+            "ANDROID",
+            "BAND",
+            "and",
+            "And",
+            "AND_x",
+            "éAND",
+            "<lora:AND:1> x",
+        ] {
+            assert!(prepare(prompt, 10).is_ok(), "{prompt:?}");
+        }
+        let e = parse_field("defaults.negative_prompt", "blurry AND dark", 10).unwrap_err();
+        assert_eq!(e.path, "defaults.negative_prompt");
+        assert!(e.message.contains("`AND` at character 8"), "{e}");
+        assert!(e.message.contains("not support"), "{e}");
+    }
+
+    #[test]
+    fn prepare_strips_tags_schedules_and_weights() {
+        let stages = prepare("<lora:mira:0.8>a [(dog:1.2):cat:2] in [red|blue]", 4).unwrap();
+        let got: Vec<(u32, &str, Vec<Piece>)> = stages
+            .iter()
+            .map(|s| (s.until, s.text.as_str(), s.pieces.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    1,
+                    "a (dog:1.2) in red",
+                    vec![
+                        Piece::text("a ", 1.0),
+                        Piece::text("dog", 1.2),
+                        Piece::text(" in red", 1.0)
+                    ]
+                ),
+                (
+                    2,
+                    "a (dog:1.2) in blue",
+                    vec![
+                        Piece::text("a ", 1.0),
+                        Piece::text("dog", 1.2),
+                        Piece::text(" in blue", 1.0)
+                    ]
+                ),
+                (3, "a cat in red", vec![Piece::text("a cat in red", 1.0)]),
+                (4, "a cat in blue", vec![Piece::text("a cat in blue", 1.0)]),
+            ]
+        );
+        // Without editing: one stage, the prompt as written.
+        let plain = prepare("a (red:1.3) car", 30).unwrap();
+        assert_eq!(plain.len(), 1);
+        assert_eq!(plain[0].until, 30);
+        assert_eq!(plain[0].pieces, parse("a (red:1.3) car").unwrap());
+    }
+
+    #[test]
+    fn the_stage_at_a_counter_follows_the_web_ui() {
+        let read = |prompt: &str, steps: u32| -> Vec<String> {
+            let stages = prepare(prompt, steps).unwrap();
+            (0..steps)
+                .map(|c| stages[stage_at(&stages, c)].text.clone())
+                .collect()
+        };
+        assert_eq!(
+            read("[a:b:5]", 10),
+            ["a", "a", "a", "a", "a", "a", "b", "b", "b", "b"]
+        );
+        assert_eq!(read("[a:b:0.5]", 4), ["a", "a", "a", "b"]);
+        assert_eq!(read("[a|b]", 5), ["a", "a", "b", "a", "b"]);
+        assert_eq!(read("[a:b:0]", 3), ["b", "b", "b"]);
+        assert_eq!(read("[a:b:3]", 3), ["a", "a", "a"]);
+        let stages = prepare("plain", 3).unwrap();
+        assert_eq!(stage_at(&stages, 0), 0);
+        assert_eq!(stage_at(&stages, 99), 0);
     }
 
     #[test]

@@ -1014,11 +1014,16 @@ impl Layered {
         recipe
             .validate("")
             .map_err(|e| FieldError::new(self.origin_of_path(&e.path, fallback), e.message))?;
-        // A malformed weight is refused here, not found by a worker mid-job.
-        crate::prompt::parse_field(&self.origin("prompt", fallback), &recipe.prompt)?;
+        // A malformed weight or `AND` is refused here, not found by a worker mid-job.
+        crate::prompt::parse_field(
+            &self.origin("prompt", fallback),
+            &recipe.prompt,
+            recipe.steps,
+        )?;
         crate::prompt::parse_field(
             &self.origin("negative_prompt", fallback),
             &recipe.negative_prompt,
+            recipe.steps,
         )?;
         Ok(recipe)
     }
@@ -1173,26 +1178,39 @@ mod tests {
     #[test]
     fn malformed_prompt_weights_are_refused_naming_the_field() {
         let mut spec = issue_spec();
-        spec.items[0].prompt = Some("a (red car:abc) here".into());
+        spec.items[0].prompt = Some("a (red car:1.2.3) here".into());
         let e = expand(&spec, 0).unwrap_err();
         assert_eq!(e.path, "items[0].prompt");
-        assert!(e.message.contains("(red car:abc)"), "{e}");
+        assert!(e.message.contains("(red car:1.2.3)"), "{e}");
+
+        let mut spec = issue_spec();
+        spec.items[0].prompt = Some("a fox AND a hen:0.5".into());
+        let e = expand(&spec, 0).unwrap_err();
+        assert_eq!(e.path, "items[0].prompt");
+        assert!(e.message.contains("`AND`"), "{e}");
 
         let mut spec = issue_spec();
         spec.sweep[0].values[1] = text("a (camera:1.2.3)");
         assert_eq!(expand(&spec, 0).unwrap_err().path, "sweep.prompt[1]");
 
         let mut spec = issue_spec();
-        spec.defaults.negative_prompt = Some("(blurry:lots)".into());
+        spec.defaults.negative_prompt = Some("(blurry:1..2)".into());
         assert_eq!(
             expand(&spec, 0).unwrap_err().path,
             "defaults.negative_prompt"
         );
 
-        // Valid weights, unbalanced brackets and colons in text pass, as in the web UI.
-        let mut spec = issue_spec();
-        spec.items[0].prompt = Some("a ((lighthouse:1.3)) [at dusk, (style: ink".into());
-        assert_eq!(expand(&spec, 0).unwrap().len(), 9);
+        // Valid weights, unbalanced brackets, colons in text and prompt editing
+        // pass, as in the web UI.
+        for prompt in [
+            "a ((lighthouse:1.3)) [at dusk, (style: ink",
+            "(style:anime) (a:1e3)",
+            "a [dog:cat:0.5] in a [red|blue] car",
+        ] {
+            let mut spec = issue_spec();
+            spec.items[0].prompt = Some(prompt.into());
+            assert_eq!(expand(&spec, 0).unwrap().len(), 9, "{prompt}");
+        }
     }
 
     /// The series of issue #5: an anchor and three shots, the last with its own seed.

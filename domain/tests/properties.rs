@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use kiln_domain::error::FieldError;
 use kiln_domain::image::{MAX_IMAGE_SIDE, check_image, sha256_hex};
-use kiln_domain::prompt::{BREAK, Piece, parse, parse_field};
+use kiln_domain::prompt::{BREAK, Piece, parse, parse_field, prepare};
 use kiln_domain::spec::{
     Blob, FieldValue, JobSpec, MAX_TASKS_PER_JOB, RecipeFields, SeriesSpec, SweepAxis, validate,
 };
@@ -101,26 +101,32 @@ fn escape(s: &str) -> String {
 proptest! {
     #![proptest_config(config())]
 
-    /// Any prompt parses or fails without a panic; the field error names the
-    /// field and stays short; every piece has text and a finite weight.
+    /// Any prompt is prepared or refused without a panic; the field error
+    /// names the field and stays short; every stage's pieces are its text
+    /// parsed, each with text and a finite weight.
     #[test]
     fn prompt_parse_never_panics_and_weights_are_finite(prompt in prompt_text()) {
-        match parse_field("items[7].prompt", &prompt) {
+        match parse_field("items[7].prompt", &prompt, 20) {
             Err(e) => {
                 prop_assert_eq!(&e.path, "items[7].prompt");
                 check_error(&e)?;
-                prop_assert!(parse(&prompt).is_err());
+                prop_assert!(prepare(&prompt, 20).is_err());
             }
-            Ok(pieces) => {
-                prop_assert_eq!(parse(&prompt).ok(), Some(pieces.clone()));
-                for (text, weight) in texts(&pieces) {
-                    prop_assert!(!text.is_empty(), "empty piece in {:?}", pieces);
-                    prop_assert!(weight.is_finite(), "weight {} in {:?}", weight, pieces);
-                }
-                // Merging leaves no two neighbours of equal weight.
-                for pair in pieces.windows(2) {
-                    if let [Piece::Text { weight: a, .. }, Piece::Text { weight: b, .. }] = pair {
-                        prop_assert!(a != b, "unmerged neighbours in {:?}", pieces);
+            Ok(stages) => {
+                prop_assert!(!stages.is_empty());
+                prop_assert_eq!(stages.last().map(|s| s.until), Some(20));
+                for stage in &stages {
+                    prop_assert_eq!(parse(&stage.text).ok(), Some(stage.pieces.clone()));
+                    let pieces = &stage.pieces;
+                    for (text, weight) in texts(pieces) {
+                        prop_assert!(!text.is_empty(), "empty piece in {:?}", pieces);
+                        prop_assert!(weight.is_finite(), "weight {} in {:?}", weight, pieces);
+                    }
+                    // Merging leaves no two neighbours of equal weight.
+                    for pair in pieces.windows(2) {
+                        if let [Piece::Text { weight: a, .. }, Piece::Text { weight: b, .. }] = pair {
+                            prop_assert!(a != b, "unmerged neighbours in {:?}", pieces);
+                        }
                     }
                 }
             }
@@ -186,8 +192,11 @@ proptest! {
             let factor: f64 = w.parse().map_err(|e| TestCaseError::fail(format!("{w}: {e}")))?;
             expected = expected.map(|p| p * factor).filter(|p| p.is_finite());
         }
-        match (parse_field("prompt", &prompt), expected) {
-            (Ok(pieces), Some(weight)) => prop_assert_eq!(pieces, vec![Piece::text("a", weight)]),
+        match (parse_field("prompt", &prompt, 20), expected) {
+            (Ok(stages), Some(weight)) => {
+                prop_assert_eq!(stages.len(), 1);
+                prop_assert_eq!(&stages[0].pieces, &vec![Piece::text("a", weight)]);
+            }
             (Err(e), None) => {
                 prop_assert_eq!(&e.path, "prompt");
                 check_error(&e)?;
@@ -218,13 +227,13 @@ proptest! {
 /// so a 16 KiB prompt gave a 16 KiB message.
 #[test]
 fn regression_malformed_weight_in_a_long_fragment_is_quoted_short() {
-    let prompt = format!("({}:abc)", "a".repeat(10_000));
-    let e = parse_field("prompt", &prompt).expect_err("malformed weight");
+    let prompt = format!("({}:1.2.3)", "a".repeat(10_000));
+    let e = parse_field("prompt", &prompt, 20).expect_err("malformed weight");
     assert_eq!(e.path, "prompt");
     assert!(e.message.len() < MAX_MESSAGE_BYTES, "{}", e.message.len());
     assert!(e.message.contains("bytes)"), "{}", e.message);
-    let prompt = format!("(a:{})", "x".repeat(10_000));
-    let e = parse_field("prompt", &prompt).expect_err("malformed weight");
+    let prompt = format!("(a:{})", "1.".repeat(5_000));
+    let e = parse_field("prompt", &prompt, 20).expect_err("malformed weight");
     assert!(e.message.len() < MAX_MESSAGE_BYTES, "{}", e.message.len());
 }
 
@@ -234,10 +243,10 @@ fn regression_malformed_weight_in_a_long_fragment_is_quoted_short() {
 fn regression_nested_weights_that_overflow_are_refused() {
     let big = format!("1{}", "0".repeat(200));
     let prompt = format!("(((a:{big})):{big})");
-    let e = parse_field("prompt", &prompt).expect_err("overflowing weight");
+    let e = parse_field("prompt", &prompt, 20).expect_err("overflowing weight");
     assert_eq!(e.path, "prompt");
     let prompt = format!("{}a", "(".repeat(8_000));
-    let e = parse_field("prompt", &prompt).expect_err("overflowing weight");
+    let e = parse_field("prompt", &prompt, 20).expect_err("overflowing weight");
     assert!(e.message.len() < MAX_MESSAGE_BYTES, "{}", e.message.len());
 }
 
@@ -272,7 +281,7 @@ fn text_value(valid: &'static [&'static str]) -> impl Strategy<Value = String> {
         "\u{1b}[31mred".into(),
         "(word:abc)".into(),
         "(word:1.2.3)".into(),
-        format!("({}:abc)", "w".repeat(3_000)),
+        format!("({}:1.2.3)", "w".repeat(3_000)),
         "x".repeat(20_000),
         "é".repeat(300),
         "BREAK (a:1.5) [b]".into(),
@@ -379,6 +388,9 @@ fn recipe_fields() -> impl Strategy<Value = RecipeFields> {
             strength,
             init_image,
             mask,
+            loras: None,
+            controlnets: None,
+            hires: None,
         },
     )
 }

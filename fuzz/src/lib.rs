@@ -80,8 +80,9 @@ fn check_items(spec: &JobSpec, items: &[spec::ExpandedItem]) {
             panic!("accepted recipe {i} is invalid: {e}: {:?}", item.recipe);
         }
         assert!(item.recipe.seed <= i64::MAX as u64);
-        assert!(prompt::parse(&item.recipe.prompt).is_ok());
-        assert!(prompt::parse(&item.recipe.negative_prompt).is_ok());
+        let steps = item.recipe.steps;
+        assert!(prompt::prepare(&item.recipe.prompt, steps).is_ok());
+        assert!(prompt::prepare(&item.recipe.negative_prompt, steps).is_ok());
         for sha in [&item.recipe.init_image, &item.recipe.mask]
             .into_iter()
             .flatten()
@@ -116,31 +117,39 @@ pub fn batch(data: &[u8]) {
     }
 }
 
-/// Target `prompt`: a prompt parsed as a recipe field, flattened, and laid
-/// out in encoder chunks of 75 tokens (words standing in for tokens).
+/// Target `prompt`: a prompt prepared as a recipe field (tags, `AND`,
+/// editing and alternation over a step count from the input's length,
+/// weights), and each stage flattened and laid out in encoder chunks of 75
+/// tokens (words standing in for tokens).
 pub fn prompt(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    match prompt::parse_field("items[0].prompt", &text) {
+    let steps = (data.len() % 40) as u32 + 1;
+    match prompt::parse_field("items[0].prompt", &text, steps) {
         Err(e) => {
             assert_eq!(e.path, "items[0].prompt");
             check_field_error(&e);
-            assert!(prompt::parse(&text).is_err());
+            assert!(prompt::prepare(&text, steps).is_err());
         }
-        Ok(pieces) => {
-            for piece in &pieces {
-                if let Piece::Text { text, weight } = piece {
-                    assert!(!text.is_empty(), "empty piece in {pieces:?}");
-                    assert!(weight.is_finite(), "weight {weight} in {pieces:?}");
+        Ok(stages) => {
+            assert_eq!(stages.last().map(|s| s.until), Some(steps));
+            for stage in &stages {
+                let pieces = &stage.pieces;
+                assert_eq!(prompt::parse(&stage.text).as_ref(), Ok(pieces));
+                for piece in pieces {
+                    if let Piece::Text { text, weight } = piece {
+                        assert!(!text.is_empty(), "empty piece in {pieces:?}");
+                        assert!(weight.is_finite(), "weight {weight} in {pieces:?}");
+                    }
                 }
+                let plain = prompt::plain_text(pieces);
+                assert!(plain.len() <= stage.text.len() + pieces.len(), "{plain:?}");
+                let Ok(chunks) = prompt::chunk(pieces, 75, words);
+                assert!(!chunks.is_empty());
+                assert!(chunks.iter().all(|c| c.tokens.len() <= 75));
+                let breaks = pieces.iter().filter(|p| matches!(p, Piece::Break)).count();
+                let ended = chunks.iter().filter(|c| c.ended_by_break).count();
+                assert_eq!(breaks, ended);
             }
-            let plain = prompt::plain_text(&pieces);
-            assert!(plain.len() <= text.len() + pieces.len(), "{plain:?}");
-            let Ok(chunks) = prompt::chunk(&pieces, 75, words);
-            assert!(!chunks.is_empty());
-            assert!(chunks.iter().all(|c| c.tokens.len() <= 75));
-            let breaks = pieces.iter().filter(|p| matches!(p, Piece::Break)).count();
-            let ended = chunks.iter().filter(|c| c.ended_by_break).count();
-            assert_eq!(breaks, ended);
         }
     }
 }

@@ -14,11 +14,11 @@ fn prompt_shows_weighted_spans_and_refuses_a_malformed_weight() {
     assert!(ok.stdout.contains("BREAK"), "{}", ok.stdout);
     assert!(ok.stdout.contains("chunk 2"), "{}", ok.stdout);
 
-    let bad = kiln(&["prompt", "a (red car:abc) here"]);
+    let bad = kiln(&["prompt", "a (red car:1.2.3) here"]);
     assert_ne!(bad.code, 0, "a malformed weight must fail: {}", bad.stdout);
     assert!(
         bad.stderr
-            .starts_with("kiln: malformed weight in \"(red car:abc)\""),
+            .starts_with("kiln: malformed weight \"(red car:1.2.3)\" at character 3"),
         "{}",
         bad.stderr
     );
@@ -77,7 +77,7 @@ fn a_malformed_weight_in_a_batch_file_is_refused_with_its_line() {
     let batch = dir.path().join("bad.toml");
     std::fs::write(
         &batch,
-        "[defaults]\nmodel = \"tiny\"\n\n[[items]]\nprompt = \"a (red car:abc) here\"\n",
+        "[defaults]\nmodel = \"tiny\"\n\n[[items]]\nprompt = \"a (red car:1.2.3) here\"\n",
     )
     .unwrap();
     // --dry-run validates locally: no coordinator is needed to refuse it.

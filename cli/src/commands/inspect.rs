@@ -4,71 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use kiln_domain::png_text::read;
 use serde_json::json;
-
-/// The metadata text chunks of a PNG.
-#[derive(Debug, Default, PartialEq)]
-pub struct PngText {
-    /// The A1111-style `parameters` text, if present.
-    pub parameters: Option<String>,
-    /// The `kiln` chunk (recipe, hashes, pipeline version) as JSON, if present.
-    pub kiln: Option<serde_json::Value>,
-}
-
-/// Reads the `parameters` and `kiln` chunks of PNG bytes.
-///
-/// # Errors
-/// When the bytes are not a PNG, a text chunk cannot be decompressed, or the
-/// `kiln` chunk is not JSON.
-pub fn read(bytes: &[u8]) -> anyhow::Result<PngText> {
-    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-    let mut reader = decoder.read_info().context("not a readable PNG")?;
-    // Text chunks may also follow the image data: read through to the end.
-    let size = reader
-        .output_buffer_size()
-        .context("the PNG's image is too large to read")?;
-    let mut pixels = vec![0; size];
-    reader
-        .next_frame(&mut pixels)
-        .context("the PNG's image data is damaged")?;
-    reader
-        .finish()
-        .context("the PNG's chunks after the image are damaged")?;
-    let info = reader.info();
-    let mut texts: Vec<(String, String)> = info
-        .uncompressed_latin1_text
-        .iter()
-        .map(|c| (c.keyword.clone(), c.text.clone()))
-        .collect();
-    for c in &info.compressed_latin1_text {
-        let text = c
-            .get_text()
-            .with_context(|| format!("the zTXt chunk {:?} cannot be decompressed", c.keyword))?;
-        texts.push((c.keyword.clone(), text));
-    }
-    for c in &info.utf8_text {
-        let text = c
-            .get_text()
-            .with_context(|| format!("the iTXt chunk {:?} cannot be decoded", c.keyword))?;
-        texts.push((c.keyword.clone(), text));
-    }
-    let find = |keyword: &str| {
-        texts
-            .iter()
-            .find(|(k, _)| k == keyword)
-            .map(|(_, t)| t.clone())
-    };
-    let kiln = match find("kiln") {
-        Some(text) => {
-            Some(serde_json::from_str(&text).context("the kiln chunk is not valid JSON")?)
-        }
-        None => None,
-    };
-    Ok(PngText {
-        parameters: find("parameters"),
-        kiln,
-    })
-}
 
 /// Print the A1111 parameters and the kiln recipe stored in a rendered PNG.
 #[derive(clap::Args, Debug)]
@@ -127,6 +64,7 @@ fn show(file: &Path, json: bool) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use kiln_diffusion::output::{RgbImage, encode_png};
+    use kiln_domain::png_text::PngText;
 
     fn png_of(prompt: &str) -> Vec<u8> {
         let spec = kiln_proto::spec::JobSpec {

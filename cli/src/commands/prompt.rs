@@ -1,12 +1,14 @@
-//! `kiln prompt TEXT [--model DIR] [--json]`: shows how a prompt's weights
-//! parse and how its tokens fall into encoder chunks, with the same parser
-//! the coordinator validates with and the worker renders with.
+//! `kiln prompt TEXT [--steps N] [--model DIR] [--json]`: shows which text a
+//! prompt stands for at each step (prompt editing and alternation), how each
+//! text's weights parse and how its tokens fall into encoder chunks, with the
+//! same code the coordinator validates with and the worker renders with
+//! (`kiln_domain::prompt::prepare`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use kiln_diffusion::PromptTokenizer;
-use kiln_proto::prompt::{self, Chunk, Piece};
+use kiln_proto::prompt::{self, Chunk, Piece, Stage};
 use serde_json::json;
 
 /// CLIP's window: 75 tokens plus bos and eos.
@@ -15,8 +17,12 @@ const CLIP_WINDOW: usize = 77;
 /// Show how a prompt's weights parse and how its tokens fall into encoder chunks.
 #[derive(clap::Args, Debug)]
 pub struct Prompt {
-    /// The prompt, in AUTOMATIC1111 syntax: (word:1.3), (word), [word], \(, BREAK.
+    /// The prompt, in AUTOMATIC1111 syntax: (word:1.3), (word), [word], \(, BREAK,
+    /// [from:to:when], [a|b].
     text: String,
+    /// Schedule prompt editing and alternation over this many steps.
+    #[arg(long, default_value_t = kiln_proto::spec::builtin::STEPS)]
+    steps: u32,
     /// Count tokens with this model folder's tokenizer (default: an estimate by words).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
@@ -28,59 +34,157 @@ pub struct Prompt {
 impl Prompt {
     /// Runs `kiln prompt`.
     pub fn run(self) -> anyhow::Result<bool> {
-        show(&self.text, self.model.as_deref(), self.json).map(|()| true)
+        show(&self.text, self.steps, self.model.as_deref(), self.json).map(|()| true)
     }
 }
 
-/// Prints the pieces and chunks of `text`.
+/// The chunks of one text, and how they were counted.
+struct Layout {
+    chunks: Vec<Chunk<String>>,
+    window: usize,
+    /// The tokenizer file; `None` for the estimate by words.
+    tokenizer: Option<String>,
+}
+
+/// Lays `pieces` out in chunks with the model's tokenizer, or estimates by words.
+fn layout(pieces: &[Piece], tokenizer: Option<&PromptTokenizer>) -> anyhow::Result<Layout> {
+    Ok(match tokenizer {
+        Some(t) => Layout {
+            chunks: prompt::chunk(pieces, t.window() - 2, |text| t.tokens(text))?,
+            window: t.window(),
+            tokenizer: Some(t.path().display().to_string()),
+        },
+        None => Layout {
+            chunks: prompt::chunk(pieces, CLIP_WINDOW - 2, |text| {
+                Ok::<_, std::convert::Infallible>(rough_tokens(text))
+            })?,
+            window: CLIP_WINDOW,
+            tokenizer: None,
+        },
+    })
+}
+
+/// A run of steps (1-based, inclusive) that read one stage's text.
+struct Run<'a> {
+    first: u32,
+    last: u32,
+    stage: &'a Stage,
+}
+
+/// Groups the steps by the text they read, in order: step `n` reads the stage
+/// the web UI picks at its counter `n - 1`.
+fn runs(stages: &[Stage], steps: u32) -> Vec<Run<'_>> {
+    let mut out: Vec<Run<'_>> = Vec::new();
+    for step in 1..=steps.max(1) {
+        let stage = &stages[prompt::stage_at(stages, step - 1)];
+        match out.last_mut() {
+            Some(run) if run.stage.text == stage.text => run.last = step,
+            _ => out.push(Run {
+                first: step,
+                last: step,
+                stage,
+            }),
+        }
+    }
+    out
+}
+
+/// Prints the schedule of `text` over `steps`, and each text's pieces and chunks.
+///
+/// A prompt without editing prints as it always did; one with editing prints
+/// the runs of steps that read each text, and its JSON leaves out the prompt
+/// as written (its `[a:b:N]` and `[a|b]` are not what the encoder reads).
 ///
 /// # Errors
-/// A malformed weight (quoting it), or a model folder whose tokenizer cannot
-/// be loaded.
-fn show(text: &str, model: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let pieces = prompt::parse(text)?;
-    let (chunks, window, tokenizer) = match model {
-        Some(dir) => {
-            let tokenizer = PromptTokenizer::load(dir)
-                .with_context(|| format!("cannot load the tokenizer of {}", dir.display()))?;
-            let chunks = prompt::chunk(&pieces, tokenizer.window() - 2, |t| tokenizer.tokens(t))?;
-            let path = tokenizer.path().display().to_string();
-            (chunks, tokenizer.window(), Some(path))
-        }
-        None => {
-            let chunks = prompt::chunk(&pieces, CLIP_WINDOW - 2, |t| {
-                Ok::<_, std::convert::Infallible>(rough_tokens(t))
-            })?;
-            (chunks, CLIP_WINDOW, None)
-        }
+/// A malformed weight (quoting it), `AND`, or a model folder whose tokenizer
+/// cannot be loaded.
+fn show(text: &str, steps: u32, model: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let stages = prompt::prepare(text, steps)?;
+    let tokenizer = match model {
+        Some(dir) => Some(
+            PromptTokenizer::load(dir)
+                .with_context(|| format!("cannot load the tokenizer of {}", dir.display()))?,
+        ),
+        None => None,
     };
+    let runs = runs(&stages, steps);
+    let mut laid = Vec::with_capacity(runs.len());
+    for run in &runs {
+        laid.push(layout(&run.stage.pieces, tokenizer.as_ref())?);
+    }
+    let (window, tokenizer) = (
+        laid.first().map_or(CLIP_WINDOW, |l| l.window),
+        laid.first().and_then(|l| l.tokenizer.clone()),
+    );
     if json {
-        let chunks: Vec<_> = chunks
+        let chunks_json = |l: &Layout| -> Vec<serde_json::Value> {
+            l.chunks
+                .iter()
+                .map(|c| {
+                    json!({
+                        "count": c.tokens.len(),
+                        "ended_by_break": c.ended_by_break,
+                        "tokens": c.tokens,
+                    })
+                })
+                .collect()
+        };
+        let schedule: Vec<_> = runs
             .iter()
-            .map(|c| {
+            .zip(&laid)
+            .map(|(run, l)| {
                 json!({
-                    "count": c.tokens.len(),
-                    "ended_by_break": c.ended_by_break,
-                    "tokens": c.tokens,
+                    "first_step": run.first,
+                    "last_step": run.last,
+                    "text": run.stage.text,
+                    "pieces": run.stage.pieces,
+                    "chunks": chunks_json(l),
                 })
             })
             .collect();
-        println!(
-            "{}",
-            json!({
-                "prompt": text,
-                "pieces": pieces,
-                "window": window,
-                "exact": tokenizer.is_some(),
-                "tokenizer": tokenizer,
-                "chunks": chunks,
-            })
-        );
-    } else {
+        let mut out = json!({
+            "steps": steps,
+            "window": window,
+            "exact": tokenizer.is_some(),
+            "tokenizer": tokenizer,
+            "schedule": schedule,
+        });
+        if let ([run], [l]) = (runs.as_slice(), laid.as_slice()) {
+            out["prompt"] = json!(text);
+            out["pieces"] = json!(run.stage.pieces);
+            out["chunks"] = json!(chunks_json(l));
+        }
+        println!("{out}");
+    } else if let ([run], [l]) = (runs.as_slice(), laid.as_slice()) {
         print!(
             "{}",
-            describe(&pieces, &chunks, window, tokenizer.as_deref())
+            describe(
+                &run.stage.pieces,
+                &l.chunks,
+                l.window,
+                l.tokenizer.as_deref()
+            )
         );
+    } else {
+        println!("schedule over {steps} steps:");
+        for (run, l) in runs.iter().zip(&laid) {
+            let steps = if run.first == run.last {
+                format!("step {}", run.first)
+            } else {
+                format!("steps {}-{}", run.first, run.last)
+            };
+            println!("{steps}: {:?}", run.stage.text);
+            for line in describe(
+                &run.stage.pieces,
+                &l.chunks,
+                l.window,
+                l.tokenizer.as_deref(),
+            )
+            .lines()
+            {
+                println!("  {line}");
+            }
+        }
     }
     Ok(())
 }
@@ -246,7 +350,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         kiln_diffusion::write_tiny_model(dir.path()).unwrap();
         let long = vec!["red"; 100].join(" ");
-        show(&long, Some(dir.path()), true).unwrap();
+        show(&long, 20, Some(dir.path()), true).unwrap();
         let tokenizer = PromptTokenizer::load(dir.path()).unwrap();
         let pieces = prompt::parse(&long).unwrap();
         let chunks =
@@ -258,9 +362,42 @@ mod tests {
     }
 
     #[test]
+    fn steps_are_grouped_by_the_text_they_read() {
+        let stages = prompt::prepare("a [dog:cat:0.5] in a [red|blue] car", 10).unwrap();
+        let got: Vec<(u32, u32, &str)> = runs(&stages, 10)
+            .iter()
+            .map(|r| (r.first, r.last, r.stage.text.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, 2, "a dog in a red car"),
+                (3, 3, "a dog in a blue car"),
+                (4, 4, "a dog in a red car"),
+                (5, 5, "a dog in a blue car"),
+                (6, 6, "a dog in a red car"),
+                (7, 7, "a cat in a blue car"),
+                (8, 8, "a cat in a red car"),
+                (9, 9, "a cat in a blue car"),
+                (10, 10, "a cat in a red car"),
+            ]
+        );
+        let plain = prompt::prepare("(style:anime)", 20).unwrap();
+        let one = runs(&plain, 20);
+        assert_eq!((one.len(), one[0].first, one[0].last), (1, 1, 20));
+        assert_eq!(one[0].stage.pieces, [Piece::text("style:anime", 1.1)]);
+    }
+
+    #[test]
+    fn and_is_an_error_saying_it_is_not_supported() {
+        let e = show("a cat AND a dog", 20, None, true).unwrap_err();
+        assert!(format!("{e:#}").contains("not support"), "{e:#}");
+    }
+
+    #[test]
     fn a_malformed_weight_is_an_error_quoting_it() {
-        let e = show("a (red car:abc) here", None, false).unwrap_err();
+        let e = show("a (red car:1.2.3) here", 20, None, false).unwrap_err();
         let text = format!("{e:#}");
-        assert!(text.contains("(red car:abc)"), "{text}");
+        assert!(text.contains("(red car:1.2.3)"), "{text}");
     }
 }

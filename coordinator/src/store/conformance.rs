@@ -62,6 +62,7 @@ fn new_job(n: u32, model: &str) -> NewJob {
         verify_of: None,
         traceparent: None,
         notify: Vec::new(),
+        submitted_by: None,
     }
 }
 
@@ -424,6 +425,28 @@ pub async fn a_jobs_trace_context_is_kept_with_it(store: &dyn Store) {
     };
     assert_eq!(find(record.id), Some(Some(traceparent.to_string())));
     assert_eq!(find(plain.id), Some(None));
+}
+
+pub async fn a_jobs_submitter_is_kept_with_it(store: &dyn Store) {
+    let mut named = new_job(1, "tiny");
+    named.submitted_by = Some("alice".into());
+    let (record, _) = store.create_job(named).await.unwrap();
+    assert_eq!(record.submitted_by.as_deref(), Some("alice"));
+    let (plain, _) = store.create_job(new_job(1, "tiny")).await.unwrap();
+    assert_eq!(plain.submitted_by, None);
+    let listed = store.jobs(10).await.unwrap();
+    let by = |id| {
+        listed
+            .iter()
+            .find(|j| j.id == id)
+            .map(|j| j.submitted_by.clone())
+    };
+    assert_eq!(by(record.id), Some(Some("alice".to_string())));
+    assert_eq!(by(plain.id), Some(None));
+    // Ending the job keeps it.
+    store.cancel_job(record.id).await.unwrap();
+    let read = store.job(record.id).await.unwrap();
+    assert_eq!(read.submitted_by.as_deref(), Some("alice"));
 }
 
 pub async fn idempotency_key_returns_the_same_job(store: &dyn Store) {
@@ -2855,6 +2878,7 @@ macro_rules! store_conformance {
             create_job_queues_every_task,
             tasks_go_only_to_workers_holding_their_assets,
             a_jobs_trace_context_is_kept_with_it,
+            a_jobs_submitter_is_kept_with_it,
             idempotency_key_returns_the_same_job,
             claim_leases_in_item_order_with_new_epochs,
             claim_only_gives_models_the_worker_holds,

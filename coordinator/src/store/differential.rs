@@ -916,6 +916,11 @@ impl Generator {
                 .is_multiple_of(2)
                 .then(|| format!("00-{base:032x}-{:016x}-01", self.submitted + 1)),
             notify: Vec::new(),
+            // Every third job names its submitter, which both stores must keep.
+            submitted_by: self
+                .submitted
+                .is_multiple_of(3)
+                .then(|| format!("token-{}", self.submitted % 7)),
         };
         self.sent.push(job.clone());
         Op::Submit(job)

@@ -46,6 +46,9 @@ pub struct NewJob {
     /// coordinator's `--webhook`s. The store opens a [`Delivery`] for them in
     /// the transition that ends the job.
     pub notify: Vec<String>,
+    /// The name of the token that submitted it (`None` without `--auth`,
+    /// and for verification jobs).
+    pub submitted_by: Option<String>,
 }
 
 /// One task to insert.
@@ -135,6 +138,8 @@ pub struct JobRecord {
     pub paused: bool,
     /// W3C `traceparent` of the submission's span, when it was traced.
     pub traceparent: Option<String>,
+    /// The name of the token that submitted it, when it was known.
+    pub submitted_by: Option<String>,
 }
 
 impl JobRecord {
@@ -421,6 +426,9 @@ pub struct HeartbeatOutcome {
 
 /// What a completion returns.
 #[derive(Clone, Debug, PartialEq)]
+// The job record rides along only when the report ended the job; boxing
+// it would allocate on that path for no gain.
+#[allow(clippy::large_enum_variant)]
 pub enum CompleteOutcome {
     /// The result is the task's; `job_finished` is set when this was the job's last task.
     Accepted {
@@ -436,6 +444,9 @@ pub enum CompleteOutcome {
 
 /// What a fail report returns.
 #[derive(Clone, Debug, PartialEq)]
+// The job record rides along only when the report ended the job; boxing
+// it would allocate on that path for no gain.
+#[allow(clippy::large_enum_variant)]
 pub enum FailOutcome {
     /// Recorded; the task was requeued when `will_retry`.
     Recorded {

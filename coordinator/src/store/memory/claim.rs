@@ -12,6 +12,9 @@ use super::data::{JobEntry, State, TaskEntry};
 use crate::store::policy::{self, Candidate, MAX_DEDUPED_PER_CLAIM, Pick};
 use crate::store::{Claim, RunningCaps};
 
+/// What a stand-in must match: job, model, pinned hash and needed assets.
+pub(super) type StandInKey = (JobId, String, String, Vec<String>);
+
 /// A worker's view for the policy.
 pub(super) struct Asker<'a> {
     pub(super) id: &'a WorkerId,
@@ -25,7 +28,7 @@ pub(super) struct Asker<'a> {
     /// Whether a stand-in exists for a quarantined asker, by (job, model,
     /// pinned hash, needed assets): asked once per claim, not once per queued
     /// task, since nothing it depends on changes while the claim holds the lock.
-    pub(super) stand_ins: RefCell<HashMap<(JobId, String, String, Vec<String>), bool>>,
+    pub(super) stand_ins: RefCell<HashMap<StandInKey, bool>>,
     /// Each capped project's `max_running_tasks`.
     pub(super) caps: &'a RunningCaps,
     /// Leased tasks of each capped project, counting those this claim leases.

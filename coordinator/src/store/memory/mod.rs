@@ -170,6 +170,7 @@ impl Store for MemoryStore {
             verify_of: new.verify_of,
             paused: false,
             traceparent: new.traceparent,
+            submitted_by: new.submitted_by,
         };
         let mut entry = JobEntry {
             record: record.clone(),

@@ -5,7 +5,8 @@
 --       12 traceparent, 13 task count, then TASK_ARGS values per task (id, index, model, model hash,
 --       recipe json, file name, steps, series, shot, depends_on (-1: none),
 --       avoid json, batch key, needs json (policy::task_needs), recipe hash), then a blob count and (sha, bytes) pairs,
---       then the webhook targets as a JSON array ('[]': none).
+--       then the webhook targets as a JSON array ('[]': none), then the submitting
+--       token's name ('': unknown).
 local job, project, idem, name, prio = ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 -- A retried call finds its own job: report it as created.
 if redis.call('EXISTS', k('job', job)) == 1 then return {1, job} end
@@ -51,6 +52,9 @@ end
 -- The targets of the delivery that ending the job opens (prelude's open_delivery).
 if ARGV[at] ~= '[]' then
   redis.call('HSET', k('job', job), 'notify', ARGV[at])
+end
+if ARGV[at + 1] ~= '' then
+  redis.call('HSET', k('job', job), 'by', ARGV[at + 1])
 end
 redis.call('ZADD', k('ready'), -prio, job)
 wake_workers()

@@ -405,6 +405,8 @@ impl Store for RedisStore {
         let notify = serde_json::to_string(&job.notify)
             .map_err(|e| StoreError::Corrupt(format!("webhook targets: {e}")))?;
         args.push(Arg::Str(&notify));
+        let by = job.submitted_by.clone().unwrap_or_default();
+        args.push(Arg::Str(&by));
         let reply = items(self.invoke(&self.scripts.enqueue, &args).await?)?;
         let created = reply.first().map(text).as_deref() == Some("1");
         let existing: JobId = parse_id(&reply.get(1).map(text).unwrap_or_default(), "job id")?;
@@ -1034,6 +1036,7 @@ mod tests {
             verify_of: None,
             traceparent: None,
             notify: Vec::new(),
+            submitted_by: None,
         }
     }
 

@@ -94,6 +94,7 @@ pub(super) fn parse_job(h: &HashMap<String, String>) -> StoreResult<JobRecord> {
         // Absent until the job is first paused.
         paused: s("paused") == "1",
         traceparent: Some(s("traceparent")).filter(|t| !t.is_empty()),
+        submitted_by: Some(s("by")).filter(|b| !b.is_empty()),
     })
 }
 
