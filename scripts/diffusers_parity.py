@@ -5,6 +5,7 @@ Not part of the build or of CI: a check run by hand after changing `clip.rs`,
 transformers (checked with torch 2.4.1, diffusers 0.30.3, transformers 4.44.2):
 
     KILN_PARITY_DIR=/tmp/parity cargo test -p kiln-diffusion dump_for_diffusers -- --ignored
+    KILN_PARITY_DIR=/tmp/parity cargo test -p kiln-diffusion dump_controlnet_for_diffusers -- --ignored
     python scripts/diffusers_parity.py /tmp/parity
 
 For every tiny kind, `dump_for_diffusers_parity` (in `arch_tests.rs`) wrote the
@@ -19,6 +20,14 @@ The UNet is compared twice. candle's attention feed-forward (GEGLU) uses the
 tanh approximation of GELU where diffusers uses the exact one, which moves
 the output by ~1e-4; with diffusers' GEGLU patched to the same approximation
 the two agree to float rounding (~1e-6), which is the sharp check.
+
+ControlNets: for the tiny SD 1.5 and SDXL models, `dump_controlnet_for_diffusers_parity`
+(in `controlnet/tests.rs`) wrote the base folder with its tiny ControlNet in
+`controlnet/` and `kiln_controlnet_outputs.safetensors`: kiln's down and mid
+residuals (scale 0.7, both guidance rows) and kiln's UNet prediction with them.
+This script runs diffusers' `ControlNetModel` on the same inputs and passes its
+residuals to `pipe.unet` as `down_block_additional_residuals` /
+`mid_block_additional_residual`, with the same two GELU variants.
 """
 
 import sys
@@ -132,11 +141,74 @@ def check(kind: str, folder: Path) -> bool:
     return ok
 
 
+def check_controlnet(kind: str, folder: Path) -> bool:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    kiln = load_file(folder / "kiln_controlnet_outputs.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    controlnet = ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=torch.float32)
+    added = None
+    if "text_embeds" in kiln:
+        added = {"text_embeds": kiln["text_embeds"], "time_ids": kiln["time_ids"]}
+    sample, timestep, context = kiln["latents"], kiln["timestep"][0], kiln["context"]
+    results = {}
+    exact = activations.GEGLU.gelu
+    with torch.no_grad():
+        for label, gelu in [("exact GELU", exact), ("tanh GELU, as candle", None)]:
+            if gelu is None:
+                activations.GEGLU.gelu = lambda self, gate: F.gelu(gate, approximate="tanh")
+            try:
+                down, mid = controlnet(
+                    sample,
+                    timestep,
+                    encoder_hidden_states=context,
+                    controlnet_cond=kiln["image"],
+                    conditioning_scale=kiln["scale"][0].item(),
+                    added_cond_kwargs=added,
+                    return_dict=False,
+                )
+                n = len(down)
+                assert n == sum(1 for k in kiln if k.startswith("down_")), n
+                results[f"down residuals ({label})"] = max(
+                    max_diff(d, kiln[f"down_{i}"]) for i, d in enumerate(down)
+                )
+                results[f"mid residual ({label})"] = max_diff(mid, kiln["mid"])
+                prediction = unet(
+                    sample,
+                    timestep,
+                    encoder_hidden_states=context,
+                    added_cond_kwargs=added,
+                    down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid,
+                ).sample
+                results[f"unet with residuals ({label})"] = max_diff(prediction, kiln["prediction"])
+            finally:
+                activations.GEGLU.gelu = exact
+    scale = kiln["prediction"].abs().max().item()
+    effect = max_diff(kiln["prediction"], kiln["plain_prediction"])
+    residual = max(v.abs().max().item() for k, v in kiln.items() if k.startswith("down_"))
+    print(f"controlnet-{kind}: UNet output max |x| = {scale:.3f}, residuals max |x| = {residual:.3f}, "
+          f"ControlNet moves the output by up to {effect:.3f}")
+    ok = True
+    for name, diff in results.items():
+        tolerance = TOLERANCE["exact GELU" if "exact GELU" in name else "default"]
+        # Residuals are larger than the UNet's output (SDXL's tiny ones reach ~12):
+        # their tolerance scales with their size.
+        if "residual" in name:
+            tolerance *= max(1.0, residual)
+        bad = diff > tolerance
+        ok &= not bad
+        print(f"  {name:40s} max |diff| = {diff:.2e}{'  <-- MISMATCH' if bad else ''}")
+    return ok
+
+
 def main() -> int:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/parity")
     ok = True
     for kind in ["sd15", "sd21", "sdxl", "inpaint"]:
         ok &= check(kind, root / kind)
+    for kind in ["sd15", "sdxl"]:
+        ok &= check_controlnet(kind, root / f"controlnet-{kind}")
     print("all match" if ok else "MISMATCHES")
     return 0 if ok else 1
 

@@ -30,7 +30,10 @@ fn invalid(field: &'static str, message: String) -> PipelineError {
 }
 
 /// Decodes and checks PNG or JPEG bytes.
-fn decode(field: &'static str, bytes: &[u8]) -> Result<image::DynamicImage, PipelineError> {
+pub(crate) fn decode(
+    field: &'static str,
+    bytes: &[u8],
+) -> Result<image::DynamicImage, PipelineError> {
     if bytes.len() > MAX_BLOB_BYTES {
         return Err(invalid(
             field,

@@ -51,6 +51,7 @@ pub mod bench;
 mod clip;
 mod conditioning;
 mod config;
+mod controlnet;
 mod conv;
 /// Devices the engine runs on, and the determinism class of a device and precision.
 pub mod device;
@@ -65,6 +66,8 @@ pub mod noise;
 /// PNG encoding with the A1111 `parameters` and the `kiln` chunks.
 pub mod output;
 mod precision;
+/// Weight-free control-image preprocessors (canny, scribble, lineart) and control-image fitting.
+pub mod preprocess;
 mod render;
 mod sampling;
 mod text;
@@ -102,6 +105,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 pub use assets::{AssetFile, Assets, file_hash};
+pub use controlnet::{TinyControlNetLayout, write_tiny_controlnet};
 pub use device::{DeviceError, determinism_class, open_device};
 pub use embeddings::write_tiny_embedding;
 pub use error::PipelineError;
@@ -116,7 +120,7 @@ pub use tiny::{ParseTinyKindError, TinyKind, write_tiny_model, write_tiny_model_
 use layout::ModelFiles;
 use sampling::SchedulerConfig;
 use text::TextEncoders;
-use unet::{Conditioning, Unet};
+use unet::{Conditioning, Unet, UnetConfig};
 use vae::Vae;
 
 /// A model loaded for rendering: tokenizers, text encoders, UNet, VAE, scheduler config.
@@ -134,6 +138,10 @@ pub struct Pipeline {
     unet: Arc<Unet>,
     /// The UNet and text encoders merged with LoRA sets, under a memory budget.
     variants: lora::variants::Variants,
+    /// The UNet's architecture: ControlNets are built against it.
+    unet_config: UnetConfig,
+    /// The ControlNets recipes used so far, loaded on first use.
+    controlnets: controlnet::ControlNets,
     /// Whether the UNet also takes a mask and masked-image latents (`in_channels = 9`).
     inpainting: bool,
     /// Channels of the latent image (the VAE's latents; the UNet's output).
@@ -255,6 +263,8 @@ impl Pipeline {
             text,
             unet: Arc::new(unet),
             variants,
+            unet_config: spec.unet.clone(),
+            controlnets: controlnet::ControlNets::default(),
             inpainting: spec.inpainting,
             latent_channels: vae_spec.config.latent_channels,
             vae,

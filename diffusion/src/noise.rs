@@ -25,6 +25,10 @@ pub enum Purpose {
     Img2Img,
     /// Weights of a generated test model; the argument identifies the tensor.
     Weights(u32),
+    /// The noise added to the upscaled latents of the hires fix's second pass.
+    HiresLatents,
+    /// The fresh noise of an ancestral step of the hires fix's second pass.
+    HiresStep,
 }
 
 impl Purpose {
@@ -35,6 +39,8 @@ impl Purpose {
             Purpose::AncestralStep => (1, 0),
             Purpose::Img2Img => (2, 0),
             Purpose::Weights(id) => (3, id),
+            Purpose::HiresLatents => (4, 0),
+            Purpose::HiresStep => (5, 0),
         }
     }
 }

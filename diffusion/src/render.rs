@@ -35,12 +35,16 @@
 //! outputs, has kernels of its own). At the UNet's coarsest level, with few
 //! tokens, that happens; such renders are not batched (`Unet::batches_exactly`).
 
+mod hires;
+
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::conditioning::Scheduled;
+use super::controlnet::{self, BatchControls, Control, ControlKey};
 use super::images;
 use super::noise::{self, Purpose};
 use super::sampling::{self, Sampler};
@@ -123,8 +127,9 @@ struct Overlay {
 struct Task<'a> {
     /// Its position among the inputs.
     index: usize,
-    /// What it renders (seed, guidance scale, prompt).
-    recipe: &'a Recipe,
+    /// What it renders (seed, guidance scale, prompt); the hires fix's second pass
+    /// renders its own recipe at the upscaled size.
+    recipe: Cow<'a, Recipe>,
     /// Its own sampler: samplers with memory (DPM-Solver++) must not be shared.
     sampler: Box<dyn Sampler>,
     /// The first step run; `steps` when nothing is left to denoise.
@@ -147,6 +152,14 @@ struct Task<'a> {
     noise: Tensor,
     blend: Option<Blend>,
     overlay: Option<Overlay>,
+    /// Its ControlNets with their control images at its size.
+    controls: Vec<Control>,
+    /// The noise purpose of its ancestral steps (the hires pass has its own).
+    ancestral: Purpose,
+    /// Steps reported before this pass's (the first pass's, in the hires pass).
+    offset: u32,
+    /// Steps reported in all (both passes' with the hires fix).
+    total: u32,
     /// Time spent in [`prepare`].
     prepared_in: Duration,
 }
@@ -211,10 +224,19 @@ fn prepare<'a>(
         Some(bytes) => Some(images::mask(bytes, recipe.width, recipe.height)?),
         None => None,
     };
+    if recipe.extras.hires.is_some() && input.mask.is_some() {
+        return Err(PipelineError::InvalidRecipe {
+            field: "hires",
+            message: "the hires fix does not run with a mask".into(),
+        });
+    }
     let start = match &init {
         Some(_) => sampler.start_index(recipe.strength),
         None => 0,
     };
+    let controls = controlnet::prepare(p, recipe, input.controls)?;
+    let steps = sampler.timesteps().len() as u32;
+    let total = steps + recipe.extras.hires.as_ref().map_or(0, |h| h.steps);
 
     let device = &p.device;
     let shape = (1, p.latent_channels, latent_height, latent_width);
@@ -295,7 +317,7 @@ fn prepare<'a>(
     };
     Ok(Task {
         index,
-        recipe,
+        recipe: Cow::Borrowed(recipe),
         sampler,
         start,
         rows: if guided { 2 } else { 1 },
@@ -308,6 +330,10 @@ fn prepare<'a>(
         noise,
         blend,
         overlay,
+        controls,
+        ancestral: Purpose::AncestralStep,
+        offset: 0,
+        total,
         prepared_in: Duration::ZERO,
     })
 }
@@ -329,6 +355,10 @@ struct GroupKey {
     /// recipe key already tells LoRA sets apart; this holds even for a caller
     /// that batches without it.
     loras: String,
+    /// The ControlNets and their steps (images and scales may differ).
+    controlnets: Vec<ControlKey>,
+    /// The pass: the hires fix's second pass has its own noise and progress.
+    ancestral: Purpose,
 }
 
 /// Splits prepared tasks into groups that can run as one UNet batch, in input order.
@@ -356,6 +386,8 @@ fn group_key(p: &Pipeline, task: &Task<'_>) -> Option<GroupKey> {
         start: task.start,
         context: task.cond.context.dims()[1..].to_vec(),
         loras: task.unet_key.clone(),
+        controlnets: controlnet::key(&task.controls),
+        ancestral: task.ancestral,
     })
 }
 
@@ -396,15 +428,31 @@ fn denoise(
     // The sampling loop alone: each task's `vae_decode` follows it.
     let steps = tracing::info_span!("denoise", tasks = tasks.len())
         .in_scope(|| run_steps(p, &mut tasks, &mut done, on_step));
-    let denoised_in = started.elapsed();
     if let Err(e) = steps {
-        let text = e.to_string();
-        for task in &tasks {
-            let e = PipelineError::Candle(candle_core::Error::Msg(text.clone()));
-            done.push((task.index, Err(e)));
-        }
+        fail_all(&tasks, &e, &mut done);
         return done;
     }
+    // The hires fix: the tasks that ask for it get a second pass at the upscaled size.
+    let (second, mut tasks): (Vec<_>, Vec<_>) = tasks
+        .into_iter()
+        .partition(|t| t.recipe.extras.hires.is_some());
+    let mut ready = Vec::with_capacity(second.len());
+    for task in second {
+        let index = task.index;
+        match tracing::info_span!("hires").in_scope(|| hires::second_pass(p, task)) {
+            Ok(t) => ready.push(t),
+            Err(e) => done.push((index, Err(e))),
+        }
+    }
+    for mut group in groups(p, ready) {
+        let steps = tracing::info_span!("denoise", tasks = group.len(), pass = "hires")
+            .in_scope(|| run_steps(p, &mut group, &mut done, on_step));
+        match steps {
+            Ok(()) => tasks.extend(group),
+            Err(e) => fail_all(&group, &e, &mut done),
+        }
+    }
+    let denoised_in = started.elapsed();
     for task in tasks {
         let span = tracing::info_span!("vae_decode", seed = task.recipe.seed);
         let _entered = span.enter();
@@ -427,6 +475,19 @@ fn denoise(
     done
 }
 
+/// Records `e` as the outcome of every task of `tasks`.
+fn fail_all(
+    tasks: &[Task<'_>],
+    e: &PipelineError,
+    done: &mut Vec<(usize, Result<Rendered, PipelineError>)>,
+) {
+    let text = e.to_string();
+    for task in tasks {
+        let e = PipelineError::Candle(candle_core::Error::Msg(text.clone()));
+        done.push((task.index, Err(e)));
+    }
+}
+
 /// Runs the group's steps; cancelled tasks move from `tasks` to `done`.
 fn run_steps(
     p: &Pipeline,
@@ -440,9 +501,13 @@ fn run_steps(
     let (start, rows) = (first.start, first.rows);
     let unet = Arc::clone(&first.unet);
     let timesteps = first.sampler.timesteps().to_vec();
-    let total = timesteps.len() as u32;
     let dtype = p.precision.dtype();
     let mut cond = batch_conditioning(tasks)?;
+    let controls_of = |tasks: &[Task<'_>]| {
+        let per_task: Vec<&[Control]> = tasks.iter().map(|t| &t.controls[..]).collect();
+        BatchControls::new(&per_task, rows)
+    };
+    let mut controls = controls_of(tasks)?;
     for (i, &t) in timesteps.iter().enumerate().skip(start) {
         // Prompt editing and alternation: a task whose text changes at this step
         // takes its new rows, and the batch's conditioning is put together again.
@@ -467,8 +532,13 @@ fn run_steps(
             }
         }
         let input = Tensor::cat(&input, 0)?.to_dtype(dtype)?;
+        let residuals = match &controls {
+            Some(c) => tracing::info_span!("controlnet")
+                .in_scope(|| c.residuals(&input, t, &cond, rows, i, timesteps.len()))?,
+            None => None,
+        };
         let prediction = unet
-            .forward_tasks(&input, t, &cond, rows)?
+            .forward_with_residuals(&input, t, &cond, rows, residuals.as_ref())?
             .to_dtype(DType::F32)?;
         let mut cancelled = Vec::new();
         for (j, task) in tasks.iter_mut().enumerate() {
@@ -482,10 +552,10 @@ fn run_steps(
                 own
             };
             let (seed, shape) = (task.recipe.seed, task.latents.shape().clone());
+            let purpose = task.ancestral;
             // Fresh noise of ancestral steps, keyed by (seed, step index): never the device RNG.
             let step_noise = |step: u32| {
-                let values =
-                    noise::standard_normal(seed, Purpose::AncestralStep, step, shape.elem_count());
+                let values = noise::standard_normal(seed, purpose, step, shape.elem_count());
                 Tensor::from_vec(values, &shape, &Device::Cpu)?.to_device(&p.device)
             };
             let mut latents = task.sampler.step(&guided, i, &task.latents, &step_noise)?;
@@ -494,7 +564,7 @@ fn run_steps(
                 latents = blend.repaint.where_cond(&latents, &known)?;
             }
             task.latents = latents;
-            if !on_step(task.index, i as u32 + 1, total) {
+            if !on_step(task.index, task.offset + i as u32 + 1, task.total) {
                 cancelled.push(task.index);
             }
         }
@@ -509,6 +579,7 @@ fn run_steps(
                 return Ok(());
             }
             cond = batch_conditioning(tasks)?;
+            controls = controls_of(tasks)?;
         }
     }
     Ok(())

@@ -193,7 +193,7 @@ pub fn write_tiny_model_kind(dir: &Path, kind: TinyKind) -> Result<(), PipelineE
 
 /// Builds a module on a `VarMap` and returns deterministic values for all its parameters,
 /// under the tensor names real checkpoints use.
-fn random_weights(
+pub(crate) fn random_weights(
     component: &str,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
 ) -> Result<HashMap<String, Tensor>, PipelineError> {
@@ -256,7 +256,7 @@ fn tiny_tensor(component: &str, name: &str, shape: &Shape) -> Result<Tensor, Pip
 }
 
 /// Writes pretty JSON with a trailing newline.
-fn write_json(dir: &Path, rel: &str, value: &Value) -> Result<(), PipelineError> {
+pub(crate) fn write_json(dir: &Path, rel: &str, value: &Value) -> Result<(), PipelineError> {
     let mut text = serde_json::to_string_pretty(value)
         .map_err(|e| PipelineError::config(dir.join(rel), e.to_string()))?;
     text.push('\n');
@@ -270,7 +270,11 @@ fn write_text(dir: &Path, rel: &str, text: &str) -> Result<(), PipelineError> {
 }
 
 /// Saves tensors with candle's safetensors writer (sorted by name: deterministic).
-fn save(dir: &Path, rel: &str, tensors: &HashMap<String, Tensor>) -> Result<(), PipelineError> {
+pub(crate) fn save(
+    dir: &Path,
+    rel: &str,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<(), PipelineError> {
     let path = dir.join(rel);
     candle_core::safetensors::save(tensors, &path).map_err(|e| PipelineError::Weights {
         file: path,

@@ -165,10 +165,22 @@ pub(crate) struct Unet {
     text_time: Option<TextTimeEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
+    /// Empty in an encoder ([`Unet::encoder`]).
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    /// `conv_norm_out` and `conv_out`; none in an encoder.
+    out: Option<(GroupNorm, Conv2d)>,
     span: tracing::Span,
+}
+
+/// What a ControlNet adds to the UNet: diffusers' `down_block_additional_residuals`
+/// (one per skip connection, in the order the down blocks make them) and
+/// `mid_block_additional_residual`.
+#[derive(Clone, Debug)]
+pub(crate) struct Residuals {
+    /// Added to the skip connections.
+    pub(crate) down: Vec<Tensor>,
+    /// Added to the mid block's output.
+    pub(crate) mid: Tensor,
 }
 
 /// A 3×3 convolution with padding 1.
@@ -183,6 +195,17 @@ fn conv3(vb: VarBuilder, from: usize, to: usize) -> candle_core::Result<Conv2d> 
 impl Unet {
     /// Loads a UNet with diffusers' tensor names.
     pub(crate) fn new(vb: VarBuilder, c: &UnetConfig) -> candle_core::Result<Self> {
+        Self::build(vb, c, true)
+    }
+
+    /// Loads the down half of a UNet (time and added embeddings, `conv_in`, down
+    /// blocks, mid block), as a ControlNet holds it under the same tensor names.
+    pub(crate) fn encoder(vb: VarBuilder, c: &UnetConfig) -> candle_core::Result<Self> {
+        Self::build(vb, c, false)
+    }
+
+    /// Loads the whole UNet, or without `up_blocks` and the output layers.
+    fn build(vb: VarBuilder, c: &UnetConfig, full: bool) -> candle_core::Result<Self> {
         let n = c.blocks.len();
         let (Some(first), Some(last)) = (c.blocks.first(), c.blocks.last()) else {
             return Err(candle_core::Error::Msg(
@@ -281,7 +304,7 @@ impl Unet {
         // Up block i mirrors down block k = n - 1 - i. Its last ResNet takes the skip
         // from the level above (diffusers' `input_channel`), the others skips of its own width.
         let mut up_blocks = Vec::with_capacity(n);
-        for i in 0..n {
+        for i in (0..n).filter(|_| full) {
             let k = n - 1 - i;
             let block = c.blocks[k];
             let vb = vb.pp("up_blocks").pp(i);
@@ -334,13 +357,19 @@ impl Unet {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(
-                c.norm_num_groups,
-                ch0,
-                c.norm_eps,
-                vb.pp("conv_norm_out"),
-            )?,
-            conv_out: conv3(vb.pp("conv_out"), ch0, c.out_channels)?,
+            out: if full {
+                Some((
+                    candle_nn::group_norm(
+                        c.norm_num_groups,
+                        ch0,
+                        c.norm_eps,
+                        vb.pp("conv_norm_out"),
+                    )?,
+                    conv3(vb.pp("conv_out"), ch0, c.out_channels)?,
+                ))
+            } else {
+                None
+            },
             span: tracing::debug_span!("unet"),
         })
     }
@@ -395,7 +424,83 @@ impl Unet {
         cond: &Conditioning,
         group: usize,
     ) -> candle_core::Result<Tensor> {
+        self.forward_with_residuals(latents, timestep, cond, group, None)
+    }
+
+    /// [`Unet::forward_tasks`] with ControlNet residuals added to the skip connections
+    /// and the mid block's output, as diffusers' `down_block_additional_residuals` and
+    /// `mid_block_additional_residual`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Unet::forward_tasks`]; also when the residuals do not match the skips.
+    pub(crate) fn forward_with_residuals(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+        group: usize,
+        residuals: Option<&Residuals>,
+    ) -> candle_core::Result<Tensor> {
         let _entered = self.span.enter();
+        let (mut skips, mut xs, emb) = self.encode(latents, timestep, cond, group, None)?;
+        if let Some(r) = residuals {
+            if r.down.len() != skips.len() {
+                return Err(candle_core::Error::Msg(format!(
+                    "{} ControlNet residuals for {} skip connections",
+                    r.down.len(),
+                    skips.len()
+                )));
+            }
+            for (skip, add) in skips.iter_mut().zip(&r.down) {
+                *skip = (&*skip + add)?;
+            }
+            xs = (xs + &r.mid)?;
+        }
+        let context = &cond.context;
+        let Some((conv_norm_out, conv_out)) = &self.out else {
+            return Err(candle_core::Error::Msg(
+                "a UNet encoder has no up blocks to predict with".into(),
+            ));
+        };
+
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().ok_or_else(|| {
+                    candle_core::Error::Msg("the UNet ran out of skip connections".into())
+                })?;
+                xs = Tensor::cat(&[&xs, &skip], 1)?;
+                xs = resnet.forward(&xs, Some(&emb), group)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, Some(context))?;
+                }
+            }
+            if let Some(conv) = &block.upsampler {
+                // Upsample to the next skip's size: 2× unless a side was odd on the way down.
+                let (h, w) = match skips.last() {
+                    Some(s) => (s.dim(2)?, s.dim(3)?),
+                    None => (xs.dim(2)? * 2, xs.dim(3)? * 2),
+                };
+                xs = conv.forward(&xs.upsample_nearest2d(h, w)?)?;
+            }
+        }
+
+        let xs = candle_nn::ops::silu(&conv_norm_out.forward(&xs)?)?;
+        conv_out.forward(&xs)
+    }
+
+    /// Runs the down half for [`Unet::forward_with_residuals`] and ControlNets:
+    /// returns the skip connections (`conv_in`'s output, each ResNet's or attention's,
+    /// each downsampler's), the mid block's output and the time embedding. `hint` (a
+    /// ControlNet's embedded control image) is added to `conv_in`'s output.
+    pub(crate) fn encode(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+        group: usize,
+        hint: Option<&Tensor>,
+    ) -> candle_core::Result<(Vec<Tensor>, Tensor, Tensor)> {
         let batch = latents.dim(0)?;
         let xs = match &cond.image {
             Some(image) => Tensor::cat(&[latents, image], 1)?,
@@ -452,6 +557,9 @@ impl Unet {
         let context = &cond.context;
 
         let mut xs = self.conv_in.forward(&xs)?;
+        if let Some(hint) = hint {
+            xs = (xs + hint)?;
+        }
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
@@ -471,30 +579,7 @@ impl Unet {
             }
         }
 
-        xs = self.mid_block.forward(&xs, &emb, context, group)?;
-
-        for block in &self.up_blocks {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| {
-                    candle_core::Error::Msg("the UNet ran out of skip connections".into())
-                })?;
-                xs = Tensor::cat(&[&xs, &skip], 1)?;
-                xs = resnet.forward(&xs, Some(&emb), group)?;
-                if let Some(attn) = block.attentions.get(j) {
-                    xs = attn.forward(&xs, Some(context))?;
-                }
-            }
-            if let Some(conv) = &block.upsampler {
-                // Upsample to the next skip's size: 2× unless a side was odd on the way down.
-                let (h, w) = match skips.last() {
-                    Some(s) => (s.dim(2)?, s.dim(3)?),
-                    None => (xs.dim(2)? * 2, xs.dim(3)? * 2),
-                };
-                xs = conv.forward(&xs.upsample_nearest2d(h, w)?)?;
-            }
-        }
-
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        let xs = self.mid_block.forward(&xs, &emb, context, group)?;
+        Ok((skips, xs, emb))
     }
 }

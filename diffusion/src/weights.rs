@@ -37,11 +37,23 @@ struct RecordingBackend {
     failure: Arc<Mutex<Option<(String, String)>>>,
     /// Every tensor served, shared with `build` like `failure`.
     served: Arc<Mutex<BTreeSet<String>>>,
-    /// f32 deltas added to the named tensors as they are loaded (LoRA merges).
+    /// The file's name of each tensor the model asks for, when the file uses
+    /// other names (a converted layout); a name not in it is looked up as it is.
+    names: Option<HashMap<String, String>>,
+    /// f32 deltas added to the file's named tensors as they are loaded (LoRA merges).
     deltas: HashMap<String, Tensor>,
 }
 
 impl RecordingBackend {
+    /// Returns the file's name of the tensor the model calls `name`, and how to
+    /// name it in errors.
+    fn locate(&self, name: &str) -> (String, String) {
+        match self.names.as_ref().and_then(|m| m.get(name)) {
+            Some(file_name) => (file_name.clone(), format!("{file_name} ({name})")),
+            None => (name.to_string(), name.to_string()),
+        }
+    }
+
     /// Records `message` about tensor `name` and returns candle's error for it.
     fn fail(&self, name: &str, message: String) -> candle_core::Error {
         let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
@@ -49,10 +61,11 @@ impl RecordingBackend {
         candle_core::Error::Msg(format!("tensor {name}: {message}"))
     }
 
-    /// Loads `name` in `dtype`, with its delta added in f32 first when it has one.
-    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let tensor = self.tensors.load(name, dev)?;
-        match self.deltas.get(name) {
+    /// Loads the file's tensor `file_name` in `dtype`, with its delta added in f32
+    /// first when it has one.
+    fn load(&self, file_name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.tensors.load(file_name, dev)?;
+        match self.deltas.get(file_name) {
             None => tensor.to_dtype(dtype),
             Some(delta) => {
                 let merged = (tensor.to_dtype(DType::F32)? + delta.to_device(dev)?)?;
@@ -61,17 +74,17 @@ impl RecordingBackend {
         }
     }
 
-    /// Records that `name` was served and forgets a recorded failure for it (a retry
-    /// of it succeeded).
-    fn served(&self, name: &str) {
+    /// Records that the file's tensor `file_name` was served and forgets a recorded
+    /// failure of it, named `label` (a retry of it succeeded).
+    fn served(&self, label: &str, file_name: &str) {
         let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.as_ref().is_some_and(|(n, _)| n == name) {
+        if slot.as_ref().is_some_and(|(n, _)| n == label) {
             *slot = None;
         }
         self.served
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string());
+            .insert(file_name.to_string());
     }
 }
 
@@ -84,33 +97,35 @@ impl SimpleBackend for RecordingBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let view = match self.tensors.get(name) {
+        let (file_name, label) = self.locate(name);
+        let view = match self.tensors.get(&file_name) {
             Ok(view) => view,
-            Err(_) => return Err(self.fail(name, "is missing".into())),
+            Err(_) => return Err(self.fail(&label, "is missing".into())),
         };
         if view.shape() != shape.dims() {
             return Err(self.fail(
-                name,
+                &label,
                 format!("has shape {:?}, expected {:?}", view.shape(), shape.dims()),
             ));
         }
         let tensor = self
-            .load(name, dtype, dev)
-            .map_err(|e| self.fail(name, format!("cannot be loaded: {}", plain(&e))))?;
-        self.served(name);
+            .load(&file_name, dtype, dev)
+            .map_err(|e| self.fail(&label, format!("cannot be loaded: {}", plain(&e))))?;
+        self.served(&label, &file_name);
         Ok(tensor)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let (file_name, label) = self.locate(name);
         let tensor = self
-            .load(name, dtype, dev)
-            .map_err(|e| self.fail(name, format!("cannot be loaded: {}", plain(&e))))?;
-        self.served(name);
+            .load(&file_name, dtype, dev)
+            .map_err(|e| self.fail(&label, format!("cannot be loaded: {}", plain(&e))))?;
+        self.served(&label, &file_name);
         Ok(tensor)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.get(name).is_ok()
+        self.tensors.get(&self.locate(name).0).is_ok()
     }
 }
 
@@ -143,7 +158,38 @@ pub(crate) fn build<T>(
     device: &Device,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<T, PipelineError> {
-    build_merged(file, dtype, device, HashMap::new(), build)
+    build_renamed(file, dtype, device, |_| None, build)
+}
+
+/// Returns the tensor names and shapes of a safetensors file.
+pub(crate) fn tensor_shapes(file: &Path) -> Result<Vec<(String, Vec<usize>)>, PipelineError> {
+    Ok(map_file(file)?
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect())
+}
+
+/// Returns the name and shape of every tensor in `file`, by name.
+///
+/// # Errors
+///
+/// `Io` or `Weights` when the file cannot be read as safetensors.
+pub(crate) fn shapes(file: &Path) -> Result<BTreeMap<String, Vec<usize>>, PipelineError> {
+    Ok(tensor_shapes(file)?.into_iter().collect())
+}
+
+/// [`build`] for a file in another layout: `rename` maps each of the file's tensor
+/// names to the name the module asks for (`None`: not one the module reads). Errors
+/// name the file's tensor and, in parentheses, the module's name for it.
+pub(crate) fn build_renamed<T>(
+    file: &Path,
+    dtype: DType,
+    device: &Device,
+    rename: impl Fn(&str) -> Option<String>,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<T, PipelineError> {
+    build_with(file, dtype, device, rename, HashMap::new(), build)
 }
 
 /// Builds a module from `file` as [`build`] does, adding to each tensor named in
@@ -159,10 +205,27 @@ pub(crate) fn build_merged<T>(
     deltas: HashMap<String, Tensor>,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<T, PipelineError> {
+    build_with(file, dtype, device, |_| None, deltas, build)
+}
+
+/// [`build_renamed`] with `deltas` added as in [`build_merged`] (keyed by the file's names).
+fn build_with<T>(
+    file: &Path,
+    dtype: DType,
+    device: &Device,
+    rename: impl Fn(&str) -> Option<String>,
+    deltas: HashMap<String, Tensor>,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<T, PipelineError> {
     let changed: BTreeSet<String> = deltas.keys().cloned().collect();
     let failure = Arc::new(Mutex::new(None));
     let served = Arc::new(Mutex::new(BTreeSet::new()));
     let tensors = map_file(file)?;
+    let names: HashMap<String, String> = tensors
+        .tensors()
+        .into_iter()
+        .filter_map(|(name, _)| rename(&name).map(|to| (to, name)))
+        .collect();
     let present: BTreeSet<String> = tensors
         .tensors()
         .into_iter()
@@ -172,6 +235,7 @@ pub(crate) fn build_merged<T>(
         tensors,
         failure: Arc::clone(&failure),
         served: Arc::clone(&served),
+        names: (!names.is_empty()).then_some(names),
         deltas,
     };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
@@ -208,20 +272,6 @@ pub(crate) fn build_merged<T>(
     #[cfg(test)]
     usage::record(file, served, present);
     Ok(module)
-}
-
-/// Returns the name and shape of every tensor in `file` (read from its header).
-///
-/// # Errors
-///
-/// `Io` or `Weights` when the file cannot be read as safetensors.
-pub(crate) fn shapes(file: &Path) -> Result<BTreeMap<String, Vec<usize>>, PipelineError> {
-    let tensors = map_file(file)?;
-    Ok(tensors
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name, view.shape().to_vec()))
-        .collect())
 }
 
 /// Returns candle's message without the backtrace it may carry.

@@ -9,6 +9,7 @@ pub mod inspect;
 pub mod list;
 pub mod lora;
 pub mod model;
+pub mod preprocess;
 pub mod prompt;
 pub mod pull;
 pub mod queue;

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Subcommand;
-use kiln_diffusion::{self as pipeline, TinyKind};
+use kiln_diffusion::{self as pipeline, TinyControlNetLayout, TinyKind};
 
 use crate::commands::pull::Pull;
 
@@ -26,7 +26,7 @@ impl Model {
     /// Runs `kiln model ...`.
     pub async fn run(self) -> anyhow::Result<bool> {
         match self.command {
-            ModelCommand::Tiny(c) => tiny(&c.out, c.kind).map(|()| true),
+            ModelCommand::Tiny(c) => c.run().map(|()| true),
             ModelCommand::Pull(c) => c.run().await.map(|()| true),
             ModelCommand::Push(c) => push(&c.dir, &c.url).await.map(|()| true),
         }
@@ -36,13 +36,53 @@ impl Model {
 /// Write a tiny random-weight model (for tests and trying kiln out).
 #[derive(clap::Args, Debug)]
 struct Tiny {
-    /// The folder to write it to.
+    /// The folder to write it to (with --single-file: the `.safetensors` file).
     #[arg(long)]
     out: PathBuf,
     /// Its architecture: sd15, sd21 (GELU text encoder, v-prediction), sdxl (two
-    /// text encoders, added conditioning) or inpaint (SD 1.5 inpainting UNet).
+    /// text encoders, added conditioning), inpaint (SD 1.5 inpainting UNet), or
+    /// controlnet (a ControlNet for the tiny model named by --base).
+    #[arg(long, default_value = "sd15")]
+    kind: TinyTarget,
+    /// With --kind controlnet: the tiny base it fits, sd15 or sdxl.
     #[arg(long, default_value_t = TinyKind::Sd15)]
-    kind: TinyKind,
+    base: TinyKind,
+    /// With --kind controlnet: write one `.safetensors` file in the original
+    /// layout (`control_model.input_blocks...`) instead of a diffusers folder.
+    #[arg(long)]
+    single_file: bool,
+}
+
+/// What `kiln model tiny --kind` writes: a base model or a ControlNet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TinyTarget {
+    /// A whole model of this architecture.
+    Model(TinyKind),
+    /// A ControlNet for the tiny base named by `--base`.
+    ControlNet,
+}
+
+impl std::str::FromStr for TinyTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "controlnet" {
+            return Ok(TinyTarget::ControlNet);
+        }
+        s.parse::<TinyKind>().map(TinyTarget::Model).map_err(|_| {
+            format!("unknown tiny kind {s:?}: expected sd15, sd21, sdxl, inpaint or controlnet")
+        })
+    }
+}
+
+impl Tiny {
+    /// Writes what was asked for.
+    fn run(&self) -> anyhow::Result<()> {
+        match self.kind {
+            TinyTarget::Model(kind) => tiny(&self.out, kind),
+            TinyTarget::ControlNet => tiny_controlnet(&self.out, self.base, self.single_file),
+        }
+    }
 }
 
 /// Writes the tiny random-weight model of architecture `kind` into `out`.
@@ -59,6 +99,34 @@ fn tiny(out: &Path, kind: TinyKind) -> anyhow::Result<()> {
             out.display()
         );
     }
+    Ok(())
+}
+
+/// Writes the tiny ControlNet for `base` to `out`: a diffusers folder, or one
+/// original-layout file.
+fn tiny_controlnet(out: &Path, base: TinyKind, single_file: bool) -> anyhow::Result<()> {
+    let layout = if single_file {
+        TinyControlNetLayout::Original
+    } else {
+        TinyControlNetLayout::Diffusers
+    };
+    pipeline::write_tiny_controlnet(out, base, layout).with_context(|| {
+        format!(
+            "cannot write the tiny {base} ControlNet to {}",
+            out.display()
+        )
+    })?;
+    let assets = pipeline::Assets::scan(&[], &[], &[("tiny".into(), out.to_path_buf())])
+        .with_context(|| format!("cannot hash the ControlNet in {}", out.display()))?;
+    let hash = assets
+        .controlnets
+        .get("tiny")
+        .map(|c| c.hash.clone())
+        .unwrap_or_default();
+    println!(
+        "tiny {base} ControlNet written to {} (hash {hash})",
+        out.display()
+    );
     Ok(())
 }
 

@@ -356,6 +356,7 @@ async fn every_post_checks_csrf_role_and_project() {
 async fn only_an_admin_gets_and_may_press_drain() {
     let f = farm(true);
     let registration = WorkerRegistration {
+        assets: Default::default(),
         id: WorkerId("gpu-7".into()),
         labels: [("zone".to_string(), "east".to_string())].into(),
         gpu_memory_bytes: 0,
@@ -518,6 +519,7 @@ async fn a_thousand_jobs_and_a_hundred_workers_make_pages_of_fifty() {
     }
     for w in 0..100 {
         let registration = WorkerRegistration {
+            assets: Default::default(),
             id: WorkerId(format!("gpu-{w:03}")),
             labels: Default::default(),
             gpu_memory_bytes: 0,
@@ -575,6 +577,7 @@ async fn a_failed_task_shows_its_attempts_and_retry_puts_it_back() {
     let id = job(&f, "doomed-study", "a", 1).await;
     let worker = WorkerId("gpu-1".into());
     let registration = WorkerRegistration {
+        assets: Default::default(),
         id: worker.clone(),
         labels: Default::default(),
         gpu_memory_bytes: 0,

@@ -29,7 +29,7 @@ use super::layout::{self, ModelFiles};
 use super::unet::UnetConfig;
 
 pub(crate) use clip::read_clip;
-pub(crate) use unet::read_unet;
+pub(crate) use unet::{read_unet, unet_config};
 pub(crate) use vae::{VaeSpec, read_vae};
 
 /// Number of SDXL time ids: original size (h, w), crop top-left (y, x), target size (h, w).

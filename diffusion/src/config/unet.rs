@@ -134,7 +134,7 @@ fn refuse_unsupported(k: &Keys) -> Result<(), PipelineError> {
 }
 
 /// Maps a diffusers UNet config to kiln's, with diffusers' defaults for missing keys.
-pub(super) fn unet_config(k: &Keys) -> Result<UnetConfig, PipelineError> {
+pub(crate) fn unet_config(k: &Keys) -> Result<UnetConfig, PipelineError> {
     refuse_unsupported(k)?;
     let channels: Vec<usize> = k.or("block_out_channels", vec![320, 640, 1280, 1280])?;
     let n = channels.len();
