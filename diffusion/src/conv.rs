@@ -11,17 +11,20 @@
 //! `[c_out, c_in·kh·kw + 1]` with the bias as the last column; per call it
 //! builds the im2col matrix of each image straight from NCHW (for stride 1 each
 //! row is a shifted copy of an input row, so the loops are `memcpy`s, run in
-//! parallel over channels), appends a row of ones for the bias, and lets one
-//! matrix product per image write the output in NCHW order. Nothing is copied
-//! back, and the bias costs no extra pass. 1×1 convolutions are a plain
-//! matrix product on the input.
+//! parallel over channels) in one scratch buffer reused across bands and
+//! images, appends a row of ones for the bias, and lets one matrix product
+//! (`gemm`, as candle calls it) per band write the output in NCHW order, in
+//! place. Nothing is copied back, and the bias costs no extra pass.
+//! [`Conv2d::forward_upsampled`] reads its input as the 2× nearest-neighbour
+//! upsampling diffusers' `Upsample2D` makes, without making it. 1×1
+//! convolutions are a plain matrix product on the input.
 //!
 //! The result is the same convolution with the products summed in a different
 //! order, so outputs differ from candle's in the last bits (about 1e-6
 //! relative); like candle's, they do not depend on the thread count. Devices
 //! other than the CPU, and dtypes other than f32, use candle's convolution.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
@@ -138,139 +141,250 @@ impl Module for Conv2d {
                 };
                 out.reshape((batch, (), height, width))
             }
-            Weights::Im2Col(packed) => {
-                let (out_h, out_w) = self.out_size(height, width)?;
-                let xs = xs.contiguous()?;
-                let rows = packed.dim(1)?;
-                // Output rows per band: the band's im2col matrix stays under BAND_BYTES.
-                let per_row = rows * out_w * std::mem::size_of::<f32>();
-                let band = (self.band_bytes / per_row.max(1)).clamp(1, out_h.max(1));
-                let lhs = packed.broadcast_left(batch)?;
-                let mut outputs = Vec::with_capacity(out_h.div_ceil(band));
-                for first in (0..out_h).step_by(band) {
-                    let op = Im2Col {
-                        kernel: self.kernel,
-                        stride: self.stride,
-                        padding: self.padding,
-                        out_rows: first..(first + band).min(out_h),
-                    };
-                    outputs.push(lhs.matmul(&xs.apply_op1_no_bwd(&op)?)?);
-                }
-                let out = match outputs.len() {
-                    1 => outputs.swap_remove(0),
-                    _ => Tensor::cat(&outputs, 2)?,
-                };
-                out.reshape((batch, (), out_h, out_w))
-            }
+            Weights::Im2Col(packed) => self.im2col(xs, packed, false),
         }
     }
 }
 
-/// NCHW `[b, c, h, w]` → `[b, c·k·k + 1, rows·out_w]` for a band of output rows: row
-/// `(ci·k + kh)·k + kw` holds input channel `ci` shifted by `(kh, kw)` (zeros where
-/// that falls in the padding); the last row is ones, for the bias.
+impl Conv2d {
+    /// Runs the convolution on `xs` upsampled 2× by nearest neighbour (diffusers'
+    /// `Upsample2D` then its convolution) without making the upsampled tensor: on the
+    /// CPU path the im2col reads each input pixel twice along each axis. The same
+    /// values as `forward(&xs.upsample_nearest2d(2h, 2w))`, bit for bit.
+    pub(crate) fn forward_upsampled(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let _entered = self.span.enter();
+        match &self.weights {
+            Weights::Im2Col(packed) => self.im2col(xs, packed, true),
+            _ => {
+                let (_, _, h, w) = xs.dims4()?;
+                self.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
+            }
+        }
+    }
+
+    /// The CPU path of a k×k convolution: one [`ConvOp`] over the whole batch.
+    fn im2col(&self, xs: &Tensor, packed: &Tensor, upsample: bool) -> candle_core::Result<Tensor> {
+        let op = ConvOp {
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+            band_bytes: self.band_bytes,
+            upsample,
+        };
+        xs.contiguous()?.apply_op2_no_bwd(packed, &op)
+    }
+}
+
+/// A k×k convolution on the CPU: per image and band of output rows, the im2col
+/// matrix ([`Im2Col`]) is built in one scratch buffer reused across bands and images,
+/// and one matrix product (rayon-parallel `gemm`, whose sums do not depend on the
+/// thread count) writes the band straight into the NCHW output.
+struct ConvOp {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    /// Largest im2col matrix, in bytes; taller outputs are computed in bands.
+    band_bytes: usize,
+    /// Whether the input is read as its 2× nearest-neighbour upsampling.
+    upsample: bool,
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(input), CpuStorage::F32(weights)) = (s1, s2) else {
+            return Err(candle_core::Error::Msg(
+                "kiln-conv2d: f32 operands expected".into(),
+            ));
+        };
+        let (Some((i0, i1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            return Err(candle_core::Error::Msg(
+                "kiln-conv2d: contiguous operands expected".into(),
+            ));
+        };
+        let (input, weights) = (&input[i0..i1], &weights[w0..w1]);
+        let (batch, channels, h, w) = l1.shape().dims4()?;
+        let (c_out, rows) = l2.shape().dims2()?;
+        let k = self.kernel;
+        if rows != channels * k * k + 1 {
+            return Err(candle_core::Error::Msg(format!(
+                "kiln-conv2d: weights {:?} do not fit {channels} input channels",
+                l2.shape().dims()
+            )));
+        }
+        let (vh, vw) = match self.upsample {
+            true => (2 * h, 2 * w),
+            false => (h, w),
+        };
+        let side = |n: usize| {
+            (n + 2 * self.padding)
+                .checked_sub(k)
+                .filter(|_| self.stride > 0)
+                .map(|span| span / self.stride + 1)
+        };
+        let (Some(out_h), Some(out_w)) = (side(vh), side(vw)) else {
+            return Err(candle_core::Error::Msg(format!(
+                "conv2d: a {vh}x{vw} input is smaller than the {k}x{k} kernel"
+            )));
+        };
+        let plane = out_h * out_w;
+        let mut out = vec![0f32; batch * c_out * plane];
+        if plane == 0 || c_out == 0 {
+            return Ok((
+                CpuStorage::F32(out),
+                Shape::from((batch, c_out, out_h, out_w)),
+            ));
+        }
+        // Output rows per band: the band's im2col matrix stays under band_bytes.
+        let per_row = rows * out_w * std::mem::size_of::<f32>();
+        let band = (self.band_bytes / per_row.max(1)).clamp(1, out_h);
+        let mut scratch = vec![0f32; rows * band * out_w];
+        let threads = rayon::current_num_threads();
+        for (image, output) in input
+            .chunks_exact(channels * h * w)
+            .zip(out.chunks_exact_mut(c_out * plane))
+        {
+            for first in (0..out_h).step_by(band) {
+                let op = Im2Col {
+                    kernel: k,
+                    stride: self.stride,
+                    padding: self.padding,
+                    out_rows: first..(first + band).min(out_h),
+                    upsample: self.upsample,
+                };
+                let pixels = op.out_rows.len() * out_w;
+                let columns = &mut scratch[..rows * pixels];
+                op.fill(image, (channels, h, w), columns, out_w);
+                // output[:, band] = weights · columns
+                let dst = &mut output[first * out_w..];
+                assert!(
+                    (c_out - 1) * plane + pixels <= dst.len(),
+                    "kiln-conv2d: output"
+                );
+                assert!(c_out * rows <= weights.len() && rows * pixels <= columns.len());
+                // SAFETY: the asserts above keep every element addressed inside its slice:
+                // dst (c_out × pixels, row stride `plane`), weights (c_out × rows) and
+                // columns (rows × pixels), all row-major; dst does not alias either input.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        pixels,
+                        rows,
+                        dst.as_mut_ptr(),
+                        1,
+                        plane as isize,
+                        false,
+                        weights.as_ptr(),
+                        1,
+                        rows as isize,
+                        columns.as_ptr(),
+                        1,
+                        pixels as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(threads),
+                    );
+                }
+            }
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((batch, c_out, out_h, out_w)),
+        ))
+    }
+}
+
+/// One image's im2col matrix for a band of output rows, `[c·k·k + 1, rows·out_w]`:
+/// row `(ci·k + kh)·k + kw` holds input channel `ci` shifted by `(kh, kw)` (zeros
+/// where that falls in the padding); the last row is ones, for the bias.
 struct Im2Col {
     kernel: usize,
     stride: usize,
     padding: usize,
     /// The output rows of the band.
     out_rows: std::ops::Range<usize>,
-}
-
-impl Conv2d {
-    /// Returns the output height and width for an input of `h`×`w`.
-    fn out_size(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
-        let side = |n: usize| {
-            (n + 2 * self.padding)
-                .checked_sub(self.kernel)
-                .map(|span| span / self.stride + 1)
-        };
-        match (side(h), side(w), self.stride) {
-            (Some(oh), Some(ow), s) if s > 0 => Ok((oh, ow)),
-            _ => Err(candle_core::Error::Msg(format!(
-                "conv2d: a {h}x{w} input is smaller than the {k}x{k} kernel",
-                k = self.kernel
-            ))),
-        }
-    }
+    /// Whether the input is read as its 2× nearest-neighbour upsampling.
+    upsample: bool,
 }
 
 impl Im2Col {
+    /// Fills `columns` from the NCHW `image` (`channels`×`h`×`w`), in parallel over
+    /// channels.
+    fn fill(
+        &self,
+        image: &[f32],
+        (channels, h, w): (usize, usize, usize),
+        columns: &mut [f32],
+        out_w: usize,
+    ) {
+        let k = self.kernel;
+        let pixels = self.out_rows.len() * out_w;
+        let (body, ones) = columns.split_at_mut(channels * k * k * pixels);
+        ones.fill(1.0);
+        body.par_chunks_mut(k * k * pixels)
+            .zip(image.par_chunks(h * w))
+            .for_each(|(block, plane)| self.channel(plane, (h, w), block, out_w));
+    }
+
     /// Fills the `k·k` rows of one input channel (`plane`, `h`×`w`) into `block`.
     fn channel(&self, plane: &[f32], (h, w): (usize, usize), block: &mut [f32], out_w: usize) {
         let out_h = self.out_rows.len();
         let (k, s, p) = (self.kernel, self.stride, self.padding);
+        // The size of the plane as the convolution sees it.
+        let (vh, vw) = match self.upsample {
+            true => (2 * h, 2 * w),
+            false => (h, w),
+        };
         for (offset, row) in block.chunks_exact_mut(out_h * out_w).enumerate() {
             let (kh, kw) = (offset / k, offset % k);
-            // Output columns whose input column `ox·s + kw − p` lies in [0, w).
+            // Output columns whose input column `ox·s + kw − p` lies in [0, vw).
             let first = p.saturating_sub(kw).div_ceil(s);
-            let end = if w + p > kw {
-                (w + p - kw).div_ceil(s).min(out_w)
+            let end = if vw + p > kw {
+                (vw + p - kw).div_ceil(s).min(out_w)
             } else {
                 0
             };
             for (oy, dst) in self.out_rows.clone().zip(row.chunks_exact_mut(out_w)) {
                 let iy = oy * s + kh;
-                if iy < p || iy - p >= h || first >= end {
-                    continue; // Padding row: stays zero.
+                if iy < p || iy - p >= vh || first >= end {
+                    // Padding: zeros (the scratch is reused, so write them).
+                    dst.fill(0.0);
+                    continue;
                 }
-                let src = &plane[(iy - p) * w..][..w];
+                dst[..first].fill(0.0);
+                dst[end..].fill(0.0);
                 let ix0 = first * s + kw - p;
-                if s == 1 {
-                    dst[first..end].copy_from_slice(&src[ix0..ix0 + (end - first)]);
+                let dst = &mut dst[first..end];
+                if self.upsample {
+                    let src = &plane[((iy - p) / 2) * w..][..w];
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d = src[(ix0 + j * s) / 2];
+                    }
                 } else {
-                    for (d, x) in dst[first..end].iter_mut().zip(src[ix0..].iter().step_by(s)) {
-                        *d = *x;
+                    let src = &plane[(iy - p) * w..][..w];
+                    if s == 1 {
+                        dst.copy_from_slice(&src[ix0..ix0 + dst.len()]);
+                    } else {
+                        for (d, x) in dst.iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                            *d = *x;
+                        }
                     }
                 }
             }
         }
-    }
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "kiln-im2col"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            return Err(candle_core::Error::Msg(
-                "kiln-im2col: f32 input expected".into(),
-            ));
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            return Err(candle_core::Error::Msg(
-                "kiln-im2col: contiguous input expected".into(),
-            ));
-        };
-        let (batch, channels, h, w) = layout.shape().dims4()?;
-        let input = &data[start..end];
-        let k = self.kernel;
-        let Some(span) = (w + 2 * self.padding).checked_sub(k) else {
-            return Err(candle_core::Error::Msg(
-                "kiln-im2col: the input is narrower than the kernel".into(),
-            ));
-        };
-        let out_w = span / self.stride + 1;
-        let pixels = self.out_rows.len() * out_w;
-        let rows = channels * k * k + 1;
-        let mut columns = vec![0f32; batch * rows * pixels];
-        columns
-            .par_chunks_mut(rows * pixels)
-            .zip(input.par_chunks(channels * h * w))
-            .for_each(|(image, planes)| {
-                let (body, ones) = image.split_at_mut(rows * pixels - pixels);
-                ones.fill(1.0);
-                body.par_chunks_mut(k * k * pixels)
-                    .zip(planes.par_chunks(h * w))
-                    .for_each(|(block, plane)| self.channel(plane, (h, w), block, out_w));
-            });
-        Ok((CpuStorage::F32(columns), Shape::from((batch, rows, pixels))))
     }
 }
 
@@ -340,6 +454,17 @@ mod tests {
         // The second image alone gives the second image's output.
         let one = conv.forward(&xs.i(1..2)?)?;
         assert!(values(one)? == values(got.i(1..2)?)?, "{what}");
+        // Upsampling fused into the im2col gives the bytes of upsampling first, in
+        // one band or many.
+        let up = xs.upsample_nearest2d(2 * h, 2 * w)?;
+        for band_bytes in [BAND_BYTES, 1] {
+            conv.band_bytes = band_bytes;
+            assert!(
+                values(conv.forward_upsampled(&xs)?)? == values(conv.forward(&up)?)?,
+                "{what} upsampled, bands of {band_bytes} bytes"
+            );
+        }
+        conv.band_bytes = BAND_BYTES;
         Ok(())
     }
 

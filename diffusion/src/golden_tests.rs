@@ -1,10 +1,12 @@
-//! Golden images: the bytes pipeline version 3 renders for a few recipes on
+//! Golden images: the bytes pipeline version 4 renders for a few recipes on
 //! every tiny architecture, so any change to a render's bytes is seen.
 //!
 //! Version 2's hashes were recorded before prompt weighting, the embedding cache
 //! and batching existed (`d994c2f`), and held through them; version 3's differ
-//! only by kiln's convolution (`conv`, which sums in another order), recorded with
-//! the CPU backend in [`RECORDED_BACKEND`]. Bytes are only promised equal within a
+//! only by kiln's convolution (`conv`, which sums in another order); version 4's by
+//! kiln's attention blocks (`transformer`: the exact GELU, attention without a score
+//! matrix) and fused group norm (`group_norm`), recorded with the CPU backend in
+//! [`RECORDED_BACKEND`]. Bytes are only promised equal within a
 //! determinism class (CPU kernels differ by instruction set), so on another backend
 //! the test prints what it rendered and checks that a second run renders the same;
 //! on the recorded one it asserts every hash.
@@ -121,22 +123,41 @@ fn unweighted_prompts_render_the_recorded_bytes() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn renders_the_same_bytes_on_any_thread_count() -> TestResult {
+    // The CPU kernels split work by shape only: one thread and three render alike.
+    let dir = tempfile::tempdir()?;
+    write_tiny_model_kind(dir.path(), TinyKind::Sd15)?;
+    let pipeline = Pipeline::load(dir.path(), &Device::Cpu)?;
+    let recipe = cases().swap_remove(0).1;
+    let render = |threads: usize| -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        let image = pool.install(|| pipeline.txt2img(&recipe, &mut |_, _| true))?;
+        Ok(image.pixels)
+    };
+    let one = render(1)?;
+    assert!(render(3)? == one, "3 threads rendered other bytes than 1");
+    Ok(())
+}
+
 /// sha256 of the pixels, in the order of `golden_lines`.
 const RECORDED: [&str; 16] = [
-    "8da4195aed65fb0b01820986c5e43c4becab2084a7d2f6df416e811008d7aee6",
-    "9e248bfca8f8aa0248b83e01e5477c4dcf51cdecbc9d66ee840a3a97c74f644a",
-    "7d870249d912d733d6916dd8927ceaa298f00f1a7737bd04ab7efe182bd48780",
-    "9e4cc5790e2f7515a2cd6ad025b3b57c1ed9c3c7d5c3f040cd28ca0995051ebc",
-    "f2d4775547d0427d79b7cb73fd4f73a8ee97df932df6d434e538c64aa9264685",
-    "139e17e5bbb15a38512eabbd93a04b2b007aa774fd7b46cd5c91dae3b7866b39",
-    "598e79c168e4c11df4926d6ace989b8927d8bbec01fbea2a730a8c4a21356226",
-    "95400eac00d8f8e3fce068483707770b8fca9913356486678bcaaeb617188ec4",
-    "5e46dcda802d44bf95eacadbaec12aa7b7e03163dd0a864eb0dc79932594bda1",
-    "19beecdd3746379bd3af3e0a65a8bd2c9f863e1ed9af5e8745e82d4da67c2245",
-    "6da63fa97729985b573d085bf6861355585871273602d5c8e467d7b170b29ec1",
-    "ef431d5890937b028369c677b0fa32b29a418ed4733cfb5777eba4d8f91fdb39",
-    "6ba6679464c9624efae3a01828b88898c889ac5602ef47e78da7e437727238ae",
-    "f140b57ff8500e31021d6733252ed888634ec24fcc2b19a951f0e96f25658fbc",
-    "f216eec07a9163ab1e9d01ac2785396e1e78fc8e1481bc663bbd2e5a15e83cfa",
-    "46fd9a26cbe4f45ec00d78d1eba7024584a2af3075fc471fefb9b499385e2a57",
+    "d4f7e52f4fa7553cb85ca052b4722a81cceb89f3e71ac579bbb16e7cf11ad4c2",
+    "bd183721eaef26e92a69abe5a9b78bbf8b5f2cfae65f1833c0f8414e40896677",
+    "588ec13ea5de6a6501bc9895663a7615a0ffa309111831e1ca1242cb15b2f915",
+    "1311653e4f82fe00303638252e35f87ddc929a192eb66b03f3bc46a373e514f0",
+    "032512ffecb565882f6652cc067865e5a5c4b25a8758237dd4bd478b14ee63a8",
+    "2d489517f49308b8566d16c5e16ca8f539c8abf3254b838b928690d4bdde7865",
+    "ce4c630ee76eab2a41b2abc60a964b3f95df3d44f534454bade15a003b4c0ecf",
+    "343119e3cd6f18f08a4950af98c4cf935f20a6d350fcab3c1c213aa3492cae85",
+    "b985fc9244cfeff382b29089f89f3664138d0e1e2b21b297ecf9345dd6439fea",
+    "fa06197d2502fdd9a4af635041a9cb6f0429041da27442a3a24c3cc0cd579a33",
+    "694b1dfff4b1fd2810674e880a197556022a7b712559173a8b512eb88f5f7986",
+    "f9b1716d32450ac1f220bcbf25aea79f9876c1d8bffc67c9ad988e0ed3d08f2c",
+    "f6e77b868d7d7b795e7adcfd049241d97a62e0fc932753bf18e3f058e027f554",
+    "bdf1d958e23caec677d9e7fa3524e2bbb316e3a4e45413f1a2dc0ef7481f26f3",
+    "8ebcbc0120504a8b43f678873a9b08adc095693ca4b91a170b431ea6072d2330",
+    "738e89058916b72576cce38c3a00e529ebf0e0385913cd7c53e65957e65e590f",
 ];

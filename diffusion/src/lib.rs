@@ -47,6 +47,7 @@
 
 mod adapters;
 mod assets;
+mod attend;
 pub mod bench;
 mod clip;
 mod conditioning;
@@ -57,6 +58,8 @@ mod conv;
 pub mod device;
 mod embeddings;
 mod error;
+mod geglu;
+mod group_norm;
 mod hash;
 mod images;
 mod inspect;
@@ -76,6 +79,7 @@ mod text_extras;
 mod tiny;
 mod tiny_configs;
 mod tiny_tokenizer;
+mod transformer;
 mod unet;
 mod unet_blocks;
 mod vae;

@@ -14,7 +14,11 @@ pub use crate::RgbImage;
 /// unweighted txt2img prompts render the bytes of version 1.
 /// 3: kiln's convolution in the UNet and the VAE (the same sums in another
 /// order: outputs differ from version 2 in the last bits).
-pub const PIPELINE_VERSION: u32 = 3;
+/// 4: the exact (erf) GELU in the UNet's feed-forward, as diffusers has it
+/// (candle's tanh approximation moved UNet outputs ~1e-4), attention in query
+/// blocks with an online softmax, and the fused group norm (other sums in
+/// other orders).
+pub const PIPELINE_VERSION: u32 = 4;
 
 #[derive(Serialize)]
 struct KilnChunk<'a> {

@@ -8,10 +8,10 @@
 //! whatever `norm_num_groups` says. So kiln owns the top level and the
 //! down/up blocks (a few dozen lines each, following diffusers'
 //! `unet_2d_condition.py` and `unet_2d_blocks.py`), the ResNet and mid blocks
-//! (`unet_blocks`) and every convolution (`conv`: candle's CPU convolution
-//! re-lays its weights out on every call), and reuses candle's
-//! `SpatialTransformer` (the attention), `Timesteps` and `TimestepEmbedding`
-//! unchanged. Tensor names are diffusers'.
+//! (`unet_blocks`), every convolution (`conv`: candle's CPU convolution
+//! re-lays its weights out on every call) and the attention blocks
+//! (`transformer`: attention without a score matrix, exact GELU), and reuses
+//! candle's `Timesteps` and `TimestepEmbedding` unchanged. Tensor names are diffusers'.
 //!
 //! Inputs beyond the noisy latents travel in a [`Conditioning`]: the text
 //! states for cross-attention, SDXL's added conditioning, and for inpainting
@@ -19,13 +19,12 @@
 //! concatenated to the latents, as diffusers' inpainting pipelines do.
 
 use candle_core::{D, Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
-use candle_transformers::models::stable_diffusion::attention::{
-    SpatialTransformer, SpatialTransformerConfig,
-};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 use super::conv::{self, Conv2d};
+use super::group_norm::{self, GroupNorm};
+use super::transformer::{Transformer2D, TransformerConfig};
 use super::unet_blocks::{MidAttention, MidBlock, Norm, ResnetBlock, per_group};
 
 /// Cross-attention of one block: heads and transformer layers per attention.
@@ -118,7 +117,7 @@ struct DownBlock {
     /// `resnets.{j}`, built with the config's group count (candle's blocks use 32).
     resnets: Vec<ResnetBlock>,
     /// `attentions.{j}`, one per ResNet; empty for a `DownBlock2D`.
-    attentions: Vec<SpatialTransformer>,
+    attentions: Vec<Transformer2D>,
     /// Stride-2 convolution and whether it pads right/bottom itself (padding 0).
     downsampler: Option<(Conv2d, bool)>,
 }
@@ -130,7 +129,7 @@ struct UpBlock {
     /// `resnets.{j}`: one more than a down block has, to take the downsampler's skip too.
     resnets: Vec<ResnetBlock>,
     /// `attentions.{j}`, one per ResNet; empty for an `UpBlock2D`.
-    attentions: Vec<SpatialTransformer>,
+    attentions: Vec<Transformer2D>,
     /// `upsamplers.0.conv`, after nearest-neighbour upsampling; none at the finest level.
     upsampler: Option<Conv2d>,
 }
@@ -222,17 +221,14 @@ impl Unet {
             ResnetBlock::new(vb, from, to, Some(temb), norm, 1.0)
         };
         let attention = |vb: VarBuilder, channels: usize, a: CrossAttention| {
-            SpatialTransformer::new(
+            Transformer2D::new(
                 vb,
                 channels,
-                a.heads,
-                channels / a.heads,
-                false,
-                SpatialTransformerConfig {
+                TransformerConfig {
+                    heads: a.heads,
                     depth: a.layers,
-                    num_groups: c.norm_num_groups,
-                    context_dim: Some(c.cross_attention_dim),
-                    sliced_attention_size: None,
+                    groups: c.norm_num_groups,
+                    context_dim: c.cross_attention_dim,
                     use_linear_projection: c.use_linear_projection,
                 },
             )
@@ -359,7 +355,7 @@ impl Unet {
             up_blocks,
             out: if full {
                 Some((
-                    candle_nn::group_norm(
+                    group_norm::group_norm(
                         c.norm_num_groups,
                         ch0,
                         c.norm_eps,
@@ -472,7 +468,7 @@ impl Unet {
                 xs = Tensor::cat(&[&xs, &skip], 1)?;
                 xs = resnet.forward(&xs, Some(&emb), group)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    xs = attn.forward(&xs, Some(context))?;
+                    xs = attn.forward(&xs, context)?;
                 }
             }
             if let Some(conv) = &block.upsampler {
@@ -485,7 +481,7 @@ impl Unet {
             }
         }
 
-        let xs = candle_nn::ops::silu(&conv_norm_out.forward(&xs)?)?;
+        let xs = conv_norm_out.forward_silu(&xs)?;
         conv_out.forward(&xs)
     }
 
@@ -565,7 +561,7 @@ impl Unet {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 xs = resnet.forward(&xs, Some(&emb), group)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    xs = attn.forward(&xs, Some(context))?;
+                    xs = attn.forward(&xs, context)?;
                 }
                 skips.push(xs.clone());
             }

@@ -18,13 +18,11 @@
 //! operation, so a single task renders the bytes candle's blocks gave it; the
 //! tensor names are diffusers'.
 
-use candle_core::{D, Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
-use candle_transformers::models::stable_diffusion::attention::{
-    SpatialTransformer, SpatialTransformerConfig,
-};
-
 use super::conv::{self, Conv2d};
+use super::group_norm::{self, GroupNorm};
+use super::transformer::{Transformer2D, TransformerConfig};
+use candle_core::{D, Module, Tensor};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 /// Group norm settings shared by a UNet's blocks.
 #[derive(Clone, Copy, Debug)]
@@ -103,10 +101,10 @@ impl ResnetBlock {
             None
         };
         Ok(Self {
-            norm1: candle_nn::group_norm(norm.groups, in_channels, norm.eps, vb.pp("norm1"))?,
+            norm1: group_norm::group_norm(norm.groups, in_channels, norm.eps, vb.pp("norm1"))?,
             conv1: conv::conv2d(in_channels, out_channels, 3, conv3, vb.pp("conv1"))?,
             time_emb_proj,
-            norm2: candle_nn::group_norm(norm.groups, out_channels, norm.eps, vb.pp("norm2"))?,
+            norm2: group_norm::group_norm(norm.groups, out_channels, norm.eps, vb.pp("norm2"))?,
             conv2: conv::conv2d(out_channels, out_channels, 3, conv3, vb.pp("conv2"))?,
             conv_shortcut,
             output_scale_factor,
@@ -128,8 +126,7 @@ impl ResnetBlock {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let h = self.norm1.forward(xs)?;
-        let h = self.conv1.forward(&candle_nn::ops::silu(&h)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 let t = per_group(&candle_nn::ops::silu(temb)?, group, |rows| {
@@ -151,10 +148,13 @@ impl ResnetBlock {
                 ));
             }
         };
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
-        (shortcut + h)? / self.output_scale_factor
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        let out = (shortcut + h)?;
+        // Dividing by 1 (every SD block but some mid blocks) is a copy: skip it.
+        match self.output_scale_factor {
+            1.0 => Ok(out),
+            factor => out / factor,
+        }
     }
 }
 
@@ -165,7 +165,7 @@ pub(crate) struct MidBlock {
     /// `resnets.0`.
     first: ResnetBlock,
     /// `attentions.0`.
-    attention: SpatialTransformer,
+    attention: Transformer2D,
     /// `resnets.1`.
     second: ResnetBlock,
 }
@@ -203,17 +203,14 @@ impl MidBlock {
                 output_scale_factor,
             )
         };
-        let attention = SpatialTransformer::new(
+        let attention = Transformer2D::new(
             vb.pp("attentions").pp(0),
             channels,
-            attention.heads,
-            channels / attention.heads,
-            false,
-            SpatialTransformerConfig {
+            TransformerConfig {
+                heads: attention.heads,
                 depth: attention.layers,
-                num_groups: norm.groups,
-                context_dim: Some(attention.cross_attention_dim),
-                sliced_attention_size: None,
+                groups: norm.groups,
+                context_dim: attention.cross_attention_dim,
                 use_linear_projection: attention.use_linear_projection,
             },
         )?;
@@ -233,7 +230,7 @@ impl MidBlock {
         group: usize,
     ) -> candle_core::Result<Tensor> {
         let xs = self.first.forward(xs, Some(temb), group)?;
-        let xs = self.attention.forward(&xs, Some(context))?;
+        let xs = self.attention.forward(&xs, context)?;
         self.second.forward(&xs, Some(temb), group)
     }
 }

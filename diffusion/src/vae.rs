@@ -17,13 +17,14 @@
 //! The pipeline encodes and decodes image by image.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
     DownEncoderBlock2DConfig, UNetMidBlock2DConfig, UpDecoderBlock2DConfig,
 };
 
 use super::config::VaeSpec;
 use super::conv::{self, Conv2d};
+use super::group_norm::{self, GroupNorm};
 use super::vae_blocks::{DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D};
 
 /// The epsilon of every group norm in SD's VAE (fixed in diffusers' `Encoder`/`Decoder`).
@@ -126,7 +127,7 @@ impl Vae {
             conv_in: conv3(enc.pp("conv_in"), spec.in_channels, first)?,
             down_blocks,
             mid_block: UNetMidBlock2D::new(enc.pp("mid_block"), last, None, mid_config(groups))?,
-            conv_norm_out: candle_nn::group_norm(groups, last, EPS, enc.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm::group_norm(groups, last, EPS, enc.pp("conv_norm_out"))?,
             conv_out: conv3(enc.pp("conv_out"), last, 2 * latent)?,
         };
 
@@ -153,7 +154,7 @@ impl Vae {
             conv_in: conv3(dec.pp("conv_in"), latent, last)?,
             mid_block: UNetMidBlock2D::new(dec.pp("mid_block"), last, None, mid_config(groups))?,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(groups, first, EPS, dec.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm::group_norm(groups, first, EPS, dec.pp("conv_norm_out"))?,
             conv_out: conv3(dec.pp("conv_out"), first, spec.out_channels)?,
         };
 
@@ -184,7 +185,7 @@ impl Vae {
             xs = block.forward(&xs)?;
         }
         let xs = e.mid_block.forward(&xs, None)?;
-        let xs = candle_nn::ops::silu(&e.conv_norm_out.forward(&xs)?)?;
+        let xs = e.conv_norm_out.forward_silu(&xs)?;
         let moments = e.conv_out.forward(&xs)?;
         let moments = match &self.quant_conv {
             Some(conv) => conv.forward(&moments)?,
@@ -205,7 +206,7 @@ impl Vae {
         for block in &d.up_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = candle_nn::ops::silu(&d.conv_norm_out.forward(&xs)?)?;
+        let xs = d.conv_norm_out.forward_silu(&xs)?;
         d.conv_out.forward(&xs)
     }
 }

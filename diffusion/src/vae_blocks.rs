@@ -6,18 +6,16 @@
 //! [`UpDecoderBlock2D`] take candle's config types and diffusers' tensor names
 //! and run candle's operations in candle's order (diffusers'
 //! `unet_2d_blocks.py`), on [`ResnetBlock`] (without time conditioning) and
-//! [`conv::Conv2d`]. The mid block's attention is candle's `AttentionBlock`.
+//! [`conv::Conv2d`]. The mid block's attention is kiln's [`VaeAttention`].
 
 use candle_core::{D, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use candle_transformers::models::stable_diffusion::attention::{
-    AttentionBlock, AttentionBlockConfig,
-};
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
     DownEncoderBlock2DConfig, UNetMidBlock2DConfig, UpDecoderBlock2DConfig,
 };
 
 use super::conv::{self, Conv2d};
+use super::transformer::VaeAttention;
 use super::unet_blocks::{Norm, ResnetBlock};
 
 /// A 3×3 convolution with padding 1.
@@ -172,10 +170,7 @@ impl Module for UpDecoderBlock2D {
         let _entered = self.span.enter();
         let xs = through(&self.resnets, xs)?;
         match &self.upsampler {
-            Some(conv) => {
-                let (_, _, h, w) = xs.dims4()?;
-                conv.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
-            }
+            Some(conv) => conv.forward_upsampled(&xs),
             None => Ok(xs),
         }
     }
@@ -185,7 +180,7 @@ impl Module for UpDecoderBlock2D {
 #[derive(Debug)]
 pub(crate) struct UNetMidBlock2D {
     resnet: ResnetBlock,
-    attn_resnets: Vec<(AttentionBlock, ResnetBlock)>,
+    attn_resnets: Vec<(VaeAttention, ResnetBlock)>,
     span: tracing::Span,
 }
 
@@ -212,16 +207,12 @@ impl UNetMidBlock2D {
                 c.output_scale_factor,
             )
         };
-        let attn_cfg = AttentionBlockConfig {
-            num_head_channels: c.attn_num_head_channels,
-            num_groups: groups,
-            rescale_output_factor: c.output_scale_factor,
-            eps: c.resnet_eps,
-        };
+        let heads = channels / c.attn_num_head_channels.unwrap_or(channels).max(1);
+        let attention = (groups, c.resnet_eps, c.output_scale_factor, heads);
         let first = resnet(0)?;
         let attn_resnets = (0..c.num_layers)
             .map(|i| {
-                let attn = AttentionBlock::new(vb.pp("attentions").pp(i), channels, attn_cfg)?;
+                let attn = VaeAttention::new(vb.pp("attentions").pp(i), channels, attention)?;
                 let res = resnet(i + 1)?;
                 Ok((attn, res))
             })

@@ -296,6 +296,8 @@ fn metrics_count_a_finished_job_and_prometheus_scrapes_them() {
         metric_sum(&w, "kiln_models_resident_bytes").is_some_and(|b| b > 0.0),
         "{w}"
     );
+    // A CPU worker has no device memory to export.
+    assert!(!w.contains("kiln_device_memory_bytes"), "{w}");
     // Two steps per batch: one interval between them per batch.
     assert!(
         metric_sum(&w, "kiln_step_seconds_count").is_some_and(|n| n >= 1.0),

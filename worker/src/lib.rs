@@ -16,6 +16,7 @@ pub mod agent;
 pub mod catalog;
 /// Conversions between the worker's types and the wire messages.
 pub mod convert;
+pub mod device_memory;
 /// The gRPC client to the coordinator.
 pub mod link;
 /// Prometheus metrics of the worker: names, the recorder, the recording functions.

@@ -13,6 +13,7 @@ use kiln_proto::connect::TlsOptions;
 use kiln_proto::ids::WorkerId;
 use kiln_worker::agent::{Agent, AgentConfig, Shutdown};
 use kiln_worker::catalog::parse_size;
+use kiln_worker::device_memory;
 use kiln_worker::link::Link;
 use kiln_worker::metrics::Metrics;
 use kiln_worker::model_cache;
@@ -189,10 +190,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stop_http = CancellationToken::new();
     // Listening before the models load, so probes see a live process that
     // is not ready yet.
-    let side_door = match args.http {
-        Some(addr) => {
-            let metrics =
-                Arc::new(Metrics::install().context("cannot install the metrics recorder")?);
+    let metrics = match args.http {
+        Some(_) => Some(Arc::new(
+            Metrics::install().context("cannot install the metrics recorder")?,
+        )),
+        None => None,
+    };
+    let side_door = match (args.http, &metrics) {
+        (Some(addr), Some(metrics)) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("--http: cannot listen on {addr}"))?;
@@ -200,11 +205,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(tokio::spawn(kiln_worker::side_door::serve(
                 listener,
                 readiness.clone(),
-                metrics,
+                metrics.clone(),
                 stop_http.clone(),
             )))
         }
-        None => None,
+        _ => None,
     };
     let controlnets = parse_controlnet_args(&args.controlnets)?;
     let (lora_dirs, embedding_dirs) = (args.lora_dirs.clone(), args.embedding_dirs.clone());
@@ -245,6 +250,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let models = model_cache::resolve(&args.models, args.model_cache.as_deref()).await?;
             let models = parse_model_args(&models)?;
             let device = open_device(&args.device)?;
+            if let (Some(metrics), Some(probe)) = (&metrics, device_memory::probe(&device)) {
+                metrics.watch_device_memory(probe);
+            }
             let (budget, precision) = (args.memory_budget, args.dtype);
             let renderer = tokio::task::spawn_blocking(move || {
                 CandleRenderer::open_with(&models, &device, precision, budget, assets)

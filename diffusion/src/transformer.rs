@@ -1,0 +1,297 @@
+//! The attention blocks: the UNet's `Transformer2DModel` and the VAE's
+//! self-attention, on kiln's attention kernel and fused GEGLU.
+//!
+//! These follow diffusers' `Transformer2DModel` / `BasicTransformerBlock` /
+//! `Attention` / `FeedForward` (and candle's `SpatialTransformer`, which they
+//! replace) with the same tensor names, but attend with [`attend::attention`]
+//! (query blocks, online softmax, no score matrix; scores scaled once by
+//! `1/√d`, as diffusers' processors do) straight from the projections' layout,
+//! and run the feed-forward's GEGLU with the exact GELU ([`geglu::geglu`]), as
+//! diffusers does. [`VaeAttention`] is the VAE mid block's one-head attention
+//! (diffusers' `Attention` with `group_norm`, legacy `query/key/value/proj_attn`
+//! names or the current `to_q/to_k/to_v/to_out.0`, either as linear or 1×1-conv
+//! weights).
+//!
+//! Every operation works per batch row (layer norms, the attention kernel) or on
+//! a product over all rows (the projections), so a task's rows get the bytes
+//! they get alone whenever the UNet's `batches_exactly` holds.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+use super::attend;
+use super::geglu;
+use super::group_norm::{self, GroupNorm};
+
+/// Settings of a [`Transformer2D`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TransformerConfig {
+    /// Attention heads.
+    pub(crate) heads: usize,
+    /// `BasicTransformerBlock`s.
+    pub(crate) depth: usize,
+    /// Groups of the input group norm.
+    pub(crate) groups: usize,
+    /// Width of the text states of the cross-attention.
+    pub(crate) context_dim: usize,
+    /// Linear rather than 1×1-conv projections in and out (SD 2.x, SDXL).
+    pub(crate) use_linear_projection: bool,
+}
+
+/// diffusers' `Attention` without a norm of its own: q from `xs`, k and v from the
+/// context (or `xs`), `heads` heads, `to_out.0`.
+#[derive(Debug)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    /// `1/√(head width)`.
+    scale: f64,
+}
+
+impl Attention {
+    fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+    ) -> candle_core::Result<Self> {
+        let head_dim = query_dim / heads;
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(query_dim, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
+    /// Attends `xs` `[batch, tokens, dim]` to `context` (`xs` itself when none).
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let context = context.unwrap_or(xs);
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        self.to_out
+            .forward(&attend::attention(&q, &k, &v, self.heads, self.scale)?)
+    }
+}
+
+/// diffusers' `FeedForward` with GEGLU: `net.0.proj`, GEGLU, `net.2`.
+#[derive(Debug)]
+struct FeedForward {
+    project_in: Linear,
+    project_out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> candle_core::Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            project_in: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            project_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.project_out
+            .forward(&geglu::geglu(&self.project_in.forward(xs)?)?)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock`: self-attention, cross-attention, feed-forward,
+/// each after a layer norm and added to its input.
+#[derive(Debug)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl TransformerBlock {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        context_dim: usize,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
+            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads)?,
+            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+/// A projection into or out of the transformer: a 1×1 convolution or a linear layer.
+#[derive(Debug)]
+enum Projection {
+    Conv(Linear),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel` (continuous input): group norm, projection in,
+/// transformer blocks over the pixels as tokens, projection out, plus the input.
+#[derive(Debug)]
+pub(crate) struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+    span: tracing::Span,
+}
+
+/// Loads a 1×1 convolution (`weight` `[to, from, 1, 1]`, `bias`) as the linear layer
+/// it is on tokens.
+fn conv1x1(vb: VarBuilder, from: usize, to: usize) -> candle_core::Result<Linear> {
+    let weight = vb.get((to, from, 1, 1), "weight")?.reshape((to, from))?;
+    Ok(Linear::new(weight, Some(vb.get(to, "bias")?)))
+}
+
+/// Loads a linear layer stored either as `[to, from]` or, in older checkpoints, as a
+/// 1×1 convolution, with a bias.
+fn linear_or_conv1x1(vb: VarBuilder, from: usize, to: usize) -> candle_core::Result<Linear> {
+    match vb.get((to, from), "weight") {
+        Ok(_) => candle_nn::linear(from, to, vb),
+        Err(_) => conv1x1(vb, from, to),
+    }
+}
+
+impl Transformer2D {
+    /// Loads `attentions.{j}` over `channels` channels.
+    pub(crate) fn new(
+        vb: VarBuilder,
+        channels: usize,
+        c: TransformerConfig,
+    ) -> candle_core::Result<Self> {
+        // diffusers stores the projections as the layer kind the config names.
+        let projection = |name: &str| -> candle_core::Result<Projection> {
+            Ok(match c.use_linear_projection {
+                true => Projection::Linear(candle_nn::linear(channels, channels, vb.pp(name))?),
+                false => Projection::Conv(conv1x1(vb.pp(name), channels, channels)?),
+            })
+        };
+        let blocks = (0..c.depth)
+            .map(|i| {
+                TransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i),
+                    channels,
+                    c.heads,
+                    c.context_dim,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm::group_norm(c.groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: projection("proj_in")?,
+            blocks,
+            proj_out: projection("proj_out")?,
+            span: tracing::debug_span!("transformer"),
+        })
+    }
+
+    /// Runs the block on `xs` `[batch, c, h, w]` with text states `context`.
+    pub(crate) fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let _entered = self.span.enter();
+        let (batch, channels, height, width) = xs.dims4()?;
+        let tokens = self
+            .norm
+            .forward(xs)?
+            .reshape((batch, channels, height * width))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        // A 1×1 convolution on the pixels is the same product as a linear layer on the
+        // tokens (diffusers' two projection kinds differ only in where they transpose).
+        let (Projection::Conv(proj_in) | Projection::Linear(proj_in)) = &self.proj_in;
+        let mut tokens = proj_in.forward(&tokens)?;
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let (Projection::Conv(proj_out) | Projection::Linear(proj_out)) = &self.proj_out;
+        let out = proj_out
+            .forward(&tokens)?
+            .transpose(1, 2)?
+            .reshape((batch, channels, height, width))?;
+        out + xs
+    }
+}
+
+/// diffusers' `Attention` as the VAE's mid block uses it: group norm, attention (one
+/// head over all channels in SD's VAEs), residual, divided by `rescale`.
+#[derive(Debug)]
+pub(crate) struct VaeAttention {
+    norm: GroupNorm,
+    attention: Attention,
+    rescale: f64,
+    span: tracing::Span,
+}
+
+impl VaeAttention {
+    /// Loads `attentions.{i}` over `channels` channels: its group norm's groups and
+    /// epsilon, the output's divisor and the heads.
+    pub(crate) fn new(
+        vb: VarBuilder,
+        channels: usize,
+        (groups, eps, rescale, heads): (usize, f64, f64, usize),
+    ) -> candle_core::Result<Self> {
+        let names = match vb.contains_tensor("to_q.weight") {
+            true => ["to_q", "to_k", "to_v", "to_out.0"],
+            false => ["query", "key", "value", "proj_attn"],
+        };
+        let layer = |name: &str| linear_or_conv1x1(vb.pp(name), channels, channels);
+        Ok(Self {
+            norm: group_norm::group_norm(groups, channels, eps, vb.pp("group_norm"))?,
+            attention: Attention {
+                to_q: layer(names[0])?,
+                to_k: layer(names[1])?,
+                to_v: layer(names[2])?,
+                to_out: layer(names[3])?,
+                heads,
+                scale: 1.0 / ((channels / heads.max(1)) as f64).sqrt(),
+            },
+            rescale,
+            span: tracing::trace_span!("attn-block"),
+        })
+    }
+}
+
+impl Module for VaeAttention {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let _entered = self.span.enter();
+        let (batch, channels, height, width) = xs.dims4()?;
+        let tokens = self
+            .norm
+            .forward(xs)?
+            .reshape((batch, channels, height * width))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let out = self
+            .attention
+            .forward(&tokens, None)?
+            .transpose(1, 2)?
+            .reshape((batch, channels, height, width))?;
+        let out = (out + xs)?;
+        match self.rescale {
+            1.0 => Ok(out),
+            factor => out / factor,
+        }
+    }
+}
