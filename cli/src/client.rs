@@ -261,11 +261,13 @@ impl Farm {
         &self,
         job_id: &str,
         cursor: u64,
+        previews: bool,
     ) -> Result<Streaming<pb::WatchJobResponse>, Status> {
         let mut c = self.client.clone();
         let req = pb::WatchJobRequest {
             job_id: job_id.to_string(),
             after_cursor: cursor,
+            previews,
         };
         self.unary(c.watch_job(req)).await
     }

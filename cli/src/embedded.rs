@@ -114,6 +114,8 @@ impl EmbeddedFarm {
                     labels: Default::default(),
                     lease_observer: observer.clone(),
                     readiness: Default::default(),
+                    // Nobody watches an embedded farm's previews.
+                    preview_every: 0,
                 },
             )?;
             self.workers

@@ -14,7 +14,7 @@ use kiln_proto::recipe::check_name;
 use crate::models::ModelSummary;
 use crate::store::{
     AbandonReason, Attempt, Event, EventKind, Fault, HeldAssets, JobRecord, JobState, Lease,
-    ModelInfo, RunningTask, TaskCounts, TaskRecord, TaskState, Usage, WorkerRecord,
+    ModelInfo, Preview, RunningTask, TaskCounts, TaskRecord, TaskState, Usage, WorkerRecord,
 };
 use crate::verify::Verification;
 
@@ -218,6 +218,16 @@ pub fn held_assets(req: &pb::RegisterRequest) -> Result<HeldAssets, FieldError> 
         embeddings: list("embeddings", &req.embeddings)?,
         controlnets: list("controlnets", &req.controlnets)?,
     })
+}
+
+/// Returns the wire form of a running task's live preview.
+pub fn preview(r: &RunningTask, p: &Preview) -> pb::TaskPreview {
+    pb::TaskPreview {
+        task_id: r.task.to_string(),
+        index: r.index,
+        step: p.step,
+        png: p.png.clone(),
+    }
 }
 
 /// Returns the wire form of a model.

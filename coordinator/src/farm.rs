@@ -94,7 +94,7 @@ impl pb::farm_server::Farm for FarmService {
         let core = self.core.clone();
         tokio::spawn(async move {
             let outcome = tokio::select! {
-                r = watch(&core, id, req.after_cursor, &tx) => r,
+                r = watch(&core, id, req.after_cursor, req.previews, &tx) => r,
                 _ = core.shutdown.cancelled() => Err(CoordinatorError::ShuttingDown),
             };
             if let Err(e) = outcome {
@@ -405,24 +405,33 @@ fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Sends the job's events after `cursor`, with progress in between, until the job ends.
+/// Sends the job's events after `cursor`, with progress in between, until
+/// the job ends; with `previews`, progress messages also carry the live
+/// previews this stream has not sent yet.
 async fn watch(
     core: &Core,
     id: JobId,
     mut cursor: u64,
+    previews: bool,
     tx: &Sender<pb::WatchJobResponse>,
 ) -> CoordinatorResult<()> {
     let store = &core.store;
-    let progress = |job: pb::JobSummary, running: Vec<pb::TaskProgress>| pb::WatchJobResponse {
+    // The step of the last preview sent per task.
+    let mut sent: HashMap<String, u32> = HashMap::new();
+    let progress = |job: pb::JobSummary,
+                    running: Vec<pb::TaskProgress>,
+                    previews: Vec<pb::TaskPreview>| pb::WatchJobResponse {
         event: None,
         job: Some(job),
         running,
+        previews,
     };
     // A first message, so the client knows the job's size before any event.
     let running = store.running(id).await?;
     let first = progress(
         convert::job(&store.job(id).await?),
         running.iter().map(convert::running).collect(),
+        fresh_previews(core, id, previews, &mut sent).await?,
     );
     if tx.send(Ok(first)).await.is_err() {
         return Ok(());
@@ -438,6 +447,7 @@ async fn watch(
                     event: Some(convert::event(&e)),
                     job: Some(job.clone()),
                     running: Vec::new(),
+                    previews: Vec::new(),
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return Ok(());
@@ -458,6 +468,7 @@ async fn watch(
             let msg = progress(
                 convert::job(&job),
                 running.iter().map(convert::running).collect(),
+                fresh_previews(core, id, previews, &mut sent).await?,
             );
             if tx.send(Ok(msg)).await.is_err() {
                 return Ok(());
@@ -466,6 +477,27 @@ async fn watch(
         }
         store.wait_events(id, cursor, PROGRESS_EVERY).await?;
     }
+}
+
+/// Returns the job's live previews that differ from the last one `sent` per
+/// task (and records them as sent); none unless `wanted`.
+async fn fresh_previews(
+    core: &Core,
+    id: JobId,
+    wanted: bool,
+    sent: &mut HashMap<String, u32>,
+) -> CoordinatorResult<Vec<pb::TaskPreview>> {
+    if !wanted {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for (running, preview) in core.store.previews(id).await? {
+        let p = convert::preview(&running, &preview);
+        if sent.insert(p.task_id.clone(), p.step) != Some(p.step) {
+            out.push(p);
+        }
+    }
+    Ok(out)
 }
 
 /// Sends the job's finished items from `req.from_index` on, in index order.

@@ -7,32 +7,41 @@
 //! - `GET /metrics`: the Prometheus text exposition ([`Metrics::render`]);
 //! - `GET /api/v1/queue[?model=NAME]`: the farm's queue per model as JSON,
 //!   from [`Store::farm_counts`](crate::store::Store::farm_counts), so every
-//!   coordinator of one store answers the same.
+//!   coordinator of one store answers the same;
+//! - `GET /api/v1/jobs/{job}/previews/{index}`: the latest live preview of a
+//!   running task as `image/png` with `Cache-Control: no-store`, 404 when it
+//!   has none (not running, or no preview yet), from the store, so every
+//!   coordinator of one Redis serves the same.
 //!
 //! - the web dashboard at `/` and its `/api/v1/events`, `/api/v1/jobs/...`
 //!   ([`crate::dashboard`]).
 //!
-//! With `--auth`, `/metrics` and `/api/v1/queue` need `Authorization: Bearer
-//! TOKEN` of any token of the auth file, checked by the same
-//! [`Auth::authenticate`](crate::auth::Auth::authenticate) as gRPC calls;
-//! the probes stay open, as kubelets send no token.
+//! With `--auth`, `/metrics` and `/api/v1/*` need `Authorization: Bearer
+//! TOKEN` of any token of the auth file (or the dashboard's login cookie),
+//! checked by [`caller`] through
+//! [`dashboard::http_caller`](crate::dashboard::http_caller), the same
+//! [`Auth`](crate::auth::Auth) check as gRPC calls (401 without one); a job's
+//! endpoints also need the token's role to read and its project to be the
+//! job's ([`Caller::job_access`], 403 otherwise). The probes stay open, as
+//! kubelets send no token.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use kiln_proto::side_door::METRICS_CONTENT_TYPE;
 use serde::{Deserialize, Serialize};
-use tonic::metadata::MetadataMap;
 
+use crate::auth::{Action, Caller};
 use crate::core::Core;
 use crate::metrics::{self, Metrics};
-use crate::store::FarmCounts;
+use crate::store::{FarmCounts, StoreError};
+use kiln_proto::ids::JobId;
 
 /// How long `/readyz` waits for the store's answer.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -53,6 +62,7 @@ pub fn router(core: Arc<Core>, metrics: Arc<Metrics>, tls: bool) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(scrape))
         .route("/api/v1/queue", get(queue))
+        .route("/api/v1/jobs/{job}/previews/{index}", get(job_preview))
         .with_state(SideDoor {
             core: core.clone(),
             metrics,
@@ -94,22 +104,124 @@ fn unavailable(reason: &str) -> Response {
         .into_response()
 }
 
-/// Returns the 401 answer unless the request carries a token the
-/// coordinator knows (`None`: go on; always `None` without `--auth`).
+/// Why an authenticated route answers no: a status and one line.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    line: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, line: impl std::fmt::Display) -> Self {
+        Self {
+            status,
+            line: format!("{line}\n"),
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut answer = (self.status, self.line).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            answer
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        answer
+    }
+}
+
+/// The one check of who calls the side door's authenticated routes: the
+/// [`Caller`] of the request's credentials, or a 401. Today the credential
+/// is `Authorization: Bearer TOKEN`; without `--auth` every caller is the
+/// implicit admin.
+fn caller(core: &Core, headers: &HeaderMap) -> Result<Caller, Refusal> {
+    crate::dashboard::http_caller(&core.auth, headers)
+        .map_err(|e| Refusal::new(StatusCode::UNAUTHORIZED, e))
+}
+
+/// Returns the 401 answer unless the request carries credentials the
+/// coordinator knows (`None`: go on).
 fn refusal(core: &Core, headers: &HeaderMap) -> Option<Response> {
-    match core
-        .auth
-        .authenticate(&MetadataMap::from_headers(headers.clone()))
-    {
-        Ok(_) => None,
-        Err(e) => Some(
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))],
-                format!("{e}\n"),
+    caller(core, headers).err().map(IntoResponse::into_response)
+}
+
+/// Answers a store failure: 404 for what does not exist, else 503.
+fn store_failure(e: StoreError) -> Refusal {
+    match e {
+        StoreError::JobNotFound(_) | StoreError::NoTaskAt { .. } | StoreError::TaskNotFound(_) => {
+            Refusal::new(StatusCode::NOT_FOUND, e)
+        }
+        e => {
+            metrics::store_error();
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot read the store: {e}"),
             )
-                .into_response(),
-        ),
+        }
+    }
+}
+
+/// Runs a store read under [`metrics::STORE_READ_TIMEOUT`], mapping failures
+/// to their answer.
+async fn read<T>(call: impl Future<Output = Result<T, StoreError>>) -> Result<T, Refusal> {
+    match tokio::time::timeout(metrics::STORE_READ_TIMEOUT, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(store_failure(e)),
+        Err(_) => Err(store_failure(StoreError::Unavailable(format!(
+            "no answer within {} s",
+            metrics::STORE_READ_TIMEOUT.as_secs()
+        )))),
+    }
+}
+
+async fn job_preview(
+    State(s): State<SideDoor>,
+    headers: HeaderMap,
+    Path((job, index)): Path<(String, u32)>,
+) -> Response {
+    match preview_of(&s.core, &headers, &job, index).await {
+        Ok(png) => (
+            [
+                (header::CONTENT_TYPE, HeaderValue::from_static("image/png")),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            ],
+            png,
+        )
+            .into_response(),
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// Returns the PNG of the latest preview of task `index` of `job`, or the answer
+/// that refuses it: 401, 403 for a job of another project (or a role that may
+/// not read jobs), 404 for no such job, task or preview.
+async fn preview_of(
+    core: &Core,
+    headers: &HeaderMap,
+    job: &str,
+    index: u32,
+) -> Result<Vec<u8>, Refusal> {
+    let caller = caller(core, headers)?;
+    let id = JobId::parse_field("job", job).map_err(|e| Refusal::new(StatusCode::NOT_FOUND, e))?;
+    caller
+        .require(Action::Read)
+        .map_err(|e| Refusal::new(StatusCode::FORBIDDEN, e))?;
+    let record = read(core.store.job(id)).await?;
+    caller.job_access(&record, Action::Read).map_err(|_| {
+        Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!("job {id} is not in a project of token {}", caller.name),
+        )
+    })?;
+    let task = read(core.store.task_at(id, index)).await?;
+    match read(core.store.preview(task.id)).await? {
+        Some(p) => Ok(p.png),
+        None => Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            format!("task {index} of job {id} has no live preview"),
+        )),
     }
 }
 

@@ -21,7 +21,7 @@ use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult, Report, StaleRefusal};
 use crate::metrics::{self, Completion};
 use crate::store::{
-    Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, Outcome, ProgressReport,
+    Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, Outcome, Preview, ProgressReport,
     StoreError, TaskResult, TaskState, WorkerRegistration,
 };
 
@@ -390,6 +390,7 @@ async fn heartbeat(
         .store
         .heartbeat(&worker, caller.principal(), &progress, ttl)
         .await?;
+    keep_previews(core, &worker, &req.tasks, &progress, &out.extended).await;
     Ok(pb::HeartbeatResponse {
         extended_task_ids: out.extended.iter().map(|t| t.to_string()).collect(),
         abandon: out
@@ -404,6 +405,40 @@ async fn heartbeat(
         lease_ttl_ms: ttl.as_millis() as u32,
         drain: out.drain,
     })
+}
+
+/// Keeps the live previews a heartbeat carried for the leases it extended,
+/// each for one lease TTL: a worker that falls silent has its preview gone
+/// with its lease. A malformed preview, or a store that cannot keep one, is
+/// logged and skipped: previews never cost a worker its lease.
+async fn keep_previews(
+    core: &Core,
+    worker: &WorkerId,
+    reported: &[pb::LeaseProgress],
+    progress: &[ProgressReport],
+    extended: &[TaskId],
+) {
+    for (i, (wire, p)) in reported.iter().zip(progress).enumerate() {
+        if wire.preview_png.is_empty() || !extended.contains(&p.task) {
+            continue;
+        }
+        let path = format!("tasks[{i}].preview_png");
+        if let Err(e) = kiln_proto::preview::check(&path, &wire.preview_png) {
+            tracing::warn!(worker = %worker, task = %p.task, error = %e, "preview refused");
+            continue;
+        }
+        let preview = Preview {
+            step: wire.preview_step,
+            png: wire.preview_png.clone(),
+        };
+        let kept = core
+            .store
+            .put_preview(worker, p.task, p.epoch, &preview, core.config.lease_ttl)
+            .await;
+        if let Err(e) = kept {
+            tracing::warn!(worker = %worker, task = %p.task, error = %e, "cannot keep a preview");
+        }
+    }
 }
 
 async fn fail(

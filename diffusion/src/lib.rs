@@ -71,6 +71,7 @@ pub mod output;
 mod precision;
 /// Weight-free control-image preprocessors (canny, scribble, lineart) and control-image fitting.
 pub mod preprocess;
+mod preview;
 mod render;
 mod sampling;
 mod text;
@@ -118,6 +119,7 @@ pub use inspect::{PromptTokenizer, resident_bytes};
 pub use kiln_domain::recipe::Recipe;
 pub use lora::{LoraFormat, ParseLoraFormatError, write_tiny_lora};
 pub use precision::{ParsePrecisionError, Precision};
+pub use preview::PreviewSink;
 pub use render::{RenderInput, RenderTimings, Rendered};
 pub use tiny::{ParseTinyKindError, TinyKind, write_tiny_model, write_tiny_model_kind};
 
@@ -163,6 +165,8 @@ pub struct Pipeline {
     /// The LoRAs, embeddings and ControlNets recipes may name (none until
     /// [`Pipeline::set_assets`]).
     assets: Arc<Assets>,
+    /// The family's latent-to-RGB projection for live previews (`None`: no previews).
+    preview: Option<preview::LatentRgb>,
 }
 
 // The agent moves pipelines between threads and shares them; keep that true.
@@ -277,6 +281,10 @@ impl Pipeline {
             vae_downscale: vae_spec.downscale,
             scheduler,
             assets: Arc::new(Assets::default()),
+            preview: preview::LatentRgb::for_family(
+                spec.text.len() == 2,
+                vae_spec.config.latent_channels,
+            ),
         })
     }
 
@@ -377,7 +385,25 @@ impl Pipeline {
         inputs: &[RenderInput<'_>],
         on_step: &mut dyn FnMut(usize, u32, u32) -> bool,
     ) -> Vec<Result<Rendered, PipelineError>> {
-        render::render_batch(self, inputs, on_step)
+        let mut ignore = |_: usize, _: kiln_domain::preview::Preview| {};
+        let mut previews = PreviewSink {
+            every: 0,
+            send: &mut ignore,
+        };
+        render::render_batch(self, inputs, on_step, &mut previews)
+    }
+
+    /// Renders as [`Pipeline::render_batch`] does and hands `previews` a live
+    /// preview of input `index` every `previews.every` steps (see the
+    /// `preview` module: the current latents projected to RGB, 64 px wide,
+    /// PNG). The images rendered are the same bytes as without previews.
+    pub fn render_batch_with_previews(
+        &self,
+        inputs: &[RenderInput<'_>],
+        on_step: &mut dyn FnMut(usize, u32, u32) -> bool,
+        previews: &mut PreviewSink<'_>,
+    ) -> Vec<Result<Rendered, PipelineError>> {
+        render::render_batch(self, inputs, on_step, previews)
     }
 
     /// Returns the UNet conditioning of one txt2img render of one step: text states

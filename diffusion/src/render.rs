@@ -29,6 +29,10 @@
 //! after the last). For both, the kept pixels of the init image are pasted back
 //! over the decoded image, as the A1111 web UI does, so they come out unchanged.
 //!
+//! **Previews.** After each step the loop offers the task's latents to
+//! `preview::offer`, which projects them to a small PNG when one is due
+//! (`Pipeline::render_batch_with_previews`); it reads the latents only.
+//!
 //! **Exactness.** The CPU matrix kernels choose their algorithm by matrix size,
 //! so a product whose rows are `batch × tokens` sums in another order when the
 //! batch grows past a size threshold (a one-row product, or one of at most 256
@@ -47,6 +51,7 @@ use super::conditioning::Scheduled;
 use super::controlnet::{self, BatchControls, Control, ControlKey};
 use super::images;
 use super::noise::{self, Purpose};
+use super::preview::{self, PreviewSink};
 use super::sampling::{self, Sampler};
 use super::unet::{AddedConditioning, Conditioning, Unet};
 use kiln_domain::recipe::BatchKey;
@@ -169,6 +174,7 @@ pub(super) fn render_batch(
     pipeline: &Pipeline,
     inputs: &[RenderInput<'_>],
     on_step: &mut dyn FnMut(usize, u32, u32) -> bool,
+    previews: &mut PreviewSink<'_>,
 ) -> Vec<Result<Rendered, PipelineError>> {
     let mut results: Vec<Option<Result<Rendered, PipelineError>>> =
         inputs.iter().map(|_| None).collect();
@@ -186,7 +192,7 @@ pub(super) fn render_batch(
         }
     }
     for group in groups(pipeline, ready) {
-        for (index, outcome) in denoise(pipeline, group, on_step) {
+        for (index, outcome) in denoise(pipeline, group, on_step, previews) {
             results[index] = Some(outcome);
         }
     }
@@ -422,12 +428,13 @@ fn denoise(
     p: &Pipeline,
     mut tasks: Vec<Task<'_>>,
     on_step: &mut dyn FnMut(usize, u32, u32) -> bool,
+    previews: &mut PreviewSink<'_>,
 ) -> Vec<(usize, Result<Rendered, PipelineError>)> {
     let mut done = Vec::with_capacity(tasks.len());
     let started = Instant::now();
     // The sampling loop alone: each task's `vae_decode` follows it.
     let steps = tracing::info_span!("denoise", tasks = tasks.len())
-        .in_scope(|| run_steps(p, &mut tasks, &mut done, on_step));
+        .in_scope(|| run_steps(p, &mut tasks, &mut done, on_step, previews));
     if let Err(e) = steps {
         fail_all(&tasks, &e, &mut done);
         return done;
@@ -446,7 +453,7 @@ fn denoise(
     }
     for mut group in groups(p, ready) {
         let steps = tracing::info_span!("denoise", tasks = group.len(), pass = "hires")
-            .in_scope(|| run_steps(p, &mut group, &mut done, on_step));
+            .in_scope(|| run_steps(p, &mut group, &mut done, on_step, previews));
         match steps {
             Ok(()) => tasks.extend(group),
             Err(e) => fail_all(&group, &e, &mut done),
@@ -494,6 +501,7 @@ fn run_steps(
     tasks: &mut Vec<Task<'_>>,
     done: &mut Vec<(usize, Result<Rendered, PipelineError>)>,
     on_step: &mut dyn FnMut(usize, u32, u32) -> bool,
+    previews: &mut PreviewSink<'_>,
 ) -> Result<(), PipelineError> {
     let Some(first) = tasks.first() else {
         return Ok(());
@@ -564,6 +572,16 @@ fn run_steps(
                 latents = blend.repaint.where_cond(&latents, &known)?;
             }
             task.latents = latents;
+            // At the UNet's input scale for the next step (the clean latents after the last).
+            let next = (i + 1).min(timesteps.len() - 1);
+            preview::offer(
+                previews,
+                p.preview.as_ref(),
+                task.index,
+                task.offset + i as u32 + 1,
+                task.total,
+                || task.sampler.scale_model_input(&task.latents, next),
+            );
             if !on_step(task.index, task.offset + i as u32 + 1, task.total) {
                 cancelled.push(task.index);
             }
@@ -612,7 +630,18 @@ mod tests {
         let mut tasks = vec![prepare(&p, 0, &input)?];
         let blend = tasks[0].blend.as_ref().ok_or("an ordinary UNet blends")?;
         let (init_latents, repaint) = (blend.init.clone(), blend.repaint.clone());
-        run_steps(&p, &mut tasks, &mut Vec::new(), &mut |_, _, _| true)?;
+        let mut ignore = |_: usize, _: kiln_domain::preview::Preview| {};
+        let mut previews = PreviewSink {
+            every: 0,
+            send: &mut ignore,
+        };
+        run_steps(
+            &p,
+            &mut tasks,
+            &mut Vec::new(),
+            &mut |_, _, _| true,
+            &mut previews,
+        )?;
         let zero = init_latents.zeros_like()?;
         let kept = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
             repaint.where_cond(&zero, t)?.flatten_all()?.to_vec1()

@@ -7,7 +7,8 @@
 //! batch-file format that becomes a job spec ([`batch`]), the
 //! A1111 prompt syntax ([`prompt`]), image checks for init images and masks
 //! ([`image`]), what a model name means on a farm ([`model`]), a rendered
-//! PNG's `parameters` and `kiln` text chunks ([`png_text`]), and
+//! PNG's `parameters` and `kiln` text chunks ([`png_text`]), the shape of live
+//! previews ([`preview`]), and
 //! [`error::FieldError`], the validation error that names the field and the
 //! value.
 //!
@@ -25,6 +26,7 @@ pub mod ids;
 pub mod image;
 pub mod model;
 pub mod png_text;
+pub mod preview;
 pub mod prompt;
 pub mod recipe;
 pub mod spec;

@@ -17,7 +17,7 @@ pub mod side_door;
 pub mod status;
 pub mod telemetry;
 
-pub use kiln_domain::{error, extras, ids, model, prompt, recipe, spec, webhook};
+pub use kiln_domain::{error, extras, ids, model, preview, prompt, recipe, spec, webhook};
 
 pub use prost;
 pub use tonic;

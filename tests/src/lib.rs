@@ -535,6 +535,7 @@ pub fn events(url: &str, job: &str) -> Vec<kiln_proto::pb::JobEvent> {
             .watch_job(kiln_proto::pb::WatchJobRequest {
                 job_id: job.to_string(),
                 after_cursor: 0,
+                previews: false,
             })
             .await
             .expect("WatchJob")

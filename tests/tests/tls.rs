@@ -525,6 +525,7 @@ fn a_live_worker_id_belongs_to_the_token_that_registered_it() {
                 task_id: held.task_id.clone(),
                 epoch,
                 step: 1,
+                ..Default::default()
             }],
         };
         denied("heartbeat", as_b.heartbeat(beat.clone()).await.unwrap_err());

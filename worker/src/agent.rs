@@ -1,5 +1,7 @@
 //! The agent loop: register, long-poll for leases, render on the render
 //! thread, heartbeat from its own task, and report every task under its epoch.
+//! Each heartbeat carries, per task, the latest live preview the render thread
+//! made since the one before (`AgentConfig::preview_every`).
 //!
 //! Shutdown happens in a visible order: on `drain` the agent stops leasing,
 //! finishes the tasks in hand, reports them and returns; on `abort` it hands
@@ -83,6 +85,8 @@ pub struct AgentConfig {
     pub lease_observer: Option<LeaseObserver>,
     /// Told when the worker is registered (ready), lost its session or drains.
     pub readiness: Readiness,
+    /// Denoising steps between live previews sent with heartbeats (0: none).
+    pub preview_every: u32,
 }
 
 /// A callback for lease timings: (latency, tasks leased).
@@ -172,7 +176,7 @@ impl Agent {
         renderer: Arc<dyn Renderer>,
         config: AgentConfig,
     ) -> Result<Self, AgentError> {
-        let render = RenderThread::spawn(renderer.clone())?;
+        let render = RenderThread::spawn(renderer.clone(), config.preview_every)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 link,
@@ -628,10 +632,16 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
         let tasks: Vec<pb::LeaseProgress> = shared
             .in_flight()
             .iter()
-            .map(|(id, f)| pb::LeaseProgress {
-                task_id: id.to_string(),
-                epoch: f.epoch.0,
-                step: f.control.step(),
+            .map(|(id, f)| {
+                // Taken once: a heartbeat that fails loses it, and the next one is newer.
+                let preview = f.control.take_preview();
+                pb::LeaseProgress {
+                    task_id: id.to_string(),
+                    epoch: f.epoch.0,
+                    step: f.control.step(),
+                    preview_step: preview.as_ref().map_or(0, |p| p.step),
+                    preview_png: preview.map(|p| p.png).unwrap_or_default(),
+                }
             })
             .collect();
         let req = pb::HeartbeatRequest {

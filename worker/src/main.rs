@@ -116,6 +116,10 @@ struct Args {
     /// second signal hands them back at once.
     #[arg(long, env = "KILN_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Send a live preview of each task (its latents projected to RGB, 64 px
+    /// wide) every N denoising steps with the heartbeat; 0 sends none.
+    #[arg(long, env = "KILN_PREVIEW_EVERY", value_name = "N", default_value_t = kiln_domain::preview::DEFAULT_EVERY)]
+    preview_every: u32,
     /// Sim renderer only: time per denoising step.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     sim_step: Duration,
@@ -277,6 +281,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             labels,
             lease_observer: None,
             readiness: readiness.clone(),
+            preview_every: args.preview_every,
         },
     )?;
     readiness.not_ready("models loaded; registering with the coordinator");

@@ -1,20 +1,23 @@
 //! The render thread: one dedicated OS thread that runs renders one batch
 //! after another, so denoising never blocks the async runtime and heartbeats
 //! keep flowing while the device is busy. Tasks queued at the same time with
-//! the same [`BatchKey`] run as one [`Renderer::render_batch`] call.
+//! the same [`BatchKey`] run as one [`Renderer::render_batch`] call. Live
+//! previews, when the thread makes them, wait in each task's
+//! [`RenderControl`] for the agent's next heartbeat: only the latest is kept.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use kiln_domain::preview::Preview;
 use kiln_domain::recipe::BatchKey;
 
 use crate::metrics::{self, RenderOutcome};
-use crate::render::{RenderError, RenderTask, Rendered, Renderer};
+use crate::render::{PreviewSink, RenderError, RenderTask, Rendered, Renderer};
 
 /// Shared between a task's agent side and its render: progress out, cancel in.
 #[derive(Clone, Debug, Default)]
@@ -23,6 +26,8 @@ pub struct RenderControl {
     pub step: Arc<AtomicU32>,
     /// Set to stop the render at its next step.
     pub cancel: Arc<AtomicBool>,
+    /// The latest preview not yet sent; a newer one replaces it.
+    pub preview: Arc<Mutex<Option<Preview>>>,
 }
 
 impl RenderControl {
@@ -39,6 +44,20 @@ impl RenderControl {
     /// Returns the steps done so far.
     pub fn step(&self) -> u32 {
         self.step.load(Ordering::Relaxed)
+    }
+
+    /// Keeps `preview` as the latest, replacing one not yet taken.
+    pub fn set_preview(&self, preview: Preview) {
+        // Nothing panics under this lock; a poisoned one still holds a valid preview.
+        *self.preview.lock().unwrap_or_else(|p| p.into_inner()) = Some(preview);
+    }
+
+    /// Takes the latest preview not yet taken, if any.
+    pub fn take_preview(&self) -> Option<Preview> {
+        self.preview
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 }
 
@@ -57,7 +76,8 @@ pub struct RenderThread {
 }
 
 impl RenderThread {
-    /// Starts the thread over `renderer`. It ends when every handle is dropped.
+    /// Starts the thread over `renderer`, making a live preview every
+    /// `preview_every` steps (0: none). It ends when every handle is dropped.
     ///
     /// The thread takes everything queued when it becomes free, groups the tasks by
     /// [`RenderTask::batch_key`] (groups in order of their first task) and hands each
@@ -67,7 +87,7 @@ impl RenderThread {
     ///
     /// # Errors
     /// When the OS cannot start a thread.
-    pub fn spawn(renderer: Arc<dyn Renderer>) -> std::io::Result<Self> {
+    pub fn spawn(renderer: Arc<dyn Renderer>, preview_every: u32) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Vec<Job>>();
         std::thread::Builder::new()
             .name("kiln-render".into())
@@ -78,7 +98,7 @@ impl RenderThread {
                         queued.extend(more);
                     }
                     for group in group_jobs(queued) {
-                        run_group(renderer.as_ref(), group);
+                        run_group(renderer.as_ref(), group, preview_every);
                     }
                 }
             })?;
@@ -157,7 +177,7 @@ fn group_jobs(jobs: Vec<Job>) -> Vec<Vec<Job>> {
 }
 
 /// Renders one group and answers each job.
-fn run_group(renderer: &dyn Renderer, group: Vec<Job>) {
+fn run_group(renderer: &dyn Renderer, group: Vec<Job>, preview_every: u32) {
     let (tasks, rest): (Vec<RenderTask>, Vec<_>) = group
         .into_iter()
         .map(|j| (j.task, (j.control, j.reply)))
@@ -203,9 +223,18 @@ fn run_group(renderer: &dyn Renderer, group: Vec<Job>) {
         }
     };
     let _entered = span.enter();
+    let mut keep = |i: usize, preview: Preview| {
+        if let Some(control) = controls.get(i) {
+            control.set_preview(preview);
+        }
+    };
+    let mut previews = PreviewSink {
+        every: preview_every,
+        send: &mut keep,
+    };
     // A panic inside a model (candle asserts) fails these tasks, not the worker.
     let results = catch_unwind(AssertUnwindSafe(|| {
-        renderer.render_batch(&tasks, &mut on_step)
+        renderer.render_batch_with_previews(&tasks, &mut on_step, &mut previews)
     }))
     .unwrap_or_else(|panic| {
         let what = panic
@@ -272,18 +301,22 @@ mod tests {
     #[tokio::test]
     async fn renders_report_progress_and_stop_when_cancelled() {
         let sim = SimRenderer::new(&["tiny".into()], Duration::from_millis(20));
-        let thread = RenderThread::spawn(Arc::new(sim)).unwrap();
+        let thread = RenderThread::spawn(Arc::new(sim), 10).unwrap();
         let control = RenderControl::default();
         let pending = tokio::spawn({
             let (thread, control) = (thread.clone(), control.clone());
             async move { thread.render(RenderTask::txt2img(recipe()), control).await }
         });
-        while control.step() < 2 {
+        while control.step() < 11 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         control.cancel();
         let result = pending.await.unwrap();
         assert!(matches!(result, Err(RenderError::Cancelled)));
+        // A preview every 10 steps: the latest waits for the heartbeat, once.
+        let preview = control.take_preview().expect("a preview after 10 steps");
+        assert!(preview.step >= 10 && preview.step % 10 == 0);
+        assert!(control.take_preview().is_none());
         assert!(control.step() < 50);
         let mut quick = recipe();
         quick.steps = 1;
@@ -338,7 +371,7 @@ mod tests {
             sim: SimRenderer::new(&["tiny".into()], Duration::from_millis(1)),
             batches: Default::default(),
         });
-        let thread = RenderThread::spawn(recording.clone()).unwrap();
+        let thread = RenderThread::spawn(recording.clone(), 0).unwrap();
         let task = |seed: u64, steps: u32| {
             let mut r = recipe();
             r.seed = seed;

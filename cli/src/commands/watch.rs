@@ -1,8 +1,12 @@
-//! `kiln watch JOB`: follow a job with a progress bar until it ends.
+//! `kiln watch JOB`: follow a job with a progress bar until it ends; with
+//! `--previews DIR`, keep the latest live preview of each running task as
+//! `DIR/{index:05}.png`.
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_proto::connect::is_transient;
 use kiln_proto::pb::{self, EventKind, JobState};
@@ -18,12 +22,20 @@ pub struct Watch {
     /// Print the final job as JSON.
     #[arg(long)]
     json: bool,
+    /// Write the latest live preview of each running task (64 px wide PNG)
+    /// as DIR/NNNNN.png (the item's index), replaced as newer ones arrive.
+    #[arg(long, value_name = "DIR")]
+    previews: Option<PathBuf>,
 }
 
 impl Watch {
     /// Runs `kiln watch`; returns true when every item succeeded.
     pub async fn run(self, farm: &Farm) -> anyhow::Result<bool> {
-        let done = follow(farm, &self.job, self.json).await?;
+        if let Some(dir) = &self.previews {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("--previews: cannot create {}", dir.display()))?;
+        }
+        let done = follow_with(farm, &self.job, self.json, self.previews.as_deref()).await?;
         if self.json {
             println!("{}", job_json(&done));
         } else {
@@ -42,6 +54,16 @@ const MAX_RECONNECTS: u32 = 30;
 /// Follows a job until it ends and returns its final summary. Progress goes
 /// to stderr: a bar on a terminal, one line per finished item otherwise.
 pub async fn follow(farm: &Farm, job_id: &str, quiet: bool) -> anyhow::Result<pb::JobSummary> {
+    follow_with(farm, job_id, quiet, None).await
+}
+
+/// [`follow`], writing live previews into `previews` when given.
+async fn follow_with(
+    farm: &Farm,
+    job_id: &str,
+    quiet: bool,
+    previews: Option<&Path>,
+) -> anyhow::Result<pb::JobSummary> {
     let tty = std::io::stderr().is_terminal() && !quiet;
     let bar = if tty {
         ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
@@ -58,7 +80,7 @@ pub async fn follow(farm: &Farm, job_id: &str, quiet: bool) -> anyhow::Result<pb
     let mut cursor = 0u64;
     let mut failures = 0u32;
     loop {
-        let mut stream = match farm.watch(job_id, cursor).await {
+        let mut stream = match farm.watch(job_id, cursor, previews.is_some()).await {
             Ok(s) => s,
             Err(status) if is_transient(&status) && failures < MAX_RECONNECTS => {
                 failures += 1;
@@ -86,6 +108,11 @@ pub async fn follow(farm: &Farm, job_id: &str, quiet: bool) -> anyhow::Result<pb
                     if let Some(e) = &msg.event {
                         cursor = e.seq;
                         report_event(&bar, tty, quiet, e, msg.job.as_ref());
+                    }
+                    if let Some(dir) = previews {
+                        for p in &msg.previews {
+                            write_preview(dir, p)?;
+                        }
                     }
                 }
                 Ok(None) => break,
@@ -123,6 +150,16 @@ pub async fn follow(farm: &Farm, job_id: &str, quiet: bool) -> anyhow::Result<pb
             }
         }
     }
+}
+
+/// Writes a preview as `dir/{index:05}.png`, through a temporary file and a
+/// rename, so a reader never sees half a picture.
+fn write_preview(dir: &Path, p: &pb::TaskPreview) -> anyhow::Result<()> {
+    let path = dir.join(format!("{:05}.png", p.index));
+    let partial = dir.join(format!(".{:05}.png.partial", p.index));
+    std::fs::write(&partial, &p.png)
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .with_context(|| format!("--previews: cannot write {}", path.display()))
 }
 
 /// Shows one event: failures always, every finished item when not on a terminal.

@@ -2870,6 +2870,110 @@ fn data_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+fn preview(step: u32) -> Preview {
+    Preview {
+        step,
+        // Any bytes: the store keeps what the coordinator checked.
+        png: vec![0x89, b'P', b'N', b'G', step as u8, 0xff],
+    }
+}
+
+pub async fn a_preview_lives_only_while_its_lease_holds(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let job = new_job(2, "tiny");
+    let id = job.id;
+    store.create_job(job).await.unwrap();
+    let mut leases = claim(store, "w1", 2).await;
+    if leases.len() < 2 {
+        leases.extend(claim(store, "w1", 2).await);
+    }
+    leases.sort_by_key(|l| l.index);
+    let (a, b) = (&leases[0], &leases[1]);
+    let w1 = worker("w1");
+    // Another epoch or another worker keeps nothing.
+    let stale = store
+        .put_preview(&w1, a.task, Epoch(99), &preview(1), TTL)
+        .await
+        .unwrap();
+    assert!(!stale);
+    let other = store
+        .put_preview(&worker("w2"), a.task, a.epoch, &preview(1), TTL)
+        .await
+        .unwrap();
+    assert!(!other);
+    assert_eq!(store.preview(a.task).await.unwrap(), None);
+    assert_eq!(store.previews(id).await.unwrap(), []);
+    // The holder's previews are kept, the latest replacing the one before.
+    for step in [1, 2] {
+        let kept = store
+            .put_preview(&w1, a.task, a.epoch, &preview(step), TTL)
+            .await
+            .unwrap();
+        assert!(kept);
+    }
+    let kept = store
+        .put_preview(&w1, b.task, b.epoch, &preview(3), TTL)
+        .await
+        .unwrap();
+    assert!(kept);
+    assert_eq!(store.preview(a.task).await.unwrap(), Some(preview(2)));
+    let listed: Vec<(u32, Preview)> = store
+        .previews(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(r, p)| (r.index, p))
+        .collect();
+    assert_eq!(listed, [(0, preview(2)), (1, preview(3))]);
+    // A completion ends the lease and its preview; a cancel ends the other.
+    let done = store.complete(&w1, None, a.task, a.epoch, result()).await;
+    assert!(matches!(done.unwrap(), CompleteOutcome::Accepted { .. }));
+    assert_eq!(store.preview(a.task).await.unwrap(), None);
+    let late = store
+        .put_preview(&w1, a.task, a.epoch, &preview(4), TTL)
+        .await
+        .unwrap();
+    assert!(!late);
+    store.cancel_job(id).await.unwrap();
+    assert_eq!(store.preview(b.task).await.unwrap(), None);
+    assert_eq!(store.previews(id).await.unwrap(), []);
+    assert!(matches!(
+        store.previews(JobId::new()).await,
+        Err(StoreError::JobNotFound(_))
+    ));
+}
+
+pub async fn a_preview_runs_out_after_its_ttl(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    store.create_job(new_job(1, "tiny")).await.unwrap();
+    let lease = claim(store, "w1", 1).await.remove(0);
+    let short = Duration::from_millis(50);
+    let kept = store
+        .put_preview(&worker("w1"), lease.task, lease.epoch, &preview(1), short)
+        .await
+        .unwrap();
+    assert!(kept);
+    // The lease (30 s) still holds; the preview goes on its own.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.preview(lease.task).await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the preview outlived its TTL by 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.task(lease.task).await.unwrap().state,
+        TaskState::Leased
+    );
+}
+
 /// Instantiates the whole suite for one backend: `$make` is an async
 /// expression giving a fresh [`Fixture`]; it is dropped when the test ends.
 macro_rules! store_conformance {
@@ -2934,7 +3038,9 @@ macro_rules! store_conformance {
             a_cancelled_job_is_not_retried,
             a_paused_job_keeps_its_place_and_gets_no_leases,
             a_priority_change_reorders_queued_jobs,
-            usage_counts_images_render_time_and_failed_attempts
+            usage_counts_images_render_time_and_failed_attempts,
+            a_preview_lives_only_while_its_lease_holds,
+            a_preview_runs_out_after_its_ttl
         );
         store_conformance!(@fixture_tests $make;
             a_dead_workers_id_is_free_for_another_token

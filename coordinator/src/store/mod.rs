@@ -263,6 +263,41 @@ pub trait Store: Send + Sync + 'static {
     /// Safe to run from several coordinators at once.
     async fn reap(&self, max_attempts: u32) -> StoreResult<Vec<Reaped>>;
 
+    /// Keeps `preview` as the latest live preview of `task` for at most
+    /// `ttl`, if `worker` holds its lease under `epoch`; returns whether it
+    /// was kept (a stale or unknown lease changes nothing). Atomic with the
+    /// lease check; every transition that ends the lease drops the preview,
+    /// so a preview lives only while its task runs. Previews never reach the
+    /// result store.
+    async fn put_preview(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        epoch: Epoch,
+        preview: &Preview,
+        ttl: Duration,
+    ) -> StoreResult<bool>;
+
+    /// Returns the latest live preview of a leased task: `None` when it has
+    /// none, its lease ended, or its TTL ran out. A plain read.
+    async fn preview(&self, task: TaskId) -> StoreResult<Option<Preview>>;
+
+    /// Returns the job's running tasks that have a live preview, with it,
+    /// in index order.
+    ///
+    /// # Errors
+    /// `JobNotFound` for an unknown job.
+    async fn previews(&self, job: JobId) -> StoreResult<Vec<(RunningTask, Preview)>> {
+        let mut out = Vec::new();
+        for running in self.running(job).await? {
+            if let Some(p) = self.preview(running.task).await? {
+                out.push((running, p));
+            }
+        }
+        out.sort_by_key(|(r, _)| r.index);
+        Ok(out)
+    }
+
     /// Returns up to `limit` events of the job with a sequence number above `after`.
     async fn events(&self, id: JobId, after: u64, limit: usize) -> StoreResult<Vec<Event>>;
 

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 use kiln_proto::model::identify;
 pub use kiln_proto::model::{HashHolders, ModelIdentity};
+pub use kiln_proto::preview::Preview;
 use kiln_proto::recipe::Recipe;
 pub use kiln_proto::spec::SeriesPlace;
 use serde::{Deserialize, Serialize};

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-use super::{ModelInfo, RenderError, RenderTask, Rendered, Renderer};
+use super::{ModelInfo, PreviewSink, RenderError, RenderTask, Rendered, Renderer};
 use crate::catalog::{CatalogEntry, OverBudget, Residency, format_size};
 use crate::metrics;
 use kiln_diffusion::determinism_class;
@@ -29,6 +29,7 @@ use kiln_diffusion::output::encode_png;
 use kiln_diffusion::{
     Assets, Pipeline, PipelineError, Precision, RenderInput, model_hash, resident_bytes,
 };
+use kiln_domain::preview::Preview;
 
 /// Renders with candle pipelines, loading catalog models on demand and
 /// keeping them resident under a memory budget.
@@ -363,6 +364,20 @@ impl Renderer for CandleRenderer {
         tasks: &[RenderTask],
         on_step: &mut dyn FnMut(usize, u32) -> bool,
     ) -> Vec<Result<Rendered, RenderError>> {
+        let mut ignore = |_: usize, _: Preview| {};
+        let mut previews = PreviewSink {
+            every: 0,
+            send: &mut ignore,
+        };
+        self.render_batch_with_previews(tasks, on_step, &mut previews)
+    }
+
+    fn render_batch_with_previews(
+        &self,
+        tasks: &[RenderTask],
+        on_step: &mut dyn FnMut(usize, u32) -> bool,
+        previews: &mut PreviewSink<'_>,
+    ) -> Vec<Result<Rendered, RenderError>> {
         let mut results: Vec<Option<Result<Rendered, RenderError>>> =
             tasks.iter().map(|_| None).collect();
         // Model by model, in order of first appearance.
@@ -409,9 +424,22 @@ impl Renderer for CandleRenderer {
                     controls,
                 })
                 .collect();
-            let rendered = pipeline.render_batch(&inputs, &mut |j, done, _total| {
-                runnable.get(j).is_some_and(|&i| on_step(i, done))
-            });
+            // The pipeline numbers its inputs; the sink hears of tasks.
+            let every = previews.every;
+            let mut send = |j: usize, preview: Preview| {
+                if let Some(&i) = runnable.get(j) {
+                    (previews.send)(i, preview);
+                }
+            };
+            let mut sink = PreviewSink {
+                every,
+                send: &mut send,
+            };
+            let rendered = pipeline.render_batch_with_previews(
+                &inputs,
+                &mut |j, done, _total| runnable.get(j).is_some_and(|&i| on_step(i, done)),
+                &mut sink,
+            );
             for (&i, outcome) in runnable.iter().zip(rendered) {
                 results[i] = Some(outcome.map_err(render_error).and_then(|out| {
                     let encode_start = Instant::now();

@@ -15,7 +15,7 @@ use kiln_domain::recipe::{BatchKey, Recipe, check_model_name};
 use kiln_proto::error::{FieldError, quote};
 
 pub use self::candle::{CandleRenderer, LoadError};
-pub use kiln_diffusion::{Assets, DeviceError, determinism_class, open_device};
+pub use kiln_diffusion::{Assets, DeviceError, PreviewSink, determinism_class, open_device};
 
 /// Parses `--model NAME=DIR` arguments into (name, folder) pairs.
 ///
@@ -215,5 +215,18 @@ pub trait Renderer: Send + Sync + 'static {
             .enumerate()
             .map(|(i, task)| self.render(task, &mut |done| on_step(i, done)))
             .collect()
+    }
+
+    /// Renders as [`Renderer::render_batch`] does, the same bytes, and hands
+    /// `previews` a live preview of task `i` every `previews.every` steps
+    /// ([`kiln_domain::preview`]: 64 px wide PNG). By default it sends none.
+    fn render_batch_with_previews(
+        &self,
+        tasks: &[RenderTask],
+        on_step: &mut dyn FnMut(usize, u32) -> bool,
+        previews: &mut PreviewSink<'_>,
+    ) -> Vec<Result<Rendered, RenderError>> {
+        let _ = previews;
+        self.render_batch(tasks, on_step)
     }
 }

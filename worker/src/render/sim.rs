@@ -1,5 +1,7 @@
 //! The `sim` renderer, for load tests only: it sleeps a fixed time per step
-//! and draws a pattern determined by the recipe, with no model at all. It can
+//! and draws a pattern determined by the recipe, with no model at all. Its
+//! live previews are that pattern at preview size, fading in from grey with
+//! the step, so each differs from the one before. It can
 //! also simulate model residency (a few models loaded at a time, a load time
 //! on a switch) and a broken worker that fails every render.
 
@@ -11,8 +13,11 @@ use std::time::{Duration, Instant};
 use kiln_proto::recipe::Recipe;
 use sha2::{Digest, Sha256};
 
-use super::{Assets, ModelInfo, RenderError, RenderTask, Rendered, Renderer, missing_asset};
+use super::{
+    Assets, ModelInfo, PreviewSink, RenderError, RenderTask, Rendered, Renderer, missing_asset,
+};
 use kiln_diffusion::output::{RgbImage, encode_png_with};
+use kiln_domain::preview::{self, Preview};
 
 /// Determinism class of every sim worker.
 const SIM_CLASS: &str = "sim/v1";
@@ -122,6 +127,40 @@ impl Renderer for SimRenderer {
         task: &RenderTask,
         on_step: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Rendered, RenderError> {
+        self.render_one(task, on_step, &mut |_| {}, 0)
+    }
+
+    fn render_batch_with_previews(
+        &self,
+        tasks: &[RenderTask],
+        on_step: &mut dyn FnMut(usize, u32) -> bool,
+        previews: &mut PreviewSink<'_>,
+    ) -> Vec<Result<Rendered, RenderError>> {
+        let every = previews.every;
+        tasks
+            .iter()
+            .enumerate()
+            .map(|(i, task)| {
+                self.render_one(
+                    task,
+                    &mut |done| on_step(i, done),
+                    &mut |p| (previews.send)(i, p),
+                    every,
+                )
+            })
+            .collect()
+    }
+}
+
+impl SimRenderer {
+    /// Renders one task, sending a preview every `every` steps.
+    fn render_one(
+        &self,
+        task: &RenderTask,
+        on_step: &mut dyn FnMut(u32) -> bool,
+        send: &mut dyn FnMut(Preview),
+        every: u32,
+    ) -> Result<Rendered, RenderError> {
         let recipe = &task.recipe;
         let model = self
             .models
@@ -150,6 +189,12 @@ impl Renderer for SimRenderer {
             if let Some(left) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(left);
             }
+            if preview::due(every, step, recipe.steps) {
+                match preview_png(recipe, step) {
+                    Ok(png) => send(Preview { step, png }),
+                    Err(e) => tracing::warn!(error = %e, step, "cannot make a preview"),
+                }
+            }
             if !on_step(step) {
                 return Err(RenderError::Cancelled);
             }
@@ -169,11 +214,30 @@ impl Renderer for SimRenderer {
     }
 }
 
+/// Returns the preview PNG of step `step`: the pattern at preview size, its
+/// colours moved from grey toward the final ones in proportion to the steps done.
+fn preview_png(recipe: &Recipe, step: u32) -> Result<Vec<u8>, String> {
+    let (w, h) = preview::size_for(recipe.width, recipe.height);
+    let image = pattern_sized(recipe, w, h);
+    let done = step.min(recipe.steps) as f32 / recipe.steps.max(1) as f32;
+    let pixels = image
+        .pixels
+        .iter()
+        .map(|&v| (128.0 + (f32::from(v) - 128.0) * done).round() as u8)
+        .collect();
+    preview::encode(w, h, pixels)
+}
+
 /// Draws diagonal colour bands whose colours and period come from the recipe
 /// hash, at the recipe's output size (the hires fix's when it has one).
 fn pattern(recipe: &Recipe) -> RgbImage {
-    let digest = Sha256::digest(recipe.hash().as_bytes());
     let (w, h) = recipe.output_size();
+    pattern_sized(recipe, w, h)
+}
+
+/// Draws [`pattern`] at `w` × `h`.
+fn pattern_sized(recipe: &Recipe, w: u32, h: u32) -> RgbImage {
+    let digest = Sha256::digest(recipe.hash().as_bytes());
     let period = 8 + u32::from(digest[6]) % 24;
     let mut pixels = Vec::with_capacity((w * h * 3) as usize);
     for y in 0..h {
@@ -292,6 +356,31 @@ mod tests {
             sim.render(&RenderTask::txt2img(other), &mut |_| true),
             Err(RenderError::Model { .. })
         ));
+    }
+
+    #[test]
+    fn previews_come_every_n_steps_64_wide_and_change_with_the_step() {
+        let sim = SimRenderer::new(&["tiny".into()], Duration::ZERO);
+        let mut r = recipe(1);
+        r.steps = 7;
+        r.width = 128;
+        let mut got = Vec::new();
+        let mut send = |i: usize, p: Preview| got.push((i, p));
+        let mut sink = PreviewSink {
+            every: 3,
+            send: &mut send,
+        };
+        let out = sim.render_batch_with_previews(
+            &[RenderTask::txt2img(recipe(2)), RenderTask::txt2img(r)],
+            &mut |_, _| true,
+            &mut sink,
+        );
+        assert!(out.iter().all(Result::is_ok));
+        let steps: Vec<(usize, u32)> = got.iter().map(|(i, p)| (*i, p.step)).collect();
+        // recipe(2) has 3 steps: its last sends none.
+        assert_eq!(steps, [(1, 3), (1, 6)]);
+        assert_eq!(image_size(&got[0].1.png), (64, 32));
+        assert_ne!(got[0].1.png, got[1].1.png);
     }
 
     fn image_size(png: &[u8]) -> (u32, u32) {

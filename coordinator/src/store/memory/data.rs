@@ -10,8 +10,8 @@ use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 
 use crate::store::{
-    Event, JobRecord, LiveWorker, StoreError, StoreResult, TaskRecord, TaskResult, TaskState,
-    Usage, WorkerRecord, policy,
+    Event, JobRecord, LiveWorker, Preview, StoreError, StoreResult, TaskRecord, TaskResult,
+    TaskState, Usage, WorkerRecord, policy,
 };
 
 /// Everything the memory store holds, behind its one mutex.
@@ -143,6 +143,9 @@ pub(super) struct TaskEntry {
     pub(super) deadline: Option<u64>,
     /// Workers that failed this task: it is retried elsewhere when possible.
     pub(super) avoid: BTreeSet<WorkerId>,
+    /// The latest live preview and until when it lives (store clock, ms):
+    /// only while the lease holds (`end_lease` drops it).
+    pub(super) preview: Option<(Preview, u64)>,
 }
 
 /// A worker session.

@@ -213,6 +213,7 @@ impl Store for MemoryStore {
                     },
                     deadline: None,
                     avoid: t.avoid.into_iter().collect(),
+                    preview: None,
                 },
             );
         }
@@ -642,6 +643,36 @@ impl Store for MemoryStore {
             }
         }
         Ok(out)
+    }
+
+    async fn put_preview(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        epoch: Epoch,
+        preview: &Preview,
+        ttl: Duration,
+    ) -> StoreResult<bool> {
+        let until = self.now() + ttl.as_millis() as u64;
+        let mut st = self.lock();
+        match st.tasks.get_mut(&task) {
+            Some(t) if holds_lease(&t.record, worker, epoch) => {
+                t.preview = Some((preview.clone(), until));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn preview(&self, task: TaskId) -> StoreResult<Option<Preview>> {
+        let now = self.now();
+        let st = self.lock();
+        Ok(st.tasks.get(&task).and_then(|t| match &t.preview {
+            Some((p, until)) if t.record.state == TaskState::Leased && now < *until => {
+                Some(p.clone())
+            }
+            _ => None,
+        }))
     }
 
     async fn complete(

@@ -357,6 +357,7 @@ impl State {
         }
         t.record.state = to;
         t.deadline = None;
+        t.preview = None;
         if outcome.is_fault()
             && let Some(w) = &worker
         {

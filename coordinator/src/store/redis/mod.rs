@@ -780,6 +780,49 @@ impl Store for RedisStore {
         Ok(out)
     }
 
+    async fn put_preview(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        epoch: Epoch,
+        preview: &Preview,
+        ttl: Duration,
+    ) -> StoreResult<bool> {
+        let tid = task.to_string();
+        let args = [
+            Arg::Str(worker.as_str()),
+            Arg::Str(&tid),
+            Arg::Int(epoch.0 as i64),
+            Arg::Int(i64::from(preview.step)),
+            Arg::Bytes(&preview.png),
+            Arg::Int(ttl.as_millis().max(1) as i64),
+        ];
+        let reply = self.invoke(&self.scripts.preview, &args).await?;
+        Ok(matches!(reply, Value::Int(1)))
+    }
+
+    async fn preview(&self, task: TaskId) -> StoreResult<Option<Preview>> {
+        let key = self.key(&["preview", &task.to_string()]);
+        let (step, png): (Option<u32>, Option<Vec<u8>>) = self
+            .retry("HMGET", || {
+                let mut conn = self.conn.clone();
+                let key = key.clone();
+                async move {
+                    redis::cmd("HMGET")
+                        .arg(key)
+                        .arg("step")
+                        .arg("png")
+                        .query_async(&mut conn)
+                        .await
+                }
+            })
+            .await?;
+        Ok(match (step, png) {
+            (Some(step), Some(png)) => Some(Preview { step, png }),
+            _ => None,
+        })
+    }
+
     async fn complete(
         &self,
         worker: &WorkerId,

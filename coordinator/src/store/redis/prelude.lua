@@ -146,6 +146,8 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump)
   if bump then redis.call('HINCRBY', t, 'epoch', 1) end
   redis.call('ZREM', k('leases'), tid)
   redis.call('SREM', k('job', job, 'leased'), tid)
+  -- A live preview lives only while its lease holds (preview.lua).
+  redis.call('DEL', k('preview', tid))
   if holder and holder ~= '' then
     redis.call('SREM', k('worker', holder, 'running'), tid)
     if is_fault(outcome) then

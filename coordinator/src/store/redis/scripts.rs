@@ -70,6 +70,7 @@ const PRIORITY: &str = include_str!("priority.lua");
 const RETRY: &str = include_str!("retry.lua");
 const DELIVERIES: &str = include_str!("deliveries.lua");
 const SETTLE: &str = include_str!("settle.lua");
+const PREVIEW: &str = include_str!("preview.lua");
 
 /// Every script by file name, prelude first, for the checks below to scan.
 #[cfg(test)]
@@ -93,6 +94,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("retry.lua", RETRY),
     ("deliveries.lua", DELIVERIES),
     ("settle.lua", SETTLE),
+    ("preview.lua", PREVIEW),
 ];
 
 /// Returns the `local NAME = value` lines every script starts with.
@@ -191,6 +193,7 @@ pub(super) struct Scripts {
     pub(super) retry: Script,
     pub(super) deliveries: Script,
     pub(super) settle: Script,
+    pub(super) preview: Script,
 }
 
 impl Scripts {
@@ -214,6 +217,7 @@ impl Scripts {
             retry: build(RETRY),
             deliveries: build(DELIVERIES),
             settle: build(SETTLE),
+            preview: build(PREVIEW),
         }
     }
 }
