@@ -18,8 +18,8 @@ use kiln_proto::connect::{TlsOptions, read_token};
 
 use crate::client::Farm;
 use crate::commands::{
-    bench, control, fetch, inspect, list, model, preprocess, prompt, queue, render, submit, token,
-    usage, verify, watch,
+    bench, control, embedding, fetch, inspect, list, lora, model, preprocess, prompt, queue,
+    render, submit, token, usage, verify, watch,
 };
 
 /// The job ended with items that produced no image.
@@ -85,6 +85,8 @@ enum Command {
     Prompt(prompt::Prompt),
     Inspect(inspect::Inspect),
     Model(model::Model),
+    Lora(lora::Lora),
+    Embedding(embedding::Embedding),
     Preprocess(preprocess::Preprocess),
     Bench(bench::Bench),
     Token(token::Token),
@@ -167,6 +169,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Prompt(c) => c.run(),
         Command::Inspect(c) => c.run(),
         Command::Model(c) => c.run().await,
+        Command::Lora(c) => c.run(),
+        Command::Embedding(c) => c.run(),
         Command::Preprocess(c) => c.run(),
         Command::Bench(c) => c.run().await,
         Command::Token(c) => c.run(),

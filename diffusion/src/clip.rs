@@ -83,6 +83,17 @@ pub(crate) struct ClipOutput {
     pub(crate) pooled: Option<Tensor>,
 }
 
+/// A vector read in place of a token embedding: a textual-inversion embedding's.
+#[derive(Clone, Debug)]
+pub(crate) struct Insert {
+    /// The batch row.
+    pub(crate) row: usize,
+    /// The position in the row.
+    pub(crate) pos: usize,
+    /// `[hidden_size]`, in the model's dtype.
+    pub(crate) vector: Tensor,
+}
+
 /// One pre-norm encoder layer.
 #[derive(Debug)]
 struct EncoderLayer {
@@ -194,23 +205,55 @@ impl ClipTextModel {
         })
     }
 
+    /// Returns the rows of the token embedding table.
+    pub(crate) fn vocab_size(&self) -> candle_core::Result<usize> {
+        self.token_embedding.embeddings().dim(0)
+    }
+
     /// Encodes `ids` (`[batch, window]`); `eos` marks where each row's pooled state is read.
     ///
     /// Only the causal mask applies, no padding mask, as every SD model was trained.
+    #[cfg(test)]
     pub(crate) fn forward(
         &self,
         ids: &Tensor,
         layer: Layer,
         eos: u32,
     ) -> candle_core::Result<ClipOutput> {
+        self.forward_with(ids, layer, eos, &[])
+    }
+
+    /// Encodes `ids` as [`ClipTextModel::forward`] does, with the token embeddings at
+    /// the positions of `inserts` replaced by their vectors (before the position
+    /// embeddings are added, as transformers' `inputs_embeds`).
+    pub(crate) fn forward_with(
+        &self,
+        ids: &Tensor,
+        layer: Layer,
+        eos: u32,
+        inserts: &[Insert],
+    ) -> candle_core::Result<ClipOutput> {
         let _entered = self.span.enter();
         let (batch, seq) = ids.dims2()?;
         let device = ids.device();
         let positions = Tensor::arange(0u32, seq as u32, device)?;
-        let mut xs = self
-            .token_embedding
-            .forward(ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mut tokens = self.token_embedding.forward(ids)?;
+        let width = tokens.dim(D::Minus1)?;
+        for insert in inserts {
+            let vector = insert
+                .vector
+                .to_dtype(tokens.dtype())?
+                .reshape((1, 1, width))?;
+            tokens = tokens.slice_assign(
+                &[
+                    insert.row..insert.row + 1,
+                    insert.pos..insert.pos + 1,
+                    0..width,
+                ],
+                &vector,
+            )?;
+        }
+        let mut xs = tokens.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(seq, device, xs.dtype())?;
         let depth = match layer {
             Layer::Last => self.layers.len(),

@@ -16,6 +16,7 @@ use candle_core::{Device, Tensor};
 use kiln_domain::prompt::{Stage, prepare, stage_at};
 
 use super::text::TextRow;
+use super::text_extras::TextExtras;
 use super::unet::{AddedConditioning, Conditioning};
 use super::{Pipeline, PipelineError, config};
 
@@ -131,6 +132,7 @@ impl Pipeline {
     ///
     /// SDXL's time ids are diffusers' defaults: original size = target size = the
     /// image's (height, width), crop top-left (0, 0). Everything is in the UNet's dtype.
+    /// The recipe's text-encoder LoRAs and embeddings (`extras`) apply.
     ///
     /// # Errors
     ///
@@ -143,6 +145,7 @@ impl Pipeline {
         steps: u32,
         latent_size: (usize, usize),
         image: Option<Tensor>,
+        extras: &TextExtras,
     ) -> Result<Scheduled, PipelineError> {
         let mut texts = Vec::new();
         let negative = match negative {
@@ -158,7 +161,7 @@ impl Pipeline {
             })
             .collect();
         let count = rows.len();
-        let all = self.rows_conditioning(&rows, latent_size, image)?;
+        let all = self.rows_conditioning(&rows, latent_size, image, extras)?;
         Ok(Scheduled {
             all,
             count,
@@ -173,9 +176,10 @@ impl Pipeline {
         rows: &[TextRow<'_>],
         (latent_height, latent_width): (usize, usize),
         image: Option<Tensor>,
+        extras: &TextExtras,
     ) -> Result<Conditioning, PipelineError> {
         let dtype = self.precision.dtype();
-        let text = self.text.encode_rows(rows)?;
+        let text = self.text.encode_rows(rows, extras)?;
         let rows = text.context.dim(0)?;
         let added = match text.pooled {
             Some(text_embeds) => {

@@ -67,7 +67,8 @@ fn the_conditioning_changes_at_the_web_uis_steps() -> TestResult {
                 negative: Option<&str>,
                 steps: u32|
      -> Result<Vec<Vec<usize>>, PipelineError> {
-        let s = p.scheduled_conditioning(prompt, negative, steps, (8, 8), None)?;
+        let s =
+            p.scheduled_conditioning(prompt, negative, steps, (8, 8), None, &Default::default())?;
         Ok((0..steps).map(|c| s.rows_at(c)).collect())
     };
     // Rows: the negative prompt first, then the prompt's distinct texts.
@@ -84,7 +85,14 @@ fn the_conditioning_changes_at_the_web_uis_steps() -> TestResult {
         [vec![0, 2], vec![0, 2], vec![0, 2], vec![1, 2]]
     );
     assert_eq!(rows("[x:y:1]", None, 3)?, [vec![0], vec![0], vec![1]]);
-    let plain = p.scheduled_conditioning("a castle", Some("blurry"), 30, (8, 8), None)?;
+    let plain = p.scheduled_conditioning(
+        "a castle",
+        Some("blurry"),
+        30,
+        (8, 8),
+        None,
+        &Default::default(),
+    )?;
     assert!(!plain.changes());
     assert_eq!(plain.rows_at(29), [0, 1]);
     Ok(())

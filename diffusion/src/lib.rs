@@ -45,6 +45,7 @@
 //! and `tiny_tokenizer` (the test models).
 #![warn(missing_docs)]
 
+mod adapters;
 mod assets;
 mod attend;
 pub mod bench;
@@ -55,6 +56,7 @@ mod controlnet;
 mod conv;
 /// Devices the engine runs on, and the determinism class of a device and precision.
 pub mod device;
+mod embeddings;
 mod error;
 mod geglu;
 mod group_norm;
@@ -62,6 +64,7 @@ mod hash;
 mod images;
 mod inspect;
 mod layout;
+mod lora;
 pub mod noise;
 /// PNG encoding with the A1111 `parameters` and the `kiln` chunks.
 pub mod output;
@@ -73,6 +76,7 @@ mod render;
 mod sampling;
 mod text;
 mod text_cache;
+mod text_extras;
 mod tiny;
 mod tiny_configs;
 mod tiny_tokenizer;
@@ -94,6 +98,8 @@ mod golden_tests;
 #[cfg(test)]
 mod img2img_tests;
 #[cfg(test)]
+mod lora_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod text_tests;
@@ -106,10 +112,12 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 pub use assets::{AssetFile, Assets, file_hash};
 pub use controlnet::{TinyControlNetLayout, write_tiny_controlnet};
 pub use device::{DeviceError, determinism_class, open_device};
+pub use embeddings::write_tiny_embedding;
 pub use error::PipelineError;
 pub use hash::model_hash;
 pub use inspect::{PromptTokenizer, resident_bytes};
 pub use kiln_domain::recipe::Recipe;
+pub use lora::{LoraFormat, ParseLoraFormatError, write_tiny_lora};
 pub use precision::{ParsePrecisionError, Precision};
 pub use preview::PreviewSink;
 pub use render::{RenderInput, RenderTimings, Rendered};
@@ -132,7 +140,10 @@ pub struct Pipeline {
     /// Tokenizers and CLIP text encoders (two for SDXL), with their embedding cache.
     text: TextEncoders,
     /// The denoiser: kiln's UNet top level, which also runs SDXL's added conditioning.
-    unet: Unet,
+    /// Shared with the renders that use it; never changed (LoRAs merge into variants).
+    unet: Arc<Unet>,
+    /// The UNet and text encoders merged with LoRA sets, under a memory budget.
+    variants: lora::variants::Variants,
     /// The UNet's architecture: ControlNets are built against it.
     unet_config: UnetConfig,
     /// The ControlNets recipes used so far, loaded on first use.
@@ -231,6 +242,17 @@ impl Pipeline {
         let unet = weights::build(&files.path(&files.unet_weights), dtype, device, |vb| {
             Unet::new(vb, &spec.unet)
         })?;
+        let variants = lora::variants::Variants::new(
+            (files.path(&files.unet_weights), spec.unet.clone()),
+            files
+                .text
+                .iter()
+                .zip(&spec.text)
+                .map(|(t, s)| (files.path(&t.weights), s.config.clone()))
+                .collect(),
+            dtype,
+            device,
+        )?;
         let vae_spec = &spec.vae;
         let vae_dtype = if vae_spec.force_upcast {
             DType::F32
@@ -247,7 +269,8 @@ impl Pipeline {
             device: device.clone(),
             precision,
             text,
-            unet,
+            unet: Arc::new(unet),
+            variants,
             unet_config: spec.unet.clone(),
             controlnets: controlnet::ControlNets::default(),
             inpainting: spec.inpainting,
@@ -273,6 +296,18 @@ impl Pipeline {
     /// The LoRAs, embeddings and ControlNets recipes may name.
     pub fn assets(&self) -> &Assets {
         &self.assets
+    }
+
+    /// Sets the most memory the UNets and text encoders merged with LoRAs may keep
+    /// (by default twice the base model's UNet and text encoders); 0 keeps none, so
+    /// every render with LoRAs merges again. Drops the variants kept so far.
+    pub fn set_lora_budget(&mut self, bytes: u64) {
+        self.variants.set_budget(bytes);
+    }
+
+    /// Returns how many LoRA-merged UNets and text encoders are kept, and their bytes.
+    pub fn lora_variants(&self) -> (usize, u64) {
+        self.variants.resident()
     }
 
     /// Content hash of the model folder (hex sha256), as computed by `model_hash`.
@@ -383,8 +418,14 @@ impl Pipeline {
         latent_width: usize,
     ) -> Result<Conditioning, PipelineError> {
         let image = self.blank_image_conditioning(latent_height, latent_width)?;
-        let scheduled =
-            self.scheduled_conditioning(prompt, negative, 1, (latent_height, latent_width), image)?;
+        let scheduled = self.scheduled_conditioning(
+            prompt,
+            negative,
+            1,
+            (latent_height, latent_width),
+            image,
+            &text_extras::TextExtras::default(),
+        )?;
         scheduled.select(&scheduled.rows_at(0))
     }
 

@@ -42,6 +42,7 @@
 mod hires;
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -52,7 +53,7 @@ use super::images;
 use super::noise::{self, Purpose};
 use super::preview::{self, PreviewSink};
 use super::sampling::{self, Sampler};
-use super::unet::{AddedConditioning, Conditioning};
+use super::unet::{AddedConditioning, Conditioning, Unet};
 use kiln_domain::recipe::BatchKey;
 
 use super::{Pipeline, PipelineError, Recipe, RgbImage};
@@ -140,6 +141,10 @@ struct Task<'a> {
     start: usize,
     /// Rows per UNet call: 2 with guidance (negative, prompt), else 1.
     rows: usize,
+    /// The UNet it denoises with: the base one or one merged with its LoRAs.
+    unet: Arc<Unet>,
+    /// The key of its UNet LoRA set (empty: the base UNet).
+    unet_key: String,
     /// Its text conditioning at every step (prompt editing, alternation).
     text: Scheduled,
     /// The rows of `text` that `cond` holds now.
@@ -209,6 +214,7 @@ fn prepare<'a>(
     let sampler = sampling::for_recipe(&p.scheduler, recipe)?;
     let guided = recipe.guidance > 1.0;
     let negative = guided.then_some(recipe.negative_prompt.as_str());
+    let applied = super::adapters::apply(p, recipe)?;
 
     let init = match input.init_image {
         Some(bytes) => Some(images::init_image(bytes, recipe.width, recipe.height)?),
@@ -296,6 +302,7 @@ fn prepare<'a>(
             recipe.steps,
             (latent_height, latent_width),
             image_cond,
+            &applied.text,
         )
     })?;
     let text_rows = text.rows_at(0);
@@ -320,6 +327,8 @@ fn prepare<'a>(
         sampler,
         start,
         rows: if guided { 2 } else { 1 },
+        unet: applied.unet,
+        unet_key: applied.unet_key,
         text,
         text_rows,
         cond,
@@ -348,6 +357,10 @@ struct GroupKey {
     /// Text tokens (chunks × window) and width: prompts of different lengths
     /// in chunks cannot share a UNet call.
     context: Vec<usize>,
+    /// The UNet LoRA set: tasks merged with other LoRAs run other UNets. The
+    /// recipe key already tells LoRA sets apart; this holds even for a caller
+    /// that batches without it.
+    loras: String,
     /// The ControlNets and their steps (images and scales may differ).
     controlnets: Vec<ControlKey>,
     /// The pass: the hires fix's second pass has its own noise and progress.
@@ -378,6 +391,7 @@ fn group_key(p: &Pipeline, task: &Task<'_>) -> Option<GroupKey> {
         recipe: task.recipe.batch_key(),
         start: task.start,
         context: task.cond.context.dims()[1..].to_vec(),
+        loras: task.unet_key.clone(),
         controlnets: controlnet::key(&task.controls),
         ancestral: task.ancestral,
     })
@@ -493,6 +507,7 @@ fn run_steps(
         return Ok(());
     };
     let (start, rows) = (first.start, first.rows);
+    let unet = Arc::clone(&first.unet);
     let timesteps = first.sampler.timesteps().to_vec();
     let dtype = p.precision.dtype();
     let mut cond = batch_conditioning(tasks)?;
@@ -530,8 +545,7 @@ fn run_steps(
                 .in_scope(|| c.residuals(&input, t, &cond, rows, i, timesteps.len()))?,
             None => None,
         };
-        let prediction = p
-            .unet
+        let prediction = unet
             .forward_with_residuals(&input, t, &cond, rows, residuals.as_ref())?
             .to_dtype(DType::F32)?;
         let mut cancelled = Vec::new();

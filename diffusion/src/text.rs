@@ -31,7 +31,7 @@
 //! conditioning, as in ComfyUI and the A1111 web UI for long prompts.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use kiln_domain::prompt::{Chunk, Piece};
@@ -44,11 +44,14 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{AddedToken, Model, SplitDelimiterBehavior};
 
+use super::assets::AssetFile;
 use super::clip::{ClipTextModel, Layer};
 use super::config::TextSpec;
+use super::embeddings::{Embedding, Registry};
 use super::error::PipelineError;
 use super::layout::{ModelFiles, TextFiles, TokenizerSource};
 use super::text_cache::{CAPACITY, ChunkCache, ChunkKey, ChunkStates, emphasize};
+use super::text_extras::TextExtras;
 use super::weights;
 
 /// CLIP's beginning-of-text token.
@@ -104,6 +107,8 @@ pub(crate) struct TextEncoders {
     /// Encoded chunks, shared by every render of this model. A std mutex is enough:
     /// it is held only for lookups and inserts, never across an encoder pass.
     cache: Mutex<ChunkCache>,
+    /// The textual-inversion embeddings loaded so far, with their token ids.
+    embeddings: Registry,
 }
 
 /// The text conditioning of one render's guidance branches.
@@ -146,6 +151,7 @@ impl TextEncoders {
         dtype: DType,
     ) -> Result<Self, PipelineError> {
         let mut encoders = Vec::with_capacity(specs.len());
+        let widths = specs.iter().map(|s| s.config.hidden_size).collect();
         let mut window = None;
         for (text, spec) in files.text.iter().zip(specs) {
             let config_path = files.path(&text.config());
@@ -206,7 +212,17 @@ impl TextEncoders {
             zero_empty_negative,
             device: device.clone(),
             cache: Mutex::new(ChunkCache::new(CAPACITY)),
+            embeddings: Registry::new(widths, dtype, device),
         })
+    }
+
+    /// Returns the embedding in `file`, loaded on first use with token ids of its own.
+    ///
+    /// # Errors
+    ///
+    /// As `embeddings::Registry::get`.
+    pub(crate) fn embedding(&self, file: &AssetFile) -> Result<Arc<Embedding>, PipelineError> {
+        self.embeddings.get(file)
     }
 
     /// Returns the prompt's token ids (first tokenizer), without bos/eos.
@@ -225,7 +241,8 @@ impl TextEncoders {
     }
 
     /// Encodes the prompt, or (negative, prompt) as two rows when `negative` is given,
-    /// each prepared over one step (so without editing) by [`kiln_domain::prompt::prepare`].
+    /// each prepared over one step (so without editing) by [`kiln_domain::prompt::prepare`],
+    /// with the base encoders and no embeddings.
     ///
     /// # Errors
     ///
@@ -266,7 +283,7 @@ impl TextEncoders {
                 empty_negative: *field == "negative_prompt" && text.is_empty(),
             })
             .collect();
-        self.encode_rows(&rows)
+        self.encode_rows(&rows, &TextExtras::default())
     }
 
     /// Encodes rows of weighted pieces (guidance branches, and the stages of
@@ -275,7 +292,8 @@ impl TextEncoders {
     /// Each row's pieces are tokenized into chunks of `window - 2` tokens, and each
     /// chunk is framed, padded and encoded on its own (through the cache), weighted
     /// ([`emphasize`]) and concatenated; every row is padded with empty chunks to the
-    /// largest count, as the web UI pads the texts it encodes together.
+    /// largest count, as the web UI pads the texts it encodes together. The
+    /// recipe's text-encoder LoRAs and embeddings (`extras`) apply.
     ///
     /// # Errors
     ///
@@ -283,6 +301,7 @@ impl TextEncoders {
     pub(crate) fn encode_rows(
         &self,
         rows: &[TextRow<'_>],
+        extras: &TextExtras,
     ) -> Result<TextEmbeddings, PipelineError> {
         let parsed: Vec<&[Piece]> = rows.iter().map(|r| r.pieces).collect();
         let body = self.window.saturating_sub(2).max(1);
@@ -292,7 +311,7 @@ impl TextEncoders {
             let mut rows = Vec::with_capacity(parsed.len());
             for pieces in &parsed {
                 rows.push(kiln_domain::prompt::chunk(pieces, body, |t| {
-                    e.token_ids(t)
+                    extras.tokenize(t, |t| e.token_ids(t))
                 })?);
             }
             chunked.push(rows);
@@ -315,7 +334,7 @@ impl TextEncoders {
                 }
             }
             let ids: Vec<&[u32]> = windows.iter().map(|(ids, _)| ids.as_slice()).collect();
-            let encoded = self.encode_windows(index, e, &ids)?;
+            let encoded = self.encode_windows(index, e, &ids, extras)?;
             let mut weighted = Vec::with_capacity(encoded.len());
             for ((_, weights), chunk) in windows.iter().zip(&encoded) {
                 weighted.push(emphasize(&chunk.states, weights)?);
@@ -329,7 +348,8 @@ impl TextEncoders {
             if let Some(rows_pooled) = rows_pooled {
                 // One projection over every (branch, chunk) row, as one encoder pass
                 // over all of them gives; the first chunk of each branch is kept.
-                if let Some(p) = e.model.project(&Tensor::cat(&rows_pooled, 0)?)? {
+                let model = extras.model(index, &e.model);
+                if let Some(p) = model.project(&Tensor::cat(&rows_pooled, 0)?)? {
                     let width = p.dim(1)?;
                     pooled = Some(
                         p.reshape((batch, chunks, width))?
@@ -362,9 +382,11 @@ impl TextEncoders {
         index: usize,
         e: &Encoder,
         windows: &[&[u32]],
+        extras: &TextExtras,
     ) -> Result<Vec<ChunkStates>, PipelineError> {
         let key = |ids: &[u32]| ChunkKey {
             encoder: index,
+            variant: extras.variant.clone(),
             ids: ids.to_vec(),
         };
         let mut found: Vec<Option<ChunkStates>> = {
@@ -379,9 +401,11 @@ impl TextEncoders {
             }
         }
         if !missing.is_empty() {
-            let flat: Vec<u32> = missing.iter().flat_map(|ids| ids.iter().copied()).collect();
+            let model = extras.model(index, &e.model);
+            let (flat, inserts) =
+                extras.inserts(index, &missing, model.vocab_size()?, e.ids.bos)?;
             let ids = Tensor::from_vec(flat, (missing.len(), self.window), &self.device)?;
-            let out = e.model.forward(&ids, e.layer, e.ids.eos)?;
+            let out = model.forward_with(&ids, e.layer, e.ids.eos, &inserts)?;
             let mut cache = self.cache();
             for (r, ids) in missing.iter().enumerate() {
                 let states = ChunkStates {

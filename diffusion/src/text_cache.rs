@@ -10,7 +10,9 @@
 //! after the cache ([`emphasize`]), so `(red:1.3)` and `red` share an entry too.
 //!
 //! Each pipeline owns one cache, so the key needs no model hash, dtype or device:
-//! those are the pipeline's. Entries live on the device; the cache is bounded by
+//! those are the pipeline's. It names the text-encoder LoRA set the encoder was
+//! merged with, and a textual-inversion embedding's vectors have token ids of
+//! their own (`embeddings`), so chunks that read other weights never share an entry. Entries live on the device; the cache is bounded by
 //! a count ([`CAPACITY`]), least recently used out first.
 
 use std::collections::HashMap;
@@ -26,6 +28,9 @@ pub(crate) const CAPACITY: usize = 256;
 pub(crate) struct ChunkKey {
     /// 0 for `text_encoder`, 1 for SDXL's `text_encoder_2`.
     pub(crate) encoder: usize,
+    /// The text-encoder LoRA set merged into the encoder; empty for the base one.
+    /// (Embeddings need no field: their vectors have token ids of their own.)
+    pub(crate) variant: String,
     /// The framed, padded window of token ids.
     pub(crate) ids: Vec<u32>,
 }
@@ -155,6 +160,7 @@ mod tests {
     fn key(id: u32) -> ChunkKey {
         ChunkKey {
             encoder: 0,
+            variant: String::new(),
             ids: vec![id],
         }
     }
@@ -171,6 +177,7 @@ mod tests {
         assert_eq!(cache.stats(), (3, 1, 2));
         let other_encoder = ChunkKey {
             encoder: 1,
+            variant: String::new(),
             ids: vec![1],
         };
         assert!(cache.get(&other_encoder).is_none());

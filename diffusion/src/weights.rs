@@ -8,8 +8,13 @@
 //! build that leaves tensors of the file unread (weights the model would
 //! silently ignore) is logged, and tests can check that each tiny model's
 //! loader asks for exactly the tensors in its files.
+//!
+//! [`build_merged`] builds the same module with LoRA deltas added to some of
+//! its weights as they are loaded (in f32, then converted to the module's
+//! dtype); the LoRA variants of a pipeline are built this way from the base
+//! files, which are never modified.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -35,6 +40,8 @@ struct RecordingBackend {
     /// The file's name of each tensor the model asks for, when the file uses
     /// other names (a converted layout); a name not in it is looked up as it is.
     names: Option<HashMap<String, String>>,
+    /// f32 deltas added to the file's named tensors as they are loaded (LoRA merges).
+    deltas: HashMap<String, Tensor>,
 }
 
 impl RecordingBackend {
@@ -52,6 +59,19 @@ impl RecordingBackend {
         let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         *slot = Some((name.to_string(), message.clone()));
         candle_core::Error::Msg(format!("tensor {name}: {message}"))
+    }
+
+    /// Loads the file's tensor `file_name` in `dtype`, with its delta added in f32
+    /// first when it has one.
+    fn load(&self, file_name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.tensors.load(file_name, dev)?;
+        match self.deltas.get(file_name) {
+            None => tensor.to_dtype(dtype),
+            Some(delta) => {
+                let merged = (tensor.to_dtype(DType::F32)? + delta.to_device(dev)?)?;
+                merged.to_dtype(dtype)
+            }
+        }
     }
 
     /// Records that the file's tensor `file_name` was served and forgets a recorded
@@ -89,9 +109,7 @@ impl SimpleBackend for RecordingBackend {
             ));
         }
         let tensor = self
-            .tensors
-            .load(&file_name, dev)
-            .and_then(|t| t.to_dtype(dtype))
+            .load(&file_name, dtype, dev)
             .map_err(|e| self.fail(&label, format!("cannot be loaded: {}", plain(&e))))?;
         self.served(&label, &file_name);
         Ok(tensor)
@@ -100,9 +118,7 @@ impl SimpleBackend for RecordingBackend {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let (file_name, label) = self.locate(name);
         let tensor = self
-            .tensors
-            .load(&file_name, dev)
-            .and_then(|t| t.to_dtype(dtype))
+            .load(&file_name, dtype, dev)
             .map_err(|e| self.fail(&label, format!("cannot be loaded: {}", plain(&e))))?;
         self.served(&label, &file_name);
         Ok(tensor)
@@ -114,7 +130,7 @@ impl SimpleBackend for RecordingBackend {
 }
 
 /// Memory-maps a safetensors file.
-fn map_file(file: &Path) -> Result<MmapedSafetensors, PipelineError> {
+pub(crate) fn map_file(file: &Path) -> Result<MmapedSafetensors, PipelineError> {
     std::fs::metadata(file).map_err(|e| PipelineError::io(file, e))?;
     // SAFETY: the mapping is only read while the module is built: every tensor is
     // copied out of it (`MmapedSafetensors::load`) and the map is dropped when `build`
@@ -154,6 +170,15 @@ pub(crate) fn tensor_shapes(file: &Path) -> Result<Vec<(String, Vec<usize>)>, Pi
         .collect())
 }
 
+/// Returns the name and shape of every tensor in `file`, by name.
+///
+/// # Errors
+///
+/// `Io` or `Weights` when the file cannot be read as safetensors.
+pub(crate) fn shapes(file: &Path) -> Result<BTreeMap<String, Vec<usize>>, PipelineError> {
+    Ok(tensor_shapes(file)?.into_iter().collect())
+}
+
 /// [`build`] for a file in another layout: `rename` maps each of the file's tensor
 /// names to the name the module asks for (`None`: not one the module reads). Errors
 /// name the file's tensor and, in parentheses, the module's name for it.
@@ -164,6 +189,35 @@ pub(crate) fn build_renamed<T>(
     rename: impl Fn(&str) -> Option<String>,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<T, PipelineError> {
+    build_with(file, dtype, device, rename, HashMap::new(), build)
+}
+
+/// Builds a module from `file` as [`build`] does, adding to each tensor named in
+/// `deltas` its delta (f32, the tensor's shape) before converting it to `dtype`.
+///
+/// # Errors
+///
+/// As [`build`]; also `Weights` when a delta names a tensor the module never read.
+pub(crate) fn build_merged<T>(
+    file: &Path,
+    dtype: DType,
+    device: &Device,
+    deltas: HashMap<String, Tensor>,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<T, PipelineError> {
+    build_with(file, dtype, device, |_| None, deltas, build)
+}
+
+/// [`build_renamed`] with `deltas` added as in [`build_merged`] (keyed by the file's names).
+fn build_with<T>(
+    file: &Path,
+    dtype: DType,
+    device: &Device,
+    rename: impl Fn(&str) -> Option<String>,
+    deltas: HashMap<String, Tensor>,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<T, PipelineError> {
+    let changed: BTreeSet<String> = deltas.keys().cloned().collect();
     let failure = Arc::new(Mutex::new(None));
     let served = Arc::new(Mutex::new(BTreeSet::new()));
     let tensors = map_file(file)?;
@@ -182,6 +236,7 @@ pub(crate) fn build_renamed<T>(
         failure: Arc::clone(&failure),
         served: Arc::clone(&served),
         names: (!names.is_empty()).then_some(names),
+        deltas,
     };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     let module = build(vb).map_err(|e| {
@@ -196,6 +251,12 @@ pub(crate) fn build_renamed<T>(
         }
     })?;
     let served = std::mem::take(&mut *served.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some(unread) = changed.iter().find(|n| !served.contains(*n)) {
+        return Err(PipelineError::Weights {
+            file: PathBuf::from(file),
+            message: format!("tensor {unread} is changed by a LoRA but the model never reads it"),
+        });
+    }
     let unused: Vec<&String> = present
         .iter()
         .filter(|n| !served.contains(*n) && !is_buffer(n))

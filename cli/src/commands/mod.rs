@@ -3,9 +3,11 @@
 pub mod bench;
 pub mod bench_pipeline;
 pub mod control;
+pub mod embedding;
 pub mod fetch;
 pub mod inspect;
 pub mod list;
+pub mod lora;
 pub mod model;
 pub mod preprocess;
 pub mod prompt;

@@ -102,6 +102,8 @@ pub(super) fn second_pass<'a>(p: &Pipeline, task: Task<'a>) -> Result<Task<'a>, 
     let guided = recipe.guidance > 1.0;
     let negative = guided.then_some(recipe.negative_prompt.as_str());
     let image = p.blank_image_conditioning(latent_height, latent_width)?;
+    // The same LoRAs and embeddings as the first pass (their variants are kept).
+    let applied = crate::adapters::apply(p, &recipe)?;
     // The second pass schedules prompt editing over its own steps, as A1111's
     // hires pass does.
     let text = tracing::info_span!("text_encode").in_scope(|| {
@@ -111,6 +113,7 @@ pub(super) fn second_pass<'a>(p: &Pipeline, task: Task<'a>) -> Result<Task<'a>, 
             hires.steps,
             (latent_height, latent_width),
             image,
+            &applied.text,
         )
     })?;
     let text_rows = text.rows_at(0);
@@ -124,6 +127,8 @@ pub(super) fn second_pass<'a>(p: &Pipeline, task: Task<'a>) -> Result<Task<'a>, 
         sampler,
         start,
         rows: task.rows,
+        unet: applied.unet,
+        unet_key: applied.unet_key,
         text,
         text_rows,
         cond,
