@@ -356,7 +356,13 @@ async fn every_post_checks_csrf_role_and_project() {
 async fn only_an_admin_gets_and_may_press_drain() {
     let f = farm(true);
     let registration = WorkerRegistration {
-        assets: Default::default(),
+        assets: crate::store::HeldAssets {
+            loras: vec![ModelInfo {
+                name: "mira-v3".into(),
+                hash: "fedcba9876543210".into(),
+            }],
+            ..Default::default()
+        },
         id: WorkerId("gpu-7".into()),
         labels: [("zone".to_string(), "east".to_string())].into(),
         gpu_memory_bytes: 0,
@@ -381,6 +387,7 @@ async fn only_an_admin_gets_and_may_press_drain() {
         page.body
     );
     assert!(page.body.contains("sim/cpu/f32/pipeline-1"));
+    assert!(page.body.contains(">lora:mira-v3<"), "{}", page.body);
     assert!(!page.body.contains(">Drain<"));
     let a = post(&f, "/workers/gpu-7/drain", &alice, &format!("csrf={csrf}")).await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);

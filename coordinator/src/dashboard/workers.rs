@@ -41,7 +41,7 @@ pub(crate) async fn fragment(core: &Core, v: &Visitor, page: usize) -> Result<St
     let may_drain = caller.require(Action::Drain).is_ok();
     let mut out = String::from(
         "<table class=\"workers\"><thead><tr><th>Worker</th><th>State</th><th>Labels</th><th>Class</th>\
-         <th>Models</th><th>In hand</th><th>Last heard</th><th>Done</th><th>Failures</th><th></th></tr></thead><tbody>",
+         <th>Models, LoRAs, embeddings, ControlNets</th><th>In hand</th><th>Last heard</th><th>Done</th><th>Failures</th><th></th></tr></thead><tbody>",
     );
     let mut jobs = BTreeMap::new();
     for w in workers.iter().skip(page * PAGE).take(PAGE) {
@@ -66,6 +66,29 @@ pub(crate) async fn fragment(core: &Core, v: &Visitor, page: usize) -> Result<St
                     esc(&m.name)
                 )
             })
+            .collect();
+        // LoRAs, embeddings and ControlNets the worker announced (#13, #14): the
+        // coordinator routes by them, so a supervisor sees why a task went where.
+        let assets = &r.assets;
+        let models: Vec<String> = models
+            .into_iter()
+            .chain(
+                [
+                    ("lora", &assets.loras),
+                    ("embedding", &assets.embeddings),
+                    ("controlnet", &assets.controlnets),
+                ]
+                .into_iter()
+                .flat_map(|(kind, held)| {
+                    held.iter().map(move |m| {
+                        format!(
+                            "<span class=\"model {kind}\" title=\"{kind} {}\">{kind}:{}</span>",
+                            esc(&m.hash),
+                            esc(&m.name)
+                        )
+                    })
+                }),
+            )
             .collect();
         let mut in_hand = Vec::new();
         for task in &w.running {
