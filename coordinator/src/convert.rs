@@ -194,29 +194,34 @@ pub fn running(r: &RunningTask) -> pb::TaskProgress {
     }
 }
 
-/// Reads the LoRAs, embeddings and ControlNets a registering worker announces;
-/// each name must follow the catalog name rule.
+/// Reads one list a registering worker announces (models, LoRAs, embeddings,
+/// ControlNets); each name must follow the catalog name rule.
+///
+/// # Errors
+/// The first name refused, as `FIELD[i].name`.
+pub fn announced(field: &str, infos: &[pb::ModelInfo]) -> Result<Vec<ModelInfo>, FieldError> {
+    infos
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            check_name(&format!("{field}[{i}].name"), &m.name)?;
+            Ok(ModelInfo {
+                name: m.name.clone(),
+                hash: m.hash.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Reads the LoRAs, embeddings and ControlNets a registering worker announces.
 ///
 /// # Errors
 /// The first name refused, as `loras[i].name` (or `embeddings`, `controlnets`).
 pub fn held_assets(req: &pb::RegisterRequest) -> Result<HeldAssets, FieldError> {
-    let list = |field: &str, infos: &[pb::ModelInfo]| {
-        infos
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                check_name(&format!("{field}[{i}].name"), &m.name)?;
-                Ok(ModelInfo {
-                    name: m.name.clone(),
-                    hash: m.hash.clone(),
-                })
-            })
-            .collect::<Result<Vec<_>, FieldError>>()
-    };
     Ok(HeldAssets {
-        loras: list("loras", &req.loras)?,
-        embeddings: list("embeddings", &req.embeddings)?,
-        controlnets: list("controlnets", &req.controlnets)?,
+        loras: announced("loras", &req.loras)?,
+        embeddings: announced("embeddings", &req.embeddings)?,
+        controlnets: announced("controlnets", &req.controlnets)?,
     })
 }
 

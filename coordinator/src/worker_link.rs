@@ -9,7 +9,6 @@ use bytes::Bytes;
 use kiln_proto::error::{FieldError, quote};
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 use kiln_proto::model::short_hash;
-use kiln_proto::recipe::check_model_name;
 use kiln_proto::status::bounded;
 use kiln_proto::{pb, telemetry};
 use tonic::{Request, Response, Status};
@@ -21,7 +20,7 @@ use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult, Report, StaleRefusal};
 use crate::metrics::{self, Completion};
 use crate::store::{
-    Claim, CompleteOutcome, FailOutcome, Fault, Lease, ModelInfo, Outcome, Preview, ProgressReport,
+    Claim, CompleteOutcome, FailOutcome, Fault, Lease, Outcome, Preview, ProgressReport,
     StoreError, TaskResult, TaskState, WorkerRegistration,
 };
 
@@ -115,14 +114,7 @@ async fn register(
         )
         .into());
     }
-    let mut models = Vec::with_capacity(req.models.len());
-    for (i, m) in req.models.iter().enumerate() {
-        check_model_name(&format!("models[{i}].name"), &m.name)?;
-        models.push(ModelInfo {
-            name: m.name.clone(),
-            hash: m.hash.clone(),
-        });
-    }
+    let models = convert::announced("models", &req.models)?;
     let assets = convert::held_assets(&req)?;
     let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
     let asset_names: Vec<&str> = [&assets.loras, &assets.embeddings, &assets.controlnets]
@@ -652,6 +644,7 @@ fn png_size(png: &[u8]) -> Option<(u32, u32)> {
 mod tests {
     use std::collections::BTreeMap;
 
+    use crate::store::ModelInfo;
     use kiln_proto::ids::JobId;
     use kiln_proto::pb::worker_link_server::WorkerLink;
     use kiln_proto::recipe::{Recipe, Scheduler};
