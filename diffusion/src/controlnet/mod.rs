@@ -7,9 +7,10 @@
 //! the first tensor that does not fit), and kept in [`ControlNets`] until the
 //! pipeline's owner drops it (`Pipeline::drop_part`; by default, for the
 //! pipeline's life), its bytes measured as the catalog measures models
-//! (`inspect::file_bytes` of its weights file). Files: `model` (the network), `original` (the single-file
-//! layout's tensor names), `apply` (control images per task and the residuals
-//! of a UNet batch), `tiny` (the random test ControlNets).
+//! (`inspect::file_bytes` of its weights file). Files: `model` (the network),
+//! `original` (the single-file layout's tensor names), `apply` (control images
+//! per task and the residuals of a UNet batch), `tiny` (the random test
+//! ControlNets).
 
 mod apply;
 mod model;
