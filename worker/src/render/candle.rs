@@ -53,6 +53,10 @@ pub struct CandleRenderer {
     /// held while a model loads, since the next render needs that model or
     /// the memory it frees.
     resident: Mutex<Residency<Arc<Pipeline>>>,
+    /// The resident models' names as last published ([`CandleRenderer::published`]):
+    /// what the agent's lease loop reads, which must not wait for a model load
+    /// holding `resident`.
+    names: Mutex<Vec<String>>,
     /// Where pipelines are loaded.
     device: Device,
     /// The dtype every model is loaded in.
@@ -177,6 +181,7 @@ impl CandleRenderer {
                 })?;
         }
         metrics::resident_bytes(resident.used());
+        let names = resident.names().iter().map(|n| n.to_string()).collect();
         let waiting: Vec<&str> = catalog
             .keys()
             .map(String::as_str)
@@ -188,6 +193,7 @@ impl CandleRenderer {
         Ok(Self {
             catalog,
             resident: Mutex::new(resident),
+            names: Mutex::new(names),
             device: device.clone(),
             precision,
             class: determinism_class(device, precision),
@@ -226,9 +232,11 @@ impl CandleRenderer {
             // Without a budget nothing is ever refused or evicted.
             let _ = resident.insert(Slot::model(&name), 0, pipeline, &[]);
         }
+        let names = resident.names().iter().map(|n| n.to_string()).collect();
         Self {
             catalog,
             resident: Mutex::new(resident),
+            names: Mutex::new(names),
             device: device.clone(),
             precision,
             class: determinism_class(device, precision),
@@ -273,6 +281,20 @@ impl CandleRenderer {
         self.resident.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Publishes a changed residency: the resident-bytes gauge and the names
+    /// the agent reads.
+    fn publish(&self, resident: &Residency<Arc<Pipeline>>) {
+        metrics::resident_bytes(resident.used());
+        let names = resident.names().iter().map(|n| n.to_string()).collect();
+        *self.names.lock().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+
+    /// Returns the resident models' names as last published, without waiting
+    /// for a model that is loading.
+    fn published(&self) -> Vec<String> {
+        self.names.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Returns the pipeline of a catalog model, loading it (and evicting the
     /// least recently used models that must go) when it is not resident.
     fn pipeline(&self, name: &str) -> Result<Arc<Pipeline>, RenderError> {
@@ -298,6 +320,7 @@ impl CandleRenderer {
             .map_err(|e| model_error(e.to_string()))?;
         // Free the evicted weights before loading the new ones.
         release(evicted, name);
+        self.publish(&resident);
         let budget = resident.budget();
         let pipeline = load_pipeline(
             entry,
@@ -319,7 +342,7 @@ impl CandleRenderer {
         let inserted = resident
             .insert(Slot::model(name), entry.bytes, pipeline.clone(), &[])
             .map_err(|e| model_error(e.to_string()));
-        metrics::resident_bytes(resident.used());
+        self.publish(&resident);
         release(inserted?, name);
         Ok(pipeline)
     }
@@ -357,7 +380,7 @@ impl CandleRenderer {
             }
         })?;
         release(evicted, model);
-        metrics::resident_bytes(resident.used());
+        self.publish(&resident);
         Ok(keep)
     }
 
@@ -386,7 +409,7 @@ impl CandleRenderer {
                 }
             }
         }
-        metrics::resident_bytes(resident.used());
+        self.publish(&resident);
     }
 }
 
@@ -461,9 +484,11 @@ impl Renderer for CandleRenderer {
         self.assets.clone()
     }
 
-    /// The models resident now, not the whole catalog.
+    /// The models resident now, not the whole catalog, as last published:
+    /// the lease loop calls this on the async runtime, so it never waits for a
+    /// model load.
     fn resident(&self) -> Vec<String> {
-        CandleRenderer::resident(self)
+        self.published()
     }
 
     fn render(
