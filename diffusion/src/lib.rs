@@ -87,6 +87,7 @@ mod unet;
 mod unet_blocks;
 mod vae;
 mod vae_blocks;
+mod vae_tiles;
 mod weights;
 
 #[cfg(test)]
@@ -125,6 +126,7 @@ pub use precision::{ParsePrecisionError, Precision};
 pub use preview::PreviewSink;
 pub use render::{RenderInput, RenderTimings, Rendered};
 pub use tiny::{ParseTinyKindError, TinyKind, write_tiny_model, write_tiny_model_kind};
+pub use vae_tiles::{VaeTile, VaeTileError};
 
 use layout::ModelFiles;
 use sampling::SchedulerConfig;
@@ -163,6 +165,9 @@ pub struct Pipeline {
     vae_scaling_factor: f64,
     /// Image pixels per latent pixel along each side (8 for SD).
     vae_downscale: usize,
+    /// Decoded tile side in pixels (`--vae-tile`; 0: untiled), set on a shared
+    /// pipeline by its owner ([`Pipeline::set_vae_tile`]).
+    vae_tile: std::sync::atomic::AtomicU32,
     /// The scheduler's training schedule; a sampler is planned from it per render.
     scheduler: SchedulerConfig,
     /// The LoRAs, embeddings and ControlNets recipes may name (none until
@@ -282,6 +287,7 @@ impl Pipeline {
             vae_dtype,
             vae_scaling_factor: vae_spec.scaling_factor,
             vae_downscale: vae_spec.downscale,
+            vae_tile: std::sync::atomic::AtomicU32::new(0),
             scheduler,
             assets: Arc::new(Assets::default()),
             preview: preview::LatentRgb::for_family(
@@ -289,6 +295,22 @@ impl Pipeline {
                 vae_spec.config.latent_channels,
             ),
         })
+    }
+
+    /// Decodes latents larger than `tile` tile by tile from now on (`None`: untiled),
+    /// as [`vae_tiles`] describes; images no larger than a tile keep their bytes.
+    pub fn set_vae_tile(&self, tile: Option<VaeTile>) {
+        let px = tile.map_or(0, VaeTile::pixels);
+        self.vae_tile
+            .store(px, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The tile size decoding uses, if tiled ([`Pipeline::set_vae_tile`]).
+    pub fn vae_tile(&self) -> Option<VaeTile> {
+        match self.vae_tile.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            px => VaeTile::parse(&px.to_string()).ok(),
+        }
     }
 
     /// Gives the pipeline the LoRAs, embeddings and ControlNets recipes may name.
@@ -501,7 +523,11 @@ impl Pipeline {
     /// `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
     fn decode(&self, latents: &Tensor) -> Result<RgbImage, PipelineError> {
         let latents = (latents / self.vae_scaling_factor)?.to_dtype(self.vae_dtype)?;
-        let image = self.vae.decode(&latents)?.to_dtype(DType::F32)?;
+        let image = match self.vae_tile() {
+            Some(tile) => vae_tiles::decode(&self.vae, &latents, tile, self.vae_downscale)?,
+            None => self.vae.decode(&latents)?,
+        }
+        .to_dtype(DType::F32)?;
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         let image = (image * 255.0)?.round()?.to_dtype(DType::U8)?;
         let (_, _, height, width) = image.dims4()?;

@@ -112,6 +112,13 @@ struct Args {
     /// determinism class: f16 workers render other bytes than f32 ones.
     #[arg(long, env = "KILN_DTYPE", default_value = "f32", value_parser = parse_precision)]
     dtype: Precision,
+    /// Decode images larger than PX pixels a side in overlapping tiles of PX
+    /// (a multiple of 64), blended over the overlaps as diffusers'
+    /// `enable_vae_tiling` does: the decoder's memory stays that of one tile.
+    /// Tiled images larger than a tile differ from untiled ones, so the tile
+    /// size is part of the determinism class. Default: untiled.
+    #[arg(long, env = "KILN_VAE_TILE", value_name = "PX", value_parser = kiln_diffusion::VaeTile::parse)]
+    vae_tile: Option<kiln_diffusion::VaeTile>,
     /// After SIGTERM (or Ctrl-C), how long the worker may spend finishing the
     /// tasks in hand before it hands the rest back to the queue and exits. A
     /// second signal hands them back at once.
@@ -258,12 +265,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if let (Some(metrics), Some(probe)) = (&metrics, device_memory::probe(&device)) {
                 metrics.watch_device_memory(probe);
             }
-            let (budget, precision) = (args.memory_budget, args.dtype);
-            let renderer = tokio::task::spawn_blocking(move || {
+            let (budget, precision, tile) = (args.memory_budget, args.dtype, args.vae_tile);
+            let mut renderer = tokio::task::spawn_blocking(move || {
                 CandleRenderer::open_with(&models, &device, precision, budget, assets)
             })
             .await
             .context("model loading stopped")??;
+            renderer.set_vae_tile(tile);
             Arc::new(renderer)
         }
     };

@@ -36,11 +36,11 @@ use candle_core::Device;
 use super::{ModelInfo, PreviewSink, RenderError, RenderTask, Rendered, Renderer};
 use crate::catalog::{CatalogEntry, Evicted, OverBudget, Residency, Slot, format_size};
 use crate::metrics;
-use kiln_diffusion::determinism_class;
 use kiln_diffusion::output::encode_png;
 use kiln_diffusion::{
     Assets, Pipeline, PipelineError, Precision, RenderInput, model_hash, resident_bytes,
 };
+use kiln_diffusion::{VaeTile, determinism_class};
 use kiln_domain::preview::Preview;
 
 /// Renders with candle pipelines, loading catalog models on demand and
@@ -65,6 +65,8 @@ pub struct CandleRenderer {
     class: String,
     /// The LoRAs, embeddings and ControlNets every pipeline is given.
     assets: Arc<Assets>,
+    /// Tiled VAE decoding for every pipeline (`--vae-tile`); part of the class.
+    vae_tile: Option<VaeTile>,
 }
 
 /// A model that cannot be put in the catalog or loaded.
@@ -198,7 +200,26 @@ impl CandleRenderer {
             precision,
             class: determinism_class(device, precision),
             assets,
+            vae_tile: None,
         })
+    }
+
+    /// Decodes latents larger than `tile` tile by tile in every pipeline, resident
+    /// or loaded later (`--vae-tile`), and names the tile in the determinism class:
+    /// tiled images larger than a tile differ from untiled ones.
+    pub fn set_vae_tile(&mut self, tile: Option<VaeTile>) {
+        self.vae_tile = tile;
+        self.class = format!(
+            "{}{}",
+            determinism_class(&self.device, self.precision),
+            VaeTile::class_suffix(tile)
+        );
+        let resident = self.lock();
+        for name in resident.names() {
+            if let Some(pipeline) = resident.peek(name) {
+                pipeline.set_vae_tile(tile);
+            }
+        }
     }
 
     /// Returns a renderer over pipelines already loaded (shared by the
@@ -217,6 +238,7 @@ impl CandleRenderer {
                 .map(|p| p.assets().clone())
                 .unwrap_or_default(),
         );
+        let vae_tile = models.values().next().and_then(|p| p.vae_tile());
         let mut resident = Residency::new(None);
         let mut catalog = BTreeMap::new();
         for (name, pipeline) in models {
@@ -239,8 +261,13 @@ impl CandleRenderer {
             names: Mutex::new(names),
             device: device.clone(),
             precision,
-            class: determinism_class(device, precision),
+            class: format!(
+                "{}{}",
+                determinism_class(device, precision),
+                VaeTile::class_suffix(vae_tile)
+            ),
             assets,
+            vae_tile,
         }
     }
 
@@ -338,6 +365,7 @@ impl CandleRenderer {
                 model_error(text)
             }
         })?;
+        pipeline.set_vae_tile(self.vae_tile);
         let pipeline = Arc::new(pipeline);
         let inserted = resident
             .insert(Slot::model(name), entry.bytes, pipeline.clone(), &[])
@@ -1105,5 +1133,22 @@ mod tests {
         assert_eq!(r.pipelines()["a"].precision(), Precision::F16);
         let shared = CandleRenderer::from_pipelines(r.pipelines(), &Device::Cpu);
         assert_eq!(shared.determinism_class(), f16);
+    }
+
+    #[test]
+    fn the_class_names_a_vae_tile_and_every_pipeline_decodes_with_it() {
+        let a = tempfile::tempdir().unwrap();
+        let models = vec![("a".to_string(), tiny(a.path()))];
+        let mut r = CandleRenderer::open(&models, &Device::Cpu, Precision::F32, None).unwrap();
+        let untiled = r.determinism_class();
+        let tile = VaeTile::parse("256").ok();
+        r.set_vae_tile(tile);
+        assert_eq!(r.determinism_class(), format!("{untiled}/vae-tile-256"));
+        assert_eq!(r.pipelines()["a"].vae_tile(), tile);
+        let shared = CandleRenderer::from_pipelines(r.pipelines(), &Device::Cpu);
+        assert_eq!(shared.determinism_class(), r.determinism_class());
+        r.set_vae_tile(None);
+        assert_eq!(r.determinism_class(), untiled);
+        assert_eq!(r.pipelines()["a"].vae_tile(), None);
     }
 }
