@@ -310,6 +310,15 @@ impl Pipeline {
         self.variants.resident()
     }
 
+    /// Returns the LoRA sets this pipeline holds ready, most recently used first:
+    /// sets a render applied whose merged UNet and text encoders are all still
+    /// kept, so another render with the set merges nothing. Each is its
+    /// [`kiln_domain::lora_set::LoraSet::key`]; the worker reports them with
+    /// every lease, and the coordinator prefers tasks with these sets.
+    pub fn ready_lora_sets(&self) -> Vec<String> {
+        self.variants.ready()
+    }
+
     /// Content hash of the model folder (hex sha256), as computed by `model_hash`.
     pub fn model_hash(&self) -> &str {
         &self.hash
