@@ -29,6 +29,7 @@ use kiln_diffusion::output::encode_png;
 use kiln_diffusion::{
     Assets, Pipeline, PipelineError, Precision, RenderInput, model_hash, resident_bytes,
 };
+use kiln_domain::lora_set::ReadyLoraSet;
 use kiln_domain::preview::Preview;
 
 /// Renders with candle pipelines, loading catalog models on demand and
@@ -347,6 +348,26 @@ impl Renderer for CandleRenderer {
         self.assets.clone()
     }
 
+    /// Reports the models loaded now, not the trait's default (the whole catalog).
+    fn resident(&self) -> Vec<String> {
+        CandleRenderer::resident(self)
+    }
+
+    /// Reports each resident pipeline's ready LoRA sets ([`Pipeline::ready_lora_sets`]).
+    fn ready_lora_sets(&self) -> Vec<ReadyLoraSet> {
+        self.pipelines()
+            .into_iter()
+            .flat_map(|(model, p)| {
+                p.ready_lora_sets()
+                    .into_iter()
+                    .map(move |set| ReadyLoraSet {
+                        model: model.clone(),
+                        set,
+                    })
+            })
+            .collect()
+    }
+
     fn render(
         &self,
         task: &RenderTask,
@@ -590,6 +611,11 @@ mod tests {
         let r = CandleRenderer::open(&models, &Device::Cpu, Precision::F32, Some(one + one / 2))
             .unwrap();
         assert_eq!(r.resident(), ["a"], "only what fits is loaded at start");
+        assert_eq!(
+            Renderer::resident(&r),
+            ["a"],
+            "a lease reports what is loaded, not the catalog"
+        );
         let announced: Vec<String> = r.models().into_iter().map(|m| m.name).collect();
         assert_eq!(announced, ["a", "b"], "the whole catalog is announced");
 
@@ -603,6 +629,50 @@ mod tests {
 
         let e = render(&r, "c").unwrap_err();
         assert!(matches!(e, RenderError::Model { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_lora_set_is_reported_ready_after_a_render_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny(&dir.path().join("tiny"));
+        let loras = dir.path().join("loras");
+        kiln_diffusion::write_tiny_lora(
+            &model,
+            &loras.join("inkwash.safetensors"),
+            kiln_diffusion::LoraFormat::Kohya,
+            1,
+        )
+        .unwrap();
+        let assets = Arc::new(Assets::scan(&[loras], &[], &[]).unwrap());
+        let models = vec![("tiny".to_string(), model)];
+        let r =
+            CandleRenderer::open_with(&models, &Device::Cpu, Precision::F32, None, assets.clone())
+                .unwrap();
+        assert!(r.ready_lora_sets().is_empty(), "nothing merged yet");
+        render(&r, "tiny").unwrap();
+        assert!(
+            r.ready_lora_sets().is_empty(),
+            "a plain render merges nothing"
+        );
+        // As the coordinator leases it: the LoRA pinned to its file's hash.
+        let mut with = recipe("tiny");
+        with.extras.loras.push(kiln_domain::extras::LoraRef {
+            name: "inkwash".into(),
+            hash: assets.loras["inkwash"].hash.clone(),
+            unet_weight: 0.8,
+            te_weight: 0.8,
+        });
+        r.render(&RenderTask::txt2img(with.clone()), &mut |_| true)
+            .unwrap();
+        let key = kiln_domain::lora_set::LoraSet::of(&with.extras.loras).key();
+        assert!(!key.is_empty());
+        assert_eq!(
+            r.ready_lora_sets(),
+            [ReadyLoraSet {
+                model: "tiny".into(),
+                set: key
+            }]
+        );
     }
 
     #[test]
