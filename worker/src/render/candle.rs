@@ -226,12 +226,7 @@ impl CandleRenderer {
 
     /// Returns the pipelines resident now, by name.
     pub fn pipelines(&self) -> BTreeMap<String, Arc<Pipeline>> {
-        let resident = self.lock();
-        resident
-            .names()
-            .into_iter()
-            .filter_map(|n| resident.peek(n).map(|p| (n.to_string(), p)))
-            .collect()
+        listed(&self.lock())
     }
 
     /// Returns the catalog: every model this renderer can render.
@@ -296,6 +291,15 @@ impl CandleRenderer {
     }
 }
 
+/// Returns the pipelines of a residency, by name.
+fn listed(resident: &Residency<Arc<Pipeline>>) -> BTreeMap<String, Arc<Pipeline>> {
+    resident
+        .names()
+        .into_iter()
+        .filter_map(|n| resident.peek(n).map(|p| (n.to_string(), p)))
+        .collect()
+}
+
 /// Loads a catalog model, gives it the worker's assets, and checks that its
 /// folder still has the hash the worker announced.
 fn load_pipeline(
@@ -348,14 +352,19 @@ impl Renderer for CandleRenderer {
         self.assets.clone()
     }
 
-    /// Reports the models loaded now, not the trait's default (the whole catalog).
-    fn resident(&self) -> Vec<String> {
-        CandleRenderer::resident(self)
-    }
-
     /// Reports each resident pipeline's ready LoRA sets ([`Pipeline::ready_lora_sets`]).
+    /// The agent asks before every lease, on the async runtime, and the render
+    /// thread holds the residency while it loads a model (seconds): then this
+    /// reports none rather than wait, and the claim merely prefers nothing.
     fn ready_lora_sets(&self) -> Vec<ReadyLoraSet> {
-        self.pipelines()
+        let resident = match self.resident.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Vec::new(),
+        };
+        let pipelines = listed(&resident);
+        drop(resident);
+        pipelines
             .into_iter()
             .flat_map(|(model, p)| {
                 p.ready_lora_sets()
@@ -611,11 +620,6 @@ mod tests {
         let r = CandleRenderer::open(&models, &Device::Cpu, Precision::F32, Some(one + one / 2))
             .unwrap();
         assert_eq!(r.resident(), ["a"], "only what fits is loaded at start");
-        assert_eq!(
-            Renderer::resident(&r),
-            ["a"],
-            "a lease reports what is loaded, not the catalog"
-        );
         let announced: Vec<String> = r.models().into_iter().map(|m| m.name).collect();
         assert_eq!(announced, ["a", "b"], "the whole catalog is announced");
 
