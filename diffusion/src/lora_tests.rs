@@ -208,7 +208,15 @@ fn a_pipeline_reports_the_lora_sets_it_holds_ready() -> TestResult {
         .parts()
         .into_iter()
         .map(|(part, _)| part)
-        .find(|part| matches!(part, Part::LoraVariant { component: "unet", .. }))
+        .find(|part| {
+            matches!(
+                part,
+                Part::LoraVariant {
+                    component: "unet",
+                    ..
+                }
+            )
+        })
         .expect("the merged UNet is a part");
     assert!(f.pipeline.drop_part(&unet));
     assert!(f.pipeline.ready_lora_sets().is_empty());
