@@ -177,8 +177,9 @@ async fn lease(
     // Read at every claim: a SIGHUP reload changes the caps of the next one.
     let caps = core.auth.running_caps();
     let ttl = core.config.lease_ttl;
+    let ready = kiln_proto::convert::ready_sets_from_pb(&req.ready_lora_sets);
     let claim = tokio::select! {
-        c = core.store.claim(&worker, owner, max, ttl, wait, &req.resident_models, &caps) => c?,
+        c = core.store.claim(&worker, owner, max, ttl, wait, &req.resident_models, &ready, &caps) => c?,
         // Claims are cancel-safe: dropping a waiting claim leased nothing.
         _ = core.shutdown.cancelled() => Default::default(),
     };
@@ -740,7 +741,16 @@ mod tests {
             .unwrap();
         let ttl = Duration::from_secs(30);
         let anchor = store
-            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
+            .claim(
+                &w,
+                None,
+                1,
+                ttl,
+                Duration::ZERO,
+                &[],
+                &[],
+                &RunningCaps::new(),
+            )
             .await
             .unwrap()
             .leases
@@ -771,6 +781,7 @@ mod tests {
                 max_tasks,
                 wait_ms: 0,
                 resident_models: Vec::new(),
+                ready_lora_sets: Vec::new(),
             });
             // What the interceptor puts there without --auth.
             request.extensions_mut().insert(Caller::implicit_admin());
@@ -884,7 +895,16 @@ mod tests {
         let w = WorkerId("w1".into());
         let ttl = Duration::from_secs(30);
         let old = store
-            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
+            .claim(
+                &w,
+                None,
+                1,
+                ttl,
+                Duration::ZERO,
+                &[],
+                &[],
+                &RunningCaps::new(),
+            )
             .await
             .unwrap()
             .leases
@@ -892,7 +912,16 @@ mod tests {
         // The worker restarts: its old lease is released and fenced.
         store.register_worker(registration, None).await.unwrap();
         let new = store
-            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
+            .claim(
+                &w,
+                None,
+                1,
+                ttl,
+                Duration::ZERO,
+                &[],
+                &[],
+                &RunningCaps::new(),
+            )
             .await
             .unwrap()
             .leases

@@ -102,6 +102,7 @@ pub(crate) fn apply(p: &Pipeline, recipe: &Recipe) -> Result<Applied, PipelineEr
             models.push(p.variants.text(index, &text_set)?);
         }
     }
+    p.variants.applied(&unet_set, &text_set);
     let mut embeddings = Vec::with_capacity(extras.embeddings.len());
     for e in &extras.embeddings {
         let file = find(

@@ -336,6 +336,15 @@ impl Pipeline {
         self.variants.resident()
     }
 
+    /// Returns the LoRA sets this pipeline holds ready, most recently used first:
+    /// sets a render applied whose merged UNet and text encoders are all still
+    /// kept, so another render with the set merges nothing. Each is its
+    /// [`kiln_domain::lora_set::LoraSet::key`]; the worker reports them with
+    /// every lease, and the coordinator prefers tasks with these sets.
+    pub fn ready_lora_sets(&self) -> Vec<String> {
+        self.variants.ready()
+    }
+
     /// Returns what the pipeline holds beyond its base model (merged LoRA
     /// variants, ControlNets), each with its bytes, measured as [`resident_bytes`]
     /// measures models.

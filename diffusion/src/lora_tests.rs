@@ -147,6 +147,83 @@ fn merged_variants_stay_within_the_budget() -> TestResult {
 }
 
 #[test]
+fn a_pipeline_reports_the_lora_sets_it_holds_ready() -> TestResult {
+    let mut f = fixture(TinyKind::Sd15)?;
+    // Recipes as the coordinator sends them: each LoRA pinned to its file's hash.
+    let pinned = |p: &Pipeline, name: &str, unet: f64, te: f64| {
+        let mut l = lora(name, unet, te);
+        l.hash = p.assets().loras[name].hash.clone();
+        l
+    };
+    let one = with_loras(
+        "a lighthouse",
+        9,
+        vec![pinned(&f.pipeline, "inkwash", 0.7, 0.7)],
+    );
+    let other = with_loras(
+        "a lighthouse",
+        9,
+        vec![pinned(&f.pipeline, "mira", 0.5, 0.0)],
+    );
+    let key = |r: &Recipe| kiln_domain::lora_set::LoraSet::of(&r.extras.loras).key();
+    assert!(
+        f.pipeline.ready_lora_sets().is_empty(),
+        "nothing merged yet"
+    );
+    render(&f.pipeline, &recipe("a lighthouse", 9))?;
+    assert!(
+        f.pipeline.ready_lora_sets().is_empty(),
+        "the base model is no set"
+    );
+    render(&f.pipeline, &one)?;
+    assert_eq!(f.pipeline.ready_lora_sets(), [key(&one)]);
+    render(&f.pipeline, &other)?;
+    assert_eq!(
+        f.pipeline.ready_lora_sets(),
+        [key(&other), key(&one)],
+        "both kept, the latest first"
+    );
+    // Room for one UNet and one text encoder: rendering `one` evicts `other`'s UNet.
+    let (_, bytes) = f.pipeline.lora_variants();
+    f.pipeline.set_lora_budget(bytes * 2 / 3);
+    assert!(
+        f.pipeline.ready_lora_sets().is_empty(),
+        "the variants were dropped"
+    );
+    render(&f.pipeline, &other)?;
+    render(&f.pipeline, &one)?;
+    assert_eq!(f.pipeline.ready_lora_sets(), [key(&one)]);
+    f.pipeline.set_lora_budget(0);
+    render(&f.pipeline, &one)?;
+    assert!(
+        f.pipeline.ready_lora_sets().is_empty(),
+        "a set merged for one render and dropped is not ready"
+    );
+    // The owner budgets the variants as parts: a dropped part unreadies its set.
+    f.pipeline.set_lora_budget(u64::MAX);
+    render(&f.pipeline, &one)?;
+    assert_eq!(f.pipeline.ready_lora_sets(), [key(&one)]);
+    let unet = f
+        .pipeline
+        .parts()
+        .into_iter()
+        .map(|(part, _)| part)
+        .find(|part| {
+            matches!(
+                part,
+                Part::LoraVariant {
+                    component: "unet",
+                    ..
+                }
+            )
+        })
+        .expect("the merged UNet is a part");
+    assert!(f.pipeline.drop_part(&unet));
+    assert!(f.pipeline.ready_lora_sets().is_empty());
+    Ok(())
+}
+
+#[test]
 fn merged_variants_are_parts_with_bytes_that_an_owner_can_drop() -> TestResult {
     let mut f = fixture(TinyKind::Sd15)?;
     // The owner keeps the budget: the pipeline evicts nothing itself.

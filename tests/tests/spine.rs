@@ -368,6 +368,7 @@ fn stale_epoch_complete_is_refused_with_failed_precondition() {
                     max_tasks: 1,
                     wait_ms: 5000,
                     resident_models: vec![],
+                    ready_lora_sets: vec![],
                 })
                 .await
                 .unwrap()

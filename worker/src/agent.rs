@@ -327,8 +327,9 @@ impl Agent {
                 }
             }
             let asked = tokio::time::Instant::now();
+            let ready = self.renderer.ready_lora_sets();
             let answer = tokio::select! {
-                r = self.shared.link.lease(self.shared.worker.as_str(), free, POLL_WAIT, self.renderer.resident()) => r,
+                r = self.shared.link.lease(self.shared.worker.as_str(), free, POLL_WAIT, self.renderer.resident(), &ready) => r,
                 _ = drained() => return Ok(()),
             };
             match answer {

@@ -20,7 +20,7 @@ use kiln_worker::model_cache;
 use kiln_worker::readiness::Readiness;
 use kiln_worker::render::{
     Assets, CandleRenderer, Renderer, SimOptions, SimRenderer, open_device, parse_controlnet_args,
-    parse_model_args,
+    parse_model_args, parse_ready_set,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -140,6 +140,15 @@ struct Args {
     /// Sim renderer only: fail every render (a broken worker, for tests).
     #[arg(long)]
     sim_fail: bool,
+    /// Sim renderer only: a LoRA set held ready from the start, as prompt tags
+    /// (e.g. `<lora:inkwash:0.7><lora:mira>`) naming LoRAs of --lora-dir;
+    /// repeat for more sets.
+    #[arg(long, value_name = "TAGS")]
+    sim_ready_lora: Vec<String>,
+    /// Sim renderer only: LoRA sets held ready at once; a render with another
+    /// set makes it ready and drops the least recently used.
+    #[arg(long, value_name = "N", default_value_t = kiln_worker::render::DEFAULT_LORA_SLOTS)]
+    sim_lora_slots: usize,
     /// Serve /metrics, /healthz, /readyz and the gRPC health service on this
     /// address (off by default: one host runs one worker per GPU).
     #[arg(long, env = "KILN_WORKER_HTTP", value_name = "ADDR")]
@@ -247,6 +256,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .iter()
                 .map(|m| m.split_once('=').map_or(m.as_str(), |(n, _)| n).to_string())
                 .collect();
+            let ready_sets = args
+                .sim_ready_lora
+                .iter()
+                .map(|tags| parse_ready_set("--sim-ready-lora", tags, &assets))
+                .collect::<Result<Vec<_>, _>>()?;
             Arc::new(SimRenderer::with_options(
                 &names,
                 args.sim_step,
@@ -255,6 +269,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     load_time: args.sim_load,
                     fail: args.sim_fail,
                     assets,
+                    ready_sets,
+                    lora_slots: args.sim_lora_slots,
                 },
             ))
         }

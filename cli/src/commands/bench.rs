@@ -213,7 +213,7 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
                 resident_slots: Some(1),
                 load_time: opts.load,
                 fail: false,
-                assets: Default::default(),
+                ..Default::default()
             },
         ));
         sims.push(sim.clone());

@@ -39,14 +39,11 @@ pub(crate) struct LoraSet {
 }
 
 impl LoraSet {
-    /// Returns the set's key: each file's hash and the exact bits of its weight.
-    /// Empty for the empty set (the base model).
+    /// Returns the set's key: each file's hash and the exact bits of its weight
+    /// ([`kiln_domain::lora_set::merge_key`], the one definition the coordinator
+    /// keys tasks with). Empty for the empty set (the base model).
     pub(crate) fn key(&self) -> String {
-        self.entries
-            .iter()
-            .map(|(file, w)| format!("{}@{:016x}", file.hash, w.to_bits()))
-            .collect::<Vec<_>>()
-            .join(",")
+        kiln_domain::lora_set::merge_key(self.entries.iter().map(|(f, w)| (f.hash.as_str(), *w)))
     }
 
     /// Returns true when no LoRA applies.
@@ -76,6 +73,10 @@ struct Entry {
 struct Cache {
     entries: Vec<Entry>,
     tick: u64,
+    /// The (UNet key, text key) pairs renders applied, least recently first, at
+    /// most [`MAX_READY_SETS`](kiln_domain::lora_set::MAX_READY_SETS): the sets
+    /// [`Variants::ready`] may report, each while its variants are kept.
+    applied: std::collections::VecDeque<(String, String)>,
 }
 
 /// What a variant is built from, and the variants built.
@@ -162,6 +163,45 @@ impl Variants {
             cache.entries.len(),
             cache.entries.iter().map(|e| e.bytes).sum(),
         )
+    }
+
+    /// Records that a render applied `unet` to the UNet and `text` to the text
+    /// encoders (after their variants were built), for [`Variants::ready`].
+    pub(crate) fn applied(&self, unet: &LoraSet, text: &LoraSet) {
+        let pair = (unet.key(), text.key());
+        if pair.0.is_empty() && pair.1.is_empty() {
+            return;
+        }
+        let mut cache = self.cache();
+        cache.applied.retain(|p| *p != pair);
+        cache.applied.push_back(pair);
+        while cache.applied.len() > kiln_domain::lora_set::MAX_READY_SETS {
+            cache.applied.pop_front();
+        }
+    }
+
+    /// Returns the keys ([`kiln_domain::lora_set::set_key`]) of the applied LoRA
+    /// sets whose every changed component is still kept: a render with one of
+    /// them merges nothing. Most recently applied first.
+    pub(crate) fn ready(&self) -> Vec<String> {
+        let cache = self.cache();
+        let kept = |component: Component, key: &str| {
+            key.is_empty()
+                || cache
+                    .entries
+                    .iter()
+                    .any(|e| e.key.0 == component && e.key.1 == key)
+        };
+        cache
+            .applied
+            .iter()
+            .rev()
+            .filter(|(unet, text)| {
+                kept(Component::Unet, unet)
+                    && (0..self.targets.text.len()).all(|i| kept(Component::Text(i), text))
+            })
+            .map(|(unet, text)| kiln_domain::lora_set::set_key(unet, text))
+            .collect()
     }
 
     /// Returns every variant kept that holds memory: its key and bytes.

@@ -41,6 +41,7 @@ use kiln_diffusion::{
     Assets, Pipeline, PipelineError, Precision, RenderInput, model_hash, resident_bytes,
 };
 use kiln_diffusion::{VaeTile, determinism_class};
+use kiln_domain::lora_set::ReadyLoraSet;
 use kiln_domain::preview::Preview;
 
 /// Renders with candle pipelines, loading catalog models on demand and
@@ -273,12 +274,7 @@ impl CandleRenderer {
 
     /// Returns the pipelines resident now, by name.
     pub fn pipelines(&self) -> BTreeMap<String, Arc<Pipeline>> {
-        let resident = self.lock();
-        resident
-            .names()
-            .into_iter()
-            .filter_map(|n| resident.peek(n).map(|p| (n.to_string(), p)))
-            .collect()
+        listed(&self.lock())
     }
 
     /// Returns the catalog: every model this renderer can render.
@@ -455,6 +451,15 @@ fn release(evicted: Evicted<Arc<Pipeline>>, for_model: &str) {
     }
 }
 
+/// Returns the pipelines of a residency, by name.
+fn listed(resident: &Residency<Arc<Pipeline>>) -> BTreeMap<String, Arc<Pipeline>> {
+    resident
+        .names()
+        .into_iter()
+        .filter_map(|n| resident.peek(n).map(|p| (n.to_string(), p)))
+        .collect()
+}
+
 /// Loads a catalog model, gives it the worker's assets, and checks that its
 /// folder still has the hash the worker announced. Under a worker budget the
 /// pipeline evicts no merged variant itself: the residency does.
@@ -510,6 +515,31 @@ impl Renderer for CandleRenderer {
 
     fn assets(&self) -> Arc<Assets> {
         self.assets.clone()
+    }
+
+    /// Reports each resident pipeline's ready LoRA sets ([`Pipeline::ready_lora_sets`]).
+    /// The agent asks before every lease, on the async runtime, and the render
+    /// thread holds the residency while it loads a model (seconds): then this
+    /// reports none rather than wait, and the claim merely prefers nothing.
+    fn ready_lora_sets(&self) -> Vec<ReadyLoraSet> {
+        let resident = match self.resident.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Vec::new(),
+        };
+        let pipelines = listed(&resident);
+        drop(resident);
+        pipelines
+            .into_iter()
+            .flat_map(|(model, p)| {
+                p.ready_lora_sets()
+                    .into_iter()
+                    .map(move |set| ReadyLoraSet {
+                        model: model.clone(),
+                        set,
+                    })
+            })
+            .collect()
     }
 
     /// The models resident now, not the whole catalog, as last published:
@@ -795,6 +825,50 @@ mod tests {
 
         let e = render(&r, "c").unwrap_err();
         assert!(matches!(e, RenderError::Model { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_lora_set_is_reported_ready_after_a_render_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny(&dir.path().join("tiny"));
+        let loras = dir.path().join("loras");
+        kiln_diffusion::write_tiny_lora(
+            &model,
+            &loras.join("inkwash.safetensors"),
+            kiln_diffusion::LoraFormat::Kohya,
+            1,
+        )
+        .unwrap();
+        let assets = Arc::new(Assets::scan(&[loras], &[], &[]).unwrap());
+        let models = vec![("tiny".to_string(), model)];
+        let r =
+            CandleRenderer::open_with(&models, &Device::Cpu, Precision::F32, None, assets.clone())
+                .unwrap();
+        assert!(r.ready_lora_sets().is_empty(), "nothing merged yet");
+        render(&r, "tiny").unwrap();
+        assert!(
+            r.ready_lora_sets().is_empty(),
+            "a plain render merges nothing"
+        );
+        // As the coordinator leases it: the LoRA pinned to its file's hash.
+        let mut with = recipe("tiny");
+        with.extras.loras.push(kiln_domain::extras::LoraRef {
+            name: "inkwash".into(),
+            hash: assets.loras["inkwash"].hash.clone(),
+            unet_weight: 0.8,
+            te_weight: 0.8,
+        });
+        r.render(&RenderTask::txt2img(with.clone()), &mut |_| true)
+            .unwrap();
+        let key = kiln_domain::lora_set::LoraSet::of(&with.extras.loras).key();
+        assert!(!key.is_empty());
+        assert_eq!(
+            r.ready_lora_sets(),
+            [ReadyLoraSet {
+                model: "tiny".into(),
+                set: key
+            }]
+        );
     }
 
     #[test]

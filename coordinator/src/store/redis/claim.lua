@@ -4,15 +4,18 @@
 -- task_allows = the model hash and the assets (policy::holds_all), then
 -- policy::task_open_to, with stand_in_exists =
 -- policy::can_stand_in), order (policy::job_rank), model affinity
--- (policy::choose, policy::switch_justified), then batch filling with each
--- task's stored batch key (policy::task_batch_key), then the same model.
+-- (policy::choose, policy::switch_justified), LoRA-set affinity
+-- (policy::needs_merge, policy::set_ready over each task's stored `lset`,
+-- policy::task_lora_set), then batch filling with each task's stored batch
+-- key (policy::task_batch_key), then LoRA sets ready here, then the same model.
 -- Tasks whose recipe already has a result in the project for the worker's
 -- class are completed from it on the way.
 -- A project gets no lease past its max_running_tasks (policy::under_cap):
 -- its leased tasks are counted in the `project_running` hash, which `lease` below and
 -- `end_lease` (prelude) keep.
 -- ARGV: 3 worker, 4 max, 5 lease ttl ms, 6 resident models json (list),
---   7 owner, 8 caps json ({project: max_running_tasks}).
+--   7 owner, 8 caps json ({project: max_running_tasks}),
+--   9 ready LoRA sets json ({model: [set key, ...]}).
 -- Returns {'unknown'}, {'bound'}, {'drain'}, or {'ok', n leases, n deduped, n finished,
 --   LEASE_FIELDS values per lease (task, job, index, epoch, recipe, init,
 --   anchor index or -1), DEDUPED_FIELDS per deduped (task, job, file, source, model),
@@ -211,6 +214,34 @@ if first_choice then
   end
 end
 
+-- LoRA-set affinity (policy step 4): the chosen task's job and model stand;
+-- when it would make this worker merge LoRAs, the first of the first
+-- READY_LOOKAHEAD queued tasks of that job and model that the worker may take
+-- and holds the set of ready goes first, served from an earlier result on the
+-- way (memory/claim.rs: prefer_ready).
+local ready = {}
+for model, sets in pairs(cjson.decode(ARGV[9])) do
+  ready[model] = {}
+  for _, set in ipairs(sets) do ready[model][set] = true end
+end
+local function set_ready(model, set)
+  return set ~= '' and ready[model] ~= nil and ready[model][set] == true
+end
+if chosen then
+  local set = redis.call('HGET', k('task', chosen.tid), 'lset') or ''
+  if set ~= '' and not set_ready(chosen.model, set) then
+    local j = chosen.job
+    for _, tid in ipairs(redis.call('ZRANGE', k('q', j.id, chosen.model), 0, READY_LOOKAHEAD - 1)) do
+      local lset = redis.call('HGET', k('task', tid), 'lset') or ''
+      if set_ready(chosen.model, lset) and task_allows(j, tid, chosen.model)
+        and not try_dedupe(j, tid, chosen.model) then
+        chosen = {tid = tid, job = j, model = chosen.model, priority = chosen.priority}
+        break
+      end
+    end
+  end
+end
+
 local leases = {}
 local function lease(tid, j, model)
   local t = k('task', tid)
@@ -243,15 +274,23 @@ if chosen then
   lease(chosen.tid, chosen.job, chosen.model)
   local taken = 1
   local key = redis.call('HGET', k('task', chosen.tid), 'bkey')
-  -- Fill free slots: the same UNet batch first, then the same model.
-  for _, same_batch in ipairs({true, false}) do
+  local first_set = redis.call('HGET', k('task', chosen.tid), 'lset') or ''
+  -- Fill free slots: the same UNet batch first, then LoRA sets ready here
+  -- or the first task's, then the same model (policy step 5).
+  for _, pass in ipairs({'batch', 'ready', 'model'}) do
     for _, j in ipairs(jobs) do
       if taken >= max then break end
       if job_allows(j) then
         local ids = redis.call('ZRANGE', k('q', j.id, chosen.model), 0, (max - taken) + FILL_LOOKAHEAD - 1)
         for _, tid in ipairs(ids) do
           if taken >= max or not has_room(j.project) then break end
-          local fits = (not same_batch) or redis.call('HGET', k('task', tid), 'bkey') == key
+          local fits = true
+          if pass == 'batch' then
+            fits = redis.call('HGET', k('task', tid), 'bkey') == key
+          elseif pass == 'ready' then
+            local lset = redis.call('HGET', k('task', tid), 'lset') or ''
+            fits = lset ~= '' and (lset == first_set or set_ready(chosen.model, lset))
+          end
           if fits and redis.call('HGET', k('task', tid), 'state') == TASK_QUEUED and task_allows(j, tid, chosen.model) then
             lease(tid, j, chosen.model)
             taken = taken + 1
