@@ -81,10 +81,22 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         let span = tracing::info_span!("result_intake", task = %request.get_ref().task_id);
         telemetry::adopt(&span, request.metadata());
         let caller = caller_of(&request)?;
-        intake(&self.core, &caller, request.into_inner())
-            .instrument(span)
-            .await?;
-        Ok(Response::new(pb::CompleteResponse {}))
+        let mut req = request.into_inner();
+        let (worker_id, lease_next) = (req.worker_id.clone(), req.lease_next);
+        let resident_models = std::mem::take(&mut req.resident_models);
+        intake(&self.core, &caller, req).instrument(span).await?;
+        let next = if lease_next > 0 {
+            let ask = pb::LeaseRequest {
+                worker_id,
+                max_tasks: lease_next,
+                wait_ms: 0,
+                resident_models,
+            };
+            next_leases(&self.core, &caller, ask).await
+        } else {
+            None
+        };
+        Ok(Response::new(pb::CompleteResponse { next }))
     }
 
     async fn fail(
@@ -205,6 +217,26 @@ async fn lease(
     }
 }
 
+/// The leases a Complete carries back (`CompleteRequest.lease_next`): a
+/// Lease that never waits, taken after the result was accepted. The result
+/// stands whatever happens here, so a lease that cannot be made is logged and
+/// left out (leases that were claimed but cannot be sent are handed back by
+/// [`lease`]); the worker then calls Lease itself.
+async fn next_leases(
+    core: &Core,
+    caller: &Caller,
+    ask: pb::LeaseRequest,
+) -> Option<pb::LeaseResponse> {
+    let worker = ask.worker_id.clone();
+    match lease(core, caller, ask).await {
+        Ok(answer) => Some(answer),
+        Err(e) => {
+            tracing::warn!(worker = %worker, error = %e, "no lease with the completion; the worker will call Lease");
+            None
+        }
+    }
+}
+
 /// Builds the answer to a claim: publishes the images of deduplicated tasks,
 /// finalizes the jobs they finished, and reads the blobs of every lease. On
 /// failure, names the lease whose blobs could not be read, if it was one.
@@ -261,7 +293,7 @@ async fn lease_response(
 
 /// Records `kiln_queue_wait_seconds` for the leases that are their task's
 /// first (epoch 1: epochs grow on every claim and reap), from the job's
-/// submission time, read once per job.
+/// submission time, which the core remembers per job.
 async fn record_queue_waits(core: &Core, leases: &[Lease]) {
     let mut jobs: Vec<(JobId, usize)> = Vec::new();
     for l in leases.iter().filter(|l| l.epoch == Epoch(1)) {
@@ -271,11 +303,10 @@ async fn record_queue_waits(core: &Core, leases: &[Lease]) {
         }
     }
     for (job, n) in jobs {
-        match core.store.job(job).await {
-            Ok(record) => {
-                let waited = Duration::from_millis(
-                    u64::try_from(unix_ms() - record.created_at_ms).unwrap_or(0),
-                );
+        match core.submitted_at_ms(job).await {
+            Ok(created_at_ms) => {
+                let waited =
+                    Duration::from_millis(u64::try_from(unix_ms() - created_at_ms).unwrap_or(0));
                 for _ in 0..n {
                     metrics::queue_wait(waited);
                 }
@@ -827,6 +858,7 @@ mod tests {
             png,
             model_hash: "h".into(),
             timings: None,
+            ..Default::default()
         });
         // What the interceptor puts there without --auth.
         request.extensions_mut().insert(Caller::implicit_admin());
