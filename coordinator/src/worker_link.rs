@@ -865,6 +865,133 @@ mod tests {
         request
     }
 
+    /// A Complete asking for `lease_next` carries the worker's next lease
+    /// back, taken only after the result was accepted; with nothing queued
+    /// it carries an empty answer, and a request without the field (an older
+    /// worker) gets none: that worker calls Lease as before.
+    #[tokio::test]
+    async fn a_completion_carries_the_next_lease_when_asked() {
+        let store = Arc::new(MemoryStore::new());
+        store
+            .register_worker(
+                WorkerRegistration {
+                    id: WorkerId("w1".into()),
+                    labels: BTreeMap::new(),
+                    gpu_memory_bytes: 0,
+                    slots: 1,
+                    models: vec![ModelInfo {
+                        name: "tiny".into(),
+                        hash: "h".into(),
+                    }],
+                    determinism_class: "cpu/f32".into(),
+                    version: "test".into(),
+                    assets: Default::default(),
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let job = JobId::new();
+        let mut tasks = vec![task(0, None), task(1, None), task(2, None)];
+        for t in &mut tasks {
+            t.series = None;
+        }
+        store
+            .create_job(NewJob {
+                id: job,
+                name: "three".into(),
+                project: "default".into(),
+                priority: 0,
+                idempotency_key: None,
+                tasks,
+                blobs: Vec::new(),
+                pin_class: false,
+                class: None,
+                dedupe: false,
+                verify_of: None,
+                traceparent: None,
+                notify: Vec::new(),
+                submitted_by: None,
+            })
+            .await
+            .unwrap();
+        let core = Arc::new(Core::new(
+            store.clone(),
+            ResultStore::in_memory(),
+            CoordinatorConfig::default(),
+        ));
+        let service = WorkerLinkService::new(core);
+        let first = store
+            .claim(
+                &WorkerId("w1".into()),
+                None,
+                1,
+                Duration::from_secs(30),
+                Duration::ZERO,
+                &[],
+                &RunningCaps::new(),
+            )
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        let ask = |task: TaskId, epoch: Epoch, lease_next: u32| {
+            let mut request = complete_request(task, epoch, png(1));
+            request.get_mut().lease_next = lease_next;
+            request.get_mut().resident_models = vec!["tiny".into()];
+            service.complete(request)
+        };
+        let next = ask(first.task, first.epoch, 1)
+            .await
+            .unwrap()
+            .into_inner()
+            .next
+            .expect("asked for a next lease");
+        assert_eq!(next.tasks.len(), 1);
+        let second = store.task_at(job, 1).await.unwrap();
+        assert_eq!(next.tasks[0].task_id, second.id.to_string());
+        assert_eq!(second.state, TaskState::Leased);
+        assert_eq!(second.attempts[0].worker, WorkerId("w1".into()));
+        let first_now = store.task_at(job, 0).await.unwrap();
+        assert_eq!(first_now.state, TaskState::Completed, "accepted first");
+        // An older worker's request: the result is taken, no lease with it.
+        let answer = ask(second.id, Epoch(next.tasks[0].epoch), 0)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.next, None);
+        assert_eq!(
+            store.task_at(job, 2).await.unwrap().state,
+            TaskState::Queued,
+            "nothing leased without lease_next"
+        );
+        let third = store
+            .claim(
+                &WorkerId("w1".into()),
+                None,
+                1,
+                Duration::from_secs(30),
+                Duration::ZERO,
+                &[],
+                &RunningCaps::new(),
+            )
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        // Nothing left to lease: an empty answer, and the job is done.
+        let last = ask(third.task, third.epoch, 1).await.unwrap().into_inner();
+        assert_eq!(last.next.map(|n| n.tasks.len()), Some(0));
+        let counts: Vec<TaskState> = store
+            .tasks(job)
+            .await
+            .unwrap()
+            .iter()
+            .map(|t| t.state)
+            .collect();
+        assert_eq!(counts, [TaskState::Completed; 3]);
+    }
+
     /// On a real S3 API (moto, see `kiln_tests::s3`): a completion under an epoch the store
     /// refuses leaves nothing in the bucket, neither under the final name
     /// nor staged; the accepted one appears under the final name only.
