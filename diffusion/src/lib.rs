@@ -39,7 +39,8 @@
 //! and `text_cache` (prompt weighting, chunking, the text encoders and their
 //! cache), `unet` and `unet_blocks` (the denoiser), `vae`, `images` (init images
 //! and masks), `render` (the denoising loop, batching), `sampling` (the
-//! samplers), `precision`, `hash`, `device` (devices and the determinism
+//! samplers), `parts` (merged LoRA variants and ControlNets as an owner
+//! budgets them), `precision`, `hash`, `device` (devices and the determinism
 //! class), `output` (PNG encoding with metadata chunks, `PIPELINE_VERSION`),
 //! `bench` (the timings of `kiln bench pipeline`), and `tiny`, `tiny_configs`
 //! and `tiny_tokenizer` (the test models).
@@ -68,6 +69,7 @@ mod lora;
 pub mod noise;
 /// PNG encoding with the A1111 `parameters` and the `kiln` chunks.
 pub mod output;
+mod parts;
 mod precision;
 /// Weight-free control-image preprocessors (canny, scribble, lineart) and control-image fitting.
 pub mod preprocess;
@@ -118,6 +120,7 @@ pub use hash::model_hash;
 pub use inspect::{PromptTokenizer, resident_bytes};
 pub use kiln_domain::recipe::Recipe;
 pub use lora::{LoraFormat, ParseLoraFormatError, write_tiny_lora};
+pub use parts::{Needed, Part};
 pub use precision::{ParsePrecisionError, Precision};
 pub use preview::PreviewSink;
 pub use render::{RenderInput, RenderTimings, Rendered};
@@ -300,7 +303,8 @@ impl Pipeline {
 
     /// Sets the most memory the UNets and text encoders merged with LoRAs may keep
     /// (by default twice the base model's UNet and text encoders); 0 keeps none, so
-    /// every render with LoRAs merges again. Drops the variants kept so far.
+    /// every render with LoRAs merges again; `u64::MAX` evicts none, for an owner
+    /// that drops them itself ([`Pipeline::drop_part`]). Drops the variants kept so far.
     pub fn set_lora_budget(&mut self, bytes: u64) {
         self.variants.set_budget(bytes);
     }
@@ -308,6 +312,27 @@ impl Pipeline {
     /// Returns how many LoRA-merged UNets and text encoders are kept, and their bytes.
     pub fn lora_variants(&self) -> (usize, u64) {
         self.variants.resident()
+    }
+
+    /// Returns what the pipeline holds beyond its base model (merged LoRA
+    /// variants, ControlNets), each with its bytes, measured as [`resident_bytes`]
+    /// measures models.
+    pub fn parts(&self) -> Vec<(Part, u64)> {
+        parts::held(self)
+    }
+
+    /// Returns the parts rendering `inputs` will hold while it runs (held now or
+    /// built by the render), each once, with its bytes and a name for people.
+    /// Reads file headers only; LoRAs or ControlNets the pipeline cannot resolve
+    /// are left out (the render refuses them).
+    pub fn parts_needed(&self, inputs: &[RenderInput<'_>]) -> Vec<Needed> {
+        parts::needed(self, inputs)
+    }
+
+    /// Drops a part the pipeline holds; returns whether it held it. A render
+    /// under way keeps what it uses until it ends; a later one builds it again.
+    pub fn drop_part(&self, part: &Part) -> bool {
+        parts::remove(self, part)
     }
 
     /// Content hash of the model folder (hex sha256), as computed by `model_hash`.

@@ -101,9 +101,10 @@ struct Args {
     /// build feature) or metal (needs the `metal` build feature).
     #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
     device: String,
-    /// Most memory the loaded models may hold, e.g. 8GiB; the least recently
-    /// used model is evicted to load another. Default: no limit (every model
-    /// is loaded at start). Counts weights only: leave room for activations.
+    /// Most memory the loaded models, their merged LoRA variants and their
+    /// ControlNets may hold together, e.g. 8GiB; the least recently used are
+    /// evicted to load another. Default: no limit (every model is loaded at
+    /// start). Counts weights only: leave room for activations.
     #[arg(long, env = "KILN_MEMORY_BUDGET", value_name = "SIZE", value_parser = parse_budget)]
     memory_budget: Option<u64>,
     /// The dtype of the candle pipeline's weights and arithmetic: f32, or f16 (half
