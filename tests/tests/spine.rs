@@ -394,6 +394,8 @@ fn stale_epoch_complete_is_refused_with_failed_precondition() {
             png: png.clone(),
             model_hash: "h".into(),
             timings: None,
+            // What a client from before lease_next sends.
+            ..Default::default()
         };
         let stale = link.complete(complete(first.epoch)).await.unwrap_err();
         assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");

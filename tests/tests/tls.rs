@@ -540,6 +540,7 @@ fn a_live_worker_id_belongs_to_the_token_that_registered_it() {
             png,
             model_hash: "forged".into(),
             timings: None,
+            ..Default::default()
         };
         denied("complete", as_b.complete(complete).await.unwrap_err());
         let fail = pb::FailRequest {

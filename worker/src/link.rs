@@ -87,15 +87,15 @@ impl Link {
         bounded(CALL_TIMEOUT, c.heartbeat(with_deadline(req, CALL_TIMEOUT))).await
     }
 
-    /// Uploads a finished image under its lease epoch.
-    pub async fn complete(&self, req: pb::CompleteRequest) -> Result<(), Status> {
+    /// Uploads a finished image under its lease epoch; the answer carries the
+    /// next leases when the request asked for them (`lease_next`).
+    pub async fn complete(&self, req: pb::CompleteRequest) -> Result<pb::CompleteResponse, Status> {
         let mut c = self.client.clone();
         bounded(
             UPLOAD_TIMEOUT,
             c.complete(with_deadline(req, UPLOAD_TIMEOUT)),
         )
         .await
-        .map(|_| ())
     }
 
     /// Reports a classified fault under the lease epoch.

@@ -323,15 +323,18 @@ fn pattern(recipe: &Recipe) -> RgbImage {
 fn pattern_sized(recipe: &Recipe, w: u32, h: u32) -> RgbImage {
     let digest = Sha256::digest(recipe.hash().as_bytes());
     let period = 8 + u32::from(digest[6]) % 24;
+    // Each column's pixel in either band: the shade depends on x alone, so
+    // a load test's renders cost a copy per pixel rather than arithmetic.
+    let columns: Vec<[[u8; 3]; 2]> = (0..w)
+        .map(|x| {
+            let shade = (x * 255 / w.max(1)) as u8 / 4;
+            [0, 3].map(|base| [0, 1, 2].map(|c| digest[base + c].wrapping_add(shade)))
+        })
+        .collect();
     let mut pixels = Vec::with_capacity((w * h * 3) as usize);
     for y in 0..h {
-        for x in 0..w {
-            let band = ((x + y) / period) % 2;
-            let base = if band == 0 { 0 } else { 3 };
-            for c in 0..3 {
-                let shade = (x * 255 / w.max(1)) as u8 / 4;
-                pixels.push(digest[base + c].wrapping_add(shade));
-            }
+        for (x, column) in (0..w).zip(&columns) {
+            pixels.extend_from_slice(&column[(((x + y) / period) % 2) as usize]);
         }
     }
     RgbImage {
@@ -509,6 +512,27 @@ mod tests {
         assert_eq!(steps, [(1, 3), (1, 6)]);
         assert_eq!(image_size(&got[0].1.png), (64, 32));
         assert_ne!(got[0].1.png, got[1].1.png);
+    }
+
+    /// The column table draws exactly the bands as defined pixel by pixel
+    /// (the bytes sim workers produced before it), at odd sizes too.
+    #[test]
+    fn the_pattern_is_its_definition() {
+        for (w, h) in [(64, 64), (37, 5), (1, 1), (128, 32)] {
+            let r = recipe(u64::from(w * h));
+            let digest = Sha256::digest(r.hash().as_bytes());
+            let period = 8 + u32::from(digest[6]) % 24;
+            let mut want = Vec::new();
+            for y in 0..h {
+                for x in 0..w {
+                    let base = if ((x + y) / period) % 2 == 0 { 0 } else { 3 };
+                    for c in 0..3 {
+                        want.push(digest[base + c].wrapping_add((x * 255 / w) as u8 / 4));
+                    }
+                }
+            }
+            assert_eq!(pattern_sized(&r, w, h).pixels, want, "{w}x{h}");
+        }
     }
 
     fn image_size(png: &[u8]) -> (u32, u32) {

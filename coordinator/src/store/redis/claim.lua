@@ -22,14 +22,17 @@
 --   1 per finished job}.
 local worker, max, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local wk = k('worker', worker)
-if redis.call('EXISTS', wk) == 0 then return {'unknown'} end
-if not acts_for(worker, ARGV[7]) then return {'bound'} end
+-- The worker's record in one read (a claim runs once per task). register.lua
+-- writes `models` with every session, so a record without it is no worker.
+local wf = redis.call('HMGET', wk, 'models', 'owner', 'draining', 'assets', 'class')
+if not wf[1] then return {'unknown'} end
+if not owner_allows(wf[2], ARGV[7]) then return {'bound'} end
 redis.call('HSET', wk, 'seen', NOW, 'resident', ARGV[6])
-if redis.call('HGET', wk, 'draining') == '1' then return {'drain'} end
-local models = cjson.decode(redis.call('HGET', wk, 'models'))
+if wf[3] == '1' then return {'drain'} end
+local models = cjson.decode(wf[1])
 -- Its LoRAs, embeddings and ControlNets (policy::held_keys).
-local my_assets = redis.call('HGET', wk, 'assets')
-local class = redis.call('HGET', wk, 'class') or ''
+local my_assets = wf[4]
+local class = wf[5] or ''
 local resident = {}
 local any_resident = false
 for _, m in ipairs(cjson.decode(ARGV[6])) do resident[m] = true; any_resident = true end
@@ -273,8 +276,12 @@ end
 if chosen then
   lease(chosen.tid, chosen.job, chosen.model)
   local taken = 1
-  local key = redis.call('HGET', k('task', chosen.tid), 'bkey')
-  local first_set = redis.call('HGET', k('task', chosen.tid), 'lset') or ''
+  -- The batch key and LoRA set matter only when there are slots to fill.
+  local key, first_set
+  if taken < max then
+    local f = redis.call('HMGET', k('task', chosen.tid), 'bkey', 'lset')
+    key, first_set = f[1], f[2] or ''
+  end
   -- Fill free slots: the same UNet batch first, then LoRA sets ready here
   -- or the first task's, then the same model (policy step 5).
   for _, pass in ipairs({'batch', 'ready', 'model'}) do
@@ -302,7 +309,8 @@ if chosen then
 end
 
 for _, j in ipairs(jobs) do
-  if tonumber(redis.call('HGET', k('job', j.id), TASK_QUEUED)) == 0 or redis.call('HGET', k('job', j.id), 'state') ~= JOB_RUNNING then
+  local f = redis.call('HMGET', k('job', j.id), TASK_QUEUED, 'state')
+  if tonumber(f[1]) == 0 or f[2] ~= JOB_RUNNING then
     redis.call('ZREM', k('ready'), j.id)
   end
 end
