@@ -724,19 +724,12 @@ mod tests {
         }
     }
 
-    /// A shot whose anchor image is lost from the result store: the Lease
-    /// call fails without waiting for the leases' TTL, never as NOT_FOUND (the
-    /// worker would take it for a lost session). The loss costs the shot an
-    /// attempt each time, so it fails for good instead of being leased
-    /// forever; a task sent in the same answer is handed back free.
-    #[tokio::test]
-    async fn a_lease_whose_input_is_lost_fails_its_task_and_spares_the_others() {
-        let store = Arc::new(MemoryStore::new());
-        let w = WorkerId("w1".into());
+    /// Registers `id` as a one-slot worker holding model `tiny` (hash `h`).
+    async fn register_tiny_worker(store: &MemoryStore, id: &WorkerId) {
         store
             .register_worker(
                 WorkerRegistration {
-                    id: w.clone(),
+                    id: id.clone(),
                     labels: BTreeMap::new(),
                     gpu_memory_bytes: 0,
                     slots: 1,
@@ -752,17 +745,26 @@ mod tests {
             )
             .await
             .unwrap();
-        let job = JobId::new();
+    }
+
+    /// Creates job `id` named `name` in project `default` with `tasks`.
+    async fn create_job(
+        store: &MemoryStore,
+        id: JobId,
+        name: &str,
+        tasks: Vec<NewTask>,
+        pin_class: bool,
+    ) {
         store
             .create_job(NewJob {
-                id: job,
-                name: "coast".into(),
+                id,
+                name: name.into(),
                 project: "default".into(),
                 priority: 0,
                 idempotency_key: None,
-                tasks: vec![task(0, None), task(1, Some(0)), task(2, None)],
+                tasks,
                 blobs: Vec::new(),
-                pin_class: true,
+                pin_class,
                 class: None,
                 dedupe: false,
                 verify_of: None,
@@ -772,6 +774,27 @@ mod tests {
             })
             .await
             .unwrap();
+    }
+
+    /// A shot whose anchor image is lost from the result store: the Lease
+    /// call fails without waiting for the leases' TTL, never as NOT_FOUND (the
+    /// worker would take it for a lost session). The loss costs the shot an
+    /// attempt each time, so it fails for good instead of being leased
+    /// forever; a task sent in the same answer is handed back free.
+    #[tokio::test]
+    async fn a_lease_whose_input_is_lost_fails_its_task_and_spares_the_others() {
+        let store = Arc::new(MemoryStore::new());
+        let w = WorkerId("w1".into());
+        register_tiny_worker(&store, &w).await;
+        let job = JobId::new();
+        create_job(
+            &store,
+            job,
+            "coast",
+            vec![task(0, None), task(1, Some(0)), task(2, None)],
+            true,
+        )
+        .await;
         let ttl = Duration::from_secs(30);
         let anchor = store
             .claim(
@@ -885,49 +908,13 @@ mod tests {
     #[tokio::test]
     async fn a_completion_carries_the_next_lease_when_asked() {
         let store = Arc::new(MemoryStore::new());
-        store
-            .register_worker(
-                WorkerRegistration {
-                    id: WorkerId("w1".into()),
-                    labels: BTreeMap::new(),
-                    gpu_memory_bytes: 0,
-                    slots: 1,
-                    models: vec![ModelInfo {
-                        name: "tiny".into(),
-                        hash: "h".into(),
-                    }],
-                    determinism_class: "cpu/f32".into(),
-                    version: "test".into(),
-                    assets: Default::default(),
-                },
-                None,
-            )
-            .await
-            .unwrap();
+        register_tiny_worker(&store, &WorkerId("w1".into())).await;
         let job = JobId::new();
         let mut tasks = vec![task(0, None), task(1, None), task(2, None)];
         for t in &mut tasks {
             t.series = None;
         }
-        store
-            .create_job(NewJob {
-                id: job,
-                name: "three".into(),
-                project: "default".into(),
-                priority: 0,
-                idempotency_key: None,
-                tasks,
-                blobs: Vec::new(),
-                pin_class: false,
-                class: None,
-                dedupe: false,
-                verify_of: None,
-                traceparent: None,
-                notify: Vec::new(),
-                submitted_by: None,
-            })
-            .await
-            .unwrap();
+        create_job(&store, job, "three", tasks, false).await;
         let core = Arc::new(Core::new(
             store.clone(),
             ResultStore::in_memory(),
