@@ -308,21 +308,26 @@ pub struct Pick<T> {
 /// (`first_choice`) and the first one for a resident model
 /// (`first_resident`), both in policy order. `holders(model)` counts the live
 /// workers other than the asker that hold the model for affinity
-/// ([`holds_for_affinity`]); `backlog(model)` counts the model's queued tasks
+/// ([`holds_for_affinity`]), and those that may (they have reported nothing
+/// yet); `backlog(model)` counts the model's queued tasks
 /// in every running job (claimable by the asker or not: the load is judged
 /// by the work waiting, not by who may take it).
 pub fn choose<T>(
     first_resident: Option<Pick<T>>,
     first_choice: Option<Pick<T>>,
-    holders: impl Fn(&str) -> usize,
+    holders: impl Fn(&str) -> Holders,
     backlog: impl Fn(&str) -> usize,
 ) -> Option<T>
 where
     T: PartialEq,
 {
-    let load = |model: &str| ModelLoad {
-        backlog: backlog(model),
-        holders: holders(model),
+    let load = |model: &str| {
+        let h = holders(model);
+        ModelLoad {
+            backlog: backlog(model),
+            holders: h.reported,
+            unreported: h.unreported,
+        }
     };
     match (first_resident, first_choice) {
         // Equal or better resident work: keep to it, unless the first
@@ -330,7 +335,7 @@ where
         // would starve behind the resident models), or unless leaving the
         // resident model for it balances the farm.
         (Some(r), Some(c)) if r.priority >= c.priority => {
-            if c.task != r.task && holders(&c.model) == 0 {
+            if c.task != r.task && holders(&c.model).all() == 0 {
                 Some(c.task)
             } else if c.model != r.model && switch_justified(load(&c.model), Some(load(&r.model))) {
                 Some(c.task)
@@ -349,21 +354,53 @@ where
     }
 }
 
+/// The live workers other than the asker that count for a model
+/// ([`holds_for_affinity`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holders {
+    /// Those that hold it ([`Holding::Resident`]).
+    pub reported: usize,
+    /// Those that have reported nothing and have it in their catalog
+    /// ([`Holding::Unreported`]).
+    pub unreported: usize,
+}
+
+impl Holders {
+    /// Counts one more worker as `holding` says.
+    pub fn add(&mut self, holding: Holding) {
+        match holding {
+            Holding::Resident => self.reported += 1,
+            Holding::Unreported => self.unreported += 1,
+            Holding::No => {}
+        }
+    }
+
+    /// Returns every worker that holds the model or may.
+    pub fn all(&self) -> usize {
+        self.reported + self.unreported
+    }
+}
+
 /// The work waiting for a model and who serves it, as [`switch_justified`]
 /// weighs them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModelLoad {
     /// Queued tasks of the model in running jobs.
     pub backlog: usize,
-    /// Live workers other than the asker that hold it ([`holds_for_affinity`]).
+    /// Live workers other than the asker that hold it ([`Holding::Resident`]).
     pub holders: usize,
+    /// Live workers other than the asker that may hold it: they have
+    /// reported nothing yet ([`Holding::Unreported`]).
+    pub unreported: usize,
 }
 
 /// Returns true when a worker should load model `to` rather than keep to
 /// its resident model `from` (`None`: it has no resident work of the same
 /// priority, or none at all). In tasks per holder, the drain time:
-/// - nobody holds `to`: always (its work would wait forever);
-/// - the load must pay for itself: `to`'s holders need longer than a load
+/// - nobody holds `to`, nor may (`unreported`): always (its work would
+///   wait forever);
+/// - the load must pay for itself: `to`'s holders (and those that may hold
+///   it) need longer than a load
 ///   ([`SWITCH_BACKLOG_PER_HOLDER`] renders) to clear its backlog, which is
 ///   exactly when `to` with this worker (after its load) finishes sooner
 ///   than without it. An idle worker follows this rule alone, so workers do
@@ -375,15 +412,18 @@ pub struct ModelLoad {
 ///   switched does not justify a switch back: the same comparison, seen from
 ///   the other side, fails by this worker's own share plus the margin,
 ///   which covers the jitter of a real farm. A worker that is the last
-///   holder of `from` stays.
+///   holder of `from` stays. Only workers that reported what they hold
+///   count here: one that has reported nothing yet (it just registered)
+///   would count for every model of its catalog and skew the comparison.
 ///
 /// This balances the farm as soon as the work arrives instead of switching
 /// workers at the end of the resident backlogs, when the loads only add time.
 pub fn switch_justified(to: ModelLoad, from: Option<ModelLoad>) -> bool {
-    if to.holders == 0 {
+    let to_all = to.holders + to.unreported;
+    if to_all == 0 {
         return true;
     }
-    if to.backlog <= SWITCH_BACKLOG_PER_HOLDER * to.holders {
+    if to.backlog <= SWITCH_BACKLOG_PER_HOLDER * to_all {
         return false;
     }
     match from {
@@ -393,6 +433,7 @@ pub fn switch_justified(to: ModelLoad, from: Option<ModelLoad>) -> bool {
         // in integers.
         Some(from) => {
             from.holders > 0
+                && to.holders > 0
                 && 100 * from.backlog * to.holders
                     + SWITCH_MARGIN_PERCENT * from.holders * to.holders
                     < 100 * to.backlog * from.holders
@@ -408,20 +449,43 @@ pub fn still_loading(loading: &str, reported: &[String], leases: usize) -> bool 
     leases > 0 && !reported.iter().any(|m| m == loading)
 }
 
-/// Returns true when a worker counts as a holder of `model` for model
-/// affinity: while it is loading a model ([`still_loading`]) only that one;
-/// else the models it reported resident, or, when it reports none, every
+/// How a worker counts for a model in model affinity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holding {
+    /// It has the model resident, or is loading it.
+    Resident,
+    /// It has reported nothing resident (it has not claimed since it
+    /// registered) and the model is in its catalog.
+    Unreported,
+    /// Neither.
+    No,
+}
+
+/// Returns how a worker counts for `model` in model affinity: while it is
+/// loading a model ([`still_loading`]) it holds only that one; else the
+/// models it reported resident; when it reports none, it may hold every
 /// model of its catalog (`in_catalog`).
 pub fn holds_for_affinity(
     model: &str,
     loading: Option<&str>,
     resident: &[String],
     in_catalog: impl FnOnce() -> bool,
-) -> bool {
-    match loading {
+) -> Holding {
+    let holds = match loading {
         Some(l) => l == model,
-        None if resident.is_empty() => in_catalog(),
+        None if resident.is_empty() => {
+            return if in_catalog() {
+                Holding::Unreported
+            } else {
+                Holding::No
+            };
+        }
         None => resident.iter().any(|m| m == model),
+    };
+    if holds {
+        Holding::Resident
+    } else {
+        Holding::No
     }
 }
 
@@ -466,7 +530,11 @@ mod tests {
     use super::*;
 
     fn load(backlog: usize, holders: usize) -> ModelLoad {
-        ModelLoad { backlog, holders }
+        ModelLoad {
+            backlog,
+            holders,
+            unreported: 0,
+        }
     }
 
     #[test]
@@ -504,6 +572,23 @@ mod tests {
         assert!(switch_justified(load(90, 10), Some(load(0, 3))));
         // The load must pay for itself even when the other model is behind.
         assert!(!switch_justified(load(80, 10), Some(load(1, 5))));
+        // Workers that have reported nothing count against a load, but not
+        // in the balance: they may hold any model of their catalog.
+        let unreported = |backlog, holders, unreported| ModelLoad {
+            backlog,
+            holders,
+            unreported,
+        };
+        assert!(!switch_justified(unreported(50, 0, 10), None));
+        assert!(switch_justified(unreported(50, 1, 4), None));
+        assert!(
+            !switch_justified(unreported(8000, 0, 100), Some(unreported(6000, 5, 100))),
+            "nobody reported the model: no balance to judge"
+        );
+        assert!(switch_justified(
+            unreported(8000, 67, 100),
+            Some(unreported(6000, 66, 100))
+        ));
     }
 
     #[test]
@@ -536,14 +621,18 @@ mod tests {
     #[test]
     fn a_loading_worker_holds_only_the_model_it_loads() {
         let resident = vec!["m1".to_string()];
-        assert!(holds_for_affinity("m1", None, &resident, || false));
-        assert!(!holds_for_affinity("m1", Some("m2"), &resident, || true));
-        assert!(holds_for_affinity("m2", Some("m2"), &resident, || false));
-        assert!(
-            holds_for_affinity("m3", None, &[], || true),
+        let holds = |model, loading, resident: &[String], in_catalog: bool| {
+            holds_for_affinity(model, loading, resident, || in_catalog)
+        };
+        assert_eq!(holds("m1", None, &resident, false), Holding::Resident);
+        assert_eq!(holds("m1", Some("m2"), &resident, true), Holding::No);
+        assert_eq!(holds("m2", Some("m2"), &resident, false), Holding::Resident);
+        assert_eq!(
+            holds("m3", None, &[], true),
+            Holding::Unreported,
             "no report: its catalog"
         );
-        assert!(!holds_for_affinity("m3", None, &[], || false));
+        assert_eq!(holds("m3", None, &[], false), Holding::No);
         assert!(still_loading("m2", &resident, 1));
         assert!(
             !still_loading("m2", &["m2".to_string()], 1),

@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use kiln_proto::ids::{JobId, TaskId, WorkerId};
 
 use super::data::{JobEntry, State, TaskEntry};
-use crate::store::policy::{self, Candidate, MAX_DEDUPED_PER_CLAIM, Pick};
+use crate::store::policy::{self, Candidate, Holders, MAX_DEDUPED_PER_CLAIM, Pick};
 use crate::store::{Claim, RunningCaps};
 
 /// What a stand-in must match: job, model, pinned hash and needed assets.
@@ -315,7 +315,7 @@ impl State {
                     from = ?asker.resident,
                     to = %model,
                     backlog = self.backlog(&model),
-                    holders = self.resident_holders(&model, worker, now),
+                    holders = ?self.resident_holders(&model, worker, now),
                     "a worker switches model"
                 );
                 if let Some(w) = self.workers.get_mut(worker) {
@@ -405,19 +405,22 @@ impl State {
             .sum()
     }
 
-    /// Returns how many live workers other than `not` hold `model` for
-    /// model affinity ([`policy::holds_for_affinity`]).
-    pub(super) fn resident_holders(&self, model: &str, not: &WorkerId, now: u64) -> usize {
-        self.workers
-            .values()
-            .filter(|w| {
-                &w.record.registration.id != not
-                    && !w.record.draining
-                    && policy::alive(now.saturating_sub(w.last_seen))
-                    && policy::holds_for_affinity(model, w.loading.as_deref(), &w.resident, || {
-                        w.record.registration.models.iter().any(|m| m.name == model)
-                    })
-            })
-            .count()
+    /// Returns how live workers other than `not` count for `model` in model
+    /// affinity ([`policy::holds_for_affinity`]).
+    pub(super) fn resident_holders(&self, model: &str, not: &WorkerId, now: u64) -> Holders {
+        let mut holders = Holders::default();
+        for w in self.workers.values().filter(|w| {
+            &w.record.registration.id != not
+                && !w.record.draining
+                && policy::alive(now.saturating_sub(w.last_seen))
+        }) {
+            holders.add(policy::holds_for_affinity(
+                model,
+                w.loading.as_deref(),
+                &w.resident,
+                || w.record.registration.models.iter().any(|m| m.name == model),
+            ));
+        }
+        holders
     }
 }

@@ -190,9 +190,9 @@ end
 local chosen
 -- Returns how many live workers other than this one hold `model` for model
 -- affinity (policy::holds_for_affinity): the model they are loading, else
--- their resident models, else (none reported) their catalog.
+-- their resident models; and how many may (none reported, in their catalog).
 local function resident_holders(model)
-  local holders = 0
+  local holders, unreported = 0, 0
   for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
     if w ~= worker and live(w) then
       local f = redis.call('HMGET', k('worker', w), 'resident', 'loading')
@@ -202,14 +202,14 @@ local function resident_holders(model)
         has = f[2] == model
       elseif #r == 0 then
         local m = redis.call('HGET', k('worker', w), 'models')
-        has = m ~= nil and cjson.decode(m)[model] ~= nil
+        if m and cjson.decode(m)[model] ~= nil then unreported = unreported + 1 end
       else
         for _, name in ipairs(r) do if name == model then has = true end end
       end
       if has then holders = holders + 1 end
     end
   end
-  return holders
+  return holders, unreported
 end
 
 -- Queued tasks of `model` in the running jobs.
@@ -219,14 +219,14 @@ local function backlog_of(model)
   return backlog
 end
 
--- policy::switch_justified: load `to` (backlog, holders) rather than keep to
--- the resident model `from` (nil: no resident work of the same priority).
-local function switch_justified(to_backlog, to_holders, from_backlog, from_holders)
-  if to_holders == 0 then return true end
-  if to_backlog <= SWITCH_BACKLOG_PER_HOLDER * to_holders then return false end
+-- policy::switch_justified: load `to` (backlog, holders, unreported) rather
+-- than keep to the resident model `from` (nil: no resident work of the same priority).
+local function switch_justified(to_backlog, to_holders, to_unreported, from_backlog, from_holders)
+  if to_holders + to_unreported == 0 then return true end
+  if to_backlog <= SWITCH_BACKLOG_PER_HOLDER * (to_holders + to_unreported) then return false end
   if from_backlog == nil or from_backlog == 0 then return true end
   -- from_backlog / from_holders + margin / PERCENT < to_backlog / to_holders, in integers.
-  return from_holders > 0 and PERCENT * from_backlog * to_holders + SWITCH_MARGIN_PERCENT * from_holders * to_holders
+  return from_holders > 0 and to_holders > 0 and PERCENT * from_backlog * to_holders + SWITCH_MARGIN_PERCENT * from_holders * to_holders
     < PERCENT * to_backlog * from_holders
 end
 
@@ -238,12 +238,12 @@ if first_choice then
     if first_choice.tid == first_resident.tid then
       chosen = first_resident
     else
-      local c_holders = resident_holders(first_choice.model)
-      if c_holders == 0 then
+      local c_holders, c_unreported = resident_holders(first_choice.model)
+      if c_holders + c_unreported == 0 then
         chosen = first_choice
       elseif first_choice.model ~= first_resident.model
-        and switch_justified(backlog_of(first_choice.model), c_holders,
-          backlog_of(first_resident.model), resident_holders(first_resident.model)) then
+        and switch_justified(backlog_of(first_choice.model), c_holders, c_unreported,
+          backlog_of(first_resident.model), (resident_holders(first_resident.model))) then
         chosen = first_choice
       else
         chosen = first_resident
@@ -251,7 +251,8 @@ if first_choice then
     end
   else
     local model = first_choice.model
-    if switch_justified(backlog_of(model), resident_holders(model), nil, nil) then
+    local holders, unreported = resident_holders(model)
+    if switch_justified(backlog_of(model), holders, unreported, nil, nil) then
       chosen = first_choice
     else
       chosen = first_resident
