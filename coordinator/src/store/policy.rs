@@ -412,9 +412,11 @@ pub struct ModelLoad {
 ///   switched does not justify a switch back: the same comparison, seen from
 ///   the other side, fails by this worker's own share plus the margin,
 ///   which covers the jitter of a real farm. A worker that is the last
-///   holder of `from` stays. Only workers that reported what they hold
-///   count here: one that has reported nothing yet (it just registered)
-///   would count for every model of its catalog and skew the comparison.
+///   holder of `from` stays. This comparison waits while a live worker
+///   that may hold either model has reported nothing yet (it registered
+///   and has not claimed): workers that arrive together (a farm scaled up
+///   under a queue) would otherwise trade loads over the accidents of who
+///   claimed first, which the arrivals still to come undo.
 ///
 /// This balances the farm as soon as the work arrives instead of switching
 /// workers at the end of the resident backlogs, when the loads only add time.
@@ -432,7 +434,9 @@ pub fn switch_justified(to: ModelLoad, from: Option<ModelLoad>) -> bool {
         // from.backlog / from.holders + margin / 100 < to.backlog / to.holders,
         // in integers.
         Some(from) => {
-            from.holders > 0
+            from.unreported == 0
+                && to.unreported == 0
+                && from.holders > 0
                 && to.holders > 0
                 && 100 * from.backlog * to.holders
                     + SWITCH_MARGIN_PERCENT * from.holders * to.holders
@@ -582,12 +586,16 @@ mod tests {
         assert!(!switch_justified(unreported(50, 0, 10), None));
         assert!(switch_justified(unreported(50, 1, 4), None));
         assert!(
-            !switch_justified(unreported(8000, 0, 100), Some(unreported(6000, 5, 100))),
-            "nobody reported the model: no balance to judge"
+            !switch_justified(unreported(8000, 67, 1), Some(unreported(6000, 66, 0))),
+            "the balance waits for every worker's first report"
         );
+        assert!(!switch_justified(
+            unreported(8000, 67, 0),
+            Some(unreported(6000, 66, 1))
+        ));
         assert!(switch_justified(
-            unreported(8000, 67, 100),
-            Some(unreported(6000, 66, 100))
+            unreported(8000, 67, 0),
+            Some(unreported(6000, 66, 0))
         ));
     }
 

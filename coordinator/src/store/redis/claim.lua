@@ -188,28 +188,35 @@ end
 -- Model affinity: keep to resident models unless the best work is for
 -- another model at a higher priority and a switch is justified.
 local chosen
--- Returns how many live workers other than this one hold `model` for model
--- affinity (policy::holds_for_affinity): the model they are loading, else
--- their resident models; and how many may (none reported, in their catalog).
-local function resident_holders(model)
-  local holders, unreported = 0, 0
+-- Returns, for each of the (one or two) models given, how many live workers
+-- other than this one hold it for model affinity (policy::holds_for_affinity):
+-- the model they are loading, else their resident models; and how many may
+-- (none reported, in their catalog). One scan of the workers for both.
+local function resident_holders(m1, m2)
+  local held, unreported = {[m1] = 0}, {[m1] = 0}
+  if m2 then held[m2] = 0; unreported[m2] = 0 end
   for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
     if w ~= worker and live(w) then
       local f = redis.call('HMGET', k('worker', w), 'resident', 'loading')
-      local r = cjson.decode(f[1] or '[]')
-      local has = false
+      local reported = cjson.decode(f[1] or '[]')
       if f[2] then
-        has = f[2] == model
-      elseif #r == 0 then
+        if held[f[2]] then held[f[2]] = held[f[2]] + 1 end
+      elseif #reported == 0 then
         local m = redis.call('HGET', k('worker', w), 'models')
-        if m and cjson.decode(m)[model] ~= nil then unreported = unreported + 1 end
+        if m then
+          local catalog = cjson.decode(m)
+          for model, _ in pairs(held) do
+            if catalog[model] ~= nil then unreported[model] = unreported[model] + 1 end
+          end
+        end
       else
-        for _, name in ipairs(r) do if name == model then has = true end end
+        for _, name in ipairs(reported) do
+          if held[name] then held[name] = held[name] + 1 end
+        end
       end
-      if has then holders = holders + 1 end
     end
   end
-  return holders, unreported
+  return held, unreported
 end
 
 -- Queued tasks of `model` in the running jobs.
@@ -221,12 +228,12 @@ end
 
 -- policy::switch_justified: load `to` (backlog, holders, unreported) rather
 -- than keep to the resident model `from` (nil: no resident work of the same priority).
-local function switch_justified(to_backlog, to_holders, to_unreported, from_backlog, from_holders)
+local function switch_justified(to_backlog, to_holders, to_unreported, from_backlog, from_holders, from_unreported)
   if to_holders + to_unreported == 0 then return true end
   if to_backlog <= SWITCH_BACKLOG_PER_HOLDER * (to_holders + to_unreported) then return false end
   if from_backlog == nil or from_backlog == 0 then return true end
   -- from_backlog / from_holders + margin / PERCENT < to_backlog / to_holders, in integers.
-  return from_holders > 0 and to_holders > 0 and PERCENT * from_backlog * to_holders + SWITCH_MARGIN_PERCENT * from_holders * to_holders
+  return from_unreported == 0 and to_unreported == 0 and from_holders > 0 and to_holders > 0 and PERCENT * from_backlog * to_holders + SWITCH_MARGIN_PERCENT * from_holders * to_holders
     < PERCENT * to_backlog * from_holders
 end
 
@@ -238,12 +245,13 @@ if first_choice then
     if first_choice.tid == first_resident.tid then
       chosen = first_resident
     else
-      local c_holders, c_unreported = resident_holders(first_choice.model)
-      if c_holders + c_unreported == 0 then
+      local c, r = first_choice.model, first_resident.model
+      local held, unreported
+      if c ~= r then held, unreported = resident_holders(c, r) else held, unreported = resident_holders(c) end
+      if held[c] + unreported[c] == 0 then
         chosen = first_choice
-      elseif first_choice.model ~= first_resident.model
-        and switch_justified(backlog_of(first_choice.model), c_holders, c_unreported,
-          backlog_of(first_resident.model), (resident_holders(first_resident.model))) then
+      elseif c ~= r and switch_justified(backlog_of(c), held[c], unreported[c],
+          backlog_of(r), held[r], unreported[r]) then
         chosen = first_choice
       else
         chosen = first_resident
@@ -251,8 +259,8 @@ if first_choice then
     end
   else
     local model = first_choice.model
-    local holders, unreported = resident_holders(model)
-    if switch_justified(backlog_of(model), holders, unreported, nil, nil) then
+    local held, unreported = resident_holders(model)
+    if switch_justified(backlog_of(model), held[model], unreported[model], nil, nil, nil) then
       chosen = first_choice
     else
       chosen = first_resident
