@@ -4,8 +4,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store};
+use kiln_coordinator::store::{
+    MemoryStore, ModelInfo, RedisConfig, RedisStore, Store, WorkerRegistration,
+};
 use kiln_proto::convert::job_spec_to_pb;
+use kiln_proto::ids::WorkerId;
 use kiln_proto::pb;
 use kiln_proto::spec::{FieldValue, JobSpec, RecipeFields, SweepAxis};
 use kiln_worker::agent::LeaseObserver;
@@ -298,18 +301,19 @@ fn load_lower_bound(tasks_per_model: &[u64], initial_holders: &[u64], workers: u
 /// load lower bound ([`load_lower_bound`]), and scheduling latency (Lease
 /// calls that brought work).
 ///
-/// What the makespan measures: the jobs are submitted before any worker
-/// exists (they wait for the first worker to announce the models), then
-/// the workers are started; they register and lease as a farm would, but
-/// their renders wait at a gate until every worker holds its first task
-/// (or 60 s pass). The clock starts when the gate opens and stops when the
-/// last job is seen complete: it counts every render, every load and every
-/// report and lease after the first one on loopback gRPC, not the time to
-/// spawn and register the in-process agents or the workers' first leases
-/// (their switch decisions, made as they arrive, count in the loads); the
-/// ideal counts render time only. With `--duration`, the run stops that
-/// long after the gate opens and the rate (completed tasks per second of
-/// the window, against workers / render time) replaces the makespan.
+/// What the makespan measures: every job is accepted before any worker
+/// exists (a worker registered straight in the store, and drained before
+/// the workers start, announces the models); then the workers start,
+/// register and lease as a farm would, but their renders wait at a gate
+/// until every worker holds its first task (or 60 s pass). The clock starts
+/// when the gate opens and stops when the last job is seen complete: it
+/// counts every render, every load and every report and lease after the
+/// first one on loopback gRPC, not the time to spawn and register the
+/// in-process agents or the workers' first leases (their switch decisions,
+/// made as they arrive, count in the loads); the ideal counts render time
+/// only. With `--duration`, the run stops that long after the gate opens
+/// and the rate (completed tasks per second of the window, against workers
+/// / render time) replaces the makespan.
 async fn schedule(opts: Schedule) -> anyhow::Result<()> {
     let json_out = opts.json;
     if opts.workers == 0 || opts.tasks == 0 || opts.models == 0 || opts.jobs == 0 {
@@ -365,11 +369,41 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
         ),
         None => Arc::new(MemoryStore::new()),
     };
-    // Jobs are submitted before the workers start, so no worker switches
-    // models because one job happened to arrive before the others: the
-    // submissions wait (the coordinator's model grace) until the first worker
-    // announces the models.
-    let mut farm = EmbeddedFarm::start_coordinator(store).await?;
+    // Every job is accepted before any worker starts, so no worker switches
+    // models because one job happened to arrive before the others. A worker
+    // registered straight in the store announces the models to admission;
+    // it is drained before the workers start (a drained worker holds
+    // nothing for the policy) and never claims.
+    let announcer = WorkerId("bench-announcer".into());
+    store
+        .register_worker(
+            WorkerRegistration {
+                id: announcer.clone(),
+                labels: Default::default(),
+                gpu_memory_bytes: 0,
+                slots: 1,
+                models: sims
+                    .first()
+                    .map(|s| s.models())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|m| ModelInfo {
+                        name: m.name,
+                        hash: m.hash,
+                    })
+                    .collect(),
+                determinism_class: sims
+                    .first()
+                    .map(|s| s.determinism_class())
+                    .unwrap_or_default(),
+                version: String::new(),
+                assets: Default::default(),
+            },
+            None,
+        )
+        .await
+        .context("registering the bench's announcer")?;
+    let mut farm = EmbeddedFarm::start_coordinator(store.clone()).await?;
     let per_job = opts.tasks / opts.jobs;
     let mut tasks_per_model = vec![0u64; names.len()];
     let mut submissions = Vec::new();
@@ -392,9 +426,6 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
                 .await
         }));
     }
-    let spawned = Instant::now();
-    farm.add_workers(renderers, Some(observer)).await?;
-    let initial_loads: u64 = sims.iter().map(|s| s.loads()).sum();
     let mut jobs = Vec::new();
     for s in submissions {
         let resp = s
@@ -403,6 +434,13 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
             .map_err(|s| farm.farm.explain(s))?;
         jobs.push(resp.job.context("no job")?.job_id);
     }
+    store
+        .drain_worker(&announcer)
+        .await
+        .context("draining the bench's announcer")?;
+    let spawned = Instant::now();
+    farm.add_workers(renderers, Some(observer)).await?;
+    let initial_loads: u64 = sims.iter().map(|s| s.loads()).sum();
     // Every worker holds its first task (each lease call brought one).
     let holding = opts.workers.min(per_job * opts.jobs) as usize;
     while latencies.lock().map_or(0, |l| l.len()) < holding
