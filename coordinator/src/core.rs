@@ -36,13 +36,21 @@ pub struct Core {
     /// Cancelled when the coordinator shuts down: long polls and watch
     /// streams end then instead of holding the server open.
     pub shutdown: CancellationToken,
-    /// Result-store folders of recent jobs: a job's folder never changes, and
-    /// every completion needs it, so it is read from the store once.
-    folders: Mutex<HashMap<JobId, String>>,
+    /// What never changes about recent jobs and every lease or completion
+    /// needs (the result-store folder, the submission time), read from the
+    /// store once per job.
+    facts: Mutex<HashMap<JobId, JobFacts>>,
 }
 
-/// Jobs whose folder [`Core`] remembers; the memory starts over when full.
-const REMEMBERED_FOLDERS: usize = 4096;
+/// The unchanging facts of a job that [`Core`] remembers.
+#[derive(Clone)]
+struct JobFacts {
+    folder: String,
+    created_at_ms: i64,
+}
+
+/// Jobs whose facts [`Core`] remembers; the memory starts over when full.
+const REMEMBERED_JOBS: usize = 4096;
 
 impl Core {
     /// Returns a core over the given stores.
@@ -55,7 +63,7 @@ impl Core {
             webhooks: Arc::new(Webhooks::off()),
             started: Instant::now(),
             shutdown: CancellationToken::new(),
-            folders: Mutex::new(HashMap::new()),
+            facts: Mutex::new(HashMap::new()),
         }
     }
 
@@ -70,18 +78,30 @@ impl Core {
 
     /// Returns the result-store folder of a job (see [`results::folder`]).
     pub async fn folder(&self, job: JobId) -> CoordinatorResult<String> {
-        if let Some(folder) = self.folders.lock().ok().and_then(|f| f.get(&job).cloned()) {
-            return Ok(folder);
+        Ok(self.facts(job).await?.folder)
+    }
+
+    /// Returns when a job was submitted (Unix ms, the store's record).
+    pub async fn submitted_at_ms(&self, job: JobId) -> CoordinatorResult<i64> {
+        Ok(self.facts(job).await?.created_at_ms)
+    }
+
+    async fn facts(&self, job: JobId) -> CoordinatorResult<JobFacts> {
+        if let Some(facts) = self.facts.lock().ok().and_then(|f| f.get(&job).cloned()) {
+            return Ok(facts);
         }
         let record = self.store.job(job).await?;
-        let folder = results::folder(record.id, record.verify_of);
-        if let Ok(mut folders) = self.folders.lock() {
-            if folders.len() >= REMEMBERED_FOLDERS {
-                folders.clear();
+        let facts = JobFacts {
+            folder: results::folder(record.id, record.verify_of),
+            created_at_ms: record.created_at_ms,
+        };
+        if let Ok(mut remembered) = self.facts.lock() {
+            if remembered.len() >= REMEMBERED_JOBS {
+                remembered.clear();
             }
-            folders.insert(job, folder.clone());
+            remembered.insert(job, facts.clone());
         }
-        Ok(folder)
+        Ok(facts)
     }
 
     /// Writes `<series>/contact-sheet.png` for every series of a finished job:

@@ -81,10 +81,24 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         let span = tracing::info_span!("result_intake", task = %request.get_ref().task_id);
         telemetry::adopt(&span, request.metadata());
         let caller = caller_of(&request)?;
-        intake(&self.core, &caller, request.into_inner())
-            .instrument(span)
-            .await?;
-        Ok(Response::new(pb::CompleteResponse {}))
+        let mut req = request.into_inner();
+        let (worker_id, lease_next) = (req.worker_id.clone(), req.lease_next);
+        let resident_models = std::mem::take(&mut req.resident_models);
+        let ready_lora_sets = std::mem::take(&mut req.ready_lora_sets);
+        intake(&self.core, &caller, req).instrument(span).await?;
+        let next = if lease_next > 0 {
+            let ask = pb::LeaseRequest {
+                worker_id,
+                max_tasks: lease_next,
+                wait_ms: 0,
+                resident_models,
+                ready_lora_sets,
+            };
+            next_leases(&self.core, &caller, ask).await
+        } else {
+            None
+        };
+        Ok(Response::new(pb::CompleteResponse { next }))
     }
 
     async fn fail(
@@ -177,8 +191,9 @@ async fn lease(
     // Read at every claim: a SIGHUP reload changes the caps of the next one.
     let caps = core.auth.running_caps();
     let ttl = core.config.lease_ttl;
+    let ready = kiln_proto::convert::ready_sets_from_pb(&req.ready_lora_sets);
     let claim = tokio::select! {
-        c = core.store.claim(&worker, owner, max, ttl, wait, &req.resident_models, &caps) => c?,
+        c = core.store.claim(&worker, owner, max, ttl, wait, &req.resident_models, &ready, &caps) => c?,
         // Claims are cancel-safe: dropping a waiting claim leased nothing.
         _ = core.shutdown.cancelled() => Default::default(),
     };
@@ -201,6 +216,26 @@ async fn lease(
                 hand_back(core, &worker, owner, l, fault, &why).await;
             }
             Err(CoordinatorError::LeaseNotSent(Box::new(e)))
+        }
+    }
+}
+
+/// The leases a Complete carries back (`CompleteRequest.lease_next`): a
+/// Lease that never waits, taken after the result was accepted. The result
+/// stands whatever happens here, so a lease that cannot be made is logged and
+/// left out (leases that were claimed but cannot be sent are handed back by
+/// [`lease`]); the worker then calls Lease itself.
+async fn next_leases(
+    core: &Core,
+    caller: &Caller,
+    ask: pb::LeaseRequest,
+) -> Option<pb::LeaseResponse> {
+    let worker = ask.worker_id.clone();
+    match lease(core, caller, ask).await {
+        Ok(answer) => Some(answer),
+        Err(e) => {
+            tracing::warn!(worker = %worker, error = %e, "no lease with the completion; the worker will call Lease");
+            None
         }
     }
 }
@@ -261,7 +296,7 @@ async fn lease_response(
 
 /// Records `kiln_queue_wait_seconds` for the leases that are their task's
 /// first (epoch 1: epochs grow on every claim and reap), from the job's
-/// submission time, read once per job.
+/// submission time, which the core remembers per job.
 async fn record_queue_waits(core: &Core, leases: &[Lease]) {
     let mut jobs: Vec<(JobId, usize)> = Vec::new();
     for l in leases.iter().filter(|l| l.epoch == Epoch(1)) {
@@ -271,11 +306,10 @@ async fn record_queue_waits(core: &Core, leases: &[Lease]) {
         }
     }
     for (job, n) in jobs {
-        match core.store.job(job).await {
-            Ok(record) => {
-                let waited = Duration::from_millis(
-                    u64::try_from(unix_ms() - record.created_at_ms).unwrap_or(0),
-                );
+        match core.submitted_at_ms(job).await {
+            Ok(created_at_ms) => {
+                let waited =
+                    Duration::from_millis(u64::try_from(unix_ms() - created_at_ms).unwrap_or(0));
                 for _ in 0..n {
                     metrics::queue_wait(waited);
                 }
@@ -740,7 +774,16 @@ mod tests {
             .unwrap();
         let ttl = Duration::from_secs(30);
         let anchor = store
-            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
+            .claim(
+                &w,
+                None,
+                1,
+                ttl,
+                Duration::ZERO,
+                &[],
+                &[],
+                &RunningCaps::new(),
+            )
             .await
             .unwrap()
             .leases
@@ -771,6 +814,7 @@ mod tests {
                 max_tasks,
                 wait_ms: 0,
                 resident_models: Vec::new(),
+                ready_lora_sets: Vec::new(),
             });
             // What the interceptor puts there without --auth.
             request.extensions_mut().insert(Caller::implicit_admin());
@@ -827,10 +871,138 @@ mod tests {
             png,
             model_hash: "h".into(),
             timings: None,
+            ..Default::default()
         });
         // What the interceptor puts there without --auth.
         request.extensions_mut().insert(Caller::implicit_admin());
         request
+    }
+
+    /// A Complete asking for `lease_next` carries the worker's next lease
+    /// back, taken only after the result was accepted; with nothing queued
+    /// it carries an empty answer, and a request without the field (an older
+    /// worker) gets none: that worker calls Lease as before.
+    #[tokio::test]
+    async fn a_completion_carries_the_next_lease_when_asked() {
+        let store = Arc::new(MemoryStore::new());
+        store
+            .register_worker(
+                WorkerRegistration {
+                    id: WorkerId("w1".into()),
+                    labels: BTreeMap::new(),
+                    gpu_memory_bytes: 0,
+                    slots: 1,
+                    models: vec![ModelInfo {
+                        name: "tiny".into(),
+                        hash: "h".into(),
+                    }],
+                    determinism_class: "cpu/f32".into(),
+                    version: "test".into(),
+                    assets: Default::default(),
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let job = JobId::new();
+        let mut tasks = vec![task(0, None), task(1, None), task(2, None)];
+        for t in &mut tasks {
+            t.series = None;
+        }
+        store
+            .create_job(NewJob {
+                id: job,
+                name: "three".into(),
+                project: "default".into(),
+                priority: 0,
+                idempotency_key: None,
+                tasks,
+                blobs: Vec::new(),
+                pin_class: false,
+                class: None,
+                dedupe: false,
+                verify_of: None,
+                traceparent: None,
+                notify: Vec::new(),
+                submitted_by: None,
+            })
+            .await
+            .unwrap();
+        let core = Arc::new(Core::new(
+            store.clone(),
+            ResultStore::in_memory(),
+            CoordinatorConfig::default(),
+        ));
+        let service = WorkerLinkService::new(core);
+        let first = store
+            .claim(
+                &WorkerId("w1".into()),
+                None,
+                1,
+                Duration::from_secs(30),
+                Duration::ZERO,
+                &[],
+                &RunningCaps::new(),
+            )
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        let ask = |task: TaskId, epoch: Epoch, lease_next: u32| {
+            let mut request = complete_request(task, epoch, png(1));
+            request.get_mut().lease_next = lease_next;
+            request.get_mut().resident_models = vec!["tiny".into()];
+            service.complete(request)
+        };
+        let next = ask(first.task, first.epoch, 1)
+            .await
+            .unwrap()
+            .into_inner()
+            .next
+            .expect("asked for a next lease");
+        assert_eq!(next.tasks.len(), 1);
+        let second = store.task_at(job, 1).await.unwrap();
+        assert_eq!(next.tasks[0].task_id, second.id.to_string());
+        assert_eq!(second.state, TaskState::Leased);
+        assert_eq!(second.attempts[0].worker, WorkerId("w1".into()));
+        let first_now = store.task_at(job, 0).await.unwrap();
+        assert_eq!(first_now.state, TaskState::Completed, "accepted first");
+        // An older worker's request: the result is taken, no lease with it.
+        let answer = ask(second.id, Epoch(next.tasks[0].epoch), 0)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.next, None);
+        assert_eq!(
+            store.task_at(job, 2).await.unwrap().state,
+            TaskState::Queued,
+            "nothing leased without lease_next"
+        );
+        let third = store
+            .claim(
+                &WorkerId("w1".into()),
+                None,
+                1,
+                Duration::from_secs(30),
+                Duration::ZERO,
+                &[],
+                &RunningCaps::new(),
+            )
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        // Nothing left to lease: an empty answer, and the job is done.
+        let last = ask(third.task, third.epoch, 1).await.unwrap().into_inner();
+        assert_eq!(last.next.map(|n| n.tasks.len()), Some(0));
+        let counts: Vec<TaskState> = store
+            .tasks(job)
+            .await
+            .unwrap()
+            .iter()
+            .map(|t| t.state)
+            .collect();
+        assert_eq!(counts, [TaskState::Completed; 3]);
     }
 
     /// On a real S3 API (moto, see `kiln_tests::s3`): a completion under an epoch the store
@@ -884,7 +1056,16 @@ mod tests {
         let w = WorkerId("w1".into());
         let ttl = Duration::from_secs(30);
         let old = store
-            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
+            .claim(
+                &w,
+                None,
+                1,
+                ttl,
+                Duration::ZERO,
+                &[],
+                &[],
+                &RunningCaps::new(),
+            )
             .await
             .unwrap()
             .leases
@@ -892,7 +1073,16 @@ mod tests {
         // The worker restarts: its old lease is released and fenced.
         store.register_worker(registration, None).await.unwrap();
         let new = store
-            .claim(&w, None, 1, ttl, Duration::ZERO, &[], &RunningCaps::new())
+            .claim(
+                &w,
+                None,
+                1,
+                ttl,
+                Duration::ZERO,
+                &[],
+                &[],
+                &RunningCaps::new(),
+            )
             .await
             .unwrap()
             .leases

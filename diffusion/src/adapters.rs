@@ -58,6 +58,30 @@ fn find<'a>(
     Ok(file)
 }
 
+/// Returns the LoRA sets of a recipe: the UNet's and the text encoders'.
+///
+/// # Errors
+///
+/// `InvalidRecipe` on `loras` for a name this pipeline's assets lack or whose file
+/// has another hash.
+pub(crate) fn lora_sets(
+    p: &Pipeline,
+    recipe: &Recipe,
+) -> Result<(LoraSet, LoraSet), PipelineError> {
+    let mut unet_set = LoraSet::default();
+    let mut text_set = LoraSet::default();
+    for lora in &recipe.extras.loras {
+        let file = find(&p.assets.loras, "loras", "LoRA", &lora.name, &lora.hash)?;
+        if lora.unet_weight != 0.0 {
+            unet_set.entries.push((file.clone(), lora.unet_weight));
+        }
+        if lora.te_weight != 0.0 {
+            text_set.entries.push((file.clone(), lora.te_weight));
+        }
+    }
+    Ok((unet_set, text_set))
+}
+
 /// Resolves a recipe's LoRAs and embeddings, merging (or reusing) the variants it needs.
 ///
 /// # Errors
@@ -67,17 +91,7 @@ fn find<'a>(
 /// model (naming the tensor); `Candle` when merging fails.
 pub(crate) fn apply(p: &Pipeline, recipe: &Recipe) -> Result<Applied, PipelineError> {
     let extras = &recipe.extras;
-    let mut unet_set = LoraSet::default();
-    let mut text_set = LoraSet::default();
-    for lora in &extras.loras {
-        let file = find(&p.assets.loras, "loras", "LoRA", &lora.name, &lora.hash)?;
-        if lora.unet_weight != 0.0 {
-            unet_set.entries.push((file.clone(), lora.unet_weight));
-        }
-        if lora.te_weight != 0.0 {
-            text_set.entries.push((file.clone(), lora.te_weight));
-        }
-    }
+    let (unet_set, text_set) = lora_sets(p, recipe)?;
     let (unet_key, unet) = match p.variants.unet(&unet_set)? {
         Some(merged) => (unet_set.key(), merged),
         None => (String::new(), Arc::clone(&p.unet)),
@@ -88,6 +102,7 @@ pub(crate) fn apply(p: &Pipeline, recipe: &Recipe) -> Result<Applied, PipelineEr
             models.push(p.variants.text(index, &text_set)?);
         }
     }
+    p.variants.applied(&unet_set, &text_set);
     let mut embeddings = Vec::with_capacity(extras.embeddings.len());
     for e in &extras.embeddings {
         let file = find(

@@ -147,12 +147,25 @@ pub fn resident_bytes(dir: &Path) -> Result<u64, PipelineError> {
     let mut total = 0u64;
     for rel in files.read_set() {
         if rel.ends_with(".safetensors") {
-            total = total.saturating_add(
-                tensor_elements(&files.path(&rel))?.saturating_mul(LOADED_ELEMENT_BYTES),
-            );
+            total = total.saturating_add(file_bytes(&files.path(&rel))?);
         }
     }
     Ok(total)
+}
+
+/// Returns the memory `elements` weights hold once loaded, by the one measure
+/// of [`resident_bytes`]: 4 bytes each. Merged LoRA variants and ControlNets
+/// are sized with it too, so that one budget adds like with like.
+pub(crate) fn loaded_bytes(elements: u64) -> u64 {
+    elements.saturating_mul(LOADED_ELEMENT_BYTES)
+}
+
+/// Returns [`loaded_bytes`] of every tensor in one safetensors file, from its header.
+///
+/// # Errors
+/// `Io` when the file cannot be read, `Weights` when its header is malformed.
+pub(crate) fn file_bytes(path: &Path) -> Result<u64, PipelineError> {
+    Ok(loaded_bytes(tensor_elements(path)?))
 }
 
 /// Returns the number of elements of all tensors in a safetensors file, from its header.

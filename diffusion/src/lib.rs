@@ -39,7 +39,8 @@
 //! and `text_cache` (prompt weighting, chunking, the text encoders and their
 //! cache), `unet` and `unet_blocks` (the denoiser), `vae`, `images` (init images
 //! and masks), `render` (the denoising loop, batching), `sampling` (the
-//! samplers), `precision`, `hash`, `device` (devices and the determinism
+//! samplers), `parts` (merged LoRA variants and ControlNets as an owner
+//! budgets them), `precision`, `hash`, `device` (devices and the determinism
 //! class), `output` (PNG encoding with metadata chunks, `PIPELINE_VERSION`),
 //! `bench` (the timings of `kiln bench pipeline`), and `tiny`, `tiny_configs`
 //! and `tiny_tokenizer` (the test models).
@@ -68,6 +69,7 @@ mod lora;
 pub mod noise;
 /// PNG encoding with the A1111 `parameters` and the `kiln` chunks.
 pub mod output;
+mod parts;
 mod precision;
 /// Weight-free control-image preprocessors (canny, scribble, lineart) and control-image fitting.
 pub mod preprocess;
@@ -85,6 +87,7 @@ mod unet;
 mod unet_blocks;
 mod vae;
 mod vae_blocks;
+mod vae_tiles;
 mod weights;
 
 #[cfg(test)]
@@ -118,10 +121,12 @@ pub use hash::model_hash;
 pub use inspect::{PromptTokenizer, resident_bytes};
 pub use kiln_domain::recipe::Recipe;
 pub use lora::{LoraFormat, ParseLoraFormatError, write_tiny_lora};
+pub use parts::{Needed, Part};
 pub use precision::{ParsePrecisionError, Precision};
 pub use preview::PreviewSink;
 pub use render::{RenderInput, RenderTimings, Rendered};
 pub use tiny::{ParseTinyKindError, TinyKind, write_tiny_model, write_tiny_model_kind};
+pub use vae_tiles::{VaeTile, VaeTileError};
 
 use layout::ModelFiles;
 use sampling::SchedulerConfig;
@@ -160,6 +165,9 @@ pub struct Pipeline {
     vae_scaling_factor: f64,
     /// Image pixels per latent pixel along each side (8 for SD).
     vae_downscale: usize,
+    /// Decoded tile side in pixels (`--vae-tile`; 0: untiled), set on a shared
+    /// pipeline by its owner ([`Pipeline::set_vae_tile`]).
+    vae_tile: std::sync::atomic::AtomicU32,
     /// The scheduler's training schedule; a sampler is planned from it per render.
     scheduler: SchedulerConfig,
     /// The LoRAs, embeddings and ControlNets recipes may name (none until
@@ -279,6 +287,7 @@ impl Pipeline {
             vae_dtype,
             vae_scaling_factor: vae_spec.scaling_factor,
             vae_downscale: vae_spec.downscale,
+            vae_tile: std::sync::atomic::AtomicU32::new(0),
             scheduler,
             assets: Arc::new(Assets::default()),
             preview: preview::LatentRgb::for_family(
@@ -286,6 +295,22 @@ impl Pipeline {
                 vae_spec.config.latent_channels,
             ),
         })
+    }
+
+    /// Decodes latents larger than `tile` tile by tile from now on (`None`: untiled),
+    /// as [`vae_tiles`] describes; images no larger than a tile keep their bytes.
+    pub fn set_vae_tile(&self, tile: Option<VaeTile>) {
+        let px = tile.map_or(0, VaeTile::pixels);
+        self.vae_tile
+            .store(px, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The tile size decoding uses, if tiled ([`Pipeline::set_vae_tile`]).
+    pub fn vae_tile(&self) -> Option<VaeTile> {
+        match self.vae_tile.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            px => VaeTile::parse(&px.to_string()).ok(),
+        }
     }
 
     /// Gives the pipeline the LoRAs, embeddings and ControlNets recipes may name.
@@ -300,7 +325,8 @@ impl Pipeline {
 
     /// Sets the most memory the UNets and text encoders merged with LoRAs may keep
     /// (by default twice the base model's UNet and text encoders); 0 keeps none, so
-    /// every render with LoRAs merges again. Drops the variants kept so far.
+    /// every render with LoRAs merges again; `u64::MAX` evicts none, for an owner
+    /// that drops them itself ([`Pipeline::drop_part`]). Drops the variants kept so far.
     pub fn set_lora_budget(&mut self, bytes: u64) {
         self.variants.set_budget(bytes);
     }
@@ -308,6 +334,36 @@ impl Pipeline {
     /// Returns how many LoRA-merged UNets and text encoders are kept, and their bytes.
     pub fn lora_variants(&self) -> (usize, u64) {
         self.variants.resident()
+    }
+
+    /// Returns the LoRA sets this pipeline holds ready, most recently used first:
+    /// sets a render applied whose merged UNet and text encoders are all still
+    /// kept, so another render with the set merges nothing. Each is its
+    /// [`kiln_domain::lora_set::LoraSet::key`]; the worker reports them with
+    /// every lease, and the coordinator prefers tasks with these sets.
+    pub fn ready_lora_sets(&self) -> Vec<String> {
+        self.variants.ready()
+    }
+
+    /// Returns what the pipeline holds beyond its base model (merged LoRA
+    /// variants, ControlNets), each with its bytes, measured as [`resident_bytes`]
+    /// measures models.
+    pub fn parts(&self) -> Vec<(Part, u64)> {
+        parts::held(self)
+    }
+
+    /// Returns the parts rendering `inputs` will hold while it runs (held now or
+    /// built by the render), each once, with its bytes and a name for people.
+    /// Reads file headers only; LoRAs or ControlNets the pipeline cannot resolve
+    /// are left out (the render refuses them).
+    pub fn parts_needed(&self, inputs: &[RenderInput<'_>]) -> Vec<Needed> {
+        parts::needed(self, inputs)
+    }
+
+    /// Drops a part the pipeline holds; returns whether it held it. A render
+    /// under way keeps what it uses until it ends; a later one builds it again.
+    pub fn drop_part(&self, part: &Part) -> bool {
+        parts::remove(self, part)
     }
 
     /// Content hash of the model folder (hex sha256), as computed by `model_hash`.
@@ -476,7 +532,11 @@ impl Pipeline {
     /// `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
     fn decode(&self, latents: &Tensor) -> Result<RgbImage, PipelineError> {
         let latents = (latents / self.vae_scaling_factor)?.to_dtype(self.vae_dtype)?;
-        let image = self.vae.decode(&latents)?.to_dtype(DType::F32)?;
+        let image = match self.vae_tile() {
+            Some(tile) => vae_tiles::decode(&self.vae, &latents, tile, self.vae_downscale)?,
+            None => self.vae.decode(&latents)?,
+        }
+        .to_dtype(DType::F32)?;
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         let image = (image * 255.0)?.round()?.to_dtype(DType::U8)?;
         let (_, _, height, width) = image.dims4()?;

@@ -147,6 +147,133 @@ fn merged_variants_stay_within_the_budget() -> TestResult {
 }
 
 #[test]
+fn a_pipeline_reports_the_lora_sets_it_holds_ready() -> TestResult {
+    let mut f = fixture(TinyKind::Sd15)?;
+    // Recipes as the coordinator sends them: each LoRA pinned to its file's hash.
+    let pinned = |p: &Pipeline, name: &str, unet: f64, te: f64| {
+        let mut l = lora(name, unet, te);
+        l.hash = p.assets().loras[name].hash.clone();
+        l
+    };
+    let one = with_loras(
+        "a lighthouse",
+        9,
+        vec![pinned(&f.pipeline, "inkwash", 0.7, 0.7)],
+    );
+    let other = with_loras(
+        "a lighthouse",
+        9,
+        vec![pinned(&f.pipeline, "mira", 0.5, 0.0)],
+    );
+    let key = |r: &Recipe| kiln_domain::lora_set::LoraSet::of(&r.extras.loras).key();
+    assert!(
+        f.pipeline.ready_lora_sets().is_empty(),
+        "nothing merged yet"
+    );
+    render(&f.pipeline, &recipe("a lighthouse", 9))?;
+    assert!(
+        f.pipeline.ready_lora_sets().is_empty(),
+        "the base model is no set"
+    );
+    render(&f.pipeline, &one)?;
+    assert_eq!(f.pipeline.ready_lora_sets(), [key(&one)]);
+    render(&f.pipeline, &other)?;
+    assert_eq!(
+        f.pipeline.ready_lora_sets(),
+        [key(&other), key(&one)],
+        "both kept, the latest first"
+    );
+    // Room for one UNet and one text encoder: rendering `one` evicts `other`'s UNet.
+    let (_, bytes) = f.pipeline.lora_variants();
+    f.pipeline.set_lora_budget(bytes * 2 / 3);
+    assert!(
+        f.pipeline.ready_lora_sets().is_empty(),
+        "the variants were dropped"
+    );
+    render(&f.pipeline, &other)?;
+    render(&f.pipeline, &one)?;
+    assert_eq!(f.pipeline.ready_lora_sets(), [key(&one)]);
+    f.pipeline.set_lora_budget(0);
+    render(&f.pipeline, &one)?;
+    assert!(
+        f.pipeline.ready_lora_sets().is_empty(),
+        "a set merged for one render and dropped is not ready"
+    );
+    // The owner budgets the variants as parts: a dropped part unreadies its set.
+    f.pipeline.set_lora_budget(u64::MAX);
+    render(&f.pipeline, &one)?;
+    assert_eq!(f.pipeline.ready_lora_sets(), [key(&one)]);
+    let unet = f
+        .pipeline
+        .parts()
+        .into_iter()
+        .map(|(part, _)| part)
+        .find(|part| {
+            matches!(
+                part,
+                Part::LoraVariant {
+                    component: "unet",
+                    ..
+                }
+            )
+        })
+        .expect("the merged UNet is a part");
+    assert!(f.pipeline.drop_part(&unet));
+    assert!(f.pipeline.ready_lora_sets().is_empty());
+    Ok(())
+}
+
+#[test]
+fn merged_variants_are_parts_with_bytes_that_an_owner_can_drop() -> TestResult {
+    let mut f = fixture(TinyKind::Sd15)?;
+    // The owner keeps the budget: the pipeline evicts nothing itself.
+    f.pipeline.set_lora_budget(u64::MAX);
+    let p = &f.pipeline;
+    let one = with_loras("a lighthouse", 9, vec![lora("inkwash", 0.7, 0.7)]);
+    let unet_only = with_loras("a lighthouse", 9, vec![lora("mira", 0.5, 0.0)]);
+    let inputs = [RenderInput::txt2img(&one), RenderInput::txt2img(&unet_only)];
+    let needed = p.parts_needed(&inputs);
+    let labels: Vec<&str> = needed.iter().map(|n| n.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "unet merged with LoRA \"inkwash\" 0.7",
+            "text_encoder merged with LoRA \"inkwash\" 0.7",
+            "unet merged with LoRA \"mira\" 0.5",
+        ]
+    );
+    // Each the size of its component, by the catalog's measure.
+    let model = f._dir.path().join("model");
+    let unet = crate::inspect::file_bytes(&model.join("unet/diffusion_pytorch_model.safetensors"))?;
+    assert_eq!(needed[0].bytes, unet);
+    assert_eq!(needed[2].bytes, unet);
+    assert!(needed[1].bytes > 0 && needed[1].bytes != unet);
+    assert!(p.parts().is_empty());
+    assert!(
+        p.parts_needed(&[RenderInput::txt2img(&recipe("a lighthouse", 9))])
+            .is_empty()
+    );
+
+    let first = render(p, &one)?;
+    render(p, &unet_only)?;
+    let mut held = p.parts();
+    held.sort();
+    let mut expected: Vec<_> = needed.iter().map(|n| (n.part.clone(), n.bytes)).collect();
+    expected.sort();
+    assert_eq!(held, expected, "the renders hold what was announced");
+    // Listed as held: the same parts and bytes again.
+    assert_eq!(p.parts_needed(&inputs), needed);
+
+    for n in &needed[..2] {
+        assert!(p.drop_part(&n.part), "{}", n.part);
+    }
+    assert_eq!(p.parts(), [(needed[2].part.clone(), needed[2].bytes)]);
+    assert!(render(p, &one)? == first, "merged again, the same bytes");
+    assert_eq!(p.parts().len(), 3);
+    Ok(())
+}
+
+#[test]
 fn batched_renders_equal_single_ones_with_mixed_lora_sets() -> TestResult {
     let f = fixture(TinyKind::Sd15)?;
     let p = &f.pipeline;

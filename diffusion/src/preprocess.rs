@@ -233,8 +233,9 @@ pub fn lineart(image: &RgbImage) -> RgbImage {
 /// Fits a control image to `width` × `height` by A1111's resize `mode`:
 /// `Stretch` scales each side ("Just Resize"), `Crop` scales to cover and cuts the
 /// overflow evenly from both sides ("Crop and Resize"), `Fill` scales to fit inside
-/// and pads with black ("Resize and Fill"). An image of that size already is
-/// returned unchanged.
+/// and pads with the colour of the image's border ("Resize and Fill": the ControlNet
+/// extension's median of the outermost rows and columns, [`border_colour`]). An
+/// image of that size already is returned unchanged.
 pub fn fit(image: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImage {
     let (iw, ih) = image.dimensions();
     if (iw, ih) == (width, height) {
@@ -265,12 +266,40 @@ pub fn fit(image: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbIm
         ResizeMode::Fill => {
             let small = scaled(sx.min(sy));
             let (sw, sh) = (small.width().min(width), small.height().min(height));
-            let mut canvas = RgbImage::new(width, height);
+            let mut canvas = RgbImage::from_pixel(width, height, border_colour(image));
             let (x, y) = ((width - sw) / 2, (height - sh) / 2);
             image::imageops::overlay(&mut canvas, &small, i64::from(x), i64::from(y));
             canvas
         }
     }
+}
+
+/// Returns the colour "Resize and Fill" pads with: per channel, the median of the
+/// image's outermost rows and columns (corners counted in both), the mean of the two
+/// middle values when their number is even, truncated, as numpy's `median` and
+/// `astype(uint8)` give in the ControlNet extension.
+fn border_colour(image: &RgbImage) -> image::Rgb<u8> {
+    let (w, h) = image.dimensions();
+    let mut border: Vec<[u8; 3]> = Vec::with_capacity(2 * (w + h) as usize);
+    for x in 0..w {
+        border.push(image.get_pixel(x, 0).0);
+        border.push(image.get_pixel(x, h - 1).0);
+    }
+    for y in 0..h {
+        border.push(image.get_pixel(0, y).0);
+        border.push(image.get_pixel(w - 1, y).0);
+    }
+    let mut out = [0u8; 3];
+    for (c, slot) in out.iter_mut().enumerate() {
+        let mut v: Vec<u8> = border.iter().map(|p| p[c]).collect();
+        v.sort_unstable();
+        let mid = v.len() / 2;
+        *slot = match v.len() % 2 {
+            1 => v[mid],
+            _ => ((u16::from(v[mid - 1]) + u16::from(v[mid])) / 2) as u8,
+        };
+    }
+    image::Rgb(out)
 }
 
 #[cfg(test)]
@@ -358,13 +387,28 @@ mod tests {
         for mode in ResizeMode::ALL {
             assert_eq!(fit(&wide, 16, 16, *mode).dimensions(), (16, 16));
         }
-        // Fill pads top and bottom with black; crop keeps the middle (half white).
+        // Fill pads top and bottom with the border's median (half white, half
+        // black: 127); crop keeps the middle (half white).
         let filled = fit(&wide, 16, 16, ResizeMode::Fill);
-        assert_eq!(filled.get_pixel(2, 0).0, [0; 3]);
+        assert_eq!(filled.get_pixel(2, 0).0, [127; 3]);
         assert!(filled.get_pixel(2, 8).0[0] > 200);
         let cropped = fit(&wide, 16, 16, ResizeMode::Crop);
         assert!(cropped.get_pixel(2, 0).0[0] > 200);
         assert!(cropped.get_pixel(13, 15).0[0] < 50);
         assert_eq!(fit(&wide, 32, 16, ResizeMode::Crop), wide);
+    }
+
+    #[test]
+    fn fill_pads_with_the_median_colour_of_the_border() {
+        // A 24x12 sketch on a paper-coloured background with one dark mark on the edge.
+        let paper = image::Rgb([240, 230, 200]);
+        let mut sketch = RgbImage::from_pixel(24, 12, paper);
+        sketch.put_pixel(0, 5, image::Rgb([0, 0, 0]));
+        sketch.put_pixel(10, 6, image::Rgb([0, 0, 0]));
+        assert_eq!(border_colour(&sketch), paper);
+        let filled = fit(&sketch, 24, 24, ResizeMode::Fill);
+        assert_eq!(*filled.get_pixel(12, 0), paper);
+        assert_eq!(*filled.get_pixel(12, 23), paper);
+        assert_eq!(border_colour(&square()), image::Rgb([0, 0, 0]));
     }
 }

@@ -6,7 +6,8 @@
 //! hash and batch key, the job spec and its one validation ([`spec`]), the
 //! batch-file format that becomes a job spec ([`batch`]), the
 //! A1111 prompt syntax ([`prompt`]), image checks for init images and masks
-//! ([`image`]), what a model name means on a farm ([`model`]), a rendered
+//! ([`image`]), the key of a recipe's LoRA set ([`lora_set`]), what a model
+//! name means on a farm ([`model`]), a rendered
 //! PNG's `parameters` and `kiln` text chunks ([`png_text`]), the shape of live
 //! previews ([`preview`]), and
 //! [`error::FieldError`], the validation error that names the field and the
@@ -24,6 +25,7 @@ pub mod error;
 pub mod extras;
 pub mod ids;
 pub mod image;
+pub mod lora_set;
 pub mod model;
 pub mod png_text;
 pub mod preview;

@@ -5,6 +5,7 @@ use kiln_domain::error::FieldError;
 use kiln_domain::extras::{
     ControlNetRef, EmbeddingRef, Extras, Hires, LoraRef, Preprocessor, ResizeMode, Upscaler,
 };
+use kiln_domain::lora_set::{MAX_READY_SETS, ReadyLoraSet};
 use kiln_domain::recipe::{Recipe, Scheduler};
 use kiln_domain::spec::{Blob, FieldValue, JobSpec, RecipeFields, SeriesSpec, SweepAxis};
 
@@ -96,6 +97,29 @@ fn at(path: &str, field: &str) -> String {
     } else {
         format!("{path}.{field}")
     }
+}
+
+/// Returns a worker's ready LoRA sets as the wire messages of a `LeaseRequest`.
+pub fn ready_sets_to_pb(sets: &[ReadyLoraSet]) -> Vec<pb::ReadyLoraSet> {
+    sets.iter()
+        .map(|r| pb::ReadyLoraSet {
+            model: r.model.clone(),
+            set: r.set.clone(),
+        })
+        .collect()
+}
+
+/// Returns the ready LoRA sets a `LeaseRequest` reports, at most
+/// [`MAX_READY_SETS`] (the rest are left out: they are a scheduling hint, not
+/// a promise, so an over-long report costs the worker only some preference).
+pub fn ready_sets_from_pb(sets: &[pb::ReadyLoraSet]) -> Vec<ReadyLoraSet> {
+    sets.iter()
+        .take(MAX_READY_SETS)
+        .map(|r| ReadyLoraSet {
+            model: r.model.clone(),
+            set: r.set.clone(),
+        })
+        .collect()
 }
 
 fn lora_to_pb(l: &LoraRef) -> pb::Lora {

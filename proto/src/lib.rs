@@ -17,7 +17,9 @@ pub mod side_door;
 pub mod status;
 pub mod telemetry;
 
-pub use kiln_domain::{error, extras, ids, model, preview, prompt, recipe, spec, webhook};
+pub use kiln_domain::{
+    error, extras, ids, lora_set, model, preview, prompt, recipe, spec, webhook,
+};
 
 pub use prost;
 pub use tonic;

@@ -2,13 +2,15 @@
 //! workers announce what `--lora-dir` and `--controlnet` give them, the
 //! coordinator pins each name to its hash at submission and routes every task
 //! only to workers that hold all it names; an unknown LoRA is refused at
-//! submission, naming the batch file's line and field.
+//! submission, naming the batch file's line and field. A candle worker keeps
+//! its model, merged LoRA variants and ControlNets under one `--memory-budget`,
+//! and its resident-bytes gauge counts them all.
 
 use std::path::Path;
 
 use kiln_tests::{
-    Coordinator, arg, kiln, manifest, sha256_file, sim_worker, submit_text, wait_for_workers,
-    watch_ok, worker,
+    Coordinator, arg, free_port, http_get, kiln, manifest, metric_sum, sha256_file, sim_worker,
+    submit_text, tiny_model, wait_for_workers, watch_ok, worker,
 };
 
 /// Writes a LoRA-like file: sim workers only hash it.
@@ -240,5 +242,122 @@ fn an_unknown_lora_is_refused_at_submission_naming_the_field() {
             .contains(":7: items[0].prompt: unknown LoRA \"ghost\""),
         "{}",
         out.stderr
+    );
+}
+
+/// The bytes a loaded safetensors file holds by the worker's measure: every
+/// element of every tensor in its header, times 4.
+fn loaded_bytes(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let elements: u64 = header
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(_, t)| {
+            t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .product::<u64>()
+        })
+        .sum();
+    elements * 4
+}
+
+#[test]
+fn a_candle_worker_keeps_lora_variants_and_controlnets_under_its_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = tiny_model();
+    for (name, seed) in [("a", "1"), ("b", "2")] {
+        let out = d.join("loras").join(format!("{name}.safetensors"));
+        let r = kiln(&[
+            "lora",
+            "tiny",
+            "--model",
+            arg(&model),
+            "--out",
+            arg(&out),
+            "--seed",
+            seed,
+        ]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    let cn = d.join("cn");
+    let r = kiln(&[
+        "model",
+        "tiny",
+        "--kind",
+        "controlnet",
+        "--base",
+        "sd15",
+        "--out",
+        arg(&cn),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    image::RgbImage::from_fn(64, 64, |x, _| image::Rgb([(x * 4) as u8; 3]))
+        .save(d.join("pose.png"))
+        .unwrap();
+    let weights = |component: &str| {
+        model.join(component).join(match component {
+            "text_encoder" => "model.safetensors",
+            _ => "diffusion_pytorch_model.safetensors",
+        })
+    };
+    let model_bytes: u64 = ["unet", "text_encoder", "vae"]
+        .iter()
+        .map(|c| loaded_bytes(&weights(c)))
+        .sum();
+    // One LoRA set merges a UNet and a text encoder.
+    let set = loaded_bytes(&weights("unet")) + loaded_bytes(&weights("text_encoder"));
+    let net = loaded_bytes(&cn.join("diffusion_pytorch_model.safetensors"));
+    // Room for the model and one set, not two.
+    let budget = model_bytes + set;
+
+    let coord = Coordinator::start(d, &[]).unwrap();
+    let http = format!("127.0.0.1:{}", free_port());
+    let _w = worker(
+        d,
+        &coord.url,
+        "w1",
+        &[
+            "--model",
+            &format!("tiny={}", model.display()),
+            "--lora-dir",
+            arg(&d.join("loras")),
+            "--controlnet",
+            &format!("pose={}", cn.display()),
+            "--memory-budget",
+            &budget.to_string(),
+            "--http",
+            &http,
+        ],
+    )
+    .unwrap();
+    wait_for_workers(&coord.url, 1);
+    let resident = |extra: &str, seed: u32| -> u64 {
+        let text = format!(
+            "[defaults]\nmodel = \"tiny\"\nwidth = 64\nheight = 64\nsteps = 2\n[[items]]\nprompt = \"a harbour\"\nseed = {seed}\n{extra}\n"
+        );
+        let job = submit_text(d, &coord.url, &format!("job{seed}.toml"), &text);
+        watch_ok(&coord.url, &job);
+        let metrics = http_get(&http, "/metrics", None).unwrap().body;
+        metric_sum(&metrics, "kiln_models_resident_bytes").expect("the gauge") as u64
+    };
+    assert_eq!(resident("", 1), model_bytes, "the model alone");
+    assert_eq!(resident("loras = [{ name = \"a\" }]", 2), model_bytes + set);
+    // Without the budget b's variants would join a's.
+    assert_eq!(resident("loras = [{ name = \"b\" }]", 3), model_bytes + set);
+    assert_eq!(resident("loras = [{ name = \"a\" }]", 4), model_bytes + set);
+    let with_net = resident(
+        "controlnets = [{ model = \"pose\", image = \"pose.png\" }]",
+        5,
+    );
+    assert!(
+        with_net <= budget && with_net >= model_bytes + net,
+        "{with_net} bytes resident with a ControlNet of {net}, budget {budget}"
     );
 }

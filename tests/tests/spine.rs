@@ -368,6 +368,7 @@ fn stale_epoch_complete_is_refused_with_failed_precondition() {
                     max_tasks: 1,
                     wait_ms: 5000,
                     resident_models: vec![],
+                    ready_lora_sets: vec![],
                 })
                 .await
                 .unwrap()
@@ -393,6 +394,8 @@ fn stale_epoch_complete_is_refused_with_failed_precondition() {
             png: png.clone(),
             model_hash: "h".into(),
             timings: None,
+            // What a client from before lease_next sends.
+            ..Default::default()
         };
         let stale = link.complete(complete(first.epoch)).await.unwrap_err();
         assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");

@@ -517,6 +517,7 @@ fn a_live_worker_id_belongs_to_the_token_that_registered_it() {
             max_tasks: 1,
             wait_ms: 0,
             resident_models: vec![],
+            ready_lora_sets: vec![],
         };
         denied("lease", as_b.lease(lease).await.unwrap_err());
         let beat = pb::HeartbeatRequest {
@@ -539,6 +540,7 @@ fn a_live_worker_id_belongs_to_the_token_that_registered_it() {
             png,
             model_hash: "forged".into(),
             timings: None,
+            ..Default::default()
         };
         denied("complete", as_b.complete(complete).await.unwrap_err());
         let fail = pb::FailRequest {

@@ -139,6 +139,13 @@ struct InFlight {
 struct Shared {
     link: Link,
     worker: WorkerId,
+    renderer: Arc<dyn Renderer>,
+    render: RenderThread,
+    lease_observer: Option<LeaseObserver>,
+    /// Cancelled once the agent takes no new work (a drain or an abort, asked
+    /// by the process or the coordinator, or the lease loop ended): from then
+    /// on a Complete asks for no next lease.
+    stop_leasing: CancellationToken,
     in_flight: Mutex<HashMap<TaskId, InFlight>>,
     /// Signalled when a task ends and frees its slot.
     slot_freed: Notify,
@@ -161,8 +168,6 @@ impl Shared {
 /// The worker agent: see the module docs.
 pub struct Agent {
     shared: Arc<Shared>,
-    renderer: Arc<dyn Renderer>,
-    render: RenderThread,
     config: AgentConfig,
 }
 
@@ -181,6 +186,10 @@ impl Agent {
             shared: Arc::new(Shared {
                 link,
                 worker: config.worker_id.clone(),
+                renderer,
+                render,
+                lease_observer: config.lease_observer.clone(),
+                stop_leasing: CancellationToken::new(),
                 in_flight: Mutex::new(HashMap::new()),
                 slot_freed: Notify::new(),
                 drain_asked: CancellationToken::new(),
@@ -190,26 +199,24 @@ impl Agent {
                 dropped: AtomicU64::new(0),
                 handed_back: AtomicU64::new(0),
             }),
-            renderer,
-            render,
             config,
         })
     }
 
     fn registration(&self) -> pb::RegisterRequest {
-        let [loras, embeddings, controlnets] = convert::asset_infos(&self.renderer.assets());
+        let renderer = &self.shared.renderer;
+        let [loras, embeddings, controlnets] = convert::asset_infos(&renderer.assets());
         pb::RegisterRequest {
             worker_id: self.config.worker_id.to_string(),
             labels: self.config.labels.clone().into_iter().collect(),
             gpu_memory_bytes: 0,
             slots: self.config.slots,
-            models: self
-                .renderer
+            models: renderer
                 .models()
                 .into_iter()
                 .map(convert::model_info)
                 .collect(),
-            determinism_class: self.renderer.determinism_class(),
+            determinism_class: renderer.determinism_class(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             loras,
             embeddings,
@@ -282,7 +289,21 @@ impl Agent {
                 }
             }
         });
+        // A Complete takes the next lease with it only while the agent leases.
+        let stop_leasing = tokio::spawn({
+            let (shutdown, shared) = (shutdown.clone(), self.shared.clone());
+            async move {
+                tokio::select! {
+                    _ = shutdown.drain.cancelled() => {}
+                    _ = shutdown.abort.cancelled() => {}
+                    _ = shared.drain_asked.cancelled() => {}
+                }
+                shared.stop_leasing.cancel();
+            }
+        });
         let result = self.lease_loop(&shutdown).await;
+        self.shared.stop_leasing.cancel();
+        stop_leasing.abort();
         self.config
             .readiness
             .not_ready("draining: finishing the tasks in hand, taking no new work");
@@ -327,23 +348,15 @@ impl Agent {
                 }
             }
             let asked = tokio::time::Instant::now();
+            let ready = self.shared.renderer.ready_lora_sets();
             let answer = tokio::select! {
-                r = self.shared.link.lease(self.shared.worker.as_str(), free, POLL_WAIT, self.renderer.resident()) => r,
+                r = self.shared.link.lease(self.shared.worker.as_str(), free, POLL_WAIT, self.shared.renderer.resident(), &ready) => r,
                 _ = drained() => return Ok(()),
             };
             match answer {
                 Ok(resp) => {
                     pause = BACKOFF.0;
-                    if let Some(observe) = &self.config.lease_observer
-                        && !resp.tasks.is_empty()
-                    {
-                        (observe.0)(asked.elapsed(), resp.tasks.len());
-                    }
-                    self.start(resp.tasks);
-                    if resp.drain {
-                        tracing::info!(worker = %self.shared.worker, "the coordinator asked this worker to drain");
-                        self.shared.drain_asked.cancel();
-                    }
+                    take_leases(&self.shared, resp, asked);
                 }
                 Err(status) if status.code() == Code::NotFound => {
                     tracing::warn!(worker = %self.shared.worker, "the coordinator lost this worker's session; registering again");
@@ -396,85 +409,104 @@ impl Agent {
             }
         }
     }
+}
 
-    /// Takes the tasks of one lease answer in hand and renders them in the background.
-    ///
-    /// They are queued on the render thread in one submission, so that those with
-    /// the same model, size and schedule render as one batch.
-    fn start(&self, tasks: Vec<pb::LeasedTask>) {
-        let mut submitted = Vec::with_capacity(tasks.len());
-        let mut handles = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            let Ok(task_id) = task.task_id.parse::<TaskId>() else {
-                tracing::error!(task = %task.task_id, "the coordinator sent a task id that is not a UUID; ignoring it");
-                continue;
-            };
-            let epoch = Epoch(task.epoch);
-            let control = RenderControl::default();
-            let abandoned = Arc::new(AtomicBool::new(false));
-            let reporting = Arc::new(AtomicBool::new(false));
-            self.shared.in_flight().insert(
-                task_id,
-                InFlight {
-                    epoch,
-                    control: control.clone(),
-                    abandoned: abandoned.clone(),
-                    reporting: reporting.clone(),
-                },
-            );
-            tracing::debug!(worker = %self.shared.worker, job = %task.job_id, index = task.index, epoch = %epoch, "rendering");
-            // Continues the coordinator's lease span, when it sent one; so
-            // does the report below.
-            let render_span = tracing::info_span!("render", task = %task_id, job = %task.job_id, index = task.index, epoch = %epoch);
-            telemetry::adopt_traceparent(&render_span, &task.traceparent);
-            let handle = (
-                task_id,
+/// Takes a lease answer (from a Lease call, or carried back by a Complete):
+/// tells the observer how long the ask took, starts the tasks and heeds a
+/// drain order.
+fn take_leases(shared: &Arc<Shared>, resp: pb::LeaseResponse, asked: tokio::time::Instant) {
+    if let Some(observe) = &shared.lease_observer
+        && !resp.tasks.is_empty()
+    {
+        (observe.0)(asked.elapsed(), resp.tasks.len());
+    }
+    start(shared, resp.tasks);
+    if resp.drain {
+        tracing::info!(worker = %shared.worker, "the coordinator asked this worker to drain");
+        shared.drain_asked.cancel();
+    }
+}
+
+/// Takes the tasks of one lease answer in hand and renders them in the background.
+///
+/// They are queued on the render thread in one submission, so that those with
+/// the same model, size and schedule render as one batch. Each task's runner
+/// reports it; a Complete that brings the next leases starts them before the
+/// finished task leaves the hand, so the lease loop never sees its slot free
+/// in between and the worker never holds more than its slots.
+fn start(shared: &Arc<Shared>, tasks: Vec<pb::LeasedTask>) {
+    let mut submitted = Vec::with_capacity(tasks.len());
+    let mut handles = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let Ok(task_id) = task.task_id.parse::<TaskId>() else {
+            tracing::error!(task = %task.task_id, "the coordinator sent a task id that is not a UUID; ignoring it");
+            continue;
+        };
+        let epoch = Epoch(task.epoch);
+        let control = RenderControl::default();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let reporting = Arc::new(AtomicBool::new(false));
+        shared.in_flight().insert(
+            task_id,
+            InFlight {
                 epoch,
-                abandoned,
-                reporting,
-                task.traceparent.clone(),
-            );
-            match convert::render_task(&task) {
-                Ok(mut t) => {
-                    t.span = render_span;
-                    submitted.push((t, control));
-                    handles.push((handle, None));
-                }
-                Err(e) => handles.push((handle, Some(e))),
+                control: control.clone(),
+                abandoned: abandoned.clone(),
+                reporting: reporting.clone(),
+            },
+        );
+        tracing::debug!(worker = %shared.worker, job = %task.job_id, index = task.index, epoch = %epoch, "rendering");
+        // Continues the coordinator's lease span, when it sent one; so
+        // does the report below.
+        let render_span = tracing::info_span!("render", task = %task_id, job = %task.job_id, index = task.index, epoch = %epoch);
+        telemetry::adopt_traceparent(&render_span, &task.traceparent);
+        let handle = (
+            task_id,
+            epoch,
+            abandoned,
+            reporting,
+            task.traceparent.clone(),
+        );
+        match convert::render_task(&task) {
+            Ok(mut t) => {
+                t.span = render_span;
+                submitted.push((t, control));
+                handles.push((handle, None));
             }
+            Err(e) => handles.push((handle, Some(e))),
         }
-        let mut receivers = self.render.submit(submitted).into_iter();
-        for ((task_id, epoch, abandoned, reporting, traceparent), refused) in handles {
-            let receiver = match refused {
-                Some(_) => None,
-                None => receivers.next(),
+    }
+    let mut receivers = shared.render.submit(submitted).into_iter();
+    for ((task_id, epoch, abandoned, reporting, traceparent), refused) in handles {
+        let receiver = match refused {
+            Some(_) => None,
+            None => receivers.next(),
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let result = match refused {
+                Some(e) => Err(e),
+                None => render_thread::wait(receiver).await,
             };
-            let shared = self.shared.clone();
-            tokio::spawn(async move {
-                let result = match refused {
-                    Some(e) => Err(e),
-                    None => render_thread::wait(receiver).await,
-                };
-                reporting.store(true, Ordering::SeqCst);
-                // An abort that handed the task back already took it out of hand.
-                let in_hand = shared.in_flight().contains_key(&task_id);
-                if in_hand {
-                    let span = tracing::info_span!("report", task = %task_id, epoch = %epoch);
-                    telemetry::adopt_traceparent(&span, &traceparent);
-                    report(&shared, task_id, epoch, &abandoned, result)
-                        .instrument(span)
-                        .await;
-                }
-                shared.in_flight().remove(&task_id);
-                shared.slot_freed.notify_waiters();
-            });
-        }
+            reporting.store(true, Ordering::SeqCst);
+            // An abort that handed the task back already took it out of hand.
+            let in_hand = shared.in_flight().contains_key(&task_id);
+            if in_hand {
+                let span = tracing::info_span!("report", task = %task_id, epoch = %epoch);
+                telemetry::adopt_traceparent(&span, &traceparent);
+                report(&shared, task_id, epoch, &abandoned, result)
+                    .instrument(span)
+                    .await;
+            }
+            shared.in_flight().remove(&task_id);
+            shared.slot_freed.notify_waiters();
+        });
     }
 }
 
 /// Sends the outcome of a render to the coordinator, retrying transient errors.
 async fn report(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     task: TaskId,
     epoch: Epoch,
     abandoned: &AtomicBool,
@@ -489,6 +521,9 @@ async fn report(
     let outcome = match result {
         Ok(rendered) => {
             let sha256 = kiln_domain::image::sha256_hex(&rendered.png);
+            // The slot this task frees is filled by the same call, unless
+            // the agent stopped leasing.
+            let lease_next = u32::from(!shared.stop_leasing.is_cancelled());
             let req = pb::CompleteRequest {
                 worker_id,
                 task_id: task.to_string(),
@@ -500,10 +535,27 @@ async fn report(
                     render_ms: rendered.render_ms,
                     encode_ms: rendered.encode_ms,
                 }),
+                lease_next,
+                resident_models: if lease_next > 0 {
+                    shared.renderer.resident()
+                } else {
+                    Vec::new()
+                },
+                ready_lora_sets: if lease_next > 0 {
+                    kiln_proto::convert::ready_sets_to_pb(&shared.renderer.ready_lora_sets())
+                } else {
+                    Vec::new()
+                },
             };
+            let asked = tokio::time::Instant::now();
             retry(abandoned, || shared.link.complete(req.clone()))
                 .await
-                .map(|()| true)
+                .map(|resp| {
+                    if let Some(next) = resp.next {
+                        take_leases(shared, next, asked);
+                    }
+                    true
+                })
         }
         Err(e) => {
             let (fault, message) = match &e {

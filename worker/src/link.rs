@@ -6,6 +6,7 @@ use kiln_proto::connect::{
     AuthChannel, Bearer, TlsOptions, channel, with_deadline, worker_link_client,
 };
 use kiln_proto::error::FieldError;
+use kiln_proto::lora_set::ReadyLoraSet;
 use kiln_proto::pb::{self, worker_link_client::WorkerLinkClient};
 use tonic::Status;
 
@@ -55,19 +56,22 @@ impl Link {
     }
 
     /// Long-polls for up to `max_tasks` leases, waiting at most `wait`;
-    /// `resident_models` tells the scheduler what is loaded.
+    /// `resident_models` and `ready_lora_sets` tell the scheduler what is
+    /// loaded and which LoRA sets are merged.
     pub async fn lease(
         &self,
         worker_id: &str,
         max_tasks: u32,
         wait: Duration,
         resident_models: Vec<String>,
+        ready_lora_sets: &[ReadyLoraSet],
     ) -> Result<pb::LeaseResponse, Status> {
         let req = pb::LeaseRequest {
             worker_id: worker_id.to_string(),
             max_tasks,
             wait_ms: wait.as_millis() as u32,
             resident_models,
+            ready_lora_sets: kiln_proto::convert::ready_sets_to_pb(ready_lora_sets),
         };
         let deadline = wait + POLL_SLACK;
         let mut c = self.client.clone();
@@ -83,15 +87,15 @@ impl Link {
         bounded(CALL_TIMEOUT, c.heartbeat(with_deadline(req, CALL_TIMEOUT))).await
     }
 
-    /// Uploads a finished image under its lease epoch.
-    pub async fn complete(&self, req: pb::CompleteRequest) -> Result<(), Status> {
+    /// Uploads a finished image under its lease epoch; the answer carries the
+    /// next leases when the request asked for them (`lease_next`).
+    pub async fn complete(&self, req: pb::CompleteRequest) -> Result<pb::CompleteResponse, Status> {
         let mut c = self.client.clone();
         bounded(
             UPLOAD_TIMEOUT,
             c.complete(with_deadline(req, UPLOAD_TIMEOUT)),
         )
         .await
-        .map(|_| ())
     }
 
     /// Reports a classified fault under the lease epoch.

@@ -20,7 +20,7 @@ use kiln_worker::model_cache;
 use kiln_worker::readiness::Readiness;
 use kiln_worker::render::{
     Assets, CandleRenderer, Renderer, SimOptions, SimRenderer, open_device, parse_controlnet_args,
-    parse_model_args,
+    parse_model_args, parse_ready_set,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -101,9 +101,10 @@ struct Args {
     /// build feature) or metal (needs the `metal` build feature).
     #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
     device: String,
-    /// Most memory the loaded models may hold, e.g. 8GiB; the least recently
-    /// used model is evicted to load another. Default: no limit (every model
-    /// is loaded at start). Counts weights only: leave room for activations.
+    /// Most memory the loaded models, their merged LoRA variants and their
+    /// ControlNets may hold together, e.g. 8GiB; the least recently used are
+    /// evicted to load another. Default: no limit (every model is loaded at
+    /// start). Counts weights only: leave room for activations.
     #[arg(long, env = "KILN_MEMORY_BUDGET", value_name = "SIZE", value_parser = parse_budget)]
     memory_budget: Option<u64>,
     /// The dtype of the candle pipeline's weights and arithmetic: f32, or f16 (half
@@ -111,6 +112,13 @@ struct Args {
     /// determinism class: f16 workers render other bytes than f32 ones.
     #[arg(long, env = "KILN_DTYPE", default_value = "f32", value_parser = parse_precision)]
     dtype: Precision,
+    /// Decode images larger than PX pixels a side in overlapping tiles of PX
+    /// (a multiple of 64), blended over the overlaps as diffusers'
+    /// `enable_vae_tiling` does: the decoder's memory stays that of one tile.
+    /// Tiled images larger than a tile differ from untiled ones, so the tile
+    /// size is part of the determinism class. Default: untiled.
+    #[arg(long, env = "KILN_VAE_TILE", value_name = "PX", value_parser = kiln_diffusion::VaeTile::parse)]
+    vae_tile: Option<kiln_diffusion::VaeTile>,
     /// After SIGTERM (or Ctrl-C), how long the worker may spend finishing the
     /// tasks in hand before it hands the rest back to the queue and exits. A
     /// second signal hands them back at once.
@@ -132,6 +140,15 @@ struct Args {
     /// Sim renderer only: fail every render (a broken worker, for tests).
     #[arg(long)]
     sim_fail: bool,
+    /// Sim renderer only: a LoRA set held ready from the start, as prompt tags
+    /// (e.g. `<lora:inkwash:0.7><lora:mira>`) naming LoRAs of --lora-dir;
+    /// repeat for more sets.
+    #[arg(long, value_name = "TAGS")]
+    sim_ready_lora: Vec<String>,
+    /// Sim renderer only: LoRA sets held ready at once; a render with another
+    /// set makes it ready and drops the least recently used.
+    #[arg(long, value_name = "N", default_value_t = kiln_worker::render::DEFAULT_LORA_SLOTS)]
+    sim_lora_slots: usize,
     /// Serve /metrics, /healthz, /readyz and the gRPC health service on this
     /// address (off by default: one host runs one worker per GPU).
     #[arg(long, env = "KILN_WORKER_HTTP", value_name = "ADDR")]
@@ -239,6 +256,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .iter()
                 .map(|m| m.split_once('=').map_or(m.as_str(), |(n, _)| n).to_string())
                 .collect();
+            let ready_sets = args
+                .sim_ready_lora
+                .iter()
+                .map(|tags| parse_ready_set("--sim-ready-lora", tags, &assets))
+                .collect::<Result<Vec<_>, _>>()?;
             Arc::new(SimRenderer::with_options(
                 &names,
                 args.sim_step,
@@ -247,6 +269,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     load_time: args.sim_load,
                     fail: args.sim_fail,
                     assets,
+                    ready_sets,
+                    lora_slots: args.sim_lora_slots,
                 },
             ))
         }
@@ -257,12 +281,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if let (Some(metrics), Some(probe)) = (&metrics, device_memory::probe(&device)) {
                 metrics.watch_device_memory(probe);
             }
-            let (budget, precision) = (args.memory_budget, args.dtype);
-            let renderer = tokio::task::spawn_blocking(move || {
+            let (budget, precision, tile) = (args.memory_budget, args.dtype, args.vae_tile);
+            let mut renderer = tokio::task::spawn_blocking(move || {
                 CandleRenderer::open_with(&models, &device, precision, budget, assets)
             })
             .await
             .context("model loading stopped")??;
+            renderer.set_vae_tile(tile);
             Arc::new(renderer)
         }
     };

@@ -23,7 +23,8 @@ pub const STEP_SECONDS: &str = "kiln_step_seconds";
 pub const MODEL_LOADS: &str = "kiln_model_loads_total";
 /// Seconds to load a model.
 pub const MODEL_LOAD_SECONDS: &str = "kiln_model_load_seconds";
-/// Bytes of weights the loaded models hold.
+/// Bytes of weights resident: the loaded models and the merged LoRA variants
+/// and ControlNets their pipelines hold (what `--memory-budget` bounds).
 pub const MODELS_RESIDENT_BYTES: &str = "kiln_models_resident_bytes";
 /// Renders that ended, by outcome.
 pub const RENDERS: &str = "kiln_renders_total";
@@ -167,7 +168,7 @@ fn record_device_memory(probe: &dyn DeviceMemoryProbe) {
     }
 }
 
-/// Sets the bytes the loaded models hold.
+/// Sets the bytes resident: models, merged LoRA variants and ControlNets.
 pub fn resident_bytes(bytes: u64) {
     gauge!(MODELS_RESIDENT_BYTES).set(bytes as f64);
 }

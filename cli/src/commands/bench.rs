@@ -92,7 +92,8 @@ struct Dispatch {
 /// Measures the coordinator's dispatch rate: `workers` sim workers with
 /// 0 ms steps run a job of `tasks` one-step items through the embedded farm
 /// (memory store, real gRPC on loopback), each leasing up to `slots` tasks at
-/// once; prints lease + complete cycles per second.
+/// once; prints lease + complete cycles per second, Redis round trips per
+/// task, and the CPU time per cycle of this process plus Redis (`INFO cpu`).
 async fn dispatch(args: Dispatch) -> anyhow::Result<()> {
     let Dispatch {
         workers,
@@ -138,33 +139,66 @@ async fn dispatch(args: Dispatch) -> anyhow::Result<()> {
         .await
         .map_err(|s| farm.farm.explain(s))?;
     let submitted = started.elapsed();
+    // CPU from here on: the dispatch, not the job's creation.
+    let cpu_before = process_cpu_s();
+    let redis_cpu_before = match &redis {
+        Some(r) => Some(r.server_cpu_s().await?),
+        None => None,
+    };
     let job = resp.job.context("no job")?;
     let done = watch::follow(&farm.farm, &job.job_id, true).await?;
     let elapsed = started.elapsed();
     let trips = redis.as_ref().map(|r| r.round_trips() - trips_before);
+    let process_cpu = process_cpu_s().zip(cpu_before).map(|(a, b)| a - b);
+    let redis_cpu = match (&redis, redis_cpu_before) {
+        (Some(r), Some(before)) => Some(r.server_cpu_s().await? - before),
+        _ => None,
+    };
     farm.stop().await?;
     let completed = done.counts.unwrap_or_default().completed;
     let rate = f64::from(completed) / (elapsed - submitted).as_secs_f64();
     let per_task = trips.map(|t| t as f64 / f64::from(completed.max(1)));
+    // This process and Redis together (Redis may serve others too).
+    let cpu_per_cycle =
+        process_cpu.map(|p| (p + redis_cpu.unwrap_or(0.0)) * 1e6 / f64::from(completed.max(1)));
     let store_name = if redis.is_some() { "redis" } else { "memory" };
     if json_out {
         println!(
             "{}",
             json!({"store": store_name, "workers": workers, "tasks": tasks, "completed": completed,
                    "submit_s": submitted.as_secs_f64(), "total_s": elapsed.as_secs_f64(),
-                   "cycles_per_s": rate, "redis_round_trips_per_task": per_task})
+                   "cycles_per_s": rate, "redis_round_trips_per_task": per_task,
+                   "process_cpu_s": process_cpu, "redis_cpu_s": redis_cpu,
+                   "cpu_us_per_cycle": cpu_per_cycle})
         );
     } else {
         let trips = per_task
             .map(|p| format!(", {p:.1} Redis round trips per task"))
             .unwrap_or_default();
+        let cpu = cpu_per_cycle
+            .map(|c| format!(", {c:.0} µs CPU per cycle"))
+            .unwrap_or_default();
         println!(
-            "{store_name} store: {completed}/{tasks} tasks by {workers} sim workers: submit {:.2} s, dispatch {:.2} s, {rate:.0} lease+complete cycles/s{trips}",
+            "{store_name} store: {completed}/{tasks} tasks by {workers} sim workers: submit {:.2} s, dispatch {:.2} s, {rate:.0} lease+complete cycles/s{trips}{cpu}",
             submitted.as_secs_f64(),
             (elapsed - submitted).as_secs_f64()
         );
     }
     Ok(())
+}
+
+/// Returns the CPU time this process has used (user plus system, all
+/// threads), in seconds; None where `/proc/self/stat` cannot be read.
+fn process_cpu_s() -> Option<f64> {
+    // The kernel reports it in USER_HZ ticks, 100 a second on Linux.
+    const TICKS_PER_S: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: f64 = fields.next()?.parse().ok()?;
+    let system: f64 = fields.next()?.parse().ok()?;
+    Some((user + system) / TICKS_PER_S)
 }
 
 /// The scheduling policy at scale: sim workers holding one model at a time.

@@ -29,6 +29,9 @@ pub struct BenchPipeline {
     /// Guidance scale: above 1 runs the UNet on a batch of two, as txt2img does.
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
+    /// Decode in tiles of PX pixels, as `kiln-worker --vae-tile` does.
+    #[arg(long, value_name = "PX", value_parser = kiln_diffusion::VaeTile::parse)]
+    vae_tile: Option<kiln_diffusion::VaeTile>,
     /// Also print where the time goes: wall time per candle tracing span.
     #[arg(long)]
     profile: bool,
@@ -207,6 +210,7 @@ fn pipeline(options: &BenchPipeline) -> anyhow::Result<()> {
         None => load(),
     }
     .with_context(|| format!("loading the model in {}", dir.display()))?;
+    pipeline.set_vae_tile(options.vae_tile);
     let load_s = started.elapsed().as_secs_f64();
     let loaded_rss = pbench::rss_bytes();
     let plan = BenchPlan {
@@ -231,6 +235,7 @@ fn pipeline(options: &BenchPipeline) -> anyhow::Result<()> {
                 "model": dir.display().to_string(),
                 "model_hash": pipeline.model_hash(),
                 "size": options.size,
+                "vae_tile": options.vae_tile.map(kiln_diffusion::VaeTile::pixels),
                 "guidance": options.guidance,
                 "unet_batch": batch,
                 "threads": threads,

@@ -33,6 +33,10 @@ pub struct Render {
     /// A ControlNet, as NAME=PATH (a diffusers folder or one .safetensors file); repeat for more.
     #[arg(long = "controlnet", value_name = "NAME=PATH")]
     controlnets: Vec<String>,
+    /// Decode images larger than PX pixels a side in overlapping tiles, as
+    /// `kiln-worker --vae-tile` does.
+    #[arg(long, value_name = "PX", value_parser = kiln_diffusion::VaeTile::parse)]
+    vae_tile: Option<kiln_diffusion::VaeTile>,
     /// Where the images and manifest.jsonl go.
     #[arg(long)]
     out: PathBuf,
@@ -68,17 +72,19 @@ impl Render {
         }
         let controlnets = parse_controlnet_args(&self.controlnets)?;
         let (lora_dirs, embedding_dirs) = (self.lora_dirs.clone(), self.embedding_dirs.clone());
+        let tile = self.vae_tile;
         let renderer: Arc<dyn Renderer> = Arc::new(
             tokio::task::spawn_blocking(move || {
                 let assets = Assets::scan(&lora_dirs, &embedding_dirs, &controlnets)
                     .context("--lora-dir, --embedding-dir or --controlnet")?;
-                let renderer = CandleRenderer::open_with(
+                let mut renderer = CandleRenderer::open_with(
                     &models,
                     &candle_core::Device::Cpu,
                     Precision::F32,
                     None,
                     Arc::new(assets),
                 )?;
+                renderer.set_vae_tile(tile);
                 anyhow::Ok(renderer)
             })
             .await

@@ -606,6 +606,7 @@ async fn a_failed_task_shows_its_attempts_and_retry_puts_it_back() {
             Duration::from_secs(30),
             Duration::ZERO,
             &[],
+            &[],
             &RunningCaps::new(),
         )
         .await

@@ -103,7 +103,7 @@ fn result() -> TaskResult {
 
 async fn claim(store: &dyn Store, w: &str, max: usize) -> Vec<Lease> {
     store
-        .claim(&worker(w), None, max, TTL, NO_WAIT, &[], &NO_CAPS)
+        .claim(&worker(w), None, max, TTL, NO_WAIT, &[], &[], &NO_CAPS)
         .await
         .expect("claim")
         .leases
@@ -130,6 +130,136 @@ fn with_assets(
         controlnets: info(controlnets),
     };
     r
+}
+
+/// A recipe of `tiny` with the LoRA `name` (hash `hash`) at weight 0.8, or
+/// plain when `name` is empty.
+fn with_lora(seed: u64, name: &str, hash: &str) -> Recipe {
+    let mut r = recipe("tiny", seed);
+    if !name.is_empty() {
+        r.extras.loras = vec![kiln_proto::extras::LoraRef {
+            name: name.into(),
+            hash: hash.into(),
+            unet_weight: 0.8,
+            te_weight: 0.8,
+        }];
+    }
+    r
+}
+
+/// Claims up to `max` tasks for `w`, which reports `ready` LoRA sets of `tiny`.
+async fn claim_ready(store: &dyn Store, w: &str, max: usize, ready: &[&Recipe]) -> Vec<TaskId> {
+    let ready: Vec<kiln_proto::lora_set::ReadyLoraSet> = ready
+        .iter()
+        .map(|r| kiln_proto::lora_set::ReadyLoraSet {
+            model: "tiny".into(),
+            set: policy::task_lora_set(r),
+        })
+        .collect();
+    store
+        .claim(&worker(w), None, max, TTL, NO_WAIT, &[], &ready, &NO_CAPS)
+        .await
+        .expect("claim")
+        .leases
+        .iter()
+        .map(|l| l.task)
+        .collect()
+}
+
+/// LoRA-set affinity (policy step 4): a worker takes first a task of the
+/// chosen job and model whose LoRA set it holds ready, never a task of a
+/// lower-priority job, never passing over a task without LoRAs.
+async fn a_worker_prefers_tasks_whose_lora_set_it_holds_ready(store: &dyn Store) {
+    let loras = [("ink", "h1"), ("mira", "h2")];
+    for w in ["wa", "wb", "wc"] {
+        store
+            .register_worker(with_assets(w, &loras, &[]), None)
+            .await
+            .unwrap();
+    }
+    let (ink, mira) = (with_lora(100, "ink", "h1"), with_lora(100, "mira", "h2"));
+    let mut a = new_job(6, "tiny");
+    for (i, name) in ["ink", "mira", "ink", "mira", "", "mira"]
+        .iter()
+        .enumerate()
+    {
+        let hash = if *name == "ink" { "h1" } else { "h2" };
+        a.tasks[i].recipe = with_lora(i as u64, name, hash);
+    }
+    let ids: Vec<TaskId> = a.tasks.iter().map(|t| t.id).collect();
+    let mut b = new_job(1, "tiny");
+    b.priority = 1;
+    b.tasks[0].recipe = with_lora(50, "mira", "h2");
+    let b0 = b.tasks[0].id;
+    store.create_job(a).await.unwrap();
+    store.create_job(b).await.unwrap();
+    assert_eq!(
+        claim_ready(store, "wa", 1, &[&ink]).await,
+        [b0],
+        "priority first, whatever is ready"
+    );
+    assert_eq!(
+        claim_ready(store, "wb", 1, &[&mira]).await,
+        [ids[1]],
+        "past the ink head to the first mira task"
+    );
+    assert_eq!(claim_ready(store, "wa", 1, &[&ink]).await, [ids[0]]);
+    assert_eq!(claim_ready(store, "wb", 1, &[&mira]).await, [ids[3]]);
+    assert_eq!(
+        claim_ready(store, "wc", 1, &[]).await,
+        [ids[2]],
+        "nothing ready: item order"
+    );
+    assert_eq!(
+        claim_ready(store, "wa", 1, &[&ink]).await,
+        [ids[4]],
+        "a task without LoRAs is never passed over"
+    );
+    assert_eq!(
+        claim_ready(store, "wa", 1, &[&ink]).await,
+        [ids[5]],
+        "no ready task: the head, merged"
+    );
+}
+
+/// Batch filling (policy step 5): after the first task's UNet batch, free
+/// slots take tasks whose LoRA set is ready on the worker or is the first
+/// task's, then the rest of the model's tasks.
+async fn free_slots_take_tasks_with_ready_lora_sets_next(store: &dyn Store) {
+    let loras = [("ink", "h1"), ("mira", "h2")];
+    for w in ["wa", "wd"] {
+        store
+            .register_worker(with_assets(w, &loras, &[]), None)
+            .await
+            .unwrap();
+    }
+    let ink = with_lora(100, "ink", "h1");
+    // 0: mira; 1: ink; 2: ink at another size (another batch); 3: plain; 4: ink.
+    let mut c = new_job(5, "tiny");
+    for (i, name) in ["mira", "ink", "ink", "", "ink"].iter().enumerate() {
+        let hash = if *name == "ink" { "h1" } else { "h2" };
+        c.tasks[i].recipe = with_lora(i as u64, name, hash);
+    }
+    c.tasks[2].recipe.width = 128;
+    let ids: Vec<TaskId> = c.tasks.iter().map(|t| t.id).collect();
+    store.create_job(c).await.unwrap();
+    assert_eq!(
+        claim_ready(store, "wa", 4, &[&ink]).await,
+        [ids[1], ids[4], ids[2], ids[0]],
+        "ink first, its batch, ink at 128 px, then the rest in item order"
+    );
+    // Nothing reported ready: the first task's own set counts as ready.
+    let mut d = new_job(3, "tiny");
+    for (i, name) in ["mira", "", "mira"].iter().enumerate() {
+        d.tasks[i].recipe = with_lora(10 + i as u64, name, "h2");
+    }
+    d.tasks[2].recipe.width = 128;
+    let ids: Vec<TaskId> = d.tasks.iter().map(|t| t.id).collect();
+    store.create_job(d).await.unwrap();
+    assert_eq!(
+        claim_ready(store, "wd", 3, &[]).await,
+        [ids[0], ids[2], ids[1]]
+    );
 }
 
 /// Tasks go only to workers holding every LoRA and ControlNet they name with
@@ -602,6 +732,7 @@ pub async fn expired_lease_is_fenced(store: &dyn Store) {
             Duration::from_millis(100),
             NO_WAIT,
             &[],
+            &[],
             &NO_CAPS,
         )
         .await
@@ -997,6 +1128,7 @@ pub async fn draining_worker_gets_no_work(store: &dyn Store) {
             TTL,
             Duration::from_secs(10),
             &[],
+            &[],
             &NO_CAPS,
         )
         .await
@@ -1004,7 +1136,7 @@ pub async fn draining_worker_gets_no_work(store: &dyn Store) {
     assert!(c.drain && c.leases.is_empty());
     assert!(matches!(
         store
-            .claim(&worker("ghost"), None, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+            .claim(&worker("ghost"), None, 1, TTL, NO_WAIT, &[], &[], &NO_CAPS)
             .await,
         Err(StoreError::UnknownWorker(_))
     ));
@@ -1016,7 +1148,16 @@ pub async fn waiting_claim_wakes_when_work_arrives(store: &dyn Store) {
         .await
         .unwrap();
     let w1 = worker("w1");
-    let waiting = store.claim(&w1, None, 1, TTL, Duration::from_secs(60), &[], &NO_CAPS);
+    let waiting = store.claim(
+        &w1,
+        None,
+        1,
+        TTL,
+        Duration::from_secs(60),
+        &[],
+        &[],
+        &NO_CAPS,
+    );
     let submit = async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         store.create_job(new_job(1, "tiny")).await.unwrap();
@@ -1242,7 +1383,7 @@ pub async fn shots_released_by_a_served_anchor_are_leased_in_the_same_claim(stor
     low.tasks[0].recipe.seed = 500;
     store.create_job(low).await.unwrap();
     let c = store
-        .claim(&worker("w1"), None, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+        .claim(&worker("w1"), None, 1, TTL, NO_WAIT, &[], &[], &NO_CAPS)
         .await
         .unwrap();
     assert_eq!(
@@ -1296,7 +1437,7 @@ pub async fn a_shot_is_served_only_from_a_render_of_the_same_init_image(store: &
         .await
         .unwrap();
     let c = store
-        .claim(&worker("w2"), None, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+        .claim(&worker("w2"), None, 1, TTL, NO_WAIT, &[], &[], &NO_CAPS)
         .await
         .unwrap();
     assert!(
@@ -1470,6 +1611,7 @@ pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
             TTL,
             NO_WAIT,
             &["m2".to_string()],
+            &[],
             &NO_CAPS,
         )
         .await
@@ -1484,6 +1626,7 @@ pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
                 TTL,
                 NO_WAIT,
                 &["m1".to_string()],
+                &[],
                 &NO_CAPS,
             )
             .await
@@ -1512,6 +1655,7 @@ pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
             TTL,
             NO_WAIT,
             &["m1".to_string()],
+            &[],
             &NO_CAPS,
         )
         .await
@@ -1540,6 +1684,7 @@ pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
                 TTL,
                 NO_WAIT,
                 &["m2".to_string()],
+                &[],
                 &NO_CAPS,
             )
             .await
@@ -1558,6 +1703,7 @@ pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
             TTL,
             NO_WAIT,
             &["m1".to_string()],
+            &[],
             &NO_CAPS,
         )
         .await
@@ -1579,6 +1725,7 @@ async fn claim_resident(store: &dyn Store, w: &str, resident: &str) -> Vec<Lease
             TTL,
             NO_WAIT,
             &[resident.to_string()],
+            &[],
             &NO_CAPS,
         )
         .await
@@ -1870,7 +2017,16 @@ pub async fn an_identical_recipe_is_served_from_its_earlier_result(store: &dyn S
     let again_id = again.id;
     store.create_job(again).await.unwrap();
     let c = store
-        .claim(&worker("other-class"), None, 2, TTL, NO_WAIT, &[], &NO_CAPS)
+        .claim(
+            &worker("other-class"),
+            None,
+            2,
+            TTL,
+            NO_WAIT,
+            &[],
+            &[],
+            &NO_CAPS,
+        )
         .await
         .unwrap();
     assert!(
@@ -1892,7 +2048,7 @@ pub async fn an_identical_recipe_is_served_from_its_earlier_result(store: &dyn S
             .unwrap();
     }
     let c = store
-        .claim(&worker("w1"), None, 2, TTL, NO_WAIT, &[], &NO_CAPS)
+        .claim(&worker("w1"), None, 2, TTL, NO_WAIT, &[], &[], &NO_CAPS)
         .await
         .unwrap();
     assert_eq!(
@@ -2263,7 +2419,7 @@ pub async fn a_worker_id_is_bound_to_the_token_that_registered_it(store: &dyn St
     let id = job.id;
     store.create_job(job).await.unwrap();
     let lease = store
-        .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+        .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &[], &NO_CAPS)
         .await
         .unwrap()
         .leases
@@ -2280,7 +2436,7 @@ pub async fn a_worker_id_is_bound_to_the_token_that_registered_it(store: &dyn St
     );
     for owner in [POOL_B, None] {
         let claimed = store
-            .claim(&w1, owner, 2, TTL, NO_WAIT, &[], &NO_CAPS)
+            .claim(&w1, owner, 2, TTL, NO_WAIT, &[], &[], &NO_CAPS)
             .await;
         assert!(is_bound(claimed), "lease under another token");
         let progress = [ProgressReport {
@@ -2329,7 +2485,7 @@ pub async fn a_worker_id_is_bound_to_the_token_that_registered_it(store: &dyn St
         .unwrap();
     assert!(released.is_empty(), "the same token may register again");
     let next = store
-        .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+        .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &[], &NO_CAPS)
         .await
         .unwrap();
     assert_eq!(next.leases.len(), 1);
@@ -2347,7 +2503,7 @@ pub async fn a_dead_workers_id_is_free_for_another_token(fixture: &dyn Fixture) 
         .unwrap();
     store.create_job(new_job(1, "tiny")).await.unwrap();
     let lease = store
-        .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+        .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &[], &NO_CAPS)
         .await
         .unwrap()
         .leases
@@ -2367,14 +2523,14 @@ pub async fn a_dead_workers_id_is_free_for_another_token(fixture: &dyn Fixture) 
         [lease.task]
     );
     let again = store
-        .claim(&w1, POOL_B, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+        .claim(&w1, POOL_B, 1, TTL, NO_WAIT, &[], &[], &NO_CAPS)
         .await
         .unwrap();
     assert_eq!(again.leases.len(), 1);
     assert!(again.leases[0].epoch > lease.epoch);
     assert!(is_bound(
         store
-            .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &NO_CAPS)
+            .claim(&w1, POOL_A, 1, TTL, NO_WAIT, &[], &[], &NO_CAPS)
             .await
     ));
     assert!(is_bound(
@@ -2398,7 +2554,7 @@ fn caps(project: &str, cap: u64) -> RunningCaps {
 
 async fn claim_capped(store: &dyn Store, w: &str, max: usize, caps: &RunningCaps) -> Vec<Lease> {
     store
-        .claim(&worker(w), None, max, TTL, NO_WAIT, &[], caps)
+        .claim(&worker(w), None, max, TTL, NO_WAIT, &[], &[], caps)
         .await
         .expect("claim")
         .leases
@@ -2497,6 +2653,7 @@ pub async fn a_capped_project_gets_room_back_whenever_a_lease_ends(store: &dyn S
             Duration::from_millis(100),
             NO_WAIT,
             &[],
+            &[],
             &caps,
         )
         .await
@@ -2558,7 +2715,7 @@ pub async fn a_capped_project_wakes_a_waiting_claim_when_a_lease_ends(store: &dy
     let held = claim_capped(store, "w1", 1, &caps).await.remove(0);
     assert!(claim_capped(store, "w2", 1, &caps).await.is_empty());
     let w2 = worker("w2");
-    let waiting = store.claim(&w2, None, 1, TTL, Duration::from_secs(60), &[], &caps);
+    let waiting = store.claim(&w2, None, 1, TTL, Duration::from_secs(60), &[], &[], &caps);
     let complete = async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         store
@@ -3039,6 +3196,8 @@ macro_rules! store_conformance {
         store_conformance!(@tests $make;
             create_job_queues_every_task,
             tasks_go_only_to_workers_holding_their_assets,
+            a_worker_prefers_tasks_whose_lora_set_it_holds_ready,
+            free_slots_take_tasks_with_ready_lora_sets_next,
             a_jobs_trace_context_is_kept_with_it,
             a_jobs_submitter_is_kept_with_it,
             idempotency_key_returns_the_same_job,

@@ -74,6 +74,20 @@ type Owner = Option<&'static str>;
 /// A worker id that is never registered.
 const GHOST: &str = "ghost";
 const CLASSES: [&str; 2] = ["cpu/f32", "cpu/f16"];
+/// LoRAs some recipes name; every worker holds both, and reports some of
+/// their sets ready, so LoRA-set affinity and its batch-filling pass are
+/// compared.
+const LORAS: [&str; 2] = ["ink", "mira"];
+
+/// The one LoRA of recipes that name `name`.
+fn lora(name: &str) -> kiln_proto::extras::LoraRef {
+    kiln_proto::extras::LoraRef {
+        name: name.into(),
+        hash: format!("hash-{name}"),
+        unet_weight: 0.8,
+        te_weight: 0.8,
+    }
+}
 const PROJECTS: [&str; 2] = ["p0", "p1"];
 /// Faults a worker may report (`WorkerLost` is the reaper's, not a worker's).
 const FAULTS: [Fault; 5] = [
@@ -146,6 +160,7 @@ enum Op {
         owner: Owner,
         max: usize,
         resident: Vec<String>,
+        ready: Vec<kiln_proto::lora_set::ReadyLoraSet>,
         caps: RunningCaps,
     },
     Heartbeat {
@@ -374,10 +389,20 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
                 owner,
                 max,
                 resident,
+                ready,
                 caps,
             } => Answer::Claimed(
                 store
-                    .claim(worker, *owner, *max, TTL, Duration::ZERO, resident, caps)
+                    .claim(
+                        worker,
+                        *owner,
+                        *max,
+                        TTL,
+                        Duration::ZERO,
+                        resident,
+                        ready,
+                        caps,
+                    )
                     .await?,
             ),
             Op::Heartbeat {
@@ -440,6 +465,7 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
                         *max,
                         Duration::ZERO,
                         Duration::ZERO,
+                        &[],
                         &[],
                         caps,
                     )
@@ -757,7 +783,16 @@ impl Generator {
                 models,
                 determinism_class: class.to_string(),
                 version: "diff".into(),
-                assets: Default::default(),
+                assets: HeldAssets {
+                    loras: LORAS
+                        .iter()
+                        .map(|name| ModelInfo {
+                            name: name.to_string(),
+                            hash: format!("hash-{name}"),
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
             },
             owner,
         )
@@ -792,6 +827,11 @@ impl Generator {
     fn recipe(&mut self, model: &str) -> Recipe {
         // Few distinct recipes, so equal ones meet across jobs and are deduplicated.
         let seed = self.rng.below(3) as u64;
+        let loras = match self.rng.below(4) {
+            0 => vec![lora(LORAS[0])],
+            1 => vec![lora(LORAS[1])],
+            _ => Vec::new(),
+        };
         Recipe {
             model: model.to_string(),
             model_hash: match self.rng.below(20) {
@@ -814,7 +854,10 @@ impl Generator {
             init_image: None,
             mask: None,
             noise_seed: None,
-            extras: Default::default(),
+            extras: kiln_proto::extras::Extras {
+                loras,
+                ..Default::default()
+            },
         }
     }
 
@@ -933,11 +976,21 @@ impl Generator {
         } else {
             self.rng.subset(&MODELS)
         };
+        let ready = MODELS
+            .iter()
+            .flat_map(|model| LORAS.iter().map(move |name| (model, name)))
+            .filter(|_| self.rng.chance(30))
+            .map(|(model, name)| kiln_proto::lora_set::ReadyLoraSet {
+                model: model.to_string(),
+                set: kiln_proto::lora_set::LoraSet::of(&[lora(name)]).key(),
+            })
+            .collect();
         Op::Claim {
             owner: self.owner(&worker),
             worker,
             max: self.rng.between(1, 4) as usize,
             resident,
+            ready,
             caps: self.caps(),
         }
     }

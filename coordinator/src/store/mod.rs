@@ -18,6 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+use kiln_proto::lora_set::ReadyLoraSet;
 
 pub use self::redis::{RedisConfig, RedisStore, redacted};
 pub use memory::MemoryStore;
@@ -177,7 +178,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Leases up to `max` queued tasks to `worker` in the order of
     /// [`policy`], each with a new epoch and a deadline `ttl` from now;
-    /// `resident` names the models the worker has loaded; no project gets
+    /// `resident` names the models the worker has loaded, `ready` the LoRA
+    /// sets it holds merged (for this claim only; not kept); no project gets
     /// more leased tasks than its cap in `caps`. Tasks whose recipe already
     /// has a result in the project for the worker's class are completed from
     /// it on the way (`Claim::deduped`). When nothing is claimable, waits up
@@ -200,6 +202,7 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
         wait: Duration,
         resident: &[String],
+        ready: &[ReadyLoraSet],
         caps: &RunningCaps,
     ) -> StoreResult<Claim>;
 

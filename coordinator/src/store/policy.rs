@@ -33,9 +33,21 @@
 //!    longer as a holder of its old one, until it reports the model loaded
 //!    ([`still_loading`], [`holds_for_affinity`]), so claims that follow
 //!    within the load time do not send more workers after it.
-//! 4. **Batch filling**: free slots take tasks with the first task's
+//! 4. **LoRA-set affinity** ([`needs_merge`], [`set_ready`]): steps 2 and 3
+//!    have chosen a task, and with it a job and a model; those stand. When
+//!    the chosen task would make the worker merge LoRAs (its set,
+//!    [`task_lora_set`], is not one the worker reported ready for the
+//!    model), the worker takes instead the first task among the first
+//!    [`READY_LOOKAHEAD`] queued tasks of that job and model, in item order,
+//!    that it may take and whose set it holds ready (served from an earlier
+//!    result on the way, as heads are). Only the item order within one job
+//!    and model bends: priority, fair share between jobs and model affinity
+//!    decide as before, and a task without LoRAs is never passed over.
+//! 5. **Batch filling**: free slots take tasks with the first task's
 //!    [`BatchKey`](kiln_proto::recipe::BatchKey) ([`task_batch_key`]), then
-//!    other tasks of the same model, in the same order.
+//!    tasks of the same model whose LoRA set the worker holds ready or the
+//!    first task's set ([`set_ready`]), then other tasks of the same model,
+//!    in the same order.
 //!
 //! When a worker reports a fault, [`retry_after_fault`] decides whether the
 //! task goes back to the queue.
@@ -71,6 +83,12 @@ pub const SWITCH_BACKLOG_PER_HOLDER: usize = 8;
 /// the jitter of who finished when (each trade a load); with more, the farm
 /// stays that much out of balance and the makespan that much longer.
 pub const SWITCH_MARGIN_PERCENT: usize = 50;
+
+/// Queued tasks of the chosen job and model, from the front of its queue,
+/// among which LoRA-set affinity looks for one whose set the worker holds
+/// ready (step 4): both stores read this same window, so they agree, and a
+/// claim reads a bounded number of tasks however long the queue.
+pub const READY_LOOKAHEAD: usize = 16;
 
 /// A worker that called within this long counts as live: only live workers
 /// count as stand-ins for a task or as holders of a model, and only they
@@ -219,6 +237,30 @@ pub fn held_keys(assets: &super::HeldAssets) -> std::collections::BTreeSet<Strin
 /// `needs`: the rule `claim.lua` mirrors with `holds_needs`.
 pub fn holds_all(needs: &[String], held: impl Fn(&str) -> bool) -> bool {
     needs.iter().all(|n| held(n))
+}
+
+/// Returns the LoRA set key a task is stored with
+/// ([`LoraSet::key`](kiln_proto::lora_set::LoraSet::key) of its recipe's
+/// LoRAs, with the hashes admission pinned): the key a worker reports for the
+/// set once it holds it merged. Empty without LoRAs. Stored once per task, as
+/// the batch key is (`lset` on Redis).
+pub fn task_lora_set(recipe: &Recipe) -> String {
+    kiln_proto::lora_set::LoraSet::of(&recipe.extras.loras).key()
+}
+
+/// Returns true when a task with LoRA set `set` renders without a merge on a
+/// worker for which `ready(set)` holds: the set is not empty and ready. A task
+/// without LoRAs is never ready in this sense, so it is no reason to look
+/// past another task.
+pub fn set_ready(set: &str, ready: impl Fn(&str) -> bool) -> bool {
+    !set.is_empty() && ready(set)
+}
+
+/// Returns true when the chosen task would make the worker merge: its set is
+/// not empty and not ready (`ready`). Only then does a claim look for a task
+/// whose set is [`set_ready`] (policy step 4).
+pub fn needs_merge(set: &str, ready: impl Fn(&str) -> bool) -> bool {
+    !set.is_empty() && !ready(set)
 }
 
 /// Returns the dedupe key of a recipe rendered on a determinism class: the
@@ -756,6 +798,32 @@ mod tests {
             holds_all(&task_needs(&r), |_| false),
             "no extras: any worker"
         );
+    }
+
+    #[test]
+    fn only_a_merge_is_a_reason_to_look_past_a_task() {
+        let ready = |s: &str| s == "a";
+        assert!(needs_merge("b", ready));
+        assert!(!needs_merge("a", ready), "its set is ready");
+        assert!(!needs_merge("", ready), "no LoRAs: nothing to merge");
+        assert!(set_ready("a", ready));
+        assert!(!set_ready("b", ready));
+        assert!(!set_ready("", |_| true), "no LoRAs is no set");
+        let mut r: Recipe = serde_json::from_str(
+            r#"{"model":"tiny","model_hash":"","prompt":"p","negative_prompt":"","seed":1,
+            "steps":4,"guidance":5.0,"width":64,"height":64,"scheduler":"ddim","karras":false,
+            "eta":0.0,"strength":1.0,"init_image":null,"mask":null,
+            "loras":[{"name":"ink","hash":"aa","unet_weight":1.0,"te_weight":0.5}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            task_lora_set(&r),
+            kiln_proto::lora_set::LoraSet::of(&r.extras.loras).key()
+        );
+        assert!(task_lora_set(&r).starts_with("aa@"));
+        r.extras.loras[0].unet_weight = 0.0;
+        r.extras.loras[0].te_weight = 0.0;
+        assert_eq!(task_lora_set(&r), "", "weight 0 everywhere merges nothing");
     }
 
     #[test]

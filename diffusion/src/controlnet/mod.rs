@@ -4,10 +4,13 @@
 //! A recipe's `extras.controlnets` names ControlNets the pipeline's
 //! [`Assets`](crate::Assets) hold. Each is loaded on first use, against the
 //! pipeline's own UNet config (a ControlNet for another base is refused naming
-//! the first tensor that does not fit), and kept in [`ControlNets`] for the
-//! pipeline's life. Files: `model` (the network), `original` (the single-file
-//! layout's tensor names), `apply` (control images per task and the residuals
-//! of a UNet batch), `tiny` (the random test ControlNets).
+//! the first tensor that does not fit), and kept in [`ControlNets`] until the
+//! pipeline's owner drops it (`Pipeline::drop_part`; by default, for the
+//! pipeline's life), its bytes measured as the catalog measures models
+//! (`inspect::file_bytes` of its weights file). Files: `model` (the network),
+//! `original` (the single-file layout's tensor names), `apply` (control images
+//! per task and the residuals of a UNet batch), `tiny` (the random test
+//! ControlNets).
 
 mod apply;
 mod model;
@@ -41,11 +44,40 @@ const DEFAULT_EMBEDDING_CHANNELS: [usize; 4] = [16, 32, 96, 256];
 /// The ControlNets a pipeline has loaded, by content hash.
 #[derive(Debug, Default)]
 pub(crate) struct ControlNets {
-    /// Loaded networks; the lock is held while one loads, so each loads once.
-    loaded: Mutex<HashMap<String, Arc<ControlNet>>>,
+    /// Loaded networks and their bytes; the lock is held while one loads, so
+    /// each loads once.
+    loaded: Mutex<HashMap<String, (Arc<ControlNet>, u64)>>,
 }
 
 impl ControlNets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<ControlNet>, u64)>> {
+        // Inserts and removals are single steps: a panic elsewhere leaves the map whole.
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Returns every ControlNet loaded: its hash and bytes.
+    pub(crate) fn held(&self) -> Vec<(String, u64)> {
+        self.lock()
+            .iter()
+            .map(|(hash, (_, bytes))| (hash.clone(), *bytes))
+            .collect()
+    }
+
+    /// Drops the ControlNet with content hash `hash`; returns whether it was loaded.
+    /// A render that holds it keeps it until it ends.
+    pub(crate) fn remove(&self, hash: &str) -> bool {
+        self.lock().remove(hash).is_some()
+    }
+
+    /// Returns the bytes the ControlNet of `file` holds once loaded; `None` when
+    /// its weights file cannot be read (loading it then fails, naming the file).
+    pub(crate) fn needs(&self, file: &AssetFile) -> Option<u64> {
+        if let Some((_, bytes)) = self.lock().get(&file.hash) {
+            return Some(*bytes);
+        }
+        weights_bytes(&file.path).ok()
+    }
+
     /// Returns the ControlNet of `file`, loading it on first use.
     pub(crate) fn get(
         &self,
@@ -54,14 +86,25 @@ impl ControlNets {
         dtype: DType,
         device: &Device,
     ) -> Result<Arc<ControlNet>, PipelineError> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(net) = loaded.get(&file.hash) {
+        let mut loaded = self.lock();
+        if let Some((net, _)) = loaded.get(&file.hash) {
             return Ok(Arc::clone(net));
         }
         let net = Arc::new(load(&file.path, base, dtype, device)?);
-        tracing::debug!(name = %file.name, hash = %file.hash, "ControlNet loaded");
-        loaded.insert(file.hash.clone(), Arc::clone(&net));
+        let bytes = weights_bytes(&file.path)?;
+        tracing::debug!(name = %file.name, hash = %file.hash, bytes, "ControlNet loaded");
+        loaded.insert(file.hash.clone(), (Arc::clone(&net), bytes));
         Ok(net)
+    }
+}
+
+/// Returns the loaded bytes of a ControlNet's weights: the folder's weights file,
+/// or the single file.
+fn weights_bytes(path: &Path) -> Result<u64, PipelineError> {
+    if path.is_dir() {
+        crate::inspect::file_bytes(&path.join(WEIGHTS))
+    } else {
+        crate::inspect::file_bytes(path)
     }
 }
 

@@ -125,6 +125,57 @@ fn a_controlnet_changes_the_image_and_scale_zero_does_not() -> TestResult {
 }
 
 #[test]
+fn loaded_controlnets_are_parts_with_bytes_that_an_owner_can_drop() -> TestResult {
+    let f = fixture(TinyKind::Sd15)?;
+    let p = &f.pipeline;
+    let base = recipe("a knight", 5);
+    let image = pose(0);
+    let guided = with_controls(
+        &base,
+        vec![
+            control("pose", 1.0),
+            control("pose-single", 0.5),
+            control("xl", 0.0),
+        ],
+    );
+    let images: [&[u8]; 3] = [&image, &image, &image];
+    let input = RenderInput {
+        controls: &images,
+        ..RenderInput::txt2img(&guided)
+    };
+    let needed = p.parts_needed(std::slice::from_ref(&input));
+    let labels: Vec<&str> = needed.iter().map(|n| n.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        ["ControlNet \"pose\"", "ControlNet \"pose-single\""],
+        "scale 0 loads nothing"
+    );
+    let folder = &p.assets().controlnets["pose"];
+    let weights = crate::inspect::file_bytes(&folder.path.join(super::WEIGHTS))?;
+    assert!(weights > 0);
+    assert_eq!(
+        needed[0].bytes, weights,
+        "the catalog's measure of its weights"
+    );
+    assert!(p.parts().is_empty(), "nothing is loaded before a render");
+
+    let first = p.render(&input, &mut |_, _| true)?;
+    let mut held = p.parts();
+    held.sort();
+    let mut expected: Vec<_> = needed.iter().map(|n| (n.part.clone(), n.bytes)).collect();
+    expected.sort();
+    assert_eq!(held, expected, "the render holds what was announced");
+
+    assert!(p.drop_part(&needed[0].part));
+    assert!(!p.drop_part(&needed[0].part), "dropped already");
+    assert_eq!(p.parts(), [(needed[1].part.clone(), needed[1].bytes)]);
+    let again = p.render(&input, &mut |_, _| true)?;
+    assert_eq!(again, first, "loaded again, the same bytes");
+    assert_eq!(p.parts().len(), 2);
+    Ok(())
+}
+
+#[test]
 fn two_controlnets_add() -> TestResult {
     let f = fixture(TinyKind::Sd15)?;
     let p = &f.pipeline;

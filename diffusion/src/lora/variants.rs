@@ -10,8 +10,14 @@
 //! larger than the whole budget is built, used and dropped. A set whose deltas
 //! leave a component alone (a UNet-only LoRA and the text encoders) is the base
 //! component itself.
+//!
+//! A variant's bytes are its component's weights by the catalog's measure
+//! (`inspect::loaded_bytes`). An owner that keeps its own budget over
+//! everything a pipeline holds (the worker's `--memory-budget`) sets this
+//! budget to `u64::MAX`, asks what a set will hold before a render
+//! ([`Variants::needs`]), and drops variants itself ([`Variants::remove`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +26,7 @@ use candle_core::{DType, Device, Tensor};
 use super::super::assets::AssetFile;
 use super::super::clip::{ClipConfig, ClipTextModel};
 use super::super::error::PipelineError;
+use super::super::inspect::loaded_bytes;
 use super::super::unet::{Unet, UnetConfig};
 use super::super::weights;
 use super::{Component, Modules, Targets};
@@ -32,14 +39,11 @@ pub(crate) struct LoraSet {
 }
 
 impl LoraSet {
-    /// Returns the set's key: each file's hash and the exact bits of its weight.
-    /// Empty for the empty set (the base model).
+    /// Returns the set's key: each file's hash and the exact bits of its weight
+    /// ([`kiln_domain::lora_set::merge_key`], the one definition the coordinator
+    /// keys tasks with). Empty for the empty set (the base model).
     pub(crate) fn key(&self) -> String {
-        self.entries
-            .iter()
-            .map(|(file, w)| format!("{}@{:016x}", file.hash, w.to_bits()))
-            .collect::<Vec<_>>()
-            .join(",")
+        kiln_domain::lora_set::merge_key(self.entries.iter().map(|(f, w)| (f.hash.as_str(), *w)))
     }
 
     /// Returns true when no LoRA applies.
@@ -69,6 +73,10 @@ struct Entry {
 struct Cache {
     entries: Vec<Entry>,
     tick: u64,
+    /// The (UNet key, text key) pairs renders applied, least recently first, at
+    /// most [`MAX_READY_SETS`](kiln_domain::lora_set::MAX_READY_SETS): the sets
+    /// [`Variants::ready`] may report, each while its variants are kept.
+    applied: std::collections::VecDeque<(String, String)>,
 }
 
 /// What a variant is built from, and the variants built.
@@ -105,10 +113,12 @@ impl Variants {
     ) -> Result<Self, PipelineError> {
         let mut bytes = BTreeMap::new();
         let size = |shapes: &BTreeMap<String, Vec<usize>>| -> u64 {
-            shapes
-                .values()
-                .map(|s| (s.iter().product::<usize>() * dtype.size_in_bytes()) as u64)
-                .sum()
+            loaded_bytes(
+                shapes
+                    .values()
+                    .map(|s| s.iter().product::<usize>() as u64)
+                    .sum(),
+            )
         };
         let unet_shapes = weights::shapes(&unet.0)?;
         bytes.insert(Component::Unet, size(&unet_shapes));
@@ -139,7 +149,8 @@ impl Variants {
         &self.targets
     }
 
-    /// Sets the most bytes of merged variants kept (0 keeps none).
+    /// Sets the most bytes of merged variants kept (0 keeps none; `u64::MAX`
+    /// never evicts, leaving that to the owner's [`Variants::remove`]).
     pub(crate) fn set_budget(&mut self, bytes: u64) {
         self.budget = bytes;
         self.cache().entries.clear();
@@ -152,6 +163,87 @@ impl Variants {
             cache.entries.len(),
             cache.entries.iter().map(|e| e.bytes).sum(),
         )
+    }
+
+    /// Records that a render applied `unet` to the UNet and `text` to the text
+    /// encoders (after their variants were built), for [`Variants::ready`].
+    pub(crate) fn applied(&self, unet: &LoraSet, text: &LoraSet) {
+        let pair = (unet.key(), text.key());
+        if pair.0.is_empty() && pair.1.is_empty() {
+            return;
+        }
+        let mut cache = self.cache();
+        cache.applied.retain(|p| *p != pair);
+        cache.applied.push_back(pair);
+        while cache.applied.len() > kiln_domain::lora_set::MAX_READY_SETS {
+            cache.applied.pop_front();
+        }
+    }
+
+    /// Returns the keys ([`kiln_domain::lora_set::set_key`]) of the applied LoRA
+    /// sets whose every changed component is still kept: a render with one of
+    /// them merges nothing. Most recently applied first.
+    pub(crate) fn ready(&self) -> Vec<String> {
+        let cache = self.cache();
+        let kept = |component: Component, key: &str| {
+            key.is_empty()
+                || cache
+                    .entries
+                    .iter()
+                    .any(|e| e.key.0 == component && e.key.1 == key)
+        };
+        cache
+            .applied
+            .iter()
+            .rev()
+            .filter(|(unet, text)| {
+                kept(Component::Unet, unet)
+                    && (0..self.targets.text.len()).all(|i| kept(Component::Text(i), text))
+            })
+            .map(|(unet, text)| kiln_domain::lora_set::set_key(unet, text))
+            .collect()
+    }
+
+    /// Returns every variant kept that holds memory: its key and bytes.
+    /// Sets that leave their component alone are kept too (so that their file is
+    /// not read again) but hold nothing, and are not listed.
+    pub(crate) fn held(&self) -> Vec<((Component, String), u64)> {
+        self.cache()
+            .entries
+            .iter()
+            .filter(|e| !matches!(e.built, Built::Base))
+            .map(|e| (e.key.clone(), e.bytes))
+            .collect()
+    }
+
+    /// Drops the variant of `component` (by name, [`Component::name`]) and LoRA
+    /// set `key`; returns whether one was kept.
+    pub(crate) fn remove(&self, component: &str, key: &str) -> bool {
+        let mut cache = self.cache();
+        let before = cache.entries.len();
+        cache
+            .entries
+            .retain(|e| !(e.key.0.name() == component && e.key.1 == key));
+        cache.entries.len() != before
+    }
+
+    /// Returns the bytes the variant of `component` with `set` will hold, or
+    /// `None` when it holds nothing: the set is empty, or no file of it names a
+    /// module of the component. Reads the files' headers only; a file whose keys
+    /// cannot all be placed counts as changing every component (the render then
+    /// refuses it, naming the key).
+    pub(crate) fn needs(&self, component: Component, set: &LoraSet) -> Option<u64> {
+        if set.is_empty() {
+            return None;
+        }
+        let key = (component, set.key());
+        if let Some(entry) = self.cache().entries.iter().find(|e| e.key == key) {
+            return (!matches!(entry.built, Built::Base)).then_some(entry.bytes);
+        }
+        let touched = set.entries.iter().any(|(file, _)| {
+            touches(&file.path, &self.targets).is_none_or(|c| c.contains(&component))
+        });
+        touched.then(|| self.bytes.get(&component).copied().unwrap_or(0))
     }
 
     /// Returns the UNet with `set` merged in, or `None` when it changes nothing.
@@ -278,4 +370,17 @@ impl Variants {
             }
         }
     }
+}
+
+/// Returns the components a LoRA file names modules of, from its header; `None`
+/// when the header cannot be read or a key cannot be placed.
+fn touches(file: &std::path::Path, targets: &Targets) -> Option<BTreeSet<Component>> {
+    let keys = weights::tensor_shapes(file).ok()?;
+    keys.iter()
+        .map(|(key, _)| {
+            super::format::place(key, &targets.unet, &targets.text)
+                .ok()
+                .map(|p| p.component)
+        })
+        .collect()
 }

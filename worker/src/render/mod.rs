@@ -11,6 +11,7 @@ mod sim;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kiln_domain::lora_set::ReadyLoraSet;
 use kiln_domain::recipe::{BatchKey, Recipe, check_model_name};
 use kiln_proto::error::{FieldError, quote};
 
@@ -32,7 +33,7 @@ pub fn parse_model_args(args: &[String]) -> Result<Vec<(String, PathBuf)>, Field
         })
         .collect()
 }
-pub use self::sim::{SimOptions, SimRenderer};
+pub use self::sim::{DEFAULT_LORA_SLOTS, SimOptions, SimRenderer, parse_ready_set};
 
 /// Parses `--controlnet NAME=PATH` arguments into (name, path) pairs.
 ///
@@ -190,6 +191,13 @@ pub trait Renderer: Send + Sync + 'static {
     /// worker on them; by default every model is resident.
     fn resident(&self) -> Vec<String> {
         self.models().into_iter().map(|m| m.name).collect()
+    }
+
+    /// Returns the LoRA sets this renderer holds ready (merged and kept) for
+    /// each model, so the scheduler can send it tasks that need no merge;
+    /// by default none.
+    fn ready_lora_sets(&self) -> Vec<ReadyLoraSet> {
+        Vec::new()
     }
 
     /// Renders one recipe. `on_step(done)` is called after every denoising

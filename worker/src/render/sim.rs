@@ -3,7 +3,9 @@
 //! live previews are that pattern at preview size, fading in from grey with
 //! the step, so each differs from the one before. It can
 //! also simulate model residency (a few models loaded at a time, a load time
-//! on a switch) and a broken worker that fails every render.
+//! on a switch), LoRA sets held ready (a few at a time, the latest rendered
+//! ones, reported with each lease as the candle renderer reports its merged
+//! variants) and a broken worker that fails every render.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +19,9 @@ use super::{
     Assets, ModelInfo, PreviewSink, RenderError, RenderTask, Rendered, Renderer, missing_asset,
 };
 use kiln_diffusion::output::{RgbImage, encode_png_with};
+use kiln_domain::error::{FieldError, quote};
+use kiln_domain::extras::lora_tags;
+use kiln_domain::lora_set::{LoraSet, ReadyLoraSet};
 use kiln_domain::preview::{self, Preview};
 
 /// Determinism class of every sim worker.
@@ -31,6 +36,8 @@ pub struct SimRenderer {
     resident: Mutex<VecDeque<String>>,
     /// Models loaded since start, the initial ones included.
     loads: AtomicU64,
+    /// LoRA sets held ready, least recently used first (at most `lora_slots`).
+    ready: Mutex<VecDeque<ReadyLoraSet>>,
 }
 
 /// How a sim worker behaves beyond its step time.
@@ -45,6 +52,44 @@ pub struct SimOptions {
     /// LoRAs, embeddings and ControlNets to announce; a task naming one it
     /// lacks fails as a real worker's would. Their files are only hashed.
     pub assets: Arc<Assets>,
+    /// LoRA sets ([`LoraSet::key`]s, see [`parse_ready_set`]) held ready for every
+    /// model from the start, oldest first.
+    pub ready_sets: Vec<String>,
+    /// LoRA sets held ready at once (0: [`DEFAULT_LORA_SLOTS`]); a render
+    /// with another set makes it ready and drops the least recently used.
+    pub lora_slots: usize,
+}
+
+/// LoRA sets a sim worker holds ready by default: two, as the candle
+/// pipeline's default variant budget has room for two sets.
+pub const DEFAULT_LORA_SLOTS: usize = 2;
+
+/// Returns the key of the LoRA set that `tags` (prompt tags such as
+/// `<lora:inkwash:0.7><lora:mira>`) name, each LoRA with its hash in `assets`:
+/// the set a task with those LoRAs (pinned by admission) carries.
+///
+/// # Errors
+/// A tag [`lora_tags`] refuses, no tag at all, or a LoRA not among `assets`,
+/// naming `field`.
+pub fn parse_ready_set(field: &str, tags: &str, assets: &Assets) -> Result<String, FieldError> {
+    let mut loras = lora_tags(field, tags)?;
+    for l in &mut loras {
+        let file = assets.loras.get(&l.name).ok_or_else(|| {
+            FieldError::new(field, format!("no LoRA {} in --lora-dir", quote(&l.name)))
+        })?;
+        l.hash = file.hash.clone();
+    }
+    let key = LoraSet::of(&loras).key();
+    if key.is_empty() {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{} names no LoRA with a weight other than 0; expected tags such as <lora:NAME:0.8>",
+                quote(tags)
+            ),
+        ));
+    }
+    Ok(key)
 }
 
 impl SimRenderer {
@@ -60,6 +105,15 @@ impl SimRenderer {
             .take(options.resident_slots.unwrap_or(models.len()))
             .cloned()
             .collect();
+        let ready = models
+            .iter()
+            .flat_map(|model| {
+                options.ready_sets.iter().map(|set| ReadyLoraSet {
+                    model: model.clone(),
+                    set: set.clone(),
+                })
+            })
+            .collect();
         Self {
             step_time,
             models: models
@@ -71,7 +125,31 @@ impl SimRenderer {
                 .collect(),
             loads: AtomicU64::new(initial.len() as u64),
             resident: Mutex::new(initial),
+            ready: Mutex::new(ready),
             options,
+        }
+    }
+
+    /// Holds the recipe's LoRA set ready for its model as the most recently
+    /// used, dropping the least recently used sets beyond the slots.
+    fn make_ready(&self, recipe: &Recipe) {
+        let set = LoraSet::of(&recipe.extras.loras).key();
+        if set.is_empty() {
+            return;
+        }
+        let entry = ReadyLoraSet {
+            model: recipe.model.clone(),
+            set,
+        };
+        let slots = match self.options.lora_slots {
+            0 => DEFAULT_LORA_SLOTS,
+            n => n,
+        };
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        ready.retain(|r| *r != entry);
+        ready.push_back(entry);
+        while ready.len() > slots {
+            ready.pop_front();
         }
     }
 
@@ -120,6 +198,11 @@ impl Renderer for SimRenderer {
         }
         let resident = self.resident.lock().unwrap_or_else(|p| p.into_inner());
         resident.iter().cloned().collect()
+    }
+
+    fn ready_lora_sets(&self) -> Vec<ReadyLoraSet> {
+        let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        ready.iter().cloned().collect()
     }
 
     fn render(
@@ -182,6 +265,7 @@ impl SimRenderer {
             ));
         }
         self.make_resident(&recipe.model);
+        self.make_ready(recipe);
         let start = Instant::now();
         for step in 1..=recipe.steps {
             // Sleep to a deadline, so the total is steps x step_time however the thread is scheduled.
@@ -239,15 +323,18 @@ fn pattern(recipe: &Recipe) -> RgbImage {
 fn pattern_sized(recipe: &Recipe, w: u32, h: u32) -> RgbImage {
     let digest = Sha256::digest(recipe.hash().as_bytes());
     let period = 8 + u32::from(digest[6]) % 24;
+    // Each column's pixel in either band: the shade depends on x alone, so
+    // a load test's renders cost a copy per pixel rather than arithmetic.
+    let columns: Vec<[[u8; 3]; 2]> = (0..w)
+        .map(|x| {
+            let shade = (x * 255 / w.max(1)) as u8 / 4;
+            [0, 3].map(|base| [0, 1, 2].map(|c| digest[base + c].wrapping_add(shade)))
+        })
+        .collect();
     let mut pixels = Vec::with_capacity((w * h * 3) as usize);
     for y in 0..h {
-        for x in 0..w {
-            let band = ((x + y) / period) % 2;
-            let base = if band == 0 { 0 } else { 3 };
-            for c in 0..3 {
-                let shade = (x * 255 / w.max(1)) as u8 / 4;
-                pixels.push(digest[base + c].wrapping_add(shade));
-            }
+        for (x, column) in (0..w).zip(&columns) {
+            pixels.extend_from_slice(&column[(((x + y) / period) % 2) as usize]);
         }
     }
     RgbImage {
@@ -330,6 +417,50 @@ mod tests {
     }
 
     #[test]
+    fn lora_sets_are_held_ready_from_the_start_and_after_a_render() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["ink", "mira", "fox"] {
+            std::fs::write(dir.path().join(format!("{name}.safetensors")), name).unwrap();
+        }
+        let assets = Assets::scan(&[dir.path().to_path_buf()], &[], &[]).unwrap();
+        let ink = parse_ready_set("--sim-ready-lora", "<lora:ink:0.7>", &assets).unwrap();
+        let mira = parse_ready_set("--sim-ready-lora", "<lora:mira>", &assets).unwrap();
+        let e = parse_ready_set("--sim-ready-lora", "<lora:nobody>", &assets).unwrap_err();
+        assert!(e.to_string().contains("nobody"), "{e}");
+        assert!(
+            parse_ready_set("--sim-ready-lora", "ink", &assets).is_err(),
+            "no tag"
+        );
+        let sim = SimRenderer::with_options(
+            &["tiny".into()],
+            Duration::ZERO,
+            SimOptions {
+                assets: Arc::new(assets.clone()),
+                ready_sets: vec![ink.clone(), mira.clone()],
+                ..Default::default()
+            },
+        );
+        let sets = |sim: &SimRenderer| -> Vec<String> {
+            sim.ready_lora_sets().into_iter().map(|r| r.set).collect()
+        };
+        assert_eq!(sets(&sim), [ink.clone(), mira.clone()]);
+        // A render with a third set, its LoRA pinned as admission pins it:
+        // held ready, the least recently used set (ink) dropped.
+        let mut r = recipe(1);
+        r.extras.loras = lora_tags("prompt", "<lora:fox:0.5>").unwrap();
+        r.extras.loras[0].hash = assets.loras["fox"].hash.clone();
+        sim.render(&RenderTask::txt2img(r.clone()), &mut |_| true)
+            .unwrap();
+        let fox = LoraSet::of(&r.extras.loras).key();
+        assert_eq!(sets(&sim), [mira, fox.clone()]);
+        assert_eq!(sim.ready_lora_sets()[1].model, "tiny");
+        // A plain render changes nothing.
+        sim.render(&RenderTask::txt2img(recipe(2)), &mut |_| true)
+            .unwrap();
+        assert_eq!(sets(&sim)[1], fox);
+    }
+
+    #[test]
     fn a_failing_sim_fails_every_render() {
         let sim = SimRenderer::with_options(
             &["tiny".into()],
@@ -381,6 +512,27 @@ mod tests {
         assert_eq!(steps, [(1, 3), (1, 6)]);
         assert_eq!(image_size(&got[0].1.png), (64, 32));
         assert_ne!(got[0].1.png, got[1].1.png);
+    }
+
+    /// The column table draws exactly the bands as defined pixel by pixel
+    /// (the bytes sim workers produced before it), at odd sizes too.
+    #[test]
+    fn the_pattern_is_its_definition() {
+        for (w, h) in [(64, 64), (37, 5), (1, 1), (128, 32)] {
+            let r = recipe(u64::from(w * h));
+            let digest = Sha256::digest(r.hash().as_bytes());
+            let period = 8 + u32::from(digest[6]) % 24;
+            let mut want = Vec::new();
+            for y in 0..h {
+                for x in 0..w {
+                    let base = if ((x + y) / period) % 2 == 0 { 0 } else { 3 };
+                    for c in 0..3 {
+                        want.push(digest[base + c].wrapping_add((x * 255 / w) as u8 / 4));
+                    }
+                }
+            }
+            assert_eq!(pattern_sized(&r, w, h).pixels, want, "{w}x{h}");
+        }
     }
 
     fn image_size(png: &[u8]) -> (u32, u32) {

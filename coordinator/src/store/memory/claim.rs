@@ -7,6 +7,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 
 use kiln_proto::ids::{JobId, TaskId, WorkerId};
+use kiln_proto::lora_set::ReadyLoraSet;
 
 use super::data::{JobEntry, State, TaskEntry};
 use crate::store::policy::{self, Candidate, Holders, MAX_DEDUPED_PER_CLAIM, Pick};
@@ -25,6 +26,8 @@ pub(super) struct Asker<'a> {
     pub(super) resident: BTreeSet<String>,
     /// Its LoRAs, embeddings and ControlNets ([`policy::held_keys`]).
     pub(super) assets: BTreeSet<String>,
+    /// The LoRA sets it reported ready, by model (policy step 4).
+    pub(super) ready: HashMap<String, BTreeSet<String>>,
     /// Whether a stand-in exists for a quarantined asker, by (job, model,
     /// pinned hash, needed assets): asked once per claim, not once per queued
     /// task, since nothing it depends on changes while the claim holds the lock.
@@ -36,6 +39,11 @@ pub(super) struct Asker<'a> {
 }
 
 impl Asker<'_> {
+    /// Returns true when the worker reported LoRA set `set` ready for `model`.
+    fn holds_ready(&self, model: &str, set: &str) -> bool {
+        self.ready.get(model).is_some_and(|sets| sets.contains(set))
+    }
+
     /// Returns true while `project` may get one more lease ([`policy::under_cap`]).
     fn has_room(&self, project: &str) -> bool {
         let running = self.running.borrow().get(project).copied().unwrap_or(0);
@@ -70,6 +78,17 @@ impl Asker<'_> {
         self.stand_ins.borrow_mut().insert(key, found);
         found
     }
+}
+
+/// The passes of batch filling (policy step 5), in order.
+#[derive(Clone, Copy)]
+enum Fill {
+    /// Tasks with the first task's batch key.
+    SameBatch,
+    /// Tasks whose LoRA set is ready on the worker or the first task's.
+    ReadySet,
+    /// Any task of the first task's model.
+    SameModel,
 }
 
 impl State {
@@ -201,6 +220,7 @@ impl State {
         max: usize,
         now: u64,
         caps: &RunningCaps,
+        ready: &[ReadyLoraSet],
         claim: &mut Claim,
     ) -> Vec<TaskId> {
         let running = self.running_of(caps);
@@ -228,6 +248,13 @@ impl State {
             models,
             resident,
             assets: policy::held_keys(&reg.assets),
+            ready: ready.iter().fold(HashMap::new(), |mut by_model, r| {
+                by_model
+                    .entry(r.model.clone())
+                    .or_insert_with(BTreeSet::new)
+                    .insert(r.set.clone());
+                by_model
+            }),
             stand_ins: RefCell::default(),
             caps,
             running: RefCell::new(running),
@@ -301,6 +328,9 @@ impl State {
             |model| self.resident_holders(model, worker, now),
             |model| self.backlog(model),
         );
+        // LoRA-set affinity (policy step 4): the chosen task's job and model
+        // stand; a task of theirs whose LoRA set is ready here may go first.
+        let chosen = chosen.map(|first| self.prefer_ready(first, &asker, now, &mut deduped, claim));
         let mut out = Vec::new();
         if let Some(first) = chosen {
             // A switch: the worker counts as loading the model until it
@@ -336,6 +366,57 @@ impl State {
         out
     }
 
+    /// Returns the task to lease instead of `first` (policy step 4): when
+    /// `first` would make the asker merge LoRAs, the first task among the
+    /// first [`policy::READY_LOOKAHEAD`] queued tasks of its job and model
+    /// that the asker may take and holds the set of ready, completing any
+    /// such task with an earlier result on the way (as `claim.lua` does);
+    /// else `first`.
+    fn prefer_ready(
+        &mut self,
+        first: TaskId,
+        asker: &Asker<'_>,
+        now: u64,
+        deduped: &mut usize,
+        claim: &mut Claim,
+    ) -> TaskId {
+        let Some(task) = self.tasks.get(&first) else {
+            return first;
+        };
+        let (job, model) = (task.record.job, task.record.recipe.model.clone());
+        let ready = |set: &str| asker.holds_ready(&model, set);
+        if !policy::needs_merge(&task.lora_set, ready) {
+            return first;
+        }
+        let window: Vec<TaskId> = self
+            .jobs
+            .get(&job)
+            .and_then(|j| {
+                let set = j.queued.by_model.get(&model)?;
+                Some(
+                    set.iter()
+                        .take(policy::READY_LOOKAHEAD)
+                        .filter_map(|i| j.tasks.get(*i as usize).copied())
+                        .collect(),
+                )
+            })
+            .unwrap_or_default();
+        for id in window {
+            let Some(task) = self.tasks.get(&id) else {
+                continue;
+            };
+            if !policy::set_ready(&task.lora_set, ready) || !self.task_allows(task, asker, now) {
+                continue;
+            }
+            if *deduped < MAX_DEDUPED_PER_CLAIM && self.try_dedupe(id, &asker.class, claim) {
+                *deduped += 1;
+                continue;
+            }
+            return id;
+        }
+        first
+    }
+
     /// Returns the project of a task's job.
     fn project_of(&self, task: TaskId) -> Option<String> {
         let job = self.tasks.get(&task)?.record.job;
@@ -343,7 +424,9 @@ impl State {
     }
 
     /// Fills free slots after `first`: tasks that share its UNet batch, then
-    /// other tasks for the same model, in policy order.
+    /// tasks for the same model whose LoRA set is ready here or `first`'s
+    /// ([`policy::set_ready`]), then other tasks for the same model, in
+    /// policy order.
     pub(super) fn fill(
         &self,
         first: TaskId,
@@ -357,8 +440,10 @@ impl State {
         };
         let key = &first_task.batch_key;
         let model = first_task.record.recipe.model.clone();
+        let first_set = &first_task.lora_set;
+        let ready = |set: &str| set == first_set || asker.holds_ready(&model, set);
         let order = self.job_order();
-        for same_batch in [true, false] {
+        for pass in [Fill::SameBatch, Fill::ReadySet, Fill::SameModel] {
             for job_id in &order {
                 let Some(job) = self.jobs.get(job_id) else {
                     continue;
@@ -385,7 +470,11 @@ impl State {
                         continue;
                     };
                     let id = task.record.id;
-                    let fits = !same_batch || task.batch_key == *key;
+                    let fits = match pass {
+                        Fill::SameBatch => task.batch_key == *key,
+                        Fill::ReadySet => policy::set_ready(&task.lora_set, ready),
+                        Fill::SameModel => true,
+                    };
                     if fits && !out.contains(&id) && self.task_allows(task, asker, now) {
                         asker.take_room(project);
                         out.push(id);

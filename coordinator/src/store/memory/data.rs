@@ -139,6 +139,9 @@ pub(super) struct TaskEntry {
     /// The task's [`policy::task_batch_key`](crate::store::policy::task_batch_key),
     /// fixed at creation: free slots are filled with tasks of the same key.
     pub(super) batch_key: String,
+    /// The task's [`policy::task_lora_set`](crate::store::policy::task_lora_set),
+    /// fixed at creation: a worker holding it ready prefers the task.
+    pub(super) lora_set: String,
     /// Lease deadline on the store clock, in ms since `origin`.
     pub(super) deadline: Option<u64>,
     /// Workers that failed this task: it is retried elsewhere when possible.

@@ -18,6 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+use kiln_proto::lora_set::ReadyLoraSet;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -98,6 +99,8 @@ impl MemoryStore {
         self.events.send_modify(|v| *v += 1);
     }
 
+    // The arguments of `Store::claim`, passed on as they are.
+    #[allow(clippy::too_many_arguments)]
     fn try_claim(
         &self,
         worker: &WorkerId,
@@ -105,6 +108,7 @@ impl MemoryStore {
         max: usize,
         ttl: Duration,
         resident: &[String],
+        ready: &[ReadyLoraSet],
         caps: &RunningCaps,
     ) -> StoreResult<Claim> {
         let now = self.now();
@@ -132,7 +136,7 @@ impl MemoryStore {
             });
         }
         let mut claim = Claim::default();
-        let picked = st.pick(worker, max, now, caps, &mut claim);
+        let picked = st.pick(worker, max, now, caps, ready, &mut claim);
         for task_id in picked {
             claim.leases.extend(st.lease(task_id, worker, now, ttl));
         }
@@ -203,6 +207,7 @@ impl Store for MemoryStore {
                 t.id,
                 TaskEntry {
                     batch_key: task_batch_key(&t.recipe, waits),
+                    lora_set: policy::task_lora_set(&t.recipe),
                     hash: t.recipe.hash(),
                     record: TaskRecord {
                         id: t.id,
@@ -594,13 +599,14 @@ impl Store for MemoryStore {
         ttl: Duration,
         wait: Duration,
         resident: &[String],
+        ready: &[ReadyLoraSet],
         caps: &RunningCaps,
     ) -> StoreResult<Claim> {
         let deadline = Instant::now() + wait;
         let mut rx = self.work.subscribe();
         loop {
             rx.borrow_and_update();
-            let claim = self.try_claim(worker, owner, max, ttl, resident, caps)?;
+            let claim = self.try_claim(worker, owner, max, ttl, resident, ready, caps)?;
             if !claim.leases.is_empty() || !claim.deduped.is_empty() || claim.drain || max == 0 {
                 return Ok(claim);
             }

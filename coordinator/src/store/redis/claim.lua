@@ -5,29 +5,35 @@
 -- policy::task_open_to, with stand_in_exists =
 -- policy::can_stand_in), order (policy::job_rank), model affinity
 -- (policy::choose, policy::switch_justified; a worker's 'loading' field is
--- policy::still_loading / policy::holds_for_affinity), then batch filling with each
--- task's stored batch key (policy::task_batch_key), then the same model.
+-- policy::still_loading / policy::holds_for_affinity), LoRA-set affinity
+-- (policy::needs_merge, policy::set_ready over each task's stored `lset`,
+-- policy::task_lora_set), then batch filling with each task's stored batch
+-- key (policy::task_batch_key), then LoRA sets ready here, then the same model.
 -- Tasks whose recipe already has a result in the project for the worker's
 -- class are completed from it on the way.
 -- A project gets no lease past its max_running_tasks (policy::under_cap):
 -- its leased tasks are counted in the `project_running` hash, which `lease` below and
 -- `end_lease` (prelude) keep.
 -- ARGV: 3 worker, 4 max, 5 lease ttl ms, 6 resident models json (list),
---   7 owner, 8 caps json ({project: max_running_tasks}).
+--   7 owner, 8 caps json ({project: max_running_tasks}),
+--   9 ready LoRA sets json ({model: [set key, ...]}).
 -- Returns {'unknown'}, {'bound'}, {'drain'}, or {'ok', n leases, n deduped, n finished,
 --   LEASE_FIELDS values per lease (task, job, index, epoch, recipe, init,
 --   anchor index or -1), DEDUPED_FIELDS per deduped (task, job, file, source, model),
 --   1 per finished job}.
 local worker, max, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local wk = k('worker', worker)
-if redis.call('EXISTS', wk) == 0 then return {'unknown'} end
-if not acts_for(worker, ARGV[7]) then return {'bound'} end
+-- The worker's record in one read (a claim runs once per task). register.lua
+-- writes `models` with every session, so a record without it is no worker.
+local wf = redis.call('HMGET', wk, 'models', 'owner', 'draining', 'assets', 'class')
+if not wf[1] then return {'unknown'} end
+if not owner_allows(wf[2], ARGV[7]) then return {'bound'} end
 redis.call('HSET', wk, 'seen', NOW, 'resident', ARGV[6])
-if redis.call('HGET', wk, 'draining') == '1' then return {'drain'} end
-local models = cjson.decode(redis.call('HGET', wk, 'models'))
+if wf[3] == '1' then return {'drain'} end
+local models = cjson.decode(wf[1])
 -- Its LoRAs, embeddings and ControlNets (policy::held_keys).
-local my_assets = redis.call('HGET', wk, 'assets')
-local class = redis.call('HGET', wk, 'class') or ''
+local my_assets = wf[4]
+local class = wf[5] or ''
 local resident = {}
 local any_resident = false
 local reported = cjson.decode(ARGV[6])
@@ -272,6 +278,34 @@ if chosen and not resident[chosen.model] then
   redis.call('HSET', wk, 'loading', chosen.model)
 end
 
+-- LoRA-set affinity (policy step 4): the chosen task's job and model stand;
+-- when it would make this worker merge LoRAs, the first of the first
+-- READY_LOOKAHEAD queued tasks of that job and model that the worker may take
+-- and holds the set of ready goes first, served from an earlier result on the
+-- way (memory/claim.rs: prefer_ready).
+local ready = {}
+for model, sets in pairs(cjson.decode(ARGV[9])) do
+  ready[model] = {}
+  for _, set in ipairs(sets) do ready[model][set] = true end
+end
+local function set_ready(model, set)
+  return set ~= '' and ready[model] ~= nil and ready[model][set] == true
+end
+if chosen then
+  local set = redis.call('HGET', k('task', chosen.tid), 'lset') or ''
+  if set ~= '' and not set_ready(chosen.model, set) then
+    local j = chosen.job
+    for _, tid in ipairs(redis.call('ZRANGE', k('q', j.id, chosen.model), 0, READY_LOOKAHEAD - 1)) do
+      local lset = redis.call('HGET', k('task', tid), 'lset') or ''
+      if set_ready(chosen.model, lset) and task_allows(j, tid, chosen.model)
+        and not try_dedupe(j, tid, chosen.model) then
+        chosen = {tid = tid, job = j, model = chosen.model, priority = chosen.priority}
+        break
+      end
+    end
+  end
+end
+
 local leases = {}
 local function lease(tid, j, model)
   local t = k('task', tid)
@@ -303,16 +337,28 @@ end
 if chosen then
   lease(chosen.tid, chosen.job, chosen.model)
   local taken = 1
-  local key = redis.call('HGET', k('task', chosen.tid), 'bkey')
-  -- Fill free slots: the same UNet batch first, then the same model.
-  for _, same_batch in ipairs({true, false}) do
+  -- The batch key and LoRA set matter only when there are slots to fill.
+  local key, first_set
+  if taken < max then
+    local f = redis.call('HMGET', k('task', chosen.tid), 'bkey', 'lset')
+    key, first_set = f[1], f[2] or ''
+  end
+  -- Fill free slots: the same UNet batch first, then LoRA sets ready here
+  -- or the first task's, then the same model (policy step 5).
+  for _, pass in ipairs({'batch', 'ready', 'model'}) do
     for _, j in ipairs(jobs) do
       if taken >= max then break end
       if job_allows(j) then
         local ids = redis.call('ZRANGE', k('q', j.id, chosen.model), 0, (max - taken) + FILL_LOOKAHEAD - 1)
         for _, tid in ipairs(ids) do
           if taken >= max or not has_room(j.project) then break end
-          local fits = (not same_batch) or redis.call('HGET', k('task', tid), 'bkey') == key
+          local fits = true
+          if pass == 'batch' then
+            fits = redis.call('HGET', k('task', tid), 'bkey') == key
+          elseif pass == 'ready' then
+            local lset = redis.call('HGET', k('task', tid), 'lset') or ''
+            fits = lset ~= '' and (lset == first_set or set_ready(chosen.model, lset))
+          end
           if fits and redis.call('HGET', k('task', tid), 'state') == TASK_QUEUED and task_allows(j, tid, chosen.model) then
             lease(tid, j, chosen.model)
             taken = taken + 1
@@ -324,7 +370,8 @@ if chosen then
 end
 
 for _, j in ipairs(jobs) do
-  if tonumber(redis.call('HGET', k('job', j.id), TASK_QUEUED)) == 0 or redis.call('HGET', k('job', j.id), 'state') ~= JOB_RUNNING then
+  local f = redis.call('HMGET', k('job', j.id), TASK_QUEUED, 'state')
+  if tonumber(f[1]) == 0 or f[2] ~= JOB_RUNNING then
     redis.call('ZREM', k('ready'), j.id)
   end
 end

@@ -5,8 +5,10 @@
 local worker, tid, epoch = ARGV[3], ARGV[4], tonumber(ARGV[5])
 if not acts_for(worker, ARGV[7]) then return {'bound'} end
 local t = k('task', tid)
-if redis.call('EXISTS', t) == 0 then return {'missing'} end
-if holds(tid, worker, epoch) then
+-- Whether the task exists and the worker holds it, in one read.
+local h = redis.call('HMGET', t, 'state', 'epoch', 'holder')
+if not h[1] then return {'missing'} end
+if held_by(h, worker, epoch) then
   -- The store records the worker's class with the result.
   local result = cjson.decode(ARGV[6])
   result.class = redis.call('HGET', k('worker', worker), 'class') or ''
@@ -20,7 +22,7 @@ if holds(tid, worker, epoch) then
     redis.call('HSET', k('results', j[2]), f[4] .. '|' .. result.class, cjson.encode(result))
   end
   release_dependents(job, tonumber(f[2]), result.sha256)
-  return {'ok', end_lease(tid, OUTCOME_COMPLETED, FAULT_NONE, '', TASK_COMPLETED, EV_COMPLETED, false)}
+  return {'ok', end_lease(tid, OUTCOME_COMPLETED, FAULT_NONE, '', TASK_COMPLETED, EV_COMPLETED, false, result.render_ms or 0)}
 end
 local f = redis.call('HMGET', t, 'state', 'epoch', 'attempts', 'job', 'index')
 if f[1] == TASK_COMPLETED and tonumber(f[2]) == epoch then

@@ -4,7 +4,8 @@
 --       8 pin class (0/1), 9 class, 10 dedupe (0/1), 11 verify_of,
 --       12 traceparent, 13 task count, then TASK_ARGS values per task (id, index, model, model hash,
 --       recipe json, file name, steps, series, shot, depends_on (-1: none),
---       avoid json, batch key, needs json (policy::task_needs), recipe hash), then a blob count and (sha, bytes) pairs,
+--       avoid json, batch key, needs json (policy::task_needs), recipe hash,
+--       LoRA set key (policy::task_lora_set)), then a blob count and (sha, bytes) pairs,
 --       then the webhook targets as a JSON array ('[]': none), then the submitting
 --       token's name ('': unknown).
 local job, project, idem, name, prio = ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
@@ -29,7 +30,7 @@ for _ = 1, n do
   redis.call('HSET', k('task', tid), 'id', tid, 'job', job, 'index', index, 'model', model,
     'mhash', ARGV[at + 3], 'recipe', ARGV[at + 4], 'file', ARGV[at + 5], 'steps', ARGV[at + 6],
     'series', ARGV[at + 7], 'shot', ARGV[at + 8], 'depends', depends, 'avoid', ARGV[at + 10],
-    'bkey', ARGV[at + 11], 'needs', ARGV[at + 12], 'rhash', ARGV[at + 13], 'init', '',
+    'bkey', ARGV[at + 11], 'needs', ARGV[at + 12], 'rhash', ARGV[at + 13], 'lset', ARGV[at + 14], 'init', '',
     'state', TASK_QUEUED, 'epoch', 0, 'step', 0, 'holder', '', 'deadline', 0,
     'attempts', '[]', 'result', '')
   redis.call('RPUSH', k('job', job, 'tasks'), tid)

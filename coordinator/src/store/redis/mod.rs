@@ -18,6 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
+use kiln_proto::lora_set::ReadyLoraSet;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 use tokio::sync::watch;
@@ -34,7 +35,7 @@ use self::scripts::{
     DEDUPED_FIELDS, DELIVERY_FIELDS, LEASE_FIELDS, PROGRESS_FIELDS, REAPED_FIELDS, RELEASED_FIELDS,
     Scripts, TASK_ARGS,
 };
-use super::policy::{task_batch_key, task_needs};
+use super::policy::{task_batch_key, task_lora_set, task_needs};
 use super::state::{AbandonReason, Fault};
 use super::types::*;
 use super::{Store, StoreError, StoreResult};
@@ -192,6 +193,32 @@ impl RedisStore {
     /// Returns how many commands and pipelines this store has sent to Redis.
     pub fn round_trips(&self) -> u64 {
         self.round_trips.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Returns the CPU time the Redis server has used since it started
+    /// (user plus system, `INFO cpu`), in seconds: benchmarks compare it
+    /// before and after, a measure a busy machine skews less than wall time.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached or its answer lacks the fields.
+    pub async fn server_cpu_s(&self) -> StoreResult<f64> {
+        let info: String = self
+            .retry("INFO", || {
+                let mut conn = self.conn.clone();
+                async move { redis::cmd("INFO").arg("cpu").query_async(&mut conn).await }
+            })
+            .await?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        match (field("used_cpu_user"), field("used_cpu_sys")) {
+            (Some(user), Some(sys)) => Ok(user + sys),
+            _ => Err(StoreError::Backend(
+                "INFO cpu has no used_cpu_user and used_cpu_sys".into(),
+            )),
+        }
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -380,6 +407,7 @@ impl Store for RedisStore {
                 Some(sha) => format!("{}:{sha}", base.hash()),
                 None => base.hash(),
             });
+            owned.push(task_lora_set(&t.recipe));
         }
         // enqueue.lua reads TASK_ARGS values per task.
         debug_assert_eq!(owned.len(), job.tasks.len() * TASK_ARGS);
@@ -653,11 +681,19 @@ impl Store for RedisStore {
         ttl: Duration,
         wait: Duration,
         resident: &[String],
+        ready: &[ReadyLoraSet],
         caps: &RunningCaps,
     ) -> StoreResult<Claim> {
         let deadline = Instant::now() + wait;
         let resident =
             serde_json::to_string(resident).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        // claim.lua reads the ready sets by model: {model: [set, ...]}.
+        let mut by_model: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for r in ready {
+            by_model.entry(&r.model).or_default().push(&r.set);
+        }
+        let ready =
+            serde_json::to_string(&by_model).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let caps = serde_json::to_string(caps).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut rx = self.work.clone();
         loop {
@@ -672,6 +708,7 @@ impl Store for RedisStore {
                         Arg::Str(&resident),
                         Arg::Str(owner.unwrap_or_default()),
                         Arg::Str(&caps),
+                        Arg::Str(&ready),
                     ],
                 )
                 .await?,
@@ -1125,6 +1162,7 @@ mod tests {
                 Duration::from_secs(30),
                 Duration::ZERO,
                 &[],
+                &[],
                 &RunningCaps::new(),
             )
             .await
@@ -1195,6 +1233,7 @@ mod tests {
                 1,
                 Duration::from_secs(30),
                 Duration::ZERO,
+                &[],
                 &[],
                 &RunningCaps::new(),
             )

@@ -7,8 +7,13 @@
 -- Every time is Redis server time: TIME, never a client's clock.
 local P = ARGV[1]
 local RETENTION = tonumber(ARGV[2])
-local function k(...)
-  return P .. ':' .. table.concat({...}, ':')
+-- A key from up to four parts; concatenated directly rather than through a
+-- table, since every script builds dozens of keys per task.
+local function k(a, b, c, d)
+  if d ~= nil then return P .. ':' .. a .. ':' .. b .. ':' .. c .. ':' .. d end
+  if c ~= nil then return P .. ':' .. a .. ':' .. b .. ':' .. c end
+  if b ~= nil then return P .. ':' .. a .. ':' .. b end
+  return P .. ':' .. a
 end
 local T = redis.call('TIME')
 local NOW = tonumber(T[1]) * MS_PER_S + math.floor(tonumber(T[2]) / US_PER_MS)
@@ -131,8 +136,9 @@ local function counted_from(tid)
 end
 
 -- Ends the running attempt of a leased task and moves the task to `to`.
--- Returns the job's new state if this ended the job, else ''.
-local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump)
+-- Returns the job's new state if this ended the job, else ''. A completion
+-- passes its result's render_ms (otherwise read back from the stored result).
+local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump, render_ms)
   local t = k('task', tid)
   local f = redis.call('HMGET', t, 'job', 'index', 'model', 'holder', 'epoch', 'attempts', 'avoid')
   local job, index, model, holder, epoch = f[1], tonumber(f[2]), f[3], f[4], tonumber(f[5])
@@ -168,9 +174,12 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump)
     local base = table.concat({math.floor(NOW / USAGE_DAY_MS), project, model}, USAGE_SEP) .. USAGE_SEP
     if outcome == OUTCOME_COMPLETED then
       redis.call('HINCRBY', k('usage'), base .. USAGE_IMAGES, 1)
-      local r = redis.call('HGET', t, 'result')
-      local render = 0
-      if r and r ~= '' then render = cjson.decode(r).render_ms or 0 end
+      local render = render_ms
+      if render == nil then
+        render = 0
+        local r = redis.call('HGET', t, 'result')
+        if r and r ~= '' then render = cjson.decode(r).render_ms or 0 end
+      end
       redis.call('HINCRBY', k('usage'), base .. USAGE_RENDER_MS, render)
     else
       redis.call('HINCRBY', k('usage'), base .. USAGE_FAILED, 1)
@@ -213,9 +222,14 @@ local function stale_reason(tid, worker, epoch)
   return 'epoch ' .. epoch .. ' expired and the task is queued again (epoch ' .. cur .. ')'
 end
 
-local function holds(tid, worker, epoch)
-  local f = redis.call('HMGET', k('task', tid), 'state', 'epoch', 'holder')
+-- True when a task whose state, epoch and holder fields are `f` is leased
+-- to `worker` under `epoch`.
+local function held_by(f, worker, epoch)
   return f[1] == TASK_LEASED and tonumber(f[2]) == epoch and f[3] == worker
+end
+
+local function holds(tid, worker, epoch)
+  return held_by(redis.call('HMGET', k('task', tid), 'state', 'epoch', 'holder'), worker, epoch)
 end
 
 -- True when a worker whose last call was at `seen` (false: never) is alive:
@@ -238,9 +252,11 @@ end
 -- True when `owner` ('' without --auth) may act under worker id `w`: the
 -- worker has no session (or one opened before sessions had owners), or its
 -- session's owner is `owner` (policy::acts_for).
-local function acts_for(w, owner)
-  local o = redis.call('HGET', k('worker', w), 'owner')
+local function owner_allows(o, owner)
   return o == false or o == owner
+end
+local function acts_for(w, owner)
+  return owner_allows(redis.call('HGET', k('worker', w), 'owner'), owner)
 end
 
 -- True when a worker whose assets json ({asset key: true}; false: none

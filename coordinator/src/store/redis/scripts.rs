@@ -24,7 +24,7 @@ pub(super) const CLAIM_LOOKAHEAD: usize = 8;
 /// Tasks read per job beyond the free slots when a claim fills them.
 pub(super) const FILL_LOOKAHEAD: usize = 32;
 /// Script arguments per task of `enqueue.lua`.
-pub(super) const TASK_ARGS: usize = 14;
+pub(super) const TASK_ARGS: usize = 15;
 /// Reply values per lease of `claim.lua`.
 pub(super) const LEASE_FIELDS: usize = 7;
 /// Reply values per deduplicated task of `claim.lua`.
@@ -99,7 +99,7 @@ const SOURCES: &[(&str, &str)] = &[
 
 /// Returns the `local NAME = value` lines every script starts with.
 pub(super) fn constants() -> String {
-    let numbers: [(&str, u64); 20] = [
+    let numbers: [(&str, u64); 21] = [
         ("USAGE_DAY_MS", USAGE_DAY_MS as u64),
         ("QUARANTINE_AFTER", u64::from(policy::QUARANTINE_AFTER)),
         (
@@ -117,6 +117,7 @@ pub(super) fn constants() -> String {
         ),
         ("CLAIM_LOOKAHEAD", CLAIM_LOOKAHEAD as u64),
         ("FILL_LOOKAHEAD", FILL_LOOKAHEAD as u64),
+        ("READY_LOOKAHEAD", policy::READY_LOOKAHEAD as u64),
         ("TASK_ARGS", TASK_ARGS as u64),
         ("LEASE_FIELDS", LEASE_FIELDS as u64),
         ("DEDUPED_FIELDS", DEDUPED_FIELDS as u64),

@@ -1,0 +1,56 @@
+//! The dispatch path between real processes (#15): a worker's Complete brings
+//! its next lease back, so a one-slot worker makes one call per task rather
+//! than a Lease and a Complete; every task is still rendered exactly once.
+
+use std::time::Duration;
+
+use kiln_tests::{
+    Coordinator, arg, assert_exactly_once, free_port, http_get, job_id, kiln, sim_worker,
+    sweep_file, wait_for, watch_ok,
+};
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// Returns the count of `kiln_rpc_seconds` for one WorkerLink method and
+/// gRPC code, 0 when absent.
+fn calls(metrics: &str, method: &str, code: &str) -> f64 {
+    let wanted = format!("method=\"/kiln.v1.WorkerLink/{method}\"");
+    let code = format!("code=\"{code}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("kiln_rpc_seconds_count{"))
+        .filter(|l| l.contains(&wanted) && l.contains(&code))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn completions_carry_the_next_lease_and_every_task_runs_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let http = format!("127.0.0.1:{}", free_port());
+    let coord = Coordinator::start(d, &["--http", &http]).unwrap();
+    let _w = sim_worker(d, &coord.url, "w1", &["--slots", "1"], &[]).unwrap();
+    wait_for(LONG, "the worker to register", || {
+        let out = kiln(&["workers", "--coordinator", &coord.url]);
+        out.stdout.contains("w1").then_some(())
+    });
+    let batch = d.join("b.toml");
+    sweep_file(&batch, "simtoy", 6, 5, 2).unwrap();
+    let out = kiln(&["submit", arg(&batch), "--json", "--coordinator", &coord.url]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let job = job_id(&out.stdout).unwrap();
+    watch_ok(&coord.url, &job);
+    assert_exactly_once(&coord.url, &job, &d.join("out"), 30);
+    let metrics = http_get(&http, "/metrics", None).unwrap().body;
+    let completes = calls(&metrics, "Complete", "OK");
+    let leases = calls(&metrics, "Lease", "OK");
+    assert_eq!(completes, 30.0, "one Complete per task:\n{metrics}");
+    // The worker leased its first task with Lease, and calls it again only
+    // when a Complete found nothing queued (at the end, waiting for more):
+    // one call per task, not two.
+    assert!(
+        leases <= 3.0,
+        "{leases} Lease calls for 30 tasks: the completions did not carry the next lease\n{metrics}"
+    );
+}
