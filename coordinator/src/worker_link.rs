@@ -942,6 +942,7 @@ mod tests {
                 Duration::from_secs(30),
                 Duration::ZERO,
                 &[],
+                &[],
                 &RunningCaps::new(),
             )
             .await
@@ -985,6 +986,7 @@ mod tests {
                 1,
                 Duration::from_secs(30),
                 Duration::ZERO,
+                &[],
                 &[],
                 &RunningCaps::new(),
             )
