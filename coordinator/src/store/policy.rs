@@ -377,9 +377,10 @@ where
         // would starve behind the resident models), or unless leaving the
         // resident model for it balances the farm.
         (Some(r), Some(c)) if r.priority >= c.priority => {
-            if c.task != r.task && holders(&c.model).all() == 0 {
-                Some(c.task)
-            } else if c.model != r.model && switch_justified(load(&c.model), Some(load(&r.model))) {
+            let starving = c.task != r.task && holders(&c.model).all() == 0;
+            let balances =
+                c.model != r.model && switch_justified(load(&c.model), Some(load(&r.model)));
+            if starving || balances {
                 Some(c.task)
             } else {
                 Some(r.task)
