@@ -1715,6 +1715,65 @@ pub async fn workers_keep_to_their_resident_model(store: &dyn Store) {
     );
 }
 
+/// Claims one task for `w` reporting `resident` loaded.
+async fn claim_resident(store: &dyn Store, w: &str, resident: &str) -> Vec<Lease> {
+    store
+        .claim(
+            &worker(w),
+            None,
+            1,
+            TTL,
+            NO_WAIT,
+            &[resident.to_string()],
+            &[],
+            &NO_CAPS,
+        )
+        .await
+        .expect("claim")
+        .leases
+}
+
+pub async fn a_worker_switches_early_to_balance_the_drain_time(store: &dyn Store) {
+    for w in ["a", "b", "c"] {
+        store
+            .register_worker(registration(w, &["m1", "m2"]), None)
+            .await
+            .unwrap();
+    }
+    store.create_job(new_job(17, "m1")).await.unwrap();
+    let mut m2 = new_job(12, "m2");
+    for t in &mut m2.tasks {
+        t.recipe.seed += 1000;
+    }
+    store.create_job(m2).await.unwrap();
+    let model = |l: &[Lease]| l.iter().map(|l| l.recipe.model.clone()).collect::<Vec<_>>();
+    assert_eq!(model(&claim_resident(store, "a", "m1").await), ["m1"]);
+    assert_eq!(model(&claim_resident(store, "b", "m2").await), ["m2"]);
+    // m1: 16 tasks for its one holder; m2: 11 for b alone once c leaves.
+    assert_eq!(
+        model(&claim_resident(store, "c", "m2").await),
+        ["m1"],
+        "c leaves m2 while it has work: m1's backlog per holder is longer"
+    );
+    // d can render m1 but has only m3 loaded, which has no work (it
+    // registers now: a worker that has reported nothing counts for its
+    // whole catalog).
+    store
+        .register_worker(registration("d", &["m1", "m3"]), None)
+        .await
+        .unwrap();
+    // Until c reports m1 loaded, it counts as m1's holder and not m2's.
+    assert!(
+        claim_resident(store, "d", "m3").await.is_empty(),
+        "15 m1 tasks for a and c (loading) do not justify another load"
+    );
+    assert_eq!(
+        model(&claim_resident(store, "c", "m2").await),
+        ["m1"],
+        "c keeps to the model it is loading, though it still reports m2"
+    );
+}
+
 pub async fn a_worker_failing_a_job_is_quarantined(store: &dyn Store) {
     store
         .register_worker(registration("bad", &["tiny"]), None)
@@ -3170,6 +3229,7 @@ macro_rules! store_conformance {
             a_series_stays_on_one_determinism_class,
             equal_priority_jobs_share_fairly,
             workers_keep_to_their_resident_model,
+            a_worker_switches_early_to_balance_the_drain_time,
             a_worker_failing_a_job_is_quarantined,
             a_quarantined_worker_without_a_stand_in_fails_the_task,
             a_quarantined_worker_waits_for_a_capable_stand_in,

@@ -25,8 +25,14 @@
 //!    the least recently served project, then the least recently served job
 //!    (round-robin fair share); within a job, the item order.
 //! 3. **Model affinity** ([`choose`]): tasks for models the worker has
-//!    resident first; it switches model only when the other model's backlog
-//!    justifies a load ([`switch_justified`]), or when nobody holds that model.
+//!    resident first; it switches model when nobody holds the other model,
+//!    or when the switch balances the farm ([`switch_justified`]): the other
+//!    model's holders need longer than a load to clear its backlog, and
+//!    longer than the resident model's remaining holders need for theirs.
+//!    A worker sent to load a model counts as that model's holder, and no
+//!    longer as a holder of its old one, until it reports the model loaded
+//!    ([`still_loading`], [`holds_for_affinity`]), so claims that follow
+//!    within the load time do not send more workers after it.
 //! 4. **LoRA-set affinity** ([`needs_merge`], [`set_ready`]): steps 2 and 3
 //!    have chosen a task, and with it a job and a model; those stand. When
 //!    the chosen task would make the worker merge LoRAs (its set,
@@ -62,12 +68,21 @@ use super::state::{Fault, JobState, TaskState, WorkerState};
 /// worker gets no more of that job's tasks, while another worker can take them.
 pub const QUARANTINE_AFTER: u32 = 3;
 
-/// A worker switches to a model it does not have resident when the model's
-/// waiting tasks exceed this many per worker that already has it resident, or
-/// when no live worker has it resident. At 8 tasks of a few hundred
-/// milliseconds each, the holders need longer than a typical model load (a
-/// few seconds) to clear the backlog themselves, so the load pays for itself.
+/// The cost of a model load, in renders: a worker switches to a model it
+/// does not have resident only when the model's waiting tasks exceed this
+/// many per worker that already has it resident (or when no live worker has
+/// it resident). At 8 tasks of a few hundred milliseconds each, the holders
+/// need longer than a typical model load (a few seconds) to clear the backlog
+/// themselves, so the load pays for itself ([`switch_justified`]).
 pub const SWITCH_BACKLOG_PER_HOLDER: usize = 8;
+
+/// How much longer, in hundredths of a render per holder, the other model's
+/// backlog must take to clear than the resident model's for a worker to
+/// leave a resident model that still has work ([`switch_justified`]): half a
+/// render. Without it, two models at balance trade workers back and forth on
+/// the jitter of who finished when (each trade a load); with more, the farm
+/// stays that much out of balance and the makespan that much longer.
+pub const SWITCH_MARGIN_PERCENT: usize = 50;
 
 /// Queued tasks of the chosen job and model, from the front of its queue,
 /// among which LoRA-set affinity looks for one whose set the worker holds
@@ -334,31 +349,45 @@ pub struct Pick<T> {
 /// Applies model affinity to the first claimable task overall
 /// (`first_choice`) and the first one for a resident model
 /// (`first_resident`), both in policy order. `holders(model)` counts the live
-/// workers other than the asker with the model resident; `backlog(model)`
-/// counts the model's queued tasks in every running job (claimable by the
-/// asker or not: the load is judged by the work waiting, not by who may take it).
+/// workers other than the asker that hold the model for affinity
+/// ([`holds_for_affinity`]), and those that may (they have reported nothing
+/// yet); `backlog(model)` counts the model's queued tasks
+/// in every running job (claimable by the asker or not: the load is judged
+/// by the work waiting, not by who may take it).
 pub fn choose<T>(
     first_resident: Option<Pick<T>>,
     first_choice: Option<Pick<T>>,
-    holders: impl Fn(&str) -> usize,
+    holders: impl Fn(&str) -> Holders,
     backlog: impl Fn(&str) -> usize,
 ) -> Option<T>
 where
     T: PartialEq,
 {
+    let load = |model: &str| {
+        let h = holders(model);
+        ModelLoad {
+            backlog: backlog(model),
+            holders: h.reported,
+            unreported: h.unreported,
+        }
+    };
     match (first_resident, first_choice) {
         // Equal or better resident work: keep to it, unless the first
         // choice's model has waiting work and no live worker holds it (it
-        // would starve behind the resident models).
+        // would starve behind the resident models), or unless leaving the
+        // resident model for it balances the farm.
         (Some(r), Some(c)) if r.priority >= c.priority => {
-            if c.task != r.task && holders(&c.model) == 0 {
+            let starving = c.task != r.task && holders(&c.model).all() == 0;
+            let balances =
+                c.model != r.model && switch_justified(load(&c.model), Some(load(&r.model)));
+            if starving || balances {
                 Some(c.task)
             } else {
                 Some(r.task)
             }
         }
         (resident, Some(c)) => {
-            if switch_justified(backlog(&c.model), holders(&c.model)) {
+            if switch_justified(load(&c.model), None) {
                 Some(c.task)
             } else {
                 resident.map(|r| r.task)
@@ -368,13 +397,143 @@ where
     }
 }
 
-/// Returns true when a worker should load `model` rather than keep to its
-/// resident models (or stay idle): nobody has the model resident, or its
-/// backlog is more than the holders clear within a load time. An idle worker
-/// follows the same rule, so workers do not pile onto a model at the end of
-/// its backlog only to load it for one task.
-pub fn switch_justified(backlog: usize, resident_holders: usize) -> bool {
-    resident_holders == 0 || backlog > SWITCH_BACKLOG_PER_HOLDER * resident_holders
+/// The live workers other than the asker that count for a model
+/// ([`holds_for_affinity`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holders {
+    /// Those that hold it ([`Holding::Resident`]).
+    pub reported: usize,
+    /// Those that have reported nothing and have it in their catalog
+    /// ([`Holding::Unreported`]).
+    pub unreported: usize,
+}
+
+impl Holders {
+    /// Counts one more worker as `holding` says.
+    pub fn add(&mut self, holding: Holding) {
+        match holding {
+            Holding::Resident => self.reported += 1,
+            Holding::Unreported => self.unreported += 1,
+            Holding::No => {}
+        }
+    }
+
+    /// Returns every worker that holds the model or may.
+    pub fn all(&self) -> usize {
+        self.reported + self.unreported
+    }
+}
+
+/// The work waiting for a model and who serves it, as [`switch_justified`]
+/// weighs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelLoad {
+    /// Queued tasks of the model in running jobs.
+    pub backlog: usize,
+    /// Live workers other than the asker that hold it ([`Holding::Resident`]).
+    pub holders: usize,
+    /// Live workers other than the asker that may hold it: they have
+    /// reported nothing yet ([`Holding::Unreported`]).
+    pub unreported: usize,
+}
+
+/// Returns true when a worker should load model `to` rather than keep to
+/// its resident model `from` (`None`: it has no resident work of the same
+/// priority, or none at all). In tasks per holder, the drain time:
+/// - nobody holds `to`, nor may (`unreported`): always (its work would
+///   wait forever);
+/// - the load must pay for itself: `to`'s holders (and those that may hold
+///   it) need longer than a load
+///   ([`SWITCH_BACKLOG_PER_HOLDER`] renders) to clear its backlog, which is
+///   exactly when `to` with this worker (after its load) finishes sooner
+///   than without it. An idle worker follows this rule alone, so workers do
+///   not pile onto a model at the end of its backlog to load it for one task;
+/// - and `from`, left to its other holders, must still finish before `to`
+///   does now, by [`SWITCH_MARGIN_PERCENT`] of a render per holder
+///   (`from.backlog / from.holders + margin < to.backlog / to.holders`), so
+///   the switch shortens the longer of the two, and a worker that just
+///   switched does not justify a switch back: the same comparison, seen from
+///   the other side, fails by this worker's own share plus the margin,
+///   which covers the jitter of a real farm. A worker that is the last
+///   holder of `from` stays. This comparison waits while a live worker
+///   that may hold either model has reported nothing yet (it registered
+///   and has not claimed): workers that arrive together (a farm scaled up
+///   under a queue) would otherwise trade loads over the accidents of who
+///   claimed first, which the arrivals still to come undo.
+///
+/// This balances the farm as soon as the work arrives instead of switching
+/// workers at the end of the resident backlogs, when the loads only add time.
+pub fn switch_justified(to: ModelLoad, from: Option<ModelLoad>) -> bool {
+    let to_all = to.holders + to.unreported;
+    if to_all == 0 {
+        return true;
+    }
+    if to.backlog <= SWITCH_BACKLOG_PER_HOLDER * to_all {
+        return false;
+    }
+    match from {
+        None => true,
+        Some(from) if from.backlog == 0 => true,
+        // from.backlog / from.holders + margin / 100 < to.backlog / to.holders,
+        // in integers.
+        Some(from) => {
+            from.unreported == 0
+                && to.unreported == 0
+                && from.holders > 0
+                && to.holders > 0
+                && 100 * from.backlog * to.holders
+                    + SWITCH_MARGIN_PERCENT * from.holders * to.holders
+                    < 100 * to.backlog * from.holders
+        }
+    }
+}
+
+/// Returns true while a worker counts as loading `loading`, the model its
+/// last switch sent it to: it has not reported that model resident yet
+/// (`reported`, at this claim) and still holds leases (`leases`; a worker
+/// without leases reports what it really has, a failed load included).
+pub fn still_loading(loading: &str, reported: &[String], leases: usize) -> bool {
+    leases > 0 && !reported.iter().any(|m| m == loading)
+}
+
+/// How a worker counts for a model in model affinity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holding {
+    /// It has the model resident, or is loading it.
+    Resident,
+    /// It has reported nothing resident (it has not claimed since it
+    /// registered) and the model is in its catalog.
+    Unreported,
+    /// Neither.
+    No,
+}
+
+/// Returns how a worker counts for `model` in model affinity: while it is
+/// loading a model ([`still_loading`]) it holds only that one; else the
+/// models it reported resident; when it reports none, it may hold every
+/// model of its catalog (`in_catalog`).
+pub fn holds_for_affinity(
+    model: &str,
+    loading: Option<&str>,
+    resident: &[String],
+    in_catalog: impl FnOnce() -> bool,
+) -> Holding {
+    let holds = match loading {
+        Some(l) => l == model,
+        None if resident.is_empty() => {
+            return if in_catalog() {
+                Holding::Unreported
+            } else {
+                Holding::No
+            };
+        }
+        None => resident.iter().any(|m| m == model),
+    };
+    if holds {
+        Holding::Resident
+    } else {
+        Holding::No
+    }
 }
 
 /// What happens to a task after its holder reported `fault`.
@@ -417,15 +576,123 @@ pub fn retry_after_fault(
 mod tests {
     use super::*;
 
+    fn load(backlog: usize, holders: usize) -> ModelLoad {
+        ModelLoad {
+            backlog,
+            holders,
+            unreported: 0,
+        }
+    }
+
     #[test]
     fn switching_needs_a_reason() {
-        assert!(switch_justified(1, 0), "nobody holds the model");
+        assert!(switch_justified(load(1, 0), None), "nobody holds the model");
         assert!(
-            !switch_justified(8, 1),
+            switch_justified(load(1, 0), Some(load(500, 0))),
+            "nobody holds the model, even when the asker is the last holder of its own"
+        );
+        assert!(
+            !switch_justified(load(8, 1), None),
             "one holder clears 8 tasks soon enough"
         );
-        assert!(switch_justified(9, 1));
-        assert!(!switch_justified(40, 5));
+        assert!(switch_justified(load(9, 1), None));
+        assert!(!switch_justified(load(40, 5), None));
+    }
+
+    #[test]
+    fn a_switch_balances_the_drain_time_per_holder() {
+        // The bench's start: 8000 tasks on 67 holders, 6000 on 66 others.
+        assert!(switch_justified(load(8000, 67), Some(load(6000, 66))));
+        // Balanced (100 tasks per holder either way): nobody moves.
+        assert!(!switch_justified(load(8000, 80), Some(load(6000, 60))));
+        // Within one worker's share of balance: the resident model left to
+        // 59 holders would finish after the other one.
+        assert!(!switch_justified(load(8000, 80), Some(load(6000, 59))));
+        assert!(!switch_justified(load(8000, 79), Some(load(6000, 59))));
+        assert!(switch_justified(load(8000, 78), Some(load(6000, 59))));
+        // Half a render per holder of margin: 100.0 + 0.5 is not below 100.4.
+        assert!(!switch_justified(load(10040, 100), Some(load(10000, 100))));
+        assert!(switch_justified(load(10051, 100), Some(load(10000, 100))));
+        // The last holder of a model with work stays with it.
+        assert!(!switch_justified(load(8000, 10), Some(load(5, 0))));
+        // A resident model with nothing queued leaves like an idle worker.
+        assert!(switch_justified(load(90, 10), Some(load(0, 3))));
+        // The load must pay for itself even when the other model is behind.
+        assert!(!switch_justified(load(80, 10), Some(load(1, 5))));
+        // Workers that have reported nothing count against a load, but not
+        // in the balance: they may hold any model of their catalog.
+        let unreported = |backlog, holders, unreported| ModelLoad {
+            backlog,
+            holders,
+            unreported,
+        };
+        assert!(!switch_justified(unreported(50, 0, 10), None));
+        assert!(switch_justified(unreported(50, 1, 4), None));
+        assert!(
+            !switch_justified(unreported(8000, 67, 1), Some(unreported(6000, 66, 0))),
+            "the balance waits for every worker's first report"
+        );
+        assert!(!switch_justified(
+            unreported(8000, 67, 0),
+            Some(unreported(6000, 66, 1))
+        ));
+        assert!(switch_justified(
+            unreported(8000, 67, 0),
+            Some(unreported(6000, 66, 0))
+        ));
+    }
+
+    #[test]
+    fn a_switch_never_justifies_the_switch_back() {
+        // Every state where a worker of `a` moves to `b`: from the state after
+        // the move, no worker of `b` moves back to `a`, even after `b` drains
+        // a few tasks more than `a` (the jitter the margin covers).
+        for a_backlog in (0..400).step_by(7) {
+            for b_backlog in (0..400).step_by(11) {
+                for a_holders in 1..12 {
+                    for b_holders in 1..12 {
+                        let (a, b) = (load(a_backlog, a_holders), load(b_backlog, b_holders));
+                        if switch_justified(b, Some(a)) {
+                            // After the move, a worker of `b` sees `a` with
+                            // its other holders (as before) and `b` with the
+                            // mover in its own place.
+                            let a_after = load(a_backlog, a_holders);
+                            let b_after = load(b_backlog.saturating_sub(b_holders / 2), b_holders);
+                            assert!(
+                                !switch_justified(a_after, Some(b_after)),
+                                "ping-pong from a={a:?} b={b:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_loading_worker_holds_only_the_model_it_loads() {
+        let resident = vec!["m1".to_string()];
+        let holds = |model, loading, resident: &[String], in_catalog: bool| {
+            holds_for_affinity(model, loading, resident, || in_catalog)
+        };
+        assert_eq!(holds("m1", None, &resident, false), Holding::Resident);
+        assert_eq!(holds("m1", Some("m2"), &resident, true), Holding::No);
+        assert_eq!(holds("m2", Some("m2"), &resident, false), Holding::Resident);
+        assert_eq!(
+            holds("m3", None, &[], true),
+            Holding::Unreported,
+            "no report: its catalog"
+        );
+        assert_eq!(holds("m3", None, &[], false), Holding::No);
+        assert!(still_loading("m2", &resident, 1));
+        assert!(
+            !still_loading("m2", &["m2".to_string()], 1),
+            "reported loaded"
+        );
+        assert!(
+            !still_loading("m2", &resident, 0),
+            "no lease: its report is the truth"
+        );
     }
 
     #[test]

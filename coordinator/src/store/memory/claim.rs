@@ -10,7 +10,7 @@ use kiln_proto::ids::{JobId, TaskId, WorkerId};
 use kiln_proto::lora_set::ReadyLoraSet;
 
 use super::data::{JobEntry, State, TaskEntry};
-use crate::store::policy::{self, Candidate, MAX_DEDUPED_PER_CLAIM, Pick};
+use crate::store::policy::{self, Candidate, Holders, MAX_DEDUPED_PER_CLAIM, Pick};
 use crate::store::{Claim, RunningCaps};
 
 /// What a stand-in must match: job, model, pinned hash and needed assets.
@@ -233,7 +233,11 @@ impl State {
             .iter()
             .map(|m| (m.name.clone(), m.hash.clone()))
             .collect();
-        let resident: BTreeSet<String> = if w.resident.is_empty() {
+        // While loading a model it was switched to, the worker keeps to that
+        // one (policy::holds_for_affinity).
+        let resident: BTreeSet<String> = if let Some(loading) = &w.loading {
+            BTreeSet::from([loading.clone()])
+        } else if w.resident.is_empty() {
             models.keys().cloned().collect()
         } else {
             w.resident.iter().cloned().collect()
@@ -329,6 +333,25 @@ impl State {
         let chosen = chosen.map(|first| self.prefer_ready(first, &asker, now, &mut deduped, claim));
         let mut out = Vec::new();
         if let Some(first) = chosen {
+            // A switch: the worker counts as loading the model until it
+            // reports it (policy::still_loading).
+            let model = self
+                .tasks
+                .get(&first)
+                .map(|t| t.record.recipe.model.clone());
+            if let Some(model) = model.filter(|m| !asker.resident.contains(m)) {
+                tracing::debug!(
+                    worker = %worker,
+                    from = ?asker.resident,
+                    to = %model,
+                    backlog = self.backlog(&model),
+                    holders = ?self.resident_holders(&model, worker, now),
+                    "a worker switches model"
+                );
+                if let Some(w) = self.workers.get_mut(worker) {
+                    w.loading = Some(model);
+                }
+            }
             if let Some(project) = self.project_of(first) {
                 asker.take_room(&project);
             }
@@ -471,20 +494,22 @@ impl State {
             .sum()
     }
 
-    /// Returns how many live workers other than `not` have `model` resident.
-    pub(super) fn resident_holders(&self, model: &str, not: &WorkerId, now: u64) -> usize {
-        self.workers
-            .values()
-            .filter(|w| {
-                &w.record.registration.id != not
-                    && !w.record.draining
-                    && policy::alive(now.saturating_sub(w.last_seen))
-                    && if w.resident.is_empty() {
-                        w.record.registration.models.iter().any(|m| m.name == model)
-                    } else {
-                        w.resident.iter().any(|m| m == model)
-                    }
-            })
-            .count()
+    /// Returns how live workers other than `not` count for `model` in model
+    /// affinity ([`policy::holds_for_affinity`]).
+    pub(super) fn resident_holders(&self, model: &str, not: &WorkerId, now: u64) -> Holders {
+        let mut holders = Holders::default();
+        for w in self.workers.values().filter(|w| {
+            &w.record.registration.id != not
+                && !w.record.draining
+                && policy::alive(now.saturating_sub(w.last_seen))
+        }) {
+            holders.add(policy::holds_for_affinity(
+                model,
+                w.loading.as_deref(),
+                &w.resident,
+                || w.record.registration.models.iter().any(|m| m.name == model),
+            ));
+        }
+        holders
     }
 }

@@ -162,6 +162,10 @@ pub(super) struct WorkerEntry {
     pub(super) last_seen: u64,
     /// Models loaded at the last claim.
     pub(super) resident: Vec<String>,
+    /// The model a claim switched the worker to, while it is still loading
+    /// it ([`policy::still_loading`]): model affinity counts the worker for
+    /// that model alone ([`policy::holds_for_affinity`]).
+    pub(super) loading: Option<String>,
 }
 
 impl State {

@@ -122,6 +122,13 @@ impl MemoryStore {
         w.last_seen = now;
         w.record.last_seen_ms = unix_ms();
         w.resident = resident.to_vec();
+        // A switch in flight ends once the worker reports the model loaded.
+        if w.loading
+            .as_deref()
+            .is_some_and(|l| !policy::still_loading(l, resident, w.running.len()))
+        {
+            w.loading = None;
+        }
         if w.record.draining {
             return Ok(Claim {
                 drain: true,
@@ -478,6 +485,7 @@ impl Store for MemoryStore {
                 running: BTreeSet::new(),
                 last_seen: now,
                 resident: Vec::new(),
+                loading: None,
             },
         );
         // Waking claims below covers any room a released lease made.

@@ -4,7 +4,8 @@
 -- task_allows = the model hash and the assets (policy::holds_all), then
 -- policy::task_open_to, with stand_in_exists =
 -- policy::can_stand_in), order (policy::job_rank), model affinity
--- (policy::choose, policy::switch_justified), LoRA-set affinity
+-- (policy::choose, policy::switch_justified; a worker's 'loading' field is
+-- policy::still_loading / policy::holds_for_affinity), LoRA-set affinity
 -- (policy::needs_merge, policy::set_ready over each task's stored `lset`,
 -- policy::task_lora_set), then batch filling with each task's stored batch
 -- key (policy::task_batch_key), then LoRA sets ready here, then the same model.
@@ -35,10 +36,24 @@ local my_assets = wf[4]
 local class = wf[5] or ''
 local resident = {}
 local any_resident = false
-for _, m in ipairs(cjson.decode(ARGV[6])) do resident[m] = true; any_resident = true end
+local reported = cjson.decode(ARGV[6])
+for _, m in ipairs(reported) do resident[m] = true; any_resident = true end
 if not any_resident then
   for m, _ in pairs(models) do resident[m] = true end
 end
+-- A switch in flight (policy::still_loading): the model a claim sent this
+-- worker to load, until it reports it resident or holds no lease; meanwhile
+-- it keeps to that model alone (policy::holds_for_affinity).
+local loading = redis.call('HGET', wk, 'loading')
+if loading then
+  local reported_it = false
+  for _, m in ipairs(reported) do if m == loading then reported_it = true end end
+  if reported_it or redis.call('SCARD', k('worker', worker, 'running')) == 0 then
+    redis.call('HDEL', wk, 'loading')
+    loading = false
+  end
+end
+if loading then resident = {[loading] = true} end
 
 -- Jobs with work, in policy order, with what the policy needs of each.
 local jobs = {}
@@ -179,42 +194,88 @@ end
 -- Model affinity: keep to resident models unless the best work is for
 -- another model at a higher priority and a switch is justified.
 local chosen
--- Returns how many live workers other than this one have `model` resident.
-local function resident_holders(model)
-  local holders = 0
+-- Returns, for each of the (one or two) models given, how many live workers
+-- other than this one hold it for model affinity (policy::holds_for_affinity):
+-- the model they are loading, else their resident models; and how many may
+-- (none reported, in their catalog). One scan of the workers for both.
+local function resident_holders(m1, m2)
+  local held, unreported = {[m1] = 0}, {[m1] = 0}
+  if m2 then held[m2] = 0; unreported[m2] = 0 end
   for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
     if w ~= worker and live(w) then
-      local r = cjson.decode(redis.call('HGET', k('worker', w), 'resident') or '[]')
-      local has = false
-      if #r == 0 then
+      local f = redis.call('HMGET', k('worker', w), 'resident', 'loading')
+      local reported = cjson.decode(f[1] or '[]')
+      if f[2] then
+        if held[f[2]] then held[f[2]] = held[f[2]] + 1 end
+      elseif #reported == 0 then
         local m = redis.call('HGET', k('worker', w), 'models')
-        has = m ~= nil and cjson.decode(m)[model] ~= nil
+        if m then
+          local catalog = cjson.decode(m)
+          for model, _ in pairs(held) do
+            if catalog[model] ~= nil then unreported[model] = unreported[model] + 1 end
+          end
+        end
       else
-        for _, name in ipairs(r) do if name == model then has = true end end
+        for _, name in ipairs(reported) do
+          if held[name] then held[name] = held[name] + 1 end
+        end
       end
-      if has then holders = holders + 1 end
     end
   end
-  return holders
+  return held, unreported
+end
+
+-- Queued tasks of `model` in the running jobs.
+local function backlog_of(model)
+  local backlog = 0
+  for _, j in ipairs(jobs) do backlog = backlog + redis.call('ZCARD', k('q', j.id, model)) end
+  return backlog
+end
+
+-- policy::switch_justified: load `to` (backlog, holders, unreported) rather
+-- than keep to the resident model `from` (nil: no resident work of the same priority).
+local function switch_justified(to_backlog, to_holders, to_unreported, from_backlog, from_holders, from_unreported)
+  if to_holders + to_unreported == 0 then return true end
+  if to_backlog <= SWITCH_BACKLOG_PER_HOLDER * (to_holders + to_unreported) then return false end
+  if from_backlog == nil or from_backlog == 0 then return true end
+  -- from_backlog / from_holders + margin / PERCENT < to_backlog / to_holders, in integers.
+  return from_unreported == 0 and to_unreported == 0 and from_holders > 0 and to_holders > 0 and PERCENT * from_backlog * to_holders + SWITCH_MARGIN_PERCENT * from_holders * to_holders
+    < PERCENT * to_backlog * from_holders
 end
 
 if first_choice then
   if first_resident and first_resident.priority >= first_choice.priority then
     -- Keep to resident work unless the first choice's model would starve:
     -- waiting work and no live worker holding it.
-    if first_choice.tid ~= first_resident.tid and resident_holders(first_choice.model) == 0 then
+    -- Or leave the resident model when that balances the farm.
+    if first_choice.tid == first_resident.tid then
+      chosen = first_resident
+    else
+      local c, r = first_choice.model, first_resident.model
+      local held, unreported
+      if c ~= r then held, unreported = resident_holders(c, r) else held, unreported = resident_holders(c) end
+      if held[c] + unreported[c] == 0 then
+        chosen = first_choice
+      elseif c ~= r and switch_justified(backlog_of(c), held[c], unreported[c],
+          backlog_of(r), held[r], unreported[r]) then
+        chosen = first_choice
+      else
+        chosen = first_resident
+      end
+    end
+  else
+    local model = first_choice.model
+    local held, unreported = resident_holders(model)
+    if switch_justified(backlog_of(model), held[model], unreported[model], nil, nil, nil) then
       chosen = first_choice
     else
       chosen = first_resident
     end
-  else
-    local model = first_choice.model
-    local backlog = 0
-    for _, j in ipairs(jobs) do backlog = backlog + redis.call('ZCARD', k('q', j.id, model)) end
-    local holders = resident_holders(model)
-    local justified = holders == 0 or backlog > SWITCH_BACKLOG_PER_HOLDER * holders
-    if justified then chosen = first_choice else chosen = first_resident end
   end
+end
+-- A switch: this worker counts as loading the model until it reports it.
+if chosen and not resident[chosen.model] then
+  redis.call('HSET', wk, 'loading', chosen.model)
 end
 
 -- LoRA-set affinity (policy step 4): the chosen task's job and model stand;

@@ -21,6 +21,8 @@ for _, tid in ipairs(redis.call('SMEMBERS', k('worker', worker, 'running'))) do
 end
 redis.call('DEL', k('worker', worker, 'running'))
 redis.call('HSET', wk, 'reg', ARGV[4], 'models', ARGV[5], 'class', ARGV[6], 'draining', 0, 'seen', NOW, 'resident', '[]', 'owner', owner, 'assets', ARGV[8])
+-- A new session starts with no switch in flight (policy::still_loading).
+redis.call('HDEL', wk, 'loading')
 redis.call('HSETNX', wk, 'completed', 0)
 redis.call('HSETNX', wk, 'failed', 0)
 redis.call('SADD', k('workers'), worker)

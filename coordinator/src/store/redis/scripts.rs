@@ -99,12 +99,16 @@ const SOURCES: &[(&str, &str)] = &[
 
 /// Returns the `local NAME = value` lines every script starts with.
 pub(super) fn constants() -> String {
-    let numbers: [(&str, u64); 19] = [
+    let numbers: [(&str, u64); 21] = [
         ("USAGE_DAY_MS", USAGE_DAY_MS as u64),
         ("QUARANTINE_AFTER", u64::from(policy::QUARANTINE_AFTER)),
         (
             "SWITCH_BACKLOG_PER_HOLDER",
             policy::SWITCH_BACKLOG_PER_HOLDER as u64,
+        ),
+        (
+            "SWITCH_MARGIN_PERCENT",
+            policy::SWITCH_MARGIN_PERCENT as u64,
         ),
         ("LIVE_MS", policy::LIVE_MS),
         (
@@ -126,6 +130,8 @@ pub(super) fn constants() -> String {
         // Redis TIME answers seconds and microseconds; deadlines are in ms.
         ("MS_PER_S", 1_000),
         ("US_PER_MS", 1_000),
+        // policy::SWITCH_MARGIN_PERCENT is in hundredths.
+        ("PERCENT", 100),
     ];
     let mut out = String::from("-- Generated from Rust by redis/scripts.rs.\n");
     for (name, value) in numbers {
