@@ -1,11 +1,12 @@
-//! Golden images: the bytes pipeline version 4 renders for a few recipes on
+//! Golden images: the bytes pipeline version 5 renders for a few recipes on
 //! every tiny architecture, so any change to a render's bytes is seen.
 //!
 //! Version 2's hashes were recorded before prompt weighting, the embedding cache
 //! and batching existed (`d994c2f`), and held through them; version 3's differ
 //! only by kiln's convolution (`conv`, which sums in another order); version 4's by
 //! kiln's attention blocks (`transformer`: the exact GELU, attention without a score
-//! matrix) and fused group norm (`group_norm`), recorded with the CPU backend in
+//! matrix) and fused group norm (`group_norm`); version 5's by `gemm`'s AVX-512
+//! kernels (the workspace builds it with `x86-v4`), recorded with the CPU backend in
 //! [`RECORDED_BACKEND`]. Bytes are only promised equal within a
 //! determinism class (CPU kernels differ by instruction set), so on another backend
 //! the test prints what it rendered and checks that a second run renders the same;
@@ -146,18 +147,18 @@ fn renders_the_same_bytes_on_any_thread_count() -> TestResult {
 const RECORDED: [&str; 16] = [
     "d4f7e52f4fa7553cb85ca052b4722a81cceb89f3e71ac579bbb16e7cf11ad4c2",
     "bd183721eaef26e92a69abe5a9b78bbf8b5f2cfae65f1833c0f8414e40896677",
-    "588ec13ea5de6a6501bc9895663a7615a0ffa309111831e1ca1242cb15b2f915",
+    "d220c30ecd7c383773018a3614758585aa0461e0c06d03776b42d3c372f1fea9",
     "1311653e4f82fe00303638252e35f87ddc929a192eb66b03f3bc46a373e514f0",
-    "032512ffecb565882f6652cc067865e5a5c4b25a8758237dd4bd478b14ee63a8",
-    "2d489517f49308b8566d16c5e16ca8f539c8abf3254b838b928690d4bdde7865",
-    "ce4c630ee76eab2a41b2abc60a964b3f95df3d44f534454bade15a003b4c0ecf",
-    "343119e3cd6f18f08a4950af98c4cf935f20a6d350fcab3c1c213aa3492cae85",
-    "b985fc9244cfeff382b29089f89f3664138d0e1e2b21b297ecf9345dd6439fea",
-    "fa06197d2502fdd9a4af635041a9cb6f0429041da27442a3a24c3cc0cd579a33",
-    "694b1dfff4b1fd2810674e880a197556022a7b712559173a8b512eb88f5f7986",
+    "cff02e4c0a837e001c518ebdfe7b6883522612b8eb537af5153685ea1aa0614e",
+    "7bf35a0ef235654eaade131fb02ec4940f7c55f8442476fe487a81b6ed1e95ce",
+    "5e831717416e36389daee3c9872f37266c05211889bdffe38a0c286b4dbf0b7e",
+    "88f049290143a4f8575a254ecea9ec4a006dd1a1bf2828e2bc60793591334310",
+    "20fb79f0f492cc8b14cb630ddfd7f121addbba68619971cf96ee6917dd988381",
+    "049e7c0c0934bf1411eafedc7455dc9816d6c6171585f2fb8c619dd74e78712e",
+    "a9adbe0c4ddf25ac3ce6e99d6f8a3984af50a31856876b0aecb066094f304318",
     "f9b1716d32450ac1f220bcbf25aea79f9876c1d8bffc67c9ad988e0ed3d08f2c",
-    "f6e77b868d7d7b795e7adcfd049241d97a62e0fc932753bf18e3f058e027f554",
-    "bdf1d958e23caec677d9e7fa3524e2bbb316e3a4e45413f1a2dc0ef7481f26f3",
+    "3dbdfb845e529ce6fe6526204fbcb634b3326d64cd68381836b1a89d9eef58c4",
+    "1cbc1ffda70d95922f38e61654b668f6bedd8e26476d2e4049a4c0897c6cceb5",
     "8ebcbc0120504a8b43f678873a9b08adc095693ca4b91a170b431ea6072d2330",
     "738e89058916b72576cce38c3a00e529ebf0e0385913cd7c53e65957e65e590f",
 ];

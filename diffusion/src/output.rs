@@ -18,7 +18,9 @@ pub use crate::RgbImage;
 /// (candle's tanh approximation moved UNet outputs ~1e-4), attention in query
 /// blocks with an online softmax, and the fused group norm (other sums in
 /// other orders).
-pub const PIPELINE_VERSION: u32 = 4;
+/// 5: every matrix product on `gemm`'s AVX-512 kernels where the CPU has them
+/// (other sums in other orders; AVX2-only CPUs keep version 4's kernels).
+pub const PIPELINE_VERSION: u32 = 5;
 
 #[derive(Serialize)]
 struct KilnChunk<'a> {
