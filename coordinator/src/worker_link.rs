@@ -20,8 +20,8 @@ use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult, Report, StaleRefusal};
 use crate::metrics::{self, Completion};
 use crate::store::{
-    Claim, CompleteOutcome, FailOutcome, Fault, Lease, NextClaim, Outcome, Preview,
-    ProgressReport, StoreError, StoreResult, TaskResult, TaskState, WorkerRegistration,
+    Claim, CompleteOutcome, FailOutcome, Fault, Lease, NextClaim, Outcome, Preview, ProgressReport,
+    StoreError, StoreResult, TaskResult, TaskState, WorkerRegistration,
 };
 
 /// Most tasks one Lease call may ask for.

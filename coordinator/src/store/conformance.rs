@@ -1247,7 +1247,14 @@ pub async fn a_completion_carries_the_next_claim(store: &dyn Store) {
     let (job, _) = store.create_job(new_job(3, "tiny")).await.unwrap();
     let first = claim(store, "w1", 1).await.remove(0);
     let (out, next) = store
-        .complete_and_claim(&worker("w1"), None, first.task, first.epoch, result(), next_claim(1))
+        .complete_and_claim(
+            &worker("w1"),
+            None,
+            first.task,
+            first.epoch,
+            result(),
+            next_claim(1),
+        )
         .await
         .unwrap();
     assert_eq!(out, CompleteOutcome::Accepted { job_finished: None });
@@ -1256,7 +1263,14 @@ pub async fn a_completion_carries_the_next_claim(store: &dyn Store) {
     assert_eq!(second[0].epoch, Epoch(1));
     // A stale completion claims nothing: w2 still gets the next task.
     let (out, next) = store
-        .complete_and_claim(&worker("w2"), None, first.task, first.epoch, result(), next_claim(1))
+        .complete_and_claim(
+            &worker("w2"),
+            None,
+            first.task,
+            first.epoch,
+            result(),
+            next_claim(1),
+        )
         .await
         .unwrap();
     assert!(matches!(out, CompleteOutcome::Stale { .. }), "{out:?}");
@@ -1269,10 +1283,20 @@ pub async fn a_completion_carries_the_next_claim(store: &dyn Store) {
         .unwrap();
     // The last completion ends the job and finds nothing more to lease.
     let (out, next) = store
-        .complete_and_claim(&worker("w1"), None, second[0].task, second[0].epoch, result(), next_claim(1))
+        .complete_and_claim(
+            &worker("w1"),
+            None,
+            second[0].task,
+            second[0].epoch,
+            result(),
+            next_claim(1),
+        )
         .await
         .unwrap();
-    let CompleteOutcome::Accepted { job_finished: Some(done) } = out else {
+    let CompleteOutcome::Accepted {
+        job_finished: Some(done),
+    } = out
+    else {
         panic!("the last completion ends the job: {out:?}");
     };
     assert_eq!((done.id, done.state), (job.id, JobState::Completed));
@@ -1305,7 +1329,11 @@ pub async fn concurrent_completions_each_get_their_own_answer(store: &dyn Store)
             .complete_and_claim(&worker(w), None, l.task, l.epoch, result(), next_claim(1))
             .await
             .unwrap();
-        (w.clone(), out, next.expect("accepted: claimed").unwrap().leases)
+        (
+            w.clone(),
+            out,
+            next.expect("accepted: claimed").unwrap().leases,
+        )
     }))
     .await;
     let mut seen: Vec<TaskId> = held.iter().map(|(_, l)| l.task).collect();
@@ -1331,7 +1359,14 @@ pub async fn concurrent_completions_each_get_their_own_answer(store: &dyn Store)
     .await;
     let finished: Vec<_> = ends
         .iter()
-        .filter(|o| matches!(o, CompleteOutcome::Accepted { job_finished: Some(_) }))
+        .filter(|o| {
+            matches!(
+                o,
+                CompleteOutcome::Accepted {
+                    job_finished: Some(_)
+                }
+            )
+        })
         .collect();
     assert_eq!(finished.len(), 1, "the job ends once: {ends:?}");
     let record = store.job(job.id).await.unwrap();
