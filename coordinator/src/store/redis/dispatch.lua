@@ -11,7 +11,7 @@
 -- Returns one reply per call: complete's or claim's, {complete's, claim's or
 -- {}} for OP_COMPLETE_CLAIM, or {'error', message} when the call raised an
 -- error (its writes before the error stay, as with any script).
-local ARGS_OF = {[OP_COMPLETE] = COMPLETE_ARGS, [OP_CLAIM] = CLAIM_ARGS,
+local args_of = {[OP_COMPLETE] = COMPLETE_ARGS, [OP_CLAIM] = CLAIM_ARGS,
   [OP_COMPLETE_CLAIM] = COMPLETE_ARGS + CLAIM_ARGS}
 
 local function run_complete(at)
@@ -43,7 +43,7 @@ for _ = 1, tonumber(ARGV[3]) do
     reply = {'error', tostring(reply)}
   end
   table.insert(out, reply)
-  if ARGS_OF[op] == nil then break end
-  at = at + 1 + ARGS_OF[op]
+  if args_of[op] == nil then break end
+  at = at + 1 + args_of[op]
 end
 return out
