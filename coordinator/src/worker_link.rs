@@ -20,8 +20,8 @@ use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult, Report, StaleRefusal};
 use crate::metrics::{self, Completion};
 use crate::store::{
-    Claim, CompleteOutcome, FailOutcome, Fault, Lease, Outcome, Preview, ProgressReport,
-    StoreError, TaskResult, TaskState, WorkerRegistration,
+    Claim, CompleteOutcome, FailOutcome, Fault, Lease, NextClaim, Outcome, Preview, ProgressReport,
+    StoreError, StoreResult, TaskResult, TaskState, WorkerRegistration,
 };
 
 /// Most tasks one Lease call may ask for.
@@ -82,22 +82,14 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
         telemetry::adopt(&span, request.metadata());
         let caller = caller_of(&request)?;
         let mut req = request.into_inner();
-        let (worker_id, lease_next) = (req.worker_id.clone(), req.lease_next);
-        let resident_models = std::mem::take(&mut req.resident_models);
-        let ready_lora_sets = std::mem::take(&mut req.ready_lora_sets);
-        intake(&self.core, &caller, req).instrument(span).await?;
-        let next = if lease_next > 0 {
-            let ask = pb::LeaseRequest {
-                worker_id,
-                max_tasks: lease_next,
-                wait_ms: 0,
-                resident_models,
-                ready_lora_sets,
-            };
-            next_leases(&self.core, &caller, ask).await
-        } else {
-            None
-        };
+        let ask = (req.lease_next > 0).then(|| NextAsk {
+            max: req.lease_next.min(MAX_TASKS_PER_LEASE) as usize,
+            resident: std::mem::take(&mut req.resident_models),
+            ready: kiln_proto::convert::ready_sets_from_pb(&req.ready_lora_sets),
+        });
+        let next = intake(&self.core, &caller, req, ask.as_ref())
+            .instrument(span)
+            .await?;
         Ok(Response::new(pb::CompleteResponse { next }))
     }
 
@@ -197,7 +189,18 @@ async fn lease(
         // Claims are cancel-safe: dropping a waiting claim leased nothing.
         _ = core.shutdown.cancelled() => Default::default(),
     };
-    match lease_response(core, &worker, &claim).await {
+    answer(core, &worker, owner, &claim).await
+}
+
+/// Answers a claim with its leases (see [`lease_response`]); when that
+/// fails, hands the leases back first.
+async fn answer(
+    core: &Core,
+    worker: &WorkerId,
+    owner: Option<&str>,
+    claim: &Claim,
+) -> CoordinatorResult<pb::LeaseResponse> {
+    match lease_response(core, worker, claim).await {
         Ok(response) => Ok(response),
         Err((broken, e)) => {
             // The worker never learns of these leases: hand them back now
@@ -213,25 +216,37 @@ async fn lease(
                 } else {
                     Fault::Cancelled
                 };
-                hand_back(core, &worker, owner, l, fault, &why).await;
+                hand_back(core, worker, owner, l, fault, &why).await;
             }
             Err(CoordinatorError::LeaseNotSent(Box::new(e)))
         }
     }
 }
 
-/// The leases a Complete carries back (`CompleteRequest.lease_next`): a
-/// Lease that never waits, taken after the result was accepted. The result
-/// stands whatever happens here, so a lease that cannot be made is logged and
-/// left out (leases that were claimed but cannot be sent are handed back by
-/// [`lease`]); the worker then calls Lease itself.
+/// What a Complete asks for its next leases (`CompleteRequest.lease_next`):
+/// a Lease that never waits, claimed in the store's transition that accepts
+/// the result ([`Store::complete_and_claim`](crate::store::Store::complete_and_claim)).
+struct NextAsk {
+    max: usize,
+    resident: Vec<String>,
+    ready: Vec<kiln_proto::lora_set::ReadyLoraSet>,
+}
+
+/// Answers a completion's next claim. The result stands whatever happens
+/// here, so a claim that failed or cannot be sent is logged and left out
+/// (claimed leases that cannot be sent are handed back by [`answer`]); the
+/// worker then calls Lease itself.
 async fn next_leases(
     core: &Core,
-    caller: &Caller,
-    ask: pb::LeaseRequest,
+    worker: &WorkerId,
+    owner: Option<&str>,
+    claim: StoreResult<Claim>,
 ) -> Option<pb::LeaseResponse> {
-    let worker = ask.worker_id.clone();
-    match lease(core, caller, ask).await {
+    let answered = match claim {
+        Ok(claim) => answer(core, worker, owner, &claim).await,
+        Err(e) => Err(e.into()),
+    };
+    match answered {
         Ok(answer) => Some(answer),
         Err(e) => {
             tracing::warn!(worker = %worker, error = %e, "no lease with the completion; the worker will call Lease");
@@ -575,8 +590,15 @@ async fn lease_blobs(core: &Core, lease: &Lease) -> CoordinatorResult<Vec<pb::Bl
 }
 
 /// Takes in a rendered image: checks it, stages it under its epoch, lets the
-/// store decide, then publishes or discards it.
-async fn intake(core: &Core, caller: &Caller, req: pb::CompleteRequest) -> CoordinatorResult<()> {
+/// store decide (and claim the worker's next leases in the same transition
+/// when it asks for them), then publishes or discards it. Returns the next
+/// leases' answer, if asked for and made.
+async fn intake(
+    core: &Core,
+    caller: &Caller,
+    req: pb::CompleteRequest,
+    ask: Option<&NextAsk>,
+) -> CoordinatorResult<Option<pb::LeaseResponse>> {
     let worker = WorkerId::parse_field("worker_id", &req.worker_id)?;
     let task_id = TaskId::parse_field("task_id", &req.task_id)?;
     let epoch = Epoch(req.epoch);
@@ -620,10 +642,33 @@ async fn intake(core: &Core, caller: &Caller, req: pb::CompleteRequest) -> Coord
         // The store fills in the worker's class.
         class: String::new(),
     };
-    let outcome = core
-        .store
-        .complete(&worker, caller.principal(), task_id, epoch, result)
-        .await;
+    let owner = caller.principal();
+    let (outcome, claim) = match ask {
+        Some(ask) => {
+            let caps = core.auth.running_caps();
+            let next = NextClaim {
+                max: ask.max,
+                ttl: core.config.lease_ttl,
+                resident: &ask.resident,
+                ready: &ask.ready,
+                caps: &caps,
+            };
+            match core
+                .store
+                .complete_and_claim(&worker, owner, task_id, epoch, result, next)
+                .await
+            {
+                Ok((outcome, claim)) => (Ok(outcome), claim),
+                Err(e) => (Err(e), None),
+            }
+        }
+        None => (
+            core.store
+                .complete(&worker, owner, task_id, epoch, result)
+                .await,
+            None,
+        ),
+    };
     match outcome {
         Ok(CompleteOutcome::Accepted { job_finished }) => {
             // A replayed report of an accepted completion is accepted
@@ -636,14 +681,29 @@ async fn intake(core: &Core, caller: &Caller, req: pb::CompleteRequest) -> Coord
                     metrics::task_time(&task.recipe.model, Duration::from_millis(took));
                 }
             }
-            core.results
+            if let Err(e) = core
+                .results
                 .publish(&folder, &task.file_name, &staged)
-                .await?;
+                .await
+            {
+                // The worker hears of the failure, not of the next leases:
+                // hand them back rather than let them wait for their TTL.
+                if let Some(Ok(claim)) = &claim {
+                    let why = format!("the completion's image could not be published: {e}");
+                    for l in &claim.leases {
+                        hand_back(core, &worker, owner, l, Fault::Cancelled, &why).await;
+                    }
+                }
+                return Err(e.into());
+            }
             tracing::debug!(worker = %worker, job = %task.job, index = task.index, epoch = %epoch, "completed");
             if let Some(job) = job_finished {
                 core.finalize(job.id).await;
             }
-            Ok(())
+            Ok(match claim {
+                Some(claim) => next_leases(core, &worker, owner, claim).await,
+                None => None,
+            })
         }
         Ok(CompleteOutcome::Stale { reason }) => {
             metrics::stale_completion();

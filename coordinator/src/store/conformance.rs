@@ -1226,6 +1226,153 @@ pub async fn replayed_completion_is_accepted_again(store: &dyn Store) {
     assert!(matches!(other, CompleteOutcome::Stale { .. }));
 }
 
+/// A completion's next claim, as a Complete with `lease_next` asks for it.
+fn next_claim(max: usize) -> NextClaim<'static> {
+    NextClaim {
+        max,
+        ttl: TTL,
+        resident: &[],
+        ready: &[],
+        caps: &NO_CAPS,
+    }
+}
+
+pub async fn a_completion_carries_the_next_claim(store: &dyn Store) {
+    for w in ["w1", "w2"] {
+        store
+            .register_worker(registration(w, &["tiny"]), None)
+            .await
+            .unwrap();
+    }
+    let (job, _) = store.create_job(new_job(3, "tiny")).await.unwrap();
+    let first = claim(store, "w1", 1).await.remove(0);
+    let (out, next) = store
+        .complete_and_claim(
+            &worker("w1"),
+            None,
+            first.task,
+            first.epoch,
+            result(),
+            next_claim(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, CompleteOutcome::Accepted { job_finished: None });
+    let second = next.expect("accepted: claimed").unwrap().leases;
+    assert_eq!(second.iter().map(|l| l.index).collect::<Vec<_>>(), [1]);
+    assert_eq!(second[0].epoch, Epoch(1));
+    // A stale completion claims nothing: w2 still gets the next task.
+    let (out, next) = store
+        .complete_and_claim(
+            &worker("w2"),
+            None,
+            first.task,
+            first.epoch,
+            result(),
+            next_claim(1),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out, CompleteOutcome::Stale { .. }), "{out:?}");
+    assert!(next.is_none(), "a refused completion claims nothing");
+    let third = claim(store, "w2", 1).await.remove(0);
+    assert_eq!(third.index, 2);
+    store
+        .complete(&worker("w2"), None, third.task, third.epoch, result())
+        .await
+        .unwrap();
+    // The last completion ends the job and finds nothing more to lease.
+    let (out, next) = store
+        .complete_and_claim(
+            &worker("w1"),
+            None,
+            second[0].task,
+            second[0].epoch,
+            result(),
+            next_claim(1),
+        )
+        .await
+        .unwrap();
+    let CompleteOutcome::Accepted {
+        job_finished: Some(done),
+    } = out
+    else {
+        panic!("the last completion ends the job: {out:?}");
+    };
+    assert_eq!((done.id, done.state), (job.id, JobState::Completed));
+    assert_eq!(next.expect("accepted: claimed").unwrap(), Claim::default());
+    let tasks = store.tasks(job.id).await.unwrap();
+    assert!(tasks.iter().all(|t| t.state == TaskState::Completed));
+}
+
+pub async fn concurrent_completions_each_get_their_own_answer(store: &dyn Store) {
+    const WORKERS: usize = 12;
+    let names: Vec<String> = (0..WORKERS).map(|i| format!("w{i}")).collect();
+    for w in &names {
+        store
+            .register_worker(registration(w, &["tiny"]), None)
+            .await
+            .unwrap();
+    }
+    let (job, _) = store
+        .create_job(new_job(2 * WORKERS as u32, "tiny"))
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for w in &names {
+        held.push((w.clone(), claim(store, w, 1).await.remove(0)));
+    }
+    // Every worker completes at once and asks for its next task: each
+    // completion is accepted and each gets a task of its own.
+    let rounds = futures::future::join_all(held.iter().map(|(w, l)| async move {
+        let (out, next) = store
+            .complete_and_claim(&worker(w), None, l.task, l.epoch, result(), next_claim(1))
+            .await
+            .unwrap();
+        (
+            w.clone(),
+            out,
+            next.expect("accepted: claimed").unwrap().leases,
+        )
+    }))
+    .await;
+    let mut seen: Vec<TaskId> = held.iter().map(|(_, l)| l.task).collect();
+    let mut second = Vec::new();
+    for (w, out, leases) in rounds {
+        assert_eq!(out, CompleteOutcome::Accepted { job_finished: None });
+        assert_eq!(leases.len(), 1, "{w} gets one task");
+        seen.push(leases[0].task);
+        second.push((w, leases[0].clone()));
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 2 * WORKERS, "no task leased twice");
+    // The second round ends the job, once.
+    let ends = futures::future::join_all(second.iter().map(|(w, l)| async move {
+        let (out, next) = store
+            .complete_and_claim(&worker(w), None, l.task, l.epoch, result(), next_claim(1))
+            .await
+            .unwrap();
+        assert!(next.expect("accepted: claimed").unwrap().leases.is_empty());
+        out
+    }))
+    .await;
+    let finished: Vec<_> = ends
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                CompleteOutcome::Accepted {
+                    job_finished: Some(_)
+                }
+            )
+        })
+        .collect();
+    assert_eq!(finished.len(), 1, "the job ends once: {ends:?}");
+    let record = store.job(job.id).await.unwrap();
+    assert_eq!(record.state, JobState::Completed);
+}
+
 fn registration_of(id: &str, models: &[&str], class: &str) -> WorkerRegistration {
     let mut r = registration(id, models);
     r.determinism_class = class.into();
@@ -3219,6 +3366,8 @@ macro_rules! store_conformance {
             events_resume_after_a_cursor,
             blobs_are_kept_once_per_job,
             replayed_completion_is_accepted_again,
+            a_completion_carries_the_next_claim,
+            concurrent_completions_each_get_their_own_answer,
             shots_wait_for_their_anchor,
             a_failed_anchor_fails_its_shots,
             cancelling_a_job_with_a_leased_anchor_cancels_each_shot_once,

@@ -238,6 +238,44 @@ pub trait Store: Send + Sync + 'static {
         result: TaskResult,
     ) -> StoreResult<CompleteOutcome>;
 
+    /// Completes as [`Store::complete`] and, when the result is accepted
+    /// (a replay included), claims as [`Store::claim`] with `next` and no
+    /// wait: a worker's Complete that carries its next lease. The claim's
+    /// outcome is `None` when the completion was not accepted; its error
+    /// never undoes the accepted result. The Redis store makes both in one
+    /// script run; this default makes them one after the other.
+    ///
+    /// # Errors
+    /// As [`Store::complete`].
+    async fn complete_and_claim(
+        &self,
+        worker: &WorkerId,
+        owner: Option<&str>,
+        task: TaskId,
+        epoch: Epoch,
+        result: TaskResult,
+        next: NextClaim<'_>,
+    ) -> StoreResult<(CompleteOutcome, Option<StoreResult<Claim>>)> {
+        let outcome = self.complete(worker, owner, task, epoch, result).await?;
+        let claim = match outcome {
+            CompleteOutcome::Accepted { .. } => Some(
+                self.claim(
+                    worker,
+                    owner,
+                    next.max,
+                    next.ttl,
+                    Duration::ZERO,
+                    next.resident,
+                    next.ready,
+                    next.caps,
+                )
+                .await,
+            ),
+            CompleteOutcome::Stale { .. } => None,
+        };
+        Ok((outcome, claim))
+    }
+
     /// Records a fault under the lease's epoch, in one atomic step with the
     /// decision ([`policy::retry_after_fault`]): the task is requeued (to be
     /// tried by another worker when one can) unless the fault is `BadInput`,

@@ -425,6 +425,23 @@ pub struct HeartbeatOutcome {
     pub drain: bool,
 }
 
+/// What a completion's next claim asks for (`Store::complete_and_claim`):
+/// a claim's arguments but the worker and its owner, which are the
+/// completion's, and the wait (a next claim never waits).
+#[derive(Clone, Copy, Debug)]
+pub struct NextClaim<'a> {
+    /// Most tasks to lease.
+    pub max: usize,
+    /// Lease TTL.
+    pub ttl: Duration,
+    /// The models the worker has loaded.
+    pub resident: &'a [String],
+    /// The LoRA sets the worker holds merged.
+    pub ready: &'a [kiln_proto::lora_set::ReadyLoraSet],
+    /// Each capped project's `max_running_tasks`.
+    pub caps: &'a RunningCaps,
+}
+
 /// What a completion returns.
 #[derive(Clone, Debug, PartialEq)]
 // The job record rides along only when the report ended the job; boxing

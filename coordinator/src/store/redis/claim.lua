@@ -14,21 +14,23 @@
 -- A project gets no lease past its max_running_tasks (policy::under_cap):
 -- its leased tasks are counted in the `project_running` hash, which `lease` below and
 -- `end_lease` (prelude) keep.
--- ARGV: 3 worker, 4 max, 5 lease ttl ms, 6 resident models json (list),
---   7 owner, 8 caps json ({project: max_running_tasks}),
---   9 ready LoRA sets json ({model: [set key, ...]}).
+-- Arguments: the worker, max tasks, lease ttl ms, resident models json
+--   (list), owner, caps json ({project: max_running_tasks}), ready LoRA sets
+--   json ({model: [set key, ...]}).
 -- Returns {'unknown'}, {'bound'}, {'drain'}, or {'ok', n leases, n deduped, n finished,
 --   LEASE_FIELDS values per lease (task, job, index, epoch, recipe, init,
 --   anchor index or -1), DEDUPED_FIELDS per deduped (task, job, file, source, model),
 --   1 per finished job}.
-local worker, max, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+-- Called by dispatch.lua, alone or with other calls in one run (a
+-- completion's next claim among them).
+local function claim(worker, max, ttl, resident_json, owner, caps_json, ready_json)
 local wk = k('worker', worker)
 -- The worker's record in one read (a claim runs once per task). register.lua
 -- writes `models` with every session, so a record without it is no worker.
-local wf = redis.call('HMGET', wk, 'models', 'owner', 'draining', 'assets', 'class')
+local wf = redis.call('HMGET', wk, 'models', 'owner', 'draining', 'assets', 'class', 'loading')
 if not wf[1] then return {'unknown'} end
-if not owner_allows(wf[2], ARGV[7]) then return {'bound'} end
-redis.call('HSET', wk, 'seen', NOW, 'resident', ARGV[6])
+if not owner_allows(wf[2], owner) then return {'bound'} end
+redis.call('HSET', wk, 'seen', NOW, 'resident', resident_json)
 if wf[3] == '1' then return {'drain'} end
 local models = cjson.decode(wf[1])
 -- Its LoRAs, embeddings and ControlNets (policy::held_keys).
@@ -36,7 +38,7 @@ local my_assets = wf[4]
 local class = wf[5] or ''
 local resident = {}
 local any_resident = false
-local reported = cjson.decode(ARGV[6])
+local reported = cjson.decode(resident_json)
 for _, m in ipairs(reported) do resident[m] = true; any_resident = true end
 if not any_resident then
   for m, _ in pairs(models) do resident[m] = true end
@@ -44,7 +46,7 @@ end
 -- A switch in flight (policy::still_loading): the model a claim sent this
 -- worker to load, until it reports it resident or holds no lease; meanwhile
 -- it keeps to that model alone (policy::holds_for_affinity).
-local loading = redis.call('HGET', wk, 'loading')
+local loading = wf[6]
 if loading then
   local reported_it = false
   for _, m in ipairs(reported) do if m == loading then reported_it = true end end
@@ -79,7 +81,7 @@ local function job_allows(j)
 end
 
 -- Leased tasks of each capped project, counting those this claim leases.
-local caps = cjson.decode(ARGV[8])
+local caps = cjson.decode(caps_json)
 local running = {}
 for project, _ in pairs(caps) do
   running[project] = tonumber(redis.call('HGET', k('project_running'), project) or '0')
@@ -284,7 +286,7 @@ end
 -- and holds the set of ready goes first, served from an earlier result on the
 -- way (memory/claim.rs: prefer_ready).
 local ready = {}
-for model, sets in pairs(cjson.decode(ARGV[9])) do
+for model, sets in pairs(cjson.decode(ready_json)) do
   ready[model] = {}
   for _, set in ipairs(sets) do ready[model][set] = true end
 end
@@ -384,3 +386,4 @@ for _, v in ipairs(leases) do table.insert(out, v) end
 for _, v in ipairs(deduped) do table.insert(out, v) end
 for _, v in ipairs(finished) do table.insert(out, v) end
 return out
+end

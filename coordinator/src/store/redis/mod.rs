@@ -5,6 +5,11 @@
 //! hash tag (`{name}:...`), so every script is single-slot on Redis Cluster.
 //! Lease deadlines come from Redis `TIME`.
 //!
+//! Completions and claims go through one script, `dispatch.lua`, and a
+//! batcher (`batch.rs`) that sends the calls arriving while a run is in
+//! flight together in the next run; a Complete that carries the worker's
+//! next lease is one call of it (`complete_and_claim`).
+//!
 //! Connections: a `ConnectionManager` for commands (it reconnects by itself;
 //! every call has a response timeout and transient failures are retried with
 //! backoff for a bounded time), and a separate Pub/Sub connection that wakes
@@ -13,6 +18,8 @@
 //! the one-second fallback poll.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,16 +31,19 @@ use redis::{RedisError, Script, Value};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+mod batch;
 mod pubsub;
 mod reads;
 mod records;
 mod scripts;
 
+use self::batch::{Batcher, Link};
 use self::pubsub::listen;
 use self::records::*;
 use self::scripts::{
-    DEDUPED_FIELDS, DELIVERY_FIELDS, LEASE_FIELDS, PROGRESS_FIELDS, REAPED_FIELDS, RELEASED_FIELDS,
-    Scripts, TASK_ARGS,
+    CLAIM_ARGS, COMPLETE_ARGS, DEDUPED_FIELDS, DELIVERY_FIELDS, LEASE_FIELDS, OP_CLAIM,
+    OP_COMPLETE, OP_COMPLETE_CLAIM, PROGRESS_FIELDS, REAPED_FIELDS, RELEASED_FIELDS, Scripts,
+    TASK_ARGS,
 };
 use super::policy::{task_batch_key, task_lora_set, task_needs};
 use super::state::{AbandonReason, Fault};
@@ -68,8 +78,10 @@ pub struct RedisStore {
     work: watch::Receiver<u64>,
     events: watch::Receiver<u64>,
     listener: tokio::task::JoinHandle<()>,
+    /// Completions and claims, sent in runs of `dispatch.lua`.
+    batcher: Batcher,
     /// Commands and pipelines sent, retries included: what a task costs in round trips.
-    round_trips: std::sync::atomic::AtomicU64,
+    round_trips: Arc<AtomicU64>,
 }
 
 impl Drop for RedisStore {
@@ -149,15 +161,27 @@ impl RedisStore {
         let (work_tx, work) = watch::channel(0);
         let (events_tx, events) = watch::channel(0);
         let prefix = format!("{{{}}}", config.name);
+        let scripts = Scripts::new();
+        let round_trips: Arc<AtomicU64> = Default::default();
+        let retention_ms = config.retention.as_millis() as u64;
+        let batcher = Batcher::start(Link {
+            conn: conn.clone(),
+            script: scripts.dispatch.clone(),
+            slot_key: format!("{prefix}:ready"),
+            prefix: prefix.clone(),
+            retention_ms,
+            round_trips: round_trips.clone(),
+        });
         let store = Self {
             conn,
             listener: tokio::spawn(listen(client, prefix.clone(), work_tx, events_tx)),
             prefix,
-            retention_ms: config.retention.as_millis() as u64,
-            scripts: Scripts::new(),
+            retention_ms,
+            scripts,
             work,
             events,
-            round_trips: Default::default(),
+            batcher,
+            round_trips,
         };
         store.check_policy(&redacted(&config.url)).await?;
         Ok(store)
@@ -192,7 +216,7 @@ impl RedisStore {
 
     /// Returns how many commands and pipelines this store has sent to Redis.
     pub fn round_trips(&self) -> u64 {
-        self.round_trips.load(std::sync::atomic::Ordering::Relaxed)
+        self.round_trips.load(Ordering::Relaxed)
     }
 
     /// Returns the CPU time the Redis server has used since it started
@@ -252,28 +276,100 @@ impl RedisStore {
     }
 
     /// Retries `call` on transient errors with backoff, for at most [`RETRY_BUDGET`].
-    async fn retry<T, F, Fut>(&self, what: &str, mut call: F) -> StoreResult<T>
+    async fn retry<T, F, Fut>(&self, what: &str, call: F) -> StoreResult<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let start = Instant::now();
-        let mut pause = Duration::from_millis(50);
-        loop {
-            self.round_trips
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            match call().await {
-                Ok(v) => return Ok(v),
-                Err(e) if transient(&e) && start.elapsed() < RETRY_BUDGET => {
-                    tracing::warn!(what, error = %e, "Redis call failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-                Err(e) if transient(&e) => {
-                    return Err(StoreError::Unavailable(format!("{what}: {e}")));
-                }
-                Err(e) => return Err(StoreError::Backend(format!("{what}: {e}"))),
+        retry(&self.round_trips, what, call).await
+    }
+
+    /// Reads a claim's reply: `Claim`, or the worker's refusal as an error.
+    async fn claim_of(&self, worker: &WorkerId, reply: Value, ttl: Duration) -> StoreResult<Claim> {
+        let reply = items(reply)?;
+        match reply.first().map(text).as_deref() {
+            Some("unknown") => return Err(StoreError::UnknownWorker(worker.clone())),
+            Some("bound") => return Err(StoreError::WorkerBound(worker.clone())),
+            Some("drain") => {
+                return Ok(Claim {
+                    drain: true,
+                    ..Default::default()
+                });
             }
+            Some("error") => return Err(script_error(&reply)),
+            _ => {}
+        }
+        let count = |i: usize| -> StoreResult<usize> {
+            parse_id(&reply.get(i).map(text).unwrap_or_default(), "count")
+        };
+        let (n_leases, n_deduped, n_finished) = (count(1)?, count(2)?, count(3)?);
+        let mut rest = reply.get(4..).unwrap_or_default().iter();
+        let mut claim = Claim::default();
+        for _ in 0..n_leases {
+            let v: Vec<String> = rest.by_ref().take(LEASE_FIELDS).map(text).collect();
+            let [task, job, index, epoch, recipe, init, anchor] = v.as_slice() else {
+                return Err(StoreError::Corrupt("short claim reply".into()));
+            };
+            let mut recipe: kiln_proto::recipe::Recipe = serde_json::from_str(recipe)
+                .map_err(|e| StoreError::Corrupt(format!("recipe: {e}")))?;
+            if !init.is_empty() {
+                recipe.init_image = Some(init.clone());
+            }
+            claim.leases.push(Lease {
+                task: parse_id(task, "task id")?,
+                job: parse_id(job, "job id")?,
+                index: parse_id(index, "index")?,
+                epoch: Epoch(parse_id(epoch, "epoch")?),
+                recipe,
+                ttl,
+                anchor: u32::try_from(parse_id::<i64>(anchor, "anchor index")?).ok(),
+            });
+        }
+        for _ in 0..n_deduped {
+            let v: Vec<String> = rest.by_ref().take(DEDUPED_FIELDS).map(text).collect();
+            let [task, job, file, source, model] = v.as_slice() else {
+                return Err(StoreError::Corrupt("short claim reply".into()));
+            };
+            claim.deduped.push(Deduped {
+                task: parse_id(task, "task id")?,
+                job: parse_id(job, "job id")?,
+                file_name: file.clone(),
+                source: source.clone(),
+                model: model.clone(),
+            });
+        }
+        for _ in 0..n_finished {
+            let job: JobId = parse_id(&rest.next().map(text).unwrap_or_default(), "job id")?;
+            claim.finished.push(self.job_record(job).await?);
+        }
+        Ok(claim)
+    }
+
+    /// Reads a completion's reply.
+    async fn completion_of(
+        &self,
+        worker: &WorkerId,
+        task: TaskId,
+        reply: Value,
+    ) -> StoreResult<CompleteOutcome> {
+        let reply = items(reply)?;
+        match reply.first().map(text).as_deref() {
+            Some("bound") => Err(StoreError::WorkerBound(worker.clone())),
+            Some("ok") => {
+                let finished = reply.get(1).map(text).unwrap_or_default();
+                let job_finished = if finished.is_empty() {
+                    None
+                } else {
+                    let job = reply.get(2).map(text).unwrap_or_default();
+                    Some(self.job_record(parse_id(&job, "job id")?).await?)
+                };
+                Ok(CompleteOutcome::Accepted { job_finished })
+            }
+            Some("stale") => Ok(CompleteOutcome::Stale {
+                reason: reply.get(1).map(text).unwrap_or_default(),
+            }),
+            Some("error") => Err(script_error(&reply)),
+            _ => Err(StoreError::TaskNotFound(task)),
         }
     }
 
@@ -350,6 +446,101 @@ impl RedisStore {
     async fn wake_or_timeout(rx: &mut watch::Receiver<u64>, limit: Duration) {
         let _ = tokio::time::timeout(limit, rx.changed()).await;
     }
+}
+
+/// Retries `call` on transient errors with backoff, for at most
+/// [`RETRY_BUDGET`], counting every attempt in `round_trips`.
+async fn retry<T, F, Fut>(round_trips: &AtomicU64, what: &str, mut call: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, RedisError>>,
+{
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        round_trips.fetch_add(1, Ordering::Relaxed);
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if transient(&e) && start.elapsed() < RETRY_BUDGET => {
+                tracing::warn!(what, error = %e, "Redis call failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) if transient(&e) => {
+                return Err(StoreError::Unavailable(format!("{what}: {e}")));
+            }
+            Err(e) => return Err(StoreError::Backend(format!("{what}: {e}"))),
+        }
+    }
+}
+
+/// The error a call of `dispatch.lua` raised (its reply `{'error', message}`).
+fn script_error(reply: &[Value]) -> StoreError {
+    StoreError::Backend(format!(
+        "dispatch.lua: {}",
+        reply.get(1).map(text).unwrap_or_default()
+    ))
+}
+
+/// The arguments of a completion in `dispatch.lua` (`COMPLETE_ARGS`).
+fn completion_args(
+    worker: &WorkerId,
+    owner: Option<&str>,
+    task: TaskId,
+    epoch: Epoch,
+    result: TaskResult,
+) -> StoreResult<Vec<Vec<u8>>> {
+    let json = serde_json::to_string(&StoredResult {
+        object: result.object,
+        sha256: result.sha256,
+        size: result.size,
+        model_hash: result.model_hash,
+        render_ms: result.render_ms,
+        encode_ms: result.encode_ms,
+        class: result.class,
+    })
+    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let args = vec![
+        worker.as_str().into(),
+        task.to_string().into_bytes(),
+        epoch.0.to_string().into_bytes(),
+        json.into_bytes(),
+        owner.unwrap_or_default().into(),
+    ];
+    debug_assert_eq!(args.len(), COMPLETE_ARGS);
+    Ok(args)
+}
+
+/// The arguments of a claim in `dispatch.lua` (`CLAIM_ARGS`).
+fn claim_args(
+    worker: &WorkerId,
+    owner: Option<&str>,
+    max: usize,
+    ttl: Duration,
+    resident: &[String],
+    ready: &[ReadyLoraSet],
+    caps: &RunningCaps,
+) -> StoreResult<Vec<Vec<u8>>> {
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
+    let resident = serde_json::to_string(resident).map_err(corrupt)?;
+    // claim.lua reads the ready sets by model: {model: [set, ...]}.
+    let mut by_model: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for r in ready {
+        by_model.entry(&r.model).or_default().push(&r.set);
+    }
+    let ready = serde_json::to_string(&by_model).map_err(corrupt)?;
+    let caps = serde_json::to_string(caps).map_err(corrupt)?;
+    let args = vec![
+        worker.as_str().into(),
+        max.to_string().into_bytes(),
+        ttl.as_millis().to_string().into_bytes(),
+        resident.into_bytes(),
+        owner.unwrap_or_default().into(),
+        caps.into_bytes(),
+        ready.into_bytes(),
+    ];
+    debug_assert_eq!(args.len(), CLAIM_ARGS);
+    Ok(args)
 }
 
 /// One script argument.
@@ -685,90 +876,18 @@ impl Store for RedisStore {
         caps: &RunningCaps,
     ) -> StoreResult<Claim> {
         let deadline = Instant::now() + wait;
-        let resident =
-            serde_json::to_string(resident).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        // claim.lua reads the ready sets by model: {model: [set, ...]}.
-        let mut by_model: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for r in ready {
-            by_model.entry(&r.model).or_default().push(&r.set);
-        }
-        let ready =
-            serde_json::to_string(&by_model).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let caps = serde_json::to_string(caps).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let args = claim_args(worker, owner, max, ttl, resident, ready, caps)?;
         let mut rx = self.work.clone();
         loop {
             rx.borrow_and_update();
-            let reply = items(
-                self.invoke(
-                    &self.scripts.claim,
-                    &[
-                        Arg::Str(worker.as_str()),
-                        Arg::Int(max as i64),
-                        Arg::Int(ttl.as_millis() as i64),
-                        Arg::Str(&resident),
-                        Arg::Str(owner.unwrap_or_default()),
-                        Arg::Str(&caps),
-                        Arg::Str(&ready),
-                    ],
-                )
-                .await?,
-            )?;
-            match reply.first().map(text).as_deref() {
-                Some("unknown") => return Err(StoreError::UnknownWorker(worker.clone())),
-                Some("bound") => return Err(StoreError::WorkerBound(worker.clone())),
-                Some("drain") => {
-                    return Ok(Claim {
-                        drain: true,
-                        ..Default::default()
-                    });
-                }
-                _ => {}
-            }
-            let count = |i: usize| -> StoreResult<usize> {
-                parse_id(&reply.get(i).map(text).unwrap_or_default(), "count")
-            };
-            let (n_leases, n_deduped, n_finished) = (count(1)?, count(2)?, count(3)?);
-            let mut rest = reply[4..].iter();
-            let mut claim = Claim::default();
-            for _ in 0..n_leases {
-                let v: Vec<String> = rest.by_ref().take(LEASE_FIELDS).map(text).collect();
-                let [task, job, index, epoch, recipe, init, anchor] = v.as_slice() else {
-                    return Err(StoreError::Corrupt("short claim reply".into()));
-                };
-                let mut recipe: kiln_proto::recipe::Recipe = serde_json::from_str(recipe)
-                    .map_err(|e| StoreError::Corrupt(format!("recipe: {e}")))?;
-                if !init.is_empty() {
-                    recipe.init_image = Some(init.clone());
-                }
-                claim.leases.push(Lease {
-                    task: parse_id(task, "task id")?,
-                    job: parse_id(job, "job id")?,
-                    index: parse_id(index, "index")?,
-                    epoch: Epoch(parse_id(epoch, "epoch")?),
-                    recipe,
-                    ttl,
-                    anchor: u32::try_from(parse_id::<i64>(anchor, "anchor index")?).ok(),
-                });
-            }
-            for _ in 0..n_deduped {
-                let v: Vec<String> = rest.by_ref().take(DEDUPED_FIELDS).map(text).collect();
-                let [task, job, file, source, model] = v.as_slice() else {
-                    return Err(StoreError::Corrupt("short claim reply".into()));
-                };
-                claim.deduped.push(Deduped {
-                    task: parse_id(task, "task id")?,
-                    job: parse_id(job, "job id")?,
-                    file_name: file.clone(),
-                    source: source.clone(),
-                    model: model.clone(),
-                });
-            }
-            for _ in 0..n_finished {
-                let job: JobId = parse_id(&rest.next().map(text).unwrap_or_default(), "job id")?;
-                claim.finished.push(self.job_record(job).await?);
-            }
+            let reply = self.batcher.call(OP_CLAIM, args.clone()).await?;
+            let claim = self.claim_of(worker, reply, ttl).await?;
             let now = Instant::now();
-            if !claim.leases.is_empty() || !claim.deduped.is_empty() || max == 0 || now >= deadline
+            if claim.drain
+                || !claim.leases.is_empty()
+                || !claim.deduped.is_empty()
+                || max == 0
+                || now >= deadline
             {
                 return Ok(claim);
             }
@@ -868,46 +987,49 @@ impl Store for RedisStore {
         epoch: Epoch,
         result: TaskResult,
     ) -> StoreResult<CompleteOutcome> {
-        let json = serde_json::to_string(&StoredResult {
-            object: result.object,
-            sha256: result.sha256,
-            size: result.size,
-            model_hash: result.model_hash,
-            render_ms: result.render_ms,
-            encode_ms: result.encode_ms,
-            class: result.class,
-        })
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let tid = task.to_string();
-        let reply = items(
-            self.invoke(
-                &self.scripts.complete,
-                &[
-                    Arg::Str(worker.as_str()),
-                    Arg::Str(&tid),
-                    Arg::Int(epoch.0 as i64),
-                    Arg::Str(&json),
-                    Arg::Str(owner.unwrap_or_default()),
-                ],
-            )
-            .await?,
-        )?;
-        match reply.first().map(text).as_deref() {
-            Some("bound") => Err(StoreError::WorkerBound(worker.clone())),
-            Some("ok") => {
-                let finished = reply.get(1).map(text).unwrap_or_default();
-                let job_finished = if finished.is_empty() {
-                    None
-                } else {
-                    Some(self.job_record(self.task(task).await?.job).await?)
-                };
-                Ok(CompleteOutcome::Accepted { job_finished })
-            }
-            Some("stale") => Ok(CompleteOutcome::Stale {
-                reason: reply.get(1).map(text).unwrap_or_default(),
-            }),
-            _ => Err(StoreError::TaskNotFound(task)),
+        let args = completion_args(worker, owner, task, epoch, result)?;
+        let reply = self.batcher.call(OP_COMPLETE, args).await?;
+        self.completion_of(worker, task, reply).await
+    }
+
+    async fn complete_and_claim(
+        &self,
+        worker: &WorkerId,
+        owner: Option<&str>,
+        task: TaskId,
+        epoch: Epoch,
+        result: TaskResult,
+        next: NextClaim<'_>,
+    ) -> StoreResult<(CompleteOutcome, Option<StoreResult<Claim>>)> {
+        let mut args = completion_args(worker, owner, task, epoch, result)?;
+        args.extend(claim_args(
+            worker,
+            owner,
+            next.max,
+            next.ttl,
+            next.resident,
+            next.ready,
+            next.caps,
+        )?);
+        let reply = items(self.batcher.call(OP_COMPLETE_CLAIM, args).await?)?;
+        let mut parts = reply.into_iter();
+        let (Some(done), Some(claimed)) = (parts.next(), parts.next()) else {
+            return Err(StoreError::Corrupt(
+                "short reply of a completion with its next claim".into(),
+            ));
+        };
+        // A call that raised an error answers {'error', message} alone.
+        if text(&done) == "error" {
+            return Err(script_error(&[done, claimed]));
         }
+        let outcome = self.completion_of(worker, task, done).await?;
+        let claim = match outcome {
+            CompleteOutcome::Accepted { .. } => {
+                Some(self.claim_of(worker, claimed, next.ttl).await)
+            }
+            CompleteOutcome::Stale { .. } => None,
+        };
+        Ok((outcome, claim))
     }
 
     async fn fail(

@@ -18,16 +18,28 @@ end
 local T = redis.call('TIME')
 local NOW = tonumber(T[1]) * MS_PER_S + math.floor(tonumber(T[2]) / US_PER_MS)
 
+-- Wake-ups are published once per job (events) and once (work) per script
+-- run: a subscriber reads the state only after the whole script has run, so
+-- a second message of the same run would wake it for nothing. A run that
+-- serves several calls at once (dispatch.lua) publishes once for all.
+local published, woken = {}, false
+
 local function event(job, kind, task, index, worker, epoch, fault, msg)
   local seq = redis.call('HINCRBY', k('job', job), 'seq', 1)
   redis.call('XADD', k('job', job, 'events'), '0-' .. seq,
     'kind', kind, 'task', task or '', 'index', index or 0, 'worker', worker or '',
     'epoch', epoch or 0, 'fault', fault or FAULT_NONE, 'msg', msg or '', 'at', NOW)
-  redis.call('PUBLISH', P .. ':events', job)
+  if not published[job] then
+    published[job] = true
+    redis.call('PUBLISH', P .. ':events', job)
+  end
 end
 
 local function wake_workers()
-  redis.call('PUBLISH', P .. ':work', '1')
+  if not woken then
+    woken = true
+    redis.call('PUBLISH', P .. ':work', '1')
+  end
 end
 
 -- Puts a queued task back on its model queue and its job on the ready set.
@@ -137,8 +149,9 @@ end
 
 -- Ends the running attempt of a leased task and moves the task to `to`.
 -- Returns the job's new state if this ended the job, else ''. A completion
--- passes its result's render_ms (otherwise read back from the stored result).
-local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump, render_ms)
+-- passes its result's render_ms (otherwise read back from the stored result)
+-- and the job's project, which it has read already (otherwise read here).
+local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump, render_ms, project)
   local t = k('task', tid)
   local f = redis.call('HMGET', t, 'job', 'index', 'model', 'holder', 'epoch', 'attempts', 'avoid')
   local job, index, model, holder, epoch = f[1], tonumber(f[2]), f[3], f[4], tonumber(f[5])
@@ -168,7 +181,7 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump, render_ms)
   end
   redis.call('HINCRBY', k('job', job), TASK_LEASED, -1)
   redis.call('HINCRBY', k('job', job), to, 1)
-  local project = redis.call('HGET', k('job', job), 'project')
+  if project == nil then project = redis.call('HGET', k('job', job), 'project') end
   -- Usage of the day, by project and model (types.rs: Usage, usage_day).
   if outcome == OUTCOME_COMPLETED or is_fault(outcome) then
     local base = table.concat({math.floor(NOW / USAGE_DAY_MS), project, model}, USAGE_SEP) .. USAGE_SEP

@@ -48,12 +48,24 @@ pub(super) const USAGE_RENDER_MS: &str = "render_ms";
 pub(super) const USAGE_FAILED: &str = "failed_attempts";
 /// Reply values per delivery of `deliveries.lua`.
 pub(super) const DELIVERY_FIELDS: usize = 4;
+/// Arguments of one completion (`complete` in `complete.lua`), a call of `dispatch.lua`.
+pub(super) const COMPLETE_ARGS: usize = 5;
+/// Arguments of one claim (`claim` in `claim.lua`), a call of `dispatch.lua`.
+pub(super) const CLAIM_ARGS: usize = 7;
+/// Where `dispatch.lua`'s first call starts: after the prefix, the
+/// retention and the number of calls.
+pub(super) const FIRST_CALL_ARG: usize = 4;
+/// The ops of `dispatch.lua`'s calls.
+pub(super) const OP_COMPLETE: &str = "complete";
+pub(super) const OP_CLAIM: &str = "claim";
+pub(super) const OP_COMPLETE_CLAIM: &str = "complete_claim";
 
 // The hand-written sources; each script is prefixed with the generated
 // constants and `prelude.lua`.
 const PRELUDE: &str = include_str!("prelude.lua");
 const ENQUEUE: &str = include_str!("enqueue.lua");
 const CLAIM: &str = include_str!("claim.lua");
+const DISPATCH: &str = include_str!("dispatch.lua");
 const HEARTBEAT: &str = include_str!("heartbeat.lua");
 const COMPLETE: &str = include_str!("complete.lua");
 const FAIL: &str = include_str!("fail.lua");
@@ -78,6 +90,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("prelude.lua", PRELUDE),
     ("enqueue.lua", ENQUEUE),
     ("claim.lua", CLAIM),
+    ("dispatch.lua", DISPATCH),
     ("heartbeat.lua", HEARTBEAT),
     ("complete.lua", COMPLETE),
     ("fail.lua", FAIL),
@@ -99,7 +112,7 @@ const SOURCES: &[(&str, &str)] = &[
 
 /// Returns the `local NAME = value` lines every script starts with.
 pub(super) fn constants() -> String {
-    let numbers: [(&str, u64); 21] = [
+    let numbers: [(&str, u64); 24] = [
         ("USAGE_DAY_MS", USAGE_DAY_MS as u64),
         ("QUARANTINE_AFTER", u64::from(policy::QUARANTINE_AFTER)),
         (
@@ -127,6 +140,9 @@ pub(super) fn constants() -> String {
         ("LIVE_FIELDS", LIVE_FIELDS as u64),
         ("PIN_FIELDS", PIN_FIELDS as u64),
         ("DELIVERY_FIELDS", DELIVERY_FIELDS as u64),
+        ("COMPLETE_ARGS", COMPLETE_ARGS as u64),
+        ("CLAIM_ARGS", CLAIM_ARGS as u64),
+        ("FIRST_CALL_ARG", FIRST_CALL_ARG as u64),
         // Redis TIME answers seconds and microseconds; deadlines are in ms.
         ("MS_PER_S", 1_000),
         ("US_PER_MS", 1_000),
@@ -157,6 +173,9 @@ pub(super) fn constants() -> String {
         ("USAGE_IMAGES", USAGE_IMAGES),
         ("USAGE_RENDER_MS", USAGE_RENDER_MS),
         ("USAGE_FAILED", USAGE_FAILED),
+        ("OP_COMPLETE", OP_COMPLETE),
+        ("OP_CLAIM", OP_CLAIM),
+        ("OP_COMPLETE_CLAIM", OP_COMPLETE_CLAIM),
     ];
     for (name, value) in msgs {
         out.push_str(&format!("local {name} = '{value}'\n"));
@@ -174,17 +193,23 @@ pub(super) fn constants() -> String {
 
 /// Returns a script: the constants, the prelude, then `body`.
 fn build(body: &str) -> Script {
-    Script::new(&format!("{}{PRELUDE}{body}", constants()))
+    build_of(&[body])
 }
 
-/// The compiled scripts, one per transition, and the farm counts.
+/// Returns a script: the constants, the prelude, then `parts` in order
+/// (the functions a script calls, then the script).
+fn build_of(parts: &[&str]) -> Script {
+    Script::new(&format!("{}{PRELUDE}{}", constants(), parts.concat()))
+}
+
 /// The compiled scripts, one per transition, and the reads that must see
 /// the store's clock (`live.lua`) or several keys at once (`pinned.lua`).
 pub(super) struct Scripts {
     pub(super) enqueue: Script,
-    pub(super) claim: Script,
     pub(super) heartbeat: Script,
-    pub(super) complete: Script,
+    /// Completions and claims, several in one run (`dispatch.lua` over
+    /// `complete.lua` and `claim.lua`).
+    pub(super) dispatch: Script,
     pub(super) fail: Script,
     pub(super) reap: Script,
     pub(super) cancel: Script,
@@ -207,9 +232,8 @@ impl Scripts {
     pub(super) fn new() -> Self {
         Self {
             enqueue: build(ENQUEUE),
-            claim: build(CLAIM),
             heartbeat: build(HEARTBEAT),
-            complete: build(COMPLETE),
+            dispatch: build_of(&[COMPLETE, CLAIM, DISPATCH]),
             fail: build(FAIL),
             reap: build(REAP),
             cancel: build(CANCEL),
