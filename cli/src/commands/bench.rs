@@ -261,6 +261,24 @@ impl StartGate {
 struct Gated {
     sim: Arc<SimRenderer>,
     gate: Arc<StartGate>,
+    /// When each render call began (past the gate) and returned, in order:
+    /// what the worker did with its time, for the breakdown.
+    spans: std::sync::Mutex<Vec<(Instant, Instant)>>,
+}
+
+impl Gated {
+    /// Runs `render` past the gate, recording when it began and returned.
+    fn timed<T>(&self, render: impl FnOnce() -> T) -> T {
+        self.gate.wait();
+        let began = Instant::now();
+        let out = render();
+        let ended = Instant::now();
+        self.spans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((began, ended));
+        out
+    }
 }
 
 impl Renderer for Gated {
@@ -285,8 +303,7 @@ impl Renderer for Gated {
         task: &RenderTask,
         on_step: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Rendered, RenderError> {
-        self.gate.wait();
-        self.sim.render(task, on_step)
+        self.timed(|| self.sim.render(task, on_step))
     }
 
     fn render_batch(
@@ -294,8 +311,7 @@ impl Renderer for Gated {
         tasks: &[RenderTask],
         on_step: &mut dyn FnMut(usize, u32) -> bool,
     ) -> Vec<Result<Rendered, RenderError>> {
-        self.gate.wait();
-        self.sim.render_batch(tasks, on_step)
+        self.timed(|| self.sim.render_batch(tasks, on_step))
     }
 
     fn render_batch_with_previews(
@@ -304,10 +320,50 @@ impl Renderer for Gated {
         on_step: &mut dyn FnMut(usize, u32) -> bool,
         previews: &mut PreviewSink<'_>,
     ) -> Vec<Result<Rendered, RenderError>> {
-        self.gate.wait();
-        self.sim
-            .render_batch_with_previews(tasks, on_step, previews)
+        self.timed(|| {
+            self.sim
+                .render_batch_with_previews(tasks, on_step, previews)
+        })
     }
+}
+
+/// Where the workers' time went between the start and the end of a run,
+/// summed over workers, in seconds.
+#[derive(Debug, Default)]
+struct TimeSpent {
+    /// Inside render calls (renders, loads, the PNG encode).
+    rendering: f64,
+    /// Between one render call's return and the next one's start: the
+    /// report, the next lease and the hand-over to the render thread.
+    between: f64,
+    /// Gaps counted in `between`.
+    gaps: u64,
+    /// From the start to a worker's first render.
+    before_first: f64,
+    /// From a worker's last render to the end.
+    after_last: f64,
+}
+
+/// Sums what `spans` (each worker's render calls, in order) say about the
+/// time from `start` to `end`.
+fn time_spent(spans: &[Vec<(Instant, Instant)>], start: Instant, end: Instant) -> TimeSpent {
+    let mut t = TimeSpent::default();
+    for worker in spans {
+        let Some((first, last)) = worker.first().zip(worker.last()) else {
+            t.after_last += (end - start).as_secs_f64();
+            continue;
+        };
+        t.before_first += first.0.saturating_duration_since(start).as_secs_f64();
+        t.after_last += end.saturating_duration_since(last.1).as_secs_f64();
+        for (i, (began, ended)) in worker.iter().enumerate() {
+            t.rendering += (*ended - *began).as_secs_f64();
+            if let Some((next, _)) = worker.get(i + 1) {
+                t.between += next.saturating_duration_since(*ended).as_secs_f64();
+                t.gaps += 1;
+            }
+        }
+    }
+    t
 }
 
 /// Returns the fewest model loads with which `workers` workers can finish
@@ -359,6 +415,7 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
     let names: Vec<String> = (0..opts.models).map(|m| format!("m{m}")).collect();
     let mut sims = Vec::new();
     let mut renderers: Vec<Arc<dyn Renderer>> = Vec::new();
+    let mut gated: Vec<Arc<Gated>> = Vec::new();
     let gate = Arc::new(StartGate::default());
     let mut initial_holders = vec![0u64; names.len()];
     for w in 0..opts.workers as usize {
@@ -377,10 +434,13 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
             },
         ));
         sims.push(sim.clone());
-        renderers.push(Arc::new(Gated {
+        let g = Arc::new(Gated {
             sim,
             gate: gate.clone(),
-        }));
+            spans: Default::default(),
+        });
+        gated.push(g.clone());
+        renderers.push(g);
     }
     let latencies: Arc<std::sync::Mutex<Vec<Duration>>> = Default::default();
     let observer = {
@@ -483,6 +543,18 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let registration = spawned.elapsed();
+    // With --duration nothing waits for the jobs to end.
+    let followers: Vec<_> = jobs
+        .iter()
+        .filter(|_| opts.duration.is_none())
+        .map(|job| {
+            let (client, job) = (farm.farm.clone(), job.clone());
+            tokio::spawn(async move {
+                watch::follow(&client, &job, true).await?;
+                anyhow::Ok(Instant::now())
+            })
+        })
+        .collect();
     let start = Instant::now();
     gate.open();
     let total = f64::from(per_job * opts.jobs);
@@ -507,13 +579,29 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
             (window, loads)
         }
         None => {
-            for job in &jobs {
-                watch::follow(&farm.farm, job, true).await?;
+            // Each job is followed from before the start, all at once, so
+            // the last one's end is seen when it happens rather than after
+            // the others' streams are read.
+            let mut ended = start;
+            for f in followers {
+                ended = ended.max(f.await.context("a follower panicked")??);
             }
-            (start.elapsed(), loads_now())
+            (ended - start, loads_now())
         }
     };
+    let end = start + elapsed;
     farm.stop().await?;
+    let spans: Vec<Vec<(Instant, Instant)>> = gated
+        .iter()
+        .map(|g| g.spans.lock().map(|s| s.clone()).unwrap_or_default())
+        .collect();
+    let spent = time_spent(&spans, start, end);
+    // From the last render's return to the end: its report and how the
+    // bench noticed the last job complete.
+    let last_render = spans.iter().filter_map(|w| w.last()).map(|s| s.1).max();
+    let noticed_ms = last_render.map_or(0.0, |l| {
+        end.saturating_duration_since(l).as_secs_f64() * 1000.0
+    });
     let bound = load_lower_bound(&tasks_per_model, &initial_holders, u64::from(opts.workers));
     let render_s = opts.render.as_secs_f64();
     let ideal = total * render_s / f64::from(opts.workers);
@@ -524,6 +612,8 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
     let (p50, p90, p99, max) = (pct(0.5), pct(0.9), pct(0.99), pct(1.0));
+    let mean_lat =
+        lat.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0 / lat.len().max(1) as f64;
     let elapsed_s = elapsed.as_secs_f64();
     // Tasks per second: reached, and what the workers render at best.
     let rate = completed / elapsed_s;
@@ -533,7 +623,11 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
                "render_ms": opts.render.as_millis(), "load_ms": opts.load.as_millis(),
                "registration_s": registration.as_secs_f64(),
                "model_loads": loads, "load_lower_bound": bound,
-               "lease_latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": max}});
+               "lease_latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": max, "mean": mean_lat},
+               "worker_time_s": {"rendering": spent.rendering, "between_renders": spent.between,
+                                 "before_first": spent.before_first, "after_last": spent.after_last,
+                                 "gap_ms_mean": 1000.0 * spent.between / spent.gaps.max(1) as f64,
+                                 "last_render_to_end_ms": noticed_ms}});
         if opts.duration.is_some() {
             out["window_s"] = json!(elapsed_s);
             out["completed"] = json!(completed);
