@@ -94,6 +94,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before the runtime's threads start: the CLI renders locally and benches the engine.
+    kiln_diffusion::allocator::tune_for_rendering();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -309,8 +309,14 @@ fn product(dst: Dst, (m, n, k): (usize, usize, usize), lhs: Src, rhs: Src, scale
 }
 
 /// Replaces each `x` of `row` with `exp(x − shift)` and returns their sum, added in
-/// eight fixed lanes.
+/// eight fixed lanes. The exponentials are elementwise and the sum's order is fixed,
+/// so every variant below gives the same bits.
 fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { exp_shifted_avx512(row, shift) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
@@ -319,27 +325,35 @@ fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
     exp_shifted_portable(row, shift)
 }
 
-/// [`exp_shifted_portable`] compiled for AVX2: the same operations in the same order,
-/// so the same bits, eight lanes at a time.
+/// [`exp_shifted_portable`] compiled for AVX-512: sixteen exponentials at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp_shifted_avx512(row: &mut [f32], shift: f32) -> f32 {
+    exp_shifted_portable(row, shift)
+}
+
+/// [`exp_shifted_portable`] compiled for AVX2: eight lanes at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn exp_shifted_avx2(row: &mut [f32], shift: f32) -> f32 {
     exp_shifted_portable(row, shift)
 }
 
-/// The body of [`exp_shifted`].
+/// The body of [`exp_shifted`]: the exponentials in one pass (as wide as the CPU
+/// allows), then their sum in eight lanes.
 #[inline(always)]
 fn exp_shifted_portable(row: &mut [f32], shift: f32) -> f32 {
+    for x in row.iter_mut() {
+        *x = exp(*x - shift);
+    }
     let mut lanes = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
+    let mut chunks = row.chunks_exact(8);
     for chunk in &mut chunks {
-        for (x, lane) in chunk.iter_mut().zip(lanes.iter_mut()) {
-            *x = exp(*x - shift);
+        for (x, lane) in chunk.iter().zip(lanes.iter_mut()) {
             *lane += *x;
         }
     }
-    for (x, lane) in chunks.into_remainder().iter_mut().zip(lanes.iter_mut()) {
-        *x = exp(*x - shift);
+    for (x, lane) in chunks.remainder().iter().zip(lanes.iter_mut()) {
         *lane += *x;
     }
     let [a, b, c, d, e, f, g, h] = lanes;
@@ -460,6 +474,38 @@ mod tests {
         }
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(0.0), 1.0);
+    }
+
+    /// Every compiled variant of the softmax's exponentials gives the bits of the
+    /// portable one (the determinism class does not name them).
+    #[test]
+    fn exp_variants_give_the_same_bits() {
+        for len in [1, 7, 8, 9, 16, 17, 77, 1024, 1031] {
+            let row: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32) * -0.37).collect();
+            let mut portable = row.clone();
+            let want = exp_shifted_portable(&mut portable, 1.5);
+            let mut dispatched = row.clone();
+            let got = exp_shifted(&mut dispatched, 1.5);
+            assert_eq!(got.to_bits(), want.to_bits(), "sum of {len}");
+            assert!(
+                dispatched
+                    .iter()
+                    .zip(&portable)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let mut avx2 = row.clone();
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                let sum = unsafe { exp_shifted_avx2(&mut avx2, 1.5) };
+                assert_eq!(sum.to_bits(), want.to_bits(), "AVX2 sum of {len}");
+                assert!(
+                    avx2.iter()
+                        .zip(&portable)
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                );
+            }
+        }
     }
 
     #[test]

@@ -28,6 +28,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use crate::winograd;
+
 /// Bytes of one image's im2col matrix above which the output is computed in bands
 /// of rows: 16 MiB. glibc serves allocations below its largest mmap threshold
 /// (32 MiB) from the heap, which reuses freed memory; larger ones are fresh
@@ -49,6 +51,8 @@ pub(crate) struct Conv2d {
     padding: usize,
     /// Largest im2col matrix per image, in bytes; taller outputs are computed in bands.
     band_bytes: usize,
+    /// Fewest output tiles for the Winograd form ([`winograd::MIN_TILES`]; tests lower it).
+    min_tiles: usize,
     /// `conv2d`, as candle's traced convolution names its span.
     span: tracing::Span,
 }
@@ -121,6 +125,7 @@ impl Conv2d {
             stride: cfg.stride,
             padding: cfg.padding,
             band_bytes: BAND_BYTES,
+            min_tiles: winograd::MIN_TILES,
             span: tracing::trace_span!("conv2d"),
         })
     }
@@ -169,6 +174,7 @@ impl Conv2d {
             stride: self.stride,
             padding: self.padding,
             band_bytes: self.band_bytes,
+            min_tiles: self.min_tiles,
             upsample,
         };
         xs.contiguous()?.apply_op2_no_bwd(packed, &op)
@@ -185,6 +191,8 @@ struct ConvOp {
     padding: usize,
     /// Largest im2col matrix, in bytes; taller outputs are computed in bands.
     band_bytes: usize,
+    /// Fewest output tiles for the Winograd form.
+    min_tiles: usize,
     /// Whether the input is read as its 2× nearest-neighbour upsampling.
     upsample: bool,
 }
@@ -240,6 +248,23 @@ impl CustomOp2 for ConvOp {
         let plane = out_h * out_w;
         let mut out = vec![0f32; batch * c_out * plane];
         if plane == 0 || c_out == 0 {
+            return Ok((
+                CpuStorage::F32(out),
+                Shape::from((batch, c_out, out_h, out_w)),
+            ));
+        }
+        let shape = (k, self.stride, self.padding);
+        if winograd::applies(shape, (out_h, out_w), self.min_tiles) {
+            let op = winograd::Winograd {
+                packed: weights,
+                c_in: channels,
+                c_out,
+                h,
+                w,
+                upsample: self.upsample,
+                band_bytes: self.band_bytes,
+            };
+            op.run(input, &mut out);
             return Ok((
                 CpuStorage::F32(out),
                 Shape::from((batch, c_out, out_h, out_w)),
@@ -427,17 +452,42 @@ mod tests {
         };
         let xs = Tensor::randn(0f32, 1., (2, c_in, h, w), cpu)?;
         let reference = reference_conv.forward(&xs)?;
-        let got = conv.forward(&xs)?;
+        // As the shape decides, then with the Winograd form wherever it applies.
+        for min_tiles in [winograd::MIN_TILES, 1] {
+            conv.min_tiles = min_tiles;
+            check_against(
+                &mut conv,
+                &xs,
+                &reference,
+                (c_in, c_out, kernel, stride, padding),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Checks `conv` on `xs` against candle's `reference`, in bands, on strided
+    /// views, per image, and with the upsampling fused.
+    fn check_against(
+        conv: &mut Conv2d,
+        xs: &Tensor,
+        reference: &Tensor,
+        (c_in, c_out, kernel, stride, padding): (usize, usize, usize, usize, usize),
+    ) -> candle_core::Result<()> {
+        let (_, _, h, w) = xs.dims4()?;
+        let got = conv.forward(xs)?;
         assert_eq!(got.dims(), reference.dims());
-        let diff = (&got - &reference)?.abs()?.flatten_all()?.max(0)?;
+        let diff = (&got - reference)?.abs()?.flatten_all()?.max(0)?;
         let scale = reference.abs()?.flatten_all()?.max(0)?;
         let relative = (diff.to_scalar::<f32>()? / scale.to_scalar::<f32>()?.max(1e-12)) as f64;
-        let what = format!("{c_in}->{c_out} k{kernel} s{stride} p{padding} {h}x{w}");
+        let what = format!(
+            "{c_in}->{c_out} k{kernel} s{stride} p{padding} {h}x{w}, min tiles {}",
+            conv.min_tiles
+        );
         assert!(relative < 1e-5, "{what}: relative difference {relative}");
         // Computed one output row at a time, the output is as close.
         conv.band_bytes = 1;
-        let banded = conv.forward(&xs)?;
-        let diff = (&banded - &reference)?.abs()?.flatten_all()?.max(0)?;
+        let banded = conv.forward(xs)?;
+        let diff = (&banded - reference)?.abs()?.flatten_all()?.max(0)?;
         let relative = (diff.to_scalar::<f32>()? / scale.to_scalar::<f32>()?.max(1e-12)) as f64;
         assert!(
             relative < 1e-5,
@@ -460,7 +510,7 @@ mod tests {
         for band_bytes in [BAND_BYTES, 1] {
             conv.band_bytes = band_bytes;
             assert!(
-                values(conv.forward_upsampled(&xs)?)? == values(conv.forward(&up)?)?,
+                values(conv.forward_upsampled(xs)?)? == values(conv.forward(&up)?)?,
                 "{what} upsampled, bands of {band_bytes} bytes"
             );
         }
@@ -477,6 +527,9 @@ mod tests {
         check((6, 5), (1, 1, 0), (5, 3), false)?;
         check((6, 5), (3, 1, 1), (1, 1), false)?;
         check((3, 4), (3, 1, 0), (5, 6), true)?;
+        // Enough 2×2 tiles (17×16) for the Winograd form without lowering its floor.
+        check((5, 3), (3, 1, 1), (33, 31), true)?;
+        check((2, 6), (3, 1, 1), (2, 3), false)?;
         Ok(())
     }
 }

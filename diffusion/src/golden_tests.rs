@@ -1,4 +1,4 @@
-//! Golden images: the bytes pipeline version 5 renders for a few recipes on
+//! Golden images: the bytes pipeline version 6 renders for a few recipes on
 //! every tiny architecture, so any change to a render's bytes is seen.
 //!
 //! Version 2's hashes were recorded before prompt weighting, the embedding cache
@@ -6,8 +6,10 @@
 //! only by kiln's convolution (`conv`, which sums in another order); version 4's by
 //! kiln's attention blocks (`transformer`: the exact GELU, attention without a score
 //! matrix) and fused group norm (`group_norm`); version 5's by `gemm`'s AVX-512
-//! kernels (the workspace builds it with `x86-v4`), recorded with the CPU backend in
-//! [`RECORDED_BACKEND`]. Bytes are only promised equal within a
+//! kernels (the workspace builds it with `x86-v4`); version 6's by the Winograd
+//! form of 3×3 convolutions on large planes (`winograd`: two of the sixteen images
+//! changed, both SDXL, the others round to the same pixels), recorded with the CPU
+//! backend in [`RECORDED_BACKEND`]. Bytes are only promised equal within a
 //! determinism class (CPU kernels differ by instruction set), so on another backend
 //! the test prints what it rendered and checks that a second run renders the same;
 //! on the recorded one it asserts every hash.
@@ -153,8 +155,8 @@ const RECORDED: [&str; 16] = [
     "7bf35a0ef235654eaade131fb02ec4940f7c55f8442476fe487a81b6ed1e95ce",
     "5e831717416e36389daee3c9872f37266c05211889bdffe38a0c286b4dbf0b7e",
     "88f049290143a4f8575a254ecea9ec4a006dd1a1bf2828e2bc60793591334310",
-    "20fb79f0f492cc8b14cb630ddfd7f121addbba68619971cf96ee6917dd988381",
-    "049e7c0c0934bf1411eafedc7455dc9816d6c6171585f2fb8c619dd74e78712e",
+    "27b4f5d8c0114532ba474f523beae87310159c9404b7e5eeab251e426871946a",
+    "52d05e11a42626d3c5564f6b79f6f0abf4e868509713b536df52dd194a1e4013",
     "a9adbe0c4ddf25ac3ce6e99d6f8a3984af50a31856876b0aecb066094f304318",
     "f9b1716d32450ac1f220bcbf25aea79f9876c1d8bffc67c9ad988e0ed3d08f2c",
     "3dbdfb845e529ce6fe6526204fbcb634b3326d64cd68381836b1a89d9eef58c4",

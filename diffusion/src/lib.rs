@@ -47,6 +47,8 @@
 #![warn(missing_docs)]
 
 mod adapters;
+/// The C allocator's settings for a process that renders.
+pub mod allocator;
 mod assets;
 mod attend;
 pub mod bench;
@@ -89,6 +91,7 @@ mod vae;
 mod vae_blocks;
 mod vae_tiles;
 mod weights;
+mod winograd;
 
 #[cfg(test)]
 mod arch_tests;

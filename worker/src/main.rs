@@ -170,6 +170,7 @@ enum RendererKind {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    kiln_diffusion::allocator::tune_for_rendering();
     let telemetry =
         match kiln_proto::telemetry::init("kiln-worker", "info", args.otlp_endpoint.as_deref()) {
             Ok(telemetry) => telemetry,
