@@ -22,6 +22,12 @@ use crate::commands::{
     render, submit, token, usage, verify, watch,
 };
 
+/// mimalloc rather than glibc malloc: the embedded farm's gRPC and store
+/// allocate on every call, and glibc's malloc and free were a fifth of
+/// `kiln bench dispatch`'s CPU (ARCHITECTURE.md, "Dispatch rate").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The job ended with items that produced no image.
 const EXIT_INCOMPLETE: u8 = 3;
 
