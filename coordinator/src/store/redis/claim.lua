@@ -30,7 +30,7 @@ local wk = k('worker', worker)
 local wf = redis.call('HMGET', wk, 'models', 'owner', 'draining', 'assets', 'class', 'loading')
 if not wf[1] then return {'unknown'} end
 if not owner_allows(wf[2], owner) then return {'bound'} end
-redis.call('HSET', wk, 'seen', NOW_ARG, 'resident', resident_json)
+redis.call('HSET', wk, 'seen', now_arg, 'resident', resident_json)
 if wf[3] == '1' then return {'drain'} end
 local models = cjson.decode(wf[1])
 -- Its LoRAs, embeddings and ControlNets (policy::held_keys).

@@ -26,7 +26,7 @@ local NOW = tonumber(T[1]) * MS_PER_S + math.floor(tonumber(T[2]) / US_PER_MS)
 local function int(x)
   return string.format('%d', x)
 end
-local NOW_ARG = int(NOW)
+local now_arg = int(NOW)
 
 -- Wake-ups are published once per job (events) and once (work) per script
 -- run: a subscriber reads the state only after the whole script has run, so
@@ -38,7 +38,7 @@ local function event(job, kind, task, index, worker, epoch, fault, msg)
   local seq = redis.call('HINCRBY', k('job', job), 'seq', '1')
   redis.call('XADD', k('job', job, 'events'), '0-' .. int(seq),
     'kind', kind, 'task', task or '', 'index', int(index or 0), 'worker', worker or '',
-    'epoch', int(epoch or 0), 'fault', fault or FAULT_NONE, 'msg', msg or '', 'at', NOW_ARG)
+    'epoch', int(epoch or 0), 'fault', fault or FAULT_NONE, 'msg', msg or '', 'at', now_arg)
   if not published[job] then
     published[job] = true
     redis.call('PUBLISH', P .. ':events', job)
