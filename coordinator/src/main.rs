@@ -16,6 +16,12 @@ use kiln_coordinator::store::{MemoryStore, RedisConfig, RedisStore, Store, redac
 use kiln_coordinator::webhook::Webhooks;
 use kiln_coordinator::{CoordinatorConfig, Core, server};
 
+/// mimalloc rather than glibc malloc: every gRPC call and store transition
+/// allocates, and glibc's malloc and free were a fifth of the dispatch
+/// path's CPU (ARCHITECTURE.md, "Dispatch rate").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The kiln coordinator: queues jobs, leases tasks to workers, collects results.
 #[derive(Parser, Debug)]
 #[command(name = "kiln-coordinator", version)]

@@ -2,7 +2,7 @@
 //! the lease's epoch, and the store refuses a stale one.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use crate::error::{CoordinatorError, CoordinatorResult, Report, StaleRefusal};
 use crate::metrics::{self, Completion};
 use crate::store::{
     Claim, CompleteOutcome, FailOutcome, Fault, Lease, NextClaim, Outcome, Preview, ProgressReport,
-    StoreError, StoreResult, TaskResult, TaskState, WorkerRegistration,
+    StoreError, StoreResult, TaskRecord, TaskResult, TaskState, WorkerRegistration,
 };
 
 /// Most tasks one Lease call may ask for.
@@ -30,12 +30,101 @@ const MAX_TASKS_PER_LEASE: u32 = 64;
 /// The `WorkerLink` service over a [`Core`].
 pub struct WorkerLinkService {
     core: Arc<Core>,
+    sent: SentLeases,
 }
 
 impl WorkerLinkService {
     /// Returns the service.
     pub fn new(core: Arc<Core>) -> Self {
-        Self { core }
+        Self {
+            core,
+            sent: SentLeases::default(),
+        }
+    }
+}
+
+/// Leases this coordinator sent and whose report it has not taken in yet,
+/// remembered so that a completion need not read its task back from the
+/// store (on Redis a round trip and the whole task hash per task): what a
+/// completion needs of its task never changes while the lease holds. A
+/// completion of a lease sent by another coordinator, or forgotten, reads the
+/// task as before; so does a replayed report, whose entry the first one took.
+#[derive(Default)]
+struct SentLeases(Mutex<HashMap<TaskId, Leased>>);
+
+/// Leases [`SentLeases`] remembers; the memory starts over when full (leases
+/// that expire or fail are never taken out otherwise).
+const REMEMBERED_LEASES: usize = 65_536;
+
+/// What a completion needs of its task, from a lease this coordinator sent
+/// or from the store's record.
+#[derive(Clone, Debug)]
+struct Leased {
+    epoch: Epoch,
+    job: JobId,
+    index: u32,
+    model: String,
+    /// The image's width and height (`Recipe::output_size`).
+    output: (u32, u32),
+    file_name: String,
+    /// Whether no completion of the task was accepted before this report
+    /// (a replayed report of an accepted completion counts once).
+    first_report: bool,
+    /// When the attempt under this report's epoch began (Unix ms), if known.
+    started_at_ms: Option<i64>,
+}
+
+impl SentLeases {
+    /// Remembers leases just sent to a worker.
+    fn remember(&self, leases: &[Lease]) {
+        let Ok(mut sent) = self.0.lock() else { return };
+        if sent.len() + leases.len() > REMEMBERED_LEASES {
+            sent.clear();
+        }
+        let now = unix_ms();
+        for l in leases {
+            sent.insert(
+                l.task,
+                Leased {
+                    epoch: l.epoch,
+                    job: l.job,
+                    index: l.index,
+                    model: l.recipe.model.clone(),
+                    output: l.recipe.output_size(),
+                    file_name: l.file_name.clone(),
+                    first_report: true,
+                    started_at_ms: Some(now),
+                },
+            );
+        }
+    }
+
+    /// Takes out what was remembered of `task`'s lease under `epoch`, if
+    /// anything: any report ends that lease, so a second one reads the store.
+    fn take(&self, task: TaskId, epoch: Epoch) -> Option<Leased> {
+        let mut sent = self.0.lock().ok()?;
+        let leased = sent.remove(&task)?;
+        (leased.epoch == epoch).then_some(leased)
+    }
+}
+
+impl Leased {
+    /// What a report under `epoch` needs of the task record `task`.
+    fn of_record(task: &TaskRecord, epoch: Epoch) -> Self {
+        Self {
+            epoch,
+            job: task.job,
+            index: task.index,
+            model: task.recipe.model.clone(),
+            output: task.recipe.output_size(),
+            file_name: task.file_name.clone(),
+            first_report: task.state != TaskState::Completed,
+            started_at_ms: task
+                .attempts
+                .last()
+                .filter(|a| a.epoch == epoch)
+                .map(|a| a.started_at_ms),
+        }
     }
 }
 
@@ -59,7 +148,7 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let caller = caller_of(&request)?;
         Ok(Response::new(
-            lease(&self.core, &caller, request.into_inner()).await?,
+            lease(&self.core, &self.sent, &caller, request.into_inner()).await?,
         ))
     }
 
@@ -87,7 +176,7 @@ impl pb::worker_link_server::WorkerLink for WorkerLinkService {
             resident: std::mem::take(&mut req.resident_models),
             ready: kiln_proto::convert::ready_sets_from_pb(&req.ready_lora_sets),
         });
-        let next = intake(&self.core, &caller, req, ask.as_ref())
+        let next = intake(&self.core, &self.sent, &caller, req, ask.as_ref())
             .instrument(span)
             .await?;
         Ok(Response::new(pb::CompleteResponse { next }))
@@ -173,6 +262,7 @@ async fn register(
 
 async fn lease(
     core: &Core,
+    sent: &SentLeases,
     caller: &Caller,
     req: pb::LeaseRequest,
 ) -> CoordinatorResult<pb::LeaseResponse> {
@@ -189,19 +279,23 @@ async fn lease(
         // Claims are cancel-safe: dropping a waiting claim leased nothing.
         _ = core.shutdown.cancelled() => Default::default(),
     };
-    answer(core, &worker, owner, &claim).await
+    answer(core, sent, &worker, owner, &claim).await
 }
 
 /// Answers a claim with its leases (see [`lease_response`]); when that
 /// fails, hands the leases back first.
 async fn answer(
     core: &Core,
+    sent: &SentLeases,
     worker: &WorkerId,
     owner: Option<&str>,
     claim: &Claim,
 ) -> CoordinatorResult<pb::LeaseResponse> {
     match lease_response(core, worker, claim).await {
-        Ok(response) => Ok(response),
+        Ok(response) => {
+            sent.remember(&claim.leases);
+            Ok(response)
+        }
         Err((broken, e)) => {
             // The worker never learns of these leases: hand them back now
             // rather than let them wait for their TTL and cost an attempt. A
@@ -238,12 +332,13 @@ struct NextAsk {
 /// worker then calls Lease itself.
 async fn next_leases(
     core: &Core,
+    sent: &SentLeases,
     worker: &WorkerId,
     owner: Option<&str>,
     claim: StoreResult<Claim>,
 ) -> Option<pb::LeaseResponse> {
     let answered = match claim {
-        Ok(claim) => answer(core, worker, owner, &claim).await,
+        Ok(claim) => answer(core, sent, worker, owner, &claim).await,
         Err(e) => Err(e.into()),
     };
     match answered {
@@ -595,6 +690,7 @@ async fn lease_blobs(core: &Core, lease: &Lease) -> CoordinatorResult<Vec<pb::Bl
 /// leases' answer, if asked for and made.
 async fn intake(
     core: &Core,
+    sent: &SentLeases,
     caller: &Caller,
     req: pb::CompleteRequest,
     ask: Option<&NextAsk>,
@@ -613,11 +709,14 @@ async fn intake(
         )
         .into());
     }
-    let task = core.store.task(task_id).await?;
+    let task = match sent.take(task_id, epoch) {
+        Some(leased) => leased,
+        None => Leased::of_record(&core.store.task(task_id).await?, epoch),
+    };
     let (w, h) = png_size(&req.png)
         .ok_or_else(|| FieldError::new("png", "is not a PNG image (no IHDR header)"))?;
     // With the hires fix the image is its second pass's size.
-    let (want_w, want_h) = task.recipe.output_size();
+    let (want_w, want_h) = task.output;
     if (w, h) != (want_w, want_h) {
         return Err(FieldError::new(
             "png",
@@ -673,12 +772,12 @@ async fn intake(
         Ok(CompleteOutcome::Accepted { job_finished }) => {
             // A replayed report of an accepted completion is accepted
             // again; it counts once.
-            if task.state != TaskState::Completed {
-                metrics::task_completed(&task.recipe.model, Completion::Completed);
+            if task.first_report {
+                metrics::task_completed(&task.model, Completion::Completed);
                 metrics::attempt_ended(Outcome::Completed, None);
-                if let Some(leased) = task.attempts.last().filter(|a| a.epoch == epoch) {
-                    let took = u64::try_from(unix_ms() - leased.started_at_ms).unwrap_or(0);
-                    metrics::task_time(&task.recipe.model, Duration::from_millis(took));
+                if let Some(started) = task.started_at_ms {
+                    let took = u64::try_from(unix_ms() - started).unwrap_or(0);
+                    metrics::task_time(&task.model, Duration::from_millis(took));
                 }
             }
             if let Err(e) = core
@@ -701,7 +800,7 @@ async fn intake(
                 core.finalize(job.id).await;
             }
             Ok(match claim {
-                Some(claim) => next_leases(core, &worker, owner, claim).await,
+                Some(claim) => next_leases(core, sent, &worker, owner, claim).await,
                 None => None,
             })
         }
@@ -1052,6 +1151,58 @@ mod tests {
             .map(|t| t.state)
             .collect();
         assert_eq!(counts, [TaskState::Completed; 3]);
+    }
+
+    /// A lease the coordinator sent answers its completion as the task's
+    /// record would, once, and only under its own epoch.
+    #[tokio::test]
+    async fn a_sent_lease_answers_its_completion_as_the_record_would() {
+        let store = Arc::new(MemoryStore::new());
+        let worker = WorkerId("w1".into());
+        register_tiny_worker(&store, &worker).await;
+        let job = JobId::new();
+        create_job(&store, job, "one", vec![task(0, None)], false).await;
+        let lease = store
+            .claim(
+                &worker,
+                None,
+                1,
+                Duration::from_secs(30),
+                Duration::ZERO,
+                &[],
+                &[],
+                &RunningCaps::new(),
+            )
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
+        let record = Leased::of_record(&store.task(lease.task).await.unwrap(), lease.epoch);
+        let sent = SentLeases::default();
+        sent.remember(std::slice::from_ref(&lease));
+        assert!(
+            sent.take(lease.task, lease.epoch.next()).is_none(),
+            "another epoch's report reads the store"
+        );
+        sent.remember(std::slice::from_ref(&lease));
+        let remembered = sent.take(lease.task, lease.epoch).expect("remembered");
+        let facts = |l: &Leased| {
+            (
+                l.epoch,
+                l.job,
+                l.index,
+                l.model.clone(),
+                l.output,
+                l.file_name.clone(),
+                l.first_report,
+                l.started_at_ms.is_some(),
+            )
+        };
+        assert_eq!(facts(&remembered), facts(&record));
+        assert!(
+            sent.take(lease.task, lease.epoch).is_none(),
+            "a second report reads the store"
+        );
     }
 
     /// On a real S3 API (moto, see `kiln_tests::s3`): a completion under an epoch the store

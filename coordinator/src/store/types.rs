@@ -250,6 +250,8 @@ pub struct Lease {
     pub epoch: Epoch,
     /// What to render.
     pub recipe: Recipe,
+    /// The output file's name (`TaskRecord::file_name`).
+    pub file_name: String,
     /// How long the lease lasts without a heartbeat.
     pub ttl: Duration,
     /// For a shot: the index of its anchor, whose image is the init image.

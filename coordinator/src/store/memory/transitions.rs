@@ -108,6 +108,7 @@ impl State {
         });
         t.deadline = Some(now + ttl.as_millis() as u64);
         let (job_id, index, recipe) = (t.record.job, t.record.index, t.record.recipe.clone());
+        let file_name = t.record.file_name.clone();
         let anchor = t.record.series.as_ref().and_then(|s| s.depends_on);
         self.leased.insert(task_id);
         if let Some(w) = self.workers.get_mut(worker) {
@@ -142,6 +143,7 @@ impl State {
             index,
             epoch,
             recipe,
+            file_name,
             ttl,
             anchor,
         })

@@ -19,7 +19,7 @@
 --   json ({model: [set key, ...]}).
 -- Returns {'unknown'}, {'bound'}, {'drain'}, or {'ok', n leases, n deduped, n finished,
 --   LEASE_FIELDS values per lease (task, job, index, epoch, recipe, init,
---   anchor index or -1), DEDUPED_FIELDS per deduped (task, job, file, source, model),
+--   anchor index or -1, file name), DEDUPED_FIELDS per deduped (task, job, file, source, model),
 --   1 per finished job}.
 -- Called by dispatch.lua, alone or with other calls in one run (a
 -- completion's next claim among them).
@@ -30,7 +30,7 @@ local wk = k('worker', worker)
 local wf = redis.call('HMGET', wk, 'models', 'owner', 'draining', 'assets', 'class', 'loading')
 if not wf[1] then return {'unknown'} end
 if not owner_allows(wf[2], owner) then return {'bound'} end
-redis.call('HSET', wk, 'seen', NOW, 'resident', resident_json)
+redis.call('HSET', wk, 'seen', now_arg, 'resident', resident_json)
 if wf[3] == '1' then return {'drain'} end
 local models = cjson.decode(wf[1])
 -- Its LoRAs, embeddings and ControlNets (policy::held_keys).
@@ -311,21 +311,22 @@ end
 local leases = {}
 local function lease(tid, j, model)
   local t = k('task', tid)
-  local f = redis.call('HMGET', t, 'index', 'epoch', 'recipe', 'attempts', 'init', 'depends')
+  local f = redis.call('HMGET', t, 'index', 'epoch', 'recipe', 'attempts', 'init', 'depends', 'file')
   local epoch = tonumber(f[2]) + 1
   local attempts = cjson.decode(f[4])
   table.insert(attempts, {worker = worker, epoch = epoch, started = NOW, outcome = OUTCOME_RUNNING, fault = FAULT_NONE, message = ''})
-  redis.call('HSET', t, 'state', TASK_LEASED, 'epoch', epoch, 'holder', worker, 'step', 0,
-    'deadline', NOW + ttl, 'attempts', cjson.encode(attempts))
+  local deadline = int(NOW + ttl)
+  redis.call('HSET', t, 'state', TASK_LEASED, 'epoch', int(epoch), 'holder', worker, 'step', '0',
+    'deadline', deadline, 'attempts', cjson.encode(attempts))
   redis.call('ZREM', k('q', j.id, model), tid)
-  redis.call('ZADD', k('leases'), NOW + ttl, tid)
+  redis.call('ZADD', k('leases'), deadline, tid)
   redis.call('SADD', k('job', j.id, 'leased'), tid)
   redis.call('SADD', k('worker', worker, 'running'), tid)
-  redis.call('HINCRBY', k('job', j.id), TASK_QUEUED, -1)
-  redis.call('HINCRBY', k('job', j.id), TASK_LEASED, 1)
-  redis.call('HINCRBY', k('project_running'), j.project, 1)
+  redis.call('HINCRBY', k('job', j.id), TASK_QUEUED, '-1')
+  redis.call('HINCRBY', k('job', j.id), TASK_LEASED, '1')
+  redis.call('HINCRBY', k('project_running'), j.project, '1')
   if caps[j.project] ~= nil then running[j.project] = running[j.project] + 1 end
-  local served = redis.call('INCR', k('served'))
+  local served = int(redis.call('INCR', k('served')))
   redis.call('HSET', k('job', j.id), 'served', served)
   redis.call('HSET', k('project_served'), j.project, served)
   if j.pin == '1' and j.class == '' then
@@ -333,7 +334,7 @@ local function lease(tid, j, model)
     j.class = class
   end
   event(j.id, EV_LEASED, tid, tonumber(f[1]), worker, epoch, FAULT_NONE, '')
-  for _, v in ipairs({tid, j.id, f[1], epoch, f[3], f[5], f[6]}) do table.insert(leases, v) end
+  for _, v in ipairs({tid, j.id, f[1], epoch, f[3], f[5], f[6], f[7]}) do table.insert(leases, v) end
 end
 
 if chosen then

@@ -307,7 +307,7 @@ impl RedisStore {
         let mut claim = Claim::default();
         for _ in 0..n_leases {
             let v: Vec<String> = rest.by_ref().take(LEASE_FIELDS).map(text).collect();
-            let [task, job, index, epoch, recipe, init, anchor] = v.as_slice() else {
+            let [task, job, index, epoch, recipe, init, anchor, file] = v.as_slice() else {
                 return Err(StoreError::Corrupt("short claim reply".into()));
             };
             let mut recipe: kiln_proto::recipe::Recipe = serde_json::from_str(recipe)
@@ -321,6 +321,7 @@ impl RedisStore {
                 index: parse_id(index, "index")?,
                 epoch: Epoch(parse_id(epoch, "epoch")?),
                 recipe,
+                file_name: file.clone(),
                 ttl,
                 anchor: u32::try_from(parse_id::<i64>(anchor, "anchor index")?).ok(),
             });

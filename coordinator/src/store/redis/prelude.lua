@@ -18,6 +18,16 @@ end
 local T = redis.call('TIME')
 local NOW = tonumber(T[1]) * MS_PER_S + math.floor(tonumber(T[2]) / US_PER_MS)
 
+-- An integer as a command argument. Redis 7.0 formats a Lua number passed
+-- to redis.call with "%.17g", and Lua concatenates one with "%.14g": glibc's
+-- float formatting, some 5% of Redis's time on the dispatch path. '%d'
+-- gives the same digits for the integers kiln passes (times, counts,
+-- epochs, indexes); constant arguments are written as strings ('1').
+local function int(x)
+  return string.format('%d', x)
+end
+local now_arg = int(NOW)
+
 -- Wake-ups are published once per job (events) and once (work) per script
 -- run: a subscriber reads the state only after the whole script has run, so
 -- a second message of the same run would wake it for nothing. A run that
@@ -25,10 +35,10 @@ local NOW = tonumber(T[1]) * MS_PER_S + math.floor(tonumber(T[2]) / US_PER_MS)
 local published, woken = {}, false
 
 local function event(job, kind, task, index, worker, epoch, fault, msg)
-  local seq = redis.call('HINCRBY', k('job', job), 'seq', 1)
-  redis.call('XADD', k('job', job, 'events'), '0-' .. seq,
-    'kind', kind, 'task', task or '', 'index', index or 0, 'worker', worker or '',
-    'epoch', epoch or 0, 'fault', fault or FAULT_NONE, 'msg', msg or '', 'at', NOW)
+  local seq = redis.call('HINCRBY', k('job', job), 'seq', '1')
+  redis.call('XADD', k('job', job, 'events'), '0-' .. int(seq),
+    'kind', kind, 'task', task or '', 'index', int(index or 0), 'worker', worker or '',
+    'epoch', int(epoch or 0), 'fault', fault or FAULT_NONE, 'msg', msg or '', 'at', now_arg)
   if not published[job] then
     published[job] = true
     redis.call('PUBLISH', P .. ':events', job)
@@ -161,8 +171,8 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump, render_ms,
   a.fault = fault
   a.message = msg
   a.ended = NOW
-  redis.call('HSET', t, 'attempts', cjson.encode(attempts), 'state', to, 'holder', '', 'deadline', 0)
-  if bump then redis.call('HINCRBY', t, 'epoch', 1) end
+  redis.call('HSET', t, 'attempts', cjson.encode(attempts), 'state', to, 'holder', '', 'deadline', '0')
+  if bump then redis.call('HINCRBY', t, 'epoch', '1') end
   redis.call('ZREM', k('leases'), tid)
   redis.call('SREM', k('job', job, 'leased'), tid)
   -- A live preview lives only while its lease holds (preview.lua).
@@ -176,29 +186,29 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump, render_ms,
       redis.call('HINCRBY', k('worker', holder), 'failed', 1)
       redis.call('HINCRBY', k('job', job, 'faults'), holder, 1)
     elseif outcome == OUTCOME_COMPLETED then
-      redis.call('HINCRBY', k('worker', holder), 'completed', 1)
+      redis.call('HINCRBY', k('worker', holder), 'completed', '1')
     end
   end
-  redis.call('HINCRBY', k('job', job), TASK_LEASED, -1)
-  redis.call('HINCRBY', k('job', job), to, 1)
+  redis.call('HINCRBY', k('job', job), TASK_LEASED, '-1')
+  redis.call('HINCRBY', k('job', job), to, '1')
   if project == nil then project = redis.call('HGET', k('job', job), 'project') end
   -- Usage of the day, by project and model (types.rs: Usage, usage_day).
   if outcome == OUTCOME_COMPLETED or is_fault(outcome) then
-    local base = table.concat({math.floor(NOW / USAGE_DAY_MS), project, model}, USAGE_SEP) .. USAGE_SEP
+    local base = table.concat({int(math.floor(NOW / USAGE_DAY_MS)), project, model}, USAGE_SEP) .. USAGE_SEP
     if outcome == OUTCOME_COMPLETED then
-      redis.call('HINCRBY', k('usage'), base .. USAGE_IMAGES, 1)
+      redis.call('HINCRBY', k('usage'), base .. USAGE_IMAGES, '1')
       local render = render_ms
       if render == nil then
         render = 0
         local r = redis.call('HGET', t, 'result')
         if r and r ~= '' then render = cjson.decode(r).render_ms or 0 end
       end
-      redis.call('HINCRBY', k('usage'), base .. USAGE_RENDER_MS, render)
+      redis.call('HINCRBY', k('usage'), base .. USAGE_RENDER_MS, int(render))
     else
       redis.call('HINCRBY', k('usage'), base .. USAGE_FAILED, 1)
     end
   end
-  if redis.call('HINCRBY', k('project_running'), project, -1) <= 0 then
+  if redis.call('HINCRBY', k('project_running'), project, '-1') <= 0 then
     redis.call('HDEL', k('project_running'), project)
   end
   -- A project at its max_running_tasks has room again: wake waiting claims.

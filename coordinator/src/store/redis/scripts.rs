@@ -26,7 +26,7 @@ pub(super) const FILL_LOOKAHEAD: usize = 32;
 /// Script arguments per task of `enqueue.lua`.
 pub(super) const TASK_ARGS: usize = 15;
 /// Reply values per lease of `claim.lua`.
-pub(super) const LEASE_FIELDS: usize = 7;
+pub(super) const LEASE_FIELDS: usize = 8;
 /// Reply values per deduplicated task of `claim.lua`.
 pub(super) const DEDUPED_FIELDS: usize = 5;
 /// Reply values per reaped lease of `reap.lua`.
