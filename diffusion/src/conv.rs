@@ -1,5 +1,6 @@
 //! kiln's 2-D convolution: on the CPU, weights laid out once and an NCHW im2col
-//! feeding one matrix product per image.
+//! feeding one matrix product per band of output rows, or, for 3×3 stride-1
+//! convolutions on large planes, a Winograd form ([`crate::winograd`]).
 //!
 //! Convolutions are the largest share of a UNet step on the CPU (half of an
 //! SD-1.5 step at 256 px, most of a VAE decode; `kiln bench pipeline
@@ -51,8 +52,8 @@ pub(crate) struct Conv2d {
     padding: usize,
     /// Largest im2col matrix per image, in bytes; taller outputs are computed in bands.
     band_bytes: usize,
-    /// Fewest output tiles for the Winograd form ([`winograd::MIN_TILES`]; tests lower it).
-    min_tiles: usize,
+    /// Which Winograd form 3×3 convolutions use (by shape; tests force one).
+    winograd: winograd::Choice,
     /// `conv2d`, as candle's traced convolution names its span.
     span: tracing::Span,
 }
@@ -125,7 +126,7 @@ impl Conv2d {
             stride: cfg.stride,
             padding: cfg.padding,
             band_bytes: BAND_BYTES,
-            min_tiles: winograd::MIN_TILES,
+            winograd: winograd::Choice::ByShape,
             span: tracing::trace_span!("conv2d"),
         })
     }
@@ -174,7 +175,7 @@ impl Conv2d {
             stride: self.stride,
             padding: self.padding,
             band_bytes: self.band_bytes,
-            min_tiles: self.min_tiles,
+            winograd: self.winograd,
             upsample,
         };
         xs.contiguous()?.apply_op2_no_bwd(packed, &op)
@@ -191,8 +192,8 @@ struct ConvOp {
     padding: usize,
     /// Largest im2col matrix, in bytes; taller outputs are computed in bands.
     band_bytes: usize,
-    /// Fewest output tiles for the Winograd form.
-    min_tiles: usize,
+    /// Which Winograd form 3×3 convolutions use.
+    winograd: winograd::Choice,
     /// Whether the input is read as its 2× nearest-neighbour upsampling.
     upsample: bool,
 }
@@ -254,8 +255,9 @@ impl CustomOp2 for ConvOp {
             ));
         }
         let shape = (k, self.stride, self.padding);
-        if winograd::applies(shape, (out_h, out_w), self.min_tiles) {
+        if let Some(form) = winograd::form(self.winograd, shape, (out_h, out_w)) {
             let op = winograd::Winograd {
+                form,
                 packed: weights,
                 c_in: channels,
                 c_out,
@@ -452,9 +454,13 @@ mod tests {
         };
         let xs = Tensor::randn(0f32, 1., (2, c_in, h, w), cpu)?;
         let reference = reference_conv.forward(&xs)?;
-        // As the shape decides, then with the Winograd form wherever it applies.
-        for min_tiles in [winograd::MIN_TILES, 1] {
-            conv.min_tiles = min_tiles;
+        // As the shape decides, then with each Winograd form wherever it applies.
+        for choice in [
+            winograd::Choice::ByShape,
+            winograd::Choice::Always(&winograd::F2),
+            winograd::Choice::Always(&winograd::F4),
+        ] {
+            conv.winograd = choice;
             check_against(
                 &mut conv,
                 &xs,
@@ -480,8 +486,8 @@ mod tests {
         let scale = reference.abs()?.flatten_all()?.max(0)?;
         let relative = (diff.to_scalar::<f32>()? / scale.to_scalar::<f32>()?.max(1e-12)) as f64;
         let what = format!(
-            "{c_in}->{c_out} k{kernel} s{stride} p{padding} {h}x{w}, min tiles {}",
-            conv.min_tiles
+            "{c_in}->{c_out} k{kernel} s{stride} p{padding} {h}x{w}, Winograd {:?}",
+            conv.winograd
         );
         assert!(relative < 1e-5, "{what}: relative difference {relative}");
         // Computed one output row at a time, the output is as close.
@@ -527,8 +533,12 @@ mod tests {
         check((6, 5), (1, 1, 0), (5, 3), false)?;
         check((6, 5), (3, 1, 1), (1, 1), false)?;
         check((3, 4), (3, 1, 0), (5, 6), true)?;
-        // Enough 2×2 tiles (17×16) for the Winograd form without lowering its floor.
+        // Enough 2×2 tiles (17×16) for F(2×2, 3×3) as the shape decides.
         check((5, 3), (3, 1, 1), (33, 31), true)?;
+        // Enough 4×4 tiles (17×16) for F(4×4, 3×3) as the shape decides.
+        check((3, 2), (3, 1, 1), (67, 61), true)?;
+        // Many input channels: the transforms' rounding summed over them.
+        check((64, 4), (3, 1, 1), (12, 10), false)?;
         check((2, 6), (3, 1, 1), (2, 3), false)?;
         Ok(())
     }
