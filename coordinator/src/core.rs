@@ -163,12 +163,25 @@ impl Core {
         let tasks = self.store.tasks(job).await?;
         let folder = results::folder(record.id, record.verify_of);
         if record.is_finished() {
+            // Publishes what a crash left unpublished. One listing tells
+            // which images are in place, so a job's end costs no call per
+            // image: only an accepted upload still staged, or an image
+            // missing under its final name, is published (or reported lost).
+            let present = self.results.objects_in(&folder).await?;
             let mut keep = Vec::new();
             for t in &tasks {
+                // A result store in memory answers at once, so without this the
+                // loop would hold its runtime thread for the whole job.
+                tokio::task::consume_budget().await;
                 if let Some(r) = &t.result {
-                    self.results
-                        .publish(&folder, &t.file_name, &r.object)
-                        .await?;
+                    let published = present
+                        .contains(results::image_path(&folder, &t.file_name).as_ref())
+                        && !present.contains(&r.object);
+                    if !published {
+                        self.results
+                            .publish(&folder, &t.file_name, &r.object)
+                            .await?;
+                    }
                     keep.push(r.object.clone());
                 }
             }
@@ -178,9 +191,23 @@ impl Core {
             }
             self.write_contact_sheets(&folder, &tasks).await?;
         }
-        let lines: Vec<String> = tasks.iter().map(|t| manifest::line(&record, t)).collect();
+        // A line per task is milliseconds of CPU for a large job: made on a
+        // blocking thread, so the runtime keeps serving leases, reports and
+        // watch streams meanwhile (every job of a farm may end at once).
+        let state = record.state;
+        let lines = tokio::task::spawn_blocking(move || {
+            tasks
+                .iter()
+                .map(|t| manifest::line(&record, t))
+                .collect::<Vec<String>>()
+        })
+        .await
+        .map_err(|e| match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => CoordinatorError::ShuttingDown,
+        })?;
         self.results.write_manifest(&folder, &lines).await?;
-        tracing::info!(%job, state = ?record.state, items = lines.len(), "job finished; manifest written");
+        tracing::info!(%job, state = ?state, items = lines.len(), "job finished; manifest written");
         Ok(())
     }
 }
@@ -188,4 +215,78 @@ impl Core {
 /// Returns where a series' contact sheet lives in its job's folder.
 pub fn contact_sheet_path(series: &str) -> String {
     format!("{series}/contact-sheet.png")
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use kiln_proto::ids::WorkerId;
+
+    use super::*;
+    use crate::store::conformance::{claim, new_job, registration};
+    use crate::store::{CompleteOutcome, MemoryStore, TaskResult};
+
+    /// A job's end publishes an accepted upload that a crash left staged,
+    /// leaves an image already published as it is, and removes the staging.
+    #[tokio::test]
+    async fn a_finished_job_publishes_what_a_crash_left_staged() {
+        let store = Arc::new(MemoryStore::new());
+        let core = Core::new(
+            store.clone(),
+            ResultStore::in_memory(),
+            CoordinatorConfig::default(),
+        );
+        store
+            .register_worker(registration("w1", &["tiny"]), None)
+            .await
+            .unwrap();
+        let job = new_job(2, "tiny");
+        let id = job.id;
+        store.create_job(job).await.unwrap();
+        let folder = results::folder(id, None);
+        let worker = WorkerId("w1".into());
+        for lease in claim(&*store, "w1", 2).await {
+            let png = Bytes::from(format!("image {}", lease.index));
+            let staged = core
+                .results
+                .stage(&folder, lease.task, lease.epoch, png)
+                .await
+                .unwrap();
+            let result = TaskResult {
+                object: staged,
+                sha256: "00".repeat(32),
+                size: 7,
+                model_hash: "hash-of-tiny".into(),
+                render_ms: 5,
+                encode_ms: 1,
+                class: String::new(),
+            };
+            let outcome = store
+                .complete(&worker, None, lease.task, lease.epoch, result)
+                .await
+                .unwrap();
+            assert!(matches!(outcome, CompleteOutcome::Accepted { .. }));
+        }
+        // The first image was published as a Complete does; the crash came
+        // before the second's publication.
+        let tasks = store.tasks(id).await.unwrap();
+        let first = &tasks[0];
+        let staged = &first.result.as_ref().unwrap().object;
+        core.results
+            .publish(&folder, &first.file_name, staged)
+            .await
+            .unwrap();
+        core.write_manifest(id).await.unwrap();
+        for t in &tasks {
+            let image = core
+                .results
+                .read_image(&folder, &t.file_name, "")
+                .await
+                .unwrap();
+            assert_eq!(image, Bytes::from(format!("image {}", t.index)));
+        }
+        let left = core.results.objects_in(&folder).await.unwrap();
+        assert!(!left.iter().any(|p| p.contains("/.staging/")), "{left:?}");
+        assert!(core.results.has_manifest(&folder).await.unwrap());
+    }
 }

@@ -8,6 +8,7 @@
 //! after the store accepted that epoch's completion, so the final name only
 //! ever holds the accepted output.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -336,6 +337,20 @@ impl ResultStore {
         got.bytes().await.map_err(|e| Self::err("read", path, e))
     }
 
+    /// Returns the path of every object in a job's folder, its staged
+    /// uploads included: one listing (a request per thousand objects on a
+    /// bucket) where asking about each image costs a call per image.
+    pub async fn objects_in(&self, folder: &str) -> Result<HashSet<String>, ResultsError> {
+        let prefix = Path::from(folder);
+        let mut listing = self.objects.list(Some(&prefix));
+        let mut found = HashSet::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| Self::err("list", &prefix, e))?;
+            found.insert(meta.location.to_string());
+        }
+        Ok(found)
+    }
+
     /// Deletes every staged upload of a job that is not in `keep`: once a job
     /// has ended, staged objects left by refused or abandoned reports are garbage.
     pub async fn clear_staging(
@@ -345,10 +360,11 @@ impl ResultStore {
     ) -> Result<usize, ResultsError> {
         let prefix = Path::from(format!("{folder}/.staging"));
         let listed: Vec<_> = self.objects.list(Some(&prefix)).collect::<Vec<_>>().await;
+        let keep: HashSet<&str> = keep.iter().map(String::as_str).collect();
         let mut removed = 0;
         for meta in listed {
             let meta = meta.map_err(|e| Self::err("list", &prefix, e))?;
-            if keep.iter().any(|k| k.as_str() == meta.location.as_ref()) {
+            if keep.contains(meta.location.as_ref()) {
                 continue;
             }
             self.discard(meta.location.as_ref()).await?;

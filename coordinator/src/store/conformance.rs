@@ -38,7 +38,7 @@ fn recipe(model: &str, seed: u64) -> Recipe {
     }
 }
 
-fn new_job(n: u32, model: &str) -> NewJob {
+pub(crate) fn new_job(n: u32, model: &str) -> NewJob {
     NewJob {
         id: JobId::new(),
         name: "test".into(),
@@ -70,7 +70,7 @@ fn worker(id: &str) -> WorkerId {
     WorkerId(id.into())
 }
 
-fn registration(id: &str, models: &[&str]) -> WorkerRegistration {
+pub(crate) fn registration(id: &str, models: &[&str]) -> WorkerRegistration {
     WorkerRegistration {
         id: worker(id),
         labels: BTreeMap::new(),
@@ -101,7 +101,7 @@ fn result() -> TaskResult {
     }
 }
 
-async fn claim(store: &dyn Store, w: &str, max: usize) -> Vec<Lease> {
+pub(crate) async fn claim(store: &dyn Store, w: &str, max: usize) -> Vec<Lease> {
     store
         .claim(&worker(w), None, max, TTL, NO_WAIT, &[], &[], &NO_CAPS)
         .await
