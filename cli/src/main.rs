@@ -95,7 +95,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before the runtime's threads start: the CLI renders locally and benches the engine.
-    kiln_diffusion::allocator::tune_for_rendering();
+    let refused = kiln_diffusion::allocator::tune_for_rendering();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -115,6 +115,7 @@ fn main() -> ExitCode {
             }
         }
     };
+    kiln_diffusion::allocator::log_refused(&refused);
     match runtime.block_on(run(cli)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_INCOMPLETE),

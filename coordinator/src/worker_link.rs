@@ -846,9 +846,28 @@ mod tests {
     use crate::config::CoordinatorConfig;
     use crate::results::ResultStore;
     use crate::store::{
-        MemoryStore, NewJob, NewTask, Outcome, RunningCaps, SeriesPlace, Store, TaskResult,
+        Lease, MemoryStore, NewJob, NewTask, Outcome, RunningCaps, SeriesPlace, Store, TaskResult,
         TaskState,
     };
+
+    /// Claims one task for `worker` (a 30 s lease, no wait); the test has queued one.
+    async fn claim_one(store: &MemoryStore, worker: &WorkerId) -> Lease {
+        store
+            .claim(
+                worker,
+                None,
+                1,
+                Duration::from_secs(30),
+                Duration::ZERO,
+                &[],
+                &[],
+                &RunningCaps::new(),
+            )
+            .await
+            .unwrap()
+            .leases
+            .remove(0)
+    }
 
     fn task(index: u32, depends_on: Option<u32>) -> NewTask {
         NewTask {
@@ -954,22 +973,7 @@ mod tests {
             true,
         )
         .await;
-        let ttl = Duration::from_secs(30);
-        let anchor = store
-            .claim(
-                &w,
-                None,
-                1,
-                ttl,
-                Duration::ZERO,
-                &[],
-                &[],
-                &RunningCaps::new(),
-            )
-            .await
-            .unwrap()
-            .leases
-            .remove(0);
+        let anchor = claim_one(&store, &w).await;
         // Accepted, but its image never reached the result store.
         let result = TaskResult {
             object: "nowhere/.staging/lost.png".into(),
@@ -1080,21 +1084,7 @@ mod tests {
             CoordinatorConfig::default(),
         ));
         let service = WorkerLinkService::new(core);
-        let first = store
-            .claim(
-                &WorkerId("w1".into()),
-                None,
-                1,
-                Duration::from_secs(30),
-                Duration::ZERO,
-                &[],
-                &[],
-                &RunningCaps::new(),
-            )
-            .await
-            .unwrap()
-            .leases
-            .remove(0);
+        let first = claim_one(&store, &WorkerId("w1".into())).await;
         let ask = |task: TaskId, epoch: Epoch, lease_next: u32| {
             let mut request = complete_request(task, epoch, png(1));
             request.get_mut().lease_next = lease_next;
@@ -1125,21 +1115,7 @@ mod tests {
             TaskState::Queued,
             "nothing leased without lease_next"
         );
-        let third = store
-            .claim(
-                &WorkerId("w1".into()),
-                None,
-                1,
-                Duration::from_secs(30),
-                Duration::ZERO,
-                &[],
-                &[],
-                &RunningCaps::new(),
-            )
-            .await
-            .unwrap()
-            .leases
-            .remove(0);
+        let third = claim_one(&store, &WorkerId("w1".into())).await;
         // Nothing left to lease: an empty answer, and the job is done.
         let last = ask(third.task, third.epoch, 1).await.unwrap().into_inner();
         assert_eq!(last.next.map(|n| n.tasks.len()), Some(0));
@@ -1162,21 +1138,7 @@ mod tests {
         register_tiny_worker(&store, &worker).await;
         let job = JobId::new();
         create_job(&store, job, "one", vec![task(0, None)], false).await;
-        let lease = store
-            .claim(
-                &worker,
-                None,
-                1,
-                Duration::from_secs(30),
-                Duration::ZERO,
-                &[],
-                &[],
-                &RunningCaps::new(),
-            )
-            .await
-            .unwrap()
-            .leases
-            .remove(0);
+        let lease = claim_one(&store, &worker).await;
         let record = Leased::of_record(&store.task(lease.task).await.unwrap(), lease.epoch);
         let sent = SentLeases::default();
         sent.remember(std::slice::from_ref(&lease));
@@ -1254,39 +1216,10 @@ mod tests {
             .await
             .unwrap();
         let w = WorkerId("w1".into());
-        let ttl = Duration::from_secs(30);
-        let old = store
-            .claim(
-                &w,
-                None,
-                1,
-                ttl,
-                Duration::ZERO,
-                &[],
-                &[],
-                &RunningCaps::new(),
-            )
-            .await
-            .unwrap()
-            .leases
-            .remove(0);
+        let old = claim_one(&store, &w).await;
         // The worker restarts: its old lease is released and fenced.
         store.register_worker(registration, None).await.unwrap();
-        let new = store
-            .claim(
-                &w,
-                None,
-                1,
-                ttl,
-                Duration::ZERO,
-                &[],
-                &[],
-                &RunningCaps::new(),
-            )
-            .await
-            .unwrap()
-            .leases
-            .remove(0);
+        let new = claim_one(&store, &w).await;
         assert!(new.epoch > old.epoch);
         let core = Arc::new(Core::new(
             store.clone(),

@@ -19,13 +19,25 @@ const TRIM_THRESHOLD: i32 = 1 << 30;
 /// counted in the resident size, only when used).
 const TOP_PAD: i32 = 256 << 20;
 
+/// A malloc setting glibc refused (`mallopt` returned 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// The `M_*` parameter.
+    pub param: i32,
+    /// The value asked for.
+    pub value: i32,
+}
+
 /// Sets glibc malloc's thresholds for rendering, unless the operator set any malloc
 /// tunable in `GLIBC_TUNABLES` (theirs win). Does nothing on other C libraries.
-/// Call it once at start-up, before the first render.
-pub fn tune_for_rendering() {
+/// Call it once at start-up, before the first render and before other threads
+/// start; it returns the settings glibc refused, for the caller to log once its
+/// logging is up.
+pub fn tune_for_rendering() -> Vec<Refused> {
+    let mut refused = Vec::new();
     let operator = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
     if operator.contains("glibc.malloc.") {
-        return;
+        return refused;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     for (param, value) in [
@@ -37,7 +49,19 @@ pub fn tune_for_rendering() {
         // allocator's own lock and is safe to call while other threads allocate.
         let accepted = unsafe { libc::mallopt(param, value) };
         if accepted != 1 {
-            tracing::warn!(param, value, "glibc refused a malloc setting");
+            refused.push(Refused { param, value });
         }
+    }
+    refused
+}
+
+/// Logs what [`tune_for_rendering`] reported refused, as warnings.
+pub fn log_refused(refused: &[Refused]) {
+    for r in refused {
+        tracing::warn!(
+            param = r.param,
+            value = r.value,
+            "glibc refused a malloc setting"
+        );
     }
 }

@@ -170,7 +170,7 @@ enum RendererKind {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    kiln_diffusion::allocator::tune_for_rendering();
+    let refused = kiln_diffusion::allocator::tune_for_rendering();
     let telemetry =
         match kiln_proto::telemetry::init("kiln-worker", "info", args.otlp_endpoint.as_deref()) {
             Ok(telemetry) => telemetry,
@@ -179,6 +179,7 @@ async fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         };
+    kiln_diffusion::allocator::log_refused(&refused);
     let code = match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
