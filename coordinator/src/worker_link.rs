@@ -846,26 +846,13 @@ mod tests {
     use crate::config::CoordinatorConfig;
     use crate::results::ResultStore;
     use crate::store::{
-        Lease, MemoryStore, NewJob, NewTask, Outcome, RunningCaps, SeriesPlace, Store, TaskResult,
-        TaskState,
+        Lease, MemoryStore, NewJob, NewTask, Outcome, SeriesPlace, Store, TaskResult, TaskState,
     };
 
     /// Claims one task for `worker` (a 30 s lease, no wait); the test has queued one.
     async fn claim_one(store: &MemoryStore, worker: &WorkerId) -> Lease {
-        store
-            .claim(
-                worker,
-                None,
-                1,
-                Duration::from_secs(30),
-                Duration::ZERO,
-                &[],
-                &[],
-                &RunningCaps::new(),
-            )
+        crate::store::conformance::claim(store, &worker.0, 1)
             .await
-            .unwrap()
-            .leases
             .remove(0)
     }
 
