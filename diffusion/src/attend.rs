@@ -14,14 +14,18 @@
 //! grows), and a second product adds the block's probabilities times the values
 //! into the output, which is finally divided by the sums. Units write disjoint
 //! rows of the output, run in parallel on rayon, and call the single-threaded
-//! `gemm` kernels candle itself uses.
+//! `gemm` kernels candle itself uses. A unit keeps its scores and its head's
+//! output column by column (one column per key or value channel, one entry per
+//! query): `gemm` then reads both products' operands where they lie instead of
+//! repacking the key and value blocks on every call, and the softmax's maxima,
+//! exponentials and sums run across the queries, one vector lane per query.
 //!
 //! Every number a query gets depends only on its own row, the keys and the
 //! values, and the block sizes are constants: outputs do not depend on the
 //! thread count or on the other rows of the batch. `exp` is a polynomial
-//! (Cephes' `expf`, within 2 ulp) written so that the compiler vectorises it
-//! and the sums run in eight fixed lanes, so the result is the same whatever
-//! vector width runs it. Devices other than the CPU and dtypes other than f32
+//! (Cephes' `expf`, within 2 ulp) written so that the compiler vectorises it,
+//! and each query's sum adds its keys in eight fixed lanes (by key index), so
+//! the result is the same whatever vector width runs it. Devices other than the CPU and dtypes other than f32
 //! use candle's operations.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -112,16 +116,20 @@ struct Operands<'a> {
 impl Attend {
     /// Computes the queries `first..first + rows` of one batch row into `out`
     /// (`rows × v_width`).
+    ///
+    /// A key block's scores and each head's output are held column by column
+    /// (query `r` of column `c` at `c·rows + r`): both products then read their
+    /// operands where they lie, with no packing by `gemm` but the query block's, and
+    /// the softmax runs across the queries, one vector lane per query.
     fn unit(&self, x: &Operands, first: usize, out: &mut [f32]) {
         let rows = out.len() / x.v_width;
         let (d, dv) = (x.width / self.heads, x.v_width / self.heads);
         let block = KEY_BLOCK.min(x.keys);
         let mut scores = vec![0f32; rows * block];
-        let mut max = vec![f32::NEG_INFINITY; rows];
-        let mut sum = vec![0f32; rows];
+        let mut head_out = vec![0f32; rows * dv];
+        let mut state = Online::new(rows);
         for h in 0..self.heads {
-            max.fill(f32::NEG_INFINITY);
-            sum.fill(0.0);
+            state.reset();
             for (step, start) in (0..x.keys).step_by(block).enumerate() {
                 let cols = block.min(x.keys - start);
                 let scores = &mut scores[..rows * cols];
@@ -129,7 +137,8 @@ impl Attend {
                 product(
                     Dst {
                         data: scores,
-                        rs: cols,
+                        rs: 1,
+                        cs: rows,
                         accumulate: false,
                     },
                     (rows, cols, d),
@@ -145,32 +154,27 @@ impl Attend {
                     },
                     self.scale,
                 );
-                for (r, row) in scores.chunks_exact_mut(cols).enumerate() {
-                    let block_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let new_max = max[r].max(block_max);
-                    let block_sum = exp_shifted(row, new_max);
-                    if step > 0 {
-                        let correction = (max[r] - new_max).exp();
-                        sum[r] *= correction;
-                        for o in &mut out[r * x.v_width + h * dv..][..dv] {
-                            *o *= correction;
+                state.add_block(scores);
+                if step > 0 {
+                    for column in head_out.chunks_exact_mut(rows) {
+                        for (o, c) in column.iter_mut().zip(&state.correction) {
+                            *o *= c;
                         }
                     }
-                    sum[r] += block_sum;
-                    max[r] = new_max;
                 }
-                // out_block (+)= probabilities · v_block
+                // head_out (+)= probabilities · v_block
                 product(
                     Dst {
-                        data: &mut out[h * dv..],
-                        rs: x.v_width,
+                        data: &mut head_out,
+                        rs: 1,
+                        cs: rows,
                         accumulate: step > 0,
                     },
                     (rows, dv, cols),
                     Src {
                         data: scores,
-                        rs: cols,
-                        cs: 1,
+                        rs: 1,
+                        cs: rows,
                     },
                     Src {
                         data: &x.v[start * x.v_width + h * dv..],
@@ -180,12 +184,119 @@ impl Attend {
                     1.0,
                 );
             }
-            for (r, s) in sum.iter().enumerate() {
-                for o in &mut out[r * x.v_width + h * dv..][..dv] {
-                    *o /= s;
+            for (r, (row, s)) in out.chunks_exact_mut(x.v_width).zip(&state.sum).enumerate() {
+                for (j, o) in row[h * dv..][..dv].iter_mut().enumerate() {
+                    *o = head_out[j * rows + r] / s;
                 }
             }
         }
+    }
+}
+
+/// The online softmax of one unit's queries for one head: each query's running
+/// maximum and sum, and the factor the output accumulated so far is rescaled by
+/// when the maximum grows.
+struct Online {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    correction: Vec<f32>,
+    /// Scratch: each query's maximum over the block, then its exponentials' sum
+    /// in eight lanes (`lanes[l·rows + r]` for the keys `c ≡ l` mod 8).
+    block_max: Vec<f32>,
+    lanes: Vec<f32>,
+    /// Whether a block has been added since [`Online::reset`].
+    started: bool,
+}
+
+impl Online {
+    fn new(rows: usize) -> Self {
+        Online {
+            max: vec![f32::NEG_INFINITY; rows],
+            sum: vec![0.0; rows],
+            correction: vec![1.0; rows],
+            block_max: vec![f32::NEG_INFINITY; rows],
+            lanes: vec![0.0; 8 * rows],
+            started: false,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.max.fill(f32::NEG_INFINITY);
+        self.sum.fill(0.0);
+        self.correction.fill(1.0);
+        self.started = false;
+    }
+
+    /// Takes one key block's scores (column by column, `max.len()` queries each)
+    /// and replaces them with their exponentials shifted by each query's new
+    /// maximum; updates the maxima and sums and, after the first block, sets
+    /// [`Online::correction`] for the output accumulated so far.
+    fn add_block(&mut self, scores: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                return unsafe { self.add_block_avx512(scores) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                return unsafe { self.add_block_avx2(scores) };
+            }
+        }
+        self.add_block_portable(scores)
+    }
+
+    /// [`Online::add_block_portable`] compiled for AVX-512: sixteen queries at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn add_block_avx512(&mut self, scores: &mut [f32]) {
+        self.add_block_portable(scores)
+    }
+
+    /// [`Online::add_block_portable`] compiled for AVX2: eight queries at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn add_block_avx2(&mut self, scores: &mut [f32]) {
+        self.add_block_portable(scores)
+    }
+
+    /// The body of [`Online::add_block`]. Every operation is per query and in a
+    /// fixed order (a query's sum adds its keys in eight lanes by key index, then
+    /// the lanes pairwise), so every variant gives the same bits.
+    #[inline(always)]
+    fn add_block_portable(&mut self, scores: &mut [f32]) {
+        let rows = self.max.len();
+        self.block_max.copy_from_slice(&self.max);
+        for column in scores.chunks_exact(rows) {
+            for (m, s) in self.block_max.iter_mut().zip(column) {
+                *m = m.max(*s);
+            }
+        }
+        self.lanes.fill(0.0);
+        for (c, column) in scores.chunks_exact_mut(rows).enumerate() {
+            let lane = &mut self.lanes[(c % 8) * rows..][..rows];
+            for ((s, m), l) in column.iter_mut().zip(&self.block_max).zip(lane) {
+                *s = exp(*s - m);
+                *l += *s;
+            }
+        }
+        let lanes: [&[f32]; 8] = std::array::from_fn(|l| &self.lanes[l * rows..][..rows]);
+        let queries = self.sum.iter_mut().zip(&mut self.correction);
+        for (r, ((sum, correction), (max, new_max))) in queries
+            .zip(self.max.iter().zip(&self.block_max))
+            .enumerate()
+        {
+            let lane = |l: usize| lanes[l][r];
+            let block_sum = ((lane(0) + lane(1)) + (lane(2) + lane(3)))
+                + ((lane(4) + lane(5)) + (lane(6) + lane(7)));
+            if self.started {
+                *correction = (max - new_max).exp();
+                *sum *= *correction;
+            }
+            *sum += block_sum;
+        }
+        self.max.copy_from_slice(&self.block_max);
+        self.started = true;
     }
 }
 
@@ -251,10 +362,11 @@ struct Src<'a> {
     cs: usize,
 }
 
-/// The output matrix: element `(i, j)` at `data[i·rs + j]`, added to or overwritten.
+/// The output matrix: element `(i, j)` at `data[i·rs + j·cs]`, added to or overwritten.
 struct Dst<'a> {
     data: &'a mut [f32],
     rs: usize,
+    cs: usize,
     accumulate: bool,
 }
 
@@ -269,7 +381,10 @@ fn product(dst: Dst, (m, n, k): (usize, usize, usize), lhs: Src, rhs: Src, scale
         return;
     }
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(last(m, n, dst.rs, 1) < dst.data.len(), "attention: output");
+    assert!(
+        last(m, n, dst.rs, dst.cs) < dst.data.len(),
+        "attention: output"
+    );
     if k > 0 {
         assert!(
             last(m, k, lhs.rs, lhs.cs) < lhs.data.len(),
@@ -289,7 +404,7 @@ fn product(dst: Dst, (m, n, k): (usize, usize, usize), lhs: Src, rhs: Src, scale
             n,
             k,
             dst.data.as_mut_ptr(),
-            1,
+            dst.cs as isize,
             dst.rs as isize,
             dst.accumulate,
             lhs.data.as_ptr(),
@@ -308,58 +423,6 @@ fn product(dst: Dst, (m, n, k): (usize, usize, usize), lhs: Src, rhs: Src, scale
     }
 }
 
-/// Replaces each `x` of `row` with `exp(x − shift)` and returns their sum, added in
-/// eight fixed lanes. The exponentials are elementwise and the sum's order is fixed,
-/// so every variant below gives the same bits.
-fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { exp_shifted_avx512(row, shift) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { exp_shifted_avx2(row, shift) };
-    }
-    exp_shifted_portable(row, shift)
-}
-
-/// [`exp_shifted_portable`] compiled for AVX-512: sixteen exponentials at a time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn exp_shifted_avx512(row: &mut [f32], shift: f32) -> f32 {
-    exp_shifted_portable(row, shift)
-}
-
-/// [`exp_shifted_portable`] compiled for AVX2: eight lanes at a time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn exp_shifted_avx2(row: &mut [f32], shift: f32) -> f32 {
-    exp_shifted_portable(row, shift)
-}
-
-/// The body of [`exp_shifted`]: the exponentials in one pass (as wide as the CPU
-/// allows), then their sum in eight lanes.
-#[inline(always)]
-fn exp_shifted_portable(row: &mut [f32], shift: f32) -> f32 {
-    for x in row.iter_mut() {
-        *x = exp(*x - shift);
-    }
-    let mut lanes = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (x, lane) in chunk.iter().zip(lanes.iter_mut()) {
-            *lane += *x;
-        }
-    }
-    for (x, lane) in chunks.remainder().iter().zip(lanes.iter_mut()) {
-        *lane += *x;
-    }
-    let [a, b, c, d, e, f, g, h] = lanes;
-    ((a + b) + (c + d)) + ((e + f) + (g + h))
-}
-
 /// `e^x` for f32 (Cephes' `expf`: a degree-6 polynomial after reduction by
 /// ln 2; within 2 ulp), branch-free so that loops over it vectorise; 0 below
 /// −87.3 (`exp` of −∞ included), +∞ is not produced (clamped at 88.3).
@@ -368,11 +431,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5 · 2^23: adding it rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
     let below = x < -87.3;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let rounded = x * LOG2E + ROUND;
+    let n = rounded - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -381,8 +443,27 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let y = p * (r * r) + r + 1.0;
-    let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let pow2 = two_to_the(rounded);
     if below { 0.0 } else { y * pow2 }
+}
+
+/// 1.5 · 2²³: adding it to a float of magnitude below 2²² rounds that to the
+/// nearest integer n, and the sum's bits are ROUND's plus n.
+const ROUND: f32 = 12_582_912.0;
+
+/// 2ⁿ for `rounded` = [`ROUND`] + n, −126 ≤ n ≤ 127: the exponent field comes
+/// from the sum's bits, in integer lanes. (`n as i32` would be a saturating
+/// conversion, which the compiler leaves scalar: one lane at a time, and most of
+/// the exponential's cost.)
+#[inline(always)]
+fn two_to_the(rounded: f32) -> f32 {
+    f32::from_bits(
+        rounded
+            .to_bits()
+            .wrapping_sub(ROUND.to_bits())
+            .wrapping_add(127)
+            << 23,
+    )
 }
 
 #[cfg(test)]
@@ -476,49 +557,83 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
     }
 
-    /// Every compiled variant of the softmax's exponentials gives the bits of the
-    /// portable one (the determinism class does not name them).
     #[test]
-    fn exp_variants_give_the_same_bits() {
-        for len in [1, 7, 8, 9, 16, 17, 77, 1024, 1031] {
-            let row: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32) * -0.37).collect();
-            let mut portable = row.clone();
-            let want = exp_shifted_portable(&mut portable, 1.5);
-            let mut dispatched = row.clone();
-            let got = exp_shifted(&mut dispatched, 1.5);
-            assert_eq!(got.to_bits(), want.to_bits(), "sum of {len}");
-            assert!(
-                dispatched
-                    .iter()
-                    .zip(&portable)
-                    .all(|(a, b)| a.to_bits() == b.to_bits())
-            );
+    fn powers_of_two_come_from_the_rounded_bits() {
+        for n in -126..=127 {
+            assert_eq!(two_to_the(n as f32 + ROUND), 2f32.powi(n), "2^{n}");
+        }
+    }
+
+    /// Scores of `rows` queries over `cols` keys, column by column.
+    fn columns(rows: usize, cols: usize, seed: usize) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| (((i * 37 + seed) % 101) as f32) * -0.37 + (i % 7) as f32)
+            .collect()
+    }
+
+    /// Every compiled variant of the online softmax gives the bits of the portable
+    /// one (the determinism class does not name them).
+    #[test]
+    fn online_softmax_variants_give_the_same_bits() {
+        for (rows, cols) in [(1, 1), (7, 9), (16, 8), (17, 77), (64, 512), (3, 1031)] {
+            let blocks = [columns(rows, cols, 1), columns(rows, cols, 2)];
+            let run = |add: &dyn Fn(&mut Online, &mut [f32])| {
+                let mut state = Online::new(rows);
+                let mut seen = Vec::new();
+                for block in &blocks {
+                    let mut scores = block.clone();
+                    add(&mut state, &mut scores);
+                    seen.extend(scores);
+                    seen.extend(&state.correction);
+                }
+                seen.extend(&state.sum);
+                seen.extend(&state.max);
+                seen.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+            };
+            let want = run(&|s, x| s.add_block_portable(x));
+            assert_eq!(run(&|s, x| s.add_block(x)), want, "{rows}x{cols}");
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
-                let mut avx2 = row.clone();
                 // SAFETY: the CPU supports AVX2 (checked just above).
-                let sum = unsafe { exp_shifted_avx2(&mut avx2, 1.5) };
-                assert_eq!(sum.to_bits(), want.to_bits(), "AVX2 sum of {len}");
-                assert!(
-                    avx2.iter()
-                        .zip(&portable)
-                        .all(|(a, b)| a.to_bits() == b.to_bits())
-                );
+                let avx2 = run(&|s, x| unsafe { s.add_block_avx2(x) });
+                assert_eq!(avx2, want, "AVX2 {rows}x{cols}");
             }
         }
     }
 
+    /// Two blocks through the online softmax give each query the maximum, the sum
+    /// and the probabilities (up to the correction) of one pass over all its keys.
     #[test]
-    fn shifted_sums_match_a_sequential_sum() {
-        let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
-        let want: f64 = row.iter().map(|&x| ((x - 4.0) as f64).exp()).sum();
-        let got = exp_shifted(&mut row, 4.0) as f64;
-        assert!(((got - want) / want).abs() < 1e-6, "{got} vs {want}");
-        let third = ((0.37f64 * 3.0).sin() * 4.0 - 4.0).exp();
-        assert!(
-            (row[3] as f64 - third).abs() < 1e-6 * third,
-            "{} vs {third}",
-            row[3]
-        );
+    fn online_softmax_matches_one_pass() {
+        let (rows, cols) = (5, 37);
+        let blocks = [columns(rows, cols, 3), columns(rows, cols, 4)];
+        let mut state = Online::new(rows);
+        let mut first = blocks[0].clone();
+        state.add_block(&mut first);
+        let mut second = blocks[1].clone();
+        state.add_block(&mut second);
+        for r in 0..rows {
+            let all: Vec<f64> = blocks
+                .iter()
+                .flat_map(|b| b.chunks_exact(rows).map(move |c| c[r] as f64))
+                .collect();
+            let max = all.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = all.iter().map(|x| (x - max).exp()).sum();
+            assert_eq!(state.max[r] as f64, max, "query {r}");
+            assert!(
+                ((state.sum[r] as f64 - sum) / sum).abs() < 1e-6,
+                "query {r}"
+            );
+            // The first block's exponentials were shifted by the maximum of that
+            // block; the correction brings them to the overall maximum. (An f32
+            // argument of magnitude a carries a relative error of about a·2⁻²⁴ into
+            // its exponential: up to 40 here.)
+            let third = (blocks[0][3 * rows + r] as f64 - max).exp();
+            let got = first[3 * rows + r] as f64 * state.correction[r] as f64;
+            assert!((got - third).abs() < 1e-5 * third, "{got} vs {third}");
+            let last = (blocks[1][(cols - 1) * rows + r] as f64 - max).exp();
+            let got = second[(cols - 1) * rows + r] as f64;
+            assert!((got - last).abs() < 1e-5 * last, "{got} vs {last}");
+        }
     }
 }

@@ -40,6 +40,34 @@ use crate::winograd;
 /// not depend on the thread count or the batch.
 const BAND_BYTES: usize = 16 << 20;
 
+/// Rows of the output that `gemm`'s widest f32 microkernel computes at once
+/// (four AVX-512 vectors). A product whose row count leaves a remainder runs the
+/// remainder through narrower kernels, which load more per multiplication.
+const KERNEL_ROWS: usize = 64;
+
+/// Rows per band when a band of `row_bytes` a row may take `budget` bytes: at
+/// least one, at most `total`. When the budget is short of the whole, the count
+/// is rounded down, where that leaves at least one multiple, so that the band's
+/// `row_width`·rows columns fill whole [`KERNEL_ROWS`] panels of the band's
+/// product. Results do not depend on the band (each output is summed over the
+/// same inputs in the same order), only the speed does.
+pub(crate) fn band_rows(budget: usize, row_bytes: usize, row_width: usize, total: usize) -> usize {
+    let band = (budget / row_bytes.max(1)).clamp(1, total);
+    if band == total {
+        return band;
+    }
+    let step = KERNEL_ROWS / gcd(row_width.max(1), KERNEL_ROWS);
+    if band >= step {
+        band / step * step
+    } else {
+        band
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// A 2-D convolution (groups 1, dilation 1) with diffusers' `weight`/`bias` names.
 #[derive(Debug)]
 pub(crate) struct Conv2d {
@@ -185,7 +213,9 @@ impl Conv2d {
 /// A k×k convolution on the CPU: per image and band of output rows, the im2col
 /// matrix ([`Im2Col`]) is built in one scratch buffer reused across bands and images,
 /// and one matrix product (rayon-parallel `gemm`, whose sums do not depend on the
-/// thread count) writes the band straight into the NCHW output.
+/// thread count) writes the band straight into the NCHW output. Where the whole
+/// batch's im2col fits in one band (a UNet's deepest levels), one product covers
+/// every image, so the weights are read once per batch instead of once per image.
 struct ConvOp {
     kernel: usize,
     stride: usize,
@@ -274,63 +304,127 @@ impl CustomOp2 for ConvOp {
         }
         // Output rows per band: the band's im2col matrix stays under band_bytes.
         let per_row = rows * out_w * std::mem::size_of::<f32>();
-        let band = (self.band_bytes / per_row.max(1)).clamp(1, out_h);
-        let mut scratch = vec![0f32; rows * band * out_w];
+        let band = band_rows(self.band_bytes, per_row, out_w, out_h);
         let threads = rayon::current_num_threads();
-        for (image, output) in input
-            .chunks_exact(channels * h * w)
-            .zip(out.chunks_exact_mut(c_out * plane))
-        {
+        let im2col = |out_rows: std::ops::Range<usize>| Im2Col {
+            kernel: k,
+            stride: self.stride,
+            padding: self.padding,
+            out_rows,
+            upsample: self.upsample,
+        };
+        let images = input.chunks_exact(channels * h * w);
+        // Small planes (the deep levels of a UNet): the whole batch in one product, so
+        // that the weights, far larger than the images there, are read once rather
+        // than once per image. With more than KERNEL_ROWS output channels neither
+        // product takes gemm's path for small products (which splits the sum over
+        // `rows` differently), so every output keeps its bits.
+        let batch_bytes = batch * rows * plane * std::mem::size_of::<f32>();
+        if batch > 1 && band == out_h && c_out > KERNEL_ROWS && batch_bytes <= self.band_bytes {
+            let pixels = batch * plane;
+            let mut scratch = vec![0f32; rows * plane];
+            let mut columns = vec![0f32; rows * pixels];
+            for (b, image) in images.enumerate() {
+                im2col(0..out_h).fill(image, (channels, h, w), &mut scratch, out_w);
+                for (all, one) in columns
+                    .chunks_exact_mut(pixels)
+                    .zip(scratch.chunks_exact(plane))
+                {
+                    all[b * plane..][..plane].copy_from_slice(one);
+                }
+            }
+            let mut products = vec![0f32; c_out * pixels];
+            product(
+                &mut products,
+                pixels,
+                weights,
+                &columns,
+                (c_out, pixels, rows),
+                threads,
+            );
+            for (b, output) in out.chunks_exact_mut(c_out * plane).enumerate() {
+                for (o, channel) in output.chunks_exact_mut(plane).enumerate() {
+                    channel.copy_from_slice(&products[o * pixels + b * plane..][..plane]);
+                }
+            }
+            return Ok((
+                CpuStorage::F32(out),
+                Shape::from((batch, c_out, out_h, out_w)),
+            ));
+        }
+        let mut scratch = vec![0f32; rows * band * out_w];
+        for (image, output) in images.zip(out.chunks_exact_mut(c_out * plane)) {
             for first in (0..out_h).step_by(band) {
-                let op = Im2Col {
-                    kernel: k,
-                    stride: self.stride,
-                    padding: self.padding,
-                    out_rows: first..(first + band).min(out_h),
-                    upsample: self.upsample,
-                };
+                let op = im2col(first..(first + band).min(out_h));
                 let pixels = op.out_rows.len() * out_w;
                 let columns = &mut scratch[..rows * pixels];
                 op.fill(image, (channels, h, w), columns, out_w);
                 // output[:, band] = weights · columns
-                let dst = &mut output[first * out_w..];
-                assert!(
-                    (c_out - 1) * plane + pixels <= dst.len(),
-                    "kiln-conv2d: output"
+                product(
+                    &mut output[first * out_w..],
+                    plane,
+                    weights,
+                    columns,
+                    (c_out, pixels, rows),
+                    threads,
                 );
-                assert!(c_out * rows <= weights.len() && rows * pixels <= columns.len());
-                // SAFETY: the asserts above keep every element addressed inside its slice:
-                // dst (c_out × pixels, row stride `plane`), weights (c_out × rows) and
-                // columns (rows × pixels), all row-major; dst does not alias either input.
-                unsafe {
-                    gemm::gemm(
-                        c_out,
-                        pixels,
-                        rows,
-                        dst.as_mut_ptr(),
-                        1,
-                        plane as isize,
-                        false,
-                        weights.as_ptr(),
-                        1,
-                        rows as isize,
-                        columns.as_ptr(),
-                        1,
-                        pixels as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::Rayon(threads),
-                    );
-                }
             }
         }
         Ok((
             CpuStorage::F32(out),
             Shape::from((batch, c_out, out_h, out_w)),
         ))
+    }
+}
+
+/// `dst (c_out × pixels, row stride dst_rs) = weights (c_out × rows) · columns
+/// (rows × pixels)`, all row-major, on `threads` rayon threads.
+///
+/// # Panics
+///
+/// When a slice is too short for its shape: a bug in the caller, checked here so that
+/// the unsafe call below never reads or writes out of bounds.
+fn product(
+    dst: &mut [f32],
+    dst_rs: usize,
+    weights: &[f32],
+    columns: &[f32],
+    (c_out, pixels, rows): (usize, usize, usize),
+    threads: usize,
+) {
+    if c_out == 0 || pixels == 0 {
+        return;
+    }
+    assert!(
+        (c_out - 1) * dst_rs + pixels <= dst.len(),
+        "kiln-conv2d: output"
+    );
+    assert!(c_out * rows <= weights.len() && rows * pixels <= columns.len());
+    // SAFETY: the asserts above keep every element addressed inside its slice: dst
+    // (c_out × pixels, row stride dst_rs), weights (c_out × rows) and columns (rows ×
+    // pixels), all row-major; dst is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            c_out,
+            pixels,
+            rows,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            weights.as_ptr(),
+            1,
+            rows as isize,
+            columns.as_ptr(),
+            1,
+            pixels as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(threads),
+        );
     }
 }
 
@@ -417,6 +511,22 @@ impl Im2Col {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bands_fill_whole_kernel_panels() {
+        use super::band_rows;
+        // 10 rows of 16 fit: 8 make 128 columns, two panels.
+        assert_eq!(band_rows(10 * 100, 100, 16, 64), 8);
+        // Rows of 48 columns: four rows make three panels.
+        assert_eq!(band_rows(7 * 100, 100, 48, 64), 4);
+        // Fewer rows fit than one multiple needs: as many as fit.
+        assert_eq!(band_rows(3 * 100, 100, 16, 64), 3);
+        // Everything fits: the whole, unrounded; nothing fits: one row.
+        assert_eq!(band_rows(1 << 20, 100, 16, 13), 13);
+        assert_eq!(band_rows(1, 100, 16, 13), 1);
+        // Rows of 64 columns or a multiple fill panels alone.
+        assert_eq!(band_rows(7 * 100, 100, 128, 64), 7);
+    }
+
     use std::collections::HashMap;
 
     use candle_core::{Device, IndexOp};
@@ -540,6 +650,11 @@ mod tests {
         // Many input channels: the transforms' rounding summed over them.
         check((64, 4), (3, 1, 1), (12, 10), false)?;
         check((2, 6), (3, 1, 1), (2, 3), false)?;
+        // More output channels than gemm's small products take, on planes small
+        // enough for one product over the batch; the second with more rows (577)
+        // than gemm sums in one pass.
+        check((8, 80), (3, 1, 1), (5, 4), true)?;
+        check((64, 72), (3, 2, 1), (8, 8), false)?;
         Ok(())
     }
 }

@@ -274,7 +274,7 @@ impl Winograd<'_> {
             .collect();
         // Tile rows per band: the transformed inputs and products stay under band_bytes.
         let per_row = positions * (c_in + c_out) * tiles_w * std::mem::size_of::<f32>();
-        let band = (self.band_bytes / per_row.max(1)).clamp(1, tiles_h);
+        let band = crate::conv::band_rows(self.band_bytes, per_row, tiles_w, tiles_h);
         let v = sized(&mut scratch.inputs, positions * c_in * band * tiles_w);
         let products = sized(&mut scratch.products, positions * c_out * band * tiles_w);
         let threads = rayon::current_num_threads();
