@@ -31,6 +31,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::product::{Dst, Src, product};
+
 /// Queries per unit of work.
 const QUERY_BLOCK: usize = 64;
 /// Keys per online-softmax step.
@@ -153,6 +155,7 @@ impl Attend {
                         cs: x.width,
                     },
                     self.scale,
+                    gemm::Parallelism::None,
                 );
                 state.add_block(scores);
                 if step > 0 {
@@ -182,6 +185,7 @@ impl Attend {
                         cs: 1,
                     },
                     1.0,
+                    gemm::Parallelism::None,
                 );
             }
             for (r, (row, s)) in out.chunks_exact_mut(x.v_width).zip(&state.sum).enumerate() {
@@ -352,74 +356,6 @@ impl CustomOp3 for Attend {
                 });
         }
         Ok((CpuStorage::F32(out), Shape::from((batch, queries, v_width))))
-    }
-}
-
-/// A matrix operand: element `(i, j)` at `data[i·rs + j·cs]`.
-struct Src<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-/// The output matrix: element `(i, j)` at `data[i·rs + j·cs]`, added to or overwritten.
-struct Dst<'a> {
-    data: &'a mut [f32],
-    rs: usize,
-    cs: usize,
-    accumulate: bool,
-}
-
-/// `dst (+)= scale · lhs · rhs` for `(m, n, k)`: `lhs` m×k, `rhs` k×n, on this thread.
-///
-/// # Panics
-///
-/// When an operand's slice is too short for its shape and strides: a bug in the caller,
-/// checked here so that the unsafe call below never reads or writes out of bounds.
-fn product(dst: Dst, (m, n, k): (usize, usize, usize), lhs: Src, rhs: Src, scale: f32) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        last(m, n, dst.rs, dst.cs) < dst.data.len(),
-        "attention: output"
-    );
-    if k > 0 {
-        assert!(
-            last(m, k, lhs.rs, lhs.cs) < lhs.data.len(),
-            "attention: lhs"
-        );
-        assert!(
-            last(k, n, rhs.rs, rhs.cs) < rhs.data.len(),
-            "attention: rhs"
-        );
-    }
-    // SAFETY: the asserts above keep every element gemm addresses (row·rs + column·cs
-    // within the given shape) inside its slice; `dst` is borrowed mutably and does not
-    // alias `lhs` or `rhs` (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.data.as_mut_ptr(),
-            dst.cs as isize,
-            dst.rs as isize,
-            dst.accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 

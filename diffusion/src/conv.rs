@@ -29,6 +29,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use crate::product::{Dst, Src};
 use crate::winograd;
 
 /// Bytes of one image's im2col matrix above which the output is computed in bands
@@ -379,11 +380,6 @@ impl CustomOp2 for ConvOp {
 
 /// `dst (c_out × pixels, row stride dst_rs) = weights (c_out × rows) · columns
 /// (rows × pixels)`, all row-major, on `threads` rayon threads.
-///
-/// # Panics
-///
-/// When a slice is too short for its shape: a bug in the caller, checked here so that
-/// the unsafe call below never reads or writes out of bounds.
 fn product(
     dst: &mut [f32],
     dst_rs: usize,
@@ -392,40 +388,20 @@ fn product(
     (c_out, pixels, rows): (usize, usize, usize),
     threads: usize,
 ) {
-    if c_out == 0 || pixels == 0 {
-        return;
-    }
-    assert!(
-        (c_out - 1) * dst_rs + pixels <= dst.len(),
-        "kiln-conv2d: output"
+    let operand = |data, rs| Src { data, rs, cs: 1 };
+    crate::product::product(
+        Dst {
+            data: dst,
+            rs: dst_rs,
+            cs: 1,
+            accumulate: false,
+        },
+        (c_out, pixels, rows),
+        operand(weights, rows),
+        operand(columns, pixels),
+        1.0,
+        gemm::Parallelism::Rayon(threads),
     );
-    assert!(c_out * rows <= weights.len() && rows * pixels <= columns.len());
-    // SAFETY: the asserts above keep every element addressed inside its slice: dst
-    // (c_out × pixels, row stride dst_rs), weights (c_out × rows) and columns (rows ×
-    // pixels), all row-major; dst is borrowed mutably, so it aliases neither input.
-    unsafe {
-        gemm::gemm(
-            c_out,
-            pixels,
-            rows,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            false,
-            weights.as_ptr(),
-            1,
-            rows as isize,
-            columns.as_ptr(),
-            1,
-            pixels as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(threads),
-        );
-    }
 }
 
 /// One image's im2col matrix for a band of output rows, `[c·k·k + 1, rows·out_w]`:

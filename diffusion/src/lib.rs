@@ -76,6 +76,7 @@ mod precision;
 /// Weight-free control-image preprocessors (canny, scribble, lineart) and control-image fitting.
 pub mod preprocess;
 mod preview;
+mod product;
 mod render;
 mod sampling;
 mod text;

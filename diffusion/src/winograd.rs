@@ -26,6 +26,8 @@
 
 use rayon::prelude::*;
 
+use crate::product::{Dst, Src, product};
+
 /// One Winograd form F(m×m, 3×3): its tile side and transform matrices (row-major).
 pub(crate) struct Form {
     /// Output tile side m; input patches are n = m + 2 on a side.
@@ -292,36 +294,28 @@ impl Winograd<'_> {
                 let products = &mut products[..positions * c_out * tiles];
                 // v is [c_in][ξ][tiles], u [c_out][ξ][c_in], products [c_out][ξ][tiles]:
                 // the ξ-th product reads and writes rows strided by n² positions.
-                assert!(u.len() == c_out * positions * c_in && v.len() == c_in * positions * tiles);
                 for xi in 0..positions {
-                    // SAFETY: with the assert above and the products' length, every
-                    // element addressed lies inside its slice: products[xi·tiles..] as
-                    // c_out × tiles with row stride n²·tiles, u[xi·c_in..] as c_out × c_in
-                    // with row stride n²·c_in, v[xi·tiles..] as c_in × tiles with row
-                    // stride n²·tiles; the products alias neither.
-                    unsafe {
-                        gemm::gemm(
-                            c_out,
-                            tiles,
-                            c_in,
-                            products.as_mut_ptr().add(xi * tiles),
-                            1,
-                            (positions * tiles) as isize,
-                            false,
-                            u.as_ptr().add(xi * c_in),
-                            1,
-                            (positions * c_in) as isize,
-                            v.as_ptr().add(xi * tiles),
-                            1,
-                            (positions * tiles) as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::Rayon(threads),
-                        );
-                    }
+                    product(
+                        Dst {
+                            data: &mut products[xi * tiles..],
+                            rs: positions * tiles,
+                            cs: 1,
+                            accumulate: false,
+                        },
+                        (c_out, tiles, c_in),
+                        Src {
+                            data: &u[xi * c_in..],
+                            rs: positions * c_in,
+                            cs: 1,
+                        },
+                        Src {
+                            data: &v[xi * tiles..],
+                            rs: positions * tiles,
+                            cs: 1,
+                        },
+                        1.0,
+                        gemm::Parallelism::Rayon(threads),
+                    );
                 }
                 output
                     .par_chunks_mut(vh * vw)
