@@ -321,7 +321,8 @@ impl CustomOp2 for ConvOp {
         // product takes gemm's path for small products (which splits the sum over
         // `rows` differently), so every output keeps its bits.
         let batch_bytes = batch * rows * plane * std::mem::size_of::<f32>();
-        if batch > 1 && band == out_h && c_out > KERNEL_ROWS && batch_bytes <= self.band_bytes {
+        // (Within the budget, one image's im2col is too, so `band` is the whole plane.)
+        if batch > 1 && c_out > KERNEL_ROWS && batch_bytes <= self.band_bytes {
             let pixels = batch * plane;
             let mut scratch = vec![0f32; rows * plane];
             let mut columns = vec![0f32; rows * pixels];

@@ -129,30 +129,30 @@ mod tests {
         let want = reference((m, n, k), &lhs, &rhs, 0.5);
         for (rs, cs) in [(1, m), (n, 1)] {
             for parallelism in [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)] {
-                let mut out = vec![1f32; m * n];
-                let dst = Dst {
-                    data: &mut out,
-                    rs,
-                    cs,
-                    accumulate: false,
+                let run = |out: &mut [f32], accumulate| {
+                    let dst = Dst {
+                        data: out,
+                        rs,
+                        cs,
+                        accumulate,
+                    };
+                    product(dst, (m, n, k), lhs, rhs, 0.5, parallelism);
                 };
-                product(dst, (m, n, k), lhs, rhs, 0.5, parallelism);
-                for i in 0..m {
-                    for j in 0..n {
-                        let got = out[i * rs + j * cs] as f64;
-                        assert!((got - want[i * n + j]).abs() < 1e-5, "({i}, {j})");
+                let check = |out: &[f32], times: f64| {
+                    for i in 0..m {
+                        for j in 0..n {
+                            let got = out[i * rs + j * cs] as f64;
+                            let want = times * want[i * n + j];
+                            assert!((got - want).abs() < 1e-5, "{times} × ({i}, {j})");
+                        }
                     }
-                }
-                // Accumulating adds the product to what is there.
-                let dst = Dst {
-                    data: &mut out,
-                    rs,
-                    cs,
-                    accumulate: true,
                 };
-                product(dst, (m, n, k), lhs, rhs, 0.5, parallelism);
-                let got = out[2 * rs + 3 * cs] as f64;
-                assert!((got - 2.0 * want[2 * n + 3]).abs() < 1e-5);
+                let mut out = vec![1f32; m * n];
+                run(&mut out, false);
+                check(&out, 1.0);
+                // Accumulating adds the product to what is there.
+                run(&mut out, true);
+                check(&out, 2.0);
             }
         }
     }
