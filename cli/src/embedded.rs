@@ -27,8 +27,11 @@ pub struct EmbeddedFarm {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     workers: Vec<JoinHandle<Result<kiln_worker::agent::Summary, kiln_worker::agent::AgentError>>>,
     shutdown: Shutdown,
-    /// Tasks each worker added from now on leases and runs at once.
+    /// Tasks each worker added from now on renders at once.
     pub slots: u32,
+    /// Tasks each worker added from now on holds beyond its slots
+    /// (`AgentConfig::prefetch`).
+    pub prefetch: u32,
 }
 
 impl EmbeddedFarm {
@@ -89,6 +92,7 @@ impl EmbeddedFarm {
             workers: Vec::new(),
             shutdown: Shutdown::default(),
             slots: 1,
+            prefetch: kiln_worker::agent::DEFAULT_PREFETCH,
         })
     }
 
@@ -111,6 +115,7 @@ impl EmbeddedFarm {
                 AgentConfig {
                     worker_id: WorkerId(format!("local-{}", first + i)),
                     slots: self.slots,
+                    prefetch: self.prefetch,
                     labels: Default::default(),
                     lease_observer: observer.clone(),
                     readiness: Default::default(),

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use kiln_domain::lora_set::{LoraSet, ReadyLoraSet};
 use kiln_proto::connect::is_transient;
 use kiln_proto::ids::{Epoch, TaskId, WorkerId};
 use kiln_proto::pb::{self, AbandonReason, FaultClass};
@@ -41,6 +42,11 @@ const REPORT_TRIES: u32 = 16;
 /// Most time an abort spends handing the tasks in hand back; a task it could
 /// not hand back in that time comes back when its lease expires.
 const HAND_BACK_LIMIT: Duration = Duration::from_secs(5);
+
+/// Tasks a worker holds beyond its slots unless told otherwise
+/// ([`AgentConfig::prefetch`]): none, so a worker leases only as tasks end
+/// (see README, "Prefetch", for what prefetching changes).
+pub const DEFAULT_PREFETCH: u32 = 0;
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +82,13 @@ pub enum AgentError {
 pub struct AgentConfig {
     /// The worker's id, stable across reconnects.
     pub worker_id: WorkerId,
-    /// Tasks leased at once.
+    /// Tasks rendered at once: the most the render thread puts in one batch.
     pub slots: u32,
+    /// Tasks held beyond `slots`, waiting on the render thread behind those
+    /// that render: a finished task's report and the lease that replaces it
+    /// then happen while the device renders the next one, not between
+    /// renders. 0 leases only as tasks end.
+    pub prefetch: u32,
     /// Free-form labels shown by `kiln workers`.
     pub labels: BTreeMap<String, String>,
     /// Told how long each Lease call that returned work took, and how many
@@ -133,6 +144,10 @@ struct InFlight {
     /// on the report's own answer decides, and abandon orders (a heartbeat
     /// racing the Complete) are ignored.
     reporting: Arc<AtomicBool>,
+    /// The model it renders with; `None` when the task could not be read.
+    model: Option<String>,
+    /// The LoRA set it renders with, when it has one: held ready afterwards.
+    lora_set: Option<ReadyLoraSet>,
 }
 
 /// State shared by the lease loop, the heartbeat task and the task runners.
@@ -181,7 +196,11 @@ impl Agent {
         renderer: Arc<dyn Renderer>,
         config: AgentConfig,
     ) -> Result<Self, AgentError> {
-        let render = RenderThread::spawn(renderer.clone(), config.preview_every)?;
+        let render = RenderThread::spawn(
+            renderer.clone(),
+            config.preview_every,
+            config.slots.max(1) as usize,
+        )?;
         Ok(Self {
             shared: Arc::new(Shared {
                 link,
@@ -340,7 +359,7 @@ impl Agent {
             tokio::pin!(freed);
             freed.as_mut().enable();
             let busy = self.shared.in_flight().len() as u32;
-            let free = self.config.slots.saturating_sub(busy);
+            let free = (self.config.slots + self.config.prefetch).saturating_sub(busy);
             if free == 0 {
                 tokio::select! {
                     _ = freed => continue,
@@ -348,9 +367,9 @@ impl Agent {
                 }
             }
             let asked = tokio::time::Instant::now();
-            let ready = self.shared.renderer.ready_lora_sets();
+            let (resident, ready) = ahead(&self.shared);
             let answer = tokio::select! {
-                r = self.shared.link.lease(self.shared.worker.as_str(), free, POLL_WAIT, self.shared.renderer.resident(), &ready) => r,
+                r = self.shared.link.lease(self.shared.worker.as_str(), free, POLL_WAIT, resident, &ready) => r,
                 _ = drained() => return Ok(()),
             };
             match answer {
@@ -443,6 +462,7 @@ fn start(shared: &Arc<Shared>, tasks: Vec<pb::LeasedTask>) {
             continue;
         };
         let epoch = Epoch(task.epoch);
+        let converted = convert::render_task(&task);
         let control = RenderControl::default();
         let abandoned = Arc::new(AtomicBool::new(false));
         let reporting = Arc::new(AtomicBool::new(false));
@@ -453,9 +473,17 @@ fn start(shared: &Arc<Shared>, tasks: Vec<pb::LeasedTask>) {
                 control: control.clone(),
                 abandoned: abandoned.clone(),
                 reporting: reporting.clone(),
+                model: converted.as_ref().ok().map(|t| t.recipe.model.clone()),
+                lora_set: converted.as_ref().ok().and_then(|t| {
+                    let set = LoraSet::of(&t.recipe.extras.loras).key();
+                    (!set.is_empty()).then(|| ReadyLoraSet {
+                        model: t.recipe.model.clone(),
+                        set,
+                    })
+                }),
             },
         );
-        tracing::debug!(worker = %shared.worker, job = %task.job_id, index = task.index, epoch = %epoch, "rendering");
+        tracing::debug!(worker = %shared.worker, job = %task.job_id, index = task.index, epoch = %epoch, model = converted.as_ref().map_or("", |t| t.recipe.model.as_str()), "rendering");
         // Continues the coordinator's lease span, when it sent one; so
         // does the report below.
         let render_span = tracing::info_span!("render", task = %task_id, job = %task.job_id, index = task.index, epoch = %epoch);
@@ -467,7 +495,7 @@ fn start(shared: &Arc<Shared>, tasks: Vec<pb::LeasedTask>) {
             reporting,
             task.traceparent.clone(),
         );
-        match convert::render_task(&task) {
+        match converted {
             Ok(mut t) => {
                 t.span = render_span;
                 submitted.push((t, control));
@@ -504,6 +532,59 @@ fn start(shared: &Arc<Shared>, tasks: Vec<pb::LeasedTask>) {
     }
 }
 
+/// What this worker will hold when a task leased now comes to render, as it
+/// tells the coordinator with a lease request: its models ([`models_ahead`])
+/// and its ready LoRA sets ([`sets_ahead`]), counting the tasks in hand that
+/// render first. A prefetching worker asks while it renders, so reporting
+/// only what the renderer holds at that moment would have the store choose
+/// for the state the worker is about to leave.
+fn ahead(shared: &Shared) -> (Vec<String>, Vec<ReadyLoraSet>) {
+    let (resident, ready) = (
+        shared.renderer.resident(),
+        shared.renderer.ready_lora_sets(),
+    );
+    let in_flight = shared.in_flight();
+    let models = in_flight.values().filter_map(|f| f.model.clone());
+    let sets = in_flight.values().filter_map(|f| f.lora_set.clone());
+    (models_ahead(resident, models), sets_ahead(ready, sets))
+}
+
+/// The models of a worker holding `resident` once the tasks in hand (their
+/// models) have rendered: those of the tasks in hand that are not resident
+/// (they load them, and a worker loading a model holds that one alone, as the
+/// store counts it in `policy::holds_for_affinity`), else `resident`.
+fn models_ahead(resident: Vec<String>, in_hand: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut loading: Vec<String> = Vec::new();
+    for model in in_hand {
+        if !resident.contains(&model) && !loading.contains(&model) {
+            loading.push(model);
+        }
+    }
+    if loading.is_empty() {
+        resident
+    } else {
+        loading
+    }
+}
+
+/// The LoRA sets a worker holding `ready` holds once the tasks in hand (their
+/// sets) have rendered: a renderer keeps the set it rendered with, so those
+/// not ready yet come first (the coordinator reads the first
+/// `MAX_READY_SETS`), then `ready`.
+fn sets_ahead(
+    ready: Vec<ReadyLoraSet>,
+    in_hand: impl IntoIterator<Item = ReadyLoraSet>,
+) -> Vec<ReadyLoraSet> {
+    let mut ahead: Vec<ReadyLoraSet> = Vec::new();
+    for set in in_hand {
+        if !ready.contains(&set) && !ahead.contains(&set) {
+            ahead.push(set);
+        }
+    }
+    ahead.extend(ready);
+    ahead
+}
+
 /// Sends the outcome of a render to the coordinator, retrying transient errors.
 async fn report(
     shared: &Arc<Shared>,
@@ -524,6 +605,11 @@ async fn report(
             // The slot this task frees is filled by the same call, unless
             // the agent stopped leasing.
             let lease_next = u32::from(!shared.stop_leasing.is_cancelled());
+            let (resident, ready) = if lease_next > 0 {
+                ahead(shared)
+            } else {
+                Default::default()
+            };
             let req = pb::CompleteRequest {
                 worker_id,
                 task_id: task.to_string(),
@@ -536,16 +622,8 @@ async fn report(
                     encode_ms: rendered.encode_ms,
                 }),
                 lease_next,
-                resident_models: if lease_next > 0 {
-                    shared.renderer.resident()
-                } else {
-                    Vec::new()
-                },
-                ready_lora_sets: if lease_next > 0 {
-                    kiln_proto::convert::ready_sets_to_pb(&shared.renderer.ready_lora_sets())
-                } else {
-                    Vec::new()
-                },
+                resident_models: resident,
+                ready_lora_sets: kiln_proto::convert::ready_sets_to_pb(&ready),
             };
             let asked = tokio::time::Instant::now();
             retry(abandoned, || shared.link.complete(req.clone()))
@@ -726,5 +804,51 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 tracing::warn!(worker = %shared.worker, code = ?status.code(), error = %status.message(), "heartbeat failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ReadyLoraSet, models_ahead, sets_ahead};
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_worker_reports_the_models_its_waiting_tasks_will_load() {
+        // Nothing in hand, or only tasks of resident models: the resident models.
+        assert_eq!(models_ahead(names(&["m1"]), names(&[])), names(&["m1"]));
+        assert_eq!(
+            models_ahead(names(&["m1", "m2"]), names(&["m1", "m2", "m1"])),
+            names(&["m1", "m2"])
+        );
+        // A waiting task for m2 loads it before a task leased now renders:
+        // the worker counts as m2's holder, once, as the store counts it.
+        assert_eq!(
+            models_ahead(names(&["m1"]), names(&["m1", "m2", "m2"])),
+            names(&["m2"])
+        );
+        assert_eq!(
+            models_ahead(names(&[]), names(&["m3", "m2"])),
+            names(&["m3", "m2"])
+        );
+    }
+
+    #[test]
+    fn a_worker_reports_the_lora_sets_its_waiting_tasks_will_merge() {
+        let set = |model: &str, key: &str| ReadyLoraSet {
+            model: model.into(),
+            set: key.into(),
+        };
+        let ready = vec![set("m1", "ink")];
+        assert_eq!(sets_ahead(ready.clone(), []), ready);
+        assert_eq!(
+            sets_ahead(
+                ready.clone(),
+                [set("m1", "ink"), set("m1", "mira"), set("m1", "mira")]
+            ),
+            [set("m1", "mira"), set("m1", "ink")]
+        );
     }
 }

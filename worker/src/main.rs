@@ -88,9 +88,14 @@ struct Args {
     /// load tests only (sleeps --sim-step per step, draws a pattern from the seed).
     #[arg(long, value_enum, default_value_t = RendererKind::Candle)]
     renderer: RendererKind,
-    /// Tasks leased at once.
+    /// Tasks rendered at once (the largest batch).
     #[arg(long, env = "KILN_SLOTS", default_value_t = 1)]
     slots: u32,
+    /// Tasks held beyond --slots, waiting behind the renders: a finished
+    /// task's report and the next lease then happen while the device renders
+    /// instead of between renders. 0 leases only as tasks end.
+    #[arg(long, env = "KILN_PREFETCH", default_value_t = kiln_worker::agent::DEFAULT_PREFETCH)]
+    prefetch: u32,
     /// This worker's id; defaults to the host name and a random suffix.
     #[arg(long, env = "KILN_WORKER_ID")]
     id: Option<String>,
@@ -305,6 +310,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         AgentConfig {
             worker_id: worker_id.clone(),
             slots: args.slots,
+            prefetch: args.prefetch,
             labels,
             lease_observer: None,
             readiness: readiness.clone(),

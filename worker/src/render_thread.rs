@@ -77,17 +77,23 @@ pub struct RenderThread {
 
 impl RenderThread {
     /// Starts the thread over `renderer`, making a live preview every
-    /// `preview_every` steps (0: none). It ends when every handle is dropped.
+    /// `preview_every` steps (0: none) and rendering at most `max_batch` tasks
+    /// at once. It ends when every handle is dropped.
     ///
     /// The thread takes everything queued when it becomes free, groups the tasks by
-    /// [`RenderTask::batch_key`] (groups in order of their first task) and hands each
-    /// group to [`Renderer::render_batch`]: tasks leased together with the same model,
+    /// [`RenderTask::batch_key`] (groups in order of their first task, each cut into
+    /// runs of at most `max_batch` in order) and hands each group to
+    /// [`Renderer::render_batch`]: tasks leased together with the same model,
     /// size and schedule render as one batch. A group's tasks keep their own progress
     /// and cancellation.
     ///
     /// # Errors
     /// When the OS cannot start a thread.
-    pub fn spawn(renderer: Arc<dyn Renderer>, preview_every: u32) -> std::io::Result<Self> {
+    pub fn spawn(
+        renderer: Arc<dyn Renderer>,
+        preview_every: u32,
+        max_batch: usize,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Vec<Job>>();
         std::thread::Builder::new()
             .name("kiln-render".into())
@@ -97,7 +103,7 @@ impl RenderThread {
                     while let Ok(more) = rx.try_recv() {
                         queued.extend(more);
                     }
-                    for group in group_jobs(queued) {
+                    for group in group_jobs(queued, max_batch) {
                         run_group(renderer.as_ref(), group, preview_every);
                     }
                 }
@@ -158,8 +164,10 @@ pub async fn wait(
     }
 }
 
-/// Answers the cancelled jobs and groups the rest by batch key, in order of first appearance.
-fn group_jobs(jobs: Vec<Job>) -> Vec<Vec<Job>> {
+/// Answers the cancelled jobs and groups the rest by batch key, in order of
+/// first appearance, in groups of at most `max_batch` (at least one).
+fn group_jobs(jobs: Vec<Job>, max_batch: usize) -> Vec<Vec<Job>> {
+    let max_batch = max_batch.max(1);
     let mut groups: Vec<(BatchKey, Vec<Job>)> = Vec::new();
     for job in jobs {
         if job.control.is_cancelled() {
@@ -168,7 +176,10 @@ fn group_jobs(jobs: Vec<Job>) -> Vec<Vec<Job>> {
             continue;
         }
         let key = job.task.batch_key();
-        match groups.iter_mut().find(|(k, _)| *k == key) {
+        match groups
+            .iter_mut()
+            .find(|(k, members)| *k == key && members.len() < max_batch)
+        {
             Some((_, members)) => members.push(job),
             None => groups.push((key, vec![job])),
         }
@@ -301,7 +312,7 @@ mod tests {
     #[tokio::test]
     async fn renders_report_progress_and_stop_when_cancelled() {
         let sim = SimRenderer::new(&["tiny".into()], Duration::from_millis(20));
-        let thread = RenderThread::spawn(Arc::new(sim), 10).unwrap();
+        let thread = RenderThread::spawn(Arc::new(sim), 10, 1).unwrap();
         let control = RenderControl::default();
         let pending = tokio::spawn({
             let (thread, control) = (thread.clone(), control.clone());
@@ -365,35 +376,52 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn tasks_submitted_together_batch_by_key() {
+    fn task(seed: u64, steps: u32) -> (RenderTask, RenderControl) {
+        let mut r = recipe();
+        r.seed = seed;
+        r.steps = steps;
+        (RenderTask::txt2img(r), RenderControl::default())
+    }
+
+    /// Submits `tasks` at once to a thread that renders at most `max_batch`
+    /// together; returns the seeds of each batch it rendered, in order, and
+    /// each task's result.
+    async fn batches_of(
+        tasks: Vec<(RenderTask, RenderControl)>,
+        max_batch: usize,
+    ) -> (Vec<Vec<u64>>, Vec<Result<Rendered, RenderError>>) {
         let recording = Arc::new(Recording {
             sim: SimRenderer::new(&["tiny".into()], Duration::from_millis(1)),
             batches: Default::default(),
         });
-        let thread = RenderThread::spawn(recording.clone(), 0).unwrap();
-        let task = |seed: u64, steps: u32| {
-            let mut r = recipe();
-            r.seed = seed;
-            r.steps = steps;
-            (RenderTask::txt2img(r), RenderControl::default())
-        };
+        let thread = RenderThread::spawn(recording.clone(), 0, max_batch).unwrap();
+        let mut results = Vec::new();
+        for rx in thread.submit(tasks) {
+            results.push(wait(Some(rx)).await);
+        }
+        let batches = recording.batches.lock().unwrap().clone();
+        (batches, results)
+    }
+
+    #[tokio::test]
+    async fn batches_never_exceed_the_limit() {
+        let tasks = vec![task(1, 2), task(2, 2), task(3, 3), task(4, 2), task(5, 2)];
+        let (batches, results) = batches_of(tasks, 2).await;
+        assert_eq!(batches, [vec![1, 2], vec![3], vec![4, 5]]);
+        assert!(results.iter().all(Result::is_ok));
+        let tasks = vec![task(1, 2), task(2, 2), task(3, 2)];
+        assert_eq!(batches_of(tasks, 1).await.0, [vec![1], vec![2], vec![3]]);
+    }
+
+    #[tokio::test]
+    async fn tasks_submitted_together_batch_by_key() {
         // Seeds 1, 2 and 4 share a key; 3 has other steps; 5 is cancelled before it starts.
         let cancelled = task(5, 2);
         cancelled.1.cancel();
-        let receivers = thread.submit(vec![
-            task(1, 2),
-            task(2, 2),
-            task(3, 3),
-            task(4, 2),
-            cancelled,
-        ]);
-        let mut results = Vec::new();
-        for rx in receivers {
-            results.push(wait(Some(rx)).await);
-        }
+        let tasks = vec![task(1, 2), task(2, 2), task(3, 3), task(4, 2), cancelled];
+        let (batches, results) = batches_of(tasks, 8).await;
         assert!(results[..4].iter().all(Result::is_ok));
         assert!(matches!(results[4], Err(RenderError::Cancelled)));
-        assert_eq!(*recording.batches.lock().unwrap(), [vec![1, 2, 4], vec![3]]);
+        assert_eq!(batches, [vec![1, 2, 4], vec![3]]);
     }
 }

@@ -75,9 +75,12 @@ struct Dispatch {
     /// Sim workers.
     #[arg(long, default_value_t = 50)]
     workers: u32,
-    /// Tasks each worker leases and runs at once.
+    /// Tasks each worker renders at once.
     #[arg(long, default_value_t = 1)]
     slots: u32,
+    /// Tasks each worker holds beyond its slots (kiln-worker's --prefetch).
+    #[arg(long, default_value_t = kiln_worker::agent::DEFAULT_PREFETCH)]
+    prefetch: u32,
     /// Tasks in the job.
     #[arg(long, default_value_t = 10_000)]
     tasks: u32,
@@ -91,13 +94,14 @@ struct Dispatch {
 
 /// Measures the coordinator's dispatch rate: `workers` sim workers with
 /// 0 ms steps run a job of `tasks` one-step items through the embedded farm
-/// (memory store, real gRPC on loopback), each leasing up to `slots` tasks at
-/// once; prints lease + complete cycles per second, Redis round trips per
+/// (memory store, real gRPC on loopback), each rendering `slots` tasks at
+/// once and holding `prefetch` more; prints lease + complete cycles per second, Redis round trips per
 /// task, and the CPU time per cycle of this process plus Redis (`INFO cpu`).
 async fn dispatch(args: Dispatch) -> anyhow::Result<()> {
     let Dispatch {
         workers,
         slots,
+        prefetch,
         tasks,
         store,
         json: json_out,
@@ -125,6 +129,7 @@ async fn dispatch(args: Dispatch) -> anyhow::Result<()> {
     };
     let mut farm = EmbeddedFarm::start_coordinator(store).await?;
     farm.slots = slots;
+    farm.prefetch = prefetch;
     farm.add_workers((0..workers).map(|_| renderer.clone() as _).collect(), None)
         .await?;
     let trips_before = redis.as_ref().map_or(0, |r| r.round_trips());
@@ -165,7 +170,7 @@ async fn dispatch(args: Dispatch) -> anyhow::Result<()> {
     if json_out {
         println!(
             "{}",
-            json!({"store": store_name, "workers": workers, "tasks": tasks, "completed": completed,
+            json!({"store": store_name, "workers": workers, "slots": slots, "prefetch": prefetch, "tasks": tasks, "completed": completed,
                    "submit_s": submitted.as_secs_f64(), "total_s": elapsed.as_secs_f64(),
                    "cycles_per_s": rate, "redis_round_trips_per_task": per_task,
                    "process_cpu_s": process_cpu, "redis_cpu_s": redis_cpu,
@@ -179,7 +184,7 @@ async fn dispatch(args: Dispatch) -> anyhow::Result<()> {
             .map(|c| format!(", {c:.0} µs CPU per cycle"))
             .unwrap_or_default();
         println!(
-            "{store_name} store: {completed}/{tasks} tasks by {workers} sim workers: submit {:.2} s, dispatch {:.2} s, {rate:.0} lease+complete cycles/s{trips}{cpu}",
+            "{store_name} store: {completed}/{tasks} tasks by {workers} sim workers ({slots} slots, prefetch {prefetch}): submit {:.2} s, dispatch {:.2} s, {rate:.0} lease+complete cycles/s{trips}{cpu}",
             submitted.as_secs_f64(),
             (elapsed - submitted).as_secs_f64()
         );
@@ -222,6 +227,10 @@ struct Schedule {
     /// Time to load a model that is not resident.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     load: Duration,
+    /// Tasks each sim worker holds beyond the one it renders (kiln-worker's
+    /// --prefetch; 0: it leases only when a render ends).
+    #[arg(long, default_value_t = kiln_worker::agent::DEFAULT_PREFETCH)]
+    prefetch: u32,
     /// Stop this long after the first lease and report the rate reached
     /// instead of the makespan (for farms too large to run to the end).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -500,6 +509,7 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
         .await
         .context("registering the bench's announcer")?;
     let mut farm = EmbeddedFarm::start_coordinator(store.clone()).await?;
+    farm.prefetch = opts.prefetch;
     let per_job = opts.tasks / opts.jobs;
     let mut tasks_per_model = vec![0u64; names.len()];
     let mut submissions = Vec::new();
@@ -636,7 +646,7 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
     let rate = completed / elapsed_s;
     let ideal_rate = f64::from(opts.workers) / render_s;
     if json_out {
-        let mut out = json!({"workers": opts.workers, "tasks": total, "models": opts.models, "jobs": opts.jobs,
+        let mut out = json!({"workers": opts.workers, "prefetch": opts.prefetch, "tasks": total, "models": opts.models, "jobs": opts.jobs,
                "render_ms": opts.render.as_millis(), "load_ms": opts.load.as_millis(),
                "registration_s": registration.as_secs_f64(),
                "model_loads": loads, "load_lower_bound": bound,
@@ -660,10 +670,11 @@ async fn schedule(opts: Schedule) -> anyhow::Result<()> {
         println!("{out}");
     } else {
         println!(
-            "{total} tasks, {} jobs, {} models, {} sim workers at {} ms per render ({} ms per model load); workers registered and holding a task in {:.2} s:",
+            "{total} tasks, {} jobs, {} models, {} sim workers (prefetch {}) at {} ms per render ({} ms per model load); workers registered and holding a task in {:.2} s:",
             opts.jobs,
             opts.models,
             opts.workers,
+            opts.prefetch,
             opts.render.as_millis(),
             opts.load.as_millis(),
             registration.as_secs_f64()

@@ -188,7 +188,9 @@ pub trait Renderer: Send + Sync + 'static {
     }
 
     /// Returns the models loaded right now, so the scheduler can keep this
-    /// worker on them; by default every model is resident.
+    /// worker on them; by default every model is resident. The agent asks
+    /// from its async tasks while the render thread may be loading a model,
+    /// so this answers at once: it never waits for a load to end.
     fn resident(&self) -> Vec<String> {
         self.models().into_iter().map(|m| m.name).collect()
     }

@@ -163,15 +163,21 @@ impl SimRenderer {
         let Some(slots) = self.options.resident_slots else {
             return;
         };
-        let mut resident = self.resident.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = resident.iter().position(|m| m == model) {
-            if let Some(m) = resident.remove(i) {
-                resident.push_back(m);
+        {
+            let mut resident = self.resident.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = resident.iter().position(|m| m == model) {
+                if let Some(m) = resident.remove(i) {
+                    resident.push_back(m);
+                }
+                return;
             }
-            return;
         }
+        // Loads outside the lock: `resident` answers during a load (with
+        // what was resident before it), as a real renderer's does. Only the
+        // render thread loads, so nothing else changes the list meanwhile.
         std::thread::sleep(self.options.load_time);
         self.loads.fetch_add(1, Ordering::Relaxed);
+        let mut resident = self.resident.lock().unwrap_or_else(|p| p.into_inner());
         resident.push_back(model.to_string());
         while resident.len() > slots.max(1) {
             resident.pop_front();
