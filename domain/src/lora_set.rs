@@ -82,6 +82,18 @@ pub struct ReadyLoraSet {
     pub set: String,
 }
 
+impl ReadyLoraSet {
+    /// The set a render of `recipe` merges and keeps for its model; `None`
+    /// when its LoRAs change nothing.
+    pub fn of(recipe: &crate::recipe::Recipe) -> Option<Self> {
+        let set = LoraSet::of(&recipe.extras.loras).key();
+        (!set.is_empty()).then(|| Self {
+            model: recipe.model.clone(),
+            set,
+        })
+    }
+}
+
 /// Most ready LoRA sets one worker's report may carry; the coordinator reads no more.
 pub const MAX_READY_SETS: usize = 64;
 

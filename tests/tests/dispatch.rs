@@ -3,10 +3,11 @@
 //! than a Lease and a Complete; every task is still rendered exactly once.
 //! A worker started with `--prefetch 1` holds its next task while it renders one.
 
+use std::path::Path;
 use std::time::Duration;
 
 use kiln_tests::{
-    Coordinator, arg, assert_exactly_once, free_port, get_job, http_get, job_id, kiln, sim_worker,
+    Coordinator, Proc, arg, assert_exactly_once, free_port, get_job, http_get, job_id, kiln,
     sweep_file, wait_for, watch_ok, worker,
 };
 
@@ -25,24 +26,40 @@ fn calls(metrics: &str, method: &str, code: &str) -> f64 {
         .sum()
 }
 
+/// Starts a sim worker `w1` of `step` a step with `flags` on `coord`, runs a
+/// job of `prompts` x `seeds` two-step items on it and checks that every item
+/// was rendered exactly once; returns the worker and the job.
+fn run_job(
+    d: &Path,
+    coord: &Coordinator,
+    step: &str,
+    flags: &[&str],
+    (prompts, seeds): (usize, usize),
+) -> (Proc, String) {
+    let mut args = vec!["--renderer", "sim", "--model", "simtoy", "--sim-step", step];
+    args.extend_from_slice(flags);
+    let w = worker(d, &coord.url, "w1", &args).unwrap();
+    wait_for(LONG, "the worker to register", || {
+        let out = kiln(&["workers", "--coordinator", &coord.url]);
+        out.stdout.contains("w1").then_some(())
+    });
+    let batch = d.join("b.toml");
+    sweep_file(&batch, "simtoy", prompts, seeds, 2).unwrap();
+    let out = kiln(&["submit", arg(&batch), "--json", "--coordinator", &coord.url]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let job = job_id(&out.stdout).unwrap();
+    watch_ok(&coord.url, &job);
+    assert_exactly_once(&coord.url, &job, &d.join("out"), prompts * seeds);
+    (w, job)
+}
+
 #[test]
 fn completions_carry_the_next_lease_and_every_task_runs_once() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let http = format!("127.0.0.1:{}", free_port());
     let coord = Coordinator::start(d, &["--http", &http]).unwrap();
-    let _w = sim_worker(d, &coord.url, "w1", &["--slots", "1"], &[]).unwrap();
-    wait_for(LONG, "the worker to register", || {
-        let out = kiln(&["workers", "--coordinator", &coord.url]);
-        out.stdout.contains("w1").then_some(())
-    });
-    let batch = d.join("b.toml");
-    sweep_file(&batch, "simtoy", 6, 5, 2).unwrap();
-    let out = kiln(&["submit", arg(&batch), "--json", "--coordinator", &coord.url]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let job = job_id(&out.stdout).unwrap();
-    watch_ok(&coord.url, &job);
-    assert_exactly_once(&coord.url, &job, &d.join("out"), 30);
+    let _w = run_job(d, &coord, "0ms", &["--slots", "1"], (6, 5));
     let metrics = http_get(&http, "/metrics", None).unwrap().body;
     let completes = calls(&metrics, "Complete", "OK");
     let leases = calls(&metrics, "Lease", "OK");
@@ -62,27 +79,7 @@ fn leases_and_ends(flags: &[&str]) -> Vec<(i64, i64)> {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let coord = Coordinator::start(d, &[]).unwrap();
-    let mut args = vec![
-        "--renderer",
-        "sim",
-        "--model",
-        "simtoy",
-        "--sim-step",
-        "100ms",
-    ];
-    args.extend_from_slice(flags);
-    let mut w = worker(d, &coord.url, "w1", &args).unwrap();
-    wait_for(LONG, "the worker to register", || {
-        let out = kiln(&["workers", "--coordinator", &coord.url]);
-        out.stdout.contains("w1").then_some(())
-    });
-    let batch = d.join("b.toml");
-    sweep_file(&batch, "simtoy", 3, 2, 2).unwrap();
-    let out = kiln(&["submit", arg(&batch), "--json", "--coordinator", &coord.url]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let job = job_id(&out.stdout).unwrap();
-    watch_ok(&coord.url, &job);
-    assert_exactly_once(&coord.url, &job, &d.join("out"), 6);
+    let (mut w, job) = run_job(d, &coord, "100ms", flags, (3, 2));
     w.kill();
     let mut attempts: Vec<(i64, i64)> = get_job(&coord.url, &job)
         .tasks

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use kiln_domain::lora_set::{LoraSet, ReadyLoraSet};
+use kiln_domain::lora_set::ReadyLoraSet;
 use kiln_proto::connect::is_transient;
 use kiln_proto::ids::{Epoch, TaskId, WorkerId};
 use kiln_proto::pb::{self, AbandonReason, FaultClass};
@@ -474,13 +474,10 @@ fn start(shared: &Arc<Shared>, tasks: Vec<pb::LeasedTask>) {
                 abandoned: abandoned.clone(),
                 reporting: reporting.clone(),
                 model: converted.as_ref().ok().map(|t| t.recipe.model.clone()),
-                lora_set: converted.as_ref().ok().and_then(|t| {
-                    let set = LoraSet::of(&t.recipe.extras.loras).key();
-                    (!set.is_empty()).then(|| ReadyLoraSet {
-                        model: t.recipe.model.clone(),
-                        set,
-                    })
-                }),
+                lora_set: converted
+                    .as_ref()
+                    .ok()
+                    .and_then(|t| ReadyLoraSet::of(&t.recipe)),
             },
         );
         tracing::debug!(worker = %shared.worker, job = %task.job_id, index = task.index, epoch = %epoch, model = converted.as_ref().map_or("", |t| t.recipe.model.as_str()), "rendering");
@@ -534,18 +531,24 @@ fn start(shared: &Arc<Shared>, tasks: Vec<pb::LeasedTask>) {
 
 /// What this worker will hold when a task leased now comes to render, as it
 /// tells the coordinator with a lease request: its models ([`models_ahead`])
-/// and its ready LoRA sets ([`sets_ahead`]), counting the tasks in hand that
-/// render first. A prefetching worker asks while it renders, so reporting
-/// only what the renderer holds at that moment would have the store choose
-/// for the state the worker is about to leave.
+/// and its ready LoRA sets ([`sets_ahead`]), counting the tasks in hand whose
+/// render has not ended (those that have are in the renderer's answer). A
+/// prefetching worker asks while it renders, so reporting only what the
+/// renderer holds at that moment would have the store choose for the state
+/// the worker is about to leave.
 fn ahead(shared: &Shared) -> (Vec<String>, Vec<ReadyLoraSet>) {
     let (resident, ready) = (
         shared.renderer.resident(),
         shared.renderer.ready_lora_sets(),
     );
     let in_flight = shared.in_flight();
-    let models = in_flight.values().filter_map(|f| f.model.clone());
-    let sets = in_flight.values().filter_map(|f| f.lora_set.clone());
+    let before_render = || {
+        in_flight
+            .values()
+            .filter(|f| !f.reporting.load(Ordering::SeqCst))
+    };
+    let models = before_render().filter_map(|f| f.model.clone());
+    let sets = before_render().filter_map(|f| f.lora_set.clone());
     (models_ahead(resident, models), sets_ahead(ready, sets))
 }
 

@@ -133,13 +133,8 @@ impl SimRenderer {
     /// Holds the recipe's LoRA set ready for its model as the most recently
     /// used, dropping the least recently used sets beyond the slots.
     fn make_ready(&self, recipe: &Recipe) {
-        let set = LoraSet::of(&recipe.extras.loras).key();
-        if set.is_empty() {
+        let Some(entry) = ReadyLoraSet::of(recipe) else {
             return;
-        }
-        let entry = ReadyLoraSet {
-            model: recipe.model.clone(),
-            set,
         };
         let slots = match self.options.lora_slots {
             0 => DEFAULT_LORA_SLOTS,
