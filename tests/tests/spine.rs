@@ -653,6 +653,14 @@ fn cancelled_job_stops_leasing_and_workers_abandon_within_a_heartbeat() {
 
 #[test]
 fn sigterm_drains_the_worker_which_finishes_its_task_and_exits_zero() {
+    // With --prefetch 1 the worker also holds the next task, waiting: the drain
+    // hands it back at once rather than rendering it.
+    for prefetch in ["0", "1"] {
+        sigterm_drain(prefetch);
+    }
+}
+
+fn sigterm_drain(prefetch: &str) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let coord = Coordinator::start(d, &["--heartbeat-interval", "200ms"]).unwrap();
@@ -667,6 +675,8 @@ fn sigterm_drains_the_worker_which_finishes_its_task_and_exits_zero() {
             "sim",
             "--sim-step",
             "100ms",
+            "--prefetch",
+            prefetch,
         ],
     )
     .unwrap();
@@ -695,6 +705,6 @@ fn sigterm_drains_the_worker_which_finishes_its_task_and_exits_zero() {
     assert_eq!(
         (c.completed, c.queued, c.leased),
         (1, 2, 0),
-        "the task in hand finished, nothing else was taken"
+        "--prefetch {prefetch}: the task rendering finished, nothing else was taken"
     );
 }

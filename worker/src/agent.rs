@@ -4,7 +4,9 @@
 //! made since the one before (`AgentConfig::preview_every`).
 //!
 //! Shutdown happens in a visible order: on `drain` the agent stops leasing,
-//! finishes the tasks in hand, reports them and returns; on `abort` it hands
+//! hands back at once the tasks the render thread has not taken up yet
+//! (prefetched, or queued behind a batch), finishes the renders under way,
+//! reports them and returns; on `abort` it hands
 //! every task whose render has not ended back to the queue at once (a `Fail`
 //! with the `CANCELLED` fault: the store queues it again under a fresh attempt
 //! without counting it against the task's attempts) and returns without
@@ -327,6 +329,19 @@ impl Agent {
             .readiness
             .not_ready("draining: finishing the tasks in hand, taking no new work");
         tracing::info!(worker = %self.config.worker_id, in_hand = self.shared.in_flight().len(), "stopped leasing; finishing the tasks in hand");
+        // A drain finishes the renders under way; tasks still waiting for the
+        // render thread (prefetched, or queued behind a batch) go back to the
+        // queue at once, for another worker.
+        if result.is_ok()
+            && tokio::time::timeout(
+                HAND_BACK_LIMIT,
+                hand_back(&self.shared, |f| !f.control.is_started()),
+            )
+            .await
+            .is_err()
+        {
+            tracing::warn!(worker = %self.config.worker_id, "could not hand the waiting tasks back in time; the rest come back when their leases expire");
+        }
         self.wait_for_tasks(&shutdown).await;
         stop_heartbeat.cancel();
         abort_watch.abort();
@@ -419,7 +434,7 @@ impl Agent {
             tokio::select! {
                 _ = &mut freed => {}
                 _ = shutdown.abort.cancelled() => {
-                    if tokio::time::timeout(HAND_BACK_LIMIT, hand_back_all(&self.shared)).await.is_err() {
+                    if tokio::time::timeout(HAND_BACK_LIMIT, hand_back(&self.shared, |_| true)).await.is_err() {
                         tracing::error!(worker = %self.shared.worker, "could not hand every task back in time; the rest come back when their leases expire");
                         return;
                     }
@@ -677,15 +692,16 @@ async fn report(
     }
 }
 
-/// Hands every task whose render has not ended back to the coordinator at
-/// once, and forgets it: its render is cancelled and its own report will not
-/// be sent. Tasks whose report is already under way are left to it.
-async fn hand_back_all(shared: &Shared) {
+/// Hands every task in hand that `which` picks and whose render has not ended
+/// back to the coordinator at once, and forgets it: its render is cancelled
+/// and its own report will not be sent. Tasks whose report is already under
+/// way are left to it.
+async fn hand_back(shared: &Shared, which: impl Fn(&InFlight) -> bool) {
     let tasks: Vec<(TaskId, Epoch)> = {
         let mut in_flight = shared.in_flight();
         let ids: Vec<TaskId> = in_flight
             .iter()
-            .filter(|(_, f)| !f.reporting.load(Ordering::SeqCst))
+            .filter(|(_, f)| !f.reporting.load(Ordering::SeqCst) && which(f))
             .map(|(id, _)| *id)
             .collect();
         ids.into_iter()

@@ -28,12 +28,19 @@ pub struct RenderControl {
     pub cancel: Arc<AtomicBool>,
     /// The latest preview not yet sent; a newer one replaces it.
     pub preview: Arc<Mutex<Option<Preview>>>,
+    /// Set when the render thread takes the task up to render it.
+    pub started: Arc<AtomicBool>,
 }
 
 impl RenderControl {
     /// Asks the render to stop at its next step.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Returns true once the render thread has taken the task up.
+    pub fn is_started(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
     }
 
     /// Returns true once cancellation was asked for.
@@ -194,6 +201,9 @@ fn run_group(renderer: &dyn Renderer, group: Vec<Job>, preview_every: u32) {
         .map(|j| (j.task, (j.control, j.reply)))
         .unzip();
     let controls: Vec<&RenderControl> = rest.iter().map(|(c, _)| c).collect();
+    for control in &controls {
+        control.started.store(true, Ordering::SeqCst);
+    }
     if tasks.len() > 1 {
         tracing::debug!(tasks = tasks.len(), "rendering a batch");
     }
