@@ -45,8 +45,10 @@ fn each_task_goes_to_the_sim_worker_holding_its_lora_set_ready() {
     asset(&loras, "ink");
     asset(&loras, "mira");
     let coord = Coordinator::start(d, &[]).unwrap();
-    // Both hold both LoRAs; each has one set merged. Four slots each: a claim
-    // takes the first task and fills the slots with its batch.
+    // Both hold both LoRAs; each has one set merged. Four slots each and no
+    // prefetch place: a claim takes the first task and fills the slots with
+    // its batch. (A fifth place would take the first task of the other set,
+    // the same model's next task in item order.)
     let start = |id: &str, ready: &str| {
         sim_worker(
             d,
@@ -59,6 +61,8 @@ fn each_task_goes_to_the_sim_worker_holding_its_lora_set_ready() {
                 ready,
                 "--slots",
                 "4",
+                "--prefetch",
+                "0",
             ],
             &[],
         )

@@ -106,8 +106,8 @@ fn a_prefetching_worker_holds_its_next_task_while_it_renders() {
             "each task is leased before the one ahead of it ends: {prefetched:?}"
         );
     }
-    // By default (--prefetch 0) each lease comes with the completion before it.
-    let on_demand = leases_and_ends(&[]);
+    // With --prefetch 0 each lease comes with the completion before it.
+    let on_demand = leases_and_ends(&["--prefetch", "0"]);
     assert_eq!(on_demand.len(), 6, "{on_demand:?}");
     for pair in on_demand.windows(2) {
         assert!(

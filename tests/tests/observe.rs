@@ -131,8 +131,9 @@ fn the_queue_api_counts_queued_running_and_workers_per_model() {
     let d = tmp.path();
     let coord = Coordinator::start(d, &[]).unwrap();
     let at = grpc_addr(&coord);
-    // One slot, and steps slow enough that the first task is still running
-    // when the counts are read.
+    // One slot and one prefetch place, and steps slow enough that the first
+    // task is still rendering when the counts are read: the prefetched task
+    // is leased, so it counts as running too.
     let _w = worker(
         d,
         &coord.url,
@@ -144,6 +145,10 @@ fn the_queue_api_counts_queued_running_and_workers_per_model() {
             "simtoy",
             "--sim-step",
             "30s",
+            "--slots",
+            "1",
+            "--prefetch",
+            "1",
         ],
     )
     .unwrap();
@@ -156,16 +161,16 @@ fn the_queue_api_counts_queued_running_and_workers_per_model() {
     let out = kiln(&["submit", arg(&batch), "--coordinator", &coord.url]);
     assert_eq!(out.code, 0, "{}", out.stderr);
 
-    let q = wait_for(LONG, "one task running", || {
+    let q = wait_for(LONG, "two tasks running", || {
         let q = json(&get(&at, "/api/v1/queue"));
-        (q["running"] == 1).then_some(q)
+        (q["running"] == 2).then_some(q)
     });
     assert_eq!(
         q,
         serde_json::json!({
-            "models": {"simtoy": {"queued": 3, "running": 1, "workers": 1}},
-            "queued": 3,
-            "running": 1
+            "models": {"simtoy": {"queued": 2, "running": 2, "workers": 1}},
+            "queued": 2,
+            "running": 2
         })
     );
     let one = json(&get(&at, "/api/v1/queue?model=simtoy"));
@@ -187,11 +192,11 @@ fn the_queue_api_counts_queued_running_and_workers_per_model() {
     // The same numbers as gauges.
     let m = get(&at, "/metrics").body;
     assert!(
-        m.contains("kiln_tasks{state=\"queued\",model=\"simtoy\"} 3"),
+        m.contains("kiln_tasks{state=\"queued\",model=\"simtoy\"} 2"),
         "{m}"
     );
     assert!(
-        m.contains("kiln_tasks{state=\"running\",model=\"simtoy\"} 1"),
+        m.contains("kiln_tasks{state=\"running\",model=\"simtoy\"} 2"),
         "{m}"
     );
     assert!(m.contains("kiln_workers{state=\"busy\"} 1"), "{m}");

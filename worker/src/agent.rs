@@ -46,9 +46,11 @@ const REPORT_TRIES: u32 = 16;
 const HAND_BACK_LIMIT: Duration = Duration::from_secs(5);
 
 /// Tasks a worker holds beyond its slots unless told otherwise
-/// ([`AgentConfig::prefetch`]): none, so a worker leases only as tasks end
-/// (see README, "Prefetch", for what prefetching changes).
-pub const DEFAULT_PREFETCH: u32 = 0;
+/// ([`AgentConfig::prefetch`]): one, so the report of a finished task and
+/// the next lease overlap the next render rather than sit between renders
+/// (see README, "Prefetch", for what prefetching changes; 0 leases only as
+/// tasks end).
+pub const DEFAULT_PREFETCH: u32 = 1;
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]

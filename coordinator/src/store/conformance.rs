@@ -1170,6 +1170,45 @@ pub async fn waiting_claim_wakes_when_work_arrives(store: &dyn Store) {
     assert_eq!(claim.unwrap().leases.len(), 1);
 }
 
+/// A long poll left open by a worker that then fell silent (stopped, cut
+/// off) leases nothing when work arrives once the worker has been silent for
+/// a lease TTL: its own leases have expired by then, and would go straight
+/// back to it. A call of its own afterwards leases as usual.
+pub async fn a_waiting_claim_leases_nothing_to_a_worker_silent_for_a_ttl(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let w1 = worker("w1");
+    let ttl = Duration::from_millis(100);
+    let waiting = store.claim(
+        &w1,
+        None,
+        1,
+        ttl,
+        Duration::from_millis(1500),
+        &[],
+        &[],
+        &NO_CAPS,
+    );
+    let submit = async {
+        // Nothing is heard from w1 meanwhile: its waiting claim's retries
+        // are no sign of life.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        store.create_job(new_job(1, "tiny")).await.unwrap();
+    };
+    let (claim, ()) = tokio::join!(waiting, submit);
+    assert!(
+        claim.unwrap().leases.is_empty(),
+        "the silent worker's long poll took the work"
+    );
+    let fresh = store
+        .claim(&w1, None, 1, ttl, NO_WAIT, &[], &[], &NO_CAPS)
+        .await
+        .unwrap();
+    assert_eq!(fresh.leases.len(), 1, "a call of its own is heard");
+}
+
 pub async fn events_resume_after_a_cursor(store: &dyn Store) {
     store
         .register_worker(registration("w1", &["tiny"]), None)
@@ -2219,6 +2258,60 @@ pub async fn an_identical_recipe_is_served_from_its_earlier_result(store: &dyn S
             .all(|a| a.outcome != Outcome::Completed),
         "a served task is not rendered: {:?}",
         tasks[0].attempts
+    );
+}
+
+/// A free slot is not spent rendering a recipe an earlier render already
+/// made: the filling pass serves it from that result, as the first pick does,
+/// and fills the slot with the next task.
+pub async fn a_free_slot_is_not_spent_on_a_recipe_already_rendered(store: &dyn Store) {
+    store
+        .register_worker(registration("w1", &["tiny"]), None)
+        .await
+        .unwrap();
+    let first = new_job(2, "tiny");
+    store.create_job(first).await.unwrap();
+    for l in claim(store, "w1", 2).await {
+        store
+            .complete(&worker("w1"), None, l.task, l.epoch, result())
+            .await
+            .unwrap();
+    }
+    // Items 1 and 2 repeat the first job's items 0 and 1; items 0 and 3 are new.
+    let mut again = new_job(4, "tiny");
+    again.tasks[0].recipe = recipe("tiny", 10);
+    again.tasks[1].recipe = recipe("tiny", 0);
+    again.tasks[2].recipe = recipe("tiny", 1);
+    again.tasks[3].recipe = recipe("tiny", 13);
+    let again_id = again.id;
+    store.create_job(again).await.unwrap();
+    let c = store
+        .claim(&worker("w1"), None, 2, TTL, NO_WAIT, &[], &[], &NO_CAPS)
+        .await
+        .unwrap();
+    assert_eq!(
+        c.leases.iter().map(|l| l.index).collect::<Vec<_>>(),
+        [0, 3],
+        "the repeated recipes take no slot"
+    );
+    let mut served: Vec<String> = c.deduped.iter().map(|d| d.file_name.clone()).collect();
+    served.sort();
+    assert_eq!(served, ["00001-prompt.png", "00002-prompt.png"]);
+    let states: Vec<TaskState> = store
+        .tasks(again_id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.state)
+        .collect();
+    assert_eq!(
+        states,
+        [
+            TaskState::Leased,
+            TaskState::Completed,
+            TaskState::Completed,
+            TaskState::Leased
+        ]
     );
 }
 
@@ -3363,6 +3456,7 @@ macro_rules! store_conformance {
             registering_again_releases_the_old_sessions_leases,
             draining_worker_gets_no_work,
             waiting_claim_wakes_when_work_arrives,
+            a_waiting_claim_leases_nothing_to_a_worker_silent_for_a_ttl,
             events_resume_after_a_cursor,
             blobs_are_kept_once_per_job,
             replayed_completion_is_accepted_again,
@@ -3385,6 +3479,7 @@ macro_rules! store_conformance {
             a_task_is_found_by_its_index,
             released_shots_batch_together,
             an_identical_recipe_is_served_from_its_earlier_result,
+            a_free_slot_is_not_spent_on_a_recipe_already_rendered,
             free_slots_fill_with_the_same_batch,
             a_verification_runs_on_its_class_only,
             announced_models_are_listed,

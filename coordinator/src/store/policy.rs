@@ -103,6 +103,15 @@ pub fn alive(silent_ms: u64) -> bool {
     silent_ms < LIVE_MS
 }
 
+/// Returns true when a waiting claim, woken by work, may still lease to its
+/// worker: the worker was heard from (a heartbeat or a call of its own;
+/// a waiting claim's retries do not count) within the lease TTL (`ttl_ms`).
+/// A worker silent that long has had its own leases expire; a long poll it
+/// left open while stopped must not lease them back to it.
+pub fn waiting_claim_may_lease(silent_ms: u64, ttl_ms: u64) -> bool {
+    silent_ms < ttl_ms
+}
+
 /// Returns true when `caller` (the name of the calling token; `None` without
 /// `--auth`) may act under a worker id whose session `owner` opened: only
 /// the same token may.

@@ -5,13 +5,14 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
 use kiln_proto::ids::{JobId, TaskId, WorkerId};
 use kiln_proto::lora_set::ReadyLoraSet;
 
 use super::data::{JobEntry, State, TaskEntry};
 use crate::store::policy::{self, Candidate, Holders, MAX_DEDUPED_PER_CLAIM, Pick};
-use crate::store::{Claim, RunningCaps};
+use crate::store::{Claim, RunningCaps, TaskState};
 
 /// What a stand-in must match: job, model, pinned hash and needed assets.
 pub(super) type StandInKey = (JobId, String, String, Vec<String>);
@@ -89,6 +90,18 @@ enum Fill {
     ReadySet,
     /// Any task of the first task's model.
     SameModel,
+}
+
+/// What filling the free slots of a claim works with.
+struct Slots<'a> {
+    /// Leases the claim may hold in all.
+    max: usize,
+    /// The store clock.
+    now: u64,
+    /// The leases' TTL.
+    ttl: Duration,
+    /// Jobs in policy order, as the claim began.
+    order: &'a [JobId],
 }
 
 impl State {
@@ -211,21 +224,25 @@ impl State {
         running
     }
 
-    /// Chooses up to `max` tasks for `worker` (see [`super::policy`]), no
-    /// project past its cap in `caps`; completes deduplicated tasks into
-    /// `claim` on the way.
+    /// Leases up to `max` tasks to `worker` for `ttl` (see
+    /// [`super::policy`]), no project past its cap in `caps`, into `claim`;
+    /// completes deduplicated tasks into `claim` on the way. Events follow
+    /// `claim.lua`'s order: the first task is leased before the free slots
+    /// are filled.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn pick(
         &mut self,
         worker: &WorkerId,
         max: usize,
         now: u64,
+        ttl: Duration,
         caps: &RunningCaps,
         ready: &[ReadyLoraSet],
         claim: &mut Claim,
-    ) -> Vec<TaskId> {
+    ) {
         let running = self.running_of(caps);
         let Some(w) = self.workers.get(worker) else {
-            return Vec::new();
+            return;
         };
         let reg = &w.record.registration;
         let models: HashMap<String, String> = reg
@@ -264,7 +281,10 @@ impl State {
         // model, in policy order.
         let mut first_choice: Option<Pick<TaskId>> = None;
         let mut first_resident: Option<Pick<TaskId>> = None;
-        'jobs: for job_id in self.job_order() {
+        // Read once, as claim.lua reads its jobs: the leases below move the
+        // fairness counters, and the fill keeps this order.
+        let order = self.job_order();
+        'jobs: for &job_id in &order {
             let Some(job) = self.jobs.get(&job_id) else {
                 continue;
             };
@@ -331,7 +351,6 @@ impl State {
         // LoRA-set affinity (policy step 4): the chosen task's job and model
         // stand; a task of theirs whose LoRA set is ready here may go first.
         let chosen = chosen.map(|first| self.prefer_ready(first, &asker, now, &mut deduped, claim));
-        let mut out = Vec::new();
         if let Some(first) = chosen {
             // A switch: the worker counts as loading the model until it
             // reports it (policy::still_loading).
@@ -355,15 +374,20 @@ impl State {
             if let Some(project) = self.project_of(first) {
                 asker.take_room(&project);
             }
-            out.push(first);
+            claim.leases.extend(self.lease(first, worker, now, ttl));
             if max > 1 {
-                self.fill(first, max, &asker, now, &mut out);
+                let slots = Slots {
+                    max,
+                    now,
+                    ttl,
+                    order: &order,
+                };
+                self.fill(first, &slots, &asker, &mut deduped, claim);
             }
         }
         // A project at its cap wakes waiting claims when one of its leases ends.
         self.capped
             .extend(caps.keys().filter(|p| !asker.has_room(p)).cloned());
-        out
     }
 
     /// Returns the task to lease instead of `first` (policy step 4): when
@@ -423,28 +447,31 @@ impl State {
         Some(self.jobs.get(&job)?.record.project.clone())
     }
 
-    /// Fills free slots after `first`: tasks that share its UNet batch, then
-    /// tasks for the same model whose LoRA set is ready here or `first`'s
-    /// ([`policy::set_ready`]), then other tasks for the same model, in
-    /// policy order.
-    pub(super) fn fill(
-        &self,
+    /// Fills the free slots of `claim` after `first` (already leased):
+    /// tasks that share its UNet batch, then tasks for the same model whose
+    /// LoRA set is ready here or `first`'s ([`policy::set_ready`]), then
+    /// other tasks for the same model, in `slots.order`. A task with an
+    /// earlier result of its recipe is completed from it into `claim` and
+    /// takes no slot, as `claim.lua` fills. Each pass walks a job's queue as
+    /// it stood when the pass reached the job, as `claim.lua` reads it once
+    /// per pass: shots a served anchor releases are seen by the next pass.
+    fn fill(
+        &mut self,
         first: TaskId,
-        max: usize,
+        slots: &Slots<'_>,
         asker: &Asker<'_>,
-        now: u64,
-        out: &mut Vec<TaskId>,
+        deduped: &mut usize,
+        claim: &mut Claim,
     ) {
         let Some(first_task) = self.tasks.get(&first) else {
             return;
         };
-        let key = &first_task.batch_key;
+        let key = first_task.batch_key.clone();
         let model = first_task.record.recipe.model.clone();
-        let first_set = &first_task.lora_set;
+        let first_set = first_task.lora_set.clone();
         let ready = |set: &str| set == first_set || asker.holds_ready(&model, set);
-        let order = self.job_order();
         for pass in [Fill::SameBatch, Fill::ReadySet, Fill::SameModel] {
-            for job_id in &order {
+            for job_id in slots.order {
                 let Some(job) = self.jobs.get(job_id) else {
                     continue;
                 };
@@ -454,31 +481,41 @@ impl State {
                 let Some(set) = job.queued.by_model.get(&model) else {
                     continue;
                 };
-                let project = &job.record.project;
-                for index in set {
-                    if out.len() >= max {
+                let project = job.record.project.clone();
+                let queued: Vec<TaskId> = set
+                    .iter()
+                    .filter_map(|index| job.tasks.get(*index as usize).copied())
+                    .collect();
+                for id in queued {
+                    if claim.leases.len() >= slots.max {
                         return;
                     }
-                    if !asker.has_room(project) {
+                    if !asker.has_room(&project) {
                         break;
                     }
-                    let Some(task) = job
-                        .tasks
-                        .get(*index as usize)
-                        .and_then(|t| self.tasks.get(t))
-                    else {
+                    let Some(task) = self.tasks.get(&id) else {
                         continue;
                     };
-                    let id = task.record.id;
                     let fits = match pass {
-                        Fill::SameBatch => task.batch_key == *key,
+                        Fill::SameBatch => task.batch_key == key,
                         Fill::ReadySet => policy::set_ready(&task.lora_set, ready),
                         Fill::SameModel => true,
                     };
-                    if fits && !out.contains(&id) && self.task_allows(task, asker, now) {
-                        asker.take_room(project);
-                        out.push(id);
+                    if !fits
+                        || task.record.state != TaskState::Queued
+                        || !self.task_allows(task, asker, slots.now)
+                    {
+                        continue;
                     }
+                    if *deduped < MAX_DEDUPED_PER_CLAIM && self.try_dedupe(id, &asker.class, claim)
+                    {
+                        *deduped += 1;
+                        continue;
+                    }
+                    asker.take_room(&project);
+                    claim
+                        .leases
+                        .extend(self.lease(id, asker.id, slots.now, slots.ttl));
                 }
             }
         }

@@ -99,7 +99,8 @@ impl MemoryStore {
         self.events.send_modify(|v| *v += 1);
     }
 
-    // The arguments of `Store::claim`, passed on as they are.
+    // The arguments of `Store::claim`, passed on as they are; `waking` for a
+    // waiting claim's retries after the first try.
     #[allow(clippy::too_many_arguments)]
     fn try_claim(
         &self,
@@ -110,6 +111,7 @@ impl MemoryStore {
         resident: &[String],
         ready: &[ReadyLoraSet],
         caps: &RunningCaps,
+        waking: bool,
     ) -> StoreResult<Claim> {
         let now = self.now();
         let mut guard = self.lock();
@@ -119,8 +121,16 @@ impl MemoryStore {
             .workers
             .get_mut(worker)
             .ok_or_else(|| StoreError::UnknownWorker(worker.clone()))?;
-        w.last_seen = now;
-        w.record.last_seen_ms = unix_ms();
+        // A waiting claim's retry is no sign of life.
+        if !waking {
+            w.last_seen = now;
+            w.record.last_seen_ms = unix_ms();
+        } else if !policy::waiting_claim_may_lease(
+            now.saturating_sub(w.last_seen),
+            ttl.as_millis() as u64,
+        ) {
+            return Ok(Claim::default());
+        }
         w.resident = resident.to_vec();
         // A switch in flight ends once the worker reports the model loaded.
         if w.loading
@@ -136,10 +146,7 @@ impl MemoryStore {
             });
         }
         let mut claim = Claim::default();
-        let picked = st.pick(worker, max, now, caps, ready, &mut claim);
-        for task_id in picked {
-            claim.leases.extend(st.lease(task_id, worker, now, ttl));
-        }
+        st.pick(worker, max, now, ttl, caps, ready, &mut claim);
         drop(guard);
         if !claim.deduped.is_empty() {
             // A served anchor may have released its shots to other workers.
@@ -604,9 +611,10 @@ impl Store for MemoryStore {
     ) -> StoreResult<Claim> {
         let deadline = Instant::now() + wait;
         let mut rx = self.work.subscribe();
+        let mut waking = false;
         loop {
             rx.borrow_and_update();
-            let claim = self.try_claim(worker, owner, max, ttl, resident, ready, caps)?;
+            let claim = self.try_claim(worker, owner, max, ttl, resident, ready, caps, waking)?;
             if !claim.leases.is_empty() || !claim.deduped.is_empty() || claim.drain || max == 0 {
                 return Ok(claim);
             }
@@ -616,6 +624,7 @@ impl Store for MemoryStore {
             {
                 return Ok(claim);
             }
+            waking = true;
         }
     }
 

@@ -16,21 +16,29 @@
 -- `end_lease` (prelude) keep.
 -- Arguments: the worker, max tasks, lease ttl ms, resident models json
 --   (list), owner, caps json ({project: max_running_tasks}), ready LoRA sets
---   json ({model: [set key, ...]}).
+--   json ({model: [set key, ...]}), waking (true for a waiting claim's
+--   retries: no sign of life, and nothing is leased to a worker silent for
+--   the lease ttl, policy::waiting_claim_may_lease).
 -- Returns {'unknown'}, {'bound'}, {'drain'}, or {'ok', n leases, n deduped, n finished,
 --   LEASE_FIELDS values per lease (task, job, index, epoch, recipe, init,
 --   anchor index or -1, file name), DEDUPED_FIELDS per deduped (task, job, file, source, model),
 --   1 per finished job}.
 -- Called by dispatch.lua, alone or with other calls in one run (a
 -- completion's next claim among them).
-local function claim(worker, max, ttl, resident_json, owner, caps_json, ready_json)
+local function claim(worker, max, ttl, resident_json, owner, caps_json, ready_json, waking)
 local wk = k('worker', worker)
 -- The worker's record in one read (a claim runs once per task). register.lua
 -- writes `models` with every session, so a record without it is no worker.
-local wf = redis.call('HMGET', wk, 'models', 'owner', 'draining', 'assets', 'class', 'loading')
+local wf = redis.call('HMGET', wk, 'models', 'owner', 'draining', 'assets', 'class', 'loading', 'seen')
 if not wf[1] then return {'unknown'} end
 if not owner_allows(wf[2], owner) then return {'bound'} end
-redis.call('HSET', wk, 'seen', now_arg, 'resident', resident_json)
+if not waking then
+  redis.call('HSET', wk, 'seen', now_arg, 'resident', resident_json)
+elseif NOW - tonumber(wf[7] or '0') >= ttl then
+  return {'ok', 0, 0, 0}
+else
+  redis.call('HSET', wk, 'resident', resident_json)
+end
 if wf[3] == '1' then return {'drain'} end
 local models = cjson.decode(wf[1])
 -- Its LoRAs, embeddings and ControlNets (policy::held_keys).
@@ -347,7 +355,9 @@ if chosen then
     key, first_set = f[1], f[2] or ''
   end
   -- Fill free slots: the same UNet batch first, then LoRA sets ready here
-  -- or the first task's, then the same model (policy step 5).
+  -- or the first task's, then the same model (policy step 5). Each pass reads
+  -- a job's queue once, so shots a served anchor releases wait for the next
+  -- pass (memory/claim.rs: fill).
   for _, pass in ipairs({'batch', 'ready', 'model'}) do
     for _, j in ipairs(jobs) do
       if taken >= max then break end
@@ -362,7 +372,9 @@ if chosen then
             local lset = redis.call('HGET', k('task', tid), 'lset') or ''
             fits = lset ~= '' and (lset == first_set or set_ready(chosen.model, lset))
           end
-          if fits and redis.call('HGET', k('task', tid), 'state') == TASK_QUEUED and task_allows(j, tid, chosen.model) then
+          -- A recipe with an earlier result is served from it and takes no slot.
+          if fits and redis.call('HGET', k('task', tid), 'state') == TASK_QUEUED and task_allows(j, tid, chosen.model)
+            and not try_dedupe(j, tid, chosen.model) then
             lease(tid, j, chosen.model)
             taken = taken + 1
           end

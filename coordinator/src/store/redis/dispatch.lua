@@ -6,7 +6,7 @@
 -- ARGV: 3 number of calls, then per call its op and its arguments:
 --   OP_COMPLETE: COMPLETE_ARGS values (worker, task, epoch, result json, owner);
 --   OP_CLAIM: CLAIM_ARGS values (worker, max, lease ttl ms, resident models
---     json, owner, caps json, ready LoRA sets json);
+--     json, owner, caps json, ready LoRA sets json, waking);
 --   OP_COMPLETE_CLAIM: both, the claim made only when the completion was accepted.
 -- Returns one reply per call: complete's or claim's, {complete's, claim's or
 -- {}} for OP_COMPLETE_CLAIM, or {'error', message} when the call raised an
@@ -20,7 +20,7 @@ end
 
 local function run_claim(at)
   return claim(ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), ARGV[at + 3],
-    ARGV[at + 4], ARGV[at + 5], ARGV[at + 6])
+    ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], ARGV[at + 7] == '1')
 end
 
 local function run(op, at)

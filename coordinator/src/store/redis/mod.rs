@@ -512,7 +512,8 @@ fn completion_args(
     Ok(args)
 }
 
-/// The arguments of a claim in `dispatch.lua` (`CLAIM_ARGS`).
+/// The arguments of a claim in `dispatch.lua` (`CLAIM_ARGS`), as a first
+/// try: `Store::claim` marks its retries as waking (the last one).
 fn claim_args(
     worker: &WorkerId,
     owner: Option<&str>,
@@ -539,6 +540,8 @@ fn claim_args(
         owner.unwrap_or_default().into(),
         caps.into_bytes(),
         ready.into_bytes(),
+        // Waking: "1" for a waiting claim's retries (`Store::claim`).
+        b"0".to_vec(),
     ];
     debug_assert_eq!(args.len(), CLAIM_ARGS);
     Ok(args)
@@ -877,11 +880,15 @@ impl Store for RedisStore {
         caps: &RunningCaps,
     ) -> StoreResult<Claim> {
         let deadline = Instant::now() + wait;
-        let args = claim_args(worker, owner, max, ttl, resident, ready, caps)?;
+        let mut args = claim_args(worker, owner, max, ttl, resident, ready, caps)?;
         let mut rx = self.work.clone();
         loop {
             rx.borrow_and_update();
             let reply = self.batcher.call(OP_CLAIM, args.clone()).await?;
+            // The retries after the first try are a waiting claim's, no sign of life.
+            if let Some(waking) = args.last_mut() {
+                *waking = b"1".to_vec();
+            }
             let claim = self.claim_of(worker, reply, ttl).await?;
             let now = Instant::now();
             if claim.drain

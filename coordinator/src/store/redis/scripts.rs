@@ -51,7 +51,7 @@ pub(super) const DELIVERY_FIELDS: usize = 4;
 /// Arguments of one completion (`complete` in `complete.lua`), a call of `dispatch.lua`.
 pub(super) const COMPLETE_ARGS: usize = 5;
 /// Arguments of one claim (`claim` in `claim.lua`), a call of `dispatch.lua`.
-pub(super) const CLAIM_ARGS: usize = 7;
+pub(super) const CLAIM_ARGS: usize = 8;
 /// Where `dispatch.lua`'s first call starts: after the prefix, the
 /// retention and the number of calls.
 pub(super) const FIRST_CALL_ARG: usize = 4;
