@@ -54,10 +54,10 @@ pub struct CandleRenderer {
     /// held while a model loads, since the next render needs that model or
     /// the memory it frees.
     resident: Mutex<Residency<Arc<Pipeline>>>,
-    /// The resident models' names as last published ([`CandleRenderer::published`]):
-    /// what the agent's lease loop reads, which must not wait for a model load
-    /// holding `resident`.
-    names: Mutex<Vec<String>>,
+    /// The resident models' names and their pipelines' ready LoRA sets as
+    /// last published ([`CandleRenderer::publish`]): what the agent's lease
+    /// loop reads, which must not wait for a model load holding `resident`.
+    published: Mutex<Published>,
     /// Where pipelines are loaded.
     device: Device,
     /// The dtype every model is loaded in.
@@ -196,7 +196,10 @@ impl CandleRenderer {
         Ok(Self {
             catalog,
             resident: Mutex::new(resident),
-            names: Mutex::new(names),
+            published: Mutex::new(Published {
+                names,
+                sets: Vec::new(),
+            }),
             device: device.clone(),
             precision,
             class: determinism_class(device, precision),
@@ -259,7 +262,10 @@ impl CandleRenderer {
         Self {
             catalog,
             resident: Mutex::new(resident),
-            names: Mutex::new(names),
+            published: Mutex::new(Published {
+                names,
+                sets: Vec::new(),
+            }),
             device: device.clone(),
             precision,
             class: format!(
@@ -304,18 +310,29 @@ impl CandleRenderer {
         self.resident.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Publishes a changed residency: the resident-bytes gauge and the names
-    /// the agent reads.
+    /// Publishes a changed residency: the resident-bytes gauge, and the names
+    /// and ready LoRA sets the agent reads. Called after every load, eviction
+    /// and render, so a set merged by a render is published when it ends.
     fn publish(&self, resident: &Residency<Arc<Pipeline>>) {
         metrics::resident_bytes(resident.used());
         let names = resident.names().iter().map(|n| n.to_string()).collect();
-        *self.names.lock().unwrap_or_else(|e| e.into_inner()) = names;
+        let sets = listed(resident)
+            .into_iter()
+            .flat_map(|(model, p)| {
+                p.ready_lora_sets()
+                    .into_iter()
+                    .map(move |set| ReadyLoraSet {
+                        model: model.clone(),
+                        set,
+                    })
+            })
+            .collect();
+        *self.published_lock() = Published { names, sets };
     }
 
-    /// Returns the resident models' names as last published, without waiting
-    /// for a model that is loading.
-    fn published(&self) -> Vec<String> {
-        self.names.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The last published residency; a panic elsewhere leaves it usable.
+    fn published_lock(&self) -> std::sync::MutexGuard<'_, Published> {
+        self.published.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Returns the pipeline of a catalog model, loading it (and evicting the
@@ -451,6 +468,14 @@ fn release(evicted: Evicted<Arc<Pipeline>>, for_model: &str) {
     }
 }
 
+/// What a [`CandleRenderer`] last published of its residency.
+struct Published {
+    /// The resident models' names.
+    names: Vec<String>,
+    /// Their pipelines' ready LoRA sets.
+    sets: Vec<ReadyLoraSet>,
+}
+
 /// Returns the pipelines of a residency, by name.
 fn listed(resident: &Residency<Arc<Pipeline>>) -> BTreeMap<String, Arc<Pipeline>> {
     resident
@@ -517,36 +542,19 @@ impl Renderer for CandleRenderer {
         self.assets.clone()
     }
 
-    /// Reports each resident pipeline's ready LoRA sets ([`Pipeline::ready_lora_sets`]).
-    /// The agent asks before every lease, on the async runtime, and the render
-    /// thread holds the residency while it loads a model (seconds): then this
-    /// reports none rather than wait, and the claim merely prefers nothing.
+    /// Reports each resident pipeline's ready LoRA sets
+    /// ([`Pipeline::ready_lora_sets`]) as last published: the agent asks
+    /// before every lease, on the async runtime, so this never waits for a
+    /// model load holding the residency.
     fn ready_lora_sets(&self) -> Vec<ReadyLoraSet> {
-        let resident = match self.resident.try_lock() {
-            Ok(guard) => guard,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Vec::new(),
-        };
-        let pipelines = listed(&resident);
-        drop(resident);
-        pipelines
-            .into_iter()
-            .flat_map(|(model, p)| {
-                p.ready_lora_sets()
-                    .into_iter()
-                    .map(move |set| ReadyLoraSet {
-                        model: model.clone(),
-                        set,
-                    })
-            })
-            .collect()
+        self.published_lock().sets.clone()
     }
 
     /// The models resident now, not the whole catalog, as last published:
     /// the lease loop calls this on the async runtime, so it never waits for a
     /// model load.
     fn resident(&self) -> Vec<String> {
-        self.published()
+        self.published_lock().names.clone()
     }
 
     fn render(
@@ -862,13 +870,17 @@ mod tests {
             .unwrap();
         let key = kiln_domain::lora_set::LoraSet::of(&with.extras.loras).key();
         assert!(!key.is_empty());
-        assert_eq!(
-            r.ready_lora_sets(),
-            [ReadyLoraSet {
-                model: "tiny".into(),
-                set: key
-            }]
-        );
+        let ready = [ReadyLoraSet {
+            model: "tiny".into(),
+            set: key,
+        }];
+        assert_eq!(r.ready_lora_sets(), ready);
+        // While the render thread holds the residency (a model loading), the
+        // agent still reads the sets as last published, at once.
+        let loading = r.lock();
+        assert_eq!(r.ready_lora_sets(), ready);
+        assert_eq!(Renderer::resident(&r), ["tiny"]);
+        drop(loading);
     }
 
     #[test]
