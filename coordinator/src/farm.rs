@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use kiln_proto::convert::job_spec_from_pb;
 use kiln_proto::error::FieldError;
@@ -11,6 +11,8 @@ use kiln_proto::{pb, telemetry};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+
+use crate::clock::unix_ms;
 use tracing::Instrument;
 
 use crate::auth::{Action, Caller, Projects, caller_of};
@@ -396,13 +398,6 @@ async fn drain_worker(
     Ok(pb::DrainWorkerResponse {
         worker: Some(convert::worker(&w, false)),
     })
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Sends the job's events after `cursor`, with progress in between, until

@@ -11,6 +11,8 @@
 pub mod admission;
 /// Tokens, roles and project scoping: who is calling and what they may do.
 pub mod auth;
+/// The wall clock of records, in Unix milliseconds.
+pub mod clock;
 /// Tunables and their defaults.
 pub mod config;
 /// Series contact sheets.

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::auth::{Caller, caller_of};
+use crate::clock::unix_ms;
 use crate::convert;
 use crate::core::Core;
 use crate::error::{CoordinatorError, CoordinatorResult, Report, StaleRefusal};
@@ -427,13 +428,6 @@ async fn record_queue_waits(core: &Core, leases: &[Lease]) {
             Err(e) => tracing::debug!(%job, error = %e, "queue wait not recorded"),
         }
     }
-}
-
-/// Returns the wall clock in Unix milliseconds, the clock of the records' times.
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Records a `lease` span in the trace of the lease's job (when the job was

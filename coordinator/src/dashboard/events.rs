@@ -29,7 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::job::{job_id, page_of};
 use super::jobs::JobsQuery;
 use super::session::{Visitor, visitor};
-use super::{Dashboard, Refusal, html, job, jobs, workers};
+use super::{Dashboard, Refusal, job, jobs, workers};
 
 /// How often a list is read again, and the longest a job's page waits for
 /// an event before it is read again anyway (rates and ages move).
@@ -69,7 +69,7 @@ async fn render(d: &Dashboard, v: &Visitor, view: &View) -> Result<String, Refus
         View::Job(id, page) => job::fragment(core, v, *id, *page).await,
         View::Jobs(q) => {
             let (list, more) = jobs::listing(core, &v.caller, q).await?;
-            Ok(jobs::fragment(&list, more, q, html::now_ms()))
+            Ok(jobs::fragment(&list, more, q, crate::clock::unix_ms()))
         }
         View::Workers(page) => workers::fragment(core, v, *page).await,
         View::Queue => workers::queue_fragment(core).await,

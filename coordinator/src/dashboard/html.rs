@@ -214,11 +214,3 @@ pub fn pager(base: &str, page: usize, more: bool) -> String {
     out.push_str("</nav>");
     out
 }
-
-/// Milliseconds since the Unix epoch, by this coordinator's clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}

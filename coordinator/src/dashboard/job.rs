@@ -84,7 +84,7 @@ pub(crate) async fn fragment(
     let caller = &v.caller;
     let job = control::job_for(core, caller, id, Action::Read).await?;
     let tasks = core.store.tasks(id).await?;
-    let now = html::now_ms();
+    let now = crate::clock::unix_ms();
     let c = &job.counts;
     let (rate, eta) = rate_and_eta(&job, now);
     let state = if job.paused && job.state == JobState::Running {

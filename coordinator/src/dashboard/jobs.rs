@@ -191,7 +191,7 @@ pub(crate) async fn page(
         Ok(l) => l,
         Err(refusal) => return refusal.page(),
     };
-    let live = fragment(&jobs, more, &q, html::now_ms());
+    let live = fragment(&jobs, more, &q, crate::clock::unix_ms());
     let mut states = String::from("<option value=\"\">any state</option>");
     // Labels, not state names, so the page's words name only jobs' states.
     for (s, label) in [

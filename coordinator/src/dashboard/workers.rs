@@ -37,7 +37,7 @@ pub(crate) async fn fragment(core: &Core, v: &Visitor, page: usize) -> Result<St
         .map(|w| (w.id.as_str().to_string(), w.resident))
         .collect();
     let total = workers.len();
-    let now = html::now_ms();
+    let now = crate::clock::unix_ms();
     let may_drain = caller.require(Action::Drain).is_ok();
     let mut out = String::from(
         "<table class=\"workers\"><thead><tr><th>Worker</th><th>State</th><th>Labels</th><th>Class</th>\

@@ -3257,7 +3257,7 @@ pub async fn usage_counts_images_render_time_and_failed_attempts(store: &dyn Sto
         .register_worker(registration("w1", &["tiny", "sdxl"]), None)
         .await
         .unwrap();
-    let today = usage_day(data_unix_ms());
+    let today = usage_day(crate::clock::unix_ms());
     let a = new_job(2, "tiny");
     let mut b = new_job(1, "sdxl");
     b.project = "show-b".into();
@@ -3315,14 +3315,6 @@ pub async fn usage_counts_images_render_time_and_failed_attempts(store: &dyn Sto
         store.usage(today + 1).await.unwrap().is_empty(),
         "no bucket of tomorrow"
     );
-}
-
-/// The wall clock in Unix milliseconds, as both stores bucket usage by it.
-fn data_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn preview(step: u32) -> Preview {

@@ -4,7 +4,6 @@
 //! stale).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
@@ -180,14 +179,6 @@ impl State {
             _ => Ok(()),
         }
     }
-}
-
-/// Returns the wall clock in Unix milliseconds, for records people read.
-pub(super) fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Describes why (worker, epoch) no longer holds the task.

@@ -22,9 +22,7 @@ use kiln_proto::lora_set::ReadyLoraSet;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use self::data::{
-    JobEntry, Queued, State, TaskEntry, WorkerEntry, holds_lease, stale_reason, unix_ms,
-};
+use self::data::{JobEntry, Queued, State, TaskEntry, WorkerEntry, holds_lease, stale_reason};
 use self::transitions::push_event;
 use super::policy::{self, AfterFault, dedupe_key, task_batch_key};
 use super::state::{
@@ -32,6 +30,7 @@ use super::state::{
 };
 use super::types::*;
 use super::{Store, StoreError, StoreResult};
+use crate::clock::unix_ms;
 
 /// The in-memory [`Store`].
 pub struct MemoryStore {

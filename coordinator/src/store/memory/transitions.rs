@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use kiln_proto::ids::{Epoch, JobId, TaskId, WorkerId};
 
-use super::data::{JobEntry, Outbox, State, unix_ms};
+use super::data::{JobEntry, Outbox, State};
+use crate::clock::unix_ms;
 use crate::store::policy::dedupe_key;
 use crate::store::{
     Attempt, Claim, Deduped, Event, EventKind, Fault, JobRecord, JobState, Lease, Outcome,
