@@ -49,6 +49,10 @@ struct Attention {
     heads: usize,
     /// `1/√(head width)`.
     scale: f64,
+    /// The projections' time, for `kiln bench pipeline --profile`.
+    span: tracing::Span,
+    /// The attention kernel's time.
+    attend_span: tracing::Span,
 }
 
 impl Attention {
@@ -57,6 +61,7 @@ impl Attention {
         query_dim: usize,
         context_dim: usize,
         heads: usize,
+        span: tracing::Span,
     ) -> candle_core::Result<Self> {
         let head_dim = query_dim / heads;
         Ok(Self {
@@ -66,25 +71,46 @@ impl Attention {
             to_out: candle_nn::linear(query_dim, query_dim, vb.pp("to_out.0"))?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            span,
+            attend_span: tracing::trace_span!("attend"),
         })
     }
 
     /// Attends `xs` `[batch, tokens, dim]` to `context` (`xs` itself when none).
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let _entered = self.span.enter();
         let context = context.unwrap_or(xs);
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        self.to_out
-            .forward(&attend::attention(&q, &k, &v, self.heads, self.scale)?)
+        let attended = {
+            let _attending = self.attend_span.enter();
+            attend::attention(&q, &k, &v, self.heads, self.scale)?
+        };
+        self.to_out.forward(&attended)
     }
 }
+
+/// Most bytes of the feed-forward's widest activation (its GEGLU's input, eight
+/// times the model width per row) at once on the CPU: below the C allocator's
+/// mapping threshold (`allocator.rs`), so each chunk reuses heap memory instead of
+/// a fresh mapping the kernel zeroes and faults in page by page (at 512 px an SD 1.5
+/// first-level feed-forward would otherwise map 84 MB and 42 MB on every call).
+const FF_CHUNK_BYTES: usize = 16 << 20;
+/// Fewest rows in one part of a chunked feed-forward. Products of up to 11 rows
+/// came out differently in the last bits from the same rows in a larger product
+/// (`feed_forward_chunks_change_no_bit`); from 14 rows on they were the same.
+const FF_MIN_ROWS: usize = 64;
 
 /// diffusers' `FeedForward` with GEGLU: `net.0.proj`, GEGLU, `net.2`.
 #[derive(Debug)]
 struct FeedForward {
     project_in: Linear,
     project_out: Linear,
+    /// The two products' time, for `kiln bench pipeline --profile`.
+    span: tracing::Span,
+    /// The GEGLU's time.
+    geglu_span: tracing::Span,
 }
 
 impl FeedForward {
@@ -93,12 +119,55 @@ impl FeedForward {
         Ok(Self {
             project_in: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
             project_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            span: tracing::trace_span!("feed-forward"),
+            geglu_span: tracing::trace_span!("geglu"),
         })
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.project_out
-            .forward(&geglu::geglu(&self.project_in.forward(xs)?)?)
+        let _entered = self.span.enter();
+        match xs.device().is_cpu() {
+            true => {
+                let row_bytes = self.project_in.weight().dim(0)? * xs.dtype().size_in_bytes();
+                self.forward_in_chunks(xs, (FF_CHUNK_BYTES / row_bytes.max(1)).max(1))
+            }
+            false => self.forward_rows(xs),
+        }
+    }
+
+    /// [`FeedForward::forward`] on at most `chunk` rows (tokens of all batch rows) at
+    /// a time, in parts of even size, joined. Every output row depends on its input row alone
+    /// (`gemm` sums over the inner dimension in an order that depends on it alone),
+    /// so the chunk size changes no bit.
+    fn forward_in_chunks(&self, xs: &Tensor, chunk: usize) -> candle_core::Result<Tensor> {
+        let width = xs.dim(candle_core::D::Minus1)?;
+        let rows = xs.elem_count() / width.max(1);
+        if rows <= chunk {
+            return self.forward_rows(xs);
+        }
+        // Parts of even size and at least FF_MIN_ROWS rows: `gemm` (through candle)
+        // sums products of a few rows in another order.
+        let parts = rows.div_ceil(chunk.max(FF_MIN_ROWS));
+        let chunk = rows.div_ceil(parts);
+        let flat = xs.reshape((rows, width))?;
+        let parts = (0..rows)
+            .step_by(chunk)
+            .map(|start| self.forward_rows(&flat.narrow(0, start, chunk.min(rows - start))?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut dims = xs.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = parts[0].dim(1)?;
+        }
+        Tensor::cat(&parts, 0)?.reshape(dims)
+    }
+
+    fn forward_rows(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let projected = self.project_in.forward(xs)?;
+        let gated = {
+            let _gating = self.geglu_span.enter();
+            geglu::geglu(&projected)?
+        };
+        self.project_out.forward(&gated)
     }
 }
 
@@ -123,9 +192,21 @@ impl TransformerBlock {
     ) -> candle_core::Result<Self> {
         Ok(Self {
             norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
+            attn1: Attention::new(
+                vb.pp("attn1"),
+                dim,
+                dim,
+                heads,
+                tracing::trace_span!("self-attention"),
+            )?,
             norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads)?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                context_dim,
+                heads,
+                tracing::trace_span!("cross-attention"),
+            )?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
@@ -266,6 +347,8 @@ impl VaeAttention {
                 to_out: layer(names[3])?,
                 heads,
                 scale: 1.0 / ((channels / heads.max(1)) as f64).sqrt(),
+                span: tracing::trace_span!("vae-attention"),
+                attend_span: tracing::trace_span!("attend"),
             },
             rescale,
             span: tracing::trace_span!("attn-block"),
@@ -293,5 +376,46 @@ impl Module for VaeAttention {
             1.0 => Ok(out),
             factor => out / factor,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::*;
+
+    /// The feed-forward gives every row the same bits whatever the chunk size:
+    /// parts of even size, at least [`FF_MIN_ROWS`] rows each.
+    #[test]
+    fn feed_forward_chunks_change_no_bit() -> candle_core::Result<()> {
+        let cpu = &Device::Cpu;
+        for (dim, batch, tokens, chunks) in [
+            (24, 2, 37, &[1, 5, 37, 73, 74][..]),
+            (64, 2, 700, &[100, 250, 699, 1400][..]),
+        ] {
+            let map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, cpu);
+            let ff = FeedForward::new(vb.pp("ff"), dim)?;
+            // VarMap's initial biases are zeros; give every weight some spread.
+            for var in map.all_vars() {
+                var.set(&Tensor::randn(0f32, 0.5, var.shape(), cpu)?)?;
+            }
+            let xs = Tensor::randn(0f32, 1., (batch, tokens, dim), cpu)?;
+            let bits = |t: Tensor| -> candle_core::Result<Vec<u32>> {
+                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                Ok(values.into_iter().map(f32::to_bits).collect())
+            };
+            let whole = ff.forward_in_chunks(&xs, usize::MAX)?;
+            assert_eq!(whole.dims(), &[batch, tokens, dim]);
+            let whole = bits(whole)?;
+            for &chunk in chunks {
+                let got = bits(ff.forward_in_chunks(&xs, chunk)?)?;
+                assert!(got == whole, "{batch}x{tokens}x{dim} in chunks of {chunk}");
+            }
+            assert!(bits(ff.forward(&xs)?)? == whole);
+        }
+        Ok(())
     }
 }
