@@ -97,9 +97,10 @@ impl Attention {
 /// a fresh mapping the kernel zeroes and faults in page by page (at 512 px an SD 1.5
 /// first-level feed-forward would otherwise map 84 MB and 42 MB on every call).
 const FF_CHUNK_BYTES: usize = 16 << 20;
-/// Fewest rows in one part of a chunked feed-forward. Products of up to 11 rows
-/// came out differently in the last bits from the same rows in a larger product
-/// (`feed_forward_chunks_change_no_bit`); from 14 rows on they were the same.
+/// Fewest rows a chunk is cut to; its parts then have at least half as many.
+/// Products of up to 11 rows came out differently in the last bits from the same
+/// rows in a larger product (`feed_forward_chunks_change_no_bit`); from 14 rows on
+/// they were the same.
 const FF_MIN_ROWS: usize = 64;
 
 /// diffusers' `FeedForward` with GEGLU: `net.0.proj`, GEGLU, `net.2`.
@@ -136,29 +137,32 @@ impl FeedForward {
     }
 
     /// [`FeedForward::forward`] on at most `chunk` rows (tokens of all batch rows) at
-    /// a time, in parts of even size, joined. Every output row depends on its input row alone
-    /// (`gemm` sums over the inner dimension in an order that depends on it alone),
-    /// so the chunk size changes no bit.
+    /// a time, joined. Each output row depends on its input row alone, and the parts'
+    /// sizes differ by at most one row and are at least half of [`FF_MIN_ROWS`] (the
+    /// products of a few rows that `gemm` sums in another order never occur), so the
+    /// chunk size changes no bit.
     fn forward_in_chunks(&self, xs: &Tensor, chunk: usize) -> candle_core::Result<Tensor> {
         let width = xs.dim(candle_core::D::Minus1)?;
         let rows = xs.elem_count() / width.max(1);
         if rows <= chunk {
             return self.forward_rows(xs);
         }
-        // Parts of even size and at least FF_MIN_ROWS rows: `gemm` (through candle)
-        // sums products of a few rows in another order.
         let parts = rows.div_ceil(chunk.max(FF_MIN_ROWS));
-        let chunk = rows.div_ceil(parts);
+        // The first `rows % parts` parts take one row more than the others.
+        let (size, longer) = (rows / parts, rows % parts);
         let flat = xs.reshape((rows, width))?;
-        let parts = (0..rows)
-            .step_by(chunk)
-            .map(|start| self.forward_rows(&flat.narrow(0, start, chunk.min(rows - start))?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut start = 0;
+        let mut outputs = Vec::with_capacity(parts);
+        for part in 0..parts {
+            let len = size + usize::from(part < longer);
+            outputs.push(self.forward_rows(&flat.narrow(0, start, len)?)?);
+            start += len;
+        }
         let mut dims = xs.dims().to_vec();
         if let Some(last) = dims.last_mut() {
-            *last = parts[0].dim(1)?;
+            *last = self.project_out.weight().dim(0)?;
         }
-        Tensor::cat(&parts, 0)?.reshape(dims)
+        Tensor::cat(&outputs, 0)?.reshape(dims)
     }
 
     fn forward_rows(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
@@ -386,14 +390,16 @@ mod tests {
 
     use super::*;
 
-    /// The feed-forward gives every row the same bits whatever the chunk size:
-    /// parts of even size, at least [`FF_MIN_ROWS`] rows each.
+    /// The feed-forward gives every row the same bits whatever the chunk size.
     #[test]
     fn feed_forward_chunks_change_no_bit() -> candle_core::Result<()> {
         let cpu = &Device::Cpu;
         for (dim, batch, tokens, chunks) in [
             (24, 2, 37, &[1, 5, 37, 73, 74][..]),
             (64, 2, 700, &[100, 250, 699, 1400][..]),
+            // 4,033 rows in parts of at most 64: sizes 63 and 64 (parts of 64 rows
+            // would leave one row alone).
+            (8, 1, 4033, &[64][..]),
         ] {
             let map = VarMap::new();
             let vb = VarBuilder::from_varmap(&map, DType::F32, cpu);
