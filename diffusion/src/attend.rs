@@ -37,8 +37,9 @@ use crate::product::{Dst, Src, product};
 
 /// Queries per unit of work. 128 rather than 64: each key and value block read
 /// serves twice the queries (the 512 px UNet's first-level self-attention: 0.50 s
-/// against 0.57 s a call, same bits; `gemm` sums over at most [`KEY_BLOCK`] in one
-/// order whatever the rows).
+/// against 0.60 s a call, the same bits). A unit of many rows gets the bits it
+/// would get at 64; a short last unit (a few rows) is summed by `gemm` in another
+/// order, which is why the change made `PIPELINE_VERSION` 8.
 const QUERY_BLOCK: usize = 128;
 /// Keys per online-softmax step.
 const KEY_BLOCK: usize = 512;
