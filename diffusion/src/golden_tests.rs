@@ -1,4 +1,4 @@
-//! Golden images: the bytes pipeline version 8 renders for a few recipes on
+//! Golden images: the bytes pipeline version 9 renders for a few recipes on
 //! every tiny architecture, so any change to a render's bytes is seen.
 //!
 //! Version 2's hashes were recorded before prompt weighting, the embedding cache
@@ -11,12 +11,15 @@
 //! changed, both SDXL, the others round to the same pixels); version 7's by the
 //! F(4×4, 3×3) form on planes of 64×64 and more (here the VAE decoder's last level:
 //! two images changed, SD 1.5's long prompt and the inpainting model's Euler
-//! ancestral), recorded with the CPU backend in [`RECORDED_BACKEND`]; version 8's
-//! are version 7's (its attention units change only levels of more than 64
-//! tokens). Bytes are only promised equal within a
-//! determinism class (CPU kernels differ by instruction set), so on another backend
-//! the test prints what it rendered and checks that a second run renders the same;
-//! on the recorded one it asserts every hash.
+//! ancestral), recorded with the CPU backend in [`RECORDED_BACKEND`]. Version 8
+//! (attention units of 128 queries, the feed-forward in row chunks) was expected to
+//! keep version 7's hashes and was not checked on that backend; it changed 9 of the
+//! 16. Version 9's (`linear`: the tiny models' small products sum in another order)
+//! were recorded on that backend; 11 of the 16 differ from version 8's. Bytes are
+//! only promised equal within a determinism class (CPU kernels differ by
+//! instruction set), so on another backend the test prints what it rendered and
+//! checks that a second run renders the same; on the recorded one it asserts every
+//! hash.
 
 use candle_core::Device;
 use kiln_domain::recipe::Scheduler;
@@ -151,20 +154,20 @@ fn renders_the_same_bytes_on_any_thread_count() -> TestResult {
 
 /// sha256 of the pixels, in the order of `golden_lines`.
 const RECORDED: [&str; 16] = [
-    "d4f7e52f4fa7553cb85ca052b4722a81cceb89f3e71ac579bbb16e7cf11ad4c2",
+    "7fcbb8d7b8a380ea4fe4796d72f3a5108b4c5923e310049e48efdbe7b590160f",
     "bd183721eaef26e92a69abe5a9b78bbf8b5f2cfae65f1833c0f8414e40896677",
-    "3a9ab355a4d58983f5af49f70d997c8d206c37b13c24d02039eeb4eeb9a97bc0",
-    "1311653e4f82fe00303638252e35f87ddc929a192eb66b03f3bc46a373e514f0",
+    "8205a30e15a5cf47c7c8c0248f270356c0c29203b0783f1ca7eaa1798c06e035",
+    "1c87a25773d5238f4bd56350ec4e85d3556f3d5fbc1466cf51bf39d4b9d75138",
     "cff02e4c0a837e001c518ebdfe7b6883522612b8eb537af5153685ea1aa0614e",
-    "7bf35a0ef235654eaade131fb02ec4940f7c55f8442476fe487a81b6ed1e95ce",
-    "5e831717416e36389daee3c9872f37266c05211889bdffe38a0c286b4dbf0b7e",
+    "19fcb56a1efd10bd7a64570473261c5daafc1813cde3a54194c20bf439571406",
+    "0f838fe1c4e3680df2c81a100b504d3e88e97695c6fc96d45f844a5182887ac5",
     "88f049290143a4f8575a254ecea9ec4a006dd1a1bf2828e2bc60793591334310",
-    "27b4f5d8c0114532ba474f523beae87310159c9404b7e5eeab251e426871946a",
-    "52d05e11a42626d3c5564f6b79f6f0abf4e868509713b536df52dd194a1e4013",
-    "a9adbe0c4ddf25ac3ce6e99d6f8a3984af50a31856876b0aecb066094f304318",
+    "e9c13ae99693bd4a26ef4e540021658a94fa954e1cc9fd617aec5084dae0d27d",
+    "049e7c0c0934bf1411eafedc7455dc9816d6c6171585f2fb8c619dd74e78712e",
+    "93bbedc4c6c7da6f8db036d18a09508d0eb2877655b688ffd1d7141127dd0e61",
     "f9b1716d32450ac1f220bcbf25aea79f9876c1d8bffc67c9ad988e0ed3d08f2c",
-    "3dbdfb845e529ce6fe6526204fbcb634b3326d64cd68381836b1a89d9eef58c4",
-    "1d19c5ca20c81c6ed32fbe6a93670b452af58e11ce73e988d0313c9f9f187c32",
+    "f6e77b868d7d7b795e7adcfd049241d97a62e0fc932753bf18e3f058e027f554",
+    "2e578a4a4fd0f87745da58b80ddfbc1f3fd656b2d7e3eccd35eabde59293dd49",
     "8ebcbc0120504a8b43f678873a9b08adc095693ca4b91a170b431ea6072d2330",
     "738e89058916b72576cce38c3a00e529ebf0e0385913cd7c53e65957e65e590f",
 ];

@@ -67,6 +67,7 @@ mod hash;
 mod images;
 mod inspect;
 mod layout;
+mod linear;
 mod lora;
 pub mod noise;
 /// PNG encoding with the A1111 `parameters` and the `kiln` chunks.

@@ -17,11 +17,12 @@
 //! they get alone whenever the UNet's `batches_exactly` holds.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use super::attend;
 use super::geglu;
 use super::group_norm::{self, GroupNorm};
+use super::linear::{self, Linear};
 
 /// Settings of a [`Transformer2D`].
 #[derive(Clone, Copy, Debug)]
@@ -65,10 +66,10 @@ impl Attention {
     ) -> candle_core::Result<Self> {
         let head_dim = query_dim / heads;
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(query_dim, query_dim, vb.pp("to_out.0"))?,
+            to_q: linear::linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
+            to_k: linear::linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
+            to_v: linear::linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
+            to_out: linear::linear(query_dim, query_dim, vb.pp("to_out.0"))?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
             span,
@@ -118,8 +119,8 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> candle_core::Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            project_in: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
-            project_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            project_in: linear::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            project_out: linear::linear(inner, dim, vb.pp("net.2"))?,
             span: tracing::trace_span!("feed-forward"),
             geglu_span: tracing::trace_span!("geglu"),
         })
@@ -129,7 +130,7 @@ impl FeedForward {
         let _entered = self.span.enter();
         match xs.device().is_cpu() {
             true => {
-                let row_bytes = self.project_in.weight().dim(0)? * xs.dtype().size_in_bytes();
+                let row_bytes = self.project_in.out_features() * xs.dtype().size_in_bytes();
                 self.forward_in_chunks(xs, (FF_CHUNK_BYTES / row_bytes.max(1)).max(1))
             }
             false => self.forward_rows(xs),
@@ -160,7 +161,7 @@ impl FeedForward {
         }
         let mut dims = xs.dims().to_vec();
         if let Some(last) = dims.last_mut() {
-            *last = self.project_out.weight().dim(0)?;
+            *last = self.project_out.out_features();
         }
         Tensor::cat(&outputs, 0)?.reshape(dims)
     }
@@ -248,14 +249,14 @@ pub(crate) struct Transformer2D {
 /// it is on tokens.
 fn conv1x1(vb: VarBuilder, from: usize, to: usize) -> candle_core::Result<Linear> {
     let weight = vb.get((to, from, 1, 1), "weight")?.reshape((to, from))?;
-    Ok(Linear::new(weight, Some(vb.get(to, "bias")?)))
+    Linear::new(weight, Some(vb.get(to, "bias")?))
 }
 
 /// Loads a linear layer stored either as `[to, from]` or, in older checkpoints, as a
 /// 1×1 convolution, with a bias.
 fn linear_or_conv1x1(vb: VarBuilder, from: usize, to: usize) -> candle_core::Result<Linear> {
     match vb.get((to, from), "weight") {
-        Ok(_) => candle_nn::linear(from, to, vb),
+        Ok(_) => linear::linear(from, to, vb),
         Err(_) => conv1x1(vb, from, to),
     }
 }
@@ -270,7 +271,7 @@ impl Transformer2D {
         // diffusers stores the projections as the layer kind the config names.
         let projection = |name: &str| -> candle_core::Result<Projection> {
             Ok(match c.use_linear_projection {
-                true => Projection::Linear(candle_nn::linear(channels, channels, vb.pp(name))?),
+                true => Projection::Linear(linear::linear(channels, channels, vb.pp(name))?),
                 false => Projection::Conv(conv1x1(vb.pp(name), channels, channels)?),
             })
         };

@@ -20,9 +20,10 @@
 
 use super::conv::{self, Conv2d};
 use super::group_norm::{self, GroupNorm};
+use super::linear::{self, Linear};
 use super::transformer::{Transformer2D, TransformerConfig};
 use candle_core::{D, Module, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// Group norm settings shared by a UNet's blocks.
 #[derive(Clone, Copy, Debug)]
@@ -83,7 +84,7 @@ impl ResnetBlock {
         output_scale_factor: f64,
     ) -> candle_core::Result<Self> {
         let time_emb_proj = temb_channels
-            .map(|t| candle_nn::linear(t, out_channels, vb.pp("time_emb_proj")))
+            .map(|t| linear::linear(t, out_channels, vb.pp("time_emb_proj")))
             .transpose()?;
         let conv3 = Conv2dConfig {
             padding: 1,
