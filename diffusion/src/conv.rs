@@ -611,6 +611,25 @@ mod tests {
         Ok(())
     }
 
+    /// A UNet's 16×16 latent level takes F(2×2, 3×3), its 8×8 one stays on im2col;
+    /// F(4×4, 3×3) from 32×32; only 3×3, stride 1, padding 1 qualifies.
+    #[test]
+    fn the_shape_picks_the_form() {
+        let by_shape = |shape, out| {
+            winograd::form(winograd::Choice::ByShape, shape, out).map(|f| format!("{f:?}"))
+        };
+        let f2 = Some("F(2x2, 3x3)".to_string());
+        let f4 = Some("F(4x4, 3x3)".to_string());
+        assert_eq!(by_shape((3, 1, 1), (8, 8)), None);
+        assert_eq!(by_shape((3, 1, 1), (14, 16)), None);
+        assert_eq!(by_shape((3, 1, 1), (16, 16)), f2);
+        assert_eq!(by_shape((3, 1, 1), (28, 32)), f2);
+        assert_eq!(by_shape((3, 1, 1), (32, 32)), f4);
+        assert_eq!(by_shape((3, 1, 1), (64, 64)), f4);
+        assert_eq!(by_shape((3, 2, 1), (64, 64)), None);
+        assert_eq!(by_shape((1, 1, 0), (64, 64)), None);
+    }
+
     #[test]
     fn matches_candles_convolution() -> candle_core::Result<()> {
         check((4, 8), (3, 1, 1), (9, 7), true)?;
@@ -620,9 +639,11 @@ mod tests {
         check((6, 5), (1, 1, 0), (5, 3), false)?;
         check((6, 5), (3, 1, 1), (1, 1), false)?;
         check((3, 4), (3, 1, 0), (5, 6), true)?;
-        // Enough 2×2 tiles (17×16) for F(2×2, 3×3) as the shape decides.
+        // Enough 2×2 tiles (9×8) but too few 4×4 ones for F(2×2, 3×3) as the shape
+        // decides.
+        check((5, 3), (3, 1, 1), (17, 15), true)?;
+        // Enough 4×4 tiles (9×8, 17×16) for F(4×4, 3×3) as the shape decides.
         check((5, 3), (3, 1, 1), (33, 31), true)?;
-        // Enough 4×4 tiles (17×16) for F(4×4, 3×3) as the shape decides.
         check((3, 2), (3, 1, 1), (67, 61), true)?;
         // Many input channels: the transforms' rounding summed over them.
         check((64, 4), (3, 1, 1), (12, 10), false)?;

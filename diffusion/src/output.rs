@@ -35,7 +35,11 @@ pub use crate::RgbImage;
 /// 9: kiln's linear layer (`linear`), its weight kept transposed: products of one
 /// row or of at most 256 outputs (the tiny test models; an SD UNet's time
 /// embedding projection without guidance) are summed in another order, so their
-/// last bits differ from version 8; larger ones keep their bits.
+/// last bits differ from version 8; larger ones keep their bits. Winograd forms
+/// on smaller planes: F(2×2, 3×3) from 16×16 (was 32×32), F(4×4, 3×3) from 32×32
+/// (was 64×64), so at 256 px the UNet's 16×16 and 32×32 latent levels and the VAE
+/// decoder's 32×32 level change by up to about 5e-6 of a convolution's largest
+/// value.
 pub const PIPELINE_VERSION: u32 = 9;
 
 #[derive(Serialize)]

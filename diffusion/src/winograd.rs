@@ -32,6 +32,10 @@ use crate::product::{Dst, Src, product};
 pub(crate) struct Form {
     /// Output tile side m; input patches are n = m + 2 on a side.
     m: usize,
+    /// Fewest output tiles per image for which the form runs when the shape decides
+    /// ([`Choice::ByShape`]): below it the per-call weight transform (`n²·c_out·c_in`
+    /// values written) is not paid back by the smaller matrix products.
+    min_tiles: usize,
     /// `Bᵀ`, n×n: input patch to transform domain.
     bt: &'static [f32],
     /// `G`, n×3: kernel to transform domain.
@@ -43,6 +47,10 @@ pub(crate) struct Form {
 /// F(2×2, 3×3), interpolating at 0, ±1 and ∞: all factors are ±1 or ½.
 pub(crate) const F2: Form = Form {
     m: 2,
+    // Planes from 16×16: a UNet's 16×16 latent levels gain (a batch of two, 640 →
+    // 640 channels: 19.2 ms against 25.1 ms with im2col; 1280 → 1280: 57 against
+    // 77 ms); its 8×8 ones (16 tiles) would lose (1280 → 1280: 31 against 20 ms).
+    min_tiles: 64,
     #[rustfmt::skip]
     bt: &[
         1.0, 0.0, -1.0, 0.0,
@@ -67,6 +75,10 @@ pub(crate) const F2: Form = Form {
 /// F(4×4, 3×3), interpolating at 0, ±1, ±2 and ∞.
 pub(crate) const F4: Form = Form {
     m: 4,
+    // Planes from 32×32 (8×8 tiles), where it beats F(2×2, 3×3) (320 → 320 channels,
+    // a batch of two: 13.0 ms against 15.8 ms; 640 → 640: 38 against 48 ms); on
+    // 16×16 (16 tiles) it would lose to it (1280 → 1280: 69 against 57 ms).
+    min_tiles: 64,
     #[rustfmt::skip]
     bt: &[
         4.0, 0.0, -5.0, 0.0, 1.0, 0.0,
@@ -117,18 +129,10 @@ impl Form {
     }
 }
 
-/// Fewest output tiles per image for which a Winograd form runs: below it the
-/// per-call weight transform (`n²·c_out·c_in` values written) is not paid back by the
-/// smaller matrix products. With F(2×2, 3×3), a UNet's 16×16 latent levels (64
-/// tiles) stay on im2col and its 32×32 ones (256 tiles) take this path; F(4×4, 3×3)
-/// runs on planes of 64×64 and more (the VAE decoder's last levels, a 512 px UNet's
-/// first).
-pub(crate) const MIN_TILES: usize = 256;
-
 /// Which form a convolution uses.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Choice {
-    /// The largest form with at least [`MIN_TILES`] tiles, else none (im2col).
+    /// The largest form with at least its `min_tiles` tiles, else none (im2col).
     ByShape,
     /// This form wherever it applies (3×3, stride 1, padding 1), for tests.
     #[cfg_attr(not(test), allow(dead_code))]
@@ -147,7 +151,7 @@ pub(crate) fn form(
     }
     match choice {
         Choice::Always(form) => Some(form),
-        Choice::ByShape => [&F4, &F2].into_iter().find(|f| f.tiles(out) >= MIN_TILES),
+        Choice::ByShape => [&F4, &F2].into_iter().find(|f| f.tiles(out) >= f.min_tiles),
     }
 }
 
