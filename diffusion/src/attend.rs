@@ -33,6 +33,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::operand::contiguous_f32;
 use crate::product::{Dst, Src, product};
 
 /// Queries per unit of work. 128 rather than 64: each key and value block read
@@ -337,21 +338,9 @@ impl CustomOp3 for Attend {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let slice =
-            |s: &'_ CpuStorage, l: &Layout| -> candle_core::Result<std::ops::Range<usize>> {
-                match (s, l.contiguous_offsets()) {
-                    (CpuStorage::F32(_), Some((a, b))) => Ok(a..b),
-                    _ => Err(candle_core::Error::Msg(
-                        "kiln-attention: contiguous f32 operands expected".into(),
-                    )),
-                }
-            };
-        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (s1, s2, s3) else {
-            return Err(candle_core::Error::Msg(
-                "kiln-attention: f32 operands expected".into(),
-            ));
-        };
-        let (q, k, v) = (&q[slice(s1, l1)?], &k[slice(s2, l2)?], &v[slice(s3, l3)?]);
+        let q = contiguous_f32(self.name(), s1, l1)?;
+        let k = contiguous_f32(self.name(), s2, l2)?;
+        let v = contiguous_f32(self.name(), s3, l3)?;
         let (batch, queries, width) = l1.shape().dims3()?;
         let (_, keys, _) = l2.shape().dims3()?;
         let (_, _, v_width) = l3.shape().dims3()?;

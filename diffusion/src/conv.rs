@@ -29,6 +29,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use crate::operand::contiguous_f32;
 use crate::product::{Dst, Src};
 use crate::winograd;
 
@@ -241,18 +242,8 @@ impl CustomOp2 for ConvOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(input), CpuStorage::F32(weights)) = (s1, s2) else {
-            return Err(candle_core::Error::Msg(
-                "kiln-conv2d: f32 operands expected".into(),
-            ));
-        };
-        let (Some((i0, i1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            return Err(candle_core::Error::Msg(
-                "kiln-conv2d: contiguous operands expected".into(),
-            ));
-        };
-        let (input, weights) = (&input[i0..i1], &weights[w0..w1]);
+        let input = contiguous_f32(self.name(), s1, l1)?;
+        let weights = contiguous_f32(self.name(), s2, l2)?;
         let (batch, channels, h, w) = l1.shape().dims4()?;
         let (c_out, rows) = l2.shape().dims2()?;
         let k = self.kernel;

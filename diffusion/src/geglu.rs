@@ -18,6 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::attend::exp;
+use super::operand::contiguous_f32;
 
 /// Rows per parallel task (a row is one token's feed-forward width).
 const ROWS_PER_TASK: usize = 16;
@@ -100,12 +101,7 @@ impl CustomOp1 for Geglu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            return Err(candle_core::Error::Msg(
-                "kiln-geglu: contiguous f32 input expected".into(),
-            ));
-        };
+        let data = contiguous_f32(self.name(), storage, layout)?;
         let mut dims = layout.shape().dims().to_vec();
         let Some(last) = dims.last_mut() else {
             return Err(candle_core::Error::Msg(
@@ -114,7 +110,7 @@ impl CustomOp1 for Geglu {
         };
         let n = *last / 2;
         *last = n;
-        let input = &data[start..end];
+        let input = data;
         let mut out = vec![0f32; input.len() / 2];
         if n > 0 {
             out.par_chunks_mut(ROWS_PER_TASK * n)

@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::attend::exp;
+use super::operand::contiguous_f32;
 
 /// A group norm over `[batch, channels, ..]` with learned scale and shift.
 #[derive(Debug)]
@@ -179,12 +180,7 @@ impl CustomOp1 for Fused<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            return Err(candle_core::Error::Msg(
-                "kiln-group-norm: contiguous f32 input expected".into(),
-            ));
-        };
+        let data = contiguous_f32(self.name(), storage, layout)?;
         let dims = layout.shape().dims();
         let channels = self.params.weight.len();
         if dims.len() < 3 || dims[1] != channels || !channels.is_multiple_of(self.groups) {
@@ -193,7 +189,7 @@ impl CustomOp1 for Fused<'_> {
                 self.groups
             )));
         }
-        let input = &data[start..end];
+        let input = data;
         let group_len = input.len() / dims[0] / self.groups;
         let per_group = channels / self.groups;
         let mut out = vec![0f32; input.len()];

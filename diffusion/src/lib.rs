@@ -70,6 +70,7 @@ mod layout;
 mod linear;
 mod lora;
 pub mod noise;
+mod operand;
 /// PNG encoding with the A1111 `parameters` and the `kiln` chunks.
 pub mod output;
 mod parts;

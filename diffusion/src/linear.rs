@@ -22,6 +22,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::operand::contiguous_f32;
 use crate::product::{Dst, Src, product};
 
 /// A linear layer `x·Wᵀ + b` with diffusers' `weight`/`bias` names.
@@ -111,18 +112,8 @@ impl CustomOp2 for LinearOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(input), CpuStorage::F32(weight)) = (s1, s2) else {
-            return Err(candle_core::Error::Msg(
-                "kiln-linear: f32 operands expected".into(),
-            ));
-        };
-        let (Some((i0, i1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            return Err(candle_core::Error::Msg(
-                "kiln-linear: contiguous operands expected".into(),
-            ));
-        };
-        let (input, weight) = (&input[i0..i1], &weight[w0..w1]);
+        let input = contiguous_f32(self.name(), s1, l1)?;
+        let weight = contiguous_f32(self.name(), s2, l2)?;
         let (in_dim, out_dim) = l2.shape().dims2()?;
         let mut dims = l1.shape().dims().to_vec();
         match dims.last_mut() {
