@@ -101,7 +101,7 @@ impl CustomOp1 for Geglu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let data = contiguous_f32(self.name(), storage, layout)?;
+        let input = contiguous_f32(self.name(), storage, layout)?;
         let mut dims = layout.shape().dims().to_vec();
         let Some(last) = dims.last_mut() else {
             return Err(candle_core::Error::Msg(
@@ -110,7 +110,6 @@ impl CustomOp1 for Geglu {
         };
         let n = *last / 2;
         *last = n;
-        let input = data;
         let mut out = vec![0f32; input.len() / 2];
         if n > 0 {
             out.par_chunks_mut(ROWS_PER_TASK * n)

@@ -180,7 +180,7 @@ impl CustomOp1 for Fused<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let data = contiguous_f32(self.name(), storage, layout)?;
+        let input = contiguous_f32(self.name(), storage, layout)?;
         let dims = layout.shape().dims();
         let channels = self.params.weight.len();
         if dims.len() < 3 || dims[1] != channels || !channels.is_multiple_of(self.groups) {
@@ -189,7 +189,6 @@ impl CustomOp1 for Fused<'_> {
                 self.groups
             )));
         }
-        let input = data;
         let group_len = input.len() / dims[0] / self.groups;
         let per_group = channels / self.groups;
         let mut out = vec![0f32; input.len()];

@@ -16,8 +16,8 @@
 //! under guidance). Smaller ones differ in the last bits: with the weight
 //! row-major, `gemm` sends a one-row product, or one of at most 256 outputs,
 //! through dot-product kernels that sum in another order; with it transposed,
-//! only a one-row product does. Devices other than the
-//! CPU, and dtypes other than f32, use candle's module.
+//! only a one-row product does. Devices other than the CPU, and dtypes other
+//! than f32, use candle's module.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
