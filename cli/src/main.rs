@@ -92,6 +92,11 @@ enum Command {
     Token(token::Token),
 }
 
+/// Small blocks (gRPC, the store, strings) from mimalloc, a render's
+/// activations from the C heap that `tune_for_rendering` sets up.
+#[global_allocator]
+static GLOBAL: kiln_diffusion::allocator::SplitAllocator = kiln_diffusion::allocator::SplitAllocator;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before the runtime's threads start: the CLI renders locally and benches the engine.

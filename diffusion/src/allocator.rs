@@ -1,4 +1,5 @@
-//! The C allocator's settings for a process that renders.
+//! The allocators of a process that renders: glibc's heap, tuned for large
+//! activations, and mimalloc for small blocks ([`SplitAllocator`]).
 //!
 //! A denoising step allocates and frees activations of tens of megabytes many times
 //! over. With glibc's defaults each one above the (dynamic) mmap threshold is a fresh
@@ -9,6 +10,96 @@
 //! −7%, UNet step −4%, peak RSS +20 MB. Allocations above 32 MiB (model weights,
 //! the largest activations) still get their own mapping and go back to the system
 //! when freed.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+
+use mimalloc::MiMalloc;
+
+/// Blocks smaller than this come from mimalloc, larger ones from the C heap:
+/// 256 KiB. Below it live the gRPC frames, strings, maps and small tensors of
+/// the serving path; above it, a render's activations and weights.
+pub const SMALL_BLOCK: usize = 256 << 10;
+
+/// The global allocator of `kiln` and `kiln-worker`: blocks below
+/// [`SMALL_BLOCK`] from mimalloc, the rest from the C heap (glibc, tuned by
+/// [`tune_for_rendering`]).
+///
+/// A process that renders also serves: `kiln bench dispatch` and the
+/// embedded farm run a coordinator and its workers, a worker its gRPC link.
+/// Their many small, short-lived blocks cost glibc's `malloc`/`free` about a
+/// fifth of the dispatch path's CPU (ARCHITECTURE.md, "Dispatch rate"), which
+/// is why `kiln-coordinator` uses mimalloc alone. A render's activations are
+/// tuned for glibc's heap, so they stay there.
+///
+/// Which allocator owns a block follows from its size alone, which Rust
+/// passes again on `dealloc` and `realloc`: a `realloc` that crosses
+/// [`SMALL_BLOCK`] moves the block to the other allocator.
+pub struct SplitAllocator;
+
+fn small(size: usize) -> bool {
+    size < SMALL_BLOCK
+}
+
+// SAFETY: every block is allocated and freed by the same allocator, chosen by
+// the block's size, which the caller passes unchanged to `dealloc` and (as the
+// old size) to `realloc` (GlobalAlloc's contract). Both allocators honour any
+// alignment a `Layout` asks.
+unsafe impl GlobalAlloc for SplitAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's layout.
+        unsafe {
+            if small(layout.size()) {
+                MiMalloc.alloc(layout)
+            } else {
+                System.alloc(layout)
+            }
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's layout.
+        unsafe {
+            if small(layout.size()) {
+                MiMalloc.alloc_zeroed(layout)
+            } else {
+                System.alloc_zeroed(layout)
+            }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from the allocator its size names (see above).
+        unsafe {
+            if small(layout.size()) {
+                MiMalloc.dealloc(ptr, layout)
+            } else {
+                System.dealloc(ptr, layout)
+            }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let (was_small, is_small) = (small(layout.size()), small(new_size));
+        // SAFETY: within one allocator the call is forwarded as made; across
+        // the boundary the block is copied into a new one of the other
+        // allocator (the smaller of the two sizes) and the old one freed.
+        unsafe {
+            match (was_small, is_small) {
+                (true, true) => MiMalloc.realloc(ptr, layout, new_size),
+                (false, false) => System.realloc(ptr, layout, new_size),
+                _ => {
+                    let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
+                    let new = self.alloc(new_layout);
+                    if !new.is_null() {
+                        std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                        self.dealloc(ptr, layout);
+                    }
+                    new
+                }
+            }
+        }
+    }
+}
 
 /// Below this size, blocks come from the heap and are reused: 32 MiB, glibc's largest
 /// dynamic threshold, fixed so it does not depend on what was freed before.
@@ -63,5 +154,63 @@ pub fn log_refused(refused: &[Refused]) {
             value = r.value,
             "glibc refused a malloc setting"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Allocates `size` bytes through `SplitAllocator` directly (not as the
+    /// global allocator), fills them with a pattern, grows or shrinks the
+    /// block through each size of `sizes` and checks the pattern survived.
+    fn round_trip(sizes: &[usize]) {
+        let a = SplitAllocator;
+        let mut layout = Layout::from_size_align(sizes[0], 16).unwrap();
+        // SAFETY: every pointer is used within its block's size and freed
+        // once, with the layout it has at that point.
+        unsafe {
+            let mut p = a.alloc(layout);
+            assert!(!p.is_null());
+            for i in 0..layout.size() {
+                *p.add(i) = (i % 251) as u8;
+            }
+            let mut kept = layout.size();
+            for &size in &sizes[1..] {
+                p = a.realloc(p, layout, size);
+                assert!(!p.is_null());
+                assert_eq!(p as usize % 16, 0, "realloc to {size} lost the alignment");
+                kept = kept.min(size);
+                for i in 0..kept {
+                    assert_eq!(*p.add(i), (i % 251) as u8, "byte {i} after realloc to {size}");
+                }
+                layout = Layout::from_size_align(size, 16).unwrap();
+            }
+            a.dealloc(p, layout);
+        }
+    }
+
+    #[test]
+    fn realloc_keeps_the_bytes_within_and_across_the_boundary() {
+        // Small to small, large to large, and across SMALL_BLOCK both ways.
+        round_trip(&[100, 4000, SMALL_BLOCK - 1]);
+        round_trip(&[SMALL_BLOCK, 4 * SMALL_BLOCK, SMALL_BLOCK + 1]);
+        round_trip(&[1000, SMALL_BLOCK, 3 * SMALL_BLOCK, 50, SMALL_BLOCK - 1, SMALL_BLOCK]);
+    }
+
+    #[test]
+    fn zeroed_blocks_are_zero_on_both_sides() {
+        let a = SplitAllocator;
+        for size in [64, SMALL_BLOCK - 8, SMALL_BLOCK, 2 * SMALL_BLOCK] {
+            let layout = Layout::from_size_align(size, 64).unwrap();
+            // SAFETY: read within the block, freed once with its layout.
+            unsafe {
+                let p = a.alloc_zeroed(layout);
+                assert!(!p.is_null());
+                assert_eq!(p as usize % 64, 0);
+                assert!((0..size).all(|i| *p.add(i) == 0), "{size} bytes not zeroed");
+                a.dealloc(p, layout);
+            }
+        }
     }
 }
