@@ -95,7 +95,8 @@ enum Command {
 /// Small blocks (gRPC, the store, strings) from mimalloc, a render's
 /// activations from the C heap that `tune_for_rendering` sets up.
 #[global_allocator]
-static GLOBAL: kiln_diffusion::allocator::SplitAllocator = kiln_diffusion::allocator::SplitAllocator;
+static GLOBAL: kiln_diffusion::allocator::SplitAllocator =
+    kiln_diffusion::allocator::SplitAllocator;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

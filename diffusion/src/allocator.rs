@@ -182,7 +182,11 @@ mod tests {
                 assert_eq!(p as usize % 16, 0, "realloc to {size} lost the alignment");
                 kept = kept.min(size);
                 for i in 0..kept {
-                    assert_eq!(*p.add(i), (i % 251) as u8, "byte {i} after realloc to {size}");
+                    assert_eq!(
+                        *p.add(i),
+                        (i % 251) as u8,
+                        "byte {i} after realloc to {size}"
+                    );
                 }
                 layout = Layout::from_size_align(size, 16).unwrap();
             }
@@ -195,7 +199,14 @@ mod tests {
         // Small to small, large to large, and across SMALL_BLOCK both ways.
         round_trip(&[100, 4000, SMALL_BLOCK - 1]);
         round_trip(&[SMALL_BLOCK, 4 * SMALL_BLOCK, SMALL_BLOCK + 1]);
-        round_trip(&[1000, SMALL_BLOCK, 3 * SMALL_BLOCK, 50, SMALL_BLOCK - 1, SMALL_BLOCK]);
+        round_trip(&[
+            1000,
+            SMALL_BLOCK,
+            3 * SMALL_BLOCK,
+            50,
+            SMALL_BLOCK - 1,
+            SMALL_BLOCK,
+        ]);
     }
 
     #[test]

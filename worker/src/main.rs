@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 /// Small blocks (gRPC, the store, strings) from mimalloc, a render's
 /// activations from the C heap that `tune_for_rendering` sets up.
 #[global_allocator]
-static GLOBAL: kiln_diffusion::allocator::SplitAllocator = kiln_diffusion::allocator::SplitAllocator;
+static GLOBAL: kiln_diffusion::allocator::SplitAllocator =
+    kiln_diffusion::allocator::SplitAllocator;
 
 /// A kiln worker: keeps its models resident and renders what the coordinator leases to it.
 #[derive(Parser, Debug)]

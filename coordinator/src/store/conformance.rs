@@ -1410,6 +1410,40 @@ pub async fn concurrent_completions_each_get_their_own_answer(store: &dyn Store)
     assert_eq!(finished.len(), 1, "the job ends once: {ends:?}");
     let record = store.job(job.id).await.unwrap();
     assert_eq!(record.state, JobState::Completed);
+    // Calls that arrive together may be served together (the Redis store's
+    // group commit, which writes their counters once): each is still
+    // counted once, in the job, the workers, the day's usage and the log.
+    let n = 2 * WORKERS as u32;
+    assert_eq!(
+        record.counts,
+        TaskCounts {
+            total: n,
+            completed: n,
+            ..TaskCounts::default()
+        }
+    );
+    let workers = store.workers().await.unwrap();
+    for w in &names {
+        let record = workers
+            .iter()
+            .find(|r| r.registration.id.as_str() == w)
+            .unwrap();
+        assert_eq!((record.completed, record.failed), (2, 0), "{w}");
+        assert!(record.running.is_empty(), "{w} holds nothing");
+    }
+    let usage = store.usage(0).await.unwrap();
+    let images: u64 = usage.iter().map(|r| r.usage.images).sum();
+    let render_ms: u64 = usage.iter().map(|r| r.usage.render_ms).sum();
+    assert_eq!((images, render_ms), (u64::from(n), u64::from(n) * 5));
+    // n leases, n completions and the job's end, numbered 1, 2, 3, ...
+    let events = store.events(job.id, 0, 10 * n as usize).await.unwrap();
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=u64::from(2 * n + 1)).collect::<Vec<_>>());
+    let leases = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Leased)
+        .count();
+    assert_eq!(leases, n as usize);
 }
 
 fn registration_of(id: &str, models: &[&str], class: &str) -> WorkerRegistration {

@@ -25,6 +25,13 @@
 --   1 per finished job}.
 -- Called by dispatch.lua, alone or with other calls in one run (a
 -- completion's next claim among them).
+-- A job's models ({job, 'models'}; only enqueue.lua adds to it), read once per run.
+local models_of_job = {}
+local function models_of(job)
+  if models_of_job[job] == nil then models_of_job[job] = redis.call('SMEMBERS', k('job', job, 'models')) end
+  return models_of_job[job]
+end
+
 local function claim(worker, max, ttl, resident_json, owner, caps_json, ready_json, waking)
 local wk = k('worker', worker)
 -- The worker's record in one read (a claim runs once per task). register.lua
@@ -72,9 +79,9 @@ for _, job in ipairs(redis.call('ZRANGE', k('ready'), 0, -1)) do
   -- A paused job stays on the ready set (it keeps its place) but is not leased (policy::leasable).
   if f[4] == JOB_RUNNING and f[9] ~= '1' then
     table.insert(jobs, {id = job, priority = tonumber(f[1]), project = f[2],
-      served = tonumber(f[3] or '0'), class = f[5] or '', pin = f[6] or '0',
+      served = counter_seen(k('job', job), 'served', f[3]), class = f[5] or '', pin = f[6] or '0',
       verify = f[7] or '', dedupe = f[8] or '0',
-      project_served = tonumber(redis.call('HGET', k('project_served'), f[2]) or '0')})
+      project_served = counter(k('project_served'), f[2])})
   end
 end
 table.sort(jobs, function(a, b)
@@ -92,7 +99,7 @@ end
 local caps = cjson.decode(caps_json)
 local running = {}
 for project, _ in pairs(caps) do
-  running[project] = tonumber(redis.call('HGET', k('project_running'), project) or '0')
+  running[project] = counter(k('project_running'), project)
 end
 local function has_room(project)
   return caps[project] == nil or running[project] < caps[project]
@@ -110,40 +117,56 @@ local function stand_in_for_job(j, model, mhash, needs, pinned)
   return stand_ins[key]
 end
 
+-- What a claim reads of a queued task, in one read: what task_allows,
+-- try_dedupe and the fill need, and (`full`) what a lease writes back.
+local candidate_fields = {'mhash', 'avoid', 'needs', 'rhash', 'index', 'file', 'steps', 'lset', 'bkey',
+  'state', 'epoch', 'init', 'depends'}
+local function candidate(tid, full)
+  local names = candidate_fields
+  if full then
+    names = {unpack(candidate_fields)}
+    table.insert(names, 'recipe')
+    table.insert(names, 'attempts')
+  end
+  local f = redis.call('HMGET', k('task', tid), unpack(names))
+  local c = {tid = tid}
+  for i, name in ipairs(names) do c[name] = f[i] end
+  return c
+end
+
 -- A worker quarantined for the job, or on the task's avoid list, takes the
 -- task only when no other worker can (policy::task_open_to in Rust).
-local function task_allows(j, tid, model)
-  local f = redis.call('HMGET', k('task', tid), 'mhash', 'avoid', 'needs')
-  if f[1] ~= '' and f[1] ~= models[model] then return false end
-  if not holds_needs(f[3], my_assets) then return false end
+local function task_allows(j, c, model)
+  if c.mhash ~= '' and c.mhash ~= models[model] then return false end
+  if not holds_needs(c.needs, my_assets) then return false end
   local pinned = ''
   if j.pin == '1' then pinned = j.class end
-  local faults = tonumber(redis.call('HGET', k('job', j.id, 'faults'), worker) or '0')
-  if faults >= QUARANTINE_AFTER and stand_in_for_job(j, model, f[1], f[3], pinned) then
+  if faults_of(j.id, worker) >= QUARANTINE_AFTER and stand_in_for_job(j, model, c.mhash, c.needs, pinned) then
     return false
   end
-  local avoid = cjson.decode(f[2])
+  local avoid = cjson.decode(c.avoid)
   local skip, avoided = {}, false
   for _, w in ipairs(avoid) do
     skip[w] = true
     if w == worker then avoided = true end
   end
-  return not (avoided and stand_in_exists(j.id, model, f[1], f[3], worker, pinned, skip))
+  return not (avoided and stand_in_exists(j.id, model, c.mhash, c.needs, worker, pinned, skip))
 end
 
 local deduped, finished = {}, {}
 -- Completes a task from an earlier result of the same recipe and class; false if none.
-local function try_dedupe(j, tid, model)
+local function try_dedupe(j, c, model)
   if j.dedupe ~= '1' or #deduped >= MAX_DEDUPED_PER_CLAIM * DEDUPED_FIELDS then return false end
+  local tid = c.tid
   local t = k('task', tid)
-  local f = redis.call('HMGET', t, 'rhash', 'index', 'file', 'steps')
+  local f = {c.rhash, c.index, c.file, c.steps}
   local earlier = redis.call('HGET', k('results', j.project), f[1] .. '|' .. class)
   if not earlier then return false end
   local source = cjson.decode(earlier).object
   redis.call('HSET', t, 'state', TASK_COMPLETED, 'result', earlier, 'step', f[4])
   redis.call('ZREM', k('q', j.id, model), tid)
-  redis.call('HINCRBY', k('job', j.id), TASK_QUEUED, -1)
-  redis.call('HINCRBY', k('job', j.id), TASK_COMPLETED, 1)
+  bump(k('job', j.id), TASK_QUEUED, -1)
+  bump(k('job', j.id), TASK_COMPLETED, 1)
   if j.pin == '1' and j.class == '' then
     redis.call('HSET', k('job', j.id), 'class', class)
     j.class = class
@@ -167,10 +190,9 @@ for _, j in ipairs(jobs) do
   if first_resident then break end
   if job_allows(j) and has_room(j.project) then
     local held = {}
-    for _, model in ipairs(redis.call('SMEMBERS', k('job', j.id, 'models'))) do
-      if models[model] ~= nil and redis.call('ZCARD', k('q', j.id, model)) > 0 then
-        table.insert(held, model)
-      end
+    -- A model whose queue is empty gives no head below.
+    for _, model in ipairs(models_of(j.id)) do
+      if models[model] ~= nil then table.insert(held, model) end
     end
     table.sort(held)
     local heads = {}
@@ -181,11 +203,12 @@ for _, j in ipairs(jobs) do
         -- A few candidates: the first usually fits; more step over avoided tasks.
         local ids = redis.call('ZRANGE', k('q', j.id, model), 0, max + CLAIM_LOOKAHEAD - 1, 'WITHSCORES')
         for i = 1, #ids, 2 do
-          if task_allows(j, ids[i], model) then
-            if try_dedupe(j, ids[i], model) then
+          local c = candidate(ids[i], true)
+          if task_allows(j, c, model) then
+            if try_dedupe(j, c, model) then
               again = true
             else
-              table.insert(heads, {tid = ids[i], index = tonumber(ids[i + 1]), model = model})
+              table.insert(heads, {tid = ids[i], c = c, index = tonumber(ids[i + 1]), model = model})
             end
             break
           end
@@ -194,7 +217,7 @@ for _, j in ipairs(jobs) do
     end
     table.sort(heads, function(a, b) return a.index < b.index end)
     for _, h in ipairs(heads) do
-      local pick = {tid = h.tid, job = j, model = h.model, priority = j.priority}
+      local pick = {tid = h.tid, c = h.c, job = j, model = h.model, priority = j.priority}
       if not first_choice then first_choice = pick end
       if resident[h.model] then first_resident = pick; break end
     end
@@ -302,14 +325,14 @@ local function set_ready(model, set)
   return set ~= '' and ready[model] ~= nil and ready[model][set] == true
 end
 if chosen then
-  local set = redis.call('HGET', k('task', chosen.tid), 'lset') or ''
+  local set = chosen.c.lset or ''
   if set ~= '' and not set_ready(chosen.model, set) then
     local j = chosen.job
     for _, tid in ipairs(redis.call('ZRANGE', k('q', j.id, chosen.model), 0, READY_LOOKAHEAD - 1)) do
-      local lset = redis.call('HGET', k('task', tid), 'lset') or ''
-      if set_ready(chosen.model, lset) and task_allows(j, tid, chosen.model)
-        and not try_dedupe(j, tid, chosen.model) then
-        chosen = {tid = tid, job = j, model = chosen.model, priority = chosen.priority}
+      local c = candidate(tid, true)
+      if set_ready(chosen.model, c.lset or '') and task_allows(j, c, chosen.model)
+        and not try_dedupe(j, c, chosen.model) then
+        chosen = {tid = tid, c = c, job = j, model = chosen.model, priority = chosen.priority}
         break
       end
     end
@@ -317,9 +340,14 @@ if chosen then
 end
 
 local leases = {}
-local function lease(tid, j, model)
+local function lease(c, j, model)
+  local tid = c.tid
   local t = k('task', tid)
-  local f = redis.call('HMGET', t, 'index', 'epoch', 'recipe', 'attempts', 'init', 'depends', 'file')
+  if c.recipe == nil then
+    local more = redis.call('HMGET', t, 'recipe', 'attempts')
+    c.recipe, c.attempts = more[1], more[2]
+  end
+  local f = {c.index, c.epoch, c.recipe, c.attempts, c.init, c.depends, c.file}
   local epoch = tonumber(f[2]) + 1
   local attempts = cjson.decode(f[4])
   table.insert(attempts, {worker = worker, epoch = epoch, started = NOW, outcome = OUTCOME_RUNNING, fault = FAULT_NONE, message = ''})
@@ -330,13 +358,13 @@ local function lease(tid, j, model)
   redis.call('ZADD', k('leases'), deadline, tid)
   redis.call('SADD', k('job', j.id, 'leased'), tid)
   redis.call('SADD', k('worker', worker, 'running'), tid)
-  redis.call('HINCRBY', k('job', j.id), TASK_QUEUED, '-1')
-  redis.call('HINCRBY', k('job', j.id), TASK_LEASED, '1')
-  redis.call('HINCRBY', k('project_running'), j.project, '1')
+  bump(k('job', j.id), TASK_QUEUED, -1)
+  bump(k('job', j.id), TASK_LEASED, 1)
+  bump(k('project_running'), j.project, 1)
   if caps[j.project] ~= nil then running[j.project] = running[j.project] + 1 end
-  local served = int(redis.call('INCR', k('served')))
-  redis.call('HSET', k('job', j.id), 'served', served)
-  redis.call('HSET', k('project_served'), j.project, served)
+  local served = next_served()
+  set_counter(k('job', j.id), 'served', served)
+  set_counter(k('project_served'), j.project, served)
   if j.pin == '1' and j.class == '' then
     redis.call('HSET', k('job', j.id), 'class', class)
     j.class = class
@@ -346,14 +374,10 @@ local function lease(tid, j, model)
 end
 
 if chosen then
-  lease(chosen.tid, chosen.job, chosen.model)
+  lease(chosen.c, chosen.job, chosen.model)
   local taken = 1
   -- The batch key and LoRA set matter only when there are slots to fill.
-  local key, first_set
-  if taken < max then
-    local f = redis.call('HMGET', k('task', chosen.tid), 'bkey', 'lset')
-    key, first_set = f[1], f[2] or ''
-  end
+  local key, first_set = chosen.c.bkey, chosen.c.lset or ''
   -- Fill free slots: the same UNet batch first, then LoRA sets ready here
   -- or the first task's, then the same model (policy step 5). Each pass reads
   -- a job's queue once, so shots a served anchor releases wait for the next
@@ -365,17 +389,18 @@ if chosen then
         local ids = redis.call('ZRANGE', k('q', j.id, chosen.model), 0, (max - taken) + FILL_LOOKAHEAD - 1)
         for _, tid in ipairs(ids) do
           if taken >= max or not has_room(j.project) then break end
+          local c = candidate(tid, false)
           local fits = true
           if pass == 'batch' then
-            fits = redis.call('HGET', k('task', tid), 'bkey') == key
+            fits = c.bkey == key
           elseif pass == 'ready' then
-            local lset = redis.call('HGET', k('task', tid), 'lset') or ''
+            local lset = c.lset or ''
             fits = lset ~= '' and (lset == first_set or set_ready(chosen.model, lset))
           end
           -- A recipe with an earlier result is served from it and takes no slot.
-          if fits and redis.call('HGET', k('task', tid), 'state') == TASK_QUEUED and task_allows(j, tid, chosen.model)
-            and not try_dedupe(j, tid, chosen.model) then
-            lease(tid, j, chosen.model)
+          if fits and c.state == TASK_QUEUED and task_allows(j, c, chosen.model)
+            and not try_dedupe(j, c, chosen.model) then
+            lease(c, j, chosen.model)
             taken = taken + 1
           end
         end
@@ -384,15 +409,16 @@ if chosen then
   end
 end
 
+-- A job this claim finished has left the ready set already (retire), so
+-- only the queued count matters here.
 for _, j in ipairs(jobs) do
-  local f = redis.call('HMGET', k('job', j.id), TASK_QUEUED, 'state')
-  if tonumber(f[1]) == 0 or f[2] ~= JOB_RUNNING then
+  if counter(k('job', j.id), TASK_QUEUED) == 0 then
     redis.call('ZREM', k('ready'), j.id)
   end
 end
 -- A project at its cap wakes waiting claims when one of its leases ends.
 for project, _ in pairs(caps) do
-  if not has_room(project) then redis.call('SADD', k('project_capped'), project) end
+  if not has_room(project) then mark_capped(project) end
 end
 local out = {'ok', #leases / LEASE_FIELDS, #deduped / DEDUPED_FIELDS, #finished}
 for _, v in ipairs(leases) do table.insert(out, v) end

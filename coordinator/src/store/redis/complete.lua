@@ -7,31 +7,32 @@ local function complete(worker, tid, epoch, result_json, owner)
   local w = redis.call('HMGET', k('worker', worker), 'owner', 'class')
   if not owner_allows(w[1], owner) then return {'bound'} end
   local t = k('task', tid)
-  -- Whether the task exists and the worker holds it, and what a completion
-  -- writes, in one read.
-  local h = redis.call('HMGET', t, 'state', 'epoch', 'holder', 'steps', 'job', 'index', 'file', 'rhash')
-  if not h[1] then return {'missing'} end
-  if held_by(h, worker, epoch) then
+  -- Whether the task exists and the worker holds it, what a completion
+  -- writes and what end_lease needs, in one read: end_lease_fields, then
+  -- state, steps, file and rhash.
+  local h = redis.call('HMGET', t, 'job', 'index', 'model', 'holder', 'epoch', 'attempts', 'avoid',
+    'state', 'steps', 'file', 'rhash')
+  if not h[8] then return {'missing'} end
+  local job, index, holder, steps, file, rhash = h[1], h[2], h[4], h[9], h[10], h[11]
+  if h[8] == TASK_LEASED and tonumber(h[5]) == epoch and holder == worker then
     -- The store records the worker's class with the result.
     local result = cjson.decode(result_json)
     result.class = w[2] or ''
-    redis.call('HSET', t, 'result', cjson.encode(result), 'step', h[4])
-    local job = h[5]
     local j = redis.call('HMGET', k('job', job), 'dedupe', 'project')
+    local stored = cjson.encode(result)
     if j[1] == '1' then
-      result.object = job .. '/' .. h[7]
-      redis.call('HSET', k('results', j[2]), h[8] .. '|' .. result.class, cjson.encode(result))
+      result.object = job .. '/' .. file
+      redis.call('HSET', k('results', j[2]), rhash .. '|' .. result.class, cjson.encode(result))
     end
-    release_dependents(job, tonumber(h[6]), result.sha256)
+    release_dependents(job, tonumber(index), result.sha256)
     return {'ok', end_lease(tid, OUTCOME_COMPLETED, FAULT_NONE, '', TASK_COMPLETED, EV_COMPLETED, false,
-      result.render_ms or 0, j[2]), job}
+      result.render_ms or 0, j[2], h, {'result', stored, 'step', steps}), job}
   end
-  local f = redis.call('HMGET', t, 'state', 'epoch', 'attempts', 'job', 'index')
-  if f[1] == TASK_COMPLETED and tonumber(f[2]) == epoch then
-    local attempts = cjson.decode(f[3])
-    if attempts[#attempts].worker == worker then return {'ok', '', f[4]} end
+  if h[8] == TASK_COMPLETED and tonumber(h[5]) == epoch then
+    local attempts = cjson.decode(h[6])
+    if attempts[#attempts].worker == worker then return {'ok', '', job} end
   end
   local reason = stale_reason(tid, worker, epoch)
-  event(f[4], EV_STALE_REFUSED, tid, tonumber(f[5]), worker, epoch, FAULT_NONE, reason)
+  event(job, EV_STALE_REFUSED, tid, tonumber(index), worker, epoch, FAULT_NONE, reason)
   return {'stale', reason}
 end

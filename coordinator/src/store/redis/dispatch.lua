@@ -1,8 +1,9 @@
 -- Runs several completions and claims in one script run: the calls that
 -- mod.rs's batcher gathered while the previous run was in flight (group
 -- commit). Each call is as atomic as its own script would be (Redis runs
--- the whole run alone) and gets its own reply; the runs share the clock
--- (NOW) and the wake-ups (prelude: one message per job and run).
+-- the whole run alone) and gets its own reply; the calls share the clock
+-- (NOW), the wake-ups (prelude: one message per job and run) and the
+-- counters, which the run writes once at its end.
 -- ARGV: 3 number of calls, then per call its op and its arguments:
 --   OP_COMPLETE: COMPLETE_ARGS values (worker, task, epoch, result json, owner);
 --   OP_CLAIM: CLAIM_ARGS values (worker, max, lease ttl ms, resident models
@@ -33,6 +34,9 @@ local function run(op, at)
   return {done, next_claim}
 end
 
+-- The run's counters are kept in Lua and written once, after the last call
+-- (prelude: buffered, flush_counters).
+buffered = true
 local out = {}
 local at = FIRST_CALL_ARG
 for _ = 1, tonumber(ARGV[3]) do
@@ -46,4 +50,5 @@ for _ = 1, tonumber(ARGV[3]) do
   if args_of[op] == nil then break end
   at = at + 1 + args_of[op]
 end
+flush_counters()
 return out

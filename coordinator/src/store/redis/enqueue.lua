@@ -24,6 +24,7 @@ redis.call('HSET', k('job', job), 'id', job, 'name', name, 'project', project, '
 redis.call('ZADD', k('jobs'), NOW, job)
 if idem ~= '' then redis.call('SET', k('idem', project, idem), job) end
 local at = 14
+local shots = '0'
 for _ = 1, n do
   local tid, index, model = ARGV[at], tonumber(ARGV[at + 1]), ARGV[at + 2]
   local depends = tonumber(ARGV[at + 9])
@@ -39,11 +40,14 @@ for _ = 1, n do
     -- A shot waits for its anchor: it is queued when the anchor is done.
     redis.call('RPUSH', k('job', job, 'waiting', depends), tid)
     redis.call('SADD', k('job', job, 'waiting'), tid)
+    shots = '1'
   else
     redis.call('ZADD', k('q', job, model), index, tid)
   end
   at = at + TASK_ARGS
 end
+-- Whether any task waits for an anchor (prelude: may_have_shots).
+redis.call('HSET', k('job', job), 'shots', shots)
 local blobs = tonumber(ARGV[at])
 at = at + 1
 for _ = 1, blobs do

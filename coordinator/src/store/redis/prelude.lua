@@ -28,6 +28,205 @@ local function int(x)
 end
 local now_arg = int(NOW)
 
+-- Counters (hash fields holding integers) that a run of dispatch.lua keeps
+-- here and writes once at its end (`flush_counters`): a run serves many
+-- calls, and most of them move the same few counters (the job's task counts
+-- and event sequence, the project's running and served marks, the day's
+-- usage, the served sequence). Only dispatch.lua sets `buffered`; every other
+-- script writes through at once. Within a buffered run every read of these
+-- fields goes through `counter` or `counter_seen`, so it sees the run's own
+-- changes; nothing outside the run can look before the flush (Redis runs a
+-- script alone).
+local buffered = false
+-- key -> field -> {base = value in Redis or nil (not read), delta = change}.
+local counters = {}
+
+local function counter_slot(key, field)
+  local h = counters[key]
+  if h == nil then h = {}; counters[key] = h end
+  local c = h[field]
+  if c == nil then c = {delta = 0}; h[field] = c end
+  return c
+end
+
+-- The value of a counter; `raw` is the field as an earlier read of the same
+-- run returned it (HMGET), which seeds the base instead of another read.
+local function counter_seen(key, field, raw)
+  if not buffered then return tonumber(raw or '0') end
+  local c = counter_slot(key, field)
+  if c.base == nil then c.base = tonumber(raw or '0') end
+  return c.base + c.delta
+end
+
+-- The value of a counter, read from Redis on its first use in the run.
+local function counter(key, field)
+  if buffered then
+    local c = counter_slot(key, field)
+    if c.base == nil then c.base = tonumber(redis.call('HGET', key, field) or '0') end
+    return c.base + c.delta
+  end
+  return tonumber(redis.call('HGET', key, field) or '0')
+end
+
+-- The values of several counters of one hash, in one read of those the run
+-- has not read yet; returned in the order asked.
+local function counts(key, ...)
+  local fields = {...}
+  local missing = {}
+  for _, field in ipairs(fields) do
+    local h = counters[key]
+    if not buffered or h == nil or h[field] == nil or h[field].base == nil then
+      table.insert(missing, field)
+    end
+  end
+  local read = {}
+  if #missing > 0 then
+    local got = redis.call('HMGET', key, unpack(missing))
+    for i, field in ipairs(missing) do read[field] = got[i] end
+  end
+  local out = {}
+  for i, field in ipairs(fields) do
+    if buffered then
+      out[i] = counter_seen(key, field, read[field])
+    else
+      out[i] = tonumber(read[field] or '0')
+    end
+  end
+  return unpack(out)
+end
+
+-- Adds `n` to a counter and returns its new value (HINCRBY).
+local function add(key, field, n)
+  if not buffered then return redis.call('HINCRBY', key, field, int(n)) end
+  local v = counter(key, field) + n
+  counters[key][field].delta = counters[key][field].delta + n
+  return v
+end
+
+-- Adds `n` to a counter whose value this run does not need: no read, one
+-- HINCRBY per field and run when buffered.
+local function bump(key, field, n)
+  if not buffered then
+    redis.call('HINCRBY', key, field, int(n))
+    return
+  end
+  local c = counter_slot(key, field)
+  c.delta = c.delta + n
+end
+
+-- Sets a counter to `v` (a mark such as the served sequence).
+local function set_counter(key, field, v)
+  if not buffered then
+    redis.call('HSET', key, field, int(v))
+    return
+  end
+  local c = counter_slot(key, field)
+  c.base, c.delta = v, 0
+  c.set = true
+end
+
+-- The served sequence (a string key, INCR): the mark of the latest lease,
+-- by which fair share orders jobs and projects.
+local served_base, served_delta = nil, 0
+local function next_served()
+  if not buffered then return int(redis.call('INCR', k('served'))) end
+  if served_base == nil then served_base = tonumber(redis.call('GET', k('served')) or '0') end
+  served_delta = served_delta + 1
+  return int(served_base + served_delta)
+end
+
+-- Deletes a counter that has fallen to zero or below (HDEL), as the
+-- `project_running` hash keeps only projects with leases; buffered, at the
+-- flush, if it is still spent then.
+local function drop_if_spent(key, field)
+  if not buffered then
+    redis.call('HDEL', key, field)
+    return
+  end
+  counter_slot(key, field).drop = true
+end
+
+-- Writes the run's counters: one HSET per key for those it read or set, one
+-- HINCRBY per field for those it only added to.
+local function flush_counters()
+  for key, fields in pairs(counters) do
+    local absolute = {}
+    for field, c in pairs(fields) do
+      if c.drop and c.base ~= nil and c.base + c.delta <= 0 then
+        redis.call('HDEL', key, field)
+      elseif c.base ~= nil and (c.delta ~= 0 or c.set) then
+        table.insert(absolute, field)
+        table.insert(absolute, int(c.base + c.delta))
+      elseif c.base == nil and c.delta ~= 0 then
+        redis.call('HINCRBY', key, field, int(c.delta))
+      end
+    end
+    if #absolute > 0 then redis.call('HSET', key, unpack(absolute)) end
+  end
+  counters = {}
+  if served_delta ~= 0 then redis.call('SET', k('served'), int(served_base + served_delta)) end
+  served_base, served_delta = nil, 0
+end
+
+-- What a run reads once and keeps: facts that only other scripts change,
+-- or that this run changes through the functions below, so a run of many
+-- calls (dispatch.lua) reads them once. Every script run starts afresh.
+-- A job's fault counts by worker ({job, 'faults'}), read whole.
+local faults_of_job = {}
+local function job_faults(job)
+  local f = faults_of_job[job]
+  if f == nil then
+    f = {}
+    local flat = redis.call('HGETALL', k('job', job, 'faults'))
+    for i = 1, #flat, 2 do f[flat[i]] = tonumber(flat[i + 1]) end
+    faults_of_job[job] = f
+  end
+  return f
+end
+-- A worker's fault count in a job.
+local function faults_of(job, w)
+  return job_faults(job)[w] or 0
+end
+-- Counts a fault of worker `w` in a job.
+local function count_fault(job, w)
+  redis.call('HINCRBY', k('job', job, 'faults'), w, '1')
+  if faults_of_job[job] ~= nil then faults_of_job[job][w] = (faults_of_job[job][w] or 0) + 1 end
+end
+
+-- Whether a job may have shots waiting for an anchor: the `shots` field
+-- enqueue.lua writes ('0': none); a job stored before it had the field may.
+local shots_of_job = {}
+local function may_have_shots(job)
+  if shots_of_job[job] == nil then
+    shots_of_job[job] = redis.call('HGET', k('job', job), 'shots') ~= '0'
+  end
+  return shots_of_job[job]
+end
+
+-- The projects at their max_running_tasks whose waiting claims wait for a
+-- lease to end ({project_capped}).
+local capped_projects
+local function capped()
+  if capped_projects == nil then
+    capped_projects = {}
+    for _, p in ipairs(redis.call('SMEMBERS', k('project_capped'))) do capped_projects[p] = true end
+  end
+  return capped_projects
+end
+local function mark_capped(project)
+  if not capped()[project] then
+    redis.call('SADD', k('project_capped'), project)
+    capped_projects[project] = true
+  end
+end
+-- Takes a project off the capped set; true if it was on it.
+local function uncap(project)
+  if not capped()[project] then return false end
+  redis.call('SREM', k('project_capped'), project)
+  capped_projects[project] = nil
+  return true
+end
+
 -- Wake-ups are published once per job (events) and once (work) per script
 -- run: a subscriber reads the state only after the whole script has run, so
 -- a second message of the same run would wake it for nothing. A run that
@@ -35,7 +234,7 @@ local now_arg = int(NOW)
 local published, woken = {}, false
 
 local function event(job, kind, task, index, worker, epoch, fault, msg)
-  local seq = redis.call('HINCRBY', k('job', job), 'seq', '1')
+  local seq = add(k('job', job), 'seq', 1)
   redis.call('XADD', k('job', job, 'events'), '0-' .. int(seq),
     'kind', kind, 'task', task or '', 'index', int(index or 0), 'worker', worker or '',
     'epoch', int(epoch or 0), 'fault', fault or FAULT_NONE, 'msg', msg or '', 'at', now_arg)
@@ -94,12 +293,13 @@ end
 
 -- Ends the job if nothing is queued or leased; returns its new state, or ''.
 local function finish_if_done(job)
-  local j = redis.call('HMGET', k('job', job), 'state', TASK_QUEUED, TASK_LEASED, TASK_FAILED, TASK_CANCELLED)
-  if j[1] ~= JOB_RUNNING or tonumber(j[2]) ~= 0 or tonumber(j[3]) ~= 0 then
+  local jk = k('job', job)
+  local queued, leased, failed, cancelled = counts(jk, TASK_QUEUED, TASK_LEASED, TASK_FAILED, TASK_CANCELLED)
+  if queued ~= 0 or leased ~= 0 or redis.call('HGET', jk, 'state') ~= JOB_RUNNING then
     return ''
   end
   local state = JOB_COMPLETED
-  if tonumber(j[4]) ~= 0 or tonumber(j[5]) ~= 0 then state = JOB_FAILED end
+  if failed ~= 0 or cancelled ~= 0 then state = JOB_FAILED end
   redis.call('HSET', k('job', job), 'state', state, 'finished', NOW)
   event(job, EV_JOB_FINISHED, '', 0, '', 0, FAULT_NONE, state)
   retire(job)
@@ -108,6 +308,7 @@ end
 
 -- Queues the shots waiting for the anchor at `index`, with its image as their init image.
 local function release_dependents(job, index, sha)
+  if not may_have_shots(job) then return end
   local list = k('job', job, 'waiting', index)
   local shots = redis.call('LRANGE', list, 0, -1)
   if #shots == 0 then return end
@@ -124,12 +325,13 @@ end
 
 -- Ends the shots waiting for the anchor at `index` (it failed or was cancelled).
 local function end_dependents(job, index, to, ev_kind, msg)
+  if not may_have_shots(job) then return end
   local list = k('job', job, 'waiting', index)
   for _, tid in ipairs(redis.call('LRANGE', list, 0, -1)) do
     redis.call('HSET', k('task', tid), 'state', to)
     redis.call('SREM', k('job', job, 'waiting'), tid)
-    redis.call('HINCRBY', k('job', job), TASK_QUEUED, -1)
-    redis.call('HINCRBY', k('job', job), to, 1)
+    add(k('job', job), TASK_QUEUED, -1)
+    add(k('job', job), to, 1)
     -- A shot of a failed anchor cannot be rendered anywhere (bad input); one of a cancelled job was cancelled.
     local fault = FAULT_BAD_INPUT
     if to == TASK_CANCELLED then fault = FAULT_CANCELLED end
@@ -157,13 +359,19 @@ local function counted_from(tid)
   return tonumber(redis.call('HGET', k('task', tid), 'counted') or '0')
 end
 
--- Ends the running attempt of a leased task and moves the task to `to`.
+-- What `end_lease` reads of a task, in this order.
+local end_lease_fields = {'job', 'index', 'model', 'holder', 'epoch', 'attempts', 'avoid'}
+
+-- Ends the running attempt of a leased task and moves the task to `to`;
+-- `fence` moves its epoch on (the old holder's reports become stale).
 -- Returns the job's new state if this ended the job, else ''. A completion
--- passes its result's render_ms (otherwise read back from the stored result)
--- and the job's project, which it has read already (otherwise read here).
-local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump, render_ms, project)
+-- passes its result's render_ms (otherwise read back from the stored result),
+-- the job's project, the task's end_lease_fields as it read them (`known`,
+-- otherwise read here) and more fields to write with the task's (`extra`,
+-- field and value pairs).
+local function end_lease(tid, outcome, fault, msg, to, ev_kind, fence, render_ms, project, known, extra)
   local t = k('task', tid)
-  local f = redis.call('HMGET', t, 'job', 'index', 'model', 'holder', 'epoch', 'attempts', 'avoid')
+  local f = known or redis.call('HMGET', t, unpack(end_lease_fields))
   local job, index, model, holder, epoch = f[1], tonumber(f[2]), f[3], f[4], tonumber(f[5])
   local attempts = cjson.decode(f[6])
   local a = attempts[#attempts]
@@ -171,48 +379,57 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, bump, render_ms,
   a.fault = fault
   a.message = msg
   a.ended = NOW
-  redis.call('HSET', t, 'attempts', cjson.encode(attempts), 'state', to, 'holder', '', 'deadline', '0')
-  if bump then redis.call('HINCRBY', t, 'epoch', '1') end
+  local fields = {'attempts', cjson.encode(attempts), 'state', to, 'holder', '', 'deadline', '0'}
+  if fence then
+    table.insert(fields, 'epoch')
+    table.insert(fields, int(epoch + 1))
+  end
+  for _, v in ipairs(extra or {}) do table.insert(fields, v) end
+  local worker_faulted = holder and holder ~= '' and is_fault(outcome)
+  if worker_faulted then
+    local avoid = cjson.decode(f[7])
+    table.insert(avoid, holder)
+    table.insert(fields, 'avoid')
+    table.insert(fields, cjson.encode(avoid))
+  end
+  redis.call('HSET', t, unpack(fields))
   redis.call('ZREM', k('leases'), tid)
   redis.call('SREM', k('job', job, 'leased'), tid)
   -- A live preview lives only while its lease holds (preview.lua).
   redis.call('DEL', k('preview', tid))
   if holder and holder ~= '' then
     redis.call('SREM', k('worker', holder, 'running'), tid)
-    if is_fault(outcome) then
-      local avoid = cjson.decode(f[7])
-      table.insert(avoid, holder)
-      redis.call('HSET', t, 'avoid', cjson.encode(avoid))
-      redis.call('HINCRBY', k('worker', holder), 'failed', 1)
-      redis.call('HINCRBY', k('job', job, 'faults'), holder, 1)
+    if worker_faulted then
+      bump(k('worker', holder), 'failed', 1)
+      count_fault(job, holder)
     elseif outcome == OUTCOME_COMPLETED then
-      redis.call('HINCRBY', k('worker', holder), 'completed', '1')
+      bump(k('worker', holder), 'completed', 1)
     end
   end
-  redis.call('HINCRBY', k('job', job), TASK_LEASED, '-1')
-  redis.call('HINCRBY', k('job', job), to, '1')
+  bump(k('job', job), TASK_LEASED, -1)
+  bump(k('job', job), to, 1)
   if project == nil then project = redis.call('HGET', k('job', job), 'project') end
   -- Usage of the day, by project and model (types.rs: Usage, usage_day).
   if outcome == OUTCOME_COMPLETED or is_fault(outcome) then
     local base = table.concat({int(math.floor(NOW / USAGE_DAY_MS)), project, model}, USAGE_SEP) .. USAGE_SEP
     if outcome == OUTCOME_COMPLETED then
-      redis.call('HINCRBY', k('usage'), base .. USAGE_IMAGES, '1')
+      bump(k('usage'), base .. USAGE_IMAGES, 1)
       local render = render_ms
       if render == nil then
         render = 0
         local r = redis.call('HGET', t, 'result')
         if r and r ~= '' then render = cjson.decode(r).render_ms or 0 end
       end
-      redis.call('HINCRBY', k('usage'), base .. USAGE_RENDER_MS, int(render))
+      bump(k('usage'), base .. USAGE_RENDER_MS, render)
     else
-      redis.call('HINCRBY', k('usage'), base .. USAGE_FAILED, 1)
+      bump(k('usage'), base .. USAGE_FAILED, 1)
     end
   end
-  if redis.call('HINCRBY', k('project_running'), project, '-1') <= 0 then
-    redis.call('HDEL', k('project_running'), project)
+  if add(k('project_running'), project, -1) <= 0 then
+    drop_if_spent(k('project_running'), project)
   end
   -- A project at its max_running_tasks has room again: wake waiting claims.
-  if redis.call('SREM', k('project_capped'), project) == 1 then wake_workers() end
+  if uncap(project) then wake_workers() end
   if to == TASK_QUEUED then
     requeue(job, tid, index, model)
     wake_workers()
@@ -305,7 +522,7 @@ local function stand_in_exists(job, model, mhash, needs, not_worker, pinned_clas
   for _, w in ipairs(redis.call('SMEMBERS', k('workers'))) do
     if w ~= not_worker and not (skip and skip[w]) and live(w) then
       local f = redis.call('HMGET', k('worker', w), 'class', 'models', 'assets')
-      local faults = tonumber(redis.call('HGET', k('job', job, 'faults'), w) or '0')
+      local faults = faults_of(job, w)
       local hash = f[2] and cjson.decode(f[2])[model]
       if faults < QUARANTINE_AFTER and hash ~= nil and (mhash == '' or hash == mhash)
         and holds_needs(needs, f[3])
