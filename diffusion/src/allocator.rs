@@ -16,9 +16,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use mimalloc::MiMalloc;
 
 /// Blocks smaller than this come from mimalloc, larger ones from the C heap:
-/// 256 KiB. Below it live the gRPC frames, strings, maps and small tensors of
-/// the serving path; above it, a render's activations and weights.
-pub const SMALL_BLOCK: usize = 256 << 10;
+/// 64 KiB. Below it live the serving path's gRPC frames (16 KiB), encoded
+/// images of small renders, strings and maps; above it, a render's
+/// activations and weights, whose heap `tune_for_rendering` sets up.
+pub const SMALL_BLOCK: usize = 64 << 10;
 
 /// The global allocator of `kiln` and `kiln-worker`: blocks below
 /// [`SMALL_BLOCK`] from mimalloc, the rest from the C heap (glibc, tuned by
