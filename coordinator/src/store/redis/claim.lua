@@ -53,7 +53,7 @@ local my_assets = wf[4]
 local class = wf[5] or ''
 local resident = {}
 local any_resident = false
-local reported = cjson.decode(resident_json)
+local reported = decode(resident_json)
 for _, m in ipairs(reported) do resident[m] = true; any_resident = true end
 if not any_resident then
   for m, _ in pairs(models) do resident[m] = true end
@@ -96,7 +96,7 @@ local function job_allows(j)
 end
 
 -- Leased tasks of each capped project, counting those this claim leases.
-local caps = cjson.decode(caps_json)
+local caps = decode(caps_json)
 local running = {}
 for project, _ in pairs(caps) do
   running[project] = counter(k('project_running'), project)
@@ -144,7 +144,7 @@ local function task_allows(j, c, model)
   if faults_of(j.id, worker) >= QUARANTINE_AFTER and stand_in_for_job(j, model, c.mhash, c.needs, pinned) then
     return false
   end
-  local avoid = cjson.decode(c.avoid)
+  local avoid = decode(c.avoid)
   local skip, avoided = {}, false
   for _, w in ipairs(avoid) do
     skip[w] = true
@@ -317,7 +317,7 @@ end
 -- and holds the set of ready goes first, served from an earlier result on the
 -- way (memory/claim.rs: prefer_ready).
 local ready = {}
-for model, sets in pairs(cjson.decode(ready_json)) do
+for model, sets in pairs(decode(ready_json)) do
   ready[model] = {}
   for _, set in ipairs(sets) do ready[model][set] = true end
 end
@@ -349,7 +349,7 @@ local function lease(c, j, model)
   end
   local f = {c.index, c.epoch, c.recipe, c.attempts, c.init, c.depends, c.file}
   local epoch = tonumber(f[2]) + 1
-  local attempts = cjson.decode(f[4])
+  local attempts = decode(f[4])
   table.insert(attempts, {worker = worker, epoch = epoch, started = NOW, outcome = OUTCOME_RUNNING, fault = FAULT_NONE, message = ''})
   local deadline = int(NOW + ttl)
   redis.call('HSET', t, 'state', TASK_LEASED, 'epoch', int(epoch), 'holder', worker, 'step', '0',

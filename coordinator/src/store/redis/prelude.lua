@@ -28,6 +28,13 @@ local function int(x)
 end
 local now_arg = int(NOW)
 
+-- A JSON value as Lua; the empty object and list, which most stored lists
+-- and claim arguments are, without cjson.
+local function decode(json)
+  if json == '[]' or json == '{}' then return {} end
+  return cjson.decode(json)
+end
+
 -- Counters (hash fields holding integers) that a run of dispatch.lua keeps
 -- here and writes once at its end (`flush_counters`): a run serves many
 -- calls, and most of them move the same few counters (the job's task counts
@@ -373,7 +380,7 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, fence, render_ms
   local t = k('task', tid)
   local f = known or redis.call('HMGET', t, unpack(end_lease_fields))
   local job, index, model, holder, epoch = f[1], tonumber(f[2]), f[3], f[4], tonumber(f[5])
-  local attempts = cjson.decode(f[6])
+  local attempts = decode(f[6])
   local a = attempts[#attempts]
   a.outcome = outcome
   a.fault = fault
@@ -387,7 +394,7 @@ local function end_lease(tid, outcome, fault, msg, to, ev_kind, fence, render_ms
   for _, v in ipairs(extra or {}) do table.insert(fields, v) end
   local worker_faulted = holder and holder ~= '' and is_fault(outcome)
   if worker_faulted then
-    local avoid = cjson.decode(f[7])
+    local avoid = decode(f[7])
     table.insert(avoid, holder)
     table.insert(fields, 'avoid')
     table.insert(fields, cjson.encode(avoid))
