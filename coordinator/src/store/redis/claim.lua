@@ -32,6 +32,22 @@ local function models_of(job)
   return models_of_job[job]
 end
 
+-- What a claim reads of a queued task, in one read: what task_allows,
+-- try_dedupe and the fill need, and (`full`) what a lease reads besides.
+local candidate_fields = {'mhash', 'avoid', 'needs', 'rhash', 'index', 'file', 'steps', 'lset', 'bkey',
+  'state', 'epoch', 'init', 'depends'}
+local lease_fields = {'recipe', 'attempts'}
+local candidate_full_fields = {unpack(candidate_fields)}
+for _, name in ipairs(lease_fields) do table.insert(candidate_full_fields, name) end
+local function candidate(tid, full)
+  local names = candidate_fields
+  if full then names = candidate_full_fields end
+  local f = redis.call('HMGET', k('task', tid), unpack(names))
+  local c = {tid = tid}
+  for i, name in ipairs(names) do c[name] = f[i] end
+  return c
+end
+
 local function claim(worker, max, ttl, resident_json, owner, caps_json, ready_json, waking)
 local wk = k('worker', worker)
 -- The worker's record in one read (a claim runs once per task). register.lua
@@ -117,23 +133,6 @@ local function stand_in_for_job(j, model, mhash, needs, pinned)
   return stand_ins[key]
 end
 
--- What a claim reads of a queued task, in one read: what task_allows,
--- try_dedupe and the fill need, and (`full`) what a lease writes back.
-local candidate_fields = {'mhash', 'avoid', 'needs', 'rhash', 'index', 'file', 'steps', 'lset', 'bkey',
-  'state', 'epoch', 'init', 'depends'}
-local function candidate(tid, full)
-  local names = candidate_fields
-  if full then
-    names = {unpack(candidate_fields)}
-    table.insert(names, 'recipe')
-    table.insert(names, 'attempts')
-  end
-  local f = redis.call('HMGET', k('task', tid), unpack(names))
-  local c = {tid = tid}
-  for i, name in ipairs(names) do c[name] = f[i] end
-  return c
-end
-
 -- A worker quarantined for the job, or on the task's avoid list, takes the
 -- task only when no other worker can (policy::task_open_to in Rust).
 local function task_allows(j, c, model)
@@ -159,11 +158,10 @@ local function try_dedupe(j, c, model)
   if j.dedupe ~= '1' or #deduped >= MAX_DEDUPED_PER_CLAIM * DEDUPED_FIELDS then return false end
   local tid = c.tid
   local t = k('task', tid)
-  local f = {c.rhash, c.index, c.file, c.steps}
-  local earlier = redis.call('HGET', k('results', j.project), f[1] .. '|' .. class)
+  local earlier = redis.call('HGET', k('results', j.project), c.rhash .. '|' .. class)
   if not earlier then return false end
   local source = cjson.decode(earlier).object
-  redis.call('HSET', t, 'state', TASK_COMPLETED, 'result', earlier, 'step', f[4])
+  redis.call('HSET', t, 'state', TASK_COMPLETED, 'result', earlier, 'step', c.steps)
   redis.call('ZREM', k('q', j.id, model), tid)
   bump(k('job', j.id), TASK_QUEUED, -1)
   bump(k('job', j.id), TASK_COMPLETED, 1)
@@ -171,10 +169,10 @@ local function try_dedupe(j, c, model)
     redis.call('HSET', k('job', j.id), 'class', class)
     j.class = class
   end
-  event(j.id, EV_COMPLETED, tid, tonumber(f[2]), '', 0, FAULT_NONE,
+  event(j.id, EV_COMPLETED, tid, tonumber(c.index), '', 0, FAULT_NONE,
     'served from an earlier render of the same recipe (' .. source .. ')')
-  release_dependents(j.id, tonumber(f[2]), cjson.decode(earlier).sha256)
-  for _, v in ipairs({tid, j.id, f[3], source, model}) do table.insert(deduped, v) end
+  release_dependents(j.id, tonumber(c.index), cjson.decode(earlier).sha256)
+  for _, v in ipairs({tid, j.id, c.file, source, model}) do table.insert(deduped, v) end
   local done = finish_if_done(j.id)
   if done ~= '' then table.insert(finished, j.id) end
   return true
@@ -344,12 +342,11 @@ local function lease(c, j, model)
   local tid = c.tid
   local t = k('task', tid)
   if c.recipe == nil then
-    local more = redis.call('HMGET', t, 'recipe', 'attempts')
-    c.recipe, c.attempts = more[1], more[2]
+    local more = redis.call('HMGET', t, unpack(lease_fields))
+    for i, name in ipairs(lease_fields) do c[name] = more[i] end
   end
-  local f = {c.index, c.epoch, c.recipe, c.attempts, c.init, c.depends, c.file}
-  local epoch = tonumber(f[2]) + 1
-  local attempts = decode(f[4])
+  local epoch = tonumber(c.epoch) + 1
+  local attempts = decode(c.attempts)
   table.insert(attempts, {worker = worker, epoch = epoch, started = NOW, outcome = OUTCOME_RUNNING, fault = FAULT_NONE, message = ''})
   local deadline = int(NOW + ttl)
   redis.call('HSET', t, 'state', TASK_LEASED, 'epoch', int(epoch), 'holder', worker, 'step', '0',
@@ -369,8 +366,8 @@ local function lease(c, j, model)
     redis.call('HSET', k('job', j.id), 'class', class)
     j.class = class
   end
-  event(j.id, EV_LEASED, tid, tonumber(f[1]), worker, epoch, FAULT_NONE, '')
-  for _, v in ipairs({tid, j.id, f[1], epoch, f[3], f[5], f[6], f[7]}) do table.insert(leases, v) end
+  event(j.id, EV_LEASED, tid, tonumber(c.index), worker, epoch, FAULT_NONE, '')
+  for _, v in ipairs({tid, j.id, c.index, epoch, c.recipe, c.init, c.depends, c.file}) do table.insert(leases, v) end
 end
 
 if chosen then

@@ -56,8 +56,14 @@ local function counter_slot(key, field)
   return c
 end
 
--- The value of a counter; `raw` is the field as an earlier read of the same
--- run returned it (HMGET), which seeds the base instead of another read.
+-- True when the run knows a counter's value without reading Redis.
+local function known(key, field)
+  local h = counters[key]
+  return buffered and h ~= nil and h[field] ~= nil and h[field].base ~= nil
+end
+
+-- The value of a counter; `raw` is the field as a read of this run returned
+-- it (HGET, HMGET), which seeds the base the first time.
 local function counter_seen(key, field, raw)
   if not buffered then return tonumber(raw or '0') end
   local c = counter_slot(key, field)
@@ -67,24 +73,17 @@ end
 
 -- The value of a counter, read from Redis on its first use in the run.
 local function counter(key, field)
-  if buffered then
-    local c = counter_slot(key, field)
-    if c.base == nil then c.base = tonumber(redis.call('HGET', key, field) or '0') end
-    return c.base + c.delta
-  end
-  return tonumber(redis.call('HGET', key, field) or '0')
+  if known(key, field) then return counter_seen(key, field) end
+  return counter_seen(key, field, redis.call('HGET', key, field))
 end
 
 -- The values of several counters of one hash, in one read of those the run
--- has not read yet; returned in the order asked.
+-- does not know yet; returned in the order asked.
 local function counts(key, ...)
   local fields = {...}
   local missing = {}
   for _, field in ipairs(fields) do
-    local h = counters[key]
-    if not buffered or h == nil or h[field] == nil or h[field].base == nil then
-      table.insert(missing, field)
-    end
+    if not known(key, field) then table.insert(missing, field) end
   end
   local read = {}
   if #missing > 0 then
@@ -92,22 +91,8 @@ local function counts(key, ...)
     for i, field in ipairs(missing) do read[field] = got[i] end
   end
   local out = {}
-  for i, field in ipairs(fields) do
-    if buffered then
-      out[i] = counter_seen(key, field, read[field])
-    else
-      out[i] = tonumber(read[field] or '0')
-    end
-  end
+  for i, field in ipairs(fields) do out[i] = counter_seen(key, field, read[field]) end
   return unpack(out)
-end
-
--- Adds `n` to a counter and returns its new value (HINCRBY).
-local function add(key, field, n)
-  if not buffered then return redis.call('HINCRBY', key, field, int(n)) end
-  local v = counter(key, field) + n
-  counters[key][field].delta = counters[key][field].delta + n
-  return v
 end
 
 -- Adds `n` to a counter whose value this run does not need: no read, one
@@ -119,6 +104,13 @@ local function bump(key, field, n)
   end
   local c = counter_slot(key, field)
   c.delta = c.delta + n
+end
+
+-- Adds `n` to a counter and returns its new value (HINCRBY).
+local function add(key, field, n)
+  if not buffered then return redis.call('HINCRBY', key, field, int(n)) end
+  bump(key, field, n)
+  return counter(key, field)
 end
 
 -- Sets a counter to `v` (a mark such as the served sequence).
@@ -307,7 +299,7 @@ local function finish_if_done(job)
   end
   local state = JOB_COMPLETED
   if failed ~= 0 or cancelled ~= 0 then state = JOB_FAILED end
-  redis.call('HSET', k('job', job), 'state', state, 'finished', NOW)
+  redis.call('HSET', jk, 'state', state, 'finished', NOW)
   event(job, EV_JOB_FINISHED, '', 0, '', 0, FAULT_NONE, state)
   retire(job)
   return state
@@ -337,8 +329,8 @@ local function end_dependents(job, index, to, ev_kind, msg)
   for _, tid in ipairs(redis.call('LRANGE', list, 0, -1)) do
     redis.call('HSET', k('task', tid), 'state', to)
     redis.call('SREM', k('job', job, 'waiting'), tid)
-    add(k('job', job), TASK_QUEUED, -1)
-    add(k('job', job), to, 1)
+    bump(k('job', job), TASK_QUEUED, -1)
+    bump(k('job', job), to, 1)
     -- A shot of a failed anchor cannot be rendered anywhere (bad input); one of a cancelled job was cancelled.
     local fault = FAULT_BAD_INPUT
     if to == TASK_CANCELLED then fault = FAULT_CANCELLED end
